@@ -1,0 +1,89 @@
+"""Engine configuration: frozen dataclasses, validated when built, the one source of defaults.
+
+The CLI and `LLM(...)` read their defaults from these classes; nothing else hard-codes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+Dtype = Literal["auto", "float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 128  # tokens per KV block (128, as Ascend's serving stacks use)
+    num_kv_blocks: int | None = None  # blocks in the pool; None = derive from the memory budget
+    kv_cache_memory_bytes: int = 1 << 30  # memory budget for the pool when num_kv_blocks is None
+
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 1 and self.block_size % 16 == 0, "block_size",
+                 self.block_size, "must be a positive multiple of 16")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks",
+                 self.num_kv_blocks, "must be at least 1")
+        _require(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
+                 self.kv_cache_memory_bytes, "must be positive")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The token-budget scheduler."""
+
+    max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
+    max_num_seqs: int = 64  # requests running at once
+    max_model_len: int | None = None  # prompt + output tokens; None = the model's limit
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+                 self.max_num_batched_tokens, "must be at least 1")
+        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be at least 1")
+        _require(self.max_num_seqs <= self.max_num_batched_tokens, "max_num_seqs",
+                 self.max_num_seqs, "must not exceed max_num_batched_tokens")
+        _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len",
+                 self.max_model_len, "must be at least 2")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start."""
+
+    model: str = DEFAULT_MODEL  # preset name, local HF directory or local .gguf file
+    dtype: Dtype = "auto"  # CPU compute dtype; auto = bfloat16 where the CPU has native bf16
+    seed: int = 0  # seed of the sampler's shared RNG (requests without their own seed)
+    strict_kernels: bool = False  # run every kernel task by task (reference path); slow
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", self.dtype,
+                 "must be auto, float32 or bfloat16")
+
+    @staticmethod
+    def from_kwargs(**kwargs: Any) -> EngineConfig:
+        """Build from flat keyword arguments (`max_num_seqs=8, block_size=16, ...`).
+
+        Each name is looked up in EngineConfig, then CacheConfig, then SchedulerConfig; an unknown
+        name is a TypeError, as for any function.
+        """
+        groups: dict[type, dict[str, Any]] = {EngineConfig: {}, CacheConfig: {},
+                                               SchedulerConfig: {}}
+        for name, value in kwargs.items():
+            for cls, bucket in groups.items():
+                if name in {f.name for f in fields(cls)} and name not in ("cache", "scheduler"):
+                    bucket[name] = value
+                    break
+            else:
+                raise TypeError(f"unknown engine option {name!r}")
+        return replace(EngineConfig(**groups[EngineConfig]),
+                       cache=CacheConfig(**groups[CacheConfig]),
+                       scheduler=SchedulerConfig(**groups[SchedulerConfig]))
+
+
+def _require(ok: bool, name: str, value: object, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} {why}, got {value!r}")

@@ -1,0 +1,173 @@
+"""Request state and sampling parameters: the engine's unit of work.
+
+`SamplingParams` is frozen and validated when built; `Request` is the one mutable record the
+scheduler owns. Everything a request is (prompt, params) is fixed at arrival; everything it becomes
+(status, outputs, computed tokens, blocks) changes only inside the scheduler.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended; the values are OpenAI's `finish_reason` strings."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"  # the client went away or the request was cancelled
+    ERROR = "error"  # the engine failed while serving it
+
+
+class RequestStatus(enum.IntEnum):
+    """Lifecycle of a request. Every status after PREEMPTED is a finished one."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH_CAPPED = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return _FINISH_REASONS.get(self)
+
+    @staticmethod
+    def for_reason(reason: FinishReason) -> RequestStatus:
+        return {v: k for k, v in _FINISH_REASONS.items()}[reason]
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH_CAPPED: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+}
+
+MAX_LOGPROBS = 20  # OpenAI's cap on top alternatives per token
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. Defaults follow vLLM / OpenAI.
+
+    Raises ValueError naming the field when a value is out of range.
+    """
+
+    n: int = 1  # completions per prompt (the engine fans out n requests)
+    max_tokens: int | None = 16  # generated tokens at most; None = until max_model_len
+    min_tokens: int = 0  # EOS and stop token ids are ignored before this many tokens
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = all
+    min_p: float = 0.0  # drop tokens below min_p * p(max), in [0, 1]
+    seed: int | None = None  # per-request RNG: same seed, same tokens, whatever the batch
+    stop: tuple[str, ...] = ()  # stop strings; matched on the detokenized text, not emitted
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the request
+    include_stop_str_in_output: bool = False  # keep the matched stop string in the text
+    ignore_eos: bool = False  # keep generating past EOS
+    presence_penalty: float = 0.0  # subtracted once from logits of tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # CTRL-style: divides positive / multiplies negative logits
+    #   of tokens in prompt or output; 1 = off
+    logprobs: int | None = None  # return the chosen token's logprob plus this many top ones
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to logit
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+        object.__setattr__(self, "logit_bias", MappingProxyType(bias))
+        _check(self.n >= 1, "n", self.n, "must be at least 1")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens,
+               "must be at least 1")
+        _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be non-negative")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               self.min_tokens, "must not exceed max_tokens")
+        _check(self.temperature >= 0.0, "temperature", self.temperature, "must be non-negative")
+        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        _check(self.top_k >= -1, "top_k", self.top_k, "must be -1 (off), 0 (off) or positive")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty,
+               "must be in [-2, 2]")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+               self.frequency_penalty, "must be in [-2, 2]")
+        _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty,
+               "must be positive")
+        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+               self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+        _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
+        for v in bias.values():
+            _check(-100.0 <= v <= 100.0, "logit_bias", v, "values must be in [-100, 100]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+
+def _check(ok: bool, name: str, value: object, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} {why}, got {value!r}")
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence being generated. Owned and mutated by the scheduler only.
+
+    Token layout: `all_token_ids = prompt_token_ids + output_token_ids`; the KV cache holds entries
+    for the first `num_computed_tokens` of them, in the blocks `block_ids` (in order).
+    """
+
+    request_id: str  # unique within the engine
+    prompt_token_ids: list[int]  # the prompt, tokenized
+    sampling_params: SamplingParams  # how to sample and when to stop
+    arrival_time: float  # wall clock (time.monotonic) when the engine accepted it
+    eos_token_id: int | None = None  # the model's EOS; None = never stops on EOS
+    status: RequestStatus = RequestStatus.WAITING  # lifecycle state
+    output_token_ids: list[int] = field(default_factory=list)  # generated so far
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)  # KV blocks, in token order
+    num_preemptions: int = 0  # times its KV was dropped for recompute
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def max_num_tokens(self) -> int | None:
+        """Prompt plus the most tokens it may generate (None if bounded only by the model)."""
+        max_tokens = self.sampling_params.max_tokens
+        return None if max_tokens is None else self.num_prompt_tokens + max_tokens

@@ -1,0 +1,321 @@
+"""The token-budget scheduler: a pure, synchronous state machine (no clock, no torch, no I/O).
+
+One engine step is
+
+    scheduler_output = scheduler.schedule()
+    model_output = runner.execute(scheduler_output)
+    token_updates = scheduler.update_from_output(scheduler_output, model_output)
+
+**Schedule tokens, not phases** (vLLM v1): there is no prefill phase and no decode phase. Every
+request has `num_tokens` known tokens (prompt + outputs) of which `num_computed_tokens` are in the
+KV cache; each step spends one token budget (`max_num_batched_tokens`) letting requests catch up.
+A decode is a request 1 token behind, a prefill one many tokens behind, a long prompt simply takes
+several steps, and a preempted request recomputes prompt + outputs the same way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from engine.config import SchedulerConfig
+from engine.kv_cache import KVCacheManager
+from engine.outputs import ModelOutput, ScheduledChunk, SchedulerOutput, TokenUpdate
+from engine.request import FinishReason, Request, RequestStatus
+from engine.stats import SchedulerStats
+
+
+class Scheduler:
+    """Decides which tokens of which requests each step computes, and applies the results.
+
+    State: `requests` holds every unfinished request, `waiting` the ones queued for admission
+    (FCFS; preempted ones go back to its front), `running` the admitted ones in admission order.
+    Invariants: a request is in exactly one of `waiting` / `running`; only running requests hold
+    KV blocks; `len(running) <= max_num_seqs`.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        num_kv_blocks: int,
+        block_size: int,
+        max_model_len: int,
+    ) -> None:
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+        self.config = config
+        self.max_model_len = max_model_len  # resolved (config's may be None = the model's)
+        self.kv_cache = KVCacheManager(num_kv_blocks, block_size)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Finished since the last schedule(): reported once, so the runner drops their state.
+        self._finished_ids: list[str] = []
+        self._num_preemptions = 0  # cumulative
+
+    # ---------------------------------------------------------------- intake
+
+    def add_request(self, request: Request) -> None:
+        """Queue `request` (FCFS) for admission.
+
+        Raises ValueError, changing nothing, when the id is already in use, the prompt is empty,
+        the prompt leaves no room to generate within `max_model_len`, prompt + max_tokens exceeds
+        `max_model_len`, or its longest possible sequence needs more blocks than the whole pool
+        (it could never run).
+        """
+        request_id = request.request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        num_prompt_tokens = request.num_prompt_tokens
+        if num_prompt_tokens == 0:
+            raise ValueError(f"request {request_id!r}: prompt is empty")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: prompt has {num_prompt_tokens} tokens, "
+                f"max_model_len is {self.max_model_len}"
+            )
+        max_num_tokens = request.max_num_tokens
+        if max_num_tokens is not None and max_num_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: prompt has {num_prompt_tokens} tokens and max_tokens "
+                f"is {request.sampling_params.max_tokens}, together more than max_model_len "
+                f"{self.max_model_len}"
+            )
+        max_seq_len = self.max_model_len if max_num_tokens is None else max_num_tokens
+        num_blocks_needed = self.kv_cache.num_blocks_for(max_seq_len)
+        if num_blocks_needed > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"request {request_id!r}: up to {max_seq_len} tokens need {num_blocks_needed} "
+                f"KV blocks, the pool has {self.kv_cache.num_blocks}"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[request_id] = request
+        self.waiting.append(request)
+
+    # ---------------------------------------------------------------- one step
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks within the token budget.
+
+        Running requests first, in admission order (so decodes go before new prefills), each
+        clipped to the budget left; when KV blocks run out the latest admitted running request is
+        preempted (blocks freed, sent to the front of `waiting` to recompute later). Then, if
+        nothing was preempted, waiting requests are admitted FCFS while budget and
+        `max_num_seqs` allow, stopping at the first whose blocks cannot be allocated.
+
+        Does not advance `num_computed_tokens`; `update_from_output` does.
+        """
+        token_budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted_ids: list[str] = []
+
+        # Running requests. Victims are popped from the tail, i.e. always from the requests
+        # not yet scheduled this step (index >= i), so no chunk ever refers to a freed table.
+        i = 0
+        while i < len(self.running) and token_budget > 0:
+            request = self.running[i]
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            if num_new_tokens <= 0:
+                # Nothing to compute until its last sampled token is appended.
+                i += 1
+                continue
+            while not self.kv_cache.allocate_slots(request, num_new_tokens):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                chunks.append(_make_chunk(request, num_new_tokens))
+                token_budget -= num_new_tokens
+                i += 1
+
+        # Waiting requests, only on a step without preemption: a request just preempted for
+        # lack of blocks must not be readmitted at once, and nothing may jump ahead of it.
+        if not preempted_ids:
+            while (
+                self.waiting and token_budget > 0 and len(self.running) < self.config.max_num_seqs
+            ):
+                request = self.waiting[0]
+                num_new_tokens = min(request.num_tokens - request.num_computed_tokens, token_budget)
+                if not self.kv_cache.allocate_slots(request, num_new_tokens):
+                    break  # FCFS: nobody skips ahead of the head of the queue
+                self.waiting.popleft()
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                chunks.append(_make_chunk(request, num_new_tokens))
+                token_budget -= num_new_tokens
+
+        finished_ids, self._finished_ids = tuple(self._finished_ids), []
+        return SchedulerOutput(
+            chunks=tuple(chunks),
+            preempted_ids=tuple(preempted_ids),
+            finished_ids=finished_ids,
+        )
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_output: ModelOutput
+    ) -> list[TokenUpdate]:
+        """Apply one step's results: advance computed tokens, append sampled ones, check stops.
+
+        Args:
+            scheduler_output: what `schedule()` returned for this step.
+            model_output: must hold `sampled_token_ids[id]` for every chunk with `sample=True`
+                whose request is still running.
+        Returns:
+            One `TokenUpdate` per request that got new tokens or finished, in chunk order.
+            Finished requests are removed, their blocks freed, and their ids reported by the
+            next `schedule()`. Chunks of requests finished in between (aborted) are skipped.
+        """
+        token_updates: list[TokenUpdate] = []
+        for chunk in scheduler_output.chunks:
+            request = self.requests.get(chunk.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished (or replaced by a new request with that id) meanwhile
+            request.num_computed_tokens += chunk.num_tokens
+            if not chunk.sample:
+                continue
+            new_token_ids: list[int] = []
+            finish_reason: FinishReason | None = None
+            for token_id in model_output.sampled_token_ids[chunk.request_id]:
+                request.output_token_ids.append(token_id)
+                new_token_ids.append(token_id)
+                finish_reason = _check_stop(request, self.max_model_len)
+                if finish_reason is not None:
+                    break  # tokens after a stop are dropped
+            logprobs = model_output.logprobs.get(chunk.request_id)
+            if logprobs is not None:
+                logprobs = logprobs[: len(new_token_ids)]
+            if finish_reason is not None:
+                self._finish(request, RequestStatus.for_reason(finish_reason))
+            if new_token_ids or finish_reason is not None:
+                token_updates.append(
+                    TokenUpdate(
+                        request_id=request.request_id,
+                        new_token_ids=tuple(new_token_ids),
+                        new_logprobs=logprobs,
+                        finish_reason=finish_reason,
+                    )
+                )
+        return token_updates
+
+    # ---------------------------------------------------------------- finishing from outside
+
+    def finish_requests(self, request_ids: str | Iterable[str], reason: FinishReason) -> None:
+        """Finish requests from outside the step (stop string, client gone, error).
+
+        Works for waiting and running requests alike: frees their blocks and reports them in the
+        next `schedule()`'s `finished_ids`. Unknown or already finished ids are ignored.
+        """
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        status = RequestStatus.for_reason(reason)
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._finish(request, status)
+
+    def abort_requests(self, request_ids: str | Iterable[str]) -> None:
+        """`finish_requests(request_ids, FinishReason.ABORT)`."""
+        self.finish_requests(request_ids, FinishReason.ABORT)
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        """Preemptions since this scheduler started."""
+        return self._num_preemptions
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv_cache.num_free_blocks
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def make_stats(self) -> SchedulerStats:
+        """A snapshot of queue lengths, KV usage and the preemption counter."""
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache.usage,
+            num_preemptions=self._num_preemptions,
+            num_free_blocks=self.kv_cache.num_free_blocks,
+        )
+
+    # ---------------------------------------------------------------- internals
+
+    def _preempt(self, request: Request) -> None:
+        """Drop `request`'s KV to recompute later (outputs kept); it is already off `running`."""
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        # Front of the queue: it was admitted before anything still waiting.
+        self.waiting.appendleft(request)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv_cache.free(request)
+        request.status = status
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+
+def _make_chunk(request: Request, num_new_tokens: int) -> ScheduledChunk:
+    start_pos = request.num_computed_tokens
+    end_pos = start_pos + num_new_tokens
+    return ScheduledChunk(
+        request_id=request.request_id,
+        start_pos=start_pos,
+        token_ids=_token_slice(request, start_pos, end_pos),
+        block_ids=tuple(request.block_ids),
+        sample=end_pos == request.num_tokens,
+    )
+
+
+def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, ...]:
+    """`all_token_ids[start_pos:end_pos]` without concatenating the whole sequence per decode."""
+    prompt_ids, num_prompt_tokens = request.prompt_token_ids, request.num_prompt_tokens
+    if end_pos <= num_prompt_tokens:
+        return tuple(prompt_ids[start_pos:end_pos])
+    output_ids = request.output_token_ids
+    if start_pos >= num_prompt_tokens:
+        return tuple(output_ids[start_pos - num_prompt_tokens : end_pos - num_prompt_tokens])
+    return (*prompt_ids[start_pos:], *output_ids[: end_pos - num_prompt_tokens])
+
+
+def _check_stop(request: Request, max_model_len: int) -> FinishReason | None:
+    """Why `request` stops after its newest output token, or None to go on.
+
+    Order: EOS and stop token ids (both gated by min_tokens, which counts output tokens), then
+    max_tokens, then max_model_len. A stop token is kept in `output_token_ids`.
+    """
+    params = request.sampling_params
+    last_token_id = request.output_token_ids[-1]
+    if request.num_output_tokens >= params.min_tokens:
+        if not params.ignore_eos and last_token_id == request.eos_token_id:
+            return FinishReason.STOP
+        if last_token_id in params.stop_token_ids:
+            return FinishReason.STOP
+    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        return FinishReason.LENGTH
+    if request.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None

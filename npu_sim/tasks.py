@@ -1,0 +1,144 @@
+"""The primitive IR: kernels as fixed-shape task tables.
+
+A `Kernel` is one launch on the device: a primitive kind plus a numpy structured array of tasks,
+one row per task, each the unit one AI core executes. Three primitives cover a transformer layer:
+
+- `VectorKernel`: row tiles of an element-wise / row-wise op (norms, RoPE, SiLU*mul, KV write) on
+  the vector cores (AIV).
+- `GemmKernel`: (m-tile, n-tile) output tiles of `out[M, N] = x[M, K] @ w[N, K]^T` on the cube
+  cores (AIC). Tiles come from a fixed menu; a ragged edge is a *masked* tile (`m_rows < tm`,
+  `n_cols < tn`): the padded rows and columns exist only in on-chip buffers, never in memory.
+- `AttentionKernel`: meta-kernel tasks, each a Q tile (up to `tile_rows` query tokens of one
+  sequence, all query heads of one KV head stacked) against a span of KV-cache blocks, with online
+  softmax; a sequence whose KV is split across spans is joined by combine tasks.
+
+Task tables are numpy arrays so lowering and costing stay vectorized; `npu_sim` knows nothing of
+requests, only sequences, rows and blocks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+
+class Primitive(str, enum.Enum):
+    VECTOR = "vector"
+    GEMM = "gemm"
+    ATTENTION = "attention"
+
+
+class VectorOp(str, enum.Enum):
+    """Vector-core operations. Operands are named in `npu_sim.kernels.vector`."""
+
+    EMBED = "embed"  # out[r] = table[token_ids[r]]
+    RMSNORM = "rmsnorm"  # out[r] = x[r] / rms(x[r]) * weight
+    ADD_RMSNORM = "add_rmsnorm"  # residual[r] += x[r]; out[r] = rmsnorm(residual[r]) * weight
+    ROPE = "rope"  # rotate q[r] and k[r] (in place) by their positions' cos / sin
+    SILU_MUL = "silu_mul"  # out[r] = silu(gate_up[r, :I]) * gate_up[r, I:]
+    KV_WRITE = "kv_write"  # k_cache / v_cache at slot_mapping[r] = k[r] / v[r]
+
+
+# One row tile of a vector op: rows [row_start, row_start + num_rows).
+VECTOR_TASK = np.dtype([("row_start", np.int64), ("num_rows", np.int64)])
+
+# One output tile of a GEMM: rows [m_start, m_start + m_rows) x cols [n_start, n_start + n_cols)
+# of the output, computed in a (tm, tn) on-chip tile of menu entry `tile`; m_rows <= tm and
+# n_cols <= tn, the rest of the tile is masked (virtual padding).
+GEMM_TASK = np.dtype([("m_start", np.int64), ("m_rows", np.int64), ("n_start", np.int64),
+                      ("n_cols", np.int64), ("tile", np.int64)])
+
+# One sequence (request chunk) of an attention launch: its query rows are
+# q[q_start : q_start + q_len], at positions start_pos ... start_pos + q_len - 1; its keys are the
+# first start_pos + q_len positions of its block table row.
+ATTN_SEQ = np.dtype([("q_start", np.int64), ("q_len", np.int64), ("start_pos", np.int64)])
+
+# One meta-kernel task: query tokens [q_offset, q_offset + q_rows) of sequence `seq` (a tile of
+# `tile_rows` token rows, each carrying the num_heads // num_kv_heads query heads of `kv_head`)
+# against the keys in KV blocks [kv_block_start, kv_block_end) of the sequence's block table.
+# partial_slot = -1 writes the normalized output; >= 0 writes an unnormalized partial (o, lse)
+# into that workspace slot for a combine task to join.
+ATTN_TASK = np.dtype([("seq", np.int64), ("kv_head", np.int64), ("q_offset", np.int64),
+                      ("q_rows", np.int64), ("tile_rows", np.int64),
+                      ("kv_block_start", np.int64), ("kv_block_end", np.int64),
+                      ("partial_slot", np.int64)])
+
+# One combine task: join the partials in slots [slot_start, slot_start + num_slots) of the Q tile
+# (seq, kv_head, q_offset, q_rows) by their log-sum-exp and write the normalized output.
+COMBINE_TASK = np.dtype([("seq", np.int64), ("kv_head", np.int64), ("q_offset", np.int64),
+                         ("q_rows", np.int64), ("slot_start", np.int64), ("num_slots", np.int64)])
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """A cube tile: the on-chip shape one GEMM task computes, whatever its valid part."""
+
+    tm: int  # rows of x (tokens) per tile
+    tn: int  # output columns per tile
+    tk: int  # reduction depth per L0 step
+
+
+@dataclass(frozen=True, eq=False)
+class VectorKernel:
+    """A row-tiled vector op over `num_rows` rows of `row_len` elements."""
+
+    primitive: ClassVar[Primitive] = Primitive.VECTOR
+    name: str  # what it computes in the model, e.g. "input_norm"
+    op: VectorOp  # which operation
+    num_rows: int  # rows (tokens) covered
+    row_len: int  # elements per row of the main operand (for costing)
+    tasks: np.ndarray  # VECTOR_TASK, (num_tasks,)
+
+
+@dataclass(frozen=True, eq=False)
+class GemmKernel:
+    """`out[M, N] = x[M, K] @ w[N, K]^T (+ bias)` tiled by fixed menu shapes."""
+
+    primitive: ClassVar[Primitive] = Primitive.GEMM
+    name: str  # which projection, e.g. "qkv_proj"
+    m: int  # rows of x: tokens in the batch (the dynamic dimension)
+    n: int  # output features (static, from the weights)
+    k: int  # input features (static)
+    menu: tuple[TileShape, ...]  # tile shapes the tasks index into
+    tasks: np.ndarray  # GEMM_TASK, (num_tasks,)
+
+    @property
+    def padding_waste(self) -> float:
+        """Fraction of computed tile elements that are masked (0 = no virtual padding)."""
+        tm = np.array([self.menu[t].tm for t in self.tasks["tile"]])
+        tn = np.array([self.menu[t].tn for t in self.tasks["tile"]])
+        computed = float((tm * tn).sum())
+        return 1.0 - float((self.tasks["m_rows"] * self.tasks["n_cols"]).sum()) / computed
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionKernel:
+    """Meta-attention over a paged KV cache for every sequence of a mixed batch.
+
+    One pattern (matmul-softmax-matmul with online softmax) serves prefill, chunked prefill and
+    decode rows alike; causality comes from each sequence's start_pos.
+    """
+
+    primitive: ClassVar[Primitive] = Primitive.ATTENTION
+    name: str  # "attention"
+    num_heads: int  # query heads
+    num_kv_heads: int  # KV heads; query head h uses KV head h // (num_heads // num_kv_heads)
+    head_dim: int  # features per head
+    block_size: int  # tokens per KV block
+    scale: float  # softmax scale, 1 / sqrt(head_dim)
+    seqs: np.ndarray  # ATTN_SEQ, (num_seqs,)
+    block_tables: np.ndarray  # int64 (num_seqs, max_num_blocks), -1 past a sequence's blocks
+    tasks: np.ndarray  # ATTN_TASK, (num_tasks,)
+    combine_tasks: np.ndarray  # COMBINE_TASK, (num_combine_tasks,)
+    num_partial_slots: int  # workspace slots the partial tasks write
+    max_tile_rows: int  # largest tile_rows of any task (workspace row count)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+Kernel = VectorKernel | GemmKernel | AttentionKernel

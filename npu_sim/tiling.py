@@ -1,0 +1,110 @@
+"""Tile shapes derived from the chip's buffer sizes, and the fixed-menu covers built from them.
+
+Why these shapes (fp16/bf16 operands, 2 bytes; fp32 accumulation, 4 bytes):
+- GEMM. The output tile accumulates in L0C in fp32: tm * tn * 4 <= L0C (128 KiB) gives
+  tm * tn <= 32768. L0A and L0B are double-buffered so the next K step loads while the cube runs:
+  2 * tm * tk * 2 <= L0A (64 KiB) and 2 * tk * tn * 2 <= L0B (64 KiB). With tk = 64 (four cube
+  K-fractals per step) the largest tile is 128 x 256 x 64, the shape catlass uses by default on
+  the 910B. Tokens (M) are the only dynamic dimension, so the menu varies tm alone: powers of two
+  from one cube fractal (16) up to 128, all with tn = 256, tk = 64. Smaller tm keeps decode-sized
+  batches from computing mostly masked rows.
+- Attention. A Q tile is at most 128 stacked rows (query tokens x the query heads sharing one KV
+  head): the 128 x 128 fp32 score block of one KV block is 64 KiB, leaving L0C room to double
+  buffer, and each of the two vector cores of the AIC softmaxes 64 rows of it in UB. Tiles of 16,
+  64 and 128 rows serve decode, verify and prefill rows as in the paper.
+- Vector ops. A row tile holds input, output and weight rows in fp32 in UB, double-buffered.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from npu_sim.hardware import ChipSpec
+from npu_sim.tasks import GEMM_TASK, VECTOR_TASK, TileShape
+
+OPERAND_BYTES = 2  # fp16 / bf16 on the cube
+ACCUM_BYTES = 4  # fp32 accumulators in L0C
+GEMM_TK = 64  # four 16-deep cube fractals per L0 step
+GEMM_TN = 256
+ATTN_Q_TILE_ROWS = (16, 64, 128)  # decode / verify / prefill Q tiles, stacked rows
+VECTOR_BUFFERS = 3 * 2  # in, out, weight rows; double-buffered
+
+
+@functools.cache
+def gemm_menu(chip: ChipSpec) -> tuple[TileShape, ...]:
+    """The GEMM tile menu for `chip`, largest tm first (see the module docstring)."""
+    max_tm = chip.l0c_bytes // (GEMM_TN * ACCUM_BYTES)
+    assert 2 * GEMM_TK * GEMM_TN * OPERAND_BYTES <= chip.l0b_bytes, "tn x tk overflows L0B"
+    menu = []
+    tm = chip.cube_m
+    while tm <= max_tm and 2 * tm * GEMM_TK * OPERAND_BYTES <= chip.l0a_bytes:
+        menu.append(TileShape(tm=tm, tn=GEMM_TN, tk=GEMM_TK))
+        tm *= 2
+    return tuple(reversed(menu))
+
+
+def cover_m(m: int, menu: tuple[TileShape, ...]) -> list[tuple[int, int, int]]:
+    """Cover `m` rows greedily with menu tiles: `[(m_start, m_rows, tile_index), ...]`.
+
+    Full tiles of the largest shape that fits, then the remainder in the smallest tile that holds
+    it, masked (virtual padding): 200 = 128 + 64 + 16 (8 rows valid). Never pads M itself.
+    """
+    cover, start = [], 0
+    while start < m:
+        rest = m - start
+        fitting = [i for i, t in enumerate(menu) if t.tm <= rest]
+        idx = fitting[0] if fitting else len(menu) - 1  # menu is largest first
+        rows = min(menu[idx].tm, rest)
+        cover.append((start, rows, idx))
+        start += rows
+    return cover
+
+
+@functools.lru_cache(maxsize=512)
+def gemm_tasks(m: int, n: int, menu: tuple[TileShape, ...]) -> np.ndarray:
+    """GEMM_TASK table for an (m, n) output: the M cover times the N tiles, m-tile major.
+
+    Cached by shape: every layer of a step, and every step with the same token count, reuses it.
+    The last N tile is masked when n is not a multiple of tn.
+    """
+    tn = menu[0].tn
+    m_cover = cover_m(m, menu)
+    n_starts = np.arange(0, n, tn)
+    tasks = np.empty(len(m_cover) * len(n_starts), dtype=GEMM_TASK)
+    i = 0
+    for m_start, m_rows, tile in m_cover:
+        for n_start in n_starts:
+            tasks[i] = (m_start, m_rows, n_start, min(tn, n - n_start), tile)
+            i += 1
+    tasks.flags.writeable = False
+    return tasks
+
+
+@functools.lru_cache(maxsize=512)
+def vector_tasks(num_rows: int, row_len: int, chip: ChipSpec) -> np.ndarray:
+    """VECTOR_TASK table: rows split evenly over the vector cores, each tile fitting in UB."""
+    ub_rows = max(1, chip.ub_bytes // (row_len * ACCUM_BYTES * VECTOR_BUFFERS))
+    rows_per_task = max(1, min(ub_rows, math.ceil(num_rows / chip.num_vector_cores)))
+    starts = np.arange(0, num_rows, rows_per_task)
+    tasks = np.empty(len(starts), dtype=VECTOR_TASK)
+    tasks["row_start"] = starts
+    tasks["num_rows"] = np.minimum(rows_per_task, num_rows - starts)
+    tasks.flags.writeable = False
+    return tasks
+
+
+def attention_q_tile(q_len: int, group_size: int) -> tuple[int, int]:
+    """(tile_rows, tokens_per_tile) for a sequence of q_len query tokens.
+
+    A tile's stacked rows are tokens x group_size; pick the smallest menu tile that holds the
+    whole sequence, else split it into full 128-row tiles.
+    """
+    stacked = q_len * group_size
+    for tile_rows in ATTN_Q_TILE_ROWS:
+        if stacked <= tile_rows:
+            return tile_rows, q_len
+    largest = ATTN_Q_TILE_ROWS[-1]
+    return largest, max(1, largest // group_size)
