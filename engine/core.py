@@ -93,7 +93,14 @@ class EngineCore:
             # Nothing to run, but the runner still hears of finished requests.
             self.runner.sampler.free(scheduler_output.finished_ids)
             return []
-        model_output = self.runner.execute(scheduler_output, self.scheduler.requests)
+        try:
+            model_output = self.runner.execute(scheduler_output, self.scheduler.requests)
+        except Exception:
+            # A fault in the model fails the requests of this step only; the engine goes on.
+            logger.exception("step failed; failing its %d requests", len(scheduler_output.chunks))
+            failed = [c.request_id for c in scheduler_output.chunks]
+            self.scheduler.finish_requests(failed, FinishReason.ERROR)
+            return [self._to_output(TokenUpdate(r, (), None, FinishReason.ERROR)) for r in failed]
         updates = self.scheduler.update_from_output(scheduler_output, model_output)
         return [self._to_output(u) for u in updates]
 
@@ -102,7 +109,9 @@ class EngineCore:
         tracked = self._tracked[request_id]
         tracked.num_output_tokens += len(update.new_token_ids)
         detok = tracked.detokenizer
-        text, stopped = detok.update(update.new_token_ids)
+        # A STOP from the scheduler means EOS or a stop token id: its text is not output.
+        text, stopped = detok.update(update.new_token_ids,
+                                     stop_terminated=update.finish_reason == FinishReason.STOP)
         finish_reason = update.finish_reason
         if stopped:
             finish_reason = FinishReason.STOP

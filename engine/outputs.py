@@ -72,7 +72,8 @@ class TokenLogprob:
     """The log-probability of one sampled token and the most likely alternatives."""
 
     token_id: int  # the sampled token
-    logprob: float  # its log-probability under the (temperature-scaled, penalised) distribution
+    logprob: float  # its log-probability under the model's raw distribution (before sampling
+    #   transforms: bias, penalties, temperature), as vLLM reports by default
     rank: int  # 1 = it was the most likely token
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 

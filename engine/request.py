@@ -54,6 +54,7 @@ _FINISH_REASONS = {
 }
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top alternatives per token
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Temperatures this small overflow the softmax; like vLLM, treat them as greedy.
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

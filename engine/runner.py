@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from engine.lowering import ChunkShape, lower_step
-from engine.models.llama import LlamaModel, StepInputs
 from engine.models.arch import ModelArch
+from engine.models.llama import LlamaModel, StepInputs
 from engine.models.loader import LoadedModel
 from engine.outputs import ModelOutput, SchedulerOutput
 from engine.request import Request

@@ -25,9 +25,9 @@ import torch
 from engine.outputs import TokenLogprob
 from engine.request import SamplingParams
 
-_GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): no 1/T overflow
 _SEED_MASK = (1 << 64) - 1  # torch generators take 64-bit seeds; any Python int is folded in
 _NEG_INF = float("-inf")
+_CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
 _TOP_P_CANDIDATES = 1024  # top-p looks among this many most likely tokens before a full sort
 
 
@@ -40,7 +40,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]  # the prompt (repetition penalty looks at it)
     output_token_ids: Sequence[int]  # generated so far, before this token (penalties, min_tokens)
     eos_token_ids: tuple[int, ...] = ()  # the model's EOS ids: masked, with params.stop_token_ids,
-    #   while len(output_token_ids) < params.min_tokens (vLLM masks EOS even when ignore_eos)
+    #   while len(output_token_ids) < params.min_tokens (vLLM passes them even with ignore_eos)
 
 
 class Sampler:
@@ -74,20 +74,8 @@ class Sampler:
             raise ValueError(f"logits must be (len(rows), vocab), got {tuple(logits.shape)}")
         if not rows:
             return []
-        # (R, V) float32; a private contiguous copy when a step below edits it in place.
-        edits = any(
-            r.params.logit_bias
-            or r.params.needs_penalties
-            or len(r.output_token_ids) < r.params.min_tokens
-            for r in rows
-        )
-        x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=edits)
-        if edits:
-            _apply_logit_bias(x, rows)
-            _apply_min_tokens(x, rows)
-            _apply_penalties(x, rows)
-
-        is_greedy = [r.params.temperature < _GREEDY_EPS for r in rows]
+        x = process_logits(logits, rows)  # (R, V) float32
+        is_greedy = [r.params.greedy for r in rows]
         if all(is_greedy):
             token_ids = x.argmax(dim=-1)  # (R,) ties -> lowest id
         elif not any(is_greedy):
@@ -123,10 +111,7 @@ class Sampler:
             _top_k_top_p(sub, top_k, top_p)
             x[c_idx] = sub
 
-        # Inverse CDF: u ~ U[0, 1) per row; the token is the first whose cumulative mass exceeds
-        # u * total. Zero-probability tokens own empty intervals, so they are never drawn.
-        cdf = torch.cumsum(x.softmax(dim=-1), dim=-1, dtype=torch.float64)  # (R, V)
-        u = torch.empty(num_rows, dtype=torch.float64)  # (R,)
+        u = torch.empty(num_rows, dtype=torch.float64)  # (R,) one uniform draw per row
         seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
         if len(seeded) < num_rows:
             unseeded = [i for i, r in enumerate(rows) if r.params.seed is None]
@@ -134,12 +119,7 @@ class Sampler:
             u[torch.tensor(unseeded)] = draws
         for i in seeded:  # a seeded row's draw comes from its own generator only
             u[i] = torch.rand((), dtype=torch.float64, generator=self._generator(rows[i]))
-        target = u.unsqueeze(1) * cdf[:, -1:]  # (R, 1)
-        token_ids = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (R,)
-        over = (token_ids == vocab).nonzero().squeeze(1)  # u * total rounded up to total (rare)
-        if len(over):  # take the last token with mass: where the cdf first reaches its max
-            token_ids[over] = cdf[over].argmax(dim=-1)
-        return token_ids
+        return _inverse_cdf(x.softmax(dim=-1), u)
 
     def _generator(self, row: SamplingRow) -> torch.Generator:
         """The request's own generator, seeded with params.seed on first use."""
@@ -149,6 +129,26 @@ class Sampler:
             gen = torch.Generator().manual_seed(row.params.seed & _SEED_MASK)
             self._generators[row.request_id] = gen
         return gen
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The logits greedy sampling sees: logit_bias, then the min_tokens mask, then penalties.
+
+    logits: (R, V), not modified. Returns (R, V) float32: a new contiguous tensor when any row
+    needs one of these steps, else logits itself (converted to float32 if needed): read-only.
+    """
+    edits = any(
+        r.params.logit_bias
+        or r.params.needs_penalties
+        or len(r.output_token_ids) < r.params.min_tokens
+        for r in rows
+    )
+    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=edits)  # (R, V)
+    if edits:
+        _apply_logit_bias(x, rows)
+        _apply_min_tokens(x, rows)
+        _apply_penalties(x, rows)
+    return x
 
 
 def _apply_logit_bias(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -271,6 +271,37 @@ def _nucleus(probs: torch.Tensor, p: torch.Tensor, m: int) -> tuple[torch.Tensor
     return keep, fits
 
 
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds u * total.
+
+    probs: (R, V) float32, rows need not sum to 1; u: (R,) float64 in [0, 1). Returns (R,) ids.
+    Two levels keep it exact and cheap: pick a block of _CDF_BLOCK tokens on the float64 cdf of
+    block sums, then the token on the float64 cdf inside the block. Token i is drawn with
+    probability p_i / sum(p) up to ~1e-7 relative; zero-probability tokens own empty intervals
+    and are never drawn.
+    """
+    num_rows, vocab = probs.shape
+    pad = -vocab % _CDF_BLOCK
+    blocks = torch.nn.functional.pad(probs, (0, pad)) if pad else probs
+    blocks = blocks.view(num_rows, -1, _CDF_BLOCK)  # (R, NB, B)
+    block_cdf = blocks.sum(dim=-1).to(torch.float64).cumsum_(dim=-1)  # (R, NB)
+    target = u.unsqueeze(1) * block_cdf[:, -1:]  # (R, 1)
+    b = _search(block_cdf, target)  # (R, 1) chosen block
+    lo = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp_(min=0)), 0.0)  # (R, 1)
+    width = block_cdf.gather(1, b) - lo  # (R, 1) > 0: blocks without mass are never chosen
+    local = blocks.gather(1, b.unsqueeze(2).expand(-1, 1, _CDF_BLOCK)).squeeze(1)  # (R, B)
+    local_cdf = local.to(torch.float64).cumsum_(dim=-1)  # (R, B)
+    local_target = (target - lo) / width * local_cdf[:, -1:]  # (R, 1) same fraction, in block
+    return (b * _CDF_BLOCK + _search(local_cdf, local_target)).squeeze(1)
+
+
+def _search(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(R, 1) first index with cdf > target; if rounding put target at or past the total, the
+    last index with mass (where the cdf first reaches its maximum). cdf: (R, N); target: (R, 1)."""
+    idx = torch.searchsorted(cdf, target, right=True)  # (R, 1)
+    return torch.minimum(idx, cdf.argmax(dim=-1, keepdim=True))
+
+
 def _logprobs(
     logits: torch.Tensor, rows: Sequence[SamplingRow], token_ids: torch.Tensor
 ) -> dict[int, TokenLogprob]:
@@ -283,7 +314,7 @@ def _logprobs(
     chosen = token_ids[w_idx].unsqueeze(1)  # (L, 1)
     chosen_lp = lp.gather(1, chosen)  # (L, 1)
     ranks = ((lp > chosen_lp).sum(dim=-1) + 1).tolist()  # (L,)
-    n_top = max(rows[i].params.logprobs or 0 for i in want)
+    n_top = min(max(rows[i].params.logprobs or 0 for i in want), lp.shape[1])
     top_lp, top_ids = lp.topk(n_top, dim=-1) if n_top else (lp[:, :0], chosen[:, :0])  # (L, n)
     top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
     chosen_l, chosen_lp_l = chosen.squeeze(1).tolist(), chosen_lp.squeeze(1).tolist()

@@ -37,7 +37,7 @@ VECTOR_BUFFERS = 3 * 2  # in, out, weight rows; double-buffered
 def gemm_menu(chip: ChipSpec) -> tuple[TileShape, ...]:
     """The GEMM tile menu for `chip`, largest tm first (see the module docstring)."""
     max_tm = chip.l0c_bytes // (GEMM_TN * ACCUM_BYTES)
-    assert 2 * GEMM_TK * GEMM_TN * OPERAND_BYTES <= chip.l0b_bytes, "tn x tk overflows L0B"
+    assert chip.l0b_bytes >= 2 * GEMM_TK * GEMM_TN * OPERAND_BYTES, "tn x tk overflows L0B"
     menu = []
     tm = chip.cube_m
     while tm <= max_tm and 2 * tm * GEMM_TK * OPERAND_BYTES <= chip.l0a_bytes:

@@ -167,5 +167,5 @@ def tiny_gguf_path(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="session")
 def default_model_dir() -> pathlib.Path:
     """The default model as an HF directory in default_cache_dir(): the first run on a machine
-    converts it (~20 s), later runs reuse it. Mark tests that use it `@pytest.mark.slow`."""
+    converts it (~15 s), later runs reuse it. Mark tests that use it `@pytest.mark.slow`."""
     return resolve_model_path(DEFAULT_MODEL)

@@ -76,7 +76,7 @@ class ModelArch:
             attention_bias=architecture == "Qwen2ForCausalLM"
             or bool(getattr(config, "attention_bias", False)),
             eos_token_ids=tuple(eos_token_ids),
-            bos_token_id=config.bos_token_id,
+            bos_token_id=config.bos_token_id if isinstance(config.bos_token_id, int) else None,
         )
 
 

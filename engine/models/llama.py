@@ -26,6 +26,7 @@ class LayerWeights:
     qkv: torch.Tensor  # ((Hq + 2 Hkv) D, H)
     qkv_bias: torch.Tensor | None  # ((Hq + 2 Hkv) D,) for Qwen2, else None
     o_proj: torch.Tensor  # (H, Hq D)
+    o_proj_bias: torch.Tensor | None  # (H,) for Llama with attention_bias, else None
     post_attn_norm: torch.Tensor  # (H,)
     gate_up: torch.Tensor  # (2 I, H)
     down: torch.Tensor  # (H, I)
@@ -66,6 +67,7 @@ class LlamaModel:
             qkv=torch.cat([w[attn + f"{x}_proj.weight"] for x in "qkv"]).contiguous(),
             qkv_bias=bias,
             o_proj=w[attn + "o_proj.weight"],
+            o_proj_bias=w.get(attn + "o_proj.bias"),
             post_attn_norm=w[p + "post_attention_layernorm.weight"],
             gate_up=torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]),
             down=w[mlp + "down_proj.weight"],
@@ -100,7 +102,8 @@ class LlamaModel:
             device.launch(lp.kv_write, k=k, v=v, k_cache=k_caches[i], v_cache=v_caches[i],
                           slot_mapping=inputs.slot_mapping)
             attn = device.launch(lp.attention, q=q, k_cache=k_caches[i], v_cache=v_caches[i])
-            o = device.launch(lp.o_proj, x=attn.view(t, q_cols), w=layer.o_proj)
+            o = device.launch(lp.o_proj, x=attn.view(t, q_cols), w=layer.o_proj,
+                              bias=layer.o_proj_bias)
             x = device.launch(lp.post_attn_norm, x=o, residual=residual,
                               weight=layer.post_attn_norm, eps=eps)
             gate_up = device.launch(lp.gate_up_proj, x=x, w=layer.gate_up)

@@ -49,7 +49,7 @@ def coverage_count(tasks: np.ndarray, m: int, n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------- GEMM
 
 GEMM_MS = [1, 15, 16, 17, 200, 513, int(np.random.default_rng(0).integers(1, 601))]
-GEMM_NKS = [(960, 576), (100, 64), (256, 100)]
+GEMM_NKS = [(960, 576), (100, 64), (256, 100), (300, 129)]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -182,7 +182,7 @@ def test_gemm_reference_runs_only_its_tasks() -> None:
 
 # ---------------------------------------------------------------------------------- vector
 
-T, H, I, HQ, HKV, D = 37, 48, 40, 6, 2, 16
+T, H, INTER, HQ, HKV, D = 37, 48, 40, 6, 2, 16
 NB, BS = 12, 8
 
 
@@ -196,17 +196,25 @@ def _vector_case(op: VectorOp, rows: int, seed: int) -> dict:
     """Fresh operands of `op` for `rows` rows; in-place operands laid out as the model has them."""
     gen = torch.Generator().manual_seed(seed)
     if op is VectorOp.EMBED:
-        return {"table": torch.randn(50, H, generator=gen),
-                "token_ids": torch.randint(0, 50, (rows,), generator=gen)}
+        return {
+            "table": torch.randn(50, H, generator=gen),
+            "token_ids": torch.randint(0, 50, (rows,), generator=gen),
+        }
     if op is VectorOp.RMSNORM:
-        return {"x": torch.randn(rows, H, generator=gen) * 3,
-                "weight": torch.randn(H, generator=gen), "eps": 1e-5}
+        return {
+            "x": torch.randn(rows, H, generator=gen) * 3,
+            "weight": torch.randn(H, generator=gen),
+            "eps": 1e-5,
+        }
     if op is VectorOp.ADD_RMSNORM:
-        return {"x": torch.randn(rows, H, generator=gen),
-                "residual": torch.randn(rows, H, generator=gen),
-                "weight": torch.randn(H, generator=gen), "eps": 1e-6}
+        return {
+            "x": torch.randn(rows, H, generator=gen),
+            "residual": torch.randn(rows, H, generator=gen),
+            "weight": torch.randn(H, generator=gen),
+            "eps": 1e-6,
+        }
     if op is VectorOp.SILU_MUL:
-        return {"gate_up": torch.randn(rows, 2 * I, generator=gen)}
+        return {"gate_up": torch.randn(rows, 2 * INTER, generator=gen)}
     qkv = torch.randn(rows, (HQ + 2 * HKV) * D, generator=gen)
     q = qkv[:, : HQ * D].view(rows, HQ, D)
     k = qkv[:, HQ * D : (HQ + HKV) * D].view(rows, HKV, D)
@@ -217,9 +225,14 @@ def _vector_case(op: VectorOp, rows: int, seed: int) -> dict:
         return {"q": q, "k": k, "cos": cos, "sin": sin, "_qkv": qkv}
     assert op is VectorOp.KV_WRITE
     slots = torch.randperm(NB * BS, generator=gen)[:rows]
-    return {"k": k, "v": v, "k_cache": torch.randn(NB, BS, HKV, D, generator=gen),
-            "v_cache": torch.randn(NB, BS, HKV, D, generator=gen), "slot_mapping": slots,
-            "_qkv": qkv}
+    return {
+        "k": k,
+        "v": v,
+        "k_cache": torch.randn(NB, BS, HKV, D, generator=gen),
+        "v_cache": torch.randn(NB, BS, HKV, D, generator=gen),
+        "slot_mapping": slots,
+        "_qkv": qkv,
+    }
 
 
 def _run(kernel: VectorKernel, strict: bool, case: dict) -> torch.Tensor | None:
@@ -232,9 +245,11 @@ def _clone(case: dict) -> dict:
     if "_qkv" in case:
         qkv = new["_qkv"]
         rows = qkv.shape[0]
-        views = {"q": qkv[:, : HQ * D].view(rows, HQ, D),
-                 "k": qkv[:, HQ * D : (HQ + HKV) * D].view(rows, HKV, D),
-                 "v": qkv[:, (HQ + HKV) * D :].view(rows, HKV, D)}
+        views = {
+            "q": qkv[:, : HQ * D].view(rows, HQ, D),
+            "k": qkv[:, HQ * D : (HQ + HKV) * D].view(rows, HKV, D),
+            "v": qkv[:, (HQ + HKV) * D :].view(rows, HKV, D),
+        }
         new.update({name: view for name, view in views.items() if name in case})
     return new
 
@@ -276,8 +291,11 @@ def _expected(op: VectorOp, case: dict) -> dict[str, torch.Tensor]:
 
 
 def _row_len(op: VectorOp) -> int:
-    return {VectorOp.SILU_MUL: 2 * I, VectorOp.ROPE: (HQ + HKV) * D,
-            VectorOp.KV_WRITE: 2 * HKV * D}.get(op, H)
+    return {
+        VectorOp.SILU_MUL: 2 * INTER,
+        VectorOp.ROPE: (HQ + HKV) * D,
+        VectorOp.KV_WRITE: 2 * HKV * D,
+    }.get(op, H)
 
 
 @pytest.mark.parametrize("rows", [1, 5, T])
@@ -304,8 +322,7 @@ def test_vector_strict_matches_fast_and_reference(op: VectorOp, rows: int) -> No
         torch.testing.assert_close(strict_case[name], fast_case[name], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(strict_case[name], want, atol=1e-5, rtol=1e-5)
     for name, value in base.items():  # pure inputs untouched
-        if (isinstance(value, torch.Tensor) and name not in expected
-                and name not in {"q", "k", "v"}):
+        if isinstance(value, torch.Tensor) and name not in expected and name not in {"q", "k", "v"}:
             assert torch.equal(strict_case[name], value), name
             assert torch.equal(fast_case[name], value), name
 
@@ -366,15 +383,20 @@ def test_vector_tasks_cover_rows_once_within_ub(rows: int, row_len: int, chip) -
 def test_device_counts_launches_and_tasks_per_primitive() -> None:
     device = Device(SMALL_CHIP)
     g = gemm_kernel(200, 960, 64)
-    v = vector_kernel(VectorOp.SILU_MUL, T, 2 * I, SMALL_CHIP)
+    v = vector_kernel(VectorOp.SILU_MUL, T, 2 * INTER, SMALL_CHIP)
     x, w = torch.randn(200, 64), torch.randn(960, 64)
     device.launch(g, x=x, w=w)
     device.launch(g, x=x, w=w)
-    device.launch(v, gate_up=torch.randn(T, 2 * I))
+    device.launch(v, gate_up=torch.randn(T, 2 * INTER))
     assert device.num_launches == {Primitive.GEMM: 2, Primitive.VECTOR: 1}
     assert device.num_tasks == {Primitive.GEMM: 2 * len(g.tasks), Primitive.VECTOR: len(v.tasks)}
-    with pytest.raises(TypeError, match="not a kernel"):
+
+
+def test_device_rejects_a_non_kernel_with_type_error_and_counts_nothing() -> None:
+    device = Device(CHIP)
+    with pytest.raises(TypeError, match="not a kernel: object"):
         device.launch(object())
+    assert not device.num_launches and not device.num_tasks
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "fast"])
@@ -396,8 +418,10 @@ def test_device_strict_and_fast_give_equal_results() -> None:
     g = gemm_kernel(17, 100, 576)
     x, w, b = torch.randn(17, 576), torch.randn(100, 576), torch.randn(100)
     torch.testing.assert_close(
-        strict_dev.launch(g, x=x, w=w, bias=b), fast_dev.launch(g, x=x, w=w, bias=b),
-        atol=1e-4, rtol=1e-5,
+        strict_dev.launch(g, x=x, w=w, bias=b),
+        fast_dev.launch(g, x=x, w=w, bias=b),
+        atol=1e-4,
+        rtol=1e-5,
     )
     case = _vector_case(VectorOp.ADD_RMSNORM, T, seed=5)
     kernel = vector_kernel(VectorOp.ADD_RMSNORM, T, H)
@@ -405,5 +429,6 @@ def test_device_strict_and_fast_give_equal_results() -> None:
     torch.testing.assert_close(strict_dev.launch(kernel, **a), fast_dev.launch(kernel, **b2))
     torch.testing.assert_close(a["residual"], b2["residual"])
     assert strict_dev.num_tasks == fast_dev.num_tasks
-    assert strict_dev.num_launches == fast_dev.num_launches == {
-        Primitive.GEMM: 1, Primitive.VECTOR: 1}
+    assert (
+        strict_dev.num_launches == fast_dev.num_launches == {Primitive.GEMM: 1, Primitive.VECTOR: 1}
+    )

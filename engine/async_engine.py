@@ -1,0 +1,200 @@
+"""AsyncEngine: the asyncio face of EngineCore, for the HTTP server.
+
+One engine thread owns the EngineCore and runs its loop (torch releases the GIL, so the event
+loop keeps answering /health and /metrics under full load). The event loop talks to it through:
+
+- the intake: a thread-safe queue of commands (add, abort), drained before every step, so
+  requests enter the scheduler only between steps;
+- one mailbox per request: an asyncio.Queue the engine thread fills with RequestOutputs (via
+  `call_soon_threadsafe`) and `generate()` drains.
+
+A client that goes away cancels its `generate()` task; the cancellation aborts the request, and its
+KV blocks are freed before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from engine.core import EngineCore
+from engine.outputs import RequestOutput
+from engine.request import SamplingParams
+from engine.stats import SchedulerStats
+
+logger = logging.getLogger("xyserve")
+
+IDLE_POLL_S = 0.05  # wall seconds the idle engine thread waits on the intake before rechecking
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; retry later."""
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str  # the engine id
+    prompt_token_ids: list[int]  # tokenized prompt
+    params: SamplingParams  # sampling and stopping
+    arrival_time: float  # time.monotonic() when accepted
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str  # the engine id
+
+
+class AsyncEngine:
+    """Runs an EngineCore on its own thread; `generate()` streams each request's outputs."""
+
+    def __init__(self, core: EngineCore, max_waiting_requests: int | None = None) -> None:
+        self.core = core
+        self.max_waiting_requests = max_waiting_requests  # None = unbounded
+        self._intake: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._mailboxes: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._num_unadmitted = 0  # adds sent to the intake, not yet in the scheduler
+        self._stats = core.scheduler.make_stats()  # refreshed by the engine thread every step
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will call generate()."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="xyserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the engine thread (in-flight requests end with an error)."""
+        self._stopping.set()
+        self._intake.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """Scheduler stats as of the last step (plus requests not yet admitted as waiting)."""
+        s = self._stats
+        return SchedulerStats(num_running_reqs=s.num_running_reqs,
+                              num_waiting_reqs=s.num_waiting_reqs + self._num_unadmitted,
+                              kv_cache_usage=s.kv_cache_usage, num_preemptions=s.num_preemptions,
+                              num_free_blocks=s.num_free_blocks)
+
+    # ------------------------------------------------------------------------------ requests
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its outputs until the finished one.
+
+        Raises QueueFullError or EngineDeadError before queueing, ValueError if the engine
+        rejects the request (first iteration), EngineDeadError if the engine dies meanwhile.
+        Cancelling the consuming task aborts the request.
+        """
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        if (self.max_waiting_requests is not None
+                and self.stats.num_waiting_reqs >= self.max_waiting_requests):
+            raise QueueFullError(f"{self.max_waiting_requests} requests are already waiting")
+        if request_id in self._mailboxes:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        mailbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._mailboxes[request_id] = mailbox
+        self._num_unadmitted += 1
+        self._intake.put(_Add(request_id, prompt_token_ids, params, time.monotonic()))
+        finished = False
+        try:
+            while True:
+                item = await mailbox.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._mailboxes.pop(request_id, None)
+            if not finished:  # cancelled or closed early: free its blocks now
+                self._intake.put(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if unknown or finished)."""
+        self._intake.put(_Abort(request_id))
+
+    # --------------------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_intake(block=not self.core.has_unfinished_requests())
+                if self.core.has_unfinished_requests():
+                    self._step()
+        except BaseException as exc:
+            logger.exception("engine loop died")
+            self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
+            raise
+        self._fail_all(EngineDeadError("the engine is shutting down"))
+
+    def _drain_intake(self, block: bool) -> None:
+        try:
+            command = self._intake.get(timeout=IDLE_POLL_S) if block else self._intake.get_nowait()
+            while True:
+                if isinstance(command, _Add):
+                    self._add(command)
+                elif isinstance(command, _Abort):
+                    self.core.abort_requests([command.request_id])
+                command = self._intake.get_nowait()
+        except queue.Empty:
+            pass
+        self._stats = self.core.scheduler.make_stats()
+
+    def _add(self, command: _Add) -> None:
+        self._call_on_loop(self._admitted)
+        try:
+            self.core.add_request(command.request_id, command.prompt_token_ids, command.params,
+                                  command.arrival_time)
+        except ValueError as exc:
+            self._deliver(command.request_id, exc)
+
+    def _admitted(self) -> None:
+        self._num_unadmitted -= 1
+
+    def _step(self) -> None:
+        outputs = self.core.step()
+        self._stats = self.core.scheduler.make_stats()
+        for output in outputs:
+            self._deliver(output.request_id, output)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self._call_on_loop(self._put, request_id, item)
+
+    def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        mailbox = self._mailboxes.get(request_id)
+        if mailbox is not None:
+            mailbox.put_nowait(item)
+
+    def _call_on_loop(self, fn: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        # RuntimeError: the event loop is closed, so nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id in list(self._mailboxes):
+            self._deliver(request_id, exc)

@@ -1,0 +1,62 @@
+"""`build_app(engine, config)`: the FastAPI application over a (not yet started) AsyncEngine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from engine.async_engine import AsyncEngine
+from server import __version__
+from server.auth import require_api_key
+from server.config import ServerConfig
+from server.errors import install_exception_handlers
+from server.metrics import ServerMetrics
+from server.routes import chat, completions, metrics, models, tokenize
+from server.serving_chat import ChatServing
+from server.serving_completions import CompletionServing
+from server.state import ModelInfo, ServerState
+
+logger = logging.getLogger("xyserve")
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    """The OpenAI-compatible app. Its lifespan starts the engine thread on the server's event
+    loop and stops it on shutdown (in-flight requests then end with an error)."""
+    core = engine.core
+    model = ModelInfo(name=config.served_model_name or core.model_name, root=core.model_name,
+                      max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
+                      created=int(time.time()))
+    server_metrics = ServerMetrics(model.name, lambda: engine.stats)
+    serving_args = (engine, model, core.tokenizer, server_metrics, config.retry_after_s)
+    state = ServerState(config=config, engine=engine, tokenizer=core.tokenizer, model=model,
+                        metrics=server_metrics, completions=CompletionServing(*serving_args),
+                        chat=ChatServing(*serving_args))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        logger.info("serving %s at %s/v1", model.name, config.url)
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="xyserve", version=__version__, lifespan=lifespan,
+                  summary="OpenAI-compatible LLM serving on a simulated Ascend NPU")
+    app.state.xyserve = state
+    install_exception_handlers(app, config.retry_after_s)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["*"], allow_headers=["*"])
+    # Monitoring stays open; everything else needs the API key when one is configured.
+    app.include_router(models.open_router)
+    app.include_router(metrics.router)
+    protected = [Depends(require_api_key)]
+    for module in (completions, chat, models, tokenize):
+        app.include_router(module.router, dependencies=protected)
+    return app

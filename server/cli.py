@@ -1,0 +1,148 @@
+"""The `xyserve` command. `xyserve serve` runs the OpenAI-compatible server.
+
+Every option's default is read from the config dataclasses (ServerConfig, EngineConfig,
+CacheConfig, SchedulerConfig), the one source of defaults. Subcommands register themselves
+through `add_<name>_parser(subparsers)` and a `func` default, so `bench` and `kernels` can join.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+from typing import Any
+
+from engine.config import CacheConfig, Dtype, EngineConfig, SchedulerConfig
+from server.config import LOG_LEVELS, ServerConfig
+
+logger = logging.getLogger("xyserve")
+
+
+def _default(cls: type, name: str) -> Any:
+    """The declared default of field `name` of dataclass `cls`."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            return f.default_factory()  # type: ignore[misc]
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def _describe(value: Any, none_means: str) -> str:
+    return none_means if value is None else str(value)
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                              description="Serve a model over the OpenAI API "
+                                          "(/v1/completions, /v1/chat/completions, ...).")
+    s = ServerConfig
+    p.add_argument("--model", default=_default(EngineConfig, "model"),
+                   help="preset name, local Hugging Face directory or local .gguf file "
+                        "(default: %(default)s)")
+    p.add_argument("--host", default=_default(s, "host"), help="interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=_default(s, "port"),
+                   help="TCP port (default: %(default)s)")
+    p.add_argument("--api-key", default=_default(s, "api_key"),
+                   help="require `Authorization: Bearer <key>` on all routes but /health and "
+                        "/metrics (default: no key)")
+    p.add_argument("--served-model-name", default=_default(s, "served_model_name"),
+                   help="model name clients use (default: the --model value)")
+    p.add_argument("--max-waiting-requests", type=int, default=_default(s, "max_waiting_requests"),
+                   help="queued requests beyond which new ones get 429 (default: %(default)s)")
+    p.add_argument("--cors-origins", default=",".join(_default(s, "cors_origins")),
+                   help="comma-separated browser origins allowed by CORS, '*' for any "
+                        "(default: none, no CORS headers)")
+    p.add_argument("--log-level", default=_default(s, "log_level"), choices=LOG_LEVELS,
+                   help="(default: %(default)s)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=_default(SchedulerConfig, "max_num_seqs"),
+                   help="requests running at once (default: %(default)s)")
+    e.add_argument("--max-num-batched-tokens", type=int,
+                   default=_default(SchedulerConfig, "max_num_batched_tokens"),
+                   help="token budget per engine step (default: %(default)s)")
+    max_model_len = _default(SchedulerConfig, "max_model_len")
+    e.add_argument("--max-model-len", type=int, default=max_model_len,
+                   help="prompt + output tokens at most (default: "
+                        f"{_describe(max_model_len, 'the model limit')})")
+    e.add_argument("--block-size", type=int, default=_default(CacheConfig, "block_size"),
+                   help="tokens per KV-cache block (default: %(default)s)")
+    num_kv_blocks = _default(CacheConfig, "num_kv_blocks")
+    e.add_argument("--num-kv-blocks", type=int, default=num_kv_blocks,
+                   help="KV-cache blocks (default: "
+                        f"{_describe(num_kv_blocks, 'as many as the memory budget holds')})")
+    e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
+                   choices=typing.get_args(Dtype), help="CPU compute dtype (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=_default(EngineConfig, "seed"),
+                   help="seed of the sampler for requests without their own (default: "
+                        "%(default)s)")
+    p.set_defaults(func=run_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xyserve",
+        description="OpenAI-compatible LLM serving on a simulated Ascend NPU.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(subparsers)
+    return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model, build the app, serve until interrupted. Returns the exit status."""
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server_config = ServerConfig(
+            host=args.host, port=args.port, api_key=args.api_key,
+            served_model_name=args.served_model_name,
+            max_waiting_requests=args.max_waiting_requests,
+            cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+            log_level=args.log_level)
+        engine_config = EngineConfig.from_kwargs(
+            model=args.model, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+            num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    except ValueError as exc:
+        print(f"xyserve serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    # Heavy imports (torch, transformers, uvicorn) only once the arguments are known good.
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from engine.core import EngineCore
+    from engine.models.arch import ModelLoadError
+    from server.app import build_app
+
+    try:
+        core = EngineCore(engine_config)
+    except (ModelLoadError, ValueError) as exc:
+        logger.error("cannot start the engine: %s", exc)
+        return 1
+    engine = AsyncEngine(core, server_config.max_waiting_requests)
+    app = build_app(engine, server_config)
+    block_size = engine_config.cache.block_size
+    logger.info("model %s (served as %s), max_model_len %d tokens", core.model_name,
+                server_config.served_model_name or core.model_name, core.max_model_len)
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens", core.num_kv_blocks, block_size,
+                core.num_kv_blocks * block_size)
+    logger.info("OpenAI-compatible API at %s/v1 (OpenAPI docs at %s/docs)", server_config.url,
+                server_config.url)
+    uvicorn.run(app, host=server_config.host, port=server_config.port,
+                log_level=server_config.log_level)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `xyserve` console script."""
+    args = build_parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Server configuration: a frozen dataclass, validated when built, the one source of defaults.
+
+`xyserve serve` reads its HTTP-side defaults from here (the engine's come from engine/config.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the HTTP front end listens, authenticates and sheds load."""
+
+    host: str = "127.0.0.1"  # interface to bind; the loopback keeps the server private by default
+    port: int = 8000  # TCP port to listen on
+    api_key: str | None = None  # when set, all routes but /health and /metrics need
+    #   `Authorization: Bearer <api_key>`; None = no authentication
+    served_model_name: str | None = None  # the name clients send and see; None = the --model value
+    max_waiting_requests: int = 256  # queued (not yet running) engine requests beyond which new
+    #   requests are refused with 429
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed by CORS; () = no CORS headers,
+    #   ("*",) = any origin
+    retry_after_s: int = 1  # seconds a 429 response tells the client to wait (Retry-After)
+    log_level: str = "info"  # logging level of xyserve and uvicorn
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        _require(bool(self.host), "host", self.host, "must not be empty")
+        _require(0 <= self.port <= 65535, "port", self.port, "must be in [0, 65535]")
+        _require(self.api_key is None or bool(self.api_key), "api_key", self.api_key,
+                 "must not be empty when set")
+        _require(self.served_model_name is None or bool(self.served_model_name),
+                 "served_model_name", self.served_model_name, "must not be empty when set")
+        _require(self.max_waiting_requests >= 1, "max_waiting_requests",
+                 self.max_waiting_requests, "must be at least 1")
+        _require(all(self.cors_origins), "cors_origins", self.cors_origins,
+                 "must not contain empty origins")
+        _require(self.retry_after_s >= 0, "retry_after_s", self.retry_after_s,
+                 "must be non-negative")
+        _require(self.log_level in LOG_LEVELS, "log_level", self.log_level,
+                 f"must be one of {', '.join(LOG_LEVELS)}")
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use (IPv6 hosts bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def _require(ok: bool, name: str, value: object, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} {why}, got {value!r}")

@@ -1,0 +1,174 @@
+"""One API call's engine requests (n choices for each prompt), merged into one stream.
+
+    GenerationGroup.start()     queue every sub-request, wait for each one's first output
+    async for choice, delta     deltas in arrival order, until every choice has finished
+    GenerationGroup.aclose()    abort whatever is unfinished (disconnect, error, early exit)
+
+Both the completions and the chat endpoint, streaming or not, go through this one path, so
+rejection, fan-out, abort and metrics behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+
+from engine.async_engine import AsyncEngine
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.request import FinishReason, SamplingParams
+from server.errors import BadRequestError, InternalServerError
+from server.metrics import ServerMetrics
+from server.prompts import PromptInput
+
+
+@dataclass
+class Choice:
+    """The accumulated state of one choice (one engine request)."""
+
+    index: int  # position in the response's choices: prompt_index * n + i
+    prompt: PromptInput  # the prompt it continues
+    text: str = ""  # generated text so far (stop strings excluded)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, if asked
+    num_output_tokens: int = 0  # generated tokens so far
+    finish_reason: str | None = None  # set once finished: "stop" | "length" | "abort"
+
+    def add(self, delta: RequestOutput) -> None:
+        self.text += delta.new_text
+        if delta.new_logprobs:
+            self.logprobs.extend(delta.new_logprobs)
+        self.num_output_tokens = delta.num_output_tokens
+        if delta.finish_reason is not None:
+            self.finish_reason = FinishReason(delta.finish_reason).value
+
+
+def choice_params(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice i of n is its own engine request; its seed is offset (as `LLM.generate` does), so
+    the choices differ but a seeded request repeats exactly."""
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+
+
+class GenerationGroup:
+    """The engine requests of one API call.
+
+    Args:
+        engine: the running AsyncEngine.
+        metrics: where finished (and aborted) requests are counted.
+        request_id: the API call's id; sub-request i gets `<request_id>-<i>`.
+        prompts: the prompts, in request order.
+        params: one SamplingParams per prompt (its `n` is the number of choices).
+    """
+
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, request_id: str,
+                 prompts: Sequence[PromptInput], params: Sequence[SamplingParams]) -> None:
+        self.prompts = list(prompts)
+        self.choices: list[Choice] = []
+        self._gens: list[AsyncIterator[RequestOutput]] = []
+        for prompt, sp in zip(prompts, params, strict=True):
+            for i in range(sp.n):
+                choice = Choice(index=len(self.choices), prompt=prompt)
+                self.choices.append(choice)
+                self._gens.append(engine.generate(f"{request_id}-{choice.index}",
+                                                  prompt.token_ids, choice_params(sp, i)))
+        self._metrics = metrics
+        self._queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException] = \
+            asyncio.Queue()
+        self._pumps: list[asyncio.Task[None]] = []
+        self._num_unfinished = len(self.choices)
+        self._closed = False
+
+    async def start(self) -> None:
+        """Queue every sub-request and wait for its first output.
+
+        Raises (after aborting the sub-requests already queued): QueueFullError, EngineDeadError,
+        BadRequestError when the engine rejects a request (ValueError).
+        """
+        firsts: list[RequestOutput | BaseException] = []
+        try:
+            firsts = await asyncio.gather(*(anext(g) for g in self._gens),
+                                          return_exceptions=True)
+        finally:
+            failed = len(firsts) < len(self._gens) or any(
+                isinstance(f, BaseException) for f in firsts)
+            if failed:  # cancelled or rejected: no sub-request may stay queued
+                self._closed = True
+                for gen in self._gens:
+                    await gen.aclose()  # type: ignore[attr-defined]
+        for first in firsts:
+            if isinstance(first, ValueError):
+                raise BadRequestError(str(first)) from first
+            if isinstance(first, BaseException):
+                raise first
+        self._pumps = [asyncio.create_task(self._pump(choice, gen, first))  # type: ignore[arg-type]
+                       for choice, gen, first in zip(self.choices, self._gens, firsts,
+                                                     strict=True)]
+
+    async def _pump(self, choice: Choice, gen: AsyncIterator[RequestOutput],
+                    first: RequestOutput) -> None:
+        try:
+            delta = first
+            while True:
+                self._queue.put_nowait((choice, delta))
+                if delta.finished:
+                    return
+                delta = await anext(gen)
+        except Exception as exc:  # EngineDeadError and the like: the consumer raises it
+            self._queue.put_nowait(exc)
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]  # aborts it if unfinished
+
+    async def __aiter__(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Yield (choice, delta) as deltas arrive, the choice already updated with the delta.
+
+        Raises InternalServerError if a choice finishes with reason "error", or the engine's
+        exception (e.g. EngineDeadError) if a sub-request fails.
+        """
+        while self._num_unfinished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            choice, delta = item
+            choice.add(delta)
+            if delta.finished:
+                self._num_unfinished -= 1
+                self._metrics.record_finished(choice.finish_reason or "error",
+                                              len(choice.prompt.token_ids),
+                                              choice.num_output_tokens)
+            if delta.finish_reason is FinishReason.ERROR:
+                raise InternalServerError(
+                    f"the engine failed while generating choice {choice.index}")
+            yield choice, delta
+
+    async def aclose(self) -> None:
+        """Abort every unfinished sub-request (counted as "abort"); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        # A pump cancelled before it ever ran never closed its generator: close them all here
+        # (a no-op for the finished ones, an abort for the rest).
+        for gen in self._gens:
+            await gen.aclose()  # type: ignore[attr-defined]
+        for choice in self.choices:
+            if choice.finish_reason is None:
+                self._metrics.record_finished(FinishReason.ABORT.value,
+                                              len(choice.prompt.token_ids),
+                                              choice.num_output_tokens)
+
+    async def __aenter__(self) -> GenerationGroup:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens of the call, each prompt counted once (as OpenAI's usage does)."""
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(c.num_output_tokens for c in self.choices)

@@ -1,0 +1,217 @@
+"""OpenAI request schemas (pydantic v2), as vLLM accepts them.
+
+FastAPI validates bodies against these models and publishes them in the OpenAPI schema. Unknown
+fields are ignored (as OpenAI and vLLM do); fields we know but do not implement (tools, structured
+output, suffix, ...) are rejected with a 400 naming the field, rather than silently ignored.
+Value ranges of the sampling fields are checked once, by `engine.SamplingParams`.
+Response schemas live in protocol_responses.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from engine.request import MAX_LOGPROBS, SamplingParams
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, like OpenAI's API
+
+
+def _reject_if_set(cls: type, value: Any, info: ValidationInfo) -> Any:
+    """Validator for fields we know of but do not implement: any non-empty value is a 400."""
+    if value not in (None, False, [], {}):
+        raise ValueError(f"{info.field_name} is not supported by this server")
+    return value
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False  # send a last chunk with `choices: []` and `usage`
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: str  # only "text" is supported
+
+    @field_validator("type")
+    @classmethod
+    def _only_text(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"response_format type {value!r} is not supported; only 'text' is")
+        return value
+
+
+class GenerationRequest(OpenAIBaseModel):
+    """Fields common to /v1/completions and /v1/chat/completions.
+
+    Sampling fields left out (None) take SamplingParams' defaults, the one source of them.
+    """
+
+    model: str | None = None  # the served model name; None = the one model this server has
+    n: int = 1  # completions per prompt
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM extension; 0 or -1 = off
+    min_p: float | None = None  # vLLM extension
+    seed: int | None = None  # same seed, same tokens (choice i of n uses seed + i)
+    stop: str | list[str] | None = None  # stop strings, left out of the text
+    stop_token_ids: list[int] | None = None  # vLLM extension
+    ignore_eos: bool | None = None  # vLLM extension
+    min_tokens: int | None = None  # vLLM extension
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM extension
+    include_stop_str_in_output: bool | None = None  # vLLM extension
+    skip_special_tokens: bool | None = None  # vLLM extension
+    logit_bias: dict[int, float] | None = None  # token id (a string in JSON) -> added to logit
+    stream: bool = False  # answer with server-sent events
+    stream_options: StreamOptions | None = None  # only with stream=true
+    user: str | None = None  # accepted and ignored, as vLLM does
+    response_format: ResponseFormat | None = None  # only {"type": "text"}
+    use_beam_search: bool | None = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    _reject_common = field_validator("use_beam_search", "structured_outputs", "guided_json",
+                                   "guided_regex", "guided_choice", "guided_grammar")(
+        classmethod(_reject_if_set))
+
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The engine's parameters for one completion. Raises ValueError naming a bad field."""
+        fields = {
+            name: getattr(self, name)
+            for name in ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+                         "stop_token_ids", "ignore_eos", "min_tokens", "presence_penalty",
+                         "frequency_penalty", "repetition_penalty", "include_stop_str_in_output",
+                         "skip_special_tokens", "logit_bias")
+            if getattr(self, name) is not None
+        }
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]  # text(s) or token id list(s)
+    max_tokens: int | None = 16  # OpenAI's and vLLM's default; None = up to max_model_len
+    echo: bool = False  # prepend the prompt to the text (and its tokens to the logprobs)
+    logprobs: int | None = None  # return the chosen token's logprob and this many top ones
+    best_of: int | None = None  # only best_of == n (no server-side ranking)
+    suffix: str | None = None
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+
+    _reject_completion = field_validator("suffix", "prompt_logprobs", "truncate_prompt_tokens")(
+        classmethod(_reject_if_set))
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of other than n is not supported by this server")
+        return value
+
+
+class TextContentPart(OpenAIBaseModel):
+    type: Literal["text"]  # images, audio, ... are not supported
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None  # accepted; chat templates of the supported models ignore it
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)  # the conversation so far
+    max_tokens: int | None = None  # deprecated by OpenAI; None = up to max_model_len (vLLM)
+    max_completion_tokens: int | None = None  # wins over max_tokens when both are given
+    logprobs: bool = False  # return the chosen tokens' logprobs
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # needs logprobs
+    add_generation_prompt: bool = True  # vLLM extension: end the prompt with the assistant cue
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # only "none"
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: Any = None
+    prediction: Any = None
+    echo: bool = False  # vLLM's chat echo is not implemented
+
+    _reject_chat = field_validator("tools", "functions", "function_call", "audio", "prediction",
+                                   "echo")(classmethod(_reject_if_set))
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value not in (None, "none"):
+            raise ValueError("tool_choice other than 'none' is not supported by this server")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None = off, else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    """POST /tokenize with a text prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    """POST /tokenize with chat messages (rendered through the chat template)."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,43 @@
+"""GET /v1/models, /v1/models/{id}, /version (behind the API key) and /health (open)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from server import __version__
+from server.errors import ServiceUnavailableError
+from server.protocol_responses import ModelCard, ModelList, VersionResponse
+from server.routes import ERROR_RESPONSES
+from server.state import ModelInfo, State
+
+router = APIRouter(responses=ERROR_RESPONSES)
+open_router = APIRouter()
+
+
+def _card(model: ModelInfo) -> ModelCard:
+    return ModelCard(id=model.name, created=model.created, root=model.root,
+                     max_model_len=model.max_model_len)
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> ModelList:
+    return ModelList(data=[_card(state.model)])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: State) -> ModelCard:
+    state.model.check(model_id)
+    return _card(state.model)
+
+
+@router.get("/version")
+async def version() -> VersionResponse:
+    return VersionResponse(version=__version__)
+
+
+@open_router.get("/health", responses={503: ERROR_RESPONSES[503]})
+async def health(state: State) -> Response:
+    """200 while the engine loop runs, 503 once it has stopped."""
+    if not state.engine.is_alive:
+        raise ServiceUnavailableError("the engine loop is not running")
+    return Response(status_code=200)

@@ -1,0 +1,197 @@
+"""The request path shared by /v1/completions and /v1/chat/completions (vLLM's OpenAIServing).
+
+    create(): model check -> prompts -> SamplingParams + length checks (400s, nothing queued yet)
+              -> GenerationGroup.start() (429 / 503 / engine 400s, still before any byte is sent)
+              -> JSON response, or an SSE stream of chunks
+
+A subclass says how its prompts are read and how choices, deltas and usage look on the wire.
+A client that disconnects aborts its requests: while we wait for a JSON response, a listener on
+the ASGI receive channel cancels the wait; a stream is cancelled by Starlette itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+
+from engine.async_engine import AsyncEngine
+from engine.outputs import RequestOutput
+from engine.request import SamplingParams
+from server import sse
+from server.errors import BadRequestError, ClientDisconnectedError
+from server.generation import Choice, GenerationGroup
+from server.metrics import ServerMetrics
+from server.prompts import PromptInput
+from server.protocol import GenerationRequest
+from server.protocol_responses import UsageInfo
+from server.state import ModelInfo
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ResponseContext:
+    """What every response and chunk of one API call repeats."""
+
+    id: str  # cmpl-<hex> / chatcmpl-<hex>
+    created: int  # unix seconds
+    model: str  # the served name
+    request: Any  # the validated request (the subclass's request type)
+
+
+class OpenAIServing:
+    """Serves one generation endpoint; subclasses fill in the endpoint-specific parts."""
+
+    id_prefix = "cmpl"
+
+    def __init__(self, engine: AsyncEngine, model: ModelInfo, tokenizer: Any,
+                 metrics: ServerMetrics, retry_after_s: int = 1) -> None:
+        self.engine = engine
+        self.model = model
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+
+    # ------------------------------------------------------------------ endpoint-specific parts
+
+    def prompts(self, request: Any) -> list[PromptInput]:
+        """The request's prompts, tokenized. Raises BadRequestError."""
+        raise NotImplementedError
+
+    def max_tokens(self, request: Any) -> int | None:
+        """Tokens to generate at most; None = up to max_model_len."""
+        raise NotImplementedError
+
+    def num_logprobs(self, request: Any) -> int | None:
+        """SamplingParams.logprobs for the request (None = no logprobs)."""
+        raise NotImplementedError
+
+    def response(self, ctx: ResponseContext, group: GenerationGroup) -> BaseModel:
+        """The JSON response once every choice has finished."""
+        raise NotImplementedError
+
+    def stream_prologue(self, ctx: ResponseContext, group: GenerationGroup) -> Iterable[BaseModel]:
+        """Chunks sent before any delta (chat: the role of every choice)."""
+        return ()
+
+    def stream_chunk(self, ctx: ResponseContext, choice: Choice,
+                     delta: RequestOutput) -> BaseModel | None:
+        """The chunk for one delta of one choice (already added to `choice`); None = skip it."""
+        raise NotImplementedError
+
+    def usage_chunk(self, ctx: ResponseContext, usage: UsageInfo) -> BaseModel:
+        """The last chunk of a stream with include_usage: `choices: []` and the usage."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------- shared path
+
+    async def create(self, request: GenerationRequest, raw_request: Request) -> Response:
+        """Serve one API call: a JSON response or an SSE stream.
+
+        Raises (before anything is sent) BadRequestError, NotFoundError, QueueFullError,
+        EngineDeadError; the app's handlers turn them into OpenAI error responses.
+        """
+        self.model.check(request.model)
+        prompts = self.prompts(request)
+        params = [self.sampling_params(request, p) for p in prompts]
+        request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        ctx = ResponseContext(request_id, int(time.time()), self.model.name, request)
+        group = GenerationGroup(self.engine, self.metrics, request_id, prompts, params)
+        # The first output of every choice is awaited here, so an engine-side rejection is
+        # still an HTTP error status, not an error event inside a 200 stream.
+        await _until_disconnected(raw_request, group.start())
+        if request.stream:
+            return StreamingResponse(sse.sse_stream(self._chunks(ctx, group), self.retry_after_s),
+                                     media_type=sse.MEDIA_TYPE,
+                                     background=BackgroundTask(group.aclose))
+        try:
+            await _until_disconnected(raw_request, _drain(group))
+        finally:
+            await group.aclose()
+        return json_response(self.response(ctx, group))
+
+    def sampling_params(self, request: GenerationRequest, prompt: PromptInput) -> SamplingParams:
+        """The engine parameters for one prompt, checked against max_model_len here, in the
+        server, so a request that can never fit is a 400 before anything is queued."""
+        max_tokens = self.max_tokens(request)
+        try:
+            params = request.to_sampling_params(max_tokens, self.num_logprobs(request))
+        except ValueError as exc:
+            raise BadRequestError(str(exc), param=str(exc).split()[0]) from exc
+        num_prompt_tokens = len(prompt.token_ids)
+        max_model_len = self.model.max_model_len
+        if num_prompt_tokens == 0:
+            raise BadRequestError("the prompt is empty (0 tokens)", param="prompt")
+        requested = num_prompt_tokens + (max_tokens or 1)  # None: at least one new token
+        if requested > max_model_len:
+            completion = (f"{max_tokens} for the completion" if max_tokens
+                          else "at least 1 to generate")
+            raise BadRequestError(
+                f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {requested} tokens ({num_prompt_tokens} in the prompt, {completion}). "
+                f"Please reduce the length of the prompt or of the completion.",
+                param="max_tokens" if max_tokens else "prompt", code="context_length_exceeded")
+        return params
+
+    async def _chunks(self, ctx: ResponseContext,
+                      group: GenerationGroup) -> AsyncIterator[BaseModel]:
+        try:
+            for chunk in self.stream_prologue(ctx, group):
+                yield chunk
+            async for choice, delta in group:
+                chunk = self.stream_chunk(ctx, choice, delta)
+                if chunk is not None:
+                    yield chunk
+            if ctx.request.include_usage:
+                yield self.usage_chunk(ctx, usage(group))
+        finally:
+            await group.aclose()  # aborts the rest on disconnect or error
+
+
+def usage(group: GenerationGroup) -> UsageInfo:
+    prompt, completion = group.num_prompt_tokens, group.num_output_tokens
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)
+
+
+def json_response(body: BaseModel) -> Response:
+    # pydantic serializes directly (faster than FastAPI's jsonable_encoder round trip).
+    return Response(content=body.model_dump_json(), media_type="application/json")
+
+
+async def _drain(group: GenerationGroup) -> None:
+    async for _ in group:
+        pass
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    # The body has been read, so the next ASGI message is http.disconnect (uvicorn sends it
+    # when the connection drops, or once the response is complete).
+    while (await raw_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_disconnected(raw_request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it and raise
+    ClientDisconnectedError (the work's own cleanup aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnectedError("the client disconnected")
+    return task.result()

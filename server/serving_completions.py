@@ -1,0 +1,90 @@
+"""POST /v1/completions: prompts as text or token ids, legacy logprobs, echo."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine.outputs import RequestOutput, TokenLogprob
+from server.errors import BadRequestError
+from server.generation import Choice, GenerationGroup
+from server.logprobs import completion_logprobs
+from server.prompts import PromptInput, decode_ids, encode_text
+from server.protocol import CompletionRequest
+from server.protocol_responses import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    UsageInfo,
+)
+from server.serving import OpenAIServing, ResponseContext, usage
+
+
+class CompletionServing(OpenAIServing):
+    """Choices are prompt-major: choice i of prompt p has index p * n + i.
+
+    echo=True prepends the prompt's text to each choice (in a stream, to its first chunk); with
+    logprobs, the prompt's tokens come first with null logprobs (no prompt logprobs here).
+    """
+
+    id_prefix = "cmpl"
+
+    def prompts(self, request: CompletionRequest) -> list[PromptInput]:
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            texts_or_ids: list[str] | list[list[int]] = [prompt]  # type: ignore[assignment]
+        elif prompt and isinstance(prompt[0], int):
+            texts_or_ids = [prompt]  # type: ignore[list-item]
+        else:
+            texts_or_ids = prompt  # type: ignore[assignment]
+        if not texts_or_ids:
+            raise BadRequestError("the prompt list is empty", param="prompt")
+        return [encode_text(self.tokenizer, p) if isinstance(p, str)
+                else decode_ids(self.tokenizer, p, self.model.vocab_size) for p in texts_or_ids]
+
+    def max_tokens(self, request: CompletionRequest) -> int | None:
+        return request.max_tokens
+
+    def num_logprobs(self, request: CompletionRequest) -> int | None:
+        return request.logprobs
+
+    def response(self, ctx: ResponseContext, group: GenerationGroup) -> CompletionResponse:
+        request: CompletionRequest = ctx.request
+        choices = []
+        for choice in group.choices:
+            echo = choice.prompt if request.echo else None
+            choices.append(CompletionChoice(
+                index=choice.index, text=(echo.text if echo else "") + choice.text,
+                logprobs=self._logprobs(request, choice.logprobs, echo, 0),
+                finish_reason=choice.finish_reason))
+        return CompletionResponse(id=ctx.id, created=ctx.created, model=ctx.model,
+                                  choices=choices, usage=usage(group))
+
+    def stream_chunk(self, ctx: ResponseContext, choice: Choice,
+                     delta: RequestOutput) -> CompletionResponse | None:
+        request: CompletionRequest = ctx.request
+        is_first = choice.num_output_tokens == len(delta.new_token_ids)
+        echo = choice.prompt if request.echo and is_first else None
+        if not (delta.new_text or delta.finished or echo or delta.new_logprobs):
+            return None  # e.g. half of a multi-byte character: nothing to show yet
+        prefix_len = len(choice.prompt.text) if request.echo else 0
+        # Where this delta starts in the choice's full text (choice.text already includes it).
+        offset = prefix_len + len(choice.text) - len(delta.new_text)
+        if echo:
+            offset = 0
+        text = (echo.text if echo else "") + delta.new_text
+        logprobs = self._logprobs(request, delta.new_logprobs or (), echo, offset)
+        return CompletionResponse(
+            id=ctx.id, created=ctx.created, model=ctx.model,
+            choices=[CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
+                                      finish_reason=choice.finish_reason)])
+
+    def usage_chunk(self, ctx: ResponseContext, usage: UsageInfo) -> CompletionResponse:
+        return CompletionResponse(id=ctx.id, created=ctx.created, model=ctx.model, choices=[],
+                                  usage=usage)
+
+    def _logprobs(self, request: CompletionRequest, logprobs: Sequence[TokenLogprob],
+                  echo: PromptInput | None, offset: int) -> CompletionLogprobs | None:
+        if request.logprobs is None:
+            return None
+        return completion_logprobs(self.tokenizer, logprobs, echo.token_ids if echo else (),
+                                   offset)

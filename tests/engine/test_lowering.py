@@ -1,0 +1,193 @@
+"""lower_step: a batch of chunks -> one step's kernels (shapes, cached task tables, tile menu)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from engine.lowering import ChunkShape, StepPlan, lower_step
+from engine.models.arch import ModelArch
+from npu_sim.hardware import KIB, PRESETS, ChipSpec, get_chip
+from npu_sim.tasks import GemmKernel, TileShape, VectorKernel, VectorOp
+from npu_sim.tiling import ACCUM_BYTES, OPERAND_BYTES, gemm_menu
+
+CHIP = get_chip("910b2")
+BLOCK_SIZE = 16
+
+ARCH = ModelArch(
+    architecture="Qwen2ForCausalLM",
+    num_layers=3,
+    hidden_size=96,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=16,
+    intermediate_size=200,
+    vocab_size=1000,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+    attention_bias=True,
+    eos_token_ids=(2,),
+    bos_token_id=1,
+)
+
+
+def chunks_of(specs: list[tuple[int, int]]) -> list[ChunkShape]:
+    chunks, next_block = [], 0
+    for start_pos, num_tokens in specs:
+        nb = -(-(start_pos + num_tokens) // BLOCK_SIZE)
+        chunks.append(ChunkShape(start_pos, num_tokens, tuple(range(next_block, next_block + nb))))
+        next_block += nb
+    return chunks
+
+
+BATCHES = {
+    "decodes": ([(5, 1), (40, 1), (16, 1)], 3),
+    "mixed": ([(0, 70), (30, 1), (100, 20)], 2),  # the 20-token chunk is a partial prefill
+    "prefill_only_unsampled": ([(0, 33), (64, 64)], 0),
+    "single_token": ([(0, 1)], 1),
+}
+
+
+def plan_for(name: str, arch: ModelArch = ARCH, chip: ChipSpec = CHIP) -> StepPlan:
+    specs, num_sampled = BATCHES[name]
+    return lower_step(chunks_of(specs), num_sampled, arch, chip, BLOCK_SIZE)
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_kernel_shapes(name: str) -> None:
+    specs, num_sampled = BATCHES[name]
+    t = sum(n for _, n in specs)
+    a = ARCH
+    h, d, i = a.hidden_size, a.head_dim, a.intermediate_size
+    plan = plan_for(name)
+    lp = plan.layer
+    assert (plan.num_tokens, plan.num_sampled) == (t, num_sampled)
+    gemms = {
+        "qkv_proj": (lp.qkv_proj, (a.num_heads + 2 * a.num_kv_heads) * d, h),
+        "o_proj": (lp.o_proj, h, a.num_heads * d),
+        "gate_up_proj": (lp.gate_up_proj, 2 * i, h),
+        "down_proj": (lp.down_proj, h, i),
+    }
+    for gemm_name, (kernel, n, k) in gemms.items():
+        assert isinstance(kernel, GemmKernel)
+        assert (kernel.name, kernel.m, kernel.n, kernel.k) == (gemm_name, t, n, k)
+        assert kernel.menu == gemm_menu(CHIP)
+    assert (lp.qkv_proj.n, lp.gate_up_proj.n) == (10 * 16, 400)
+    vectors = {
+        plan.embed: (VectorOp.EMBED, t, h),
+        plan.first_norm: (VectorOp.RMSNORM, t, h),
+        lp.rope: (VectorOp.ROPE, t, (a.num_heads + a.num_kv_heads) * d),
+        lp.kv_write: (VectorOp.KV_WRITE, t, 2 * a.num_kv_heads * d),
+        lp.post_attn_norm: (VectorOp.ADD_RMSNORM, t, h),
+        lp.silu_mul: (VectorOp.SILU_MUL, t, 2 * i),
+        lp.next_input_norm: (VectorOp.ADD_RMSNORM, t, h),
+        plan.final_norm: (VectorOp.ADD_RMSNORM, num_sampled, h),
+    }
+    for kernel, (op, rows, row_len) in vectors.items():
+        assert isinstance(kernel, VectorKernel)
+        assert (kernel.op, kernel.num_rows, kernel.row_len) == (op, rows, row_len), kernel.name
+        assert int(kernel.tasks["num_rows"].sum()) == rows
+    if num_sampled:
+        assert plan.lm_head is not None
+        assert (plan.lm_head.m, plan.lm_head.n, plan.lm_head.k) == (num_sampled, a.vocab_size, h)
+    else:
+        assert plan.lm_head is None
+    attn = lp.attention
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.block_size) == (6, 2, 16, 16)
+    assert attn.seqs["q_len"].tolist() == [n for _, n in specs]
+    assert attn.seqs["start_pos"].tolist() == [p for p, _ in specs]
+    assert attn.seqs["q_start"].tolist() == np.cumsum([0] + [n for _, n in specs])[:-1].tolist()
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_gemm_tasks_cover_each_output(name: str) -> None:
+    plan = plan_for(name)
+    lp = plan.layer
+    kernels = [lp.qkv_proj, lp.o_proj, lp.gate_up_proj, lp.down_proj]
+    kernels += [plan.lm_head] if plan.lm_head is not None else []
+    for kernel in kernels:
+        count = np.zeros((kernel.m, kernel.n), dtype=np.int64)
+        for m_start, m_rows, n_start, n_cols, tile in kernel.tasks.tolist():
+            shape = kernel.menu[tile]
+            assert m_rows <= shape.tm and n_cols <= shape.tn
+            count[m_start : m_start + m_rows, n_start : n_start + n_cols] += 1
+        assert (count == 1).all(), kernel.name
+
+
+def test_task_tables_cached_by_token_count() -> None:
+    # same T (3 tokens) from different chunk mixes: the very same GEMM / vector task arrays
+    a = lower_step(chunks_of([(5, 1), (40, 1), (16, 1)]), 3, ARCH, CHIP, BLOCK_SIZE)
+    b = lower_step(chunks_of([(0, 2), (9, 1)]), 1, ARCH, CHIP, BLOCK_SIZE)
+    for name in (
+        "qkv_proj",
+        "o_proj",
+        "gate_up_proj",
+        "down_proj",
+        "rope",
+        "kv_write",
+        "post_attn_norm",
+        "silu_mul",
+        "next_input_norm",
+    ):
+        ta, tb = getattr(a.layer, name).tasks, getattr(b.layer, name).tasks
+        assert ta is tb, name
+        assert not ta.flags.writeable, f"{name}: a shared cached table must be read-only"
+    assert a.embed.tasks is b.embed.tasks
+    # different T: different tables; o_proj and down_proj differ in K only, so share N tiling
+    c = lower_step(chunks_of([(0, 4)]), 1, ARCH, CHIP, BLOCK_SIZE)
+    assert c.layer.qkv_proj.tasks is not a.layer.qkv_proj.tasks
+    assert a.layer.o_proj.tasks is a.layer.down_proj.tasks
+    # attention depends on the sequences, not just T
+    assert len(a.layer.attention.seqs) == 3 and len(b.layer.attention.seqs) == 2
+
+
+def test_lm_head_runs_on_sampled_rows_only() -> None:
+    plan = plan_for("mixed")  # 91 tokens, 2 sampled
+    assert plan.num_tokens == 91
+    assert plan.lm_head is not None and plan.lm_head.m == 2
+    assert plan.final_norm.num_rows == 2 and int(plan.final_norm.tasks["num_rows"].sum()) == 2
+    unsampled = plan_for("prefill_only_unsampled")
+    assert unsampled.lm_head is None
+    assert unsampled.final_norm.num_rows == 0 and len(unsampled.final_norm.tasks) == 0
+
+
+# ------------------------------------------------------------------------------ tile menu
+
+
+def test_910b2_menu_largest_tile_is_128x256x64() -> None:
+    menu = gemm_menu(CHIP)
+    assert menu[0] == TileShape(tm=128, tn=256, tk=64)
+    assert [t.tm for t in menu] == [128, 64, 32, 16]
+
+
+@pytest.mark.parametrize("chip", list(PRESETS.values()), ids=list(PRESETS))
+def test_every_tile_fits_the_chip_buffers(chip: ChipSpec) -> None:
+    menu = gemm_menu(chip)
+    assert menu, "empty menu"
+    assert [t.tm for t in menu] == sorted((t.tm for t in menu), reverse=True)
+    for t in menu:
+        assert t.tm * t.tn * ACCUM_BYTES <= chip.l0c_bytes
+        assert 2 * t.tm * t.tk * OPERAND_BYTES <= chip.l0a_bytes
+        assert 2 * t.tk * t.tn * OPERAND_BYTES <= chip.l0b_bytes
+        assert t.tm % chip.cube_m == 0 and t.tn % chip.cube_n == 0 and t.tk % chip.cube_k == 0
+    assert menu[-1].tm == chip.cube_m
+
+
+@pytest.mark.parametrize(
+    "change,largest_tm",
+    [
+        ({"l0c_bytes": 64 * KIB}, 64),  # tm * 256 * 4 <= 64 KiB
+        ({"l0a_bytes": 16 * KIB}, 64),  # 2 * tm * 64 * 2 <= 16 KiB
+        ({"l0c_bytes": 256 * KIB}, 256),  # tm * 256 * 4 <= 256 KiB and L0A allows 256
+    ],
+)
+def test_menu_follows_the_buffers(change: dict, largest_tm: int) -> None:
+    chip = dataclasses.replace(CHIP, name=f"custom{sorted(change.items())}", **change)
+    menu = gemm_menu(chip)
+    assert menu[0].tm == largest_tm and menu[-1].tm == 16
+    plan = lower_step(chunks_of([(0, 300)]), 1, ARCH, chip, BLOCK_SIZE)
+    assert plan.layer.qkv_proj.menu == menu
+    assert max(menu[t].tm for t in plan.layer.qkv_proj.tasks["tile"]) == largest_tm
