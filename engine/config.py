@@ -42,8 +42,6 @@ class SchedulerConfig:
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                  self.max_num_batched_tokens, "must be at least 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be at least 1")
-        _require(self.max_num_seqs <= self.max_num_batched_tokens, "max_num_seqs",
-                 self.max_num_seqs, "must not exceed max_num_batched_tokens")
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len",
                  self.max_model_len, "must be at least 2")
 

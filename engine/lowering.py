@@ -9,6 +9,7 @@ Pure functions of (chunks, model shape, chip, block size): no torch, no request 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -143,17 +144,17 @@ def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpe
     combines: list[tuple[int, ...]] = []
     num_slots = 0
     for (s, q_offset, q_rows, tile_rows, n_blocks), w in zip(tiles, work, strict=True):
-        num_spans = min(math.ceil(w / share) if share else 1, n_blocks // min_span_blocks)
-        span = -(-n_blocks // max(num_spans, 1))
-        starts = list(range(0, n_blocks, span))
+        num_spans = max(1, min(math.ceil(w / share) if share else 1,
+                               n_blocks // min_span_blocks))
+        # Evenly spaced span bounds: every span has at least min_span_blocks blocks.
+        bounds = [n_blocks * i // num_spans for i in range(num_spans + 1)]
         for kv_head in range(arch.num_kv_heads):
-            if len(starts) == 1:
+            if num_spans == 1:
                 tasks.append((s, kv_head, q_offset, q_rows, tile_rows, 0, n_blocks, -1))
                 continue
-            combines.append((s, kv_head, q_offset, q_rows, num_slots, len(starts)))
-            for b in starts:
-                tasks.append((s, kv_head, q_offset, q_rows, tile_rows, b,
-                              min(b + span, n_blocks), num_slots))
+            combines.append((s, kv_head, q_offset, q_rows, num_slots, num_spans))
+            for begin, end in itertools.pairwise(bounds):
+                tasks.append((s, kv_head, q_offset, q_rows, tile_rows, begin, end, num_slots))
                 num_slots += 1
 
     task_table = np.array(tasks, dtype=ATTN_TASK)

@@ -30,14 +30,17 @@ class Device:
 
         Returns the kernel's output tensor, or None for kernels that write in place.
         """
-        self.num_launches[kernel.primitive] += 1
         if isinstance(kernel, GemmKernel):
-            self.num_tasks[Primitive.GEMM] += len(kernel.tasks)
-            return run_gemm(kernel, self.strict, **operands)
-        if isinstance(kernel, AttentionKernel):
-            self.num_tasks[Primitive.ATTENTION] += len(kernel.tasks) + len(kernel.combine_tasks)
-            return run_attention(kernel, self.strict, **operands)
-        if isinstance(kernel, VectorKernel):
-            self.num_tasks[Primitive.VECTOR] += len(kernel.tasks)
-            return run_vector(kernel, self.strict, **operands)
-        raise TypeError(f"not a kernel: {type(kernel).__name__}")
+            run = run_gemm
+            num_tasks = len(kernel.tasks)
+        elif isinstance(kernel, AttentionKernel):
+            run = run_attention
+            num_tasks = len(kernel.tasks) + len(kernel.combine_tasks)
+        elif isinstance(kernel, VectorKernel):
+            run = run_vector
+            num_tasks = len(kernel.tasks)
+        else:
+            raise TypeError(f"not a kernel: {type(kernel).__name__}")
+        self.num_launches[kernel.primitive] += 1
+        self.num_tasks[kernel.primitive] += num_tasks
+        return run(kernel, self.strict, **operands)

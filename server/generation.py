@@ -87,13 +87,11 @@ class GenerationGroup:
         try:
             firsts = await asyncio.gather(*(anext(g) for g in self._gens),
                                           return_exceptions=True)
-        finally:
-            failed = len(firsts) < len(self._gens) or any(
-                isinstance(f, BaseException) for f in firsts)
-            if failed:  # cancelled or rejected: no sub-request may stay queued
-                self._closed = True
-                for gen in self._gens:
-                    await gen.aclose()  # type: ignore[attr-defined]
+        except BaseException:  # cancelled (the client went away): abort them all
+            await self._abort_unstarted(count=True)
+            raise
+        if any(isinstance(f, BaseException) for f in firsts):
+            await self._abort_unstarted(count=False)  # rejected: never counted as served
         for first in firsts:
             if isinstance(first, ValueError):
                 raise BadRequestError(str(first)) from first
@@ -102,6 +100,15 @@ class GenerationGroup:
         self._pumps = [asyncio.create_task(self._pump(choice, gen, first))  # type: ignore[arg-type]
                        for choice, gen, first in zip(self.choices, self._gens, firsts,
                                                      strict=True)]
+
+    async def _abort_unstarted(self, count: bool) -> None:
+        self._closed = True
+        for gen in self._gens:
+            await gen.aclose()  # type: ignore[attr-defined]  # aborts it if it was queued
+        if count:
+            for choice in self.choices:
+                self._metrics.record_finished(FinishReason.ABORT.value,
+                                              len(choice.prompt.token_ids), 0)
 
     async def _pump(self, choice: Choice, gen: AsyncIterator[RequestOutput],
                     first: RequestOutput) -> None:
