@@ -34,6 +34,7 @@ class EngineCore:
         self.config = config
         loaded = loaded or load_model(config.model)
         self.model_name = loaded.name
+        self.model_path = loaded.path  # the local HF directory the weights came from
         self.tokenizer = loaded.tokenizer
         self.arch = arch = loaded.arch
         self.dtype = resolve_dtype(config.dtype)

@@ -76,6 +76,7 @@ class GenerationGroup:
         self._pumps: list[asyncio.Task[None]] = []
         self._num_unfinished = len(self.choices)
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None  # keeps the closing task referenced
 
     async def start(self) -> None:
         """Queue every sub-request and wait for its first output.
@@ -88,10 +89,10 @@ class GenerationGroup:
             firsts = await asyncio.gather(*(anext(g) for g in self._gens),
                                           return_exceptions=True)
         except BaseException:  # cancelled (the client went away): abort them all
-            await self._abort_unstarted(count=True)
+            await self._close(count_aborts=True)
             raise
         if any(isinstance(f, BaseException) for f in firsts):
-            await self._abort_unstarted(count=False)  # rejected: never counted as served
+            await self._close(count_aborts=False)  # rejected: never served, not counted
         for first in firsts:
             if isinstance(first, ValueError):
                 raise BadRequestError(str(first)) from first
@@ -100,15 +101,6 @@ class GenerationGroup:
         self._pumps = [asyncio.create_task(self._pump(choice, gen, first))  # type: ignore[arg-type]
                        for choice, gen, first in zip(self.choices, self._gens, firsts,
                                                      strict=True)]
-
-    async def _abort_unstarted(self, count: bool) -> None:
-        self._closed = True
-        for gen in self._gens:
-            await gen.aclose()  # type: ignore[attr-defined]  # aborts it if it was queued
-        if count:
-            for choice in self.choices:
-                self._metrics.record_finished(FinishReason.ABORT.value,
-                                              len(choice.prompt.token_ids), 0)
 
     async def _pump(self, choice: Choice, gen: AsyncIterator[RequestOutput],
                     first: RequestOutput) -> None:
@@ -148,21 +140,32 @@ class GenerationGroup:
 
     async def aclose(self) -> None:
         """Abort every unfinished sub-request (counted as "abort"); idempotent."""
+        await self._close(count_aborts=True)
+
+    async def _close(self, count_aborts: bool) -> None:
         if self._closed:
             return
         self._closed = True
         for pump in self._pumps:
-            pump.cancel()
+            pump.cancel()  # a pump cancelled inside anext() aborts its request at once
+        if count_aborts:
+            for choice in self.choices:
+                if choice.finish_reason is None:
+                    self._metrics.record_finished(FinishReason.ABORT.value,
+                                                  len(choice.prompt.token_ids),
+                                                  choice.num_output_tokens)
+        # NOTE: shielded, in a task of its own: Starlette cancels a dropped stream's task again
+        # at every await (anyio cancel scopes are level-triggered), and the generators must
+        # still all be closed.
+        self._closing = asyncio.ensure_future(self._close_generators())
+        await asyncio.shield(self._closing)
+
+    async def _close_generators(self) -> None:
         await asyncio.gather(*self._pumps, return_exceptions=True)
-        # A pump cancelled before it ever ran never closed its generator: close them all here
-        # (a no-op for the finished ones, an abort for the rest).
+        # A pump cancelled before it ever ran never closed its generator, and a rejected call
+        # has no pumps: close them all here (no-op when finished, an abort when queued).
         for gen in self._gens:
             await gen.aclose()  # type: ignore[attr-defined]
-        for choice in self.choices:
-            if choice.finish_reason is None:
-                self._metrics.record_finished(FinishReason.ABORT.value,
-                                              len(choice.prompt.token_ids),
-                                              choice.num_output_tokens)
 
     async def __aenter__(self) -> GenerationGroup:
         await self.start()
