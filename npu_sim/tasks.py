@@ -42,6 +42,12 @@ class VectorOp(str, enum.Enum):
     KV_WRITE = "kv_write"  # k_cache / v_cache at slot_mapping[r] = k[r] / v[r]
 
 
+class CopyOp(str, enum.Enum):
+    """Vector-core copies only the baselines launch (the model's forward never does)."""
+
+    PAD_COPY = "pad_copy"  # out[r] = x[r] for r < valid_rows, else 0 (bucket-padding baseline)
+
+
 # One row tile of a vector op: rows [row_start, row_start + num_rows).
 VECTOR_TASK = np.dtype([("row_start", np.int64), ("num_rows", np.int64)])
 
@@ -87,10 +93,12 @@ class VectorKernel:
 
     primitive: ClassVar[Primitive] = Primitive.VECTOR
     name: str  # what it computes in the model, e.g. "input_norm"
-    op: VectorOp  # which operation
+    op: VectorOp | CopyOp  # which operation
     num_rows: int  # rows (tokens) covered
     row_len: int  # elements per row of the main operand (for costing)
     tasks: np.ndarray  # VECTOR_TASK, (num_tasks,)
+    valid_rows: int | None = None  # PAD_COPY: rows read from the source (the rest are zero
+    #   filled); None = num_rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,14 +112,23 @@ class GemmKernel:
     k: int  # input features (static)
     menu: tuple[TileShape, ...]  # tile shapes the tasks index into
     tasks: np.ndarray  # GEMM_TASK, (num_tasks,)
+    valid_m: int | None = None  # bucket-padding baseline: the real token rows when `m` is a
+    #   physically padded bucket (rows valid_m..m are zeros in memory); None = all m rows real
+
+    def valid_rows(self) -> np.ndarray:
+        """Real token rows of each task (its m_rows minus physically padded rows)."""
+        if self.valid_m is None:
+            return self.tasks["m_rows"]
+        return np.clip(self.valid_m - self.tasks["m_start"], 0, self.tasks["m_rows"])
 
     @property
     def padding_waste(self) -> float:
-        """Fraction of computed tile elements that are masked (0 = no virtual padding)."""
+        """Fraction of computed tile elements that are not real outputs: masked rows and columns
+        (virtual padding) plus physically padded rows (bucket baseline)."""
         tm = np.array([self.menu[t].tm for t in self.tasks["tile"]])
         tn = np.array([self.menu[t].tn for t in self.tasks["tile"]])
         computed = float((tm * tn).sum())
-        return 1.0 - float((self.tasks["m_rows"] * self.tasks["n_cols"]).sum()) / computed
+        return 1.0 - float((self.valid_rows() * self.tasks["n_cols"]).sum()) / computed
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,6 +152,14 @@ class AttentionKernel:
     combine_tasks: np.ndarray  # COMBINE_TASK, (num_combine_tasks,)
     num_partial_slots: int  # workspace slots the partial tasks write
     max_tile_rows: int  # largest tile_rows of any task (workspace row count)
+    # Split-kernel baseline: int64 (num_tasks,) group of each task; a group (one request and KV
+    # head) runs back to back on one core and groups are dealt round-robin in order. None = the
+    # meta-kernel: every task is dealt on its own, symmetric round-robin over the heaviest-first
+    # task list.
+    task_group: np.ndarray | None = None
+    # Decode-only launches may move QK onto the vector cores (the paper's 2-stage pipeline);
+    # False keeps QK on the cube whatever the batch (the split baseline's decode kernel).
+    vector_qk: bool = True
 
     @property
     def group_size(self) -> int:

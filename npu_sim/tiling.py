@@ -13,6 +13,13 @@ Why these shapes (fp16/bf16 operands, 2 bytes; fp32 accumulation, 4 bytes):
   buffer, and each of the two vector cores of the AIC softmaxes 64 rows of it in UB. Tiles of 16,
   64 and 128 rows serve decode, verify and prefill rows as in the paper.
 - Vector ops. A row tile holds input, output and weight rows in fp32 in UB, double-buffered.
+- GM->L1 depth (the MTE2 unit of a GEMM task). L1 holds the A (tm x kl1) and B (tn x kl1) panels
+  double-buffered: 2 * (tm + tn) * kl1 * 2 <= L1 (512 KiB), kl1 a multiple of 256 as ATB rounds
+  it: 256 for every menu tile, catlass's L1TileShape<128, 256, 256>.
+- Attention KV chunk (the unit the cube hands the vector cores through GM). Each of the AIC's two
+  AIVs softmaxes half of a Q tile's rows (<= 64) over the chunk in fp32, in two thirds of UB (the
+  rest holds P in fp16 and the row statistics): 64 * chunk * 4 <= 128 KiB, chunk a multiple of
+  the 128-token page: 512, catlass FAI's [128, 512] base block.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ GEMM_TK = 64  # four 16-deep cube fractals per L0 step
 GEMM_TN = 256
 ATTN_Q_TILE_ROWS = (16, 64, 128)  # decode / verify / prefill Q tiles, stacked rows
 VECTOR_BUFFERS = 3 * 2  # in, out, weight rows; double-buffered
+L1_K_ALIGN = 256  # GM->L1 K depth granule (ATB pp_matmul rounds k0 to 256)
+KV_PAGE_TOKENS = 128  # catlass FAI's page; the KV chunk is a multiple of it
 
 
 @functools.cache
@@ -108,3 +117,18 @@ def attention_q_tile(q_len: int, group_size: int) -> tuple[int, int]:
             return tile_rows, q_len
     largest = ATTN_Q_TILE_ROWS[-1]
     return largest, max(1, largest // group_size)
+
+
+def gemm_l1_depth(tile: TileShape, k: int, chip: ChipSpec) -> int:
+    """K depth of one GM->L1 load of a `tile` task (see the module docstring), at most k."""
+    fit = chip.l1_bytes // (2 * (tile.tm + tile.tn) * OPERAND_BYTES)
+    depth = max(tile.tk, fit // L1_K_ALIGN * L1_K_ALIGN)
+    return min(depth, -(-k // tile.tk) * tile.tk)
+
+
+@functools.cache
+def attention_kv_chunk(chip: ChipSpec) -> int:
+    """Keys per cube->vector handoff of the attention pipeline (see the module docstring)."""
+    rows_per_aiv = ATTN_Q_TILE_ROWS[-1] * chip.num_cube_cores // chip.num_vector_cores
+    fit = (2 * chip.ub_bytes // 3) // (max(rows_per_aiv, 1) * ACCUM_BYTES)
+    return max(KV_PAGE_TOKENS, fit // KV_PAGE_TOKENS * KV_PAGE_TOKENS)

@@ -110,7 +110,7 @@ def validation_error(exc: RequestValidationError) -> BadRequestError:
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", first.get("msg", ""))
         return BadRequestError(f"the request body is not valid JSON: {detail}")
-    # loc is ("body", field, index, ...); union members add their type names, which we drop.
+    # loc is ("body", field, index or union member, ...), e.g. body.messages.0.content.str
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     path = ".".join(loc)
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -46,13 +46,24 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None  # "stop" | "length" | "abort"; None while streaming
 
 
-class CompletionResponse(BaseModel):
+class _UsageWhenSet(BaseModel):
+    """Leaves a subclass's `usage` out while it is None, as OpenAI's stream chunks do."""
+
+    @model_serializer(mode="wrap")
+    def _drop_null_usage(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("usage") is None:
+            data.pop("usage", None)
+        return data
+
+
+class CompletionResponse(_UsageWhenSet):
     id: str  # cmpl-<hex>
     object: Literal["text_completion"] = "text_completion"
     created: int  # unix seconds
     model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None  # always set in responses; only in the last stream chunk
+    usage: UsageInfo | None = None  # always set in responses; only in a stream's usage chunk
 
 
 # ----------------------------------------------------------------------------------------- chat
@@ -110,7 +121,7 @@ class ChatStreamChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_UsageWhenSet):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int

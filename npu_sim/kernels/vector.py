@@ -12,6 +12,7 @@ Operands (T = rows / tokens, H = hidden, I = intermediate, D = head dim):
   SILU_MUL     gate_up (T, 2I)                                 -> out (T, I)
   KV_WRITE     k, v (T, Hkv, D), k_cache, v_cache (NB, BS, Hkv, D) written in place,
                slot_mapping (T,) = block_id * BS + offset       -> None
+  PAD_COPY     x (M, K) with M = valid_rows                     -> out (num_rows, K), rows >= M zero
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from npu_sim.tasks import VectorKernel, VectorOp
+from npu_sim.tasks import CopyOp, VectorKernel, VectorOp
 
 Rows = slice
 
@@ -75,8 +76,14 @@ def _kv_write(rows: Rows, out: None, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[rows])
 
 
+def _pad_copy(rows: Rows, out: torch.Tensor, x: torch.Tensor) -> None:
+    valid = x.shape[0]
+    out[rows.start:min(rows.stop, valid)] = x[rows.start:min(rows.stop, valid)]
+    out[max(rows.start, valid):rows.stop] = 0
+
+
 # op -> (row function, how to allocate its output or None when it writes in place)
-_OPS: dict[VectorOp, tuple[Callable[..., None], Callable[..., torch.Tensor] | None]] = {
+_OPS: dict[VectorOp | CopyOp, tuple[Callable[..., None], Callable[..., torch.Tensor] | None]] = {
     VectorOp.EMBED: (_embed, lambda k, o: o["table"].new_empty(k.num_rows, o["table"].shape[1])),
     VectorOp.RMSNORM: (_rmsnorm, lambda k, o: torch.empty_like(o["x"])),
     VectorOp.ADD_RMSNORM: (_add_rmsnorm, lambda k, o: torch.empty_like(o["x"])),
@@ -84,6 +91,7 @@ _OPS: dict[VectorOp, tuple[Callable[..., None], Callable[..., torch.Tensor] | No
     VectorOp.SILU_MUL: (_silu_mul, lambda k, o: o["gate_up"].new_empty(
         k.num_rows, o["gate_up"].shape[1] // 2)),
     VectorOp.KV_WRITE: (_kv_write, None),
+    CopyOp.PAD_COPY: (_pad_copy, lambda k, o: o["x"].new_empty(k.num_rows, o["x"].shape[1])),
 }
 
 
