@@ -98,19 +98,32 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------------------ requests
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its outputs until the finished one.
+    def check_admission(self, num_requests: int) -> None:
+        """Raise EngineDeadError or QueueFullError unless `num_requests` more can be queued.
 
-        Raises QueueFullError or EngineDeadError before queueing, ValueError if the engine
-        rejects the request (first iteration), EngineDeadError if the engine dies meanwhile.
-        Cancelling the consuming task aborts the request.
+        Callers queueing several requests for one API call (n choices, several prompts) check
+        them together once, then pass `admission_checked=True` to each generate().
         """
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
-        if (self.max_waiting_requests is not None
-                and self.stats.num_waiting_reqs >= self.max_waiting_requests):
-            raise QueueFullError(f"{self.max_waiting_requests} requests are already waiting")
+        if self.max_waiting_requests is None:
+            return
+        num_waiting = self.stats.num_waiting_reqs
+        if num_waiting > 0 and num_waiting + num_requests > self.max_waiting_requests:
+            raise QueueFullError(f"{num_waiting} requests are already waiting "
+                                 f"(max_waiting_requests is {self.max_waiting_requests})")
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams, admission_checked: bool = False,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its outputs until the finished one.
+
+        Raises (first iteration) QueueFullError or EngineDeadError before queueing unless
+        `admission_checked`, ValueError if the engine rejects the request, EngineDeadError if
+        the engine dies meanwhile. Cancelling the consuming task aborts the request.
+        """
+        if not admission_checked:
+            self.check_admission(1)
         if request_id in self._mailboxes:
             raise ValueError(f"request id {request_id!r} is already in use")
         mailbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -85,11 +85,9 @@ class LLM:
             results.append(GenerateOutput(prompt if isinstance(prompt, str) else None, ids,
                                           outputs))
             for i, out in enumerate(outputs):
-                # n completions are n requests; a seed is offset so they differ but repeat.
-                child = replace(sp, n=1, seed=None if sp.seed is None else sp.seed + i)
                 request_id = str(next(self._ids))
                 try:
-                    self.engine.add_request(request_id, ids, child)
+                    self.engine.add_request(request_id, ids, sp.for_choice(i))
                 except ValueError:
                     self.engine.abort_requests(list(where))
                     raise

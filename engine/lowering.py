@@ -5,10 +5,22 @@ Every layer of a step has the same shapes, so a step is lowered once into a `Ste
 count (npu_sim.tiling); only the attention task table depends on the batch's sequences.
 
 Pure functions of (chunks, model shape, chip, block size): no torch, no request objects.
+
+Baselines are policies of the same lowering (`LoweringPolicy`), so every comparison runs the same
+code. The default is XY-Serve's: virtual padding and the attention meta-kernel. The baselines:
+- GemmPolicy.BUCKET: M padded to a static bucket (graph-mode style). Each GEMM's input is copied
+  into a zero-padded (bucket x K) buffer by a vector kernel first (`LayerPlan.pads`), and the GEMM
+  computes and writes every bucket row (`GemmKernel.valid_m` remembers the real ones).
+- AttentionPolicy.SPLIT: separate prefill and decode kernels (PFA / IFA style), one task group per
+  (request, KV head) over its whole causal KV, no cost sort, no KV split
+  (`lower_attention_split`).
+Baseline plans are for timing (npu_sim Device in timing-only mode, engine.sweeps); the model's
+forward launches the default plan's kernels only. `step_launches` lists any plan's launches.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from collections.abc import Sequence
@@ -23,7 +35,9 @@ from npu_sim.tasks import (
     ATTN_TASK,
     COMBINE_TASK,
     AttentionKernel,
+    CopyOp,
     GemmKernel,
+    Kernel,
     VectorKernel,
     VectorOp,
 )
@@ -32,6 +46,43 @@ from npu_sim.tiling import attention_q_tile, gemm_menu, gemm_tasks, vector_tasks
 # A KV span shorter than this is not worth a partial + combine round trip (catlass stacks four
 # 128-token pages per softmax block; one span is at least that much).
 MIN_KV_SPAN_TOKENS = 512
+
+# Static M buckets of the bucket-padding baseline: powers of two from one cube fractal, the handful
+# of shapes a graph-mode deployment compiles. (vLLM's CUDA-graph list is finer below 512: 1, 2, 4,
+# then multiples of 8; LoweringPolicy takes any list.) M past the last bucket rounds up to a
+# multiple of it.
+GRAPH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class GemmPolicy(str, enum.Enum):
+    VIRTUAL = "virtual"  # SmoothGEMM: menu tiles cover M, ragged rows masked on chip
+    BUCKET = "bucket"  # baseline: M padded to a static bucket in memory
+
+
+class AttentionPolicy(str, enum.Enum):
+    META = "meta"  # one meta-kernel for every row kind, tasks balanced by cost
+    SPLIT = "split"  # baseline: prefill and decode kernels, one task group per (request, head)
+
+
+@dataclass(frozen=True)
+class LoweringPolicy:
+    """How a step is lowered; the default is XY-Serve's."""
+
+    gemm: GemmPolicy = GemmPolicy.VIRTUAL
+    attention: AttentionPolicy = AttentionPolicy.META
+    gemm_buckets: tuple[int, ...] = GRAPH_BUCKETS  # for GemmPolicy.BUCKET, ascending
+
+
+DEFAULT_POLICY = LoweringPolicy()
+BASELINE_POLICY = LoweringPolicy(GemmPolicy.BUCKET, AttentionPolicy.SPLIT)
+
+
+def bucket_rows(m: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding m rows (past the last: a multiple of it)."""
+    for b in buckets:
+        if b >= m:
+            return b
+    return -(-m // buckets[-1]) * buckets[-1]
 
 
 @dataclass(frozen=True)
@@ -57,6 +108,11 @@ class LayerPlan:
     silu_mul: VectorKernel  # (T, 2 I) -> (T, I)
     down_proj: GemmKernel  # (T, I) -> (T, H)
     next_input_norm: VectorKernel  # residual += down; x = rmsnorm(residual), next layer's input
+    # bucket baseline: (GEMM field name, its pad copy), each launched right before its GEMM
+    pads: tuple[tuple[str, VectorKernel], ...] = ()
+    # split baseline: the decode kernel, launched right after `attention` (then the prefill
+    # kernel; `attention` is the decode kernel itself when the batch has no prefill rows)
+    decode_attention: AttentionKernel | None = None
 
 
 @dataclass(frozen=True)
@@ -70,44 +126,96 @@ class StepPlan:
     lm_head: GemmKernel | None  # (num_sampled, H) -> (num_sampled, V); None if nothing sampled
     num_tokens: int  # T, tokens in the batch
     num_sampled: int  # rows the LM head runs on
+    lm_head_pad: VectorKernel | None = None  # bucket baseline: the LM head input's pad copy
 
 
 def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, chip: ChipSpec,
-               block_size: int) -> StepPlan:
+               block_size: int, policy: LoweringPolicy = DEFAULT_POLICY) -> StepPlan:
     """Lower a batch (chunks in batch order) into the step's kernels."""
     t = sum(c.num_tokens for c in chunks)
     h, d = arch.hidden_size, arch.head_dim
     menu = gemm_menu(chip)
+    pads: dict[str, VectorKernel] = {}
 
     def gemm(name: str, m: int, n: int, k: int) -> GemmKernel:
-        return GemmKernel(name=name, m=m, n=n, k=k, menu=menu, tasks=gemm_tasks(m, n, menu))
+        if policy.gemm is GemmPolicy.VIRTUAL:
+            return GemmKernel(name=name, m=m, n=n, k=k, menu=menu, tasks=gemm_tasks(m, n, menu))
+        padded = bucket_rows(m, policy.gemm_buckets)
+        pads[name] = VectorKernel(name=f"{name}_pad", op=CopyOp.PAD_COPY, num_rows=padded,
+                                  row_len=k, tasks=vector_tasks(padded, k, chip), valid_rows=m)
+        return GemmKernel(name=name, m=padded, n=n, k=k, menu=menu,
+                          tasks=gemm_tasks(padded, n, menu), valid_m=m)
 
     def vector(name: str, op: VectorOp, rows: int, row_len: int) -> VectorKernel:
         return VectorKernel(name=name, op=op, num_rows=rows, row_len=row_len,
                             tasks=vector_tasks(rows, row_len, chip))
 
     qkv_n = (arch.num_heads + 2 * arch.num_kv_heads) * d
+    if policy.attention is AttentionPolicy.META:
+        attention, decode_attention = lower_attention(chunks, arch, chip, block_size), None
+    else:
+        split = lower_attention_split(chunks, arch, chip, block_size)
+        attention, decode_attention = split[0], (split[1] if len(split) > 1 else None)
     layer = LayerPlan(
         qkv_proj=gemm("qkv_proj", t, qkv_n, h),
         rope=vector("rope", VectorOp.ROPE, t, (arch.num_heads + arch.num_kv_heads) * d),
         kv_write=vector("kv_write", VectorOp.KV_WRITE, t, 2 * arch.num_kv_heads * d),
-        attention=lower_attention(chunks, arch, chip, block_size),
+        attention=attention,
         o_proj=gemm("o_proj", t, h, arch.num_heads * d),
         post_attn_norm=vector("post_attention_norm", VectorOp.ADD_RMSNORM, t, h),
         gate_up_proj=gemm("gate_up_proj", t, 2 * arch.intermediate_size, h),
         silu_mul=vector("silu_mul", VectorOp.SILU_MUL, t, 2 * arch.intermediate_size),
         down_proj=gemm("down_proj", t, h, arch.intermediate_size),
         next_input_norm=vector("input_norm", VectorOp.ADD_RMSNORM, t, h),
+        pads=tuple(pads.items()),
+        decode_attention=decode_attention,
     )
+    lm_head = gemm("lm_head", num_sampled, arch.vocab_size, h) if num_sampled else None
     return StepPlan(
         embed=vector("embed", VectorOp.EMBED, t, h),
         first_norm=vector("input_norm", VectorOp.RMSNORM, t, h),
         layer=layer,
         final_norm=vector("final_norm", VectorOp.ADD_RMSNORM, num_sampled, h),
-        lm_head=gemm("lm_head", num_sampled, arch.vocab_size, h) if num_sampled else None,
+        lm_head=lm_head,
         num_tokens=t,
         num_sampled=num_sampled,
+        lm_head_pad=pads.get("lm_head"),
     )
+
+
+_LAYER_ORDER = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_attn_norm",
+                "gate_up_proj", "silu_mul", "down_proj")
+
+
+def layer_launches(layer: LayerPlan, last: bool = False) -> list[Kernel]:
+    """One layer's launches in order, baseline extras included; the last layer has no
+    next_input_norm (the final norm follows, on the sampled rows only)."""
+    pads = dict(layer.pads)
+    out: list[Kernel] = []
+    for name in _LAYER_ORDER:
+        if name in pads:
+            out.append(pads[name])
+        out.append(getattr(layer, name))
+        if name == "attention" and layer.decode_attention is not None:
+            out.append(layer.decode_attention)
+    if not last:
+        out.append(layer.next_input_norm)
+    return out
+
+
+def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
+    """Every launch of a step in the order the model's forward makes them
+    (engine.models.llama.LlamaModel.forward), baseline extras included."""
+    out: list[Kernel] = [plan.embed, plan.first_norm]
+    body, last = layer_launches(plan.layer), layer_launches(plan.layer, last=True)
+    for i in range(num_layers):
+        out += last if i + 1 == num_layers else body
+    if plan.lm_head is not None:
+        out.append(plan.final_norm)
+        if plan.lm_head_pad is not None:
+            out.append(plan.lm_head_pad)
+        out.append(plan.lm_head)
+    return out
 
 
 def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpec,
@@ -167,3 +275,51 @@ def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpe
         combine_tasks=np.array(combines, dtype=COMBINE_TASK), num_partial_slots=num_slots,
         max_tile_rows=int(task_table["tile_rows"].max()) if len(task_table) else 0,
     )
+
+
+def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpec,
+                          block_size: int) -> tuple[AttentionKernel, ...]:
+    """The split baseline: a prefill kernel (chunks of more than one token: prefill, chunked
+    prefill, verify) and a decode kernel (single tokens), whichever are non-empty, in that order.
+
+    As torch-npu's PromptFlashAttention / IncreFlashAttention schedule them: one task group per
+    (request, KV head) in request order, holding all its Q tiles, each over its whole causal KV
+    (no KV split, no combine, no cost sort), dealt to cores round-robin. Q tiles, GQA stacking and
+    KV blocks are the meta-kernel's, so the comparison isolates scheduling and kernel count. Each
+    kernel lists only its own sequences (rows keep their batch positions), so the two outputs add
+    up to the batch's attention.
+    """
+    g = arch.num_heads // arch.num_kv_heads
+    q_starts = np.cumsum([0] + [c.num_tokens for c in chunks])[:-1]
+    kernels = []
+    for is_decode in (False, True):
+        members = [s for s, c in enumerate(chunks) if (c.num_tokens == 1) == is_decode]
+        if not members:
+            continue
+        seqs = np.empty(len(members), dtype=ATTN_SEQ)
+        max_blocks = max(len(chunks[s].block_ids) for s in members)
+        block_tables = np.full((len(members), max(max_blocks, 1)), -1, dtype=np.int64)
+        tasks: list[tuple[int, ...]] = []
+        groups: list[int] = []
+        for j, s in enumerate(members):
+            c = chunks[s]
+            seqs[j] = (q_starts[s], c.num_tokens, c.start_pos)
+            block_tables[j, :len(c.block_ids)] = c.block_ids
+            tile_rows, tokens_per_tile = attention_q_tile(c.num_tokens, g)
+            for kv_head in range(arch.num_kv_heads):
+                for q_offset in range(0, c.num_tokens, tokens_per_tile):
+                    q_rows = min(tokens_per_tile, c.num_tokens - q_offset)
+                    n_blocks = -(-(c.start_pos + q_offset + q_rows) // block_size)
+                    tasks.append((j, kv_head, q_offset, q_rows, tile_rows, 0, n_blocks, -1))
+                    groups.append(j * arch.num_kv_heads + kv_head)
+        task_table = np.array(tasks, dtype=ATTN_TASK)
+        kernels.append(AttentionKernel(
+            name="decode_attention" if is_decode else "prefill_attention",
+            num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+            block_size=block_size, scale=arch.head_dim**-0.5, seqs=seqs,
+            block_tables=block_tables, tasks=task_table,
+            combine_tasks=np.zeros(0, dtype=COMBINE_TASK), num_partial_slots=0,
+            max_tile_rows=int(task_table["tile_rows"].max()),
+            task_group=np.array(groups, dtype=np.int64), vector_qk=False,
+        ))
+    return tuple(kernels)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 
@@ -112,6 +112,11 @@ class SamplingParams:
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
         for v in bias.values():
             _check(-100.0 <= v <= 100.0, "logit_bias", v, "values must be in [-100, 100]")
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The params of choice `index` of n, each its own request: n=1 and, when seeded, seed +
+        index, so the choices differ while a seeded call still repeats exactly."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
 
     @property
     def greedy(self) -> bool:

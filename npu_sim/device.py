@@ -1,34 +1,85 @@
-"""The simulated NPU: executes kernel launches (their numbers are real) in launch order.
+"""The simulated NPU: executes kernel launches (their numbers are real) and times them.
 
 `Device.launch(kernel, **operands)` runs the kernel's functional implementation, the batched fast
-path by default or the task-by-task reference path in strict mode, and counts the launch.
+path by default or the task-by-task reference path in strict mode, counts the launch, and times
+it: the cost model (npu_sim.cost) prices every task, the tasks are dealt to cores, and the launch
+takes its launch overhead plus the busiest core's time (or the shared HBM / L2 bandwidth bound,
+whichever is longer). Launches run back to back on one stream. `begin_step()` / `end_step()`
+bracket an engine step and return its StepTrace. `Device(chip, compute=False)` only times:
+launch() returns None, touches no tensor and needs no operands.
+
+Dealing tasks to cores (block_dim = min(tasks, cores)):
+- GEMM tasks on the AICs and vector / combine tasks on the AIVs round-robin in table order (task
+  i on core i mod block_dim), as catlass and ATB kernels walk `taskIdx += coreNum`;
+- meta-attention tasks, already sorted heaviest first by the lowering, in the paper's symmetric
+  round-robin 1..N, N..1 (XYS 4.3.1), each on an AIC and its AIVs;
+- split-baseline attention: whole task groups (one request and head) round-robin in order.
+
+Timings are cached per kernel object within a step (a layer's kernels are launched once per
+layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
+per launch plus a few numpy calls per distinct kernel.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 
+from npu_sim.cost import CostModel, TaskCosts, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.kernels import run_attention, run_gemm, run_vector
 from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
+from npu_sim.trace import KernelTiming, StepTrace, build_step_trace
+
+_SHAPE_CACHE_SIZE = 512
+_STEP_CACHE_LIMIT = 4096  # launches outside begin/end_step: forget old kernels eventually
+
+
+def deal(num_tasks: int, num_cores: int, symmetric: bool = False,
+         groups: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """(core of each task, block_dim): see the module docstring."""
+    i = np.arange(num_tasks)
+    if groups is not None:
+        _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        block = min(len(first), num_cores)
+        return rank[inverse] % max(block, 1), block
+    block = min(num_tasks, num_cores)
+    if not symmetric or block == 0:
+        return i % max(block, 1), block
+    p = i % (2 * block)
+    return np.where(p < block, p, 2 * block - 1 - p), block
 
 
 class Device:
     """One simulated chip. Not thread-safe: one engine thread launches on it."""
 
-    def __init__(self, chip: ChipSpec, strict: bool = False) -> None:
+    def __init__(self, chip: ChipSpec, strict: bool = False, compute: bool = True,
+                 dtype: str = "bf16") -> None:
         self.chip = chip
         self.strict = strict  # reference (task-by-task) execution instead of the fast path
+        self.compute = compute  # False: timing only, launch() returns None
+        self.cost_model = CostModel(chip, dtype)  # dtype: the simulated operand dtype
         self.num_launches: Counter[Primitive] = Counter()  # launches per primitive, ever
         self.num_tasks: Counter[Primitive] = Counter()  # tasks executed per primitive, ever
+        self.last_timing: KernelTiming | None = None  # the latest launch's timing
+        self.total_sim_s = 0.0  # sum of the ended steps' sim_s
+        self._launches: list[KernelTiming] = []  # this step's launches, in order
+        self._step_cache: dict[int, tuple[Kernel, KernelTiming]] = {}  # id(kernel) -> timing
+        self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
+
+    # ------------------------------------------------------------------------------ launch
 
     def launch(self, kernel: Kernel, **operands: Any) -> torch.Tensor | None:
-        """Run `kernel` on `operands` (see npu_sim.kernels for each primitive's operands).
+        """Run and time `kernel` on `operands` (see npu_sim.kernels for each primitive's
+        operands; none are needed in timing-only mode).
 
-        Returns the kernel's output tensor, or None for kernels that write in place.
+        Returns the kernel's output tensor, or None for kernels that write in place and in
+        timing-only mode.
         """
         if isinstance(kernel, GemmKernel):
             run = run_gemm
@@ -41,6 +92,162 @@ class Device:
             num_tasks = len(kernel.tasks)
         else:
             raise TypeError(f"not a kernel: {type(kernel).__name__}")
+        out = run(kernel, self.strict, **operands) if self.compute else None
         self.num_launches[kernel.primitive] += 1
         self.num_tasks[kernel.primitive] += num_tasks
-        return run(kernel, self.strict, **operands)
+        timing = self._timing(kernel)
+        self._launches.append(timing)
+        self.last_timing = timing
+        return out
+
+    def begin_step(self) -> None:
+        """Start a step: forget launches not yet reported (and the per-step timing cache)."""
+        self._launches = []
+        self._step_cache.clear()
+
+    def end_step(self) -> StepTrace:
+        """The StepTrace of the launches since begin_step (or the last end_step)."""
+        c = self.chip
+        trace = build_step_trace(c.name, c.clock_hz, c.host_overhead_s, c.num_cube_cores,
+                                 c.num_vector_cores, c.peak_flops(self.cost_model.dtype),
+                                 self._launches)
+        self.total_sim_s += trace.sim_s
+        self.begin_step()
+        return trace
+
+    def _timing(self, kernel: Kernel) -> KernelTiming:
+        entry = self._step_cache.get(id(kernel))
+        if entry is not None and entry[0] is kernel:
+            return entry[1]
+        key = _shape_key(kernel)
+        timing = self._shape_cache.get(key) if key else None
+        if timing is not None and timing.kernel.tasks is not kernel.tasks:  # a reused id
+            timing = None
+        if timing is None:
+            timing = self.time(kernel)
+            if key:
+                self._shape_cache[key] = timing
+                if len(self._shape_cache) > _SHAPE_CACHE_SIZE:
+                    self._shape_cache.popitem(last=False)
+        elif key:
+            self._shape_cache.move_to_end(key)
+        if len(self._step_cache) >= _STEP_CACHE_LIMIT:
+            self._step_cache.clear()
+        self._step_cache[id(kernel)] = (kernel, timing)
+        return timing
+
+    # ------------------------------------------------------------------------------ timing
+
+    def time(self, kernel: Kernel) -> KernelTiming:
+        """Cost one launch of `kernel` (not recorded, nothing computed)."""
+        c, cm = self.chip, self.cost_model
+        groups, symmetric = None, False
+        if isinstance(kernel, GemmKernel):
+            phases = [cm.gemm(kernel)]
+            launch_s = c.cube_launch_s
+            shape = f"M={kernel.m} N={kernel.n} K={kernel.k}" + (
+                f" (valid M={kernel.valid_m})" if kernel.valid_m is not None else "")
+        elif isinstance(kernel, VectorKernel):
+            phases = [cm.vector(kernel)]
+            launch_s = c.vector_launch_s
+            shape = f"{kernel.op.value} {kernel.num_rows}x{kernel.row_len}"
+        elif isinstance(kernel, AttentionKernel):
+            phases = list(cm.attention(kernel))
+            launch_s = c.cube_launch_s
+            groups, symmetric = kernel.task_group, kernel.task_group is None
+            shape = (f"seqs={len(kernel.seqs)} tokens={int(kernel.seqs['q_len'].sum())} "
+                     f"tasks={len(kernel.tasks)}+{len(kernel.combine_tasks)}")
+        else:
+            raise TypeError(f"not a kernel: {type(kernel).__name__}")
+
+        cube_busy = np.zeros(c.num_cube_cores)
+        vector_busy = np.zeros(c.num_vector_cores)
+        units, cores, starts, durations = [], [], [], []
+        offset = 0.0  # phases run one after the other
+        block_dim = 0
+        for i, phase in enumerate(phases):
+            n = len(phase.cycles)
+            if n == 0:
+                continue
+            on_aiv = phase.unit == Unit.AIV
+            core, block = deal(n, c.num_vector_cores if on_aiv else c.num_cube_cores,
+                               symmetric and i == 0, groups if i == 0 else None)
+            busy = np.bincount(core, weights=phase.cycles,
+                               minlength=c.num_vector_cores if on_aiv else c.num_cube_cores)
+            busy[:block] += phase.core_overhead_cycles
+            start = _starts(core, phase.cycles) + phase.core_overhead_cycles + offset
+            if on_aiv:
+                vector_busy += busy
+            else:
+                cube_busy += busy
+                block_dim = max(block_dim, block)
+                if phase.unit == Unit.MIX:
+                    vector_busy += np.repeat(busy, cm.aivs)[: c.num_vector_cores]
+            if on_aiv and block_dim == 0:
+                block_dim = block
+            units.append(np.full(n, phase.unit, dtype=np.int8))
+            cores.append(core)
+            starts.append(start)
+            durations.append(phase.cycles)
+            offset += float(busy.max())
+
+        hbm_read = sum(p.hbm_read_bytes for p in phases)
+        hbm_write = sum(p.hbm_write_bytes for p in phases)
+        hbm_bound = (hbm_read + hbm_write) / (c.hbm_bytes_per_s / c.clock_hz)
+        l2_bound = sum(p.l2_bytes for p in phases) / (c.l2_bytes_per_s / c.clock_hz)
+        makespan, bound = max((offset, "cores"), (hbm_bound, "hbm"), (l2_bound, "l2"),
+                              key=lambda x: x[0])
+        stretch = makespan / offset if offset else 1.0  # cores wait on the shared bandwidth
+        launch_cycles = launch_s * c.clock_hz
+        cycles = launch_cycles + makespan
+        return KernelTiming(
+            primitive=kernel.primitive, name=kernel.name, shape=shape,
+            pipeline=phases[0].pipeline, cycles=cycles, seconds=cycles / c.clock_hz,
+            launch_cycles=launch_cycles, block_dim=block_dim, bound=bound,
+            cube_busy_cycles=_frozen(cube_busy * stretch),
+            vector_busy_cycles=_frozen(vector_busy * stretch),
+            cube_active_cycles=sum(p.cube_active_cycles for p in phases),
+            vector_active_cycles=sum(p.vector_active_cycles for p in phases),
+            hbm_read_bytes=hbm_read, hbm_write_bytes=hbm_write,
+            flops=sum(p.flops for p in phases), cube_macs=sum(p.cube_macs for p in phases),
+            useful_cube_macs=sum(p.useful_cube_macs for p in phases),
+            num_tasks=sum(len(p.cycles) for p in phases),
+            task_unit=_frozen(_cat(units, np.int8)), task_core=_frozen(_cat(cores, np.int64)),
+            task_start_cycles=_frozen(_cat(starts, np.float64) * stretch),
+            task_cycles=_frozen(_cat(durations, np.float64) * stretch),
+            kernel=kernel,
+        )
+
+
+def _starts(core: np.ndarray, cycles: np.ndarray) -> np.ndarray:
+    """Start of each task on its core when each core runs its tasks in table order."""
+    order = np.argsort(core, kind="stable")
+    sorted_cycles = cycles[order]
+    before = np.cumsum(sorted_cycles) - sorted_cycles  # exclusive prefix sum over all tasks
+    sorted_core = core[order]
+    first = np.searchsorted(sorted_core, sorted_core, side="left")  # each core's first task
+    start = np.empty_like(before)
+    start[order] = before - before[first]
+    return start
+
+
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def _shape_key(kernel: Kernel) -> tuple[Any, ...] | None:
+    """Cross-step cache key of kernels whose cost depends on shapes only. The task table's
+    identity is part of it (lowering caches tables by shape; the cached timing keeps its kernel,
+    hence the table, alive, and a hit checks it is the very same table)."""
+    if isinstance(kernel, GemmKernel):
+        return ("gemm", kernel.name, kernel.m, kernel.n, kernel.k, kernel.valid_m, kernel.menu,
+                id(kernel.tasks))
+    if isinstance(kernel, VectorKernel):
+        return ("vector", kernel.name, kernel.op, kernel.num_rows, kernel.row_len,
+                kernel.valid_rows, id(kernel.tasks))
+    return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput, TokenLogprob
@@ -42,12 +42,6 @@ class Choice:
             self.finish_reason = FinishReason(delta.finish_reason).value
 
 
-def choice_params(params: SamplingParams, i: int) -> SamplingParams:
-    """Choice i of n is its own engine request; its seed is offset (as `LLM.generate` does), so
-    the choices differ but a seeded request repeats exactly."""
-    return replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-
-
 class GenerationGroup:
     """The engine requests of one API call.
 
@@ -69,7 +63,9 @@ class GenerationGroup:
                 choice = Choice(index=len(self.choices), prompt=prompt)
                 self.choices.append(choice)
                 self._gens.append(engine.generate(f"{request_id}-{choice.index}",
-                                                  prompt.token_ids, choice_params(sp, i)))
+                                                  prompt.token_ids, sp.for_choice(i),
+                                                  admission_checked=True))
+        self._engine = engine
         self._metrics = metrics
         self._queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException] = \
             asyncio.Queue()
@@ -84,6 +80,7 @@ class GenerationGroup:
         Raises (after aborting the sub-requests already queued): QueueFullError, EngineDeadError,
         BadRequestError when the engine rejects a request (ValueError).
         """
+        self._engine.check_admission(len(self._gens))  # all choices together, once
         firsts: list[RequestOutput | BaseException] = []
         try:
             firsts = await asyncio.gather(*(anext(g) for g in self._gens),

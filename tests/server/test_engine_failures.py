@@ -26,7 +26,8 @@ class FaultyEngine(AsyncEngine):
     """A real AsyncEngine, except for the marked prompts."""
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, admission_checked: bool = False,
+                       ) -> AsyncIterator[RequestOutput]:
         text = self.core.tokenizer.decode(prompt_token_ids)
         if CRASH in text:
             raise RuntimeError("secret internal detail")
@@ -35,7 +36,8 @@ class FaultyEngine(AsyncEngine):
             yield RequestOutput(request_id, (), "", None, FinishReason.ERROR,
                                 len(prompt_token_ids), 1)
             return
-        async for output in super().generate(request_id, prompt_token_ids, params):
+        async for output in super().generate(request_id, prompt_token_ids, params,
+                                             admission_checked):
             yield output
 
 

@@ -129,12 +129,14 @@ def test_404_unknown_model(tiny_server: ServerProcess, client: openai.OpenAI) ->
 
 def test_429_when_the_queue_is_full(small_queue_server: ServerProcess) -> None:
     # One request runs (max_num_seqs 1), one waits (max_waiting_requests 1): the rest are 429.
-    body = {"prompt": "flood", "max_tokens": 100, "ignore_eos": True}
+    # Long generations keep the one running slot busy while the flood arrives, even on a loaded
+    # machine where the requests trickle in.
+    body = {"prompt": "flood", "max_tokens": 400, "ignore_eos": True}
 
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=small_queue_server.url, timeout=60) as http:
             return await asyncio.gather(*(http.post("/v1/completions", json=body)
-                                          for _ in range(8)))
+                                          for _ in range(12)))
 
     responses = asyncio.run(flood())
     refused = [r for r in responses if r.status_code == 429]
@@ -145,5 +147,5 @@ def test_429_when_the_queue_is_full(small_queue_server: ServerProcess) -> None:
         assert int(response.headers["Retry-After"]) >= 0
     for response in accepted:  # every accepted request finished with its tokens
         assert response.status_code == 200, response.text
-        assert response.json()["usage"]["completion_tokens"] == 100
+        assert response.json()["usage"]["completion_tokens"] == 400
     assert_serves(small_queue_server)

@@ -1,0 +1,310 @@
+"""Per-task cost model of the Da Vinci tile pipeline: cycles each task occupies its core.
+
+Vectorized over a kernel's task table (numpy, no loop per task). The result, `TaskCosts`, is what
+the device deals to cores (npu_sim.device) and turns into a KernelTiming.
+
+Assumptions, in one place (numbers come from ChipSpec, whose comments cite them):
+- Cores and units. A GEMM task runs on one AIC, a vector task on one AIV, an attention task on one
+  AIC and its AIVs (a "mix" task: 1 AIC + 2 AIV on the 910B). Within a core the units are
+  independent pipelines (MTE2, MTE1, cube, fixpipe on the AIC; MTE2, vector, MTE3 on the AIV)
+  synchronised by flags, so a double-buffered loop runs at its slowest stage:
+  time = sum of the stages of one step + (steps - 1) * slowest stage (fill + steady + drain).
+- GEMM task: K is streamed in GM->L1 chunks (npu_sim.tiling.gemm_l1_depth). MTE2 reads only the
+  valid rows of A and valid columns of B (virtual padding); a bucket-padded kernel's padded rows
+  are real memory and are read. MTE1 moves and the cube computes the full tile (tm x tn, K padded
+  to the fractal): masked rows still occupy the cube, which is the padding waste. The fixpipe
+  writes the valid corner back; it overlaps the next task only when L0C holds two tiles.
+- Where GEMM bytes come from: an operand's first read is from HBM; re-reads (A by every N tile,
+  B by every M tile) hit L2 when the offline-tuned swizzle (XYS 4.3.2) can block the loop over L2:
+  HBM traffic = A * ceil(N / Nb) + B * ceil(M / Mb) for the best L2 block (Mb + Nb rows of K
+  fitting in half the L2; the other half holds outputs and everyone else's data). Each task's MTE2
+  then runs at the byte-weighted mix of the per-core HBM and L2 rates.
+- Vector task: GM->UB, compute in fp32 (vector_lanes / 2 elements per cycle per pass), UB->GM.
+  Consecutive tasks on a core overlap through double-buffered queues: each task costs its slowest
+  stage, and each core pays one task's fill and drain. All vector traffic is HBM traffic
+  (inter-kernel reuse through L2 is not modelled, for any primitive).
+- Attention task (one Q tile x one KV span): per KV chunk (npu_sim.tiling.attention_kv_chunk),
+  QK on the cube -> S to GM/L2 -> softmax on the AIVs (half the rows each) -> P to GM/L2 -> PV on
+  the cube, with an online-softmax update on the AIVs in the 4-stage variant; every handoff costs
+  a cross-core sync in the pipeline fill, the steady state runs at the slowest unit. The 2-stage
+  variant (decode-only launches, XYS 5.2.2) does QK + softmax on the AIVs, which load K while the
+  AIC loads V. 3-stage vs 4-stage follows XYS Eq. 1: 3-stage when L2 holds the intermediates of
+  the first wave, L2 > alpha * sum(kvLen * tileRows) with alpha the bytes of S (fp32) + P (fp16).
+  KV is read from HBM once per (sequence, KV head); re-reads by other Q tiles hit L2 in
+  proportion to how much of the launch's KV fits in half the L2. Partials and S/P stay in L2.
+  Combine tasks run on the AIVs after the attention tasks (a second phase).
+- FLOPs are useful work: 2 per MAC of valid rows and columns; attention counts the scores its
+  causal mask keeps. Padding waste = 1 - useful cube MACs / issued cube MACs (masked rows and
+  columns, padded keys, bucket rows).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from npu_sim.hardware import ChipSpec
+from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, VectorKernel, VectorOp
+from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk, gemm_l1_depth
+
+L2_SHARE = 0.5  # fraction of L2 one kernel's operand reuse may count on (see the docstring)
+SOFTMAX_OPS = 6.0  # vector passes per score: scale/mask, max, subtract, exp, sum, cast
+UPDATE_OPS = 3.0  # per output element of the online-softmax update: rescale, add, normalize
+COMBINE_OPS = 3.0  # per partial output element: weight by exp(lse - max), accumulate
+ATTN_L2_ALPHA = ACCUM_BYTES + 2  # bytes of L2 per score in flight: S in fp32 + P in fp16
+
+# Vector ops: (input elements, output elements, fp32 vector passes) per row element, and input
+# elements read once per task (the norm weight). ROPE's cos/sin rows (2 x head_dim per token,
+# ~3% of its bytes for a 7B model) are left out.
+_VECTOR_OPS: dict[VectorOp | CopyOp, tuple[float, float, float, int]] = {
+    VectorOp.EMBED: (1, 1, 0, 0),  # gather rows through UB
+    VectorOp.RMSNORM: (1, 1, 5, 1),  # cast, square-sum, scale, weight, cast
+    VectorOp.ADD_RMSNORM: (2, 2, 6, 1),  # + residual add; writes residual and output
+    VectorOp.ROPE: (1, 1, 4, 0),  # two multiplies, rotate-half, add
+    VectorOp.SILU_MUL: (1, 0.5, 2.5, 0),  # exp, add, reciprocal, two multiplies over half
+    VectorOp.KV_WRITE: (1, 1, 0, 0),  # copy into cache slots
+    CopyOp.PAD_COPY: (1, 1, 0, 0),  # valid rows in; all rows out (the zero fill)
+}
+
+
+class Unit(enum.IntEnum):
+    """Where a task runs."""
+
+    AIC = 0  # one cube core
+    AIV = 1  # one vector core
+    MIX = 2  # one cube core with its vector cores (attention)
+
+
+@dataclass(frozen=True, eq=False)
+class TaskCosts:
+    """The cost model's verdict on one phase of a kernel, before its tasks are dealt to cores."""
+
+    unit: Unit  # where the tasks run
+    cycles: np.ndarray  # float64 (num_tasks,): cycles each task occupies its core(s)
+    core_overhead_cycles: float  # paid once by every core that runs a task (pipeline fill)
+    cube_active_cycles: float  # cycles the cube units compute, summed over tasks
+    vector_active_cycles: float  # cycles the vector units compute, summed over AIVs
+    hbm_read_bytes: float  # bytes read from HBM
+    hbm_write_bytes: float  # bytes written to HBM
+    l2_bytes: float  # GM traffic served by L2 (the aggregate L2 bandwidth bound)
+    flops: float  # useful floating-point operations
+    cube_macs: float  # MACs the cube issued, padding included
+    useful_cube_macs: float  # of those, on real rows and columns
+    pipeline: str  # which pipeline the model ran: "gemm", "vector", "attention-3stage", ...
+
+
+def _empty(unit: Unit, pipeline: str) -> TaskCosts:
+    return TaskCosts(unit, np.zeros(0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, pipeline)
+
+
+class CostModel:
+    """Costs kernels on one chip for one operand dtype (fp16 or bf16: 2-byte operands)."""
+
+    def __init__(self, chip: ChipSpec, dtype: str = "bf16") -> None:
+        if dtype not in ("fp16", "bf16"):
+            raise ValueError(f"simulated dtype must be fp16 or bf16, got {dtype!r}")
+        self.chip = chip
+        self.dtype = dtype
+        self.bytes = 2  # operand and activation bytes
+        self.macs = chip.cube_macs_per_cycle(dtype)
+        self.lanes32 = chip.vector_lanes / 2  # fp32 elements per vector pass per cycle
+        self.aivs = chip.num_vector_cores // chip.num_cube_cores  # AIVs per AIC
+        self.l2_cap = chip.l2_bytes * L2_SHARE
+
+    def _mte2_inv_rate(self, hbm_fraction: float) -> float:
+        """Cycles per byte of an MTE2 stream of which `hbm_fraction` misses L2."""
+        c = self.chip
+        return hbm_fraction / c.mte2_hbm_bytes_per_cycle + (
+            1.0 - hbm_fraction) / c.mte2_l2_bytes_per_cycle
+
+    # ------------------------------------------------------------------------------- GEMM
+
+    def gemm(self, k: GemmKernel) -> TaskCosts:
+        c, b, t = self.chip, self.bytes, k.tasks
+        if not len(t):
+            return _empty(Unit.AIC, "gemm")
+        idx = t["tile"]
+        tm = np.array([s.tm for s in k.menu], dtype=np.float64)[idx]
+        tn = np.array([s.tn for s in k.menu], dtype=np.float64)[idx]
+        tk = np.array([s.tk for s in k.menu], dtype=np.float64)[idx]
+        depth = np.array([gemm_l1_depth(s, k.k, c) for s in k.menu], dtype=np.float64)[idx]
+        rows, cols = t["m_rows"].astype(np.float64), t["n_cols"].astype(np.float64)
+        chunks = np.ceil(k.k / depth)
+        kc = np.ceil(k.k / chunks / c.cube_k) * c.cube_k  # K per chunk, fractal-padded
+        mte2_bytes = (rows + cols) * k.k * b  # selective read of the valid rows / columns
+        total = float(mte2_bytes.sum())
+        hbm_read = min(total, self._gemm_hbm_traffic(k))
+        mte2 = mte2_bytes / chunks * self._mte2_inv_rate(hbm_read / total)
+        mte1 = tm * kc * b / c.mte1_l0a_bytes_per_cycle + kc * tn * b / c.mte1_l0b_bytes_per_cycle
+        cube = tm * tn * kc / self.macs
+        steps = kc / tk  # L0 steps per chunk, MTE1 and cube double-buffered
+        l0 = np.maximum(mte1, cube) + np.minimum(mte1, cube) / steps
+        body = mte2 + l0 + (chunks - 1) * np.maximum(mte2, l0)
+        fix = rows * cols * b / c.fixpipe_bytes_per_cycle
+        l0c_double = 2 * tm * tn * ACCUM_BYTES <= c.l0c_bytes
+        cycles = c.task_dispatch_cycles + np.where(l0c_double, np.maximum(body, fix), body + fix)
+        useful = float((k.valid_rows() * t["n_cols"]).sum()) * k.k
+        issued = float((tm * tn * kc * chunks).sum())
+        return TaskCosts(
+            unit=Unit.AIC, cycles=cycles,
+            core_overhead_cycles=c.gm_latency_cycles + float(np.where(l0c_double, fix, 0).max()),
+            cube_active_cycles=float((cube * chunks).sum()), vector_active_cycles=0.0,
+            hbm_read_bytes=hbm_read, hbm_write_bytes=float((rows * cols).sum()) * b,
+            l2_bytes=total - hbm_read, flops=2.0 * useful, cube_macs=issued,
+            useful_cube_macs=useful, pipeline="gemm")
+
+    def _gemm_hbm_traffic(self, k: GemmKernel) -> float:
+        """HBM bytes of A and B for the best L2 blocking (see the module docstring)."""
+        b, tn = self.bytes, k.menu[0].tn
+        a_bytes, b_bytes, panel = k.m * k.k * b, k.n * k.k * b, k.k * b
+        if a_bytes + b_bytes <= self.l2_cap:
+            return float(a_bytes + b_bytes)
+        rows_fit = self.l2_cap // panel  # rows of A plus rows of B an L2 block holds
+        best = math.inf
+        mb = k.menu[-1].tm
+        candidates = {k.m}
+        while mb < k.m:
+            candidates.add(mb)
+            mb *= 2
+        for mb in candidates:
+            nb = (rows_fit - mb) // tn * tn
+            if nb >= tn:
+                best = min(best, a_bytes * math.ceil(k.n / nb) + b_bytes * math.ceil(k.m / mb))
+        if best == math.inf:  # K so deep that no block fits: every task streams its panels
+            return math.inf
+        return float(best)
+
+    # ----------------------------------------------------------------------------- vector
+
+    def vector(self, k: VectorKernel) -> TaskCosts:
+        c, b, t = self.chip, self.bytes, k.tasks
+        if not len(t):
+            return _empty(Unit.AIV, "vector")
+        in_f, out_f, ops_f, per_task_in = _VECTOR_OPS[k.op]
+        rows = t["num_rows"].astype(np.float64)
+        rows_in = rows
+        if k.valid_rows is not None:
+            rows_in = np.clip(k.valid_rows - t["row_start"], 0, t["num_rows"]).astype(np.float64)
+        in_bytes = (rows_in * in_f + per_task_in) * k.row_len * b
+        out_bytes = rows * out_f * k.row_len * b
+        ops = rows * ops_f * k.row_len
+        mte2 = in_bytes / c.mte2_hbm_bytes_per_cycle
+        comp = ops / self.lanes32
+        mte3 = out_bytes / c.mte3_bytes_per_cycle
+        slowest = np.maximum(np.maximum(mte2, comp), mte3)
+        fill_drain = float((mte2 + comp + mte3 - slowest)[0])
+        return TaskCosts(
+            unit=Unit.AIV, cycles=c.task_dispatch_cycles + slowest,
+            core_overhead_cycles=c.gm_latency_cycles + fill_drain, cube_active_cycles=0.0,
+            vector_active_cycles=float(comp.sum()), hbm_read_bytes=float(in_bytes.sum()),
+            hbm_write_bytes=float(out_bytes.sum()), l2_bytes=0.0, flops=float(ops.sum()),
+            cube_macs=0.0, useful_cube_macs=0.0, pipeline="vector")
+
+    # -------------------------------------------------------------------------- attention
+
+    def attention_stages(self, k: AttentionKernel) -> int:
+        """2, 3 or 4: the pipeline variant of this launch (see the module docstring)."""
+        if k.vector_qk and len(k.seqs) and bool((k.seqs["q_len"] == 1).all()):
+            return 2
+        if k.task_group is not None:  # the split baseline: FlashAttention-style online softmax
+            return 4
+        first = k.tasks[: self.chip.num_cube_cores]
+        keys = (first["kv_block_end"] - first["kv_block_start"]) * k.block_size
+        in_flight = float((keys * first["tile_rows"]).sum()) * ATTN_L2_ALPHA
+        return 3 if self.chip.l2_bytes > in_flight else 4
+
+    def attention(self, k: AttentionKernel) -> tuple[TaskCosts, TaskCosts]:
+        """(attention tasks on AIC + AIVs, combine tasks on AIVs)."""
+        stages = self.attention_stages(k)
+        pipeline = f"attention-{stages}stage"
+        if not len(k.tasks):
+            return _empty(Unit.MIX, pipeline), self._combine(k)
+        c, b, t, g = self.chip, self.bytes, k.tasks, k.group_size
+        seqs = k.seqs[t["seq"]]
+        horizon = seqs["start_pos"] + t["q_offset"] + t["q_rows"]  # keys the last row sees
+        k_end = np.minimum(t["kv_block_end"] * k.block_size, horizon)
+        keys = np.maximum(k_end - t["kv_block_start"] * k.block_size, 0).astype(np.float64)
+        q_rows = t["q_rows"].astype(np.float64)
+        r, big_r = q_rows * g, t["tile_rows"].astype(np.float64)  # valid / tile rows
+        d, dp = k.head_dim, math.ceil(k.head_dim / c.cube_k) * c.cube_k
+        chunks = np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)
+        kl = keys / chunks  # keys per chunk
+        kl_pad = np.ceil(kl / c.cube_n) * c.cube_n
+
+        kv_bytes = 2 * keys * d * b
+        total_kv = float(kv_bytes.sum())
+        context = k.seqs["start_pos"] + k.seqs["q_len"]
+        unique_kv = min(total_kv, float(context.sum()) * k.num_kv_heads * d * b * 2)
+        hit = min(1.0, self.l2_cap / unique_kv) if unique_kv else 1.0
+        hbm_kv = unique_kv + (total_kv - unique_kv) * (1 - hit)
+        inv_kv = self._mte2_inv_rate(hbm_kv / total_kv if total_kv else 1.0)
+        l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, self.aivs
+        if stages == 2:
+            # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
+            vec_in = kl * d * b * inv_kv / aivs
+            vec = (r * kl * d / c.vector_lanes + r * kl * SOFTMAX_OPS / self.lanes32) / aivs
+            vec_out = r * kl * b / c.mte3_bytes_per_cycle / aivs
+            cube_in = kl * d * b * inv_kv + r * kl * b / l2r  # V from HBM/L2, P from L2
+            mte1 = big_r * kl_pad * b / c.mte1_l0a_bytes_per_cycle + (
+                kl_pad * dp * b / c.mte1_l0b_bytes_per_cycle)
+            cube = big_r * kl_pad * dp / self.macs  # PV only
+            fix = np.zeros_like(kl)  # O accumulates in L0C across chunks
+            chain = vec_in + vec + vec_out + sync + cube_in + mte1 + cube
+            cube_mult, s_bytes = 1.0, r * kl * b
+        else:
+            upd = stages == 4
+            cube_in = 2 * kl * d * b * inv_kv + r * kl * b / l2r  # K and V, P from L2
+            mte1 = (big_r * dp + big_r * kl_pad) * b / c.mte1_l0a_bytes_per_cycle + (
+                2 * kl_pad * dp * b / c.mte1_l0b_bytes_per_cycle)
+            cube = 2 * big_r * kl_pad * dp / self.macs  # QK and PV
+            o_bytes = r * dp * ACCUM_BYTES * upd  # O partial through L2 for the update
+            fix = (r * kl * ACCUM_BYTES + o_bytes) / c.fixpipe_bytes_per_cycle
+            vec_in = (r * kl * ACCUM_BYTES + o_bytes) / l2r / aivs
+            vec = (r * kl * SOFTMAX_OPS + r * d * UPDATE_OPS * upd) / self.lanes32 / aivs
+            vec_out = (r * kl * b + o_bytes) / c.mte3_bytes_per_cycle / aivs
+            chain = cube_in + mte1 + cube + fix + 2 * sync + vec_in + vec + vec_out + sync * upd
+            cube_mult, s_bytes = 2.0, r * kl * (ACCUM_BYTES + 2 * b)
+        steady = np.maximum(np.maximum(np.maximum(cube_in, mte1), np.maximum(cube, fix)),
+                            np.maximum(np.maximum(vec_in, vec), vec_out))
+        q_load = r * d * b / c.mte2_hbm_bytes_per_cycle
+        final = t["partial_slot"] < 0
+        out_bytes = np.where(final, r * d * b, r * (d + 1) * ACCUM_BYTES)  # output or partial
+        body = chain + (chunks - 1) * steady
+        cycles = c.task_dispatch_cycles + q_load + np.where(keys > 0, body, 0) + (
+            out_bytes / c.fixpipe_bytes_per_cycle)
+        diagonal = k_end >= horizon  # the span reaches the causal diagonal of its tile
+        visible = r * keys - np.where(diagonal, g * q_rows * (q_rows - 1) / 2, 0)
+        q_bytes = float((r * d * b).sum())
+        main = TaskCosts(
+            unit=Unit.MIX, cycles=cycles, core_overhead_cycles=c.gm_latency_cycles,
+            cube_active_cycles=float((cube * chunks).sum()),
+            vector_active_cycles=float((vec * chunks).sum()) * aivs,
+            hbm_read_bytes=hbm_kv + q_bytes,
+            hbm_write_bytes=float((r * d * b * final).sum()),
+            l2_bytes=(total_kv - hbm_kv) + float((s_bytes * chunks).sum()) * 2
+            + float((out_bytes * ~final).sum()),
+            flops=4.0 * float(np.maximum(visible, 0).sum()) * d,
+            cube_macs=float((cube_mult * big_r * kl_pad * dp * chunks).sum()),
+            useful_cube_macs=cube_mult * float((r * keys).sum()) * d, pipeline=pipeline)
+        return main, self._combine(k)
+
+    def _combine(self, k: AttentionKernel) -> TaskCosts:
+        c, t = self.chip, k.combine_tasks
+        if not len(t):
+            return _empty(Unit.AIV, "combine")
+        rows = t["q_rows"].astype(np.float64) * k.group_size
+        slots = t["num_slots"].astype(np.float64)
+        in_bytes = slots * rows * (k.head_dim + 1) * ACCUM_BYTES
+        ops = slots * rows * k.head_dim * COMBINE_OPS
+        out_bytes = rows * k.head_dim * self.bytes
+        comp = ops / self.lanes32
+        cycles = c.task_dispatch_cycles + in_bytes / c.mte2_l2_bytes_per_cycle + comp + (
+            out_bytes / c.mte3_bytes_per_cycle)
+        return TaskCosts(
+            unit=Unit.AIV, cycles=cycles, core_overhead_cycles=c.cross_core_sync_cycles,
+            cube_active_cycles=0.0, vector_active_cycles=float(comp.sum()), hbm_read_bytes=0.0,
+            hbm_write_bytes=float(out_bytes.sum()), l2_bytes=float(in_bytes.sum()),
+            flops=float(ops.sum()), cube_macs=0.0, useful_cube_macs=0.0, pipeline="combine")

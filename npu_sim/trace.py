@@ -1,0 +1,202 @@
+"""What the simulated device reports: a KernelTiming per launch, a StepTrace per engine step, and
+a Chrome trace-event (Perfetto) timeline of a step.
+
+Times are simulated: cycles at the chip's clock and seconds derived from them (`*_cycles`,
+`*_s`). Arrays are read-only numpy arrays shared between the repeated launches of one kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from npu_sim.cost import Unit
+from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
+
+
+@dataclass(frozen=True, eq=False)
+class KernelTiming:
+    """One launch as the cost model and the core scheduler timed it."""
+
+    primitive: Primitive  # the meta primitive: gemm | vector | attention
+    name: str  # the kernel's name in the model ("qkv_proj", "attention", "input_norm", ...)
+    shape: str  # what it computes, e.g. "M=200 N=12288 K=4096" (trace slice names)
+    pipeline: str  # how it was modelled: gemm | vector | attention-{2,3,4}stage
+    cycles: float  # launch overhead + makespan of its tasks, at the chip clock
+    seconds: float  # cycles / clock_hz
+    launch_cycles: float  # the kernel-launch overhead within `cycles`
+    block_dim: int  # cores its tasks were dealt to (AICs for gemm/attention, AIVs for vector)
+    bound: str  # what set the makespan: "cores" (per-core pipelines), "hbm" or "l2" (shared bw)
+    cube_busy_cycles: np.ndarray  # (num_cube_cores,) cycles each AIC was occupied
+    vector_busy_cycles: np.ndarray  # (num_vector_cores,) cycles each AIV was occupied
+    cube_active_cycles: float  # cycles the cube units computed (padding included), all AICs
+    vector_active_cycles: float  # cycles the vector units computed, all AIVs
+    hbm_read_bytes: float  # bytes read from HBM
+    hbm_write_bytes: float  # bytes written to HBM
+    flops: float  # useful floating-point operations (valid rows, causally visible scores)
+    cube_macs: float  # MACs the cube issued, masked and padded rows included
+    useful_cube_macs: float  # of those, on real rows and columns
+    num_tasks: int  # tasks timed (attention: attention + combine tasks)
+    # per task, in task-table order (attention tasks, then combine tasks), for timelines:
+    task_unit: np.ndarray  # int8: 0 = AIC, 1 = AIV, 2 = AIC + its AIVs (npu_sim.cost.Unit)
+    task_core: np.ndarray  # int64: the AIC (unit 0, 2) or AIV (unit 1) index that ran it
+    task_start_cycles: np.ndarray  # float64: start, counted from the end of the launch overhead
+    task_cycles: np.ndarray  # float64: how long it occupied its core
+    kernel: Kernel  # the launched kernel (labels for trace slices; not part of the timing)
+
+    @property
+    def hbm_bytes(self) -> float:
+        """Bytes moved between the chip and HBM."""
+        return self.hbm_read_bytes + self.hbm_write_bytes
+
+    @property
+    def padding_waste(self) -> float:
+        """Fraction of issued cube MACs spent on padding (0 for vector kernels)."""
+        return 1.0 - self.useful_cube_macs / self.cube_macs if self.cube_macs else 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class StepTrace:
+    """One engine step on the simulated device: kernels back to back, plus host overhead."""
+
+    chip: str  # ChipSpec.name
+    clock_hz: float  # the chip clock the cycles count
+    sim_s: float  # host_s + device_s: what the step costs on the simulated clock
+    device_s: float  # sum of the kernels' seconds (one stream, launches in order)
+    host_s: float  # modelled host overhead of the step (ChipSpec.host_overhead_s; 0 if empty)
+    num_launches: int  # kernel launches in the step
+    cube_busy_s: np.ndarray  # (num_cube_cores,) seconds each AIC was occupied
+    vector_busy_s: np.ndarray  # (num_vector_cores,) seconds each AIV was occupied
+    cube_utilization: float  # cube active cycles / (AICs x device cycles), in [0, 1]
+    vector_utilization: float  # vector active cycles / (AIVs x device cycles), in [0, 1]
+    hbm_bytes: float  # bytes read from and written to HBM
+    flops: float  # useful floating-point operations
+    mfu: float  # flops / (cube peak FLOP/s x device_s): model FLOPs utilization, in [0, 1]
+    padding_waste_ratio: float  # 1 - useful / issued cube MACs over the step, in [0, 1]
+    kernel_s_by_primitive: Mapping[str, float]  # "gemm" | "vector" | "attention" -> seconds
+    kernels: tuple[KernelTiming, ...]  # every launch in order (a replayed layer repeats objects)
+    kernel_start_s: tuple[float, ...]  # device-time start of each launch, from the step start
+
+
+def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
+                     num_cube_cores: int, num_vector_cores: int, peak_flops: float,
+                     launches: list[KernelTiming]) -> StepTrace:
+    """Aggregate a step's launches (each distinct timing is summed once, times its count)."""
+    counts: dict[int, list[Any]] = {}
+    for timing in launches:
+        entry = counts.get(id(timing))
+        if entry is None:
+            counts[id(timing)] = [timing, 1]
+        else:
+            entry[1] += 1
+    cube_busy = np.zeros(num_cube_cores)
+    vector_busy = np.zeros(num_vector_cores)
+    cycles = cube_active = vector_active = hbm = flops = macs = useful = 0.0
+    by_primitive: dict[str, float] = {}
+    for timing, n in counts.values():
+        cycles += n * timing.cycles
+        cube_busy += n * timing.cube_busy_cycles
+        vector_busy += n * timing.vector_busy_cycles
+        cube_active += n * timing.cube_active_cycles
+        vector_active += n * timing.vector_active_cycles
+        hbm += n * timing.hbm_bytes
+        flops += n * timing.flops
+        macs += n * timing.cube_macs
+        useful += n * timing.useful_cube_macs
+        key = timing.primitive.value
+        by_primitive[key] = by_primitive.get(key, 0.0) + n * timing.seconds
+    device_s = cycles / clock_hz
+    starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]) if launches else []
+    return StepTrace(
+        chip=chip_name, clock_hz=clock_hz,
+        sim_s=device_s + (host_overhead_s if launches else 0.0), device_s=device_s,
+        host_s=host_overhead_s if launches else 0.0, num_launches=len(launches),
+        cube_busy_s=cube_busy / clock_hz, vector_busy_s=vector_busy / clock_hz,
+        cube_utilization=cube_active / (num_cube_cores * cycles) if cycles else 0.0,
+        vector_utilization=vector_active / (num_vector_cores * cycles) if cycles else 0.0,
+        hbm_bytes=hbm, flops=flops,
+        mfu=flops / (peak_flops * device_s) if device_s else 0.0,
+        padding_waste_ratio=1.0 - useful / macs if macs else 0.0,
+        kernel_s_by_primitive=by_primitive, kernels=tuple(launches),
+        kernel_start_s=tuple(float(s) for s in starts),
+    )
+
+
+# ------------------------------------------------------------------------------ Perfetto
+
+def task_label(kernel: Kernel, i: int) -> str:
+    """Slice name of task i: primitive, kernel name and the task's shape."""
+    if isinstance(kernel, GemmKernel):
+        t = kernel.tasks[i]
+        s = kernel.menu[int(t["tile"])]
+        return (f"gemm {kernel.name} {s.tm}x{s.tn}x{kernel.k} "
+                f"({int(t['m_rows'])}x{int(t['n_cols'])} valid)")
+    if isinstance(kernel, VectorKernel):
+        t = kernel.tasks[i]
+        return f"vector {kernel.name} {int(t['num_rows'])}x{kernel.row_len}"
+    assert isinstance(kernel, AttentionKernel)
+    if i >= len(kernel.tasks):
+        c = kernel.combine_tasks[i - len(kernel.tasks)]
+        return f"combine seq{int(c['seq'])} h{int(c['kv_head'])} x{int(c['num_slots'])}"
+    t = kernel.tasks[i]
+    keys = (int(t["kv_block_end"]) - int(t["kv_block_start"])) * kernel.block_size
+    return (f"attention q{int(t['tile_rows'])} ({int(t['q_rows'])} tok) x kv{keys} "
+            f"seq{int(t['seq'])} h{int(t['kv_head'])}")
+
+
+def perfetto_events(step: StepTrace, num_cube_cores: int, num_vector_cores: int,
+                    ) -> list[dict[str, Any]]:
+    """Chrome trace events of a step: one thread (track) per AI core used, a complete ("X")
+    slice per task; AIC c is tid c, AIV v is tid num_cube_cores + v; times in microseconds."""
+    us_per_cycle = 1e6 / step.clock_hz
+    aivs_per_aic = max(1, num_vector_cores // num_cube_cores)
+    events: list[dict[str, Any]] = []
+    used: set[int] = set()
+    for timing, start_s in zip(step.kernels, step.kernel_start_s, strict=True):
+        base_us = start_s * 1e6 + timing.launch_cycles * us_per_cycle
+        for i in range(timing.num_tasks):
+            unit, core = int(timing.task_unit[i]), int(timing.task_core[i])
+            if unit == Unit.AIC:
+                tids = [core]
+            elif unit == Unit.AIV:
+                tids = [num_cube_cores + core]
+            else:  # attention: the AIC and the AIVs it drives
+                tids = [core] + [num_cube_cores + core * aivs_per_aic + j
+                                 for j in range(aivs_per_aic)]
+            name = task_label(timing.kernel, i)
+            ts = base_us + float(timing.task_start_cycles[i]) * us_per_cycle
+            dur = float(timing.task_cycles[i]) * us_per_cycle
+            for tid in tids:
+                used.add(tid)
+                events.append({"name": name, "cat": timing.primitive.value, "ph": "X", "pid": 0,
+                               "tid": tid, "ts": ts, "dur": dur,
+                               "args": {"kernel": timing.name, "pipeline": timing.pipeline}})
+    meta: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0,
+                                   "args": {"name": f"NPU {step.chip} (simulated)"}}]
+    for tid in sorted(used):
+        label = f"AIC {tid}" if tid < num_cube_cores else f"AIV {tid - num_cube_cores}"
+        meta.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid,
+                     "args": {"name": label}})
+        meta.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": tid,
+                     "args": {"sort_index": tid}})
+    return meta + events
+
+
+def write_perfetto(step_trace: StepTrace, path: str | Path) -> Path:
+    """Write `step_trace` as Chrome trace-event JSON (loads in ui.perfetto.dev and
+    chrome://tracing); returns the path written."""
+    num_cube = len(step_trace.cube_busy_s)
+    num_vector = len(step_trace.vector_busy_s)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"traceEvents": perfetto_events(step_trace, num_cube, num_vector),
+           "displayTimeUnit": "ns",
+           "otherData": {"chip": step_trace.chip, "sim_s": step_trace.sim_s,
+                         "device_s": step_trace.device_s, "host_s": step_trace.host_s}}
+    path.write_text(json.dumps(doc))
+    return path
