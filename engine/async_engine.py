@@ -101,8 +101,8 @@ class AsyncEngine:
     def check_admission(self, num_requests: int) -> None:
         """Raise EngineDeadError or QueueFullError unless `num_requests` more can be queued.
 
-        Callers queueing several requests for one API call (n choices, several prompts) check
-        them together once, then pass `admission_checked=True` to each generate().
+        An API call queueing several requests (n choices, several prompts) checks them together,
+        then queues them with `add_request(..., admission_checked=True)` before it next awaits.
         """
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
@@ -113,14 +113,12 @@ class AsyncEngine:
             raise QueueFullError(f"{num_waiting} requests are already waiting "
                                  f"(max_waiting_requests is {self.max_waiting_requests})")
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, admission_checked: bool = False,
-                       ) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its outputs until the finished one.
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    admission_checked: bool = False) -> RequestStream:
+        """Queue a request now; returns the stream of its outputs.
 
-        Raises (first iteration) QueueFullError or EngineDeadError before queueing unless
-        `admission_checked`, ValueError if the engine rejects the request, EngineDeadError if
-        the engine dies meanwhile. Cancelling the consuming task aborts the request.
+        Raises QueueFullError or EngineDeadError (unless `admission_checked`) and ValueError for
+        an id in use; the engine's own rejection (ValueError) is raised by the stream.
         """
         if not admission_checked:
             self.check_admission(1)
@@ -130,21 +128,21 @@ class AsyncEngine:
         self._mailboxes[request_id] = mailbox
         self._num_unadmitted += 1
         self._intake.put(_Add(request_id, prompt_token_ids, params, time.monotonic()))
-        finished = False
+        return RequestStream(self, request_id, mailbox)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue a request (on first iteration) and yield its outputs until the finished one.
+
+        Raises as add_request() and its stream do. Cancelling the consuming task, or closing the
+        generator early, aborts the request.
+        """
+        stream = self.add_request(request_id, prompt_token_ids, params)
         try:
-            while True:
-                item = await mailbox.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async for output in stream:
+                yield output
         finally:
-            self._mailboxes.pop(request_id, None)
-            if not finished:  # cancelled or closed early: free its blocks now
-                self._intake.put(_Abort(request_id))
+            await stream.aclose()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown or finished)."""
@@ -208,6 +206,52 @@ class AsyncEngine:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)
 
+    def _close_stream(self, request_id: str, finished: bool) -> None:
+        self._mailboxes.pop(request_id, None)
+        if not finished:  # cancelled or closed early: free its blocks before the next step
+            self._intake.put(_Abort(request_id))
+
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in list(self._mailboxes):
             self._deliver(request_id, exc)
+
+
+class RequestStream:
+    """The outputs of one queued request, as an async iterator ending with the finished one.
+
+    `aclose()` (idempotent) aborts the request if it has not finished; the engine frees its KV
+    blocks before its next step.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str,
+                 mailbox: asyncio.Queue[RequestOutput | BaseException]) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._mailbox = mailbox
+        self._finished = False  # the last output (or an error) was received
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._mailbox.get()
+        except BaseException:  # cancelled while waiting: the client went away
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self._finished = True
+            await self.aclose()
+            raise item
+        if item.finished:
+            self._finished = True
+            await self.aclose()
+        return item
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine._close_stream(self.request_id, self._finished)

@@ -134,17 +134,13 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
     """Lower a batch (chunks in batch order) into the step's kernels."""
     t = sum(c.num_tokens for c in chunks)
     h, d = arch.hidden_size, arch.head_dim
-    menu = gemm_menu(chip)
     pads: dict[str, VectorKernel] = {}
 
     def gemm(name: str, m: int, n: int, k: int) -> GemmKernel:
-        if policy.gemm is GemmPolicy.VIRTUAL:
-            return GemmKernel(name=name, m=m, n=n, k=k, menu=menu, tasks=gemm_tasks(m, n, menu))
-        padded = bucket_rows(m, policy.gemm_buckets)
-        pads[name] = VectorKernel(name=f"{name}_pad", op=CopyOp.PAD_COPY, num_rows=padded,
-                                  row_len=k, tasks=vector_tasks(padded, k, chip), valid_rows=m)
-        return GemmKernel(name=name, m=padded, n=n, k=k, menu=menu,
-                          tasks=gemm_tasks(padded, n, menu), valid_m=m)
+        pad, kernel = lower_gemm(name, m, n, k, chip, policy)
+        if pad is not None:
+            pads[name] = pad
+        return kernel
 
     def vector(name: str, op: VectorOp, rows: int, row_len: int) -> VectorKernel:
         return VectorKernel(name=name, op=op, num_rows=rows, row_len=row_len,
@@ -181,6 +177,19 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
         num_sampled=num_sampled,
         lm_head_pad=pads.get("lm_head"),
     )
+
+
+def lower_gemm(name: str, m: int, n: int, k: int, chip: ChipSpec,
+               policy: LoweringPolicy = DEFAULT_POLICY) -> tuple[VectorKernel | None, GemmKernel]:
+    """(pad copy or None, GEMM) for `out[m, n] = x[m, k] @ w[n, k]^T` under `policy`."""
+    menu = gemm_menu(chip)
+    if policy.gemm is GemmPolicy.VIRTUAL:
+        return None, GemmKernel(name=name, m=m, n=n, k=k, menu=menu, tasks=gemm_tasks(m, n, menu))
+    padded = bucket_rows(m, policy.gemm_buckets)
+    pad = VectorKernel(name=f"{name}_pad", op=CopyOp.PAD_COPY, num_rows=padded, row_len=k,
+                       tasks=vector_tasks(padded, k, chip), valid_rows=m)
+    return pad, GemmKernel(name=name, m=padded, n=n, k=k, menu=menu,
+                           tasks=gemm_tasks(padded, n, menu), valid_m=m)
 
 
 _LAYER_ORDER = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_attn_norm",
@@ -282,10 +291,12 @@ def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: C
     """The split baseline: a prefill kernel (chunks of more than one token: prefill, chunked
     prefill, verify) and a decode kernel (single tokens), whichever are non-empty, in that order.
 
-    As torch-npu's PromptFlashAttention / IncreFlashAttention schedule them: one task group per
-    (request, KV head) in request order, holding all its Q tiles, each over its whole causal KV
-    (no KV split, no combine, no cost sort), dealt to cores round-robin. Q tiles, GQA stacking and
-    KV blocks are the meta-kernel's, so the comparison isolates scheduling and kernel count. Each
+    As torch-npu's PromptFlashAttention / IncreFlashAttention split work, over (batch, head):
+    one task group per (request, head) in request order, holding all its Q tiles, each over its
+    whole causal KV (no KV split, no combine, no cost sort), groups dealt to cores round-robin.
+    The prefill kernel's head is a query head (PFA splits N, the query heads; with GQA each task
+    reads its KV head's cache itself, re-reads mostly hitting L2); the decode kernel's is a KV
+    head with its query-head group stacked, as GQA decode kernels read each KV head once. Each
     kernel lists only its own sequences (rows keep their batch positions), so the two outputs add
     up to the batch's attention.
     """
@@ -300,18 +311,21 @@ def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: C
         max_blocks = max(len(chunks[s].block_ids) for s in members)
         block_tables = np.full((len(members), max(max_blocks, 1)), -1, dtype=np.int64)
         tasks: list[tuple[int, ...]] = []
+        heads: list[tuple[int, int]] = []
         groups: list[int] = []
         for j, s in enumerate(members):
             c = chunks[s]
             seqs[j] = (q_starts[s], c.num_tokens, c.start_pos)
             block_tables[j, :len(c.block_ids)] = c.block_ids
-            tile_rows, tokens_per_tile = attention_q_tile(c.num_tokens, g)
-            for kv_head in range(arch.num_kv_heads):
+            per_task = g if is_decode else 1  # query heads a task stacks
+            tile_rows, tokens_per_tile = attention_q_tile(c.num_tokens, per_task)
+            for head in range(0, arch.num_heads, per_task):
                 for q_offset in range(0, c.num_tokens, tokens_per_tile):
                     q_rows = min(tokens_per_tile, c.num_tokens - q_offset)
                     n_blocks = -(-(c.start_pos + q_offset + q_rows) // block_size)
-                    tasks.append((j, kv_head, q_offset, q_rows, tile_rows, 0, n_blocks, -1))
-                    groups.append(j * arch.num_kv_heads + kv_head)
+                    tasks.append((j, head // g, q_offset, q_rows, tile_rows, 0, n_blocks, -1))
+                    heads.append((head % g, per_task))
+                    groups.append(j * arch.num_heads + head)
         task_table = np.array(tasks, dtype=ATTN_TASK)
         kernels.append(AttentionKernel(
             name="decode_attention" if is_decode else "prefill_attention",
@@ -320,6 +334,7 @@ def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: C
             block_tables=block_tables, tasks=task_table,
             combine_tasks=np.zeros(0, dtype=COMBINE_TASK), num_partial_slots=0,
             max_tile_rows=int(task_table["tile_rows"].max()),
-            task_group=np.array(groups, dtype=np.int64), vector_qk=False,
+            task_group=np.array(groups, dtype=np.int64),
+            task_heads=np.array(heads, dtype=np.int64).reshape(-1, 2), vector_qk=False,
         ))
     return tuple(kernels)

@@ -31,7 +31,8 @@ Assumptions, in one place (numbers come from ChipSpec, whose comments cite them)
   AIC loads V. 3-stage vs 4-stage follows XYS Eq. 1: 3-stage when L2 holds the intermediates of
   the first wave, L2 > alpha * sum(kvLen * tileRows) with alpha the bytes of S (fp32) + P (fp16).
   KV is read from HBM once per (sequence, KV head); re-reads by other Q tiles hit L2 in
-  proportion to how much of the launch's KV fits in half the L2. Partials and S/P stay in L2.
+  proportion to how much of that sequence's KV fits in half the L2. S (fp32) and P (fp16) are
+  written to and read back from L2, never HBM (XYS 5.2.1); so are partial outputs.
   Combine tasks run on the AIVs after the attention tasks (a second phase).
 - FLOPs are useful work: 2 per MAC of valid rows and columns; attention counts the scores its
   causal mask keeps. Padding waste = 1 - useful cube MACs / issued cube MACs (masked rows and
@@ -43,6 +44,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +116,7 @@ class CostModel:
         self.aivs = chip.num_vector_cores // chip.num_cube_cores  # AIVs per AIC
         self.l2_cap = chip.l2_bytes * L2_SHARE
 
-    def _mte2_inv_rate(self, hbm_fraction: float) -> float:
+    def _mte2_inv_rate(self, hbm_fraction: Any) -> Any:
         """Cycles per byte of an MTE2 stream of which `hbm_fraction` misses L2."""
         c = self.chip
         return hbm_fraction / c.mte2_hbm_bytes_per_cycle + (
@@ -228,7 +230,8 @@ class CostModel:
         k_end = np.minimum(t["kv_block_end"] * k.block_size, horizon)
         keys = np.maximum(k_end - t["kv_block_start"] * k.block_size, 0).astype(np.float64)
         q_rows = t["q_rows"].astype(np.float64)
-        r, big_r = q_rows * g, t["tile_rows"].astype(np.float64)  # valid / tile rows
+        heads = g if k.task_heads is None else k.task_heads[:, 1].astype(np.float64)
+        r, big_r = q_rows * heads, t["tile_rows"].astype(np.float64)  # valid / tile rows
         d, dp = k.head_dim, math.ceil(k.head_dim / c.cube_k) * c.cube_k
         chunks = np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)
         kl = keys / chunks  # keys per chunk
@@ -236,11 +239,9 @@ class CostModel:
 
         kv_bytes = 2 * keys * d * b
         total_kv = float(kv_bytes.sum())
-        context = k.seqs["start_pos"] + k.seqs["q_len"]
-        unique_kv = min(total_kv, float(context.sum()) * k.num_kv_heads * d * b * 2)
-        hit = min(1.0, self.l2_cap / unique_kv) if unique_kv else 1.0
-        hbm_kv = unique_kv + (total_kv - unique_kv) * (1 - hit)
-        inv_kv = self._mte2_inv_rate(hbm_kv / total_kv if total_kv else 1.0)
+        hbm_fraction = self._attention_hbm_fraction(k, kv_bytes)[t["seq"]]  # per task
+        hbm_kv = float((kv_bytes * hbm_fraction).sum())
+        inv_kv = self._mte2_inv_rate(hbm_fraction)
         l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, self.aivs
         if stages == 2:
             # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
@@ -253,7 +254,7 @@ class CostModel:
             cube = big_r * kl_pad * dp / self.macs  # PV only
             fix = np.zeros_like(kl)  # O accumulates in L0C across chunks
             chain = vec_in + vec + vec_out + sync + cube_in + mte1 + cube
-            cube_mult, s_bytes = 1.0, r * kl * b
+            cube_mult, s_bytes = 1.0, r * kl * b  # P through L2
         else:
             upd = stages == 4
             cube_in = 2 * kl * d * b * inv_kv + r * kl * b / l2r  # K and V, P from L2
@@ -266,7 +267,7 @@ class CostModel:
             vec = (r * kl * SOFTMAX_OPS + r * d * UPDATE_OPS * upd) / self.lanes32 / aivs
             vec_out = (r * kl * b + o_bytes) / c.mte3_bytes_per_cycle / aivs
             chain = cube_in + mte1 + cube + fix + 2 * sync + vec_in + vec + vec_out + sync * upd
-            cube_mult, s_bytes = 2.0, r * kl * (ACCUM_BYTES + 2 * b)
+            cube_mult, s_bytes = 2.0, r * kl * (ACCUM_BYTES + b)  # S and P through L2
         steady = np.maximum(np.maximum(np.maximum(cube_in, mte1), np.maximum(cube, fix)),
                             np.maximum(np.maximum(vec_in, vec), vec_out))
         q_load = r * d * b / c.mte2_hbm_bytes_per_cycle
@@ -276,7 +277,7 @@ class CostModel:
         cycles = c.task_dispatch_cycles + q_load + np.where(keys > 0, body, 0) + (
             out_bytes / c.fixpipe_bytes_per_cycle)
         diagonal = k_end >= horizon  # the span reaches the causal diagonal of its tile
-        visible = r * keys - np.where(diagonal, g * q_rows * (q_rows - 1) / 2, 0)
+        visible = r * keys - np.where(diagonal, heads * q_rows * (q_rows - 1) / 2, 0)
         q_bytes = float((r * d * b).sum())
         main = TaskCosts(
             unit=Unit.MIX, cycles=cycles, core_overhead_cycles=c.gm_latency_cycles,
@@ -290,6 +291,17 @@ class CostModel:
             cube_macs=float((cube_mult * big_r * kl_pad * dp * chunks).sum()),
             useful_cube_macs=cube_mult * float((r * keys).sum()) * d, pipeline=pipeline)
         return main, self._combine(k)
+
+    def _attention_hbm_fraction(self, k: AttentionKernel, kv_bytes: np.ndarray) -> np.ndarray:
+        """Per sequence, the fraction of its tasks' K/V reads that come from HBM: its KV (all
+        heads) once, and the re-reads by its other Q tiles in proportion to how much of that KV
+        fits the L2 share."""
+        total = np.bincount(k.tasks["seq"], weights=kv_bytes, minlength=len(k.seqs))
+        context = (k.seqs["start_pos"] + k.seqs["q_len"]).astype(np.float64)
+        unique = np.minimum(total, context * k.num_kv_heads * k.head_dim * self.bytes * 2)
+        hit = np.minimum(1.0, self.l2_cap / np.maximum(unique, 1.0))
+        hbm = unique + (total - unique) * (1.0 - hit)
+        return np.where(total > 0, hbm / np.maximum(total, 1.0), 1.0)
 
     def _combine(self, k: AttentionKernel) -> TaskCosts:
         c, t = self.chip, k.combine_tasks

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from npu_sim.cost import CostModel, TaskCosts, Unit
+from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.kernels import run_attention, run_gemm, run_vector
 from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel

@@ -73,9 +73,11 @@ class ChipSpec:
     # ub_to_ddr = ub_to_l2 = 64 and the L2 write port is 86; we take 64 (the conservative one).
     fixpipe_bytes_per_cycle: float = 64.0
     mte3_bytes_per_cycle: float = 64.0  # UB->GM [INI ub_to_ddr_rate = ub_to_l2_rate]
-    # Aggregate L2 read bandwidth: cores x l2_rate x clock (INI-derived, 4.75 TB/s on B2). ATB's
-    # tiling assumes L2 = 5x HBM, a ratio for its heuristic rather than a rate; the INI wins.
-    l2_bytes_per_s: float = 24 * 110.0 * 1.8e9
+    # Aggregate L2 bandwidth, all traffic of all cores: ATB's matmul tiling cost model takes
+    # L2 = 5x HBM (pp_matmul_info.h), 8.8 TB/s with MSM's HBM. The INI's per-core rate times the
+    # AIC count (24 x 110 B x 1.8 GHz = 4.75 TB/s) is only the AICs' ports; the AIVs have their
+    # own, so it is no bound on L2 itself. The per-core rates above bound each core either way.
+    l2_bytes_per_s: float = 5 * 1.6 * 1024**4
     # --- overheads
     # Device-side cost per kernel launch: MSM's static per-op costs, 5 us per cube op and 2 us per
     # vector op. The attention meta-kernel is a mixed (cube-driven) kernel: the cube figure.
@@ -143,7 +145,7 @@ def _910b(name: str, num_cube_cores: int, clock_mhz: int, hbm_gib: int, l2_mib: 
         # halved GM bandwidth pto-isa's FA model agrees with, gm_scale=2). Third-party figures
         # (0.4-1.2 TB/s) are unsourced; MSM is first-party.
         hbm_bytes_per_s=hbm_tib_per_s * 1024**4,
-        l2_bytes_per_s=num_cube_cores * 110.0 * clock_mhz * 1e6,
+        l2_bytes_per_s=5 * hbm_tib_per_s * 1024**4,
     )
 
 

@@ -157,6 +157,10 @@ class AttentionKernel:
     # meta-kernel: every task is dealt on its own, symmetric round-robin over the heaviest-first
     # task list.
     task_group: np.ndarray | None = None
+    # Split baseline: int64 (num_tasks, 2) [first query head within the KV head's group, number
+    # of query heads] a task computes (one query head per task, as PFA / IFA split heads). None =
+    # every task stacks all group_size query heads of its KV head.
+    task_heads: np.ndarray | None = None
     # Decode-only launches may move QK onto the vector cores (the paper's 2-stage pipeline);
     # False keeps QK on the cube whatever the batch (the split baseline's decode kernel).
     vector_qk: bool = True

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, RequestStream
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import FinishReason, SamplingParams
 from server.errors import BadRequestError, InternalServerError
@@ -57,15 +57,15 @@ class GenerationGroup:
                  prompts: Sequence[PromptInput], params: Sequence[SamplingParams]) -> None:
         self.prompts = list(prompts)
         self.choices: list[Choice] = []
-        self._gens: list[AsyncIterator[RequestOutput]] = []
+        self._requests: list[tuple[str, list[int], SamplingParams]] = []  # queued by start()
         for prompt, sp in zip(prompts, params, strict=True):
             for i in range(sp.n):
                 choice = Choice(index=len(self.choices), prompt=prompt)
                 self.choices.append(choice)
-                self._gens.append(engine.generate(f"{request_id}-{choice.index}",
-                                                  prompt.token_ids, sp.for_choice(i),
-                                                  admission_checked=True))
+                self._requests.append((f"{request_id}-{choice.index}", prompt.token_ids,
+                                       sp.for_choice(i)))
         self._engine = engine
+        self._gens: list[RequestStream] = []
         self._metrics = metrics
         self._queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException] = \
             asyncio.Queue()
@@ -80,7 +80,11 @@ class GenerationGroup:
         Raises (after aborting the sub-requests already queued): QueueFullError, EngineDeadError,
         BadRequestError when the engine rejects a request (ValueError).
         """
-        self._engine.check_admission(len(self._gens))  # all choices together, once
+        # All choices are admitted together and queued before the next await, so a burst of
+        # calls cannot all pass the queue check before any of them is counted as waiting.
+        self._engine.check_admission(len(self._requests))
+        self._gens = [self._engine.add_request(*r, admission_checked=True)
+                      for r in self._requests]
         firsts: list[RequestOutput | BaseException] = []
         try:
             firsts = await asyncio.gather(*(anext(g) for g in self._gens),
@@ -99,7 +103,7 @@ class GenerationGroup:
                        for choice, gen, first in zip(self.choices, self._gens, firsts,
                                                      strict=True)]
 
-    async def _pump(self, choice: Choice, gen: AsyncIterator[RequestOutput],
+    async def _pump(self, choice: Choice, gen: RequestStream,
                     first: RequestOutput) -> None:
         try:
             delta = first
@@ -111,7 +115,7 @@ class GenerationGroup:
         except Exception as exc:  # EngineDeadError and the like: the consumer raises it
             self._queue.put_nowait(exc)
         finally:
-            await gen.aclose()  # type: ignore[attr-defined]  # aborts it if unfinished
+            await gen.aclose()  # aborts it if unfinished
 
     async def __aiter__(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
         """Yield (choice, delta) as deltas arrive, the choice already updated with the delta.
@@ -162,7 +166,7 @@ class GenerationGroup:
         # A pump cancelled before it ever ran never closed its generator, and a rejected call
         # has no pumps: close them all here (no-op when finished, an abort when queued).
         for gen in self._gens:
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()
 
     async def __aenter__(self) -> GenerationGroup:
         await self.start()

@@ -45,19 +45,20 @@ def _run_tasks(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
     ws_o = q.new_zeros(kernel.num_partial_slots, kernel.max_tile_rows, d, dtype=torch.float32)
     ws_lse = q.new_full((kernel.num_partial_slots, kernel.max_tile_rows), -math.inf,
                         dtype=torch.float32)
-    for t in kernel.tasks:
+    for i, t in enumerate(kernel.tasks):
         q_start, q_len, start_pos = kernel.seqs[t["seq"]].tolist()
         rows = _rows(q_start + t["q_offset"], t["q_rows"])
-        heads = slice(t["kv_head"] * g, (t["kv_head"] + 1) * g)
-        q_tile = q[rows, heads].reshape(-1, d).float()  # (q_rows * G, D) stacked
+        h0, nh = (0, g) if kernel.task_heads is None else kernel.task_heads[i].tolist()
+        heads = slice(t["kv_head"] * g + h0, t["kv_head"] * g + h0 + nh)
+        q_tile = q[rows, heads].reshape(-1, d).float()  # (q_rows * nh, D) stacked
         assert q_tile.shape[0] <= t["tile_rows"], "Q tile overflows its tile"
         # position of each stacked row's token
-        q_pos = (start_pos + t["q_offset"] + np.arange(t["q_rows"])).repeat(g)
+        q_pos = (start_pos + t["q_offset"] + np.arange(t["q_rows"])).repeat(nh)
         o, lse = _online_softmax(kernel, q_tile, torch.from_numpy(q_pos), start_pos + q_len,
                                  kernel.block_tables[t["seq"]], t["kv_block_start"],
                                  t["kv_block_end"], int(t["kv_head"]), k_cache, v_cache)
         if t["partial_slot"] < 0:
-            out[rows, heads] = o.view(t["q_rows"], g, d).to(out.dtype)
+            out[rows, heads] = o.view(t["q_rows"], nh, d).to(out.dtype)
         else:
             ws_o[t["partial_slot"], :len(o)] = o
             ws_lse[t["partial_slot"], :len(o)] = lse

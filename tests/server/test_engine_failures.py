@@ -6,11 +6,9 @@ marked prompts, and the 503 case stops the real engine thread.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from fastapi.testclient import TestClient
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, RequestStream
 from engine.outputs import RequestOutput
 from engine.request import FinishReason, SamplingParams
 from server.app import build_app
@@ -22,23 +20,39 @@ CRASH = "please crash"  # prompt that makes the stub engine raise
 FAIL = "please fail"  # prompt that makes it report finish_reason "error" after one token
 
 
+class ScriptedStream:
+    """A request stream that yields fixed outputs (the engine reports an error after one)."""
+
+    def __init__(self, outputs: list[RequestOutput]) -> None:
+        self._outputs = iter(outputs)
+
+    def __aiter__(self) -> ScriptedStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        try:
+            return next(self._outputs)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        pass
+
+
 class FaultyEngine(AsyncEngine):
     """A real AsyncEngine, except for the marked prompts."""
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, admission_checked: bool = False,
-                       ) -> AsyncIterator[RequestOutput]:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    admission_checked: bool = False) -> RequestStream:
         text = self.core.tokenizer.decode(prompt_token_ids)
         if CRASH in text:
             raise RuntimeError("secret internal detail")
         if FAIL in text:
-            yield RequestOutput(request_id, (42,), "x", None, None, len(prompt_token_ids), 1)
-            yield RequestOutput(request_id, (), "", None, FinishReason.ERROR,
-                                len(prompt_token_ids), 1)
-            return
-        async for output in super().generate(request_id, prompt_token_ids, params,
-                                             admission_checked):
-            yield output
+            n = len(prompt_token_ids)
+            return ScriptedStream([  # type: ignore[return-value]
+                RequestOutput(request_id, (42,), "x", None, None, n, 1),
+                RequestOutput(request_id, (), "", None, FinishReason.ERROR, n, 1)])
+        return super().add_request(request_id, prompt_token_ids, params, admission_checked)
 
 
 def test_500_without_traceback_then_serves(make_core: MakeCore) -> None:
