@@ -36,6 +36,9 @@ from npu_sim.trace import KernelTiming, StepTrace, build_step_trace
 
 _SHAPE_CACHE_SIZE = 512
 _STEP_CACHE_LIMIT = 4096  # launches outside begin/end_step: forget old kernels eventually
+# An engine step is a few hundred launches; a caller that never calls end_step would grow the
+# open step forever, so past this many launches it is restarted (its launches dropped).
+_MAX_OPEN_LAUNCHES = 1 << 16
 
 
 def deal(num_tasks: int, num_cores: int, symmetric: bool = False,
@@ -96,6 +99,8 @@ class Device:
         self.num_launches[kernel.primitive] += 1
         self.num_tasks[kernel.primitive] += num_tasks
         timing = self._timing(kernel)
+        if len(self._launches) >= _MAX_OPEN_LAUNCHES:
+            self.begin_step()
         self._launches.append(timing)
         self.last_timing = timing
         return out

@@ -157,25 +157,32 @@ def perfetto_events(step: StepTrace, num_cube_cores: int, num_vector_cores: int,
     aivs_per_aic = max(1, num_vector_cores // num_cube_cores)
     events: list[dict[str, Any]] = []
     used: set[int] = set()
+    per_kernel: dict[int, list[tuple[str, list[int], float, float]]] = {}
     for timing, start_s in zip(step.kernels, step.kernel_start_s, strict=True):
+        tasks = per_kernel.get(id(timing))
+        if tasks is None:  # labels and tracks once per distinct kernel (layers repeat them)
+            tasks = []
+            for i in range(timing.num_tasks):
+                unit, core = int(timing.task_unit[i]), int(timing.task_core[i])
+                if unit == Unit.AIC:
+                    tids = [core]
+                elif unit == Unit.AIV:
+                    tids = [num_cube_cores + core]
+                else:  # attention: the AIC and the AIVs it drives
+                    tids = [core] + [num_cube_cores + core * aivs_per_aic + j
+                                     for j in range(aivs_per_aic)]
+                used.update(tids)
+                tasks.append((task_label(timing.kernel, i), tids,
+                              float(timing.task_start_cycles[i]) * us_per_cycle,
+                              float(timing.task_cycles[i]) * us_per_cycle))
+            per_kernel[id(timing)] = tasks
         base_us = start_s * 1e6 + timing.launch_cycles * us_per_cycle
-        for i in range(timing.num_tasks):
-            unit, core = int(timing.task_unit[i]), int(timing.task_core[i])
-            if unit == Unit.AIC:
-                tids = [core]
-            elif unit == Unit.AIV:
-                tids = [num_cube_cores + core]
-            else:  # attention: the AIC and the AIVs it drives
-                tids = [core] + [num_cube_cores + core * aivs_per_aic + j
-                                 for j in range(aivs_per_aic)]
-            name = task_label(timing.kernel, i)
-            ts = base_us + float(timing.task_start_cycles[i]) * us_per_cycle
-            dur = float(timing.task_cycles[i]) * us_per_cycle
-            for tid in tids:
-                used.add(tid)
-                events.append({"name": name, "cat": timing.primitive.value, "ph": "X", "pid": 0,
-                               "tid": tid, "ts": ts, "dur": dur,
-                               "args": {"kernel": timing.name, "pipeline": timing.pipeline}})
+        args = {"kernel": timing.name, "pipeline": timing.pipeline}
+        cat = timing.primitive.value
+        for name, tids, start_us, dur_us in tasks:
+            ts, dur = round(base_us + start_us, 4), round(dur_us, 4)
+            events.extend({"name": name, "cat": cat, "ph": "X", "pid": 0, "tid": tid, "ts": ts,
+                           "dur": dur, "args": args} for tid in tids)
     meta: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 0,
                                    "args": {"name": f"NPU {step.chip} (simulated)"}}]
     for tid in sorted(used):
@@ -198,5 +205,5 @@ def write_perfetto(step_trace: StepTrace, path: str | Path) -> Path:
            "displayTimeUnit": "ns",
            "otherData": {"chip": step_trace.chip, "sim_s": step_trace.sim_s,
                          "device_s": step_trace.device_s, "host_s": step_trace.host_s}}
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(doc, separators=(",", ":")))
     return path

@@ -74,6 +74,12 @@ def add_serve_parser(subparsers: Any) -> None:
     e.add_argument("--num-kv-blocks", type=int, default=num_kv_blocks,
                    help="KV-cache blocks (default: "
                         f"{_describe(num_kv_blocks, 'as many as the memory budget holds')})")
+    e.add_argument("--kv-cache-memory-bytes", type=int,
+                   default=_default(CacheConfig, "kv_cache_memory_bytes"),
+                   help="memory budget of the KV cache when --num-kv-blocks is not given "
+                        "(default: %(default)s)")
+    e.add_argument("--strict-kernels", action="store_true",
+                   help="run every kernel task by task (the reference path; slow)")
     e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
                    choices=typing.get_args(Dtype), help="CPU compute dtype (default: %(default)s)")
     e.add_argument("--seed", type=int, default=_default(EngineConfig, "seed"),
@@ -104,7 +110,9 @@ def run_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level)
         engine_config = EngineConfig.from_kwargs(
             model=args.model, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-            num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+            num_kv_blocks=args.num_kv_blocks,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            strict_kernels=args.strict_kernels, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     except ValueError as exc:
         print(f"xyserve serve: error: {exc}", file=sys.stderr)
