@@ -20,16 +20,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from engine.core import EngineCore
 from engine.outputs import RequestOutput
 from engine.request import SamplingParams
-from engine.stats import SchedulerStats
+from engine.stats import IterationStats, SchedulerStats
 
 logger = logging.getLogger("xyserve")
 
+StatLogger = Callable[[SchedulerStats, IterationStats], None]
 IDLE_POLL_S = 0.05  # wall seconds the idle engine thread waits on the intake before rechecking
 
 
@@ -57,9 +58,12 @@ class _Abort:
 class AsyncEngine:
     """Runs an EngineCore on its own thread; `generate()` streams each request's outputs."""
 
-    def __init__(self, core: EngineCore, max_waiting_requests: int | None = None) -> None:
+    def __init__(self, core: EngineCore, max_waiting_requests: int | None = None,
+                 stat_loggers: Sequence[StatLogger] = ()) -> None:
         self.core = core
         self.max_waiting_requests = max_waiting_requests  # None = unbounded
+        # Called on the engine thread after every step; must be quick and thread-safe.
+        self.stat_loggers = list(stat_loggers)
         self._intake: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._mailboxes: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -191,6 +195,10 @@ class AsyncEngine:
         self._stats = self.core.scheduler.make_stats()
         for output in outputs:
             self._deliver(output.request_id, output)
+        iteration_stats = self.core.last_stats
+        if iteration_stats is not None:
+            for stat_logger in self.stat_loggers:
+                stat_logger(self._stats, iteration_stats)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self._call_on_loop(self._put, request_id, item)

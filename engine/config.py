@@ -8,9 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from npu_sim.hardware import DEFAULT_CHIP
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 Dtype = Literal["auto", "float32", "bfloat16"]
+NpuDtype = Literal["bf16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,17 @@ class EngineConfig:
     dtype: Dtype = "auto"  # CPU compute dtype; auto = bfloat16 where the CPU has native bf16
     seed: int = 0  # seed of the sampler's shared RNG (requests without their own seed)
     strict_kernels: bool = False  # run every kernel task by task (reference path); slow
+    npu: str = DEFAULT_CHIP  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file
+    npu_dtype: NpuDtype = "bf16"  # operand dtype the cost model assumes on the NPU
+    npu_trace_dir: str | None = None  # write Perfetto timelines of the first steps here
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", self.dtype,
                  "must be auto, float32 or bfloat16")
+        _require(self.npu_dtype in ("bf16", "fp16"), "npu_dtype", self.npu_dtype,
+                 "must be bf16 or fp16")
 
     @staticmethod
     def from_kwargs(**kwargs: Any) -> EngineConfig:

@@ -13,6 +13,7 @@ from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.core import EngineCore
 from engine.outputs import TokenLogprob
 from engine.request import FinishReason, SamplingParams
+from engine.stats import RequestMetrics
 
 Prompt = str | Sequence[int]
 
@@ -26,6 +27,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)  # generated token ids
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[TokenLogprob] | None = None  # per token, when asked for
+    metrics: RequestMetrics | None = None  # latencies on both clocks, once finished
 
 
 @dataclass
@@ -103,5 +105,6 @@ class LLM:
                         out.logprobs.extend(delta.new_logprobs)
                     if delta.finish_reason is not None:
                         out.finish_reason = FinishReason(delta.finish_reason).value
+                        out.metrics = delta.metrics
                         bar.update(1)
         return results

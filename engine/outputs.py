@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.request import FinishReason
+from engine.stats import RequestMetrics
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class RequestOutput:
     finish_reason: FinishReason | None  # None while generating
     num_prompt_tokens: int  # prompt length
     num_output_tokens: int  # generated tokens so far (including these)
+    metrics: RequestMetrics | None = None  # latencies on both clocks, on the finished output
 
     @property
     def finished(self) -> bool:

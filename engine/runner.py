@@ -33,10 +33,11 @@ class ModelRunner:
     """Owns the model weights, the paged KV cache tensors, the device and the sampler."""
 
     def __init__(self, loaded: LoadedModel, dtype: torch.dtype, chip: ChipSpec,
-                 num_kv_blocks: int, block_size: int, seed: int, strict: bool = False) -> None:
+                 num_kv_blocks: int, block_size: int, seed: int, strict: bool = False,
+                 npu_dtype: str = "bf16") -> None:
         self.model = LlamaModel(loaded, dtype)
         self.arch = loaded.arch
-        self.device = Device(chip, strict=strict)
+        self.device = Device(chip, strict=strict, dtype=npu_dtype)
         self.block_size = block_size
         shape = (self.arch.num_layers, num_kv_blocks, block_size, self.arch.num_kv_heads,
                  self.arch.head_dim)
@@ -60,10 +61,12 @@ class ModelRunner:
         inputs = self._step_inputs(scheduler_output)
         plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids) for c in chunks],
                           len(inputs.sample_rows), self.arch, self.device.chip, self.block_size)
+        self.device.begin_step()
         logits = self.model.forward(self.device, plan, inputs, self.k_caches, self.v_caches)
+        trace = self.device.end_step()
         sampled = [c for c in chunks if c.sample]
         if logits is None:
-            return ModelOutput(sampled_token_ids={})
+            return ModelOutput(sampled_token_ids={}, trace=trace)
         rows = []
         for c in sampled:
             req = requests[c.request_id]
@@ -75,7 +78,7 @@ class ModelRunner:
         token_ids = {c.request_id: (tok,) for c, (tok, _) in zip(sampled, results, strict=True)}
         logprobs = {c.request_id: (lp,) for c, (_, lp) in zip(sampled, results, strict=True)
                     if lp is not None}
-        return ModelOutput(sampled_token_ids=token_ids, logprobs=logprobs)
+        return ModelOutput(sampled_token_ids=token_ids, logprobs=logprobs, trace=trace)
 
     def _step_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
         bs = self.block_size

@@ -6,6 +6,7 @@ Nothing here imports prometheus_client: the engine records numbers, the server e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -17,3 +18,58 @@ class SchedulerStats:
     kv_cache_usage: float  # fraction of KV blocks in use, in [0, 1]
     num_preemptions: int  # preemptions since the scheduler started (cumulative, a counter)
     num_free_blocks: int  # KV blocks free right now
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Latencies of one finished request on both clocks (wall seconds and simulated NPU seconds).
+
+    Wall times are what this CPU took; simulated times are what the cost model says the NPU
+    would take for the same steps (each step's simulated time, plus its modelled host overhead).
+    """
+
+    queue_s: float  # wall: arrival -> first scheduled
+    ttft_s: float  # wall: arrival -> first token
+    e2e_s: float  # wall: arrival -> finished
+    ttft_sim_s: float  # simulated: arrival -> first token
+    e2e_sim_s: float  # simulated: arrival -> finished
+    num_prompt_tokens: int  # prompt length
+    num_output_tokens: int  # tokens generated
+
+    @property
+    def tpot_s(self) -> float:
+        """Wall time per output token after the first (0 with one token)."""
+        return (self.e2e_s - self.ttft_s) / max(1, self.num_output_tokens - 1)
+
+    @property
+    def tpot_sim_s(self) -> float:
+        return (self.e2e_sim_s - self.ttft_sim_s) / max(1, self.num_output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class FinishedRequestStats:
+    """One request that finished this step."""
+
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    metrics: RequestMetrics  # its latencies
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    """What one engine step did, on both clocks. Emitted once per step."""
+
+    num_prompt_tokens: int  # prompt (prefill) tokens computed this step, recomputation included
+    num_generation_tokens: int  # tokens sampled this step
+    num_preempted_reqs: int  # requests preempted this step
+    step_s: float  # wall seconds the step took
+    step_sim_s: float  # simulated NPU seconds of the step (0 when nothing ran)
+    ttfts_s: tuple[float, ...]  # wall TTFT of each request whose first token came this step
+    ttfts_sim_s: tuple[float, ...]  # the same on the simulated clock
+    inter_token_latencies_s: tuple[float, ...]  # wall gap since each request's previous token
+    inter_token_latencies_sim_s: tuple[float, ...]  # the same on the simulated clock
+    finished: tuple[FinishedRequestStats, ...]  # requests that finished this step
+    trace: Any = None  # the step's npu_sim StepTrace (None when nothing ran)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_generation_tokens

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
-from engine.config import CacheConfig, Dtype, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, Dtype, EngineConfig, NpuDtype, SchedulerConfig
 from server.config import LOG_LEVELS, ServerConfig
 
 logger = logging.getLogger("xyserve")
@@ -85,7 +85,30 @@ def add_serve_parser(subparsers: Any) -> None:
     e.add_argument("--seed", type=int, default=_default(EngineConfig, "seed"),
                    help="seed of the sampler for requests without their own (default: "
                         "%(default)s)")
+    n = p.add_argument_group("simulated NPU")
+    n.add_argument("--npu", default=_default(EngineConfig, "npu"),
+                   help="chip preset (910b1, 910b2, 910b3, 910b4) or a JSON / YAML chip file "
+                        "(default: %(default)s)")
+    n.add_argument("--npu-dtype", default=_default(EngineConfig, "npu_dtype"),
+                   choices=typing.get_args(NpuDtype),
+                   help="operand dtype the NPU cost model assumes (default: %(default)s)")
+    n.add_argument("--npu-trace", default=_default(EngineConfig, "npu_trace_dir"), metavar="DIR",
+                   help="write Perfetto / Chrome timelines (a track per AI core) of the first "
+                        "steps into DIR; open them in ui.perfetto.dev")
     p.set_defaults(func=run_serve)
+
+
+def add_kernels_parser(subparsers: Any) -> None:
+    # Listed here for `xyserve --help`; main() hands `kernels ...` to the sweep, which owns its
+    # options (`xyserve kernels --help`).
+    subparsers.add_parser("kernels", help="kernel sweeps on the simulated NPU: meta primitives "
+                                          "vs their baselines")
+
+
+def run_kernels(argv: list[str]) -> int:
+    from engine.sweeps import main as sweeps_main
+
+    return sweeps_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible LLM serving on a simulated Ascend NPU.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(subparsers)
+    add_kernels_parser(subparsers)
     return parser
 
 
@@ -112,7 +136,8 @@ def run_serve(args: argparse.Namespace) -> int:
             model=args.model, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-            strict_kernels=args.strict_kernels, max_num_seqs=args.max_num_seqs,
+            strict_kernels=args.strict_kernels, npu=args.npu, npu_dtype=args.npu_dtype,
+            npu_trace_dir=args.npu_trace, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     except ValueError as exc:
         print(f"xyserve serve: error: {exc}", file=sys.stderr)
@@ -147,6 +172,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `xyserve` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["kernels"]:
+        return run_kernels(argv[1:])
     args = build_parser().parse_args(argv)
     status: int = args.func(args)
     return status

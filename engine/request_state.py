@@ -1,0 +1,58 @@
+"""What the engine keeps of a request on the output side: its detokenizer and its timeline.
+
+The scheduler's `Request` knows tokens and blocks; this knows text and time, on both clocks:
+wall seconds (time.monotonic) and simulated NPU seconds (the engine's simulated clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.stats import RequestMetrics
+
+
+@dataclass
+class RequestState:
+    """Output-side state of one unfinished request."""
+
+    detokenizer: IncrementalDetokenizer  # text deltas and stop strings
+    num_prompt_tokens: int  # prompt length
+    arrival_s: float  # wall clock when accepted
+    arrival_sim_s: float  # simulated clock when accepted
+    num_output_tokens: int = 0  # tokens generated so far
+    first_scheduled_s: float | None = None  # wall clock of its first step
+    first_token_s: float | None = None  # wall clock of its first token
+    first_token_sim_s: float | None = None  # simulated clock of its first token
+    last_token_s: float = 0.0  # wall clock of its latest token
+    last_token_sim_s: float = 0.0  # simulated clock of its latest token
+
+    def record_tokens(self, num_new_tokens: int, now_s: float, now_sim_s: float,
+                      ) -> tuple[float, float, bool]:
+        """Note new tokens at (now_s, now_sim_s); returns the latency they close on both clocks
+        (TTFT for the first token, else the inter-token gap) and whether it is the first."""
+        first = self.first_token_s is None
+        if first:
+            self.first_token_s, self.first_token_sim_s = now_s, now_sim_s
+            latency = (now_s - self.arrival_s, now_sim_s - self.arrival_sim_s)
+        else:
+            latency = (now_s - self.last_token_s, now_sim_s - self.last_token_sim_s)
+        self.num_output_tokens += num_new_tokens
+        self.last_token_s, self.last_token_sim_s = now_s, now_sim_s
+        return latency[0], latency[1], first
+
+    def metrics(self, now_s: float, now_sim_s: float) -> RequestMetrics:
+        """Latencies of the request finishing at (now_s, now_sim_s)."""
+        first_token_s = self.first_token_s if self.first_token_s is not None else now_s
+        first_token_sim_s = (self.first_token_sim_s if self.first_token_sim_s is not None
+                             else now_sim_s)
+        scheduled_s = self.first_scheduled_s if self.first_scheduled_s is not None else now_s
+        return RequestMetrics(
+            queue_s=scheduled_s - self.arrival_s,
+            ttft_s=first_token_s - self.arrival_s,
+            e2e_s=now_s - self.arrival_s,
+            ttft_sim_s=first_token_sim_s - self.arrival_sim_s,
+            e2e_sim_s=now_sim_s - self.arrival_sim_s,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=self.num_output_tokens,
+        )
