@@ -14,6 +14,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 Dtype = Literal["auto", "float32", "bfloat16"]
 NpuDtype = Literal["bf16", "fp16"]
+SchedulingPolicy = Literal["token_budget", "prefill_first"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     max_num_seqs: int = 64  # requests running at once
     max_model_len: int | None = None  # prompt + output tokens; None = the model's limit
+    policy: SchedulingPolicy = "token_budget"  # "prefill_first": the unchunked baseline
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
@@ -47,6 +49,8 @@ class SchedulerConfig:
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be at least 1")
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len",
                  self.max_model_len, "must be at least 2")
+        _require(self.policy in ("token_budget", "prefill_first"), "policy", self.policy,
+                 "must be token_budget or prefill_first")
 
 
 @dataclass(frozen=True)

@@ -97,20 +97,44 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks within the token budget.
 
-        Running requests first, in admission order (so decodes go before new prefills), each
-        clipped to the budget left; when KV blocks run out the latest admitted running request is
-        preempted (blocks freed, sent to the front of `waiting` to recompute later). Then, if
-        nothing was preempted, waiting requests are admitted FCFS while budget and
-        `max_num_seqs` allow, stopping at the first whose blocks cannot be allocated.
+        Policy "token_budget" (default): running requests first, in admission order (so decodes
+        go before new prefills), each clipped to the budget left; when KV blocks run out the
+        latest admitted running request is preempted (blocks freed, sent to the front of
+        `waiting` to recompute later). Then, if nothing was preempted, waiting requests are
+        admitted FCFS while budget and `max_num_seqs` allow, stopping at the first whose blocks
+        cannot be allocated; a long prompt is chunked across steps.
+
+        Policy "prefill_first" (the unchunked baseline): a step admits whole prompts only and
+        then runs no decodes; only when nothing can be admitted do the running requests decode.
+        The first prompt of a step may exceed the budget (it is never split).
 
         Does not advance `num_computed_tokens`; `update_from_output` does.
         """
-        token_budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted_ids: list[str] = []
+        if self.config.policy == "prefill_first":
+            self._admit_waiting(chunks, self.config.max_num_batched_tokens, whole=True)
+            if not chunks:
+                self._schedule_running(chunks, preempted_ids)
+        else:
+            token_budget = self._schedule_running(chunks, preempted_ids)
+            # Waiting requests, only on a step without preemption: a request just preempted
+            # for lack of blocks must not be readmitted at once, and nothing may jump ahead.
+            if not preempted_ids:
+                self._admit_waiting(chunks, token_budget, whole=False)
+        finished_ids, self._finished_ids = tuple(self._finished_ids), []
+        return SchedulerOutput(
+            chunks=tuple(chunks),
+            preempted_ids=tuple(preempted_ids),
+            finished_ids=finished_ids,
+        )
 
-        # Running requests. Victims are popped from the tail, i.e. always from the requests
-        # not yet scheduled this step (index >= i), so no chunk ever refers to a freed table.
+    def _schedule_running(self, chunks: list[ScheduledChunk], preempted_ids: list[str]) -> int:
+        """Append the running requests' chunks (preempting from the tail when blocks run out);
+        returns the token budget left."""
+        token_budget = self.config.max_num_batched_tokens
+        # Victims are popped from the tail, i.e. always from the requests not yet scheduled
+        # this step (index >= i), so no chunk ever refers to a freed table.
         i = 0
         while i < len(self.running) and token_budget > 0:
             request = self.running[i]
@@ -129,29 +153,26 @@ class Scheduler:
                 chunks.append(_make_chunk(request, num_new_tokens))
                 token_budget -= num_new_tokens
                 i += 1
+        return token_budget
 
-        # Waiting requests, only on a step without preemption: a request just preempted for
-        # lack of blocks must not be readmitted at once, and nothing may jump ahead of it.
-        if not preempted_ids:
-            while (
-                self.waiting and token_budget > 0 and len(self.running) < self.config.max_num_seqs
-            ):
-                request = self.waiting[0]
-                num_new_tokens = min(request.num_tokens - request.num_computed_tokens, token_budget)
-                if not self.kv_cache.allocate_slots(request, num_new_tokens):
-                    break  # FCFS: nobody skips ahead of the head of the queue
-                self.waiting.popleft()
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-                chunks.append(_make_chunk(request, num_new_tokens))
-                token_budget -= num_new_tokens
-
-        finished_ids, self._finished_ids = tuple(self._finished_ids), []
-        return SchedulerOutput(
-            chunks=tuple(chunks),
-            preempted_ids=tuple(preempted_ids),
-            finished_ids=finished_ids,
-        )
+    def _admit_waiting(self, chunks: list[ScheduledChunk], token_budget: int,
+                       whole: bool) -> None:
+        """Admit waiting requests FCFS into `chunks` while budget, max_num_seqs and blocks
+        allow. whole=True never splits a prompt (the first one may exceed the budget)."""
+        while self.waiting and token_budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new_tokens = request.num_tokens - request.num_computed_tokens
+            if not whole:
+                num_new_tokens = min(num_new_tokens, token_budget)
+            elif chunks and num_new_tokens > token_budget:
+                break
+            if not self.kv_cache.allocate_slots(request, num_new_tokens):
+                break  # FCFS: nobody skips ahead of the head of the queue
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(_make_chunk(request, num_new_tokens))
+            token_budget -= num_new_tokens
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_output: ModelOutput

@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
-from engine.config import CacheConfig, Dtype, EngineConfig, NpuDtype, SchedulerConfig
+from engine.config import (
+    CacheConfig,
+    Dtype,
+    EngineConfig,
+    NpuDtype,
+    SchedulerConfig,
+    SchedulingPolicy,
+)
 from server.config import LOG_LEVELS, ServerConfig
 
 logger = logging.getLogger("xyserve")
@@ -68,6 +75,10 @@ def add_serve_parser(subparsers: Any) -> None:
     e.add_argument("--max-model-len", type=int, default=max_model_len,
                    help="prompt + output tokens at most (default: "
                         f"{_describe(max_model_len, 'the model limit')})")
+    e.add_argument("--scheduling-policy", default=_default(SchedulerConfig, "policy"),
+                   choices=typing.get_args(SchedulingPolicy),
+                   help="token_budget: chunked prefill mixed with decodes; prefill_first: the "
+                        "unchunked baseline (default: %(default)s)")
     e.add_argument("--block-size", type=int, default=_default(CacheConfig, "block_size"),
                    help="tokens per KV-cache block (default: %(default)s)")
     num_kv_blocks = _default(CacheConfig, "num_kv_blocks")
@@ -137,7 +148,8 @@ def run_serve(args: argparse.Namespace) -> int:
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             strict_kernels=args.strict_kernels, npu=args.npu, npu_dtype=args.npu_dtype,
-            npu_trace_dir=args.npu_trace, max_num_seqs=args.max_num_seqs,
+            npu_trace_dir=args.npu_trace, policy=args.scheduling_policy,
+            max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     except ValueError as exc:
         print(f"xyserve serve: error: {exc}", file=sys.stderr)

@@ -68,11 +68,13 @@ def _make_scheduler(
     num_kv_blocks: int = 64,
     block_size: int = 4,
     max_model_len: int = 256,
+    policy: str = "token_budget",
 ) -> Scheduler:
     config = SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
+        policy=policy,  # type: ignore[arg-type]
     )
     return Scheduler(config, num_kv_blocks, block_size, max_model_len)
 
