@@ -157,8 +157,10 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._drain_intake(block=not self.core.has_unfinished_requests())
-                if self.core.has_unfinished_requests():
+                aborted = self._drain_intake(block=not self.core.has_unfinished_requests())
+                # An abort that left the engine idle still gets a (empty) step, so its stats
+                # reach the stat loggers now rather than with the next request.
+                if self.core.has_unfinished_requests() or aborted:
                     self._step()
         except BaseException as exc:
             logger.exception("engine loop died")
@@ -166,7 +168,9 @@ class AsyncEngine:
             raise
         self._fail_all(EngineDeadError("the engine is shutting down"))
 
-    def _drain_intake(self, block: bool) -> None:
+    def _drain_intake(self, block: bool) -> bool:
+        """Run the queued commands; returns whether any was an abort."""
+        aborted = False
         try:
             command = self._intake.get(timeout=IDLE_POLL_S) if block else self._intake.get_nowait()
             while True:
@@ -174,10 +178,12 @@ class AsyncEngine:
                     self._add(command)
                 elif isinstance(command, _Abort):
                     self.core.abort_requests([command.request_id])
+                    aborted = True
                 command = self._intake.get_nowait()
         except queue.Empty:
             pass
         self._stats = self.core.scheduler.make_stats()
+        return aborted
 
     def _add(self, command: _Add) -> None:
         self._call_on_loop(self._admitted)
@@ -193,12 +199,13 @@ class AsyncEngine:
     def _step(self) -> None:
         outputs = self.core.step()
         self._stats = self.core.scheduler.make_stats()
-        for output in outputs:
-            self._deliver(output.request_id, output)
+        # Stats first: a client holding its final output finds it counted in /metrics.
         iteration_stats = self.core.last_stats
         if iteration_stats is not None:
             for stat_logger in self.stat_loggers:
                 stat_logger(self._stats, iteration_stats)
+        for output in outputs:
+            self._deliver(output.request_id, output)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self._call_on_loop(self._put, request_id, item)

@@ -31,8 +31,10 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     model = ModelInfo(name=config.served_model_name or core.model_name, root=core.model_name,
                       max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
                       created=int(time.time()))
+    # Metrics are recorded from the engine's per-step stats: a stat logger on the engine thread.
     server_metrics = ServerMetrics(model.name, lambda: engine.stats)
-    serving_args = (engine, model, core.tokenizer, server_metrics, config.retry_after_s)
+    engine.stat_loggers.append(server_metrics.record)
+    serving_args = (engine, model, core.tokenizer, config.retry_after_s)
     state = ServerState(config=config, engine=engine, tokenizer=core.tokenizer, model=model,
                         metrics=server_metrics, completions=CompletionServing(*serving_args),
                         chat=ChatServing(*serving_args))

@@ -5,7 +5,8 @@
     GenerationGroup.aclose()    abort whatever is unfinished (disconnect, error, early exit)
 
 Both the completions and the chat endpoint, streaming or not, go through this one path, so
-rejection, fan-out, abort and metrics behave the same everywhere.
+rejection, fan-out and abort behave the same everywhere. (Metrics come from the engine's stats,
+aborted requests included, not from here.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from engine.async_engine import AsyncEngine, RequestStream
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import FinishReason, SamplingParams
 from server.errors import BadRequestError, InternalServerError
-from server.metrics import ServerMetrics
 from server.prompts import PromptInput
 
 
@@ -47,13 +47,12 @@ class GenerationGroup:
 
     Args:
         engine: the running AsyncEngine.
-        metrics: where finished (and aborted) requests are counted.
         request_id: the API call's id; sub-request i gets `<request_id>-<i>`.
         prompts: the prompts, in request order.
         params: one SamplingParams per prompt (its `n` is the number of choices).
     """
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, request_id: str,
+    def __init__(self, engine: AsyncEngine, request_id: str,
                  prompts: Sequence[PromptInput], params: Sequence[SamplingParams]) -> None:
         self.prompts = list(prompts)
         self.choices: list[Choice] = []
@@ -66,7 +65,6 @@ class GenerationGroup:
                                        sp.for_choice(i)))
         self._engine = engine
         self._gens: list[RequestStream] = []
-        self._metrics = metrics
         self._queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException] = \
             asyncio.Queue()
         self._pumps: list[asyncio.Task[None]] = []
@@ -90,10 +88,10 @@ class GenerationGroup:
             firsts = await asyncio.gather(*(anext(g) for g in self._gens),
                                           return_exceptions=True)
         except BaseException:  # cancelled (the client went away): abort them all
-            await self._close(count_aborts=True)
+            await self.aclose()
             raise
         if any(isinstance(f, BaseException) for f in firsts):
-            await self._close(count_aborts=False)  # rejected: never served, not counted
+            await self.aclose()
         for first in firsts:
             if isinstance(first, ValueError):
                 raise BadRequestError(str(first)) from first
@@ -131,30 +129,18 @@ class GenerationGroup:
             choice.add(delta)
             if delta.finished:
                 self._num_unfinished -= 1
-                self._metrics.record_finished(choice.finish_reason or "error",
-                                              len(choice.prompt.token_ids),
-                                              choice.num_output_tokens)
             if delta.finish_reason is FinishReason.ERROR:
                 raise InternalServerError(
                     f"the engine failed while generating choice {choice.index}")
             yield choice, delta
 
     async def aclose(self) -> None:
-        """Abort every unfinished sub-request (counted as "abort"); idempotent."""
-        await self._close(count_aborts=True)
-
-    async def _close(self, count_aborts: bool) -> None:
+        """Abort every unfinished sub-request; idempotent."""
         if self._closed:
             return
         self._closed = True
         for pump in self._pumps:
             pump.cancel()  # a pump cancelled inside anext() aborts its request at once
-        if count_aborts:
-            for choice in self.choices:
-                if choice.finish_reason is None:
-                    self._metrics.record_finished(FinishReason.ABORT.value,
-                                                  len(choice.prompt.token_ids),
-                                                  choice.num_output_tokens)
         # NOTE: shielded, in a task of its own: Starlette cancels a dropped stream's task again
         # at every await (anyio cancel scopes are level-triggered), and the generators must
         # still all be closed.

@@ -1,34 +1,72 @@
 """Prometheus metrics: the only module that imports prometheus_client.
 
-One registry per server, names prefixed `xyserve:` and labelled `model_name`, following vLLM's
-names. Queue and KV-cache gauges are read from the engine's SchedulerStats when scraped (so they
-cost nothing between scrapes); token and request counters are recorded as requests finish.
+One registry per server; every name has the `xyserve:` prefix and every series the `model_name`
+label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on its clock:
+
+    gauges      num_requests_running, num_requests_waiting, kv_cache_usage_perc (0..1)
+                npu_padding_waste_ratio (of the latest step that ran on the NPU)
+    counters    prompt_tokens_total, generation_tokens_total, num_preemptions_total,
+                request_success_total{finished_reason}, npu_hbm_bytes_total,
+                npu_kernel_seconds_total{primitive} (simulated seconds; DESIGN's
+                `npu_kernel_seconds`, with the `_total` every Prometheus counter carries)
+    histograms  wall clock: time_to_first_token_seconds, inter_token_latency_seconds,
+                e2e_request_latency_seconds, request_queue_time_seconds;
+                simulated NPU clock: npu_time_to_first_token_seconds,
+                npu_inter_token_latency_seconds, npu_e2e_request_latency_seconds, npu_step_seconds;
+                per step: iteration_tokens_total, npu_cube_utilization, npu_vector_utilization
+
+The engine hands its plain per-step stats to `ServerMetrics.record` (a stat logger of the
+AsyncEngine, called on the engine thread after every step; prometheus_client is thread-safe);
+nothing is recorded from inside the scheduler or per HTTP call. Queue and KV-cache gauges are read
+from the engine's SchedulerStats when scraped, so they are current even while the engine idles.
+
+Utilizations are histograms, one observation per step that ran on the NPU, so a dashboard gets
+both the mean over a window (`rate(_sum) / rate(_count)`) and quantiles; a gauge would show
+whichever step happened to precede the scrape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     disable_created_metrics,
 )
 from prometheus_client.exposition import generate_latest
 
-from engine.stats import SchedulerStats
+from engine.request import FinishReason
+from engine.stats import IterationStats, SchedulerStats
+from npu_sim.tasks import Primitive
 
 PREFIX = "xyserve:"
 
-# No `*_created` series beside every counter (vLLM drops them too): they double the output and
-# no dashboard reads them. (A process-wide switch; this is the only module using the library.)
+# One latency bucket set for both clocks, so wall and NPU panels read alike: a 1-2-5 series from
+# 100 us (a simulated decode step of a small model) to 5000 s (a long request in a deep queue on
+# a CPU), which bounds a quantile's interpolation error to the 2-2.5x width of one bucket.
+LATENCY_BUCKETS_S = (
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+)
+# Tokens scheduled in one step (vLLM's iteration_tokens_total buckets).
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# Fractions in [0, 1]: 1-2-5 steps below 0.1 (a small model's decode batch keeps the vector
+# units ~0.04% busy and the cube units ~1%), then tenths.
+UTILIZATION_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                       0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+# No `*_created` series beside every counter and histogram (vLLM drops them too): they double the
+# output and no dashboard reads them. (A process-wide switch; this is the only module using the
+# library.)
 disable_created_metrics()
 
 
 class ServerMetrics:
-    """The server's registry.
+    """The server's registry, fed by the engine's stats.
 
     Args:
         model_name: value of the `model_name` label (the served name).
@@ -38,39 +76,108 @@ class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats]) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = r = CollectorRegistry()
         self._read_stats = read_stats
+        m = (model_name,)  # the label values every child gets
         labels = ("model_name",)
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, labels, registry=self.registry)
+            return Gauge(PREFIX + name, doc, labels, registry=r).labels(*m)
 
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(PREFIX + name, doc, labels + extra, registry=self.registry)
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r).labels(*m)
 
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, registry=r, buckets=buckets).labels(*m)
+
+        # Children are looked up once: the engine thread records a step with no dict lookups.
         self._running = gauge("num_requests_running",
-                              "Requests in the running batch (holding KV blocks).").labels(
-                                  model_name)
+                              "Requests in the running batch (holding KV blocks).")
         self._waiting = gauge("num_requests_waiting",
-                              "Requests queued for admission (preempted ones included).").labels(
-                                  model_name)
+                              "Requests queued for admission (preempted ones included).")
         self._kv_usage = gauge("kv_cache_usage_perc",
-                               "Fraction of KV-cache blocks in use (1 = full).").labels(model_name)
-        self._prompt_tokens = counter("prompt_tokens",
-                                      "Prompt tokens of finished requests.").labels(model_name)
-        self._generation_tokens = counter("generation_tokens",
-                                          "Generated tokens of finished requests.").labels(
-                                              model_name)
-        self._success = counter("request_success", "Finished requests by finish reason.",
-                                ("finished_reason",))
-        self._model_name = model_name
+                               "Fraction of KV-cache blocks in use (1 = full).")
+        self._prompt_tokens = counter(
+            "prompt_tokens", "Prompt tokens computed (prefill; recomputed after a preemption).")
+        self._generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self._preemptions = counter("num_preemptions", "Requests preempted (KV blocks reclaimed).")
+        success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+                          (*labels, "finished_reason"), registry=r)
+        # Every known label value is exported (at 0) from the start, as vLLM does.
+        self._success = _Children(success, m, (reason.value for reason in FinishReason))
 
-    def record_finished(self, finish_reason: str, num_prompt_tokens: int,
-                        num_output_tokens: int) -> None:
-        """Count one finished engine request (each of n choices is one)."""
-        self._prompt_tokens.inc(num_prompt_tokens)
-        self._generation_tokens.inc(num_output_tokens)
-        self._success.labels(self._model_name, finish_reason).inc()
+        self._ttft = histogram("time_to_first_token_seconds",
+                               "Wall seconds from arrival to the first token.", LATENCY_BUCKETS_S)
+        self._itl = histogram("inter_token_latency_seconds",
+                              "Wall seconds between consecutive tokens of a request.",
+                              LATENCY_BUCKETS_S)
+        self._e2e = histogram("e2e_request_latency_seconds",
+                              "Wall seconds from arrival to finish (any finish reason).",
+                              LATENCY_BUCKETS_S)
+        self._queue = histogram("request_queue_time_seconds",
+                                "Wall seconds from arrival to the first step that scheduled it.",
+                                LATENCY_BUCKETS_S)
+        self._iteration_tokens = histogram("iteration_tokens_total",
+                                           "Tokens scheduled per engine step (prompt + decode).",
+                                           ITERATION_TOKENS_BUCKETS)
+
+        self._npu_ttft = histogram("npu_time_to_first_token_seconds",
+                                   "Simulated NPU seconds from arrival to the first token.",
+                                   LATENCY_BUCKETS_S)
+        self._npu_itl = histogram("npu_inter_token_latency_seconds",
+                                  "Simulated NPU seconds between consecutive tokens of a request.",
+                                  LATENCY_BUCKETS_S)
+        self._npu_e2e = histogram("npu_e2e_request_latency_seconds",
+                                  "Simulated NPU seconds from arrival to finish.",
+                                  LATENCY_BUCKETS_S)
+        self._npu_step = histogram("npu_step_seconds",
+                                   "Simulated NPU seconds of an engine step (kernels + host "
+                                   "overhead).", LATENCY_BUCKETS_S)
+        self._npu_cube = histogram("npu_cube_utilization",
+                                   "Per step: cube active cycles / (AI cores x step cycles).",
+                                   UTILIZATION_BUCKETS)
+        self._npu_vector = histogram("npu_vector_utilization",
+                                     "Per step: vector active cycles / (vector cores x step "
+                                     "cycles).", UTILIZATION_BUCKETS)
+        self._npu_hbm = counter("npu_hbm_bytes", "Bytes the simulated NPU moved to and from HBM.")
+        self._npu_padding = gauge("npu_padding_waste_ratio",
+                                  "Fraction of issued cube MACs spent on padding, in the latest "
+                                  "step that ran on the NPU.")
+        kernel = Counter(PREFIX + "npu_kernel_seconds",
+                         "Simulated NPU seconds spent in kernels, by meta primitive.",
+                         (*labels, "primitive"), registry=r)
+        self._npu_kernel = _Children(kernel, m, (p.value for p in Primitive))
+
+    def record(self, scheduler_stats: SchedulerStats, stats: IterationStats) -> None:
+        """Record one engine step: the AsyncEngine's stat logger (runs on the engine thread)."""
+        del scheduler_stats  # the gauges are read when scraped (`render`), fresher than this
+        self._prompt_tokens.inc(stats.num_prompt_tokens)
+        self._generation_tokens.inc(stats.num_generation_tokens)
+        self._preemptions.inc(stats.num_preempted_reqs)
+        if stats.num_scheduled_tokens:
+            self._iteration_tokens.observe(stats.num_scheduled_tokens)
+        for latency_s in stats.ttfts_s:
+            self._ttft.observe(latency_s)
+        for latency_s in stats.ttfts_sim_s:
+            self._npu_ttft.observe(latency_s)
+        for latency_s in stats.inter_token_latencies_s:
+            self._itl.observe(latency_s)
+        for latency_s in stats.inter_token_latencies_sim_s:
+            self._npu_itl.observe(latency_s)
+        for finished in stats.finished:
+            self._success.get(finished.finish_reason).inc()
+            self._e2e.observe(finished.metrics.e2e_s)
+            self._queue.observe(finished.metrics.queue_s)
+            self._npu_e2e.observe(finished.metrics.e2e_sim_s)
+        trace = stats.trace
+        if trace is not None:  # the step ran on the simulated NPU
+            self._npu_step.observe(trace.sim_s)
+            self._npu_cube.observe(trace.cube_utilization)
+            self._npu_vector.observe(trace.vector_utilization)
+            self._npu_hbm.inc(trace.hbm_bytes)
+            self._npu_padding.set(trace.padding_waste_ratio)
+            for primitive, seconds in trace.kernel_s_by_primitive.items():
+                self._npu_kernel.get(primitive).inc(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition, with the gauges refreshed from the engine now."""
@@ -79,3 +186,18 @@ class ServerMetrics:
         self._waiting.set(stats.num_waiting_reqs)
         self._kv_usage.set(stats.kv_cache_usage)
         return generate_latest(self.registry)
+
+
+class _Children:
+    """The children of a counter with one label beyond `model_name`, made once per value."""
+
+    def __init__(self, parent: Counter, model: tuple[str, ...], values: Iterable[str]) -> None:
+        self._parent = parent
+        self._model = model
+        self._children = {v: parent.labels(*model, v) for v in values}
+
+    def get(self, value: str) -> Counter:
+        child = self._children.get(value)
+        if child is None:  # a value unknown when the server started: made on first use
+            child = self._children[value] = self._parent.labels(*self._model, value)
+        return child

@@ -29,7 +29,6 @@ from engine.request import SamplingParams
 from server import sse
 from server.errors import BadRequestError, ClientDisconnectedError
 from server.generation import Choice, GenerationGroup
-from server.metrics import ServerMetrics
 from server.prompts import PromptInput
 from server.protocol import GenerationRequest
 from server.protocol_responses import UsageInfo
@@ -54,11 +53,10 @@ class OpenAIServing:
     id_prefix = "cmpl"
 
     def __init__(self, engine: AsyncEngine, model: ModelInfo, tokenizer: Any,
-                 metrics: ServerMetrics, retry_after_s: int = 1) -> None:
+                 retry_after_s: int = 1) -> None:
         self.engine = engine
         self.model = model
         self.tokenizer = tokenizer
-        self.metrics = metrics
         self.retry_after_s = retry_after_s
 
     # ------------------------------------------------------------------ endpoint-specific parts
@@ -105,7 +103,7 @@ class OpenAIServing:
         params = [self.sampling_params(request, p) for p in prompts]
         request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         ctx = ResponseContext(request_id, int(time.time()), self.model.name, request)
-        group = GenerationGroup(self.engine, self.metrics, request_id, prompts, params)
+        group = GenerationGroup(self.engine, request_id, prompts, params)
         # The first output of every choice is awaited here, so an engine-side rejection is
         # still an HTTP error status, not an error event inside a 200 stream.
         await _until_disconnected(raw_request, group.start())
