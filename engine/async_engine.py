@@ -5,11 +5,15 @@ loop keeps answering /health and /metrics under full load). The event loop talks
 
 - the intake: a thread-safe queue of commands (add, abort), drained before every step, so
   requests enter the scheduler only between steps;
-- one mailbox per request: an asyncio.Queue the engine thread fills with RequestOutputs (via
-  `call_soon_threadsafe`) and `generate()` drains.
+- one mailbox per request, filled on the event loop (via `call_soon_threadsafe`) and drained by
+  its RequestStream. A mailbox holds at most one output: a delta that arrives before the consumer
+  took the previous one is merged into it (vLLM's RequestOutputCollector), so a client that reads
+  slower than the engine writes costs one pending delta, never a growing queue.
 
 A client that goes away cancels its `generate()` task; the cancellation aborts the request, and its
-KV blocks are freed before the next step.
+KV blocks are freed before the next step. If the engine loop dies, every open request and every
+later one fails with EngineDeadError at once; `close_admission()` (graceful shutdown) refuses new
+requests while the open ones finish, and `abort_all()` ends those still running at a deadline.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.core import EngineCore
+from engine.mailbox import Mailbox
 from engine.outputs import RequestOutput
-from engine.request import SamplingParams
+from engine.request import FinishReason, SamplingParams
 from engine.stats import IterationStats, SchedulerStats
 
 logger = logging.getLogger("xyserve")
@@ -42,6 +47,10 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting; retry later."""
 
 
+class AdmissionClosedError(RuntimeError):
+    """The engine takes no new requests (the server is shutting down); the open ones go on."""
+
+
 @dataclass(frozen=True)
 class _Add:
     request_id: str  # the engine id
@@ -55,6 +64,11 @@ class _Abort:
     request_id: str  # the engine id
 
 
+@dataclass(frozen=True)
+class _AbortAll:
+    """Finish every unfinished request with finish_reason "abort" (shutdown deadline)."""
+
+
 class AsyncEngine:
     """Runs an EngineCore on its own thread; `generate()` streams each request's outputs."""
 
@@ -64,11 +78,13 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests  # None = unbounded
         # Called on the engine thread after every step; must be quick and thread-safe.
         self.stat_loggers = list(stat_loggers)
-        self._intake: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._mailboxes: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._intake: queue.SimpleQueue[_Add | _Abort | _AbortAll | None] = queue.SimpleQueue()
+        self._mailboxes: dict[str, Mailbox] = {}  # open requests (event-loop side)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._dead: EngineDeadError | None = None  # why the engine loop stopped, once it has
+        self._admission_closed: str | None = None  # why new requests are refused, once they are
         self._num_unadmitted = 0  # adds sent to the intake, not yet in the scheduler
         self._stats = core.scheduler.make_stats()  # refreshed by the engine thread every step
 
@@ -89,27 +105,47 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The engine loop runs (and has not failed)."""
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    def close_admission(self, reason: str) -> None:
+        """Refuse new requests from now on (AdmissionClosedError); open ones go on."""
+        self._admission_closed = reason
+
+    @property
+    def admission_closed(self) -> str | None:
+        """Why new requests are refused (None while they are accepted)."""
+        return self._admission_closed
+
+    @property
+    def num_open_requests(self) -> int:
+        """Requests queued or generating whose stream is still open."""
+        return len(self._mailboxes)
+
+    def abort_all(self) -> None:
+        """Finish every unfinished request with finish_reason "abort" before the next step; each
+        open stream gets that as its last output."""
+        self._intake.put(_AbortAll())
 
     @property
     def stats(self) -> SchedulerStats:
         """Scheduler stats as of the last step (plus requests not yet admitted as waiting)."""
         s = self._stats
-        return SchedulerStats(num_running_reqs=s.num_running_reqs,
-                              num_waiting_reqs=s.num_waiting_reqs + self._num_unadmitted,
-                              kv_cache_usage=s.kv_cache_usage, num_preemptions=s.num_preemptions,
-                              num_free_blocks=s.num_free_blocks)
+        return replace(s, num_waiting_reqs=s.num_waiting_reqs + self._num_unadmitted)
 
     # ------------------------------------------------------------------------------ requests
 
     def check_admission(self, num_requests: int) -> None:
-        """Raise EngineDeadError or QueueFullError unless `num_requests` more can be queued.
+        """Raise EngineDeadError, AdmissionClosedError or QueueFullError unless `num_requests`
+        more can be queued.
 
         An API call queueing several requests (n choices, several prompts) checks them together,
         then queues them with `add_request(..., admission_checked=True)` before it next awaits.
         """
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
+        if self._admission_closed is not None:
+            raise AdmissionClosedError(self._admission_closed)
         if self.max_waiting_requests is None:
             return
         num_waiting = self.stats.num_waiting_reqs
@@ -121,15 +157,18 @@ class AsyncEngine:
                     admission_checked: bool = False) -> RequestStream:
         """Queue a request now; returns the stream of its outputs.
 
-        Raises QueueFullError or EngineDeadError (unless `admission_checked`) and ValueError for
-        an id in use; the engine's own rejection (ValueError) is raised by the stream.
+        Raises QueueFullError, AdmissionClosedError or EngineDeadError (unless
+        `admission_checked`) and ValueError for an id in use; the engine's own rejection
+        (ValueError) is raised by the stream.
         """
         if not admission_checked:
             self.check_admission(1)
         if request_id in self._mailboxes:
             raise ValueError(f"request id {request_id!r} is already in use")
-        mailbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        mailbox = Mailbox()
         self._mailboxes[request_id] = mailbox
+        if self._dead is not None:  # died since the admission check: fail it, never hang
+            mailbox.put(EngineDeadError(str(self._dead)))
         self._num_unadmitted += 1
         self._intake.put(_Add(request_id, prompt_token_ids, params, time.monotonic()))
         return RequestStream(self, request_id, mailbox)
@@ -165,7 +204,7 @@ class AsyncEngine:
         except BaseException as exc:
             logger.exception("engine loop died")
             self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
-            raise
+            return
         self._fail_all(EngineDeadError("the engine is shutting down"))
 
     def _drain_intake(self, block: bool) -> bool:
@@ -178,6 +217,9 @@ class AsyncEngine:
                     self._add(command)
                 elif isinstance(command, _Abort):
                     self.core.abort_requests([command.request_id])
+                    aborted = True
+                elif isinstance(command, _AbortAll):
+                    self._abort_all()
                     aborted = True
                 command = self._intake.get_nowait()
         except queue.Empty:
@@ -196,6 +238,17 @@ class AsyncEngine:
     def _admitted(self) -> None:
         self._num_unadmitted -= 1
 
+    def _abort_all(self) -> None:
+        requests = list(self.core.scheduler.requests.values())  # the unfinished ones
+        self.core.abort_requests([r.request_id for r in requests])
+        for r in requests:
+            self._deliver(r.request_id, RequestOutput(
+                request_id=r.request_id, new_token_ids=(), new_text="", new_logprobs=None,
+                finish_reason=FinishReason.ABORT, num_prompt_tokens=r.num_prompt_tokens,
+                num_output_tokens=r.num_output_tokens))
+        if requests:
+            logger.warning("aborted %d unfinished requests", len(requests))
+
     def _step(self) -> None:
         outputs = self.core.step()
         self._stats = self.core.scheduler.make_stats()
@@ -213,7 +266,7 @@ class AsyncEngine:
     def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
         mailbox = self._mailboxes.get(request_id)
         if mailbox is not None:
-            mailbox.put_nowait(item)
+            mailbox.put(item)
 
     def _call_on_loop(self, fn: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
@@ -226,9 +279,14 @@ class AsyncEngine:
         if not finished:  # cancelled or closed early: free its blocks before the next step
             self._intake.put(_Abort(request_id))
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for request_id in list(self._mailboxes):
-            self._deliver(request_id, exc)
+    def _fail_all(self, exc: EngineDeadError) -> None:
+        """Engine thread, as it stops: every open request (and every later one) fails."""
+        self._dead = exc  # add_request() sees this from now on
+        self._call_on_loop(self._fail_mailboxes)  # runs after any add_request before it
+
+    def _fail_mailboxes(self) -> None:
+        for mailbox in self._mailboxes.values():
+            mailbox.put(EngineDeadError(str(self._dead)))
 
 
 class RequestStream:
@@ -238,8 +296,7 @@ class RequestStream:
     blocks before its next step.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str,
-                 mailbox: asyncio.Queue[RequestOutput | BaseException]) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, mailbox: Mailbox) -> None:
         self.request_id = request_id
         self._engine = engine
         self._mailbox = mailbox

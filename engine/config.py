@@ -24,6 +24,8 @@ class CacheConfig:
     block_size: int = 128  # tokens per KV block (128, as Ascend's serving stacks use)
     num_kv_blocks: int | None = None  # blocks in the pool; None = derive from the memory budget
     kv_cache_memory_bytes: int = 1 << 30  # memory budget for the pool when num_kv_blocks is None
+    enable_prefix_caching: bool = True  # share full blocks of equal prefixes between requests
+    #   (hashed by content, evicted LRU); on by default, as in vLLM
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1 and self.block_size % 16 == 0, "block_size",

@@ -60,7 +60,8 @@ class EngineCore:
                                   seed=config.seed, strict=config.strict_kernels,
                                   npu_dtype=config.npu_dtype)
         self.scheduler = Scheduler(config.scheduler, self.num_kv_blocks, block_size,
-                                   self.max_model_len)
+                                   self.max_model_len,
+                                   enable_prefix_caching=config.cache.enable_prefix_caching)
         self._states: dict[str, RequestState] = {}  # unfinished requests' output-side state
         self._finished_outside: list[FinishedRequestStats] = []  # aborted between steps
         self._wall_origin_s = time.monotonic()

@@ -5,53 +5,98 @@ module only hands out block ids. A request's `block_ids` list is its block table
 `p` lives in block `block_ids[p // block_size]` at slot `p % block_size`.
 
 Two layers:
-- `BlockPool` owns the ids `0 .. num_blocks-1`, a free queue and a ref count per block.
-- `KVCacheManager` maps requests onto the pool: grow a request's block table to cover the tokens
-  about to be computed (`allocate_slots`), release it (`free`), report `usage`.
+- `BlockPool` owns the ids `0 .. num_blocks-1`, a free queue and a ref count per block, and (with
+  prefix caching) the content hash of each cached block.
+- `KVCacheManager` maps requests onto the pool: find a request's cached prefix
+  (`find_cached_prefix`), grow its block table to cover the tokens about to be computed
+  (`allocate_slots`), register blocks that became full (`cache_full_blocks`), release it (`free`).
 
-NOTE: blocks are ref-counted although today every block has exactly one owner. Prefix caching
-(a later issue) shares full blocks between requests with the same prefix: it will add a
-content hash per full block, a `hash -> block id` map, and let `allocate` evict the least recently
-freed cached block. The free queue is already in LRU order for that (freed blocks go to its tail,
-allocation takes from its head), and `incref` is the hook a cache hit will use.
+**Automatic prefix caching** (vLLM's APC). A full block is identified by its content: the hash
+chain `h_i = sha256(h_{i-1} || tokens of block i)`, so equal hashes mean equal tokens at equal
+positions with an equal prefix before them, hence equal K/V. A block is registered in the
+`hash -> block id` map once its tokens are computed (after the step that wrote them, so a failed
+step never publishes half-written blocks). A new request shares the longest run of cached blocks
+at the start of its tokens (ref count + 1 each) and computes only the rest; it never takes its
+last known token from the cache, since the step must compute at least one row to sample from.
+A freed block keeps its hash: it stays in the free queue (usable) and in the map (reusable) until
+`allocate` hands it out again, which evicts it. The free queue is in LRU order (freed blocks go to
+its tail, a request's tail blocks first; allocation takes from its head), so eviction takes the
+least recently used cached block. Shared blocks are only ever read: a request writes positions
+`>= num_computed_tokens`, which lie past every block it took from the cache.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 
 from engine.request import Request
 
+BlockHash = bytes  # sha256 digest of (parent hash, the block's token ids)
+
+_ROOT_HASH: BlockHash = b"xyserve-prefix-cache-v1"  # the parent of every sequence's first block
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+    """The chained content hash of one full block (parent None = the sequence's first block)."""
+    digest = hashlib.sha256(_ROOT_HASH if parent is None else parent)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
 
 class BlockPool:
-    """A fixed pool of KV-cache block ids with reference counts.
+    """A fixed pool of KV-cache block ids with reference counts and (optionally) content hashes.
 
-    Invariant: a block is in the free queue exactly when its ref count is 0.
+    Invariants: a block is in the free queue exactly when its ref count is 0; a block is in the
+    hash map exactly when its `block_hash` is set, and then the map points back at it.
     """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        # Head = next to hand out, tail = most recently freed (LRU order for prefix caching).
-        self._free_block_ids: deque[int] = deque(range(num_blocks))
+        # Head = next to hand out (least recently used), tail = most recently freed.
+        self._free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts: list[int] = [0] * num_blocks
+        self._block_hashes: list[BlockHash | None] = [None] * num_blocks
+        self._cached: dict[BlockHash, int] = {}  # hash -> the block holding that content
+        self.num_evictions = 0  # cached blocks handed out for new content (cumulative)
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks nobody owns: never used, or cached and evictable."""
         return len(self._free_block_ids)
 
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free_block_ids)
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks holding a registered prefix (owned or free)."""
+        return len(self._cached)
+
     def ref_count(self, block_id: int) -> int:
         """Owners of `block_id` (0 = free)."""
         return self._ref_counts[block_id]
 
+    def block_hash(self, block_id: int) -> BlockHash | None:
+        """The content hash of a cached block, None if it is not cached."""
+        return self._block_hashes[block_id]
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        """The block caching `block_hash`, or None."""
+        return self._cached.get(block_hash)
+
+    def free_block_ids(self) -> list[int]:
+        """The free queue, head (next evicted) first."""
+        return list(self._free_block_ids)
+
     def allocate(self, num_blocks: int) -> list[int] | None:
-        """Take `num_blocks` free blocks, each with ref count 1.
+        """Take `num_blocks` free blocks, each with ref count 1; cached ones among them are
+        evicted (their hashes forgotten), least recently used first.
 
         All or nothing: returns None, changing nothing, when fewer than `num_blocks` are free.
         """
@@ -59,21 +104,30 @@ class BlockPool:
             raise ValueError(f"num_blocks must be non-negative, got {num_blocks}")
         if num_blocks > len(self._free_block_ids):
             return None
-        block_ids = [self._free_block_ids.popleft() for _ in range(num_blocks)]
-        for block_id in block_ids:
+        block_ids = []
+        for _ in range(num_blocks):
+            block_id, _ = self._free_block_ids.popitem(last=False)
+            block_hash = self._block_hashes[block_id]
+            if block_hash is not None:
+                del self._cached[block_hash]
+                self._block_hashes[block_id] = None
+                self.num_evictions += 1
             self._ref_counts[block_id] = 1
+            block_ids.append(block_id)
         return block_ids
 
     def incref(self, block_ids: Iterable[int]) -> None:
-        """Add one owner to each of `block_ids`, which must all be in use."""
+        """Add one owner to each of `block_ids`: blocks in use, or cached free blocks (a prefix
+        cache hit, which takes them off the free queue)."""
         for block_id in block_ids:
-            # NOTE: prefix caching will allow a hit on a free (ref 0) cached block here, taking
-            # it out of the free queue; until then that is a bookkeeping bug.
-            assert self._ref_counts[block_id] > 0, f"incref of free block {block_id}"
+            if self._ref_counts[block_id] == 0:
+                assert self._block_hashes[block_id] is not None, f"incref of free block {block_id}"
+                del self._free_block_ids[block_id]
             self._ref_counts[block_id] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
-        """Drop one owner from each of `block_ids`; a block whose count reaches 0 becomes free.
+        """Drop one owner from each of `block_ids`; a block whose count reaches 0 goes to the tail
+        of the free queue (keeping its hash, if cached).
 
         Freeing a block that is already free is a bookkeeping bug (AssertionError).
         """
@@ -81,17 +135,39 @@ class BlockPool:
             assert self._ref_counts[block_id] > 0, f"double free of block {block_id}"
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                self._free_block_ids.append(block_id)
+                self._free_block_ids[block_id] = None
+
+    def cache(self, block_id: int, block_hash: BlockHash) -> bool:
+        """Register the full, computed block `block_id` (in use) as holding `block_hash`.
+
+        Returns False, changing nothing, when another block already caches that content (two
+        requests computed the same block side by side; the first one stays the cached copy).
+        """
+        assert self._ref_counts[block_id] > 0, f"caching free block {block_id}"
+        if block_hash in self._cached:
+            return False
+        assert self._block_hashes[block_id] is None, f"block {block_id} is already cached"
+        self._cached[block_hash] = block_id
+        self._block_hashes[block_id] = block_hash
+        return True
 
 
 class KVCacheManager:
-    """Grows and releases requests' block tables on one `BlockPool`."""
+    """Grows and releases requests' block tables on one `BlockPool`, sharing cached prefixes
+    when `enable_caching`."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.block_size = block_size
+        self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks)
+        # request id -> hashes of its first full blocks (memo; token ids never change)
+        self._hashes: dict[str, list[BlockHash]] = {}
+        # request id -> how many of its leading blocks are registered (or came from the cache)
+        self._num_registered: dict[str, int] = {}
+        self.num_queried_tokens = 0  # tokens of admitted requests looked up (cumulative)
+        self.num_hit_tokens = 0  # of those, found in the cache (cumulative)
 
     @property
     def num_blocks(self) -> int:
@@ -103,32 +179,103 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of the pool's blocks in use, in [0, 1]."""
+        """Fraction of the pool's blocks in use, in [0, 1] (cached free blocks count as free)."""
         return self.pool.num_used_blocks / self.pool.num_blocks
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold `num_tokens` tokens (ceil division)."""
         return -(-num_tokens // self.block_size)
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+    # ------------------------------------------------------------------ prefix caching
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Block ids caching the longest prefix of `request`'s known tokens, in whole blocks and
+        never covering its last token (at least one token must be computed to sample).
+
+        Pure lookup: nothing is taken until `allocate_slots(..., cached_block_ids)`. Empty when
+        caching is off or the request already holds blocks.
+        """
+        if not self.enable_caching or request.block_ids:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hit: list[int] = []
+        for block_hash in self._block_hashes(request, max_blocks):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            hit.append(block_id)
+        return hit
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the blocks of `request` that its computed tokens have filled."""
+        if not self.enable_caching:
+            return
+        request_id = request.request_id
+        num_full = request.num_computed_tokens // self.block_size
+        start = self._num_registered.get(request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(request, num_full)
+        for i in range(start, num_full):
+            self.pool.cache(request.block_ids[i], hashes[i])
+        self._num_registered[request_id] = num_full
+
+    def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's lookup (the hit-rate counters)."""
+        if self.enable_caching:
+            self.num_queried_tokens += num_tokens
+            self.num_hit_tokens += num_hit_tokens
+
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
+        """The chained hashes of the first `num_blocks` blocks of `request` (all full)."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        if len(hashes) < num_blocks:
+            tokens = request.all_token_ids
+            for i in range(len(hashes), num_blocks):
+                hashes.append(hash_block(hashes[-1] if hashes else None,
+                                         tokens[i * bs:(i + 1) * bs]))
+        return hashes[:num_blocks] if len(hashes) > num_blocks else hashes
+
+    # ------------------------------------------------------------------ allocation
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       cached_block_ids: Sequence[int] = ()) -> bool:
         """Grow `request.block_ids` to cover `num_computed_tokens + num_new_tokens` tokens.
+
+        `cached_block_ids` (from `find_cached_prefix`, for a request holding no blocks) are
+        shared first: the table then covers `len(cached_block_ids) * block_size` cached tokens
+        plus `num_new_tokens`, and the caller sets `num_computed_tokens` to the cached count.
 
         All or nothing: returns False, changing nothing, when the pool lacks the blocks.
         Never shrinks a block table; `num_computed_tokens` is left for the caller to advance.
         """
-        num_needed_tokens = request.num_computed_tokens + num_new_tokens
-        num_missing_blocks = self.num_blocks_for(num_needed_tokens) - len(request.block_ids)
-        if num_missing_blocks <= 0:
-            return True
-        new_block_ids = self.pool.allocate(num_missing_blocks)
-        if new_block_ids is None:
+        if cached_block_ids:
+            assert not request.block_ids and request.num_computed_tokens == 0
+        num_cached_tokens = len(cached_block_ids) * self.block_size
+        num_needed_tokens = request.num_computed_tokens + num_cached_tokens + num_new_tokens
+        num_missing_blocks = (self.num_blocks_for(num_needed_tokens) - len(request.block_ids)
+                              - len(cached_block_ids))
+        # Cached blocks nobody owns sit in the free queue: sharing them takes them out of it.
+        num_revived = sum(self.pool.ref_count(b) == 0 for b in cached_block_ids)
+        if max(num_missing_blocks, 0) + num_revived > self.pool.num_free_blocks:
             return False
-        request.block_ids.extend(new_block_ids)
+        if cached_block_ids:
+            self.pool.incref(cached_block_ids)
+            request.block_ids.extend(cached_block_ids)
+            self._num_registered[request.request_id] = len(cached_block_ids)
+        if num_missing_blocks > 0:
+            new_block_ids = self.pool.allocate(num_missing_blocks)
+            assert new_block_ids is not None
+            request.block_ids.extend(new_block_ids)
         return True
 
     def free(self, request: Request) -> None:
-        """Release every block of `request` and clear its block table."""
-        # NOTE: tail first, so that with prefix caching the blocks least likely to be shared
-        # (the end of the sequence) are the first to be evicted.
+        """Release every block of `request` and clear its block table (cached blocks stay
+        cached until evicted)."""
+        # Tail first: the blocks least likely to be shared (the end of the sequence) are the
+        # first to be evicted.
         self.pool.free(reversed(request.block_ids))
         request.block_ids.clear()
+        self._hashes.pop(request.request_id, None)
+        self._num_registered.pop(request.request_id, None)

@@ -43,7 +43,7 @@ class RequestStatus(enum.IntEnum):
 
     @staticmethod
     def for_reason(reason: FinishReason) -> RequestStatus:
-        return {v: k for k, v in _FINISH_REASONS.items()}[reason]
+        return _STATUS_FOR_REASON[reason]
 
 
 _FINISH_REASONS = {
@@ -52,6 +52,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
     RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
+_STATUS_FOR_REASON = {reason: status for status, reason in _FINISH_REASONS.items()}
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top alternatives per token
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily

@@ -43,6 +43,8 @@ class ModelRunner:
                  self.arch.head_dim)
         self.k_caches = torch.zeros(shape, dtype=dtype)  # (L, NB, BS, Hkv, D)
         self.v_caches = torch.zeros(shape, dtype=dtype)
+        # per-layer views, made once (indexing the stacked tensor costs a call per layer)
+        self._k_layers, self._v_layers = self.k_caches.unbind(0), self.v_caches.unbind(0)
         self.sampler = Sampler(seed)
         # All EOS ids of the model, masked together while a request is below min_tokens.
         self.eos_token_ids = self.arch.eos_token_ids
@@ -62,7 +64,7 @@ class ModelRunner:
         plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids) for c in chunks],
                           len(inputs.sample_rows), self.arch, self.device.chip, self.block_size)
         self.device.begin_step()
-        logits = self.model.forward(self.device, plan, inputs, self.k_caches, self.v_caches)
+        logits = self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers)
         trace = self.device.end_step()
         sampled = [c for c in chunks if c.sample]
         if logits is None:

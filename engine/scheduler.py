@@ -40,12 +40,15 @@ class Scheduler:
         num_kv_blocks: int,
         block_size: int,
         max_model_len: int,
+        enable_prefix_caching: bool = False,
     ) -> None:
+        """enable_prefix_caching: share cached prefix blocks between requests (the engine passes
+        CacheConfig.enable_prefix_caching; off here so unit tests see plain allocation)."""
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
         self.config = config
         self.max_model_len = max_model_len  # resolved (config's may be None = the model's)
-        self.kv_cache = KVCacheManager(num_kv_blocks, block_size)
+        self.kv_cache = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -102,7 +105,9 @@ class Scheduler:
         latest admitted running request is preempted (blocks freed, sent to the front of
         `waiting` to recompute later). Then, if nothing was preempted, waiting requests are
         admitted FCFS while budget and `max_num_seqs` allow, stopping at the first whose blocks
-        cannot be allocated; a long prompt is chunked across steps.
+        cannot be allocated; a long prompt is chunked across steps. With prefix caching, an
+        admitted request first shares the longest cached prefix of its tokens (whole blocks) and
+        its chunk starts after it.
 
         Policy "prefill_first" (the unchunked baseline): a step admits whole prompts only and
         then runs no decodes; only when nothing can be admitted do the running requests decode.
@@ -161,13 +166,19 @@ class Scheduler:
         allow. whole=True never splits a prompt (the first one may exceed the budget)."""
         while self.waiting and token_budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new_tokens = request.num_tokens - request.num_computed_tokens
+            # Waiting requests hold no blocks (new, or preempted and freed): with prefix caching
+            # the longest cached prefix is shared and computing starts right after it.
+            cached_block_ids = self.kv_cache.find_cached_prefix(request)
+            num_cached_tokens = len(cached_block_ids) * self.kv_cache.block_size
+            num_new_tokens = request.num_tokens - num_cached_tokens
             if not whole:
                 num_new_tokens = min(num_new_tokens, token_budget)
             elif chunks and num_new_tokens > token_budget:
                 break
-            if not self.kv_cache.allocate_slots(request, num_new_tokens):
+            if not self.kv_cache.allocate_slots(request, num_new_tokens, cached_block_ids):
                 break  # FCFS: nobody skips ahead of the head of the queue
+            self.kv_cache.record_query(request.num_tokens, num_cached_tokens)
+            request.num_computed_tokens = num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -194,6 +205,7 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished (or replaced by a new request with that id) meanwhile
             request.num_computed_tokens += chunk.num_tokens
+            self.kv_cache.cache_full_blocks(request)  # their K/V are written now
             if not chunk.sample:
                 continue
             new_token_ids: list[int] = []
@@ -274,6 +286,8 @@ class Scheduler:
             kv_cache_usage=self.kv_cache.usage,
             num_preemptions=self._num_preemptions,
             num_free_blocks=self.kv_cache.num_free_blocks,
+            prefix_cache_queries=self.kv_cache.num_queried_tokens,
+            prefix_cache_hits=self.kv_cache.num_hit_tokens,
         )
 
     # ---------------------------------------------------------------- internals

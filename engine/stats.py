@@ -18,6 +18,9 @@ class SchedulerStats:
     kv_cache_usage: float  # fraction of KV blocks in use, in [0, 1]
     num_preemptions: int  # preemptions since the scheduler started (cumulative, a counter)
     num_free_blocks: int  # KV blocks free right now
+    prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache
+    #   (cumulative, a counter; 0 with prefix caching off)
+    prefix_cache_hits: int = 0  # of those, tokens found cached and not recomputed (cumulative)
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,15 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from engine.async_engine import AsyncEngine
 from server import __version__
-from server.auth import require_api_key
+from server.auth import APIKeyMiddleware
 from server.config import ServerConfig
 from server.errors import install_exception_handlers
+from server.limits import RequestSizeLimitMiddleware
 from server.metrics import ServerMetrics
 from server.routes import chat, completions, metrics, models, tokenize
 from server.serving_chat import ChatServing
@@ -52,13 +53,16 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                   summary="OpenAI-compatible LLM serving on a simulated Ascend NPU")
     app.state.xyserve = state
     install_exception_handlers(app, config.retry_after_s)
+    # Middleware, outermost last: CORS (answers browsers' preflights, which carry no key), then
+    # the API key (all but /health and /metrics), then the body size limit (before parsing).
+    app.add_middleware(RequestSizeLimitMiddleware, max_bytes=config.max_request_bytes)
+    if config.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
                            allow_methods=["*"], allow_headers=["*"])
-    # Monitoring stays open; everything else needs the API key when one is configured.
     app.include_router(models.open_router)
     app.include_router(metrics.router)
-    protected = [Depends(require_api_key)]
     for module in (completions, chat, models, tokenize):
-        app.include_router(module.router, dependencies=protected)
+        app.include_router(module.router)
     return app

@@ -65,6 +65,12 @@ def add_serve_parser(subparsers: Any) -> None:
                         "(default: none, no CORS headers)")
     p.add_argument("--log-level", default=_default(s, "log_level"), choices=LOG_LEVELS,
                    help="(default: %(default)s)")
+    p.add_argument("--max-request-bytes", type=int, default=_default(s, "max_request_bytes"),
+                   help="request bodies larger than this get 413 (default: %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=_default(s, "shutdown_timeout_s"),
+                   metavar="SECONDS",
+                   help="on SIGTERM / SIGINT, seconds in-flight requests get to finish while new "
+                        "ones get 503; then the rest are aborted (default: %(default)s)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=_default(SchedulerConfig, "max_num_seqs"),
                    help="requests running at once (default: %(default)s)")
@@ -89,6 +95,10 @@ def add_serve_parser(subparsers: Any) -> None:
                    default=_default(CacheConfig, "kv_cache_memory_bytes"),
                    help="memory budget of the KV cache when --num-kv-blocks is not given "
                         "(default: %(default)s)")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=_default(CacheConfig, "enable_prefix_caching"),
+                   help="share the KV blocks of common prompt prefixes between requests "
+                        "(automatic prefix caching; default: %(default)s)")
     e.add_argument("--strict-kernels", action="store_true",
                    help="run every kernel task by task (the reference path; slow)")
     e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
@@ -122,6 +132,23 @@ def run_kernels(argv: list[str]) -> int:
     return sweeps_main(argv)
 
 
+def add_bench_parser(subparsers: Any) -> None:
+    from server.bench.args import add_bench_arguments
+
+    p = subparsers.add_parser("bench", help="benchmark a running OpenAI-compatible server",
+                              description="Load-test /v1/completions of a running server "
+                                          "(xyserve, vLLM, transformers serve, ...) and report "
+                                          "throughput, latency percentiles and goodput.")
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from server.bench.run import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xyserve",
@@ -129,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(subparsers)
     add_kernels_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 
@@ -142,11 +170,13 @@ def run_serve(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name,
             max_waiting_requests=args.max_waiting_requests,
             cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-            log_level=args.log_level)
+            log_level=args.log_level, max_request_bytes=args.max_request_bytes,
+            shutdown_timeout_s=args.shutdown_timeout)
         engine_config = EngineConfig.from_kwargs(
             model=args.model, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
             num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            enable_prefix_caching=args.enable_prefix_caching,
             strict_kernels=args.strict_kernels, npu=args.npu, npu_dtype=args.npu_dtype,
             npu_trace_dir=args.npu_trace, policy=args.scheduling_policy,
             max_num_seqs=args.max_num_seqs,
@@ -162,6 +192,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.core import EngineCore
     from engine.models.arch import ModelLoadError
     from server.app import build_app
+    from server.auth import redact_in_logs
+    from server.shutdown import DrainingServer
 
     try:
         core = EngineCore(engine_config)
@@ -177,8 +209,12 @@ def run_serve(args: argparse.Namespace) -> int:
                 core.num_kv_blocks * block_size)
     logger.info("OpenAI-compatible API at %s/v1 (OpenAPI docs at %s/docs)", server_config.url,
                 server_config.url)
-    uvicorn.run(app, host=server_config.host, port=server_config.port,
-                log_level=server_config.log_level)
+    uvicorn_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                                    log_level=server_config.log_level)  # configures logging
+    if server_config.api_key is not None:
+        redact_in_logs(server_config.api_key)
+    # SIGTERM / SIGINT drain the engine (503 for new requests) before uvicorn's shutdown.
+    DrainingServer(uvicorn_config, engine, server_config.shutdown_timeout_s).run()
     return 0
 
 

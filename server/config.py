@@ -25,6 +25,10 @@ class ServerConfig:
     #   ("*",) = any origin
     retry_after_s: int = 1  # seconds a 429 response tells the client to wait (Retry-After)
     log_level: str = "info"  # logging level of xyserve and uvicorn
+    max_request_bytes: int = 4 << 20  # request bodies larger than this get 413 (4 MiB: ~100x
+    #   the longest prompt of the default model as text or token ids)
+    shutdown_timeout_s: float = 30.0  # on SIGTERM / SIGINT, wall seconds in-flight requests get
+    #   to finish (new ones get 503) before the rest are aborted and the server exits
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
@@ -42,6 +46,10 @@ class ServerConfig:
                  "must be non-negative")
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level,
                  f"must be one of {', '.join(LOG_LEVELS)}")
+        _require(self.max_request_bytes >= 1, "max_request_bytes", self.max_request_bytes,
+                 "must be at least 1")
+        _require(self.shutdown_timeout_s >= 0, "shutdown_timeout_s", self.shutdown_timeout_s,
+                 "must be non-negative")
 
     @property
     def url(self) -> str:

@@ -2,21 +2,24 @@
 
 Handlers turn everything that escapes a route into that shape: our own `APIError`s, FastAPI's
 validation errors (400, not FastAPI's 422, as OpenAI and vLLM do), the engine's QueueFullError
-(429 with Retry-After) and EngineDeadError (503), unknown routes (404) and, last, any other
-exception (500 with a generic message; the traceback goes to the server log, never to the client).
+(429 with Retry-After), EngineDeadError and AdmissionClosedError (503: dead, or shutting down),
+unknown routes (404) and, last, any other exception (500 with a generic message; the traceback
+goes to the server log, never to the client). Bodies over --max-request-bytes are refused with
+413 by server/limits.py before they are parsed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import EngineDeadError, QueueFullError
+from engine.async_engine import AdmissionClosedError, EngineDeadError, QueueFullError
 
 logger = logging.getLogger("xyserve")
 
@@ -40,8 +43,11 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.error_type,
                           "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+    def response(self) -> Response:
+        # json.dumps escapes non-ASCII: a message quoting client input stays valid UTF-8 even
+        # when that input held lone surrogates.
+        return Response(json.dumps(self.body()), status_code=self.status_code,
+                        headers=self.headers, media_type="application/json")
 
 
 class BadRequestError(APIError):
@@ -59,6 +65,12 @@ class NotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"
     default_code = "not_found"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
 
 
 class RateLimitError(APIError):
@@ -97,6 +109,9 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
                               headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, EngineDeadError):
         return ServiceUnavailableError(f"the engine is not running: {exc}")
+    if isinstance(exc, AdmissionClosedError):
+        return ServiceUnavailableError(f"the server is not accepting requests: {exc}",
+                                       code="shutting_down")
     logger.error("unexpected error while serving a request", exc_info=exc)
     return InternalServerError(INTERNAL_ERROR_MESSAGE)
 
@@ -111,7 +126,8 @@ def validation_error(exc: RequestValidationError) -> BadRequestError:
         detail = (first.get("ctx") or {}).get("error", first.get("msg", ""))
         return BadRequestError(f"the request body is not valid JSON: {detail}")
     # loc is ("body", field, index or union member, ...), e.g. body.messages.0.content.str
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # (A part can be client input, e.g. a logit_bias key: cut short.)
+    loc = [_clip(str(p), 64) for p in first.get("loc", ()) if p != "body"]
     path = ".".join(loc)
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if msg.startswith(f"{loc[0]} " if loc else "\0"):
@@ -123,22 +139,26 @@ def validation_error(exc: RequestValidationError) -> BadRequestError:
     return BadRequestError(message, param=loc[0] if loc else None)
 
 
+def _clip(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars] + "..."
+
+
 def install_exception_handlers(app: FastAPI, retry_after_s: int) -> None:
     """Route every exception a request can raise to an OpenAI-shaped JSON response."""
 
-    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_api_error(_: Request, exc: Exception) -> Response:
         return to_api_error(exc, retry_after_s).response()
 
-    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         return validation_error(exc).response()
 
-    async def on_unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected_error(_: Request, exc: Exception) -> Response:
         # Starlette's ServerErrorMiddleware sends this body, then re-raises `exc` so that
         # uvicorn logs it with its traceback; logging it here too would log it twice.
         return InternalServerError(INTERNAL_ERROR_MESSAGE).response()
 
-    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         cls = NotFoundError if exc.status_code == 404 else BadRequestError
         error = cls(str(exc.detail))
@@ -148,6 +168,7 @@ def install_exception_handlers(app: FastAPI, retry_after_s: int) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(QueueFullError, on_api_error)
     app.add_exception_handler(EngineDeadError, on_api_error)
+    app.add_exception_handler(AdmissionClosedError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)

@@ -65,8 +65,10 @@ class GenerationGroup:
                                        sp.for_choice(i)))
         self._engine = engine
         self._gens: list[RequestStream] = []
+        # Bounded: a consumer slower than the engine (a client reading a stream slowly) holds the
+        # pumps back, and the deltas they have not taken merge in the engine's mailboxes.
         self._queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException] = \
-            asyncio.Queue()
+            asyncio.Queue(maxsize=max(1, len(self.choices)))
         self._pumps: list[asyncio.Task[None]] = []
         self._num_unfinished = len(self.choices)
         self._closed = False
@@ -76,7 +78,7 @@ class GenerationGroup:
         """Queue every sub-request and wait for its first output.
 
         Raises (after aborting the sub-requests already queued): QueueFullError, EngineDeadError,
-        BadRequestError when the engine rejects a request (ValueError).
+        AdmissionClosedError, BadRequestError when the engine rejects a request (ValueError).
         """
         # All choices are admitted together and queued before the next await, so a burst of
         # calls cannot all pass the queue check before any of them is counted as waiting.
@@ -106,12 +108,12 @@ class GenerationGroup:
         try:
             delta = first
             while True:
-                self._queue.put_nowait((choice, delta))
+                await self._queue.put((choice, delta))
                 if delta.finished:
                     return
                 delta = await anext(gen)
         except Exception as exc:  # EngineDeadError and the like: the consumer raises it
-            self._queue.put_nowait(exc)
+            await self._queue.put(exc)
         finally:
             await gen.aclose()  # aborts it if unfinished
 

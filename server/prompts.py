@@ -27,7 +27,9 @@ class PromptInput:
 
 
 def encode_text(tokenizer: Any, text: str, add_special_tokens: bool = True) -> PromptInput:
-    """A text prompt, tokenized."""
+    """A text prompt, tokenized. Raises BadRequestError for text that is not valid Unicode
+    (JSON can carry lone surrogates, which no tokenizer accepts)."""
+    _check_unicode(text, "prompt")
     ids = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
     return PromptInput(token_ids=list(ids), text=text)
 
@@ -48,9 +50,19 @@ def encode_chat(tokenizer: Any, messages: Sequence[ChatMessage],
     model has no chat template or the template rejects the conversation."""
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in messages]
+    for message in conversation:
+        _check_unicode(message["content"], "messages")
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except (ValueError, TemplateError) as exc:
         raise BadRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
     return encode_text(tokenizer, text, add_special_tokens=False)
+
+
+def _check_unicode(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequestError(f"the {param} is not valid Unicode: {exc.reason} at character "
+                              f"{exc.start}", param=param) from None

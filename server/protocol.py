@@ -3,21 +3,35 @@
 FastAPI validates bodies against these models and publishes them in the OpenAPI schema. Unknown
 fields are ignored (as OpenAI and vLLM do); fields we know but do not implement (tools, structured
 output, suffix, ...) are rejected with a 400 naming the field, rather than silently ignored.
-Value ranges of the sampling fields are checked once, by `engine.SamplingParams`.
+Value ranges of the sampling fields are published in the schema (the ranges of OpenAI's own
+spec, so clients and fuzzers see them) and checked again by `engine.SamplingParams`, the engine's
+guard; what needs the model (token ids within the vocabulary) is checked by the serving layer.
+Sizes that bound the work one request can cause (n, stop strings, logit_bias entries) are capped
+here, and floats must be finite (JSON's NaN / Infinity extensions are refused).
 Response schemas live in protocol_responses.py.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from engine.request import MAX_LOGPROBS, SamplingParams
 
+MAX_N = 128  # choices per prompt at most (OpenAI's limit)
+MAX_STOP_STRINGS = 16  # stop strings per request at most
+MAX_STOP_STRING_CHARS = 1024  # characters per stop string at most
+MAX_STOP_TOKEN_IDS = 1024  # stop_token_ids entries at most
+MAX_LOGIT_BIAS = 1024  # logit_bias entries at most (each costs sampler work every step)
+
+
+TokenId = Annotated[int, Field(ge=0)]  # below the model's vocab_size, checked when served
+
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, like OpenAI's API
+    # Unknown fields are ignored, like OpenAI's API; NaN and Infinity are not numbers here.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 def _reject_if_set(cls: type, value: Any, info: ValidationInfo) -> Any:
@@ -49,22 +63,24 @@ class GenerationRequest(OpenAIBaseModel):
     """
 
     model: str | None = None  # the served model name; None = the one model this server has
-    n: int = 1  # completions per prompt
-    temperature: float | None = None  # 0 = greedy
-    top_p: float | None = None
-    top_k: int | None = None  # vLLM extension; 0 or -1 = off
-    min_p: float | None = None  # vLLM extension
+    n: int = Field(default=1, ge=1, le=MAX_N)  # completions per prompt
+    temperature: float | None = Field(default=None, ge=0)  # 0 = greedy
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)  # vLLM extension; 0 or -1 = off
+    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM extension
     seed: int | None = None  # same seed, same tokens (choice i of n uses seed + i)
     stop: str | list[str] | None = None  # stop strings, left out of the text
-    stop_token_ids: list[int] | None = None  # vLLM extension
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    #   vLLM extension
     ignore_eos: bool | None = None  # vLLM extension
-    min_tokens: int | None = None  # vLLM extension
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None  # vLLM extension
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM extension
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)  # vLLM extension
     include_stop_str_in_output: bool | None = None  # vLLM extension
     skip_special_tokens: bool | None = None  # vLLM extension
-    logit_bias: dict[int, float] | None = None  # token id (a string in JSON) -> added to logit
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS)  # token id (a string in JSON) -> added to logit
     stream: bool = False  # answer with server-sent events
     stream_options: StreamOptions | None = None  # only with stream=true
     user: str | None = None  # accepted and ignored, as vLLM does
@@ -79,6 +95,16 @@ class GenerationRequest(OpenAIBaseModel):
     _reject_common = field_validator("use_beam_search", "structured_outputs", "guided_json",
                                    "guided_regex", "guided_choice", "guided_grammar")(
         classmethod(_reject_if_set))
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        strings = [value] if isinstance(value, str) else value or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must have at most {MAX_STOP_STRINGS} strings")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in strings):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
+        return value
 
     @field_validator("stream_options")
     @classmethod
@@ -108,9 +134,11 @@ class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]  # text(s) or token id list(s)
-    max_tokens: int | None = 16  # OpenAI's and vLLM's default; None = up to max_model_len
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's and vLLM's default; None = up
+    #   to max_model_len
     echo: bool = False  # prepend the prompt to the text (and its tokens to the logprobs)
-    logprobs: int | None = None  # return the chosen token's logprob and this many top ones
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # return the chosen
+    #   token's logprob and this many top ones
     best_of: int | None = None  # only best_of == n (no server-side ranking)
     suffix: str | None = None
     prompt_logprobs: int | None = None
@@ -150,8 +178,9 @@ class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)  # the conversation so far
-    max_tokens: int | None = None  # deprecated by OpenAI; None = up to max_model_len (vLLM)
-    max_completion_tokens: int | None = None  # wins over max_tokens when both are given
+    max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI; None = up to
+    #   max_model_len (vLLM)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # wins over max_tokens
     logprobs: bool = False  # return the chosen tokens' logprobs
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # needs logprobs
     add_generation_prompt: bool = True  # vLLM extension: end the prompt with the assistant cue
@@ -214,4 +243,4 @@ class DetokenizeRequest(OpenAIBaseModel):
     """POST /detokenize."""
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

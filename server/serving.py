@@ -1,6 +1,8 @@
 """The request path shared by /v1/completions and /v1/chat/completions (vLLM's OpenAIServing).
 
-    create(): model check -> prompts -> SamplingParams + length checks (400s, nothing queued yet)
+    create(): model check -> admission pre-check (429 / 503 at once, before any work)
+              -> prompts (tokenized off the event loop) -> SamplingParams + length and vocabulary
+              checks (400s, nothing queued yet)
               -> GenerationGroup.start() (429 / 503 / engine 400s, still before any byte is sent)
               -> JSON response, or an SSE stream of chunks
 
@@ -96,10 +98,15 @@ class OpenAIServing:
         """Serve one API call: a JSON response or an SSE stream.
 
         Raises (before anything is sent) BadRequestError, NotFoundError, QueueFullError,
-        EngineDeadError; the app's handlers turn them into OpenAI error responses.
+        EngineDeadError, AdmissionClosedError; the app's handlers turn them into OpenAI error
+        responses.
         """
         self.model.check(request.model)
-        prompts = self.prompts(request)
+        # Refuse at once (429 / 503) when not even one more request could be queued; the exact
+        # check, for all of the call's requests, comes when they are queued.
+        self.engine.check_admission(1)
+        # Tokenizing a long prompt takes a while (~1 s a MB) and releases the GIL: off the loop.
+        prompts = await asyncio.to_thread(self.prompts, request)
         params = [self.sampling_params(request, p) for p in prompts]
         request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         ctx = ResponseContext(request_id, int(time.time()), self.model.name, request)
@@ -125,6 +132,13 @@ class OpenAIServing:
             params = request.to_sampling_params(max_tokens, self.num_logprobs(request))
         except ValueError as exc:
             raise BadRequestError(str(exc), param=str(exc).split()[0]) from exc
+        vocab_size = self.model.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids",
+                                                              params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise BadRequestError(f"{name}: token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {vocab_size})", param=name)
         num_prompt_tokens = len(prompt.token_ids)
         max_model_len = self.model.max_model_len
         if num_prompt_tokens == 0:

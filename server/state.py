@@ -29,7 +29,8 @@ class ModelInfo:
     def check(self, requested: str | None) -> None:
         """Raise NotFoundError (404) unless `requested` names this model (None does)."""
         if requested is not None and requested not in (self.name, self.root):
-            raise NotFoundError(f"The model `{requested}` does not exist.", param="model",
+            shown = requested if len(requested) <= 256 else requested[:256] + "..."
+            raise NotFoundError(f"The model `{shown}` does not exist.", param="model",
                                 code="model_not_found")
 
 

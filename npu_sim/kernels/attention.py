@@ -12,12 +12,13 @@ The reference path runs the task table: per task, online softmax over its KV blo
 a time (running max m, running sum l, unnormalized accumulator), then either the normalized
 output or a partial (o, lse) in a workspace slot that a combine task joins. The fast path computes
 the same attention with a few batched SDPA calls: all single-token rows (decodes) in one, each
-multi-token chunk in its own.
+multi-token chunk in its own, reading only the keys each sequence sees.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,11 +30,10 @@ from npu_sim.tasks import AttentionKernel
 def run_attention(kernel: AttentionKernel, strict: bool, q: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor) -> torch.Tensor:
     """Execute an attention kernel; see the module docstring for operand shapes."""
+    if not strict:
+        return _run_batched(kernel, q, k_cache, v_cache)
     out = torch.zeros_like(q)
-    if strict:
-        _run_tasks(kernel, q, k_cache, v_cache, out)
-    else:
-        _run_batched(kernel, q, k_cache, v_cache, out)
+    _run_tasks(kernel, q, k_cache, v_cache, out)
     return out
 
 
@@ -110,56 +110,97 @@ def _online_softmax(kernel: AttentionKernel, q_tile: torch.Tensor, q_pos: torch.
 
 
 # ---------------------------------------------------------------------------------- fast path
+#
+# What every launch of one kernel shares (a step launches the same kernel once per layer) is
+# derived once and kept with the kernel: the flat cache slot of every key each sequence reads,
+# padded into a (S, L) table for the single-token rows, and the causal masks. Each launch then
+# gathers exactly those keys with index_select (a few contiguous rows per token) instead of
+# whole padded blocks, and runs one SDPA for all decodes plus one per multi-token chunk.
 
-def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, out: torch.Tensor) -> None:
-    seqs = kernel.seqs
+
+@dataclass(frozen=True)
+class _DecodeGroup:
+    rows: torch.Tensor | slice  # query rows of the single-token sequences (a slice if contiguous)
+    slots: torch.Tensor  # (S * L,) int64 flat cache slot of key l of sequence s (0 past the end)
+    mask: torch.Tensor  # (S, 1, 1, L) bool: key l is within sequence s's context
+    num_seqs: int  # S
+    num_keys: int  # L: the longest context, rounded up to a multiple of KEY_ALIGN
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    rows: slice  # its query rows
+    slots: torch.Tensor  # (context_len,) int64 flat cache slot of each key position
+    mask: torch.Tensor | None  # (q_len * G, context_len) bool causal mask; None for one row
+
+
+@dataclass(frozen=True)
+class _FastPlan:
+    decodes: _DecodeGroup | None
+    chunks: tuple[_Chunk, ...]
+    covers_all_rows: bool  # every row of q belongs to a sequence (else the rest stay zero)
+
+
+KEY_ALIGN = 16  # pad the decode group's key count to this (fewer distinct SDPA shapes)
+_plan_memo: list[tuple[AttentionKernel, _FastPlan]] = []  # the last kernel seen and its plan
+
+
+def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
+    if _plan_memo and _plan_memo[0][0] is kernel:
+        return _plan_memo[0][1]
+    seqs, bs, g = kernel.seqs, kernel.block_size, kernel.group_size
+    tables = np.maximum(kernel.block_tables, 0)  # -1 (past a table's end) is never read
+    decodes = None
     single = np.flatnonzero(seqs["q_len"] == 1)
     if len(single):
-        _attend_decodes(kernel, single, q, k_cache, v_cache, out)
+        context_lens = seqs["start_pos"][single] + 1
+        num_keys = int(-(-context_lens.max() // KEY_ALIGN) * KEY_ALIGN)
+        pos = np.arange(num_keys)
+        table = tables[single][:, np.minimum(pos // bs, tables.shape[1] - 1)]  # (S, L)
+        inside = pos[None, :] < context_lens[:, None]
+        slots = np.where(inside, table * bs + pos % bs, 0)
+        q_rows = seqs["q_start"][single]
+        contiguous = bool((np.diff(q_rows) == 1).all())
+        rows = (slice(int(q_rows[0]), int(q_rows[0]) + len(q_rows)) if contiguous
+                else torch.from_numpy(q_rows.copy()))
+        decodes = _DecodeGroup(rows=rows, slots=torch.from_numpy(slots.reshape(-1)),
+                               mask=torch.from_numpy(inside)[:, None, None, :],
+                               num_seqs=len(single), num_keys=num_keys)
+    chunks = []
     for s in np.flatnonzero(seqs["q_len"] > 1):
-        _attend_chunk(kernel, int(s), q, k_cache, v_cache, out)
+        q_start, q_len, start_pos = (int(x) for x in seqs[s].tolist())
+        context_len = start_pos + q_len
+        pos = np.arange(context_len)
+        slots = tables[s, pos // bs] * bs + pos % bs
+        q_pos = torch.arange(start_pos, context_len).repeat_interleave(g)
+        mask = torch.arange(context_len)[None, :] <= q_pos[:, None]  # (q_len * G, context_len)
+        chunks.append(_Chunk(slice(q_start, q_start + q_len), torch.from_numpy(slots), mask))
+    plan = _FastPlan(decodes, tuple(chunks), int(seqs["q_len"].sum()) == num_rows)
+    _plan_memo[:] = [(kernel, plan)]
+    return plan
 
 
-def _gather_kv(kernel: AttentionKernel, seq_ids: np.ndarray, num_blocks: int,
-               cache: torch.Tensor) -> torch.Tensor:
-    """Keys or values of `seq_ids` as (S, Hkv, num_blocks * BS, D); -1 table entries read block 0
-    (masked out by the caller)."""
-    table = torch.from_numpy(np.maximum(kernel.block_tables[seq_ids, :num_blocks], 0))
-    kv = cache[table]  # (S, nb, BS, Hkv, D)
-    s, nb, bs, hkv, d = kv.shape
-    return kv.view(s, nb * bs, hkv, d).transpose(1, 2)
-
-
-def _attend_decodes(kernel: AttentionKernel, seq_ids: np.ndarray, q: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-    seqs = kernel.seqs[seq_ids]
-    context_lens = seqs["start_pos"] + 1
-    num_blocks = int(-(-context_lens.max() // kernel.block_size))
-    k = _gather_kv(kernel, seq_ids, num_blocks, k_cache)  # (S, Hkv, L, D)
-    v = _gather_kv(kernel, seq_ids, num_blocks, v_cache)
-    rows = torch.from_numpy(seqs["q_start"])
-    q_stacked = q[rows].view(len(seq_ids), kernel.num_kv_heads, kernel.group_size, -1)
-    k_pos = torch.arange(k.shape[2])
-    mask = (k_pos[None, :] < torch.from_numpy(context_lens)[:, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=mask, scale=kernel.scale)
-    out[rows] = o.reshape(len(seq_ids), kernel.num_heads, -1)
-
-
-def _attend_chunk(kernel: AttentionKernel, s: int, q: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, out: torch.Tensor) -> None:
-    q_start, q_len, start_pos = kernel.seqs[s].tolist()
-    g = kernel.group_size
-    context_len = start_pos + q_len
-    num_blocks = -(-context_len // kernel.block_size)
-    k = _gather_kv(kernel, np.array([s]), num_blocks, k_cache)[:, :, :context_len]
-    v = _gather_kv(kernel, np.array([s]), num_blocks, v_cache)[:, :, :context_len]
-    rows = slice(q_start, q_start + q_len)
-    # (q_len, Hq, D) -> (1, Hkv, q_len * G, D): stacked row r * G + g = token r, head j * G + g
-    q_stacked = (q[rows].view(q_len, kernel.num_kv_heads, g, -1).transpose(0, 1)
-                 .reshape(1, kernel.num_kv_heads, q_len * g, -1))
-    q_pos = torch.arange(start_pos, context_len).repeat_interleave(g)
-    mask = torch.arange(context_len)[None, :] <= q_pos[:, None]  # (q_len * G, context_len)
-    o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=mask, scale=kernel.scale)
-    out[rows] = o.view(kernel.num_kv_heads, q_len, g, -1).transpose(0, 1).reshape(q_len, -1,
-                                                                                   o.shape[-1])
+def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> torch.Tensor:
+    plan = _fast_plan(kernel, q.shape[0])
+    out = torch.empty_like(q) if plan.covers_all_rows else torch.zeros_like(q)
+    hkv, g, d = kernel.num_kv_heads, kernel.group_size, kernel.head_dim
+    k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)  # (NB * BS, Hkv, D)
+    dec = plan.decodes
+    if dec is not None:
+        s, n = dec.num_seqs, dec.num_keys
+        k = k_flat.index_select(0, dec.slots).view(s, n, hkv, d).transpose(1, 2)  # (S, Hkv, L, D)
+        v = v_flat.index_select(0, dec.slots).view(s, n, hkv, d).transpose(1, 2)
+        q_stacked = q[dec.rows].view(s, hkv, g, d)  # one row: its G heads stacked per KV head
+        o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=dec.mask,
+                                           scale=kernel.scale)
+        out[dec.rows] = o.view(s, kernel.num_heads, d)
+    for c in plan.chunks:
+        q_len = c.rows.stop - c.rows.start
+        k = k_flat.index_select(0, c.slots).transpose(0, 1)[None]  # (1, Hkv, context_len, D)
+        v = v_flat.index_select(0, c.slots).transpose(0, 1)[None]
+        # (q_len, Hq, D) -> (1, Hkv, q_len * G, D): stacked row r * G + g = token r, head j * G + g
+        q_stacked = q[c.rows].view(q_len, hkv, g, d).transpose(0, 1).reshape(1, hkv, q_len * g, d)
+        o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=c.mask, scale=kernel.scale)
+        out[c.rows] = o.view(hkv, q_len, g, d).transpose(0, 1).reshape(q_len, -1, d)
+    return out

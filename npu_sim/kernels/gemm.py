@@ -5,7 +5,10 @@ a full (tm, tn) fp32 accumulator (the on-chip tile), reads only the task's valid
 valid columns of w (selective read), accumulates over K in tk-deep steps, and stores only the
 valid (m_rows, n_cols) corner (selective write). Masked rows and columns live in the accumulator
 alone: no padded copy of x is ever made and nothing outside the M x N output is written.
-The fast path is one torch call over the whole batch.
+The fast path is one torch call over the whole batch. A weight may come pre-packed
+(`pack_weight`): the fast path then multiplies with oneDNN's blocked copy of it, which skips the
+per-call repacking of `w` that dominates small-M products on the CPU (a decode step's GEMMs have
+M = batch size); the reference path always reads the plain weight.
 """
 
 from __future__ import annotations
@@ -16,15 +19,46 @@ import torch.nn.functional as F
 from npu_sim.tasks import GemmKernel
 
 
-def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor,
+class PackedWeight:
+    """A GEMM weight `w[N, K]` plus its copy in oneDNN's blocked layout, for the fast path."""
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor) -> None:
+        self.weight = weight  # (N, K), plain: the reference path and shapes read this one
+        self.packed = packed  # opaque mkldnn tensor holding the same values, pre-blocked
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+
+def pack_weight(w: torch.Tensor) -> PackedWeight | torch.Tensor:
+    """`w` (N, K) pre-packed for the fast path, or `w` itself where this torch build or CPU
+    cannot pack it (no oneDNN, or a dtype the CPU lacks kernels for)."""
+    if not torch.backends.mkldnn.is_available() or w.dim() != 2:
+        return w
+    try:
+        # The batch-size argument is a layout hint; the packed weight serves any M.
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16)
+    except (RuntimeError, AttributeError):
+        return w
+    return PackedWeight(w, packed)
+
+
+def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor | PackedWeight,
              bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Execute a GEMM kernel. x: (M, K), w: (N, K), bias: (N,) or None, out: (M, N) or None."""
+    """Execute a GEMM kernel. x: (M, K), w: (N, K) (plain or `pack_weight`ed), bias: (N,) or
+    None, out: (M, N) or None."""
     assert x.shape == (kernel.m, kernel.k) and w.shape == (kernel.n, kernel.k), (
         f"{kernel.name}: x {tuple(x.shape)} w {tuple(w.shape)} vs m={kernel.m} n={kernel.n} "
         f"k={kernel.k}")
     if not strict:
-        result = F.linear(x, w, bias)
+        if isinstance(w, PackedWeight):
+            result = torch.ops.mkldnn._linear_pointwise(x, w.packed, bias, "none", [], "")
+        else:
+            result = F.linear(x, w, bias)
         return result if out is None else out.copy_(result)
+    if isinstance(w, PackedWeight):
+        w = w.weight
     if out is None:
         out = x.new_empty(kernel.m, kernel.n)
     for m_start, m_rows, n_start, n_cols, tile in kernel.tasks.tolist():

@@ -101,6 +101,10 @@ def run_vector(kernel: VectorKernel, strict: bool, **operands: Any) -> torch.Ten
     strict=True walks the task table (each task touches only its rows); otherwise one call
     covers all `kernel.num_rows` rows.
     """
+    if not strict:
+        fast = _FAST.get(kernel.op)
+        if fast is not None:
+            return fast(kernel.num_rows, **operands)
     row_fn, make_out = _OPS[kernel.op]
     out = make_out(kernel, operands) if make_out else None
     if strict:
@@ -109,3 +113,90 @@ def run_vector(kernel: VectorKernel, strict: bool, **operands: Any) -> torch.Ten
     else:
         row_fn(slice(0, kernel.num_rows), out, **operands)
     return out
+
+
+# ---------------------------------------------------------------------------------- fast path
+#
+# All rows at once, with fewer and fused torch calls; bit-for-bit the arithmetic of the row
+# functions above (same operations in the same order, on the same dtypes), so the reference
+# path's agreement holds exactly where the fused kernel computes what the composition does.
+
+
+def _fast_embed(n: int, table: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    return table.index_select(0, token_ids[:n])
+
+
+def _normalize(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # = weight * (h32 * rsqrt(mean(h32^2) + eps)).to(h.dtype), as _rmsnorm_into
+    if h.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(h, (h.shape[-1],), weight, eps)
+    return F.rms_norm(h.float(), (h.shape[-1],), None, eps).to(h.dtype).mul_(weight)
+
+
+def _fast_rmsnorm(n: int, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _normalize(x[:n], weight, eps)
+
+
+def _fast_add_rmsnorm(n: int, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    h = residual[:n]
+    h += x[:n]
+    return _normalize(h, weight, eps)
+
+
+_rope_memo: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin with its first half negated), each (T, 1, D); derived once per step (every
+    layer rotates by the same tables)."""
+    if _rope_memo and _rope_memo[0][0] is cos and _rope_memo[0][1] is sin:
+        return _rope_memo[0][2], _rope_memo[0][3]
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    _rope_memo[:] = [(cos, sin, cos[:, None, :], signed[:, None, :])]
+    return _rope_memo[0][2], _rope_memo[0][3]
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q (T, Hq, D) and k (T, Hkv, D) as one (T, Hq + Hkv, D) view, when k's heads directly
+    follow q's in every row (both slices of one fused qkv projection); else None."""
+    t, hq, d = q.shape
+    if (k.shape[0] != t or k.shape[2] != d or k.dtype != q.dtype or q.stride() != k.stride()
+            or q.stride()[1:] != (d, 1)
+            or k.data_ptr() != q.data_ptr() + hq * d * q.element_size()):
+        return None
+    return q.as_strided((t, hq + k.shape[1], d), q.stride())
+
+
+def _fast_rope(n: int, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> None:
+    c, s = _rope_tables(cos, sin)
+    c, s = c[:n], s[:n]
+    both = _adjacent_heads(q, k)
+    half = q.shape[-1] // 2
+    for t in (q, k) if both is None else (both,):
+        t = t[:n]
+        # rotate_half(t) * sin == cat(t2, t1) * cat(-sin1, sin2), exactly ((-a) b == a (-b))
+        rotated = torch.cat((t[..., half:], t[..., :half]), dim=-1).mul_(s)
+        t.mul_(c).add_(rotated)
+
+
+def _fast_silu_mul(n: int, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up[:n].chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+def _fast_kv_write(n: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _kv_write(slice(0, n), None, k, v, k_cache, v_cache, slot_mapping)
+
+
+_FAST: dict[VectorOp | CopyOp, Callable[..., torch.Tensor | None]] = {
+    VectorOp.EMBED: _fast_embed,
+    VectorOp.RMSNORM: _fast_rmsnorm,
+    VectorOp.ADD_RMSNORM: _fast_add_rmsnorm,
+    VectorOp.ROPE: _fast_rope,
+    VectorOp.SILU_MUL: _fast_silu_mul,
+    VectorOp.KV_WRITE: _fast_kv_write,
+}

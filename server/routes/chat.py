@@ -6,14 +6,14 @@ from fastapi import APIRouter, Request, Response
 
 from server.protocol import ChatCompletionRequest
 from server.protocol_responses import ChatCompletionResponse
-from server.routes import ERROR_RESPONSES
+from server.routes import GENERATION_RESPONSES
 from server.state import State
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-             responses=ERROR_RESPONSES)
+             responses=GENERATION_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request,
                                  state: State) -> Response:
     """Chat completion through the model's chat template; `stream: true` answers with SSE."""

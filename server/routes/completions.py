@@ -6,13 +6,14 @@ from fastapi import APIRouter, Request, Response
 
 from server.protocol import CompletionRequest
 from server.protocol_responses import CompletionResponse
-from server.routes import ERROR_RESPONSES
+from server.routes import GENERATION_RESPONSES
 from server.state import State
 
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses=GENERATION_RESPONSES)
 async def create_completion(body: CompletionRequest, raw_request: Request,
                             state: State) -> Response:
     """Text completion; `stream: true` answers with server-sent events."""

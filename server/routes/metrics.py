@@ -9,6 +9,8 @@ from server.state import State
 router = APIRouter()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text exposition",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
     return Response(content=state.metrics.render(), media_type=state.metrics.content_type)

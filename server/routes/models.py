@@ -35,9 +35,13 @@ async def version() -> VersionResponse:
     return VersionResponse(version=__version__)
 
 
-@open_router.get("/health", responses={503: ERROR_RESPONSES[503]})
+@open_router.get("/health", response_class=Response,
+                 responses={200: {"description": "ready (empty body)"}, 503: ERROR_RESPONSES[503]})
 async def health(state: State) -> Response:
-    """200 while the engine loop runs, 503 once it has stopped."""
+    """200 while the engine loop runs and takes requests; 503 once it has stopped, or while
+    the server drains for shutdown (so a load balancer stops sending it requests)."""
     if not state.engine.is_alive:
         raise ServiceUnavailableError("the engine loop is not running")
+    if state.engine.admission_closed is not None:
+        raise ServiceUnavailableError(state.engine.admission_closed, code="shutting_down")
     return Response(status_code=200)

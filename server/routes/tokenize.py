@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 
 from server.prompts import decode_ids, encode_chat, encode_text
@@ -17,10 +19,13 @@ router = APIRouter(responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
     """The token ids the model would see for this prompt or conversation."""
     state.model.check(body.model)
+    # Off the event loop, as for generation: a long prompt takes a while to tokenize.
     if isinstance(body, TokenizeCompletionRequest):
-        prompt = encode_text(state.tokenizer, body.prompt, body.add_special_tokens)
+        prompt = await asyncio.to_thread(encode_text, state.tokenizer, body.prompt,
+                                         body.add_special_tokens)
     else:
-        prompt = encode_chat(state.tokenizer, body.messages, body.add_generation_prompt)
+        prompt = await asyncio.to_thread(encode_chat, state.tokenizer, body.messages,
+                                         body.add_generation_prompt)
     return TokenizeResponse(count=len(prompt.token_ids), max_model_len=state.model.max_model_len,
                             tokens=prompt.token_ids)
 

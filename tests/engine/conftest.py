@@ -69,6 +69,7 @@ def _make_scheduler(
     block_size: int = 4,
     max_model_len: int = 256,
     policy: str = "token_budget",
+    enable_prefix_caching: bool = False,
 ) -> Scheduler:
     config = SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
@@ -76,7 +77,8 @@ def _make_scheduler(
         max_model_len=max_model_len,
         policy=policy,  # type: ignore[arg-type]
     )
-    return Scheduler(config, num_kv_blocks, block_size, max_model_len)
+    return Scheduler(config, num_kv_blocks, block_size, max_model_len,
+                     enable_prefix_caching=enable_prefix_caching)
 
 
 def _fake_model_output(

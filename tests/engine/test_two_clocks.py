@@ -15,8 +15,10 @@ from engine.core import EngineCore
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir, tmp_path_factory) -> LLM:
     trace_dir = tmp_path_factory.mktemp("npu-trace")
+    # No prefix caching: the tests count computed prompt tokens of prompts sharing prefixes.
     return LLM(model=str(tiny_llama_dir), dtype="float32", block_size=16, num_kv_blocks=64,
-               max_num_batched_tokens=32, npu_trace_dir=str(trace_dir))
+               max_num_batched_tokens=32, npu_trace_dir=str(trace_dir),
+               enable_prefix_caching=False)
 
 
 def test_steps_advance_the_simulated_clock_by_their_traces(llm: LLM) -> None:

@@ -1,0 +1,137 @@
+"""This machine, measured: CPU, versions, the GEMM roofline, and other processes' load.
+
+Machines differ (DESIGN section 6), so every benchmark measures the GEMM rate it is judged
+against when it starts, per dtype and per library path, and the roofline is the best fp32 rate
+measured here (oneDNN with packed weights or MKL through torch.matmul, whichever is faster on
+this CPU). A model's work is its matmul FLOPs: 2 x (layer weights) per computed token, plus
+2 x (LM head) per sampled token.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
+                     "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict[str, object]:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("unknown", "", "x86_64"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"model": model, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1),
+            "flags": [f for f in INTERESTING_FLAGS if f in flags],
+            "torch_threads": torch.get_num_threads()}
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("xyserve", "torch", "transformers", "numpy", "fastapi", "uvicorn", "httpx"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "-"
+    out["onednn"] = str(torch.backends.mkldnn.is_available())
+    return out
+
+
+def _rate(fn, flops: float, seconds: float = 0.6) -> float:
+    """Best GFLOP/s of fn() over repeated timed calls (the best resists other load)."""
+    fn()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def gemm_rates(n: int = 2048) -> dict[str, float]:
+    """GFLOP/s of an n^3 GEMM: fp32 / bf16, via torch.matmul (MKL for fp32 on x86) and via
+    oneDNN with a pre-packed weight (the engine's fast path)."""
+    from npu_sim.kernels import PackedWeight, pack_weight
+
+    out: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        with torch.inference_mode():
+            out[f"{name}_matmul"] = _rate(lambda a=a, b=b: a @ b, 2 * n**3)
+            packed = pack_weight(b)
+            if isinstance(packed, PackedWeight):
+                out[f"{name}_onednn_packed"] = _rate(
+                    lambda a=a, p=packed: torch.ops.mkldnn._linear_pointwise(
+                        a, p.packed, None, "none", [], ""), 2 * n**3)
+    out["fp32_roofline"] = max(v for k, v in out.items() if k.startswith("fp32"))
+    out["bf16_roofline"] = max(v for k, v in out.items() if k.startswith("bf16"))
+    return out
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """Matmul GFLOP of one token of a llama-family model."""
+
+    per_token: float  # the decoder layers, for every computed token
+    lm_head: float  # the LM head, for every sampled token
+
+    @staticmethod
+    def of(arch) -> ModelFlops:
+        h, d, inter = arch.hidden_size, arch.head_dim, arch.intermediate_size
+        layer = h * (arch.num_heads + 2 * arch.num_kv_heads) * d + arch.num_heads * d * h
+        layer += 3 * h * inter
+        return ModelFlops(2 * layer * arch.num_layers / 1e9, 2 * h * arch.vocab_size / 1e9)
+
+    def work(self, computed_tokens: float, sampled_tokens: float) -> float:
+        return computed_tokens * self.per_token + sampled_tokens * self.lm_head
+
+
+class CpuLoad:
+    """Share of the machine's CPU used by processes other than `pids` (and this one) between
+    start() and stop(): other work on a shared machine skews a benchmark."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    @staticmethod
+    def _busy_ticks() -> int:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+    def _own_ticks(self) -> int:
+        total = 0
+        for pid in [*self.pids, os.getpid()]:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parts = f.read().rsplit(")", 1)[1].split()
+                total += int(parts[11]) + int(parts[12])  # utime + stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0, self._own0 = self._busy_ticks(), self._own_ticks()
+
+    def stop(self) -> float:
+        """Foreign CPU as a fraction of all cores over the interval (0 = we were alone)."""
+        elapsed = time.monotonic() - self._t0
+        ticks = os.sysconf("SC_CLK_TCK") * elapsed * (os.cpu_count() or 1)
+        foreign = (self._busy_ticks() - self._busy0) - (self._own_ticks() - self._own0)
+        return max(0.0, foreign / ticks) if ticks else 0.0

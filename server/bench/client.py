@@ -1,0 +1,156 @@
+"""The load generator: streaming /v1/completions requests over httpx, on a schedule.
+
+Arrivals: at `request_rate` requests per second with gamma-distributed gaps (shape =
+`burstiness`; 1 is a Poisson process, lower is burstier, higher more regular), or all at once
+(rate inf); `max_concurrency` caps the requests in flight (a closed loop when the rate is inf).
+Each request streams with `stream_options.include_usage`, so token counts come from the
+server's own usage; times are taken when each chunk arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from server.bench.datasets import BenchRequest
+
+
+@dataclass
+class RequestResult:
+    """What one benchmark request saw, in wall seconds from when it was sent."""
+
+    prompt_len: int  # prompt tokens (the server's usage; the client's count without one)
+    output_len: int = 0  # generated tokens (the server's usage; chunks counted without one)
+    success: bool = False
+    error: str = ""
+    ttft_s: float = 0.0  # sent -> first chunk with text
+    e2e_s: float = 0.0  # sent -> stream closed
+    itls_s: list[float] = field(default_factory=list)  # gaps between chunks with text
+    start_s: float = 0.0  # when it was sent, from the start of the run
+    text: str = ""  # the generated text
+    usage_reported: bool = False  # the server sent usage
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first (0 for a single token)."""
+        return (self.e2e_s - self.ttft_s) / (self.output_len - 1) if self.output_len > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    base_url: str  # http://host:port (without /v1)
+    model: str  # the model name to send
+    api_key: str | None = None
+    temperature: float = 0.0
+    ignore_eos: bool = False  # vLLM / xyserve extension; other servers may reject it
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request body
+    timeout_s: float = 600.0
+
+
+async def arrivals(num: int, request_rate: float, burstiness: float,
+                   seed: int) -> AsyncIterator[int]:
+    """Yield 0 .. num-1 at the arrival times of the schedule."""
+    rng = random.Random(seed)
+    for i in range(num):
+        yield i
+        if request_rate != float("inf") and i + 1 < num:
+            # gamma(shape k, scale theta) with mean k * theta = 1 / rate
+            await asyncio.sleep(rng.gammavariate(burstiness, 1.0 / (request_rate * burstiness)))
+
+
+async def send(client: httpx.AsyncClient, config: ClientConfig, request: BenchRequest,
+               t0: float) -> RequestResult:
+    """Send one streaming completion; never raises (errors land in the result)."""
+    body = {"model": config.model, "prompt": request.prompt, "max_tokens": request.output_len,
+            "temperature": config.temperature, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if config.ignore_eos:
+        body["ignore_eos"] = True
+    body.update(config.extra_body)
+    result = RequestResult(prompt_len=request.prompt_len)
+    start = time.perf_counter()
+    result.start_s = start - t0
+    last = start
+    num_chunks = 0
+    pieces: list[str] = []
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                result.error = f"HTTP {response.status_code}: {response.text[:500]}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"])[:500]
+                    return result
+                now = time.perf_counter()
+                text = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
+                if text:
+                    if num_chunks == 0:
+                        result.ttft_s = now - start
+                    else:
+                        result.itls_s.append(now - last)
+                    last = now
+                    num_chunks += 1
+                    pieces.append(text)
+                usage = chunk.get("usage")
+                if usage:
+                    result.usage_reported = True
+                    result.prompt_len = int(usage.get("prompt_tokens", result.prompt_len))
+                    result.output_len = int(usage.get("completion_tokens", 0))
+    except (httpx.HTTPError, json.JSONDecodeError, ValueError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"[:500]
+        return result
+    result.e2e_s = time.perf_counter() - start
+    result.text = "".join(pieces)
+    if not result.usage_reported:
+        result.output_len = num_chunks
+    result.success = result.output_len > 0
+    if not result.success:
+        result.error = "no tokens generated"
+    return result
+
+
+async def run_requests(config: ClientConfig, requests: list[BenchRequest], request_rate: float,
+                       burstiness: float, max_concurrency: int | None, seed: int,
+                       on_done: Callable[[RequestResult], None] | None = None,
+                       ) -> tuple[list[RequestResult], float]:
+    """Run `requests` on the schedule; returns the results (in request order) and the run's
+    duration (first send to last completion)."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    limits = httpx.Limits(max_connections=max_concurrency or len(requests) or 1,
+                          max_keepalive_connections=max_concurrency or len(requests) or 1)
+    semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    results: list[RequestResult | None] = [None] * len(requests)
+    async with httpx.AsyncClient(base_url=config.base_url, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(config.timeout_s)) as client:
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> None:
+            if semaphore is None:
+                results[i] = await send(client, config, requests[i], t0)
+            else:
+                async with semaphore:
+                    results[i] = await send(client, config, requests[i], t0)
+            if on_done is not None:
+                on_done(results[i])  # type: ignore[arg-type]
+
+        tasks = []
+        async for i in arrivals(len(requests), request_rate, burstiness, seed):
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - t0
+    return [r for r in results if r is not None], duration
