@@ -150,12 +150,13 @@ _rope_memo: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] 
 def _rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin with its first half negated), each (T, 1, D); derived once per step (every
     layer rotates by the same tables)."""
-    if _rope_memo and _rope_memo[0][0] is cos and _rope_memo[0][1] is sin:
-        return _rope_memo[0][2], _rope_memo[0][3]
+    memo = _rope_memo[0] if _rope_memo else None  # one read: another thread may replace it
+    if memo is not None and memo[0] is cos and memo[1] is sin:
+        return memo[2], memo[3]
     half = sin.shape[-1] // 2
     signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
     _rope_memo[:] = [(cos, sin, cos[:, None, :], signed[:, None, :])]
-    return _rope_memo[0][2], _rope_memo[0][3]
+    return cos[:, None, :], signed[:, None, :]
 
 
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

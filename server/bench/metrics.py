@@ -137,7 +137,7 @@ def scrape(text: str) -> tuple[dict[str, Histogram], dict[str, float]]:
                 elif s.name.endswith("_bucket") and h.buckets is not None:
                     le = float(s.labels["le"])
                     h.buckets[le] = h.buckets.get(le, 0.0) + s.value
-        elif family.type in ("counter", "gauge"):
+        elif family.type != "summary":  # counters, gauges, untyped
             for s in family.samples:
                 if s.name.endswith("_created"):
                     continue

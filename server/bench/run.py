@@ -108,7 +108,8 @@ def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = No
     return result
 
 
-def print_report(result: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_report(result: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
     w = 50
 
     def line(label: str, value: Any, fmt: str = "{:.2f}") -> None:
@@ -131,7 +132,7 @@ def print_report(result: dict[str, Any], out: Any = sys.stdout) -> None:
         print("{:-^{w}}".format(title, w=w), file=out)
         name = key.split("_")[0].upper()
         for stat, value in result[key].items():
-            if stat != "std":
+            if stat not in ("std", "p50"):  # p50 is the median
                 label = {"mean": "Mean", "median": "Median"}.get(stat, stat.upper())
                 line(f"{label} {name} (ms):", value)
     npu = result.get("npu")
@@ -149,6 +150,11 @@ def print_report(result: dict[str, Any], out: Any = sys.stdout) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        print("xyserve bench: error: needs httpx: pip install 'xyserve[bench]'", file=sys.stderr)
+        return 2
     try:
         result = benchmark(args)
     except (ValueError, RuntimeError, OSError) as exc:

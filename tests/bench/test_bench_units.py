@@ -1,0 +1,127 @@
+"""The bench tool's pieces without a server: SLO parsing, percentiles, goodput, Prometheus
+deltas, the arrival process and the datasets."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from server.bench import client
+from server.bench.client import RequestResult
+from server.bench.datasets import random_requests, shared_prefix_requests
+from server.bench.metrics import (
+    Histogram,
+    client_metrics,
+    npu_summary,
+    parse_slo,
+    server_metrics_delta,
+    summarize,
+)
+
+
+def test_parse_slo() -> None:
+    assert parse_slo("ttft=500, tpot=50") == {"ttft": 500.0, "tpot": 50.0}
+    assert parse_slo(None) == {}
+    for bad in ("ttft", "latency=3", "tpot=-1"):
+        with pytest.raises(ValueError):
+            parse_slo(bad)
+
+
+def test_summarize_in_milliseconds() -> None:
+    s = summarize([0.001 * i for i in range(1, 101)], (50, 90, 99))
+    assert s["mean"] == pytest.approx(50.5)
+    assert s["median"] == s["p50"] == pytest.approx(50.5)
+    assert s["p90"] == pytest.approx(90.1) and s["p99"] == pytest.approx(99.01)
+    assert summarize([], (99,)) == {"mean": 0.0, "std": 0.0, "median": 0.0, "p99": 0.0}
+
+
+def _result(ttft: float, e2e: float, out: int, ok: bool = True) -> RequestResult:
+    return RequestResult(prompt_len=10, output_len=out, success=ok, ttft_s=ttft, e2e_s=e2e,
+                         itls_s=[(e2e - ttft) / max(out - 1, 1)] * (out - 1))
+
+
+def test_goodput_counts_requests_meeting_every_slo() -> None:
+    results = [_result(0.1, 1.0, 10), _result(0.3, 1.0, 10), _result(0.1, 5.0, 10),
+               _result(0.1, 1.0, 10, ok=False)]
+    m = client_metrics(results, 2.0, (50, 99), {"ttft": 200, "tpot": 200})
+    # tpot: 0.1 s, 0.078 s, 0.544 s; ttft 0.1, 0.3, 0.1: only the first meets both
+    assert m["completed"] == 3 and m["failed"] == 1
+    assert m["good_requests"] == 1 and m["request_goodput"] == 0.5
+    assert m["request_goodput"] <= m["request_throughput"] == 1.5
+    assert m["total_output_tokens"] == 30 and m["output_throughput"] == 15.0
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    h = Histogram(sum=0.0, count=10, buckets={0.1: 2, 0.2: 8, 0.5: 10, math.inf: 10})
+    assert h.quantile(0.5) == pytest.approx(0.15)  # rank 5 of 10: half-way through (0.1, 0.2]
+    assert h.quantile(1.0) == pytest.approx(0.5)
+
+
+METRICS_BEFORE = """\
+# TYPE xyserve:npu_step_seconds histogram
+xyserve:npu_step_seconds_bucket{le="0.005",model_name="m"} 10.0
+xyserve:npu_step_seconds_bucket{le="+Inf",model_name="m"} 10.0
+xyserve:npu_step_seconds_sum{model_name="m"} 0.02
+xyserve:npu_step_seconds_count{model_name="m"} 10.0
+# TYPE xyserve:generation_tokens_total counter
+xyserve:generation_tokens_total{model_name="m"} 100.0
+"""
+METRICS_AFTER = METRICS_BEFORE.replace("10.0", "30.0").replace("0.02", "0.08").replace(
+    "100.0", "400.0") + """\
+# TYPE xyserve:npu_time_to_first_token_seconds histogram
+xyserve:npu_time_to_first_token_seconds_bucket{le="0.01",model_name="m"} 4.0
+xyserve:npu_time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 4.0
+xyserve:npu_time_to_first_token_seconds_sum{model_name="m"} 0.02
+xyserve:npu_time_to_first_token_seconds_count{model_name="m"} 4.0
+"""
+
+
+def test_server_metrics_delta_and_npu_summary() -> None:
+    delta = server_metrics_delta(METRICS_BEFORE, METRICS_AFTER)
+    step = delta["histograms"]["xyserve:npu_step_seconds"]
+    assert step["count"] == 20 and step["sum"] == pytest.approx(0.06)
+    assert step["mean"] == pytest.approx(0.003)
+    assert delta["counters"]["xyserve:generation_tokens_total"] == 300
+    npu = npu_summary(delta)
+    assert npu["mean_step_ms"] == pytest.approx(3.0) and npu["mean_ttft_ms"] == pytest.approx(5.0)
+    assert npu["output_throughput"] == pytest.approx(300 / 0.06)
+    assert npu_summary({"histograms": {}, "counters": {}}) == {}  # not an xyserve server
+
+
+def test_arrivals_follow_the_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    gaps: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        gaps.append(seconds)
+
+    monkeypatch.setattr(client.asyncio, "sleep", fake_sleep)
+
+    async def collect(rate: float, burstiness: float) -> list[int]:
+        return [i async for i in client.arrivals(2000, rate, burstiness, seed=1)]
+
+    assert asyncio.run(collect(20.0, 1.0)) == list(range(2000))
+    assert len(gaps) == 1999 and sum(gaps) / len(gaps) == pytest.approx(1 / 20, rel=0.05)
+    poisson_spread = max(gaps) / (sum(gaps) / len(gaps))
+    gaps.clear()
+    asyncio.run(collect(20.0, 8.0))  # more regular: same mean, less spread
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 20, rel=0.05)
+    assert max(gaps) / (sum(gaps) / len(gaps)) < poisson_spread
+    gaps.clear()
+    asyncio.run(collect(math.inf, 1.0))
+    assert gaps == []  # all at once
+
+
+def test_datasets_lengths_and_shared_prefix(smollm2_tokenizer) -> None:
+    reqs = random_requests(smollm2_tokenizer, 20, 40, 8, range_ratio=0.25, seed=5)
+    assert reqs == random_requests(smollm2_tokenizer, 20, 40, 8, range_ratio=0.25, seed=5)
+    assert all(r.prompt_len <= 50 and 6 <= r.output_len <= 10 for r in reqs)
+    assert sum(r.prompt_len for r in reqs) > 20 * 30  # close to the asked lengths
+    shared = shared_prefix_requests(smollm2_tokenizer, 6, 100, 10, 4, num_prefixes=2, seed=0)
+    ids = [smollm2_tokenizer.encode(r.prompt, add_special_tokens=False) for r in shared]
+    common = 0
+    while all(len(x) > common and x[common] == ids[0][common] for x in ids[::2]):
+        common += 1
+    assert common >= 95  # prompts of one group share about the whole prefix, token for token
+    assert ids[0][:20] != ids[1][:20]  # the two groups have different prefixes
