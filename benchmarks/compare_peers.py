@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -173,27 +173,31 @@ def _metrics_text(server: Server) -> str | None:
     return r.text if r.status_code == 200 else None
 
 
-def run_workload(server: Server, requests: list[BenchRequest], concurrency: int,
-                 max_foreign_load: float, retries: int,
+def run_workload(server: Server, make_requests: Callable[[int], list[BenchRequest]],
+                 concurrency: int, max_foreign_load: float, retries: int,
                  request_rate: float = math.inf) -> dict[str, Any]:
     """Warm up, then run; repeated while other processes took more than max_foreign_load of the
-    CPU (the least disturbed run is kept). Returns client metrics + server metrics + texts."""
+    CPU (the least disturbed run is kept). Every attempt (and the warm-up) sends new prompts
+    (`make_requests(seed)`), so no run finds the previous one's prompts in a prefix cache.
+    Returns client metrics + server metrics + the generated texts."""
     config = ClientConfig(base_url=server.url, model=server.model, temperature=0.0,
                           ignore_eos=server.ignore_eos, extra_body=server.extra_body)
-    warm = [replace(r, output_len=min(r.output_len, 8)) for r in requests[:2]]
+    warm = [replace(r, output_len=min(r.output_len, 8)) for r in make_requests(1000)[:2]]
     asyncio.run(run_requests(config, warm, math.inf, 1.0, concurrency, 0))
     best: dict[str, Any] | None = None
-    for _attempt in range(retries + 1):
+    for attempt in range(retries + 1):
+        requests = make_requests(attempt)
         wait_quiet([server.process.pid], max_foreign_load)
         before = _metrics_text(server)
         load = CpuLoad([server.process.pid])
         load.start()
         results, duration = asyncio.run(run_requests(config, requests, request_rate, 1.0,
-                                                     concurrency, 0))
+                                                     concurrency, attempt))
         foreign = load.stop()
         after = _metrics_text(server)
         out = client_metrics(results, duration, (50, 90, 99), {})
         out["foreign_cpu_load"] = foreign
+        out["seed"] = attempt
         out["texts"] = [r.text for r in results]
         out["errors"] = sorted({r.error for r in results if not r.success})[:5]
         if before and after:
@@ -217,6 +221,9 @@ def mixed_load(server: Server, tokenizer: Any, scale: float) -> dict[str, Any]:
     config = ClientConfig(base_url=server.url, model=server.model, temperature=0.0,
                           ignore_eos=True, extra_body=server.extra_body)
     asyncio.run(run_requests(config, decodes[:2], math.inf, 1.0, 2, 0))  # warm up
+    wait_quiet([server.process.pid], 0.15)
+    load = CpuLoad([server.process.pid])
+    load.start()
 
     async def both() -> tuple[list[RequestResult], float, list[RequestResult]]:
         async def later() -> tuple[list[RequestResult], float]:
@@ -228,13 +235,15 @@ def mixed_load(server: Server, tokenizer: Any, scale: float) -> dict[str, Any]:
         return dec, dur, lng
 
     dec, duration, lng = asyncio.run(both())
+    foreign = load.stop()
     m = client_metrics(dec, duration, (50, 90, 99), {})
     long_m = client_metrics(lng, duration, (50, 90, 99), {})
     return {"itl_p50_ms": m["itl_ms"]["p50"], "itl_p99_ms": m["itl_ms"]["p99"],
             "itl_p99_over_p50": m["itl_ms"]["p99"] / max(m["itl_ms"]["p50"], 1e-9),
             "decode_output_throughput": m["output_throughput"],
             "long_prompt_ttft_p50_ms": long_m["ttft_ms"]["p50"],
-            "num_long_prompts": len(lng), "long_prompt_tokens": longs[0].prompt_len}
+            "num_long_prompts": len(lng), "long_prompt_tokens": longs[0].prompt_len,
+            "foreign_cpu_load": foreign}
 
 
 # ------------------------------------------------------------------------------ report
@@ -283,7 +292,7 @@ def report(data: dict[str, Any]) -> str:
                                 (("ttft_ms", "p50"), "TTFT p50 ms", "{:.0f}"),
                                 (("itl_ms", "p50"), "ITL p50 ms", "{:.1f}"),
                                 (("itl_ms", "p99"), "ITL p99 ms", "{:.1f}"),
-                                ("roofline_fraction", "fp32 roofline", "{:.1%}"),
+                                ("roofline_fraction", "fp32 roofline *", "{:.1%}"),
                                 ("foreign_cpu_load", "CPU used by others", "{:.0%}")):
             values = {s: _metric(runs[s], key) for s in servers}
             cells = [w, label] + [fmt.format(values[s]) for s in servers]
@@ -291,6 +300,9 @@ def report(data: dict[str, Any]) -> str:
                 base = values["transformers"]
                 cells += [f"{values[s] / base:.2f}x" if base else "-" for s in ratio_cols]
             lines.append(_row(cells))
+    lines += ["", "\\* matmul GFLOP/s reached over the fp32 roofline, counting every prompt "
+                  "token as computed unless the server reports prefix-cache hits (so with "
+                  "caching on, shared-prefix counts the cached prefix as if computed)."]
     if data.get("npu"):
         lines += ["", "Simulated NPU (xyserve's /metrics, same runs): mean step / TTFT / ITL ms, "
                       "output tok/s if the NPU ran the steps back to back", ""]
@@ -301,18 +313,26 @@ def report(data: dict[str, Any]) -> str:
                                f"{n.get('mean_ttft_ms', 0):.2f}", f"{n.get('mean_itl_ms', 0):.2f}",
                                f"{n.get('output_throughput', 0):.0f}"]))
     if data.get("mixed"):
+        first = next(iter(data["mixed"].values()))
         lines += ["", "## Mixed load: 16 streaming decodes while long prompts keep arriving", "",
-                  _row(["policy", "budget", "ITL p50 ms", "ITL p99 ms", "p99 / p50",
-                        "decode tok/s", "long-prompt TTFT p50 ms"]), _row(["---"] * 7)]
+                  f"16 requests (16-token prompts, 160 tokens each) stream while "
+                  f"{first['num_long_prompts']} prompts of {first['long_prompt_tokens']} tokens "
+                  "arrive at 0.6/s (Poisson); xyserve fp32; ITL of the 16 streams.", "",
+                  _row(["policy", "budget", "run", "ITL p50 ms", "ITL p99 ms", "p99 / p50",
+                        "decode tok/s", "long-prompt TTFT p50 ms", "CPU used by others"]),
+                  _row(["---"] * 9)]
         for name, r in data["mixed"].items():
-            policy, budget = name.split("@")
-            lines.append(_row([policy, budget, f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}",
-                               f"{r['itl_p99_over_p50']:.2f}",
+            policy, budget, run = name.split("@")
+            lines.append(_row([policy, budget, run, f"{r['itl_p50_ms']:.1f}",
+                               f"{r['itl_p99_ms']:.1f}", f"{r['itl_p99_over_p50']:.2f}",
                                f"{r['decode_output_throughput']:.1f}",
-                               f"{r['long_prompt_ttft_p50_ms']:.0f}"]))
+                               f"{r['long_prompt_ttft_p50_ms']:.0f}",
+                               f"{r['foreign_cpu_load']:.0%}"]))
     if data.get("apc"):
         a = data["apc"]
         lines += ["", "## Prefix caching on the shared-prefix workload (xyserve fp32)", "",
+                  f"{a['on']['completed']} requests, 600-token common prefix, arriving at "
+                  f"{data['apc_rate']}/s (Poisson), at most 16 in flight.", "",
                   _row(["caching", "TTFT p50 ms", "TTFT p99 ms", "output tok/s"]),
                   _row(["---"] * 4)]
         for name in ("on", "off"):
@@ -331,13 +351,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="xyserve preset or HF directory (both servers load its files)")
-    parser.add_argument("--xyserve-dtypes", nargs="+", default=["float32"],
+    parser.add_argument("--xyserve-dtypes", nargs="*", default=["float32"],
                         help="xyserve --dtype values to run (default: float32)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-mixed", action="store_true")
     parser.add_argument("--skip-apc", action="store_true")
     parser.add_argument("--mixed-budget", type=int, default=64,
                         help="token budget (max_num_batched_tokens) of the mixed-load runs")
+    parser.add_argument("--mixed-runs", type=int, default=2, help="mixed-load runs per policy")
+    parser.add_argument("--apc-rate", type=float, default=1.5,
+                        help="Poisson arrival rate (req/s) of the prefix caching on/off runs")
     parser.add_argument("--quick", action="store_true", help="small workloads (a smoke run)")
     parser.add_argument("--max-foreign-load", type=float, default=0.15)
     parser.add_argument("--retries", type=int, default=2)
@@ -361,8 +384,10 @@ def main() -> int:
     }
     roofline = data["gemm"]["fp32_roofline"]
     workloads = [quick(w) for w in WORKLOADS] if args.quick else list(WORKLOADS)
-    requests = {w.name: build(w, tokenizer) for w in workloads}
     data["workloads"] = [w.name for w in workloads]
+
+    def maker(w: Workload) -> Callable[[int], list[BenchRequest]]:
+        return lambda seed: build(w, tokenizer, seed)
 
     peers: list[tuple[str, Any]] = []
     for dtype in args.xyserve_dtypes:
@@ -379,8 +404,8 @@ def main() -> int:
             data["servers"].append(name)
             for w in workloads:
                 print(f"  {w.name} ...", flush=True)
-                run = run_workload(server, requests[w.name], w.concurrency,
-                                   args.max_foreign_load, args.retries)
+                run = run_workload(server, maker(w), w.concurrency, args.max_foreign_load,
+                                   args.retries)
                 run["roofline_fraction"] = roofline_fraction(run, flops, roofline)
                 data["runs"].setdefault(w.name, {})[name] = run
                 if run.get("npu"):
@@ -395,11 +420,13 @@ def main() -> int:
             port = free_port()
             command = xyserve_command(args.model, port, "float32", "--scheduling-policy", policy,
                                       "--max-num-batched-tokens", str(args.mixed_budget))
-            print(f"mixed load: {policy}, budget {args.mixed_budget} ...", flush=True)
             with start_server(f"mixed-{policy}", command, port, args.model, log_dir, {},
                               True) as server:
-                data["mixed"][f"{policy}@{args.mixed_budget}"] = mixed_load(server, tokenizer,
-                                                                          scale)
+                for run in range(1, args.mixed_runs + 1):
+                    print(f"mixed load: {policy}, budget {args.mixed_budget}, run {run} ...",
+                          flush=True)
+                    data["mixed"][f"{policy}@{args.mixed_budget}@{run}"] = mixed_load(
+                        server, tokenizer, scale)
 
     if not args.skip_apc:
         shared = next(w for w in workloads if w.dataset == "shared-prefix")
@@ -411,13 +438,19 @@ def main() -> int:
             print(f"shared-prefix, prefix caching {name} ...", flush=True)
             with start_server(f"apc-{name}", command, port, args.model, log_dir, {},
                               True) as server:
-                apc[name] = run_workload(server, requests[shared.name], shared.concurrency,
-                                         args.max_foreign_load, args.retries)
+                # the same prompts both times (seed 0 first): outputs must be identical;
+                # the same offered load (Poisson arrivals), so TTFT is the prefill saved, not
+                # the dynamics of a closed loop
+                apc[name] = run_workload(server, maker(shared), shared.concurrency,
+                                         args.max_foreign_load, args.retries,
+                                         request_rate=args.apc_rate)
         pairs = list(zip(apc["on"]["texts"], apc["off"]["texts"], strict=True))
-        apc["identical"] = sum(a == b for a, b in pairs)
+        same_prompts = apc["on"]["seed"] == apc["off"]["seed"]
+        apc["identical"] = sum(a == b for a, b in pairs) if same_prompts else "n/a"
         apc["total"] = len(pairs)
         apc["ttft_ratio"] = apc["off"]["ttft_ms"]["p50"] / max(apc["on"]["ttft_ms"]["p50"], 1e-9)
         data["apc"] = apc
+        data["apc_rate"] = args.apc_rate
 
     text = report(data)
     print()

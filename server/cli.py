@@ -196,7 +196,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.shutdown import DrainingServer
 
     try:
-        core = EngineCore(engine_config)
+        core = _build_off_main_thread(EngineCore, engine_config)
     except (ModelLoadError, ValueError) as exc:
         logger.error("cannot start the engine: %s", exc)
         return 1
@@ -216,6 +216,22 @@ def run_serve(args: argparse.Namespace) -> int:
     # SIGTERM / SIGINT drain the engine (503 for new requests) before uvicorn's shutdown.
     DrainingServer(uvicorn_config, engine, server_config.shutdown_timeout_s).run()
     return 0
+
+
+def _build_off_main_thread(factory: Any, *args: Any) -> Any:
+    """`factory(*args)` on a short-lived thread.
+
+    torch's CPU kernels run on OpenMP (libgomp), which keeps one thread team per thread that ever
+    ran a parallel region. Loading the model here would leave the main thread's team alive beside
+    the engine thread's, and libgomp, seeing more of its threads than CPUs, then stops spinning
+    between parallel regions: every torch op of a step sleeps and wakes its workers (measured: a
+    quarter of the decode throughput on 2 cores). The loader's team goes with its thread; the
+    engine thread's is then the only one, and the event loop (main thread) never runs torch.
+    """
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xyserve-load") as pool:
+        return pool.submit(factory, *args).result()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -123,7 +123,6 @@ class _DecodeGroup:
     rows: torch.Tensor | slice  # query rows of the single-token sequences (a slice if contiguous)
     slots: torch.Tensor  # (S * L,) int64 flat cache slot of key l of sequence s (0 past the end)
     mask: torch.Tensor  # (S, 1, 1, L) bool: key l is within sequence s's context
-    bias: torch.Tensor  # (S * Hkv, 1, L) fp32: the mask as 0 / -inf per (sequence, KV head)
     num_seqs: int  # S
     num_keys: int  # L: the longest context, rounded up to a multiple of KEY_ALIGN
 
@@ -143,7 +142,6 @@ class _FastPlan:
 
 
 KEY_ALIGN = 16  # pad the decode group's key count to this (fewer distinct SDPA shapes)
-DECODE_BMM = True  # fp32 decodes: baddbmm + softmax + bmm instead of SDPA (measured faster)
 _plan_memo: list[tuple[AttentionKernel, _FastPlan]] = []  # the last kernel seen and its plan
 
 
@@ -166,10 +164,8 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
         contiguous = bool((np.diff(q_rows) == 1).all())
         rows = (slice(int(q_rows[0]), int(q_rows[0]) + len(q_rows)) if contiguous
                 else torch.from_numpy(q_rows.copy()))
-        mask = torch.from_numpy(inside)[:, None, None, :]
-        bias = torch.zeros(len(single), 1, num_keys).masked_fill_(~mask[:, 0], -math.inf)
-        decodes = _DecodeGroup(rows=rows, slots=torch.from_numpy(slots.reshape(-1)), mask=mask,
-                               bias=bias.repeat_interleave(kernel.num_kv_heads, dim=0),
+        decodes = _DecodeGroup(rows=rows, slots=torch.from_numpy(slots.reshape(-1)),
+                               mask=torch.from_numpy(inside)[:, None, None, :],
                                num_seqs=len(single), num_keys=num_keys)
     chunks = []
     for s in np.flatnonzero(seqs["q_len"] > 1):
@@ -197,15 +193,8 @@ def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor
         k = k_flat.index_select(0, dec.slots).view(s, n, hkv, d).transpose(1, 2)  # (S, Hkv, L, D)
         v = v_flat.index_select(0, dec.slots).view(s, n, hkv, d).transpose(1, 2)
         q_stacked = q[dec.rows].view(s, hkv, g, d)  # one row: its G heads stacked per KV head
-        if q.dtype == torch.float32 and DECODE_BMM:
-            # G rows per (sequence, KV head): two batched GEMMs beat SDPA's per-tile overhead
-            k, v = k.reshape(s * hkv, n, d), v.reshape(s * hkv, n, d)
-            scores = torch.baddbmm(dec.bias, q_stacked.reshape(s * hkv, g, d), k.transpose(1, 2),
-                                   alpha=kernel.scale)  # (S * Hkv, G, L)
-            o = torch.bmm(torch.softmax(scores, dim=-1), v)
-        else:
-            o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=dec.mask,
-                                               scale=kernel.scale)
+        o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=dec.mask,
+                                           scale=kernel.scale)
         out[dec.rows] = o.view(s, kernel.num_heads, d)
     for c in plan.chunks:
         q_len = c.rows.stop - c.rows.start
