@@ -15,6 +15,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 Dtype = Literal["auto", "float32", "bfloat16"]
 NpuDtype = Literal["bf16", "fp16"]
 SchedulingPolicy = Literal["token_budget", "prefill_first"]
+SpeculativeMethod = Literal["ngram", "tree", "draft-model"]
+SPECULATIVE_METHODS = ("ngram", "tree", "draft-model")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,41 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (the verify stage); off unless `speculative` names a drafter."""
+
+    speculative: SpeculativeMethod | None = None  # ngram | tree | draft-model; None = off
+    num_speculative_tokens: int = 4  # k: draft tokens (tree nodes) verified per step at most
+    ngram_min: int = 1  # shortest suffix n-gram the prompt-lookup drafters match
+    ngram_max: int = 4  # longest suffix n-gram they try first
+    num_speculative_branches: int = 3  # tree: distinct continuations merged into one tree
+    draft_model: str | None = None  # draft-model: preset, HF directory or .gguf sharing the
+    #   target's tokenizer
+    spec_min_acceptance: float = 0.2  # stop drafting for a request while its measured
+    #   acceptance rate (accepted / drafted tokens, moving average) is below this
+
+    def __post_init__(self) -> None:
+        _require(self.speculative is None or self.speculative in SPECULATIVE_METHODS,
+                 "speculative", self.speculative,
+                 f"must be one of {', '.join(SPECULATIVE_METHODS)}")
+        _require(1 <= self.num_speculative_tokens <= 63, "num_speculative_tokens",
+                 self.num_speculative_tokens, "must be in [1, 63]")
+        _require(1 <= self.ngram_min <= self.ngram_max, "ngram_min", self.ngram_min,
+                 "must be at least 1 and at most ngram_max")
+        _require(self.num_speculative_branches >= 1, "num_speculative_branches",
+                 self.num_speculative_branches, "must be at least 1")
+        _require((self.speculative == "draft-model") == (self.draft_model is not None),
+                 "draft_model", self.draft_model,
+                 "must be given exactly when speculative is draft-model")
+        _require(0.0 <= self.spec_min_acceptance < 1.0, "spec_min_acceptance",
+                 self.spec_min_acceptance, "must be in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative is not None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to start."""
 
@@ -68,6 +105,7 @@ class EngineConfig:
     npu_trace_dir: str | None = None  # write Perfetto timelines of the first steps here
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", self.dtype,
@@ -79,21 +117,24 @@ class EngineConfig:
     def from_kwargs(**kwargs: Any) -> EngineConfig:
         """Build from flat keyword arguments (`max_num_seqs=8, block_size=16, ...`).
 
-        Each name is looked up in EngineConfig, then CacheConfig, then SchedulerConfig; an unknown
-        name is a TypeError, as for any function.
+        Each name is looked up in SpeculativeConfig (`speculative="ngram"` names the drafter),
+        then EngineConfig, CacheConfig and SchedulerConfig; an unknown name is a TypeError, as
+        for any function.
         """
-        groups: dict[type, dict[str, Any]] = {EngineConfig: {}, CacheConfig: {},
-                                               SchedulerConfig: {}}
+        groups: dict[type, dict[str, Any]] = {SpeculativeConfig: {}, EngineConfig: {},
+                                               CacheConfig: {}, SchedulerConfig: {}}
+        nested = ("cache", "scheduler", "speculative_config")
         for name, value in kwargs.items():
             for cls, bucket in groups.items():
-                if name in {f.name for f in fields(cls)} and name not in ("cache", "scheduler"):
+                if name in {f.name for f in fields(cls)} and name not in nested:
                     bucket[name] = value
                     break
             else:
                 raise TypeError(f"unknown engine option {name!r}")
         return replace(EngineConfig(**groups[EngineConfig]),
                        cache=CacheConfig(**groups[CacheConfig]),
-                       scheduler=SchedulerConfig(**groups[SchedulerConfig]))
+                       scheduler=SchedulerConfig(**groups[SchedulerConfig]),
+                       speculative_config=SpeculativeConfig(**groups[SpeculativeConfig]))
 
 
 def _require(ok: bool, name: str, value: object, why: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -19,12 +20,13 @@ import torch
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.models.loader import LoadedModel, load_model
-from engine.outputs import RequestOutput, ScheduledChunk, TokenUpdate
+from engine.outputs import RequestOutput, ScheduledChunk, SchedulerOutput, TokenUpdate
 from engine.request import FinishReason, Request, SamplingParams
 from engine.request_state import RequestState
 from engine.runner import ModelRunner, kv_block_bytes
 from engine.scheduler import Scheduler
-from engine.stats import FinishedRequestStats, IterationStats
+from engine.spec.factory import build_drafter
+from engine.stats import FinishedRequestStats, IterationStats, SpecDecodingStats
 from npu_sim.hardware import load_chip
 from npu_sim.trace import StepTrace, write_perfetto
 
@@ -56,12 +58,18 @@ class EngineCore:
         self.num_kv_blocks = config.cache.num_kv_blocks or max(
             1, config.cache.kv_cache_memory_bytes // kv_block_bytes(arch, block_size, self.dtype))
         self.chip = load_chip(config.npu)
+        spec = config.speculative_config
         self.runner = ModelRunner(loaded, self.dtype, self.chip, self.num_kv_blocks, block_size,
                                   seed=config.seed, strict=config.strict_kernels,
-                                  npu_dtype=config.npu_dtype)
+                                  npu_dtype=config.npu_dtype, speculative=spec)
+        if spec.enabled:
+            self.runner.attach_drafter(build_drafter(
+                spec, self.runner.device, self.dtype, block_size, self.num_kv_blocks,
+                arch.vocab_size, config.seed))
         self.scheduler = Scheduler(config.scheduler, self.num_kv_blocks, block_size,
                                    self.max_model_len,
-                                   enable_prefix_caching=config.cache.enable_prefix_caching)
+                                   enable_prefix_caching=config.cache.enable_prefix_caching,
+                                   speculative=spec)
         self._states: dict[str, RequestState] = {}  # unfinished requests' output-side state
         self._finished_outside: list[FinishedRequestStats] = []  # aborted between steps
         self._wall_origin_s = time.monotonic()
@@ -137,7 +145,7 @@ class EngineCore:
             if state.first_scheduled_s is None:
                 state.first_scheduled_s = start_s
             if not _is_decode(chunk, state.num_prompt_tokens):
-                stats.num_prompt_tokens += chunk.num_tokens
+                stats.num_prompt_tokens += chunk.num_known_tokens
         stats.num_preempted = len(scheduler_output.preempted_ids)
         try:
             model_output = self.runner.execute(scheduler_output, self.scheduler.requests)
@@ -156,6 +164,8 @@ class EngineCore:
         self.sim_now_s += step_sim_s
         self.num_steps += 1
         self._write_npu_trace(trace)
+        stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
+                                 self.config.speculative_config.num_speculative_tokens)
         updates = self.scheduler.update_from_output(scheduler_output, model_output)
         now_s = time.monotonic()
         outputs = [self._to_output(u, now_s, stats) for u in updates]
@@ -166,14 +176,16 @@ class EngineCore:
                    stats: _StatsBuilder) -> RequestOutput:
         request_id = update.request_id
         state = self._states[request_id]
-        if update.new_token_ids:
-            stats.record_tokens(len(update.new_token_ids),
-                                *state.record_tokens(len(update.new_token_ids), now_s,
-                                                     self.sim_now_s))
-        detok = state.detokenizer
         # A STOP from the scheduler means EOS or a stop token id: its text is not output.
-        text, stopped = detok.update(update.new_token_ids,
-                                     stop_terminated=update.finish_reason == FinishReason.STOP)
+        token_ids, text, stopped = _detokenize(state.detokenizer, update.new_token_ids,
+                                               update.finish_reason == FinishReason.STOP)
+        logprobs = update.new_logprobs
+        if logprobs is not None:
+            logprobs = logprobs[:len(token_ids)]
+        if token_ids:
+            stats.record_tokens(len(token_ids), *state.record_tokens(len(token_ids), now_s,
+                                                                     self.sim_now_s))
+        detok = state.detokenizer
         finish_reason = update.finish_reason
         if stopped:
             finish_reason = FinishReason.STOP
@@ -187,8 +199,8 @@ class EngineCore:
             metrics = state.metrics(now_s, self.sim_now_s)
             stats.finished.append(FinishedRequestStats(finish_reason.value, metrics))
         return RequestOutput(
-            request_id=request_id, new_token_ids=update.new_token_ids, new_text=text,
-            new_logprobs=update.new_logprobs, finish_reason=finish_reason,
+            request_id=request_id, new_token_ids=token_ids, new_text=text,
+            new_logprobs=logprobs, finish_reason=finish_reason,
             num_prompt_tokens=state.num_prompt_tokens,
             num_output_tokens=state.num_output_tokens, metrics=metrics)
 
@@ -203,9 +215,45 @@ class EngineCore:
 NUM_NPU_TRACE_STEPS = 16  # --npu-trace writes the timelines of the first this many steps
 
 
+def _detokenize(detok: IncrementalDetokenizer, token_ids: tuple[int, ...],
+                stop_terminated: bool) -> tuple[tuple[int, ...], str, bool]:
+    """(tokens kept, new text, stopped): several tokens at once (an accepted verify) go in one
+    by one, and the ones after a stop string are dropped, as if they had come one per step."""
+    if len(token_ids) <= 1:
+        return (token_ids, *detok.update(token_ids, stop_terminated=stop_terminated))
+    pieces = []
+    for i, token_id in enumerate(token_ids):
+        last = i + 1 == len(token_ids)
+        piece, stopped = detok.update((token_id,), stop_terminated=stop_terminated and last)
+        pieces.append(piece)
+        if stopped:
+            return token_ids[:i + 1], "".join(pieces), True
+    return token_ids, "".join(pieces), False
+
+
 def _is_decode(chunk: ScheduledChunk, num_prompt_tokens: int) -> bool:
-    """A decode computes one token that the model itself generated."""
-    return chunk.num_tokens == 1 and chunk.start_pos >= num_prompt_tokens
+    """A decode (or verify) computes one known token that the model itself generated."""
+    return chunk.num_known_tokens == 1 and chunk.start_pos >= num_prompt_tokens
+
+
+def _spec_stats(scheduler_output: SchedulerOutput, sampled: Mapping[str, tuple[int, ...]],
+                num_speculative_tokens: int) -> SpecDecodingStats | None:
+    """The step's verify chunks summed (accepted = tokens sampled after a verify, less the
+    bonus; counted before stop conditions cut anything, as vLLM does)."""
+    num_drafts = num_draft_tokens = num_accepted = 0
+    per_pos = [0] * num_speculative_tokens
+    for chunk in scheduler_output.chunks:
+        if not chunk.num_draft_tokens or chunk.request_id not in sampled:
+            continue
+        accepted = len(sampled[chunk.request_id]) - 1
+        num_drafts += 1
+        num_draft_tokens += chunk.num_draft_tokens
+        num_accepted += accepted
+        for i in range(min(accepted, num_speculative_tokens)):
+            per_pos[i] += 1
+    if not num_drafts:
+        return None
+    return SpecDecodingStats(num_drafts, num_draft_tokens, num_accepted, tuple(per_pos))
 
 
 @dataclass
@@ -220,6 +268,7 @@ class _StatsBuilder:
     ttfts_sim_s: list[float] = field(default_factory=list)
     itls_s: list[float] = field(default_factory=list)
     itls_sim_s: list[float] = field(default_factory=list)
+    spec: SpecDecodingStats | None = None
 
     def record_tokens(self, num_tokens: int, latency_s: float, latency_sim_s: float,
                       first: bool) -> None:
@@ -235,7 +284,7 @@ class _StatsBuilder:
             ttfts_s=tuple(self.ttfts_s), ttfts_sim_s=tuple(self.ttfts_sim_s),
             inter_token_latencies_s=tuple(self.itls_s),
             inter_token_latencies_sim_s=tuple(self.itls_sim_s),
-            finished=tuple(self.finished), trace=trace)
+            finished=tuple(self.finished), trace=trace, spec=self.spec)
 
 
 @cache

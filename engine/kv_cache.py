@@ -270,6 +270,17 @@ class KVCacheManager:
             request.block_ids.extend(new_block_ids)
         return True
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Release the blocks past the first `num_tokens` tokens (rejected draft tokens' slots).
+
+        Those blocks never held a computed token, so none is registered in the prefix cache.
+        """
+        keep = self.num_blocks_for(num_tokens)
+        if keep < len(request.block_ids):
+            assert keep >= self._num_registered.get(request.request_id, 0)
+            self.pool.free(reversed(request.block_ids[keep:]))
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Release every block of `request` and clear its block table (cached blocks stay
         cached until evicted)."""

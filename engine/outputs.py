@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.request import FinishReason
+from engine.spec.types import Draft
 from engine.stats import RequestMetrics
 
 
@@ -24,14 +25,27 @@ class ScheduledChunk:
     """A contiguous run of one request's tokens computed this step.
 
     A decode is a chunk of one token at the end of the sequence; a prefill chunk covers part of
-    the prompt (or of prompt + outputs after a preemption). Which one it is is derived, not stored.
+    the prompt (or of prompt + outputs after a preemption); a verify is a decode followed by the
+    request's draft tokens (engine.spec: a token tree whose nodes take the slots after the last
+    token, and the real positions last + depth). Which one it is is derived, not stored.
     """
 
     request_id: str  # whose tokens
     start_pos: int  # position of the first token (= num_computed_tokens before the step)
-    token_ids: tuple[int, ...]  # the tokens fed to the model, positions start_pos ...
+    token_ids: tuple[int, ...]  # the tokens fed to the model: known tokens, then draft nodes
     block_ids: tuple[int, ...]  # the request's whole block table, covering start_pos + num_tokens
     sample: bool  # True when the chunk reaches the last known token: a new token is sampled
+    draft_parents: tuple[int, ...] = ()  # the last len(draft_parents) tokens are draft nodes;
+    #   parent node index of each (-1 = the last known token); empty = no speculation
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft_parents)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens of the sequence itself (not drafts): what the step surely computes."""
+        return len(self.token_ids) - len(self.draft_parents)
 
     @property
     def num_tokens(self) -> int:
@@ -83,9 +97,12 @@ class TokenLogprob:
 class ModelOutput:
     """What the model runner returns for one step: one entry per chunk with `sample=True`."""
 
-    sampled_token_ids: dict[str, tuple[int, ...]]  # request id -> new tokens (one per decode)
+    sampled_token_ids: dict[str, tuple[int, ...]]  # request id -> new tokens: one per decode;
+    #   after a verify, the accepted draft tokens and then one bonus (or correction) token
     logprobs: dict[str, tuple[TokenLogprob, ...]] = field(default_factory=dict)  # when asked
     trace: Any = None  # npu_sim StepTrace of the step (Any: the scheduler never looks at it)
+    drafts: dict[str, Draft] = field(default_factory=dict)  # request id -> tokens proposed for
+    #   its next step (tokens and parents only), for requests that sampled this step
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.spec.types import Draft
 
 
 class FinishReason(str, enum.Enum):
@@ -54,6 +58,7 @@ _FINISH_REASONS = {
 }
 _STATUS_FOR_REASON = {reason: status for status, reason in _FINISH_REASONS.items()}
 
+SPEC_ACCEPTANCE_PRIOR = 0.7  # assumed acceptance rate before a request's first verify
 MAX_LOGPROBS = 20  # OpenAI's cap on top alternatives per token
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
@@ -153,6 +158,9 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)  # KV blocks, in token order
     num_preemptions: int = 0  # times its KV was dropped for recompute
+    draft: Draft | None = None  # speculative tokens proposed for its next verify (no probs)
+    spec_acceptance: float = SPEC_ACCEPTANCE_PRIOR  # moving average of the fraction of tested
+    #   draft positions accepted; decides how many drafts still pay (scheduler)
 
     @property
     def all_token_ids(self) -> list[int]:

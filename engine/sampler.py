@@ -13,6 +13,9 @@ exceeds u * total, which picks token i with probability p_i. Unseeded rows draw 
 shared generator (one batched call); a seeded row draws from its own generator, so its tokens
 depend only on its seed and its logits, whatever else is in the batch. Every step is a batched
 torch op over the rows that need it; the only Python loops are over rows, never over the vocabulary.
+
+Speculative decoding reuses the pieces: `sampling_probs` (the distribution a random row draws
+from), `Sampler.generator_for` (where a row's draws come from) and `token_logprobs`.
 """
 
 from __future__ import annotations
@@ -87,30 +90,23 @@ class Sampler:
             token_ids[g_idx] = x[g_idx].argmax(dim=-1)
             token_ids[r_idx] = self._sample_random(x[r_idx], [rows[i] for i in r_idx.tolist()])
         token_list: list[int] = token_ids.tolist()
-        logprobs = _logprobs(logits, rows, token_ids)
+        logprobs = token_logprobs(logits, rows, token_ids)
         return [(t, logprobs.get(i)) for i, t in enumerate(token_list)]
+
+    def generator_for(self, row: SamplingRow) -> torch.Generator:
+        """The generator row's draws come from: the request's own one, seeded with params.seed on
+        first use (kept until `free()`), or the shared one for unseeded requests."""
+        if row.params.seed is None:
+            return self._shared
+        gen = self._generators.get(row.request_id)
+        if gen is None:
+            gen = torch.Generator().manual_seed(row.params.seed & _SEED_MASK)
+            self._generators[row.request_id] = gen
+        return gen
 
     def _sample_random(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """x: (R, V) processed logits of non-greedy rows (not modified). Returns (R,) token ids."""
-        num_rows, vocab = x.shape
-        temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)  # (R,)
-        x = x / temps.unsqueeze(1)  # (R, V) a new tensor: edited in place below
-
-        min_p = [r.params.min_p for r in rows]
-        if any(m > 0.0 for m in min_p):  # rows with min_p == 0 get threshold 0: an exact no-op
-            probs = x.softmax(dim=-1)  # (R, V)
-            thresh = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p).unsqueeze(1)  # (R, 1)
-            x.masked_fill_(probs < thresh, _NEG_INF)
-
-        cut = [i for i, r in enumerate(rows) if 0 < r.params.top_k < vocab or r.params.top_p < 1.0]
-        if cut:
-            c_idx = torch.tensor(cut)
-            top_k = [rows[i].params.top_k for i in cut]
-            top_p = [rows[i].params.top_p for i in cut]
-            sub = x[c_idx]  # (C, V)
-            _top_k_top_p(sub, top_k, top_p)
-            x[c_idx] = sub
-
+        num_rows = x.shape[0]
         u = torch.empty(num_rows, dtype=torch.float64)  # (R,) one uniform draw per row
         seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
         if len(seeded) < num_rows:
@@ -118,17 +114,36 @@ class Sampler:
             draws = torch.rand(len(unseeded), dtype=torch.float64, generator=self._shared)
             u[torch.tensor(unseeded)] = draws
         for i in seeded:  # a seeded row's draw comes from its own generator only
-            u[i] = torch.rand((), dtype=torch.float64, generator=self._generator(rows[i]))
-        return _inverse_cdf(x.softmax(dim=-1), u)
+            u[i] = torch.rand((), dtype=torch.float64, generator=self.generator_for(rows[i]))
+        return _inverse_cdf(sampling_probs(x, rows), u)
 
-    def _generator(self, row: SamplingRow) -> torch.Generator:
-        """The request's own generator, seeded with params.seed on first use."""
-        gen = self._generators.get(row.request_id)
-        if gen is None:
-            assert row.params.seed is not None
-            gen = torch.Generator().manual_seed(row.params.seed & _SEED_MASK)
-            self._generators[row.request_id] = gen
-        return gen
+
+def sampling_probs(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The distribution a non-greedy row's token is drawn from.
+
+    x: (R, V) processed logits (`process_logits`) of rows with `not params.greedy`; not modified.
+    Returns (R, V) float32: softmax of x / temperature after the min_p, top_k and top_p cuts;
+    filtered tokens have probability exactly 0. Rows sum to 1 up to float32 rounding.
+    """
+    vocab = x.shape[1]
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32)  # (R,)
+    x = x / temps.unsqueeze(1)  # (R, V) a new tensor: edited in place below
+
+    min_p = [r.params.min_p for r in rows]
+    if any(m > 0.0 for m in min_p):  # rows with min_p == 0 get threshold 0: an exact no-op
+        probs = x.softmax(dim=-1)  # (R, V)
+        thresh = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p).unsqueeze(1)  # (R, 1)
+        x.masked_fill_(probs < thresh, _NEG_INF)
+
+    cut = [i for i, r in enumerate(rows) if 0 < r.params.top_k < vocab or r.params.top_p < 1.0]
+    if cut:
+        c_idx = torch.tensor(cut)
+        top_k = [rows[i].params.top_k for i in cut]
+        top_p = [rows[i].params.top_p for i in cut]
+        sub = x[c_idx]  # (C, V)
+        _top_k_top_p(sub, top_k, top_p)
+        x[c_idx] = sub
+    return x.softmax(dim=-1)
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -274,7 +289,8 @@ def _nucleus(probs: torch.Tensor, p: torch.Tensor, m: int) -> tuple[torch.Tensor
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row, the first token whose cumulative probability exceeds u * total.
 
-    probs: (R, V) float32, rows need not sum to 1; u: (R,) float64 in [0, 1). Returns (R,) ids.
+    probs: (R, V) float32 (float64 works too), rows need not sum to 1; u: (R,) float64 in [0, 1).
+    Returns (R,) ids.
     Two levels keep it exact and cheap: pick a block of _CDF_BLOCK tokens on the float64 cdf of
     block sums, then the token on the float64 cdf inside the block. Token i is drawn with
     probability p_i / sum(p) up to ~1e-7 relative; zero-probability tokens own empty intervals
@@ -302,10 +318,15 @@ def _search(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.minimum(idx, cdf.argmax(dim=-1, keepdim=True))
 
 
-def _logprobs(
+def token_logprobs(
     logits: torch.Tensor, rows: Sequence[SamplingRow], token_ids: torch.Tensor
 ) -> dict[int, TokenLogprob]:
-    """Row index -> TokenLogprob for rows with params.logprobs set, from the raw logits."""
+    """Row index -> TokenLogprob of token_ids[i] for rows i with params.logprobs set.
+
+    logits: (R, V) raw logits (before bias, penalties and temperature); token_ids: (R,) int64.
+    The logprob is log_softmax of the raw logits, the rank counts strictly likelier tokens plus 1,
+    and the top list holds params.logprobs (id, logprob) pairs, most likely first.
+    """
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not want:
         return {}

@@ -18,10 +18,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from engine.config import SchedulerConfig
+from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.kv_cache import KVCacheManager
 from engine.outputs import ModelOutput, ScheduledChunk, SchedulerOutput, TokenUpdate
 from engine.request import FinishReason, Request, RequestStatus
+from engine.spec.adaptive import num_drafts_worth, record_no_drafts, record_verify
+from engine.spec.types import Draft
 from engine.stats import SchedulerStats
 
 
@@ -41,12 +43,16 @@ class Scheduler:
         block_size: int,
         max_model_len: int,
         enable_prefix_caching: bool = False,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         """enable_prefix_caching: share cached prefix blocks between requests (the engine passes
-        CacheConfig.enable_prefix_caching; off here so unit tests see plain allocation)."""
+        CacheConfig.enable_prefix_caching; off here so unit tests see plain allocation).
+        speculative: verify the drafts the model output proposes (None or disabled: drafts are
+        ignored)."""
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
         self.config = config
+        self.speculative = speculative if speculative is not None and speculative.enabled else None
         self.max_model_len = max_model_len  # resolved (config's may be None = the model's)
         self.kv_cache = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}
@@ -136,29 +142,79 @@ class Scheduler:
 
     def _schedule_running(self, chunks: list[ScheduledChunk], preempted_ids: list[str]) -> int:
         """Append the running requests' chunks (preempting from the tail when blocks run out);
-        returns the token budget left."""
+        returns the token budget left.
+
+        Two passes: first the requests one token behind (decodes, and verifies when they carry
+        drafts), so a long prefill can never starve them; then the rest (prefill chunks of
+        partly computed prompts, recompute). Drafts only take budget that every decode's own
+        token leaves over, and only as many as their measured acceptance pays for.
+        """
         token_budget = self.config.max_num_batched_tokens
-        # Victims are popped from the tail, i.e. always from the requests not yet scheduled
-        # this step (index >= i), so no chunk ever refers to a freed table.
-        i = 0
-        while i < len(self.running) and token_budget > 0:
-            request = self.running[i]
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, token_budget)
-            if num_new_tokens <= 0:
-                # Nothing to compute until its last sampled token is appended.
-                i += 1
-                continue
-            while not self.kv_cache.allocate_slots(request, num_new_tokens):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted_ids.append(victim.request_id)
-                if victim is request:
+        scheduled: dict[str, ScheduledChunk] = {}
+        num_decodes_left = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        for decode_pass in (True, False):
+            for request in list(self.running):  # a copy: preemption pops from the tail
+                if token_budget <= 0:
                     break
-            else:
-                chunks.append(_make_chunk(request, num_new_tokens))
-                token_budget -= num_new_tokens
-                i += 1
+                num_behind = request.num_tokens - request.num_computed_tokens
+                if (request.status != RequestStatus.RUNNING or num_behind <= 0
+                        or (num_behind == 1) != decode_pass):
+                    continue
+                num_new_tokens = min(num_behind, token_budget)
+                draft = None
+                if decode_pass:
+                    num_decodes_left -= 1
+                    draft = self._drafts_to_verify(request, token_budget - 1 - num_decodes_left)
+                chunk = self._allocate(request, num_new_tokens, draft, chunks, scheduled,
+                                       preempted_ids)
+                if chunk is None:
+                    continue  # the request itself was preempted
+                token_budget -= chunk.num_tokens
+                for victim_id in preempted_ids:  # victims scheduled earlier give budget back
+                    victim_chunk = scheduled.pop(victim_id, None)
+                    if victim_chunk is not None:
+                        chunks.remove(victim_chunk)
+                        token_budget += victim_chunk.num_tokens
+                chunks.append(chunk)
+                scheduled[request.request_id] = chunk
         return token_budget
+
+    def _allocate(self, request: Request, num_new_tokens: int, draft: Draft | None,
+                  chunks: list[ScheduledChunk], scheduled: dict[str, ScheduledChunk],
+                  preempted_ids: list[str]) -> ScheduledChunk | None:
+        """Blocks for `num_new_tokens` (+ the draft's slots), preempting the latest admitted
+        request while they are short; drafts are dropped before anyone is preempted. Returns
+        the chunk, or None when `request` itself had to be preempted."""
+        num_drafts = 0 if draft is None else draft.num_tokens
+        if num_drafts and not self.kv_cache.allocate_slots(request, num_new_tokens + num_drafts):
+            draft, num_drafts = None, 0
+        while not num_drafts and not self.kv_cache.allocate_slots(request, num_new_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted_ids.append(victim.request_id)
+            if victim is request:
+                return None
+        return _make_chunk(request, num_new_tokens, draft)
+
+    def _drafts_to_verify(self, request: Request, room: int) -> Draft | None:
+        """The part of the request's draft worth verifying this step, within `room` tokens."""
+        draft, request.draft = request.draft, None  # a draft is verified at most once
+        if self.speculative is None:
+            return None
+        if draft is None:
+            record_no_drafts(request)  # (the runner proposes nothing while drafts do not pay)
+            return None
+        limit = self.max_model_len - request.num_tokens - 1  # accepted + bonus must fit
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            limit = min(limit, max_tokens - request.num_output_tokens - 1)
+        worth = num_drafts_worth(request.spec_acceptance, self.speculative.spec_min_acceptance,
+                                 min(draft.num_tokens, self.speculative.num_speculative_tokens))
+        num_drafts = min(worth, limit, room)
+        if num_drafts <= 0:
+            record_no_drafts(request)
+            return None
+        return draft.truncate(num_drafts)
 
     def _admit_waiting(self, chunks: list[ScheduledChunk], token_budget: int,
                        whole: bool) -> None:
@@ -204,13 +260,21 @@ class Scheduler:
             request = self.requests.get(chunk.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished (or replaced by a new request with that id) meanwhile
-            request.num_computed_tokens += chunk.num_tokens
-            self.kv_cache.cache_full_blocks(request)  # their K/V are written now
+            request.num_computed_tokens += chunk.num_known_tokens
             if not chunk.sample:
+                self.kv_cache.cache_full_blocks(request)  # their K/V are written now
                 continue
+            sampled = model_output.sampled_token_ids[chunk.request_id]
+            if chunk.num_draft_tokens:
+                # The accepted drafts' K/V are in place (the runner moved a tree's accepted
+                # path to its positions); the rejected ones' slots are dropped.
+                num_accepted = len(sampled) - 1
+                record_verify(request, chunk.num_draft_tokens, num_accepted)
+                request.num_computed_tokens += num_accepted
+                self.kv_cache.trim(request, request.num_computed_tokens + 1)
             new_token_ids: list[int] = []
             finish_reason: FinishReason | None = None
-            for token_id in model_output.sampled_token_ids[chunk.request_id]:
+            for token_id in sampled:
                 request.output_token_ids.append(token_id)
                 new_token_ids.append(token_id)
                 finish_reason = _check_stop(request, self.max_model_len)
@@ -219,8 +283,11 @@ class Scheduler:
             logprobs = model_output.logprobs.get(chunk.request_id)
             if logprobs is not None:
                 logprobs = logprobs[: len(new_token_ids)]
+            self.kv_cache.cache_full_blocks(request)  # accepted drafts fill blocks too
             if finish_reason is not None:
                 self._finish(request, RequestStatus.for_reason(finish_reason))
+            else:
+                request.draft = model_output.drafts.get(chunk.request_id)
             if new_token_ids or finish_reason is not None:
                 token_updates.append(
                     TokenUpdate(
@@ -296,6 +363,7 @@ class Scheduler:
         """Drop `request`'s KV to recompute later (outputs kept); it is already off `running`."""
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
+        request.draft = None
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._num_preemptions += 1
@@ -313,15 +381,18 @@ class Scheduler:
         self._finished_ids.append(request.request_id)
 
 
-def _make_chunk(request: Request, num_new_tokens: int) -> ScheduledChunk:
+def _make_chunk(request: Request, num_new_tokens: int, draft: Draft | None = None,
+                ) -> ScheduledChunk:
     start_pos = request.num_computed_tokens
     end_pos = start_pos + num_new_tokens
+    token_ids = _token_slice(request, start_pos, end_pos)
     return ScheduledChunk(
         request_id=request.request_id,
         start_pos=start_pos,
-        token_ids=_token_slice(request, start_pos, end_pos),
+        token_ids=token_ids if draft is None else token_ids + draft.token_ids,
         block_ids=tuple(request.block_ids),
         sample=end_pos == request.num_tokens,
+        draft_parents=() if draft is None else draft.parents,
     )
 
 

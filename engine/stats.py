@@ -58,6 +58,17 @@ class FinishedRequestStats:
 
 
 @dataclass(frozen=True)
+class SpecDecodingStats:
+    """One step's speculative decoding, summed over its verify chunks (vLLM's counters)."""
+
+    num_drafts: int  # verify chunks (one per request that had drafts verified)
+    num_draft_tokens: int  # draft tokens (tree nodes) verified
+    num_accepted_tokens: int  # of those, accepted (the bonus token is not counted)
+    num_accepted_tokens_per_pos: tuple[int, ...]  # [i]: drafts whose accepted path reached
+    #   depth i + 1 (length num_speculative_tokens)
+
+
+@dataclass(frozen=True)
 class IterationStats:
     """What one engine step did, on both clocks. Emitted once per step."""
 
@@ -72,6 +83,7 @@ class IterationStats:
     inter_token_latencies_sim_s: tuple[float, ...]  # the same on the simulated clock
     finished: tuple[FinishedRequestStats, ...]  # requests that finished this step
     trace: Any = None  # the step's npu_sim StepTrace (None when nothing ran)
+    spec: SpecDecodingStats | None = None  # verify chunks of the step; None when none ran
 
     @property
     def num_scheduled_tokens(self) -> int:

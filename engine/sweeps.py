@@ -5,11 +5,15 @@
 - Attention: the meta-kernel vs split prefill / decode kernels, on decode-only, prefill-only
   (with and without a cached prefix), mixed chunked-prefill and verify batches with skewed
   lengths.
+- Verify (XYS 7.2.4): Llama-2-7B, batch 4 x specLen 31 and batch 8 x specLen 15 token trees over
+  a few context lengths, the meta-kernel (verify tiles and their tree masks in one launch) vs the
+  split baseline's full-mask prefill-style kernel.
 - Model steps: simulated decode time per token of Llama-2-7B (batch 1 and 64), both policies.
 
 Everything runs in timing-only mode through the same lowering the engine uses
 (engine.lowering policies). Prints tables, writes CSVs and a PNG plot to --out, and the average
-speedups next to the paper's (SmoothGEMM 14.6%, Meta-Attention 21.5% on average, XYS 7.2-7.3).
+speedups next to the paper's (SmoothGEMM 14.6%, Meta-Attention 21.5% on average and 28.6% on
+verify, XYS 7.2-7.3).
 The model is not tuned to hit them: what it gives is what it prints.
 """
 
@@ -29,6 +33,7 @@ import numpy as np
 from engine.lowering import (
     BASELINE_POLICY,
     GRAPH_BUCKETS,
+    ChunkShape,
     GemmPolicy,
     LoweringPolicy,
     lower_attention,
@@ -43,6 +48,14 @@ from npu_sim.trace import KernelTiming, write_perfetto
 
 PAPER_GEMM_PCT = 14.6  # SmoothGEMM vs torch-npu linear, average (XYS 7.3)
 PAPER_ATTENTION_PCT = 21.5  # Meta-Attention vs PFA / IFA, average (XYS 7.2)
+PAPER_VERIFY_PCT = 28.6  # Meta-Attention vs PFA (compute-only) on verify, average (XYS 7.2.4)
+# The paper's verify shapes, (batch, specLen). specLen counts a request's draft tokens; its verify
+# chunk adds the root (its last real token), 1 + specLen = 32 / 16 query rows, so both shapes
+# verify 128 tokens per batch (XYS 5.1.2 calls the draft block the specLen x specLen mask).
+VERIFY_SHAPES = ((4, 31), (8, 15))
+VERIFY_MODEL = "llama-2-7b"
+VERIFY_CONTEXTS = (512, 1024, 2048, 4096)  # cached tokens before each request's root
+QUICK_VERIFY_CONTEXTS = (512, 4096)
 GEMM_MODELS = ("llama-2-7b", "llama-3-8b", "qwen2.5-7b")
 ATTENTION_MODELS = ("llama-2-7b", "qwen2.5-7b")
 POWERS = tuple(2**i for i in range(14))  # 1 .. 8192
@@ -126,6 +139,18 @@ def attention_scenarios(quick: bool = False) -> list[tuple[str, str, list[tuple[
     return out
 
 
+def binary_tree(num_nodes: int) -> tuple[int, ...]:
+    """Parents of a complete binary draft tree in breadth-first order (two candidates per node,
+    e.g. top-2 expansions): 31 nodes are 5 levels, 15 nodes 4."""
+    return tuple((j - 1) // 2 if j else -1 for j in range(num_nodes))
+
+
+def verify_chunks(specs: Sequence[tuple[int, int]]) -> list[ChunkShape]:
+    """Chunks for (start_pos, num_tokens) verify specs: a root and a binary draft tree each."""
+    return [dataclasses.replace(c, draft_parents=binary_tree(c.num_tokens - 1))
+            for c in fake_chunks(specs, BLOCK_SIZE)]
+
+
 def _balance(timings: Sequence[KernelTiming], num_cores: int) -> float:
     """Perfect-balance time / actual makespan over the kernels (1 = perfectly balanced)."""
     busy = sum(float(t.cube_busy_cycles.sum()) for t in timings)
@@ -139,7 +164,7 @@ def attention_sweep(device: Device, models: Sequence[str], quick: bool) -> list[
     for model in models:
         arch = get_arch(model)
         for name, kind, specs in attention_scenarios(quick):
-            chunks = fake_chunks(specs, BLOCK_SIZE)
+            chunks = verify_chunks(specs) if kind == "verify" else fake_chunks(specs, BLOCK_SIZE)
             kernel = lower_attention(chunks, arch, chip, BLOCK_SIZE)
             t_m, meta = _seconds(device, [kernel])
             t_c, _ = _seconds(device, [dataclasses.replace(kernel, vector_qk=False)])
@@ -156,6 +181,29 @@ def attention_sweep(device: Device, models: Sequence[str], quick: bool) -> list[
                 "meta_balance": _balance(meta, chip.num_cube_cores),
                 "split_balance": _balance(split, chip.num_cube_cores),
                 "split_kernels": len(split),
+            })
+    return rows
+
+
+def verify_sweep(device: Device, contexts: Sequence[int]) -> list[dict[str, Any]]:
+    """The paper's verify sweep: per (batch, specLen) and context, every request's root at
+    `context` followed by a specLen-node binary draft tree; meta-kernel vs full-mask split."""
+    rows = []
+    chip, arch = device.chip, get_arch(VERIFY_MODEL)
+    for batch, spec_len in VERIFY_SHAPES:
+        for context in contexts:
+            chunks = verify_chunks([(context, 1 + spec_len)] * batch)
+            t_m, meta = _seconds(device, [lower_attention(chunks, arch, chip, BLOCK_SIZE)])
+            t_s, split = _seconds(device, lower_attention_split(chunks, arch, chip, BLOCK_SIZE))
+            rows.append({
+                "model": VERIFY_MODEL, "scenario": f"verify bs{batch} spec{spec_len} @{context}",
+                "batch": batch, "spec_len": spec_len, "context": context,
+                "tokens": batch * (1 + spec_len), "meta_us": t_m * 1e6, "split_us": t_s * 1e6,
+                "speedup": t_s / t_m, "meta_pipeline": meta[0].pipeline,
+                "meta_tile_rows": int(meta[0].kernel.tasks["tile_rows"].max()),
+                "split_tile_rows": int(split[0].kernel.tasks["tile_rows"].max()),
+                "meta_balance": _balance(meta, chip.num_cube_cores),
+                "split_balance": _balance(split, chip.num_cube_cores),
             })
     return rows
 
@@ -276,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gemm = gemm_sweep(device, args.models.split(","), ms, buckets)
     attention = attention_sweep(device, args.attention_models.split(","), args.quick)
+    verify = verify_sweep(device, QUICK_VERIFY_CONTEXTS if args.quick else VERIFY_CONTEXTS)
     decode = decode_report(chip)
-    for name, rows in (("gemm", gemm), ("attention", attention), ("decode", decode)):
+    for name, rows in (("gemm", gemm), ("attention", attention), ("verify", verify),
+                       ("decode", decode)):
         _write_csv(args.out / f"{name}.csv", rows)
     print(f"NPU {chip.name}: {chip.num_cube_cores} AIC / {chip.num_vector_cores} AIV at "
           f"{chip.clock_hz / 1e9:.2f} GHz, {chip.peak_flops(args.dtype) / 1e12:.0f} TFLOPS "
@@ -289,10 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(attention, ["model", "scenario", "tokens", "meta_us", "split_us", "speedup",
                              "speedup_cube_qk", "meta_pipeline", "meta_balance",
                              "split_balance"]))
+    print("\nVerify (a binary draft tree of specLen nodes after each root): meta-kernel vs "
+          "full-mask prefill-style kernel")
+    print(_table(verify, ["model", "batch", "spec_len", "context", "tokens", "meta_us",
+                          "split_us", "speedup", "meta_tile_rows", "split_tile_rows",
+                          "meta_pipeline", "meta_balance", "split_balance"]))
     print("\nDecode step (one token per sequence)")
     print(_table(decode, ["model", "policy", "batch", "context", "ms_per_token", "device_ms",
                           "tokens_per_s", "hbm_tb_per_s"]))
-    g, a = averages(gemm), averages(attention)
+    g, a, v = averages(gemm), averages(attention), averages(verify)
     summary = [
         f"SmoothGEMM (virtual padding) over bucket padding: mean {g['mean_speedup_pct']:.1f}% "
         f"faster (geomean {g['geomean_speedup_pct']:.1f}%, mean latency cut "
@@ -302,17 +357,21 @@ def main(argv: list[str] | None = None) -> int:
         f"paper: {PAPER_ATTENTION_PCT}% over PFA/IFA",
         f"  of which without the 2-stage decode pipeline (QK on the cube): mean "
         f"{averages(attention, 'speedup_cube_qk')['mean_speedup_pct']:.1f}% faster",
+        f"Meta-Attention on verify (token trees, {VERIFY_MODEL}, bs4 x specLen 31 and bs8 x "
+        f"specLen 15) over the full-mask split kernel: mean {v['mean_speedup_pct']:.1f}% faster "
+        f"(geomean {v['geomean_speedup_pct']:.1f}%, mean latency cut "
+        f"{v['mean_latency_cut_pct']:.1f}%); paper: {PAPER_VERIFY_PCT}% over PFA (compute-only)",
     ]
     print("\n" + "\n".join(summary))
     (args.out / "summary.txt").write_text("\n".join(summary) + "\n")
     if not args.no_plot:
-        print(f"plot: {plot(args.out, gemm, attention)}")
+        print(f"plot: {plot(args.out, gemm, attention + verify)}")
     if args.npu_trace is not None:
         specs = [(0, 256)] + [(c, 1) for c in (100, 300, 700, 1500, 3000, 200, 90, 2500)]
         for label, policy in (("xy-serve", LoweringPolicy()), ("baseline", BASELINE_POLICY)):
             tr = time_step("llama-2-7b", specs, chip, block_size=BLOCK_SIZE, policy=policy)
             print(f"trace: {write_perfetto(tr, args.npu_trace / f'step-{label}.json')}")
-    print(f"wrote {args.out}/{{gemm,attention,decode}}.csv, summary.txt "
+    print(f"wrote {args.out}/{{gemm,attention,verify,decode}}.csv, summary.txt "
           f"({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -34,6 +34,9 @@ Assumptions, in one place (numbers come from ChipSpec, whose comments cite them)
   proportion to how much of that sequence's KV fits in half the L2. S (fp32) and P (fp16) are
   written to and read back from L2, never HBM (XYS 5.2.1); so are partial outputs.
   Combine tasks run on the AIVs after the attention tasks (a second phase).
+- Masks beyond causality (token trees): a small N x N block loaded once per task and applied on
+  the AIVs before softmax, or the split baseline's full mask streamed with the scores
+  (npu_sim.cost_mask).
 - FLOPs are useful work: 2 per MAC of valid rows and columns; attention counts the scores its
   causal mask keeps. Padding waste = 1 - useful cube MACs / issued cube MACs (masked rows and
   columns, padded keys, bucket rows).
@@ -48,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from npu_sim.cost_mask import mask_cost
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, VectorKernel, VectorOp
 from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk, gemm_l1_depth
@@ -236,6 +240,10 @@ class CostModel:
         chunks = np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)
         kl = keys / chunks  # keys per chunk
         kl_pad = np.ceil(kl / c.cube_n) * c.cube_n
+        horizon_reached = k_end >= horizon  # the span reaches the causal diagonal of its tile
+        mask = (mask_cost(k, c, self.lanes32, q_rows, heads, keys, kl, horizon_reached)
+                if k.tree_masks else None)
+        m_load, m_sel = (0.0, 0.0) if mask is None else (mask.chunk_load, mask.chunk_select)
 
         kv_bytes = 2 * keys * d * b
         total_kv = float(kv_bytes.sum())
@@ -245,8 +253,8 @@ class CostModel:
         l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, self.aivs
         if stages == 2:
             # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
-            vec_in = kl * d * b * inv_kv / aivs
-            vec = (r * kl * d / c.vector_lanes + r * kl * SOFTMAX_OPS / self.lanes32) / aivs
+            vec_in = kl * d * b * inv_kv / aivs + m_load
+            vec = (r * kl * d / c.vector_lanes + r * kl * SOFTMAX_OPS / self.lanes32) / aivs + m_sel
             vec_out = r * kl * b / c.mte3_bytes_per_cycle / aivs
             cube_in = kl * d * b * inv_kv + r * kl * b / l2r  # V from HBM/L2, P from L2
             mte1 = big_r * kl_pad * b / c.mte1_l0a_bytes_per_cycle + (
@@ -263,8 +271,8 @@ class CostModel:
             cube = 2 * big_r * kl_pad * dp / self.macs  # QK and PV
             o_bytes = r * dp * ACCUM_BYTES * upd  # O partial through L2 for the update
             fix = (r * kl * ACCUM_BYTES + o_bytes) / c.fixpipe_bytes_per_cycle
-            vec_in = (r * kl * ACCUM_BYTES + o_bytes) / l2r / aivs
-            vec = (r * kl * SOFTMAX_OPS + r * d * UPDATE_OPS * upd) / self.lanes32 / aivs
+            vec_in = (r * kl * ACCUM_BYTES + o_bytes) / l2r / aivs + m_load
+            vec = (r * kl * SOFTMAX_OPS + r * d * UPDATE_OPS * upd) / self.lanes32 / aivs + m_sel
             vec_out = (r * kl * b + o_bytes) / c.mte3_bytes_per_cycle / aivs
             chain = cube_in + mte1 + cube + fix + 2 * sync + vec_in + vec + vec_out + sync * upd
             cube_mult, s_bytes = 2.0, r * kl * (ACCUM_BYTES + b)  # S and P through L2
@@ -274,19 +282,25 @@ class CostModel:
         final = t["partial_slot"] < 0
         out_bytes = np.where(final, r * d * b, r * (d + 1) * ACCUM_BYTES)  # output or partial
         body = chain + (chunks - 1) * steady
+        if mask is not None:
+            body = body + mask.once_load + mask.once_select
         cycles = c.task_dispatch_cycles + q_load + np.where(keys > 0, body, 0) + (
             out_bytes / c.fixpipe_bytes_per_cycle)
-        diagonal = k_end >= horizon  # the span reaches the causal diagonal of its tile
-        visible = r * keys - np.where(diagonal, heads * q_rows * (q_rows - 1) / 2, 0)
+        visible = r * keys - np.where(horizon_reached, heads * q_rows * (q_rows - 1) / 2, 0)
+        vec_active = float((vec * chunks).sum()) * aivs
+        mask_hbm = mask_l2 = 0.0
+        if mask is not None:
+            visible = visible - mask.hidden_scores
+            vec_active += float(mask.once_select.sum()) * aivs
+            mask_hbm, mask_l2 = mask.hbm_bytes, mask.l2_bytes
         q_bytes = float((r * d * b).sum())
         main = TaskCosts(
             unit=Unit.MIX, cycles=cycles, core_overhead_cycles=c.gm_latency_cycles,
             cube_active_cycles=float((cube * chunks).sum()),
-            vector_active_cycles=float((vec * chunks).sum()) * aivs,
-            hbm_read_bytes=hbm_kv + q_bytes,
+            vector_active_cycles=vec_active, hbm_read_bytes=hbm_kv + q_bytes + mask_hbm,
             hbm_write_bytes=float((r * d * b * final).sum()),
             l2_bytes=(total_kv - hbm_kv) + float((s_bytes * chunks).sum()) * 2
-            + float((out_bytes * ~final).sum()),
+            + float((out_bytes * ~final).sum()) + mask_l2,
             flops=4.0 * float(np.maximum(visible, 0).sum()) * d,
             cube_macs=float((cube_mult * big_r * kl_pad * dp * chunks).sum()),
             useful_cube_macs=cube_mult * float((r * keys).sum()) * d, pipeline=pipeline)

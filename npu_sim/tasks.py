@@ -135,8 +135,9 @@ class GemmKernel:
 class AttentionKernel:
     """Meta-attention over a paged KV cache for every sequence of a mixed batch.
 
-    One pattern (matmul-softmax-matmul with online softmax) serves prefill, chunked prefill and
-    decode rows alike; causality comes from each sequence's start_pos.
+    One pattern (matmul-softmax-matmul with online softmax) serves prefill, chunked prefill,
+    decode and verify rows alike; causality comes from each sequence's start_pos, and a token tree
+    adds only its small (N, N) mask (`tree_masks`), applied row by row before softmax.
     """
 
     primitive: ClassVar[Primitive] = Primitive.ATTENTION
@@ -164,6 +165,17 @@ class AttentionKernel:
     # Decode-only launches may move QK onto the vector cores (the paper's 2-stage pipeline);
     # False keeps QK on the cube whatever the batch (the split baseline's decode kernel).
     vector_qk: bool = True
+    # Token trees of verify chunks, ((seq, mask), ...) with seq an index into `seqs` (each at most
+    # once) and mask a bool (N, N) array over the sequence's last N query rows and its last N keys,
+    # the draft nodes in node order: mask[a, b] = node b is node a or an ancestor of it (built on
+    # the host from the parents; a true diagonal, nothing above it). A draft row sees every key
+    # before the first draft node and the draft keys its mask row allows; every other row stays
+    # causal. A chain may be left out: its mask is the causal one.
+    tree_masks: tuple[tuple[int, np.ndarray], ...] = ()
+    # Split baseline (PFA-style verify): the sequences in tree_masks run with a full explicit
+    # (q_len, context_len) mask read from GM and applied to every score of theirs, instead of the
+    # in-kernel N x N block. Costing only: the numbers are the same either way.
+    full_mask: bool = False
 
     @property
     def group_size(self) -> int:

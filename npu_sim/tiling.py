@@ -11,7 +11,8 @@ Why these shapes (fp16/bf16 operands, 2 bytes; fp32 accumulation, 4 bytes):
 - Attention. A Q tile is at most 128 stacked rows (query tokens x the query heads sharing one KV
   head): the 128 x 128 fp32 score block of one KV block is 64 KiB, leaving L0C room to double
   buffer, and each of the two vector cores of the AIC softmaxes 64 rows of it in UB. Tiles of 16,
-  64 and 128 rows serve decode, verify and prefill rows as in the paper.
+  64 and 128 rows serve decode, verify and prefill rows as in the paper. A verify chunk (a root
+  and its draft tokens) never takes the 16-row tile, see ATTN_VERIFY_TILE_ROWS.
 - Vector ops. A row tile holds input, output and weight rows in fp32 in UB, double-buffered.
 - GM->L1 depth (the MTE2 unit of a GEMM task). L1 holds the A (tm x kl1) and B (tn x kl1) panels
   double-buffered: 2 * (tm + tn) * kl1 * 2 <= L1 (512 KiB), kl1 a multiple of 256 as ATB rounds
@@ -37,6 +38,12 @@ ACCUM_BYTES = 4  # fp32 accumulators in L0C
 GEMM_TK = 64  # four 16-deep cube fractals per L0 step
 GEMM_TN = 256
 ATTN_Q_TILE_ROWS = (16, 64, 128)  # decode / verify / prefill Q tiles, stacked rows
+# The smallest Q tile of a verify chunk. The paper makes a verify stage one 64-row tiling block
+# (XYS Fig. 7b: 53 verify tokens -> one tile, next to 16-row decode tiles), so the whole
+# specLen x specLen tree mask is loaded once per task and applied in one pass of its rows; verify
+# attention streams the whole KV per KV head for a few rows, so it is bandwidth-bound and the
+# masked rows of a short chunk cost cube time that the KV stream hides.
+ATTN_VERIFY_TILE_ROWS = 64
 VECTOR_BUFFERS = 3 * 2  # in, out, weight rows; double-buffered
 L1_K_ALIGN = 256  # GM->L1 K depth granule (ATB pp_matmul rounds k0 to 256)
 KV_PAGE_TOKENS = 128  # catlass FAI's page; the KV chunk is a multiple of it
@@ -105,15 +112,16 @@ def vector_tasks(num_rows: int, row_len: int, chip: ChipSpec) -> np.ndarray:
     return tasks
 
 
-def attention_q_tile(q_len: int, group_size: int) -> tuple[int, int]:
+def attention_q_tile(q_len: int, group_size: int, verify: bool = False) -> tuple[int, int]:
     """(tile_rows, tokens_per_tile) for a sequence of q_len query tokens.
 
     A tile's stacked rows are tokens x group_size; pick the smallest menu tile that holds the
-    whole sequence, else split it into full 128-row tiles.
+    whole sequence (for a verify chunk: at least ATTN_VERIFY_TILE_ROWS), else split it into full
+    128-row tiles.
     """
     stacked = q_len * group_size
     for tile_rows in ATTN_Q_TILE_ROWS:
-        if stacked <= tile_rows:
+        if stacked <= tile_rows and (not verify or tile_rows >= ATTN_VERIFY_TILE_ROWS):
             return tile_rows, q_len
     largest = ATTN_Q_TILE_ROWS[-1]
     return largest, max(1, largest // group_size)

@@ -33,7 +33,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                       max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
                       created=int(time.time()))
     # Metrics are recorded from the engine's per-step stats: a stat logger on the engine thread.
-    server_metrics = ServerMetrics(model.name, lambda: engine.stats)
+    server_metrics = ServerMetrics(model.name, lambda: engine.stats,
+                                   core.config.speculative_config)
     engine.stat_loggers.append(server_metrics.record)
     serving_args = (engine, model, core.tokenizer, config.retry_after_s)
     state = ServerState(config=config, engine=engine, tokenizer=core.tokenizer, model=model,

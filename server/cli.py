@@ -1,8 +1,9 @@
 """The `xyserve` command. `xyserve serve` runs the OpenAI-compatible server.
 
 Every option's default is read from the config dataclasses (ServerConfig, EngineConfig,
-CacheConfig, SchedulerConfig), the one source of defaults. Subcommands register themselves
-through `add_<name>_parser(subparsers)` and a `func` default, so `bench` and `kernels` can join.
+CacheConfig, SchedulerConfig, SpeculativeConfig), the one source of defaults. Subcommands
+register themselves through `add_<name>_parser(subparsers)` and a `func` default, so `bench` and
+`kernels` can join.
 """
 
 from __future__ import annotations
@@ -16,16 +17,29 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from engine.config import (
+    SPECULATIVE_METHODS,
     CacheConfig,
     Dtype,
     EngineConfig,
     NpuDtype,
     SchedulerConfig,
     SchedulingPolicy,
+    SpeculativeConfig,
 )
 from server.config import LOG_LEVELS, ServerConfig
 
 logger = logging.getLogger("xyserve")
+
+# The --speculative methods that read each speculative option. Changing an option that the chosen
+# method (or no method) ignores is an error, not a silent no-op.
+SPECULATIVE_OPTION_METHODS: dict[str, tuple[str, ...]] = {
+    "num_speculative_tokens": SPECULATIVE_METHODS,
+    "ngram_min": ("ngram", "tree"),
+    "ngram_max": ("ngram", "tree"),
+    "num_speculative_branches": ("tree",),
+    "draft_model": ("draft-model",),
+    "spec_min_acceptance": SPECULATIVE_METHODS,
+}
 
 
 def _default(cls: type, name: str) -> Any:
@@ -116,7 +130,41 @@ def add_serve_parser(subparsers: Any) -> None:
     n.add_argument("--npu-trace", default=_default(EngineConfig, "npu_trace_dir"), metavar="DIR",
                    help="write Perfetto / Chrome timelines (a track per AI core) of the first "
                         "steps into DIR; open them in ui.perfetto.dev")
+    add_speculative_arguments(p)
     p.set_defaults(func=run_serve)
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    """The speculative-decoding options of `serve` (defaults from SpeculativeConfig)."""
+    sc = SpeculativeConfig
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", default=_default(sc, "speculative"),
+                   choices=SPECULATIVE_METHODS,
+                   help="draft tokens and verify them in one pass of the model: ngram (prompt "
+                        "lookup, a chain), tree (prompt lookup, several continuations merged "
+                        "into a token tree), draft-model (a small model, --draft-model) "
+                        "(default: off)")
+    g.add_argument("--num-speculative-tokens", type=int,
+                   default=_default(sc, "num_speculative_tokens"), metavar="K",
+                   help="draft tokens (tree nodes) verified per request and step at most "
+                        "(default: %(default)s)")
+    g.add_argument("--ngram-min", type=int, default=_default(sc, "ngram_min"), metavar="N",
+                   help="ngram / tree: shortest suffix n-gram matched in the prompt and output "
+                        "(default: %(default)s)")
+    g.add_argument("--ngram-max", type=int, default=_default(sc, "ngram_max"), metavar="N",
+                   help="ngram / tree: longest suffix n-gram, tried first (default: %(default)s)")
+    g.add_argument("--num-speculative-branches", type=int,
+                   default=_default(sc, "num_speculative_branches"), metavar="B",
+                   help="tree: distinct continuations merged into one draft tree "
+                        "(default: %(default)s)")
+    g.add_argument("--draft-model", default=_default(sc, "draft_model"), metavar="PATH",
+                   help="draft-model: preset name, local Hugging Face directory or .gguf file "
+                        "sharing the target's tokenizer")
+    g.add_argument("--spec-min-acceptance", type=float,
+                   default=_default(sc, "spec_min_acceptance"), metavar="X",
+                   help="stop drafting for a request while its measured acceptance rate "
+                        "(accepted / drafted tokens) is below X, in [0, 1) "
+                        "(default: %(default)s)")
 
 
 def add_kernels_parser(subparsers: Any) -> None:
@@ -160,27 +208,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    """The validated configs of `serve`'s arguments; raises ValueError with the reason."""
+    server_config = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_waiting_requests=args.max_waiting_requests,
+        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        log_level=args.log_level, max_request_bytes=args.max_request_bytes,
+        shutdown_timeout_s=args.shutdown_timeout)
+    engine_config = EngineConfig.from_kwargs(
+        model=args.model, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enable_prefix_caching=args.enable_prefix_caching,
+        strict_kernels=args.strict_kernels, npu=args.npu, npu_dtype=args.npu_dtype,
+        npu_trace_dir=args.npu_trace, policy=args.scheduling_policy,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        **_speculative_options(args))
+    return server_config, engine_config
+
+
+def _speculative_options(args: argparse.Namespace) -> dict[str, Any]:
+    """SpeculativeConfig's fields from the arguments; a ValueError names a flag that the chosen
+    --speculative method ignores (changed from its default) or one that it needs."""
+    method = args.speculative
+    options: dict[str, Any] = {"speculative": method}
+    for name, methods in SPECULATIVE_OPTION_METHODS.items():
+        value = getattr(args, name)
+        options[name] = value
+        if method not in methods and value != _default(SpeculativeConfig, name):
+            flag = "--" + name.replace("_", "-")
+            which = "" if methods == SPECULATIVE_METHODS else " " + " or ".join(methods)
+            if method is None:
+                raise ValueError(f"{flag} needs --speculative{which}")
+            raise ValueError(f"{flag} applies only with --speculative{which}, not {method}")
+    if method == "draft-model" and args.draft_model is None:
+        raise ValueError("--speculative draft-model needs --draft-model PATH")
+    return options
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, build the app, serve until interrupted. Returns the exit status."""
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server_config = ServerConfig(
-            host=args.host, port=args.port, api_key=args.api_key,
-            served_model_name=args.served_model_name,
-            max_waiting_requests=args.max_waiting_requests,
-            cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-            log_level=args.log_level, max_request_bytes=args.max_request_bytes,
-            shutdown_timeout_s=args.shutdown_timeout)
-        engine_config = EngineConfig.from_kwargs(
-            model=args.model, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-            num_kv_blocks=args.num_kv_blocks,
-            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-            enable_prefix_caching=args.enable_prefix_caching,
-            strict_kernels=args.strict_kernels, npu=args.npu, npu_dtype=args.npu_dtype,
-            npu_trace_dir=args.npu_trace, policy=args.scheduling_policy,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+        server_config, engine_config = build_configs(args)
     except ValueError as exc:
         print(f"xyserve serve: error: {exc}", file=sys.stderr)
         return 2

@@ -14,11 +14,20 @@ label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on i
                 simulated NPU clock: npu_time_to_first_token_seconds,
                 npu_inter_token_latency_seconds, npu_e2e_request_latency_seconds, npu_step_seconds;
                 per step: iteration_tokens_total, npu_cube_utilization, npu_vector_utilization
+    speculative decoding (only when the engine drafts; vLLM's spec_decode_* counters):
+                spec_decode_num_drafts_total, spec_decode_num_draft_tokens_total,
+                spec_decode_num_accepted_tokens_total,
+                spec_decode_num_accepted_tokens_per_pos_total{position="0".."k-1"}
 
 The engine hands its plain per-step stats to `ServerMetrics.record` (a stat logger of the
 AsyncEngine, called on the engine thread after every step; prometheus_client is thread-safe);
 nothing is recorded from inside the scheduler or per HTTP call. Queue and KV-cache gauges are read
 from the engine's SchedulerStats when scraped, so they are current even while the engine idles.
+
+Speculative decoding, over any window: draft acceptance rate = rate(accepted_tokens) /
+rate(draft_tokens); mean accepted length = 1 + rate(accepted_tokens) / rate(drafts) (tokens a
+verify chunk yields, the bonus token included); acceptance at position i = rate(per_pos{i}) /
+rate(drafts), the fraction of drafts whose accepted path reached depth i + 1.
 
 Utilizations are histograms, one observation per step that ran on the NPU, so a dashboard gets
 both the mean over a window (`rate(_sum) / rate(_count)`) and quantiles; a gauge would show
@@ -39,8 +48,9 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 
+from engine.config import SpeculativeConfig
 from engine.request import FinishReason
-from engine.stats import IterationStats, SchedulerStats
+from engine.stats import IterationStats, SchedulerStats, SpecDecodingStats
 from npu_sim.tasks import Primitive
 
 PREFIX = "xyserve:"
@@ -71,11 +81,14 @@ class ServerMetrics:
     Args:
         model_name: value of the `model_name` label (the served name).
         read_stats: returns the engine's latest SchedulerStats; called on every scrape.
+        speculative_config: the engine's; the spec_decode_* families exist only when it names a
+            drafter (as in vLLM), their positions 0..num_speculative_tokens-1 exported at 0.
     """
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats]) -> None:
+    def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats],
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.registry = r = CollectorRegistry()
         self._read_stats = read_stats
         m = (model_name,)  # the label values every child gets
@@ -147,6 +160,8 @@ class ServerMetrics:
                          "Simulated NPU seconds spent in kernels, by meta primitive.",
                          (*labels, "primitive"), registry=r)
         self._npu_kernel = _Children(kernel, m, (p.value for p in Primitive))
+        self._spec = (_SpecDecodingCounters(r, m, speculative_config.num_speculative_tokens)
+                      if speculative_config is not None and speculative_config.enabled else None)
 
     def record(self, scheduler_stats: SchedulerStats, stats: IterationStats) -> None:
         """Record one engine step: the AsyncEngine's stat logger (runs on the engine thread)."""
@@ -178,6 +193,8 @@ class ServerMetrics:
             self._npu_padding.set(trace.padding_waste_ratio)
             for primitive, seconds in trace.kernel_s_by_primitive.items():
                 self._npu_kernel.get(primitive).inc(seconds)
+        if stats.spec is not None and self._spec is not None:  # verify chunks ran this step
+            self._spec.record(stats.spec)
 
     def render(self) -> bytes:
         """The Prometheus text exposition, with the gauges refreshed from the engine now."""
@@ -186,6 +203,35 @@ class ServerMetrics:
         self._waiting.set(stats.num_waiting_reqs)
         self._kv_usage.set(stats.kv_cache_usage)
         return generate_latest(self.registry)
+
+
+class _SpecDecodingCounters:
+    """vLLM's spec_decode_* counters, fed by each step's SpecDecodingStats."""
+
+    def __init__(self, registry: CollectorRegistry, model: tuple[str, ...],
+                 num_speculative_tokens: int) -> None:
+        labels = ("model_name",)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=registry).labels(*model)
+
+        self.num_drafts = counter("spec_decode_num_drafts",
+                                  "Draft chunks verified (one per request and step with drafts).")
+        self.num_draft_tokens = counter("spec_decode_num_draft_tokens",
+                                        "Draft tokens (tree nodes) verified.")
+        self.num_accepted_tokens = counter("spec_decode_num_accepted_tokens",
+                                           "Draft tokens accepted (the bonus token not counted).")
+        per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                          "Drafts whose accepted path reached depth position + 1.",
+                          (*labels, "position"), registry=registry)
+        self.per_pos = _Children(per_pos, model, (str(i) for i in range(num_speculative_tokens)))
+
+    def record(self, spec: SpecDecodingStats) -> None:
+        self.num_drafts.inc(spec.num_drafts)
+        self.num_draft_tokens.inc(spec.num_draft_tokens)
+        self.num_accepted_tokens.inc(spec.num_accepted_tokens)
+        for position, num_drafts in enumerate(spec.num_accepted_tokens_per_pos):
+            self.per_pos.get(str(position)).inc(num_drafts)
 
 
 class _Children:

@@ -6,13 +6,17 @@ layer's paged cache (this step's keys already written); returns out (T, Hq, D).
 GQA stacking: the G = Hq / Hkv query heads that share KV head j are stacked into the rows of one
 Q tile, so a tile of q_rows tokens is a (q_rows * G, D) matrix, row r * G + g being token r, head
 j * G + g. Causality: stacked row of token r (position start_pos + q_offset + r) sees key
-positions <= its own and < the sequence's context length.
+positions <= its own and < the sequence's context length. A sequence with a token tree
+(`AttentionKernel.tree_masks`, an (N, N) ancestor-or-self mask over its last N rows and keys, the
+draft nodes) further hides, for each draft row, the draft keys its mask row leaves out; keys
+before the first draft node stay visible to every row.
 
 The reference path runs the task table: per task, online softmax over its KV blocks one block at
 a time (running max m, running sum l, unnormalized accumulator), then either the normalized
 output or a partial (o, lse) in a workspace slot that a combine task joins. The fast path computes
 the same attention with a few batched SDPA calls: all single-token rows (decodes) in one, each
-multi-token chunk in its own, reading only the keys each sequence sees.
+multi-token chunk (and each sequence with a tree) in its own, reading only the keys each sequence
+sees; a tree only edits the chunk's causal mask, built once per kernel.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def _run_tasks(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
     ws_o = q.new_zeros(kernel.num_partial_slots, kernel.max_tile_rows, d, dtype=torch.float32)
     ws_lse = q.new_full((kernel.num_partial_slots, kernel.max_tile_rows), -math.inf,
                         dtype=torch.float32)
+    trees = {int(s): torch.from_numpy(np.asarray(m, dtype=bool)) for s, m in kernel.tree_masks}
     for i, t in enumerate(kernel.tasks):
         q_start, q_len, start_pos = kernel.seqs[t["seq"]].tolist()
         rows = _rows(q_start + t["q_offset"], t["q_rows"])
@@ -56,7 +61,8 @@ def _run_tasks(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
         q_pos = (start_pos + t["q_offset"] + np.arange(t["q_rows"])).repeat(nh)
         o, lse = _online_softmax(kernel, q_tile, torch.from_numpy(q_pos), start_pos + q_len,
                                  kernel.block_tables[t["seq"]], t["kv_block_start"],
-                                 t["kv_block_end"], int(t["kv_head"]), k_cache, v_cache)
+                                 t["kv_block_end"], int(t["kv_head"]), k_cache, v_cache,
+                                 trees.get(int(t["seq"])))
         if t["partial_slot"] < 0:
             out[rows, heads] = o.view(t["q_rows"], nh, d).to(out.dtype)
         else:
@@ -76,13 +82,26 @@ def _rows(start: int, num: int) -> slice:
     return slice(int(start), int(start + num))
 
 
+def _tree_visible(tree: torch.Tensor, first_node_pos: int, q_pos: torch.Tensor,
+                  k_pos: torch.Tensor) -> torch.Tensor:
+    """(R, K) bool: row by row, False where a draft row meets a draft key its tree mask row
+    hides; True elsewhere (non-draft rows and keys are left to causality)."""
+    n = tree.shape[0]
+    a, b = q_pos - first_node_pos, k_pos - first_node_pos  # node index of each row / key
+    row_is_node, key_is_node = (a >= 0) & (a < n), (b >= 0) & (b < n)
+    allowed = tree[a.clamp(0, n - 1)][:, b.clamp(0, n - 1)]  # (R, K)
+    return ~(row_is_node[:, None] & key_is_node[None, :]) | allowed
+
+
 def _online_softmax(kernel: AttentionKernel, q_tile: torch.Tensor, q_pos: torch.Tensor,
                     context_len: int, block_table: np.ndarray, block_start: int, block_end: int,
                     kv_head: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    tree: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend q_tile (R, D) to KV blocks [block_start, block_end); returns (o (R, D), lse (R,)).
 
-    Rows that see no key in the span get o = 0 and lse = -inf (they weigh nothing when combined).
+    q_pos (R,) is each row's position; `tree` the sequence's (N, N) tree mask over its last N
+    positions (None: causal only). Rows that see no key in the span get o = 0 and lse = -inf (they
+    weigh nothing when combined).
     """
     bs = kernel.block_size
     num_rows = q_tile.shape[0]
@@ -95,6 +114,8 @@ def _online_softmax(kernel: AttentionKernel, q_tile: torch.Tensor, q_pos: torch.
         v = v_cache[block, :, kv_head].float()
         k_pos = b * bs + torch.arange(bs)
         visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < context_len)
+        if tree is not None:
+            visible &= _tree_visible(tree, context_len - tree.shape[0], q_pos, k_pos)
         s = (q_tile @ k.T * kernel.scale).masked_fill(~visible, -math.inf)  # (R, BS)
         m_new = torch.maximum(m, s.max(dim=1).values)
         m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with nothing visible yet
@@ -131,7 +152,7 @@ class _DecodeGroup:
 class _Chunk:
     rows: slice  # its query rows
     slots: torch.Tensor  # (context_len,) int64 flat cache slot of each key position
-    mask: torch.Tensor | None  # (q_len * G, context_len) bool causal mask; None for one row
+    mask: torch.Tensor  # (q_len * G, context_len) bool: causal, and the tree's if it has one
 
 
 @dataclass(frozen=True)
@@ -151,8 +172,11 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
         return memo[1]
     seqs, bs, g = kernel.seqs, kernel.block_size, kernel.group_size
     tables = np.maximum(kernel.block_tables, 0)  # -1 (past a table's end) is never read
+    trees = {int(s): np.asarray(m, dtype=bool) for s, m in kernel.tree_masks}
+    has_tree = np.zeros(len(seqs), dtype=bool)
+    has_tree[list(trees)] = True
     decodes = None
-    single = np.flatnonzero(seqs["q_len"] == 1)
+    single = np.flatnonzero((seqs["q_len"] == 1) & ~has_tree)
     if len(single):
         context_lens = seqs["start_pos"][single] + 1
         num_keys = int(-(-context_lens.max() // KEY_ALIGN) * KEY_ALIGN)
@@ -168,13 +192,18 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
                                mask=torch.from_numpy(inside)[:, None, None, :],
                                num_seqs=len(single), num_keys=num_keys)
     chunks = []
-    for s in np.flatnonzero(seqs["q_len"] > 1):
+    for s in np.flatnonzero((seqs["q_len"] > 1) | has_tree):
         q_start, q_len, start_pos = (int(x) for x in seqs[s].tolist())
         context_len = start_pos + q_len
         pos = np.arange(context_len)
         slots = tables[s, pos // bs] * bs + pos % bs
         q_pos = torch.arange(start_pos, context_len).repeat_interleave(g)
         mask = torch.arange(context_len)[None, :] <= q_pos[:, None]  # (q_len * G, context_len)
+        tree = trees.get(int(s))
+        if tree is not None:  # the draft rows x draft keys corner: the tree mask, per head
+            n = tree.shape[0]
+            mask[(q_len - n) * g:, context_len - n:] &= torch.from_numpy(tree).repeat_interleave(
+                g, dim=0)
         chunks.append(_Chunk(slice(q_start, q_start + q_len), torch.from_numpy(slots), mask))
     plan = _FastPlan(decodes, tuple(chunks), int(seqs["q_len"].sum()) == num_rows)
     _plan_memo[:] = [(kernel, plan)]

@@ -470,8 +470,13 @@ def _check_chunks(scheduler: Scheduler, out: SchedulerOutput) -> None:
     assert len(out.chunks) <= config.max_num_seqs
     chunk_ids = [c.request_id for c in out.chunks]
     assert len(set(chunk_ids)) == len(chunk_ids)
-    # Batch order is admission order: running requests first, newly admitted after.
-    assert chunk_ids == [r.request_id for r in scheduler.running if r.request_id in chunk_ids]
+    # Batch order: decodes first, then the other chunks, each group in admission order
+    # (newly admitted requests are the last admitted).
+    admission = [r.request_id for r in scheduler.running]
+    num_decodes = next((i for i, c in enumerate(out.chunks)
+                        if not (c.sample and c.num_known_tokens == 1)), len(out.chunks))
+    for group in (chunk_ids[:num_decodes], chunk_ids[num_decodes:]):
+        assert group == sorted(group, key=admission.index)
     for chunk in out.chunks:
         request = scheduler.requests[chunk.request_id]
         assert chunk.num_tokens >= 1

@@ -1,7 +1,8 @@
 """Every PromQL expression of the Grafana dashboard returns data from a real Prometheus.
 
-A real `xyserve serve` (tiny model) and a real Prometheus run on loopback; Prometheus scrapes
-xyserve every second with a config derived from docker/prometheus.yml. After a known load, each
+A real `xyserve serve` (tiny model, n-gram speculative decoding on, so the speculative-decoding
+panels have data too) and a real Prometheus run on loopback; Prometheus scrapes xyserve every
+second with a config derived from docker/prometheus.yml. After a known load, each
 expression in docker/grafana/dashboards/xyserve.json (Grafana's variables substituted) is
 evaluated through Prometheus' HTTP API and must return at least one finite value, so a panel
 with a misspelt metric, label or function fails here.
@@ -37,6 +38,8 @@ NAME = "tiny-prom"  # the served model name, and so the model_name label
 GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "1s", "__range": "1m",
                     "__range_s": "60", "__range_ms": "60000"}
 STOP_TOKEN = 1234  # forced by logit_bias and listed in stop_token_ids: finishes with "stop"
+REPEAT_TOKEN = 4321  # forced by logit_bias without a stop: the output repeats it, so n-gram
+#   drafts (which look up the text's own suffix) are proposed and accepted
 TIMEOUT_S = 20.0
 
 
@@ -215,6 +218,11 @@ def send_load(server: ServerProcess) -> int:
         ("/v1/completions", {"model": NAME, "prompt": "Stop", "max_tokens": 5,
                              "logit_bias": {str(STOP_TOKEN): 100},
                              "stop_token_ids": [STOP_TOKEN]}, 1),
+        # Speculative decoding: a prompt that repeats itself (greedy), and an output that does.
+        ("/v1/completions", {**body, "prompt": " ".join(["one two three four"] * 8),
+                             "max_tokens": 24, "temperature": 0}, 1),
+        ("/v1/completions", {**body, "prompt": "Again and again", "max_tokens": 24,
+                             "logit_bias": {str(REPEAT_TOKEN): 100}}, 1),
     ]
 
     def call(path: str, json_body: dict[str, Any]) -> None:
@@ -241,7 +249,8 @@ def stack(prometheus_binary: str, tiny_llama_dir: pathlib.Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Prometheus]]:
     workdir = tmp_path_factory.mktemp("prometheus")
     with run_server(str(tiny_llama_dir), workdir, "--num-kv-blocks", "256", "--block-size", "16",
-                    "--max-model-len", "512", served_name=NAME) as server:
+                    "--max-model-len", "512", "--speculative", "ngram",
+                    served_name=NAME) as server:
         port = int(server.url.rsplit(":", 1)[1])
         with run_prometheus(prometheus_binary, scrape_config(port), workdir) as prometheus:
             yield server, prometheus
@@ -257,6 +266,10 @@ def test_every_dashboard_query_returns_data(stack: tuple[ServerProcess, Promethe
     # Scraped after the last request finished.
     prometheus.wait_for(f'sum(xyserve:request_success_total{{model_name="{NAME}"}})',
                         float(num_requests))
+    # The repeating requests had drafts verified and accepted (the speculative panels' data).
+    for counter in ("spec_decode_num_drafts_total", "spec_decode_num_accepted_tokens_total"):
+        expr = f'xyserve:{counter}{{model_name="{NAME}"}}'
+        assert prometheus.values(expr) and prometheus.values(expr)[0] > 0, counter
 
     values = dict(GRAFANA_BUILTINS)
     for variable, selector, label in template_queries(dashboard):
@@ -281,4 +294,5 @@ def test_every_dashboard_query_returns_data(stack: tuple[ServerProcess, Promethe
     missing = [f for f in families if not re.search(re.escape(f) + r"(?![\w:])|"
                                                     + re.escape(f) + r"_(bucket|sum|count)\b",
                                                     all_exprs)]
-    assert len(families) >= 21 and not missing, f"not on the dashboard: {missing}"
+    assert len(families) >= 25 and not missing, f"not on the dashboard: {missing}"
+    assert "xyserve:spec_decode_num_accepted_tokens_per_pos_total" in families

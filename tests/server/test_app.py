@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from engine.async_engine import AsyncEngine
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from server.app import build_app
-from server.cli import build_parser, main
+from server.cli import build_configs, build_parser, main
 from server.config import ServerConfig
 from tests.server.harness import MakeCore
 
@@ -26,6 +26,42 @@ def test_cli_defaults_come_from_the_config_dataclasses() -> None:
     scheduler = SchedulerConfig()
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len) == (
         scheduler.max_num_seqs, scheduler.max_num_batched_tokens, scheduler.max_model_len)
+
+
+def test_cli_speculative_defaults_and_options_build_the_config() -> None:
+    _, engine = build_configs(build_parser().parse_args(["serve"]))
+    assert engine.speculative_config == SpeculativeConfig()  # off, defaults from the dataclass
+    assert not engine.speculative_config.enabled
+    argv = ["serve", "--speculative", "tree", "--num-speculative-tokens", "6", "--ngram-min", "2",
+            "--ngram-max", "3", "--num-speculative-branches", "2", "--spec-min-acceptance", "0.1"]
+    _, engine = build_configs(build_parser().parse_args(argv))
+    assert engine.speculative_config == SpeculativeConfig(
+        speculative="tree", num_speculative_tokens=6, ngram_min=2, ngram_max=3,
+        num_speculative_branches=2, spec_min_acceptance=0.1)
+    argv = ["serve", "--speculative", "draft-model", "--draft-model", "/models/draft"]
+    _, engine = build_configs(build_parser().parse_args(argv))
+    assert engine.speculative_config == SpeculativeConfig(speculative="draft-model",
+                                                          draft_model="/models/draft")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--draft-model", "d"], "--draft-model needs --speculative draft-model"),
+    (["--speculative", "ngram", "--draft-model", "d"],
+     "--draft-model applies only with --speculative draft-model, not ngram"),
+    (["--speculative", "draft-model"], "--speculative draft-model needs --draft-model PATH"),
+    (["--num-speculative-tokens", "8"], "--num-speculative-tokens needs --speculative"),
+    (["--speculative", "ngram", "--num-speculative-branches", "5"],
+     "--num-speculative-branches applies only with --speculative tree, not ngram"),
+    (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
+    (["--speculative", "tree", "--ngram-min", "5", "--ngram-max", "2"], "ngram_min"),
+    (["--speculative", "ngram", "--spec-min-acceptance", "1"], "spec_min_acceptance"),
+])
+def test_cli_rejects_bad_speculative_options(argv: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", *argv]) == 2  # before loading anything, as other config errors
+    err = capsys.readouterr().err
+    assert err.startswith("xyserve serve: error: ") and message in err
+    assert err.count("\n") == 1  # one line
 
 
 @pytest.mark.parametrize("argv", [["--port", "70000"], ["--max-num-seqs", "0"],

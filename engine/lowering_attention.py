@@ -1,0 +1,195 @@
+"""Attention lowering: a batch's chunks -> meta-attention task tables (or the split baseline's).
+
+A chunk is a run of one request's query tokens at consecutive positions: a prefill (chunk), a
+decode (one token) or a verify chunk of speculative decoding, its root (last real token)
+followed by N draft nodes of a token tree at consecutive *virtual* positions (their KV slots), so
+tree siblings never share a slot. Every row is causal over the virtual positions; the draft rows
+further see only their own root-to-node branch among the draft keys, which the lowering hands
+the kernel as an (N, N) ancestor-or-self mask built here on the host (XYS 5.1.2). A chain's mask
+is the causal one, so chains get none in the meta-kernel.
+
+Pure functions of (chunks, model shape, chip, block size); engine.lowering re-exports them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.models.arch import ModelArch
+from npu_sim.hardware import ChipSpec
+from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
+from npu_sim.tiling import attention_q_tile
+
+# A KV span shorter than this is not worth a partial + combine round trip (catlass stacks four
+# 128-token pages per softmax block; one span is at least that much).
+MIN_KV_SPAN_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class ChunkShape:
+    """What lowering needs of one scheduled chunk."""
+
+    start_pos: int  # position of its first token
+    num_tokens: int  # tokens computed this step
+    block_ids: tuple[int, ...]  # its KV block table
+    draft_parents: tuple[int, ...] = ()  # verify chunk: its last len(draft_parents) tokens are
+    #   draft nodes of a token tree, node j's parent node index (-1 = the token before the first
+    #   node, the root); parents precede children. () = no drafts (prefill or decode)
+
+    def __post_init__(self) -> None:
+        if self.draft_parents:
+            if len(self.draft_parents) > self.num_tokens:
+                raise ValueError(f"{len(self.draft_parents)} draft nodes in a chunk of "
+                                 f"{self.num_tokens} tokens")
+            for j, parent in enumerate(self.draft_parents):
+                if not -1 <= parent < j:
+                    raise ValueError(f"draft node {j}'s parent {parent} does not precede it")
+
+    @property
+    def is_verify(self) -> bool:
+        return bool(self.draft_parents)
+
+    @property
+    def is_chain(self) -> bool:
+        """Drafts (if any) form a chain: node j continues node j - 1, the mask is causal."""
+        return all(parent == j - 1 for j, parent in enumerate(self.draft_parents))
+
+
+def tree_mask(parents: Sequence[int]) -> np.ndarray:
+    """bool (N, N) ancestor-or-self mask of a token tree: [a, b] = node b is node a or one of
+    its ancestors. Parents precede children, so row a is row parents[a] plus the diagonal."""
+    n = len(parents)
+    mask = np.eye(n, dtype=bool)
+    for a, parent in enumerate(parents):
+        if parent >= 0:
+            mask[a] |= mask[parent]
+    return mask
+
+
+def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpec,
+                    block_size: int) -> AttentionKernel:
+    """Meta-attention tasks for a mixed batch.
+
+    Each sequence's query tokens are cut into Q tiles (npu_sim.tiling.attention_q_tile; verify
+    chunks take the verify tile, at least ATTN_VERIFY_TILE_ROWS stacked rows), one task per
+    (tile, KV head) over the KV blocks its causal horizon reaches. Work is balanced by cost, not
+    by request: a task whose work (stacked rows x keys) exceeds the per-core share is split into
+    KV spans of at least MIN_KV_SPAN_TOKENS, whose partials a combine task joins. Tasks are
+    listed heaviest first, the order the device deals them to cores. Tree-shaped verify chunks
+    carry their tree mask (`AttentionKernel.tree_masks`); chains and other chunks none.
+    """
+    g = arch.num_heads // arch.num_kv_heads
+    seqs = np.empty(len(chunks), dtype=ATTN_SEQ)
+    max_blocks = max((len(c.block_ids) for c in chunks), default=0)
+    block_tables = np.full((len(chunks), max(max_blocks, 1)), -1, dtype=np.int64)
+    # candidate tasks before splitting: (seq, q_offset, q_rows, tile_rows, num_blocks)
+    tiles: list[tuple[int, int, int, int, int]] = []
+    q_start = 0
+    for s, c in enumerate(chunks):
+        seqs[s] = (q_start, c.num_tokens, c.start_pos)
+        block_tables[s, :len(c.block_ids)] = c.block_ids
+        q_start += c.num_tokens
+        tile_rows, tokens_per_tile = attention_q_tile(c.num_tokens, g, verify=c.is_verify)
+        for q_offset in range(0, c.num_tokens, tokens_per_tile):
+            q_rows = min(tokens_per_tile, c.num_tokens - q_offset)
+            horizon = c.start_pos + q_offset + q_rows  # keys the tile's last row sees
+            tiles.append((s, q_offset, q_rows, tile_rows, -(-horizon // block_size)))
+
+    work = [q_rows * g * n_blocks * block_size for _, _, q_rows, _, n_blocks in tiles]
+    share = sum(work) * arch.num_kv_heads / chip.num_cube_cores  # per-core share of all work
+    min_span_blocks = max(1, MIN_KV_SPAN_TOKENS // block_size)
+    tasks: list[tuple[int, ...]] = []
+    combines: list[tuple[int, ...]] = []
+    num_slots = 0
+    for (s, q_offset, q_rows, tile_rows, n_blocks), w in zip(tiles, work, strict=True):
+        num_spans = max(1, min(math.ceil(w / share) if share else 1,
+                               n_blocks // min_span_blocks))
+        # Evenly spaced span bounds: every span has at least min_span_blocks blocks.
+        bounds = [n_blocks * i // num_spans for i in range(num_spans + 1)]
+        for kv_head in range(arch.num_kv_heads):
+            if num_spans == 1:
+                tasks.append((s, kv_head, q_offset, q_rows, tile_rows, 0, n_blocks, -1))
+                continue
+            combines.append((s, kv_head, q_offset, q_rows, num_slots, num_spans))
+            for begin, end in itertools.pairwise(bounds):
+                tasks.append((s, kv_head, q_offset, q_rows, tile_rows, begin, end, num_slots))
+                num_slots += 1
+
+    task_table = np.array(tasks, dtype=ATTN_TASK)
+    cost = task_table["tile_rows"] * (task_table["kv_block_end"] - task_table["kv_block_start"])
+    task_table = task_table[np.argsort(-cost, kind="stable")]
+    return AttentionKernel(
+        name="attention", num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
+        seqs=seqs, block_tables=block_tables, tasks=task_table,
+        combine_tasks=np.array(combines, dtype=COMBINE_TASK), num_partial_slots=num_slots,
+        max_tile_rows=int(task_table["tile_rows"].max()) if len(task_table) else 0,
+        tree_masks=tuple((s, tree_mask(c.draft_parents)) for s, c in enumerate(chunks)
+                         if not c.is_chain),
+    )
+
+
+def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpec,
+                          block_size: int) -> tuple[AttentionKernel, ...]:
+    """The split baseline: a prefill kernel (chunks of more than one token: prefill, chunked
+    prefill, and every verify chunk) and a decode kernel (single tokens), whichever are
+    non-empty, in that order.
+
+    As torch-npu's PromptFlashAttention / IncreFlashAttention split work, over (batch, head):
+    one task group per (request, head) in request order, holding all its Q tiles, each over its
+    whole causal KV (no KV split, no combine, no cost sort), groups dealt to cores round-robin.
+    The prefill kernel's head is a query head (PFA splits N, the query heads; with GQA each task
+    reads its KV head's cache itself, re-reads mostly hitting L2); the decode kernel's is a KV
+    head with its query-head group stacked, as GQA decode kernels read each KV head once. A
+    verify chunk is a prefill chunk with a full explicit mask (`AttentionKernel.full_mask`: read
+    from GM and applied to all its scores), chains included, as PFA verifies drafts. Each kernel
+    lists only its own sequences (rows keep their batch positions), so the two outputs add up to
+    the batch's attention.
+    """
+    g = arch.num_heads // arch.num_kv_heads
+    q_starts = np.cumsum([0] + [c.num_tokens for c in chunks])[:-1]
+    kernels = []
+    for is_decode in (False, True):
+        members = [s for s, c in enumerate(chunks)
+                   if (c.num_tokens == 1 and not c.is_verify) == is_decode]
+        if not members:
+            continue
+        seqs = np.empty(len(members), dtype=ATTN_SEQ)
+        max_blocks = max(len(chunks[s].block_ids) for s in members)
+        block_tables = np.full((len(members), max(max_blocks, 1)), -1, dtype=np.int64)
+        tasks: list[tuple[int, ...]] = []
+        heads: list[tuple[int, int]] = []
+        groups: list[int] = []
+        for j, s in enumerate(members):
+            c = chunks[s]
+            seqs[j] = (q_starts[s], c.num_tokens, c.start_pos)
+            block_tables[j, :len(c.block_ids)] = c.block_ids
+            per_task = g if is_decode else 1  # query heads a task stacks
+            tile_rows, tokens_per_tile = attention_q_tile(c.num_tokens, per_task)
+            for head in range(0, arch.num_heads, per_task):
+                for q_offset in range(0, c.num_tokens, tokens_per_tile):
+                    q_rows = min(tokens_per_tile, c.num_tokens - q_offset)
+                    n_blocks = -(-(c.start_pos + q_offset + q_rows) // block_size)
+                    tasks.append((j, head // g, q_offset, q_rows, tile_rows, 0, n_blocks, -1))
+                    heads.append((head % g, per_task))
+                    groups.append(j * arch.num_heads + head)
+        task_table = np.array(tasks, dtype=ATTN_TASK)
+        masks = tuple((j, tree_mask(chunks[s].draft_parents)) for j, s in enumerate(members)
+                      if chunks[s].is_verify)
+        kernels.append(AttentionKernel(
+            name="decode_attention" if is_decode else "prefill_attention",
+            num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+            block_size=block_size, scale=arch.head_dim**-0.5, seqs=seqs,
+            block_tables=block_tables, tasks=task_table,
+            combine_tasks=np.zeros(0, dtype=COMBINE_TASK), num_partial_slots=0,
+            max_tile_rows=int(task_table["tile_rows"].max()),
+            task_group=np.array(groups, dtype=np.int64),
+            task_heads=np.array(heads, dtype=np.int64).reshape(-1, 2), vector_qk=False,
+            tree_masks=masks, full_mask=bool(masks),
+        ))
+    return tuple(kernels)
