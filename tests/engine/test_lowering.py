@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engine.lowering import ChunkShape, StepPlan, lower_step
+from engine.lowering import BASELINE_POLICY, ChunkShape, StepPlan, lower_step
 from engine.models.arch import ModelArch
 from npu_sim.hardware import KIB, PRESETS, ChipSpec, get_chip
 from npu_sim.tasks import GemmKernel, TileShape, VectorKernel, VectorOp
@@ -152,6 +152,24 @@ def test_lm_head_runs_on_sampled_rows_only() -> None:
     unsampled = plan_for("prefill_only_unsampled")
     assert unsampled.lm_head is None
     assert unsampled.final_norm.num_rows == 0 and len(unsampled.final_norm.tasks) == 0
+
+
+def test_verify_chunks_reach_both_attention_policies() -> None:
+    """A chunk's draft tree travels through lower_step: the meta kernel gets its tree mask and
+    the verify tile, the split baseline runs it in its prefill kernel with a full mask."""
+    parents = (-1, 0, 0, 1)
+    chunks = chunks_of([(5, 1), (40, 5)])
+    chunks[1] = dataclasses.replace(chunks[1], draft_parents=parents)
+    attn = lower_step(chunks, 2, ARCH, CHIP, BLOCK_SIZE).layer.attention
+    ((seq, mask),) = attn.tree_masks
+    assert seq == 1 and mask.tolist() == [[True, False, False, False], [True, True, False, False],
+                                          [True, False, True, False], [True, True, False, True]]
+    assert set(attn.tasks["tile_rows"][attn.tasks["seq"] == 1].tolist()) == {64}
+    baseline = lower_step(chunks, 2, ARCH, CHIP, BLOCK_SIZE, BASELINE_POLICY).layer
+    assert baseline.attention.full_mask and baseline.attention.seqs["q_len"].tolist() == [5]
+    assert baseline.decode_attention is not None and not baseline.decode_attention.tree_masks
+    plain = lower_step(chunks_of([(5, 1), (40, 5)]), 2, ARCH, CHIP, BLOCK_SIZE).layer.attention
+    assert plain.tree_masks == () and not plain.full_mask
 
 
 # ------------------------------------------------------------------------------ tile menu

@@ -16,7 +16,7 @@ def test_quick_sweep_writes_tables_plot_and_traces(tmp_path: Path,
     out, traces = tmp_path / "out", tmp_path / "traces"
     assert main(["--out", str(out), "--quick", "--npu-trace", str(traces)]) == 0
     printed = capsys.readouterr().out
-    assert "paper: 14.6%" in printed and "paper: 21.5%" in printed
+    assert "paper: 14.6%" in printed and "paper: 21.5%" in printed and "paper: 28.6%" in printed
     gemm = list(csv.DictReader((out / "gemm.csv").open()))
     assert {r["model"] for r in gemm} == {"llama-2-7b", "llama-3-8b", "qwen2.5-7b"}
     assert {r["op"] for r in gemm} == {"qkv", "o", "gate_up", "down"}
@@ -27,6 +27,13 @@ def test_quick_sweep_writes_tables_plot_and_traces(tmp_path: Path,
     assert row["M_bucket"] == "1024" and float(row["speedup"]) > 1.3
     attention = list(csv.DictReader((out / "attention.csv").open()))
     assert {r["kind"] for r in attention} == {"decode", "prefill", "mixed"}
+    verify = list(csv.DictReader((out / "verify.csv").open()))
+    assert {(r["batch"], r["spec_len"], r["tokens"]) for r in verify} == {
+        ("4", "31", "128"), ("8", "15", "128")}  # specLen drafts + the root per request
+    assert {r["model"] for r in verify} == {"llama-2-7b"} and len(verify) == 4
+    assert all(float(r["meta_us"]) > 0 and float(r["split_us"]) > 0 for r in verify)
+    assert all(int(r["meta_tile_rows"]) >= 64 for r in verify)
+    assert "on verify" in (out / "summary.txt").read_text()
     decode = list(csv.DictReader((out / "decode.csv").open()))
     assert {(r["policy"], r["batch"]) for r in decode} == {
         ("xy-serve", "1"), ("baseline", "1"), ("xy-serve", "64"), ("baseline", "64")}
