@@ -95,7 +95,7 @@ def test_self_draft_accepts_nearly_everything(prompts, baseline, default_model_d
     SamplingParams(temperature=0.0, max_tokens=30, stop=["b)"]),
     SamplingParams(temperature=0.0, max_tokens=30, stop=["mat."], include_stop_str_in_output=True),
     SamplingParams(temperature=0.0, max_tokens=7),
-    SamplingParams(temperature=0.0, max_tokens=30, repetition_penalty=1.3),
+    SamplingParams(temperature=0.0, max_tokens=30, repetition_penalty=1.1),
     SamplingParams(temperature=0.0, max_tokens=30, frequency_penalty=0.5, presence_penalty=0.3),
     SamplingParams(temperature=0.0, max_tokens=20, min_tokens=12, logprobs=3),
 ], ids=["stop", "stop-included", "max-tokens", "repetition", "frequency-presence", "logprobs"])
