@@ -3,8 +3,14 @@ prompt over a small token budget, chat templates), shared by the end-to-end test
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import transformers
+
+from engine import LLM
+from engine.stats import SpecDecodingStats
 
 BASE_PROMPTS = [
     "The capital of France is",
@@ -40,3 +46,24 @@ def prompts(default_model_dir) -> list[list[int]]:
     return [list(map(int, x)) for x in ids]
 
 
+
+
+def _record_spec_stats(llm: LLM) -> list[SpecDecodingStats]:
+    """Make `llm` append every step's SpecDecodingStats to the returned list."""
+    seen: list[SpecDecodingStats] = []
+    step = llm.engine.step
+
+    def recording_step() -> Any:
+        outputs = step()
+        stats = llm.engine.last_stats
+        if stats is not None and stats.spec is not None:
+            seen.append(stats.spec)
+        return outputs
+
+    llm.engine.step = recording_step  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.fixture
+def record_spec_stats() -> Callable[[LLM], list[SpecDecodingStats]]:
+    return _record_spec_stats

@@ -37,28 +37,14 @@ def spec_options(request: pytest.FixtureRequest, tiny_llama_dir) -> dict[str, An
     return options
 
 
-def _spec_totals(llm: LLM) -> list[SpecDecodingStats]:
-    """Make `llm` record every step's SpecDecodingStats into the returned list."""
-    seen: list[SpecDecodingStats] = []
-    step = llm.engine.step
-
-    def recording_step() -> Any:
-        outputs = step()
-        if llm.engine.last_stats is not None and llm.engine.last_stats.spec is not None:
-            seen.append(llm.engine.last_stats.spec)
-        return outputs
-
-    llm.engine.step = recording_step  # type: ignore[method-assign]
-    return seen
-
-
 def _accepted(stats: Sequence[SpecDecodingStats]) -> int:
     return sum(s.num_accepted_tokens for s in stats)
 
 
-def test_one_by_one_identical_to_no_speculation(prompts, baseline, spec_options) -> None:
+def test_one_by_one_identical_to_no_speculation(prompts, baseline, spec_options,
+                                                record_spec_stats) -> None:
     llm = LLM(dtype="float32", **spec_options)
-    stats = _spec_totals(llm)
+    stats = record_spec_stats(llm)
     for ids, expected in zip(prompts, baseline, strict=True):
         assert llm.generate(ids, GREEDY)[0].token_ids == expected
     assert sum(s.num_drafts for s in stats) > 0
@@ -66,11 +52,12 @@ def test_one_by_one_identical_to_no_speculation(prompts, baseline, spec_options)
         assert _accepted(stats) > 0
 
 
-def test_batched_chunked_preempted_identical(prompts, baseline, spec_options) -> None:
+def test_batched_chunked_preempted_identical(prompts, baseline, spec_options,
+                                             record_spec_stats) -> None:
     # 32 blocks of 16 tokens: every request (and its drafts) fits alone, all of them cannot
     llm = LLM(dtype="float32", max_num_batched_tokens=64, max_num_seqs=16, block_size=16,
               num_kv_blocks=32, **spec_options)
-    stats = _spec_totals(llm)
+    stats = record_spec_stats(llm)
     outs = llm.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == baseline
     assert llm.engine.scheduler.make_stats().num_preemptions > 0
@@ -78,11 +65,12 @@ def test_batched_chunked_preempted_identical(prompts, baseline, spec_options) ->
     assert sum(s.num_drafts for s in stats) > 0
 
 
-def test_self_draft_accepts_nearly_everything(prompts, baseline, default_model_dir) -> None:
+def test_self_draft_accepts_nearly_everything(prompts, baseline, default_model_dir,
+                                              record_spec_stats) -> None:
     """The target as its own draft model: greedy drafts are the target's own tokens."""
     llm = LLM(dtype="float32", speculative="draft-model", draft_model=str(default_model_dir),
               num_speculative_tokens=4)
-    stats = _spec_totals(llm)
+    stats = record_spec_stats(llm)
     outs = llm.generate(prompts[:4], GREEDY)
     assert [o.token_ids for o in outs] == baseline[:4]
     drafted = sum(s.num_draft_tokens for s in stats)
@@ -100,10 +88,11 @@ def test_self_draft_accepts_nearly_everything(prompts, baseline, default_model_d
     SamplingParams(temperature=0.0, max_tokens=20, min_tokens=12, logprobs=3),
 ], ids=["stop", "stop-included", "max-tokens", "repetition", "frequency-presence", "logprobs"])
 @pytest.mark.parametrize("speculative", ["ngram", "tree"])
-def test_sampling_options_behave_as_without_speculation(params, speculative) -> None:
+def test_sampling_options_behave_as_without_speculation(params, speculative,
+                                                       record_spec_stats) -> None:
     plain = LLM(dtype="float32").generate(ECHO, params)
     llm = LLM(dtype="float32", speculative=speculative, num_speculative_tokens=5)
-    stats = _spec_totals(llm)
+    stats = record_spec_stats(llm)
     spec = llm.generate(ECHO, params)
     for a, b in zip(plain, spec, strict=True):
         assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
