@@ -101,12 +101,8 @@ class ModelRunner:
         chunks = scheduler_output.chunks
         if not chunks:
             return ModelOutput(sampled_token_ids={})
-        inputs = self._step_inputs(scheduler_output)
-        plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
-                           for c in chunks],
-                          len(inputs.sample_rows), self.arch, self.device.chip, self.block_size)
         self.device.begin_step()
-        logits = self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers)
+        logits = self.compute_logits(scheduler_output)
         if logits is None:
             return ModelOutput(sampled_token_ids={}, trace=self.device.end_step())
         token_ids, logprobs = self._sample(logits, [c for c in chunks if c.sample], requests)
@@ -114,6 +110,17 @@ class ModelRunner:
         trace = self.device.end_step()  # after the proposals: a draft model runs on the device
         return ModelOutput(sampled_token_ids=token_ids, logprobs=logprobs, trace=trace,
                            drafts=drafts)
+
+    def compute_logits(self, scheduler_output: SchedulerOutput) -> torch.Tensor | None:
+        """Run the model over the step's chunks (writing their K/V) inside the device's open
+        step; returns (num_sample_rows, V) fp32 logits: per sampled chunk its last known token's
+        row, then one row per draft node; None if nothing is sampled."""
+        chunks = scheduler_output.chunks
+        inputs = self._step_inputs(scheduler_output)
+        plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
+                           for c in chunks],
+                          len(inputs.sample_rows), self.arch, self.device.chip, self.block_size)
+        return self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers)
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
                 requests: Mapping[str, Request],
