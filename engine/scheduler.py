@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from engine.chunks import check_stop, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.kv_cache import KVCacheManager
 from engine.outputs import ModelOutput, ScheduledChunk, SchedulerOutput, TokenUpdate
 from engine.request import FinishReason, Request, RequestStatus
-from engine.spec.adaptive import num_drafts_worth, record_no_drafts, record_verify
+from engine.spec.adaptive import drafts_to_verify, record_verify
 from engine.spec.types import Draft
 from engine.stats import SchedulerStats
 
@@ -164,7 +165,11 @@ class Scheduler:
                 draft = None
                 if decode_pass:
                     num_decodes_left -= 1
-                    draft = self._drafts_to_verify(request, token_budget - 1 - num_decodes_left)
+                    room = token_budget - 1 - num_decodes_left
+                    proposed, request.draft = request.draft, None  # verified at most once
+                    if self.speculative is not None:
+                        draft = drafts_to_verify(request, proposed, self.speculative,
+                                                 self.max_model_len, room)
                 chunk = self._allocate(request, num_new_tokens, draft, chunks, scheduled,
                                        preempted_ids)
                 if chunk is None:
@@ -194,27 +199,7 @@ class Scheduler:
             preempted_ids.append(victim.request_id)
             if victim is request:
                 return None
-        return _make_chunk(request, num_new_tokens, draft)
-
-    def _drafts_to_verify(self, request: Request, room: int) -> Draft | None:
-        """The part of the request's draft worth verifying this step, within `room` tokens."""
-        draft, request.draft = request.draft, None  # a draft is verified at most once
-        if self.speculative is None:
-            return None
-        if draft is None:
-            record_no_drafts(request)  # (the runner proposes nothing while drafts do not pay)
-            return None
-        limit = self.max_model_len - request.num_tokens - 1  # accepted + bonus must fit
-        max_tokens = request.sampling_params.max_tokens
-        if max_tokens is not None:
-            limit = min(limit, max_tokens - request.num_output_tokens - 1)
-        worth = num_drafts_worth(request.spec_acceptance, self.speculative.spec_min_acceptance,
-                                 min(draft.num_tokens, self.speculative.num_speculative_tokens))
-        num_drafts = min(worth, limit, room)
-        if num_drafts <= 0:
-            record_no_drafts(request)
-            return None
-        return draft.truncate(num_drafts)
+        return make_chunk(request, num_new_tokens, draft)
 
     def _admit_waiting(self, chunks: list[ScheduledChunk], token_budget: int,
                        whole: bool) -> None:
@@ -238,7 +223,7 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            chunks.append(_make_chunk(request, num_new_tokens))
+            chunks.append(make_chunk(request, num_new_tokens))
             token_budget -= num_new_tokens
 
     def update_from_output(
@@ -277,7 +262,7 @@ class Scheduler:
             for token_id in sampled:
                 request.output_token_ids.append(token_id)
                 new_token_ids.append(token_id)
-                finish_reason = _check_stop(request, self.max_model_len)
+                finish_reason = check_stop(request, self.max_model_len)
                 if finish_reason is not None:
                     break  # tokens after a stop are dropped
             logprobs = model_output.logprobs.get(chunk.request_id)
@@ -379,49 +364,3 @@ class Scheduler:
         request.status = status
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)
-
-
-def _make_chunk(request: Request, num_new_tokens: int, draft: Draft | None = None,
-                ) -> ScheduledChunk:
-    start_pos = request.num_computed_tokens
-    end_pos = start_pos + num_new_tokens
-    token_ids = _token_slice(request, start_pos, end_pos)
-    return ScheduledChunk(
-        request_id=request.request_id,
-        start_pos=start_pos,
-        token_ids=token_ids if draft is None else token_ids + draft.token_ids,
-        block_ids=tuple(request.block_ids),
-        sample=end_pos == request.num_tokens,
-        draft_parents=() if draft is None else draft.parents,
-    )
-
-
-def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, ...]:
-    """`all_token_ids[start_pos:end_pos]` without concatenating the whole sequence per decode."""
-    prompt_ids, num_prompt_tokens = request.prompt_token_ids, request.num_prompt_tokens
-    if end_pos <= num_prompt_tokens:
-        return tuple(prompt_ids[start_pos:end_pos])
-    output_ids = request.output_token_ids
-    if start_pos >= num_prompt_tokens:
-        return tuple(output_ids[start_pos - num_prompt_tokens : end_pos - num_prompt_tokens])
-    return (*prompt_ids[start_pos:], *output_ids[: end_pos - num_prompt_tokens])
-
-
-def _check_stop(request: Request, max_model_len: int) -> FinishReason | None:
-    """Why `request` stops after its newest output token, or None to go on.
-
-    Order: EOS and stop token ids (both gated by min_tokens, which counts output tokens), then
-    max_tokens, then max_model_len. A stop token is kept in `output_token_ids`.
-    """
-    params = request.sampling_params
-    last_token_id = request.output_token_ids[-1]
-    if request.num_output_tokens >= params.min_tokens:
-        if not params.ignore_eos and last_token_id == request.eos_token_id:
-            return FinishReason.STOP
-        if last_token_id in params.stop_token_ids:
-            return FinishReason.STOP
-    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-        return FinishReason.LENGTH
-    if request.num_tokens >= max_model_len:
-        return FinishReason.LENGTH
-    return None

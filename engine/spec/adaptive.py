@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 
+from engine.config import SpeculativeConfig
 from engine.request import SPEC_ACCEPTANCE_PRIOR, Request
+from engine.spec.types import Draft
 
 EMA_WEIGHT = 0.3  # weight of the newest verify in the acceptance moving average
 RECOVERY_RATE = 0.01  # per step without drafts, the estimate moves this fraction to the prior
@@ -46,3 +48,24 @@ def record_verify(request: Request, num_drafts: int, num_accepted: int) -> None:
 def record_no_drafts(request: Request) -> None:
     """A decode step without drafts: let the estimate recover toward the prior."""
     request.spec_acceptance += RECOVERY_RATE * (SPEC_ACCEPTANCE_PRIOR - request.spec_acceptance)
+
+
+def drafts_to_verify(request: Request, draft: Draft | None, config: SpeculativeConfig,
+                     max_model_len: int, room: int) -> Draft | None:
+    """The part of `draft` worth verifying this step: as many nodes as the request's measured
+    acceptance pays for, within `room` budget tokens, and no more than max_tokens and
+    max_model_len leave room for (the accepted drafts plus the bonus token must fit)."""
+    if draft is None:
+        record_no_drafts(request)  # (the runner proposes nothing while drafts do not pay)
+        return None
+    limit = max_model_len - request.num_tokens - 1
+    max_tokens = request.sampling_params.max_tokens
+    if max_tokens is not None:
+        limit = min(limit, max_tokens - request.num_output_tokens - 1)
+    worth = num_drafts_worth(request.spec_acceptance, config.spec_min_acceptance,
+                             min(draft.num_tokens, config.num_speculative_tokens))
+    num_drafts = min(worth, limit, room)
+    if num_drafts <= 0:
+        record_no_drafts(request)
+        return None
+    return draft.truncate(num_drafts)

@@ -1,0 +1,54 @@
+"""What the scheduler cuts out of a request: chunks of its tokens, and when it stops."""
+
+from __future__ import annotations
+
+from engine.outputs import ScheduledChunk
+from engine.request import FinishReason, Request
+from engine.spec.types import Draft
+
+
+def make_chunk(request: Request, num_new_tokens: int, draft: Draft | None = None,
+               ) -> ScheduledChunk:
+    """The next num_new_tokens of `request` from its computed ones (then `draft`'s nodes)."""
+    start_pos = request.num_computed_tokens
+    end_pos = start_pos + num_new_tokens
+    token_ids = _token_slice(request, start_pos, end_pos)
+    return ScheduledChunk(
+        request_id=request.request_id,
+        start_pos=start_pos,
+        token_ids=token_ids if draft is None else token_ids + draft.token_ids,
+        block_ids=tuple(request.block_ids),
+        sample=end_pos == request.num_tokens,
+        draft_parents=() if draft is None else draft.parents,
+    )
+
+
+def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, ...]:
+    """`all_token_ids[start_pos:end_pos]` without concatenating the whole sequence per decode."""
+    prompt_ids, num_prompt_tokens = request.prompt_token_ids, request.num_prompt_tokens
+    if end_pos <= num_prompt_tokens:
+        return tuple(prompt_ids[start_pos:end_pos])
+    output_ids = request.output_token_ids
+    if start_pos >= num_prompt_tokens:
+        return tuple(output_ids[start_pos - num_prompt_tokens : end_pos - num_prompt_tokens])
+    return (*prompt_ids[start_pos:], *output_ids[: end_pos - num_prompt_tokens])
+
+
+def check_stop(request: Request, max_model_len: int) -> FinishReason | None:
+    """Why `request` stops after its newest output token, or None to go on.
+
+    Order: EOS and stop token ids (both gated by min_tokens, which counts output tokens), then
+    max_tokens, then max_model_len. A stop token is kept in `output_token_ids`.
+    """
+    params = request.sampling_params
+    last_token_id = request.output_token_ids[-1]
+    if request.num_output_tokens >= params.min_tokens:
+        if not params.ignore_eos and last_token_id == request.eos_token_id:
+            return FinishReason.STOP
+        if last_token_id in params.stop_token_ids:
+            return FinishReason.STOP
+    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        return FinishReason.LENGTH
+    if request.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
