@@ -110,8 +110,8 @@ def npu_time_per_token(acceptance: Acceptance, batch: int, *, model: str = NPU_M
 
     draft_layer_fraction: the draft-model drafter's layers over the target's (None: a drafter
     without a model, ngram / tree, whose host cost is not modelled). all_steps_draft: every
-    decode slot verifies (ignore the measured draft share). The share s of the batch that
-    verifies is interpolated between whole numbers of verify chunks.
+    decode slot verifies (ignore the measured draft share). Each request verifies in a step
+    with probability `share`, so the step time is the binomial mean over verify-chunk counts.
     """
     arch = get_arch(model)
     device = Device(get_chip(chip), compute=False)
@@ -133,11 +133,11 @@ def npu_time_per_token(acceptance: Acceptance, batch: int, *, model: str = NPU_M
             t += _draft_s(device, draft_arch, num_verify, spec_len, context)
         return t
 
-    exact = share * batch
-    low, high = math.floor(exact), min(batch, math.ceil(exact))
-    t_low, t_high = step(low), step(high)
-    step_s = t_low + (t_high - t_low) * (exact - low) if high > low else t_low
-    tokens = batch + exact * acceptance.expected_accepted
+    # requests draft independently: the number of verify chunks in a step is binomial
+    pmf = [math.comb(batch, n) * share**n * (1 - share) ** (batch - n) for n in range(batch + 1)]
+    step_s = sum(p * step(n) for n, p in enumerate(pmf) if p > 1e-6) / sum(
+        p for p in pmf if p > 1e-6)
+    tokens = batch * (1 + share * acceptance.expected_accepted)
     out.update({"verify_step_ms": step(batch) * 1e3 if acceptance.num_drafts else plain_s * 1e3,
                 "spec_step_ms": step_s * 1e3, "tokens_per_step": tokens,
                 "spec_len": spec_len, "draft_share": share,

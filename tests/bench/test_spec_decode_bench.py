@@ -164,6 +164,7 @@ def test_report_states_targets() -> None:
         "npu": [{"workload": "echo-heavy", "config": "ngram", "batch": 1, "model": "llama-2-7b",
                  "chip": "910b2", "context": 1024, "acceptance_rate": 0.5,
                  "expected_accepted": 1.5, "spec_len": 4, "draft_share": 0.9,
+                 "decode_step_ms": 14.4, "verify_step_ms": 15.0,
                  "decode_ms_per_token": 14.4, "spec_ms_per_token": 7.0, "speedup": 2.06,
                  "speedup_all": 2.2}],
     }
@@ -175,4 +176,4 @@ def test_report_states_targets() -> None:
     assert "| echo-heavy | 1 | tree | 14.0 | 1.40x |" in text and "| 1/2 |" in text
     assert "| ngram | 1.60x | met | 0.97x | met |" in text
     assert "| tree | 1.40x | NOT met | 0.90x | NOT met |" in text
-    assert "llama-2-7b on one 910b2" in text and "| 2.06x | 2.20x |" in text
+    assert "llama-2-7b on one 910b2" in text and "| 1.04 | 14.400 | 7.000 | 2.06x | 2.20x |" in text
