@@ -157,13 +157,51 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _FastPlan:
-    decodes: _DecodeGroup | None
+    decodes: tuple[_DecodeGroup, ...]  # single-token rows, grouped by context length
     chunks: tuple[_Chunk, ...]
     covers_all_rows: bool  # every row of q belongs to a sequence (else the rest stay zero)
 
 
 KEY_ALIGN = 16  # pad the decode group's key count to this (fewer distinct SDPA shapes)
+DECODE_GROUP_MIN_KEYS = 256  # contexts up to this share one decode group whatever their spread
 _plan_memo: list[tuple[AttentionKernel, _FastPlan]] = []  # the last kernel seen and its plan
+
+
+def _context_groups(single: np.ndarray, context_lens: np.ndarray) -> list[np.ndarray]:
+    """Split the single-token sequences into groups of similar context length.
+
+    A group's keys are padded to its longest context, so one group for a batch mixing short
+    decodes with a long one would gather the long context's worth of keys for every sequence.
+    Sorted by context, a group closes when the next context exceeds twice its first (at least
+    DECODE_GROUP_MIN_KEYS): padding stays under 2x, with a few groups at most.
+    """
+    if not len(single):
+        return []
+    order = np.argsort(context_lens, kind="stable")
+    groups, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or context_lens[order[i]] > max(
+                2 * context_lens[order[start]], DECODE_GROUP_MIN_KEYS):
+            groups.append(single[order[start:i]])
+            start = i
+    return groups
+
+
+def _decode_group(seqs: np.ndarray, tables: np.ndarray, block_size: int) -> _DecodeGroup:
+    """seqs: ATTN_SEQ rows of single-token sequences; tables: their block table rows."""
+    context_lens = seqs["start_pos"] + 1
+    num_keys = int(-(-context_lens.max() // KEY_ALIGN) * KEY_ALIGN)
+    pos = np.arange(num_keys)
+    table = tables[:, np.minimum(pos // block_size, tables.shape[1] - 1)]  # (S, L)
+    inside = pos[None, :] < context_lens[:, None]
+    slots = np.where(inside, table * block_size + pos % block_size, 0)
+    q_rows = seqs["q_start"]
+    contiguous = bool((np.diff(q_rows) == 1).all())
+    rows = (slice(int(q_rows[0]), int(q_rows[0]) + len(q_rows)) if contiguous
+            else torch.from_numpy(q_rows.copy()))
+    return _DecodeGroup(rows=rows, slots=torch.from_numpy(slots.reshape(-1)),
+                        mask=torch.from_numpy(inside)[:, None, None, :],
+                        num_seqs=len(seqs), num_keys=num_keys)
 
 
 def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
@@ -175,22 +213,9 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
     trees = {int(s): np.asarray(m, dtype=bool) for s, m in kernel.tree_masks}
     has_tree = np.zeros(len(seqs), dtype=bool)
     has_tree[list(trees)] = True
-    decodes = None
     single = np.flatnonzero((seqs["q_len"] == 1) & ~has_tree)
-    if len(single):
-        context_lens = seqs["start_pos"][single] + 1
-        num_keys = int(-(-context_lens.max() // KEY_ALIGN) * KEY_ALIGN)
-        pos = np.arange(num_keys)
-        table = tables[single][:, np.minimum(pos // bs, tables.shape[1] - 1)]  # (S, L)
-        inside = pos[None, :] < context_lens[:, None]
-        slots = np.where(inside, table * bs + pos % bs, 0)
-        q_rows = seqs["q_start"][single]
-        contiguous = bool((np.diff(q_rows) == 1).all())
-        rows = (slice(int(q_rows[0]), int(q_rows[0]) + len(q_rows)) if contiguous
-                else torch.from_numpy(q_rows.copy()))
-        decodes = _DecodeGroup(rows=rows, slots=torch.from_numpy(slots.reshape(-1)),
-                               mask=torch.from_numpy(inside)[:, None, None, :],
-                               num_seqs=len(single), num_keys=num_keys)
+    decodes = tuple(_decode_group(seqs[group], tables[group], bs)
+                    for group in _context_groups(single, seqs["start_pos"][single] + 1))
     chunks = []
     for s in np.flatnonzero((seqs["q_len"] > 1) | has_tree):
         q_start, q_len, start_pos = (int(x) for x in seqs[s].tolist())
@@ -216,8 +241,7 @@ def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor
     out = torch.empty_like(q) if plan.covers_all_rows else torch.zeros_like(q)
     hkv, g, d = kernel.num_kv_heads, kernel.group_size, kernel.head_dim
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)  # (NB * BS, Hkv, D)
-    dec = plan.decodes
-    if dec is not None:
+    for dec in plan.decodes:
         s, n = dec.num_seqs, dec.num_keys
         k = k_flat.index_select(0, dec.slots).view(s, n, hkv, d).transpose(1, 2)  # (S, Hkv, L, D)
         v = v_flat.index_select(0, dec.slots).view(s, n, hkv, d).transpose(1, 2)

@@ -130,6 +130,9 @@ SCENARIOS = {
     "long_chunk_g3": Scenario(6, 2, 16, CHIP_8, ((1100, 60), (700, 1), (3, 1)), True),
     "long_split_g4": Scenario(4, 1, 32, CHIP_2, ((2000, 1), (0, 10), (5, 1)), True),
     "long_split_g1": Scenario(2, 2, 16, CHIP_8, ((1200, 100), (40, 1), (1500, 1)), True),
+    # decodes of very different contexts, interleaved: the fast path gathers them in groups
+    "decode_groups_g3": Scenario(6, 2, 16, CHIP_8, ((3, 1), (700, 1), (10, 1), (1500, 1),
+                                                    (300, 1), (0, 5), (600, 1)), True),
 }
 
 
