@@ -39,7 +39,14 @@ import httpx
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import CpuLoad, ModelFlops, cpu_info, gemm_rates, versions  # noqa: E402
+from benchmarks.machine import (  # noqa: E402
+    CpuLoad,
+    ModelFlops,
+    cpu_info,
+    gemm_rates,
+    memory_read_gbs,
+    versions,
+)
 from server.bench.client import ClientConfig, RequestResult, run_requests  # noqa: E402
 from server.bench.datasets import (  # noqa: E402
     BenchRequest,
@@ -258,6 +265,21 @@ def roofline_fraction(run: dict[str, Any], flops: ModelFlops, roofline_gflops: f
     return work / run["duration_s"] / roofline_gflops
 
 
+def _memory_bound_lines(data: dict[str, Any]) -> list[str]:
+    """What memory bandwidth allows a decode step (decode-heavy runs at concurrency 16)."""
+    read_gbs = data.get("memory_read_gbs")
+    if not read_gbs:
+        return []
+    flops = ModelFlops(data["flops"]["per_token"], data["flops"]["lm_head"])
+    peak = data["gemm"]["fp32_roofline"]
+    bound = flops.decode_bound_gflops(16, peak, read_gbs)
+    return [f"- memory: {read_gbs:.1f} GB/s read; a decode step reads all "
+            f"{flops.weight_gb(4) * 1000:.0f} MB of fp32 weights once "
+            f"(>= {flops.weight_gb(4) / read_gbs * 1000:.1f} ms), so 16 decoding sequences "
+            f"reach at most {bound:.0f} GFLOP/s = {bound / peak:.0%} of the fp32 roofline, "
+            "whatever the engine (the attainable roofline of decode-heavy)"]
+
+
 def _metric(run: dict[str, Any], key: str | tuple[str, str]) -> float:
     return run[key[0]][key[1]] if isinstance(key, tuple) else run[key]
 
@@ -278,7 +300,8 @@ def report(data: dict[str, Any]) -> str:
              "- GEMM 2048^3 (GFLOP/s): " + ", ".join(f"{k} {val:.0f}" for k, val in g.items()),
              f"- fp32 roofline: {g['fp32_roofline']:.0f} GFLOP/s (the best fp32 rate above); "
              f"the model costs {data['flops']['per_token']:.3f} GFLOP per computed token + "
-             f"{data['flops']['lm_head']:.3f} per sampled token", "",
+             f"{data['flops']['lm_head']:.3f} per sampled token",
+             *_memory_bound_lines(data), "",
              "## Workloads (concurrency 16, greedy, no EOS stop)", ""]
     servers = data["servers"]
     head = ["workload", "metric", *servers]
@@ -379,6 +402,7 @@ def main() -> int:
     data: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]),
         "machine": cpu_info(), "versions": versions(), "gemm": gemm_rates(),
+        "memory_read_gbs": memory_read_gbs(),
         "flops": {"per_token": flops.per_token, "lm_head": flops.lm_head},
         "workloads": [], "runs": {}, "servers": [], "npu": {},
     }

@@ -83,6 +83,12 @@ def gemm_rates(n: int = 2048) -> dict[str, float]:
     return out
 
 
+def memory_read_gbs(num_bytes: int = 256 << 20) -> float:
+    """GB/s of reading a tensor far larger than the caches (the best of repeated sums)."""
+    x = torch.ones(num_bytes // 4)
+    return _rate(lambda: x.sum(), num_bytes)  # "GFLOP/s" of one flop per byte = GB/s
+
+
 @dataclass(frozen=True)
 class ModelFlops:
     """Matmul GFLOP of one token of a llama-family model."""
@@ -99,6 +105,16 @@ class ModelFlops:
 
     def work(self, computed_tokens: float, sampled_tokens: float) -> float:
         return computed_tokens * self.per_token + sampled_tokens * self.lm_head
+
+    def weight_gb(self, bytes_per_weight: int) -> float:
+        """GB of matmul weights (each multiply-add reads one weight once per token)."""
+        return (self.per_token + self.lm_head) / 2 * bytes_per_weight
+
+    def decode_bound_gflops(self, batch: int, peak_gflops: float, read_gbs: float) -> float:
+        """The GFLOP/s a decode step of `batch` sequences can reach at best: it computes
+        batch tokens and reads every weight once, so it takes at least the longer of the two."""
+        flops = batch * (self.per_token + self.lm_head)
+        return flops / max(flops / peak_gflops, self.weight_gb(4) / read_gbs)
 
 
 class CpuLoad:

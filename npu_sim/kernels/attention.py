@@ -14,9 +14,10 @@ before the first draft node stay visible to every row.
 The reference path runs the task table: per task, online softmax over its KV blocks one block at
 a time (running max m, running sum l, unnormalized accumulator), then either the normalized
 output or a partial (o, lse) in a workspace slot that a combine task joins. The fast path computes
-the same attention with a few batched SDPA calls: all single-token rows (decodes) in one, each
-multi-token chunk (and each sequence with a tree) in its own, reading only the keys each sequence
-sees; a tree only edits the chunk's causal mask, built once per kernel.
+the same attention with a few batched SDPA calls: short sequences (decodes, verifies, short
+chunks) in groups of similar context length, padded to the group's longest query and context,
+each longer chunk in its own; each reads only the keys its sequences see, and a tree only edits
+the causal mask, built once per kernel.
 """
 
 from __future__ import annotations
@@ -134,17 +135,25 @@ def _online_softmax(kernel: AttentionKernel, q_tile: torch.Tensor, q_pos: torch.
 #
 # What every launch of one kernel shares (a step launches the same kernel once per layer) is
 # derived once and kept with the kernel: the flat cache slot of every key each sequence reads,
-# padded into a (S, L) table for the single-token rows, and the causal masks. Each launch then
+# padded into a (S, L) table per group of short sequences, and the masks. Each launch then
 # gathers exactly those keys with index_select (a few contiguous rows per token) instead of
-# whole padded blocks, and runs one SDPA for all decodes plus one per multi-token chunk.
+# whole padded blocks, and runs one SDPA per group plus one per long chunk.
 
 
 @dataclass(frozen=True)
-class _DecodeGroup:
-    rows: torch.Tensor | slice  # query rows of the single-token sequences (a slice if contiguous)
+class _ShortGroup:
+    """Sequences of at most SHORT_Q_MAX query tokens (decodes, verifies, short chunks) run as one
+    SDPA: queries padded to Q tokens, keys to L."""
+
+    rows: torch.Tensor | slice  # (S * Q,) query row of token r of sequence s (padding rows
+    #   repeat a real row); a slice when Q = 1 and the rows are contiguous
+    keep: torch.Tensor | None  # (num_real,) positions in S * Q of the real tokens; None = all
+    out_rows: torch.Tensor | slice  # (num_real,) their rows of the output
     slots: torch.Tensor  # (S * L,) int64 flat cache slot of key l of sequence s (0 past the end)
-    mask: torch.Tensor  # (S, 1, 1, L) bool: key l is within sequence s's context
+    mask: torch.Tensor  # (S, 1, Q * G, L) bool: causal within the context, tree masks applied;
+    #   a padding row sees key 0 only (no all-masked row: SDPA would give NaN)
     num_seqs: int  # S
+    num_queries: int  # Q: the longest query of the group
     num_keys: int  # L: the longest context, rounded up to a multiple of KEY_ALIGN
 
 
@@ -157,13 +166,14 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _FastPlan:
-    decodes: tuple[_DecodeGroup, ...]  # single-token rows, grouped by context length
-    chunks: tuple[_Chunk, ...]
+    groups: tuple[_ShortGroup, ...]  # short sequences, grouped by context length
+    chunks: tuple[_Chunk, ...]  # the longer ones, one SDPA each
     covers_all_rows: bool  # every row of q belongs to a sequence (else the rest stay zero)
 
 
 KEY_ALIGN = 16  # pad the decode group's key count to this (fewer distinct SDPA shapes)
-DECODE_GROUP_MIN_KEYS = 256  # contexts up to this share one decode group whatever their spread
+DECODE_GROUP_MIN_KEYS = 256  # contexts up to this share one group whatever their spread
+SHORT_Q_MAX = 32  # sequences with at most this many query tokens are batched in groups
 _plan_memo: list[tuple[AttentionKernel, _FastPlan]] = []  # the last kernel seen and its plan
 
 
@@ -187,21 +197,40 @@ def _context_groups(single: np.ndarray, context_lens: np.ndarray) -> list[np.nda
     return groups
 
 
-def _decode_group(seqs: np.ndarray, tables: np.ndarray, block_size: int) -> _DecodeGroup:
-    """seqs: ATTN_SEQ rows of single-token sequences; tables: their block table rows."""
-    context_lens = seqs["start_pos"] + 1
+def _short_group(seqs: np.ndarray, tables: np.ndarray, trees: dict[int, np.ndarray],
+                 members: np.ndarray, block_size: int, g: int) -> _ShortGroup:
+    """seqs: ATTN_SEQ rows of the group's sequences (indices `members` of the kernel's);
+    tables: their block table rows; trees: kernel sequence index -> its tree mask."""
+    q_lens, starts = seqs["q_len"], seqs["start_pos"]
+    context_lens = starts + q_lens
+    num_q = int(q_lens.max())
     num_keys = int(-(-context_lens.max() // KEY_ALIGN) * KEY_ALIGN)
     pos = np.arange(num_keys)
     table = tables[:, np.minimum(pos // block_size, tables.shape[1] - 1)]  # (S, L)
-    inside = pos[None, :] < context_lens[:, None]
+    inside = pos[None, :] < context_lens[:, None]  # (S, L)
     slots = np.where(inside, table * block_size + pos % block_size, 0)
-    q_rows = seqs["q_start"]
-    contiguous = bool((np.diff(q_rows) == 1).all())
-    rows = (slice(int(q_rows[0]), int(q_rows[0]) + len(q_rows)) if contiguous
-            else torch.from_numpy(q_rows.copy()))
-    return _DecodeGroup(rows=rows, slots=torch.from_numpy(slots.reshape(-1)),
-                        mask=torch.from_numpy(inside)[:, None, None, :],
-                        num_seqs=len(seqs), num_keys=num_keys)
+    r = np.arange(num_q)
+    real = r[None, :] < q_lens[:, None]  # (S, Q)
+    # each token sees the keys up to its own (virtual) position
+    visible = (pos[None, None, :] <= (starts[:, None] + r[None, :])[:, :, None]) & real[:, :, None]
+    for i, s in enumerate(members):
+        tree = trees.get(int(s))
+        if tree is not None:  # the draft rows x draft keys corner
+            n, q_len, ctx = tree.shape[0], int(q_lens[i]), int(context_lens[i])
+            visible[i, q_len - n:q_len, ctx - n:ctx] &= tree
+    visible[:, :, 0] |= ~real  # padding rows: key 0, discarded
+    mask = np.repeat(visible, g, axis=1)[:, None]  # (S, 1, Q * G, L), row r * G + g
+    rows = seqs["q_start"][:, None] + np.minimum(r[None, :], q_lens[:, None] - 1)  # (S, Q)
+    flat_rows = rows.reshape(-1)
+    if num_q == 1 and bool((np.diff(flat_rows) == 1).all()):
+        gather: torch.Tensor | slice = slice(int(flat_rows[0]), int(flat_rows[0]) + len(flat_rows))
+    else:
+        gather = torch.from_numpy(flat_rows.copy())
+    keep = None if bool(real.all()) else torch.from_numpy(np.flatnonzero(real.reshape(-1)))
+    out_rows = gather if keep is None else torch.from_numpy(rows[real])
+    return _ShortGroup(rows=gather, keep=keep, out_rows=out_rows,
+                       slots=torch.from_numpy(slots.reshape(-1)), mask=torch.from_numpy(mask),
+                       num_seqs=len(seqs), num_queries=num_q, num_keys=num_keys)
 
 
 def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
@@ -211,13 +240,12 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
     seqs, bs, g = kernel.seqs, kernel.block_size, kernel.group_size
     tables = np.maximum(kernel.block_tables, 0)  # -1 (past a table's end) is never read
     trees = {int(s): np.asarray(m, dtype=bool) for s, m in kernel.tree_masks}
-    has_tree = np.zeros(len(seqs), dtype=bool)
-    has_tree[list(trees)] = True
-    single = np.flatnonzero((seqs["q_len"] == 1) & ~has_tree)
-    decodes = tuple(_decode_group(seqs[group], tables[group], bs)
-                    for group in _context_groups(single, seqs["start_pos"][single] + 1))
+    short = np.flatnonzero(seqs["q_len"] <= SHORT_Q_MAX)
+    groups = tuple(_short_group(seqs[members], tables[members], trees, members, bs, g)
+                   for members in _context_groups(short, seqs["start_pos"][short]
+                                                  + seqs["q_len"][short]))
     chunks = []
-    for s in np.flatnonzero((seqs["q_len"] > 1) | has_tree):
+    for s in np.flatnonzero(seqs["q_len"] > SHORT_Q_MAX):
         q_start, q_len, start_pos = (int(x) for x in seqs[s].tolist())
         context_len = start_pos + q_len
         pos = np.arange(context_len)
@@ -230,7 +258,7 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
             mask[(q_len - n) * g:, context_len - n:] &= torch.from_numpy(tree).repeat_interleave(
                 g, dim=0)
         chunks.append(_Chunk(slice(q_start, q_start + q_len), torch.from_numpy(slots), mask))
-    plan = _FastPlan(decodes, tuple(chunks), int(seqs["q_len"].sum()) == num_rows)
+    plan = _FastPlan(groups, tuple(chunks), int(seqs["q_len"].sum()) == num_rows)
     _plan_memo[:] = [(kernel, plan)]
     return plan
 
@@ -241,14 +269,16 @@ def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor
     out = torch.empty_like(q) if plan.covers_all_rows else torch.zeros_like(q)
     hkv, g, d = kernel.num_kv_heads, kernel.group_size, kernel.head_dim
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)  # (NB * BS, Hkv, D)
-    for dec in plan.decodes:
-        s, n = dec.num_seqs, dec.num_keys
-        k = k_flat.index_select(0, dec.slots).view(s, n, hkv, d).transpose(1, 2)  # (S, Hkv, L, D)
-        v = v_flat.index_select(0, dec.slots).view(s, n, hkv, d).transpose(1, 2)
-        q_stacked = q[dec.rows].view(s, hkv, g, d)  # one row: its G heads stacked per KV head
-        o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=dec.mask,
-                                           scale=kernel.scale)
-        out[dec.rows] = o.view(s, kernel.num_heads, d)
+    for grp in plan.groups:
+        s, n, nq = grp.num_seqs, grp.num_keys, grp.num_queries
+        k = k_flat.index_select(0, grp.slots).view(s, n, hkv, d).transpose(1, 2)  # (S, Hkv, L, D)
+        v = v_flat.index_select(0, grp.slots).view(s, n, hkv, d).transpose(1, 2)
+        # (S * Q, Hq, D) -> (S, Hkv, Q * G, D): stacked row r * G + g = token r, head j * G + g
+        q_stacked = q[grp.rows].view(s, nq, hkv, g, d).transpose(1, 2).reshape(s, hkv, nq * g, d)
+        o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=grp.mask,
+                                           scale=kernel.scale)  # (S, Hkv, Q * G, D)
+        o = o.view(s, hkv, nq, g, d).transpose(1, 2).reshape(s * nq, kernel.num_heads, d)
+        out[grp.out_rows] = o if grp.keep is None else o[grp.keep]
     for c in plan.chunks:
         q_len = c.rows.stop - c.rows.start
         k = k_flat.index_select(0, c.slots).transpose(0, 1)[None]  # (1, Hkv, context_len, D)
