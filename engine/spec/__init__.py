@@ -9,7 +9,9 @@ root_position + depth(j); its K/V is written to the slot after the previous node
 siblings never share a slot) and the accepted path is moved into place after verification.
 
 Modules: `types` (Draft, Drafter), `ngram` and `tree` (prompt lookup), `draft_model` (a small
-model on the same device), `rejection` (acceptance rules), `adaptive` (how many drafts pay).
+model on the same device), `factory` (the drafter a config names), `adaptive` (how many drafts
+pay: the scheduler's side), `verify` (the runner's side: rows of logits -> verdicts) and
+`rejection` (the acceptance rules).
 """
 
 from engine.spec.types import Draft, Drafter, DraftRequest

@@ -140,12 +140,9 @@ def ngram_proposal(
     return tokens[end + 1 : end + 1 + max_num_tokens].tolist()
 
 
-class NgramDrafter:
-    """Prompt lookup drafter: a chain of up to max_num_tokens tokens per matching request.
-
-    ngram_min..ngram_max bound the suffix n-gram lengths tried (longest first). Requests
-    without a match get no entry. Keeps a numpy copy of each request's tokens until `free`.
-    """
+class PromptLookupDrafter:
+    """What the prompt-lookup drafters share: each request's token copy (kept between calls,
+    until `free`) and the loop over requests; subclasses say what one request's draft is."""
 
     def __init__(self, ngram_min: int, ngram_max: int) -> None:
         if not 1 <= ngram_min <= ngram_max:
@@ -159,22 +156,34 @@ class NgramDrafter:
         """Requests whose token copy is held (until `free`)."""
         return len(self._history)
 
-    def propose(
-        self,
-        requests: Sequence[DraftRequest],
-        max_num_tokens: int,
-    ) -> Mapping[str, Draft]:
-        """A chain per request with a suffix match (see the module docstring)."""
+    def propose(self, requests: Sequence[DraftRequest], max_num_tokens: int,
+                ) -> Mapping[str, Draft]:
+        """A draft per request with a suffix match; requests without one are left out."""
         drafts: dict[str, Draft] = {}
         if max_num_tokens <= 0:
             return drafts
         for request in requests:
-            tokens = self._history.tokens(request)
-            proposal = ngram_proposal(tokens, self.ngram_min, self.ngram_max, max_num_tokens)
-            if proposal:
-                drafts[request.request_id] = Draft.chain(proposal)
+            draft = self.draft_for(self._history.tokens(request), max_num_tokens)
+            if draft is not None:
+                drafts[request.request_id] = draft
         return drafts
+
+    def draft_for(self, tokens: np.ndarray, max_num_tokens: int) -> Draft | None:
+        """One request's draft from its tokens (int64, the newest last), or None."""
+        raise NotImplementedError
 
     def free(self, request_ids: Iterable[str]) -> None:
         """Forget finished or preempted requests (unknown ids are ignored)."""
         self._history.free(request_ids)
+
+
+class NgramDrafter(PromptLookupDrafter):
+    """Prompt lookup drafter: a chain of up to max_num_tokens tokens per matching request.
+
+    ngram_min..ngram_max bound the suffix n-gram lengths tried (longest first). Requests
+    without a match get no entry. Keeps a numpy copy of each request's tokens until `free`.
+    """
+
+    def draft_for(self, tokens: np.ndarray, max_num_tokens: int) -> Draft | None:
+        proposal = ngram_proposal(tokens, self.ngram_min, self.ngram_max, max_num_tokens)
+        return Draft.chain(proposal) if proposal else None

@@ -26,12 +26,12 @@ which is nearly always, so the alternatives would never be verified.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from engine.spec.ngram import TokenHistory, find_suffix_matches
-from engine.spec.types import Draft, DraftRequest
+from engine.spec.ngram import PromptLookupDrafter, find_suffix_matches
+from engine.spec.types import Draft
 
 
 class _Trie:
@@ -96,7 +96,7 @@ def build_tree(
     return trie.to_draft(max_num_tokens)
 
 
-class TreeDrafter:
+class TreeDrafter(PromptLookupDrafter):
     """Prompt lookup drafter proposing a token tree of up to num_branches continuations.
 
     ngram_min..ngram_max bound the suffix n-gram lengths (longest first); num_branches caps the
@@ -108,46 +108,14 @@ class TreeDrafter:
     def __init__(
         self, ngram_min: int, ngram_max: int, num_branches: int, *, scan_limit: int = 32
     ) -> None:
-        if not 1 <= ngram_min <= ngram_max:
-            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {ngram_min}, {ngram_max}")
+        super().__init__(ngram_min, ngram_max)
         if num_branches < 1:
             raise ValueError(f"num_branches must be at least 1, got {num_branches}")
         if scan_limit < num_branches:
             raise ValueError(f"scan_limit {scan_limit} must be at least num_branches")
-        self.ngram_min = ngram_min
-        self.ngram_max = ngram_max
         self.num_branches = num_branches
         self.scan_limit = scan_limit
-        self._history = TokenHistory()
 
-    @property
-    def num_requests(self) -> int:
-        """Requests whose token copy is held (until `free`)."""
-        return len(self._history)
-
-    def propose(
-        self,
-        requests: Sequence[DraftRequest],
-        max_num_tokens: int,
-    ) -> Mapping[str, Draft]:
-        """A tree per request with a suffix match; requests without one are left out."""
-        drafts: dict[str, Draft] = {}
-        if max_num_tokens <= 0:
-            return drafts
-        for request in requests:
-            tokens = self._history.tokens(request)
-            draft = build_tree(
-                tokens,
-                self.ngram_min,
-                self.ngram_max,
-                self.num_branches,
-                max_num_tokens,
-                self.scan_limit,
-            )
-            if draft is not None:
-                drafts[request.request_id] = draft
-        return drafts
-
-    def free(self, request_ids: Iterable[str]) -> None:
-        """Forget finished or preempted requests (unknown ids are ignored)."""
-        self._history.free(request_ids)
+    def draft_for(self, tokens: np.ndarray, max_num_tokens: int) -> Draft | None:
+        return build_tree(tokens, self.ngram_min, self.ngram_max, self.num_branches,
+                          max_num_tokens, self.scan_limit)
