@@ -22,7 +22,7 @@ from engine.models.loader import LoadedModel
 from engine.outputs import ModelOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
 from engine.request import Request
 from engine.sampler import Sampler, SamplingRow
-from engine.spec.adaptive import num_drafts_worth
+from engine.spec.adaptive import acceptance_threshold, num_drafts_worth
 from engine.spec.types import Draft, Drafter, DraftRequest
 from engine.spec.verify import node_paths, verify
 from npu_sim.device import Device
@@ -184,12 +184,13 @@ class ModelRunner:
         if self.drafter is None or self.speculative is None:
             return {}
         spec = self.speculative
+        # the requests that just sampled are the next step's decodes
+        threshold = acceptance_threshold(len(token_ids), spec.spec_token_cost)
         wanted = []
         max_num_tokens = 0
         for request_id, new_ids in token_ids.items():
             req = requests[request_id]
-            worth = num_drafts_worth(req.spec_acceptance, spec.spec_min_acceptance,
-                                     spec.num_speculative_tokens)
+            worth = num_drafts_worth(req.spec_acceptance, threshold, spec.num_speculative_tokens)
             self._draft_probs.pop(request_id, None)  # a draft is verified at most once
             if worth:
                 wanted.append(DraftRequest(request_id, [*req.prompt_token_ids,

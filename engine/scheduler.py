@@ -152,7 +152,8 @@ class Scheduler:
         """
         token_budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
-        num_decodes_left = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        num_decodes = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        num_decodes_left = num_decodes
         for decode_pass in (True, False):
             for request in list(self.running):  # a copy: preemption pops from the tail
                 if token_budget <= 0:
@@ -169,7 +170,7 @@ class Scheduler:
                     proposed, request.draft = request.draft, None  # verified at most once
                     if self.speculative is not None:
                         draft = drafts_to_verify(request, proposed, self.speculative,
-                                                 self.max_model_len, room)
+                                                 self.max_model_len, room, num_decodes)
                 chunk = self._allocate(request, num_new_tokens, draft, chunks, scheduled,
                                        preempted_ids)
                 if chunk is None:

@@ -38,7 +38,7 @@ SPECULATIVE_OPTION_METHODS: dict[str, tuple[str, ...]] = {
     "ngram_max": ("ngram", "tree"),
     "num_speculative_branches": ("tree",),
     "draft_model": ("draft-model",),
-    "spec_min_acceptance": SPECULATIVE_METHODS,
+    "spec_token_cost": SPECULATIVE_METHODS,
 }
 
 
@@ -160,10 +160,11 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-model", default=_default(sc, "draft_model"), metavar="PATH",
                    help="draft-model: preset name, local Hugging Face directory or .gguf file "
                         "sharing the target's tokenizer")
-    g.add_argument("--spec-min-acceptance", type=float,
-                   default=_default(sc, "spec_min_acceptance"), metavar="X",
-                   help="stop drafting for a request while its measured acceptance rate "
-                        "(accepted / drafted tokens) is below X, in [0, 1) "
+    g.add_argument("--spec-token-cost", type=float,
+                   default=_default(sc, "spec_token_cost"), metavar="C",
+                   help="what one more token adds to a step relative to its fixed cost: with B "
+                        "requests decoding, drafts are verified only while their measured "
+                        "acceptance is at least B*C/(1+B*C); 0 = always draft "
                         "(default: %(default)s)")
 
 

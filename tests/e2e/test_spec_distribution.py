@@ -66,7 +66,7 @@ def test_sampled_distribution_is_unchanged(setup, tiny_llama_dir, speculative,
                                            record_spec_stats) -> None:
     prompt, params, plain = setup
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", seed=2, speculative=speculative,
-              num_speculative_tokens=3, spec_min_acceptance=0.0, max_num_seqs=256)
+              num_speculative_tokens=3, spec_token_cost=0.0, max_num_seqs=256)
     stats = record_spec_stats(llm)
     spec = _pairs(llm, prompt, params)
     stat, dof = homogeneity(plain, spec)
@@ -89,6 +89,6 @@ def test_a_wrong_rule_fails_the_same_test(setup, tiny_llama_dir, monkeypatch) ->
 
     monkeypatch.setattr(verify_module, "accept_sampled", accept_all)
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", seed=2, speculative="ngram",
-              num_speculative_tokens=3, spec_min_acceptance=0.0, max_num_seqs=256)
+              num_speculative_tokens=3, spec_token_cost=0.0, max_num_seqs=256)
     stat, dof = homogeneity(plain, _pairs(llm, prompt, params))
     assert stat > critical_value(dof)

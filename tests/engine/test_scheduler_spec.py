@@ -11,8 +11,12 @@ from engine.request import Request
 from engine.scheduler import Scheduler
 from engine.spec.types import Draft
 
-SPEC = SpeculativeConfig(speculative="ngram", num_speculative_tokens=4)
+# c = 0.25: a single decoding request needs acceptance >= 0.2 per draft position
+SPEC = SpeculativeConfig(speculative="ngram", num_speculative_tokens=4, spec_token_cost=0.25)
 BLOCK_SIZE = 4
+
+
+ALWAYS = SpeculativeConfig(speculative="ngram", num_speculative_tokens=4, spec_token_cost=0.0)
 
 
 def _scheduler(budget: int = 64, num_kv_blocks: int = 64,
@@ -73,7 +77,7 @@ def test_accepted_drafts_advance_and_rejected_slots_are_freed(make_request) -> N
 
 
 def test_drafts_use_only_the_budget_decodes_leave(make_request) -> None:
-    s = _scheduler(budget=6)
+    s = _scheduler(budget=6, spec=ALWAYS)
     requests = [_decoding(s, make_request, rid) for rid in "abc"]
     for r in requests:
         r.draft = Draft.chain((11, 12, 13, 14))
@@ -154,3 +158,21 @@ def test_preemption_drops_drafts_and_keeps_the_budget(make_request) -> None:
     assert s.num_preemptions >= 1
     used = sum(len(r.block_ids) for r in s.requests.values())
     assert used == s.kv_cache.num_blocks - s.num_free_blocks
+
+
+def test_a_full_batch_speculates_only_on_high_acceptance(make_request) -> None:
+    spec = SpeculativeConfig(speculative="ngram", num_speculative_tokens=4,
+                             spec_token_cost=0.045)  # thresholds: 4.3% alone, 42% with 16
+    config = SchedulerConfig(max_num_batched_tokens=128, max_num_seqs=16, max_model_len=256)
+
+    def drafts(num_requests: int, acceptance: float) -> list[int]:
+        s = Scheduler(config, 256, BLOCK_SIZE, 256, speculative=spec)
+        requests = [_decoding(s, make_request, f"r{i}", max_tokens=100)
+                    for i in range(num_requests)]
+        for r in requests:
+            r.spec_acceptance, r.draft = acceptance, Draft.chain((11, 12, 13, 14))
+        return [c.num_draft_tokens for c in s.schedule().chunks]
+
+    assert drafts(1, 0.4) == [3]  # 0.4 ** 3 = 0.064 >= 0.043 > 0.4 ** 4
+    assert drafts(16, 0.4) == [0] * 16  # a full batch: 0.4 < 0.42, nobody drafts
+    assert drafts(16, 0.8) == [3] * 16  # 0.8 ** 3 = 0.51 >= 0.42 > 0.8 ** 4

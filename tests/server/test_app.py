@@ -33,11 +33,11 @@ def test_cli_speculative_defaults_and_options_build_the_config() -> None:
     assert engine.speculative_config == SpeculativeConfig()  # off, defaults from the dataclass
     assert not engine.speculative_config.enabled
     argv = ["serve", "--speculative", "tree", "--num-speculative-tokens", "6", "--ngram-min", "2",
-            "--ngram-max", "3", "--num-speculative-branches", "2", "--spec-min-acceptance", "0.1"]
+            "--ngram-max", "3", "--num-speculative-branches", "2", "--spec-token-cost", "0.1"]
     _, engine = build_configs(build_parser().parse_args(argv))
     assert engine.speculative_config == SpeculativeConfig(
         speculative="tree", num_speculative_tokens=6, ngram_min=2, ngram_max=3,
-        num_speculative_branches=2, spec_min_acceptance=0.1)
+        num_speculative_branches=2, spec_token_cost=0.1)
     argv = ["serve", "--speculative", "draft-model", "--draft-model", "/models/draft"]
     _, engine = build_configs(build_parser().parse_args(argv))
     assert engine.speculative_config == SpeculativeConfig(speculative="draft-model",
@@ -54,7 +54,7 @@ def test_cli_speculative_defaults_and_options_build_the_config() -> None:
      "--num-speculative-branches applies only with --speculative tree, not ngram"),
     (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens"),
     (["--speculative", "tree", "--ngram-min", "5", "--ngram-max", "2"], "ngram_min"),
-    (["--speculative", "ngram", "--spec-min-acceptance", "1"], "spec_min_acceptance"),
+    (["--speculative", "ngram", "--spec-token-cost", "-1"], "spec_token_cost"),
 ])
 def test_cli_rejects_bad_speculative_options(argv: list[str], message: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:
