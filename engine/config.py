@@ -68,11 +68,12 @@ class SpeculativeConfig:
     num_speculative_branches: int = 3  # tree: distinct continuations merged into one tree
     draft_model: str | None = None  # draft-model: preset, HF directory or .gguf sharing the
     #   target's tokenizer
-    spec_token_cost: float = 0.045  # c: what one more token adds to a step, relative to the
+    spec_token_cost: float = 0.1  # c: what one more token adds to a step, relative to the
     #   step's fixed cost (reading the weights); with B requests decoding, a draft position is
-    #   verified only while its measured acceptance is at least B c / (1 + B c) (4% at B = 1,
-    #   42% at B = 16), so speculation stops where it would cost more than it saves. 0 = always
-    #   draft. (Measured here: a decode step of the default model takes ~45 ms + ~2 ms a token.)
+    #   verified only while its measured acceptance is at least B c / (1 + B c) (9% at B = 1,
+    #   62% at B = 16), so speculation stops where it would cost more than it saves. 0 = always
+    #   draft. (Calibrated on a 2-core CPU: the default model's decode step costs ~45 ms + ~1 ms
+    #   of GEMM per token, but plain chat at concurrency 16 still lost 13% at c = 0.045.)
 
     def __post_init__(self) -> None:
         _require(self.speculative is None or self.speculative in SPECULATIVE_METHODS,
