@@ -221,10 +221,11 @@ def run_workload(server: Server, make_requests: Callable[[int], list[BenchReques
     return best
 
 
-def mixed_load(server: Server, tokenizer: Any, scale: float) -> dict[str, Any]:
-    """Decodes streaming while long prompts keep arriving: ITL of the decode stream."""
-    decodes = random_requests(tokenizer, 16, 16, int(160 * scale) or 16, seed=1)
-    longs = random_requests(tokenizer, max(2, int(8 * scale)), 1000, 8, seed=2)
+def mixed_load(server: Server, tokenizer: Any, scale: float, run: int) -> dict[str, Any]:
+    """Decodes streaming while long prompts keep arriving: ITL of the decode stream. Each run
+    draws new prompts (a repeated long prompt would be served from the prefix cache)."""
+    decodes = random_requests(tokenizer, 16, 16, int(160 * scale) or 16, seed=1 + 10 * run)
+    longs = random_requests(tokenizer, max(2, int(8 * scale)), 1000, 8, seed=2 + 10 * run)
     config = ClientConfig(base_url=server.url, model=server.model, temperature=0.0,
                           ignore_eos=True, extra_body=server.extra_body)
     asyncio.run(run_requests(config, decodes[:2], math.inf, 1.0, 2, 0))  # warm up
@@ -301,14 +302,15 @@ def report(data: dict[str, Any]) -> str:
              f"- fp32 roofline: {g['fp32_roofline']:.0f} GFLOP/s (the best fp32 rate above); "
              f"the model costs {data['flops']['per_token']:.3f} GFLOP per computed token + "
              f"{data['flops']['lm_head']:.3f} per sampled token",
-             *_memory_bound_lines(data), "",
-             "## Workloads (concurrency 16, greedy, no EOS stop)", ""]
+             *_memory_bound_lines(data), ""]
     servers = data["servers"]
     head = ["workload", "metric", *servers]
     ratio_cols = [s for s in servers if s != "transformers"]
     head += [f"{s} / transformers" for s in ratio_cols if "transformers" in servers]
-    lines += [_row(head), _row(["---"] * len(head))]
-    for w in data["workloads"]:
+    if servers:  # (none when only the mixed-load or prefix-caching parts ran)
+        lines += ["## Workloads (concurrency 16, greedy, no EOS stop)", "",
+                  _row(head), _row(["---"] * len(head))]
+    for w in data["workloads"] if servers else ():
         runs = data["runs"][w]
         for key, label, fmt in (("output_throughput", "output tok/s", "{:.1f}"),
                                 ("total_token_throughput", "total tok/s", "{:.1f}"),
@@ -450,7 +452,7 @@ def main() -> int:
                     print(f"mixed load: {policy}, budget {args.mixed_budget}, run {run} ...",
                           flush=True)
                     data["mixed"][f"{policy}@{args.mixed_budget}@{run}"] = mixed_load(
-                        server, tokenizer, scale)
+                        server, tokenizer, scale, run)
 
     if not args.skip_apc:
         shared = next(w for w in workloads if w.dataset == "shared-prefix")
