@@ -42,13 +42,10 @@ class ChunkShape:
     #   node, the root); parents precede children. () = no drafts (prefill or decode)
 
     def __post_init__(self) -> None:
-        if self.draft_parents:
-            if len(self.draft_parents) > self.num_tokens:
-                raise ValueError(f"{len(self.draft_parents)} draft nodes in a chunk of "
-                                 f"{self.num_tokens} tokens")
-            for j, parent in enumerate(self.draft_parents):
-                if not -1 <= parent < j:
-                    raise ValueError(f"draft node {j}'s parent {parent} does not precede it")
+        if len(self.draft_parents) > self.num_tokens:
+            raise ValueError(f"{len(self.draft_parents)} draft nodes in a chunk of "
+                             f"{self.num_tokens} tokens")
+        check_tree_parents(self.draft_parents)
 
     @property
     def is_verify(self) -> bool:
@@ -58,6 +55,13 @@ class ChunkShape:
     def is_chain(self) -> bool:
         """Drafts (if any) form a chain: node j continues node j - 1, the mask is causal."""
         return all(parent == j - 1 for j, parent in enumerate(self.draft_parents))
+
+
+def check_tree_parents(parents: Sequence[int]) -> None:
+    """Raise ValueError unless every node's parent (-1 = the root) precedes it."""
+    for j, parent in enumerate(parents):
+        if not -1 <= parent < j:
+            raise ValueError(f"draft node {j}'s parent {parent} does not precede it")
 
 
 def tree_mask(parents: Sequence[int]) -> np.ndarray:

@@ -23,7 +23,7 @@ from engine.outputs import ModelOutput, ScheduledChunk, SchedulerOutput, TokenLo
 from engine.request import Request
 from engine.sampler import Sampler, SamplingRow
 from engine.spec.adaptive import acceptance_threshold, num_drafts_worth
-from engine.spec.types import Draft, Drafter, DraftRequest
+from engine.spec.types import Draft, Drafter, DraftRequest, JoinedTokens
 from engine.spec.verify import node_paths, verify
 from npu_sim.device import Device
 from npu_sim.hardware import ChipSpec
@@ -193,9 +193,8 @@ class ModelRunner:
             worth = num_drafts_worth(req.spec_acceptance, threshold, spec.num_speculative_tokens)
             self._draft_probs.pop(request_id, None)  # a draft is verified at most once
             if worth:
-                wanted.append(DraftRequest(request_id, [*req.prompt_token_ids,
-                                                        *req.output_token_ids, *new_ids],
-                                           req.sampling_params))
+                tokens = JoinedTokens(req.prompt_token_ids, req.output_token_ids, new_ids)
+                wanted.append(DraftRequest(request_id, tokens, req.sampling_params))
                 max_num_tokens = max(max_num_tokens, worth)
         if not wanted:
             return {}

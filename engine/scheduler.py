@@ -171,22 +171,22 @@ class Scheduler:
                     if self.speculative is not None:
                         draft = drafts_to_verify(request, proposed, self.speculative,
                                                  self.max_model_len, room, num_decodes)
-                chunk = self._allocate(request, num_new_tokens, draft, chunks, scheduled,
-                                       preempted_ids)
-                if chunk is None:
-                    continue  # the request itself was preempted
-                token_budget -= chunk.num_tokens
-                for victim_id in preempted_ids:  # victims scheduled earlier give budget back
+                num_victims = len(preempted_ids)
+                chunk = self._allocate(request, num_new_tokens, draft, preempted_ids)
+                # this allocation's victims that were scheduled earlier give their budget back
+                for victim_id in preempted_ids[num_victims:]:
                     victim_chunk = scheduled.pop(victim_id, None)
                     if victim_chunk is not None:
                         chunks.remove(victim_chunk)
                         token_budget += victim_chunk.num_tokens
+                if chunk is None:
+                    continue  # the request itself was preempted
+                token_budget -= chunk.num_tokens
                 chunks.append(chunk)
                 scheduled[request.request_id] = chunk
         return token_budget
 
     def _allocate(self, request: Request, num_new_tokens: int, draft: Draft | None,
-                  chunks: list[ScheduledChunk], scheduled: dict[str, ScheduledChunk],
                   preempted_ids: list[str]) -> ScheduledChunk | None:
         """Blocks for `num_new_tokens` (+ the draft's slots), preempting the latest admitted
         request while they are short; drafts are dropped before anyone is preempted. Returns

@@ -160,7 +160,8 @@ class ServerMetrics:
                          "Simulated NPU seconds spent in kernels, by meta primitive.",
                          (*labels, "primitive"), registry=r)
         self._npu_kernel = _Children(kernel, m, (p.value for p in Primitive))
-        self._spec = (_SpecDecodingCounters(r, m, speculative_config.num_speculative_tokens)
+        self._spec = (_SpecDecodingCounters(counter, r, m,
+                                            speculative_config.num_speculative_tokens)
                       if speculative_config is not None and speculative_config.enabled else None)
 
     def record(self, scheduler_stats: SchedulerStats, stats: IterationStats) -> None:
@@ -208,13 +209,9 @@ class ServerMetrics:
 class _SpecDecodingCounters:
     """vLLM's spec_decode_* counters, fed by each step's SpecDecodingStats."""
 
-    def __init__(self, registry: CollectorRegistry, model: tuple[str, ...],
-                 num_speculative_tokens: int) -> None:
-        labels = ("model_name",)
-
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(PREFIX + name, doc, labels, registry=registry).labels(*model)
-
+    def __init__(self, counter: Callable[[str, str], Counter], registry: CollectorRegistry,
+                 model: tuple[str, ...], num_speculative_tokens: int) -> None:
+        """counter(name, doc): the server's factory of model_name-labelled counter children."""
         self.num_drafts = counter("spec_decode_num_drafts",
                                   "Draft chunks verified (one per request and step with drafts).")
         self.num_draft_tokens = counter("spec_decode_num_draft_tokens",
@@ -223,7 +220,7 @@ class _SpecDecodingCounters:
                                            "Draft tokens accepted (the bonus token not counted).")
         per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
                           "Drafts whose accepted path reached depth position + 1.",
-                          (*labels, "position"), registry=registry)
+                          ("model_name", "position"), registry=registry)
         self.per_pos = _Children(per_pos, model, (str(i) for i in range(num_speculative_tokens)))
 
     def record(self, spec: SpecDecodingStats) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
+from engine.lowering_attention import check_tree_parents
 from engine.request import SamplingParams
 
 
@@ -25,9 +27,7 @@ class Draft:
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.parents):
             raise ValueError("a draft needs one parent per token")
-        for j, parent in enumerate(self.parents):
-            if not -1 <= parent < j:
-                raise ValueError(f"draft node {j}'s parent {parent} does not precede it")
+        check_tree_parents(self.parents)
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +47,50 @@ class Draft:
     @staticmethod
     def chain(token_ids: Sequence[int]) -> Draft:
         return Draft(tuple(token_ids), tuple(range(-1, len(token_ids) - 1)))
+
+
+class JoinedTokens(Sequence[int]):
+    """Token lists read as one sequence without copying them (prompt + outputs + the tokens
+    sampled this step): drafters are handed every decoding request's whole sequence each step,
+    and the n-gram drafters only read what they have not seen yet. The parts must not change
+    while it is read."""
+
+    def __init__(self, *parts: Sequence[int]) -> None:
+        self._parts = parts
+        self._len = sum(len(p) for p in parts)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain.from_iterable(self._parts)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._len)
+            if step != 1:
+                return list(self)[index]
+            out: list[int] = []
+            offset = 0
+            for part in self._parts:  # each part's overlap with [start, stop)
+                lo, hi = max(start - offset, 0), min(stop - offset, len(part))
+                if lo < hi:
+                    out.extend(part[lo:hi])
+                offset += len(part)
+            return out
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError("token index out of range")
+        for part in self._parts:
+            if index < len(part):
+                return part[index]
+            index -= len(part)
+        raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

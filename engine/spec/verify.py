@@ -20,7 +20,7 @@ from engine.outputs import ScheduledChunk, TokenLogprob
 from engine.request import Request
 from engine.sampler import Sampler, SamplingRow, process_logits, sampling_probs, token_logprobs
 from engine.spec.rejection import Verdict, accept_greedy, accept_sampled
-from engine.spec.types import Draft
+from engine.spec.types import Draft, JoinedTokens
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,13 @@ def verify(sampler: Sampler, logits: torch.Tensor, chunks: Sequence[ScheduledChu
         draft = chunk_draft(c, draft_probs.get(c.request_id))
         drafts.append(draft)
         # row 0 continues the outputs; row 1 + j continues them with the path to node j
+        # (joined, not copied: only penalties read the outputs, and only a few rows have them)
         histories = [()] + [tuple(draft.token_ids[i] for i in path)
                             for path in node_paths(draft.parents)]
         for history in histories:
             rows.append(SamplingRow(request_id=c.request_id, params=req.sampling_params,
                                     prompt_token_ids=req.prompt_token_ids,
-                                    output_token_ids=[*req.output_token_ids, *history],
+                                    output_token_ids=JoinedTokens(req.output_token_ids, history),
                                     eos_token_ids=eos_token_ids))
     x = process_logits(logits, rows)  # (R, V) float32
     verdicts: list[Verdict] = []

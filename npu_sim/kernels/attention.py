@@ -178,7 +178,7 @@ _plan_memo: list[tuple[AttentionKernel, _FastPlan]] = []  # the last kernel seen
 
 
 def _context_groups(single: np.ndarray, context_lens: np.ndarray) -> list[np.ndarray]:
-    """Split the single-token sequences into groups of similar context length.
+    """Split the short sequences into groups of similar context length.
 
     A group's keys are padded to its longest context, so one group for a batch mixing short
     decodes with a long one would gather the long context's worth of keys for every sequence.
@@ -197,6 +197,23 @@ def _context_groups(single: np.ndarray, context_lens: np.ndarray) -> list[np.nda
     return groups
 
 
+def _visibility(starts: np.ndarray, q_lens: np.ndarray, num_q: int, num_keys: int,
+                members: np.ndarray, trees: dict[int, np.ndarray]) -> np.ndarray:
+    """(S, Q, L) bool: token r of sequence i sees key l. Each token sees the keys up to its own
+    (virtual) position; a sequence with a tree (trees: kernel sequence index -> its (N, N)
+    mask, members: the kernel index of each of the S sequences) has its draft rows x draft keys
+    corner masked by it. Rows r >= q_len see nothing."""
+    pos, r = np.arange(num_keys), np.arange(num_q)
+    real = r[None, :] < q_lens[:, None]  # (S, Q)
+    visible = (pos[None, None, :] <= (starts[:, None] + r[None, :])[:, :, None]) & real[:, :, None]
+    for i, s in enumerate(members):
+        tree = trees.get(int(s))
+        if tree is not None:
+            n, q_len, ctx = tree.shape[0], int(q_lens[i]), int(starts[i] + q_lens[i])
+            visible[i, q_len - n:q_len, ctx - n:ctx] &= tree
+    return visible
+
+
 def _short_group(seqs: np.ndarray, tables: np.ndarray, trees: dict[int, np.ndarray],
                  members: np.ndarray, block_size: int, g: int) -> _ShortGroup:
     """seqs: ATTN_SEQ rows of the group's sequences (indices `members` of the kernel's);
@@ -211,13 +228,7 @@ def _short_group(seqs: np.ndarray, tables: np.ndarray, trees: dict[int, np.ndarr
     slots = np.where(inside, table * block_size + pos % block_size, 0)
     r = np.arange(num_q)
     real = r[None, :] < q_lens[:, None]  # (S, Q)
-    # each token sees the keys up to its own (virtual) position
-    visible = (pos[None, None, :] <= (starts[:, None] + r[None, :])[:, :, None]) & real[:, :, None]
-    for i, s in enumerate(members):
-        tree = trees.get(int(s))
-        if tree is not None:  # the draft rows x draft keys corner
-            n, q_len, ctx = tree.shape[0], int(q_lens[i]), int(context_lens[i])
-            visible[i, q_len - n:q_len, ctx - n:ctx] &= tree
+    visible = _visibility(starts, q_lens, num_q, num_keys, members, trees)
     visible[:, :, 0] |= ~real  # padding rows: key 0, discarded
     mask = np.repeat(visible, g, axis=1)[:, None]  # (S, 1, Q * G, L), row r * G + g
     rows = seqs["q_start"][:, None] + np.minimum(r[None, :], q_lens[:, None] - 1)  # (S, Q)
@@ -250,13 +261,9 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
         context_len = start_pos + q_len
         pos = np.arange(context_len)
         slots = tables[s, pos // bs] * bs + pos % bs
-        q_pos = torch.arange(start_pos, context_len).repeat_interleave(g)
-        mask = torch.arange(context_len)[None, :] <= q_pos[:, None]  # (q_len * G, context_len)
-        tree = trees.get(int(s))
-        if tree is not None:  # the draft rows x draft keys corner: the tree mask, per head
-            n = tree.shape[0]
-            mask[(q_len - n) * g:, context_len - n:] &= torch.from_numpy(tree).repeat_interleave(
-                g, dim=0)
+        visible = _visibility(seqs["start_pos"][s:s + 1], seqs["q_len"][s:s + 1], q_len,
+                              context_len, np.array([s]), trees)[0]  # (q_len, context_len)
+        mask = torch.from_numpy(np.repeat(visible, g, axis=0))  # (q_len * G, context_len)
         chunks.append(_Chunk(slice(q_start, q_start + q_len), torch.from_numpy(slots), mask))
     plan = _FastPlan(groups, tuple(chunks), int(seqs["q_len"].sum()) == num_rows)
     _plan_memo[:] = [(kernel, plan)]

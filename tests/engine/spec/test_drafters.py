@@ -10,7 +10,7 @@ import pytest
 from engine.request import SamplingParams
 from engine.spec.ngram import NgramDrafter
 from engine.spec.tree import TreeDrafter
-from engine.spec.types import Draft, DraftRequest
+from engine.spec.types import Draft, DraftRequest, JoinedTokens
 
 
 def _req(tokens: Sequence[int], request_id: str = "r") -> DraftRequest:
@@ -233,3 +233,16 @@ def _follows_a_suffix_ngram(
             ):
                 return True
     return False
+
+
+def test_joined_tokens_read_as_one_list() -> None:
+    parts = ([1, 2, 3], [4, 5], (), (6,))
+    joined, flat = JoinedTokens(*parts), [1, 2, 3, 4, 5, 6]
+    assert len(joined) == 6 and list(joined) == flat
+    assert [joined[i] for i in range(-6, 6)] == flat[-6:] + flat
+    for a in range(-7, 8):
+        for b in range(-7, 8):
+            assert joined[a:b] == flat[a:b]
+    assert joined[::2] == flat[::2]
+    with pytest.raises(IndexError):
+        joined[6]
