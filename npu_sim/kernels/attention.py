@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from npu_sim.kernels import native
 from npu_sim.tasks import AttentionKernel
 
 
@@ -158,6 +159,16 @@ class _ShortGroup:
 
 
 @dataclass(frozen=True)
+class _Decodes:
+    """Sequences with one query token and no tree, for the C kernel (fp32): it reads each one's
+    keys straight from the paged cache, so there is nothing to gather or mask."""
+
+    rows: torch.Tensor  # (S,) int64 query row of each
+    block_tables: torch.Tensor  # (S, B) int64 their block tables
+    context_lens: torch.Tensor  # (S,) int64
+
+
+@dataclass(frozen=True)
 class _Chunk:
     rows: slice  # its query rows
     slots: torch.Tensor  # (context_len,) int64 flat cache slot of each key position
@@ -166,7 +177,8 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _FastPlan:
-    groups: tuple[_ShortGroup, ...]  # short sequences, grouped by context length
+    decodes: _Decodes | None  # single-token sequences for the C kernel (None: none, or no C)
+    groups: tuple[_ShortGroup, ...]  # the other short sequences, grouped by context length
     chunks: tuple[_Chunk, ...]  # the longer ones, one SDPA each
     covers_all_rows: bool  # every row of q belongs to a sequence (else the rest stay zero)
 
@@ -174,7 +186,8 @@ class _FastPlan:
 KEY_ALIGN = 16  # pad the decode group's key count to this (fewer distinct SDPA shapes)
 DECODE_GROUP_MIN_KEYS = 256  # contexts up to this share one group whatever their spread
 SHORT_Q_MAX = 32  # sequences with at most this many query tokens are batched in groups
-_plan_memo: list[tuple[AttentionKernel, _FastPlan]] = []  # the last kernel seen and its plan
+# the last kernel seen, whether its plan uses the C kernel, and the plan
+_plan_memo: list[tuple[AttentionKernel, bool, _FastPlan]] = []
 
 
 def _context_groups(single: np.ndarray, context_lens: np.ndarray) -> list[np.ndarray]:
@@ -244,14 +257,24 @@ def _short_group(seqs: np.ndarray, tables: np.ndarray, trees: dict[int, np.ndarr
                        num_seqs=len(seqs), num_queries=num_q, num_keys=num_keys)
 
 
-def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
+def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: bool) -> _FastPlan:
     memo = _plan_memo[0] if _plan_memo else None  # one read: another thread may replace it
-    if memo is not None and memo[0] is kernel:
-        return memo[1]
+    if memo is not None and memo[0] is kernel and memo[1] == use_native:
+        return memo[2]
     seqs, bs, g = kernel.seqs, kernel.block_size, kernel.group_size
     tables = np.maximum(kernel.block_tables, 0)  # -1 (past a table's end) is never read
     trees = {int(s): np.asarray(m, dtype=bool) for s, m in kernel.tree_masks}
-    short = np.flatnonzero(seqs["q_len"] <= SHORT_Q_MAX)
+    short = seqs["q_len"] <= SHORT_Q_MAX
+    decodes = None
+    if use_native:
+        single = (seqs["q_len"] == 1) & ~np.isin(np.arange(len(seqs)), list(trees))
+        short &= ~single
+        if single.any():
+            decodes = _Decodes(rows=torch.from_numpy(seqs["q_start"][single].astype(np.int64)),
+                               block_tables=torch.from_numpy(tables[single].astype(np.int64)),
+                               context_lens=torch.from_numpy(
+                                   (seqs["start_pos"][single] + 1).astype(np.int64)))
+    short = np.flatnonzero(short)
     groups = tuple(_short_group(seqs[members], tables[members], trees, members, bs, g)
                    for members in _context_groups(short, seqs["start_pos"][short]
                                                   + seqs["q_len"][short]))
@@ -265,15 +288,19 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int) -> _FastPlan:
                               context_len, np.array([s]), trees)[0]  # (q_len, context_len)
         mask = torch.from_numpy(np.repeat(visible, g, axis=0))  # (q_len * G, context_len)
         chunks.append(_Chunk(slice(q_start, q_start + q_len), torch.from_numpy(slots), mask))
-    plan = _FastPlan(groups, tuple(chunks), int(seqs["q_len"].sum()) == num_rows)
-    _plan_memo[:] = [(kernel, plan)]
+    plan = _FastPlan(decodes, groups, tuple(chunks), int(seqs["q_len"].sum()) == num_rows)
+    _plan_memo[:] = [(kernel, use_native, plan)]
     return plan
 
 
 def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor) -> torch.Tensor:
-    plan = _fast_plan(kernel, q.shape[0])
+    plan = _fast_plan(kernel, q.shape[0], native.decode_attention_supported(q, k_cache, v_cache))
     out = torch.empty_like(q) if plan.covers_all_rows else torch.zeros_like(q)
+    if plan.decodes is not None:
+        dec = plan.decodes
+        native.decode_attention(q, k_cache, v_cache, dec.block_tables, dec.context_lens,
+                                dec.rows, out, kernel.scale)
     hkv, g, d = kernel.num_kv_heads, kernel.group_size, kernel.head_dim
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)  # (NB * BS, Hkv, D)
     for grp in plan.groups:

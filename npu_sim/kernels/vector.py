@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from npu_sim.kernels import native
 from npu_sim.tasks import CopyOp, VectorKernel, VectorOp
 
 Rows = slice
@@ -117,9 +118,10 @@ def run_vector(kernel: VectorKernel, strict: bool, **operands: Any) -> torch.Ten
 
 # ---------------------------------------------------------------------------------- fast path
 #
-# All rows at once, with fewer and fused torch calls; bit-for-bit the arithmetic of the row
-# functions above (same operations in the same order, on the same dtypes), so the reference
-# path's agreement holds exactly where the fused kernel computes what the composition does.
+# All rows at once. fp32 operands go to the C kernels where they load (npu_sim.kernels.native:
+# one call per launch; RoPE and the KV write bit-for-bit the row functions above, RMSNorm and
+# SiLU within a few fp32 ulps). Otherwise fewer and fused torch calls, bit-for-bit the row
+# functions' arithmetic (same operations in the same order, on the same dtypes).
 
 
 def _fast_embed(n: int, table: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -134,11 +136,15 @@ def _normalize(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
 
 
 def _fast_rmsnorm(n: int, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _normalize(x[:n], weight, eps)
+    out = native.add_rmsnorm(n, None, x, weight, eps)
+    return _normalize(x[:n], weight, eps) if out is None else out
 
 
 def _fast_add_rmsnorm(n: int, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> torch.Tensor:
+    out = native.add_rmsnorm(n, x, residual, weight, eps)
+    if out is not None:
+        return out
     h = residual[:n]
     h += x[:n]
     return _normalize(h, weight, eps)
@@ -172,11 +178,14 @@ def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
 
 def _fast_rope(n: int, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> None:
+    both = _adjacent_heads(q, k)
+    parts = (q, k) if both is None else (both,)
+    if native.rope(n, parts, cos, sin):
+        return
     c, s = _rope_tables(cos, sin)
     c, s = c[:n], s[:n]
-    both = _adjacent_heads(q, k)
     half = q.shape[-1] // 2
-    for t in (q, k) if both is None else (both,):
+    for t in parts:
         t = t[:n]
         # rotate_half(t) * sin == cat(t2, t1) * cat(-sin1, sin2), exactly ((-a) b == a (-b))
         rotated = torch.cat((t[..., half:], t[..., :half]), dim=-1).mul_(s)
@@ -184,13 +193,17 @@ def _fast_rope(n: int, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 
 def _fast_silu_mul(n: int, gate_up: torch.Tensor) -> torch.Tensor:
+    out = native.silu_mul(n, gate_up)
+    if out is not None:
+        return out
     gate, up = gate_up[:n].chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
 
 
 def _fast_kv_write(n: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    _kv_write(slice(0, n), None, k, v, k_cache, v_cache, slot_mapping)
+    if not native.kv_write(n, k, v, k_cache, v_cache, slot_mapping):
+        _kv_write(slice(0, n), None, k, v, k_cache, v_cache, slot_mapping)
 
 
 _FAST: dict[VectorOp | CopyOp, Callable[..., torch.Tensor | None]] = {

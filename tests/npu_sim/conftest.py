@@ -15,3 +15,16 @@ def _single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["native", "aten"])
+def cpu_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the C kernels of the fast path ("native"; skipped where they cannot be
+    built) and with its ATen fallback ("aten")."""
+    from npu_sim.kernels import native
+
+    if request.param == "native" and native.lib() is None:
+        pytest.skip("the C kernels cannot be built here")
+    if request.param == "aten":
+        monkeypatch.setitem(native._state, "lib", None)
+    return request.param

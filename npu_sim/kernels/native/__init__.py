@@ -1,0 +1,219 @@
+"""fp32 C kernels for the CPU fast path (cpu_kernels.c), compiled on first use and called through
+ctypes.
+
+A decode step alternates weight-streaming GEMMs with small row-wise ops; after each GEMM the caches
+hold weights only, so every ATen call of the small ops pays a cold dispatch (an RMSNorm is ~15
+of them, an attention launch ~10 plus a gather of every key into a padded copy). Here each of
+those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and decode
+attention reading the paged cache in place.
+
+The library is built with the system C compiler (`cc`, or $CC) into the user's cache
+(`$XDG_CACHE_HOME/xyserve`, default `~/.cache/xyserve`), keyed by the source, the flags and the
+CPU, so a later process loads it at once. Without a compiler, or with
+XYSERVE_NATIVE_KERNELS=0, `lib()` is None and every wrapper returns None / False: the callers
+then take their ATen path. Each wrapper also declines (returns None / False) operands it does not
+handle (another dtype, a non-unit inner stride), so callers can always fall back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+_SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
+# -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
+# -fopenmp-simd: the `omp simd` loops vectorise without an OpenMP runtime.
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno")
+_ARCH_FLAGS = (("-march=native",), ())  # the first that compiles
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "xy_add_rmsnorm": (None, [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F]),
+    "xy_silu_mul": (None, [_P, _I, _P, _I, _I, _I]),
+    "xy_rope": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _I]),
+    "xy_kv_write": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _I]),
+    "xy_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I,
+                                           _I, _I, _I, _F]),
+}
+
+_lock = threading.Lock()
+_state: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    """Whether the environment allows the native kernels (XYSERVE_NATIVE_KERNELS != 0)."""
+    return os.environ.get("XYSERVE_NATIVE_KERNELS", "1") != "0"
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded library (built first if needed), or None where it is disabled or cannot be
+    built here."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _load() if enabled() else None
+        return _state["lib"]
+
+
+def _cpu_id() -> str:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(root) / "xyserve"
+
+
+def _load() -> ctypes.CDLL | None:
+    source = _SOURCE.read_bytes()
+    compiler = os.environ.get("CC", "cc")
+    for arch in _ARCH_FLAGS:
+        flags = (*_FLAGS, *arch)
+        key = hashlib.sha256(b"\0".join([source, " ".join((compiler, *flags)).encode(),
+                                         platform.machine().encode(), _cpu_id().encode()]))
+        path = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+        if not path.exists() and not _build(compiler, flags, path):
+            continue
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(library, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        return library
+    return None
+
+
+def _build(compiler: str, flags: tuple[str, ...], path: pathlib.Path) -> bool:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent processes never load a partial file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        done = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"],
+                              capture_output=True, timeout=120, check=False)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            return False
+        os.replace(tmp, path)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+# ------------------------------------------------------------------------------------ wrappers
+
+
+def _fp32_rows(*tensors: torch.Tensor) -> bool:
+    """All fp32 with unit stride along the last dimension."""
+    return all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+
+
+def add_rmsnorm(n: int, x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> torch.Tensor | None:
+    """Rows [0, n) of residual (+= x first when x is given, in place), RMS-normalised and
+    scaled by weight: (n, H) fp32; None where not handled."""
+    native = lib()
+    operands = (residual, weight) if x is None else (x, residual, weight)
+    if native is None or not _fp32_rows(*operands) or residual.dim() != 2:
+        return None
+    hidden = residual.shape[1]
+    out = residual.new_empty(n, hidden)
+    native.xy_add_rmsnorm(None if x is None else x.data_ptr(), 0 if x is None else x.stride(0),
+                          residual.data_ptr(), residual.stride(0), weight.contiguous().data_ptr(),
+                          out.data_ptr(), hidden, n, hidden, eps)
+    return out
+
+
+def silu_mul(n: int, gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up over rows [0, n) of gate_up (T, 2I): (n, I); None where not handled."""
+    native = lib()
+    if native is None or not _fp32_rows(gate_up) or gate_up.dim() != 2:
+        return None
+    inter = gate_up.shape[1] // 2
+    out = gate_up.new_empty(n, inter)
+    native.xy_silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, n, inter)
+    return out
+
+
+def rope(n: int, parts: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate rows [0, n) of each of `parts` (T, heads, D) in place by cos, sin (T, D); False
+    where any is not handled (then nothing is written)."""
+    native = lib()
+    if native is None or not _fp32_rows(*parts, cos, sin) or cos.stride() != sin.stride():
+        return False
+    for t in parts:
+        native.xy_rope(t.data_ptr(), t.stride(0), t.stride(1), t.shape[1], cos.data_ptr(),
+                       sin.data_ptr(), cos.stride(0), n, t.shape[2])
+    return True
+
+
+def kv_write(n: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Write rows [0, n) of k, v (T, Hkv, D) to the cache slots slot_mapping[:n]; False where
+    not handled (nothing written). A slot outside the cache raises IndexError."""
+    native = lib()
+    row_len = k.shape[1] * k.shape[2]
+    if (native is None or not _fp32_rows(k, v, k_cache, v_cache) or k.stride() != v.stride()
+            or k.stride(1) != k.shape[2] or k_cache.shape != v_cache.shape
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or k_cache.numel() % row_len or slot_mapping.dtype != torch.int64
+            or not slot_mapping.is_contiguous()):
+        return False
+    if native.xy_kv_write(k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
+                          v_cache.data_ptr(), k_cache.numel() // row_len,
+                          slot_mapping.data_ptr(), n, row_len) != 0:
+        raise IndexError("kv_write: a slot outside the cache")
+    return True
+
+
+def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
+                               v_cache: torch.Tensor) -> bool:
+    """Whether decode_attention takes these operands: the library loaded, fp32, q rows of
+    contiguous heads, D a multiple of 8, a contiguous cache with a power-of-two block size."""
+    bs, d = k_cache.shape[1], q.shape[-1]
+    return (lib() is not None and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+            and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == d and d % 8 == 0
+            and bs & (bs - 1) == 0 and k_cache.shape == v_cache.shape
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     q_rows: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """One query row per sequence (q_rows (S,) of q (T, Hq, D)) attending to all of its
+    context_lens (S,) keys in the paged cache (NB, BS, Hkv, D) through block_tables (S, B);
+    writes the same rows of out (T, Hq, D), a contiguous tensor like q. The index tensors are
+    contiguous int64. Operands must pass `decode_attention_supported` (else ValueError); a
+    context past its table or a block outside the cache raises IndexError."""
+    index = (block_tables, context_lens, q_rows)
+    if (not decode_attention_supported(q, k_cache, v_cache) or out.shape != q.shape
+            or not out.is_contiguous() or out.dtype != q.dtype
+            or any(t.dtype != torch.int64 or not t.is_contiguous() for t in index)):
+        raise ValueError("decode_attention: operands it does not take")
+    nb, bs, hkv, _ = k_cache.shape
+    _, hq, d = q.shape
+    rc = lib().xy_decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(),
+                                   v_cache.data_ptr(), block_tables.data_ptr(),
+                                   block_tables.stride(0), context_lens.data_ptr(),
+                                   q_rows.data_ptr(), out.data_ptr(), out.stride(0),
+                                   len(context_lens), hq, hkv, d, nb, bs, scale)
+    if rc == -1:
+        raise MemoryError("decode_attention: no memory for its score buffer")
+    if rc != 0:
+        raise IndexError("decode_attention: a context outside its block table or the cache")
