@@ -5,10 +5,11 @@ a full (tm, tn) fp32 accumulator (the on-chip tile), reads only the task's valid
 valid columns of w (selective read), accumulates over K in tk-deep steps, and stores only the
 valid (m_rows, n_cols) corner (selective write). Masked rows and columns live in the accumulator
 alone: no padded copy of x is ever made and nothing outside the M x N output is written.
-The fast path is one torch call over the whole batch. A weight may come pre-packed
-(`pack_weight`): the fast path then multiplies with oneDNN's blocked copy of it, which skips the
-per-call repacking of `w` that dominates small-M products on the CPU (a decode step's GEMMs have
-M = batch size); the reference path always reads the plain weight.
+The fast path is one call over the whole batch. A weight may come pre-packed (`pack_weight`):
+the fast path then multiplies products of few rows (a decode step's GEMMs have M = batch size)
+with the C panel GEMM (npu_sim.kernels.native, fp32), and others with oneDNN's blocked copy of
+the weight, which skips the per-call repacking of `w` that dominates small-M products in ATen;
+the reference path always reads the plain weight.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from npu_sim.kernels import native
 from npu_sim.tasks import GemmKernel
 
 
 class PackedWeight:
-    """A GEMM weight `w[N, K]` plus its copy in oneDNN's blocked layout, for the fast path."""
+    """A GEMM weight `w[N, K]` plus its copies laid out for the fast path."""
 
-    def __init__(self, weight: torch.Tensor, packed: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None,
+                 panels: native.Panels | None = None) -> None:
         self.weight = weight  # (N, K), plain: the reference path and shapes read this one
-        self.packed = packed  # opaque mkldnn tensor holding the same values, pre-blocked
+        self.packed = packed  # opaque mkldnn tensor holding the same values, pre-blocked, or None
+        self.panels = panels  # the C panel GEMM's copy (fp32 where the C kernels load), or None
 
     @property
     def shape(self) -> torch.Size:
@@ -32,16 +36,19 @@ class PackedWeight:
 
 
 def pack_weight(w: torch.Tensor) -> PackedWeight | torch.Tensor:
-    """`w` (N, K) pre-packed for the fast path, or `w` itself where this torch build or CPU
-    cannot pack it (no oneDNN, or a dtype the CPU lacks kernels for)."""
-    if not torch.backends.mkldnn.is_available() or w.dim() != 2:
+    """`w` (N, K) pre-packed for the fast path, or `w` itself where neither oneDNN nor the C
+    kernels can take it (no oneDNN in this torch build, a dtype the CPU lacks kernels for)."""
+    if w.dim() != 2:
         return w
-    try:
-        # The batch-size argument is a layout hint; the packed weight serves any M.
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16)
-    except (RuntimeError, AttributeError):
-        return w
-    return PackedWeight(w, packed)
+    packed = None
+    if torch.backends.mkldnn.is_available():
+        try:
+            # The batch-size argument is a layout hint; the packed weight serves any M.
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16)
+        except (RuntimeError, AttributeError):
+            packed = None
+    panels = native.pack_panels(w)
+    return w if packed is None and panels is None else PackedWeight(w, packed, panels)
 
 
 def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor | PackedWeight,
@@ -52,9 +59,15 @@ def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor 
         f"{kernel.name}: x {tuple(x.shape)} w {tuple(w.shape)} vs m={kernel.m} n={kernel.n} "
         f"k={kernel.k}")
     if not strict:
+        result = None
         if isinstance(w, PackedWeight):
-            result = torch.ops.mkldnn._linear_pointwise(x, w.packed, bias, "none", [], "")
-        else:
+            if w.panels is not None:
+                result = native.gemm(x, w.panels, bias)
+            if result is None and w.packed is not None:
+                result = torch.ops.mkldnn._linear_pointwise(x, w.packed, bias, "none", [], "")
+            if result is None:
+                w = w.weight
+        if result is None:
             result = F.linear(x, w, bias)
         return result if out is None else out.copy_(result)
     if isinstance(w, PackedWeight):

@@ -1,11 +1,12 @@
-"""fp32 C kernels for the CPU fast path (cpu_kernels.c), compiled on first use and called through
-ctypes.
+"""fp32 C kernels for the CPU fast path (cpu_kernels.c, gemm.c), compiled on first use and called
+through ctypes (which releases the GIL for the call).
 
 A decode step alternates weight-streaming GEMMs with small row-wise ops; after each GEMM the caches
 hold weights only, so every ATen call of the small ops pays a cold dispatch (an RMSNorm is ~15
 of them, an attention launch ~10 plus a gather of every key into a padded copy). Here each of
 those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and decode
-attention reading the paged cache in place.
+attention reading the paged cache in place. The GEMMs of few rows (decode batches) run on
+weights packed into 16-column panels (gemm.c), streamed at close to the memory bound.
 
 The library is built with the system C compiler (`cc`, or $CC) into the user's cache
 (`$XDG_CACHE_HOME/xyserve`, default `~/.cache/xyserve`), keyed by the source, the flags and the
@@ -28,10 +29,10 @@ import threading
 
 import torch
 
-_SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
+_SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("cpu_kernels.c", "gemm.c"))
 # -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
-# -fopenmp-simd: the `omp simd` loops vectorise without an OpenMP runtime.
-_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno")
+# -fopenmp: the GEMM's parallel region runs on the libgomp torch has loaded (see gemm.c).
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
 _ARCH_FLAGS = (("-march=native",), ())  # the first that compiles
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -41,7 +42,9 @@ _SIGNATURES = {
     "xy_rope": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _I]),
     "xy_kv_write": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _I]),
     "xy_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I,
-                                           _I, _I, _I, _F]),
+                                           _I, _I, _I, _F, ctypes.c_int]),
+    "xy_pack_panels": (None, [_P, _I, _I, _P]),
+    "xy_gemm": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _P, _I, _I, ctypes.c_int]),
 }
 
 _lock = threading.Lock()
@@ -79,7 +82,7 @@ def _cache_dir() -> pathlib.Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     compiler = os.environ.get("CC", "cc")
     for arch in _ARCH_FLAGS:
         flags = (*_FLAGS, *arch)
@@ -105,7 +108,7 @@ def _build(compiler: str, flags: tuple[str, ...], path: pathlib.Path) -> bool:
         # Build beside the target and rename: concurrent processes never load a partial file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
-        done = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"],
+        done = subprocess.run([compiler, *flags, "-o", tmp, *map(str, _SOURCES), "-lm"],
                               capture_output=True, timeout=120, check=False)
         if done.returncode != 0:
             os.unlink(tmp)
@@ -198,7 +201,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      q_rows: torch.Tensor, out: torch.Tensor, scale: float) -> None:
     """One query row per sequence (q_rows (S,) of q (T, Hq, D)) attending to all of its
     context_lens (S,) keys in the paged cache (NB, BS, Hkv, D) through block_tables (S, B);
-    writes the same rows of out (T, Hq, D), a contiguous tensor like q. The index tensors are
+    writes the same rows of out (T, Hq, D), a contiguous tensor like q; on torch's intra-op
+    thread count. The index tensors are
     contiguous int64. Operands must pass `decode_attention_supported` (else ValueError); a
     context past its table or a block outside the cache raises IndexError."""
     index = (block_tables, context_lens, q_rows)
@@ -212,8 +216,53 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                    v_cache.data_ptr(), block_tables.data_ptr(),
                                    block_tables.stride(0), context_lens.data_ptr(),
                                    q_rows.data_ptr(), out.data_ptr(), out.stride(0),
-                                   len(context_lens), hq, hkv, d, nb, bs, scale)
+                                   len(context_lens), hq, hkv, d, nb, bs, scale,
+                                   torch.get_num_threads())
     if rc == -1:
         raise MemoryError("decode_attention: no memory for its score buffer")
     if rc != 0:
         raise IndexError("decode_attention: a context outside its block table or the cache")
+
+
+# ---------------------------------------------------------------------------------------- GEMM
+
+PANEL_COLS = 16  # gemm.c's panel width
+GEMM_MAX_ROWS = 64  # the panel GEMM serves products of up to this many rows (decode batches)
+
+
+class Panels:
+    """A weight w (N, K) packed for the panel GEMM: (ceil(N / 16), K, 16), 64-byte aligned."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        native = lib()
+        assert native is not None and w.dtype == torch.float32 and w.dim() == 2
+        w = w.contiguous()
+        self.n, self.k = w.shape
+        size = -(-self.n // PANEL_COLS) * self.k * PANEL_COLS
+        storage = torch.empty(size + 16)
+        offset = (-storage.data_ptr() // 4) % 16  # first 64-byte boundary
+        self.data = storage[offset:offset + size]  # keeps the storage alive
+        native.xy_pack_panels(w.data_ptr(), self.n, self.k, self.data.data_ptr())
+
+
+def pack_panels(w: torch.Tensor) -> Panels | None:
+    """w (N, K) packed for `gemm`, or None where the C kernels are off or w is not fp32."""
+    if lib() is None or w.dtype != torch.float32 or w.dim() != 2:
+        return None
+    return Panels(w)
+
+
+def gemm(x: torch.Tensor, w: Panels, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x (M, K) @ w^T (+ bias (N,)) as a new (M, N) tensor, on torch's intra-op thread count;
+    None where not handled (x not fp32 rows, more than GEMM_MAX_ROWS rows)."""
+    native = lib()
+    m = x.shape[0]
+    if (native is None or m > GEMM_MAX_ROWS or x.dtype != torch.float32 or x.stride(-1) != 1
+            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
+        return None
+    out = x.new_empty(m, w.n)
+    if native.xy_gemm(x.data_ptr(), x.stride(0), w.data.data_ptr(),
+                      None if bias is None else bias.data_ptr(), w.n, w.k, out.data_ptr(), w.n, m,
+                      torch.get_num_threads()) != 0:
+        raise MemoryError("gemm: no memory for the transposed input")
+    return out

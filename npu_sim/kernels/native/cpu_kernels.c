@@ -126,6 +126,55 @@ static inline const float *slot(const float *cache, const int64_t *table, int64_
     return cache + ((table[p >> block_shift] << block_shift) + (p & mask)) * token_len;
 }
 
+/* Sequence s's attention for one query row: qv (num_heads, d) against keys [0, ctx) through its
+ * block table; scores (num_heads, ctx) and acc (num_heads, d) are scratch. */
+static inline __attribute__((always_inline, optimize("fp-contract=fast"))) void attend(
+    const vf *qv, const float *k_cache, const float *v_cache, const int64_t *table, int64_t ctx,
+    float *os, float *scores, vf *acc, const int16_t *head_kv, int64_t num_heads, int64_t d,
+    int64_t token_len, int64_t block_shift, float scale) {
+    int64_t nv = d / VF_LANES, block_size = (int64_t)1 << block_shift;
+    for (int64_t p = 0; p < ctx; p++) {
+        const float *key = slot(k_cache, table, p, block_shift, token_len);
+        if (p + block_size < ctx) {  /* blocks are scattered: fetch a block ahead */
+            const float *ahead = slot(k_cache, table, p + block_size, block_shift, token_len);
+            for (int64_t i = 0; i < token_len; i += 16) __builtin_prefetch(ahead + i);
+        }
+        const float *value = slot(v_cache, table, p, block_shift, token_len);
+        for (int64_t i = 0; i < token_len; i += 16) __builtin_prefetch(value + i);
+        for (int64_t h = 0; h < num_heads; h++) {
+            const float *kh = key + head_kv[h] * d;
+            const vf *qh = qv + h * nv;
+            vf dot = qh[0] * *(const vf_u *)kh;
+            for (int64_t c = 1; c < nv; c++) dot += qh[c] * *(const vf_u *)(kh + c * VF_LANES);
+            scores[h * ctx + p] = hsum(dot) * scale;
+        }
+    }
+    for (int64_t h = 0; h < num_heads; h++) {
+        float *sh = scores + h * ctx, m = sh[0], l = 0.0f;
+        for (int64_t p = 1; p < ctx; p++) m = sh[p] > m ? sh[p] : m;
+#pragma omp simd reduction(+ : l)
+        for (int64_t p = 0; p < ctx; p++) {
+            sh[p] = exp_approx(sh[p] - m);
+            l += sh[p];
+        }
+        float inv = 1.0f / l;
+#pragma omp simd
+        for (int64_t p = 0; p < ctx; p++) sh[p] *= inv;
+    }
+    memset(acc, 0, sizeof(vf) * (size_t)(num_heads * nv));
+    for (int64_t p = 0; p < ctx; p++) {
+        const float *val = slot(v_cache, table, p, block_shift, token_len);
+        for (int64_t h = 0; h < num_heads; h++) {
+            const float *vh = val + head_kv[h] * d;
+            vf w = {0};
+            w += scores[h * ctx + p];
+            vf *a = acc + h * nv;
+            for (int64_t c = 0; c < nv; c++) a[c] += w * *(const vf_u *)(vh + c * VF_LANES);
+        }
+    }
+    for (int64_t i = 0; i < num_heads * nv; i++) *(vf_u *)(os + i * VF_LANES) = acc[i];
+}
+
 /* One query token per sequence against its whole context, read from the paged cache.
  *
  * q: rows of num_heads * d (query heads j * G .. j * G + G - 1 share KV head j); sequence s
@@ -133,22 +182,23 @@ static inline const float *slot(const float *cache, const int64_t *table, int64_
  * num_kv_heads, d); sequence s's key at position p is in block block_tables[s * bt_stride +
  * p / block_size], offset p % block_size, and it sees positions [0, context_lens[s]).
  * Keys and values are read slot by slot, each slot (all KV heads) once and in order. Softmax in
- * fp32 with the row max subtracted; every context is >= 1 token. d must be a multiple of 8 and
- * block_size a power of two; at most 1024 query heads. Every block a context reaches must be in
- * [0, num_blocks). Returns 0, -1 when out of memory, -2 for an unsupported shape, -3 (nothing
- * written) for a block out of range. */
-static inline __attribute__((always_inline, optimize("fp-contract=fast"))) int decode_attention(
-    const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
-    const int64_t *block_tables, int64_t bt_stride, const int64_t *context_lens,
-    const int64_t *q_rows, float *out, int64_t o_stride, int64_t num_seqs, int64_t num_heads,
-    int64_t num_kv_heads, int64_t d, int64_t num_blocks, int64_t block_size, float scale) {
+ * fp32 with the row max subtracted. Sequences are shared among up to num_threads OpenMP threads
+ * (torch's, see gemm.c). d must be a multiple of 8 and block_size a power of two; at most 1024
+ * query heads; every context is >= 1 token and every block it reaches in [0, num_blocks).
+ * Returns 0, -1 when out of memory, -2 for an unsupported shape, -3 (nothing written) for a
+ * context past its table or a block out of range. */
+int xy_decode_attention(const float *q, int64_t q_stride, const float *k_cache,
+                        const float *v_cache, const int64_t *block_tables, int64_t bt_stride,
+                        const int64_t *context_lens, const int64_t *q_rows, float *out,
+                        int64_t o_stride, int64_t num_seqs, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t d, int64_t num_blocks, int64_t block_size,
+                        float scale, int num_threads) {
     int64_t block_shift = 0;
     while (((int64_t)1 << block_shift) < block_size) block_shift++;
     if (d % VF_LANES || ((int64_t)1 << block_shift) != block_size || num_heads > 1024) return -2;
     int16_t head_kv[1024];  /* the KV head of each query head */
     for (int64_t h = 0; h < num_heads; h++) head_kv[h] = (int16_t)(h / (num_heads / num_kv_heads));
-    int64_t nv = d / VF_LANES, max_ctx = 0;
-    int64_t token_len = num_kv_heads * d;  /* one cache slot */
+    int64_t max_ctx = 0, token_len = num_kv_heads * d;  /* one cache slot */
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t ctx = context_lens[s], used = (ctx + block_size - 1) >> block_shift;
         if (ctx < 1 || used > bt_stride) return -3;
@@ -157,78 +207,32 @@ static inline __attribute__((always_inline, optimize("fp-contract=fast"))) int d
                 return -3;
         if (ctx > max_ctx) max_ctx = ctx;
     }
-    /* scores (num_heads, max_ctx), then acc and the query (num_heads, d) each */
-    size_t n = (size_t)(num_heads * max_ctx) + 2 * (size_t)(num_heads * d + VF_LANES);
-    float *scores = aligned_alloc(32, sizeof(float) * ((n + 7) & ~(size_t)7));
-    if (!scores) return -1;
-    vf *acc = (vf *)(scores + ((num_heads * max_ctx + 7) & ~(int64_t)7));
-    vf *qv = acc + num_heads * nv;
-    for (int64_t s = 0; s < num_seqs; s++) {
-        int64_t ctx = context_lens[s];
-        const int64_t *table = block_tables + s * bt_stride;
-        for (int64_t i = 0; i < num_heads * nv; i++)
-            qv[i] = *(const vf_u *)(q + q_rows[s] * q_stride + i * VF_LANES);
-        for (int64_t p = 0; p < ctx; p++) {
-            const float *key = slot(k_cache, table, p, block_shift, token_len);
-            if (p + block_size < ctx) {  /* blocks are scattered: fetch a block ahead */
-                const float *ahead = slot(k_cache, table, p + block_size, block_shift, token_len);
-                for (int64_t i = 0; i < token_len; i += 16) __builtin_prefetch(ahead + i);
-            }
-            const float *value = slot(v_cache, table, p, block_shift, token_len);
-            for (int64_t i = 0; i < token_len; i += 16) __builtin_prefetch(value + i);
-            for (int64_t h = 0; h < num_heads; h++) {
-                const float *kh = key + head_kv[h] * d;
-                const vf *qh = qv + h * nv;
-                vf dot = qh[0] * *(const vf_u *)kh;
-                for (int64_t c = 1; c < nv; c++) dot += qh[c] * *(const vf_u *)(kh + c * VF_LANES);
-                scores[h * ctx + p] = hsum(dot) * scale;
-            }
+    if (num_threads > num_seqs) num_threads = (int)num_seqs;
+    if (num_threads < 1) num_threads = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        /* per thread: scores (num_heads, max_ctx), then acc and the query (num_heads, d) */
+        int64_t scores_len = (num_heads * max_ctx + 15) & ~(int64_t)15;
+        float *scores = aligned_alloc(64, sizeof(float) * (size_t)(scores_len + 2 * num_heads * d));
+        failed = scores == NULL;
+        vf *acc = (vf *)(scores + scores_len), *qv = acc + num_heads * (d / VF_LANES);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t s = 0; s < num_seqs; s++) {
+            if (!scores) continue;
+            for (int64_t i = 0; i < num_heads * d / VF_LANES; i++)
+                qv[i] = *(const vf_u *)(q + q_rows[s] * q_stride + i * VF_LANES);
+            const int64_t *table = block_tables + s * bt_stride;
+            float *os = out + q_rows[s] * o_stride;
+            /* common head sizes get a copy with the per-head loops unrolled */
+            if (d == 64)
+                attend(qv, k_cache, v_cache, table, context_lens[s], os, scores, acc, head_kv,
+                       num_heads, 64, token_len, block_shift, scale);
+            else
+                attend(qv, k_cache, v_cache, table, context_lens[s], os, scores, acc, head_kv,
+                       num_heads, d, token_len, block_shift, scale);
         }
-        for (int64_t h = 0; h < num_heads; h++) {
-            float *sh = scores + h * ctx, m = sh[0], l = 0.0f;
-            for (int64_t p = 1; p < ctx; p++) m = sh[p] > m ? sh[p] : m;
-#pragma omp simd reduction(+ : l)
-            for (int64_t p = 0; p < ctx; p++) {
-                sh[p] = exp_approx(sh[p] - m);
-                l += sh[p];
-            }
-            float inv = 1.0f / l;
-#pragma omp simd
-            for (int64_t p = 0; p < ctx; p++) sh[p] *= inv;
-        }
-        memset(acc, 0, sizeof(vf) * (size_t)(num_heads * nv));
-        for (int64_t p = 0; p < ctx; p++) {
-            const float *val = slot(v_cache, table, p, block_shift, token_len);
-            for (int64_t h = 0; h < num_heads; h++) {
-                const float *vh = val + head_kv[h] * d;
-                vf w = {0};
-                w += scores[h * ctx + p];
-                vf *a = acc + h * nv;
-                for (int64_t c = 0; c < nv; c++) a[c] += w * *(const vf_u *)(vh + c * VF_LANES);
-            }
-        }
-        float *os = out + q_rows[s] * o_stride;
-        for (int64_t i = 0; i < num_heads * nv; i++) *(vf_u *)(os + i * VF_LANES) = acc[i];
+        free(scores);
     }
-    free(scores);
-    return 0;
-}
-
-__attribute__((optimize("fp-contract=fast")))
-int xy_decode_attention(const float *q, int64_t q_stride, const float *k_cache,
-                        const float *v_cache, const int64_t *block_tables, int64_t bt_stride,
-                        const int64_t *context_lens, const int64_t *q_rows, float *out,
-                        int64_t o_stride, int64_t num_seqs, int64_t num_heads,
-                        int64_t num_kv_heads, int64_t d, int64_t num_blocks, int64_t block_size,
-                        float scale) {
-    /* common head sizes get a copy with the head loop unrolled */
-#define XY_ATTENTION(D) decode_attention(q, q_stride, k_cache, v_cache, block_tables, bt_stride, \
-    context_lens, q_rows, out, o_stride, num_seqs, num_heads, num_kv_heads, D, num_blocks, \
-    block_size, scale)
-    switch (d) {
-        case 64: return XY_ATTENTION(64);
-        case 128: return XY_ATTENTION(128);
-        default: return XY_ATTENTION(d);
-    }
-#undef XY_ATTENTION
+    return failed ? -1 : 0;
 }
