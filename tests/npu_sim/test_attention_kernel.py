@@ -19,7 +19,7 @@ from engine.lowering import MIN_KV_SPAN_TOKENS, ChunkShape, lower_attention
 from engine.models.arch import ModelArch
 from npu_sim.device import Device
 from npu_sim.hardware import ChipSpec, get_chip
-from npu_sim.kernels import run_attention
+from npu_sim.kernels import native, run_attention
 from npu_sim.tasks import ATTN_TASK, COMBINE_TASK, AttentionKernel, Primitive
 from npu_sim.tiling import ATTN_Q_TILE_ROWS
 
@@ -176,6 +176,11 @@ def outputs(batch: Batch) -> dict[str, torch.Tensor]:
     result = {
         "strict": run_attention(batch.kernel, True, batch.q, batch.k_cache, batch.v_cache),
         "fast": run_attention(batch.kernel, False, batch.q, batch.k_cache, batch.v_cache),
+    }
+    with native.disabled():  # the ATen fast path (decodes otherwise go to the C kernel)
+        result["fast_aten"] = run_attention(batch.kernel, False, batch.q, batch.k_cache,
+                                            batch.v_cache)
+    result |= {
         "dense": dense_attention(
             batch.chunks, batch.q, batch.k_cache, batch.v_cache, batch.scenario.block_size
         ),
@@ -188,12 +193,13 @@ def outputs(batch: Batch) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------- numerics
 
 
-def test_strict_matches_fast(batch: Batch, outputs: dict[str, torch.Tensor]) -> None:
-    assert outputs["strict"].shape == outputs["fast"].shape == batch.q.shape
-    torch.testing.assert_close(outputs["strict"], outputs["fast"], atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("fast", ["fast", "fast_aten"])
+def test_strict_matches_fast(batch: Batch, outputs: dict[str, torch.Tensor], fast: str) -> None:
+    assert outputs["strict"].shape == outputs[fast].shape == batch.q.shape
+    torch.testing.assert_close(outputs["strict"], outputs[fast], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["strict", "fast"])
+@pytest.mark.parametrize("path", ["strict", "fast", "fast_aten"])
 def test_matches_dense_reference(path: str, outputs: dict[str, torch.Tensor]) -> None:
     torch.testing.assert_close(outputs[path].double(), outputs["dense"], atol=1e-5, rtol=1e-5)
 

@@ -18,6 +18,7 @@ handle (another dtype, a non-unit inner stride), so callers can always fall back
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -26,6 +27,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -65,6 +67,19 @@ def lib() -> ctypes.CDLL | None:
         if "lib" not in _state:
             _state["lib"] = _load() if enabled() else None
         return _state["lib"]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block every wrapper declines, as without a compiler (the ATen paths run);
+    for comparisons and tests. Not thread-safe: it switches the process-wide library."""
+    lib()
+    before = _state["lib"]
+    _state["lib"] = None
+    try:
+        yield
+    finally:
+        _state["lib"] = before
 
 
 def _cpu_id() -> str:

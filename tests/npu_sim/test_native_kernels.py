@@ -1,0 +1,177 @@
+"""The C kernels of the CPU fast path (npu_sim.kernels.native), called directly: the panel GEMM
+and the paged decode attention against torch on ragged shapes, thread counts that must not change
+a bit, the operands they decline, the out-of-range indices they refuse, and the switch that turns
+them off. (The vector kernels are held to the reference path in test_fast_paths.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from npu_sim.kernels import native
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason="the C kernels cannot be built here")
+
+
+def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------- GEMM
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 33, native.GEMM_MAX_ROWS])
+@pytest.mark.parametrize("n", [16, 50, 300])
+def test_panel_gemm_matches_linear(m: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    k = 129
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    panels = native.pack_panels(w)
+    assert panels is not None
+    for b in (None, bias):
+        out = native.gemm(x, panels, b)
+        assert out is not None and out.shape == (m, n)
+        torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_panel_gemm_reads_strided_rows_and_is_thread_count_invariant() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 64, generator=gen)
+    wide = torch.randn(16, 200, generator=gen)
+    x = wide[:, 10:74]  # rows 200 apart
+    panels = native.pack_panels(w)
+    one = _with_threads(1, lambda: native.gemm(x, panels, None))
+    two = _with_threads(2, lambda: native.gemm(x, panels, None))
+    assert torch.equal(one, two)  # each column is computed by one thread, in one order
+    torch.testing.assert_close(one, x @ w.T, atol=1e-5, rtol=1e-5)
+
+
+def test_panel_gemm_declines_what_it_does_not_take() -> None:
+    w = torch.randn(32, 8)
+    panels = native.pack_panels(w)
+    assert native.pack_panels(w.bfloat16()) is None
+    assert native.gemm(torch.randn(native.GEMM_MAX_ROWS + 1, 8), panels, None) is None
+    assert native.gemm(torch.randn(4, 8).bfloat16(), panels, None) is None
+    assert native.gemm(torch.randn(8, 4).T, panels, None) is None  # columns not contiguous
+
+
+# ----------------------------------------------------------------------------------- attention
+
+
+def _paged(num_seqs: int, hq: int, hkv: int, d: int, block_size: int, max_ctx: int,
+           seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(1, max_ctx + 1, (num_seqs,), generator=gen)
+    blocks_per_seq = -(-max_ctx // block_size)
+    num_blocks = num_seqs * blocks_per_seq + 3
+    tables = torch.randperm(num_blocks, generator=gen)[:num_seqs * blocks_per_seq]
+    return {
+        "q": torch.randn(num_seqs + 2, hq, d, generator=gen),  # two rows nobody reads
+        "k_cache": torch.randn(num_blocks, block_size, hkv, d, generator=gen),
+        "v_cache": torch.randn(num_blocks, block_size, hkv, d, generator=gen),
+        "block_tables": tables.view(num_seqs, blocks_per_seq).contiguous(),
+        "context_lens": ctx,
+        "q_rows": torch.randperm(num_seqs + 2, generator=gen)[:num_seqs],
+    }
+
+
+def _sdpa(op: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    q, kc, vc = op["q"], op["k_cache"], op["v_cache"]
+    _, bs, hkv, d = kc.shape
+    out = torch.zeros_like(q)
+    for s, row in enumerate(op["q_rows"].tolist()):
+        pos = torch.arange(int(op["context_lens"][s]))
+        slots = op["block_tables"][s, pos // bs] * bs + pos % bs
+        k = kc.view(-1, hkv, d)[slots].transpose(0, 1)  # (Hkv, ctx, D)
+        v = vc.view(-1, hkv, d)[slots].transpose(0, 1)
+        qs = q[row].view(hkv, -1, d)  # (Hkv, G, D): query head j * G + g
+        out[row] = F.scaled_dot_product_attention(qs, k, v, scale=scale).reshape(-1, d)
+    return out
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 16), (9, 3, 64), (8, 1, 128), (6, 2, 40)])
+def test_decode_attention_matches_sdpa(hq: int, hkv: int, d: int) -> None:
+    op = _paged(num_seqs=7, hq=hq, hkv=hkv, d=d, block_size=16, max_ctx=150, seed=hq + d)
+    out = torch.full_like(op["q"], 7.0)
+    native.decode_attention(op["q"], op["k_cache"], op["v_cache"], op["block_tables"],
+                            op["context_lens"], op["q_rows"], out, d**-0.5)
+    expected = _sdpa(op, d**-0.5)
+    torch.testing.assert_close(out[op["q_rows"]], expected[op["q_rows"]], atol=1e-5, rtol=1e-5)
+    untouched = [r for r in range(len(out)) if r not in op["q_rows"].tolist()]
+    assert (out[untouched] == 7.0).all()
+
+
+def test_decode_attention_is_thread_count_invariant() -> None:
+    op = _paged(num_seqs=16, hq=9, hkv=3, d=64, block_size=16, max_ctx=300, seed=1)
+
+    def run() -> torch.Tensor:
+        out = torch.empty_like(op["q"])
+        native.decode_attention(op["q"], op["k_cache"], op["v_cache"], op["block_tables"],
+                                op["context_lens"], op["q_rows"], out, 0.125)
+        return out[op["q_rows"]]
+
+    assert torch.equal(_with_threads(1, run), _with_threads(2, run))
+
+
+def test_decode_attention_supported_operands() -> None:
+    op = _paged(num_seqs=2, hq=4, hkv=2, d=16, block_size=16, max_ctx=20, seed=2)
+    q, kc, vc = op["q"], op["k_cache"], op["v_cache"]
+    assert native.decode_attention_supported(q, kc, vc)
+    assert not native.decode_attention_supported(q.bfloat16(), kc.bfloat16(), vc.bfloat16())
+    assert not native.decode_attention_supported(q[..., :12], kc[..., :12], vc[..., :12])
+    odd_blocks = torch.randn(4, 12, 2, 16)  # block size not a power of two
+    assert not native.decode_attention_supported(q, odd_blocks, odd_blocks)
+    with pytest.raises(ValueError):
+        native.decode_attention(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), op["block_tables"],
+                                op["context_lens"], op["q_rows"], torch.empty_like(q), 0.25)
+
+
+def test_decode_attention_refuses_out_of_range_indices() -> None:
+    op = _paged(num_seqs=3, hq=4, hkv=2, d=16, block_size=16, max_ctx=40, seed=3)
+    out = torch.full_like(op["q"], 7.0)
+    args = (op["q"], op["k_cache"], op["v_cache"])
+    bad_table = op["block_tables"].clone()
+    bad_table[1, 0] = len(op["k_cache"])  # one past the cache
+    too_long = op["block_tables"].shape[1] * 16 + 1
+    for tables, ctx in ((bad_table, torch.full((3,), 20)),
+                        (op["block_tables"], torch.tensor([1, too_long, 1]))):
+        with pytest.raises(IndexError):
+            native.decode_attention(*args, tables, ctx, op["q_rows"], out, 0.25)
+    assert (out == 7.0).all()  # refused before anything was written
+
+
+def test_kv_write_refuses_a_slot_outside_the_cache() -> None:
+    k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    k_cache, v_cache = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
+    assert native.kv_write(2, k, v, k_cache, v_cache, torch.tensor([11, 0]))
+    assert torch.equal(k_cache.view(-1, 2, 8)[11], k[0]) and torch.equal(v_cache[0, 0], v[1])
+    with pytest.raises(IndexError):
+        native.kv_write(2, k, v, k_cache, v_cache, torch.tensor([1, 12]))
+
+
+# -------------------------------------------------------------------------------------- switch
+
+
+def test_disabled_block_and_environment_switch_them_off() -> None:
+    with native.disabled():
+        assert native.lib() is None and native.pack_panels(torch.randn(4, 4)) is None
+    assert native.lib() is not None
+    code = "from npu_sim.kernels import native; print(native.lib() is None)"
+    env = {**os.environ, "XYSERVE_NATIVE_KERNELS": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "True"
