@@ -11,6 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     XYSERVE_CACHE_DIR=/opt/xyserve/cache
 
+# A C compiler: the CPU fast path's kernels (npu_sim/kernels/native) are compiled for the host's
+# CPU the first time the server starts (about a second); without one it runs on ATen alone.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch, the CPU build from PyTorch's CPU wheel index (a plain `pip install torch` on Linux pulls
 # the CUDA build, ~5 GB of libraries this service never uses).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"
