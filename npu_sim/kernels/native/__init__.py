@@ -148,12 +148,13 @@ def add_rmsnorm(n: int, x: torch.Tensor | None, residual: torch.Tensor, weight: 
     scaled by weight: (n, H) fp32; None where not handled."""
     native = lib()
     operands = (residual, weight) if x is None else (x, residual, weight)
-    if native is None or not _fp32_rows(*operands) or residual.dim() != 2:
+    if (native is None or not _fp32_rows(*operands) or residual.dim() != 2
+            or not weight.is_contiguous()):
         return None
     hidden = residual.shape[1]
     out = residual.new_empty(n, hidden)
     native.xy_add_rmsnorm(None if x is None else x.data_ptr(), 0 if x is None else x.stride(0),
-                          residual.data_ptr(), residual.stride(0), weight.contiguous().data_ptr(),
+                          residual.data_ptr(), residual.stride(0), weight.data_ptr(),
                           out.data_ptr(), hidden, n, hidden, eps)
     return out
 
@@ -161,7 +162,8 @@ def add_rmsnorm(n: int, x: torch.Tensor | None, residual: torch.Tensor, weight: 
 def silu_mul(n: int, gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up over rows [0, n) of gate_up (T, 2I): (n, I); None where not handled."""
     native = lib()
-    if native is None or not _fp32_rows(gate_up) or gate_up.dim() != 2:
+    if (native is None or not _fp32_rows(gate_up) or gate_up.dim() != 2 or gate_up.shape[1] % 2
+            or len(gate_up) < n):
         return None
     inter = gate_up.shape[1] // 2
     out = gate_up.new_empty(n, inter)
@@ -173,7 +175,9 @@ def rope(n: int, parts: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.
     """Rotate rows [0, n) of each of `parts` (T, heads, D) in place by cos, sin (T, D); False
     where any is not handled (then nothing is written)."""
     native = lib()
-    if native is None or not _fp32_rows(*parts, cos, sin) or cos.stride() != sin.stride():
+    if (native is None or not _fp32_rows(*parts, cos, sin) or cos.stride() != sin.stride()
+            or cos.shape != sin.shape or len(cos) < n
+            or any(t.dim() != 3 or t.shape[2] != cos.shape[-1] or len(t) < n for t in parts)):
         return False
     for t in parts:
         native.xy_rope(t.data_ptr(), t.stride(0), t.stride(1), t.shape[1], cos.data_ptr(),
