@@ -101,7 +101,7 @@ class EngineConfig:
     """Everything the engine needs to start."""
 
     model: str = DEFAULT_MODEL  # preset name, local HF directory or local .gguf file
-    dtype: Dtype = "auto"  # CPU compute dtype; auto = bfloat16 where the CPU has native bf16
+    dtype: Dtype = "auto"  # CPU compute dtype; auto: see engine.core.resolve_dtype
     seed: int = 0  # seed of the sampler's shared RNG (requests without their own seed)
     strict_kernels: bool = False  # run every kernel task by task (reference path); slow
     npu: str = DEFAULT_CHIP  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file

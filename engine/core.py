@@ -28,6 +28,7 @@ from engine.scheduler import Scheduler
 from engine.spec.factory import build_drafter
 from engine.stats import FinishedRequestStats, IterationStats, SpecDecodingStats
 from npu_sim.hardware import load_chip
+from npu_sim.kernels import native
 from npu_sim.trace import StepTrace, write_perfetto
 
 logger = logging.getLogger("xyserve")
@@ -49,7 +50,7 @@ class EngineCore:
         self.model_path = loaded.path  # the local HF directory the weights came from
         self.tokenizer = loaded.tokenizer
         self.arch = arch = loaded.arch
-        self.dtype = resolve_dtype(config.dtype)
+        self.dtype = resolve_dtype(config.dtype, sum(t.numel() for t in loaded.weights.values()))
         self.max_model_len = config.scheduler.max_model_len or arch.max_position_embeddings
         if self.max_model_len > arch.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -297,8 +298,20 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a config dtype name; auto = bf16 where the CPU computes it natively."""
+# `auto` keeps models up to this many parameters in fp32 where the C kernels run.
+AUTO_FP32_MAX_PARAMS = 500_000_000
+
+
+def resolve_dtype(name: str, num_params: int) -> torch.dtype:
+    """The torch dtype for a config dtype name and a model of num_params parameters.
+
+    auto: float32 for a model of up to AUTO_FP32_MAX_PARAMS where the fp32 C kernels run (on
+    the default model both faster than bf16 on ATen, 380 vs 297 decode tok/s at batch 16, and
+    exact against transformers' fp32; the fast path then keeps up to three copies of each fp32
+    weight); else bf16 where the CPU computes it natively; else float32.
+    """
     if name == "auto":
+        if num_params <= AUTO_FP32_MAX_PARAMS and native.lib() is not None:
+            return torch.float32
         return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]

@@ -116,7 +116,10 @@ def add_serve_parser(subparsers: Any) -> None:
     e.add_argument("--strict-kernels", action="store_true",
                    help="run every kernel task by task (the reference path; slow)")
     e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
-                   choices=typing.get_args(Dtype), help="CPU compute dtype (default: %(default)s)")
+                   choices=typing.get_args(Dtype),
+                   help="CPU compute dtype; auto: float32 for models of up to 500M parameters "
+                   "where the C kernels build, else bfloat16 where the CPU computes it natively "
+                   "(default: %(default)s)")
     e.add_argument("--seed", type=int, default=_default(EngineConfig, "seed"),
                    help="seed of the sampler for requests without their own (default: "
                         "%(default)s)")
