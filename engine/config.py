@@ -13,6 +13,9 @@ from npu_sim.hardware import DEFAULT_CHIP
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 Dtype = Literal["auto", "float32", "bfloat16"]
+# dtype `auto` keeps models up to this many parameters in fp32 where the C kernels run (see
+# engine.core.resolve_dtype)
+AUTO_FP32_MAX_PARAMS = 500_000_000
 NpuDtype = Literal["bf16", "fp16"]
 SchedulingPolicy = Literal["token_budget", "prefill_first"]
 SpeculativeMethod = Literal["ngram", "tree", "draft-model"]

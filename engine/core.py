@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import AUTO_FP32_MAX_PARAMS, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import RequestOutput, ScheduledChunk, SchedulerOutput, TokenUpdate
@@ -296,10 +296,6 @@ def _cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-# `auto` keeps models up to this many parameters in fp32 where the C kernels run.
-AUTO_FP32_MAX_PARAMS = 500_000_000
 
 
 def resolve_dtype(name: str, num_params: int) -> torch.dtype:

@@ -17,6 +17,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from engine.config import (
+    AUTO_FP32_MAX_PARAMS,
     SPECULATIVE_METHODS,
     CacheConfig,
     Dtype,
@@ -117,9 +118,9 @@ def add_serve_parser(subparsers: Any) -> None:
                    help="run every kernel task by task (the reference path; slow)")
     e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
                    choices=typing.get_args(Dtype),
-                   help="CPU compute dtype; auto: float32 for models of up to 500M parameters "
-                   "where the C kernels build, else bfloat16 where the CPU computes it natively "
-                   "(default: %(default)s)")
+                   help="CPU compute dtype; auto: float32 for models of up to "
+                   f"{AUTO_FP32_MAX_PARAMS / 1e6:.0f}M parameters where the C kernels build, else "
+                   "bfloat16 where the CPU computes it natively (default: %(default)s)")
     e.add_argument("--seed", type=int, default=_default(EngineConfig, "seed"),
                    help="seed of the sampler for requests without their own (default: "
                         "%(default)s)")
