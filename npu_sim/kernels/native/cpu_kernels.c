@@ -4,8 +4,8 @@
  * weights, and each small ATen op then pays tens of microseconds of cold dispatch and kernel code
  * (an RMSNorm is ~15 ATen calls). Each function here is one call doing one launch's whole work in
  * a small, tight loop; the attention reads keys and values straight out of the paged cache
- * (no gather into a padded copy). Single-threaded: the work per launch is small and a second
- * OpenMP runtime next to torch's would fight it for the two cores.
+ * (no gather into a padded copy) and shares the sequences among torch's OpenMP threads (see
+ * gemm.c); the row-wise ops are too small to be worth a parallel region.
  *
  * Conventions: every tensor is fp32 with unit stride along its last dimension; row strides are in
  * elements. Built with -ffp-contract=off so a * b + c * d rounds as ATen's separate mul and add
