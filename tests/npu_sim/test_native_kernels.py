@@ -6,6 +6,7 @@ them off. (The vector kernels are held to the reference path in test_fast_paths.
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -165,13 +166,22 @@ def test_kv_write_refuses_a_slot_outside_the_cache() -> None:
 # -------------------------------------------------------------------------------------- switch
 
 
+def _lib_is_none_in_a_process_with(env: dict[str, str]) -> tuple[bool, str]:
+    code = "from npu_sim.kernels import native; print(native.lib() is None)"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=root,
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip() == "True", done.stderr
+
+
 def test_disabled_block_and_environment_switch_them_off() -> None:
     with native.disabled():
         assert native.lib() is None and native.pack_panels(torch.randn(4, 4)) is None
     assert native.lib() is not None
-    code = "from npu_sim.kernels import native; print(native.lib() is None)"
-    env = {**os.environ, "XYSERVE_NATIVE_KERNELS": "0"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
-                          text=True, check=True)
-    assert done.stdout.strip() == "True"
+    assert _lib_is_none_in_a_process_with({"XYSERVE_NATIVE_KERNELS": "0"})[0]
+
+
+def test_without_a_compiler_the_fast_path_stays_on_aten(tmp_path: pathlib.Path) -> None:
+    none, stderr = _lib_is_none_in_a_process_with({"CC": str(tmp_path / "no-such-cc"),
+                                                   "XDG_CACHE_HOME": str(tmp_path)})
+    assert none and "without its C kernels" in stderr

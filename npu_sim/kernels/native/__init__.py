@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import pathlib
 import platform
@@ -49,6 +50,7 @@ _SIGNATURES = {
     "xy_gemm": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _P, _I, _I, ctypes.c_int]),
 }
 
+logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
 
@@ -99,39 +101,46 @@ def _cache_dir() -> pathlib.Path:
 def _load() -> ctypes.CDLL | None:
     source = b"".join(path.read_bytes() for path in _SOURCES)
     compiler = os.environ.get("CC", "cc")
+    why = "no attempt"
     for arch in _ARCH_FLAGS:
         flags = (*_FLAGS, *arch)
         key = hashlib.sha256(b"\0".join([source, " ".join((compiler, *flags)).encode(),
                                          platform.machine().encode(), _cpu_id().encode()]))
         path = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-        if not path.exists() and not _build(compiler, flags, path):
-            continue
+        if not path.exists():
+            why = _build(compiler, flags, path)
+            if why:
+                continue
+            logger.info("built the CPU fast path's C kernels: %s", path)
         try:
             library = ctypes.CDLL(str(path))
-        except OSError:
+        except OSError as exc:
+            why = str(exc)
             continue
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(library, name)
             fn.restype, fn.argtypes = restype, argtypes
         return library
+    logger.warning("CPU fast path without its C kernels (ATen only, slower): %s", why)
     return None
 
 
-def _build(compiler: str, flags: tuple[str, ...], path: pathlib.Path) -> bool:
+def _build(compiler: str, flags: tuple[str, ...], path: pathlib.Path) -> str:
+    """Compile into `path`; returns "" on success, else why not."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: concurrent processes never load a partial file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         done = subprocess.run([compiler, *flags, "-o", tmp, *map(str, _SOURCES), "-lm"],
-                              capture_output=True, timeout=120, check=False)
+                              capture_output=True, text=True, timeout=120, check=False)
         if done.returncode != 0:
             os.unlink(tmp)
-            return False
+            return f"{compiler} failed: {done.stderr.strip()[-500:]}"
         os.replace(tmp, path)
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False
+        return ""
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot build with {compiler}: {exc}"
 
 
 # ------------------------------------------------------------------------------------ wrappers
