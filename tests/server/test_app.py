@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -100,3 +102,10 @@ def test_openapi_schema_documents_the_routes(make_core: MakeCore) -> None:
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
                  "/version", "/tokenize", "/detokenize", "/metrics"):
         assert path in paths
+
+
+def test_startup_objects_are_frozen_out_of_the_cyclic_gc(make_core: MakeCore) -> None:
+    gc.unfreeze()
+    with TestClient(build_app(AsyncEngine(make_core()), ServerConfig())):
+        assert gc.get_freeze_count() > 0  # (a full collection would otherwise walk them all)
+    gc.unfreeze()
