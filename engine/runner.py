@@ -22,7 +22,7 @@ from engine.models.loader import LoadedModel
 from engine.outputs import ModelOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
 from engine.request import Request
 from engine.sampler import Sampler, SamplingRow
-from engine.spec.adaptive import acceptance_threshold, num_drafts_worth
+from engine.spec.adaptive import drafts_worth
 from engine.spec.types import Draft, Drafter, DraftRequest, JoinedTokens
 from engine.spec.verify import node_paths, verify
 from npu_sim.device import Device
@@ -184,13 +184,12 @@ class ModelRunner:
         if self.drafter is None or self.speculative is None:
             return {}
         spec = self.speculative
-        # the requests that just sampled are the next step's decodes
-        threshold = acceptance_threshold(len(token_ids), spec.spec_token_cost)
         wanted = []
         max_num_tokens = 0
         for request_id, new_ids in token_ids.items():
             req = requests[request_id]
-            worth = num_drafts_worth(req.spec_acceptance, threshold, spec.num_speculative_tokens)
+            # (the requests that just sampled are the next step's decodes)
+            worth = drafts_worth(req, spec, len(token_ids), spec.num_speculative_tokens)
             self._draft_probs.pop(request_id, None)  # a draft is verified at most once
             if worth:
                 tokens = JoinedTokens(req.prompt_token_ids, req.output_token_ids, new_ids)

@@ -45,6 +45,15 @@ def num_drafts_worth(acceptance: float, min_acceptance: float, max_num_drafts: i
     return min(max_num_drafts, int(math.log(min_acceptance) / math.log(acceptance) + 1e-9))
 
 
+def drafts_worth(request: Request, config: SpeculativeConfig, batch_size: int,
+                 max_num_drafts: int) -> int:
+    """How many draft positions (at most max_num_drafts) `request`'s measured acceptance pays
+    for with batch_size requests decoding: what the runner asks a drafter for and the scheduler
+    verifies."""
+    threshold = acceptance_threshold(batch_size, config.spec_token_cost)
+    return num_drafts_worth(request.spec_acceptance, threshold, max_num_drafts)
+
+
 def record_verify(request: Request, num_drafts: int, num_accepted: int) -> None:
     """Fold one verify's outcome (num_accepted of num_drafts along the accepted path) into the
     request's acceptance estimate."""
@@ -73,9 +82,8 @@ def drafts_to_verify(request: Request, draft: Draft | None, config: SpeculativeC
     max_tokens = request.sampling_params.max_tokens
     if max_tokens is not None:
         limit = min(limit, max_tokens - request.num_output_tokens - 1)
-    worth = num_drafts_worth(request.spec_acceptance,
-                             acceptance_threshold(batch_size, config.spec_token_cost),
-                             min(draft.num_tokens, config.num_speculative_tokens))
+    worth = drafts_worth(request, config, batch_size,
+                         min(draft.num_tokens, config.num_speculative_tokens))
     num_drafts = min(worth, limit, room)
     if num_drafts <= 0:
         record_no_drafts(request)

@@ -16,35 +16,16 @@ import pytest
 import torch
 
 from engine.lowering import MIN_KV_SPAN_TOKENS, ChunkShape, lower_attention
-from engine.models.arch import ModelArch
 from npu_sim.device import Device
 from npu_sim.hardware import ChipSpec, get_chip
 from npu_sim.kernels import native, run_attention
 from npu_sim.tasks import ATTN_TASK, COMBINE_TASK, AttentionKernel, Primitive
 from npu_sim.tiling import ATTN_Q_TILE_ROWS
+from tests.npu_sim.attention_reference import dense_attention, make_arch
 
 CHIP = get_chip("910b2")
 CHIP_8 = dataclasses.replace(CHIP, num_cube_cores=8, num_vector_cores=16)
 CHIP_2 = dataclasses.replace(CHIP, num_cube_cores=2, num_vector_cores=4)
-
-
-def make_arch(num_heads: int, num_kv_heads: int, head_dim: int = 16) -> ModelArch:
-    return ModelArch(
-        architecture="LlamaForCausalLM",
-        num_layers=1,
-        hidden_size=num_heads * head_dim,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        intermediate_size=64,
-        vocab_size=100,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        eos_token_ids=(2,),
-        bos_token_id=1,
-    )
 
 
 def make_chunks(
@@ -65,33 +46,6 @@ def make_chunks(
         )
         used += nb
     return chunks, pool
-
-
-def dense_attention(
-    chunks: Sequence[ChunkShape],
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_size: int,
-) -> torch.Tensor:
-    """Plain causal attention in float64, one sequence at a time, K/V gathered by block table."""
-    hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
-    g = hq // hkv
-    out = torch.empty(q.shape, dtype=torch.float64)
-    q_start = 0
-    for c in chunks:
-        ctx = c.start_pos + c.num_tokens
-        pos = torch.arange(ctx)
-        blocks = torch.tensor(c.block_ids)[pos // block_size]
-        k = k_cache[blocks, pos % block_size].double().repeat_interleave(g, dim=1)  # (ctx, Hq, D)
-        v = v_cache[blocks, pos % block_size].double().repeat_interleave(g, dim=1)
-        qs = q[q_start : q_start + c.num_tokens].double()  # (n, Hq, D)
-        scores = torch.einsum("nhd,chd->hnc", qs, k) / math.sqrt(d)
-        q_pos = c.start_pos + torch.arange(c.num_tokens)
-        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], -math.inf)
-        out[q_start : q_start + c.num_tokens] = torch.einsum("hnc,chd->nhd", scores.softmax(-1), v)
-        q_start += c.num_tokens
-    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The C kernels of the CPU fast path (npu_sim.kernels.native), called directly: the panel GEMM
-and the paged decode attention against torch on ragged shapes, thread counts that must not change
-a bit, the operands they decline, the out-of-range indices they refuse, and the switch that turns
-them off. (The vector kernels are held to the reference path in test_fast_paths.)"""
+against torch and the paged decode attention against the float64 reference on ragged shapes,
+thread counts that must not change a bit, the operands they decline, the out-of-range indices
+they refuse, and the switch that turns them off. (The vector kernels are held to the reference
+path in test_fast_paths.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.lowering import ChunkShape
 from npu_sim.kernels import native
+from tests.npu_sim.attention_reference import dense_attention
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason="the C kernels cannot be built here")
 
@@ -89,28 +92,22 @@ def _paged(num_seqs: int, hq: int, hkv: int, d: int, block_size: int, max_ctx: i
     }
 
 
-def _sdpa(op: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-    q, kc, vc = op["q"], op["k_cache"], op["v_cache"]
-    _, bs, hkv, d = kc.shape
-    out = torch.zeros_like(q)
-    for s, row in enumerate(op["q_rows"].tolist()):
-        pos = torch.arange(int(op["context_lens"][s]))
-        slots = op["block_tables"][s, pos // bs] * bs + pos % bs
-        k = kc.view(-1, hkv, d)[slots].transpose(0, 1)  # (Hkv, ctx, D)
-        v = vc.view(-1, hkv, d)[slots].transpose(0, 1)
-        qs = q[row].view(hkv, -1, d)  # (Hkv, G, D): query head j * G + g
-        out[row] = F.scaled_dot_product_attention(qs, k, v, scale=scale).reshape(-1, d)
-    return out
+def _dense(op: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The shared float64 reference, one single-token chunk per sequence, in sequence order."""
+    bs = op["k_cache"].shape[1]
+    chunks = [ChunkShape(int(ctx) - 1, 1, tuple(table.tolist()))
+              for ctx, table in zip(op["context_lens"], op["block_tables"], strict=True)]
+    return dense_attention(chunks, op["q"][op["q_rows"]], op["k_cache"], op["v_cache"], bs)
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 4, 16), (9, 3, 64), (8, 1, 128), (6, 2, 40)])
-def test_decode_attention_matches_sdpa(hq: int, hkv: int, d: int) -> None:
+def test_decode_attention_matches_the_dense_reference(hq: int, hkv: int, d: int) -> None:
     op = _paged(num_seqs=7, hq=hq, hkv=hkv, d=d, block_size=16, max_ctx=150, seed=hq + d)
     out = torch.full_like(op["q"], 7.0)
     native.decode_attention(op["q"], op["k_cache"], op["v_cache"], op["block_tables"],
                             op["context_lens"], op["q_rows"], out, d**-0.5)
-    expected = _sdpa(op, d**-0.5)
-    torch.testing.assert_close(out[op["q_rows"]], expected[op["q_rows"]], atol=1e-5, rtol=1e-5)
+    expected = _dense(op).float()  # (scale 1 / sqrt(D), as above)
+    torch.testing.assert_close(out[op["q_rows"]], expected, atol=1e-5, rtol=1e-5)
     untouched = [r for r in range(len(out)) if r not in op["q_rows"].tolist()]
     assert (out[untouched] == 7.0).all()
 

@@ -5,7 +5,6 @@ and the split baseline's full-mask prefill kernel, and their costs."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 from engine.lowering import ChunkShape, lower_attention, lower_attention_split, tree_mask
-from engine.models.arch import ModelArch
 from engine.models.arch_presets import fake_chunks, get_arch
 from engine.sweeps_attention import VERIFY_SHAPES, binary_tree, verify_chunks
 from npu_sim.device import Device
@@ -21,33 +19,16 @@ from npu_sim.hardware import ChipSpec, get_chip
 from npu_sim.kernels import run_attention
 from npu_sim.tasks import AttentionKernel
 from npu_sim.tiling import ATTN_VERIFY_TILE_ROWS
+from tests.npu_sim.attention_reference import ancestors, dense_attention, make_arch
 
 CHIP = get_chip("910b2")
 CHIP_2 = dataclasses.replace(CHIP, num_cube_cores=2, num_vector_cores=4)
-D = 16  # head_dim of the small test models
-
-
-def make_arch(num_heads: int, num_kv_heads: int) -> ModelArch:
-    return ModelArch("LlamaForCausalLM", 1, num_heads * D, num_heads, num_kv_heads, D, 64, 100,
-                     1e-6, 8192, False, False, (2,), 1)
+D = 16  # head_dim of the small test models (attention_reference.make_arch's default)
 
 
 def random_tree(seed: int, n: int) -> tuple[int, ...]:
     rng = np.random.default_rng(seed)
     return tuple(int(rng.integers(-1, j)) for j in range(n))
-
-
-def ancestors(parents: Sequence[int]) -> np.ndarray:
-    """bool (N, N) [a, b] = b is a or an ancestor of a, by walking up (independent of
-    engine.lowering.tree_mask)."""
-    n = len(parents)
-    mask = np.zeros((n, n), dtype=bool)
-    for a in range(n):
-        b = a
-        while b >= 0:
-            mask[a, b] = True
-            b = parents[b]
-    return mask
 
 
 def branch(parents: Sequence[int], a: int) -> list[int]:
@@ -69,29 +50,6 @@ def place(specs: Sequence[tuple[int, int, tuple[int, ...]]], block_size: int,
         chunks.append(ChunkShape(start_pos, num_tokens, tuple(range(nxt, nxt + nb)), parents))
         nxt += nb
     return chunks
-
-
-def dense_attention(chunks: Sequence[ChunkShape], q: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, block_size: int) -> torch.Tensor:
-    """float64 attention, causal plus each chunk's tree (ancestor walk) on its draft rows."""
-    g = q.shape[1] // k_cache.shape[2]
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    q_start = 0
-    for c in chunks:
-        ctx, n = c.start_pos + c.num_tokens, len(c.draft_parents)
-        pos = torch.arange(ctx)
-        blocks = torch.tensor(c.block_ids)[pos // block_size]
-        k = k_cache[blocks, pos % block_size].double().repeat_interleave(g, dim=1)  # (ctx, Hq, D)
-        v = v_cache[blocks, pos % block_size].double().repeat_interleave(g, dim=1)
-        rows = slice(q_start, q_start + c.num_tokens)
-        scores = torch.einsum("nhd,chd->hnc", q[rows].double(), k) / math.sqrt(q.shape[2])
-        visible = pos[None, :] <= (c.start_pos + torch.arange(c.num_tokens))[:, None]
-        if n:
-            visible[-n:, -n:] &= torch.from_numpy(ancestors(c.draft_parents))
-        scores = scores.masked_fill(~visible[None], -math.inf)
-        out[rows] = torch.einsum("hnc,chd->nhd", scores.softmax(-1), v)
-        q_start += c.num_tokens
-    return out
 
 
 def run_both(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
