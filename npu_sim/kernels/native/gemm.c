@@ -5,12 +5,12 @@
  * Here w is packed once into 16-column panels (ceil(N / 16), K, 16): the kernel walks a panel
  * front to back, one 64-byte line of weights per k, multiplying it into up to 16 rows of
  * accumulators (the fixed 16 x 16 tile of the NPU's menu, ragged edges masked at the store), and
- * prefetches the line 4 KiB ahead so DRAM keeps up. Panels are split evenly across the threads
- * of an OpenMP parallel region. Linked against libgomp.so.1, the library shares the runtime torch
- * has already loaded (torch's CPU wheels bundle that soname), so these are torch's own intra-op
- * threads: no second pool competing for the cores.
+ * prefetches the line 8 KiB ahead into L2 so DRAM keeps up (into L1 it measured ~10% slower:
+ * L2 has more misses in flight). Panels are split evenly across the threads of an OpenMP
+ * parallel region. Linked against libgomp.so.1, the library shares the runtime torch has already
+ * loaded (torch's CPU wheels bundle that soname), so these are torch's own intra-op threads: no
+ * second pool competing for the cores.
  */
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -18,7 +18,7 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16_u __attribute__((vector_size(64), aligned(4)));
 #define NR 16              /* panel width: output columns per tile */
 #define MR 16              /* rows per tile */
-#define PREFETCH 1024      /* floats ahead in the panel (4 KiB) */
+#define PREFETCH 2048      /* floats ahead in the panel (8 KiB), fetched into L2 */
 
 /* Pack w (n, k) into panels (ceil(n / 16), k, 16); columns past n are zero. */
 void xy_pack_panels(const float *w, int64_t n, int64_t k, float *panels) {
@@ -38,7 +38,7 @@ static inline __attribute__((always_inline)) void tile(const float *xt, const fl
     for (int m = 0; m < mr; m++) acc[m] = (v16){0};
     for (int64_t kk = 0; kk < k; kk++) {
         v16 w = *(const v16 *)(panel + kk * NR);
-        __builtin_prefetch(panel + kk * NR + PREFETCH);
+        __builtin_prefetch(panel + kk * NR + PREFETCH, 0, 2);
         for (int m = 0; m < mr; m++) acc[m] += xt[kk * MR + m] * w;
     }
     v16 b = {0};
@@ -63,24 +63,22 @@ typedef struct {
     int64_t o_stride;
 } gemm_job;
 
+/* Panel p times every 16-row block of x: the panel is read from DRAM once and stays in L1/L2
+ * for the later blocks. */
 __attribute__((optimize("fp-contract=fast")))
-static void run_part(const gemm_job *j, int part, int parts) {  /* this thread's panels */
-    int64_t num_panels = (j->n + NR - 1) / NR;
-    int64_t first = num_panels * part / parts, last = num_panels * (part + 1) / parts;
+static void run_panel(const gemm_job *j, int64_t p) {
+    int64_t ncols = j->n - p * NR < NR ? j->n - p * NR : NR;
+    const float *panel = j->panels + p * j->k * NR;
+    const float *bias = j->bias ? j->bias + p * NR : NULL;
     for (int64_t r = 0; r < j->m; r += MR) {
         int mr = j->m - r < MR ? (int)(j->m - r) : MR;
         const float *xt = j->xt + r * j->k;
-        for (int64_t p = first; p < last; p++) {
-            int64_t ncols = j->n - p * NR < NR ? j->n - p * NR : NR;
-            const float *panel = j->panels + p * j->k * NR;
-            const float *bias = j->bias ? j->bias + p * NR : NULL;
-            float *out = j->out + r * j->o_stride + p * NR;
-            switch (mr) {  /* a copy of the tile per row count: accumulators stay in registers */
+        float *out = j->out + r * j->o_stride + p * NR;
+        switch (mr) {  /* a copy of the tile per row count: accumulators stay in registers */
 #define TILE(R) case R: tile(xt, panel, bias, j->k, out, j->o_stride, ncols, R); break;
-                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
-                TILE(9) TILE(10) TILE(11) TILE(12) TILE(13) TILE(14) TILE(15) TILE(16)
+            TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+            TILE(9) TILE(10) TILE(11) TILE(12) TILE(13) TILE(14) TILE(15) TILE(16)
 #undef TILE
-            }
         }
     }
 }
@@ -99,8 +97,11 @@ int xy_gemm(const float *x, int64_t x_stride, const float *panels, const float *
     if (num_threads > num_panels / 4) num_threads = (int)(num_panels / 4);  /* >= 4 panels each */
     if (num_threads < 1) num_threads = 1;
     gemm_job job = {xt, panels, bias, n, k, m, out, o_stride};
-#pragma omp parallel num_threads(num_threads)
-    run_part(&job, omp_get_thread_num(), omp_get_num_threads());  /* (the runtime may give fewer) */
+    /* One contiguous run of panels per thread: each streams its weights front to back, which
+     * the hardware prefetchers follow best (handing out chunks dynamically measured ~7% slower,
+     * even with other load on the cores). */
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < num_panels; p++) run_panel(&job, p);
     free(xt);
     return 0;
 }
