@@ -83,6 +83,12 @@ def gemm_rates(n: int = 2048) -> dict[str, float]:
     return out
 
 
+def best_rates(*measured: dict[str, float]) -> dict[str, float]:
+    """Entry by entry, the best of several measurements of the same rates: other tenants of a
+    shared machine only ever slow a measurement down, so the best is the closest to the CPU."""
+    return {key: max(m[key] for m in measured) for key in measured[0]}
+
+
 def memory_read_gbs(num_bytes: int = 256 << 20) -> float:
     """GB/s of reading a tensor far larger than the caches (the best of repeated sums)."""
     x = torch.ones(num_bytes // 4)
