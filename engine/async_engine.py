@@ -257,8 +257,8 @@ class AsyncEngine:
         if iteration_stats is not None:
             for stat_logger in self.stat_loggers:
                 stat_logger(self._stats, iteration_stats)
-        for output in outputs:
-            self._deliver(output.request_id, output)
+        if outputs:  # one wake-up of the event loop per step, not one per request
+            self._call_on_loop(self._put_all, outputs)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self._call_on_loop(self._put, request_id, item)
@@ -267,6 +267,10 @@ class AsyncEngine:
         mailbox = self._mailboxes.get(request_id)
         if mailbox is not None:
             mailbox.put(item)
+
+    def _put_all(self, outputs: Sequence[RequestOutput]) -> None:
+        for output in outputs:
+            self._put(output.request_id, output)
 
     def _call_on_loop(self, fn: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
