@@ -124,13 +124,15 @@ def main() -> None:
     llm = LLM(model=args.model, dtype=args.dtype,
               max_num_batched_tokens=args.max_num_batched_tokens)
     arch = llm.engine.arch
-    prompts = make_prompts(args.num_prompts, args.input_len, arch.vocab_size, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm up
-    num_in = sum(map(len, prompts))
+    llm.generate(make_prompts(2, args.input_len, arch.vocab_size, seed=0),
+                 SamplingParams(max_tokens=2))  # warm up
+    num_in = args.num_prompts * args.input_len
 
     best: tuple[float, StepTimers, int] | None = None
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
+        # new prompts every time: the prefix cache must not serve a repeat's prompts
+        prompts = make_prompts(args.num_prompts, args.input_len, arch.vocab_size, seed=1 + repeat)
         timers = StepTimers().install()
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
