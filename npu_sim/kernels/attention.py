@@ -17,13 +17,15 @@ output or a partial (o, lse) in a workspace slot that a combine task joins. The 
 the same attention with a few batched SDPA calls: short sequences (decodes, verifies, short
 chunks) in groups of similar context length, padded to the group's longest query and context,
 each longer chunk in its own; each reads only the keys its sequences see, and a tree only edits
-the causal mask, built once per kernel.
+the causal mask, built once per kernel. In fp32, C kernels (native/attention.c) take the decodes
+and the long chunks without a tree, reading the paged cache directly with no mask at all.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -176,18 +178,34 @@ class _Chunk:
 
 
 @dataclass(frozen=True)
+class _NativeChunk:
+    """A long chunk without a tree, for the C kernel (fp32): causal, read from the paged cache."""
+
+    rows: slice  # its query rows
+    block_table: torch.Tensor  # (B,) int64 its block table
+    start_pos: int  # the position of its first token
+
+
+class _Native(NamedTuple):
+    """Which C kernels take this launch's operands."""
+
+    decodes: bool  # native.decode_attention_supported
+    chunks: bool  # native.chunk_attention_supported
+
+
+@dataclass(frozen=True)
 class _FastPlan:
     decodes: _Decodes | None  # single-token sequences for the C kernel (None: none, or no C)
     groups: tuple[_ShortGroup, ...]  # the other short sequences, grouped by context length
-    chunks: tuple[_Chunk, ...]  # the longer ones, one SDPA each
+    chunks: tuple[_Chunk | _NativeChunk, ...]  # the longer ones, one launch each
     covers_all_rows: bool  # every row of q belongs to a sequence (else the rest stay zero)
 
 
 KEY_ALIGN = 16  # pad the decode group's key count to this (fewer distinct SDPA shapes)
 DECODE_GROUP_MIN_KEYS = 256  # contexts up to this share one group whatever their spread
 SHORT_Q_MAX = 32  # sequences with at most this many query tokens are batched in groups
-# the last kernel seen, whether its plan uses the C kernel, and the plan
-_plan_memo: list[tuple[AttentionKernel, bool, _FastPlan]] = []
+# the last kernel seen, which C kernels its plan uses, and the plan
+_plan_memo: list[tuple[AttentionKernel, _Native, _FastPlan]] = []
 
 
 def _context_groups(single: np.ndarray, context_lens: np.ndarray) -> list[np.ndarray]:
@@ -257,7 +275,7 @@ def _short_group(seqs: np.ndarray, tables: np.ndarray, trees: dict[int, np.ndarr
                        num_seqs=len(seqs), num_queries=num_q, num_keys=num_keys)
 
 
-def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: bool) -> _FastPlan:
+def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: _Native) -> _FastPlan:
     memo = _plan_memo[0] if _plan_memo else None  # one read: another thread may replace it
     if memo is not None and memo[0] is kernel and memo[1] == use_native:
         return memo[2]
@@ -266,7 +284,7 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: bool) -> _Fas
     trees = {int(s): np.asarray(m, dtype=bool) for s, m in kernel.tree_masks}
     short = seqs["q_len"] <= SHORT_Q_MAX
     decodes = None
-    if use_native:
+    if use_native.decodes:
         single = (seqs["q_len"] == 1) & ~np.isin(np.arange(len(seqs)), list(trees))
         short &= ~single
         if single.any():
@@ -278,9 +296,13 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: bool) -> _Fas
     groups = tuple(_short_group(seqs[members], tables[members], trees, members, bs, g)
                    for members in _context_groups(short, seqs["start_pos"][short]
                                                   + seqs["q_len"][short]))
-    chunks = []
+    chunks: list[_Chunk | _NativeChunk] = []
     for s in np.flatnonzero(seqs["q_len"] > SHORT_Q_MAX):
         q_start, q_len, start_pos = (int(x) for x in seqs[s].tolist())
+        if use_native.chunks and int(s) not in trees:
+            chunks.append(_NativeChunk(slice(q_start, q_start + q_len),
+                                       torch.from_numpy(tables[s].astype(np.int64)), start_pos))
+            continue
         context_len = start_pos + q_len
         pos = np.arange(context_len)
         slots = tables[s, pos // bs] * bs + pos % bs
@@ -295,7 +317,9 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: bool) -> _Fas
 
 def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor) -> torch.Tensor:
-    plan = _fast_plan(kernel, q.shape[0], native.decode_attention_supported(q, k_cache, v_cache))
+    use_native = _Native(native.decode_attention_supported(q, k_cache, v_cache),
+                         native.chunk_attention_supported(q, k_cache, v_cache))
+    plan = _fast_plan(kernel, q.shape[0], use_native)
     out = torch.empty_like(q) if plan.covers_all_rows else torch.zeros_like(q)
     if plan.decodes is not None:
         dec = plan.decodes
@@ -314,6 +338,10 @@ def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor
         o = o.view(s, hkv, nq, g, d).transpose(1, 2).reshape(s * nq, kernel.num_heads, d)
         out[grp.out_rows] = o if grp.keep is None else o[grp.keep]
     for c in plan.chunks:
+        if isinstance(c, _NativeChunk):
+            native.chunk_attention(q, k_cache, v_cache, c.block_table, c.start_pos, c.rows, out,
+                                   kernel.scale)
+            continue
         q_len = c.rows.stop - c.rows.start
         k = k_flat.index_select(0, c.slots).transpose(0, 1)[None]  # (1, Hkv, context_len, D)
         v = v_flat.index_select(0, c.slots).transpose(0, 1)[None]

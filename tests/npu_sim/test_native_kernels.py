@@ -1,8 +1,8 @@
 """The C kernels of the CPU fast path (npu_sim.kernels.native), called directly: the panel GEMM
-against torch and the paged decode attention against the float64 reference on ragged shapes,
-thread counts that must not change a bit, the operands they decline, the out-of-range indices
-they refuse, and the switch that turns them off. (The vector kernels are held to the reference
-path in test_fast_paths.)"""
+against torch and the paged decode and chunk attention against the float64 reference on ragged
+shapes, thread counts that must not change a bit, the operands they decline, the out-of-range
+indices they refuse, and the switch that turns them off. (The vector kernels are held to the
+reference path in test_fast_paths.)"""
 
 from __future__ import annotations
 
@@ -148,6 +148,70 @@ def test_decode_attention_refuses_out_of_range_indices() -> None:
                         (op["block_tables"], torch.tensor([1, too_long, 1]))):
         with pytest.raises(IndexError):
             native.decode_attention(*args, tables, ctx, op["q_rows"], out, 0.25)
+    assert (out == 7.0).all()  # refused before anything was written
+
+
+def _chunk_op(hq: int, hkv: int, d: int, block_size: int, start_pos: int, q_len: int,
+              seed: int) -> dict[str, torch.Tensor]:
+    """One sequence's chunk: rows 3 .. 3 + q_len of q (rows around it nobody reads), its keys
+    in scattered blocks of a larger cache."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = -(-(start_pos + q_len) // block_size)
+    pool = 2 * num_blocks + 3
+    return {
+        "q": torch.randn(q_len + 5, hq, d, generator=gen),
+        "k_cache": torch.randn(pool, block_size, hkv, d, generator=gen),
+        "v_cache": torch.randn(pool, block_size, hkv, d, generator=gen),
+        "table": torch.randperm(pool, generator=gen)[:num_blocks].contiguous(),
+    }
+
+
+def _chunk(op: dict[str, torch.Tensor], start_pos: int, q_len: int) -> torch.Tensor:
+    out = torch.full_like(op["q"], 7.0)
+    native.chunk_attention(op["q"], op["k_cache"], op["v_cache"], op["table"], start_pos,
+                           slice(3, 3 + q_len), out, op["q"].shape[-1] ** -0.5)
+    return out
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d", "block_size", "start_pos", "q_len"), [
+    (4, 4, 16, 16, 0, 33),  # a first chunk, ragged last row tile
+    (9, 3, 64, 16, 0, 150),
+    (9, 3, 64, 16, 100, 70),  # a later chunk: every row sees the earlier keys too
+    (8, 1, 128, 32, 37, 40),  # key tiles across block boundaries, prefix not tile-aligned
+    (6, 2, 32, 8, 5, 16),
+])
+def test_chunk_attention_matches_the_dense_reference(hq: int, hkv: int, d: int, block_size: int,
+                                                     start_pos: int, q_len: int) -> None:
+    op = _chunk_op(hq, hkv, d, block_size, start_pos, q_len, seed=hq + d + q_len)
+    out = _chunk(op, start_pos, q_len)
+    chunk = ChunkShape(start_pos, q_len, tuple(op["table"].tolist()))
+    expected = dense_attention([chunk], op["q"][3:3 + q_len], op["k_cache"], op["v_cache"],
+                               block_size).float()
+    torch.testing.assert_close(out[3:3 + q_len], expected, atol=1e-5, rtol=1e-5)
+    assert (out[:3] == 7.0).all() and (out[3 + q_len:] == 7.0).all()
+
+
+def test_chunk_attention_is_thread_count_invariant() -> None:
+    op = _chunk_op(9, 3, 64, 16, 40, 100, seed=5)
+    assert torch.equal(_with_threads(1, lambda: _chunk(op, 40, 100)),
+                       _with_threads(2, lambda: _chunk(op, 40, 100)))
+
+
+def test_chunk_attention_declines_and_refuses() -> None:
+    op = _chunk_op(4, 2, 16, 16, 10, 40, seed=6)
+    q, kc, vc = op["q"], op["k_cache"], op["v_cache"]
+    assert native.chunk_attention_supported(q, kc, vc)
+    assert not native.chunk_attention_supported(q[..., :8], kc[..., :8], vc[..., :8])  # D % 16
+    with pytest.raises(ValueError):
+        native.chunk_attention(q, kc, vc, op["table"].int(), 10, slice(0, 40),
+                               torch.empty_like(q), 0.25)
+    out = torch.full_like(q, 7.0)
+    bad_table = op["table"].clone()
+    bad_table[-1] = len(kc)  # one past the cache
+    # the table holds 4 blocks (64 positions): 25 + 40 reaches one past it
+    for table, start_pos in ((bad_table, 10), (op["table"], 25)):
+        with pytest.raises(IndexError):
+            native.chunk_attention(q, kc, vc, table, start_pos, slice(0, 40), out, 0.25)
     assert (out == 7.0).all()  # refused before anything was written
 
 

@@ -32,7 +32,9 @@ from collections.abc import Iterator
 
 import torch
 
-_SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("cpu_kernels.c", "gemm.c"))
+_SOURCES = tuple(pathlib.Path(__file__).with_name(f)
+                 for f in ("cpu_kernels.c", "attention.c", "gemm.c"))
+_HEADERS = (pathlib.Path(__file__).with_name("exp_approx.h"),)
 # -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
 # -fopenmp: the GEMM's parallel region runs on the libgomp torch has loaded (see gemm.c).
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -46,6 +48,8 @@ _SIGNATURES = {
     "xy_kv_write": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _I]),
     "xy_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I,
                                            _I, _I, _I, _F, ctypes.c_int]),
+    "xy_chunk_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I,
+                                          _I, _I, _F, ctypes.c_int]),
     "xy_pack_panels": (None, [_P, _I, _I, _P]),
     "xy_gemm": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _P, _I, _I, ctypes.c_int]),
 }
@@ -99,7 +103,7 @@ def _cache_dir() -> pathlib.Path:
 
 
 def _load() -> ctypes.CDLL | None:
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     compiler = os.environ.get("CC", "cc")
     why = "no attempt"
     for arch in _ARCH_FLAGS:
@@ -250,6 +254,41 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise MemoryError("decode_attention: no memory for its score buffer")
     if rc != 0:
         raise IndexError("decode_attention: a context outside its block table or the cache")
+
+
+def chunk_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor) -> bool:
+    """Whether chunk_attention takes these operands: as decode_attention, with D a multiple of
+    16."""
+    return decode_attention_supported(q, k_cache, v_cache) and q.shape[-1] % 16 == 0
+
+
+def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, start_pos: int, rows: slice, out: torch.Tensor,
+                    scale: float) -> None:
+    """One sequence's prefill chunk: row rows.start + r of q (T, Hq, D) is the token at position
+    start_pos + r and attends causally to the keys at positions [0, start_pos + r] in the paged
+    cache (NB, BS, Hkv, D) through block_table (B,) (contiguous int64); writes the same rows of
+    out (T, Hq, D), a contiguous tensor like q; on torch's intra-op thread count. Operands must
+    pass `chunk_attention_supported` (else ValueError); a chunk past its table or a block
+    outside the cache raises IndexError."""
+    if (not chunk_attention_supported(q, k_cache, v_cache) or out.shape != q.shape
+            or not out.is_contiguous() or out.dtype != q.dtype
+            or block_table.dtype != torch.int64 or not block_table.is_contiguous()
+            or not 0 <= rows.start < rows.stop <= len(q) or start_pos < 0):
+        raise ValueError("chunk_attention: operands it does not take")
+    nb, bs, hkv, _ = k_cache.shape
+    _, hq, d = q.shape
+    rc = lib().xy_chunk_attention(
+        q.data_ptr() + rows.start * q.stride(0) * q.element_size(), q.stride(0),
+        k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), len(block_table),
+        start_pos, rows.stop - rows.start,
+        out.data_ptr() + rows.start * out.stride(0) * out.element_size(), out.stride(0),
+        hq, hkv, d, nb, bs, scale, torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError("chunk_attention: no memory for its scratch")
+    if rc != 0:
+        raise IndexError("chunk_attention: a chunk outside its block table or the cache")
 
 
 # ---------------------------------------------------------------------------------------- GEMM
