@@ -202,6 +202,9 @@ def test_chunk_attention_declines_and_refuses() -> None:
     q, kc, vc = op["q"], op["k_cache"], op["v_cache"]
     assert native.chunk_attention_supported(q, kc, vc)
     assert not native.chunk_attention_supported(q[..., :8], kc[..., :8], vc[..., :8])  # D % 16
+    wide, one_kv = torch.randn(2, 130, 16), kc[:, :, :1].contiguous()  # 130 heads share 1
+    assert native.decode_attention_supported(wide, one_kv, one_kv)
+    assert not native.chunk_attention_supported(wide, one_kv, one_kv)
     with pytest.raises(ValueError):
         native.chunk_attention(q, kc, vc, op["table"].int(), 10, slice(0, 40),
                                torch.empty_like(q), 0.25)

@@ -220,10 +220,12 @@ def kv_write(n: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
 def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
                                v_cache: torch.Tensor) -> bool:
     """Whether decode_attention takes these operands: the library loaded, fp32, q rows of
-    contiguous heads, D a multiple of 8, a contiguous cache with a power-of-two block size."""
+    contiguous heads (at most 1024, a multiple of the KV heads), D a multiple of 8, a
+    contiguous cache with a power-of-two block size."""
     bs, d = k_cache.shape[1], q.shape[-1]
     return (lib() is not None and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
             and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == d and d % 8 == 0
+            and q.shape[1] <= 1024 and q.shape[1] % k_cache.shape[2] == 0
             and bs & (bs - 1) == 0 and k_cache.shape == v_cache.shape
             and k_cache.is_contiguous() and v_cache.is_contiguous())
 
@@ -234,9 +236,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query row per sequence (q_rows (S,) of q (T, Hq, D)) attending to all of its
     context_lens (S,) keys in the paged cache (NB, BS, Hkv, D) through block_tables (S, B);
     writes the same rows of out (T, Hq, D), a contiguous tensor like q; on torch's intra-op
-    thread count. The index tensors are
-    contiguous int64. Operands must pass `decode_attention_supported` (else ValueError); a
-    context past its table or a block outside the cache raises IndexError."""
+    thread count. The index tensors are contiguous int64. Operands must pass
+    `decode_attention_supported` (else ValueError); a context past its table or a block outside
+    the cache raises IndexError."""
     index = (block_tables, context_lens, q_rows)
     if (not decode_attention_supported(q, k_cache, v_cache) or out.shape != q.shape
             or not out.is_contiguous() or out.dtype != q.dtype
@@ -252,6 +254,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                    torch.get_num_threads())
     if rc == -1:
         raise MemoryError("decode_attention: no memory for its score buffer")
+    if rc == -2:
+        raise ValueError("decode_attention: a shape attention.c does not take")
     if rc != 0:
         raise IndexError("decode_attention: a context outside its block table or the cache")
 
@@ -259,8 +263,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def chunk_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor) -> bool:
     """Whether chunk_attention takes these operands: as decode_attention, with D a multiple of
-    16."""
-    return decode_attention_supported(q, k_cache, v_cache) and q.shape[-1] % 16 == 0
+    16 up to 256 and at most 64 query heads per KV head (attention.c's scratch)."""
+    d = q.shape[-1]
+    return (decode_attention_supported(q, k_cache, v_cache) and d % 16 == 0 and d <= 256
+            and q.shape[1] // k_cache.shape[2] <= 64)
 
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -287,6 +293,8 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         hq, hkv, d, nb, bs, scale, torch.get_num_threads())
     if rc == -1:
         raise MemoryError("chunk_attention: no memory for its scratch")
+    if rc == -2:
+        raise ValueError("chunk_attention: a shape attention.c does not take")
     if rc != 0:
         raise IndexError("chunk_attention: a chunk outside its block table or the cache")
 
