@@ -252,12 +252,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                    q_rows.data_ptr(), out.data_ptr(), out.stride(0),
                                    len(context_lens), hq, hkv, d, nb, bs, scale,
                                    torch.get_num_threads())
-    if rc == -1:
-        raise MemoryError("decode_attention: no memory for its score buffer")
-    if rc == -2:
-        raise ValueError("decode_attention: a shape attention.c does not take")
-    if rc != 0:
-        raise IndexError("decode_attention: a context outside its block table or the cache")
+    _raise_for(rc, "decode_attention", "a context")
 
 
 def chunk_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
@@ -291,12 +286,17 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         start_pos, rows.stop - rows.start,
         out.data_ptr() + rows.start * out.stride(0) * out.element_size(), out.stride(0),
         hq, hkv, d, nb, bs, scale, torch.get_num_threads())
+    _raise_for(rc, "chunk_attention", "the chunk")
+
+
+def _raise_for(rc: int, kernel: str, what: str) -> None:
+    """The exception for an attention.c return code (0: none)."""
     if rc == -1:
-        raise MemoryError("chunk_attention: no memory for its scratch")
+        raise MemoryError(f"{kernel}: no memory for its scratch")
     if rc == -2:
-        raise ValueError("chunk_attention: a shape attention.c does not take")
+        raise ValueError(f"{kernel}: a shape attention.c does not take")
     if rc != 0:
-        raise IndexError("chunk_attention: a chunk outside its block table or the cache")
+        raise IndexError(f"{kernel}: {what} reaches outside its block table or the cache")
 
 
 # ---------------------------------------------------------------------------------------- GEMM
