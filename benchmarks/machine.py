@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _rate(fn, flops: float, seconds: float = 0.6) -> float:
-    """Best GFLOP/s of fn() over repeated timed calls (the best resists other load)."""
+def best_seconds(fn: Callable[[], object], seconds: float = 0.6) -> float:
+    """The fastest of repeated timed calls of fn() for about `seconds` after one warm-up call
+    (other tenants' load only ever slows a call, so the best is the closest to the CPU)."""
     fn()
     best = float("inf")
     deadline = time.perf_counter() + seconds
@@ -60,7 +62,12 @@ def _rate(fn, flops: float, seconds: float = 0.6) -> float:
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
-    return flops / best / 1e9
+    return best
+
+
+def _rate(fn: Callable[[], object], flops: float) -> float:
+    """Best GFLOP/s of fn()."""
+    return flops / best_seconds(fn) / 1e9
 
 
 def gemm_rates(n: int = 2048) -> dict[str, float]:

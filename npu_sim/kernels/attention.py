@@ -317,9 +317,7 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: _Native) -> _
 
 def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor) -> torch.Tensor:
-    use_native = _Native(native.decode_attention_supported(q, k_cache, v_cache),
-                         native.chunk_attention_supported(q, k_cache, v_cache))
-    plan = _fast_plan(kernel, q.shape[0], use_native)
+    plan = _fast_plan(kernel, q.shape[0], _Native(*native.attention_support(q, k_cache, v_cache)))
     out = torch.empty_like(q) if plan.covers_all_rows else torch.zeros_like(q)
     if plan.decodes is not None:
         dec = plan.decodes

@@ -59,16 +59,14 @@ def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor 
         f"{kernel.name}: x {tuple(x.shape)} w {tuple(w.shape)} vs m={kernel.m} n={kernel.n} "
         f"k={kernel.k}")
     if not strict:
-        result = None
-        if isinstance(w, PackedWeight):
-            if w.panels is not None:
-                result = native.gemm(x, w.panels, bias)
+        if not isinstance(w, PackedWeight):
+            result = F.linear(x, w, bias)
+        else:  # the panel GEMM where it takes x, else oneDNN, else ATen on the plain weight
+            result = None if w.panels is None else native.gemm(x, w.panels, bias)
             if result is None and w.packed is not None:
                 result = torch.ops.mkldnn._linear_pointwise(x, w.packed, bias, "none", [], "")
             if result is None:
-                w = w.weight
-        if result is None:
-            result = F.linear(x, w, bias)
+                result = F.linear(x, w.weight, bias)
         return result if out is None else out.copy_(result)
     if isinstance(w, PackedWeight):
         w = w.weight

@@ -1,12 +1,13 @@
-"""fp32 C kernels for the CPU fast path (cpu_kernels.c, gemm.c), compiled on first use and called
-through ctypes (which releases the GIL for the call).
+"""fp32 C kernels for the CPU fast path (cpu_kernels.c, attention.c, gemm.c), compiled on first
+use and called through ctypes (which releases the GIL for the call).
 
 A decode step alternates weight-streaming GEMMs with small row-wise ops; after each GEMM the caches
 hold weights only, so every ATen call of the small ops pays a cold dispatch (an RMSNorm is ~15
 of them, an attention launch ~10 plus a gather of every key into a padded copy). Here each of
-those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and decode
-attention reading the paged cache in place. The GEMMs of few rows (decode batches) run on
-weights packed into 16-column panels (gemm.c), streamed at close to the memory bound.
+those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and the
+attention of decodes and of prefill chunks, reading the paged cache in place (attention.c).
+The GEMMs of few rows (decode batches) run on weights packed into 16-column panels (gemm.c),
+streamed at close to the memory bound.
 
 The library is built with the system C compiler (`cc`, or $CC) into the user's cache
 (`$XDG_CACHE_HOME/xyserve`, default `~/.cache/xyserve`), keyed by the source, the flags and the
@@ -259,9 +260,16 @@ def chunk_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor) -> bool:
     """Whether chunk_attention takes these operands: as decode_attention, with D a multiple of
     16 up to 256 and at most 64 query heads per KV head (attention.c's scratch)."""
+    return attention_support(q, k_cache, v_cache)[1]
+
+
+def attention_support(q: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor) -> tuple[bool, bool]:
+    """(decode_attention_supported, chunk_attention_supported) of these operands, the shared
+    checks made once (an attention launch asks both)."""
     d = q.shape[-1]
-    return (decode_attention_supported(q, k_cache, v_cache) and d % 16 == 0 and d <= 256
-            and q.shape[1] // k_cache.shape[2] <= 64)
+    decodes = decode_attention_supported(q, k_cache, v_cache)
+    return decodes, decodes and d % 16 == 0 and d <= 256 and q.shape[1] // k_cache.shape[2] <= 64
 
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -33,6 +33,20 @@ static inline const float *slot(const float *cache, const int64_t *table, int64_
     return cache + ((table[p >> block_shift] << block_shift) + (p & mask)) * token_len;
 }
 
+/* log2 of a block size, or -1 unless it is a power of two (slots are found by shift and mask). */
+static int64_t block_shift_of(int64_t block_size) {
+    int64_t shift = 0;
+    while (((int64_t)1 << shift) < block_size) shift++;
+    return ((int64_t)1 << shift) == block_size ? shift : -1;
+}
+
+/* Whether the first `used` entries of a block table all name blocks of the cache. */
+static int blocks_in_range(const int64_t *table, int64_t used, int64_t num_blocks) {
+    for (int64_t b = 0; b < used; b++)
+        if (table[b] < 0 || table[b] >= num_blocks) return 0;
+    return 1;
+}
+
 /* Blocks are scattered, so the hardware prefetchers cannot run ahead across them: fetch the slot
  * a block after p (all KV heads), if the context reaches it, into L2. (Into L1, with keys and
  * values fetched in the same pass, the prefetches filled the miss buffers and stalled: 1.6x
@@ -111,18 +125,16 @@ int xy_decode_attention(const float *q, int64_t q_stride, const float *k_cache,
                         int64_t o_stride, int64_t num_seqs, int64_t num_heads,
                         int64_t num_kv_heads, int64_t d, int64_t num_blocks, int64_t block_size,
                         float scale, int num_threads) {
-    int64_t block_shift = 0;
-    while (((int64_t)1 << block_shift) < block_size) block_shift++;
-    if (d % VF_LANES || ((int64_t)1 << block_shift) != block_size || num_heads > 1024) return -2;
+    int64_t block_shift = block_shift_of(block_size);
+    if (d % VF_LANES || block_shift < 0 || num_heads > 1024) return -2;
     int16_t head_kv[1024];  /* the KV head of each query head */
     for (int64_t h = 0; h < num_heads; h++) head_kv[h] = (int16_t)(h / (num_heads / num_kv_heads));
     int64_t max_ctx = 0, token_len = num_kv_heads * d;  /* one cache slot */
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t ctx = context_lens[s], used = (ctx + block_size - 1) >> block_shift;
-        if (ctx < 1 || used > bt_stride) return -3;
-        const int64_t *table = block_tables + s * bt_stride;
-        for (int64_t b = 0; b < used; b++)
-            if (table[b] < 0 || table[b] >= num_blocks) return -3;
+        if (ctx < 1 || used > bt_stride
+            || !blocks_in_range(block_tables + s * bt_stride, used, num_blocks))
+            return -3;
         if (ctx > max_ctx) max_ctx = ctx;
     }
     if (num_threads > num_seqs) num_threads = (int)num_seqs;
@@ -253,15 +265,12 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const float *k_cache,
                        int64_t start_pos, int64_t q_len, float *out, int64_t o_stride,
                        int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t num_blocks,
                        int64_t block_size, float scale, int num_threads) {
-    int64_t block_shift = 0;
-    while (((int64_t)1 << block_shift) < block_size) block_shift++;
-    if (d % TK || d > MAX_D || ((int64_t)1 << block_shift) != block_size
-        || num_heads % num_kv_heads || num_heads / num_kv_heads > 64 || q_len < 1 || start_pos < 0)
+    int64_t block_shift = block_shift_of(block_size);
+    if (d % TK || d > MAX_D || block_shift < 0 || num_heads % num_kv_heads
+        || num_heads / num_kv_heads > 64 || q_len < 1 || start_pos < 0)
         return -2;
     int64_t used = (start_pos + q_len + block_size - 1) >> block_shift;
-    if (used > bt_len) return -3;
-    for (int64_t b = 0; b < used; b++)
-        if (table[b] < 0 || table[b] >= num_blocks) return -3;
+    if (used > bt_len || !blocks_in_range(table, used, num_blocks)) return -3;
     int64_t group = num_heads / num_kv_heads, token_len = num_kv_heads * d;
     int64_t tiles = (q_len + TQ - 1) / TQ, items = tiles * num_kv_heads;
     if (num_threads > items) num_threads = (int)items;
