@@ -44,6 +44,7 @@ COPY pyproject.toml README.md /opt/xyserve/src/
 COPY server /opt/xyserve/src/server
 COPY engine /opt/xyserve/src/engine
 COPY npu_sim /opt/xyserve/src/npu_sim
+COPY benchmarks /opt/xyserve/src/benchmarks
 RUN pip install --no-deps /opt/xyserve/src && rm -rf /opt/xyserve/src
 
 # A non-root user; it owns the model cache, converted now by running the loader once (~20 s).

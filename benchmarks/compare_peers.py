@@ -6,9 +6,9 @@ prompts keep arriving: token_budget vs prefill_first) and prefix caching on vs o
 shared-prefix workload. Writes `benchmarks/results/<date>.md` (+ `.json`) with the machine, the
 versions, this machine's measured GEMM roofline and the fraction of it each run reached.
 
-    .venv/bin/python benchmarks/compare_peers.py                # everything (~15 min)
-    .venv/bin/python benchmarks/compare_peers.py --quick        # small workloads, a smoke run
-    .venv/bin/python benchmarks/compare_peers.py --xyserve-dtypes float32 auto
+    .venv/bin/python -m benchmarks.compare_peers                # everything (~15 min)
+    .venv/bin/python -m benchmarks.compare_peers --quick        # small workloads, a smoke run
+    .venv/bin/python -m benchmarks.compare_peers --xyserve-dtypes float32 auto
 
 Both peers run fp32 from the converted default-model directory. Other processes on the machine
 skew timings: each run records the share of the CPU used by others, and a run with more than
@@ -36,10 +36,16 @@ from typing import Any
 
 import httpx
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.machine import (  # noqa: E402
+from benchmarks import RESULTS_DIR
+from benchmarks.load.client import ClientConfig, RequestResult, run_requests
+from benchmarks.load.datasets import (
+    BenchRequest,
+    load_tokenizer,
+    random_requests,
+    shared_prefix_requests,
+)
+from benchmarks.load.metrics import client_metrics, npu_summary, server_metrics_delta
+from benchmarks.machine import (
     CpuLoad,
     ModelFlops,
     best_rates,
@@ -48,14 +54,6 @@ from benchmarks.machine import (  # noqa: E402
     memory_read_gbs,
     versions,
 )
-from server.bench.client import ClientConfig, RequestResult, run_requests  # noqa: E402
-from server.bench.datasets import (  # noqa: E402
-    BenchRequest,
-    load_tokenizer,
-    random_requests,
-    shared_prefix_requests,
-)
-from server.bench.metrics import client_metrics, npu_summary, server_metrics_delta  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -391,7 +389,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small workloads (a smoke run)")
     parser.add_argument("--max-foreign-load", type=float, default=0.15)
     parser.add_argument("--retries", type=int, default=2)
-    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parser.parse_args()
 
     from engine.models.loader import load_model, resolve_model_path

@@ -6,29 +6,28 @@ at M rows; the paged decode attention of 16 sequences at a few context lengths; 
 chunk's attention launch (npu_sim.kernels.run_attention) with the C kernels vs without them
 (the ATen path: gather, SDPA with an explicit mask). Times are the best of repeated runs.
 
-    .venv/bin/python benchmarks/cpu_kernels.py [--model smollm2-135m-instruct]
+    .venv/bin/python -m benchmarks.cpu_kernels [--model smollm2-135m-instruct]
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 from collections.abc import Callable
 
 import torch
 import transformers
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.machine import best_seconds  # noqa: E402
-from engine.config import DEFAULT_MODEL  # noqa: E402
-from engine.lowering import ChunkShape, lower_attention  # noqa: E402
-from engine.models.arch import ModelArch  # noqa: E402
-from engine.models.loader import resolve_model_path  # noqa: E402
-from npu_sim.hardware import DEFAULT_CHIP, get_chip  # noqa: E402
-from npu_sim.kernels import PackedWeight, native, pack_weight, run_attention  # noqa: E402
+from benchmarks.machine import best_seconds
+from engine.arch import ModelArch
+from engine.config import (
+    DEFAULT_MODEL,
+    DEFAULT_NPU,
+)
+from engine.lowering import ChunkShape, lower_attention
+from engine.models.loader import resolve_model_path
+from npu_sim.hardware import get_chip
+from npu_sim.kernels import PackedWeight, native, pack_weight, run_attention
 
 BLOCK = 16  # KV cache block size
 
@@ -96,7 +95,7 @@ def chunk_attention(a: ModelArch, start_pos: int, q_len: int) -> None:
     k_cache = torch.randn(blocks, BLOCK, a.num_kv_heads, a.head_dim)
     v_cache = torch.randn_like(k_cache)
     chunk = ChunkShape(start_pos, q_len, tuple(torch.randperm(blocks).tolist()))
-    kernel = lower_attention([chunk], a, get_chip(DEFAULT_CHIP), BLOCK)
+    kernel = lower_attention([chunk], a, get_chip(DEFAULT_NPU), BLOCK)
     q = torch.randn(q_len, a.num_heads, a.head_dim)
 
     def launch() -> None:

@@ -8,9 +8,9 @@ overhead — scheduling, lowering, the cost model (simulated NPU timing), input 
 bookkeeping, detokenizing and the rest of the loop. Optionally compares with transformers
 `generate` one prompt at a time.
 
-    .venv/bin/python benchmarks/offline_throughput.py --num-prompts 16 --input-len 15 \
+    .venv/bin/python -m benchmarks.offline_throughput --num-prompts 16 --input-len 15 \
         --max-tokens 128                                                     # decode-heavy
-    .venv/bin/python benchmarks/offline_throughput.py --num-prompts 64 --input-len 150 \
+    .venv/bin/python -m benchmarks.offline_throughput --num-prompts 64 --input-len 150 \
         --max-tokens 64                                                      # prefill-heavy
 """
 
@@ -19,26 +19,22 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import pathlib
 import random
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import engine.core  # noqa: E402
-import engine.runner  # noqa: E402
-import npu_sim.device  # noqa: E402
-from benchmarks.machine import ModelFlops, gemm_rates  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.detokenizer import IncrementalDetokenizer  # noqa: E402
-from engine.sampler import Sampler  # noqa: E402
-from engine.scheduler import Scheduler  # noqa: E402
+import engine.core
+import engine.runner
+import npu_sim.device
+import npu_sim.kernels
+from benchmarks.machine import ModelFlops, gemm_rates
+from engine import LLM, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
 
 # category -> [(owner, attribute)]: the callables timed into it
 ENGINE_OVERHEAD = ("scheduling", "lowering", "cost model", "detokenizing")
@@ -78,10 +74,11 @@ class StepTimers:
         self.wrap(dev.Device, "_timing", "cost model")
         self.wrap(dev.Device, "end_step", "cost model")
         self.wrap(dev.Device, "launch", "launches")
-        self.wrap(dev, "run_gemm", lambda k, *a: "kernels: lm_head GEMM" if k.name == "lm_head"
-                  else "kernels: layer GEMMs")
-        self.wrap(dev, "run_attention", "kernels: attention")
-        self.wrap(dev, "run_vector", "kernels: vector ops")
+        kernels = npu_sim.kernels
+        self.wrap(kernels, "run_gemm", lambda k, *a: "kernels: lm_head GEMM"
+                  if k.name == "lm_head" else "kernels: layer GEMMs")
+        self.wrap(kernels, "run_attention", "kernels: attention")
+        self.wrap(kernels, "run_vector", "kernels: vector ops")
         self.wrap(Sampler, "sample", "sampler")
         self.wrap(IncrementalDetokenizer, "update", "detokenizing")
         return self
@@ -123,7 +120,7 @@ def main() -> None:
 
     llm = LLM(model=args.model, dtype=args.dtype,
               max_num_batched_tokens=args.max_num_batched_tokens)
-    arch = llm.engine.arch
+    arch = llm.engine.info.arch
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(make_prompts(2, args.input_len, arch.vocab_size, seed=0),
                  SamplingParams(max_tokens=2))  # warm up
@@ -169,7 +166,7 @@ def main() -> None:
     if args.hf:
         import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(llm.engine.model_path,
+        model = transformers.AutoModelForCausalLM.from_pretrained(llm.engine.info.model_path,
                                                                   dtype=torch.float32)
         start = time.perf_counter()
         hf_out = 0

@@ -10,9 +10,9 @@ position. Then, timing only, the simulated NPU time per output token of Llama-2-
 chip with and without speculation at the measured acceptance (benchmarks.spec_decode_npu).
 Prompts and the draft model: benchmarks.spec_decode_workloads.
 
-    .venv/bin/python benchmarks/spec_decode.py              # everything (~15-20 min)
-    .venv/bin/python benchmarks/spec_decode.py --quick      # a smoke run (~3 min)
-    .venv/bin/python benchmarks/spec_decode.py --configs none ngram --num-speculative-tokens 6
+    .venv/bin/python -m benchmarks.spec_decode              # everything (~15-20 min)
+    .venv/bin/python -m benchmarks.spec_decode --quick      # a smoke run (~3 min)
+    .venv/bin/python -m benchmarks.spec_decode --configs none ngram --num-speculative-tokens 6
 
 Writes benchmarks/results/<date>-spec-decode.md (+ .json). Prefix caching is off on every
 server, so a repeated run (one disturbed by other processes) costs the same prefill. ITL is the
@@ -34,29 +34,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.compare_peers import (  # noqa: E402
+from benchmarks import RESULTS_DIR
+from benchmarks.compare_peers import (
     free_port,
     start_server,
     wait_quiet,
     xyserve_command,
 )
-from benchmarks.machine import CpuLoad, cpu_info, versions  # noqa: E402
-from benchmarks.spec_decode_npu import (  # noqa: E402
+from benchmarks.load.client import ClientConfig, run_requests
+from benchmarks.load.datasets import BenchRequest, load_tokenizer
+from benchmarks.load.metrics import client_metrics
+from benchmarks.machine import CpuLoad, cpu_info, versions
+from benchmarks.spec_decode_npu import (
     NPU_CONTEXT_TOKENS,
     Acceptance,
     npu_time_per_token,
 )
-from benchmarks.spec_decode_workloads import (  # noqa: E402
+from benchmarks.spec_decode_workloads import (
     chat_requests,
     echo_requests,
     layer_skip_draft,
 )
-from server.bench.client import ClientConfig, run_requests  # noqa: E402
-from server.bench.datasets import BenchRequest, load_tokenizer  # noqa: E402
-from server.bench.metrics import client_metrics  # noqa: E402
 
 CONFIGS = ("none", "ngram", "tree", "draft-model")
 ECHO_TARGET_SPEEDUP = 1.5  # echo-heavy, concurrency 1: output tok/s over no speculation
@@ -316,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run")
     parser.add_argument("--max-foreign-load", type=float, default=0.15)
     parser.add_argument("--retries", type=int, default=1)
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     start_s = time.monotonic()
 
+    from engine.config import DEFAULT_NPU
     from engine.models.loader import default_cache_dir, resolve_model_path
-    from npu_sim.hardware import DEFAULT_CHIP
 
     model_dir = resolve_model_path(args.model)
     target_layers = int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
@@ -340,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_speculative_tokens": args.num_speculative_tokens, "draft_layers": args.draft_layers,
         "target_layers": target_layers, "configs": configs,
         "runs": {w.key: {} for w in workloads},
-        "npu_chip": DEFAULT_CHIP, "npu_context": NPU_CONTEXT_TOKENS,
+        "npu_chip": DEFAULT_NPU, "npu_context": NPU_CONTEXT_TOKENS,
     }
     log_dir = args.out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

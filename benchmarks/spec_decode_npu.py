@@ -20,12 +20,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from benchmarks.kernels.attention import binary_tree
+from benchmarks.kernels.harness import fake_chunks
+from engine.arch import ModelArch
+from engine.arch_presets import get_arch
+from engine.config import DEFAULT_NPU
 from engine.lowering import ChunkShape, lower_step, step_launches
-from engine.models.arch import ModelArch
-from engine.models.arch_presets import fake_chunks, get_arch
-from engine.sweeps_attention import binary_tree
 from npu_sim.device import Device
-from npu_sim.hardware import DEFAULT_CHIP, get_chip
+from npu_sim.hardware import get_chip
 
 NPU_MODEL = "llama-2-7b"
 NPU_CONTEXT_TOKENS = 1024
@@ -102,7 +104,7 @@ def _draft_s(device: Device, arch: ModelArch, batch: int, spec_len: int, context
 
 
 def npu_time_per_token(acceptance: Acceptance, batch: int, *, model: str = NPU_MODEL,
-                       chip: str = DEFAULT_CHIP, context: int = NPU_CONTEXT_TOKENS,
+                       chip: str = DEFAULT_NPU, context: int = NPU_CONTEXT_TOKENS,
                        tree: bool = False, draft_layer_fraction: float | None = None,
                        all_steps_draft: bool = False) -> dict[str, float]:
     """Simulated ms per output token of `model` on `chip` at `batch` sequences of `context`

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from server.bench.datasets import BenchRequest
+from benchmarks.load.datasets import BenchRequest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CODE_GLOBS = ("engine/*.py", "engine/spec/*.py", "engine/models/*.py", "npu_sim/*.py")

@@ -27,9 +27,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
+from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.mailbox import Mailbox
-from engine.outputs import RequestOutput
+from engine.outputs import EngineInfo, RequestOutput
 from engine.request import FinishReason, SamplingParams
 from engine.stats import IterationStats, SchedulerStats
 
@@ -74,7 +75,7 @@ class AsyncEngine:
 
     def __init__(self, core: EngineCore, max_waiting_requests: int | None = None,
                  stat_loggers: Sequence[StatLogger] = ()) -> None:
-        self.core = core
+        self._core = core  # touched by the engine thread only, after start()
         self.max_waiting_requests = max_waiting_requests  # None = unbounded
         # Called on the engine thread after every step; must be quick and thread-safe.
         self.stat_loggers = list(stat_loggers)
@@ -86,7 +87,16 @@ class AsyncEngine:
         self._dead: EngineDeadError | None = None  # why the engine loop stopped, once it has
         self._admission_closed: str | None = None  # why new requests are refused, once they are
         self._num_unadmitted = 0  # adds sent to the intake, not yet in the scheduler
-        self._stats = core.scheduler.make_stats()  # refreshed by the engine thread every step
+        self._stats = core.make_stats()  # refreshed by the engine thread every step
+
+    @property
+    def info(self) -> EngineInfo:
+        """The model served, its limits and its tokenizer."""
+        return self._core.info
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._core.config
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -196,10 +206,10 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                aborted = self._drain_intake(block=not self.core.has_unfinished_requests())
+                aborted = self._drain_intake(block=not self._core.has_unfinished_requests())
                 # An abort that left the engine idle still gets a (empty) step, so its stats
                 # reach the stat loggers now rather than with the next request.
-                if self.core.has_unfinished_requests() or aborted:
+                if self._core.has_unfinished_requests() or aborted:
                     self._step()
         except BaseException as exc:
             logger.exception("engine loop died")
@@ -216,7 +226,7 @@ class AsyncEngine:
                 if isinstance(command, _Add):
                     self._add(command)
                 elif isinstance(command, _Abort):
-                    self.core.abort_requests([command.request_id])
+                    self._core.abort_requests([command.request_id])
                     aborted = True
                 elif isinstance(command, _AbortAll):
                     self._abort_all()
@@ -224,13 +234,13 @@ class AsyncEngine:
                 command = self._intake.get_nowait()
         except queue.Empty:
             pass
-        self._stats = self.core.scheduler.make_stats()
+        self._stats = self._core.make_stats()
         return aborted
 
     def _add(self, command: _Add) -> None:
         self._call_on_loop(self._admitted)
         try:
-            self.core.add_request(command.request_id, command.prompt_token_ids, command.params,
+            self._core.add_request(command.request_id, command.prompt_token_ids, command.params,
                                   command.arrival_time)
         except ValueError as exc:
             self._deliver(command.request_id, exc)
@@ -239,21 +249,21 @@ class AsyncEngine:
         self._num_unadmitted -= 1
 
     def _abort_all(self) -> None:
-        requests = list(self.core.scheduler.requests.values())  # the unfinished ones
-        self.core.abort_requests([r.request_id for r in requests])
-        for r in requests:
-            self._deliver(r.request_id, RequestOutput(
-                request_id=r.request_id, new_token_ids=(), new_text="", new_logprobs=None,
-                finish_reason=FinishReason.ABORT, num_prompt_tokens=r.num_prompt_tokens,
-                num_output_tokens=r.num_output_tokens))
+        requests = self._core.unfinished_requests()
+        self._core.abort_requests([request_id for request_id, _, _ in requests])
+        for request_id, num_prompt_tokens, num_output_tokens in requests:
+            self._deliver(request_id, RequestOutput(
+                request_id=request_id, new_token_ids=(), new_text="", new_logprobs=None,
+                finish_reason=FinishReason.ABORT, num_prompt_tokens=num_prompt_tokens,
+                num_output_tokens=num_output_tokens))
         if requests:
             logger.warning("aborted %d unfinished requests", len(requests))
 
     def _step(self) -> None:
-        outputs = self.core.step()
-        self._stats = self.core.scheduler.make_stats()
+        outputs = self._core.step()
+        self._stats = self._core.make_stats()
         # Stats first: a client holding its final output finds it counted in /metrics.
-        iteration_stats = self.core.last_stats
+        iteration_stats = self._core.last_stats
         if iteration_stats is not None:
             for stat_logger in self.stat_loggers:
                 stat_logger(self._stats, iteration_stats)

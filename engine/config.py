@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from npu_sim.hardware import DEFAULT_CHIP
-
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The simulated chip: a preset name of npu_sim.hardware, kept here as a plain name so that the
+# engine's configuration (and the pure scheduler that reads it) never loads the simulator.
+DEFAULT_NPU = "910b2"
 
 Dtype = Literal["auto", "float32", "bfloat16"]
 # dtype `auto` keeps models up to this many parameters in fp32 where the C kernels run (see
@@ -110,7 +111,7 @@ class EngineConfig:
     dtype: Dtype = "auto"  # CPU compute dtype; auto: see engine.core.resolve_dtype
     seed: int = 0  # seed of the sampler's shared RNG (requests without their own seed)
     strict_kernels: bool = False  # run every kernel task by task (reference path); slow
-    npu: str = DEFAULT_CHIP  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file
+    npu: str = DEFAULT_NPU  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file
     npu_dtype: NpuDtype = "bf16"  # operand dtype the cost model assumes on the NPU
     npu_trace_dir: str | None = None  # write Perfetto timelines of the first steps here
     cache: CacheConfig = field(default_factory=CacheConfig)

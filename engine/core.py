@@ -1,7 +1,20 @@
-"""EngineCore: the synchronous engine loop body.
+"""EngineCore: the synchronous engine loop body, one way through the layers.
 
-    step():  scheduler.schedule() -> runner.execute() -> scheduler.update_from_output()
-             -> detokenize, stop strings, latencies on both clocks -> list[RequestOutput]
+    step():  scheduler.schedule()                     -> SchedulerOutput
+             runner.execute(scheduler_output)         -> ModelOutput (+ the step's NPU time)
+             scheduler.update_from_output(...)        -> TokenUpdates
+             output_processor.process(...)            -> RequestOutputs, stop-string hits
+             scheduler.finish_requests(stop-string hits)
+
+The runner is anything with `execute(scheduler_output) -> ModelOutput`: the compute runner
+(engine.runner: weights, KV tensors, real tokens; `EngineCore.load`) or the timing-only runner
+(engine.timing_runner: shapes and the NPU cost model only, for `xyserve simulate`). Either way
+the scheduler, KV-cache manager, prefix cache, lowering and cost model are the same code.
+
+Two clocks: wall time (time.monotonic) and the simulated NPU clock `sim_now_s`, which advances by
+each step's simulated time. When the engine is idle the simulated clock jumps forward to the
+next arrival: to the wall-clock arrival (measured from the engine's start) for a served request,
+or to the simulated arrival time a simulation gives.
 
 Not thread-safe; the async front end calls it from one engine thread.
 """
@@ -10,91 +23,85 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from functools import cache
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, Protocol
 
-import torch
-
-from engine.config import AUTO_FP32_MAX_PARAMS, EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.models.loader import LoadedModel, load_model
-from engine.outputs import RequestOutput, ScheduledChunk, SchedulerOutput, TokenUpdate
-from engine.request import FinishReason, Request, SamplingParams
-from engine.request_state import RequestState
-from engine.runner import ModelRunner, kv_block_bytes
+from engine.config import EngineConfig
+from engine.output_processor import OutputProcessor, StepResult
+from engine.outputs import EngineInfo, ModelOutput, RequestOutput, SchedulerOutput
+from engine.request import FinishReason, Request, RequestRejected, SamplingParams
 from engine.scheduler import Scheduler
-from engine.spec.factory import build_drafter
-from engine.stats import FinishedRequestStats, IterationStats, SpecDecodingStats
-from npu_sim.hardware import load_chip
-from npu_sim.kernels import native
-from npu_sim.trace import StepTrace, write_perfetto
+from engine.stats import IterationStats, SchedulerStats
 
 logger = logging.getLogger("xyserve")
 
+NUM_NPU_TRACE_STEPS = 16  # --npu-trace writes the timelines of the first this many steps
+
+
+class Runner(Protocol):
+    """What the engine core drives: one step's scheduled chunks in, sampled tokens and the
+    step's simulated NPU time (`ModelOutput.trace.sim_s`) out."""
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput: ...
+
 
 class EngineCore:
-    """Owns the scheduler, the model runner and each request's output-side state.
+    """Owns the scheduler, a runner and the output processor, and both clocks."""
 
-    Two clocks: wall time (time.monotonic) and the simulated NPU clock `sim_now_s`, which
-    advances by each step's simulated time and, when the engine is idle, jumps forward to the
-    next arrival (measured from the engine's start), so simulated latencies are what the NPU
-    would take from each request's arrival.
-    """
+    def __init__(self, config: EngineConfig, runner: Runner, info: EngineInfo) -> None:
+        """An engine over `runner`, whose KV pool and model `info` describes.
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        Use `EngineCore.load(config)` for the compute engine of `config.model`.
+        """
+        if info.max_model_len > info.arch.max_position_embeddings:
+            raise ValueError(f"max_model_len {info.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {info.arch.max_position_embeddings}")
         self.config = config
-        loaded = loaded or load_model(config.model)
-        self.model_name = loaded.name
-        self.model_path = loaded.path  # the local HF directory the weights came from
-        self.tokenizer = loaded.tokenizer
-        self.arch = arch = loaded.arch
-        self.dtype = resolve_dtype(config.dtype, sum(t.numel() for t in loaded.weights.values()))
-        self.max_model_len = config.scheduler.max_model_len or arch.max_position_embeddings
-        if self.max_model_len > arch.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {arch.max_position_embeddings}")
-        block_size = config.cache.block_size
-        self.num_kv_blocks = config.cache.num_kv_blocks or max(
-            1, config.cache.kv_cache_memory_bytes // kv_block_bytes(arch, block_size, self.dtype))
-        self.chip = load_chip(config.npu)
+        self.info = info
+        self.runner = runner
         spec = config.speculative_config
-        self.runner = ModelRunner(loaded, self.dtype, self.chip, self.num_kv_blocks, block_size,
-                                  seed=config.seed, strict=config.strict_kernels,
-                                  npu_dtype=config.npu_dtype, speculative=spec)
-        if spec.enabled:
-            self.runner.attach_drafter(build_drafter(
-                spec, self.runner.device, self.dtype, block_size, self.num_kv_blocks,
-                arch.vocab_size, config.seed))
-        self.scheduler = Scheduler(config.scheduler, self.num_kv_blocks, block_size,
-                                   self.max_model_len,
+        self.scheduler = Scheduler(config.scheduler, info.num_kv_blocks, info.block_size,
+                                   info.max_model_len,
                                    enable_prefix_caching=config.cache.enable_prefix_caching,
                                    speculative=spec)
-        self._states: dict[str, RequestState] = {}  # unfinished requests' output-side state
-        self._finished_outside: list[FinishedRequestStats] = []  # aborted between steps
+        self.output_processor = OutputProcessor(info.tokenizer, spec.num_speculative_tokens)
         self._wall_origin_s = time.monotonic()
         self.sim_now_s = 0.0  # the simulated NPU clock, in seconds since the engine started
         self.num_steps = 0  # non-empty steps run
         self.last_stats: IterationStats | None = None  # the latest step's, for stat loggers
-        logger.info("engine ready: %s, %s on CPU, simulated %s (%s), KV cache %d blocks x %d "
-                    "tokens = %d tokens", loaded.name, str(self.dtype).removeprefix("torch."),
-                    self.chip.name, config.npu_dtype, self.num_kv_blocks, block_size,
-                    self.num_kv_blocks * block_size)
+
+    @classmethod
+    def load(cls, config: EngineConfig, loaded: Any = None) -> EngineCore:
+        """The compute engine: `config.model` loaded from local files (or `loaded`, an
+        engine.models.loader.LoadedModel), real tokens from the compute runner."""
+        from engine.runner import build_model_runner  # torch and transformers: only here
+
+        runner, info = build_model_runner(config, loaded)
+        return cls(config, runner, info)
 
     # ------------------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, arrival_time: float | None = None) -> None:
-        """Queue a request. Raises ValueError (nothing queued) if it can never be served.
+                    params: SamplingParams, arrival_time: float | None = None,
+                    arrival_sim_s: float | None = None) -> None:
+        """Queue a request. Raises RequestRejected (a ValueError; nothing queued) if it can never
+        be served: token ids outside the vocabulary, lengths beyond max_model_len or the KV pool
+        (engine.scheduler.check_fits); ValueError for an id already in use.
 
         arrival_time: wall clock (time.monotonic) when it was accepted; default now.
+        arrival_sim_s: its arrival on the simulated clock, given by a simulation that owns that
+            clock (at most `sim_now_s` unless the engine is idle); default: now on the
+            simulated clock, after an idle engine's jump to the wall-clock arrival.
         """
-        vocab = self.arch.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        eos = self.arch.eos_token_ids
+        arch = self.info.arch
+        _check_token_ids(arch.vocab_size, prompt=prompt_token_ids,
+                         logit_bias=params.logit_bias, stop_token_ids=params.stop_token_ids)
+        if params.stop and self.info.tokenizer is None:
+            raise RequestRejected("stop strings need a tokenizer; this engine has none",
+                                  param="stop")
+        eos = arch.eos_token_ids
         if len(eos) > 1 and not params.ignore_eos:
             # Every EOS id of the model stops generation; the first is the request's own.
             extra = tuple(t for t in eos[1:] if t not in params.stop_token_ids)
@@ -105,25 +112,31 @@ class EngineCore:
                           eos_token_id=eos[0] if eos else None)
         idle = not self.scheduler.has_unfinished_requests()
         self.scheduler.add_request(request)
-        if idle:  # nothing ran meanwhile: the simulated clock jumps to this arrival
-            self.sim_now_s = max(self.sim_now_s, arrival_s - self._wall_origin_s)
-        self._states[request_id] = RequestState(
-            IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
-            num_prompt_tokens=len(prompt_token_ids), arrival_s=arrival_s,
-            arrival_sim_s=self.sim_now_s)
+        if arrival_sim_s is None:  # served: it arrives on the simulated clock as it is now
+            if idle:  # nothing ran meanwhile: the simulated clock jumps to this arrival
+                self.sim_now_s = max(self.sim_now_s, arrival_s - self._wall_origin_s)
+            arrival_sim_s = self.sim_now_s
+        elif idle:
+            self.sim_now_s = max(self.sim_now_s, arrival_sim_s)
+        self.output_processor.add_request(request_id, prompt_token_ids, params, arrival_s,
+                                          arrival_sim_s)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Finish these requests now (unknown or finished ids are ignored); frees their blocks."""
         self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
-        now_s = time.monotonic()
-        for request_id in request_ids:
-            state = self._states.pop(request_id, None)
-            if state is not None:
-                self._finished_outside.append(FinishedRequestStats(
-                    FinishReason.ABORT.value, state.metrics(now_s, self.sim_now_s)))
+        self.output_processor.abort_requests(request_ids, time.monotonic(), self.sim_now_s)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def unfinished_requests(self) -> list[tuple[str, int, int]]:
+        """(request id, prompt tokens, output tokens) of every unfinished request."""
+        return [(r.request_id, r.num_prompt_tokens, r.num_output_tokens)
+                for r in self.scheduler.requests.values()]
+
+    def make_stats(self) -> SchedulerStats:
+        """The scheduler's queues and KV cache right now."""
+        return self.scheduler.make_stats()
 
     # ---------------------------------------------------------------------------------- step
 
@@ -134,180 +147,50 @@ class EngineCore:
         """
         start_s = time.monotonic()
         scheduler_output = self.scheduler.schedule()
-        stats = _StatsBuilder(self._finished_outside)
-        self._finished_outside = []
         if scheduler_output.is_empty:
-            # Nothing to run, but the runner still hears of finished requests.
-            self.runner.sampler.free(scheduler_output.finished_ids)
-            self.last_stats = stats.build(0.0, 0.0, None)
+            self.runner.execute(scheduler_output)  # it still hears of finished requests
+            self.last_stats = self.output_processor.idle_step()
             return []
-        for chunk in scheduler_output.chunks:
-            state = self._states[chunk.request_id]
-            if state.first_scheduled_s is None:
-                state.first_scheduled_s = start_s
-            if not _is_decode(chunk, state.num_prompt_tokens):
-                stats.num_prompt_tokens += chunk.num_known_tokens
-        stats.num_preempted = len(scheduler_output.preempted_ids)
         try:
-            model_output = self.runner.execute(scheduler_output, self.scheduler.requests)
+            model_output = self.runner.execute(scheduler_output)
         except Exception:
             # A fault in the model fails the requests of this step only; the engine goes on.
             logger.exception("step failed; failing its %d requests", len(scheduler_output.chunks))
-            failed = [c.request_id for c in scheduler_output.chunks]
-            self.scheduler.finish_requests(failed, FinishReason.ERROR)
-            now_s = time.monotonic()
-            outputs = [self._to_output(TokenUpdate(r, (), None, FinishReason.ERROR), now_s, stats)
-                       for r in failed]
-            self.last_stats = stats.build(now_s - start_s, 0.0, None)
-            return outputs
+            result = self.output_processor.failed_step(scheduler_output, start_s,
+                                                       time.monotonic(), self.sim_now_s)
+            self.scheduler.finish_requests([c.request_id for c in scheduler_output.chunks],
+                                           FinishReason.ERROR)
+            return self._finish_step(result)
         trace = model_output.trace
         step_sim_s = trace.sim_s if trace is not None else 0.0
         self.sim_now_s += step_sim_s
         self.num_steps += 1
         self._write_npu_trace(trace)
-        stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
-                                 self.config.speculative_config.num_speculative_tokens)
         updates = self.scheduler.update_from_output(scheduler_output, model_output)
-        now_s = time.monotonic()
-        outputs = [self._to_output(u, now_s, stats) for u in updates]
-        self.last_stats = stats.build(now_s - start_s, step_sim_s, trace)
-        return outputs
+        result = self.output_processor.process(scheduler_output, model_output, updates, start_s,
+                                               time.monotonic(), self.sim_now_s, step_sim_s)
+        return self._finish_step(result)
 
-    def _to_output(self, update: TokenUpdate, now_s: float,
-                   stats: _StatsBuilder) -> RequestOutput:
-        request_id = update.request_id
-        state = self._states[request_id]
-        # A STOP from the scheduler means EOS or a stop token id: its text is not output.
-        token_ids, text, stopped = _detokenize(state.detokenizer, update.new_token_ids,
-                                               update.finish_reason == FinishReason.STOP)
-        logprobs = update.new_logprobs
-        if logprobs is not None:
-            logprobs = logprobs[:len(token_ids)]
-        if token_ids:
-            stats.record_tokens(len(token_ids), *state.record_tokens(len(token_ids), now_s,
-                                                                     self.sim_now_s))
-        detok = state.detokenizer
-        finish_reason = update.finish_reason
-        if stopped:
-            finish_reason = FinishReason.STOP
-            if update.finish_reason is None:  # still running in the scheduler: end it
-                self.scheduler.finish_requests([request_id], FinishReason.STOP)
-        elif finish_reason is not None:
-            text += detok.flush()
-        metrics = None
-        if finish_reason is not None:
-            del self._states[request_id]
-            metrics = state.metrics(now_s, self.sim_now_s)
-            stats.finished.append(FinishedRequestStats(finish_reason.value, metrics))
-        return RequestOutput(
-            request_id=request_id, new_token_ids=token_ids, new_text=text,
-            new_logprobs=logprobs, finish_reason=finish_reason,
-            num_prompt_tokens=state.num_prompt_tokens,
-            num_output_tokens=state.num_output_tokens, metrics=metrics)
+    def _finish_step(self, result: StepResult) -> list[RequestOutput]:
+        if result.stopped_ids:  # a stop string matched in the text: the scheduler ends them
+            self.scheduler.finish_requests(result.stopped_ids, FinishReason.STOP)
+        self.last_stats = result.stats
+        return result.outputs
 
-    def _write_npu_trace(self, trace: StepTrace | None) -> None:
+    def _write_npu_trace(self, trace: Any) -> None:
         trace_dir = self.config.npu_trace_dir
         if trace is None or trace_dir is None or self.num_steps > NUM_NPU_TRACE_STEPS:
             return
+        from npu_sim.trace import write_perfetto
+
         path = write_perfetto(trace, Path(trace_dir) / f"step-{self.num_steps:04d}.json")
         logger.info("NPU timeline of step %d written to %s", self.num_steps, path)
 
 
-NUM_NPU_TRACE_STEPS = 16  # --npu-trace writes the timelines of the first this many steps
-
-
-def _detokenize(detok: IncrementalDetokenizer, token_ids: tuple[int, ...],
-                stop_terminated: bool) -> tuple[tuple[int, ...], str, bool]:
-    """(tokens kept, new text, stopped): several tokens at once (an accepted verify) go in one
-    by one, and the ones after a stop string are dropped, as if they had come one per step."""
-    if len(token_ids) <= 1:
-        return (token_ids, *detok.update(token_ids, stop_terminated=stop_terminated))
-    pieces = []
-    for i, token_id in enumerate(token_ids):
-        last = i + 1 == len(token_ids)
-        piece, stopped = detok.update((token_id,), stop_terminated=stop_terminated and last)
-        pieces.append(piece)
-        if stopped:
-            return token_ids[:i + 1], "".join(pieces), True
-    return token_ids, "".join(pieces), False
-
-
-def _is_decode(chunk: ScheduledChunk, num_prompt_tokens: int) -> bool:
-    """A decode (or verify) computes one known token that the model itself generated."""
-    return chunk.num_known_tokens == 1 and chunk.start_pos >= num_prompt_tokens
-
-
-def _spec_stats(scheduler_output: SchedulerOutput, sampled: Mapping[str, tuple[int, ...]],
-                num_speculative_tokens: int) -> SpecDecodingStats | None:
-    """The step's verify chunks summed (accepted = tokens sampled after a verify, less the
-    bonus; counted before stop conditions cut anything, as vLLM does)."""
-    num_drafts = num_draft_tokens = num_accepted = 0
-    per_pos = [0] * num_speculative_tokens
-    for chunk in scheduler_output.chunks:
-        if not chunk.num_draft_tokens or chunk.request_id not in sampled:
-            continue
-        accepted = len(sampled[chunk.request_id]) - 1
-        num_drafts += 1
-        num_draft_tokens += chunk.num_draft_tokens
-        num_accepted += accepted
-        for i in range(min(accepted, num_speculative_tokens)):
-            per_pos[i] += 1
-    if not num_drafts:
-        return None
-    return SpecDecodingStats(num_drafts, num_draft_tokens, num_accepted, tuple(per_pos))
-
-
-@dataclass
-class _StatsBuilder:
-    """Collects one step's IterationStats."""
-
-    finished: list[FinishedRequestStats]  # requests finished this step (and aborted before)
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
-    num_preempted: int = 0
-    ttfts_s: list[float] = field(default_factory=list)
-    ttfts_sim_s: list[float] = field(default_factory=list)
-    itls_s: list[float] = field(default_factory=list)
-    itls_sim_s: list[float] = field(default_factory=list)
-    spec: SpecDecodingStats | None = None
-
-    def record_tokens(self, num_tokens: int, latency_s: float, latency_sim_s: float,
-                      first: bool) -> None:
-        self.num_generation_tokens += num_tokens
-        (self.ttfts_s if first else self.itls_s).append(latency_s)
-        (self.ttfts_sim_s if first else self.itls_sim_s).append(latency_sim_s)
-
-    def build(self, step_s: float, step_sim_s: float, trace: StepTrace | None) -> IterationStats:
-        return IterationStats(
-            num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens,
-            num_preempted_reqs=self.num_preempted, step_s=step_s, step_sim_s=step_sim_s,
-            ttfts_s=tuple(self.ttfts_s), ttfts_sim_s=tuple(self.ttfts_sim_s),
-            inter_token_latencies_s=tuple(self.itls_s),
-            inter_token_latencies_sim_s=tuple(self.itls_sim_s),
-            finished=tuple(self.finished), trace=trace, spec=self.spec)
-
-
-@cache
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, num_params: int) -> torch.dtype:
-    """The torch dtype for a config dtype name and a model of num_params parameters.
-
-    auto: float32 for a model of up to AUTO_FP32_MAX_PARAMS where the fp32 C kernels run (on
-    the default model both faster than bf16 on ATen, 380 vs 297 decode tok/s at batch 16, and
-    exact against transformers' fp32; the fast path then keeps up to three copies of each fp32
-    weight); else bf16 where the CPU computes it natively; else float32.
-    """
-    if name == "auto":
-        if num_params <= AUTO_FP32_MAX_PARAMS and native.lib() is not None:
-            return torch.float32
-        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+def _check_token_ids(vocab_size: int, **fields: Iterable[int]) -> None:
+    """Raise RequestRejected naming the first field with a token id outside the vocabulary."""
+    for name, ids in fields.items():
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise RequestRejected(f"{name}: token id {bad} is outside the vocabulary "
+                                  f"[0, {vocab_size})", param=name)

@@ -59,8 +59,8 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_options: Any) -> None:
-        self.engine = EngineCore(EngineConfig.from_kwargs(model=model, **engine_options))
-        self.tokenizer = self.engine.tokenizer
+        self.engine = EngineCore.load(EngineConfig.from_kwargs(model=model, **engine_options))
+        self.tokenizer = self.engine.info.tokenizer
         self._ids = itertools.count()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

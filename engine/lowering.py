@@ -16,8 +16,9 @@ code. The default is XY-Serve's: virtual padding and the attention meta-kernel. 
   prefill chunks with a full explicit mask (`lower_attention_split`).
 Attention lowering (chunks, token trees, both policies) lives in engine.lowering_attention and is
 re-exported here.
-Baseline plans are for timing (npu_sim Device in timing-only mode, engine.sweeps); the model's
-forward launches the default plan's kernels only. `step_launches` lists any plan's launches.
+Baseline plans are for timing (a timing-only Device: the kernel sweeps, the timing-only runner);
+the model's forward launches the default plan's kernels only. `step_launches` lists any plan's
+launches.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.arch import ModelArch
 from engine.lowering_attention import (
     MIN_KV_SPAN_TOKENS,
     ChunkShape,
@@ -33,7 +35,6 @@ from engine.lowering_attention import (
     lower_attention_split,
     tree_mask,
 )
-from engine.models.arch import ModelArch
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, Kernel, VectorKernel, VectorOp
 from npu_sim.tiling import gemm_menu, gemm_tasks, vector_tasks
@@ -209,9 +210,27 @@ def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
     return out
 
 
+def step_launch_counts(plan: StepPlan, num_layers: int) -> list[tuple[Kernel, int]]:
+    """`step_launches(plan, num_layers)` as (kernel, times launched), each kernel once, in the
+    order of its first launch: what a timing-only device needs (Device.time_launches), without
+    walking the layers."""
+    counts: dict[int, list] = {}
+    for kernel in (plan.embed, plan.first_norm):
+        counts[id(kernel)] = [kernel, 1]
+    for kernel in layer_launches(plan.layer):
+        entry = counts.setdefault(id(kernel), [kernel, 0])
+        entry[1] += num_layers - 1
+    for kernel in layer_launches(plan.layer, last=True):
+        counts.setdefault(id(kernel), [kernel, 0])[1] += 1
+    for kernel in (plan.final_norm, plan.lm_head_pad, plan.lm_head) if plan.lm_head else ():
+        if kernel is not None:
+            counts.setdefault(id(kernel), [kernel, 0])[1] += 1
+    return [(kernel, n) for kernel, n in counts.values() if n]
+
+
 __all__ = [
     "BASELINE_POLICY", "DEFAULT_POLICY", "GRAPH_BUCKETS", "MIN_KV_SPAN_TOKENS", "AttentionPolicy",
     "ChunkShape", "GemmPolicy", "LayerPlan", "LoweringPolicy", "StepPlan", "bucket_rows",
     "layer_launches", "lower_attention", "lower_attention_split", "lower_gemm", "lower_step",
-    "step_launches", "tree_mask",
+    "step_launch_counts", "step_launches", "tree_mask",
 ]

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.models.arch import ModelArch
+from engine import token_tree
+from engine.arch import ModelArch
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
 from npu_sim.tiling import attention_q_tile
@@ -45,7 +46,7 @@ class ChunkShape:
         if len(self.draft_parents) > self.num_tokens:
             raise ValueError(f"{len(self.draft_parents)} draft nodes in a chunk of "
                              f"{self.num_tokens} tokens")
-        check_tree_parents(self.draft_parents)
+        token_tree.check_parents(self.draft_parents)
 
     @property
     def is_verify(self) -> bool:
@@ -53,15 +54,8 @@ class ChunkShape:
 
     @property
     def is_chain(self) -> bool:
-        """Drafts (if any) form a chain: node j continues node j - 1, the mask is causal."""
-        return all(parent == j - 1 for j, parent in enumerate(self.draft_parents))
-
-
-def check_tree_parents(parents: Sequence[int]) -> None:
-    """Raise ValueError unless every node's parent (-1 = the root) precedes it."""
-    for j, parent in enumerate(parents):
-        if not -1 <= parent < j:
-            raise ValueError(f"draft node {j}'s parent {parent} does not precede it")
+        """Drafts (if any) form a chain: the mask is the causal one."""
+        return token_tree.is_chain(self.draft_parents)
 
 
 def tree_mask(parents: Sequence[int]) -> np.ndarray:

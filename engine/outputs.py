@@ -1,21 +1,26 @@
 """Boundary types between the engine's layers.
 
-The chain of one step:
+The chain of one step, one way (nothing flows back up within the step):
 
-    Scheduler.schedule()            -> SchedulerOutput   (which tokens of which requests)
-    ModelRunner.execute()           -> ModelOutput       (sampled tokens, logprobs, NPU trace)
-    Scheduler.update_from_output()  -> list[TokenUpdate] (new tokens, finished requests)
-    EngineCore (detokenize, stops)  -> list[RequestOutput] (what clients see)
+    Scheduler.schedule()              -> SchedulerOutput    (which tokens of which requests)
+    Runner.execute(scheduler_output)  -> ModelOutput        (sampled tokens, logprobs, NPU trace)
+    Scheduler.update_from_output()    -> list[TokenUpdate]  (new tokens, finished requests)
+    OutputProcessor.process()         -> StepResult         (what clients see, stop-string hits)
 
-All are frozen; none holds torch tensors, so the scheduler side stays pure Python.
+The scheduler output carries everything a runner needs: a request's prompt and sampling
+parameters the first time it is scheduled (`new_requests`; the runner keeps its own per-request
+state from then on, appending the tokens it samples), then each step's chunks. All are frozen;
+none holds torch tensors, so the scheduler side stays pure Python.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.request import FinishReason
+from engine.arch import ModelArch
+from engine.request import FinishReason, SamplingParams
 from engine.spec.types import Draft
 from engine.stats import RequestMetrics
 
@@ -58,12 +63,28 @@ class ScheduledChunk:
 
 
 @dataclass(frozen=True)
+class NewRequestData:
+    """A request the runner has not seen yet: sent once, with the step that first schedules it.
+    The runner keeps it (and appends the tokens it samples) until its id is in `finished_ids`."""
+
+    request_id: str  # whose
+    prompt_token_ids: Sequence[int]  # the prompt (never changed once the request arrived)
+    sampling_params: SamplingParams  # how its tokens are sampled
+
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     """What one engine step computes: chunks in batch order, within the token budget."""
 
     chunks: tuple[ScheduledChunk, ...]  # running requests first, then newly admitted ones
     preempted_ids: tuple[str, ...] = ()  # requests whose KV was dropped this step (recompute)
     finished_ids: tuple[str, ...] = ()  # requests finished since the last step (free their state)
+    new_requests: tuple[NewRequestData, ...] = ()  # requests scheduled for the first time
+    # speculative decoding: per request sampling this step, the draft nodes its measured
+    # acceptance pays for in its next step (engine.spec.adaptive; only the scheduler applies that
+    # rule); a request left out gets none
+    num_drafts_to_propose: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -131,3 +152,18 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine serves, for the front ends (HTTP server, offline API, simulator)."""
+
+    model_name: str  # the --model it was built from (preset, path or arch name)
+    model_path: str | None  # the local HF directory its weights came from; None: no weights
+    arch: ModelArch  # the model's shape
+    tokenizer: Any | None  # Hugging Face tokenizer; None for a timing-only engine (no text)
+    max_model_len: int  # prompt + output tokens at most (resolved)
+    num_kv_blocks: int  # blocks in the KV pool
+    block_size: int  # tokens per KV block
+    dtype: str  # CPU compute dtype ("float32", "bfloat16"), "none" when nothing is computed
+    chip: str  # the simulated NPU's name

@@ -60,7 +60,60 @@ _STATUS_FOR_REASON = {reason: status for status, reason in _FINISH_REASONS.items
 
 SPEC_ACCEPTANCE_PRIOR = 0.7  # assumed acceptance rate before a request's first verify
 MAX_LOGPROBS = 20  # OpenAI's cap on top alternatives per token
+MAX_N = 128  # OpenAI's cap on completions per prompt
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
+
+
+class RequestRejected(ValueError):
+    """A request this engine cannot serve as asked; `param` names the field at fault and `code`
+    is OpenAI's error code for it (None when OpenAI has none)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of a numeric sampling field: [low, high], open at low when low_open;
+    None = unbounded. The one statement of each range: SamplingParams enforces it, the HTTP
+    schema publishes it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is excluded
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        if self.high is None:
+            if self.low == 0:
+                return "positive" if self.low_open else "non-negative"
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def json_schema(self) -> dict[str, float]:
+        """The range as JSON-schema keywords (what OpenAPI clients and fuzzers read)."""
+        schema: dict[str, float] = {}
+        if self.low is not None:
+            schema["exclusiveMinimum" if self.low_open else "minimum"] = self.low
+        if self.high is not None:
+            schema["maximum"] = self.high
+        return schema
+
+
+# Field -> its range (logit_bias: each bias value).
+BOUNDS: dict[str, Bound] = {
+    "n": Bound(1, MAX_N), "max_tokens": Bound(1), "min_tokens": Bound(0),
+    "temperature": Bound(0), "top_p": Bound(0, 1, low_open=True), "top_k": Bound(-1),
+    "min_p": Bound(0, 1), "presence_penalty": Bound(-2, 2), "frequency_penalty": Bound(-2, 2),
+    "repetition_penalty": Bound(0, low_open=True), "logprobs": Bound(0, MAX_LOGPROBS),
+    "logit_bias": Bound(-100, 100),
+}
 
 
 @dataclass(frozen=True)
@@ -97,27 +150,14 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
         object.__setattr__(self, "logit_bias", MappingProxyType(bias))
-        _check(self.n >= 1, "n", self.n, "must be at least 1")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens,
-               "must be at least 1")
-        _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be non-negative")
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            values = value.values() if name == "logit_bias" else (value,)
+            for v in values:
+                _check(v is None or bound.holds(v), name, v, f"must be {bound.describe()}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                self.min_tokens, "must not exceed max_tokens")
-        _check(self.temperature >= 0.0, "temperature", self.temperature, "must be non-negative")
-        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
-        _check(self.top_k >= -1, "top_k", self.top_k, "must be -1 (off), 0 (off) or positive")
-        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty,
-               "must be in [-2, 2]")
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
-               self.frequency_penalty, "must be in [-2, 2]")
-        _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty,
-               "must be positive")
-        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
-               self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
-        for v in bias.values():
-            _check(-100.0 <= v <= 100.0, "logit_bias", v, "values must be in [-100, 100]")
 
     def for_choice(self, index: int) -> SamplingParams:
         """The params of choice `index` of n, each its own request: n=1 and, when seeded, seed +

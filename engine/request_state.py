@@ -16,7 +16,7 @@ from engine.stats import RequestMetrics
 class RequestState:
     """Output-side state of one unfinished request."""
 
-    detokenizer: IncrementalDetokenizer  # text deltas and stop strings
+    detokenizer: IncrementalDetokenizer | None  # text deltas and stop strings; None: no text
     num_prompt_tokens: int  # prompt length
     arrival_s: float  # wall clock when accepted
     arrival_sim_s: float  # simulated clock when accepted

@@ -1,72 +1,84 @@
-"""ModelRunner: turns a SchedulerOutput into sampled tokens by way of the simulated NPU.
+"""ModelRunner: the compute runner. Turns a SchedulerOutput into sampled tokens by way of the
+simulated NPU, computing real numbers (weights and KV tensors on the CPU).
 
-Per step: gather the batch's token ids, positions and cache slots (once, shared by all layers),
-lower the batch into a StepPlan (once, replayed for every layer), run the model's launches on the
-device, and sample from the logits of the rows that end a sequence's known tokens.
+Per step: note the requests scheduled for the first time (the runner keeps its own record of
+each: prompt, sampling parameters, the tokens it sampled), gather the batch's token ids,
+positions and cache slots (once, shared by all layers), lower the batch into a StepPlan (once,
+replayed for every layer), run the model's launches on the device, sample from the logits of the
+rows that end a sequence's known tokens, and propose the drafts the scheduler asked for.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
+import logging
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from engine.config import SpeculativeConfig
+from engine import platform
+from engine.config import EngineConfig
 from engine.lowering import ChunkShape, lower_step
-from engine.models.arch import ModelArch
 from engine.models.llama import LlamaModel, StepInputs
-from engine.models.loader import LoadedModel
-from engine.outputs import ModelOutput, ScheduledChunk, SchedulerOutput, TokenLogprob
-from engine.request import Request
+from engine.models.loader import LoadedModel, load_model
+from engine.outputs import (
+    EngineInfo,
+    ModelOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+    TokenLogprob,
+)
+from engine.runner_state import RunnerRequest
 from engine.sampler import Sampler, SamplingRow
-from engine.spec.adaptive import drafts_worth
 from engine.spec.types import Draft, Drafter, DraftRequest, JoinedTokens
-from engine.spec.verify import node_paths, verify
+from engine.spec.verify import verify
+from engine.token_tree import node_depths
 from npu_sim.device import Device
-from npu_sim.hardware import ChipSpec
+from npu_sim.hardware import load_chip
+
+logger = logging.getLogger("xyserve")
 
 
-def keep_freed_tensor_memory() -> bool:
-    """Let glibc serve tensors of up to 32 MiB from the heap and keep up to 256 MiB it frees.
+def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
+                       ) -> tuple[ModelRunner, EngineInfo]:
+    """The compute runner of `config` (loading `config.model` unless `loaded` is given) and what
+    the engine serves with it. Raises ModelLoadError / ValueError for a model it cannot run."""
+    loaded = loaded or load_model(config.model)
+    platform.keep_freed_tensor_memory()
+    device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype)
+    dtype = platform.resolve_dtype(config.dtype, sum(t.numel() for t in loaded.weights.values()))
+    num_kv_blocks = platform.num_kv_blocks(config.cache, loaded.arch, dtype)
+    block_size = config.cache.block_size
+    runner = ModelRunner(loaded, dtype, device, num_kv_blocks, block_size, config.seed)
+    spec = config.speculative_config
+    if spec.enabled:
+        from engine.spec.factory import build_drafter
 
-    By default glibc maps every allocation above a (dynamic) threshold afresh and gives freed
-    heap tops back to the OS, so a step's large temporaries (gathered K/V, GEMM outputs of a long
-    chunk) page-fault on every launch: measured here, gathering 11 MB of K cost 5.4 ms that way
-    and 0.6 ms with the memory kept. Process-wide; skipped where the user set MALLOC_* tunables
-    or the C library has no mallopt. Returns whether it applied.
-    """
-    if any(k.startswith(("MALLOC_MMAP_THRESHOLD", "MALLOC_TRIM_THRESHOLD")) for k in os.environ):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
-                    and libc.mallopt(m_trim_threshold, 256 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
-def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one KV block takes across all layers (K and V)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+        runner.attach_drafter(build_drafter(spec, device, dtype, block_size, num_kv_blocks,
+                                            loaded.arch.vocab_size, config.seed))
+    dtype_name = str(dtype).removeprefix("torch.")
+    logger.info("engine ready: %s, %s on CPU, simulated %s (%s), KV cache %d blocks x %d "
+                "tokens = %d tokens", loaded.name, dtype_name, device.chip.name,
+                config.npu_dtype, num_kv_blocks, block_size, num_kv_blocks * block_size)
+    info = EngineInfo(
+        model_name=loaded.name, model_path=str(loaded.path), arch=loaded.arch,
+        tokenizer=loaded.tokenizer,
+        max_model_len=config.scheduler.max_model_len or loaded.arch.max_position_embeddings,
+        num_kv_blocks=num_kv_blocks, block_size=block_size, dtype=dtype_name,
+        chip=device.chip.name)
+    return runner, info
 
 
 class ModelRunner:
     """Owns the model weights, the paged KV cache tensors, the device and the sampler."""
 
-    def __init__(self, loaded: LoadedModel, dtype: torch.dtype, chip: ChipSpec,
-                 num_kv_blocks: int, block_size: int, seed: int, strict: bool = False,
-                 npu_dtype: str = "bf16", speculative: SpeculativeConfig | None = None) -> None:
-        """speculative: when enabled, `attach_drafter` must give the drafter before the first
-        step (a draft model needs this runner's device)."""
-        keep_freed_tensor_memory()
-        self.model = LlamaModel(loaded, dtype)
+    def __init__(self, loaded: LoadedModel, dtype: torch.dtype, device: Device,
+                 num_kv_blocks: int, block_size: int, seed: int) -> None:
+        """With speculative decoding, `attach_drafter` gives the drafter before the first step
+        (a draft model runs on this runner's device)."""
+        self.device = device
+        self.model = LlamaModel(loaded, dtype, device)
         self.arch = loaded.arch
-        self.device = Device(chip, strict=strict, dtype=npu_dtype)
         self.block_size = block_size
         shape = (self.arch.num_layers, num_kv_blocks, block_size, self.arch.num_kv_heads,
                  self.arch.head_dim)
@@ -77,7 +89,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         # All EOS ids of the model, masked together while a request is below min_tokens.
         self.eos_token_ids = self.arch.eos_token_ids
-        self.speculative = speculative if speculative is not None and speculative.enabled else None
+        self.requests: dict[str, RunnerRequest] = {}  # every unfinished request it was told of
         self.drafter: Drafter | None = None
         self._draft_probs: dict[str, torch.Tensor] = {}  # request id -> (N, V) draft q rows
 
@@ -85,19 +97,11 @@ class ModelRunner:
         self.drafter = drafter
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput,
-                requests: Mapping[str, Request]) -> ModelOutput:
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Compute the scheduled chunks; sample one token for each chunk with `sample`, or, for a
-        verify chunk, accept drafts and sample the token after them; propose the next drafts.
-
-        `requests` maps ids to the scheduler's Request records (read only).
-        """
-        self.sampler.free(scheduler_output.finished_ids)
-        if self.drafter is not None:
-            gone = (*scheduler_output.finished_ids, *scheduler_output.preempted_ids)
-            self.drafter.free(gone)
-            for request_id in gone:
-                self._draft_probs.pop(request_id, None)
+        verify chunk, accept drafts and sample the token after them; propose the drafts
+        `scheduler_output.num_drafts_to_propose` asks for."""
+        self._update_requests(scheduler_output)
         chunks = scheduler_output.chunks
         if not chunks:
             return ModelOutput(sampled_token_ids={})
@@ -105,11 +109,27 @@ class ModelRunner:
         logits = self.compute_logits(scheduler_output)
         if logits is None:
             return ModelOutput(sampled_token_ids={}, trace=self.device.end_step())
-        token_ids, logprobs = self._sample(logits, [c for c in chunks if c.sample], requests)
-        drafts = self._propose(token_ids, requests)
+        token_ids, logprobs = self._sample(logits, [c for c in chunks if c.sample])
+        for request_id, new_ids in token_ids.items():
+            self.requests[request_id].output_token_ids.extend(new_ids)
+        drafts = self._propose(token_ids, scheduler_output.num_drafts_to_propose)
         trace = self.device.end_step()  # after the proposals: a draft model runs on the device
         return ModelOutput(sampled_token_ids=token_ids, logprobs=logprobs, trace=trace,
                            drafts=drafts)
+
+    def _update_requests(self, scheduler_output: SchedulerOutput) -> None:
+        """Forget finished requests (and preempted ones' drafts), learn the new ones."""
+        finished = scheduler_output.finished_ids
+        for request_id in finished:
+            self.requests.pop(request_id, None)
+        self.sampler.free(finished)
+        if self.drafter is not None:
+            gone = (*finished, *scheduler_output.preempted_ids)
+            self.drafter.free(gone)
+            for request_id in gone:
+                self._draft_probs.pop(request_id, None)
+        for new in scheduler_output.new_requests:
+            self.requests[new.request_id] = RunnerRequest.of(new)
 
     def compute_logits(self, scheduler_output: SchedulerOutput) -> torch.Tensor | None:
         """Run the model over the step's chunks (writing their K/V) inside the device's open
@@ -123,7 +143,6 @@ class ModelRunner:
         return self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers)
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
-                requests: Mapping[str, Request],
                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[TokenLogprob, ...]]]:
         """logits: (num_sample_rows, V), rows in chunk order (1 + N per verify chunk)."""
         token_ids: dict[str, tuple[int, ...]] = {}
@@ -133,7 +152,7 @@ class ModelRunner:
         if plain:
             rows = []
             for i in plain:
-                req = requests[sampled[i].request_id]
+                req = self.requests[sampled[i].request_id]
                 rows.append(SamplingRow(request_id=req.request_id, params=req.sampling_params,
                                         prompt_token_ids=req.prompt_token_ids,
                                         output_token_ids=req.output_token_ids,
@@ -148,7 +167,7 @@ class ModelRunner:
             rows_of = np.concatenate([first_rows[i] + np.arange(1 + c.num_draft_tokens)
                                       for i, c in enumerate(sampled) if c.num_draft_tokens])
             results = verify(self.sampler, logits[torch.from_numpy(rows_of)], verifies,
-                             requests, self.eos_token_ids, self._draft_probs)
+                             self.requests, self.eos_token_ids, self._draft_probs)
             for c, result in zip(verifies, results, strict=True):
                 token_ids[c.request_id] = result.token_ids
                 if result.logprobs is not None:
@@ -178,21 +197,19 @@ class ModelRunner:
         return torch.from_numpy(table[positions // bs] * bs + positions % bs)
 
     def _propose(self, token_ids: Mapping[str, tuple[int, ...]],
-                 requests: Mapping[str, Request]) -> dict[str, Draft]:
-        """Drafts for the next step of every request that just sampled, as many nodes as its
-        measured acceptance pays for (engine.spec.adaptive). Draft distributions stay here."""
-        if self.drafter is None or self.speculative is None:
+                 num_drafts: Mapping[str, int]) -> dict[str, Draft]:
+        """Drafts for the next step of every request that just sampled, as many nodes as the
+        scheduler found worth it (`num_drafts`). Draft distributions stay here."""
+        if self.drafter is None:
             return {}
-        spec = self.speculative
         wanted = []
         max_num_tokens = 0
-        for request_id, new_ids in token_ids.items():
-            req = requests[request_id]
-            # (the requests that just sampled are the next step's decodes)
-            worth = drafts_worth(req, spec, len(token_ids), spec.num_speculative_tokens)
+        for request_id in token_ids:
             self._draft_probs.pop(request_id, None)  # a draft is verified at most once
+            worth = num_drafts.get(request_id, 0)
             if worth:
-                tokens = JoinedTokens(req.prompt_token_ids, req.output_token_ids, new_ids)
+                req = self.requests[request_id]
+                tokens = JoinedTokens(req.prompt_token_ids, req.output_token_ids)
                 wanted.append(DraftRequest(request_id, tokens, req.sampling_params))
                 max_num_tokens = max(max_num_tokens, worth)
         if not wanted:
@@ -215,7 +232,7 @@ class ModelRunner:
             pos = slot_pos
             if c.num_draft_tokens:
                 root = c.start_pos + c.num_known_tokens - 1
-                depths = [len(p) for p in node_paths(c.draft_parents)]
+                depths = node_depths(c.draft_parents)
                 pos = np.concatenate([slot_pos[:c.num_known_tokens], root + np.asarray(depths)])
             table = np.asarray(c.block_ids, dtype=np.int64)
             token_ids.append(np.asarray(c.token_ids, dtype=np.int64))

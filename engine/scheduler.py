@@ -21,11 +21,52 @@ from collections.abc import Iterable
 from engine.chunks import check_stop, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.kv_cache import KVCacheManager
-from engine.outputs import ModelOutput, ScheduledChunk, SchedulerOutput, TokenUpdate
-from engine.request import FinishReason, Request, RequestStatus
-from engine.spec.adaptive import drafts_to_verify, record_verify
+from engine.outputs import (
+    ModelOutput,
+    NewRequestData,
+    ScheduledChunk,
+    SchedulerOutput,
+    TokenUpdate,
+)
+from engine.request import FinishReason, Request, RequestRejected, RequestStatus
+from engine.spec.adaptive import drafts_to_verify, drafts_worth, record_verify
 from engine.spec.types import Draft
 from engine.stats import SchedulerStats
+
+
+def check_fits(request: Request, max_model_len: int, kv_cache: KVCacheManager) -> None:
+    """Raise RequestRejected unless `request` can run: a non-empty prompt that leaves room to
+    generate within max_model_len, prompt + max_tokens (and min_tokens) within it, and its
+    longest possible sequence within the whole KV pool. The one place these lengths are checked:
+    the server's 400s come from here."""
+    num_prompt_tokens = request.num_prompt_tokens
+    params = request.sampling_params
+    if num_prompt_tokens == 0:
+        raise RequestRejected("the prompt is empty (0 tokens)", param="prompt")
+    if num_prompt_tokens >= max_model_len:
+        raise RequestRejected(
+            f"This model's maximum context length is {max_model_len} tokens: the prompt has "
+            f"{num_prompt_tokens} tokens, max_model_len is {max_model_len}, which leaves no room "
+            f"to generate. Please reduce the length of the prompt.",
+            param="prompt", code="context_length_exceeded")
+    max_num_tokens = request.max_num_tokens
+    if max_num_tokens is not None and max_num_tokens > max_model_len:
+        raise RequestRejected(
+            f"This model's maximum context length is {max_model_len} tokens: the prompt has "
+            f"{num_prompt_tokens} tokens and max_tokens is {params.max_tokens}, together more "
+            f"than max_model_len {max_model_len}. Please reduce the length of the prompt or of "
+            f"the completion.", param="max_tokens", code="context_length_exceeded")
+    if num_prompt_tokens + params.min_tokens > max_model_len:
+        raise RequestRejected(
+            f"min_tokens is {params.min_tokens}, more than the {max_model_len - num_prompt_tokens}"
+            f" tokens max_model_len {max_model_len} leaves after the prompt of "
+            f"{num_prompt_tokens} tokens", param="min_tokens", code="context_length_exceeded")
+    max_seq_len = max_model_len if max_num_tokens is None else max_num_tokens
+    num_blocks_needed = kv_cache.num_blocks_for(max_seq_len)
+    if num_blocks_needed > kv_cache.num_blocks:
+        raise RequestRejected(
+            f"up to {max_seq_len} tokens need {num_blocks_needed} KV blocks, the pool has "
+            f"{kv_cache.num_blocks}", param="max_tokens" if max_num_tokens else "prompt")
 
 
 class Scheduler:
@@ -68,36 +109,13 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue `request` (FCFS) for admission.
 
-        Raises ValueError, changing nothing, when the id is already in use, the prompt is empty,
-        the prompt leaves no room to generate within `max_model_len`, prompt + max_tokens exceeds
-        `max_model_len`, or its longest possible sequence needs more blocks than the whole pool
-        (it could never run).
+        Raises ValueError, changing nothing, when the id is already in use, and RequestRejected
+        (a ValueError) when it can never run (`check_fits`).
         """
         request_id = request.request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        num_prompt_tokens = request.num_prompt_tokens
-        if num_prompt_tokens == 0:
-            raise ValueError(f"request {request_id!r}: prompt is empty")
-        if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(
-                f"request {request_id!r}: prompt has {num_prompt_tokens} tokens, "
-                f"max_model_len is {self.max_model_len}"
-            )
-        max_num_tokens = request.max_num_tokens
-        if max_num_tokens is not None and max_num_tokens > self.max_model_len:
-            raise ValueError(
-                f"request {request_id!r}: prompt has {num_prompt_tokens} tokens and max_tokens "
-                f"is {request.sampling_params.max_tokens}, together more than max_model_len "
-                f"{self.max_model_len}"
-            )
-        max_seq_len = self.max_model_len if max_num_tokens is None else max_num_tokens
-        num_blocks_needed = self.kv_cache.num_blocks_for(max_seq_len)
-        if num_blocks_needed > self.kv_cache.num_blocks:
-            raise ValueError(
-                f"request {request_id!r}: up to {max_seq_len} tokens need {num_blocks_needed} "
-                f"KV blocks, the pool has {self.kv_cache.num_blocks}"
-            )
+        check_fits(request, self.max_model_len, self.kv_cache)
         request.status = RequestStatus.WAITING
         self.requests[request_id] = request
         self.waiting.append(request)
@@ -124,8 +142,10 @@ class Scheduler:
         """
         chunks: list[ScheduledChunk] = []
         preempted_ids: list[str] = []
+        new_requests: list[NewRequestData] = []
         if self.config.policy == "prefill_first":
-            self._admit_waiting(chunks, self.config.max_num_batched_tokens, whole=True)
+            self._admit_waiting(chunks, new_requests, self.config.max_num_batched_tokens,
+                                whole=True)
             if not chunks:
                 self._schedule_running(chunks, preempted_ids)
         else:
@@ -133,13 +153,30 @@ class Scheduler:
             # Waiting requests, only on a step without preemption: a request just preempted
             # for lack of blocks must not be readmitted at once, and nothing may jump ahead.
             if not preempted_ids:
-                self._admit_waiting(chunks, token_budget, whole=False)
+                self._admit_waiting(chunks, new_requests, token_budget, whole=False)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(
             chunks=tuple(chunks),
             preempted_ids=tuple(preempted_ids),
             finished_ids=finished_ids,
+            new_requests=tuple(new_requests),
+            num_drafts_to_propose=self._drafts_to_propose(chunks),
         )
+
+    def _drafts_to_propose(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
+        """Per chunk that samples, the draft nodes worth proposing for its next step, with every
+        request that samples now decoding then (engine.spec.adaptive)."""
+        spec = self.speculative
+        if spec is None:
+            return {}
+        sampling = [c.request_id for c in chunks if c.sample]
+        wanted = {}
+        for request_id in sampling:
+            num_drafts = drafts_worth(self.requests[request_id], spec, len(sampling),
+                                      spec.num_speculative_tokens)
+            if num_drafts:
+                wanted[request_id] = num_drafts
+        return wanted
 
     def _schedule_running(self, chunks: list[ScheduledChunk], preempted_ids: list[str]) -> int:
         """Append the running requests' chunks (preempting from the tail when blocks run out);
@@ -202,10 +239,11 @@ class Scheduler:
                 return None
         return make_chunk(request, num_new_tokens, draft)
 
-    def _admit_waiting(self, chunks: list[ScheduledChunk], token_budget: int,
-                       whole: bool) -> None:
+    def _admit_waiting(self, chunks: list[ScheduledChunk], new_requests: list[NewRequestData],
+                       token_budget: int, whole: bool) -> None:
         """Admit waiting requests FCFS into `chunks` while budget, max_num_seqs and blocks
-        allow. whole=True never splits a prompt (the first one may exceed the budget)."""
+        allow; those admitted for the first time (never preempted) go to `new_requests` too.
+        whole=True never splits a prompt (the first one may exceed the budget)."""
         while self.waiting and token_budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             # Waiting requests hold no blocks (new, or preempted and freed): with prefix caching
@@ -224,6 +262,10 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if not request.num_preemptions:  # a preempted one is known to the runner already
+                new_requests.append(NewRequestData(request_id=request.request_id,
+                                                   prompt_token_ids=request.prompt_token_ids,
+                                                   sampling_params=request.sampling_params))
             chunks.append(make_chunk(request, num_new_tokens))
             token_budget -= num_new_tokens
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# The simulated NPU's meta primitives (npu_sim.tasks.Primitive values; a test keeps the two
+# equal), named here so that stat consumers can list them without loading the simulator.
+NPU_PRIMITIVES = ("vector", "gemm", "attention")
+
 
 @dataclass(frozen=True)
 class SchedulerStats:

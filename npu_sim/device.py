@@ -23,16 +23,20 @@ per launch plus a few numpy calls per distinct kernel.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
-from npu_sim.kernels import run_attention, run_gemm, run_vector
 from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
-from npu_sim.trace import KernelTiming, StepTrace, build_step_trace
+from npu_sim.trace import KernelTiming, StepTrace, build_step_trace, count_step_trace
+
+if TYPE_CHECKING:
+    import torch
+
+    from npu_sim.kernels import PackedWeight
 
 _SHAPE_CACHE_SIZE = 512
 _STEP_CACHE_LIMIT = 4096  # launches outside begin/end_step: forget old kernels eventually
@@ -66,6 +70,12 @@ class Device:
         self.chip = chip
         self.strict = strict  # reference (task-by-task) execution instead of the fast path
         self.compute = compute  # False: timing only, launch() returns None
+        # The functional kernels (and torch) only where numbers are computed.
+        self._kernels: Any = None
+        if compute:
+            from npu_sim import kernels
+
+            self._kernels = kernels
         self.cost_model = CostModel(chip, dtype)  # dtype: the simulated operand dtype
         self.num_launches: Counter[Primitive] = Counter()  # launches per primitive, ever
         self.num_tasks: Counter[Primitive] = Counter()  # tasks executed per primitive, ever
@@ -74,6 +84,23 @@ class Device:
         self._launches: list[KernelTiming] = []  # this step's launches, in order
         self._step_cache: dict[int, tuple[Kernel, KernelTiming]] = {}  # id(kernel) -> timing
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
+
+    # ------------------------------------------------------------------------- host facts
+
+    @staticmethod
+    def fast_fp32_available() -> bool:
+        """Whether fp32 launches run on the CPU fast path's C kernels (else on ATen)."""
+        from npu_sim.kernels import native
+
+        return native.lib() is not None
+
+    @staticmethod
+    def pack_weight(w: torch.Tensor) -> PackedWeight | torch.Tensor:
+        """A GEMM weight (N, K) laid out for this device's fast path (npu_sim.kernels), or `w`
+        itself where no packed layout applies; launch GEMMs with either."""
+        from npu_sim.kernels import pack_weight
+
+        return pack_weight(w)
 
     # ------------------------------------------------------------------------------ launch
 
@@ -84,18 +111,19 @@ class Device:
         Returns the kernel's output tensor, or None for kernels that write in place and in
         timing-only mode.
         """
+        kernels = self._kernels
         if isinstance(kernel, GemmKernel):
-            run = run_gemm
+            run = kernels and kernels.run_gemm
             num_tasks = len(kernel.tasks)
         elif isinstance(kernel, AttentionKernel):
-            run = run_attention
+            run = kernels and kernels.run_attention
             num_tasks = len(kernel.tasks) + len(kernel.combine_tasks)
         elif isinstance(kernel, VectorKernel):
-            run = run_vector
+            run = kernels and kernels.run_vector
             num_tasks = len(kernel.tasks)
         else:
             raise TypeError(f"not a kernel: {type(kernel).__name__}")
-        out = run(kernel, self.strict, **operands) if self.compute else None
+        out = run(kernel, self.strict, **operands) if run else None
         self.num_launches[kernel.primitive] += 1
         self.num_tasks[kernel.primitive] += num_tasks
         timing = self._timing(kernel)
@@ -104,6 +132,22 @@ class Device:
         self._launches.append(timing)
         self.last_timing = timing
         return out
+
+    def time_launches(self, counts: Sequence[tuple[Kernel, int]]) -> StepTrace:
+        """The StepTrace of a whole step given as (kernel, times launched) pairs, timing only:
+        what begin_step(), one launch() per launch and end_step() would report (the same sums,
+        in the same order when `counts` lists kernels by first launch), without a timeline
+        (`StepTrace.kernels` is empty). Launches not yet ended are forgotten."""
+        pairs = [(self._timing(kernel), n) for kernel, n in counts]
+        for (kernel, n), (timing, _) in zip(counts, pairs, strict=True):
+            self.num_launches[kernel.primitive] += n
+            self.num_tasks[kernel.primitive] += n * timing.num_tasks
+        self.begin_step()
+        c = self.chip
+        trace = count_step_trace(c.name, c.clock_hz, c.host_overhead_s, c.num_cube_cores,
+                                 c.num_vector_cores, c.peak_flops(self.cost_model.dtype), pairs)
+        self.total_sim_s += trace.sim_s
+        return trace
 
     def begin_step(self) -> None:
         """Start a step: forget launches not yet reported (and the per-step timing cache)."""

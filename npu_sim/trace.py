@@ -8,7 +8,7 @@ Times are simulated: cycles at the chip's clock and seconds derived from them (`
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,8 @@ class StepTrace:
 def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
                      num_cube_cores: int, num_vector_cores: int, peak_flops: float,
                      launches: list[KernelTiming]) -> StepTrace:
-    """Aggregate a step's launches (each distinct timing is summed once, times its count)."""
+    """Aggregate a step's launches, in order (each distinct timing summed once, times its
+    count); the trace keeps them for timelines."""
     counts: dict[int, list[Any]] = {}
     for timing in launches:
         entry = counts.get(id(timing))
@@ -94,11 +95,23 @@ def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
             counts[id(timing)] = [timing, 1]
         else:
             entry[1] += 1
+    return count_step_trace(chip_name, clock_hz, host_overhead_s, num_cube_cores,
+                            num_vector_cores, peak_flops, counts.values(), launches)
+
+
+def count_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
+                     num_cube_cores: int, num_vector_cores: int, peak_flops: float,
+                     counts: Iterable[Sequence[Any]],
+                     launches: Sequence[KernelTiming] = ()) -> StepTrace:
+    """Aggregate (timing, times launched) pairs into a step's trace; `launches`, the launches
+    in order, only feed the timeline (`kernels`, `kernel_start_s`; empty = no timeline)."""
+    counts = list(counts)
+    num_launches = sum(n for _, n in counts)
     cube_busy = np.zeros(num_cube_cores)
     vector_busy = np.zeros(num_vector_cores)
     cycles = cube_active = vector_active = hbm = flops = macs = useful = 0.0
     by_primitive: dict[str, float] = {}
-    for timing, n in counts.values():
+    for timing, n in counts:
         cycles += n * timing.cycles
         cube_busy += n * timing.cube_busy_cycles
         vector_busy += n * timing.vector_busy_cycles
@@ -112,10 +125,10 @@ def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
         by_primitive[key] = by_primitive.get(key, 0.0) + n * timing.seconds
     device_s = cycles / clock_hz
     starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]) if launches else []
+    host_s = host_overhead_s if num_launches else 0.0
     return StepTrace(
-        chip=chip_name, clock_hz=clock_hz,
-        sim_s=device_s + (host_overhead_s if launches else 0.0), device_s=device_s,
-        host_s=host_overhead_s if launches else 0.0, num_launches=len(launches),
+        chip=chip_name, clock_hz=clock_hz, sim_s=device_s + host_s, device_s=device_s,
+        host_s=host_s, num_launches=num_launches,
         cube_busy_s=cube_busy / clock_hz, vector_busy_s=vector_busy / clock_hz,
         cube_utilization=cube_active / (num_cube_cores * cycles) if cycles else 0.0,
         vector_utilization=vector_active / (num_vector_cores * cycles) if cycles else 0.0,

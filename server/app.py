@@ -29,16 +29,16 @@ logger = logging.getLogger("xyserve")
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app. Its lifespan starts the engine thread on the server's event
     loop and stops it on shutdown (in-flight requests then end with an error)."""
-    core = engine.core
-    model = ModelInfo(name=config.served_model_name or core.model_name, root=core.model_name,
-                      max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
+    info = engine.info
+    model = ModelInfo(name=config.served_model_name or info.model_name, root=info.model_name,
+                      max_model_len=info.max_model_len, vocab_size=info.arch.vocab_size,
                       created=int(time.time()))
     # Metrics are recorded from the engine's per-step stats: a stat logger on the engine thread.
     server_metrics = ServerMetrics(model.name, lambda: engine.stats,
-                                   core.config.speculative_config)
+                                   engine.config.speculative_config)
     engine.stat_loggers.append(server_metrics.record)
-    serving_args = (engine, model, core.tokenizer, config.retry_after_s)
-    state = ServerState(config=config, engine=engine, tokenizer=core.tokenizer, model=model,
+    serving_args = (engine, model, info.tokenizer, config.retry_after_s)
+    state = ServerState(config=config, engine=engine, tokenizer=info.tokenizer, model=model,
                         metrics=server_metrics, completions=CompletionServing(*serving_args),
                         chat=ChatServing(*serving_args))
 

@@ -180,13 +180,13 @@ def add_kernels_parser(subparsers: Any) -> None:
 
 
 def run_kernels(argv: list[str]) -> int:
-    from engine.sweeps import main as sweeps_main
+    from benchmarks.kernels.sweeps import main as sweeps_main
 
     return sweeps_main(argv)
 
 
 def add_bench_parser(subparsers: Any) -> None:
-    from server.bench.args import add_bench_arguments
+    from benchmarks.load.args import add_bench_arguments  # no heavy imports
 
     p = subparsers.add_parser("bench", help="benchmark a running OpenAI-compatible server",
                               description="Load-test /v1/completions of a running server "
@@ -197,7 +197,7 @@ def add_bench_parser(subparsers: Any) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from server.bench.run import main as bench_main
+    from benchmarks.load.run import main as bench_main
 
     return bench_main(args)
 
@@ -267,25 +267,26 @@ def run_serve(args: argparse.Namespace) -> int:
     # Heavy imports (torch, transformers, uvicorn) only once the arguments are known good.
     import uvicorn
 
+    from engine.arch import ModelLoadError
     from engine.async_engine import AsyncEngine
     from engine.core import EngineCore
-    from engine.models.arch import ModelLoadError
     from server.app import build_app
     from server.auth import redact_in_logs
     from server.shutdown import DrainingServer
 
     try:
-        core = _build_off_main_thread(EngineCore, engine_config)
+        core = _build_off_main_thread(EngineCore.load, engine_config)
     except (ModelLoadError, ValueError) as exc:
         logger.error("cannot start the engine: %s", exc)
         return 1
     engine = AsyncEngine(core, server_config.max_waiting_requests)
     app = build_app(engine, server_config)
     block_size = engine_config.cache.block_size
-    logger.info("model %s (served as %s), max_model_len %d tokens", core.model_name,
-                server_config.served_model_name or core.model_name, core.max_model_len)
-    logger.info("KV cache: %d blocks x %d tokens = %d tokens", core.num_kv_blocks, block_size,
-                core.num_kv_blocks * block_size)
+    info = core.info
+    logger.info("model %s (served as %s), max_model_len %d tokens", info.model_name,
+                server_config.served_model_name or info.model_name, info.max_model_len)
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens", info.num_kv_blocks, block_size,
+                info.num_kv_blocks * block_size)
     logger.info("OpenAI-compatible API at %s/v1 (OpenAPI docs at %s/docs)", server_config.url,
                 server_config.url)
     uvicorn_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,

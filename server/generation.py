@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.outputs import RequestOutput, TokenLogprob
-from engine.request import FinishReason, SamplingParams
+from engine.request import FinishReason, RequestRejected, SamplingParams
 from server.errors import BadRequestError, InternalServerError
 from server.prompts import PromptInput
 
@@ -95,6 +95,8 @@ class GenerationGroup:
         if any(isinstance(f, BaseException) for f in firsts):
             await self.aclose()
         for first in firsts:
+            if isinstance(first, RequestRejected):
+                raise BadRequestError(str(first), param=first.param, code=first.code) from first
             if isinstance(first, ValueError):
                 raise BadRequestError(str(first)) from first
             if isinstance(first, BaseException):

@@ -50,8 +50,7 @@ from prometheus_client.exposition import generate_latest
 
 from engine.config import SpeculativeConfig
 from engine.request import FinishReason
-from engine.stats import IterationStats, SchedulerStats, SpecDecodingStats
-from npu_sim.tasks import Primitive
+from engine.stats import NPU_PRIMITIVES, IterationStats, SchedulerStats, SpecDecodingStats
 
 PREFIX = "xyserve:"
 
@@ -159,7 +158,7 @@ class ServerMetrics:
         kernel = Counter(PREFIX + "npu_kernel_seconds",
                          "Simulated NPU seconds spent in kernels, by meta primitive.",
                          (*labels, "primitive"), registry=r)
-        self._npu_kernel = _Children(kernel, m, (p.value for p in Primitive))
+        self._npu_kernel = _Children(kernel, m, NPU_PRIMITIVES)
         self._spec = (_SpecDecodingCounters(counter, r, m,
                                             speculative_config.num_speculative_tokens)
                       if speculative_config is not None and speculative_config.enabled else None)

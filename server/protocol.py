@@ -3,9 +3,9 @@
 FastAPI validates bodies against these models and publishes them in the OpenAPI schema. Unknown
 fields are ignored (as OpenAI and vLLM do); fields we know but do not implement (tools, structured
 output, suffix, ...) are rejected with a 400 naming the field, rather than silently ignored.
-Value ranges of the sampling fields are published in the schema (the ranges of OpenAI's own
-spec, so clients and fuzzers see them) and checked again by `engine.SamplingParams`, the engine's
-guard; what needs the model (token ids within the vocabulary) is checked by the serving layer.
+Value ranges of the sampling fields are published in the schema (engine.request.BOUNDS, so
+clients and fuzzers see them) and checked once, by `engine.SamplingParams`; what needs the model
+(lengths, token ids within the vocabulary) is checked by the engine when a request is queued.
 Sizes that bound the work one request can cause (n, stop strings, logit_bias entries) are capped
 here, and floats must be finite (JSON's NaN / Infinity extensions are refused).
 Response schemas live in protocol_responses.py.
@@ -17,9 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from engine.request import MAX_LOGPROBS, SamplingParams
+from engine.request import BOUNDS, SamplingParams
 
-MAX_N = 128  # choices per prompt at most (OpenAI's limit)
 MAX_STOP_STRINGS = 16  # stop strings per request at most
 MAX_STOP_STRING_CHARS = 1024  # characters per stop string at most
 MAX_STOP_TOKEN_IDS = 1024  # stop_token_ids entries at most
@@ -27,6 +26,15 @@ MAX_LOGIT_BIAS = 1024  # logit_bias entries at most (each costs sampler work eve
 
 
 TokenId = Annotated[int, Field(ge=0)]  # below the model's vocab_size, checked when served
+
+Bias = Annotated[float, Field(json_schema_extra=BOUNDS["logit_bias"].json_schema())]  # a logit_bias
+#   value; its range is checked by SamplingParams
+
+
+def ranged(name: str, default: Any = None) -> Any:
+    """A field whose range engine.request.BOUNDS[name] states: published in the schema here,
+    enforced by SamplingParams (once, with a message naming the field)."""
+    return Field(default=default, json_schema_extra=BOUNDS[name].json_schema())
 
 
 class OpenAIBaseModel(BaseModel):
@@ -63,24 +71,24 @@ class GenerationRequest(OpenAIBaseModel):
     """
 
     model: str | None = None  # the served model name; None = the one model this server has
-    n: int = Field(default=1, ge=1, le=MAX_N)  # completions per prompt
-    temperature: float | None = Field(default=None, ge=0)  # 0 = greedy
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)  # vLLM extension; 0 or -1 = off
-    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM extension
+    n: int = ranged("n", 1)  # completions per prompt
+    temperature: float | None = ranged("temperature")  # 0 = greedy
+    top_p: float | None = ranged("top_p")
+    top_k: int | None = ranged("top_k")  # vLLM extension; 0 or -1 = off
+    min_p: float | None = ranged("min_p")  # vLLM extension
     seed: int | None = None  # same seed, same tokens (choice i of n uses seed + i)
     stop: str | list[str] | None = None  # stop strings, left out of the text
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     #   vLLM extension
     ignore_eos: bool | None = None  # vLLM extension
-    min_tokens: int | None = Field(default=None, ge=0)  # vLLM extension
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0)  # vLLM extension
+    min_tokens: int | None = ranged("min_tokens")  # vLLM extension
+    presence_penalty: float | None = ranged("presence_penalty")
+    frequency_penalty: float | None = ranged("frequency_penalty")
+    repetition_penalty: float | None = ranged("repetition_penalty")  # vLLM extension
     include_stop_str_in_output: bool | None = None  # vLLM extension
     skip_special_tokens: bool | None = None  # vLLM extension
-    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        default=None, max_length=MAX_LOGIT_BIAS)  # token id (a string in JSON) -> added to logit
+    logit_bias: dict[int, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)  # token
+    #   id (a string in JSON) -> added to logit
     stream: bool = False  # answer with server-sent events
     stream_options: StreamOptions | None = None  # only with stream=true
     user: str | None = None  # accepted and ignored, as vLLM does
@@ -134,10 +142,10 @@ class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]  # text(s) or token id list(s)
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's and vLLM's default; None = up
+    max_tokens: int | None = ranged("max_tokens", 16)  # OpenAI's and vLLM's default; None = up
     #   to max_model_len
     echo: bool = False  # prepend the prompt to the text (and its tokens to the logprobs)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # return the chosen
+    logprobs: int | None = ranged("logprobs")  # return the chosen
     #   token's logprob and this many top ones
     best_of: int | None = None  # only best_of == n (no server-side ranking)
     suffix: str | None = None
@@ -178,11 +186,11 @@ class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)  # the conversation so far
-    max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI; None = up to
+    max_tokens: int | None = ranged("max_tokens")  # deprecated by OpenAI; None = up to
     #   max_model_len (vLLM)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # wins over max_tokens
+    max_completion_tokens: int | None = ranged("max_tokens")  # wins over max_tokens
     logprobs: bool = False  # return the chosen tokens' logprobs
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # needs logprobs
+    top_logprobs: int | None = ranged("logprobs")  # needs logprobs
     add_generation_prompt: bool = True  # vLLM extension: end the prompt with the assistant cue
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None  # only "none"

@@ -1,9 +1,9 @@
 """The request path shared by /v1/completions and /v1/chat/completions (vLLM's OpenAIServing).
 
     create(): model check -> admission pre-check (429 / 503 at once, before any work)
-              -> prompts (tokenized off the event loop) -> SamplingParams + length and vocabulary
-              checks (400s, nothing queued yet)
-              -> GenerationGroup.start() (429 / 503 / engine 400s, still before any byte is sent)
+              -> SamplingParams (field ranges: 400s) -> prompts (tokenized off the event loop)
+              -> GenerationGroup.start() (429 / 503, and the engine's 400s for what needs the
+                 model: lengths, token ids; still before any byte is sent)
               -> JSON response, or an SSE stream of chunks
 
 A subclass says how its prompts are read and how choices, deltas and usage look on the wire.
@@ -105,9 +105,10 @@ class OpenAIServing:
         # Refuse at once (429 / 503) when not even one more request could be queued; the exact
         # check, for all of the call's requests, comes when they are queued.
         self.engine.check_admission(1)
+        sampling_params = self.sampling_params(request)
         # Tokenizing a long prompt takes a while (~1 s a MB) and releases the GIL: off the loop.
         prompts = await asyncio.to_thread(self.prompts, request)
-        params = [self.sampling_params(request, p) for p in prompts]
+        params = [sampling_params] * len(prompts)
         request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         ctx = ResponseContext(request_id, int(time.time()), self.model.name, request)
         group = GenerationGroup(self.engine, request_id, prompts, params)
@@ -124,35 +125,15 @@ class OpenAIServing:
             await group.aclose()
         return json_response(self.response(ctx, group))
 
-    def sampling_params(self, request: GenerationRequest, prompt: PromptInput) -> SamplingParams:
-        """The engine parameters for one prompt, checked against max_model_len here, in the
-        server, so a request that can never fit is a 400 before anything is queued."""
-        max_tokens = self.max_tokens(request)
+    def sampling_params(self, request: GenerationRequest) -> SamplingParams:
+        """The engine parameters of the call's prompts. Field ranges are SamplingParams' to
+        check (a ValueError names the field); what needs the model (lengths, token ids) the
+        engine checks when the requests are queued, still before any byte is sent."""
         try:
-            params = request.to_sampling_params(max_tokens, self.num_logprobs(request))
+            return request.to_sampling_params(self.max_tokens(request),
+                                              self.num_logprobs(request))
         except ValueError as exc:
             raise BadRequestError(str(exc), param=str(exc).split()[0]) from exc
-        vocab_size = self.model.vocab_size
-        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids",
-                                                              params.stop_token_ids)):
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise BadRequestError(f"{name}: token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {vocab_size})", param=name)
-        num_prompt_tokens = len(prompt.token_ids)
-        max_model_len = self.model.max_model_len
-        if num_prompt_tokens == 0:
-            raise BadRequestError("the prompt is empty (0 tokens)", param="prompt")
-        requested = num_prompt_tokens + (max_tokens or 1)  # None: at least one new token
-        if requested > max_model_len:
-            completion = (f"{max_tokens} for the completion" if max_tokens
-                          else "at least 1 to generate")
-            raise BadRequestError(
-                f"This model's maximum context length is {max_model_len} tokens. However, you "
-                f"requested {requested} tokens ({num_prompt_tokens} in the prompt, {completion}). "
-                f"Please reduce the length of the prompt or of the completion.",
-                param="max_tokens" if max_tokens else "prompt", code="context_length_exceeded")
-        return params
 
     async def _chunks(self, ctx: ResponseContext,
                       group: GenerationGroup) -> AsyncIterator[BaseModel]:

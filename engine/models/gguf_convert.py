@@ -35,7 +35,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from engine.models.arch import ModelLoadError, architecture_of
+from engine.arch import ModelLoadError, architecture_of
 
 logger = logging.getLogger("xyserve")
 

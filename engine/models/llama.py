@@ -2,23 +2,23 @@
 
 Weights are fused at load time the way the kernels consume them: q/k/v into one (Hq + 2 Hkv) D x H
 matrix (one GEMM instead of three), gate/up into one 2I x H matrix, and every GEMM weight is
-pre-packed for the CPU's fast path (`npu_sim.kernels.pack_weight`). The forward pass holds no
+pre-packed for the CPU's fast path (`Device.pack_weight`). The forward pass holds no
 math of its own: every number comes out of a `Device.launch`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from engine.arch import ModelArch
 from engine.lowering import StepPlan
-from engine.models.arch import ModelArch
 from engine.models.loader import LoadedModel
 from npu_sim.device import Device
-from npu_sim.kernels import PackedWeight, pack_weight
+from npu_sim.kernels import PackedWeight
 
 Weight = torch.Tensor | PackedWeight  # a GEMM weight (N, K), packed where the CPU allows
 
@@ -51,7 +51,9 @@ class StepInputs:
 class LlamaModel:
     """Weights plus the forward pass. KV caches are passed in, owned by the runner."""
 
-    def __init__(self, loaded: LoadedModel, dtype: torch.dtype) -> None:
+    def __init__(self, loaded: LoadedModel, dtype: torch.dtype, device: Device) -> None:
+        """Weights of `loaded` in `dtype`, GEMM weights packed for `device`'s fast path."""
+        pack_weight = device.pack_weight
         self.arch: ModelArch = loaded.arch
         self.dtype = dtype
         w = {name: t.to(dtype) for name, t in loaded.weights.items()}
@@ -59,11 +61,13 @@ class LlamaModel:
         self.final_norm = w["model.norm.weight"]
         self.lm_head = pack_weight(self.embed if self.arch.tie_word_embeddings
                                    else w["lm_head.weight"])  # (V, H)
-        self.layers = [self._layer(w, f"model.layers.{i}.") for i in range(self.arch.num_layers)]
+        self.layers = [self._layer(w, f"model.layers.{i}.", pack_weight)
+                       for i in range(self.arch.num_layers)]
         inv_freq, self.rope_scaling = _rope_inv_freq(loaded)
         self.inv_freq = inv_freq.float()  # (D / 2,)
 
-    def _layer(self, w: dict[str, torch.Tensor], p: str) -> LayerWeights:
+    def _layer(self, w: dict[str, torch.Tensor], p: str,
+               pack_weight: Callable[[torch.Tensor], Weight]) -> LayerWeights:
         attn, mlp = p + "self_attn.", p + "mlp."
         bias = None
         if self.arch.attention_bias:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import transformers
 
+from engine.arch import SUPPORTED_ARCHITECTURES, ModelArch, ModelLoadError, as_ids
 from engine.models import gguf_convert
-from engine.models.arch import SUPPORTED_ARCHITECTURES, ModelArch, ModelLoadError, as_ids
 from engine.models.weights import check_weights, read_weights
 
 __all__ = ["PRESETS", "SUPPORTED_ARCHITECTURES", "LoadedModel", "ModelArch", "ModelLoadError",

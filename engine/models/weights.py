@@ -14,7 +14,7 @@ import pathlib
 import safetensors.torch
 import torch
 
-from engine.models.arch import ModelArch, ModelLoadError
+from engine.arch import ModelArch, ModelLoadError
 
 # Non-parameter buffers some older checkpoints carry; the forward recomputes them.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -88,7 +88,7 @@ class DraftModelDrafter:
                              "must share the target's tokenizer")
         if block_size < 1 or max_catchup_tokens < 1:
             raise ValueError("block_size and max_catchup_tokens must be at least 1")
-        self.model = LlamaModel(loaded, dtype)
+        self.model = LlamaModel(loaded, dtype, device)
         self.arch = arch
         self.device = device
         self.block_size = block_size

@@ -7,16 +7,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, overload
 
-from engine.lowering_attention import check_tree_parents
+from engine import token_tree
 from engine.request import SamplingParams
 
 
 @dataclass(frozen=True)
 class Draft:
-    """Proposed continuation of one request: a token tree in topological order.
-
-    A chain of k tokens has parents (-1, 0, 1, ..., k - 2).
-    """
+    """Proposed continuation of one request: a token tree (engine.token_tree)."""
 
     token_ids: tuple[int, ...]  # the draft nodes' tokens
     parents: tuple[int, ...]  # parent node index per node; -1 = the request's last token
@@ -27,7 +24,7 @@ class Draft:
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.parents):
             raise ValueError("a draft needs one parent per token")
-        check_tree_parents(self.parents)
+        token_tree.check_parents(self.parents)
 
     @property
     def num_tokens(self) -> int:
@@ -35,7 +32,7 @@ class Draft:
 
     @property
     def is_chain(self) -> bool:
-        return all(parent == j - 1 for j, parent in enumerate(self.parents))
+        return token_tree.is_chain(self.parents)
 
     def truncate(self, num_tokens: int) -> Draft:
         """The first num_tokens nodes: still a tree, since parents precede children."""
@@ -46,7 +43,7 @@ class Draft:
 
     @staticmethod
     def chain(token_ids: Sequence[int]) -> Draft:
-        return Draft(tuple(token_ids), tuple(range(-1, len(token_ids) - 1)))
+        return Draft(tuple(token_ids), token_tree.chain_parents(len(token_ids)))
 
 
 class JoinedTokens(Sequence[int]):

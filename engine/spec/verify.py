@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from engine.outputs import ScheduledChunk, TokenLogprob
-from engine.request import Request
+from engine.runner_state import RunnerRequest
 from engine.sampler import Sampler, SamplingRow, process_logits, sampling_probs, token_logprobs
 from engine.spec.rejection import Verdict, accept_greedy, accept_sampled
 from engine.spec.types import Draft, JoinedTokens
+from engine.token_tree import node_paths
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,8 @@ def chunk_draft(chunk: ScheduledChunk, probs: torch.Tensor | None) -> Draft:
                  None if probs is None else probs[:n])
 
 
-def node_paths(parents: Sequence[int]) -> list[tuple[int, ...]]:
-    """Per draft node, the node indices from the root's child down to it."""
-    paths: list[tuple[int, ...]] = []
-    for j, parent in enumerate(parents):
-        paths.append((paths[parent] if parent >= 0 else ()) + (j,))
-    return paths
-
-
 def verify(sampler: Sampler, logits: torch.Tensor, chunks: Sequence[ScheduledChunk],
-           requests: Mapping[str, Request], eos_token_ids: tuple[int, ...],
+           requests: Mapping[str, RunnerRequest], eos_token_ids: tuple[int, ...],
            draft_probs: Mapping[str, torch.Tensor]) -> list[VerifyResult]:
     """Accept or reject the drafts of `chunks` (verify chunks, in batch order).
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.core
+import engine.platform
 from engine.config import AUTO_FP32_MAX_PARAMS
-from engine.core import resolve_dtype
+from engine.platform import resolve_dtype
 from npu_sim.kernels import native
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_auto(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
-    monkeypatch.setattr(engine.core, "_cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(engine.platform, "cpu_has_native_bf16", lambda: native_bf16)
     big = AUTO_FP32_MAX_PARAMS + 1
     otherwise = torch.bfloat16 if native_bf16 else torch.float32
     assert resolve_dtype("auto", big) == otherwise

@@ -108,14 +108,14 @@ def test_unservable_requests_raise_and_leave_engine_clean(llm: LLM, prompt, para
         llm.generate([[5, 6], prompt], params)
     engine: EngineCore = llm.engine
     assert not engine.has_unfinished_requests()
-    assert engine.scheduler.num_free_blocks == engine.num_kv_blocks
+    assert engine.scheduler.num_free_blocks == engine.info.num_kv_blocks
 
 
 def test_abort_frees_blocks(llm: LLM) -> None:
     engine = llm.engine
     engine.add_request("x", list(range(1, 40)), GREEDY)
     engine.step()
-    assert engine.scheduler.num_free_blocks < engine.num_kv_blocks
+    assert engine.scheduler.num_free_blocks < engine.info.num_kv_blocks
     engine.abort_requests(["x"])
     assert not engine.has_unfinished_requests()
-    assert engine.scheduler.num_free_blocks == engine.num_kv_blocks
+    assert engine.scheduler.num_free_blocks == engine.info.num_kv_blocks

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from engine.arch import ModelArch
 from engine.lowering import BASELINE_POLICY, ChunkShape, StepPlan, lower_step
-from engine.models.arch import ModelArch
 from npu_sim.hardware import KIB, PRESETS, ChipSpec, get_chip
 from npu_sim.tasks import GemmKernel, TileShape, VectorKernel, VectorOp
 from npu_sim.tiling import ACCUM_BYTES, OPERAND_BYTES, gemm_menu

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from engine.arch import ModelArch
 from engine.lowering import ChunkShape
-from engine.models.arch import ModelArch
 
 
 def make_arch(num_heads: int, num_kv_heads: int, head_dim: int = 16) -> ModelArch:

@@ -7,8 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from benchmarks.kernels.harness import fake_chunks
+from engine.arch_presets import get_arch
 from engine.lowering import lower_attention, lower_gemm
-from engine.models.arch_presets import fake_chunks, get_arch
 from npu_sim.cost import CostModel
 from npu_sim.device import Device
 from npu_sim.hardware import PRESETS, ChipSpec, get_chip

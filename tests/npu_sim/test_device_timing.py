@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.kernels.harness import fake_chunks, time_step
+from engine.arch import ModelArch
+from engine.arch_presets import get_arch
 from engine.lowering import (
     BASELINE_POLICY,
     ChunkShape,
@@ -18,8 +21,6 @@ from engine.lowering import (
     lower_step,
     step_launches,
 )
-from engine.models.arch import ModelArch
-from engine.models.arch_presets import fake_chunks, get_arch, time_step
 from npu_sim.device import Device, deal
 from npu_sim.hardware import get_chip
 from npu_sim.kernels import run_gemm
@@ -153,7 +154,8 @@ def test_model_forward_launches_what_step_launches_lists(tiny_llama_dir) -> None
     from engine.models.loader import load_model
 
     loaded = load_model(str(tiny_llama_dir))
-    model = LlamaModel(loaded, torch.float32)
+    compute = Device(B2)
+    model = LlamaModel(loaded, torch.float32, compute)
     arch = loaded.arch
     specs = [(0, 9), (4, 1), (20, 3)]
     chunks = fake_chunks(specs, 16)
@@ -168,7 +170,6 @@ def test_model_forward_launches_what_step_launches_lists(tiny_llama_dir) -> None
     inputs = StepInputs(token_ids=torch.arange(plan.num_tokens) % 100, cos=cos, sin=sin,
                         slot_mapping=torch.from_numpy(slots),
                         sample_rows=torch.tensor([8, 12]))
-    compute = Device(B2)
     compute.begin_step()
     logits = model.forward(compute, plan, inputs, caches, caches.clone())
     assert logits is not None

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.arch import ModelArch
 from engine.lowering import ChunkShape, lower_attention
-from engine.models.arch import ModelArch
 from npu_sim.hardware import get_chip
 from npu_sim.kernels import (
     PackedWeight,

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.kernels.harness import time_step
+from engine.arch import ModelArch
+from engine.arch_presets import get_arch
 from engine.lowering import BASELINE_POLICY
-from engine.models.arch import ModelArch
-from engine.models.arch_presets import get_arch, time_step
 from npu_sim.hardware import get_chip
 from npu_sim.trace import write_perfetto
 

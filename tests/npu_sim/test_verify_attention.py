@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.kernels.attention import VERIFY_SHAPES, binary_tree, verify_chunks
+from benchmarks.kernels.harness import fake_chunks
+from engine.arch_presets import get_arch
 from engine.lowering import ChunkShape, lower_attention, lower_attention_split, tree_mask
-from engine.models.arch_presets import fake_chunks, get_arch
-from engine.sweeps_attention import VERIFY_SHAPES, binary_tree, verify_chunks
 from npu_sim.device import Device
 from npu_sim.hardware import ChipSpec, get_chip
 from npu_sim.kernels import run_attention

@@ -74,6 +74,6 @@ def client(tiny_server: ServerProcess) -> openai.OpenAI:
 def make_core(tiny_llama_dir: pathlib.Path) -> MakeCore:
     """For in-process apps (build_app + TestClient): a fresh tiny-model EngineCore per call."""
     def build() -> EngineCore:
-        return EngineCore(EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_kv_blocks=64,
-                                                   block_size=16))
+        return EngineCore.load(EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_kv_blocks=64,
+                                                        block_size=16))
     return build

@@ -44,7 +44,7 @@ class FaultyEngine(AsyncEngine):
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     admission_checked: bool = False) -> RequestStream:
-        text = self.core.tokenizer.decode(prompt_token_ids)
+        text = self.info.tokenizer.decode(prompt_token_ids)
         if CRASH in text:
             raise RuntimeError("secret internal detail")
         if FAIL in text:

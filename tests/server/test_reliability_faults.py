@@ -65,18 +65,18 @@ def check_error_event(events: list[str], error_type: str) -> None:
 
 def test_step_fault_fails_only_that_steps_requests(tiny_llama_dir: pathlib.Path) -> None:
     # Two requests run at once, the rest wait.
-    core = EngineCore(EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_kv_blocks=64,
-                                               block_size=16, max_num_seqs=2))
+    core = EngineCore.load(EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_kv_blocks=64,
+                                                    block_size=16, max_num_seqs=2))
     app = build_app(AsyncEngine(core), ServerConfig())
     real_execute = core.runner.execute
     armed = threading.Event()
     failed_ids: list[str] = []
 
-    def execute(scheduler_output: Any, requests: Any) -> Any:
+    def execute(scheduler_output: Any) -> Any:
         if armed.is_set() and not failed_ids:
             failed_ids.extend(c.request_id for c in scheduler_output.chunks)
             raise RuntimeError("injected fault")
-        return real_execute(scheduler_output, requests)
+        return real_execute(scheduler_output)
 
     core.runner.execute = execute  # type: ignore[method-assign]
     with serve_in_thread(app) as url, concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -105,7 +105,7 @@ def test_step_fault_fails_only_that_steps_requests(tiny_llama_dir: pathlib.Path)
         metrics = httpx.get(f"{url}/metrics").text
         assert metric_value(metrics, "xyserve:request_success_total",
                             finished_reason="error") == 2
-        wait_for(lambda: core.scheduler.kv_cache.num_free_blocks == core.num_kv_blocks,
+        wait_for(lambda: core.scheduler.kv_cache.num_free_blocks == core.info.num_kv_blocks,
                  "every KV block to be free")
         assert httpx.get(f"{url}/health").status_code == 200
 

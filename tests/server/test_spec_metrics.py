@@ -105,9 +105,9 @@ def test_no_spec_families_without_a_drafter(config: SpeculativeConfig | None) ->
 
 def test_a_drafting_engine_feeds_the_counters(tiny_llama_dir: pathlib.Path) -> None:
     k = 3
-    core = EngineCore(EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_kv_blocks=64,
-                                               block_size=16, speculative="ngram",
-                                               num_speculative_tokens=k))
+    core = EngineCore.load(EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_kv_blocks=64,
+                                                    block_size=16, speculative="ngram",
+                                                    num_speculative_tokens=k))
     with TestClient(build_app(AsyncEngine(core), ServerConfig(served_model_name="m"))) as http:
         assert Scrape(http.get("/metrics").text)("spec_decode_num_drafts_total") == 0
         # The output repeats one forced token, so the n-gram drafter proposes it and the

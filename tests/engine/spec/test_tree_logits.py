@@ -13,7 +13,7 @@ import torch
 
 from engine import LLM
 from engine.outputs import ScheduledChunk, SchedulerOutput
-from engine.spec.verify import node_paths
+from engine.token_tree import node_paths
 
 BLOCK_SIZE = 16
 PROMPT = list(range(1000, 1037))  # 37 tokens: the root sits inside the third block

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from server.bench import client
-from server.bench.client import RequestResult
-from server.bench.datasets import random_requests, shared_prefix_requests
-from server.bench.metrics import (
+from benchmarks.load import client
+from benchmarks.load.client import RequestResult
+from benchmarks.load.datasets import random_requests, shared_prefix_requests
+from benchmarks.load.metrics import (
     Histogram,
     client_metrics,
     npu_summary,

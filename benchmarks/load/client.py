@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from server.bench.datasets import BenchRequest
+from benchmarks.load.datasets import BenchRequest
 
 
 @dataclass

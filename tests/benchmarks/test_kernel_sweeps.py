@@ -1,4 +1,4 @@
-"""`xyserve kernels` (engine.sweeps.main) in quick mode: tables, CSVs, plot, traces."""
+"""`xyserve kernels` (benchmarks.kernels.sweeps.main) in quick mode: tables, CSVs, plot, traces."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.sweeps import main
+from benchmarks.kernels.sweeps import main
 
 
 def test_quick_sweep_writes_tables_plot_and_traces(tmp_path: Path,

@@ -11,14 +11,14 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from server.bench.datasets import (
+from benchmarks.load.datasets import (
     BenchRequest,
     load_tokenizer,
     random_requests,
     shared_prefix_requests,
     sharegpt_requests,
 )
-from server.bench.metrics import (
+from benchmarks.load.metrics import (
     client_metrics,
     npu_summary,
     parse_slo,
@@ -57,7 +57,7 @@ def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = No
     """Run the benchmark `args` describe; returns the result (what --result-file holds)."""
     from tqdm.auto import tqdm
 
-    from server.bench.client import ClientConfig, run_requests
+    from benchmarks.load.client import ClientConfig, run_requests
 
     percentiles = [float(p) for p in args.metric_percentiles.split(",") if p.strip()]
     slo = parse_slo(args.slo)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from server.bench.client import RequestResult
+from benchmarks.load.client import RequestResult
 
 SLO_KEYS = ("ttft", "tpot", "e2e")  # SLOs in milliseconds: --slo ttft=500,tpot=50
 

@@ -39,6 +39,16 @@ class ModelArch:
     eos_token_ids: tuple[int, ...]  # generation_config.json's eos ids if present, else config's
     bos_token_id: int | None  # config.bos_token_id (None when the model has none)
 
+    @property
+    def num_params(self) -> int:
+        """Parameters of the model (embedding, layers, final norm, LM head unless tied)."""
+        h, d = self.hidden_size, self.head_dim
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * d
+        layer = (qkv * h + h * self.num_heads * d + 3 * h * self.intermediate_size + 2 * h
+                 + (qkv if self.attention_bias else 0))
+        embed = self.vocab_size * h
+        return embed * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + h
+
     @staticmethod
     def from_hf_config(config: Any, eos_token_ids: Sequence[int] | None = None) -> ModelArch:
         """Read a `transformers` config of a supported architecture.

@@ -11,8 +11,8 @@
 - Model steps: simulated decode time per token of Llama-2-7B (batch 1 and 64), both policies.
 
 Everything runs in timing-only mode through the same lowering the engine uses (engine.lowering
-policies); the attention and verify sweeps live in engine.sweeps_attention. Prints tables, writes
-CSVs and a PNG plot to --out, and the average speedups next to the paper's (SmoothGEMM 14.6%,
+policies); the attention and verify sweeps live in benchmarks.kernels.attention. Prints tables,
+writes CSVs and a PNG plot to --out, and the average speedups next to the paper's (SmoothGEMM 14.6%,
 Meta-Attention 21.5% on average and 28.6% on verify, XYS 7.2-7.3). The model is not tuned to hit
 them: what it gives is what it prints.
 """
@@ -28,10 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.lowering import BASELINE_POLICY, GRAPH_BUCKETS, GemmPolicy, LoweringPolicy, lower_gemm
-from engine.models.arch import ModelArch
-from engine.models.arch_presets import get_arch, time_step
-from engine.sweeps_attention import (
+from benchmarks.kernels.attention import (
     ATTENTION_MODELS,
     BLOCK_SIZE,
     QUICK_VERIFY_CONTEXTS,
@@ -41,8 +38,13 @@ from engine.sweeps_attention import (
     seconds,
     verify_sweep,
 )
+from benchmarks.kernels.harness import time_step
+from engine.arch import ModelArch
+from engine.arch_presets import get_arch
+from engine.config import DEFAULT_NPU
+from engine.lowering import BASELINE_POLICY, GRAPH_BUCKETS, GemmPolicy, LoweringPolicy, lower_gemm
 from npu_sim.device import Device
-from npu_sim.hardware import DEFAULT_CHIP, load_chip
+from npu_sim.hardware import load_chip
 from npu_sim.trace import write_perfetto
 
 PAPER_GEMM_PCT = 14.6  # SmoothGEMM vs torch-npu linear, average (XYS 7.3)
@@ -185,7 +187,7 @@ def plot(out: Path, gemm: list[dict[str, Any]], attention: list[dict[str, Any]])
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xyserve kernels", description=__doc__.split("\n")[0])
-    parser.add_argument("--npu", default=DEFAULT_CHIP, help="chip preset or JSON/YAML chip file")
+    parser.add_argument("--npu", default=DEFAULT_NPU, help="chip preset or JSON/YAML chip file")
     parser.add_argument("--out", type=Path, default=Path("kernels-out"), help="output directory")
     parser.add_argument("--models", default=",".join(GEMM_MODELS), help="GEMM sweep models")
     parser.add_argument("--attention-models", default=",".join(ATTENTION_MODELS))

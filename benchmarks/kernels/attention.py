@@ -1,6 +1,6 @@
-"""The attention sweeps of `xyserve kernels` (engine.sweeps): the meta-kernel vs the split
-prefill / decode kernels on skewed batches of every row kind, and the paper's verify sweep (XYS
-7.2.4: Llama-2-7B, token trees of batch 4 x specLen 31 and batch 8 x specLen 15 over context
+"""The attention sweeps of `xyserve kernels` (benchmarks.kernels.sweeps): the meta-kernel vs the
+split prefill / decode kernels on skewed batches of every row kind, and the paper's verify sweep
+(XYS 7.2.4: Llama-2-7B, token trees of batch 4 x specLen 31 and batch 8 x specLen 15 over context
 lengths; the meta-kernel's verify tiles and tree masks in one launch vs the split baseline's
 full-mask prefill-style kernel). Timing only, through engine.lowering.
 """
@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.kernels.harness import fake_chunks
+from engine.arch_presets import get_arch
 from engine.lowering import ChunkShape, lower_attention, lower_attention_split
-from engine.models.arch_presets import fake_chunks, get_arch
 from npu_sim.device import Device
 from npu_sim.trace import KernelTiming
 

@@ -1,0 +1,211 @@
+"""The output side of a step: the scheduler's token updates -> what clients see.
+
+Per request it keeps a RequestState (detokenizer, timeline on both clocks). Per step it turns
+the token updates into RequestOutputs (text deltas; tokens after a stop string dropped), notes
+latencies on the wall clock and the simulated NPU clock, and builds the step's IterationStats.
+It never touches the scheduler: the ids whose text hit a stop string come back in the
+StepResult, and the engine core finishes them, once per step.
+
+Without a tokenizer (a timing-only engine) there is no text: deltas carry token ids only, and
+stop strings cannot be asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import ModelOutput, RequestOutput, SchedulerOutput, TokenUpdate
+from engine.request import FinishReason, SamplingParams
+from engine.request_state import RequestState
+from engine.stats import FinishedRequestStats, IterationStats, SpecDecodingStats
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step gave the clients."""
+
+    outputs: list[RequestOutput]  # a delta for every request that changed, in chunk order
+    stopped_ids: list[str]  # requests whose text hit a stop string while still running in the
+    #   scheduler: the core finishes them (their outputs already say "stop")
+    stats: IterationStats  # the step's statistics
+
+
+class OutputProcessor:
+    """Detokenizing, stop strings, both clocks' latencies and per-step stats.
+
+    Not thread-safe: the engine thread alone calls it.
+    """
+
+    def __init__(self, tokenizer: Any | None, num_speculative_tokens: int) -> None:
+        """tokenizer: a Hugging Face tokenizer, or None for token ids without text.
+        num_speculative_tokens: the most draft nodes a verify has (its per-position counters)."""
+        self.tokenizer = tokenizer
+        self.num_speculative_tokens = num_speculative_tokens
+        self._states: dict[str, RequestState] = {}  # unfinished requests
+        self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    params: SamplingParams, arrival_s: float, arrival_sim_s: float) -> None:
+        """Start tracking a request the scheduler accepted (stop strings need a tokenizer)."""
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        self._states[request_id] = RequestState(detokenizer, len(prompt_token_ids), arrival_s,
+                                                arrival_sim_s)
+
+    def abort_requests(self, request_ids: Iterable[str], now_s: float, now_sim_s: float) -> None:
+        """Forget requests finished outside a step (aborted); they count in the next stats."""
+        for request_id in request_ids:
+            state = self._states.pop(request_id, None)
+            if state is not None:
+                self._aborted.append(FinishedRequestStats(
+                    FinishReason.ABORT.value, state.metrics(now_s, now_sim_s)))
+
+    def idle_step(self) -> IterationStats:
+        """The stats of a step that ran nothing (aborts since the last step only)."""
+        return _StepStats(self._take_aborted()).build(0.0, 0.0, None)
+
+    def failed_step(self, scheduler_output: SchedulerOutput, start_s: float, now_s: float,
+                    now_sim_s: float) -> StepResult:
+        """A step whose model run raised: every request in it ends with an error."""
+        stats = _StepStats(self._take_aborted())
+        outputs = [self._output(TokenUpdate(c.request_id, (), None, FinishReason.ERROR), now_s,
+                                now_sim_s, stats)[0]
+                   for c in scheduler_output.chunks]
+        return StepResult(outputs, [], stats.build(now_s - start_s, 0.0, None))
+
+    def process(self, scheduler_output: SchedulerOutput, model_output: ModelOutput,
+                updates: Sequence[TokenUpdate], start_s: float, now_s: float, now_sim_s: float,
+                step_sim_s: float) -> StepResult:
+        """One step's outputs, at wall time now_s and simulated time now_sim_s (after the step).
+
+        start_s: wall time the step started (a request first scheduled then leaves the queue).
+        """
+        stats = _StepStats(self._take_aborted())
+        for chunk in scheduler_output.chunks:
+            state = self._states[chunk.request_id]
+            if state.first_scheduled_s is None:
+                state.first_scheduled_s = start_s
+            # A decode (or verify) computes one known token that the model itself generated.
+            if not (chunk.num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
+                stats.num_prompt_tokens += chunk.num_known_tokens
+        stats.num_preempted = len(scheduler_output.preempted_ids)
+        stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
+                                 self.num_speculative_tokens)
+        outputs, stopped_ids = [], []
+        for update in updates:
+            output, stopped = self._output(update, now_s, now_sim_s, stats)
+            outputs.append(output)
+            if stopped:
+                stopped_ids.append(update.request_id)
+        return StepResult(outputs, stopped_ids,
+                          stats.build(now_s - start_s, step_sim_s, model_output.trace))
+
+    def _take_aborted(self) -> list[FinishedRequestStats]:
+        aborted, self._aborted = self._aborted, []
+        return aborted
+
+    def _output(self, update: TokenUpdate, now_s: float, now_sim_s: float,
+                stats: _StepStats) -> tuple[RequestOutput, bool]:
+        """(the delta, whether a stop string ended a request the scheduler still runs)."""
+        request_id = update.request_id
+        state = self._states[request_id]
+        finish_reason = update.finish_reason
+        token_ids, text, stopped = update.new_token_ids, "", False
+        detok = state.detokenizer
+        if detok is not None:
+            # A STOP from the scheduler means EOS or a stop token id: its text is not output.
+            token_ids, text, stopped = _detokenize(detok, token_ids,
+                                                   finish_reason == FinishReason.STOP)
+        logprobs = update.new_logprobs
+        if logprobs is not None:
+            logprobs = logprobs[:len(token_ids)]
+        if token_ids:
+            stats.record_tokens(len(token_ids), *state.record_tokens(len(token_ids), now_s,
+                                                                     now_sim_s))
+        still_running = stopped and finish_reason is None
+        if stopped:
+            finish_reason = FinishReason.STOP
+        elif finish_reason is not None and detok is not None:
+            text += detok.flush()
+        metrics = None
+        if finish_reason is not None:
+            del self._states[request_id]
+            metrics = state.metrics(now_s, now_sim_s)
+            stats.finished.append(FinishedRequestStats(finish_reason.value, metrics))
+        output = RequestOutput(
+            request_id=request_id, new_token_ids=token_ids, new_text=text,
+            new_logprobs=logprobs, finish_reason=finish_reason,
+            num_prompt_tokens=state.num_prompt_tokens,
+            num_output_tokens=state.num_output_tokens, metrics=metrics)
+        return output, still_running
+
+
+def _detokenize(detok: IncrementalDetokenizer, token_ids: tuple[int, ...],
+                stop_terminated: bool) -> tuple[tuple[int, ...], str, bool]:
+    """(tokens kept, new text, stopped): several tokens at once (an accepted verify) go in one
+    by one, and the ones after a stop string are dropped, as if they had come one per step."""
+    if len(token_ids) <= 1:
+        return (token_ids, *detok.update(token_ids, stop_terminated=stop_terminated))
+    pieces = []
+    for i, token_id in enumerate(token_ids):
+        last = i + 1 == len(token_ids)
+        piece, stopped = detok.update((token_id,), stop_terminated=stop_terminated and last)
+        pieces.append(piece)
+        if stopped:
+            return token_ids[:i + 1], "".join(pieces), True
+    return token_ids, "".join(pieces), False
+
+
+def _spec_stats(scheduler_output: SchedulerOutput, sampled: Mapping[str, tuple[int, ...]],
+                num_speculative_tokens: int) -> SpecDecodingStats | None:
+    """The step's verify chunks summed (accepted = tokens sampled after a verify, less the
+    bonus; counted before stop conditions cut anything, as vLLM does)."""
+    num_drafts = num_draft_tokens = num_accepted = 0
+    per_pos = [0] * num_speculative_tokens
+    for chunk in scheduler_output.chunks:
+        if not chunk.num_draft_tokens or chunk.request_id not in sampled:
+            continue
+        accepted = len(sampled[chunk.request_id]) - 1
+        num_drafts += 1
+        num_draft_tokens += chunk.num_draft_tokens
+        num_accepted += accepted
+        for i in range(min(accepted, num_speculative_tokens)):
+            per_pos[i] += 1
+    if not num_drafts:
+        return None
+    return SpecDecodingStats(num_drafts, num_draft_tokens, num_accepted, tuple(per_pos))
+
+
+@dataclass
+class _StepStats:
+    """Collects one step's IterationStats."""
+
+    finished: list[FinishedRequestStats]  # requests finished this step (and aborted before)
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_preempted: int = 0
+    ttfts_s: list[float] = field(default_factory=list)
+    ttfts_sim_s: list[float] = field(default_factory=list)
+    itls_s: list[float] = field(default_factory=list)
+    itls_sim_s: list[float] = field(default_factory=list)
+    spec: SpecDecodingStats | None = None
+
+    def record_tokens(self, num_tokens: int, latency_s: float, latency_sim_s: float,
+                      first: bool) -> None:
+        self.num_generation_tokens += num_tokens
+        (self.ttfts_s if first else self.itls_s).append(latency_s)
+        (self.ttfts_sim_s if first else self.itls_sim_s).append(latency_sim_s)
+
+    def build(self, step_s: float, step_sim_s: float, trace: Any) -> IterationStats:
+        return IterationStats(
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_preempted_reqs=self.num_preempted, step_s=step_s, step_sim_s=step_sim_s,
+            ttfts_s=tuple(self.ttfts_s), ttfts_sim_s=tuple(self.ttfts_sim_s),
+            inter_token_latencies_s=tuple(self.itls_s),
+            inter_token_latencies_sim_s=tuple(self.itls_sim_s),
+            finished=tuple(self.finished), trace=trace, spec=self.spec)

@@ -1,0 +1,55 @@
+"""The compute runner driven from hand-built scheduler outputs, with no scheduler: the boundary a
+runner lives behind is the SchedulerOutput alone (new requests' data once, then chunks)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+import transformers
+
+from engine.config import EngineConfig
+from engine.outputs import NewRequestData, ScheduledChunk, SchedulerOutput
+from engine.request import SamplingParams
+from engine.runner import build_model_runner
+
+BLOCK = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+def hf_next_tokens(model_dir: pathlib.Path, prompt: list[int], num_tokens: int) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=num_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_prefill_then_decodes_from_hand_built_outputs(tiny_llama_dir: pathlib.Path) -> None:
+    config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), dtype="float32",
+                                      num_kv_blocks=8, block_size=BLOCK)
+    runner, info = build_model_runner(config)
+    prompt = [5, 17, 300, 42, 9, 1000, 77]
+    expected = hf_next_tokens(tiny_llama_dir, prompt, 3)
+    blocks = (3, 1)  # any free blocks: the runner writes where the table says
+
+    # Step 1: the request's prompt in two chunks over two steps, the second one sampling.
+    first = SchedulerOutput(
+        chunks=(ScheduledChunk("a", 0, tuple(prompt[:4]), blocks, sample=False),),
+        new_requests=(NewRequestData("a", prompt, GREEDY),))
+    assert runner.execute(first).sampled_token_ids == {}
+    second = SchedulerOutput(chunks=(ScheduledChunk("a", 4, tuple(prompt[4:]), blocks, True),))
+    out = runner.execute(second)
+    assert out.sampled_token_ids == {"a": (expected[0],)}
+    assert out.trace is not None and out.trace.sim_s > 0  # timed on the simulated NPU
+    assert runner.requests["a"].output_token_ids == [expected[0]]
+
+    # Decodes feed back the sampled token; the runner keeps its own record of the sequence.
+    for i in (1, 2):
+        decode = ScheduledChunk("a", len(prompt) + i - 1, (expected[i - 1],), blocks, True)
+        out = runner.execute(SchedulerOutput(chunks=(decode,)))
+        assert out.sampled_token_ids == {"a": (expected[i],)}
+    assert runner.requests["a"].output_token_ids == expected
+
+    # A finished id frees the runner's state; an unknown one is ignored.
+    runner.execute(SchedulerOutput(chunks=(), finished_ids=("a", "never-seen")))
+    assert runner.requests == {}
+    assert info.num_kv_blocks == 8 and info.tokenizer is not None
