@@ -13,8 +13,6 @@ Pure functions of (chunks, model shape, chip, block size); engine.lowering re-ex
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +22,7 @@ from engine import token_tree
 from engine.arch import ModelArch
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
-from npu_sim.tiling import attention_q_tile
+from npu_sim.tiling import attention_q_tile, attention_q_tiles
 
 # A KV span shorter than this is not worth a partial + combine round trip (catlass stacks four
 # 128-token pages per softmax block; one span is at least that much).
@@ -77,59 +75,84 @@ def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpe
     chunks take the verify tile, at least ATTN_VERIFY_TILE_ROWS stacked rows), one task per
     (tile, KV head) over the KV blocks its causal horizon reaches. Work is balanced by cost, not
     by request: a task whose work (stacked rows x keys) exceeds the per-core share is split into
-    KV spans of at least MIN_KV_SPAN_TOKENS, whose partials a combine task joins. Tasks are
-    listed heaviest first, the order the device deals them to cores. Tree-shaped verify chunks
-    carry their tree mask (`AttentionKernel.tree_masks`); chains and other chunks none.
+    KV spans of at least MIN_KV_SPAN_TOKENS, whose partials a combine task joins. Before the
+    sort, tasks are listed tile by tile, KV head by KV head, span by span, and partial slots
+    are numbered in that order; then they are listed heaviest first (a stable sort), the order
+    the device deals them to cores. Tree-shaped verify chunks carry their tree mask
+    (`AttentionKernel.tree_masks`); chains and other chunks none.
+
+    Built with array operations (a decode batch of a 7B MHA model is thousands of tasks).
     """
-    g = arch.num_heads // arch.num_kv_heads
-    seqs = np.empty(len(chunks), dtype=ATTN_SEQ)
-    max_blocks = max((len(c.block_ids) for c in chunks), default=0)
-    block_tables = np.full((len(chunks), max(max_blocks, 1)), -1, dtype=np.int64)
-    # candidate tasks before splitting: (seq, q_offset, q_rows, tile_rows, num_blocks)
-    tiles: list[tuple[int, int, int, int, int]] = []
-    q_start = 0
-    for s, c in enumerate(chunks):
-        seqs[s] = (q_start, c.num_tokens, c.start_pos)
-        block_tables[s, :len(c.block_ids)] = c.block_ids
-        q_start += c.num_tokens
-        tile_rows, tokens_per_tile = attention_q_tile(c.num_tokens, g, verify=c.is_verify)
-        for q_offset in range(0, c.num_tokens, tokens_per_tile):
-            q_rows = min(tokens_per_tile, c.num_tokens - q_offset)
-            horizon = c.start_pos + q_offset + q_rows  # keys the tile's last row sees
-            tiles.append((s, q_offset, q_rows, tile_rows, -(-horizon // block_size)))
+    g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
+    num_seqs = len(chunks)
+    q_len = np.fromiter((c.num_tokens for c in chunks), np.int64, num_seqs)
+    start_pos = np.fromiter((c.start_pos for c in chunks), np.int64, num_seqs)
+    verify = np.fromiter((bool(c.draft_parents) for c in chunks), bool, num_seqs)
+    seqs = np.empty(num_seqs, dtype=ATTN_SEQ)
+    seqs["q_start"] = np.cumsum(q_len) - q_len
+    seqs["q_len"] = q_len
+    seqs["start_pos"] = start_pos
+    block_tables = _block_tables(chunks)
 
-    work = [q_rows * g * n_blocks * block_size for _, _, q_rows, _, n_blocks in tiles]
-    share = sum(work) * arch.num_kv_heads / chip.num_cube_cores  # per-core share of all work
-    min_span_blocks = max(1, MIN_KV_SPAN_TOKENS // block_size)
-    tasks: list[tuple[int, ...]] = []
-    combines: list[tuple[int, ...]] = []
-    num_slots = 0
-    for (s, q_offset, q_rows, tile_rows, n_blocks), w in zip(tiles, work, strict=True):
-        num_spans = max(1, min(math.ceil(w / share) if share else 1,
-                               n_blocks // min_span_blocks))
-        # Evenly spaced span bounds: every span has at least min_span_blocks blocks.
-        bounds = [n_blocks * i // num_spans for i in range(num_spans + 1)]
-        for kv_head in range(arch.num_kv_heads):
-            if num_spans == 1:
-                tasks.append((s, kv_head, q_offset, q_rows, tile_rows, 0, n_blocks, -1))
-                continue
-            combines.append((s, kv_head, q_offset, q_rows, num_slots, num_spans))
-            for begin, end in itertools.pairwise(bounds):
-                tasks.append((s, kv_head, q_offset, q_rows, tile_rows, begin, end, num_slots))
-                num_slots += 1
+    # Q tiles, sequence by sequence: (tile_rows, tokens per tile) per sequence, then per tile.
+    seq_tile_rows, seq_tile_tokens = attention_q_tiles(q_len, g, verify)
+    num_tiles = -(-q_len // seq_tile_tokens)
+    seq = np.repeat(np.arange(num_seqs), num_tiles)
+    q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles, num_tiles)) \
+        * seq_tile_tokens[seq]
+    q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
+    n_blocks = -(-(start_pos[seq] + q_offset + q_rows) // block_size)  # the causal horizon's
 
-    task_table = np.array(tasks, dtype=ATTN_TASK)
-    cost = task_table["tile_rows"] * (task_table["kv_block_end"] - task_table["kv_block_start"])
-    task_table = task_table[np.argsort(-cost, kind="stable")]
+    # KV spans per tile: as many as its work over the per-core share, each of at least
+    # MIN_KV_SPAN_TOKENS (evenly spaced bounds).
+    work = q_rows * g * n_blocks * block_size
+    share = float(work.sum()) * num_kv_heads / chip.num_cube_cores
+    wanted = np.ceil(work / share).astype(np.int64) if share else np.ones_like(work)
+    num_spans = np.maximum(1, np.minimum(wanted, n_blocks // max(1, MIN_KV_SPAN_TOKENS //
+                                                                  block_size)))
+
+    # Tasks: tile-major, then KV head, then span.
+    per_tile = num_kv_heads * num_spans
+    tile = np.repeat(np.arange(len(seq)), per_tile)
+    within = np.arange(len(tile)) - np.repeat(np.cumsum(per_tile) - per_tile, per_tile)
+    spans = num_spans[tile]
+    kv_head, span = within // spans, within % spans
+    begin, end = n_blocks[tile] * span // spans, n_blocks[tile] * (span + 1) // spans
+    split = spans > 1
+    slot = np.where(split, np.cumsum(split) - 1, -1)
+    tasks = np.empty(len(tile), dtype=ATTN_TASK)
+    for name, values in (("seq", seq[tile]), ("kv_head", kv_head), ("q_offset", q_offset[tile]),
+                         ("q_rows", q_rows[tile]), ("tile_rows", seq_tile_rows[seq][tile]),
+                         ("kv_block_start", begin), ("kv_block_end", end),
+                         ("partial_slot", slot)):
+        tasks[name] = values
+    # One combine per (split tile, KV head), at its first span's slot.
+    first = split & (span == 0)
+    combines = np.empty(int(first.sum()), dtype=COMBINE_TASK)
+    for name, values in (("seq", tasks["seq"]), ("kv_head", kv_head),
+                         ("q_offset", tasks["q_offset"]), ("q_rows", tasks["q_rows"]),
+                         ("slot_start", slot), ("num_slots", spans)):
+        combines[name] = values[first]
+    cost = tasks["tile_rows"] * (end - begin)
+    tasks = tasks[np.argsort(-cost, kind="stable")]
     return AttentionKernel(
-        name="attention", num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+        name="attention", num_heads=arch.num_heads, num_kv_heads=num_kv_heads,
         head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
-        seqs=seqs, block_tables=block_tables, tasks=task_table,
-        combine_tasks=np.array(combines, dtype=COMBINE_TASK), num_partial_slots=num_slots,
-        max_tile_rows=int(task_table["tile_rows"].max()) if len(task_table) else 0,
+        seqs=seqs, block_tables=block_tables, tasks=tasks,
+        combine_tasks=combines, num_partial_slots=int(split.sum()),
+        max_tile_rows=int(tasks["tile_rows"].max()) if len(tasks) else 0,
         tree_masks=tuple((s, tree_mask(c.draft_parents)) for s, c in enumerate(chunks)
-                         if not c.is_chain),
+                         if c.draft_parents and not c.is_chain),
     )
+
+
+def _block_tables(chunks: Sequence[ChunkShape]) -> np.ndarray:
+    """int64 (num_chunks, max blocks): each chunk's block table, -1 past its end."""
+    max_blocks = max((len(c.block_ids) for c in chunks), default=0)
+    tables = np.full((len(chunks), max(max_blocks, 1)), -1, dtype=np.int64)
+    for s, c in enumerate(chunks):
+        tables[s, :len(c.block_ids)] = c.block_ids
+    return tables
 
 
 def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpec,
@@ -158,15 +181,13 @@ def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: C
         if not members:
             continue
         seqs = np.empty(len(members), dtype=ATTN_SEQ)
-        max_blocks = max(len(chunks[s].block_ids) for s in members)
-        block_tables = np.full((len(members), max(max_blocks, 1)), -1, dtype=np.int64)
+        block_tables = _block_tables([chunks[s] for s in members])
         tasks: list[tuple[int, ...]] = []
         heads: list[tuple[int, int]] = []
         groups: list[int] = []
         for j, s in enumerate(members):
             c = chunks[s]
             seqs[j] = (q_starts[s], c.num_tokens, c.start_pos)
-            block_tables[j, :len(c.block_ids)] = c.block_ids
             per_task = g if is_decode else 1  # query heads a task stacks
             tile_rows, tokens_per_tile = attention_q_tile(c.num_tokens, per_task)
             for head in range(0, arch.num_heads, per_task):

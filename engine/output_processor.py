@@ -85,10 +85,11 @@ class OutputProcessor:
         start_s: wall time the step started (a request first scheduled then leaves the queue).
         """
         stats = _StepStats(self._take_aborted())
+        start_sim_s = now_sim_s - step_sim_s
         for chunk in scheduler_output.chunks:
             state = self._states[chunk.request_id]
             if state.first_scheduled_s is None:
-                state.first_scheduled_s = start_s
+                state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
             if not (chunk.num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
                 stats.num_prompt_tokens += chunk.num_known_tokens

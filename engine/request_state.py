@@ -22,6 +22,7 @@ class RequestState:
     arrival_sim_s: float  # simulated clock when accepted
     num_output_tokens: int = 0  # tokens generated so far
     first_scheduled_s: float | None = None  # wall clock of its first step
+    first_scheduled_sim_s: float | None = None  # simulated clock at the start of its first step
     first_token_s: float | None = None  # wall clock of its first token
     first_token_sim_s: float | None = None  # simulated clock of its first token
     last_token_s: float = 0.0  # wall clock of its latest token
@@ -47,6 +48,8 @@ class RequestState:
         first_token_sim_s = (self.first_token_sim_s if self.first_token_sim_s is not None
                              else now_sim_s)
         scheduled_s = self.first_scheduled_s if self.first_scheduled_s is not None else now_s
+        scheduled_sim_s = (self.first_scheduled_sim_s if self.first_scheduled_sim_s is not None
+                           else now_sim_s)
         return RequestMetrics(
             queue_s=scheduled_s - self.arrival_s,
             ttft_s=first_token_s - self.arrival_s,
@@ -55,4 +58,5 @@ class RequestState:
             e2e_sim_s=now_sim_s - self.arrival_sim_s,
             num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=self.num_output_tokens,
+            queue_sim_s=scheduled_sim_s - self.arrival_sim_s,
         )

@@ -42,6 +42,7 @@ class RequestMetrics:
     e2e_sim_s: float  # simulated: arrival -> finished
     num_prompt_tokens: int  # prompt length
     num_output_tokens: int  # tokens generated
+    queue_sim_s: float = 0.0  # simulated: arrival -> the start of its first step
 
     @property
     def tpot_s(self) -> float:

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
     from npu_sim.kernels import PackedWeight
 
-_SHAPE_CACHE_SIZE = 512
+# Distinct GEMM / vector shapes kept across steps: a step's token count takes any value up to
+# the token budget (thousands), each with ~10 shapes.
+_SHAPE_CACHE_SIZE = 1 << 15
 _STEP_CACHE_LIMIT = 4096  # launches outside begin/end_step: forget old kernels eventually
 # An engine step is a few hundred launches; a caller that never calls end_step would grow the
 # open step forever, so past this many launches it is restarted (its launches dropped).
@@ -66,8 +68,11 @@ class Device:
     """One simulated chip. Not thread-safe: one engine thread launches on it."""
 
     def __init__(self, chip: ChipSpec, strict: bool = False, compute: bool = True,
-                 dtype: str = "bf16") -> None:
+                 dtype: str = "bf16", timeline: bool = True) -> None:
+        """timeline: keep each task's core and start in the timings (what Perfetto traces
+        draw); a timing-only simulation leaves them out (much less work and memory)."""
         self.chip = chip
+        self.timeline = timeline
         self.strict = strict  # reference (task-by-task) execution instead of the fast path
         self.compute = compute  # False: timing only, launch() returns None
         # The functional kernels (and torch) only where numbers are computed.
@@ -224,7 +229,11 @@ class Device:
             busy = np.bincount(core, weights=phase.cycles,
                                minlength=c.num_vector_cores if on_aiv else c.num_cube_cores)
             busy[:block] += phase.core_overhead_cycles
-            start = _starts(core, phase.cycles) + phase.core_overhead_cycles + offset
+            if self.timeline:
+                units.append(np.full(n, phase.unit, dtype=np.int8))
+                cores.append(core)
+                starts.append(_starts(core, phase.cycles) + phase.core_overhead_cycles + offset)
+                durations.append(phase.cycles)
             if on_aiv:
                 vector_busy += busy
             else:
@@ -234,10 +243,6 @@ class Device:
                     vector_busy += np.repeat(busy, cm.aivs)[: c.num_vector_cores]
             if on_aiv and block_dim == 0:
                 block_dim = block
-            units.append(np.full(n, phase.unit, dtype=np.int8))
-            cores.append(core)
-            starts.append(start)
-            durations.append(phase.cycles)
             offset += float(busy.max())
 
         hbm_read = sum(p.hbm_read_bytes for p in phases)

@@ -79,7 +79,7 @@ def cover_m(m: int, menu: tuple[TileShape, ...]) -> list[tuple[int, int, int]]:
     return cover
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=1 << 14)
 def gemm_tasks(m: int, n: int, menu: tuple[TileShape, ...]) -> np.ndarray:
     """GEMM_TASK table for an (m, n) output: the M cover times the N tiles, m-tile major.
 
@@ -99,7 +99,7 @@ def gemm_tasks(m: int, n: int, menu: tuple[TileShape, ...]) -> np.ndarray:
     return tasks
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=1 << 14)
 def vector_tasks(num_rows: int, row_len: int, chip: ChipSpec) -> np.ndarray:
     """VECTOR_TASK table: rows split evenly over the vector cores, each tile fitting in UB."""
     ub_rows = max(1, chip.ub_bytes // (row_len * ACCUM_BYTES * VECTOR_BUFFERS))
@@ -125,6 +125,19 @@ def attention_q_tile(q_len: int, group_size: int, verify: bool = False) -> tuple
             return tile_rows, q_len
     largest = ATTN_Q_TILE_ROWS[-1]
     return largest, max(1, largest // group_size)
+
+
+def attention_q_tiles(q_len: np.ndarray, group_size: int,
+                      verify: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`attention_q_tile` over arrays of sequences: (tile_rows, tokens_per_tile), int64."""
+    largest = ATTN_Q_TILE_ROWS[-1]
+    tile_rows = np.full(len(q_len), largest, dtype=np.int64)
+    tokens = np.full(len(q_len), max(1, largest // group_size), dtype=np.int64)
+    for rows in reversed(ATTN_Q_TILE_ROWS):  # the smallest that fits wins
+        fits = (q_len * group_size <= rows) & (~verify | (rows >= ATTN_VERIFY_TILE_ROWS))
+        tile_rows = np.where(fits, rows, tile_rows)
+        tokens = np.where(fits, q_len, tokens)
+    return tile_rows, tokens
 
 
 def gemm_l1_depth(tile: TileShape, k: int, chip: ChipSpec) -> int:

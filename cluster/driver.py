@@ -1,0 +1,71 @@
+"""The simulated-clock driver: a workload's requests into one engine, step by step.
+
+The engine is the one that serves (EngineCore: scheduler, KV-cache manager, prefix cache,
+lowering, cost model), over the timing-only runner. The driver only owns arrivals: before each
+step it adds every request whose arrival time the simulated clock has reached (an idle engine
+jumps its clock to the next arrival), then steps the engine once, and hands what the step did
+to a Recorder. There is no second scheduler and no step loop of its own beyond that.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from cluster.recorder import Recorder
+from cluster.workload import RequestSpec, Workload, synthetic_prompt
+from engine.core import EngineCore
+from engine.request import RequestRejected, SamplingParams
+
+# Every simulated request generates exactly its output length: EOS never ends it early.
+_BASE_PARAMS = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1)
+
+
+@dataclass(frozen=True)
+class RejectedRequest:
+    """A request the engine can never serve (it is skipped and counted)."""
+
+    index: int  # its position in the workload
+    reason: str  # the engine's message
+
+
+def drive(core: EngineCore, workload: Workload, recorder: Recorder,
+          on_step: Callable[[float], None] | None = None) -> list[RejectedRequest]:
+    """Run `workload` through `core` to the last request's end; returns the rejected requests.
+
+    on_step(sim_now_s) is called after every step (a progress bar in simulated time).
+    """
+    requests = workload.requests
+    rejected: list[RejectedRequest] = []
+    i, n = 0, len(requests)
+    start_wall_s = time.perf_counter()
+    while i < n or core.has_unfinished_requests():
+        if not core.has_unfinished_requests():  # idle: the next arrival comes at its own time
+            i = _add(core, requests, i, recorder, rejected)
+        while i < n and requests[i].arrival_s <= core.sim_now_s:
+            i = _add(core, requests, i, recorder, rejected)
+        if not core.has_unfinished_requests():
+            continue  # everything added so far was rejected
+        outputs = core.step()
+        recorder.record_step(core, outputs)
+        if on_step is not None:
+            on_step(core.sim_now_s)
+    recorder.wall_s = time.perf_counter() - start_wall_s
+    return rejected
+
+
+def _add(core: EngineCore, requests: tuple[RequestSpec, ...], i: int, recorder: Recorder,
+         rejected: list[RejectedRequest]) -> int:
+    """Add request i (at its arrival on the simulated clock); returns i + 1."""
+    spec = requests[i]
+    prompt = (list(spec.prompt_token_ids) if spec.prompt_token_ids is not None
+              else synthetic_prompt(i, spec.prompt_len))
+    params = replace(_BASE_PARAMS, max_tokens=spec.output_len)
+    try:
+        core.add_request(str(i), prompt, params, arrival_sim_s=spec.arrival_s)
+    except RequestRejected as exc:
+        rejected.append(RejectedRequest(i, str(exc)))
+    else:
+        recorder.record_arrival(i, spec)
+    return i + 1

@@ -1,0 +1,261 @@
+"""Workloads for `xyserve simulate`: request arrivals and lengths, read from traces or drawn.
+
+A workload is a list of RequestSpec (arrival time on the simulated clock, prompt and output
+lengths, optionally the prompt's token ids). Sources:
+- the Azure LLM inference trace CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`; the 2023 code
+  and conversation traces): arrivals and lengths as recorded, arrivals from the first one;
+- a ShareGPT-style JSON (a list of conversations, `{"conversations": [{"from": "human", "value":
+  ...}, {"from": "gpt", "value": ...}]}`, or of records with length fields): lengths from the
+  first human turn and the reply, tokenized with the model's tokenizer when there is one, else
+  read from `prompt_len` / `output_len` fields; arrivals drawn as for synthetic workloads;
+- synthetic: Poisson or gamma arrivals at a rate, fixed / uniform / lognormal lengths, seeded.
+Errors name the file and the line (or record) at fault.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+LongPolicy = Literal["clip", "drop"]
+Arrivals = Literal["poisson", "gamma"]
+
+
+class WorkloadError(ValueError):
+    """A workload that cannot be read or drawn; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a workload."""
+
+    arrival_s: float  # simulated seconds from the workload's start
+    prompt_len: int  # prompt tokens (>= 1)
+    output_len: int  # tokens to generate (>= 1): the request ends there (`length`)
+    prompt_token_ids: tuple[int, ...] | None = None  # the prompt itself, when the source has
+    #   text (prefix caching then sees real sharing); None = synthetic, unique ids
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests in arrival order, plus what shaping them dropped or clipped."""
+
+    requests: tuple[RequestSpec, ...]  # sorted by arrival
+    source: str  # where they came from, for the summary
+    num_dropped: int = 0  # longer than max_model_len, dropped (policy "drop")
+    num_clipped: int = 0  # longer than max_model_len, clipped (policy "clip")
+
+    @property
+    def duration_s(self) -> float:
+        return self.requests[-1].arrival_s if self.requests else 0.0
+
+
+# ------------------------------------------------------------------------------ lengths
+
+
+def length_sampler(spec: str, rng: random.Random) -> Callable[[], int]:
+    """A length distribution from its spec: `N` (fixed), `uniform:low=A,high=B` (inclusive),
+    `lognormal:mean=M,sigma=S` (M the mean length in tokens, S the log-space sigma); samples
+    are at least 1. Raises WorkloadError naming the spec."""
+    kind, _, args = spec.partition(":")
+    try:
+        if not args and kind.strip().isdigit():
+            value = int(kind)
+            if value < 1:
+                raise ValueError("a length must be at least 1")
+            return lambda: value
+        params = {k.strip(): float(v) for k, v in (p.split("=", 1) for p in args.split(","))}
+        if kind == "uniform" and set(params) == {"low", "high"}:
+            low, high = int(params["low"]), int(params["high"])
+            if not 1 <= low <= high:
+                raise ValueError("need 1 <= low <= high")
+            return lambda: rng.randint(low, high)
+        if kind == "lognormal" and set(params) == {"mean", "sigma"}:
+            mean, sigma = params["mean"], params["sigma"]
+            if mean < 1 or sigma < 0:
+                raise ValueError("need mean >= 1 and sigma >= 0")
+            mu = math.log(mean) - sigma * sigma / 2  # so that the mean is `mean`
+            return lambda: max(1, round(rng.lognormvariate(mu, sigma)))
+        raise ValueError("expected N, uniform:low=A,high=B or lognormal:mean=M,sigma=S")
+    except ValueError as exc:
+        raise WorkloadError(f"length {spec!r}: {exc}") from None
+
+
+def arrival_times(num_requests: int, rate: float, process: Arrivals, burstiness: float,
+                  rng: random.Random) -> list[float]:
+    """Arrival times of num_requests at `rate` requests/s (inf: all at 0): Poisson, or gamma
+    inter-arrival gaps with shape `burstiness` (1 = Poisson, < 1 burstier), as vLLM's bench."""
+    if rate <= 0:
+        raise WorkloadError(f"request rate must be positive, got {rate}")
+    if math.isinf(rate):
+        return [0.0] * num_requests
+    shape = 1.0 if process == "poisson" else burstiness
+    if shape <= 0:
+        raise WorkloadError(f"burstiness must be positive, got {burstiness}")
+    times, now = [], 0.0
+    for _ in range(num_requests):
+        now += rng.gammavariate(shape, 1.0 / (rate * shape))
+        times.append(now)
+    return times
+
+
+def synthetic(num_requests: int, rate: float, input_len: str, output_len: str, seed: int = 0,
+              process: Arrivals = "poisson", burstiness: float = 1.0) -> Workload:
+    """A drawn workload (seeded: the same arguments give the same requests)."""
+    if num_requests < 1:
+        raise WorkloadError(f"num_requests must be at least 1, got {num_requests}")
+    rng = random.Random(seed)
+    prompt, output = length_sampler(input_len, rng), length_sampler(output_len, rng)
+    times = arrival_times(num_requests, rate, process, burstiness, rng)
+    requests = tuple(RequestSpec(t, prompt(), output()) for t in times)
+    return Workload(requests, f"synthetic {process} at {rate:g} req/s, input {input_len}, "
+                              f"output {output_len}, seed {seed}")
+
+
+# ------------------------------------------------------------------------------ traces
+
+
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+
+def read_azure_csv(path: str | Path) -> Workload:
+    """The Azure LLM inference trace format; arrivals relative to the first request."""
+    path = Path(path)
+    rows: list[tuple[datetime, int, int]] = []
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = set(AZURE_COLUMNS) - set(reader.fieldnames or ())
+            if missing:
+                raise WorkloadError(f"{path}:1: not an Azure trace CSV: no column "
+                                    f"{', '.join(sorted(missing))} "
+                                    f"(need {', '.join(AZURE_COLUMNS)})")
+            for row in reader:
+                line = reader.line_num
+                try:
+                    when = datetime.fromisoformat(row["TIMESTAMP"].strip())
+                    prompt, output = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+                except (TypeError, ValueError, AttributeError) as exc:
+                    raise WorkloadError(f"{path}:{line}: cannot parse {row}: {exc}") from None
+                if prompt < 1 or output < 0:
+                    raise WorkloadError(f"{path}:{line}: lengths must be positive, got "
+                                        f"ContextTokens {prompt}, GeneratedTokens {output}")
+                rows.append((when, prompt, output))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise WorkloadError(f"{path}: {exc}") from None
+    if not rows:
+        raise WorkloadError(f"{path}: no requests")
+    rows.sort(key=lambda r: r[0])
+    start = rows[0][0]
+    # A recorded 0-token output still costs its prefill; it is simulated as one token.
+    requests = tuple(RequestSpec((when - start).total_seconds(), prompt, max(1, output))
+                     for when, prompt, output in rows)
+    return Workload(requests, f"Azure trace {path.name}")
+
+
+def read_sharegpt_json(path: str | Path, rate: float, seed: int = 0,
+                       tokenizer: Any = None, process: Arrivals = "poisson",
+                       burstiness: float = 1.0) -> Workload:
+    """Lengths from a ShareGPT-style JSON (module docstring), arrivals drawn at `rate`.
+    Conversations without a human turn followed by a reply are skipped."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkloadError(f"{path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise WorkloadError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise WorkloadError(f"{path}: expected a JSON list of conversations or records")
+    pairs: list[tuple[int, int, tuple[int, ...] | None]] = []
+    for i, record in enumerate(data):
+        pair = _sharegpt_lengths(record, tokenizer)
+        if pair is None:
+            if isinstance(record, dict) and "conversations" in record:
+                continue  # no human turn with a reply: nothing to simulate
+            raise WorkloadError(f"{path}: record {i} has neither conversations nor "
+                                f"prompt_len / output_len fields" + (
+                                    "" if tokenizer is not None else
+                                    " (conversations need a tokenizer: give --tokenizer)"))
+        pairs.append(pair)
+    if not pairs:
+        raise WorkloadError(f"{path}: no requests")
+    rng = random.Random(seed)
+    times = arrival_times(len(pairs), rate, process, burstiness, rng)
+    requests = tuple(RequestSpec(t, p, o, ids) for t, (p, o, ids) in zip(times, pairs,
+                                                                         strict=True))
+    return Workload(requests, f"ShareGPT-style {path.name} at {rate:g} req/s")
+
+
+def _sharegpt_lengths(record: Any, tokenizer: Any,
+                      ) -> tuple[int, int, tuple[int, ...] | None] | None:
+    if not isinstance(record, dict):
+        return None
+    if "prompt_len" in record and "output_len" in record:
+        prompt, output = int(record["prompt_len"]), int(record["output_len"])
+        return (prompt, output, None) if prompt >= 1 and output >= 1 else None
+    turns = record.get("conversations")
+    if tokenizer is None or not isinstance(turns, list):
+        return None
+    for turn, reply in itertools.pairwise(turns):
+        if (isinstance(turn, dict) and isinstance(reply, dict) and turn.get("from") == "human"
+                and reply.get("from") in ("gpt", "chatgpt", "assistant")):
+            ids = tuple(tokenizer(str(turn.get("value", ""))).input_ids)
+            output = len(tokenizer(str(reply.get("value", ""))).input_ids)
+            if ids and output:
+                return len(ids), output, ids
+    return None
+
+
+# ------------------------------------------------------------------------------ shaping
+
+
+def shape(workload: Workload, *, num_requests: int | None = None,
+          duration_s: float | None = None, time_scale: float = 1.0,
+          max_model_len: int | None = None, long_policy: LongPolicy = "drop") -> Workload:
+    """Stretch (time_scale > 1) or squeeze arrivals, keep the first num_requests and those
+    arriving within duration_s (after scaling), and clip or drop requests whose prompt + output
+    exceed max_model_len (clip: output first, then the prompt, leaving at least one of each)."""
+    if time_scale <= 0:
+        raise WorkloadError(f"time scale must be positive, got {time_scale}")
+    requests: Sequence[RequestSpec] = [replace(r, arrival_s=r.arrival_s * time_scale)
+                                       for r in workload.requests]
+    if duration_s is not None:
+        requests = [r for r in requests if r.arrival_s <= duration_s]
+    if num_requests is not None:
+        requests = requests[:num_requests]
+    dropped = clipped = 0
+    if max_model_len is not None:
+        kept = []
+        for r in requests:
+            if r.prompt_len + r.output_len <= max_model_len:
+                kept.append(r)
+            elif long_policy == "drop" or max_model_len < 2:
+                dropped += 1
+            else:
+                clipped += 1
+                prompt = min(r.prompt_len, max_model_len - 1)
+                ids = None if r.prompt_token_ids is None else r.prompt_token_ids[:prompt]
+                kept.append(replace(r, prompt_len=prompt, output_len=max_model_len - prompt,
+                                    prompt_token_ids=ids))
+        requests = kept
+    if not requests:
+        raise WorkloadError(f"{workload.source}: no request left after shaping")
+    return Workload(tuple(requests), workload.source, workload.num_dropped + dropped,
+                    workload.num_clipped + clipped)
+
+
+def synthetic_prompt(request_index: int, prompt_len: int) -> list[int]:
+    """Token ids for a prompt the workload gave no text for: ids no other request's prompt has
+    in the same places (pseudo-random bytes of the request's index, so runs repeat), so prefix
+    caching finds nothing to share. Small ints: Python keeps one object per value."""
+    rng = random.Random(request_index)
+    return [b + 2 for b in rng.randbytes(prompt_len)]  # never 0 or 1 (specials in most vocabs)

@@ -1,0 +1,122 @@
+"""The timing-only runner: what `xyserve simulate` drives instead of the compute runner.
+
+It holds no weights and no KV tensors, only a model's shape and a timing-only npu_sim Device:
+each step's chunks are lowered exactly as the compute runner lowers them (engine.lowering, one
+StepPlan replayed for every layer) and costed by the same cost model, so a step takes the same
+simulated time whichever runner ran it. Nothing is computed, so tokens are synthetic: every
+sampled row yields SYNTHETIC_TOKEN_ID, and a request ends at its max_tokens (simulated requests
+ignore EOS). Speculative decoding has no real drafts to verify either: the runner proposes the
+draft nodes the scheduler asks for and accepts each position of a verify with probability
+`acceptance_rate` (independently, up to the first rejection: the chain model behind
+engine.spec.adaptive), from a seeded generator.
+
+Any model shape works (engine.arch_presets, or a config.json read without weights), including
+one card's share of a tensor-parallel group once the lowering shards it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from engine.arch import ModelArch
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.lowering import ChunkShape, lower_step, step_launch_counts
+from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
+from engine.spec.types import Draft
+from npu_sim.device import Device
+from npu_sim.hardware import ChipSpec, load_chip
+
+logger = logging.getLogger("xyserve")
+
+SYNTHETIC_TOKEN_ID = 1  # what every sampled row yields (any id below the vocabulary would do)
+NPU_OPERAND_BYTES = 2  # bf16 / fp16 weights and KV cache on the NPU
+# Device memory kept back from the KV pool for activations, workspaces and the runtime: vLLM's
+# default gpu_memory_utilization is 0.9, so 10% of HBM.
+DEFAULT_KV_RESERVE_FRACTION = 0.1
+
+
+def npu_kv_blocks(arch: ModelArch, chip: ChipSpec, block_size: int,
+                  reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION) -> int:
+    """KV blocks that fit one chip's HBM after the weights and the reserve (bf16/fp16 on the
+    NPU). Raises ValueError when the weights alone do not fit."""
+    weight_bytes = arch.num_params * NPU_OPERAND_BYTES
+    usable = chip.hbm_bytes * (1.0 - reserve_fraction)
+    block_bytes = (2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim
+                   * NPU_OPERAND_BYTES)
+    if weight_bytes >= usable:
+        raise ValueError(f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit "
+                         f"{chip.name}'s {chip.hbm_bytes / 2**30:.0f} GiB HBM with "
+                         f"{reserve_fraction:.0%} kept back")
+    return int((usable - weight_bytes) // block_bytes)
+
+
+def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
+                        acceptance_rate: float = 0.7,
+                        kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION) -> EngineCore:
+    """An EngineCore over a TimingRunner for `arch` on `config.npu`: the engine that serves,
+    timing only. The KV pool is `config.cache.num_kv_blocks` when given, else what the chip's
+    HBM holds after the weights and the reserve. Raises ValueError for a model or chip it
+    cannot simulate."""
+    chip = load_chip(config.npu)
+    block_size = config.cache.block_size
+    num_kv_blocks = config.cache.num_kv_blocks or npu_kv_blocks(arch, chip, block_size,
+                                                                kv_reserve_fraction)
+    device = Device(chip, compute=False, dtype=config.npu_dtype,
+                    timeline=config.npu_trace_dir is not None)
+    runner = TimingRunner(arch, device, block_size, acceptance_rate, config.seed)
+    info = EngineInfo(
+        model_name=model_name, model_path=None, arch=arch, tokenizer=None,
+        max_model_len=config.scheduler.max_model_len or arch.max_position_embeddings,
+        num_kv_blocks=num_kv_blocks, block_size=block_size, dtype="none", chip=chip.name)
+    logger.info("timing-only engine: %s on %s (%s), KV cache %d blocks x %d tokens", model_name,
+                chip.name, config.npu_dtype, num_kv_blocks, block_size)
+    return EngineCore(config, runner, info)
+
+
+class TimingRunner:
+    """Runner (engine.core.Runner) that only times steps. Not thread-safe."""
+
+    def __init__(self, arch: ModelArch, device: Device, block_size: int,
+                 acceptance_rate: float = 0.7, seed: int = 0) -> None:
+        """device: a timing-only Device (compute=False). acceptance_rate: probability that each
+        draft position of a verify is accepted, given the previous one was."""
+        if device.compute:
+            raise ValueError("the timing-only runner needs a timing-only Device (compute=False)")
+        if not 0.0 <= acceptance_rate <= 1.0:
+            raise ValueError(f"acceptance_rate must be in [0, 1], got {acceptance_rate}")
+        self.arch = arch
+        self.device = device
+        self.block_size = block_size
+        self.acceptance_rate = acceptance_rate
+        self._rng = random.Random(seed)
+        self.num_launches = 0  # kernel launches timed, ever (a layer's kernels count per layer)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
+        """Time the step's chunks; one synthetic token per sampled chunk, plus the accepted
+        drafts of a verify; the drafts the scheduler asked for."""
+        chunks = scheduler_output.chunks
+        if not chunks:
+            return ModelOutput(sampled_token_ids={})
+        num_sampled = sum(1 + c.num_draft_tokens for c in chunks if c.sample)
+        plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
+                           for c in chunks], num_sampled, self.arch, self.device.chip,
+                          self.block_size)
+        counts = step_launch_counts(plan, self.arch.num_layers)
+        self.num_launches += sum(n for _, n in counts)
+        trace = self.device.time_launches(counts)
+        token = (SYNTHETIC_TOKEN_ID,)
+        sampled = {c.request_id: token * (1 + self._num_accepted(c)) for c in chunks if c.sample}
+        drafts = {request_id: Draft.chain(token * num_drafts)
+                  for request_id, num_drafts in scheduler_output.num_drafts_to_propose.items()
+                  if request_id in sampled}
+        return ModelOutput(sampled_token_ids=sampled, trace=trace, drafts=drafts)
+
+    def _num_accepted(self, chunk: ScheduledChunk) -> int:
+        """Draft positions accepted, in order, until the first rejection (a chain)."""
+        accepted = 0
+        while accepted < chunk.num_draft_tokens and self._rng.random() < self.acceptance_rate:
+            accepted += 1
+        return accepted
+
