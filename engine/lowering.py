@@ -10,7 +10,8 @@ Baselines are policies of the same lowering (`LoweringPolicy`), so every compari
 code. The default is XY-Serve's: virtual padding and the attention meta-kernel. The baselines:
 - GemmPolicy.BUCKET: M padded to a static bucket (graph-mode style). Each GEMM's input is copied
   into a zero-padded (bucket x K) buffer by a vector kernel first (`LayerPlan.pads`), and the GEMM
-  computes and writes every bucket row (`GemmKernel.valid_m` remembers the real ones).
+  computes and writes every bucket row (`GemmKernel.valid_m` remembers the real ones), tiled as
+  torch-npu's stack tiles it (ATB pp_matmul's heuristic: one tile shape, no split-K).
 - AttentionPolicy.SPLIT: separate prefill and decode kernels (PFA / IFA style), one task group per
   (request, KV head) over its whole causal KV, no cost sort, no KV split; verify chunks run as
   prefill chunks with a full explicit mask (`lower_attention_split`).
@@ -34,9 +35,10 @@ from engine.lowering_attention import (
     tree_mask,
 )
 from engine.models.arch import ModelArch
+from npu_sim.gemm_tiling import atb_tiling, search_tiling
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, Kernel, VectorKernel, VectorOp
-from npu_sim.tiling import gemm_menu, gemm_tasks, vector_tasks
+from npu_sim.tiling import vector_tasks
 
 # Static M buckets of the bucket-padding baseline: powers of two from one cube fractal, the handful
 # of shapes a graph-mode deployment compiles. (vLLM's CUDA-graph list is finer below 512: 1, 2, 4,
@@ -46,8 +48,9 @@ GRAPH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class GemmPolicy(str, enum.Enum):
-    VIRTUAL = "virtual"  # SmoothGEMM: menu tiles cover M, ragged rows masked on chip
-    BUCKET = "bucket"  # baseline: M padded to a static bucket in memory
+    VIRTUAL = "virtual"  # SmoothGEMM: menu tiles cover M, ragged rows masked on chip; tiles,
+    #   N tile and split-K at the lowest modelled cost
+    BUCKET = "bucket"  # baseline: M padded to a static bucket in memory, ATB pp_matmul tiling
 
 
 class AttentionPolicy(str, enum.Enum):
@@ -163,15 +166,16 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
 
 def lower_gemm(name: str, m: int, n: int, k: int, chip: ChipSpec,
                policy: LoweringPolicy = DEFAULT_POLICY) -> tuple[VectorKernel | None, GemmKernel]:
-    """(pad copy or None, GEMM) for `out[m, n] = x[m, k] @ w[n, k]^T` under `policy`."""
-    menu = gemm_menu(chip)
+    """(pad copy or None, GEMM) for `out[m, n] = x[m, k] @ w[n, k]^T` under `policy`: SmoothGEMM
+    tiles the real m by the lowest modelled cost (npu_sim.gemm_tiling.search_tiling); the bucket
+    baseline pads m to its bucket and tiles it as torch-npu's stack does (ATB pp_matmul's tiling,
+    npu_sim.gemm_tiling.atb_tiling)."""
     if policy.gemm is GemmPolicy.VIRTUAL:
-        return None, GemmKernel(name=name, m=m, n=n, k=k, menu=menu, tasks=gemm_tasks(m, n, menu))
+        return None, search_tiling(m, n, k, chip).kernel(name, m, n, k, chip)
     padded = bucket_rows(m, policy.gemm_buckets)
     pad = VectorKernel(name=f"{name}_pad", op=CopyOp.PAD_COPY, num_rows=padded, row_len=k,
                        tasks=vector_tasks(padded, k, chip), valid_rows=m)
-    return pad, GemmKernel(name=name, m=padded, n=n, k=k, menu=menu,
-                           tasks=gemm_tasks(padded, n, menu), valid_m=m)
+    return pad, atb_tiling(padded, n, k, chip).kernel(name, padded, n, k, chip, valid_m=m)
 
 
 _LAYER_ORDER = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_attn_norm",

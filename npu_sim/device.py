@@ -9,8 +9,9 @@ bracket an engine step and return its StepTrace. `Device(chip, compute=False)` o
 launch() returns None, touches no tensor and needs no operands.
 
 Dealing tasks to cores (block_dim = min(tasks, cores)):
-- GEMM tasks on the AICs and vector / combine tasks on the AIVs round-robin in table order (task
-  i on core i mod block_dim), as catlass and ATB kernels walk `taskIdx += coreNum`;
+- GEMM tasks on the AICs and vector / combine / split-K reduce tasks on the AIVs round-robin in
+  table order (task i on core i mod block_dim), as catlass and ATB kernels walk
+  `taskIdx += coreNum`; a second phase (combine, reduce) starts when the first has ended;
 - meta-attention tasks, already sorted heaviest first by the lowering, in the paper's symmetric
   round-robin 1..N, N..1 (XYS 4.3.1), each on an AIC and its AIVs;
 - split-baseline attention: whole task groups (one request and head) round-robin in order.
@@ -86,7 +87,7 @@ class Device:
         """
         if isinstance(kernel, GemmKernel):
             run = run_gemm
-            num_tasks = len(kernel.tasks)
+            num_tasks = len(kernel.tasks) + _len(kernel.reduce_tasks)
         elif isinstance(kernel, AttentionKernel):
             run = run_attention
             num_tasks = len(kernel.tasks) + len(kernel.combine_tasks)
@@ -148,7 +149,7 @@ class Device:
         c, cm = self.chip, self.cost_model
         groups, symmetric = None, False
         if isinstance(kernel, GemmKernel):
-            phases = [cm.gemm(kernel)]
+            phases = [cm.gemm(kernel), cm.gemm_reduce(kernel)]
             launch_s = c.cube_launch_s
             shape = f"M={kernel.m} N={kernel.n} K={kernel.k}" + (
                 f" (valid M={kernel.valid_m})" if kernel.valid_m is not None else "")
@@ -234,6 +235,10 @@ def _starts(core: np.ndarray, cycles: np.ndarray) -> np.ndarray:
     start = np.empty_like(before)
     start[order] = before - before[first]
     return start
+
+
+def _len(tasks: np.ndarray | None) -> int:
+    return 0 if tasks is None else len(tasks)
 
 
 def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:

@@ -63,8 +63,16 @@ class ChipSpec:
     # fp32 (hf32) on the cube: MSM lists 99.5 TF next to 353.9 bf16 (0.28x); a quarter rate is the
     # nearest fractal-shaped choice. Unused by the fp16/bf16 simulation.
     cube_macs_fp32: int = 1024
-    # --- per-core data paths, bytes per cycle [INI AICoreMemoryRates]
-    mte2_hbm_bytes_per_cycle: float = 32.0  # GM(HBM)->L1 / GM->UB [INI ddr_rate]
+    # --- per-core data paths, bytes per cycle [INI AICoreMemoryRates unless noted]
+    # GM(HBM)->L1 on one AIC. catlass's kernel-selection cost model takes an aligned GM read at
+    # 80 GB/s per AIC (examples/102_dynamic_optimized_matmul select_kernel_b16.h,
+    # aBandwidthAfterPaddingAic = 80, "single core GB/s"): 80e9 / 1.8e9 = 44.4 B/cycle. 24 AICs
+    # then ask 1.92 TB/s, more than the HBM delivers, so a weight stream over all cores runs at
+    # the HBM's rate (the device's shared bound), not at a per-core cap. The INI's ddr_rate = 32
+    # (24 x 32 B x 1.8 GHz = 1.38 TB/s) would cap a full-chip stream below the HBM.
+    mte2_hbm_bytes_per_cycle: float = 80e9 / 1.8e9
+    # GM(HBM)->UB on one AIV [INI ddr_rate]: 48 AIVs x 32 B x 1.8 GHz = 2.8 TB/s, past the HBM too.
+    aiv_mte2_hbm_bytes_per_cycle: float = 32.0
     mte2_l2_bytes_per_cycle: float = 110.0  # GM reads that hit L2 [INI l2_rate, read]
     l2_write_bytes_per_cycle: float = 86.0  # [INI l2 write rate]
     mte1_l0a_bytes_per_cycle: float = 512.0  # L1->L0A [INI l1_to_l0_a_rate]

@@ -5,9 +5,11 @@ one row per task, each the unit one AI core executes. Three primitives cover a t
 
 - `VectorKernel`: row tiles of an element-wise / row-wise op (norms, RoPE, SiLU*mul, KV write) on
   the vector cores (AIV).
-- `GemmKernel`: (m-tile, n-tile) output tiles of `out[M, N] = x[M, K] @ w[N, K]^T` on the cube
+- `GemmKernel`: (m-tile, n-tile, k-slice) tasks of `out[M, N] = x[M, K] @ w[N, K]^T` on the cube
   cores (AIC). Tiles come from a fixed menu; a ragged edge is a *masked* tile (`m_rows < tm`,
   `n_cols < tn`): the padded rows and columns exist only in on-chip buffers, never in memory.
+  With split-K each task covers one slice of K and writes an fp32 partial to a workspace; reduce
+  tasks on the vector cores (AIV) add the partials up (catlass MultiCoreSplitkMatmul).
 - `AttentionKernel`: meta-kernel tasks, each a Q tile (up to `tile_rows` query tokens of one
   sequence, all query heads of one KV head stacked) against a span of KV-cache blocks, with online
   softmax; a sequence whose KV is split across spans is joined by combine tasks.
@@ -53,9 +55,17 @@ VECTOR_TASK = np.dtype([("row_start", np.int64), ("num_rows", np.int64)])
 
 # One output tile of a GEMM: rows [m_start, m_start + m_rows) x cols [n_start, n_start + n_cols)
 # of the output, computed in a (tm, tn) on-chip tile of menu entry `tile`; m_rows <= tm and
-# n_cols <= tn, the rest of the tile is masked (virtual padding).
+# n_cols <= tn, the rest of the tile is masked (virtual padding). The task reduces over
+# x[:, k_start : k_start + k_len]; k_split = -1 writes the output itself (k_len = K), k_split = s
+# >= 0 writes fp32 partial s of that tile into the split-K workspace, for the reduce tasks.
 GEMM_TASK = np.dtype([("m_start", np.int64), ("m_rows", np.int64), ("n_start", np.int64),
-                      ("n_cols", np.int64), ("tile", np.int64)])
+                      ("n_cols", np.int64), ("tile", np.int64), ("k_start", np.int64),
+                      ("k_len", np.int64), ("k_split", np.int64)])
+
+# One split-K reduce task on a vector core: output elements [elem_start, elem_start + num_elems)
+# of the row-major (M, N) output, the sum of that range of every partial (catlass splits C as one
+# contiguous 1-D range per AIV, at least 64 fp32 elements each).
+GEMM_REDUCE_TASK = np.dtype([("elem_start", np.int64), ("num_elems", np.int64)])
 
 # One sequence (request chunk) of an attention launch: its query rows are
 # q[q_start : q_start + q_len], at positions start_pos ... start_pos + q_len - 1; its keys are the
@@ -114,6 +124,8 @@ class GemmKernel:
     tasks: np.ndarray  # GEMM_TASK, (num_tasks,)
     valid_m: int | None = None  # bucket-padding baseline: the real token rows when `m` is a
     #   physically padded bucket (rows valid_m..m are zeros in memory); None = all m rows real
+    split_k: int = 1  # K slices (workspace partials); 1 = no split-K
+    reduce_tasks: np.ndarray | None = None  # GEMM_REDUCE_TASK (num,), when split_k > 1
 
     def valid_rows(self) -> np.ndarray:
         """Real token rows of each task (its m_rows minus physically padded rows)."""
@@ -127,8 +139,9 @@ class GemmKernel:
         (virtual padding) plus physically padded rows (bucket baseline)."""
         tm = np.array([self.menu[t].tm for t in self.tasks["tile"]])
         tn = np.array([self.menu[t].tn for t in self.tasks["tile"]])
-        computed = float((tm * tn).sum())
-        return 1.0 - float((self.valid_rows() * self.tasks["n_cols"]).sum()) / computed
+        k_len = self.tasks["k_len"]  # split-K tasks weigh by their slice
+        computed = float((tm * tn * k_len).sum())
+        return 1.0 - float((self.valid_rows() * self.tasks["n_cols"] * k_len).sum()) / computed
 
 
 @dataclass(frozen=True, eq=False)

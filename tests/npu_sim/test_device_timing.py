@@ -23,8 +23,8 @@ from engine.models.arch_presets import fake_chunks, get_arch, time_step
 from npu_sim.device import Device, deal
 from npu_sim.hardware import get_chip
 from npu_sim.kernels import run_gemm
-from npu_sim.tasks import Primitive, VectorKernel, VectorOp
-from npu_sim.tiling import vector_tasks
+from npu_sim.tasks import GemmKernel, Primitive, VectorKernel, VectorOp
+from npu_sim.tiling import gemm_menu, gemm_tasks, vector_tasks
 
 B2 = get_chip("910b2")
 SMALL = ModelArch("LlamaForCausalLM", 3, 96, 6, 2, 16, 200, 1000, 1e-6, 4096, True, False,
@@ -63,7 +63,9 @@ def test_device_deals_meta_attention_symmetrically_and_split_groups_in_order() -
 
 def test_gemm_runs_on_cube_cores_and_vector_ops_on_vector_cores() -> None:
     device = Device(B2, compute=False)
-    g = device.time(lower_gemm("g", 64, 1024, 512, B2)[1])  # 4 N tiles: 4 tasks
+    menu = gemm_menu(B2)
+    g = device.time(GemmKernel("g", 64, 1024, 512, menu, gemm_tasks(64, 1024, 512, menu)))
+    assert len(g.kernel.tasks) == 4  # 4 N tiles of 256
     assert g.block_dim == 4 and (g.cube_busy_cycles[:4] > 0).all()
     assert not g.cube_busy_cycles[4:].any() and not g.vector_busy_cycles.any()
     v = device.time(VectorKernel("n", VectorOp.RMSNORM, 3, 96, vector_tasks(3, 96, B2)))
