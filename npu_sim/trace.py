@@ -132,10 +132,14 @@ def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
 def task_label(kernel: Kernel, i: int) -> str:
     """Slice name of task i: primitive, kernel name and the task's shape."""
     if isinstance(kernel, GemmKernel):
+        if i >= len(kernel.tasks):  # split-K reduce tasks follow the cube tasks
+            r = kernel.reduce_tasks[i - len(kernel.tasks)]
+            return f"gemm-reduce {kernel.name} {int(r['num_elems'])} x{kernel.split_k}"
         t = kernel.tasks[i]
         s = kernel.menu[int(t["tile"])]
-        return (f"gemm {kernel.name} {s.tm}x{s.tn}x{kernel.k} "
-                f"({int(t['m_rows'])}x{int(t['n_cols'])} valid)")
+        split = f" k{int(t['k_split'])}/{kernel.split_k}" if kernel.split_k > 1 else ""
+        return (f"gemm {kernel.name} {s.tm}x{s.tn}x{int(t['k_len'])} "
+                f"({int(t['m_rows'])}x{int(t['n_cols'])} valid){split}")
     if isinstance(kernel, VectorKernel):
         t = kernel.tasks[i]
         return f"vector {kernel.name} {int(t['num_rows'])}x{kernel.row_len}"

@@ -5,6 +5,8 @@ functional path on split-K task tables."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from npu_sim.gemm_tiling import GemmTiling, atb_tiling, candidates, search_tilin
 from npu_sim.hardware import get_chip
 from npu_sim.kernels import run_gemm
 from npu_sim.tiling import cover_m, gemm_menu, gemm_reduce_tasks, gemm_tasks, k_slices
+from npu_sim.trace import write_perfetto
 
 B2 = get_chip("910b2")  # 24 AIC
 B3 = get_chip("910b3")  # 20 AIC
@@ -188,3 +191,12 @@ def test_atb_pp_matmul_tiling(m: int, n: int, k: int, tile: tuple[int, int]) -> 
     tiling = atb_tiling(m, n, k, B2)
     assert (tiling.menu[0].tm, tiling.tn) == tile and tiling.split_k == 1
     assert (output_cover(tiling.kernel("g", m, n, k, B2)) == 1).all()
+
+
+def test_split_k_launch_exports_to_perfetto(tmp_path: Path) -> None:
+    device = Device(B2, compute=False)
+    device.begin_step()
+    device.launch(search_tiling(16, 256, 8192, B2).kernel("down_proj", 16, 256, 8192, B2))
+    events = json.loads(write_perfetto(device.end_step(), tmp_path / "t.json").read_text())
+    names = {e["name"].split()[0] for e in events["traceEvents"] if e.get("ph") == "X"}
+    assert names == {"gemm", "gemm-reduce"}
