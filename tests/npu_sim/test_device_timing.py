@@ -97,7 +97,9 @@ def _balance(timings: list, num_cores: int) -> float:
 @pytest.mark.parametrize("model", ["llama-2-7b", "qwen2.5-7b"])
 def test_meta_kernel_balances_a_long_prefill_with_short_decodes(model: str) -> None:
     """One 8k-token prefill and 63 short decodes: the meta-kernel's makespan is within 15% of
-    perfect balance; the split baseline's (prefill kernel, then decode kernel) is not."""
+    perfect balance. The split baseline balances each of its kernels too (PFA cuts its blocks
+    into runs of equal work, IFA its requests into runs of equal KV), but pays two launches and
+    its decode kernel's imbalance: one meta launch is faster."""
     arch = get_arch(model)
     rng = np.random.default_rng(0)
     specs = [(0, 8192)] + [(int(c), 1) for c in rng.integers(16, 600, 63)]
@@ -107,7 +109,7 @@ def test_meta_kernel_balances_a_long_prefill_with_short_decodes(model: str) -> N
     split = [device.time(k) for k in lower_attention_split(chunks, arch, B2, 128)]
     assert len(split) == 2
     assert _balance(meta, B2.num_cube_cores) >= 1 / 1.15
-    assert _balance(split, B2.num_cube_cores) < 1 / 1.15
+    assert _balance(split[:1], B2.num_cube_cores) >= 1 / 1.15  # PFA, the 8k prefill
     assert sum(t.seconds for t in meta) < sum(t.seconds for t in split)
 
 
