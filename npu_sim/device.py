@@ -5,7 +5,8 @@ path by default or the task-by-task reference path in strict mode, counts the la
 it: the cost model (npu_sim.cost) prices every task, the tasks are dealt to cores, and the launch
 takes its launch overhead plus the busiest core's time (or the shared HBM / L2 bandwidth bound,
 whichever is longer). Launches run back to back on one stream. `begin_step()` / `end_step()`
-bracket an engine step and return its StepTrace. `Device(chip, compute=False)` only times:
+bracket an engine step and return its StepTrace, the device time put behind the serving stack's
+host time (`Device(stack=...)`, npu_sim.host). `Device(chip, compute=False)` only times:
 launch() returns None, touches no tensor and needs no operands.
 
 Dealing tasks to cores (block_dim = min(tasks, cores)):
@@ -31,6 +32,7 @@ import torch
 
 from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
+from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
 from npu_sim.kernels import run_attention, run_gemm, run_vector
 from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
 from npu_sim.trace import KernelTiming, StepTrace, build_step_trace
@@ -63,8 +65,9 @@ class Device:
     """One simulated chip. Not thread-safe: one engine thread launches on it."""
 
     def __init__(self, chip: ChipSpec, strict: bool = False, compute: bool = True,
-                 dtype: str = "bf16") -> None:
+                 dtype: str = "bf16", stack: str | HostProfile = DEFAULT_STACK) -> None:
         self.chip = chip
+        self.host = get_stack(stack)  # the serving stack's host overhead (npu_sim.host)
         self.strict = strict  # reference (task-by-task) execution instead of the fast path
         self.compute = compute  # False: timing only, launch() returns None
         self.cost_model = CostModel(chip, dtype)  # dtype: the simulated operand dtype
@@ -111,10 +114,11 @@ class Device:
         self._launches = []
         self._step_cache.clear()
 
-    def end_step(self) -> StepTrace:
-        """The StepTrace of the launches since begin_step (or the last end_step)."""
+    def end_step(self, num_requests: int = 0) -> StepTrace:
+        """The StepTrace of the launches since begin_step (or the last end_step), for a batch of
+        `num_requests` requests (the stack's per-request host time)."""
         c = self.chip
-        trace = build_step_trace(c.name, c.clock_hz, c.host_overhead_s, c.num_cube_cores,
+        trace = build_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
                                  c.num_vector_cores, c.peak_flops(self.cost_model.dtype),
                                  self._launches)
         self.total_sim_s += trace.sim_s

@@ -101,10 +101,7 @@ class ChipSpec:
     # AIC<->AIV handoff: there is no direct datapath (XYS 2.2); a CrossCoreSetFlag through a GM
     # workspace (catlass fai_kernel.cpp). [assumed] 0.2 us: about two L2 round trips.
     cross_core_sync_cycles: float = 360.0
-    # Host time per engine step outside the kernels (schedule, input prep, sampling, launch
-    # of the first kernel). [assumed] 1 ms, a vLLM-class Python scheduler; XYS moves the forward
-    # into one C++ function, so the kernels themselves are launched back to back.
-    host_overhead_s: float = 1e-3
+    # Host and runtime overhead is the serving stack's, not the chip's: npu_sim.host.
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -138,7 +135,7 @@ class ChipSpec:
 
 # Overheads may be switched off (0) in an override file; sizes, counts and rates may not.
 _MAY_BE_0 = frozenset({"cube_launch_s", "vector_launch_s", "task_dispatch_cycles",
-                       "gm_latency_cycles", "cross_core_sync_cycles", "host_overhead_s"})
+                       "gm_latency_cycles", "cross_core_sync_cycles"})
 
 
 def _910b(name: str, num_cube_cores: int, clock_mhz: int, hbm_gib: int, l2_mib: int,

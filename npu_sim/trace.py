@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from npu_sim.cost import Unit
+from npu_sim.host import HostProfile
 from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
 
 
@@ -68,7 +69,7 @@ class StepTrace:
     clock_hz: float  # the chip clock the cycles count
     sim_s: float  # host_s + device_s: what the step costs on the simulated clock
     device_s: float  # sum of the kernels' seconds (one stream, launches in order)
-    host_s: float  # modelled host overhead of the step (ChipSpec.host_overhead_s; 0 if empty)
+    host_s: float  # host time the step exposes, sim_s - device_s (npu_sim.host; 0 if empty)
     num_launches: int  # kernel launches in the step
     cube_busy_s: np.ndarray  # (num_cube_cores,) seconds each AIC was occupied
     vector_busy_s: np.ndarray  # (num_vector_cores,) seconds each AIV was occupied
@@ -83,10 +84,11 @@ class StepTrace:
     kernel_start_s: tuple[float, ...]  # device-time start of each launch, from the step start
 
 
-def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
+def build_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_requests: int,
                      num_cube_cores: int, num_vector_cores: int, peak_flops: float,
                      launches: list[KernelTiming]) -> StepTrace:
-    """Aggregate a step's launches (each distinct timing is summed once, times its count)."""
+    """Aggregate a step's launches (each distinct timing is summed once, times its count) and
+    put the device time behind the stack's host time for `num_requests` requests."""
     counts: dict[int, list[Any]] = {}
     for timing in launches:
         entry = counts.get(id(timing))
@@ -111,11 +113,11 @@ def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
         key = timing.primitive.value
         by_primitive[key] = by_primitive.get(key, 0.0) + n * timing.seconds
     device_s = cycles / clock_hz
+    sim_s = max(host.step_s(device_s, len(launches), num_requests), device_s)
     starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]) if launches else []
     return StepTrace(
-        chip=chip_name, clock_hz=clock_hz,
-        sim_s=device_s + (host_overhead_s if launches else 0.0), device_s=device_s,
-        host_s=host_overhead_s if launches else 0.0, num_launches=len(launches),
+        chip=chip_name, clock_hz=clock_hz, sim_s=sim_s, device_s=device_s,
+        host_s=sim_s - device_s, num_launches=len(launches),
         cube_busy_s=cube_busy / clock_hz, vector_busy_s=vector_busy / clock_hz,
         cube_utilization=cube_active / (num_cube_cores * cycles) if cycles else 0.0,
         vector_utilization=vector_active / (num_vector_cores * cycles) if cycles else 0.0,

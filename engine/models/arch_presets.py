@@ -90,4 +90,4 @@ def time_step(arch: ModelArch | str, specs: Sequence[tuple[int, int]],
     device.begin_step()
     for kernel in step_launches(plan, arch.num_layers):
         device.launch(kernel)
-    return device.end_step()
+    return device.end_step(num_requests=len(chunks))
