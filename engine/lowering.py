@@ -34,10 +34,19 @@ from engine.lowering_attention import (
     lower_attention_split,
     tree_mask,
 )
+from engine.lowering_tp import all_gather, all_reduce, shard_arch
 from engine.models.arch import ModelArch
 from npu_sim.gemm_tiling import atb_tiling, search_tiling
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, Kernel, VectorKernel, VectorOp
+from npu_sim.tasks import (
+    AttentionKernel,
+    CollectiveKernel,
+    CopyOp,
+    GemmKernel,
+    Kernel,
+    VectorKernel,
+    VectorOp,
+)
 from npu_sim.tiling import vector_tasks
 
 # Static M buckets of the bucket-padding baseline: powers of two from one cube fractal, the handful
@@ -98,6 +107,10 @@ class LayerPlan:
     # split baseline: the decode kernel, launched right after `attention` (then the prefill
     # kernel; `attention` is the decode kernel itself when the batch has no prefill rows)
     decode_attention: AttentionKernel | None = None
+    # tensor parallelism (engine.lowering_tp): the all-reduces of the row-parallel o_proj and
+    # down_proj outputs, each launched right after its GEMM; None on one card
+    o_proj_all_reduce: CollectiveKernel | None = None
+    down_proj_all_reduce: CollectiveKernel | None = None
 
 
 @dataclass(frozen=True)
@@ -112,11 +125,17 @@ class StepPlan:
     num_tokens: int  # T, tokens in the batch
     num_sampled: int  # rows the LM head runs on
     lm_head_pad: VectorKernel | None = None  # bucket baseline: the LM head input's pad copy
+    tp: int = 1  # tensor-parallel cards; the kernels are one card's (engine.lowering_tp)
+    embed_all_reduce: CollectiveKernel | None = None  # TP: joins the vocab-parallel lookups
+    lm_head_all_gather: CollectiveKernel | None = None  # TP: joins the vocab-parallel logits
 
 
 def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, chip: ChipSpec,
-               block_size: int, policy: LoweringPolicy = DEFAULT_POLICY) -> StepPlan:
-    """Lower a batch (chunks in batch order) into the step's kernels."""
+               block_size: int, policy: LoweringPolicy = DEFAULT_POLICY, tp: int = 1) -> StepPlan:
+    """Lower a batch (chunks in batch order) into the step's kernels: on one card of a `tp`-card
+    tensor-parallel group, the card's shards plus the group's collectives (engine.lowering_tp;
+    ValueError when heads, KV heads or the MLP width do not divide by tp)."""
+    arch = shard_arch(arch, tp)
     t = sum(c.num_tokens for c in chunks)
     h, d = arch.hidden_size, arch.head_dim
     pads: dict[str, VectorKernel] = {}
@@ -150,8 +169,16 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
         next_input_norm=vector("input_norm", VectorOp.ADD_RMSNORM, t, h),
         pads=tuple(pads.items()),
         decode_attention=decode_attention,
+        o_proj_all_reduce=all_reduce("o_proj_all_reduce", t, h, tp) if tp > 1 else None,
+        down_proj_all_reduce=all_reduce("down_proj_all_reduce", t, h, tp) if tp > 1 else None,
     )
     lm_head = gemm("lm_head", num_sampled, arch.vocab_size, h) if num_sampled else None
+    tp_collectives = {}
+    if tp > 1:
+        tp_collectives["embed_all_reduce"] = all_reduce("embed_all_reduce", t, h, tp)
+        if num_sampled:
+            tp_collectives["lm_head_all_gather"] = all_gather(
+                "lm_head_all_gather", num_sampled, arch.vocab_size, tp)
     return StepPlan(
         embed=vector("embed", VectorOp.EMBED, t, h),
         first_norm=vector("input_norm", VectorOp.RMSNORM, t, h),
@@ -161,6 +188,8 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
         num_tokens=t,
         num_sampled=num_sampled,
         lm_head_pad=pads.get("lm_head"),
+        tp=tp,
+        **tp_collectives,
     )
 
 
@@ -183,8 +212,8 @@ _LAYER_ORDER = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_att
 
 
 def layer_launches(layer: LayerPlan, last: bool = False) -> list[Kernel]:
-    """One layer's launches in order, baseline extras included; the last layer has no
-    next_input_norm (the final norm follows, on the sampled rows only)."""
+    """One layer's launches in order, baseline extras and TP collectives included; the last
+    layer has no next_input_norm (the final norm follows, on the sampled rows only)."""
     pads = dict(layer.pads)
     out: list[Kernel] = []
     for name in _LAYER_ORDER:
@@ -193,6 +222,9 @@ def layer_launches(layer: LayerPlan, last: bool = False) -> list[Kernel]:
         out.append(getattr(layer, name))
         if name == "attention" and layer.decode_attention is not None:
             out.append(layer.decode_attention)
+        collective = getattr(layer, f"{name}_all_reduce", None)
+        if collective is not None:
+            out.append(collective)
     if not last:
         out.append(layer.next_input_norm)
     return out
@@ -201,7 +233,10 @@ def layer_launches(layer: LayerPlan, last: bool = False) -> list[Kernel]:
 def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
     """Every launch of a step in the order the model's forward makes them
     (engine.models.llama.LlamaModel.forward), baseline extras included."""
-    out: list[Kernel] = [plan.embed, plan.first_norm]
+    out: list[Kernel] = [plan.embed]
+    if plan.embed_all_reduce is not None:
+        out.append(plan.embed_all_reduce)
+    out.append(plan.first_norm)
     body, last = layer_launches(plan.layer), layer_launches(plan.layer, last=True)
     for i in range(num_layers):
         out += last if i + 1 == num_layers else body
@@ -210,6 +245,8 @@ def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
         if plan.lm_head_pad is not None:
             out.append(plan.lm_head_pad)
         out.append(plan.lm_head)
+        if plan.lm_head_all_gather is not None:
+            out.append(plan.lm_head_all_gather)
     return out
 
 

@@ -15,7 +15,10 @@ Dealing tasks to cores (block_dim = min(tasks, cores)):
   `taskIdx += coreNum`; a second phase (combine, reduce) starts when the first has ended;
 - meta-attention tasks, already sorted heaviest first by the lowering, in the paper's symmetric
   round-robin 1..N, N..1 (XYS 4.3.1), each on an AIC and its AIVs;
-- split-baseline attention: whole task groups (one request and head) round-robin in order.
+- split-baseline attention: whole task groups (a core's run of the PFA / IFA split) round-robin
+  in order;
+- collectives (tensor parallelism) run no AI-core task: they hold the stream for their time over
+  HCCS (npu_sim.collectives).
 
 Timings are cached per kernel object within a step (a layer's kernels are launched once per
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
@@ -30,11 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from npu_sim.collectives import bytes_moved, collective_seconds
 from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
 from npu_sim.kernels import run_attention, run_gemm, run_vector
-from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
+from npu_sim.tasks import (
+    AttentionKernel,
+    CollectiveKernel,
+    GemmKernel,
+    Kernel,
+    Primitive,
+    VectorKernel,
+)
 from npu_sim.trace import KernelTiming, StepTrace, build_step_trace
 
 _SHAPE_CACHE_SIZE = 512
@@ -97,6 +108,9 @@ class Device:
         elif isinstance(kernel, VectorKernel):
             run = run_vector
             num_tasks = len(kernel.tasks)
+        elif isinstance(kernel, CollectiveKernel):
+            run = _run_collective
+            num_tasks = 0
         else:
             raise TypeError(f"not a kernel: {type(kernel).__name__}")
         out = run(kernel, self.strict, **operands) if self.compute else None
@@ -151,6 +165,8 @@ class Device:
     def time(self, kernel: Kernel) -> KernelTiming:
         """Cost one launch of `kernel` (not recorded, nothing computed)."""
         c, cm = self.chip, self.cost_model
+        if isinstance(kernel, CollectiveKernel):
+            return _collective_timing(kernel, c)
         groups, symmetric = None, False
         if isinstance(kernel, GemmKernel):
             phases = [cm.gemm(kernel), cm.gemm_reduce(kernel)]
@@ -241,6 +257,36 @@ def _starts(core: np.ndarray, cycles: np.ndarray) -> np.ndarray:
     return start
 
 
+def _run_collective(kernel: CollectiveKernel, strict: bool,
+                    x: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A collective on this one simulated rank: the identity for a group of one. A group of
+    several needs every rank's data, which one simulated card does not hold: tensor-parallel
+    steps are simulated timing-only."""
+    if kernel.world_size > 1:
+        raise RuntimeError(f"{kernel.name}: a {kernel.world_size}-NPU collective cannot be "
+                           f"computed on one simulated card; run tensor parallelism timing-only")
+    return x
+
+
+def _collective_timing(kernel: CollectiveKernel, c: ChipSpec) -> KernelTiming:
+    """A collective holds the stream for its ring time; no AI core runs a task of it."""
+    seconds = collective_seconds(kernel.op, kernel.num_bytes, kernel.world_size, c)
+    moved = bytes_moved(kernel.op, kernel.num_bytes, kernel.world_size)
+    none = _frozen(np.zeros(0))
+    return KernelTiming(
+        primitive=kernel.primitive, name=kernel.name,
+        shape=f"{kernel.op.value} {kernel.num_bytes} B x{kernel.world_size}",
+        pipeline=f"hccs-{kernel.op.value}", cycles=seconds * c.clock_hz, seconds=seconds,
+        launch_cycles=min(seconds, c.collective_launch_s) * c.clock_hz, block_dim=0,
+        bound="hccs", cube_busy_cycles=_frozen(np.zeros(c.num_cube_cores)),
+        vector_busy_cycles=_frozen(np.zeros(c.num_vector_cores)), cube_active_cycles=0.0,
+        vector_active_cycles=0.0, hbm_read_bytes=moved, hbm_write_bytes=moved, flops=0.0,
+        cube_macs=0.0, useful_cube_macs=0.0, num_tasks=0,
+        task_unit=_frozen(np.zeros(0, dtype=np.int8)),
+        task_core=_frozen(np.zeros(0, dtype=np.int64)), task_start_cycles=none,
+        task_cycles=none, kernel=kernel)
+
+
 def _len(tasks: np.ndarray | None) -> int:
     return 0 if tasks is None else len(tasks)
 
@@ -264,4 +310,7 @@ def _shape_key(kernel: Kernel) -> tuple[Any, ...] | None:
     if isinstance(kernel, VectorKernel):
         return ("vector", kernel.name, kernel.op, kernel.num_rows, kernel.row_len,
                 kernel.valid_rows, id(kernel.tasks))
+    if isinstance(kernel, CollectiveKernel):
+        return ("collective", kernel.name, kernel.op, kernel.num_bytes, kernel.world_size,
+                id(kernel.tasks))
     return None

@@ -102,6 +102,17 @@ class ChipSpec:
     # workspace (catlass fai_kernel.cpp). [assumed] 0.2 us: about two L2 round trips.
     cross_core_sync_cycles: float = 360.0
     # Host and runtime overhead is the serving stack's, not the chip's: npu_sim.host.
+    # --- interconnect: HCCS between the NPUs of one node (tensor parallelism, npu_sim.collectives)
+    hccs_ranks: int = 8  # NPUs in one HCCS full mesh [MSM A2: intra-node 8-NPU full mesh]
+    # [MSM] 196 GB/s unidirectional per device, spread over its 7 mesh links: 28 GB/s a link.
+    hccs_link_bytes_per_s: float = 196e9 / 7
+    # Achieved fraction of the link rate, fitted on CC1 + CC2: each measured plateau algbw (all-
+    # reduce 18 / 30 / 72, all-gather 38 / 64 / 149 GB/s at 2 / 4 / 8 cards) implies an achieved
+    # link rate (algbw x 2 / n for all-reduce, algbw / n for all-gather, in the mesh model); their
+    # geometric mean is 17.4 GB/s = 0.62 x 28 (MSM assumes 0.7).
+    hccs_efficiency: float = 0.62
+    hccs_latency_s: float = 0.5e-6  # per ring step [MSM: 0.5 us intra-node latency]
+    collective_launch_s: float = 10e-6  # per collective launch [MSM: 10 us per communication op]
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -135,7 +146,8 @@ class ChipSpec:
 
 # Overheads may be switched off (0) in an override file; sizes, counts and rates may not.
 _MAY_BE_0 = frozenset({"cube_launch_s", "vector_launch_s", "task_dispatch_cycles",
-                       "gm_latency_cycles", "cross_core_sync_cycles"})
+                       "gm_latency_cycles", "cross_core_sync_cycles", "hccs_latency_s",
+                       "collective_launch_s"})
 
 
 def _910b(name: str, num_cube_cores: int, clock_mhz: int, hbm_gib: int, l2_mib: int,

@@ -1,7 +1,8 @@
 """The primitive IR: kernels as fixed-shape task tables.
 
 A `Kernel` is one launch on the device: a primitive kind plus a numpy structured array of tasks,
-one row per task, each the unit one AI core executes. Three primitives cover a transformer layer:
+one row per task, each the unit one AI core executes. Three primitives cover a transformer layer
+(a fourth joins the NPUs of a tensor-parallel group):
 
 - `VectorKernel`: row tiles of an element-wise / row-wise op (norms, RoPE, SiLU*mul, KV write) on
   the vector cores (AIV).
@@ -13,6 +14,8 @@ one row per task, each the unit one AI core executes. Three primitives cover a t
 - `AttentionKernel`: meta-kernel tasks, each a Q tile (up to `tile_rows` query tokens of one
   sequence, all query heads of one KV head stacked) against a span of KV-cache blocks, with online
   softmax; a sequence whose KV is split across spans is joined by combine tasks.
+- `CollectiveKernel`: an all-reduce or all-gather of a tensor-parallel group (no AI-core tasks;
+  timed as a ring over HCCS by npu_sim.collectives).
 
 Task tables are numpy arrays so lowering and costing stay vectorized; `npu_sim` knows nothing of
 requests, only sequences, rows and blocks.
@@ -20,6 +23,7 @@ requests, only sequences, rows and blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,6 +35,14 @@ class Primitive(str, enum.Enum):
     VECTOR = "vector"
     GEMM = "gemm"
     ATTENTION = "attention"
+    COLLECTIVE = "collective"
+
+
+class CollectiveOp(str, enum.Enum):
+    """Collectives over the NPUs of a tensor-parallel group (HCCL over HCCS)."""
+
+    ALL_REDUCE = "all_reduce"  # every rank ends with the sum of all ranks' tensors
+    ALL_GATHER = "all_gather"  # every rank ends with the concatenation of all ranks' shards
 
 
 class VectorOp(str, enum.Enum):
@@ -195,4 +207,19 @@ class AttentionKernel:
         return self.num_heads // self.num_kv_heads
 
 
-Kernel = VectorKernel | GemmKernel | AttentionKernel
+@dataclass(frozen=True, eq=False)
+class CollectiveKernel:
+    """One collective launch of a tensor-parallel group, seen from one of its ranks: no tasks on
+    the AI cores (HCCL moves the data over HCCS); the launch occupies the stream for the
+    collective's time (npu_sim.collectives)."""
+
+    primitive: ClassVar[Primitive] = Primitive.COLLECTIVE
+    name: str  # where in the model, e.g. "o_proj_all_reduce"
+    op: CollectiveOp  # which collective
+    num_bytes: int  # the message: the whole tensor (all-reduce) or the whole output (all-gather)
+    world_size: int  # ranks (NPUs) in the group
+    tasks: np.ndarray = dataclasses.field(  # no AI-core tasks (uniform with other kernels)
+        default_factory=lambda: np.zeros(0, dtype=VECTOR_TASK))
+
+
+Kernel = VectorKernel | GemmKernel | AttentionKernel | CollectiveKernel
