@@ -107,14 +107,16 @@ def _empty(unit: Unit, pipeline: str) -> TaskCosts:
 
 
 class CostModel:
-    """Costs kernels on one chip for one operand dtype (fp16 or bf16: 2-byte operands)."""
+    """Costs kernels on one chip for one operand dtype: fp16 or bf16 (2-byte operands, what a
+    served model runs), or fp32 (4-byte operands on the cube at its fp32 rate, the calibration
+    set's fp32 GEMM rows)."""
 
     def __init__(self, chip: ChipSpec, dtype: str = "bf16") -> None:
-        if dtype not in ("fp16", "bf16"):
-            raise ValueError(f"simulated dtype must be fp16 or bf16, got {dtype!r}")
+        if dtype not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"simulated dtype must be fp16, bf16 or fp32, got {dtype!r}")
         self.chip = chip
         self.dtype = dtype
-        self.bytes = 2  # operand and activation bytes
+        self.bytes = 4 if dtype == "fp32" else 2  # operand and activation bytes
         self.macs = chip.cube_macs_per_cycle(dtype)
         self.lanes32 = chip.vector_lanes / 2  # fp32 elements per vector pass per cycle
         self.aivs = chip.num_vector_cores // chip.num_cube_cores  # AIVs per AIC
@@ -138,7 +140,7 @@ class CostModel:
         tn = np.array([s.tn for s in k.menu], dtype=np.float64)[idx]
         tk = np.array([s.tk for s in k.menu], dtype=np.float64)[idx]
         k_len = t["k_len"].astype(np.float64)  # K of each task: all of it, or its split-K slice
-        fit = np.array([gemm_l1_depth(s, k.k, c) for s in k.menu], dtype=np.float64)[idx]
+        fit = np.array([gemm_l1_depth(s, k.k, c, b) for s in k.menu], dtype=np.float64)[idx]
         depth = np.minimum(fit, np.ceil(k_len / tk) * tk)
         rows, cols = t["m_rows"].astype(np.float64), t["n_cols"].astype(np.float64)
         chunks = np.ceil(k_len / depth)

@@ -164,10 +164,13 @@ def search_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
 
 
 @functools.lru_cache(maxsize=4096)
-def atb_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
-    """ATB pp_matmul's tiling of (m, n, k) (see the module docstring), fp16 / bf16, weight
-    transposed (transB: w is [N, K], as a linear layer's)."""
-    m0, n0 = _atb_base(m, n, k, chip)
+def atb_tiling(m: int, n: int, k: int, chip: ChipSpec,
+               operand_bytes: int = OPERAND_BYTES) -> GemmTiling:
+    """ATB pp_matmul's tiling of (m, n, k) (see the module docstring) for `operand_bytes`-byte
+    operands (2: fp16 / bf16, 4: fp32), weight transposed (transB: w is [N, K], as a linear
+    layer's)."""
+    b = operand_bytes
+    m0, n0 = _atb_base(m, n, k, chip, b)
     m_loop, n_loop = -(-m // m0), -(-n // n0)
     c = chip.num_cube_cores
     if m_loop == 1 and (m_loop * n_loop) % c < c // 4 * 3:  # SetBaseOp: re-split N over cores
@@ -177,14 +180,14 @@ def atb_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
         y = -(-x // max_n0)
         n_base = _round16(-(-x // y))
         if (m_base * n_base * ACCUM_BYTES < chip.l0c_bytes
-                and (m_base + n_base) * L1_K_ALIGN * OPERAND_BYTES < chip.l1_bytes // 2):
+                and (m_base + n_base) * L1_K_ALIGN * b < chip.l1_bytes // 2):
             m0, n0 = m_base, n_base
-    tile = TileShape(tm=m0, tn=n0, tk=gemm_tk(chip, n0))
+    tile = TileShape(tm=m0, tn=n0, tk=gemm_tk(chip, n0, b))
     cover = tuple((s, min(m0, m - s), 0) for s in range(0, m, m0))
     return GemmTiling((tile,), cover, 1)
 
 
-def _atb_base(m: int, n: int, k: int, chip: ChipSpec) -> tuple[int, int]:
+def _atb_base(m: int, n: int, k: int, chip: ChipSpec, operand_bytes: int) -> tuple[int, int]:
     """ATB TilingFunc: (m0, n0) of least CostFunc; the primary axis is the longer of m, n."""
     pri_is_m = m >= n
     short = n if pri_is_m else m
@@ -192,7 +195,7 @@ def _atb_base(m: int, n: int, k: int, chip: ChipSpec) -> tuple[int, int]:
     round_base = int(2 ** math.ceil(math.log(max(-(-short // 16), 1)))) * 16
     pri_axes = _round16(m if pri_is_m else n)
     axes = -(-short // round_base) * round_base
-    axes0_max = 512 // OPERAND_BYTES
+    axes0_max = 512 // operand_bytes
     best, best_cost = (16, 16), 1.0
     pri0 = 16
     while pri0 <= pri_axes and pri0 <= axes0_max:
@@ -216,6 +219,7 @@ def _atb_cost(m: int, n: int, k: int, m0: int, n0: int, chip: ChipSpec) -> float
     block_dim = min(m_loop * n_loop, c)
     m_once = m0 if block_dim < n_loop else block_dim // n_loop * m0
     n_once = c * n0 if block_dim < n_loop else n
+    # as written in ATB (FP16_SIZE whatever the dtype); the coefficient lowers the cost term
     a_coef = ATB_L2_HBM_RATIO if m_once * k * OPERAND_BYTES > chip.l2_bytes else 1
     b_coef = ATB_L2_HBM_RATIO if n_once * k * OPERAND_BYTES > chip.l2_bytes else 1
     return 1 / (a_coef * n0) + 1 / (b_coef * m0)

@@ -55,10 +55,10 @@ KV_PAGE_TOKENS = 128  # catlass FAI's page; the KV chunk is a multiple of it
 
 
 @functools.cache
-def gemm_tk(chip: ChipSpec, tn: int) -> int:
+def gemm_tk(chip: ChipSpec, tn: int, operand_bytes: int = OPERAND_BYTES) -> int:
     """L0 K step of an N tile of `tn` columns: 64 (four cube K-fractals) where the double-buffered
     tk x tn B panel fits L0B, else the largest multiple of cube_k that fits."""
-    fit = chip.l0b_bytes // (2 * tn * OPERAND_BYTES)
+    fit = chip.l0b_bytes // (2 * tn * operand_bytes)
     return max(chip.cube_k, min(GEMM_TK, fit // chip.cube_k * chip.cube_k))
 
 
@@ -210,9 +210,10 @@ def attention_q_tile(q_len: int, group_size: int, verify: bool = False) -> tuple
     return largest, max(1, largest // group_size)
 
 
-def gemm_l1_depth(tile: TileShape, k: int, chip: ChipSpec) -> int:
+def gemm_l1_depth(tile: TileShape, k: int, chip: ChipSpec,
+                  operand_bytes: int = OPERAND_BYTES) -> int:
     """K depth of one GM->L1 load of a `tile` task (see the module docstring), at most k."""
-    fit = chip.l1_bytes // (2 * (tile.tm + tile.tn) * OPERAND_BYTES)
+    fit = chip.l1_bytes // (2 * (tile.tm + tile.tn) * operand_bytes)
     depth = max(tile.tk, fit // L1_K_ALIGN * L1_K_ALIGN)
     return min(depth, -(-k // tile.tk) * tile.tk)
 
