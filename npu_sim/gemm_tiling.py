@@ -41,6 +41,7 @@ from npu_sim.tiling import (
     L1_K_ALIGN,
     OPERAND_BYTES,
     MCover,
+    build_gemm_tasks,
     gemm_menu,
     gemm_reduce_tasks,
     gemm_tasks,
@@ -62,11 +63,13 @@ class GemmTiling:
     split_k: int  # K slices; 1 = none
 
     def kernel(self, name: str, m: int, n: int, k: int, chip: ChipSpec,
-               valid_m: int | None = None) -> GemmKernel:
-        """The GemmKernel of `out[m, n] = x[m, k] @ w[n, k]^T` tiled this way."""
+               valid_m: int | None = None, cached: bool = True) -> GemmKernel:
+        """The GemmKernel of `out[m, n] = x[m, k] @ w[n, k]^T` tiled this way (its task table
+        from the shape cache unless `cached` is False)."""
+        build = gemm_tasks if cached else build_gemm_tasks
         return GemmKernel(
             name=name, m=m, n=n, k=k, menu=self.menu,
-            tasks=gemm_tasks(m, n, k, self.menu, self.cover, self.split_k), valid_m=valid_m,
+            tasks=build(m, n, k, self.menu, self.cover, self.split_k), valid_m=valid_m,
             split_k=self.split_k,
             reduce_tasks=gemm_reduce_tasks(m, n, chip) if self.split_k > 1 else None)
 
@@ -104,6 +107,7 @@ def _wave_tns(n: int, tasks_per_n_tile: int, num_cores: int, widest: int) -> set
     return out
 
 
+@functools.cache
 def _widest_tn(tm: int, chip: ChipSpec) -> int:
     """The widest N tile (a multiple of 16, at most 512) whose menu still holds tm."""
     for tn in range(512, 0, -16):
@@ -156,7 +160,7 @@ def search_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
     timer = _timer(chip)
     best, best_cycles = None, math.inf
     for tiling in candidates(m, n, k, chip):
-        cycles = timer.time(tiling.kernel("search", m, n, k, chip)).cycles
+        cycles = timer.time(tiling.kernel("search", m, n, k, chip, cached=False)).cycles
         if cycles < best_cycles * (1 - 1e-9):  # ties keep the simpler (earlier) candidate
             best, best_cycles = tiling, cycles
     assert best is not None

@@ -152,18 +152,32 @@ def gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...], cover: MCove
     (so round-robin deals them to different cores).
 
     Cached by shape: every layer of a step, and every step with the same token count, reuses it.
-    The last N tile is masked when n is not a multiple of tn.
+    The last N tile is masked when n is not a multiple of tn. `build_gemm_tasks` is the uncached
+    builder (the tiling search costs candidates through it, keeping this cache for the chosen).
     """
-    tn = menu[0].tn
-    m_cover = cover_m(m, menu) if cover is None else cover
-    n_starts = range(0, n, tn)
-    slices = [(0, k, -1)] if split_k == 1 else [
-        (start, length, s) for s, (start, length) in enumerate(k_slices(k, split_k))]
-    rows = [(m_start, m_rows, n_start, min(tn, n - n_start), tile, k_start, k_len, split)
-            for m_start, m_rows, tile in m_cover for n_start in n_starts
-            for k_start, k_len, split in slices]
-    tasks = np.array(rows, dtype=GEMM_TASK) if rows else np.empty(0, dtype=GEMM_TASK)
+    tasks = build_gemm_tasks(m, n, k, menu, cover, split_k)
     tasks.flags.writeable = False
+    return tasks
+
+
+def build_gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...],
+                     cover: MCover | None = None, split_k: int = 1) -> np.ndarray:
+    """The table `gemm_tasks` caches, built afresh (numpy, no loop per task)."""
+    tn = menu[0].tn
+    m_cover = np.array(cover_m(m, menu) if cover is None else cover, dtype=np.int64).reshape(-1, 3)
+    n_starts = np.arange(0, n, tn)
+    slices = np.array([(0, k, -1)] if split_k == 1 else [
+        (start, length, s) for s, (start, length) in enumerate(k_slices(k, split_k))],
+        dtype=np.int64)
+    nm, nn, ns = len(m_cover), len(n_starts), len(slices)
+    tasks = np.empty(nm * nn * ns, dtype=GEMM_TASK)
+    mi = np.repeat(np.arange(nm), nn * ns)  # m-tile major, then N tiles, then K slices
+    ni = np.tile(np.repeat(np.arange(nn), ns), nm)
+    si = np.tile(np.arange(ns), nm * nn)
+    tasks["m_start"], tasks["m_rows"], tasks["tile"] = (m_cover[mi, j] for j in range(3))
+    tasks["n_start"] = n_starts[ni]
+    tasks["n_cols"] = np.minimum(tn, n - n_starts[ni])
+    tasks["k_start"], tasks["k_len"], tasks["k_split"] = (slices[si, j] for j in range(3))
     return tasks
 
 
