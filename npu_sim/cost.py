@@ -13,7 +13,13 @@ Assumptions, in one place (numbers come from ChipSpec, whose comments cite them)
   valid rows of A and valid columns of B (virtual padding); a bucket-padded kernel's padded rows
   are real memory and are read. MTE1 moves and the cube computes the full tile (tm x tn, K padded
   to the fractal): masked rows still occupy the cube, which is the padding waste. The fixpipe
-  writes the valid corner back; it overlaps the next task only when L0C holds two tiles.
+  writes the valid corner back; it overlaps the next task only when L0C holds two tiles. A
+  split-K task streams its K slice only and writes an fp32 partial to the workspace (L2); the
+  reduce phase on the AIVs (after an all-core sync) reads the split_k partials from L2 and
+  writes the output: its time, L2 traffic and the sync are the price of filling the cores.
+- GM read rates: an AIC's MTE2 reads HBM at ChipSpec.mte2_hbm_bytes_per_cycle (catlass's 80 GB/s)
+  and L2 at the INI's l2_rate; an AIV's at aiv_mte2_hbm_bytes_per_cycle (the INI's ddr_rate).
+  All cores together are bound by the HBM's and the L2's aggregate bandwidth (npu_sim.device).
 - Where GEMM bytes come from: an operand's first read is from HBM; re-reads (A by every N tile,
   B by every M tile) hit L2 when the offline-tuned swizzle (XYS 4.3.2) can block the loop over L2:
   HBM traffic = A * ceil(N / Nb) + B * ceil(M / Mb) for the best L2 block (Mb + Nb rows of K

@@ -8,8 +8,11 @@ Sources (the research notes ../shared/research/xyserve-ascend.md section 2 quote
   fractal per cycle, which is what the cube consumes).
 - [MSM] Huawei's simulator msmodeling `tensor_cast/device.py`: HBM bandwidth, per-op static costs,
   per-dtype peak TFLOPS.
-- [catlass] `hicann/catlass` (arch.hpp, matmul_fast_tuning.md, fai_kernel.cpp), [ATB]
-  `hicann/ascend-transformer-boost` (pp_matmul tiling), [XYS] the XY-Serve paper.
+- [catlass] `hicann/catlass` (arch.hpp, matmul_fast_tuning.md, fai_kernel.cpp, and the
+  per-core GM read rates of its kernel-selection model, examples/102_dynamic_optimized_matmul),
+  [ATB] `hicann/ascend-transformer-boost` (pp_matmul tiling), [XYS] the XY-Serve paper.
+- [CC1, CC2] the calibration set's measured HCCL collectives (research/npu-calibration.md): the
+  only fitted constant here, hccs_efficiency.
 The INI is the compiler's own description of the chip, so it wins wherever it speaks. It says
 nothing of HBM bandwidth, for which MSM is the only first-party figure, nor of latencies and
 overheads, for which we name the source or write down the assumption.
