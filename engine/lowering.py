@@ -12,9 +12,11 @@ code. The default is XY-Serve's: virtual padding and the attention meta-kernel. 
   into a zero-padded (bucket x K) buffer by a vector kernel first (`LayerPlan.pads`), and the GEMM
   computes and writes every bucket row (`GemmKernel.valid_m` remembers the real ones), tiled as
   torch-npu's stack tiles it (ATB pp_matmul's heuristic: one tile shape, no split-K).
-- AttentionPolicy.SPLIT: separate prefill and decode kernels (PFA / IFA style), one task group per
-  (request, KV head) over its whole causal KV, no cost sort, no KV split; verify chunks run as
-  prefill chunks with a full explicit mask (`lower_attention_split`).
+- AttentionPolicy.SPLIT: separate prefill and decode kernels split over the cores as torch-npu's
+  PFA (contiguous runs of equal work) and IFA (contiguous runs of equal KV, or FlashDecoding KV
+  spans plus a combine when the requests are few and long) split them, no cost sort across
+  kernels; verify chunks run as prefill chunks with a full explicit mask
+  (`lower_attention_split`).
 Attention lowering (chunks, token trees, both policies) lives in engine.lowering_attention and is
 re-exported here.
 Baseline plans are for timing (npu_sim Device in timing-only mode, engine.sweeps); the model's
@@ -64,7 +66,7 @@ class GemmPolicy(str, enum.Enum):
 
 class AttentionPolicy(str, enum.Enum):
     META = "meta"  # one meta-kernel for every row kind, tasks balanced by cost
-    SPLIT = "split"  # baseline: prefill and decode kernels, one task group per (request, head)
+    SPLIT = "split"  # baseline: prefill and decode kernels, split as torch-npu's PFA / IFA
 
 
 @dataclass(frozen=True)

@@ -178,8 +178,9 @@ class AttentionKernel:
     combine_tasks: np.ndarray  # COMBINE_TASK, (num_combine_tasks,)
     num_partial_slots: int  # workspace slots the partial tasks write
     max_tile_rows: int  # largest tile_rows of any task (workspace row count)
-    # Split-kernel baseline: int64 (num_tasks,) group of each task; a group (one request and KV
-    # head) runs back to back on one core and groups are dealt round-robin in order. None = the
+    # Split-kernel baseline: int64 (num_tasks,) group of each task; a group (one core's run of
+    # the PFA / IFA split) runs back to back on one core and groups are dealt round-robin in
+    # order of first appearance. None = the
     # meta-kernel: every task is dealt on its own, symmetric round-robin over the heaviest-first
     # task list.
     task_group: np.ndarray | None = None
