@@ -10,10 +10,13 @@ Baselines are policies of the same lowering (`LoweringPolicy`), so every compari
 code. The default is XY-Serve's: virtual padding and the attention meta-kernel. The baselines:
 - GemmPolicy.BUCKET: M padded to a static bucket (graph-mode style). Each GEMM's input is copied
   into a zero-padded (bucket x K) buffer by a vector kernel first (`LayerPlan.pads`), and the GEMM
-  computes and writes every bucket row (`GemmKernel.valid_m` remembers the real ones).
-- AttentionPolicy.SPLIT: separate prefill and decode kernels (PFA / IFA style), one task group per
-  (request, KV head) over its whole causal KV, no cost sort, no KV split; verify chunks run as
-  prefill chunks with a full explicit mask (`lower_attention_split`).
+  computes and writes every bucket row (`GemmKernel.valid_m` remembers the real ones), tiled as
+  torch-npu's stack tiles it (ATB pp_matmul's heuristic: one tile shape, no split-K).
+- AttentionPolicy.SPLIT: separate prefill and decode kernels split over the cores as torch-npu's
+  PFA (contiguous runs of equal work) and IFA (contiguous runs of equal KV, or FlashDecoding KV
+  spans plus a combine when the requests are few and long) split them, no cost sort across
+  kernels; verify chunks run as prefill chunks with a full explicit mask
+  (`lower_attention_split`).
 Attention lowering (chunks, token trees, both policies) lives in engine.lowering_attention and is
 re-exported here.
 Baseline plans are for timing (a timing-only Device: the kernel sweeps, the timing-only runner);
@@ -35,9 +38,19 @@ from engine.lowering_attention import (
     lower_attention_split,
     tree_mask,
 )
+from engine.lowering_tp import all_gather, all_reduce, shard_arch
+from npu_sim.gemm_tiling import atb_tiling, search_tiling
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, Kernel, VectorKernel, VectorOp
-from npu_sim.tiling import gemm_menu, gemm_tasks, vector_tasks
+from npu_sim.tasks import (
+    AttentionKernel,
+    CollectiveKernel,
+    CopyOp,
+    GemmKernel,
+    Kernel,
+    VectorKernel,
+    VectorOp,
+)
+from npu_sim.tiling import vector_tasks
 
 # Static M buckets of the bucket-padding baseline: powers of two from one cube fractal, the handful
 # of shapes a graph-mode deployment compiles. (vLLM's CUDA-graph list is finer below 512: 1, 2, 4,
@@ -47,13 +60,14 @@ GRAPH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class GemmPolicy(str, enum.Enum):
-    VIRTUAL = "virtual"  # SmoothGEMM: menu tiles cover M, ragged rows masked on chip
-    BUCKET = "bucket"  # baseline: M padded to a static bucket in memory
+    VIRTUAL = "virtual"  # SmoothGEMM: menu tiles cover M, ragged rows masked on chip; tiles,
+    #   N tile and split-K at the lowest modelled cost
+    BUCKET = "bucket"  # baseline: M padded to a static bucket in memory, ATB pp_matmul tiling
 
 
 class AttentionPolicy(str, enum.Enum):
     META = "meta"  # one meta-kernel for every row kind, tasks balanced by cost
-    SPLIT = "split"  # baseline: prefill and decode kernels, one task group per (request, head)
+    SPLIT = "split"  # baseline: prefill and decode kernels, split as torch-npu's PFA / IFA
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,10 @@ class LayerPlan:
     # split baseline: the decode kernel, launched right after `attention` (then the prefill
     # kernel; `attention` is the decode kernel itself when the batch has no prefill rows)
     decode_attention: AttentionKernel | None = None
+    # tensor parallelism (engine.lowering_tp): the all-reduces of the row-parallel o_proj and
+    # down_proj outputs, each launched right after its GEMM; None on one card
+    o_proj_all_reduce: CollectiveKernel | None = None
+    down_proj_all_reduce: CollectiveKernel | None = None
 
 
 @dataclass(frozen=True)
@@ -110,11 +128,17 @@ class StepPlan:
     num_tokens: int  # T, tokens in the batch
     num_sampled: int  # rows the LM head runs on
     lm_head_pad: VectorKernel | None = None  # bucket baseline: the LM head input's pad copy
+    tp: int = 1  # tensor-parallel cards; the kernels are one card's (engine.lowering_tp)
+    embed_all_reduce: CollectiveKernel | None = None  # TP: joins the vocab-parallel lookups
+    lm_head_all_gather: CollectiveKernel | None = None  # TP: joins the vocab-parallel logits
 
 
 def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, chip: ChipSpec,
-               block_size: int, policy: LoweringPolicy = DEFAULT_POLICY) -> StepPlan:
-    """Lower a batch (chunks in batch order) into the step's kernels."""
+               block_size: int, policy: LoweringPolicy = DEFAULT_POLICY, tp: int = 1) -> StepPlan:
+    """Lower a batch (chunks in batch order) into the step's kernels: on one card of a `tp`-card
+    tensor-parallel group, the card's shards plus the group's collectives (engine.lowering_tp;
+    ValueError when heads, KV heads or the MLP width do not divide by tp)."""
+    arch = shard_arch(arch, tp)
     t = sum(c.num_tokens for c in chunks)
     h, d = arch.hidden_size, arch.head_dim
     pads: dict[str, VectorKernel] = {}
@@ -148,8 +172,16 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
         next_input_norm=vector("input_norm", VectorOp.ADD_RMSNORM, t, h),
         pads=tuple(pads.items()),
         decode_attention=decode_attention,
+        o_proj_all_reduce=all_reduce("o_proj_all_reduce", t, h, tp) if tp > 1 else None,
+        down_proj_all_reduce=all_reduce("down_proj_all_reduce", t, h, tp) if tp > 1 else None,
     )
     lm_head = gemm("lm_head", num_sampled, arch.vocab_size, h) if num_sampled else None
+    tp_collectives = {}
+    if tp > 1:
+        tp_collectives["embed_all_reduce"] = all_reduce("embed_all_reduce", t, h, tp)
+        if num_sampled:
+            tp_collectives["lm_head_all_gather"] = all_gather(
+                "lm_head_all_gather", num_sampled, arch.vocab_size, tp)
     return StepPlan(
         embed=vector("embed", VectorOp.EMBED, t, h),
         first_norm=vector("input_norm", VectorOp.RMSNORM, t, h),
@@ -159,20 +191,23 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
         num_tokens=t,
         num_sampled=num_sampled,
         lm_head_pad=pads.get("lm_head"),
+        tp=tp,
+        **tp_collectives,
     )
 
 
 def lower_gemm(name: str, m: int, n: int, k: int, chip: ChipSpec,
                policy: LoweringPolicy = DEFAULT_POLICY) -> tuple[VectorKernel | None, GemmKernel]:
-    """(pad copy or None, GEMM) for `out[m, n] = x[m, k] @ w[n, k]^T` under `policy`."""
-    menu = gemm_menu(chip)
+    """(pad copy or None, GEMM) for `out[m, n] = x[m, k] @ w[n, k]^T` under `policy`: SmoothGEMM
+    tiles the real m by the lowest modelled cost (npu_sim.gemm_tiling.search_tiling); the bucket
+    baseline pads m to its bucket and tiles it as torch-npu's stack does (ATB pp_matmul's tiling,
+    npu_sim.gemm_tiling.atb_tiling)."""
     if policy.gemm is GemmPolicy.VIRTUAL:
-        return None, GemmKernel(name=name, m=m, n=n, k=k, menu=menu, tasks=gemm_tasks(m, n, menu))
+        return None, search_tiling(m, n, k, chip).kernel(name, m, n, k, chip)
     padded = bucket_rows(m, policy.gemm_buckets)
     pad = VectorKernel(name=f"{name}_pad", op=CopyOp.PAD_COPY, num_rows=padded, row_len=k,
                        tasks=vector_tasks(padded, k, chip), valid_rows=m)
-    return pad, GemmKernel(name=name, m=padded, n=n, k=k, menu=menu,
-                           tasks=gemm_tasks(padded, n, menu), valid_m=m)
+    return pad, atb_tiling(padded, n, k, chip).kernel(name, padded, n, k, chip, valid_m=m)
 
 
 _LAYER_ORDER = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_attn_norm",
@@ -180,8 +215,8 @@ _LAYER_ORDER = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_att
 
 
 def layer_launches(layer: LayerPlan, last: bool = False) -> list[Kernel]:
-    """One layer's launches in order, baseline extras included; the last layer has no
-    next_input_norm (the final norm follows, on the sampled rows only)."""
+    """One layer's launches in order, baseline extras and TP collectives included; the last
+    layer has no next_input_norm (the final norm follows, on the sampled rows only)."""
     pads = dict(layer.pads)
     out: list[Kernel] = []
     for name in _LAYER_ORDER:
@@ -190,6 +225,9 @@ def layer_launches(layer: LayerPlan, last: bool = False) -> list[Kernel]:
         out.append(getattr(layer, name))
         if name == "attention" and layer.decode_attention is not None:
             out.append(layer.decode_attention)
+        collective = getattr(layer, f"{name}_all_reduce", None)
+        if collective is not None:
+            out.append(collective)
     if not last:
         out.append(layer.next_input_norm)
     return out
@@ -198,7 +236,10 @@ def layer_launches(layer: LayerPlan, last: bool = False) -> list[Kernel]:
 def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
     """Every launch of a step in the order the model's forward makes them
     (engine.models.llama.LlamaModel.forward), baseline extras included."""
-    out: list[Kernel] = [plan.embed, plan.first_norm]
+    out: list[Kernel] = [plan.embed]
+    if plan.embed_all_reduce is not None:
+        out.append(plan.embed_all_reduce)
+    out.append(plan.first_norm)
     body, last = layer_launches(plan.layer), layer_launches(plan.layer, last=True)
     for i in range(num_layers):
         out += last if i + 1 == num_layers else body
@@ -207,6 +248,8 @@ def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
         if plan.lm_head_pad is not None:
             out.append(plan.lm_head_pad)
         out.append(plan.lm_head)
+        if plan.lm_head_all_gather is not None:
+            out.append(plan.lm_head_all_gather)
     return out
 
 
@@ -215,17 +258,18 @@ def step_launch_counts(plan: StepPlan, num_layers: int) -> list[tuple[Kernel, in
     order of its first launch: what a timing-only device needs (Device.time_launches), without
     walking the layers."""
     counts: dict[int, list] = {}
-    for kernel in (plan.embed, plan.first_norm):
-        counts[id(kernel)] = [kernel, 1]
-    for kernel in layer_launches(plan.layer):
-        entry = counts.setdefault(id(kernel), [kernel, 0])
-        entry[1] += num_layers - 1
-    for kernel in layer_launches(plan.layer, last=True):
-        counts.setdefault(id(kernel), [kernel, 0])[1] += 1
-    for kernel in (plan.final_norm, plan.lm_head_pad, plan.lm_head) if plan.lm_head else ():
-        if kernel is not None:
-            counts.setdefault(id(kernel), [kernel, 0])[1] += 1
-    return [(kernel, n) for kernel, n in counts.values() if n]
+
+    def add(kernels: Sequence[Kernel | None], times: int) -> None:
+        for kernel in kernels:
+            if kernel is not None and times:
+                counts.setdefault(id(kernel), [kernel, 0])[1] += times
+
+    add((plan.embed, plan.embed_all_reduce, plan.first_norm), 1)
+    add(layer_launches(plan.layer), num_layers - 1)
+    add(layer_launches(plan.layer, last=True), 1)
+    if plan.lm_head is not None:
+        add((plan.final_norm, plan.lm_head_pad, plan.lm_head, plan.lm_head_all_gather), 1)
+    return [(kernel, n) for kernel, n in counts.values()]
 
 
 __all__ = [

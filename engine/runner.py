@@ -108,12 +108,14 @@ class ModelRunner:
         self.device.begin_step()
         logits = self.compute_logits(scheduler_output)
         if logits is None:
-            return ModelOutput(sampled_token_ids={}, trace=self.device.end_step())
+            return ModelOutput(sampled_token_ids={},
+                               trace=self.device.end_step(num_requests=len(chunks)))
         token_ids, logprobs = self._sample(logits, [c for c in chunks if c.sample])
         for request_id, new_ids in token_ids.items():
             self.requests[request_id].output_token_ids.extend(new_ids)
         drafts = self._propose(token_ids, scheduler_output.num_drafts_to_propose)
-        trace = self.device.end_step()  # after the proposals: a draft model runs on the device
+        # after the proposals: a draft model runs on the device
+        trace = self.device.end_step(num_requests=len(chunks))
         return ModelOutput(sampled_token_ids=token_ids, logprobs=logprobs, trace=trace,
                            drafts=drafts)
 

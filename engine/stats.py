@@ -10,7 +10,7 @@ from typing import Any
 
 # The simulated NPU's meta primitives (npu_sim.tasks.Primitive values; a test keeps the two
 # equal), named here so that stat consumers can list them without loading the simulator.
-NPU_PRIMITIVES = ("vector", "gemm", "attention")
+NPU_PRIMITIVES = ("vector", "gemm", "attention", "collective")
 
 
 @dataclass(frozen=True)

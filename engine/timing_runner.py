@@ -105,7 +105,7 @@ class TimingRunner:
                           self.block_size)
         counts = step_launch_counts(plan, self.arch.num_layers)
         self.num_launches += sum(n for _, n in counts)
-        trace = self.device.time_launches(counts)
+        trace = self.device.time_launches(counts, num_requests=len(chunks))
         token = (SYNTHETIC_TOKEN_ID,)
         sampled = {c.request_id: token * (1 + self._num_accepted(c)) for c in chunks if c.sample}
         drafts = {request_id: Draft.chain(token * num_drafts)

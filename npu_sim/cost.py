@@ -13,7 +13,13 @@ Assumptions, in one place (numbers come from ChipSpec, whose comments cite them)
   valid rows of A and valid columns of B (virtual padding); a bucket-padded kernel's padded rows
   are real memory and are read. MTE1 moves and the cube computes the full tile (tm x tn, K padded
   to the fractal): masked rows still occupy the cube, which is the padding waste. The fixpipe
-  writes the valid corner back; it overlaps the next task only when L0C holds two tiles.
+  writes the valid corner back; it overlaps the next task only when L0C holds two tiles. A
+  split-K task streams its K slice only and writes an fp32 partial to the workspace (L2); the
+  reduce phase on the AIVs (after an all-core sync) reads the split_k partials from L2 and
+  writes the output: its time, L2 traffic and the sync are the price of filling the cores.
+- GM read rates: an AIC's MTE2 reads HBM at ChipSpec.mte2_hbm_bytes_per_cycle (catlass's 80 GB/s)
+  and L2 at the INI's l2_rate; an AIV's at aiv_mte2_hbm_bytes_per_cycle (the INI's ddr_rate).
+  All cores together are bound by the HBM's and the L2's aggregate bandwidth (npu_sim.device).
 - Where GEMM bytes come from: an operand's first read is from HBM; re-reads (A by every N tile,
   B by every M tile) hit L2 when the offline-tuned swizzle (XYS 4.3.2) can block the loop over L2:
   HBM traffic = A * ceil(N / Nb) + B * ceil(M / Mb) for the best L2 block (Mb + Nb rows of K
@@ -107,24 +113,27 @@ def _empty(unit: Unit, pipeline: str) -> TaskCosts:
 
 
 class CostModel:
-    """Costs kernels on one chip for one operand dtype (fp16 or bf16: 2-byte operands)."""
+    """Costs kernels on one chip for one operand dtype: fp16 or bf16 (2-byte operands, what a
+    served model runs), or fp32 (4-byte operands on the cube at its fp32 rate, the calibration
+    set's fp32 GEMM rows)."""
 
     def __init__(self, chip: ChipSpec, dtype: str = "bf16") -> None:
-        if dtype not in ("fp16", "bf16"):
-            raise ValueError(f"simulated dtype must be fp16 or bf16, got {dtype!r}")
+        if dtype not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"simulated dtype must be fp16, bf16 or fp32, got {dtype!r}")
         self.chip = chip
         self.dtype = dtype
-        self.bytes = 2  # operand and activation bytes
+        self.bytes = 4 if dtype == "fp32" else 2  # operand and activation bytes
         self.macs = chip.cube_macs_per_cycle(dtype)
         self.lanes32 = chip.vector_lanes / 2  # fp32 elements per vector pass per cycle
         self.aivs = chip.num_vector_cores // chip.num_cube_cores  # AIVs per AIC
         self.l2_cap = chip.l2_bytes * L2_SHARE
 
-    def _mte2_inv_rate(self, hbm_fraction: Any) -> Any:
-        """Cycles per byte of an MTE2 stream of which `hbm_fraction` misses L2."""
+    def _mte2_inv_rate(self, hbm_fraction: Any, aiv: bool = False) -> Any:
+        """Cycles per byte of an MTE2 stream (of an AIC, or an AIV) of which `hbm_fraction`
+        misses L2."""
         c = self.chip
-        return hbm_fraction / c.mte2_hbm_bytes_per_cycle + (
-            1.0 - hbm_fraction) / c.mte2_l2_bytes_per_cycle
+        hbm_rate = c.aiv_mte2_hbm_bytes_per_cycle if aiv else c.mte2_hbm_bytes_per_cycle
+        return hbm_fraction / hbm_rate + (1.0 - hbm_fraction) / c.mte2_l2_bytes_per_cycle
 
     # ------------------------------------------------------------------------------- GEMM
 
@@ -136,11 +145,13 @@ class CostModel:
         tm = np.array([s.tm for s in k.menu], dtype=np.float64)[idx]
         tn = np.array([s.tn for s in k.menu], dtype=np.float64)[idx]
         tk = np.array([s.tk for s in k.menu], dtype=np.float64)[idx]
-        depth = np.array([gemm_l1_depth(s, k.k, c) for s in k.menu], dtype=np.float64)[idx]
+        k_len = t["k_len"].astype(np.float64)  # K of each task: all of it, or its split-K slice
+        fit = np.array([gemm_l1_depth(s, k.k, c, b) for s in k.menu], dtype=np.float64)[idx]
+        depth = np.minimum(fit, np.ceil(k_len / tk) * tk)
         rows, cols = t["m_rows"].astype(np.float64), t["n_cols"].astype(np.float64)
-        chunks = np.ceil(k.k / depth)
-        kc = np.ceil(k.k / chunks / c.cube_k) * c.cube_k  # K per chunk, fractal-padded
-        mte2_bytes = (rows + cols) * k.k * b  # selective read of the valid rows / columns
+        chunks = np.ceil(k_len / depth)
+        kc = np.ceil(k_len / chunks / c.cube_k) * c.cube_k  # K per chunk, fractal-padded
+        mte2_bytes = (rows + cols) * k_len * b  # selective read of the valid rows / columns
         total = float(mte2_bytes.sum())
         hbm_read = min(total, self._gemm_hbm_traffic(k))
         mte2 = mte2_bytes / chunks * self._mte2_inv_rate(hbm_read / total)
@@ -149,18 +160,44 @@ class CostModel:
         steps = kc / tk  # L0 steps per chunk, MTE1 and cube double-buffered
         l0 = np.maximum(mte1, cube) + np.minimum(mte1, cube) / steps
         body = mte2 + l0 + (chunks - 1) * np.maximum(mte2, l0)
-        fix = rows * cols * b / c.fixpipe_bytes_per_cycle
+        partial = t["k_split"] >= 0  # split-K: an fp32 partial to the workspace (L2)
+        out_bytes = rows * cols * np.where(partial, ACCUM_BYTES, b)
+        fix = out_bytes / c.fixpipe_bytes_per_cycle
         l0c_double = 2 * tm * tn * ACCUM_BYTES <= c.l0c_bytes
         cycles = c.task_dispatch_cycles + np.where(l0c_double, np.maximum(body, fix), body + fix)
-        useful = float((k.valid_rows() * t["n_cols"]).sum()) * k.k
+        useful = float((k.valid_rows() * t["n_cols"] * t["k_len"]).sum())
         issued = float((tm * tn * kc * chunks).sum())
         return TaskCosts(
             unit=Unit.AIC, cycles=cycles,
             core_overhead_cycles=c.gm_latency_cycles + float(np.where(l0c_double, fix, 0).max()),
             cube_active_cycles=float((cube * chunks).sum()), vector_active_cycles=0.0,
-            hbm_read_bytes=hbm_read, hbm_write_bytes=float((rows * cols).sum()) * b,
-            l2_bytes=total - hbm_read, flops=2.0 * useful, cube_macs=issued,
-            useful_cube_macs=useful, pipeline="gemm")
+            hbm_read_bytes=hbm_read, hbm_write_bytes=float(out_bytes[~partial].sum()),
+            l2_bytes=total - hbm_read + float(out_bytes[partial].sum()), flops=2.0 * useful,
+            cube_macs=issued, useful_cube_macs=useful, pipeline="gemm")
+
+    def gemm_reduce(self, k: GemmKernel) -> TaskCosts:
+        """The split-K reduce phase: each AIV sums its element range of the split_k fp32 partials
+        (read from L2) in order and writes the bf16 / fp16 result. Its core overhead is the
+        all-core sync between the cube and the vector phase (catlass MultiCoreSplitkMatmul)."""
+        c, t = self.chip, k.reduce_tasks
+        if t is None or not len(t) or k.split_k <= 1:
+            return _empty(Unit.AIV, "gemm-reduce")
+        elems = t["num_elems"].astype(np.float64)
+        in_bytes = k.split_k * elems * ACCUM_BYTES
+        ops = k.split_k * elems  # split_k - 1 adds and a cast per element
+        out_bytes = elems * self.bytes
+        mte2 = in_bytes / c.mte2_l2_bytes_per_cycle
+        comp = ops / self.lanes32
+        mte3 = out_bytes / c.mte3_bytes_per_cycle
+        slowest = np.maximum(np.maximum(mte2, comp), mte3)  # double-buffered through UB
+        fill_drain = float((mte2 + comp + mte3 - slowest)[0])
+        return TaskCosts(
+            unit=Unit.AIV, cycles=c.task_dispatch_cycles + slowest,
+            core_overhead_cycles=c.cross_core_sync_cycles + fill_drain, cube_active_cycles=0.0,
+            vector_active_cycles=float(comp.sum()), hbm_read_bytes=0.0,
+            hbm_write_bytes=float(out_bytes.sum()), l2_bytes=float(in_bytes.sum()),
+            flops=0.0,  # the GEMM's 2 M N K already counts these adds
+            cube_macs=0.0, useful_cube_macs=0.0, pipeline="gemm-reduce")
 
     def _gemm_hbm_traffic(self, k: GemmKernel) -> float:
         """HBM bytes of A and B for the best L2 blocking (see the module docstring)."""
@@ -197,7 +234,7 @@ class CostModel:
         in_bytes = (rows_in * in_f + per_task_in) * k.row_len * b
         out_bytes = rows * out_f * k.row_len * b
         ops = rows * ops_f * k.row_len
-        mte2 = in_bytes / c.mte2_hbm_bytes_per_cycle
+        mte2 = in_bytes / c.aiv_mte2_hbm_bytes_per_cycle
         comp = ops / self.lanes32
         mte3 = out_bytes / c.mte3_bytes_per_cycle
         slowest = np.maximum(np.maximum(mte2, comp), mte3)
@@ -253,7 +290,7 @@ class CostModel:
         l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, self.aivs
         if stages == 2:
             # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
-            vec_in = kl * d * b * inv_kv / aivs + m_load
+            vec_in = kl * d * b * self._mte2_inv_rate(hbm_fraction, aiv=True) / aivs + m_load
             vec = (r * kl * d / c.vector_lanes + r * kl * SOFTMAX_OPS / self.lanes32) / aivs + m_sel
             vec_out = r * kl * b / c.mte3_bytes_per_cycle / aivs
             cube_in = kl * d * b * inv_kv + r * kl * b / l2r  # V from HBM/L2, P from L2

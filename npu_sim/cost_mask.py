@@ -64,7 +64,7 @@ def mask_cost(k: AttentionKernel, chip: ChipSpec, lanes32: float, q_rows: np.nda
     if not k.full_mask:
         return MaskCost(
             once_load=np.where(applies, n * n * MASK_BYTES / aivs, 0)
-            / chip.mte2_hbm_bytes_per_cycle,
+            / chip.aiv_mte2_hbm_bytes_per_cycle,
             once_select=np.where(applies, (hi - lo) * heads * kl * MASK_SELECT_OPS, 0)
             / lanes32 / aivs,
             chunk_load=zero, chunk_select=zero,

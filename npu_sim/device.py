@@ -5,15 +5,20 @@ path by default or the task-by-task reference path in strict mode, counts the la
 it: the cost model (npu_sim.cost) prices every task, the tasks are dealt to cores, and the launch
 takes its launch overhead plus the busiest core's time (or the shared HBM / L2 bandwidth bound,
 whichever is longer). Launches run back to back on one stream. `begin_step()` / `end_step()`
-bracket an engine step and return its StepTrace. `Device(chip, compute=False)` only times:
+bracket an engine step and return its StepTrace, the device time put behind the serving stack's
+host time (`Device(stack=...)`, npu_sim.host). `Device(chip, compute=False)` only times:
 launch() returns None, touches no tensor and needs no operands.
 
 Dealing tasks to cores (block_dim = min(tasks, cores)):
-- GEMM tasks on the AICs and vector / combine tasks on the AIVs round-robin in table order (task
-  i on core i mod block_dim), as catlass and ATB kernels walk `taskIdx += coreNum`;
+- GEMM tasks on the AICs and vector / combine / split-K reduce tasks on the AIVs round-robin in
+  table order (task i on core i mod block_dim), as catlass and ATB kernels walk
+  `taskIdx += coreNum`; a second phase (combine, reduce) starts when the first has ended;
 - meta-attention tasks, already sorted heaviest first by the lowering, in the paper's symmetric
   round-robin 1..N, N..1 (XYS 4.3.1), each on an AIC and its AIVs;
-- split-baseline attention: whole task groups (one request and head) round-robin in order.
+- split-baseline attention: whole task groups (a core's run of the PFA / IFA split) round-robin
+  in order;
+- collectives (tensor parallelism) run no AI-core task: they hold the stream for their time over
+  HCCS (npu_sim.collectives).
 
 Timings are cached per kernel object within a step (a layer's kernels are launched once per
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
@@ -28,9 +33,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from npu_sim.collectives import bytes_moved, collective_seconds
 from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
+from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
+from npu_sim.tasks import (
+    AttentionKernel,
+    CollectiveKernel,
+    GemmKernel,
+    Kernel,
+    Primitive,
+    VectorKernel,
+)
 from npu_sim.trace import KernelTiming, StepTrace, build_step_trace, count_step_trace
 
 if TYPE_CHECKING:
@@ -68,10 +82,13 @@ class Device:
     """One simulated chip. Not thread-safe: one engine thread launches on it."""
 
     def __init__(self, chip: ChipSpec, strict: bool = False, compute: bool = True,
-                 dtype: str = "bf16", timeline: bool = True) -> None:
-        """timeline: keep each task's core and start in the timings (what Perfetto traces
-        draw); a timing-only simulation leaves them out (much less work and memory)."""
+                 dtype: str = "bf16", stack: str | HostProfile = DEFAULT_STACK,
+                 timeline: bool = True) -> None:
+        """stack: the serving stack whose host overhead a step pays (npu_sim.host).
+        timeline: keep each task's core and start in the timings (what Perfetto traces draw);
+        a timing-only simulation leaves them out (much less work and memory)."""
         self.chip = chip
+        self.host = get_stack(stack)  # the serving stack's host overhead (npu_sim.host)
         self.timeline = timeline
         self.strict = strict  # reference (task-by-task) execution instead of the fast path
         self.compute = compute  # False: timing only, launch() returns None
@@ -119,13 +136,16 @@ class Device:
         kernels = self._kernels
         if isinstance(kernel, GemmKernel):
             run = kernels and kernels.run_gemm
-            num_tasks = len(kernel.tasks)
+            num_tasks = len(kernel.tasks) + _len(kernel.reduce_tasks)
         elif isinstance(kernel, AttentionKernel):
             run = kernels and kernels.run_attention
             num_tasks = len(kernel.tasks) + len(kernel.combine_tasks)
         elif isinstance(kernel, VectorKernel):
             run = kernels and kernels.run_vector
             num_tasks = len(kernel.tasks)
+        elif isinstance(kernel, CollectiveKernel):
+            run = _run_collective if kernels else None
+            num_tasks = 0
         else:
             raise TypeError(f"not a kernel: {type(kernel).__name__}")
         out = run(kernel, self.strict, **operands) if run else None
@@ -138,18 +158,19 @@ class Device:
         self.last_timing = timing
         return out
 
-    def time_launches(self, counts: Sequence[tuple[Kernel, int]]) -> StepTrace:
+    def time_launches(self, counts: Sequence[tuple[Kernel, int]],
+                      num_requests: int = 0) -> StepTrace:
         """The StepTrace of a whole step given as (kernel, times launched) pairs, timing only:
-        what begin_step(), one launch() per launch and end_step() would report (the same sums,
-        in the same order when `counts` lists kernels by first launch), without a timeline
-        (`StepTrace.kernels` is empty). Launches not yet ended are forgotten."""
+        what begin_step(), one launch() per launch and end_step(num_requests) would report (the
+        same sums, in the same order when `counts` lists kernels by first launch), without a
+        timeline (`StepTrace.kernels` is empty). Launches not yet ended are forgotten."""
         pairs = [(self._timing(kernel), n) for kernel, n in counts]
         for (kernel, n), (timing, _) in zip(counts, pairs, strict=True):
             self.num_launches[kernel.primitive] += n
             self.num_tasks[kernel.primitive] += n * timing.num_tasks
         self.begin_step()
         c = self.chip
-        trace = count_step_trace(c.name, c.clock_hz, c.host_overhead_s, c.num_cube_cores,
+        trace = count_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
                                  c.num_vector_cores, c.peak_flops(self.cost_model.dtype), pairs)
         self.total_sim_s += trace.sim_s
         return trace
@@ -159,10 +180,11 @@ class Device:
         self._launches = []
         self._step_cache.clear()
 
-    def end_step(self) -> StepTrace:
-        """The StepTrace of the launches since begin_step (or the last end_step)."""
+    def end_step(self, num_requests: int = 0) -> StepTrace:
+        """The StepTrace of the launches since begin_step (or the last end_step), for a batch of
+        `num_requests` requests (the stack's per-request host time)."""
         c = self.chip
-        trace = build_step_trace(c.name, c.clock_hz, c.host_overhead_s, c.num_cube_cores,
+        trace = build_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
                                  c.num_vector_cores, c.peak_flops(self.cost_model.dtype),
                                  self._launches)
         self.total_sim_s += trace.sim_s
@@ -195,9 +217,11 @@ class Device:
     def time(self, kernel: Kernel) -> KernelTiming:
         """Cost one launch of `kernel` (not recorded, nothing computed)."""
         c, cm = self.chip, self.cost_model
+        if isinstance(kernel, CollectiveKernel):
+            return _collective_timing(kernel, c)
         groups, symmetric = None, False
         if isinstance(kernel, GemmKernel):
-            phases = [cm.gemm(kernel)]
+            phases = [cm.gemm(kernel), cm.gemm_reduce(kernel)]
             launch_s = c.cube_launch_s
             shape = f"M={kernel.m} N={kernel.n} K={kernel.k}" + (
                 f" (valid M={kernel.valid_m})" if kernel.valid_m is not None else "")
@@ -285,6 +309,40 @@ def _starts(core: np.ndarray, cycles: np.ndarray) -> np.ndarray:
     return start
 
 
+def _run_collective(kernel: CollectiveKernel, strict: bool,
+                    x: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A collective on this one simulated rank: the identity for a group of one. A group of
+    several needs every rank's data, which one simulated card does not hold: tensor-parallel
+    steps are simulated timing-only."""
+    if kernel.world_size > 1:
+        raise RuntimeError(f"{kernel.name}: a {kernel.world_size}-NPU collective cannot be "
+                           f"computed on one simulated card; run tensor parallelism timing-only")
+    return x
+
+
+def _collective_timing(kernel: CollectiveKernel, c: ChipSpec) -> KernelTiming:
+    """A collective holds the stream for its ring time; no AI core runs a task of it."""
+    seconds = collective_seconds(kernel.op, kernel.num_bytes, kernel.world_size, c)
+    moved = bytes_moved(kernel.op, kernel.num_bytes, kernel.world_size)
+    none = _frozen(np.zeros(0))
+    return KernelTiming(
+        primitive=kernel.primitive, name=kernel.name,
+        shape=f"{kernel.op.value} {kernel.num_bytes} B x{kernel.world_size}",
+        pipeline=f"hccs-{kernel.op.value}", cycles=seconds * c.clock_hz, seconds=seconds,
+        launch_cycles=min(seconds, c.collective_launch_s) * c.clock_hz, block_dim=0,
+        bound="hccs", cube_busy_cycles=_frozen(np.zeros(c.num_cube_cores)),
+        vector_busy_cycles=_frozen(np.zeros(c.num_vector_cores)), cube_active_cycles=0.0,
+        vector_active_cycles=0.0, hbm_read_bytes=moved, hbm_write_bytes=moved, flops=0.0,
+        cube_macs=0.0, useful_cube_macs=0.0, num_tasks=0,
+        task_unit=_frozen(np.zeros(0, dtype=np.int8)),
+        task_core=_frozen(np.zeros(0, dtype=np.int64)), task_start_cycles=none,
+        task_cycles=none, kernel=kernel)
+
+
+def _len(tasks: np.ndarray | None) -> int:
+    return 0 if tasks is None else len(tasks)
+
+
 def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
@@ -304,4 +362,7 @@ def _shape_key(kernel: Kernel) -> tuple[Any, ...] | None:
     if isinstance(kernel, VectorKernel):
         return ("vector", kernel.name, kernel.op, kernel.num_rows, kernel.row_len,
                 kernel.valid_rows, id(kernel.tasks))
+    if isinstance(kernel, CollectiveKernel):
+        return ("collective", kernel.name, kernel.op, kernel.num_bytes, kernel.world_size,
+                id(kernel.tasks))
     return None

@@ -8,8 +8,11 @@ Sources (the research notes ../shared/research/xyserve-ascend.md section 2 quote
   fractal per cycle, which is what the cube consumes).
 - [MSM] Huawei's simulator msmodeling `tensor_cast/device.py`: HBM bandwidth, per-op static costs,
   per-dtype peak TFLOPS.
-- [catlass] `hicann/catlass` (arch.hpp, matmul_fast_tuning.md, fai_kernel.cpp), [ATB]
-  `hicann/ascend-transformer-boost` (pp_matmul tiling), [XYS] the XY-Serve paper.
+- [catlass] `hicann/catlass` (arch.hpp, matmul_fast_tuning.md, fai_kernel.cpp, and the
+  per-core GM read rates of its kernel-selection model, examples/102_dynamic_optimized_matmul),
+  [ATB] `hicann/ascend-transformer-boost` (pp_matmul tiling), [XYS] the XY-Serve paper.
+- [CC1, CC2] the calibration set's measured HCCL collectives (research/npu-calibration.md): the
+  only fitted constant here, hccs_efficiency.
 The INI is the compiler's own description of the chip, so it wins wherever it speaks. It says
 nothing of HBM bandwidth, for which MSM is the only first-party figure, nor of latencies and
 overheads, for which we name the source or write down the assumption.
@@ -63,8 +66,16 @@ class ChipSpec:
     # fp32 (hf32) on the cube: MSM lists 99.5 TF next to 353.9 bf16 (0.28x); a quarter rate is the
     # nearest fractal-shaped choice. Unused by the fp16/bf16 simulation.
     cube_macs_fp32: int = 1024
-    # --- per-core data paths, bytes per cycle [INI AICoreMemoryRates]
-    mte2_hbm_bytes_per_cycle: float = 32.0  # GM(HBM)->L1 / GM->UB [INI ddr_rate]
+    # --- per-core data paths, bytes per cycle [INI AICoreMemoryRates unless noted]
+    # GM(HBM)->L1 on one AIC. catlass's kernel-selection cost model takes an aligned GM read at
+    # 80 GB/s per AIC (examples/102_dynamic_optimized_matmul select_kernel_b16.h,
+    # aBandwidthAfterPaddingAic = 80, "single core GB/s"): 80e9 / 1.8e9 = 44.4 B/cycle. 24 AICs
+    # then ask 1.92 TB/s, more than the HBM delivers, so a weight stream over all cores runs at
+    # the HBM's rate (the device's shared bound), not at a per-core cap. The INI's ddr_rate = 32
+    # (24 x 32 B x 1.8 GHz = 1.38 TB/s) would cap a full-chip stream below the HBM.
+    mte2_hbm_bytes_per_cycle: float = 80e9 / 1.8e9
+    # GM(HBM)->UB on one AIV [INI ddr_rate]: 48 AIVs x 32 B x 1.8 GHz = 2.8 TB/s, past the HBM too.
+    aiv_mte2_hbm_bytes_per_cycle: float = 32.0
     mte2_l2_bytes_per_cycle: float = 110.0  # GM reads that hit L2 [INI l2_rate, read]
     l2_write_bytes_per_cycle: float = 86.0  # [INI l2 write rate]
     mte1_l0a_bytes_per_cycle: float = 512.0  # L1->L0A [INI l1_to_l0_a_rate]
@@ -93,10 +104,18 @@ class ChipSpec:
     # AIC<->AIV handoff: there is no direct datapath (XYS 2.2); a CrossCoreSetFlag through a GM
     # workspace (catlass fai_kernel.cpp). [assumed] 0.2 us: about two L2 round trips.
     cross_core_sync_cycles: float = 360.0
-    # Host time per engine step outside the kernels (schedule, input prep, sampling, launch
-    # of the first kernel). [assumed] 1 ms, a vLLM-class Python scheduler; XYS moves the forward
-    # into one C++ function, so the kernels themselves are launched back to back.
-    host_overhead_s: float = 1e-3
+    # Host and runtime overhead is the serving stack's, not the chip's: npu_sim.host.
+    # --- interconnect: HCCS between the NPUs of one node (tensor parallelism, npu_sim.collectives)
+    hccs_ranks: int = 8  # NPUs in one HCCS full mesh [MSM A2: intra-node 8-NPU full mesh]
+    # [MSM] 196 GB/s unidirectional per device, spread over its 7 mesh links: 28 GB/s a link.
+    hccs_link_bytes_per_s: float = 196e9 / 7
+    # Achieved fraction of the link rate, fitted on CC1 + CC2: each measured plateau algbw (all-
+    # reduce 18 / 30 / 72, all-gather 38 / 64 / 149 GB/s at 2 / 4 / 8 cards) implies an achieved
+    # link rate (algbw x 2 / n for all-reduce, algbw / n for all-gather, in the mesh model); their
+    # geometric mean is 17.4 GB/s = 0.62 x 28 (MSM assumes 0.7).
+    hccs_efficiency: float = 0.62
+    hccs_latency_s: float = 0.5e-6  # per ring step [MSM: 0.5 us intra-node latency]
+    collective_launch_s: float = 10e-6  # per collective launch [MSM: 10 us per communication op]
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -130,7 +149,8 @@ class ChipSpec:
 
 # Overheads may be switched off (0) in an override file; sizes, counts and rates may not.
 _MAY_BE_0 = frozenset({"cube_launch_s", "vector_launch_s", "task_dispatch_cycles",
-                       "gm_latency_cycles", "cross_core_sync_cycles", "host_overhead_s"})
+                       "gm_latency_cycles", "cross_core_sync_cycles", "hccs_latency_s",
+                       "collective_launch_s"})
 
 
 def _910b(name: str, num_cube_cores: int, clock_mhz: int, hbm_gib: int, l2_mib: int,

@@ -1,16 +1,21 @@
 """The primitive IR: kernels as fixed-shape task tables.
 
 A `Kernel` is one launch on the device: a primitive kind plus a numpy structured array of tasks,
-one row per task, each the unit one AI core executes. Three primitives cover a transformer layer:
+one row per task, each the unit one AI core executes. Three primitives cover a transformer layer
+(a fourth joins the NPUs of a tensor-parallel group):
 
 - `VectorKernel`: row tiles of an element-wise / row-wise op (norms, RoPE, SiLU*mul, KV write) on
   the vector cores (AIV).
-- `GemmKernel`: (m-tile, n-tile) output tiles of `out[M, N] = x[M, K] @ w[N, K]^T` on the cube
+- `GemmKernel`: (m-tile, n-tile, k-slice) tasks of `out[M, N] = x[M, K] @ w[N, K]^T` on the cube
   cores (AIC). Tiles come from a fixed menu; a ragged edge is a *masked* tile (`m_rows < tm`,
   `n_cols < tn`): the padded rows and columns exist only in on-chip buffers, never in memory.
+  With split-K each task covers one slice of K and writes an fp32 partial to a workspace; reduce
+  tasks on the vector cores (AIV) add the partials up (catlass MultiCoreSplitkMatmul).
 - `AttentionKernel`: meta-kernel tasks, each a Q tile (up to `tile_rows` query tokens of one
   sequence, all query heads of one KV head stacked) against a span of KV-cache blocks, with online
   softmax; a sequence whose KV is split across spans is joined by combine tasks.
+- `CollectiveKernel`: an all-reduce or all-gather of a tensor-parallel group (no AI-core tasks;
+  timed as a ring over HCCS by npu_sim.collectives).
 
 Task tables are numpy arrays so lowering and costing stay vectorized; `npu_sim` knows nothing of
 requests, only sequences, rows and blocks.
@@ -18,6 +23,7 @@ requests, only sequences, rows and blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,6 +35,14 @@ class Primitive(str, enum.Enum):
     VECTOR = "vector"
     GEMM = "gemm"
     ATTENTION = "attention"
+    COLLECTIVE = "collective"
+
+
+class CollectiveOp(str, enum.Enum):
+    """Collectives over the NPUs of a tensor-parallel group (HCCL over HCCS)."""
+
+    ALL_REDUCE = "all_reduce"  # every rank ends with the sum of all ranks' tensors
+    ALL_GATHER = "all_gather"  # every rank ends with the concatenation of all ranks' shards
 
 
 class VectorOp(str, enum.Enum):
@@ -53,9 +67,17 @@ VECTOR_TASK = np.dtype([("row_start", np.int64), ("num_rows", np.int64)])
 
 # One output tile of a GEMM: rows [m_start, m_start + m_rows) x cols [n_start, n_start + n_cols)
 # of the output, computed in a (tm, tn) on-chip tile of menu entry `tile`; m_rows <= tm and
-# n_cols <= tn, the rest of the tile is masked (virtual padding).
+# n_cols <= tn, the rest of the tile is masked (virtual padding). The task reduces over
+# x[:, k_start : k_start + k_len]; k_split = -1 writes the output itself (k_len = K), k_split = s
+# >= 0 writes fp32 partial s of that tile into the split-K workspace, for the reduce tasks.
 GEMM_TASK = np.dtype([("m_start", np.int64), ("m_rows", np.int64), ("n_start", np.int64),
-                      ("n_cols", np.int64), ("tile", np.int64)])
+                      ("n_cols", np.int64), ("tile", np.int64), ("k_start", np.int64),
+                      ("k_len", np.int64), ("k_split", np.int64)])
+
+# One split-K reduce task on a vector core: output elements [elem_start, elem_start + num_elems)
+# of the row-major (M, N) output, the sum of that range of every partial (catlass splits C as one
+# contiguous 1-D range per AIV, at least 64 fp32 elements each).
+GEMM_REDUCE_TASK = np.dtype([("elem_start", np.int64), ("num_elems", np.int64)])
 
 # One sequence (request chunk) of an attention launch: its query rows are
 # q[q_start : q_start + q_len], at positions start_pos ... start_pos + q_len - 1; its keys are the
@@ -114,6 +136,8 @@ class GemmKernel:
     tasks: np.ndarray  # GEMM_TASK, (num_tasks,)
     valid_m: int | None = None  # bucket-padding baseline: the real token rows when `m` is a
     #   physically padded bucket (rows valid_m..m are zeros in memory); None = all m rows real
+    split_k: int = 1  # K slices (workspace partials); 1 = no split-K
+    reduce_tasks: np.ndarray | None = None  # GEMM_REDUCE_TASK (num,), when split_k > 1
 
     def valid_rows(self) -> np.ndarray:
         """Real token rows of each task (its m_rows minus physically padded rows)."""
@@ -127,8 +151,9 @@ class GemmKernel:
         (virtual padding) plus physically padded rows (bucket baseline)."""
         tm = np.array([self.menu[t].tm for t in self.tasks["tile"]])
         tn = np.array([self.menu[t].tn for t in self.tasks["tile"]])
-        computed = float((tm * tn).sum())
-        return 1.0 - float((self.valid_rows() * self.tasks["n_cols"]).sum()) / computed
+        k_len = self.tasks["k_len"]  # split-K tasks weigh by their slice
+        computed = float((tm * tn * k_len).sum())
+        return 1.0 - float((self.valid_rows() * self.tasks["n_cols"] * k_len).sum()) / computed
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,8 +178,9 @@ class AttentionKernel:
     combine_tasks: np.ndarray  # COMBINE_TASK, (num_combine_tasks,)
     num_partial_slots: int  # workspace slots the partial tasks write
     max_tile_rows: int  # largest tile_rows of any task (workspace row count)
-    # Split-kernel baseline: int64 (num_tasks,) group of each task; a group (one request and KV
-    # head) runs back to back on one core and groups are dealt round-robin in order. None = the
+    # Split-kernel baseline: int64 (num_tasks,) group of each task; a group (one core's run of
+    # the PFA / IFA split) runs back to back on one core and groups are dealt round-robin in
+    # order of first appearance. None = the
     # meta-kernel: every task is dealt on its own, symmetric round-robin over the heaviest-first
     # task list.
     task_group: np.ndarray | None = None
@@ -182,4 +208,19 @@ class AttentionKernel:
         return self.num_heads // self.num_kv_heads
 
 
-Kernel = VectorKernel | GemmKernel | AttentionKernel
+@dataclass(frozen=True, eq=False)
+class CollectiveKernel:
+    """One collective launch of a tensor-parallel group, seen from one of its ranks: no tasks on
+    the AI cores (HCCL moves the data over HCCS); the launch occupies the stream for the
+    collective's time (npu_sim.collectives)."""
+
+    primitive: ClassVar[Primitive] = Primitive.COLLECTIVE
+    name: str  # where in the model, e.g. "o_proj_all_reduce"
+    op: CollectiveOp  # which collective
+    num_bytes: int  # the message: the whole tensor (all-reduce) or the whole output (all-gather)
+    world_size: int  # ranks (NPUs) in the group
+    tasks: np.ndarray = dataclasses.field(  # no AI-core tasks (uniform with other kernels)
+        default_factory=lambda: np.zeros(0, dtype=VECTOR_TASK))
+
+
+Kernel = VectorKernel | GemmKernel | AttentionKernel | CollectiveKernel

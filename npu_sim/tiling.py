@@ -4,10 +4,13 @@ Why these shapes (fp16/bf16 operands, 2 bytes; fp32 accumulation, 4 bytes):
 - GEMM. The output tile accumulates in L0C in fp32: tm * tn * 4 <= L0C (128 KiB) gives
   tm * tn <= 32768. L0A and L0B are double-buffered so the next K step loads while the cube runs:
   2 * tm * tk * 2 <= L0A (64 KiB) and 2 * tk * tn * 2 <= L0B (64 KiB). With tk = 64 (four cube
-  K-fractals per step) the largest tile is 128 x 256 x 64, the shape catlass uses by default on
-  the 910B. Tokens (M) are the only dynamic dimension, so the menu varies tm alone: powers of two
-  from one cube fractal (16) up to 128, all with tn = 256, tk = 64. Smaller tm keeps decode-sized
-  batches from computing mostly masked rows.
+  K-fractals per step) the default tile is 128 x 256 x 64, the shape catlass uses by default on
+  the 910B. Tokens (M) are the only dynamic dimension: the tm menu is fixed, powers of two from
+  one cube fractal (16) up to what the buffers allow (128 at tn = 256, 256 at tn <= 128), and
+  covers M (masked rows in the last tile); smaller tm keeps decode-sized batches from computing
+  mostly masked rows. N and K are static per weight, so the N tile (any multiple of 16 the
+  buffers allow, tk shrinking past tn = 256) and split-K are chosen per shape, with the M cover,
+  by npu_sim.gemm_tiling.
 - Attention. A Q tile is at most 128 stacked rows (query tokens x the query heads sharing one KV
   head): the 128 x 128 fp32 score block of one KV block is 64 KiB, leaving L0C room to double
   buffer, and each of the two vector cores of the AIC softmaxes 64 rows of it in UB. Tiles of 16,
@@ -31,12 +34,14 @@ import math
 import numpy as np
 
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import GEMM_TASK, VECTOR_TASK, TileShape
+from npu_sim.tasks import GEMM_REDUCE_TASK, GEMM_TASK, VECTOR_TASK, TileShape
 
 OPERAND_BYTES = 2  # fp16 / bf16 on the cube
 ACCUM_BYTES = 4  # fp32 accumulators in L0C
 GEMM_TK = 64  # four 16-deep cube fractals per L0 step
-GEMM_TN = 256
+GEMM_TN = 256  # the default N tile (catlass L1TileShape<128, 256, 256>); the search varies it
+# catlass's split-K reduce gives each AIV at least 256 B of fp32 partial sums (64 elements)
+REDUCE_MIN_ELEMS = 64
 ATTN_Q_TILE_ROWS = (16, 64, 128)  # decode / verify / prefill Q tiles, stacked rows
 # The smallest Q tile of a verify chunk. The paper makes a verify stage one 64-row tiling block
 # (XYS Fig. 7b: 53 verify tokens -> one tile, next to 16-row decode tiles), so the whole
@@ -50,16 +55,32 @@ KV_PAGE_TOKENS = 128  # catlass FAI's page; the KV chunk is a multiple of it
 
 
 @functools.cache
-def gemm_menu(chip: ChipSpec) -> tuple[TileShape, ...]:
-    """The GEMM tile menu for `chip`, largest tm first (see the module docstring)."""
-    max_tm = chip.l0c_bytes // (GEMM_TN * ACCUM_BYTES)
-    assert chip.l0b_bytes >= 2 * GEMM_TK * GEMM_TN * OPERAND_BYTES, "tn x tk overflows L0B"
+def gemm_tk(chip: ChipSpec, tn: int, operand_bytes: int = OPERAND_BYTES) -> int:
+    """L0 K step of an N tile of `tn` columns: 64 (four cube K-fractals) where the double-buffered
+    tk x tn B panel fits L0B, else the largest multiple of cube_k that fits."""
+    fit = chip.l0b_bytes // (2 * tn * operand_bytes)
+    return max(chip.cube_k, min(GEMM_TK, fit // chip.cube_k * chip.cube_k))
+
+
+@functools.cache
+def gemm_menu(chip: ChipSpec, tn: int = GEMM_TN) -> tuple[TileShape, ...]:
+    """The GEMM tile menu for `chip` with N tile `tn`, largest tm first: tm = 16, 32, 64, ...
+    (whole cube fractals, powers of two) as far as the fp32 tm x tn tile fits L0C, the
+    double-buffered tm x tk A step fits L0A and the A + B panels 256 deep fit L1 (see the module
+    docstring): 128 .. 16 at tn = 256 on the 910B, 256 .. 16 at tn <= 128. Empty when no tm fits
+    `tn`."""
+    tk = gemm_tk(chip, tn)
     menu = []
     tm = chip.cube_m
-    while tm <= max_tm and 2 * tm * GEMM_TK * OPERAND_BYTES <= chip.l0a_bytes:
-        menu.append(TileShape(tm=tm, tn=GEMM_TN, tk=GEMM_TK))
+    while (tm * tn * ACCUM_BYTES <= chip.l0c_bytes
+           and 2 * tm * tk * OPERAND_BYTES <= chip.l0a_bytes
+           and 2 * (tm + tn) * L1_K_ALIGN * OPERAND_BYTES <= chip.l1_bytes):
+        menu.append(TileShape(tm=tm, tn=tn, tk=tk))
         tm *= 2
     return tuple(reversed(menu))
+
+
+MCover = tuple[tuple[int, int, int], ...]  # ((m_start, m_rows, menu index), ...) in row order
 
 
 def cover_m(m: int, menu: tuple[TileShape, ...]) -> list[tuple[int, int, int]]:
@@ -67,6 +88,7 @@ def cover_m(m: int, menu: tuple[TileShape, ...]) -> list[tuple[int, int, int]]:
 
     Full tiles of the largest shape that fits, then the remainder in the smallest tile that holds
     it, masked (virtual padding): 200 = 128 + 64 + 16 (8 rows valid). Never pads M itself.
+    One of the candidate covers of `m_covers`.
     """
     cover, start = [], 0
     while start < m:
@@ -79,22 +101,97 @@ def cover_m(m: int, menu: tuple[TileShape, ...]) -> list[tuple[int, int, int]]:
     return cover
 
 
+def _tiles_then_remainder(m: int, menu: tuple[TileShape, ...], idx: int) -> MCover:
+    """Full tiles of menu[idx], the remainder in the smallest menu tile that holds it."""
+    tm = menu[idx].tm
+    cover = [(s, tm, idx) for s in range(0, m - m % tm, tm)]
+    rest = m % tm
+    if rest:
+        holding = max(i for i, t in enumerate(menu) if t.tm >= rest)  # smallest that holds it
+        cover.append((m - rest, rest, holding))
+    return tuple(cover)
+
+
+def m_covers(m: int, menu: tuple[TileShape, ...]) -> list[MCover]:
+    """Candidate covers of `m` rows by `menu` tiles, for the tiling search to cost: the greedy
+    cover (200 = 128 + 64 + 16), and for each tile size at least half the largest useful one,
+    full tiles of it with the remainder in one masked tile (200 = 128 + 128 with 72 valid, or
+    3 x 64 + 16). Each streams the weights once per m-tile; which is cheapest depends on the
+    shape, so the search decides. Never pads M: only the last tile may be masked."""
+    if m <= 0:
+        return [()]
+    useful = min(menu[0].tm, 1 << (m - 1).bit_length())  # no tile bigger than m's power of two
+    covers = {tuple(cover_m(m, menu))}
+    for i, t in enumerate(menu):
+        if 2 * t.tm >= useful and t.tm <= useful:
+            covers.add(_tiles_then_remainder(m, menu, i))
+    return sorted(covers, key=len)
+
+
+def k_slices(k: int, split_k: int) -> list[tuple[int, int]]:
+    """(k_start, k_len) of `split_k` slices of K, as catlass splits it: K in L1_K_ALIGN-deep basic
+    blocks dealt evenly, the remainder one block each to the first slices; the last slice ends
+    at k."""
+    blocks = -(-k // L1_K_ALIGN)
+    if not 1 <= split_k <= max(blocks, 1):
+        raise ValueError(f"cannot split K={k} into {split_k} slices of {L1_K_ALIGN}-deep blocks")
+    out, start = [], 0
+    for s in range(split_k):
+        n_blocks = blocks // split_k + (s < blocks % split_k)
+        end = min(k, start + n_blocks * L1_K_ALIGN)
+        out.append((start, end - start))
+        start = end
+    return out
+
+
 @functools.lru_cache(maxsize=1 << 14)
-def gemm_tasks(m: int, n: int, menu: tuple[TileShape, ...]) -> np.ndarray:
-    """GEMM_TASK table for an (m, n) output: the M cover times the N tiles, m-tile major.
+def gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...], cover: MCover | None = None,
+               split_k: int = 1) -> np.ndarray:
+    """GEMM_TASK table for an (m, n) output over depth k: the M cover (greedy by default) times
+    the N tiles of menu[0].tn times the K slices, m-tile major, the slices of one tile adjacent
+    (so round-robin deals them to different cores).
 
     Cached by shape: every layer of a step, and every step with the same token count, reuses it.
-    The last N tile is masked when n is not a multiple of tn.
+    The last N tile is masked when n is not a multiple of tn. `build_gemm_tasks` is the uncached
+    builder (the tiling search costs candidates through it, keeping this cache for the chosen).
     """
+    tasks = build_gemm_tasks(m, n, k, menu, cover, split_k)
+    tasks.flags.writeable = False
+    return tasks
+
+
+def build_gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...],
+                     cover: MCover | None = None, split_k: int = 1) -> np.ndarray:
+    """The table `gemm_tasks` caches, built afresh (numpy, no loop per task)."""
     tn = menu[0].tn
-    m_cover = cover_m(m, menu)
+    m_cover = np.array(cover_m(m, menu) if cover is None else cover, dtype=np.int64).reshape(-1, 3)
     n_starts = np.arange(0, n, tn)
-    tasks = np.empty(len(m_cover) * len(n_starts), dtype=GEMM_TASK)
-    i = 0
-    for m_start, m_rows, tile in m_cover:
-        for n_start in n_starts:
-            tasks[i] = (m_start, m_rows, n_start, min(tn, n - n_start), tile)
-            i += 1
+    slices = np.array([(0, k, -1)] if split_k == 1 else [
+        (start, length, s) for s, (start, length) in enumerate(k_slices(k, split_k))],
+        dtype=np.int64)
+    nm, nn, ns = len(m_cover), len(n_starts), len(slices)
+    tasks = np.empty(nm * nn * ns, dtype=GEMM_TASK)
+    mi = np.repeat(np.arange(nm), nn * ns)  # m-tile major, then N tiles, then K slices
+    ni = np.tile(np.repeat(np.arange(nn), ns), nm)
+    si = np.tile(np.arange(ns), nm * nn)
+    tasks["m_start"], tasks["m_rows"], tasks["tile"] = (m_cover[mi, j] for j in range(3))
+    tasks["n_start"] = n_starts[ni]
+    tasks["n_cols"] = np.minimum(tn, n - n_starts[ni])
+    tasks["k_start"], tasks["k_len"], tasks["k_split"] = (slices[si, j] for j in range(3))
+    return tasks
+
+
+@functools.lru_cache(maxsize=512)
+def gemm_reduce_tasks(m: int, n: int, chip: ChipSpec) -> np.ndarray:
+    """GEMM_REDUCE_TASK table: the (m, n) output as one row-major range of elements, dealt in
+    contiguous pieces to the vector cores, at least REDUCE_MIN_ELEMS each (catlass
+    MultiCoreSplitkMatmul)."""
+    total = m * n
+    per_task = max(REDUCE_MIN_ELEMS, -(-total // chip.num_vector_cores))
+    starts = np.arange(0, total, per_task)
+    tasks = np.empty(len(starts), dtype=GEMM_REDUCE_TASK)
+    tasks["elem_start"] = starts
+    tasks["num_elems"] = np.minimum(per_task, total - starts)
     tasks.flags.writeable = False
     return tasks
 
@@ -140,9 +237,10 @@ def attention_q_tiles(q_len: np.ndarray, group_size: int,
     return tile_rows, tokens
 
 
-def gemm_l1_depth(tile: TileShape, k: int, chip: ChipSpec) -> int:
+def gemm_l1_depth(tile: TileShape, k: int, chip: ChipSpec,
+                  operand_bytes: int = OPERAND_BYTES) -> int:
     """K depth of one GM->L1 load of a `tile` task (see the module docstring), at most k."""
-    fit = chip.l1_bytes // (2 * (tile.tm + tile.tn) * OPERAND_BYTES)
+    fit = chip.l1_bytes // (2 * (tile.tm + tile.tn) * operand_bytes)
     depth = max(tile.tk, fit // L1_K_ALIGN * L1_K_ALIGN)
     return min(depth, -(-k // tile.tk) * tile.tk)
 

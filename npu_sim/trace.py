@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from npu_sim.cost import Unit
+from npu_sim.host import HostProfile
 from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
 
 
@@ -68,7 +69,7 @@ class StepTrace:
     clock_hz: float  # the chip clock the cycles count
     sim_s: float  # host_s + device_s: what the step costs on the simulated clock
     device_s: float  # sum of the kernels' seconds (one stream, launches in order)
-    host_s: float  # modelled host overhead of the step (ChipSpec.host_overhead_s; 0 if empty)
+    host_s: float  # host time the step exposes, sim_s - device_s (npu_sim.host; 0 if empty)
     num_launches: int  # kernel launches in the step
     cube_busy_s: np.ndarray  # (num_cube_cores,) seconds each AIC was occupied
     vector_busy_s: np.ndarray  # (num_vector_cores,) seconds each AIV was occupied
@@ -83,11 +84,12 @@ class StepTrace:
     kernel_start_s: tuple[float, ...]  # device-time start of each launch, from the step start
 
 
-def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
+def build_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_requests: int,
                      num_cube_cores: int, num_vector_cores: int, peak_flops: float,
                      launches: list[KernelTiming]) -> StepTrace:
     """Aggregate a step's launches, in order (each distinct timing summed once, times its
-    count); the trace keeps them for timelines."""
+    count; the trace keeps them for timelines) and put the device time behind the stack's host
+    time for `num_requests` requests."""
     counts: dict[int, list[Any]] = {}
     for timing in launches:
         entry = counts.get(id(timing))
@@ -95,11 +97,11 @@ def build_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
             counts[id(timing)] = [timing, 1]
         else:
             entry[1] += 1
-    return count_step_trace(chip_name, clock_hz, host_overhead_s, num_cube_cores,
+    return count_step_trace(chip_name, clock_hz, host, num_requests, num_cube_cores,
                             num_vector_cores, peak_flops, counts.values(), launches)
 
 
-def count_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
+def count_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_requests: int,
                      num_cube_cores: int, num_vector_cores: int, peak_flops: float,
                      counts: Iterable[Sequence[Any]],
                      launches: Sequence[KernelTiming] = ()) -> StepTrace:
@@ -124,11 +126,11 @@ def count_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
         key = timing.primitive.value
         by_primitive[key] = by_primitive.get(key, 0.0) + n * timing.seconds
     device_s = cycles / clock_hz
+    sim_s = max(host.step_s(device_s, num_launches, num_requests), device_s)
     starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]) if launches else []
-    host_s = host_overhead_s if num_launches else 0.0
     return StepTrace(
-        chip=chip_name, clock_hz=clock_hz, sim_s=device_s + host_s, device_s=device_s,
-        host_s=host_s, num_launches=num_launches,
+        chip=chip_name, clock_hz=clock_hz, sim_s=sim_s, device_s=device_s,
+        host_s=sim_s - device_s, num_launches=num_launches,
         cube_busy_s=cube_busy / clock_hz, vector_busy_s=vector_busy / clock_hz,
         cube_utilization=cube_active / (num_cube_cores * cycles) if cycles else 0.0,
         vector_utilization=vector_active / (num_vector_cores * cycles) if cycles else 0.0,
@@ -145,10 +147,14 @@ def count_step_trace(chip_name: str, clock_hz: float, host_overhead_s: float,
 def task_label(kernel: Kernel, i: int) -> str:
     """Slice name of task i: primitive, kernel name and the task's shape."""
     if isinstance(kernel, GemmKernel):
+        if i >= len(kernel.tasks):  # split-K reduce tasks follow the cube tasks
+            r = kernel.reduce_tasks[i - len(kernel.tasks)]
+            return f"gemm-reduce {kernel.name} {int(r['num_elems'])} x{kernel.split_k}"
         t = kernel.tasks[i]
         s = kernel.menu[int(t["tile"])]
-        return (f"gemm {kernel.name} {s.tm}x{s.tn}x{kernel.k} "
-                f"({int(t['m_rows'])}x{int(t['n_cols'])} valid)")
+        split = f" k{int(t['k_split'])}/{kernel.split_k}" if kernel.split_k > 1 else ""
+        return (f"gemm {kernel.name} {s.tm}x{s.tn}x{int(t['k_len'])} "
+                f"({int(t['m_rows'])}x{int(t['n_cols'])} valid){split}")
     if isinstance(kernel, VectorKernel):
         t = kernel.tasks[i]
         return f"vector {kernel.name} {int(t['num_rows'])}x{kernel.row_len}"

@@ -28,19 +28,20 @@ def fake_chunks(specs: Sequence[tuple[int, int]], block_size: int) -> list[Chunk
 def time_step(arch: ModelArch | str, specs: Sequence[tuple[int, int]],
               chip: ChipSpec | str = DEFAULT_NPU, *, block_size: int = 128,
               num_sampled: int | None = None, policy: LoweringPolicy = DEFAULT_POLICY,
-              device: Device | None = None, dtype: str = "bf16") -> StepTrace:
+              device: Device | None = None, dtype: str = "bf16", tp: int = 1) -> StepTrace:
     """Lower and time one step of `arch` on (start_pos, num_tokens) chunks, timing only.
 
     Every chunk samples unless `num_sampled` says how many do. The launches are the forward's
-    (engine.lowering.step_launches), made on `device` (a fresh timing-only one by default).
+    (engine.lowering.step_launches), made on `device` (a fresh timing-only one by default); with
+    `tp` > 1 they are one card's of a tensor-parallel group, collectives included.
     """
     arch = get_arch(arch) if isinstance(arch, str) else arch
     chip = get_chip(chip) if isinstance(chip, str) else chip
     device = device or Device(chip, compute=False, dtype=dtype)
     chunks = fake_chunks(specs, block_size)
     plan = lower_step(chunks, len(chunks) if num_sampled is None else num_sampled, arch,
-                      device.chip, block_size, policy)
+                      device.chip, block_size, policy, tp)
     device.begin_step()
     for kernel in step_launches(plan, arch.num_layers):
         device.launch(kernel)
-    return device.end_step()
+    return device.end_step(num_requests=len(chunks))

@@ -5,6 +5,9 @@ a full (tm, tn) fp32 accumulator (the on-chip tile), reads only the task's valid
 valid columns of w (selective read), accumulates over K in tk-deep steps, and stores only the
 valid (m_rows, n_cols) corner (selective write). Masked rows and columns live in the accumulator
 alone: no padded copy of x is ever made and nothing outside the M x N output is written.
+A split-K task reduces over its K slice only and writes its fp32 corner into that slice's
+workspace partial; the reduce tasks then sum the partials, element range by element range, in
+slice order (catlass MultiCoreSplitkMatmul), into the output.
 The fast path is one call over the whole batch. A weight may come pre-packed (`pack_weight`):
 the fast path then multiplies products of few rows (a decode step's GEMMs have M = batch size)
 with the C panel GEMM (npu_sim.kernels.native, fp32), and others with oneDNN's blocked copy of
@@ -72,17 +75,31 @@ def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor 
         w = w.weight
     if out is None:
         out = x.new_empty(kernel.m, kernel.n)
-    for m_start, m_rows, n_start, n_cols, tile in kernel.tasks.tolist():
+    # split-K workspace: one fp32 (M, N) partial per K slice (GM, mostly L2-resident)
+    ws = x.new_zeros(kernel.split_k, kernel.m, kernel.n, dtype=torch.float32) if (
+        kernel.split_k > 1) else None
+    for m_start, m_rows, n_start, n_cols, tile, k_start, k_len, split in kernel.tasks.tolist():
         shape = kernel.menu[tile]
         acc = torch.zeros(shape.tm, shape.tn, dtype=torch.float32)  # the L0C tile
         x_rows = x[m_start:m_start + m_rows]  # selective read: valid rows only
         w_cols = w[n_start:n_start + n_cols]
-        for k_start in range(0, kernel.k, shape.tk):
-            k_end = min(k_start + shape.tk, kernel.k)
-            acc[:m_rows, :n_cols] += (x_rows[:, k_start:k_end].float()
-                                      @ w_cols[:, k_start:k_end].float().T)
-        if bias is not None:
+        for k0 in range(k_start, k_start + k_len, shape.tk):
+            k1 = min(k0 + shape.tk, k_start + k_len)
+            acc[:m_rows, :n_cols] += x_rows[:, k0:k1].float() @ w_cols[:, k0:k1].float().T
+        if bias is not None and split <= 0:  # the first K slice carries the bias
             acc[:m_rows, :n_cols] += bias[n_start:n_start + n_cols].float()
         # selective write: only the valid corner leaves the tile
-        out[m_start:m_start + m_rows, n_start:n_start + n_cols] = acc[:m_rows, :n_cols]
+        if split < 0:
+            out[m_start:m_start + m_rows, n_start:n_start + n_cols] = acc[:m_rows, :n_cols]
+        else:
+            assert ws is not None
+            ws[split, m_start:m_start + m_rows, n_start:n_start + n_cols] = acc[:m_rows, :n_cols]
+    if ws is not None and kernel.reduce_tasks is not None:
+        flat_ws, flat_out = ws.view(kernel.split_k, -1), out.view(-1)
+        for elem_start, num_elems in kernel.reduce_tasks.tolist():
+            part = slice(elem_start, elem_start + num_elems)
+            total = flat_ws[0, part].clone()
+            for s in range(1, kernel.split_k):  # in slice order: deterministic, as catlass
+                total += flat_ws[s, part]
+            flat_out[part] = total.to(out.dtype)
     return out

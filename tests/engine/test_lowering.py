@@ -74,7 +74,7 @@ def test_kernel_shapes(name: str) -> None:
     for gemm_name, (kernel, n, k) in gemms.items():
         assert isinstance(kernel, GemmKernel)
         assert (kernel.name, kernel.m, kernel.n, kernel.k) == (gemm_name, t, n, k)
-        assert kernel.menu == gemm_menu(CHIP)
+        assert kernel.menu == gemm_menu(CHIP, kernel.menu[0].tn)  # the menu at its N tile
     assert (lp.qkv_proj.n, lp.gate_up_proj.n) == (10 * 16, 400)
     vectors = {
         plan.embed: (VectorOp.EMBED, t, h),
@@ -110,7 +110,7 @@ def test_gemm_tasks_cover_each_output(name: str) -> None:
     kernels += [plan.lm_head] if plan.lm_head is not None else []
     for kernel in kernels:
         count = np.zeros((kernel.m, kernel.n), dtype=np.int64)
-        for m_start, m_rows, n_start, n_cols, tile in kernel.tasks.tolist():
+        for m_start, m_rows, n_start, n_cols, tile, *_ in kernel.tasks.tolist():
             shape = kernel.menu[tile]
             assert m_rows <= shape.tm and n_cols <= shape.tn
             count[m_start : m_start + m_rows, n_start : n_start + n_cols] += 1
@@ -136,10 +136,11 @@ def test_task_tables_cached_by_token_count() -> None:
         assert ta is tb, name
         assert not ta.flags.writeable, f"{name}: a shared cached table must be read-only"
     assert a.embed.tasks is b.embed.tasks
-    # different T: different tables; o_proj and down_proj differ in K only, so share N tiling
+    # different T: different tables (and tasks carry their K range, so o_proj and down_proj,
+    # which differ in K only, have tables of their own)
     c = lower_step(chunks_of([(0, 4)]), 1, ARCH, CHIP, BLOCK_SIZE)
     assert c.layer.qkv_proj.tasks is not a.layer.qkv_proj.tasks
-    assert a.layer.o_proj.tasks is a.layer.down_proj.tasks
+    assert (a.layer.o_proj.tasks["k_len"] == a.layer.o_proj.k).all()
     # attention depends on the sequences, not just T
     assert len(a.layer.attention.seqs) == 3 and len(b.layer.attention.seqs) == 2
 
@@ -189,6 +190,7 @@ def test_every_tile_fits_the_chip_buffers(chip: ChipSpec) -> None:
     for t in menu:
         assert t.tm * t.tn * ACCUM_BYTES <= chip.l0c_bytes
         assert 2 * t.tm * t.tk * OPERAND_BYTES <= chip.l0a_bytes
+        assert 2 * (t.tm + t.tn) * 256 * OPERAND_BYTES <= chip.l1_bytes
         assert 2 * t.tk * t.tn * OPERAND_BYTES <= chip.l0b_bytes
         assert t.tm % chip.cube_m == 0 and t.tn % chip.cube_n == 0 and t.tk % chip.cube_k == 0
     assert menu[-1].tm == chip.cube_m
@@ -200,12 +202,20 @@ def test_every_tile_fits_the_chip_buffers(chip: ChipSpec) -> None:
         ({"l0c_bytes": 64 * KIB}, 64),  # tm * 256 * 4 <= 64 KiB
         ({"l0a_bytes": 16 * KIB}, 64),  # 2 * tm * 64 * 2 <= 16 KiB
         ({"l0c_bytes": 256 * KIB}, 256),  # tm * 256 * 4 <= 256 KiB and L0A allows 256
+        ({"l1_bytes": 256 * KIB}, 0),  # (tm + 256) 256-deep panels, double-buffered: none fits
     ],
 )
 def test_menu_follows_the_buffers(change: dict, largest_tm: int) -> None:
     chip = dataclasses.replace(CHIP, name=f"custom{sorted(change.items())}", **change)
     menu = gemm_menu(chip)
-    assert menu[0].tm == largest_tm and menu[-1].tm == 16
+    if largest_tm:
+        assert menu[0].tm == largest_tm and menu[-1].tm == 16
+    else:
+        assert menu == () and gemm_menu(chip, 64)[0].tm == 128  # a narrower N tile fits
     plan = lower_step(chunks_of([(0, 300)]), 1, ARCH, chip, BLOCK_SIZE)
-    assert plan.layer.qkv_proj.menu == menu
-    assert max(menu[t].tm for t in plan.layer.qkv_proj.tasks["tile"]) == largest_tm
+    qkv = plan.layer.qkv_proj  # its N tile is the search's; its tiles still fit the buffers
+    assert qkv.menu == gemm_menu(chip, qkv.menu[0].tn)
+    for t in qkv.menu:
+        assert t.tm * t.tn * ACCUM_BYTES <= chip.l0c_bytes  # a narrower tn may take a larger tm
+        assert 2 * t.tm * t.tk * OPERAND_BYTES <= chip.l0a_bytes
+        assert 2 * (t.tm + t.tn) * 256 * OPERAND_BYTES <= chip.l1_bytes

@@ -140,10 +140,11 @@ def test_catlass_wave_quantisation_example() -> None:
     device = Device(b3, compute=False, dtype="fp16")
     times = []
     for tile, measured_us in ((TileShape(128, 256, 64), 72.5), (TileShape(256, 128, 64), 48.6)):
-        kernel = GemmKernel("catlass", 1024, 576, 6144, (tile,), gemm_tasks(1024, 576, (tile,)))
+        tasks = gemm_tasks(1024, 576, 6144, (tile,))
+        kernel = GemmKernel("catlass", 1024, 576, 6144, (tile,), tasks)
         times.append(device.time(kernel).seconds)
         assert times[-1] * 1e6 == pytest.approx(measured_us, rel=0.25)
-    assert len(gemm_tasks(1024, 576, (TileShape(128, 256, 64),))) == 24
+    assert len(gemm_tasks(1024, 576, 6144, (TileShape(128, 256, 64),))) == 24
     assert 1.2 <= times[0] / times[1] <= 2.2
 
 

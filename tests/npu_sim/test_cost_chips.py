@@ -37,10 +37,10 @@ def test_unknown_names_are_value_errors() -> None:
 
 def test_json_file_overrides_its_base(tmp_path: Path) -> None:
     path = tmp_path / "slow.json"
-    path.write_text(json.dumps({"base": "910b3", "hbm_bytes_per_s": 1.0e12, "host_overhead_s": 0}))
+    path.write_text(json.dumps({"base": "910b3", "hbm_bytes_per_s": 1.0e12, "cube_launch_s": 0}))
     chip = load_chip(path)
     base = get_chip("910b3")
-    assert chip.hbm_bytes_per_s == 1.0e12 and chip.host_overhead_s == 0
+    assert chip.hbm_bytes_per_s == 1.0e12 and chip.cube_launch_s == 0
     assert chip.num_cube_cores == base.num_cube_cores and chip.name == "910b3+slow"
     assert chip != base
 

@@ -114,7 +114,7 @@ def test_packed_weight_gemm_matches_plain(dtype: torch.dtype, m: int) -> None:
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
     menu = (TileShape(16, 128, 64),)
-    tasks = np.array([(0, m, 0, n, 0)], dtype=GEMM_TASK)  # coverage is not the point here
+    tasks = np.array([(0, m, 0, n, 0, 0, k, -1)], dtype=GEMM_TASK)  # coverage: not the point
     kernel = GemmKernel(name="t", m=m, n=n, k=k, menu=menu, tasks=tasks)
     packed = pack_weight(w)
     fast = run_gemm(kernel, False, x=x, w=packed, bias=bias)

@@ -25,7 +25,7 @@ SMALL_CHIP = dataclasses.replace(CHIP, num_cube_cores=2, num_vector_cores=4)
 
 
 def gemm_kernel(m: int, n: int, k: int, menu=MENU) -> GemmKernel:
-    return GemmKernel(name="test", m=m, n=n, k=k, menu=menu, tasks=gemm_tasks(m, n, menu))
+    return GemmKernel(name="test", m=m, n=n, k=k, menu=menu, tasks=gemm_tasks(m, n, k, menu))
 
 
 def vector_kernel(op: VectorOp, rows: int, row_len: int, chip=CHIP) -> VectorKernel:
@@ -41,7 +41,7 @@ def vector_kernel(op: VectorOp, rows: int, row_len: int, chip=CHIP) -> VectorKer
 def coverage_count(tasks: np.ndarray, m: int, n: int) -> np.ndarray:
     """How many GEMM tasks write each output element."""
     count = np.zeros((m, n), dtype=np.int64)
-    for m_start, m_rows, n_start, n_cols, _ in tasks.tolist():
+    for m_start, m_rows, n_start, n_cols, *_ in tasks.tolist():
         count[m_start : m_start + m_rows, n_start : n_start + n_cols] += 1
     return count
 
@@ -107,7 +107,7 @@ def test_gemm_low_precision_strict_matches_fast(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("m", [*range(1, 70), 127, 128, 129, 200, 255, 256, 257, 513, 600, 1000])
 @pytest.mark.parametrize("n", [1, 100, 256, 960, 1000])
 def test_gemm_tasks_cover_output_exactly_once(m: int, n: int) -> None:
-    tasks = gemm_tasks(m, n, MENU)
+    tasks = gemm_tasks(m, n, 64, MENU)
     assert tasks.dtype == GEMM_TASK
     tm = np.array([MENU[t].tm for t in tasks["tile"]])
     tn = np.array([MENU[t].tn for t in tasks["tile"]])
@@ -115,7 +115,7 @@ def test_gemm_tasks_cover_output_exactly_once(m: int, n: int) -> None:
     assert (tasks["n_cols"] >= 1).all() and (tasks["n_cols"] <= tn).all()
     assert (coverage_count(tasks, m, n) == 1).all(), "overlap or gap in the output cover"
     # the M cover never pads M: only the last m-tile may be masked, by less than one cube fractal
-    m_tiles = sorted({(s, r, t) for s, r, _, _, t in tasks.tolist()})
+    m_tiles = sorted({(s, r, t) for s, r, _, _, t, *_ in tasks.tolist()})
     assert sum(r for _, r, _ in m_tiles) == m
     masked = [MENU[t].tm - r for _, r, t in m_tiles if MENU[t].tm > r]
     assert len(masked) <= 1 and all(pad < CHIP.cube_m for pad in masked)
@@ -130,7 +130,7 @@ def test_cover_of_200_is_128_64_16_with_8_valid_rows() -> None:
         (16, 8),
     ]
     assert [start for start, _, _ in cover_m(200, MENU)] == [0, 128, 192]
-    tasks = gemm_tasks(200, 960, MENU)
+    tasks = gemm_tasks(200, 960, 64, MENU)
     last_m = tasks[tasks["m_start"] == 192]
     assert (last_m["m_rows"] == 8).all() and {MENU[t].tm for t in last_m["tile"]} == {16}
     assert sorted(tasks["n_cols"][tasks["m_start"] == 0].tolist()) == [192, 256, 256, 256]
@@ -139,7 +139,7 @@ def test_cover_of_200_is_128_64_16_with_8_valid_rows() -> None:
 def test_cover_small_m_uses_smallest_tile() -> None:
     assert cover_m(1, MENU) == [(0, 1, len(MENU) - 1)]
     assert cover_m(0, MENU) == []
-    assert len(gemm_tasks(0, 960, MENU)) == 0
+    assert len(gemm_tasks(0, 960, 64, MENU)) == 0
 
 
 @pytest.mark.parametrize(
@@ -160,7 +160,7 @@ def test_gemm_padding_waste_by_hand(m: int, n: int, expected: float) -> None:
 
 
 def test_gemm_task_tables_are_cached_and_read_only() -> None:
-    a, b = gemm_tasks(200, 960, MENU), gemm_tasks(200, 960, MENU)
+    a, b = gemm_tasks(200, 960, 64, MENU), gemm_tasks(200, 960, 64, MENU)
     assert a is b
     assert not a.flags.writeable
     with pytest.raises(ValueError):
@@ -170,7 +170,7 @@ def test_gemm_task_tables_are_cached_and_read_only() -> None:
 def test_gemm_reference_runs_only_its_tasks() -> None:
     """A task table covering part of the output writes only that part (selective write)."""
     m, n, k = 40, 512, 64
-    tasks = np.array([(16, 16, 256, 100, len(MENU) - 1)], dtype=GEMM_TASK)
+    tasks = np.array([(16, 16, 256, 100, len(MENU) - 1, 0, k, -1)], dtype=GEMM_TASK)
     kernel = GemmKernel(name="partial", m=m, n=n, k=k, menu=MENU, tasks=tasks)
     x, w = torch.randn(m, k), torch.randn(n, k)
     out = torch.full((m, n), math.nan)
@@ -404,7 +404,7 @@ def test_device_strict_flag_picks_the_path(strict: bool) -> None:
     """The reference path runs only the task table; the fast path computes the whole output.
     A kernel whose table covers part of its output tells them apart without monkeypatching."""
     m, n, k = 32, 512, 64
-    tasks = np.array([(0, 16, 0, 256, len(MENU) - 1)], dtype=GEMM_TASK)
+    tasks = np.array([(0, 16, 0, 256, len(MENU) - 1, 0, k, -1)], dtype=GEMM_TASK)
     kernel = GemmKernel(name="partial", m=m, n=n, k=k, menu=MENU, tasks=tasks)
     device = Device(CHIP, strict=strict)
     out = torch.full((m, n), math.nan)

@@ -1,0 +1,229 @@
+"""GEMM tiling per shape: which M cover, N tile and split-K a GEMM launch runs with.
+
+Two policies, both returning a `GemmTiling`:
+
+- `search_tiling` (SmoothGEMM, XY-Serve's own): the lowest modelled cost over a small candidate
+  set, as XY-Serve picks its tiles by offline profiling (XYS 6.3). Candidates:
+  - M covers from the fixed tm menu (npu_sim.tiling.m_covers): greedy (200 = 128 + 64 + 16) or
+    full tiles plus one masked remainder tile (200 = 2 x 128, 72 rows valid of the second);
+  - N tiles: the default 256 and 128, and for each split the multiples of 16 that deal the tasks
+    onto the cores in whole waves (N = 4096 on 24 cores: 24 tiles of 176 columns, the last one
+    masked to 48, instead of 16 tiles of 256 leaving 8 cores idle), as ATB's pp_matmul re-splits
+    N when one M tile leaves cores idle (`PpTilingData::SetBaseOp`) and catlass re-tiles to
+    fill the 20 AICs of a 910B3 (matmul_fast_tuning.md);
+  - split-K when the output tiles alone do not fill the cores: 2 .. catlass's K-dependent cap
+    (MultiCoreSplitkMatmul: at most 2, 4, 8, 16 slices for K over 1k, 2k, 4k, all cores from
+    12k), partials reduced on the vector cores (cost included).
+  Each candidate is timed by the device's own cost model (launch, per-core makespan, shared HBM /
+  L2 bounds, reduce phase), so the choice is exactly the one the simulation rewards.
+- `atb_tiling` (the baselines' torch-npu linear): a port of ATB's pp_matmul tiling
+  (hicann/ascend-transformer-boost `common_tiling.h` TilingFunc / CostFunc and
+  `pp_matmul_tiling.cpp` SetBaseOp): m0, n0 powers of two from 16 up to 256 with m0 x n0 fp32 in
+  L0C, minimising 1 / (aCoef n0) + 1 / (bCoef m0) (a coefficient is 5, the L2:HBM bandwidth ratio,
+  when its operand's stripe exceeds L2); when a single M tile leaves a quarter of the cores idle
+  it re-splits N into per-core tiles. No split-K, one tile shape per launch.
+
+Both are cached per (m, n, k, chip).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from npu_sim.device import Device
+from npu_sim.hardware import ChipSpec
+from npu_sim.tasks import GemmKernel, TileShape
+from npu_sim.tiling import (
+    ACCUM_BYTES,
+    GEMM_TN,
+    L1_K_ALIGN,
+    OPERAND_BYTES,
+    MCover,
+    build_gemm_tasks,
+    gemm_menu,
+    gemm_reduce_tasks,
+    gemm_tasks,
+    gemm_tk,
+    m_covers,
+)
+
+_ALT_TNS = (GEMM_TN, 128)  # N tiles always tried besides the whole-wave ones
+_SPLITS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48)  # split-K factors tried, within catlass's cap
+ATB_L2_HBM_RATIO = 5  # ATB HardwareInfo: l2BandWidth = 5, hbmBandWidth = 1
+
+
+@dataclass(frozen=True)
+class GemmTiling:
+    """How one GEMM shape is tiled."""
+
+    menu: tuple[TileShape, ...]  # tile shapes (one N tile), largest tm first
+    cover: MCover  # ((m_start, m_rows, menu index), ...): the M cover
+    split_k: int  # K slices; 1 = none
+
+    def kernel(self, name: str, m: int, n: int, k: int, chip: ChipSpec,
+               valid_m: int | None = None, cached: bool = True) -> GemmKernel:
+        """The GemmKernel of `out[m, n] = x[m, k] @ w[n, k]^T` tiled this way (its task table
+        from the shape cache unless `cached` is False)."""
+        build = gemm_tasks if cached else build_gemm_tasks
+        return GemmKernel(
+            name=name, m=m, n=n, k=k, menu=self.menu,
+            tasks=build(m, n, k, self.menu, self.cover, self.split_k), valid_m=valid_m,
+            split_k=self.split_k,
+            reduce_tasks=gemm_reduce_tasks(m, n, chip) if self.split_k > 1 else None)
+
+    @property
+    def tn(self) -> int:
+        return self.menu[0].tn
+
+
+@functools.cache
+def _timer(chip: ChipSpec) -> Device:
+    return Device(chip, compute=False)
+
+
+def _round16(x: float) -> int:
+    return max(16, math.ceil(x / 16) * 16)
+
+
+def _split_cap(k: int, num_cores: int) -> int:
+    """catlass PaddingMultiCoreSplitkMatmulB16Handler's maxSplitkFactor for depth k."""
+    if k >= 12288:
+        return num_cores
+    return 16 if k > 4096 else 8 if k > 2048 else 4 if k > 1024 else 2
+
+
+def _wave_tns(n: int, tasks_per_n_tile: int, num_cores: int, widest: int) -> set[int]:
+    """N tiles up to `widest` that make (tasks_per_n_tile x N tiles) fill whole waves of the
+    cores: for the wave count of `widest` tiles, one fewer and one more (and one wave), the
+    widest tile fitting that many waves."""
+    waves = math.ceil(tasks_per_n_tile * math.ceil(n / widest) / num_cores)
+    out = set()
+    for w in {1, waves - 1, waves, waves + 1}:
+        n_tiles = w * num_cores // tasks_per_n_tile
+        if w >= 1 and n_tiles >= 1 and _round16(n / n_tiles) <= widest:
+            out.add(_round16(n / n_tiles))
+    return out
+
+
+@functools.cache
+def _widest_tn(tm: int, chip: ChipSpec) -> int:
+    """The widest N tile (a multiple of 16, at most 512) whose menu still holds tm."""
+    for tn in range(512, 0, -16):
+        if any(t.tm == tm for t in gemm_menu(chip, tn)):
+            return tn
+    return 0
+
+
+def _recover(cover: MCover, src: tuple[TileShape, ...], dst: tuple[TileShape, ...],
+             ) -> MCover | None:
+    """`cover` (indices into `src`) re-indexed into `dst` by tm; None if a tm is missing."""
+    index = {t.tm: i for i, t in enumerate(dst)}
+    out = []
+    for start, rows, tile in cover:
+        i = index.get(src[tile].tm)
+        if i is None:
+            return None
+        out.append((start, rows, i))
+    return tuple(out)
+
+
+def candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[GemmTiling]:
+    """The tilings `search_tiling` costs (see the module docstring), simplest first."""
+    base = gemm_menu(chip, chip.cube_n)  # every tm the chip's buffers allow at some N tile
+    c = chip.num_cube_cores
+    k_blocks = -(-k // L1_K_ALIGN)
+    out: dict[tuple, GemmTiling] = {}
+    for cover in m_covers(m, base):
+        mt = max(len(cover), 1)
+        widest = min(_widest_tn(base[t].tm, chip) for _, _, t in cover) if cover else GEMM_TN
+        splits = [1]
+        if mt * math.ceil(n / widest) < c:  # the output tiles alone leave cores idle
+            cap = min(_split_cap(k, c), k_blocks)
+            splits += [s for s in _SPLITS if s <= cap and mt * s <= 2 * c]
+        for s in splits:
+            tns = {tn for tn in (*_ALT_TNS, widest) if tn <= widest}
+            for tn in sorted(tns | _wave_tns(n, mt * s, c, widest), reverse=True):
+                if tn > _round16(n) and tn != GEMM_TN:
+                    continue
+                menu = gemm_menu(chip, tn)
+                moved = _recover(cover, base, menu) if menu else None
+                if moved is not None:
+                    out.setdefault((moved, tn, s), GemmTiling(menu, moved, s))
+    return list(out.values())
+
+
+@functools.lru_cache(maxsize=4096)
+def search_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
+    """SmoothGEMM's tiling of (m, n, k): the candidate with the lowest modelled time."""
+    timer = _timer(chip)
+    best, best_cycles = None, math.inf
+    for tiling in candidates(m, n, k, chip):
+        cycles = timer.time(tiling.kernel("search", m, n, k, chip, cached=False)).cycles
+        if cycles < best_cycles * (1 - 1e-9):  # ties keep the simpler (earlier) candidate
+            best, best_cycles = tiling, cycles
+    assert best is not None
+    return best
+
+
+@functools.lru_cache(maxsize=4096)
+def atb_tiling(m: int, n: int, k: int, chip: ChipSpec,
+               operand_bytes: int = OPERAND_BYTES) -> GemmTiling:
+    """ATB pp_matmul's tiling of (m, n, k) (see the module docstring) for `operand_bytes`-byte
+    operands (2: fp16 / bf16, 4: fp32), weight transposed (transB: w is [N, K], as a linear
+    layer's)."""
+    b = operand_bytes
+    m0, n0 = _atb_base(m, n, k, chip, b)
+    m_loop, n_loop = -(-m // m0), -(-n // n0)
+    c = chip.num_cube_cores
+    if m_loop == 1 and (m_loop * n_loop) % c < c // 4 * 3:  # SetBaseOp: re-split N over cores
+        m_base = _round16(m)
+        max_n0 = chip.l0c_bytes // (m_base * ACCUM_BYTES)
+        x = -(-n // c)
+        y = -(-x // max_n0)
+        n_base = _round16(-(-x // y))
+        if (m_base * n_base * ACCUM_BYTES < chip.l0c_bytes
+                and (m_base + n_base) * L1_K_ALIGN * b < chip.l1_bytes // 2):
+            m0, n0 = m_base, n_base
+    tile = TileShape(tm=m0, tn=n0, tk=gemm_tk(chip, n0, b))
+    cover = tuple((s, min(m0, m - s), 0) for s in range(0, m, m0))
+    return GemmTiling((tile,), cover, 1)
+
+
+def _atb_base(m: int, n: int, k: int, chip: ChipSpec, operand_bytes: int) -> tuple[int, int]:
+    """ATB TilingFunc: (m0, n0) of least CostFunc; the primary axis is the longer of m, n."""
+    pri_is_m = m >= n
+    short = n if pri_is_m else m
+    # roundBase = 2^ceil(ln(ceil(short / 16))) * 16 -- ATB's code takes the natural log here
+    round_base = int(2 ** math.ceil(math.log(max(-(-short // 16), 1)))) * 16
+    pri_axes = _round16(m if pri_is_m else n)
+    axes = -(-short // round_base) * round_base
+    axes0_max = 512 // operand_bytes
+    best, best_cost = (16, 16), 1.0
+    pri0 = 16
+    while pri0 <= pri_axes and pri0 <= axes0_max:
+        a0 = 16
+        while a0 <= axes and a0 <= axes0_max:
+            if pri0 * a0 * ACCUM_BYTES <= chip.l0c_bytes:
+                m0, n0 = (pri0, a0) if pri_is_m else (a0, pri0)
+                cost = _atb_cost(m, n, k, m0, n0, chip)
+                if cost < best_cost:
+                    best, best_cost = (m0, n0), cost
+            a0 *= 2
+        pri0 *= 2
+    return best
+
+
+def _atb_cost(m: int, n: int, k: int, m0: int, n0: int, chip: ChipSpec) -> float:
+    """ATB CostFunc: operand traffic per output element, an operand whose per-wave stripe
+    overflows L2 weighing the L2:HBM ratio more."""
+    c = chip.num_cube_cores
+    m_loop, n_loop = -(-m // m0), -(-n // n0)
+    block_dim = min(m_loop * n_loop, c)
+    m_once = m0 if block_dim < n_loop else block_dim // n_loop * m0
+    n_once = c * n0 if block_dim < n_loop else n
+    # as written in ATB (FP16_SIZE whatever the dtype); the coefficient lowers the cost term
+    a_coef = ATB_L2_HBM_RATIO if m_once * k * OPERAND_BYTES > chip.l2_bytes else 1
+    b_coef = ATB_L2_HBM_RATIO if n_once * k * OPERAND_BYTES > chip.l2_bytes else 1
+    return 1 / (a_coef * n0) + 1 / (b_coef * m0)
