@@ -13,7 +13,7 @@ speculative decoding's drafts (there are no real tokens to verify).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +53,25 @@ class SimulationResult:
 class Simulation:
     """A model on a simulated chip with the engine's options, ready to run workloads."""
 
-    def __init__(self, model: str, *, acceptance_rate: float = 0.7,
+    def __init__(self, model: str, *, config: EngineConfig | None = None,
+                 acceptance_rate: float = 0.7,
                  kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
-                 **engine_options: Any) -> None:
-        """model: an arch preset or a Hugging Face config.json (file or directory).
+                 tensor_parallel_size: int = 1, **engine_options: Any) -> None:
+        """model: an arch preset or a Hugging Face config.json (file or directory). Engine
+        options: a whole `config` (its model is replaced), or EngineConfig.from_kwargs names.
         Raises ModelLoadError / ValueError for a model, chip or option it cannot simulate."""
         self.model = model
         self.arch = resolve_arch(model)
-        self.config = EngineConfig.from_kwargs(model=model, **engine_options)
+        self.config = (replace(config, model=model) if config is not None
+                       else EngineConfig.from_kwargs(model=model, **engine_options))
         self.acceptance_rate = acceptance_rate
         self.kv_reserve_fraction = kv_reserve_fraction
+        self.tensor_parallel_size = tensor_parallel_size
         self.engine = self._build()  # built here so that bad options fail at once
 
     def _build(self) -> Any:
         return build_timing_engine(self.config, self.arch, self.model, self.acceptance_rate,
-                                   self.kv_reserve_fraction)
+                                   self.kv_reserve_fraction, self.tensor_parallel_size)
 
     def run(self, workload: Workload, slo: Slo | None = None,
             on_step: Callable[[float], None] | None = None) -> SimulationResult:
@@ -75,7 +79,9 @@ class Simulation:
         engine, self.engine = self.engine or self._build(), None
         recorder = Recorder()
         rejected = drive(engine, workload, recorder, on_step)
-        summary = summarize(recorder, model=self.model, chip=engine.info.chip,
+        tp = self.tensor_parallel_size
+        chip = engine.info.chip if tp == 1 else f"{tp} x {engine.info.chip} (TP {tp})"
+        summary = summarize(recorder, model=self.model, chip=chip,
                             workload=workload.source, num_rejected=len(rejected),
                             num_dropped=workload.num_dropped, num_clipped=workload.num_clipped,
                             slo=slo)

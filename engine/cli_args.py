@@ -12,6 +12,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from engine.config import (
+    NPU_STACKS,
     SPECULATIVE_METHODS,
     CacheConfig,
     EngineConfig,
@@ -96,6 +97,10 @@ def add_npu_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     n.add_argument("--npu-dtype", default=config_default(EngineConfig, "npu_dtype"),
                    choices=typing.get_args(NpuDtype),
                    help="operand dtype the NPU cost model assumes (default: %(default)s)")
+    n.add_argument("--stack", default=config_default(EngineConfig, "npu_stack"), choices=NPU_STACKS,
+                   help="the serving stack whose host overhead a simulated step pays: xyserve "
+                        "(this system's runtime), eager (a launch-bound eager loop), vllm-ascend, "
+                        "mindie (graph-captured) (default: %(default)s)")
     n.add_argument("--npu-trace", default=config_default(EngineConfig, "npu_trace_dir"),
                    metavar="DIR",
                    help="write Perfetto / Chrome timelines (a track per AI core) of the first "
@@ -143,7 +148,8 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
     options = dict(
         model=args.model, seed=args.seed, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
-        npu=args.npu, npu_dtype=args.npu_dtype, npu_trace_dir=args.npu_trace,
+        npu=args.npu, npu_dtype=args.npu_dtype, npu_stack=args.stack,
+        npu_trace_dir=args.npu_trace,
         policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     if hasattr(args, "kv_cache_memory_bytes"):

@@ -12,6 +12,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # The simulated chip: a preset name of npu_sim.hardware, kept here as a plain name so that the
 # engine's configuration (and the pure scheduler that reads it) never loads the simulator.
 DEFAULT_NPU = "910b2"
+# The serving stacks whose host overhead the simulated NPU can model (npu_sim.host.STACKS; a test
+# keeps the two equal): xyserve's own runtime, a launch-bound eager loop, vLLM-Ascend, MindIE.
+NPU_STACKS = ("xyserve", "eager", "vllm-ascend", "mindie")
 
 Dtype = Literal["auto", "float32", "bfloat16"]
 # dtype `auto` keeps models up to this many parameters in fp32 where the C kernels run (see
@@ -113,6 +116,8 @@ class EngineConfig:
     strict_kernels: bool = False  # run every kernel task by task (reference path); slow
     npu: str = DEFAULT_NPU  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file
     npu_dtype: NpuDtype = "bf16"  # operand dtype the cost model assumes on the NPU
+    npu_stack: str = NPU_STACKS[0]  # whose host and runtime overhead each step pays
+    #   (npu_sim.host: per step, per launch, per request)
     npu_trace_dir: str | None = None  # write Perfetto timelines of the first steps here
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -123,6 +128,8 @@ class EngineConfig:
                  "must be auto, float32 or bfloat16")
         _require(self.npu_dtype in ("bf16", "fp16"), "npu_dtype", self.npu_dtype,
                  "must be bf16 or fp16")
+        _require(self.npu_stack in NPU_STACKS, "npu_stack", self.npu_stack,
+                 f"must be one of {', '.join(NPU_STACKS)}")
 
     @staticmethod
     def from_kwargs(**kwargs: Any) -> EngineConfig:

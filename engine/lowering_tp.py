@@ -59,23 +59,24 @@ def all_gather(name: str, rows: int, cols_per_card: int, tp: int) -> CollectiveK
 
 
 def weight_bytes(arch: ModelArch, weight_dtype_bytes: int = 2) -> int:
-    """Bytes of the model's weights (projections, MLP, embedding, LM head unless tied, norms)."""
-    h, d = arch.hidden_size, arch.head_dim
-    per_layer = (h * (arch.num_heads + 2 * arch.num_kv_heads) * d + arch.num_heads * d * h
-                 + 3 * h * arch.intermediate_size + 2 * h)
-    embed = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
-    return (arch.num_layers * per_layer + embed + h) * weight_dtype_bytes
+    """Bytes of the model's weights (engine.arch.ModelArch.num_params) in that dtype."""
+    return arch.num_params * weight_dtype_bytes
 
 
 def kv_pool_blocks(arch: ModelArch, chip: ChipSpec, block_size: int, tp: int = 1,
                    memory_fraction: float = 0.9, kv_dtype_bytes: int = 2) -> int:
     """KV blocks one card's pool holds: `memory_fraction` of its HBM, less its 1 / tp of the
     weights, over the bytes a block of `block_size` tokens takes on the card (its 1 / tp of the
-    KV heads, every layer, K and V). The pools of a TP group hold the same tokens."""
+    KV heads, every layer, K and V). The pools of a TP group hold the same tokens. ValueError
+    when the weights leave no room for a block."""
     card = shard_arch(arch, tp)
-    free = chip.hbm_bytes * memory_fraction - weight_bytes(arch) / tp
+    per_card = weight_bytes(arch) / tp
+    free = chip.hbm_bytes * memory_fraction - per_card
     per_block = 2 * arch.num_layers * card.num_kv_heads * arch.head_dim * kv_dtype_bytes
     blocks = int(free // (per_block * block_size))
     if blocks < 1:
-        raise ValueError(f"{chip.name} x{tp}: the weights leave no HBM for a KV block")
+        raise ValueError(f"the weights ({per_card / 2**30:.1f} GiB per card over {tp} card"
+                         f"{'s' if tp > 1 else ''}) leave no room for the KV cache in "
+                         f"{memory_fraction:.0%} of {chip.name}'s {chip.hbm_bytes / 2**30:.0f} "
+                         f"GiB HBM; use more cards (--tensor-parallel-size)")
     return blocks

@@ -45,7 +45,8 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
     the engine serves with it. Raises ModelLoadError / ValueError for a model it cannot run."""
     loaded = loaded or load_model(config.model)
     platform.keep_freed_tensor_memory()
-    device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype)
+    device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype,
+                    stack=config.npu_stack)
     dtype = platform.resolve_dtype(config.dtype, sum(t.numel() for t in loaded.weights.values()))
     num_kv_blocks = platform.num_kv_blocks(config.cache, loaded.arch, dtype)
     block_size = config.cache.block_size

@@ -18,60 +18,58 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 
 from engine.arch import ModelArch
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.lowering import ChunkShape, lower_step, step_launch_counts
+from engine.lowering_tp import kv_pool_blocks, shard_arch
 from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
 from engine.spec.types import Draft
 from npu_sim.device import Device
-from npu_sim.hardware import ChipSpec, load_chip
+from npu_sim.hardware import load_chip
 
 logger = logging.getLogger("xyserve")
 
 SYNTHETIC_TOKEN_ID = 1  # what every sampled row yields (any id below the vocabulary would do)
-NPU_OPERAND_BYTES = 2  # bf16 / fp16 weights and KV cache on the NPU
 # Device memory kept back from the KV pool for activations, workspaces and the runtime: vLLM's
 # default gpu_memory_utilization is 0.9, so 10% of HBM.
 DEFAULT_KV_RESERVE_FRACTION = 0.1
 
 
-def npu_kv_blocks(arch: ModelArch, chip: ChipSpec, block_size: int,
-                  reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION) -> int:
-    """KV blocks that fit one chip's HBM after the weights and the reserve (bf16/fp16 on the
-    NPU). Raises ValueError when the weights alone do not fit."""
-    weight_bytes = arch.num_params * NPU_OPERAND_BYTES
-    usable = chip.hbm_bytes * (1.0 - reserve_fraction)
-    block_bytes = (2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim
-                   * NPU_OPERAND_BYTES)
-    if weight_bytes >= usable:
-        raise ValueError(f"the weights ({weight_bytes / 2**30:.1f} GiB) do not fit "
-                         f"{chip.name}'s {chip.hbm_bytes / 2**30:.0f} GiB HBM with "
-                         f"{reserve_fraction:.0%} kept back")
-    return int((usable - weight_bytes) // block_bytes)
-
-
 def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
                         acceptance_rate: float = 0.7,
-                        kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION) -> EngineCore:
-    """An EngineCore over a TimingRunner for `arch` on `config.npu`: the engine that serves,
-    timing only. The KV pool is `config.cache.num_kv_blocks` when given, else what the chip's
-    HBM holds after the weights and the reserve. Raises ValueError for a model or chip it
-    cannot simulate."""
+                        kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
+                        tensor_parallel_size: int = 1) -> EngineCore:
+    """An EngineCore over a TimingRunner for `arch` on `config.npu` (one card, or each card of a
+    tensor-parallel group of `tensor_parallel_size`): the engine that serves, timing only. The
+    KV pool is `config.cache.num_kv_blocks` when given, else what one card's HBM holds after its
+    share of the weights and the reserve (engine.lowering_tp.kv_pool_blocks). Raises
+    ValueError for a model, chip or sharding it cannot simulate."""
     chip = load_chip(config.npu)
+    max_model_len = config.scheduler.max_model_len or arch.max_position_embeddings
+    if max_model_len > arch.max_position_embeddings:
+        # Nothing is computed, so positions past the trained context cost what the shapes say;
+        # a trace's long requests can then be replayed as they came.
+        logger.warning("simulating %s beyond its trained context: max_model_len %d > %d",
+                       model_name, max_model_len, arch.max_position_embeddings)
+        arch = replace(arch, max_position_embeddings=max_model_len)
     block_size = config.cache.block_size
-    num_kv_blocks = config.cache.num_kv_blocks or npu_kv_blocks(arch, chip, block_size,
-                                                                kv_reserve_fraction)
-    device = Device(chip, compute=False, dtype=config.npu_dtype,
+    shard_arch(arch, tensor_parallel_size)  # heads and MLP must divide (ValueError)
+    num_kv_blocks = config.cache.num_kv_blocks or kv_pool_blocks(
+        arch, chip, block_size, tensor_parallel_size, memory_fraction=1.0 - kv_reserve_fraction)
+    device = Device(chip, compute=False, dtype=config.npu_dtype, stack=config.npu_stack,
                     timeline=config.npu_trace_dir is not None)
-    runner = TimingRunner(arch, device, block_size, acceptance_rate, config.seed)
+    runner = TimingRunner(arch, device, block_size, acceptance_rate, config.seed,
+                          tensor_parallel_size)
     info = EngineInfo(
         model_name=model_name, model_path=None, arch=arch, tokenizer=None,
-        max_model_len=config.scheduler.max_model_len or arch.max_position_embeddings,
+        max_model_len=max_model_len,
         num_kv_blocks=num_kv_blocks, block_size=block_size, dtype="none", chip=chip.name)
-    logger.info("timing-only engine: %s on %s (%s), KV cache %d blocks x %d tokens", model_name,
-                chip.name, config.npu_dtype, num_kv_blocks, block_size)
+    logger.info("timing-only engine: %s on %s x%d (%s), KV cache %d blocks x %d tokens",
+                model_name, chip.name, tensor_parallel_size, config.npu_dtype, num_kv_blocks,
+                block_size)
     return EngineCore(config, runner, info)
 
 
@@ -79,9 +77,12 @@ class TimingRunner:
     """Runner (engine.core.Runner) that only times steps. Not thread-safe."""
 
     def __init__(self, arch: ModelArch, device: Device, block_size: int,
-                 acceptance_rate: float = 0.7, seed: int = 0) -> None:
+                 acceptance_rate: float = 0.7, seed: int = 0,
+                 tensor_parallel_size: int = 1) -> None:
         """device: a timing-only Device (compute=False). acceptance_rate: probability that each
-        draft position of a verify is accepted, given the previous one was."""
+        draft position of a verify is accepted, given the previous one was.
+        tensor_parallel_size: the step is one card's of a TP group (engine.lowering_tp), whose
+        cards run in lockstep, so a card's time is the step's."""
         if device.compute:
             raise ValueError("the timing-only runner needs a timing-only Device (compute=False)")
         if not 0.0 <= acceptance_rate <= 1.0:
@@ -90,6 +91,7 @@ class TimingRunner:
         self.device = device
         self.block_size = block_size
         self.acceptance_rate = acceptance_rate
+        self.tp = tensor_parallel_size
         self._rng = random.Random(seed)
         self.num_launches = 0  # kernel launches timed, ever (a layer's kernels count per layer)
 
@@ -102,7 +104,7 @@ class TimingRunner:
         num_sampled = sum(1 + c.num_draft_tokens for c in chunks if c.sample)
         plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
                            for c in chunks], num_sampled, self.arch, self.device.chip,
-                          self.block_size)
+                          self.block_size, tp=self.tp)
         counts = step_launch_counts(plan, self.arch.num_layers)
         self.num_launches += sum(n for _, n in counts)
         trace = self.device.time_launches(counts, num_requests=len(chunks))

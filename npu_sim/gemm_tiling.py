@@ -80,7 +80,8 @@ class GemmTiling:
 
 @functools.cache
 def _timer(chip: ChipSpec) -> Device:
-    return Device(chip, compute=False)
+    """The device that times candidates: timing only, no timeline (nothing draws them)."""
+    return Device(chip, compute=False, timeline=False)
 
 
 def _round16(x: float) -> int:
@@ -154,7 +155,8 @@ def candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[GemmTiling]:
     return list(out.values())
 
 
-@functools.lru_cache(maxsize=4096)
+# Sized for every token count of a long simulation (thousands) times a model's five GEMMs.
+@functools.lru_cache(maxsize=1 << 15)
 def search_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
     """SmoothGEMM's tiling of (m, n, k): the candidate with the lowest modelled time."""
     timer = _timer(chip)
@@ -167,7 +169,7 @@ def search_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
     return best
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 15)
 def atb_tiling(m: int, n: int, k: int, chip: ChipSpec,
                operand_bytes: int = OPERAND_BYTES) -> GemmTiling:
     """ATB pp_matmul's tiling of (m, n, k) (see the module docstring) for `operand_bytes`-byte

@@ -181,7 +181,7 @@ def build_gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...],
     return tasks
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=1 << 14)
 def gemm_reduce_tasks(m: int, n: int, chip: ChipSpec) -> np.ndarray:
     """GEMM_REDUCE_TASK table: the (m, n) output as one row-major range of elements, dealt in
     contiguous pieces to the vector cores, at least REDUCE_MIN_ELEMS each (catlass

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(subparsers)
     add_kernels_parser(subparsers)
     add_bench_parser(subparsers)
+    from cluster.cli import add_simulate_parser  # argparse only; the simulator loads on use
+
+    add_simulate_parser(subparsers)
     return parser
 
 

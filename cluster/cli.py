@@ -1,0 +1,169 @@
+"""`xyserve simulate`: replay a trace (or a drawn workload) on simulated Ascend NPUs.
+
+    xyserve simulate --model llama-2-7b --trace AzureLLMInferenceTrace_conv.csv \\
+        --max-num-batched-tokens 2048 --max-num-seqs 256 --max-model-len 16384 --out results/
+    xyserve simulate --model qwen2.5-7b --synthetic --request-rate 4 --num-requests 500 \\
+        --input-len lognormal:mean=800,sigma=0.6 --output-len 200 --slo ttft=2,tpot=0.1
+
+Engine options are serve's (engine.cli_args, the same defaults); the summary goes to stdout as a
+table and, with --out, to summary.json beside requests.csv, steps.csv and the plots.
+Usage errors exit 2 with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from typing import Any
+
+from engine.cli_args import (
+    add_npu_arguments,
+    add_scheduler_arguments,
+    add_speculative_arguments,
+    engine_config,
+)
+
+DEFAULT_SIM_MODEL = "llama-2-7b"
+
+
+def add_simulate_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "simulate", help="replay a trace on simulated Ascend NPUs (timing only, any model size)",
+        description="Run a workload through the serving engine with a timing-only runner: the "
+                    "same scheduler, KV cache, lowering and NPU cost model as `serve`, no "
+                    "weights. Latencies are simulated seconds.")
+    p.add_argument("--model", default=DEFAULT_SIM_MODEL,
+                   help="a model preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, "
+                        "llama-3-70b, qwen2.5-7b, qwen2.5-72b, qwen3-8b) or a Hugging Face "
+                        "config.json (file or directory; weights are never read) "
+                        "(default: %(default)s)")
+    w = p.add_argument_group("workload")
+    source = w.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", metavar="FILE",
+                        help="an Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, "
+                             "GeneratedTokens) or a ShareGPT-style JSON (arrivals drawn at "
+                             "--request-rate)")
+    source.add_argument("--synthetic", action="store_true",
+                        help="draw arrivals at --request-rate and lengths from --input-len / "
+                             "--output-len")
+    w.add_argument("--request-rate", type=float, default=math.inf, metavar="R",
+                   help="requests per second for drawn arrivals; inf: all at time 0 "
+                        "(default: %(default)s)")
+    w.add_argument("--arrivals", choices=("poisson", "gamma"), default="poisson",
+                   help="arrival process (default: %(default)s)")
+    w.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma arrivals' shape: 1 = Poisson, below 1 burstier "
+                        "(default: %(default)s)")
+    w.add_argument("--input-len", default="512",
+                   help="synthetic prompt lengths: N, uniform:low=A,high=B or "
+                        "lognormal:mean=M,sigma=S (default: %(default)s)")
+    w.add_argument("--output-len", default="128",
+                   help="synthetic output lengths, as --input-len (default: %(default)s)")
+    w.add_argument("--tokenizer", metavar="DIR",
+                   help="a local Hugging Face tokenizer to measure a ShareGPT JSON's texts "
+                        "(without one, records need prompt_len / output_len fields)")
+    w.add_argument("--num-requests", type=int, metavar="N",
+                   help="the first N requests (synthetic: how many to draw; default 1000)")
+    w.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="only requests arriving within this many (scaled) seconds")
+    w.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply arrival times: 2 stretches the trace to half the rate, 0.5 "
+                        "doubles it (default: %(default)s)")
+    w.add_argument("--long-requests", choices=("drop", "clip"), default="drop",
+                   help="requests whose prompt + output exceed --max-model-len are dropped or "
+                        "clipped (output first), and counted (default: %(default)s)")
+    add_scheduler_arguments(p, kv_budget=False)
+    n = add_npu_arguments(p)
+    n.add_argument("--tensor-parallel-size", "-tp", type=int, choices=(1, 2, 4, 8), default=1,
+                   help="NPUs of one node the model is sharded over (Megatron-style; the "
+                        "all-reduces over HCCS are simulated) (default: %(default)s)")
+    n.add_argument("--kv-reserve-fraction", type=float, default=0.1, metavar="F",
+                   help="HBM kept back from the KV pool for activations and workspaces "
+                        "(vLLM's gpu_memory_utilization is 1 - F) (default: %(default)s)")
+    add_speculative_arguments(p)
+    p.add_argument_group("speculative decoding").add_argument(
+        "--acceptance-rate", type=float, default=0.7, metavar="A",
+        help="simulated drafts: probability that each draft position is accepted, given the "
+             "previous one was (default: %(default)s)")
+    o = p.add_argument_group("results")
+    o.add_argument("--slo", metavar="ttft=S,tpot=S",
+                   help="service-level objective for goodput, in seconds (e.g. ttft=2,tpot=0.1)")
+    o.add_argument("--out", metavar="DIR",
+                   help="write summary.json, requests.csv, steps.csv and plots here")
+    o.add_argument("--no-plots", action="store_true", help="with --out: skip the plots")
+    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar in simulated time (default: when stderr is a terminal)")
+    p.set_defaults(func=run_simulate)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Build the workload and the engine (every bad option is one line, exit 2), run, report."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from cluster.results import Slo
+    from cluster.simulation import Simulation
+    from cluster.workload import WorkloadError
+    from engine.arch import ModelLoadError
+
+    try:
+        slo = Slo.parse(args.slo) if args.slo else None
+        if not 0.0 <= args.kv_reserve_fraction < 1.0:
+            raise ValueError(f"--kv-reserve-fraction must be in [0, 1), got "
+                             f"{args.kv_reserve_fraction}")
+        sim = Simulation(args.model, config=engine_config(args),
+                         acceptance_rate=args.acceptance_rate,
+                         kv_reserve_fraction=args.kv_reserve_fraction,
+                         tensor_parallel_size=args.tensor_parallel_size)
+        workload = _workload(args, sim.engine.info.max_model_len)
+    except (ModelLoadError, WorkloadError, ValueError) as exc:
+        print(f"xyserve simulate: error: {exc}", file=sys.stderr)
+        return 2
+    result = sim.run(workload, slo, _progress(args, workload))
+    from cluster.results import format_table
+
+    print(format_table(result.summary))
+    for rejected in result.rejected[:5]:
+        print(f"rejected request {rejected.index}: {rejected.reason}", file=sys.stderr)
+    if args.out:
+        paths = result.write(args.out, plots=not args.no_plots)
+        print(f"results: {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _workload(args: argparse.Namespace, max_model_len: int) -> Any:
+    from cluster import workload as wl
+
+    if args.synthetic:
+        base = wl.synthetic(args.num_requests or 1000, args.request_rate, args.input_len,
+                            args.output_len, args.seed, args.arrivals, args.burstiness)
+    elif args.trace.lower().endswith(".json"):
+        tokenizer = None
+        if args.tokenizer:
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer,
+                                                                   local_files_only=True)
+        base = wl.read_sharegpt_json(args.trace, args.request_rate, args.seed, tokenizer,
+                                     args.arrivals, args.burstiness)
+    else:
+        base = wl.read_azure_csv(args.trace)
+    return wl.shape(base, num_requests=None if args.synthetic else args.num_requests,
+                    duration_s=args.duration, time_scale=args.time_scale,
+                    max_model_len=max_model_len, long_policy=args.long_requests)
+
+
+def _progress(args: argparse.Namespace, workload: Any) -> Any:
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=round(workload.duration_s, 1) or None, unit="sim s", mininterval=0.5,
+               desc="simulate")
+
+    def advance(now_sim_s: float) -> None:
+        bar.n = round(now_sim_s, 1)
+        bar.update(0)  # redraws at most every mininterval
+
+    return advance
