@@ -177,15 +177,25 @@ def read_sharegpt_json(path: str | Path, rate: float, seed: int = 0,
         raise WorkloadError(f"{path}: expected a JSON list of conversations or records")
     pairs: list[tuple[int, int, tuple[int, ...] | None]] = []
     for i, record in enumerate(data):
-        pair = _sharegpt_lengths(record, tokenizer)
-        if pair is None:
-            if isinstance(record, dict) and "conversations" in record:
-                continue  # no human turn with a reply: nothing to simulate
+        if isinstance(record, dict) and "prompt_len" in record and "output_len" in record:
+            try:
+                prompt, output = int(record["prompt_len"]), int(record["output_len"])
+            except (TypeError, ValueError):
+                prompt = output = 0
+            if prompt < 1 or output < 1:
+                raise WorkloadError(f"{path}: record {i}: prompt_len and output_len must be "
+                                    f"positive integers")
+            pairs.append((prompt, output, None))
+        elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
+            if tokenizer is None:
+                raise WorkloadError(f"{path}: record {i} is a conversation: measuring its "
+                                    f"turns needs a tokenizer (--tokenizer DIR)")
+            pair = _conversation_lengths(record["conversations"], tokenizer)
+            if pair is not None:  # else no human turn with a reply: nothing to simulate
+                pairs.append(pair)
+        else:
             raise WorkloadError(f"{path}: record {i} has neither conversations nor "
-                                f"prompt_len / output_len fields" + (
-                                    "" if tokenizer is not None else
-                                    " (conversations need a tokenizer: give --tokenizer)"))
-        pairs.append(pair)
+                                f"prompt_len / output_len fields")
     if not pairs:
         raise WorkloadError(f"{path}: no requests")
     rng = random.Random(seed)
@@ -195,16 +205,9 @@ def read_sharegpt_json(path: str | Path, rate: float, seed: int = 0,
     return Workload(requests, f"ShareGPT-style {path.name} at {rate:g} req/s")
 
 
-def _sharegpt_lengths(record: Any, tokenizer: Any,
-                      ) -> tuple[int, int, tuple[int, ...] | None] | None:
-    if not isinstance(record, dict):
-        return None
-    if "prompt_len" in record and "output_len" in record:
-        prompt, output = int(record["prompt_len"]), int(record["output_len"])
-        return (prompt, output, None) if prompt >= 1 and output >= 1 else None
-    turns = record.get("conversations")
-    if tokenizer is None or not isinstance(turns, list):
-        return None
+def _conversation_lengths(turns: list[Any], tokenizer: Any,
+                          ) -> tuple[int, int, tuple[int, ...]] | None:
+    """(prompt length, reply length, prompt ids) of the first human turn with a reply."""
     for turn, reply in itertools.pairwise(turns):
         if (isinstance(turn, dict) and isinstance(reply, dict) and turn.get("from") == "human"
                 and reply.get("from") in ("gpt", "chatgpt", "assistant")):
