@@ -50,8 +50,11 @@ class Runner(Protocol):
 class EngineCore:
     """Owns the scheduler, a runner and the output processor, and both clocks."""
 
-    def __init__(self, config: EngineConfig, runner: Runner, info: EngineInfo) -> None:
-        """An engine over `runner`, whose KV pool and model `info` describes.
+    def __init__(self, config: EngineConfig, runner: Runner, info: EngineInfo,
+                 deltas: bool = True) -> None:
+        """An engine over `runner`, whose KV pool and model `info` describes. deltas: step()
+        returns a delta for every request that changed; False: only the finished requests'
+        (what a simulation reads; the stats still see every token).
 
         Use `EngineCore.load(config)` for the compute engine of `config.model`.
         """
@@ -66,7 +69,8 @@ class EngineCore:
                                    info.max_model_len,
                                    enable_prefix_caching=config.cache.enable_prefix_caching,
                                    speculative=spec)
-        self.output_processor = OutputProcessor(info.tokenizer, spec.num_speculative_tokens)
+        self.output_processor = OutputProcessor(info.tokenizer, spec.num_speculative_tokens,
+                                                deltas)
         self._wall_origin_s = time.monotonic()
         self.sim_now_s = 0.0  # the simulated NPU clock, in seconds since the engine started
         self.num_steps = 0  # non-empty steps run

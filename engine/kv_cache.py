@@ -250,8 +250,17 @@ class KVCacheManager:
         All or nothing: returns False, changing nothing, when the pool lacks the blocks.
         Never shrinks a block table; `num_computed_tokens` is left for the caller to advance.
         """
-        if cached_block_ids:
-            assert not request.block_ids and request.num_computed_tokens == 0
+        if not cached_block_ids:  # the common case (every running request, every step)
+            num_missing_blocks = (-(-(request.num_computed_tokens + num_new_tokens)
+                                    // self.block_size) - len(request.block_ids))
+            if num_missing_blocks <= 0:
+                return True
+            new_block_ids = self.pool.allocate(num_missing_blocks)  # None when short
+            if new_block_ids is None:
+                return False
+            request.block_ids.extend(new_block_ids)
+            return True
+        assert not request.block_ids and request.num_computed_tokens == 0
         num_cached_tokens = len(cached_block_ids) * self.block_size
         num_needed_tokens = request.num_computed_tokens + num_cached_tokens + num_new_tokens
         num_missing_blocks = (self.num_blocks_for(num_needed_tokens) - len(request.block_ids)
@@ -260,10 +269,9 @@ class KVCacheManager:
         num_revived = sum(self.pool.ref_count(b) == 0 for b in cached_block_ids)
         if max(num_missing_blocks, 0) + num_revived > self.pool.num_free_blocks:
             return False
-        if cached_block_ids:
-            self.pool.incref(cached_block_ids)
-            request.block_ids.extend(cached_block_ids)
-            self._num_registered[request.request_id] = len(cached_block_ids)
+        self.pool.incref(cached_block_ids)
+        request.block_ids.extend(cached_block_ids)
+        self._num_registered[request.request_id] = len(cached_block_ids)
         if num_missing_blocks > 0:
             new_block_ids = self.pool.allocate(num_missing_blocks)
             assert new_block_ids is not None

@@ -27,8 +27,10 @@ launches.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from engine.arch import ModelArch
 from engine.lowering_attention import (
@@ -137,9 +139,30 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
                block_size: int, policy: LoweringPolicy = DEFAULT_POLICY, tp: int = 1) -> StepPlan:
     """Lower a batch (chunks in batch order) into the step's kernels: on one card of a `tp`-card
     tensor-parallel group, the card's shards plus the group's collectives (engine.lowering_tp;
-    ValueError when heads, KV heads or the MLP width do not divide by tp)."""
-    arch = shard_arch(arch, tp)
+    ValueError when heads, KV heads or the MLP width do not divide by tp).
+
+    Only attention depends on the chunks themselves; every other kernel is a function of the
+    token count and the sampled rows, built once per such pair (`_dense_kernels`) and shared
+    by every step that has them (so the device's timing caches hit on the very same kernels).
+    """
+    card = shard_arch(arch, tp)
     t = sum(c.num_tokens for c in chunks)
+    if policy.attention is AttentionPolicy.META:
+        attention, decode_attention = lower_attention(chunks, card, chip, block_size), None
+    else:
+        split = lower_attention_split(chunks, card, chip, block_size)
+        attention, decode_attention = split[0], (split[1] if len(split) > 1 else None)
+    layer_kernels, step_kernels = _dense_kernels(t, num_sampled, card, chip, policy, tp)
+    return StepPlan(layer=LayerPlan(attention=attention, decode_attention=decode_attention,
+                                    **layer_kernels),
+                    num_tokens=t, num_sampled=num_sampled, tp=tp, **step_kernels)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _dense_kernels(t: int, num_sampled: int, arch: ModelArch, chip: ChipSpec,
+                   policy: LoweringPolicy, tp: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(LayerPlan fields, StepPlan fields) of everything but attention, for t tokens of which
+    num_sampled are sampled, on one card (`arch` is its shard). Cached: read, never changed."""
     h, d = arch.hidden_size, arch.head_dim
     pads: dict[str, VectorKernel] = {}
 
@@ -154,46 +177,33 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
                             tasks=vector_tasks(rows, row_len, chip))
 
     qkv_n = (arch.num_heads + 2 * arch.num_kv_heads) * d
-    if policy.attention is AttentionPolicy.META:
-        attention, decode_attention = lower_attention(chunks, arch, chip, block_size), None
-    else:
-        split = lower_attention_split(chunks, arch, chip, block_size)
-        attention, decode_attention = split[0], (split[1] if len(split) > 1 else None)
-    layer = LayerPlan(
-        qkv_proj=gemm("qkv_proj", t, qkv_n, h),
-        rope=vector("rope", VectorOp.ROPE, t, (arch.num_heads + arch.num_kv_heads) * d),
-        kv_write=vector("kv_write", VectorOp.KV_WRITE, t, 2 * arch.num_kv_heads * d),
-        attention=attention,
-        o_proj=gemm("o_proj", t, h, arch.num_heads * d),
-        post_attn_norm=vector("post_attention_norm", VectorOp.ADD_RMSNORM, t, h),
-        gate_up_proj=gemm("gate_up_proj", t, 2 * arch.intermediate_size, h),
-        silu_mul=vector("silu_mul", VectorOp.SILU_MUL, t, 2 * arch.intermediate_size),
-        down_proj=gemm("down_proj", t, h, arch.intermediate_size),
-        next_input_norm=vector("input_norm", VectorOp.ADD_RMSNORM, t, h),
-        pads=tuple(pads.items()),
-        decode_attention=decode_attention,
-        o_proj_all_reduce=all_reduce("o_proj_all_reduce", t, h, tp) if tp > 1 else None,
-        down_proj_all_reduce=all_reduce("down_proj_all_reduce", t, h, tp) if tp > 1 else None,
-    )
-    lm_head = gemm("lm_head", num_sampled, arch.vocab_size, h) if num_sampled else None
-    tp_collectives = {}
+    layer = {
+        "qkv_proj": gemm("qkv_proj", t, qkv_n, h),
+        "rope": vector("rope", VectorOp.ROPE, t, (arch.num_heads + arch.num_kv_heads) * d),
+        "kv_write": vector("kv_write", VectorOp.KV_WRITE, t, 2 * arch.num_kv_heads * d),
+        "o_proj": gemm("o_proj", t, h, arch.num_heads * d),
+        "post_attn_norm": vector("post_attention_norm", VectorOp.ADD_RMSNORM, t, h),
+        "gate_up_proj": gemm("gate_up_proj", t, 2 * arch.intermediate_size, h),
+        "silu_mul": vector("silu_mul", VectorOp.SILU_MUL, t, 2 * arch.intermediate_size),
+        "down_proj": gemm("down_proj", t, h, arch.intermediate_size),
+        "next_input_norm": vector("input_norm", VectorOp.ADD_RMSNORM, t, h),
+        "o_proj_all_reduce": all_reduce("o_proj_all_reduce", t, h, tp) if tp > 1 else None,
+        "down_proj_all_reduce": all_reduce("down_proj_all_reduce", t, h, tp) if tp > 1 else None,
+    }
+    step: dict[str, Any] = {
+        "embed": vector("embed", VectorOp.EMBED, t, h),
+        "first_norm": vector("input_norm", VectorOp.RMSNORM, t, h),
+        "final_norm": vector("final_norm", VectorOp.ADD_RMSNORM, num_sampled, h),
+        "lm_head": gemm("lm_head", num_sampled, arch.vocab_size, h) if num_sampled else None,
+    }
+    layer["pads"] = tuple((name, pad) for name, pad in pads.items() if name != "lm_head")
+    step["lm_head_pad"] = pads.get("lm_head")
     if tp > 1:
-        tp_collectives["embed_all_reduce"] = all_reduce("embed_all_reduce", t, h, tp)
+        step["embed_all_reduce"] = all_reduce("embed_all_reduce", t, h, tp)
         if num_sampled:
-            tp_collectives["lm_head_all_gather"] = all_gather(
-                "lm_head_all_gather", num_sampled, arch.vocab_size, tp)
-    return StepPlan(
-        embed=vector("embed", VectorOp.EMBED, t, h),
-        first_norm=vector("input_norm", VectorOp.RMSNORM, t, h),
-        layer=layer,
-        final_norm=vector("final_norm", VectorOp.ADD_RMSNORM, num_sampled, h),
-        lm_head=lm_head,
-        num_tokens=t,
-        num_sampled=num_sampled,
-        lm_head_pad=pads.get("lm_head"),
-        tp=tp,
-        **tp_collectives,
-    )
+            step["lm_head_all_gather"] = all_gather("lm_head_all_gather", num_sampled,
+                                                    arch.vocab_size, tp)
+    return layer, step
 
 
 def lower_gemm(name: str, m: int, n: int, k: int, chip: ChipSpec,

@@ -133,8 +133,11 @@ def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpe
                          ("q_offset", tasks["q_offset"]), ("q_rows", tasks["q_rows"]),
                          ("slot_start", slot), ("num_slots", spans)):
         combines[name] = values[first]
-    cost = tasks["tile_rows"] * (end - begin)
-    tasks = tasks[np.argsort(-cost, kind="stable")]
+    # Each (tile, span) is one task shape, the same work for every KV head.
+    shape_of_task = np.repeat(np.cumsum(num_spans) - num_spans, per_tile) + span
+    order = np.argsort(-(tasks["tile_rows"] * (end - begin)), kind="stable")
+    shapes = tasks[kv_head == 0]  # in (tile, span) order: shape i is row i
+    tasks = tasks[order]
     return AttentionKernel(
         name="attention", num_heads=arch.num_heads, num_kv_heads=num_kv_heads,
         head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
@@ -143,6 +146,7 @@ def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpe
         max_tile_rows=int(tasks["tile_rows"].max()) if len(tasks) else 0,
         tree_masks=tuple((s, tree_mask(c.draft_parents)) for s, c in enumerate(chunks)
                          if c.draft_parents and not c.is_chain),
+        shapes=shapes, task_shape=shape_of_task[order],
     )
 
 

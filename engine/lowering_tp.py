@@ -20,6 +20,7 @@ Collectives are `CollectiveKernel` launches (npu_sim.collectives times them over
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from engine.arch import ModelArch
 from npu_sim.hardware import ChipSpec
@@ -28,6 +29,7 @@ from npu_sim.tasks import CollectiveKernel, CollectiveOp
 ACTIVATION_BYTES = 2  # bf16 / fp16 activations and logits on the wire
 
 
+@functools.lru_cache(maxsize=64)
 def shard_arch(arch: ModelArch, tp: int) -> ModelArch:
     """The per-card shape of `arch` over `tp` cards: heads, KV heads, MLP width and vocabulary
     (rounded up) divided. ValueError naming the dimension when heads, KV heads or the

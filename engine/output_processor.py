@@ -39,11 +39,15 @@ class OutputProcessor:
     Not thread-safe: the engine thread alone calls it.
     """
 
-    def __init__(self, tokenizer: Any | None, num_speculative_tokens: int) -> None:
+    def __init__(self, tokenizer: Any | None, num_speculative_tokens: int,
+                 deltas: bool = True) -> None:
         """tokenizer: a Hugging Face tokenizer, or None for token ids without text.
-        num_speculative_tokens: the most draft nodes a verify has (its per-position counters)."""
+        num_speculative_tokens: the most draft nodes a verify has (its per-position counters).
+        deltas: output every request that changed; False: only the finished ones (a simulation
+        reads latencies from the stats and results from the finished outputs, not deltas)."""
         self.tokenizer = tokenizer
         self.num_speculative_tokens = num_speculative_tokens
+        self.deltas = deltas
         self._states: dict[str, RequestState] = {}  # unfinished requests
         self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
 
@@ -99,7 +103,8 @@ class OutputProcessor:
         outputs, stopped_ids = [], []
         for update in updates:
             output, stopped = self._output(update, now_s, now_sim_s, stats)
-            outputs.append(output)
+            if output is not None:
+                outputs.append(output)
             if stopped:
                 stopped_ids.append(update.request_id)
         return StepResult(outputs, stopped_ids,
@@ -110,8 +115,9 @@ class OutputProcessor:
         return aborted
 
     def _output(self, update: TokenUpdate, now_s: float, now_sim_s: float,
-                stats: _StepStats) -> tuple[RequestOutput, bool]:
-        """(the delta, whether a stop string ended a request the scheduler still runs)."""
+                stats: _StepStats) -> tuple[RequestOutput | None, bool]:
+        """(the delta, or None when only finished requests are output and this one goes on;
+        whether a stop string ended a request the scheduler still runs)."""
         request_id = update.request_id
         state = self._states[request_id]
         finish_reason = update.finish_reason
@@ -137,6 +143,8 @@ class OutputProcessor:
             del self._states[request_id]
             metrics = state.metrics(now_s, now_sim_s)
             stats.finished.append(FinishedRequestStats(finish_reason.value, metrics))
+        elif not self.deltas:
+            return None, still_running
         output = RequestOutput(
             request_id=request_id, new_token_ids=token_ids, new_text=text,
             new_logprobs=logprobs, finish_reason=finish_reason,

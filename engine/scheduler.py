@@ -189,15 +189,18 @@ class Scheduler:
         """
         token_budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
-        num_decodes = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        # How far behind each running request is, in admission order: fixed for the step (only
+        # a preemption changes it, and a preempted request is skipped by its status).
+        behind = [(r, r.num_tokens - r.num_computed_tokens) for r in self.running]
+        num_decodes = sum(n == 1 for _, n in behind)
         num_decodes_left = num_decodes
+        running = RequestStatus.RUNNING
         for decode_pass in (True, False):
-            for request in list(self.running):  # a copy: preemption pops from the tail
+            for request, num_behind in behind:
                 if token_budget <= 0:
                     break
-                num_behind = request.num_tokens - request.num_computed_tokens
-                if (request.status != RequestStatus.RUNNING or num_behind <= 0
-                        or (num_behind == 1) != decode_pass):
+                if (num_behind <= 0 or (num_behind == 1) != decode_pass
+                        or request.status != running):
                     continue
                 num_new_tokens = min(num_behind, token_budget)
                 draft = None
@@ -284,30 +287,33 @@ class Scheduler:
             next `schedule()`. Chunks of requests finished in between (aborted) are skipped.
         """
         token_updates: list[TokenUpdate] = []
+        running, max_model_len = RequestStatus.RUNNING, self.max_model_len
         for chunk in scheduler_output.chunks:
             request = self.requests.get(chunk.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            if request is None or request.status != running:
                 continue  # finished (or replaced by a new request with that id) meanwhile
-            request.num_computed_tokens += chunk.num_known_tokens
+            num_draft_tokens = len(chunk.draft_parents)
+            request.num_computed_tokens += len(chunk.token_ids) - num_draft_tokens
             if not chunk.sample:
                 self.kv_cache.cache_full_blocks(request)  # their K/V are written now
                 continue
             sampled = model_output.sampled_token_ids[chunk.request_id]
-            if chunk.num_draft_tokens:
+            if num_draft_tokens:
                 # The accepted drafts' K/V are in place (the runner moved a tree's accepted
                 # path to its positions); the rejected ones' slots are dropped.
                 num_accepted = len(sampled) - 1
-                record_verify(request, chunk.num_draft_tokens, num_accepted)
+                record_verify(request, num_draft_tokens, num_accepted)
                 request.num_computed_tokens += num_accepted
                 self.kv_cache.trim(request, request.num_computed_tokens + 1)
-            new_token_ids: list[int] = []
             finish_reason: FinishReason | None = None
-            for token_id in sampled:
-                request.output_token_ids.append(token_id)
-                new_token_ids.append(token_id)
-                finish_reason = check_stop(request, self.max_model_len)
+            output_token_ids = request.output_token_ids
+            new_token_ids = sampled
+            for i, token_id in enumerate(sampled):
+                output_token_ids.append(token_id)
+                finish_reason = check_stop(request, max_model_len)
                 if finish_reason is not None:
-                    break  # tokens after a stop are dropped
+                    new_token_ids = sampled[:i + 1]  # tokens after a stop are dropped
+                    break
             logprobs = model_output.logprobs.get(chunk.request_id)
             if logprobs is not None:
                 logprobs = logprobs[: len(new_token_ids)]
@@ -317,14 +323,10 @@ class Scheduler:
             else:
                 request.draft = model_output.drafts.get(chunk.request_id)
             if new_token_ids or finish_reason is not None:
-                token_updates.append(
-                    TokenUpdate(
-                        request_id=request.request_id,
-                        new_token_ids=tuple(new_token_ids),
-                        new_logprobs=logprobs,
-                        finish_reason=finish_reason,
-                    )
-                )
+                token_updates.append(TokenUpdate(request_id=request.request_id,
+                                                 new_token_ids=tuple(new_token_ids),
+                                                 new_logprobs=logprobs,
+                                                 finish_reason=finish_reason))
         return token_updates
 
     # ---------------------------------------------------------------- finishing from outside

@@ -70,7 +70,7 @@ def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
     logger.info("timing-only engine: %s on %s x%d (%s), KV cache %d blocks x %d tokens",
                 model_name, chip.name, tensor_parallel_size, config.npu_dtype, num_kv_blocks,
                 block_size)
-    return EngineCore(config, runner, info)
+    return EngineCore(config, runner, info, deltas=False)
 
 
 class TimingRunner:

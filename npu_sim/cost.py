@@ -265,7 +265,12 @@ class CostModel:
         pipeline = f"attention-{stages}stage"
         if not len(k.tasks):
             return _empty(Unit.MIX, pipeline), self._combine(k)
-        c, b, t, g = self.chip, self.bytes, k.tasks, k.group_size
+        c, b, g = self.chip, self.bytes, k.group_size
+        # Price each distinct task shape once where the lowering lists them (the same work on
+        # every KV head): the arrays below are per row of `t`, each row standing for `weight`
+        # tasks. Trees' masks are priced per task.
+        by_shape = k.task_shape is not None and k.shapes is not None and not k.tree_masks
+        t, weight = (k.shapes, k.num_kv_heads) if by_shape else (k.tasks, 1)
         seqs = k.seqs[t["seq"]]
         horizon = seqs["start_pos"] + t["q_offset"] + t["q_rows"]  # keys the last row sees
         k_end = np.minimum(t["kv_block_end"] * k.block_size, horizon)
@@ -283,9 +288,9 @@ class CostModel:
         m_load, m_sel = (0.0, 0.0) if mask is None else (mask.chunk_load, mask.chunk_select)
 
         kv_bytes = 2 * keys * d * b
-        total_kv = float(kv_bytes.sum())
-        hbm_fraction = self._attention_hbm_fraction(k, kv_bytes)[t["seq"]]  # per task
-        hbm_kv = float((kv_bytes * hbm_fraction).sum())
+        total_kv = weight * float(kv_bytes.sum())
+        hbm_fraction = self._attention_hbm_fraction(k, t["seq"], kv_bytes * weight)[t["seq"]]
+        hbm_kv = weight * float((kv_bytes * hbm_fraction).sum())
         inv_kv = self._mte2_inv_rate(hbm_fraction)
         l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, self.aivs
         if stages == 2:
@@ -323,31 +328,36 @@ class CostModel:
             body = body + mask.once_load + mask.once_select
         cycles = c.task_dispatch_cycles + q_load + np.where(keys > 0, body, 0) + (
             out_bytes / c.fixpipe_bytes_per_cycle)
+        if by_shape:
+            cycles = cycles[k.task_shape]  # per task, for dealing
         visible = r * keys - np.where(horizon_reached, heads * q_rows * (q_rows - 1) / 2, 0)
-        vec_active = float((vec * chunks).sum()) * aivs
+        vec_active = weight * float((vec * chunks).sum()) * aivs
         mask_hbm = mask_l2 = 0.0
         if mask is not None:
             visible = visible - mask.hidden_scores
             vec_active += float(mask.once_select.sum()) * aivs
             mask_hbm, mask_l2 = mask.hbm_bytes, mask.l2_bytes
-        q_bytes = float((r * d * b).sum())
+        q_bytes = weight * float((r * d * b).sum())
         main = TaskCosts(
             unit=Unit.MIX, cycles=cycles, core_overhead_cycles=c.gm_latency_cycles,
-            cube_active_cycles=float((cube * chunks).sum()),
+            cube_active_cycles=weight * float((cube * chunks).sum()),
             vector_active_cycles=vec_active, hbm_read_bytes=hbm_kv + q_bytes + mask_hbm,
-            hbm_write_bytes=float((r * d * b * final).sum()),
-            l2_bytes=(total_kv - hbm_kv) + float((s_bytes * chunks).sum()) * 2
-            + float((out_bytes * ~final).sum()) + mask_l2,
-            flops=4.0 * float(np.maximum(visible, 0).sum()) * d,
-            cube_macs=float((cube_mult * big_r * kl_pad * dp * chunks).sum()),
-            useful_cube_macs=cube_mult * float((r * keys).sum()) * d, pipeline=pipeline)
+            hbm_write_bytes=weight * float((r * d * b * final).sum()),
+            l2_bytes=(total_kv - hbm_kv) + weight * (float((s_bytes * chunks).sum()) * 2
+                                                     + float((out_bytes * ~final).sum()))
+            + mask_l2,
+            flops=weight * 4.0 * float(np.maximum(visible, 0).sum()) * d,
+            cube_macs=weight * float((cube_mult * big_r * kl_pad * dp * chunks).sum()),
+            useful_cube_macs=weight * cube_mult * float((r * keys).sum()) * d,
+            pipeline=pipeline)
         return main, self._combine(k)
 
-    def _attention_hbm_fraction(self, k: AttentionKernel, kv_bytes: np.ndarray) -> np.ndarray:
+    def _attention_hbm_fraction(self, k: AttentionKernel, seq: np.ndarray,
+                                kv_bytes: np.ndarray) -> np.ndarray:
         """Per sequence, the fraction of its tasks' K/V reads that come from HBM: its KV (all
         heads) once, and the re-reads by its other Q tiles in proportion to how much of that KV
-        fits the L2 share."""
-        total = np.bincount(k.tasks["seq"], weights=kv_bytes, minlength=len(k.seqs))
+        fits the L2 share. seq, kv_bytes: per task (or task shape, with its tasks' bytes)."""
+        total = np.bincount(seq, weights=kv_bytes, minlength=len(k.seqs))
         context = (k.seqs["start_pos"] + k.seqs["q_len"]).astype(np.float64)
         unique = np.minimum(total, context * k.num_kv_heads * k.head_dim * self.bytes * 2)
         hit = np.minimum(1.0, self.l2_cap / np.maximum(unique, 1.0))

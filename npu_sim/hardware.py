@@ -134,6 +134,12 @@ class ChipSpec:
         if self.num_vector_cores < self.num_cube_cores:
             raise ValueError(f"num_vector_cores: {self.name} needs at least as many vector cores "
                              f"({self.num_vector_cores}) as cube cores ({self.num_cube_cores})")
+        # Hashed once: a chip keys the lowering's and tiling's caches on every launch, and the
+        # generated hash would walk all its fields each time.
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
 
     def cube_macs_per_cycle(self, dtype: str) -> int:
         """Cube MACs per cycle per AIC for operand dtype fp16 | bf16 | int8 | fp32."""

@@ -202,6 +202,13 @@ class AttentionKernel:
     # (q_len, context_len) mask read from GM and applied to every score of theirs, instead of the
     # in-kernel N x N block. Costing only: the numbers are the same either way.
     full_mask: bool = False
+    # Meta-kernel: the distinct task shapes, when every shape is the same work on each of the
+    # num_kv_heads KV heads (a tile and KV span of one sequence): ATTN_TASK (num_shapes,), the
+    # KV head 0 task of each, and int64 (num_tasks,) the shape of every task. Costing only (a
+    # task's cost does not depend on its KV head): the cost model prices each shape once. None
+    # = price every task.
+    shapes: np.ndarray | None = None
+    task_shape: np.ndarray | None = None
 
     @property
     def group_size(self) -> int:
