@@ -34,8 +34,9 @@ from collections.abc import Iterator
 import torch
 
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
-                 for f in ("cpu_kernels.c", "attention.c", "gemm.c"))
-_HEADERS = (pathlib.Path(__file__).with_name("exp_approx.h"),)
+                 for f in ("cpu_kernels.c", "attention.c", "gemm.c", "gemm_pack.c"))
+_HEADERS = tuple(pathlib.Path(__file__).with_name(f)
+                 for f in ("exp_approx.h", "gemm_formats.h", "gemm_bf16_dot.h"))
 # -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
 # -fopenmp: the GEMM's parallel region runs on the libgomp torch has loaded (see gemm.c).
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -53,6 +54,14 @@ _SIGNATURES = {
                                           _I, _I, _F, ctypes.c_int]),
     "xy_pack_panels": (None, [_P, _I, _I, _P]),
     "xy_gemm": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _P, _I, _I, ctypes.c_int]),
+    "xy_packed_bytes": (_I, [ctypes.c_int, _I, _I]),
+    "xy_pack_panels_bf16": (None, [_P, _I, _I, _P]),
+    "xy_pack_q4_1": (None, [_P, _I, _I, _P]),
+    "xy_pack_q8_0": (None, [_P, _I, _I, _P]),
+    "xy_gemm_packed": (ctypes.c_int, [ctypes.c_int, _P, _I, _P, _P, _I, _I, _P, _I, _I,
+                                      ctypes.c_int, ctypes.c_int]),
+    "xy_gather_rows": (ctypes.c_int, [ctypes.c_int, _P, _I, _I, _P, _I, _P, _I]),
+    "xy_isa": (ctypes.c_int, []),
 }
 
 logger = logging.getLogger(__name__)
@@ -307,45 +316,21 @@ def _raise_for(rc: int, kernel: str, what: str) -> None:
         raise IndexError(f"{kernel}: {what} reaches outside its block table or the cache")
 
 
-# ---------------------------------------------------------------------------------------- GEMM
+# The GEMM wrappers live in panels.py, the capability probe in caps.py (both need lib() above).
+from npu_sim.kernels.native.caps import Capabilities, capabilities  # noqa: E402
+from npu_sim.kernels.native.panels import (  # noqa: E402
+    FORMATS,
+    GEMM_MAX_ROWS,
+    PANEL_COLS,
+    Panels,
+    gather_rows,
+    gemm,
+    pack_blocks,
+    pack_panels,
+)
 
-PANEL_COLS = 16  # gemm.c's panel width
-GEMM_MAX_ROWS = 64  # the panel GEMM serves products of up to this many rows (decode batches)
-
-
-class Panels:
-    """A weight w (N, K) packed for the panel GEMM: (ceil(N / 16), K, 16), 64-byte aligned."""
-
-    def __init__(self, w: torch.Tensor) -> None:
-        native = lib()
-        assert native is not None and w.dtype == torch.float32 and w.dim() == 2
-        w = w.contiguous()
-        self.n, self.k = w.shape
-        size = -(-self.n // PANEL_COLS) * self.k * PANEL_COLS
-        storage = torch.empty(size + 16)
-        offset = (-storage.data_ptr() // 4) % 16  # first 64-byte boundary
-        self.data = storage[offset:offset + size]  # keeps the storage alive
-        native.xy_pack_panels(w.data_ptr(), self.n, self.k, self.data.data_ptr())
-
-
-def pack_panels(w: torch.Tensor) -> Panels | None:
-    """w (N, K) packed for `gemm`, or None where the C kernels are off or w is not fp32."""
-    if lib() is None or w.dtype != torch.float32 or w.dim() != 2:
-        return None
-    return Panels(w)
-
-
-def gemm(x: torch.Tensor, w: Panels, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x (M, K) @ w^T (+ bias (N,)) as a new (M, N) tensor, on torch's intra-op thread count;
-    None where not handled (x not fp32 rows, more than GEMM_MAX_ROWS rows)."""
-    native = lib()
-    m = x.shape[0]
-    if (native is None or m > GEMM_MAX_ROWS or x.dtype != torch.float32 or x.stride(-1) != 1
-            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
-        return None
-    out = x.new_empty(m, w.n)
-    if native.xy_gemm(x.data_ptr(), x.stride(0), w.data.data_ptr(),
-                      None if bias is None else bias.data_ptr(), w.n, w.k, out.data_ptr(), w.n, m,
-                      torch.get_num_threads()) != 0:
-        raise MemoryError("gemm: no memory for the transposed input")
-    return out
+__all__ = ["FORMATS", "GEMM_MAX_ROWS", "PANEL_COLS", "Capabilities", "Panels", "add_rmsnorm",
+           "attention_support", "capabilities", "chunk_attention", "chunk_attention_supported",
+           "decode_attention", "decode_attention_supported", "disabled", "enabled",
+           "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "rope",
+           "silu_mul"]
