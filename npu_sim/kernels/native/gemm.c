@@ -52,23 +52,34 @@ typedef struct {
 static inline AI void row_tile(int fmt, int mr, const void *src, int64_t base, int64_t k0,
                                int64_t k1, const float *x, int64_t xs, float *out, int64_t os,
                                int64_t ncols, const float *bias, int first, int last) {
-    v8 acc[MR][2];
+    v8 acc[4 * MR][2];  /* SETS(mr) sets of mr rows */
     float tmp[NR] __attribute__((aligned(32)));
-    for (int m = 0; m < mr; m++) {
-        if (first) {
-            acc[m][0] = acc[m][1] = (v8){0};
-        } else {
-            memcpy(tmp, out + m * os, sizeof(float) * (size_t)ncols);
-            acc[m][0] = load8(tmp), acc[m][1] = load8(tmp + 8);
+    for (int i = 0; i < SETS(mr) * mr; i++) acc[i][0] = acc[i][1] = (v8){0};
+    if (!first)
+        for (int m = 0; m < mr; m++) {
+            const float *partial = out + m * os;
+            if (ncols < NR) {  /* the last panel's columns only (no call on full panels) */
+                memcpy(tmp, partial, sizeof(float) * (size_t)ncols);
+                partial = tmp;
+            }
+            acc[m][0] = load8(partial), acc[m][1] = load8(partial + 8);
         }
-    }
     sink_t s = {x, xs, k0, acc, NULL};
     walk(fmt, src, base, k0, k1, &s, mr);
     for (int m = 0; m < mr; m++) {
-        *(v8 *)tmp = acc[m][0], *(v8 *)(tmp + 8) = acc[m][1];
-        if (last && bias)
-            for (int64_t j = 0; j < ncols; j++) tmp[j] += bias[j];
-        memcpy(out + m * os, tmp, sizeof(float) * (size_t)ncols);
+        for (int set = 1; set < SETS(mr); set++)
+            acc[m][0] += acc[set * mr + m][0], acc[m][1] += acc[set * mr + m][1];
+        if (last && bias) {
+            *(v8 *)tmp = (v8){0}, *(v8 *)(tmp + 8) = (v8){0};
+            memcpy(tmp, bias, sizeof(float) * (size_t)ncols);
+            acc[m][0] += load8(tmp), acc[m][1] += load8(tmp + 8);
+        }
+        if (ncols == NR) {
+            *(v8_u *)(out + m * os) = acc[m][0], *(v8_u *)(out + m * os + 8) = acc[m][1];
+        } else {
+            *(v8 *)tmp = acc[m][0], *(v8 *)(tmp + 8) = acc[m][1];
+            memcpy(out + m * os, tmp, sizeof(float) * (size_t)ncols);
+        }
     }
 }
 
@@ -102,10 +113,13 @@ static inline AI void run_panel(const gemm_job *j, int64_t p, int fmt) {
             walk(fmt, panel, 0, k0, k1, &s, 0);
             src = scratch;
         }
-        for (int64_t r = 0; r < j->m; r += MR) {
-            int64_t mr = j->m - r < MR ? j->m - r : MR;
+        /* tiles of ceil(m / MR) near-equal row counts (7 rows: 4 + 3, not 6 + 1) */
+        int64_t tiles = (j->m + MR - 1) / MR;
+        for (int64_t t = 0, r = 0; t < tiles; t++) {
+            int64_t mr = (j->m - r) / (tiles - t);
             ROW_TILE(XY_F32, mr, src, k0, k0, k1, j->x + r * j->xs, j->xs, out + r * j->os,
                      j->os, ncols, bias, k0 == 0, k1 == j->k)
+            r += mr;
         }
     }
 }
