@@ -1,13 +1,16 @@
-"""fp32 C kernels for the CPU fast path (cpu_kernels.c, attention.c, gemm.c), compiled on first
-use and called through ctypes (which releases the GIL for the call).
+"""C kernels for the CPU fast path (cpu_kernels.c, attention.c, gemm.c, gemm_pack.c), compiled
+on first use and called through ctypes (which releases the GIL for the call).
 
 A decode step alternates weight-streaming GEMMs with small row-wise ops; after each GEMM the caches
 hold weights only, so every ATen call of the small ops pays a cold dispatch (an RMSNorm is ~15
 of them, an attention launch ~10 plus a gather of every key into a padded copy). Here each of
 those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and the
-attention of decodes and of prefill chunks, reading the paged cache in place (attention.c).
-The GEMMs of few rows (decode batches) run on weights packed into 16-column panels (gemm.c),
-streamed at close to the memory bound.
+attention of decodes and of prefill chunks, reading the paged cache in place (attention.c; fp32,
+bf16 or fp16 cache, fp32 arithmetic). The GEMMs of few rows (decode batches) run on weights
+packed into 16-column panels (gemm.c; fp32, bf16, or GGUF Q4_1 / Q8_0 blocks decoded in
+registers: panels.py), streamed at close to the memory bound. Activations stay fp32 throughout.
+caps.py says which instruction-set paths the build has, for the engine's dtype and weight-format
+choices.
 
 The library is built with the system C compiler (`cc`, or $CC) into the user's cache
 (`$XDG_CACHE_HOME/xyserve`, default `~/.cache/xyserve`), keyed by the source, the flags and the
@@ -36,7 +39,7 @@ import torch
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
                  for f in ("cpu_kernels.c", "attention.c", "gemm.c", "gemm_pack.c"))
 _HEADERS = tuple(pathlib.Path(__file__).with_name(f)
-                 for f in ("exp_approx.h", "gemm_formats.h", "gemm_bf16_dot.h"))
+                 for f in ("exp_approx.h", "simd.h", "gemm_formats.h", "gemm_bf16_dot.h"))
 # -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
 # -fopenmp: the GEMM's parallel region runs on the libgomp torch has loaded (see gemm.c).
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -47,11 +50,11 @@ _SIGNATURES = {
     "xy_add_rmsnorm": (None, [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F]),
     "xy_silu_mul": (None, [_P, _I, _P, _I, _I, _I]),
     "xy_rope": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _I]),
-    "xy_kv_write": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _I]),
+    "xy_kv_write": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _I, ctypes.c_int]),
     "xy_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I,
-                                           _I, _I, _I, _F, ctypes.c_int]),
+                                           _I, _I, _I, _F, ctypes.c_int, ctypes.c_int]),
     "xy_chunk_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I,
-                                          _I, _I, _F, ctypes.c_int]),
+                                          _I, _I, _F, ctypes.c_int, ctypes.c_int]),
     "xy_pack_panels": (None, [_P, _I, _I, _P]),
     "xy_gemm": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _P, _I, _I, ctypes.c_int]),
     "xy_packed_bytes": (_I, [ctypes.c_int, _I, _I]),
@@ -159,6 +162,10 @@ def _build(compiler: str, flags: tuple[str, ...], path: pathlib.Path) -> str:
 
 # ------------------------------------------------------------------------------------ wrappers
 
+# KV cache element types the C kernels read and write (simd.h's KV_*): a 16-bit cache halves the
+# bytes a decode reads per key; queries, scores and outputs stay fp32.
+KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
 
 def _fp32_rows(*tensors: torch.Tensor) -> bool:
     """All fp32 with unit stride along the last dimension."""
@@ -210,11 +217,13 @@ def rope(n: int, parts: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.
 
 def kv_write(n: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
-    """Write rows [0, n) of k, v (T, Hkv, D) to the cache slots slot_mapping[:n]; False where
-    not handled (nothing written). A slot outside the cache raises IndexError."""
+    """Write rows [0, n) of k, v (T, Hkv, D) fp32 to the cache slots slot_mapping[:n] of a fp32,
+    bf16 or fp16 cache (rounded to nearest even, as torch's .to()); False where not handled
+    (nothing written). A slot outside the cache raises IndexError."""
     native = lib()
     row_len = k.shape[1] * k.shape[2]
-    if (native is None or not _fp32_rows(k, v, k_cache, v_cache) or k.stride() != v.stride()
+    if (native is None or not _fp32_rows(k, v) or k_cache.dtype not in KV_DTYPES
+            or v_cache.dtype != k_cache.dtype or k.stride() != v.stride()
             or k.stride(1) != k.shape[2] or k_cache.shape != v_cache.shape
             or not (k_cache.is_contiguous() and v_cache.is_contiguous())
             or k_cache.numel() % row_len or slot_mapping.dtype != torch.int64
@@ -222,18 +231,20 @@ def kv_write(n: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         return False
     if native.xy_kv_write(k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
                           v_cache.data_ptr(), k_cache.numel() // row_len,
-                          slot_mapping.data_ptr(), n, row_len) != 0:
+                          slot_mapping.data_ptr(), n, row_len, KV_DTYPES[k_cache.dtype]) != 0:
         raise IndexError("kv_write: a slot outside the cache")
     return True
 
 
 def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
                                v_cache: torch.Tensor) -> bool:
-    """Whether decode_attention takes these operands: the library loaded, fp32, q rows of
+    """Whether decode_attention takes these operands: the library loaded, q fp32 rows of
     contiguous heads (at most 1024, a multiple of the KV heads), D a multiple of 8, a
-    contiguous cache with a power-of-two block size."""
+    contiguous fp32, bf16 or fp16 cache (keys and values alike) with a power-of-two block
+    size."""
     bs, d = k_cache.shape[1], q.shape[-1]
-    return (lib() is not None and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+    return (lib() is not None and q.dtype == torch.float32 and k_cache.dtype in KV_DTYPES
+            and v_cache.dtype == k_cache.dtype
             and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == d and d % 8 == 0
             and q.shape[1] <= 1024 and q.shape[1] % k_cache.shape[2] == 0
             and bs & (bs - 1) == 0 and k_cache.shape == v_cache.shape
@@ -261,7 +272,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                    block_tables.stride(0), context_lens.data_ptr(),
                                    q_rows.data_ptr(), out.data_ptr(), out.stride(0),
                                    len(context_lens), hq, hkv, d, nb, bs, scale,
-                                   torch.get_num_threads())
+                                   torch.get_num_threads(), KV_DTYPES[k_cache.dtype])
     _raise_for(rc, "decode_attention", "a context")
 
 
@@ -302,7 +313,7 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), len(block_table),
         start_pos, rows.stop - rows.start,
         out.data_ptr() + rows.start * out.stride(0) * out.element_size(), out.stride(0),
-        hq, hkv, d, nb, bs, scale, torch.get_num_threads())
+        hq, hkv, d, nb, bs, scale, torch.get_num_threads(), KV_DTYPES[k_cache.dtype])
     _raise_for(rc, "chunk_attention", "the chunk")
 
 
@@ -329,7 +340,8 @@ from npu_sim.kernels.native.panels import (  # noqa: E402
     pack_panels,
 )
 
-__all__ = ["FORMATS", "GEMM_MAX_ROWS", "PANEL_COLS", "Capabilities", "Panels", "add_rmsnorm",
+__all__ = ["FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS", "Capabilities", "Panels",
+           "add_rmsnorm",
            "attention_support", "capabilities", "chunk_attention", "chunk_attention_supported",
            "decode_attention", "decode_attention_supported", "disabled", "enabled",
            "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "rope",

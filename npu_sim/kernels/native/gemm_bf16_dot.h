@@ -27,13 +27,6 @@
 #define DOT_MR 16   /* rows per tile: 16 zmm accumulators */
 #define DOT_KC 128  /* pairs per chunk: 128 x 64 B = 8 KiB of panel */
 
-static inline uint16_t bf16_round(float f) {  /* round to nearest even, as torch; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
-}
-
 /* x (m, k) rounded to bf16 into xp (m, kp) pairs, kp = ceil(k / 2), an odd k padded with 0. */
 static void bf16_pairs(const float *x, int64_t xs, int64_t m, int64_t k, uint32_t *xp,
                        int64_t kp) {
@@ -44,7 +37,7 @@ static void bf16_pairs(const float *x, int64_t xs, int64_t m, int64_t k, uint32_
         for (; i + 16 <= k; i += 16)
             _mm256_storeu_si256((__m256i *)(dst + i),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-        for (; i < k; i++) dst[i] = bf16_round(src[i]);
+        for (; i < k; i++) dst[i] = float_to_bf16(src[i]);
         if (k % 2) dst[k] = 0;
     }
 }

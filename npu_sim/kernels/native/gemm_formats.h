@@ -22,22 +22,14 @@
 #ifndef XY_GEMM_FORMATS_H
 #define XY_GEMM_FORMATS_H
 #include <stdint.h>
-#include <string.h>
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 enum { XY_F32 = 0, XY_BF16 = 1, XY_Q4_1 = 2, XY_Q8_0 = 3 };
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8_u __attribute__((vector_size(32), aligned(4)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
 
 #define NR 16      /* panel width: output columns per tile (two 8-lane vectors) */
 #define QK 32      /* weights per Q4_1 / Q8_0 block along k */
 #define PREFETCH_BYTES 8192  /* how far ahead in the panel stream lines are fetched into L2 */
-#define AI __attribute__((always_inline))
 
 /* Bytes of one panel of k rows in format fmt (each format's k-group is whole: quantized
  * formats take k % 32 == 0). */
@@ -49,61 +41,6 @@ static inline int64_t panel_bytes(int fmt, int64_t k) {
     default: return k / QK * (2 * NR + QK * NR);
     }
 }
-
-/* ------------------------------------------------------------------ lane loads and widening */
-
-static inline AI v8 load8(const float *p) { return *(const v8_u *)p; }
-static inline AI v8 bcast8(float f) { return (v8){f, f, f, f, f, f, f, f}; }
-
-static inline float half_to_float(uint16_t h) {  /* IEEE fp16 -> fp32, exactly */
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
-    if (exp == 31) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else if (exp) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) {  /* subnormal: normalise */
-        int e = -1;
-        do { man <<= 1; e++; } while (!(man & 1024));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 1023) << 13);
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline AI v8 halves8(const uint16_t *p) {  /* 8 fp16 -> fp32 */
-#ifdef __F16C__
-    return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-#else
-    v8 r;
-    for (int i = 0; i < 8; i++) r[i] = half_to_float(p[i]);
-    return r;
-#endif
-}
-
-static inline AI v8i u8x8(const uint8_t *p) {  /* 8 bytes zero-extended to 32 bits */
-#ifdef __AVX2__
-    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#else
-    v8i r;
-    for (int i = 0; i < 8; i++) r[i] = p[i];
-    return r;
-#endif
-}
-
-static inline AI v8i i8x8(const int8_t *p) {  /* 8 bytes sign-extended to 32 bits */
-#ifdef __AVX2__
-    return (v8i)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#else
-    v8i r;
-    for (int i = 0; i < 8; i++) r[i] = p[i];
-    return r;
-#endif
-}
-
-static inline AI v8 to_float(v8i v) { return __builtin_convertvector(v, v8); }
 
 static inline AI void prefetch_lines(const uint8_t *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + PREFETCH_BYTES + i, 0, 2);
@@ -136,7 +73,9 @@ static inline AI void sink(const sink_t *s, int mr, int64_t k, int u, v8 w0, v8 
     v8 (*acc)[2] = s->acc + u % SETS(mr) * mr;
     /* w in registers: left alone, GCC folds the weight load into every row's multiply-add
      * (a load per row: Zen 2's two loads a cycle then bound a 6-row tile at ~60% of its FMAs) */
+#ifdef __AVX__
     __asm__("" : "+x"(w0), "+x"(w1));
+#endif
 #pragma GCC unroll 16
     for (int m = 0; m < mr; m++) {
         v8 xb = bcast8(s->x[m * s->xs + k]);
