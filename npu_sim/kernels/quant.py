@@ -67,17 +67,17 @@ def unpermute_rows(num_rows: int, num_heads: int) -> np.ndarray:
 
 
 def from_gguf(tensor: ReaderTensor) -> QuantizedWeight | torch.Tensor:
-    """A 2-D GGUF tensor (gguf.GGUFReader().tensors[i]) as a QuantizedWeight (Q4_1, Q8_0) or
-    an fp32 torch tensor (F32, F16, BF16), (N, K) with N = its second GGUF dimension; other
-    types raise ValueError. The Q / K projections of a Llama file still need
-    `take_rows(unpermute_rows(...))`."""
-    k, n = (int(d) for d in tensor.shape)  # GGUF lists the fastest dimension first
-    fmt = {q: f for f, q in _QTYPES.items()}.get(tensor.tensor_type)
-    if fmt is not None:
-        return QuantizedWeight(fmt, (n, k), np.ascontiguousarray(tensor.data).reshape(n, -1))
+    """A GGUF tensor (gguf.GGUFReader().tensors[i]): a Q4_1 / Q8_0 matrix as a
+    QuantizedWeight (N, K), N its second GGUF dimension; an F32 / F16 / BF16 one as an fp32
+    torch tensor (dimensions in torch order). Other types raise ValueError. The Q / K
+    projections of a Llama file still need `take_rows(unpermute_rows(...))`."""
+    dims = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest first
     if tensor.tensor_type in _FLOAT_QTYPES:
-        return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(n, k).copy())
-    raise ValueError(f"{tensor.name}: GGUF type {tensor.tensor_type.name} is not supported")
+        return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(dims).copy())
+    fmt = {q: f for f, q in _QTYPES.items()}.get(tensor.tensor_type)
+    if fmt is None or len(dims) != 2:
+        raise ValueError(f"{tensor.name}: GGUF {tensor.tensor_type.name} {dims} is not supported")
+    return QuantizedWeight(fmt, dims, np.asarray(tensor.data).reshape(dims[0], -1))
 
 
 def quantize(w: torch.Tensor, fmt: str) -> QuantizedWeight:

@@ -12,7 +12,8 @@ registers: panels.py), streamed at close to the memory bound. Activations stay f
 caps.py says which instruction-set paths the build has, for the engine's dtype and weight-format
 choices.
 
-The library is built with the system C compiler (`cc`, or $CC) into the user's cache
+The library is built with the system C compiler (`cc`, or $CC, with -march=native unless
+XYSERVE_NATIVE_GENERIC=1) into the user's cache
 (`$XDG_CACHE_HOME/xyserve`, default `~/.cache/xyserve`), keyed by the source, the flags and the
 CPU, so a later process loads it at once. Without a compiler, or with
 XYSERVE_NATIVE_KERNELS=0, `lib()` is None and every wrapper returns None / False: the callers
@@ -44,6 +45,8 @@ _HEADERS = tuple(pathlib.Path(__file__).with_name(f)
 # -fopenmp: the GEMM's parallel region runs on the libgomp torch has loaded (see gemm.c).
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
 _ARCH_FLAGS = (("-march=native",), ())  # the first that compiles
+# XYSERVE_NATIVE_GENERIC=1 builds without -march=native: the portable loops that stand in for
+# the AVX2 / F16C intrinsics (simd.h) run here too, so tests can check them on any machine.
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -119,7 +122,8 @@ def _load() -> ctypes.CDLL | None:
     source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     compiler = os.environ.get("CC", "cc")
     why = "no attempt"
-    for arch in _ARCH_FLAGS:
+    generic = os.environ.get("XYSERVE_NATIVE_GENERIC", "0") == "1"
+    for arch in _ARCH_FLAGS[1:] if generic else _ARCH_FLAGS:
         flags = (*_FLAGS, *arch)
         key = hashlib.sha256(b"\0".join([source, " ".join((compiler, *flags)).encode(),
                                          platform.machine().encode(), _cpu_id().encode()]))

@@ -155,6 +155,10 @@ int xy_gemm_packed(int fmt, const float *x, int64_t xs, const void *panels, cons
     if (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS) && XY_HAVE_BF16_DOT)
         return gemm_bf16_dot(&job, num_threads);
     void (*fn)(const gemm_job *, int64_t) = fns[fmt];
+    if (num_threads == 1) {  /* no parallel region: a small product on one thread */
+        for (int64_t p = 0; p < num_panels; p++) fn(&job, p);
+        return 0;
+    }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < num_panels; p++) fn(&job, p);
     return 0;

@@ -40,6 +40,7 @@ class Panels:
         storage = torch.empty(size + 64, dtype=torch.uint8)
         offset = -storage.data_ptr() % 64  # first 64-byte boundary
         self.data = storage[offset:offset + size]
+        self.code, self.ptr = FORMATS[fmt], self.data.data_ptr()  # what each call passes
 
     @property
     def nbytes(self) -> int:
@@ -70,36 +71,40 @@ def pack_blocks(blocks: np.ndarray | torch.Tensor, n: int, k: int, fmt: str) -> 
     fmt is not q4_1 / q8_0 or K is not a multiple of 32. Other shapes raise ValueError."""
     if lib() is None or fmt not in BLOCK_BYTES or k % QUANT_BLOCK:
         return None
-    raw = torch.as_tensor(np.ascontiguousarray(blocks)) if isinstance(blocks, np.ndarray) \
-        else blocks.contiguous()
-    if raw.dtype != torch.uint8 or raw.shape != (n, k // QUANT_BLOCK * BLOCK_BYTES[fmt]):
+    raw = blocks.numpy() if isinstance(blocks, torch.Tensor) else blocks
+    raw = np.ascontiguousarray(raw)  # (a GGUF file's read-only memory map: read in place)
+    if raw.dtype != np.uint8 or raw.shape != (n, k // QUANT_BLOCK * BLOCK_BYTES[fmt]):
         raise ValueError(f"pack_blocks: {fmt} blocks of a ({n}, {k}) weight are "
                          f"({n}, {k // QUANT_BLOCK * BLOCK_BYTES[fmt]}) uint8, not "
-                         f"{tuple(raw.shape)} {raw.dtype}")
+                         f"{raw.shape} {raw.dtype}")
     panels = Panels(n, k, fmt)
     pack = lib().xy_pack_q4_1 if fmt == "q4_1" else lib().xy_pack_q8_0
-    pack(raw.data_ptr(), n, k, panels.data.data_ptr())
+    pack(raw.ctypes.data, n, k, panels.data.data_ptr())
     return panels
 
 
 def gemm(x: torch.Tensor, w: Panels, bias: torch.Tensor | None,
-         bf16_activations: bool = True) -> torch.Tensor | None:
-    """x (M, K) @ w^T (+ bias (N,)) as a new fp32 (M, N) tensor, on torch's intra-op thread
-    count; None where not handled (C kernels off, x not 2-D fp32 rows of K, bias not fp32
-    (N,), an fp32 w with more than GEMM_MAX_ROWS rows). bf16_activations=False keeps x in fp32
-    for bf16 panels on every CPU (else AVX512_BF16 CPUs round it to bf16)."""
+         bf16_activations: bool = True, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (M, K) @ w^T (+ bias (N,)) into out (M, N) fp32 (a new tensor when None), on torch's
+    intra-op thread count; None where not handled (C kernels off, x not 2-D fp32 rows of K,
+    bias not fp32 (N,), out not fp32 (M, N) rows, an fp32 w with more than GEMM_MAX_ROWS rows).
+    bf16_activations=False keeps x in fp32 for bf16 panels on every CPU (else AVX512_BF16 CPUs
+    round it to bf16). (Few torch calls: at M = 1 the Python side is most of a small product.)"""
     native = lib()
-    if (native is None or x.dim() != 2 or x.dtype != torch.float32 or x.stride(-1) != 1
-            or x.shape[1] != w.k or x.shape[0] < 1
-            or (w.fmt == "fp32" and x.shape[0] > GEMM_MAX_ROWS)
+    if native is None or x.dtype != torch.float32 or x.dim() != 2:
+        return None
+    (m, k), (xs, x1) = x.shape, x.stride()
+    if (x1 != 1 or k != w.k or m < 1 or (w.fmt == "fp32" and m > GEMM_MAX_ROWS)
             or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
                                       or bias.shape != (w.n,)))):
         return None
-    m = x.shape[0]
-    out = x.new_empty(m, w.n)
-    rc = native.xy_gemm_packed(FORMATS[w.fmt], x.data_ptr(), x.stride(0), w.data.data_ptr(),
-                               None if bias is None else bias.data_ptr(), w.n, w.k,
-                               out.data_ptr(), w.n, m, torch.get_num_threads(),
+    if out is None:
+        out = torch.empty(m, w.n)
+    elif out.dtype != torch.float32 or out.shape != (m, w.n) or out.stride(1) != 1:
+        return None
+    rc = native.xy_gemm_packed(w.code, x.data_ptr(), xs, w.ptr,
+                               None if bias is None else bias.data_ptr(), w.n, k,
+                               out.data_ptr(), out.stride(0), m, torch.get_num_threads(),
                                _BF16_ACTIVATIONS if bf16_activations else 0)
     if rc == -1:
         raise MemoryError("gemm: no memory for the bf16 activations")
@@ -117,7 +122,7 @@ def gather_rows(w: Panels, ids: torch.Tensor) -> torch.Tensor | None:
         return None
     ids = ids.contiguous()
     out = torch.empty(len(ids), w.k)
-    if native.xy_gather_rows(FORMATS[w.fmt], w.data.data_ptr(), w.n, w.k, ids.data_ptr(),
+    if native.xy_gather_rows(w.code, w.ptr, w.n, w.k, ids.data_ptr(),
                              len(ids), out.data_ptr(), w.k) != 0:
         raise IndexError("gather_rows: an id outside the table")
     return out
