@@ -185,13 +185,10 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
 
 /* ------------------------------------------------------------------------ prefill chunks */
 
-/* 16 fp32 lanes: a tile's scores for one query vector, or 16 elements of a head. */
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16_u __attribute__((vector_size(64), aligned(4)));
 #define TQ 16  /* query rows per work item */
-#define TK 16  /* keys per tile */
-
-#define QB 8   /* query vectors whose scores are computed together (independent FMA chains) */
+#define TK 16  /* keys per tile: two 8-lane vectors of scores */
+#define QB 6   /* query vectors whose scores are computed together: 12 accumulators, with the
+                  key row (2) and a broadcast 15 of AVX2's 16 vector registers */
 #define MAX_D 256
 
 /* Keys k0 .. k0 + nk - 1 of KV head j (nk <= TK) as fp32 into kt (d, TK), transposed, and
@@ -231,7 +228,7 @@ static inline __attribute__((always_inline)) void chunk_item(
     const int64_t *table, int64_t start_pos, int64_t r0, int64_t rows, int64_t j, int64_t group,
     int64_t d, int64_t token_len, int64_t block_shift, float scale, float *out, int64_t o_stride,
     float *kt, float *vt, float *sc, float *acc, float *m, float *l, int dt) {
-    int64_t nq = rows * group, nd = d / TK;
+    int64_t nq = rows * group, nd = d / VF_LANES;
     const float *qv[TQ * 64];  /* each query vector's row of q (group <= 64) */
     for (int64_t i = 0; i < nq; i++) {
         qv[i] = q + (r0 + i / group) * q_stride + (j * group + i % group) * d;
@@ -246,13 +243,19 @@ static inline __attribute__((always_inline)) void chunk_item(
         for (int64_t i0 = 0; i0 < nq; i0 += QB) {
             const float *qb[QB];
             for (int b = 0; b < QB; b++) qb[b] = qv[i0 + b < nq ? i0 + b : nq - 1];
-            v16 s[QB];
-            for (int b = 0; b < QB; b++) s[b] = (v16){0};
+            vf s[QB][2];
+            for (int b = 0; b < QB; b++) s[b][0] = s[b][1] = (vf){0};
             for (int64_t c = 0; c < d; c++) {
-                v16 kr = *(const v16 *)(kt + c * TK);
-                for (int b = 0; b < QB; b++) s[b] += qb[b][c] * kr;
+                vf k0v = load8(kt + c * TK), k1v = load8(kt + c * TK + 8);
+                for (int b = 0; b < QB; b++) {
+                    vf qc = bcast8(qb[b][c]);
+                    s[b][0] += qc * k0v, s[b][1] += qc * k1v;
+                }
             }
-            for (int b = 0; b < QB && i0 + b < nq; b++) *(v16 *)(sc + (i0 + b) * TK) = s[b] * scale;
+            for (int b = 0; b < QB && i0 + b < nq; b++) {
+                *(vf_u *)(sc + (i0 + b) * TK) = s[b][0] * scale;
+                *(vf_u *)(sc + (i0 + b) * TK + 8) = s[b][1] * scale;
+            }
         }
         for (int64_t i = 0; i < nq; i++) {
             int64_t visible = start_pos + r0 + i / group - k0 + 1;  /* keys of the tile it sees */
@@ -269,11 +272,13 @@ static inline __attribute__((always_inline)) void chunk_item(
             }
             m[i] = mx;
             l[i] = l[i] * alpha + sum;
-            /* the running output in registers, one independent chain per 16 elements */
-            v16 o[MAX_D / TK], *oi = (v16 *)(acc + i * d);
+            /* the running output in registers, one independent chain per 8 elements */
+            vf o[MAX_D / VF_LANES], *oi = (vf *)(acc + i * d);
             for (int64_t c = 0; c < nd; c++) o[c] = oi[c] * alpha;
-            for (int64_t t = 0; t < visible; t++)
-                for (int64_t c = 0; c < nd; c++) o[c] += p[t] * *(const v16 *)(vt + t * d + c * TK);
+            for (int64_t t = 0; t < visible; t++) {
+                vf pt = bcast8(p[t]);
+                for (int64_t c = 0; c < nd; c++) o[c] += pt * load8(vt + t * d + c * VF_LANES);
+            }
             for (int64_t c = 0; c < nd; c++) oi[c] = o[c];
         }
     }
