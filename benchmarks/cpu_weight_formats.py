@@ -14,10 +14,18 @@ CPU other processes took meanwhile, since a shared machine only ever slows a run
     is why activations stay fp32 with bf16 / 4-bit weights (no bf16 vector ops);
   - the Python side of one native.gemm call.
 
+OpenMP threads sleep when idle here (OMP_WAIT_POLICY=PASSIVE unless set): with libgomp's default
+spinning, a parallel region on a machine where another process holds a core waits a scheduler
+time slice for its second thread (a decode step's GEMMs measured 1.4 s instead of 18 ms).
+
     .venv/bin/python -m benchmarks.cpu_weight_formats
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp
 
 import importlib.metadata
 import pathlib
@@ -231,7 +239,8 @@ def main() -> None:
         sys.exit("the C kernels cannot be built here")
     info = cpu_info()
     print(f"{info['model']}, {info['cores']} cores, flags {' '.join(info['flags'])}; "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; OMP_WAIT_POLICY "
+          f"{os.environ['OMP_WAIT_POLICY']}")
     caps = native.capabilities()
     print(f"library paths: {' '.join(sorted(caps.library_isa)) or '-'}; --dtype auto -> "
           f"{recommend_dtype(caps)}, --weight-format auto (fp32/bf16/q4_1) -> "
