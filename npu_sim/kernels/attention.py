@@ -18,8 +18,9 @@ output or a partial (o, lse) in a workspace slot that a combine task joins. The 
 the same attention with a few batched SDPA calls: short sequences (decodes, verifies, short
 chunks) in groups of similar context length, padded to the group's longest query and context,
 each longer chunk in its own; each reads only the keys its sequences see, and a tree only edits
-the causal mask, built once per kernel. In fp32, C kernels (native/attention.c) take the decodes
-and the long chunks without a tree, reading the paged cache directly with no mask at all.
+the causal mask, built once per kernel. With fp32 queries, C kernels (native/attention.c,
+attention_chunk.c) take the decodes and the long chunks without a tree, reading the paged cache
+(fp32, bf16 or fp16) directly with no mask at all.
 """
 
 from __future__ import annotations

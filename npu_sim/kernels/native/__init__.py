@@ -1,24 +1,31 @@
-"""C kernels for the CPU fast path (cpu_kernels.c, attention.c, gemm.c, gemm_pack.c), compiled
-on first use and called through ctypes (which releases the GIL for the call).
+"""C kernels for the CPU fast path (cpu_kernels.c, attention.c, attention_chunk.c, gemm.c,
+gemm_pack.c), compiled on first use and called through ctypes (which releases the GIL for the
+call).
 
 A decode step alternates weight-streaming GEMMs with small row-wise ops; after each GEMM the caches
 hold weights only, so every ATen call of the small ops pays a cold dispatch (an RMSNorm is ~15
 of them, an attention launch ~10 plus a gather of every key into a padded copy). Here each of
 those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and the
-attention of decodes and of prefill chunks, reading the paged cache in place (attention.c; fp32,
-bf16 or fp16 cache, fp32 arithmetic). The GEMMs of few rows (decode batches) run on weights
-packed into 16-column panels (gemm.c; fp32, bf16, or GGUF Q4_1 / Q8_0 blocks decoded in
-registers: panels.py), streamed at close to the memory bound. Activations stay fp32 throughout.
-caps.py says which instruction-set paths the build has, for the engine's dtype and weight-format
-choices.
+attention of decodes and of prefill chunks, reading the paged cache in place (attention.c,
+attention_chunk.c; fp32, bf16 or fp16 cache, fp32 arithmetic). The GEMMs of few rows (decode
+batches) run on weights packed into 16-column panels (gemm.c; fp32, bf16, or GGUF Q4_1 / Q8_0
+blocks decoded in registers: panels.py), streamed at close to the memory bound. Activations
+stay fp32 throughout. caps.py says which instruction-set paths the build has, for the engine's
+dtype and weight-format choices.
 
-The library is built with the system C compiler (`cc`, or $CC, with -march=native unless
-XYSERVE_NATIVE_GENERIC=1) into the user's cache
-(`$XDG_CACHE_HOME/xyserve`, default `~/.cache/xyserve`), keyed by the source, the flags and the
-CPU, so a later process loads it at once. Without a compiler, or with
-XYSERVE_NATIVE_KERNELS=0, `lib()` is None and every wrapper returns None / False: the callers
-then take their ATen path. Each wrapper also declines (returns None / False) operands it does not
-handle (another dtype, a non-unit inner stride), so callers can always fall back.
+The library is built with the system C compiler (`cc`, or $CC; -march=native unless
+XYSERVE_NATIVE_GENERIC=1) into the user's cache (`$XDG_CACHE_HOME/xyserve`, default
+`~/.cache/xyserve`), keyed by the source, the flags and the CPU, so a later process loads it at
+once. Without a compiler, or with XYSERVE_NATIVE_KERNELS=0, `lib()` is None and every wrapper
+returns None / False: the callers then take their ATen path. Each wrapper also declines
+(returns None / False) operands it does not handle (another dtype, a non-unit inner stride), so
+callers can always fall back.
+
+The parallel regions run on torch's OpenMP threads. Start the process with
+OMP_WAIT_POLICY=PASSIVE on a machine other work shares: libgomp's idle threads otherwise spin,
+and a region then waits a scheduler time slice for a thread whose core another process holds (a
+decode step's GEMMs: 1.4 s instead of 18 ms with a busy loop beside them; 12 instead of 10.3 ms
+when the machine is idle). libgomp reads it once, when torch loads it.
 """
 
 from __future__ import annotations
@@ -38,9 +45,11 @@ from collections.abc import Iterator
 import torch
 
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
-                 for f in ("cpu_kernels.c", "attention.c", "gemm.c", "gemm_pack.c"))
+                 for f in ("cpu_kernels.c", "attention.c", "attention_chunk.c", "gemm.c",
+                           "gemm_pack.c"))
 _HEADERS = tuple(pathlib.Path(__file__).with_name(f)
-                 for f in ("exp_approx.h", "simd.h", "gemm_formats.h", "gemm_bf16_dot.h"))
+                 for f in ("exp_approx.h", "simd.h", "paged.h", "gemm_formats.h",
+                           "gemm_bf16_dot.h"))
 # -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
 # -fno-trapping-math: no code reads floating-point exception flags, and without it GCC keeps
 # the branches of exp_approx's clamp and vectorises no loop that calls it (SiLU-mul ran 8x
@@ -287,7 +296,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def chunk_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor) -> bool:
     """Whether chunk_attention takes these operands: as decode_attention, with D a multiple of
-    16 up to 256 and at most 64 query heads per KV head (attention.c's scratch)."""
+    16 up to 256 and at most 64 query heads per KV head (attention_chunk.c's scratch)."""
     return attention_support(q, k_cache, v_cache)[1]
 
 
@@ -326,11 +335,11 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _raise_for(rc: int, kernel: str, what: str) -> None:
-    """The exception for an attention.c return code (0: none)."""
+    """The exception for an attention kernel's return code (0: none)."""
     if rc == -1:
         raise MemoryError(f"{kernel}: no memory for its scratch")
     if rc == -2:
-        raise ValueError(f"{kernel}: a shape attention.c does not take")
+        raise ValueError(f"{kernel}: a shape the C kernel does not take")
     if rc != 0:
         raise IndexError(f"{kernel}: {what} reaches outside its block table or the cache")
 
