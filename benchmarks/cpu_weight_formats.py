@@ -18,7 +18,7 @@ OpenMP threads sleep when idle here (OMP_WAIT_POLICY=PASSIVE unless set): with l
 spinning, a parallel region on a machine where another process holds a core waits a scheduler
 time slice for its second thread (a decode step's GEMMs measured 1.4 s instead of 18 ms).
 
-    .venv/bin/python -m benchmarks.cpu_weight_formats
+    .venv/bin/python -m benchmarks.cpu_weight_formats [--sections gemm,lm_head,...]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp
 
+import argparse
 import importlib.metadata
 import pathlib
 import sys
@@ -234,7 +235,14 @@ def call_overhead() -> None:
         print(f"  one native.gemm call ({label}): {ms:.2f} us   (others: {foreign:.0%})")
 
 
+SECTIONS = ("gemm", "prefill", "lm_head", "attention", "vector")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)}")
+    sections = set(parser.parse_args().sections.split(","))
     if native.lib() is None:
         sys.exit("the C kernels cannot be built here")
     info = cpu_info()
@@ -248,21 +256,27 @@ def main() -> None:
     layers, head, source = model_weights()
     print(f"weights: {source}")
     with torch.inference_mode():
-        weights = packed_formats(layers)
-        print("layer GEMMs of one decode step:")
-        for m in (1, 16, 64):
-            layer_gemms(weights, m)
-        print("prefill-sized products (the packed formats take any M):")
-        prefill_products(weights)
-        del weights
-        print("LM head (sampled tokens only):")
-        lm_head(head)
-        print("decode attention of one step:")
-        for context_len in (300, 1000):
-            decode_attention(context_len)
-        print("vector ops:")
-        vector_ops()
-        call_overhead()
+        if {"gemm", "prefill"} & sections:
+            weights = packed_formats(layers)
+            if "gemm" in sections:
+                print("layer GEMMs of one decode step:")
+                for m in (1, 16, 64):
+                    layer_gemms(weights, m)
+            if "prefill" in sections:
+                print("prefill-sized products (the packed formats take any M):")
+                prefill_products(weights)
+            del weights
+        if "lm_head" in sections:
+            print("LM head (sampled tokens only):")
+            lm_head(head)
+        if "attention" in sections:
+            print("decode attention of one step:")
+            for context_len in (300, 1000):
+                decode_attention(context_len)
+        if "vector" in sections:
+            print("vector ops:")
+            vector_ops()
+            call_overhead()
 
 
 if __name__ == "__main__":

@@ -41,14 +41,22 @@ void xy_add_rmsnorm(const float *x, int64_t x_stride, float *residual, int64_t r
     }
 }
 
-/* out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]. */
+/* out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i], in chunks of 256: the exponentials
+ * first, then the divisions (one loop doing both ran 3.4x slower on Zen 2: GCC split it at
+ * exp_approx's clamp into blended copies with two divisions per element). */
 void xy_silu_mul(const float *gate_up, int64_t g_stride, float *out, int64_t o_stride,
                  int64_t rows, int64_t inter) {
+    float e[256];
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gate_up + r * g_stride, *u = g + inter;
         float *o = out + r * o_stride;
+        for (int64_t i0 = 0; i0 < inter; i0 += 256) {
+            int64_t n = inter - i0 < 256 ? inter - i0 : 256;
 #pragma omp simd
-        for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+            for (int64_t i = 0; i < n; i++) e[i] = exp_approx(-g[i0 + i]);
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) o[i0 + i] = g[i0 + i] / (1.0f + e[i]) * u[i0 + i];
+        }
     }
 }
 
