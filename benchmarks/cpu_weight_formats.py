@@ -33,7 +33,6 @@ import pathlib
 import sys
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from benchmarks.machine import CpuLoad, best_seconds, cpu_info
@@ -70,12 +69,6 @@ def _gguf_path() -> pathlib.Path | None:
     return pathlib.Path(found[0]) if found else None
 
 
-def _stack(parts: list[quant.QuantizedWeight]) -> quant.QuantizedWeight:
-    """Outputs of several weights in one (the fused QKV and gate-up products)."""
-    blocks = np.concatenate([p.blocks for p in parts])
-    return quant.QuantizedWeight(parts[0].fmt, (len(blocks), parts[0].shape[1]), blocks)
-
-
 def model_weights() -> tuple[list[list[quant.QuantizedWeight]], quant.QuantizedWeight, str]:
     """Per layer (QKV, O, gate-up, down) and the LM head, as the GGUF ships them (Q4_1 layers,
     Q8_0 embedding; Q and K rows in Hugging Face order), or random ones quantized alike."""
@@ -97,14 +90,15 @@ def model_weights() -> tuple[list[list[quant.QuantizedWeight]], quant.QuantizedW
         assert isinstance(w, quant.QuantizedWeight)
         return w.take_rows(quant.unpermute_rows(w.shape[0], heads)) if heads else w
 
+    stack = quant.QuantizedWeight.stack
     layers = []
     for i in range(LAYERS):
         b = f"blk.{i}."
         layers.append([
-            _stack([get(b + "attn_q.weight", HEADS), get(b + "attn_k.weight", KV_HEADS),
-                    get(b + "attn_v.weight")]),
+            stack([get(b + "attn_q.weight", HEADS), get(b + "attn_k.weight", KV_HEADS),
+                   get(b + "attn_v.weight")]),
             get(b + "attn_output.weight"),
-            _stack([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")]),
+            stack([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")]),
             get(b + "ffn_down.weight")])
     return layers, get("token_embd.weight"), f"the default model's GGUF ({path.name})"
 

@@ -57,6 +57,16 @@ class QuantizedWeight:
         return QuantizedWeight(self.fmt, (len(rows), self.shape[1]),
                                np.ascontiguousarray(self.blocks[rows]))
 
+    @staticmethod
+    def stack(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """The outputs of several weights of one format and K in one (a fused QKV or gate-up
+        projection), in order."""
+        fmt, k = parts[0].fmt, parts[0].shape[1]
+        if any(p.fmt != fmt or p.shape[1] != k for p in parts):
+            raise ValueError("stack: weights of one format and K only")
+        blocks = np.concatenate([p.blocks for p in parts])
+        return QuantizedWeight(fmt, (len(blocks), k), blocks)
+
 
 def unpermute_rows(num_rows: int, num_heads: int) -> np.ndarray:
     """The row order that undoes llama.cpp's conversion permutation of a Llama attn_q (heads =

@@ -176,6 +176,9 @@ def test_default_model_blocks_pack_and_reproduce() -> None:
         out = native.gemm(x, native.pack_blocks(q.blocks, *q.shape, q.fmt), None)
         assert_fp32_product(out, x, w, None)
     assert isinstance(quant.from_gguf(tensors["blk.0.attn_norm.weight"]), torch.Tensor)
+    parts = [quant.from_gguf(tensors[f"blk.0.ffn_{p}.weight"]) for p in ("gate", "up")]
+    fused = quant.QuantizedWeight.stack(parts)  # the fused gate-up product
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
