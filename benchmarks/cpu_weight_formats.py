@@ -236,7 +236,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated, of {', '.join(SECTIONS)}")
-    sections = set(parser.parse_args().sections.split(","))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as set)")
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if native.lib() is None:
         sys.exit("the C kernels cannot be built here")
     info = cpu_info()
