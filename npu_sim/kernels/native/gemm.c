@@ -14,7 +14,7 @@
  * Register tile on AVX2: MR = 6 rows x 16 columns = 12 accumulators of 8 lanes, two weight
  * vectors and a broadcast: 15 of the 16 ymm registers, all of them live across k (no spills:
  * the fp32 kernel before this one indexed an accumulator array by a loop variable and kept it
- * on the stack, 4x slower at M = 1 on this Zen 2).
+ * on the stack: ~3x slower at M = 1 on a Zen 2).
  *
  * Threads: the panels are split evenly among the threads of an OpenMP parallel region, one
  * contiguous run each (the hardware prefetchers follow it; dynamic chunks measured ~7% slower).

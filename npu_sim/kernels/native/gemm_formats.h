@@ -71,11 +71,6 @@ static inline AI void sink(const sink_t *s, int mr, int64_t k, int u, v8 w0, v8 
         return;
     }
     v8 (*acc)[2] = s->acc + u % SETS(mr) * mr;
-    /* w in registers: left alone, GCC folds the weight load into every row's multiply-add
-     * (a load per row: Zen 2's two loads a cycle then bound a 6-row tile at ~60% of its FMAs) */
-#ifdef __AVX__
-    __asm__("" : "+x"(w0), "+x"(w1));
-#endif
 #pragma GCC unroll 16
     for (int m = 0; m < mr; m++) {
         v8 xb = bcast8(s->x[m * s->xs + k]);
