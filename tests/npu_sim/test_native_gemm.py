@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.lowering import lower_gemm
+from npu_sim.hardware import get_chip
 from npu_sim.kernels import PackedWeight, native, pack_quantized, pack_weight, quant, run_gemm
-from npu_sim.tasks import GEMM_TASK, GemmKernel, TileShape
 from tests.npu_sim.test_native_kernels import _with_threads
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason="the C kernels cannot be built here")
@@ -192,8 +193,8 @@ def test_run_gemm_fast_path_agrees_with_the_reference_path(fmt: str) -> None:
     assert isinstance(packed, PackedWeight) and packed.weight_format == fmt
     assert packed.shape == (n, k)
     x, bias = torch.randn(m, k), torch.randn(n)
-    tasks = np.array([(0, m, 0, n, 0)], dtype=GEMM_TASK)
-    kernel = GemmKernel(name="t", m=m, n=n, k=k, menu=(TileShape(16, 128, 64),), tasks=tasks)
+    pad, kernel = lower_gemm("t", m, n, k, get_chip("910b2"))  # the engine's own tiling
+    assert pad is None
     fast = run_gemm(kernel, False, x=x, w=packed, bias=bias)
     reference = run_gemm(kernel, True, x=_as_read(fmt, x), w=packed, bias=bias)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
