@@ -1,7 +1,8 @@
 """Meta-attention: matmul-softmax-matmul over a paged KV cache, one pattern for every row kind.
 
 Operands: q (T, Hq, D) the batch's queries after RoPE; k_cache, v_cache (NB, BS, Hkv, D) one
-layer's paged cache (this step's keys already written); returns out (T, Hq, D).
+layer's paged cache (this step's keys already written; q's dtype, or a 16-bit cache under fp32
+queries, widened as it is read); returns out (T, Hq, D).
 
 GQA stacking: the G = Hq / Hkv query heads that share KV head j are stacked into the rows of one
 Q tile, so a tile of q_rows tokens is a (q_rows * G, D) matrix, row r * G + g being token r, head
@@ -17,8 +18,9 @@ output or a partial (o, lse) in a workspace slot that a combine task joins. The 
 the same attention with a few batched SDPA calls: short sequences (decodes, verifies, short
 chunks) in groups of similar context length, padded to the group's longest query and context,
 each longer chunk in its own; each reads only the keys its sequences see, and a tree only edits
-the causal mask, built once per kernel. In fp32, C kernels (native/attention.c) take the decodes
-and the long chunks without a tree, reading the paged cache directly with no mask at all.
+the causal mask, built once per kernel. With fp32 queries, C kernels (native/attention.c,
+attention_chunk.c) take the decodes and the long chunks without a tree, reading the paged cache
+(fp32, bf16 or fp16) directly with no mask at all.
 """
 
 from __future__ import annotations
@@ -329,6 +331,7 @@ def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor
         s, n, nq = grp.num_seqs, grp.num_keys, grp.num_queries
         k = k_flat.index_select(0, grp.slots).view(s, n, hkv, d).transpose(1, 2)  # (S, Hkv, L, D)
         v = v_flat.index_select(0, grp.slots).view(s, n, hkv, d).transpose(1, 2)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a 16-bit cache under fp32 queries: widen
         # (S * Q, Hq, D) -> (S, Hkv, Q * G, D): stacked row r * G + g = token r, head j * G + g
         q_stacked = q[grp.rows].view(s, nq, hkv, g, d).transpose(1, 2).reshape(s, hkv, nq * g, d)
         o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=grp.mask,
@@ -341,8 +344,8 @@ def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor
                                    kernel.scale)
             continue
         q_len = c.rows.stop - c.rows.start
-        k = k_flat.index_select(0, c.slots).transpose(0, 1)[None]  # (1, Hkv, context_len, D)
-        v = v_flat.index_select(0, c.slots).transpose(0, 1)[None]
+        k = k_flat.index_select(0, c.slots).transpose(0, 1)[None].to(q.dtype)  # (1, Hkv, ctx, D)
+        v = v_flat.index_select(0, c.slots).transpose(0, 1)[None].to(q.dtype)
         # (q_len, Hq, D) -> (1, Hkv, q_len * G, D): stacked row r * G + g = token r, head j * G + g
         q_stacked = q[c.rows].view(q_len, hkv, g, d).transpose(0, 1).reshape(1, hkv, q_len * g, d)
         o = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=c.mask, scale=kernel.scale)

@@ -10,9 +10,18 @@ workspace partial; the reduce tasks then sum the partials, element range by elem
 slice order (catlass MultiCoreSplitkMatmul), into the output.
 The fast path is one call over the whole batch. A weight may come pre-packed (`pack_weight`):
 the fast path then multiplies products of few rows (a decode step's GEMMs have M = batch size)
-with the C panel GEMM (npu_sim.kernels.native, fp32), and others with oneDNN's blocked copy of
-the weight, which skips the per-call repacking of `w` that dominates small-M products in ATen;
-the reference path always reads the plain weight.
+with the C panel GEMM (npu_sim.kernels.native), and others with oneDNN's blocked copy of the
+weight, which skips the per-call repacking of `w` that dominates small-M products in ATen; the
+reference path always reads the plain weight.
+
+Weight formats (`pack_weight(w, weight_format)`, `pack_quantized`), activations fp32 in all:
+  fp32  panels for M <= 64, oneDNN beyond
+  bf16  the weight rounded to bf16: half the bytes a decode step streams; panels for any M
+  q4_1, q8_0  GGUF blocks kept as they ship (npu_sim.kernels.quant), decoded in the GEMM's
+        registers: the same floats as the dequantized fp32 weight, a product differing from the
+        fp32 one by accumulation order alone; panels for any M
+The 16-bit and quantized formats need the C kernels; without them pack_weight returns the
+weight as given (fp32, computed by ATen) and pack_quantized the dequantized fp32 weight.
 """
 
 from __future__ import annotations
@@ -21,28 +30,61 @@ import torch
 import torch.nn.functional as F
 
 from npu_sim.kernels import native
+from npu_sim.kernels.quant import QuantizedWeight, quantize_exact
 from npu_sim.tasks import GemmKernel
+
+WEIGHT_FORMATS = ("fp32", "bf16", "q4_1", "q8_0")
 
 
 class PackedWeight:
     """A GEMM weight `w[N, K]` plus its copies laid out for the fast path."""
 
-    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None,
-                 panels: native.Panels | None = None) -> None:
-        self.weight = weight  # (N, K), plain: the reference path and shapes read this one
+    def __init__(self, weight: torch.Tensor | None, packed: torch.Tensor | None,
+                 panels: native.Panels | None = None,
+                 quantized: QuantizedWeight | None = None) -> None:
+        self._weight = weight  # (N, K) plain (fp32, or bf16 for that format); None: quantized
         self.packed = packed  # opaque mkldnn tensor holding the same values, pre-blocked, or None
-        self.panels = panels  # the C panel GEMM's copy (fp32 where the C kernels load), or None
+        self.panels = panels  # the C panel GEMM's copy (its `fmt` the weight format), or None
+        self.quantized = quantized  # a q4_1 / q8_0 weight's GGUF blocks, else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(N, K) plain: what the reference path and the ATen fallback read; a quantized
+        weight is dequantized to fp32 on every read (the fast path never reads it)."""
+        if self._weight is not None:
+            return self._weight
+        assert self.quantized is not None
+        return self.quantized.dequantize()
 
     @property
     def shape(self) -> torch.Size:
-        return self.weight.shape
+        if self._weight is not None:
+            return self._weight.shape
+        assert self.quantized is not None
+        return torch.Size(self.quantized.shape)
+
+    @property
+    def weight_format(self) -> str:
+        if self.quantized is not None:
+            return self.quantized.fmt
+        return "bf16" if self.weight.dtype == torch.bfloat16 else "fp32"
 
 
-def pack_weight(w: torch.Tensor) -> PackedWeight | torch.Tensor:
-    """`w` (N, K) pre-packed for the fast path, or `w` itself where neither oneDNN nor the C
-    kernels can take it (no oneDNN in this torch build, a dtype the CPU lacks kernels for)."""
+def pack_weight(w: torch.Tensor, weight_format: str = "fp32") -> PackedWeight | torch.Tensor:
+    """`w` (N, K) pre-packed for the fast path in `weight_format` (WEIGHT_FORMATS; q4_1 and
+    q8_0 need a w that some blocks reproduce exactly, else ValueError: see quant), or `w`
+    itself where neither oneDNN nor the C kernels can take it (no oneDNN in this torch build, a
+    dtype the CPU lacks kernels for, a 16-bit or quantized format without the C kernels)."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format {weight_format!r}: not one of {WEIGHT_FORMATS}")
     if w.dim() != 2:
         return w
+    if weight_format in ("q4_1", "q8_0"):
+        packed_q = pack_quantized(quantize_exact(w.float(), weight_format))
+        return packed_q if isinstance(packed_q, PackedWeight) else w
+    if weight_format == "bf16":
+        panels = native.pack_panels(w, "bf16")
+        return w if panels is None else PackedWeight(w.to(torch.bfloat16), None, panels)
     packed = None
     if torch.backends.mkldnn.is_available():
         try:
@@ -52,6 +94,13 @@ def pack_weight(w: torch.Tensor) -> PackedWeight | torch.Tensor:
             packed = None
     panels = native.pack_panels(w)
     return w if packed is None and panels is None else PackedWeight(w, packed, panels)
+
+
+def pack_quantized(q: QuantizedWeight) -> PackedWeight | torch.Tensor:
+    """GGUF blocks packed for the panel GEMM (keeping only them), or the dequantized fp32
+    weight where the C kernels are off."""
+    panels = native.pack_blocks(q.blocks, *q.shape, q.fmt)
+    return q.dequantize() if panels is None else PackedWeight(None, None, panels, q)
 
 
 def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor | PackedWeight,
@@ -65,11 +114,15 @@ def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor 
         if not isinstance(w, PackedWeight):
             result = F.linear(x, w, bias)
         else:  # the panel GEMM where it takes x, else oneDNN, else ATen on the plain weight
-            result = None if w.panels is None else native.gemm(x, w.panels, bias)
-            if result is None and w.packed is not None:
+            result = None if w.panels is None else native.gemm(x, w.panels, bias, out=out)
+            if result is not None:
+                return result
+            if w.packed is not None:
                 result = torch.ops.mkldnn._linear_pointwise(x, w.packed, bias, "none", [], "")
-            if result is None:
-                result = F.linear(x, w.weight, bias)
+            else:
+                plain = w.weight
+                result = F.linear(x, plain if plain.dtype == x.dtype else plain.to(x.dtype),
+                                  bias)
         return result if out is None else out.copy_(result)
     if isinstance(w, PackedWeight):
         w = w.weight

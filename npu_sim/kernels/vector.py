@@ -72,9 +72,9 @@ def _silu_mul(rows: Rows, out: torch.Tensor, gate_up: torch.Tensor) -> None:
 
 def _kv_write(rows: Rows, out: None, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    slots = slot_mapping[rows]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[rows])
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[rows])
+    slots = slot_mapping[rows]  # (a 16-bit cache takes fp32 rows rounded to its dtype)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[rows].to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[rows].to(v_cache.dtype))
 
 
 def _pad_copy(rows: Rows, out: torch.Tensor, x: torch.Tensor) -> None:

@@ -1,20 +1,31 @@
-"""fp32 C kernels for the CPU fast path (cpu_kernels.c, attention.c, gemm.c), compiled on first
-use and called through ctypes (which releases the GIL for the call).
+"""C kernels for the CPU fast path (cpu_kernels.c, attention.c, attention_chunk.c, gemm.c,
+gemm_pack.c), compiled on first use and called through ctypes (which releases the GIL for the
+call).
 
 A decode step alternates weight-streaming GEMMs with small row-wise ops; after each GEMM the caches
 hold weights only, so every ATen call of the small ops pays a cold dispatch (an RMSNorm is ~15
 of them, an attention launch ~10 plus a gather of every key into a padded copy). Here each of
 those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and the
-attention of decodes and of prefill chunks, reading the paged cache in place (attention.c).
-The GEMMs of few rows (decode batches) run on weights packed into 16-column panels (gemm.c),
-streamed at close to the memory bound.
+attention of decodes and of prefill chunks, reading the paged cache in place (attention.c,
+attention_chunk.c; fp32, bf16 or fp16 cache, fp32 arithmetic). The GEMMs of few rows (decode
+batches) run on weights packed into 16-column panels (gemm.c; fp32, bf16, or GGUF Q4_1 / Q8_0
+blocks decoded in registers: panels.py), streamed at close to the memory bound. Activations
+stay fp32 throughout. caps.py says which instruction-set paths the build has, for the engine's
+dtype and weight-format choices.
 
-The library is built with the system C compiler (`cc`, or $CC) into the user's cache
-(`$XDG_CACHE_HOME/xyserve`, default `~/.cache/xyserve`), keyed by the source, the flags and the
-CPU, so a later process loads it at once. Without a compiler, or with
-XYSERVE_NATIVE_KERNELS=0, `lib()` is None and every wrapper returns None / False: the callers
-then take their ATen path. Each wrapper also declines (returns None / False) operands it does not
-handle (another dtype, a non-unit inner stride), so callers can always fall back.
+The library is built with the system C compiler (`cc`, or $CC; -march=native unless
+XYSERVE_NATIVE_GENERIC=1) into the user's cache (`$XDG_CACHE_HOME/xyserve`, default
+`~/.cache/xyserve`), keyed by the source, the flags and the CPU, so a later process loads it at
+once. Without a compiler, or with XYSERVE_NATIVE_KERNELS=0, `lib()` is None and every wrapper
+returns None / False: the callers then take their ATen path. Each wrapper also declines
+(returns None / False) operands it does not handle (another dtype, a non-unit inner stride), so
+callers can always fall back.
+
+The parallel regions run on torch's OpenMP threads. Start the process with
+OMP_WAIT_POLICY=PASSIVE on a machine other work shares: libgomp's idle threads otherwise spin,
+and a region then waits a scheduler time slice for a thread whose core another process holds (a
+decode step's GEMMs: 1.4 s instead of 18 ms with a busy loop beside them; 12 instead of 10.3 ms
+when the machine is idle). libgomp reads it once, when torch loads it.
 """
 
 from __future__ import annotations
@@ -34,25 +45,42 @@ from collections.abc import Iterator
 import torch
 
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
-                 for f in ("cpu_kernels.c", "attention.c", "gemm.c"))
-_HEADERS = (pathlib.Path(__file__).with_name("exp_approx.h"),)
+                 for f in ("cpu_kernels.c", "attention.c", "attention_chunk.c", "gemm.c",
+                           "gemm_pack.c"))
+_HEADERS = tuple(pathlib.Path(__file__).with_name(f)
+                 for f in ("exp_approx.h", "simd.h", "paged.h", "gemm_formats.h",
+                           "gemm_bf16_dot.h"))
 # -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
-# -fopenmp: the GEMM's parallel region runs on the libgomp torch has loaded (see gemm.c).
-_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
+# -fno-trapping-math: no code reads floating-point exception flags, and without it GCC keeps
+# the branches of exp_approx's clamp and vectorises no loop that calls it (SiLU-mul ran 8x
+# slower); it changes no result. -fopenmp: the parallel regions run on the libgomp torch has
+# loaded (see gemm.c).
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+          "-fno-trapping-math")
 _ARCH_FLAGS = (("-march=native",), ())  # the first that compiles
+# XYSERVE_NATIVE_GENERIC=1 builds without -march=native: the portable loops that stand in for
+# the AVX2 / F16C intrinsics (simd.h) run here too, so tests can check them on any machine.
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "xy_add_rmsnorm": (None, [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F]),
     "xy_silu_mul": (None, [_P, _I, _P, _I, _I, _I]),
     "xy_rope": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _I]),
-    "xy_kv_write": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _I]),
+    "xy_kv_write": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _I, ctypes.c_int]),
     "xy_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I,
-                                           _I, _I, _I, _F, ctypes.c_int]),
+                                           _I, _I, _I, _F, ctypes.c_int, ctypes.c_int]),
     "xy_chunk_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I,
-                                          _I, _I, _F, ctypes.c_int]),
+                                          _I, _I, _F, ctypes.c_int, ctypes.c_int]),
     "xy_pack_panels": (None, [_P, _I, _I, _P]),
     "xy_gemm": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _P, _I, _I, ctypes.c_int]),
+    "xy_packed_bytes": (_I, [ctypes.c_int, _I, _I]),
+    "xy_pack_panels_bf16": (None, [_P, _I, _I, _P]),
+    "xy_pack_q4_1": (None, [_P, _I, _I, _P]),
+    "xy_pack_q8_0": (None, [_P, _I, _I, _P]),
+    "xy_gemm_packed": (ctypes.c_int, [ctypes.c_int, _P, _I, _P, _P, _I, _I, _P, _I, _I,
+                                      ctypes.c_int, ctypes.c_int]),
+    "xy_gather_rows": (ctypes.c_int, [ctypes.c_int, _P, _I, _I, _P, _I, _P, _I]),
+    "xy_isa": (ctypes.c_int, []),
 }
 
 logger = logging.getLogger(__name__)
@@ -107,7 +135,8 @@ def _load() -> ctypes.CDLL | None:
     source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     compiler = os.environ.get("CC", "cc")
     why = "no attempt"
-    for arch in _ARCH_FLAGS:
+    generic = os.environ.get("XYSERVE_NATIVE_GENERIC", "0") == "1"
+    for arch in _ARCH_FLAGS[1:] if generic else _ARCH_FLAGS:
         flags = (*_FLAGS, *arch)
         key = hashlib.sha256(b"\0".join([source, " ".join((compiler, *flags)).encode(),
                                          platform.machine().encode(), _cpu_id().encode()]))
@@ -149,6 +178,10 @@ def _build(compiler: str, flags: tuple[str, ...], path: pathlib.Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ wrappers
+
+# KV cache element types the C kernels read and write (simd.h's KV_*): a 16-bit cache halves the
+# bytes a decode reads per key; queries, scores and outputs stay fp32.
+KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _fp32_rows(*tensors: torch.Tensor) -> bool:
@@ -201,11 +234,13 @@ def rope(n: int, parts: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.
 
 def kv_write(n: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
-    """Write rows [0, n) of k, v (T, Hkv, D) to the cache slots slot_mapping[:n]; False where
-    not handled (nothing written). A slot outside the cache raises IndexError."""
+    """Write rows [0, n) of k, v (T, Hkv, D) fp32 to the cache slots slot_mapping[:n] of a fp32,
+    bf16 or fp16 cache (rounded to nearest even, as torch's .to()); False where not handled
+    (nothing written). A slot outside the cache raises IndexError."""
     native = lib()
     row_len = k.shape[1] * k.shape[2]
-    if (native is None or not _fp32_rows(k, v, k_cache, v_cache) or k.stride() != v.stride()
+    if (native is None or not _fp32_rows(k, v) or k_cache.dtype not in KV_DTYPES
+            or v_cache.dtype != k_cache.dtype or k.stride() != v.stride()
             or k.stride(1) != k.shape[2] or k_cache.shape != v_cache.shape
             or not (k_cache.is_contiguous() and v_cache.is_contiguous())
             or k_cache.numel() % row_len or slot_mapping.dtype != torch.int64
@@ -213,18 +248,20 @@ def kv_write(n: int, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         return False
     if native.xy_kv_write(k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
                           v_cache.data_ptr(), k_cache.numel() // row_len,
-                          slot_mapping.data_ptr(), n, row_len) != 0:
+                          slot_mapping.data_ptr(), n, row_len, KV_DTYPES[k_cache.dtype]) != 0:
         raise IndexError("kv_write: a slot outside the cache")
     return True
 
 
 def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
                                v_cache: torch.Tensor) -> bool:
-    """Whether decode_attention takes these operands: the library loaded, fp32, q rows of
+    """Whether decode_attention takes these operands: the library loaded, q fp32 rows of
     contiguous heads (at most 1024, a multiple of the KV heads), D a multiple of 8, a
-    contiguous cache with a power-of-two block size."""
+    contiguous fp32, bf16 or fp16 cache (keys and values alike) with a power-of-two block
+    size."""
     bs, d = k_cache.shape[1], q.shape[-1]
-    return (lib() is not None and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+    return (lib() is not None and q.dtype == torch.float32 and k_cache.dtype in KV_DTYPES
+            and v_cache.dtype == k_cache.dtype
             and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == d and d % 8 == 0
             and q.shape[1] <= 1024 and q.shape[1] % k_cache.shape[2] == 0
             and bs & (bs - 1) == 0 and k_cache.shape == v_cache.shape
@@ -252,14 +289,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                    block_tables.stride(0), context_lens.data_ptr(),
                                    q_rows.data_ptr(), out.data_ptr(), out.stride(0),
                                    len(context_lens), hq, hkv, d, nb, bs, scale,
-                                   torch.get_num_threads())
+                                   torch.get_num_threads(), KV_DTYPES[k_cache.dtype])
     _raise_for(rc, "decode_attention", "a context")
 
 
 def chunk_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor) -> bool:
     """Whether chunk_attention takes these operands: as decode_attention, with D a multiple of
-    16 up to 256 and at most 64 query heads per KV head (attention.c's scratch)."""
+    16 up to 256 and at most 64 query heads per KV head (attention_chunk.c's scratch)."""
     return attention_support(q, k_cache, v_cache)[1]
 
 
@@ -293,59 +330,36 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), len(block_table),
         start_pos, rows.stop - rows.start,
         out.data_ptr() + rows.start * out.stride(0) * out.element_size(), out.stride(0),
-        hq, hkv, d, nb, bs, scale, torch.get_num_threads())
+        hq, hkv, d, nb, bs, scale, torch.get_num_threads(), KV_DTYPES[k_cache.dtype])
     _raise_for(rc, "chunk_attention", "the chunk")
 
 
 def _raise_for(rc: int, kernel: str, what: str) -> None:
-    """The exception for an attention.c return code (0: none)."""
+    """The exception for an attention kernel's return code (0: none)."""
     if rc == -1:
         raise MemoryError(f"{kernel}: no memory for its scratch")
     if rc == -2:
-        raise ValueError(f"{kernel}: a shape attention.c does not take")
+        raise ValueError(f"{kernel}: a shape the C kernel does not take")
     if rc != 0:
         raise IndexError(f"{kernel}: {what} reaches outside its block table or the cache")
 
 
-# ---------------------------------------------------------------------------------------- GEMM
+# The GEMM wrappers live in panels.py, the capability probe in caps.py (both need lib() above).
+from npu_sim.kernels.native.caps import Capabilities, capabilities  # noqa: E402
+from npu_sim.kernels.native.panels import (  # noqa: E402
+    FORMATS,
+    GEMM_MAX_ROWS,
+    PANEL_COLS,
+    Panels,
+    gather_rows,
+    gemm,
+    pack_blocks,
+    pack_panels,
+)
 
-PANEL_COLS = 16  # gemm.c's panel width
-GEMM_MAX_ROWS = 64  # the panel GEMM serves products of up to this many rows (decode batches)
-
-
-class Panels:
-    """A weight w (N, K) packed for the panel GEMM: (ceil(N / 16), K, 16), 64-byte aligned."""
-
-    def __init__(self, w: torch.Tensor) -> None:
-        native = lib()
-        assert native is not None and w.dtype == torch.float32 and w.dim() == 2
-        w = w.contiguous()
-        self.n, self.k = w.shape
-        size = -(-self.n // PANEL_COLS) * self.k * PANEL_COLS
-        storage = torch.empty(size + 16)
-        offset = (-storage.data_ptr() // 4) % 16  # first 64-byte boundary
-        self.data = storage[offset:offset + size]  # keeps the storage alive
-        native.xy_pack_panels(w.data_ptr(), self.n, self.k, self.data.data_ptr())
-
-
-def pack_panels(w: torch.Tensor) -> Panels | None:
-    """w (N, K) packed for `gemm`, or None where the C kernels are off or w is not fp32."""
-    if lib() is None or w.dtype != torch.float32 or w.dim() != 2:
-        return None
-    return Panels(w)
-
-
-def gemm(x: torch.Tensor, w: Panels, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x (M, K) @ w^T (+ bias (N,)) as a new (M, N) tensor, on torch's intra-op thread count;
-    None where not handled (x not fp32 rows, more than GEMM_MAX_ROWS rows)."""
-    native = lib()
-    m = x.shape[0]
-    if (native is None or m > GEMM_MAX_ROWS or x.dtype != torch.float32 or x.stride(-1) != 1
-            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
-        return None
-    out = x.new_empty(m, w.n)
-    if native.xy_gemm(x.data_ptr(), x.stride(0), w.data.data_ptr(),
-                      None if bias is None else bias.data_ptr(), w.n, w.k, out.data_ptr(), w.n, m,
-                      torch.get_num_threads()) != 0:
-        raise MemoryError("gemm: no memory for the transposed input")
-    return out
+__all__ = ["FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS", "Capabilities", "Panels",
+           "add_rmsnorm",
+           "attention_support", "capabilities", "chunk_attention", "chunk_attention_supported",
+           "decode_attention", "decode_attention_supported", "disabled", "enabled",
+           "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "rope",
+           "silu_mul"]
