@@ -3,6 +3,7 @@ without a tokenizer), seeded synthetic draws, and shaping (scale, window, long r
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pathlib
@@ -33,7 +34,7 @@ def test_azure_conversation_trace() -> None:
     first = w.requests[0]
     assert (first.arrival_s, first.prompt_len, first.output_len) == (0.0, 374, 44)
     assert w.requests[1].arrival_s == pytest.approx(4.314579)  # 18:15:50.995169 - 46.680590
-    assert all(a.arrival_s <= b.arrival_s for a, b in zip(w.requests, w.requests[1:]))
+    assert all(a.arrival_s <= b.arrival_s for a, b in itertools.pairwise(w.requests))
     assert 3500 < w.duration_s < 3510  # about an hour
     assert sum(r.output_len for r in w.requests) == 4088665
 
@@ -72,11 +73,10 @@ def test_synthetic_is_seeded_and_follows_its_distributions() -> None:
     outputs = [r.output_len for r in a.requests]
     assert statistics.mean(prompts) == pytest.approx(500, rel=0.05)
     assert min(outputs) == 10 and max(outputs) == 30
-    gaps = [b.arrival_s - x.arrival_s for x, b in zip(a.requests, a.requests[1:])]
+    gaps = [b.arrival_s - x.arrival_s for x, b in itertools.pairwise(a.requests)]
     assert statistics.mean(gaps) == pytest.approx(0.1, rel=0.05)  # Poisson at 10 req/s
     bursty = synthetic(4000, 10.0, "8", "8", seed=7, process="gamma", burstiness=0.25)
-    bursty_gaps = [b.arrival_s - x.arrival_s for x, b in zip(bursty.requests,
-                                                             bursty.requests[1:])]
+    bursty_gaps = [b.arrival_s - x.arrival_s for x, b in itertools.pairwise(bursty.requests)]
     assert statistics.mean(bursty_gaps) == pytest.approx(0.1, rel=0.1)
     assert statistics.stdev(bursty_gaps) > 1.5 * statistics.stdev(gaps)  # cv 2 vs 1
     assert {r.arrival_s for r in synthetic(5, math.inf, "8", "8").requests} == {0.0}
