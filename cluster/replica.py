@@ -31,8 +31,9 @@ class Replica:
         return f"{self.role}-{self.index}"
 
     def outstanding_tokens(self) -> int:
-        """Prompt tokens not yet computed (or received) plus tokens still to generate, over
-        every request it holds: a request's max_tokens is its length in a simulation."""
+        """Tokens still to run through the model, over every request it holds: the prompt not
+        yet computed (or received) and each output still to come (a simulated request's
+        max_tokens is its length)."""
         total = 0
         for r in self.core.scheduler.requests.values():
             done = max(r.num_computed_tokens, r.num_external_tokens)
