@@ -17,7 +17,8 @@ from typing import Any
 from cluster.results import Slo
 
 # What is asked for (the demand) vs how it is served (the shape).
-DEMAND_KEYS = ("model", "npu", "request_rate", "time_scale", "duration", "num_requests")
+DEMAND_KEYS = ("model", "npu", "request_rate", "time_scale", "start", "duration",
+               "num_requests")
 RATE_KEYS = ("request_rate", "time_scale")
 
 

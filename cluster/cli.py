@@ -69,8 +69,12 @@ def add_simulate_parser(subparsers: Any) -> None:
                         "(without one, records need prompt_len / output_len fields)")
     w.add_argument("--num-requests", type=int, metavar="N",
                    help="the first N requests (synthetic: how many to draw; default 1000)")
+    w.add_argument("--start", type=float, default=0.0, metavar="SECONDS",
+                   help="the window starts this many (scaled) seconds into the trace "
+                        "(default: %(default)s)")
     w.add_argument("--duration", type=float, metavar="SECONDS",
-                   help="only requests arriving within this many (scaled) seconds")
+                   help="only requests arriving within this many (scaled) seconds of the "
+                        "window's start")
     w.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply arrival times: 2 stretches the trace to half the rate, 0.5 "
                         "doubles it (default: %(default)s)")
@@ -179,6 +183,7 @@ def _workload(args: argparse.Namespace, max_model_len: int) -> Any:
         base = wl.read_azure_csv(args.trace)
     return wl.shape(base, num_requests=None if args.synthetic else args.num_requests,
                     duration_s=args.duration, time_scale=args.time_scale,
+                    start_s=args.start,
                     max_model_len=max_model_len, long_policy=args.long_requests)
 
 

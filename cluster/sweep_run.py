@@ -68,7 +68,8 @@ def point_workload(point: Mapping[str, Any], source: WorkloadSource, base: Workl
             time_scale *= len(workload.requests) / span_s / float(rate)
     return shape(workload, num_requests=num_requests, duration_s=point.get("duration"),
                  time_scale=time_scale, max_model_len=max_model_len,
-                 long_policy=point.get("long_requests", "drop"))
+                 long_policy=point.get("long_requests", "drop"),
+                 start_s=float(point.get("start", 0.0)))
 
 
 def run_point(point: Mapping[str, Any], source: WorkloadSource, base: Workload | None,

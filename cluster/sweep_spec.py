@@ -4,15 +4,16 @@
       trace: AzureLLMInferenceTrace_conv.csv   # Azure CSV or ShareGPT-style JSON (relative to
                                                # this file); or `synthetic: {num_requests: 500,
                                                # input_len: "1000", output_len: "200"}`
-      duration: 600                # only the first 600 (scaled) seconds of arrivals
+      start: 1500                  # a window of the trace: from 1500 s in (scaled) ...
+      duration: 600                # ... for 600 s
     slo: {ttft: 2, tpot: 0.1}      # seconds (the CLI's --slo wins)
     base: {max_model_len: 16384}   # options every point shares
     grid:                          # the cartesian product of these lists ...
       model: [llama-3-70b, qwen2.5-72b]
-      tensor_parallel_size: [4, 8]
-      replicas: [1, 2, 4]
-    points:                        # ... and/or an explicit list, each over `base`
-      - {model: llama-3-70b, tensor_parallel_size: 4, prefill_replicas: 2, decode_replicas: 2}
+      request_rate: [4, 6]
+    points:                        # ... times each of these (either alone: just it)
+      - {tensor_parallel_size: 4, replicas: 2}
+      - {tensor_parallel_size: 4, prefill_replicas: 2, decode_replicas: 2}
 
 Every point is one `simulate` run (cluster.sweep_run). Its options are POINT_OPTIONS; a value of
 the wrong type or an unknown name is an error naming it, before anything runs.
@@ -42,11 +43,12 @@ POINT_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "kv_reserve_fraction": (int, float), "seed": int,
     # the workload at this point: arrivals scaled to request_rate (a trace: its mean rate over
     # the whole trace becomes this; drawn arrivals: drawn at it), or by time_scale
-    "request_rate": (int, float), "time_scale": (int, float), "duration": (int, float),
+    "request_rate": (int, float), "time_scale": (int, float), "start": (int, float),
+    "duration": (int, float),
     "num_requests": int, "long_requests": str,
 }
-WORKLOAD_KEYS = ("trace", "synthetic", "duration", "time_scale", "num_requests", "request_rate",
-                 "long_requests", "seed")
+WORKLOAD_KEYS = ("trace", "synthetic", "start", "duration", "time_scale", "num_requests",
+                 "request_rate", "long_requests", "seed")
 SYNTHETIC_KEYS = ("num_requests", "input_len", "output_len", "arrivals", "burstiness")
 DEFAULT_MODEL = "llama-2-7b"
 
@@ -107,19 +109,18 @@ def load_sweep(path: str | Path) -> SweepSpec:
     grid = data.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise SweepError(f"{path}: grid maps each option to a non-empty list of values")
-    points: list[dict[str, Any]] = []
-    if grid:
-        names = list(grid)
-        for values in itertools.product(*(grid[n] for n in names)):
-            points.append(_options(path, "grid", {**base, **dict(zip(names, values,
-                                                                     strict=True))}))
     listed = data.get("points") or []
-    if not isinstance(listed, list):
+    if not isinstance(listed, list) or not all(isinstance(p, dict | None) for p in listed):
         raise SweepError(f"{path}: points is a list of mappings")
-    for i, point in enumerate(listed):
-        points.append(_options(path, f"points[{i}]", {**base, **(point or {})}))
-    if not points:
+    if not grid and not listed:
         raise SweepError(f"{path}: no points (give a grid or points)")
+    names = list(grid)
+    points: list[dict[str, Any]] = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        combo = dict(zip(names, values, strict=True))
+        for i, point in enumerate(listed or [{}]):
+            where = f"points[{i}]" if listed else "grid"
+            points.append(_options(path, where, {**base, **combo, **(point or {})}))
     full = [{"model": DEFAULT_MODEL, **workload.defaults, **p} for p in points]
     return SweepSpec(workload, slo, tuple(full))
 
