@@ -1,7 +1,9 @@
 """The Python API of a simulated cluster: replicas of one model behind a router, or prefill and
 decode replicas (P/D disaggregation), on one simulated clock.
 
-    from cluster import ClusterConfig, ClusterSimulation, RouterConfig, synthetic
+    from cluster.cluster_sim import ClusterConfig, ClusterSimulation
+    from cluster.routing import RouterConfig
+    from cluster.workload import synthetic
     sim = ClusterSimulation("llama-3-70b", ClusterConfig(num_replicas=4,
                             router=RouterConfig("least-loaded")), tensor_parallel_size=4)
     result = sim.run(synthetic(2000, rate=12.0, input_len="1000", output_len="200"))
@@ -76,9 +78,13 @@ class ClusterConfig:
         return ("mixed",) * self.num_replicas
 
     def describe(self) -> str:
+        """`2P + 3D (kv over auto)` or `4 replicas (least-loaded)`; empty for one replica."""
         if self.disaggregated:
-            return f"{self.num_prefill_replicas}P + {self.num_decode_replicas}D ({self.kv_link})"
-        return f"{self.num_replicas} x {self.router.policy}"
+            return (f"{self.num_prefill_replicas}P + {self.num_decode_replicas}D (kv over "
+                    f"{self.kv_link})")
+        if self.num_replicas == 1:
+            return ""
+        return f"{self.num_replicas} replicas ({self.router.policy})"
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,8 @@ class ClusterSimulation:
         chip = replicas[0].core.info.chip
         chip = chip if self.tp == 1 else f"{self.tp} x {chip} (TP {self.tp})"
         common = dict(model=self.model, workload=workload.source, slo=slo)
-        summary = summarize(recorder, chip=f"{self.cluster.describe()} of {chip}",
+        shape = self.cluster.describe()
+        summary = summarize(recorder, chip=f"{shape} of {chip}" if shape else chip,
                             num_rejected=len(run.rejected), num_dropped=workload.num_dropped,
                             num_clipped=workload.num_clipped, num_replicas=len(replicas),
                             num_npus=self.num_npus, **common)  # type: ignore[arg-type]
