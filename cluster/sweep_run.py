@@ -16,9 +16,10 @@ from cluster.results import Slo, Summary
 from cluster.sweep_spec import SYNTHETIC_KEYS, WorkloadSource, point_id
 from cluster.workload import Workload, read_azure_csv, read_sharegpt_json, shape, synthetic
 
-# The metric columns of a row, after point_id, status, error and the point's options.
+# The metric columns of a row, after point_id, status, error and the point's options (no name
+# of an option: a row holds both).
 METRIC_COLUMNS = (
-    "num_npus", "num_requests", "num_rejected", "offered_rate", "duration_s",
+    "num_npus", "num_finished", "num_rejected", "offered_rate", "duration_s",
     "request_throughput", "output_throughput", "goodput", "goodput_per_npu", "slo_attainment",
     "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p99_s", "e2e_p99_s",
     "queue_p99_s", "num_preemptions", "max_kv_cache_usage", "meets_slo", "wall_s",
@@ -121,7 +122,7 @@ def summary_row(s: Summary, slo: Slo | None) -> dict[str, Any]:
                  and (slo.tpot_s is None or s.tpot_s["p99"] <= slo.tpot_s)
                  and s.num_requests > 0)
     return {
-        "num_npus": s.num_npus, "num_requests": s.num_requests, "num_rejected": s.num_rejected,
+        "num_npus": s.num_npus, "num_finished": s.num_requests, "num_rejected": s.num_rejected,
         "offered_rate": math.nan,  # the caller knows the workload's window
         "duration_s": s.duration_s, "request_throughput": s.request_throughput,
         "output_throughput": s.output_throughput, "goodput": s.goodput,

@@ -224,3 +224,10 @@ def test_cli_bad_file_and_resume_mismatch(tmp_path: pathlib.Path, trace: pathlib
     assert main(["sweep", str(sweep), "--out", str(other), "--resume", "--no-ray"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "other columns" in err
+
+
+def test_metric_columns_never_shadow_an_option() -> None:
+    from cluster.sweep_run import METRIC_COLUMNS
+    from cluster.sweep_spec import POINT_OPTIONS
+
+    assert not set(METRIC_COLUMNS) & set(POINT_OPTIONS)
