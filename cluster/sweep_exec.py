@@ -74,9 +74,9 @@ def run_sweep(spec: SweepSpec, out_csv: Path, options: ExecOptions,
 
 def _execute(spec: SweepSpec, todo: Sequence[tuple[int, dict]], options: ExecOptions,
              log: Callable[[str], None]) -> Iterator[dict]:
-    base = load_base_workload(spec.workload)
     if not todo:
         return
+    base = load_base_workload(spec.workload)
     ray = _import_ray() if options.use_ray else None
     if ray is None:
         if options.use_ray:
