@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import torch
 
     from npu_sim.kernels import PackedWeight
+    from npu_sim.kernels.quant import QuantizedWeight
 
 # Distinct GEMM / vector shapes kept across steps: a step's token count takes any value up to
 # the token budget (thousands), each with ~10 shapes.
@@ -117,12 +118,21 @@ class Device:
         return native.lib() is not None
 
     @staticmethod
-    def pack_weight(w: torch.Tensor) -> PackedWeight | torch.Tensor:
-        """A GEMM weight (N, K) laid out for this device's fast path (npu_sim.kernels), or `w`
-        itself where no packed layout applies; launch GEMMs with either."""
+    def pack_weight(w: torch.Tensor, weight_format: str = "fp32") -> PackedWeight | torch.Tensor:
+        """A GEMM weight (N, K) laid out for this device's fast path in `weight_format` (fp32,
+        bf16: npu_sim.kernels.gemm), or `w` itself where no packed layout applies; launch GEMMs
+        with either."""
         from npu_sim.kernels import pack_weight
 
-        return pack_weight(w)
+        return pack_weight(w, weight_format)
+
+    @staticmethod
+    def pack_quantized(q: QuantizedWeight) -> PackedWeight | torch.Tensor:
+        """Block-quantized weights (Q4_1 / Q8_0) for the fast path, or their fp32
+        dequantization where the C kernels are off."""
+        from npu_sim.kernels.gemm import pack_quantized
+
+        return pack_quantized(q)
 
     # ------------------------------------------------------------------------------ launch
 
