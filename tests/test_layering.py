@@ -55,6 +55,12 @@ def test_engine_never_imports_the_server() -> None:
     assert not forbidden(modules, {"server", "benchmarks"})
 
 
+def test_simulator_is_timing_only() -> None:
+    """`xyserve simulate` runs the engine without weights: no torch, no transformers, no HTTP."""
+    modules = ("cluster.simulation", "cluster.cli", "engine.timing_runner")
+    assert not forbidden(modules, {"torch", "transformers", "server", "benchmarks"})
+
+
 def test_benchmarks_reach_the_server_over_http_only() -> None:
     modules = ("benchmarks.load.run", "benchmarks.load.args")
     assert not forbidden(modules, {"server", "engine", "npu_sim", "torch"})
