@@ -15,6 +15,7 @@ import sys
 import pytest
 
 PURE_ENGINE = ("engine.scheduler", "engine.kv_cache", "engine.outputs", "engine.request",
+               "engine.admission",
                "engine.stats", "engine.chunks", "engine.config", "engine.token_tree",
                "engine.arch", "engine.arch_presets", "engine.spec.adaptive", "engine.spec.types")
 
