@@ -32,6 +32,7 @@ import npu_sim.device
 import npu_sim.kernels
 from benchmarks.machine import ModelFlops, gemm_rates
 from engine import LLM, SamplingParams
+from engine.config import WEIGHT_FORMATS
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
@@ -108,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS)
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=15)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -118,7 +120,7 @@ def main() -> None:
                         help="also time transformers generate, one prompt at a time")
     args = parser.parse_args()
 
-    llm = LLM(model=args.model, dtype=args.dtype,
+    llm = LLM(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
               max_num_batched_tokens=args.max_num_batched_tokens)
     arch = llm.engine.info.arch
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)

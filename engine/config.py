@@ -17,9 +17,13 @@ DEFAULT_NPU = "910b2"
 NPU_STACKS = ("xyserve", "eager", "vllm-ascend", "mindie")
 
 Dtype = Literal["auto", "float32", "bfloat16"]
-# dtype `auto` keeps models up to this many parameters in fp32 where the C kernels run (see
-# engine.core.resolve_dtype)
-AUTO_FP32_MAX_PARAMS = 500_000_000
+# How the GEMM weights are held on the CPU: fp32, bf16 (rounded), or gguf (each weight in the
+# Q4_1 / Q8_0 blocks it ships in: exact, a quarter to an eighth of the fp32 bytes); auto: the
+# fastest this CPU has, measured (engine.platform)
+WeightFormat = Literal["auto", "fp32", "bf16", "gguf"]
+WEIGHT_FORMATS = ("auto", "fp32", "bf16", "gguf")
+KvCacheDtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: the compute dtype
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NpuDtype = Literal["bf16", "fp16"]
 SchedulingPolicy = Literal["token_budget", "prefill_first"]
 SpeculativeMethod = Literal["ngram", "tree", "draft-model"]
@@ -111,7 +115,11 @@ class EngineConfig:
     """Everything the engine needs to start."""
 
     model: str = DEFAULT_MODEL  # preset name, local HF directory or local .gguf file
-    dtype: Dtype = "auto"  # CPU compute dtype; auto: see engine.core.resolve_dtype
+    dtype: Dtype = "auto"  # CPU compute (activation) dtype; auto: the fastest this CPU has,
+    #   measured once per CPU model (engine.platform)
+    weight_format: WeightFormat = "auto"  # GEMM weights on the CPU (see WeightFormat)
+    kv_cache_dtype: KvCacheDtype = "auto"  # the paged KV cache's dtype (16 bits halve its
+    #   memory and traffic, fp32 accumulation either way)
     seed: int = 0  # seed of the sampler's shared RNG (requests without their own seed)
     strict_kernels: bool = False  # run every kernel task by task (reference path); slow
     npu: str = DEFAULT_NPU  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file
@@ -126,6 +134,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _require(self.dtype in ("auto", "float32", "bfloat16"), "dtype", self.dtype,
                  "must be auto, float32 or bfloat16")
+        _require(self.weight_format in WEIGHT_FORMATS, "weight_format", self.weight_format,
+                 f"must be one of {', '.join(WEIGHT_FORMATS)}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+                 f"must be one of {', '.join(KV_CACHE_DTYPES)}")
         _require(self.npu_dtype in ("bf16", "fp16"), "npu_dtype", self.npu_dtype,
                  "must be bf16 or fp16")
         _require(self.npu_stack in NPU_STACKS, "npu_stack", self.npu_stack,

@@ -95,7 +95,7 @@ class EngineCore:
                     arrival_sim_s: float | None = None, num_external_tokens: int = 0) -> None:
         """Queue a request. Raises RequestRejected (a ValueError; nothing queued) if it can never
         be served: token ids outside the vocabulary, lengths beyond max_model_len or the KV pool
-        (engine.scheduler.check_fits); ValueError for an id already in use.
+        (engine.admission.check_fits); ValueError for an id already in use.
 
         arrival_time: wall clock (time.monotonic) when it was accepted; default now.
         arrival_sim_s: its arrival on the simulated clock, given by a simulation that owns that

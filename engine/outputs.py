@@ -102,10 +102,6 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.chunks
 
-    @staticmethod
-    def make_empty(finished_ids: tuple[str, ...] = ()) -> SchedulerOutput:
-        return SchedulerOutput(chunks=(), finished_ids=finished_ids)
-
 
 @dataclass(frozen=True)
 class TokenLogprob:

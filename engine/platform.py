@@ -1,47 +1,165 @@
-"""What the compute engine needs to know about the CPU it runs on, in one place: the compute dtype,
+"""What the compute engine needs to know about the CPU it runs on, in one place: the fastest path
+it has (activation dtype, weight format, KV-cache dtype: measured once per CPU model and cached),
 the process allocator's tuning, and how many KV blocks a memory budget holds.
 
-Nothing here is about the simulated NPU (its chip comes from the config); the fast-path question
-("do fp32 launches run on the C kernels?") is answered by the device itself.
+Nothing here is about the simulated NPU (its chip comes from the config); what the C kernels can
+run here comes from npu_sim.kernels.native.caps.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
-from functools import cache
+import pathlib
+import platform as platform_module
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from engine.arch import ModelArch
-from engine.config import AUTO_FP32_MAX_PARAMS, CacheConfig
-from npu_sim.device import Device
+from engine.config import DEFAULT_NPU, CacheConfig, EngineConfig
+from engine.models.loader import default_cache_dir
+from npu_sim.kernels.native.caps import Capabilities, capabilities
+
+Candidate = tuple[str, str]  # (activation dtype name, weight format)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE_ROWS = (1, 16)  # GEMM rows the probe times: a lone stream's decode and a batch's
 
 
-@cache
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 in hardware (AVX512_BF16 or AMX), read from /proc/cpuinfo."""
+@dataclass(frozen=True)
+class FastPath:
+    """How the compute engine runs on this CPU."""
+
+    dtype: torch.dtype  # activations
+    weight_format: str  # GEMM weights: fp32 | bf16 | gguf
+    kv_cache_dtype: torch.dtype  # the paged KV cache
+    reason: str  # one line for the log: what was measured or asked for
+
+
+def candidates(caps: Capabilities, ships_quantized: bool) -> list[Candidate]:
+    """The paths worth timing here: fp32; the model's own 4- / 8-bit blocks where the C kernels
+    decode them in registers (exact: the fp32 weights are their dequantization); bf16 weights
+    and activations where the CPU computes bf16 natively (ATen's bf16 is ~80x slower than fp32
+    without it)."""
+    out: list[Candidate] = [("float32", "fp32")]
+    if ships_quantized and caps.simd_kernels:
+        out.append(("float32", "gguf"))
+    if caps.native_bf16:
+        out.append(("bfloat16", "bf16"))
+    return out
+
+
+def choose_fast_path(config: EngineConfig, arch: ModelArch, ships_quantized: bool,
+                     measure: Callable[[Candidate, ModelArch], float] | None = None,
+                     caps: Capabilities | None = None,
+                     cache_file: pathlib.Path | None = None) -> FastPath:
+    """The dtype, weight format and KV-cache dtype for `config` (its explicit choices kept, its
+    `auto`s filled in by the fastest candidate consistent with them, measured by `measure`
+    (default: timing the model's own GEMM shapes, `probe_seconds`) once per CPU and model
+    shape, the verdict cached in `cache_file`). ValueError for an explicit choice this machine
+    or model cannot run (gguf weights without a GGUF source)."""
+    if config.weight_format == "gguf" and not ships_quantized:
+        raise ValueError(f"weight format gguf: {config.model} does not ship GGUF blocks (a "
+                         f"preset or a .gguf file does)")
+    caps = caps or capabilities()
+    pool = candidates(caps, ships_quantized)
+    if config.dtype != "auto" or config.weight_format != "auto":
+        wanted = [(d, f) for d, f in pool if config.dtype in ("auto", d)
+                  and config.weight_format in ("auto", f)]
+        if not wanted:  # an explicit pair outside the probe's pool: as asked
+            dtype = config.dtype if config.dtype != "auto" else "float32"
+            fmt = config.weight_format if config.weight_format != "auto" else (
+                "bf16" if dtype == "bfloat16" else "fp32")
+            wanted = [(dtype, fmt)]
+        pool = wanted
+    if len(pool) == 1:
+        (dtype, fmt), reason = pool[0], "as configured"
+    else:
+        times = _probe_cached(pool, arch, caps, measure or probe_seconds,
+                              cache_file or default_cache_dir() / "fast-path.json")
+        dtype, fmt = min(pool, key=lambda c: times[_key(c)])
+        reason = "measured " + ", ".join(
+            f"{d} activations + {f} weights {1e3 * times[_key((d, f))]:.2f} ms" for d, f in pool)
+    kv = _DTYPES[dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype]
+    return FastPath(_DTYPES[dtype], fmt, kv, reason)
+
+
+def probe_seconds(candidate: Candidate, arch: ModelArch) -> float:
+    """Best-of-three seconds of one layer's MLP GEMMs (gate/up, down) at PROBE_ROWS rows, on
+    random weights in the candidate's dtype and format (Q4_1 blocks for gguf)."""
+    from npu_sim.kernels import pack_weight
+    from npu_sim.kernels.gemm import pack_quantized, run_gemm
+    from npu_sim.kernels.quant import quantize
+
+    dtype, fmt = candidate
+    act = _DTYPES[dtype]
+    h, i = arch.hidden_size, arch.intermediate_size
+    gen = torch.Generator().manual_seed(0)
+    weights = []
+    for n, k in ((2 * i, h), (h, i)):
+        w = torch.randn(n, k, generator=gen) * 0.02
+        weights.append(pack_quantized(quantize(w, "q4_1")) if fmt == "gguf"
+                       else pack_weight(w.to(act), fmt))
+    from engine.lowering import DEFAULT_POLICY, lower_gemm
+    from npu_sim.hardware import get_chip
+
+    chip = get_chip(DEFAULT_NPU)
+    runs = []
+    for m in PROBE_ROWS:
+        for w in weights:
+            n, k = w.shape
+            _, kernel = lower_gemm("probe", m, n, k, chip, DEFAULT_POLICY)
+            runs.append((kernel, torch.randn(m, k, generator=gen).to(act), w))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for kernel, x, w in runs:
+            run_gemm(kernel, False, x, w)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _key(candidate: Candidate) -> str:
+    return f"{candidate[0]}+{candidate[1]}"
+
+
+def _probe_cached(pool: list[Candidate], arch: ModelArch, caps: Capabilities,
+                  measure: Callable[[Candidate, ModelArch], float],
+                  cache_file: pathlib.Path) -> dict[str, float]:
+    """Seconds per candidate, from `cache_file` when this CPU model (and library, torch and
+    model shape) was measured before; measured and stored otherwise."""
+    machine = (f"{_cpu_model()}|isa={sorted(caps.library_isa)}|torch={torch.__version__}|"
+               f"h={arch.hidden_size},i={arch.intermediate_size}")
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    times = cached.get(machine, {}) if isinstance(cached, dict) else {}
+    missing = [c for c in pool if _key(c) not in times]
+    if missing:
+        times = {**times, **{_key(c): measure(c, arch) for c in missing}}
+        cached = {**(cached if isinstance(cached, dict) else {}), machine: times}
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cached, indent=1))
+            tmp.replace(cache_file)  # atomic: concurrent servers never read half a file
+        except OSError:
+            pass  # a read-only home: measured again next time
+    return times
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, num_params: int) -> torch.dtype:
-    """The torch dtype for a config dtype name and a model of num_params parameters.
-
-    auto: float32 for a model of up to AUTO_FP32_MAX_PARAMS where the device runs fp32 on its C
-    kernels (on the default model both faster than bf16 on ATen, 380 vs 297 decode tok/s at
-    batch 16, and exact against transformers' fp32; the fast path then keeps up to three copies
-    of each fp32 weight); else bf16 where the CPU computes it natively; else float32.
-    """
-    if name == "auto":
-        if num_params <= AUTO_FP32_MAX_PARAMS and Device.fast_fp32_available():
-            return torch.float32
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+        pass
+    return platform_module.processor() or "unknown"
 
 
 def keep_freed_tensor_memory() -> bool:

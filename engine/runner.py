@@ -47,20 +47,23 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
     platform.keep_freed_tensor_memory()
     device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype,
                     stack=config.npu_stack)
-    dtype = platform.resolve_dtype(config.dtype, sum(t.numel() for t in loaded.weights.values()))
-    num_kv_blocks = platform.num_kv_blocks(config.cache, loaded.arch, dtype)
+    fast = platform.choose_fast_path(config, loaded.arch, _ships_blocks(loaded))
+    num_kv_blocks = platform.num_kv_blocks(config.cache, loaded.arch, fast.kv_cache_dtype)
     block_size = config.cache.block_size
-    runner = ModelRunner(loaded, dtype, device, num_kv_blocks, block_size, config.seed)
+    runner = ModelRunner(loaded, fast, device, num_kv_blocks, block_size, config.seed)
     spec = config.speculative_config
     if spec.enabled:
         from engine.spec.factory import build_drafter
 
-        runner.attach_drafter(build_drafter(spec, device, dtype, block_size, num_kv_blocks,
+        runner.attach_drafter(build_drafter(spec, device, fast.dtype, block_size, num_kv_blocks,
                                             loaded.arch.vocab_size, config.seed))
-    dtype_name = str(dtype).removeprefix("torch.")
-    logger.info("engine ready: %s, %s on CPU, simulated %s (%s), KV cache %d blocks x %d "
-                "tokens = %d tokens", loaded.name, dtype_name, device.chip.name,
-                config.npu_dtype, num_kv_blocks, block_size, num_kv_blocks * block_size)
+    dtype_name = str(fast.dtype).removeprefix("torch.")
+    logger.info("engine ready: %s, %s activations, %s weights (%s), %s KV cache, on CPU; "
+                "simulated %s (%s, %s stack); KV cache %d blocks x %d tokens = %d tokens",
+                loaded.name, dtype_name, "+".join(sorted(runner.model.weight_formats)),
+                fast.reason, str(fast.kv_cache_dtype).removeprefix("torch."), device.chip.name,
+                config.npu_dtype, config.npu_stack, num_kv_blocks, block_size,
+                num_kv_blocks * block_size)
     info = EngineInfo(
         model_name=loaded.name, model_path=str(loaded.path), arch=loaded.arch,
         tokenizer=loaded.tokenizer,
@@ -70,21 +73,30 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
     return runner, info
 
 
+def _ships_blocks(loaded: LoadedModel) -> bool:
+    if loaded.gguf_path is None:
+        return False
+    from engine.models.gguf_weights import ships_blocks
+
+    return ships_blocks(loaded.gguf_path)
+
+
 class ModelRunner:
     """Owns the model weights, the paged KV cache tensors, the device and the sampler."""
 
-    def __init__(self, loaded: LoadedModel, dtype: torch.dtype, device: Device,
+    def __init__(self, loaded: LoadedModel, fast: platform.FastPath, device: Device,
                  num_kv_blocks: int, block_size: int, seed: int) -> None:
-        """With speculative decoding, `attach_drafter` gives the drafter before the first step
+        """fast: the activation dtype, weight format and KV-cache dtype (engine.platform).
+        With speculative decoding, `attach_drafter` gives the drafter before the first step
         (a draft model runs on this runner's device)."""
         self.device = device
-        self.model = LlamaModel(loaded, dtype, device)
+        self.model = LlamaModel(loaded, fast.dtype, device, fast.weight_format)
         self.arch = loaded.arch
         self.block_size = block_size
         shape = (self.arch.num_layers, num_kv_blocks, block_size, self.arch.num_kv_heads,
                  self.arch.head_dim)
-        self.k_caches = torch.zeros(shape, dtype=dtype)  # (L, NB, BS, Hkv, D)
-        self.v_caches = torch.zeros(shape, dtype=dtype)
+        self.k_caches = torch.zeros(shape, dtype=fast.kv_cache_dtype)  # (L, NB, BS, Hkv, D)
+        self.v_caches = torch.zeros(shape, dtype=fast.kv_cache_dtype)
         # per-layer views, made once (indexing the stacked tensor costs a call per layer)
         self._k_layers, self._v_layers = self.k_caches.unbind(0), self.v_caches.unbind(0)
         self.sampler = Sampler(seed)

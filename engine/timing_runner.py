@@ -22,8 +22,8 @@ from dataclasses import replace
 
 from engine.arch import ModelArch
 from engine.config import EngineConfig
-from engine.core import EngineCore
-from engine.lowering import ChunkShape, lower_step, step_launch_counts
+from engine.core import NUM_NPU_TRACE_STEPS, EngineCore
+from engine.lowering import ChunkShape, lower_step, step_launch_counts, step_launches
 from engine.lowering_tp import kv_pool_blocks, shard_arch
 from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
 from engine.spec.types import Draft
@@ -94,6 +94,9 @@ class TimingRunner:
         self.tp = tensor_parallel_size
         self._rng = random.Random(seed)
         self.num_launches = 0  # kernel launches timed, ever (a layer's kernels count per layer)
+        # Steps timed launch by launch, keeping their timelines: the first ones, when the
+        # device keeps timelines (the engine writes them for --npu-trace).
+        self.num_timelines = NUM_NPU_TRACE_STEPS if device.timeline else 0
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Time the step's chunks; one synthetic token per sampled chunk, plus the accepted
@@ -105,9 +108,16 @@ class TimingRunner:
         plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
                            for c in chunks], num_sampled, self.arch, self.device.chip,
                           self.block_size, tp=self.tp)
-        counts = step_launch_counts(plan, self.arch.num_layers)
-        self.num_launches += sum(n for _, n in counts)
-        trace = self.device.time_launches(counts, num_requests=len(chunks))
+        if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
+            self.num_timelines -= 1
+            self.device.begin_step()
+            for kernel in step_launches(plan, self.arch.num_layers):
+                self.device.launch(kernel)
+            trace = self.device.end_step(num_requests=len(chunks))
+        else:
+            trace = self.device.time_launches(step_launch_counts(plan, self.arch.num_layers),
+                                              num_requests=len(chunks))
+        self.num_launches += trace.num_launches
         token = (SYNTHETIC_TOKEN_ID,)
         sampled = {c.request_id: token * (1 + self._num_accepted(c)) for c in chunks if c.sample}
         drafts = {request_id: Draft.chain(token * num_drafts)

@@ -28,7 +28,7 @@ per launch plus a few numpy calls per distinct kernel.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import torch
 
     from npu_sim.kernels import PackedWeight
+    from npu_sim.kernels.quant import QuantizedWeight
 
 # Distinct GEMM / vector shapes kept across steps: a step's token count takes any value up to
 # the token budget (thousands), each with ~10 shapes.
@@ -93,17 +94,20 @@ class Device:
         self.strict = strict  # reference (task-by-task) execution instead of the fast path
         self.compute = compute  # False: timing only, launch() returns None
         # The functional kernels (and torch) only where numbers are computed.
-        self._kernels: Any = None
+        self._runs: dict[type, Callable[..., Any]] = {}
         if compute:
             from npu_sim import kernels
 
-            self._kernels = kernels
+            # looked up at each launch, so that a profiler may wrap npu_sim.kernels' functions
+            self._runs = {GemmKernel: lambda *a, **k: kernels.run_gemm(*a, **k),
+                          AttentionKernel: lambda *a, **k: kernels.run_attention(*a, **k),
+                          VectorKernel: lambda *a, **k: kernels.run_vector(*a, **k),
+                          CollectiveKernel: _run_collective}
         self.cost_model = CostModel(chip, dtype)  # dtype: the simulated operand dtype
         self.num_launches: Counter[Primitive] = Counter()  # launches per primitive, ever
         self.num_tasks: Counter[Primitive] = Counter()  # tasks executed per primitive, ever
-        self.last_timing: KernelTiming | None = None  # the latest launch's timing
         self.total_sim_s = 0.0  # sum of the ended steps' sim_s
-        self._launches: list[KernelTiming] = []  # this step's launches, in order
+        self._launches: list[Kernel] = []  # this step's launches, in order
         self._step_cache: dict[int, tuple[Kernel, KernelTiming]] = {}  # id(kernel) -> timing
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
 
@@ -117,46 +121,48 @@ class Device:
         return native.lib() is not None
 
     @staticmethod
-    def pack_weight(w: torch.Tensor) -> PackedWeight | torch.Tensor:
-        """A GEMM weight (N, K) laid out for this device's fast path (npu_sim.kernels), or `w`
-        itself where no packed layout applies; launch GEMMs with either."""
+    def pack_weight(w: torch.Tensor, weight_format: str = "fp32") -> PackedWeight | torch.Tensor:
+        """A GEMM weight (N, K) laid out for this device's fast path in `weight_format` (fp32,
+        bf16: npu_sim.kernels.gemm), or `w` itself where no packed layout applies; launch GEMMs
+        with either."""
         from npu_sim.kernels import pack_weight
 
-        return pack_weight(w)
+        return pack_weight(w, weight_format)
+
+    @staticmethod
+    def pack_quantized(q: QuantizedWeight) -> PackedWeight | torch.Tensor:
+        """Block-quantized weights (Q4_1 / Q8_0) for the fast path, or their fp32
+        dequantization where the C kernels are off."""
+        from npu_sim.kernels.gemm import pack_quantized
+
+        return pack_quantized(q)
 
     # ------------------------------------------------------------------------------ launch
 
     def launch(self, kernel: Kernel, **operands: Any) -> torch.Tensor | None:
-        """Run and time `kernel` on `operands` (see npu_sim.kernels for each primitive's
-        operands; none are needed in timing-only mode).
+        """Run `kernel` on `operands` (see npu_sim.kernels for each primitive's operands; none
+        are needed in timing-only mode) and record the launch; its timing is looked up when the
+        step ends (a step launches a few hundred kernels, of a dozen distinct ones).
 
         Returns the kernel's output tensor, or None for kernels that write in place and in
         timing-only mode.
         """
-        kernels = self._kernels
-        if isinstance(kernel, GemmKernel):
-            run = kernels and kernels.run_gemm
-            num_tasks = len(kernel.tasks) + _len(kernel.reduce_tasks)
-        elif isinstance(kernel, AttentionKernel):
-            run = kernels and kernels.run_attention
-            num_tasks = len(kernel.tasks) + len(kernel.combine_tasks)
-        elif isinstance(kernel, VectorKernel):
-            run = kernels and kernels.run_vector
-            num_tasks = len(kernel.tasks)
-        elif isinstance(kernel, CollectiveKernel):
-            run = _run_collective if kernels else None
-            num_tasks = 0
-        else:
-            raise TypeError(f"not a kernel: {type(kernel).__name__}")
-        out = run(kernel, self.strict, **operands) if run else None
+        kind = type(kernel)
+        if kind not in _TASK_COUNTS:
+            raise TypeError(f"not a kernel: {kind.__name__}")
+        run = self._runs.get(kind)
+        out = run(kernel, self.strict, **operands) if run is not None else None
         self.num_launches[kernel.primitive] += 1
-        self.num_tasks[kernel.primitive] += num_tasks
-        timing = self._timing(kernel)
+        self.num_tasks[kernel.primitive] += _TASK_COUNTS[kind](kernel)
         if len(self._launches) >= _MAX_OPEN_LAUNCHES:
             self.begin_step()
-        self._launches.append(timing)
-        self.last_timing = timing
+        self._launches.append(kernel)
         return out
+
+    @property
+    def last_timing(self) -> KernelTiming | None:
+        """The timing of the latest launch of the open step (None before the first)."""
+        return self._timing(self._launches[-1]) if self._launches else None
 
     def time_launches(self, counts: Sequence[tuple[Kernel, int]],
                       num_requests: int = 0) -> StepTrace:
@@ -184,9 +190,13 @@ class Device:
         """The StepTrace of the launches since begin_step (or the last end_step), for a batch of
         `num_requests` requests (the stack's per-request host time)."""
         c = self.chip
+        timings: dict[int, KernelTiming] = {}  # each distinct kernel timed once
+        for kernel in self._launches:
+            if id(kernel) not in timings:
+                timings[id(kernel)] = self._timing(kernel)
         trace = build_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
                                  c.num_vector_cores, c.peak_flops(self.cost_model.dtype),
-                                 self._launches)
+                                 [timings[id(kernel)] for kernel in self._launches])
         self.total_sim_s += trace.sim_s
         self.begin_step()
         return trace
@@ -295,6 +305,16 @@ class Device:
             task_cycles=_frozen(_cat(durations, np.float64) * stretch),
             kernel=kernel,
         )
+
+
+# Tasks a launch runs, by kernel type (attention: its tasks and combine tasks; a GEMM: its tile
+# tasks and split-K reduce tasks; a collective none on the cores).
+_TASK_COUNTS: dict[type, Callable[[Any], int]] = {
+    GemmKernel: lambda k: len(k.tasks) + _len(k.reduce_tasks),
+    AttentionKernel: lambda k: len(k.tasks) + len(k.combine_tasks),
+    VectorKernel: lambda k: len(k.tasks),
+    CollectiveKernel: lambda k: 0,
+}
 
 
 def _starts(core: np.ndarray, cycles: np.ndarray) -> np.ndarray:

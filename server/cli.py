@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from engine.cli_args import (
     engine_config,
 )
 from engine.cli_args import config_default as _default
-from engine.config import AUTO_FP32_MAX_PARAMS, Dtype, EngineConfig
+from engine.config import KV_CACHE_DTYPES, WEIGHT_FORMATS, Dtype, EngineConfig
 from server.config import LOG_LEVELS, ServerConfig
 
 logger = logging.getLogger("xyserve")
@@ -62,9 +63,19 @@ def add_serve_parser(subparsers: Any) -> None:
                    help="run every kernel task by task (the reference path; slow)")
     e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
                    choices=typing.get_args(Dtype),
-                   help="CPU compute dtype; auto: float32 for models of up to "
-                   f"{AUTO_FP32_MAX_PARAMS / 1e6:.0f}M parameters where the C kernels build, else "
-                   "bfloat16 where the CPU computes it natively (default: %(default)s)")
+                   help="CPU activation dtype; auto: the fastest path this CPU has, measured "
+                        "once per CPU model (bfloat16 only where the CPU computes it natively) "
+                        "(default: %(default)s)")
+    e.add_argument("--weight-format", default=_default(EngineConfig, "weight_format"),
+                   choices=WEIGHT_FORMATS,
+                   help="GEMM weights on the CPU: fp32, bf16 (rounded), gguf (each weight in the "
+                        "Q4_1 / Q8_0 blocks the model's GGUF ships, decoded inside the GEMM: "
+                        "the same math as fp32, a fraction of the bytes); auto: the fastest, "
+                        "measured (default: %(default)s)")
+    e.add_argument("--kv-cache-dtype", default=_default(EngineConfig, "kv_cache_dtype"),
+                   choices=KV_CACHE_DTYPES,
+                   help="the paged KV cache's dtype; 16-bit halves its memory and traffic "
+                        "(auto: the activation dtype) (default: %(default)s)")
     add_npu_arguments(p)
     add_speculative_arguments(p)
     p.set_defaults(func=run_serve)
@@ -125,7 +136,8 @@ def build_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
         log_level=args.log_level, max_request_bytes=args.max_request_bytes,
         shutdown_timeout_s=args.shutdown_timeout)
-    config = engine_config(args, dtype=args.dtype, strict_kernels=args.strict_kernels)
+    config = engine_config(args, dtype=args.dtype, weight_format=args.weight_format,
+                           kv_cache_dtype=args.kv_cache_dtype, strict_kernels=args.strict_kernels)
     return server_config, config
 
 
@@ -191,6 +203,10 @@ def _build_off_main_thread(factory: Any, *args: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `xyserve` console script."""
+    # Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. Spinning
+    # workers starve a busy neighbour on a small machine (the event loop, a client): measured
+    # 80x slower GEMMs with one core held by another process, against 15% slower when idle.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["kernels"]:
         return run_kernels(argv[1:])

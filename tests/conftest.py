@@ -117,9 +117,11 @@ def permute_for_gguf(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_llama_gguf(out: pathlib.Path, hf_dir: pathlib.Path, tokenizer_gguf: pathlib.Path,
-                     name: str = "tiny-llama") -> pathlib.Path:
-    """Write the Llama checkpoint in `hf_dir` as an all-f32 GGUF (tensors named and q/k permuted
-    as llama.cpp does), with the tokenizer metadata of `tokenizer_gguf`."""
+                     name: str = "tiny-llama",
+                     quantize: gguf.GGMLQuantizationType | None = None) -> pathlib.Path:
+    """Write the Llama checkpoint in `hf_dir` as a GGUF (tensors named and q/k permuted as
+    llama.cpp does), with the tokenizer metadata of `tokenizer_gguf`: all f32, or with its
+    matrices quantized to `quantize` (norms stay f32, as llama.cpp keeps them)."""
     config = transformers.AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     weights = safetensors.torch.load_file(hf_dir / "model.safetensors")
     writer = gguf.GGUFWriter(out, arch="llama")
@@ -134,7 +136,8 @@ def write_llama_gguf(out: pathlib.Path, hf_dir: pathlib.Path, tokenizer_gguf: pa
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if quantize is None
+                         else gguf.LlamaFileType.MOSTLY_Q4_1)
     for key, field in gguf.GGUFReader(tokenizer_gguf).fields.items():
         if key.startswith("tokenizer."):
             sub_type = field.types[1] if len(field.types) > 1 else None
@@ -148,6 +151,10 @@ def write_llama_gguf(out: pathlib.Path, hf_dir: pathlib.Path, tokenizer_gguf: pa
             array = permute_for_gguf(array, config.num_attention_heads)
         elif gguf_name.endswith("attn_k.weight"):
             array = permute_for_gguf(array, config.num_key_value_heads)
+        if quantize is not None and array.ndim == 2:
+            blocks = gguf.quantize(np.ascontiguousarray(array), quantize)
+            writer.add_tensor(gguf_name, blocks, raw_shape=blocks.shape, raw_dtype=quantize)
+            continue
         writer.add_tensor(gguf_name, np.ascontiguousarray(array))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -162,6 +169,16 @@ def tiny_gguf_path(tmp_path_factory: pytest.TempPathFactory,
     """`tiny_llama_dir` written as an f32 llama GGUF with the SmolLM2 tokenizer metadata."""
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf"
     return write_llama_gguf(out, tiny_llama_dir, preset_gguf_path(DEFAULT_MODEL))
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_gguf_path(tmp_path_factory: pytest.TempPathFactory,
+                      tiny_llama_dir: pathlib.Path) -> pathlib.Path:
+    """`tiny_llama_dir` as a Q4_1 llama GGUF (as the default model ships): the fp32 model the
+    engine loads from it is the blocks' dequantization."""
+    out = tmp_path_factory.mktemp("tiny-q4") / "tiny-llama-q4_1.gguf"
+    return write_llama_gguf(out, tiny_llama_dir, preset_gguf_path(DEFAULT_MODEL),
+                            quantize=gguf.GGMLQuantizationType.Q4_1)
 
 
 @pytest.fixture(scope="session")

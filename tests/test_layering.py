@@ -15,6 +15,7 @@ import sys
 import pytest
 
 PURE_ENGINE = ("engine.scheduler", "engine.kv_cache", "engine.outputs", "engine.request",
+               "engine.admission",
                "engine.stats", "engine.chunks", "engine.config", "engine.token_tree",
                "engine.arch", "engine.arch_presets", "engine.spec.adaptive", "engine.spec.types")
 
@@ -53,6 +54,12 @@ def test_simulator_knows_nothing_of_requests(module: str) -> None:
 def test_engine_never_imports_the_server() -> None:
     modules = ("engine.async_engine", "engine.llm", "engine.core", "engine.runner")
     assert not forbidden(modules, {"server", "benchmarks"})
+
+
+def test_simulator_is_timing_only() -> None:
+    """`xyserve simulate` runs the engine without weights: no torch, no transformers, no HTTP."""
+    modules = ("cluster.simulation", "cluster.cli", "engine.timing_runner")
+    assert not forbidden(modules, {"torch", "transformers", "server", "benchmarks"})
 
 
 def test_benchmarks_reach_the_server_over_http_only() -> None:

@@ -8,8 +8,9 @@ math of its own: every number comes out of a `Device.launch`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -51,37 +52,39 @@ class StepInputs:
 class LlamaModel:
     """Weights plus the forward pass. KV caches are passed in, owned by the runner."""
 
-    def __init__(self, loaded: LoadedModel, dtype: torch.dtype, device: Device) -> None:
-        """Weights of `loaded` in `dtype`, GEMM weights packed for `device`'s fast path."""
-        pack_weight = device.pack_weight
+    def __init__(self, loaded: LoadedModel, dtype: torch.dtype, device: Device,
+                 weight_format: str = "fp32") -> None:
+        """Weights of `loaded` in `dtype`, GEMM weights packed for `device`'s fast path in
+        `weight_format`: fp32, bf16 (rounded), or gguf (each GEMM weight in the Q4_1 / Q8_0
+        blocks it ships in, read from `loaded.gguf_path`; the rest fp32)."""
         self.arch: ModelArch = loaded.arch
         self.dtype = dtype
         w = {name: t.to(dtype) for name, t in loaded.weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # (V, H)
         self.final_norm = w["model.norm.weight"]
-        self.lm_head = pack_weight(self.embed if self.arch.tie_word_embeddings
-                                   else w["lm_head.weight"])  # (V, H)
-        self.layers = [self._layer(w, f"model.layers.{i}.", pack_weight)
+        pack = _Packer(device, w, weight_format, loaded)
+        self.lm_head = pack("model.embed_tokens.weight" if self.arch.tie_word_embeddings
+                            else "lm_head.weight")  # (V, H)
+        self.layers = [self._layer(w, f"model.layers.{i}.", pack)
                        for i in range(self.arch.num_layers)]
+        self.weight_formats = pack.used  # the formats the GEMM weights ended up in
         inv_freq, self.rope_scaling = _rope_inv_freq(loaded)
         self.inv_freq = inv_freq.float()  # (D / 2,)
 
-    def _layer(self, w: dict[str, torch.Tensor], p: str,
-               pack_weight: Callable[[torch.Tensor], Weight]) -> LayerWeights:
+    def _layer(self, w: dict[str, torch.Tensor], p: str, pack: _Packer) -> LayerWeights:
         attn, mlp = p + "self_attn.", p + "mlp."
         bias = None
         if self.arch.attention_bias:
             bias = torch.cat([w[attn + f"{x}_proj.bias"] for x in "qkv"])
         return LayerWeights(
             input_norm=w[p + "input_layernorm.weight"],
-            qkv=pack_weight(torch.cat([w[attn + f"{x}_proj.weight"] for x in "qkv"])),
+            qkv=pack(*(attn + f"{x}_proj.weight" for x in "qkv")),
             qkv_bias=bias,
-            o_proj=pack_weight(w[attn + "o_proj.weight"]),
+            o_proj=pack(attn + "o_proj.weight"),
             o_proj_bias=w.get(attn + "o_proj.bias"),
             post_attn_norm=w[p + "post_attention_layernorm.weight"],
-            gate_up=pack_weight(torch.cat([w[mlp + "gate_proj.weight"],
-                                           w[mlp + "up_proj.weight"]])),
-            down=pack_weight(w[mlp + "down_proj.weight"]),
+            gate_up=pack(mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+            down=pack(mlp + "down_proj.weight"),
         )
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +136,36 @@ class LlamaModel:
             down, residual = down.index_select(0, rows), residual.index_select(0, rows)
         x = launch(plan.final_norm, x=down, residual=residual, weight=self.final_norm, eps=eps)
         return launch(plan.lm_head, x=x, w=self.lm_head).float()
+
+
+class _Packer:
+    """GEMM weights (several fused along N) packed in one weight format for the device."""
+
+    def __init__(self, device: Device, weights: dict[str, torch.Tensor], weight_format: str,
+                 loaded: LoadedModel) -> None:
+        self.device, self.weights, self.weight_format = device, weights, weight_format
+        self.quantized: dict[str, Any] = {}
+        if weight_format == "gguf":
+            if loaded.gguf_path is None:
+                raise ValueError(f"weight format gguf: {loaded.name} does not come from a GGUF "
+                                 f"file")
+            from engine.models.gguf_weights import read_quantized
+
+            self.quantized = read_quantized(loaded.gguf_path, loaded.arch)
+        self.used: set[str] = set()
+
+    def __call__(self, *names: str) -> Weight:
+        parts = [self.quantized.get(name) for name in names]
+        if all(parts) and len({q.fmt for q in parts}) == 1:  # the blocks as they ship
+            from npu_sim.kernels.quant import QuantizedWeight
+
+            self.used.add(parts[0].fmt)
+            return self.device.pack_quantized(QuantizedWeight.stack(parts))
+        fmt = "fp32" if self.weight_format == "gguf" else self.weight_format
+        self.used.add(fmt)
+        w = self.weights[names[0]] if len(names) == 1 else torch.cat(
+            [self.weights[name] for name in names])
+        return self.device.pack_weight(w, fmt)
 
 
 def _rope_inv_freq(loaded: LoadedModel) -> tuple[torch.Tensor, float]:

@@ -62,6 +62,8 @@ class LoadedModel:
     hf_config: transformers.PretrainedConfig  # full config (RoPE parameters live here)
     weights: dict[str, torch.Tensor]  # HF state-dict names -> fp32 CPU tensors
     tokenizer: transformers.PreTrainedTokenizerFast  # with chat template when the model has one
+    gguf_path: pathlib.Path | None = None  # the GGUF file the weights were dequantized from
+    #   (a preset or a .gguf source, when the file is at hand); None for HF directories
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -143,7 +145,18 @@ def load_model(model: str, cache_dir: pathlib.Path | None = None) -> LoadedModel
                 arch.architecture, arch.num_layers, arch.hidden_size, path,
                 time.perf_counter() - start)
     return LoadedModel(name=model, path=path, arch=arch, hf_config=config, weights=weights,
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, gguf_path=_gguf_source(model))
+
+
+def _gguf_source(model: str) -> pathlib.Path | None:
+    """The GGUF file behind `model`, if it has one on this machine."""
+    if model in PRESETS:
+        try:
+            return preset_gguf_path(model)
+        except ModelLoadError:  # an image may ship the converted cache without the package
+            return None
+    path = pathlib.Path(model).expanduser()
+    return path.resolve() if path.is_file() and path.suffix.lower() == ".gguf" else None
 
 
 def _read_config(path: pathlib.Path) -> transformers.PretrainedConfig:

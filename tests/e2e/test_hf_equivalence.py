@@ -34,7 +34,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
 
 
 def test_one_by_one_matches_transformers(prompts, hf_outputs) -> None:
-    llm = LLM(dtype="float32")
+    llm = LLM(dtype="float32", weight_format="fp32")
     for ids, expected in zip(prompts, hf_outputs, strict=True):
         [out] = llm.generate(ids, GREEDY)
         assert out.token_ids == expected, (ids, out.text)
@@ -45,8 +45,8 @@ def test_batched_chunked_preempted_matches_transformers(prompts, hf_outputs) -> 
     budget = 64
     assert longest > budget  # some prompts must be split across steps
     # 48 blocks of 16 tokens = 768 slots: every request fits alone, all of them cannot.
-    llm = LLM(dtype="float32", max_num_batched_tokens=budget, max_num_seqs=16, block_size=16,
-              num_kv_blocks=48)
+    llm = LLM(dtype="float32", weight_format="fp32", max_num_batched_tokens=budget,
+              max_num_seqs=16, block_size=16, num_kv_blocks=48)
     assert sum(len(p) + MAX_NEW_TOKENS for p in prompts) > 48 * 16
     outs = llm.generate(prompts, GREEDY)
     assert [o.token_ids for o in outs] == hf_outputs
@@ -56,6 +56,7 @@ def test_batched_chunked_preempted_matches_transformers(prompts, hf_outputs) -> 
 
 def test_strict_reference_kernels_match_transformers(prompts, hf_outputs) -> None:
     """The task-by-task reference path gives the same tokens as the fast path (two prompts)."""
-    llm = LLM(dtype="float32", strict_kernels=True, max_num_batched_tokens=64, block_size=16)
+    llm = LLM(dtype="float32", weight_format="fp32", strict_kernels=True,
+              max_num_batched_tokens=64, block_size=16)
     outs = llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))
     assert [o.token_ids for o in outs] == [h[:4] for h in hf_outputs[:2]]

@@ -37,7 +37,8 @@ def _hf_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
 @pytest.mark.parametrize("source", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir"])
 def test_hf_directory_matches_transformers(source: str, request: pytest.FixtureRequest) -> None:
     model_dir = request.getfixturevalue(source)
-    llm = LLM(model=str(model_dir), dtype="float32", max_num_batched_tokens=32, block_size=16)
+    llm = LLM(model=str(model_dir), dtype="float32", weight_format="fp32",
+              max_num_batched_tokens=32, block_size=16)
     prompts = _prompts(llm.engine.info.arch.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     got = [o.token_ids for o in llm.generate(prompts, params)]
@@ -45,7 +46,7 @@ def test_hf_directory_matches_transformers(source: str, request: pytest.FixtureR
 
 
 def test_gguf_file_matches_its_source(tiny_gguf_path, tiny_llama_dir) -> None:
-    llm = LLM(model=str(tiny_gguf_path), dtype="float32", block_size=16)
+    llm = LLM(model=str(tiny_gguf_path), dtype="float32", weight_format="fp32", block_size=16)
     prompts = _prompts(llm.engine.info.arch.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     got = [o.token_ids for o in llm.generate(prompts, params)]
