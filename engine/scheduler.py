@@ -12,11 +12,9 @@ KV cache; each step spends one token budget (`max_num_batched_tokens`) letting r
 A decode is a request 1 token behind, a prefill one many tokens behind, a long prompt simply takes
 several steps, and a preempted request recomputes prompt + outputs the same way.
 
-**KV from elsewhere** (P/D disaggregation): a request whose first `num_external_tokens` were
-computed by another engine is admitted like any other (FCFS, when its blocks can be allocated)
-but then waits in `receiving`, holding its blocks, while the KV moves (`kv_transfer_ids` of the
-step tells the caller to start the transfer); `finish_kv_transfer` makes it a running request
-with those tokens computed. The scheduler keeps no clock: the caller times the transfer.
+KV computed elsewhere (P/D disaggregation, `Request.num_external_tokens`): admitted FCFS when its
+blocks can be allocated, the request waits in `receiving` while the caller moves the KV (step's
+`kv_transfer_ids`), and runs from there after `finish_kv_transfer`; the caller times it.
 """
 
 from __future__ import annotations
@@ -118,7 +116,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted_ids: list[str] = []
         new_requests: list[NewRequestData] = []
-        self._kv_transfer_ids: list[str] = []
+        self._kv_transfer_ids = []
         if self.config.policy == "prefill_first":
             self._admit_waiting(chunks, new_requests, self.config.max_num_batched_tokens,
                                 whole=True)
@@ -255,9 +253,8 @@ class Scheduler:
             token_budget -= num_new_tokens
 
     def _admit_receiving(self, request: Request, new_requests: list[NewRequestData]) -> bool:
-        """Admit the head of `waiting`, whose KV comes from elsewhere, into `receiving`: blocks
-        for its external tokens (no prefix-cache lookup: the transfer fills them) and no
-        budget, since nothing is computed until it lands. False when the blocks are short."""
+        """The head of `waiting` into `receiving` (False when blocks are short): blocks for its
+        external tokens (the transfer fills them: no prefix lookup), no budget (nothing runs)."""
         if not self.kv_cache.allocate_slots(request, request.num_external_tokens):
             return False
         self.waiting.popleft()
@@ -270,9 +267,8 @@ class Scheduler:
         return True
 
     def finish_kv_transfer(self, request_id: str) -> None:
-        """The KV of a receiving request has landed: it runs from its external tokens on (the
-        next step decodes it if it is one token behind). Unknown ids (finished meanwhile) are
-        ignored."""
+        """A receiving request's KV has landed: it runs from its external tokens on. Unknown ids
+        (finished meanwhile) are ignored."""
         request = self.receiving.pop(request_id, None)
         if request is None:
             return
