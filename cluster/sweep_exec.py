@@ -119,6 +119,8 @@ def _init_ray(ray: Any, options: ExecOptions, log: Callable[[str], None]) -> boo
 
     if ray.is_initialized():
         return False
+    # Ray reports usage statistics to its makers unless told not to; a sweep sends nothing out
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
                                   logging_level=logging.WARNING, configure_logging=True)
     if options.ray_address:
