@@ -9,6 +9,7 @@ this CPU). A model's work is its matmul FLOPs: 2 x (layer weights) per computed 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -119,7 +120,7 @@ class ModelFlops:
     def work(self, computed_tokens: float, sampled_tokens: float) -> float:
         return computed_tokens * self.per_token + sampled_tokens * self.lm_head
 
-    def weight_gb(self, bytes_per_weight: int) -> float:
+    def weight_gb(self, bytes_per_weight: float) -> float:
         """GB of matmul weights (each multiply-add reads one weight once per token)."""
         return (self.per_token + self.lm_head) / 2 * bytes_per_weight
 
@@ -128,6 +129,22 @@ class ModelFlops:
         batch tokens and reads every weight once, so it takes at least the longer of the two."""
         flops = batch * (self.per_token + self.lm_head)
         return flops / max(flops / peak_gflops, self.weight_gb(4) / read_gbs)
+
+    def attainable_output_rate(self, num_prompts: int, input_len: int, output_len: int,
+                               concurrency: int, peak_gflops: float, read_gbs: float,
+                               bytes_per_weight: float) -> float:
+        """Output tok/s no engine can beat on a closed-loop run: it computes every token at
+        least once at the peak GEMM rate, and needs at least output_len x num_prompts /
+        concurrency decode steps, each reading every weight once at the memory bandwidth."""
+        work = self.work(num_prompts * (input_len + output_len), num_prompts * output_len)
+        num_steps = output_len * math.ceil(num_prompts / concurrency)
+        seconds = max(work / peak_gflops, num_steps * self.weight_gb(bytes_per_weight) / read_gbs)
+        return num_prompts * output_len / seconds
+
+
+# Bytes each GEMM weight costs to stream, per weight format (gguf: SmolLM2's Q4_1 blocks, 20 bytes
+# per 32 weights; its few Q8_0 tensors are not counted, so the bound is slightly optimistic).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "gguf": 20 / 32}
 
 
 class CpuLoad:

@@ -35,16 +35,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from benchmarks import RESULTS_DIR
-from benchmarks.compare_peers import (
-    free_port,
-    start_server,
-    wait_quiet,
-    xyserve_command,
-)
+from benchmarks.compare_peers import wait_quiet
 from benchmarks.load.client import ClientConfig, run_requests
 from benchmarks.load.datasets import BenchRequest, load_tokenizer
 from benchmarks.load.metrics import client_metrics
 from benchmarks.machine import CpuLoad, cpu_info, versions
+from benchmarks.peers import free_port, start_server, xyserve_command
 from benchmarks.spec_decode_npu import (
     NPU_CONTEXT_TOKENS,
     Acceptance,
