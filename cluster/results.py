@@ -96,13 +96,17 @@ class Summary:
     slo: dict[str, float | None] = field(default_factory=dict)  # the SLO, when one was given
     goodput: float | None = None  # requests meeting the SLO per simulated second
     slo_attainment: float | None = None  # fraction of finished requests meeting it
+    stack: str = ""  # the serving stack whose host overhead the steps paid (npu_sim.host)
+    lowering: str = ""  # GEMM + attention lowering policy, e.g. "virtual+meta"
+    scheduling: str = ""  # the scheduler's policy, e.g. "token_budget"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, allow_nan=True)
 
 
 def summarize(recorder: Recorder, *, model: str, chip: str, workload: str, num_rejected: int,
-              num_dropped: int = 0, num_clipped: int = 0, slo: Slo | None = None) -> Summary:
+              num_dropped: int = 0, num_clipped: int = 0, slo: Slo | None = None,
+              stack: str = "", lowering: str = "", scheduling: str = "") -> Summary:
     done = [r for r in recorder.requests.values() if r.finish_reason]
     steps = np.asarray(recorder.steps, dtype=np.float64).reshape(-1, len(STEP_COLUMNS))
     start = min((r.arrival_s for r in recorder.requests.values()), default=0.0)
@@ -134,7 +138,8 @@ def summarize(recorder: Recorder, *, model: str, chip: str, workload: str, num_r
         requests_per_s=len(done) / wall, sim_to_wall=duration / wall,
         slo={} if slo is None else asdict(slo),
         goodput=None if good is None else good / duration,
-        slo_attainment=None if good is None else good / max(len(done), 1))
+        slo_attainment=None if good is None else good / max(len(done), 1),
+        stack=stack, lowering=lowering, scheduling=scheduling)
 
 
 def format_table(s: Summary) -> str:
@@ -145,6 +150,8 @@ def format_table(s: Summary) -> str:
     rows: list[tuple[str, str]] = [
         ("model / chip", f"{s.model} on {s.chip}"),
         ("workload", s.workload),
+        ("stack / lowering", f"{s.stack or '-'} host overhead, {s.lowering or '-'} kernels, "
+                             f"{s.scheduling or '-'} scheduling"),
         ("requests", f"{s.num_requests} finished, {s.num_rejected} rejected, "
                      f"{s.num_dropped} dropped, {s.num_clipped} clipped"),
         ("simulated duration", f"{s.duration_s:.2f} s"),
