@@ -74,13 +74,14 @@ def add_kernels_parser(subparsers: Any) -> None:
     # Listed here for `xyserve --help`; main() hands `kernels ...` to the sweep, which owns its
     # options (`xyserve kernels --help`).
     subparsers.add_parser("kernels", help="kernel sweeps on the simulated NPU: meta primitives "
-                                          "vs their baselines")
+                                          "vs their baselines (`kernels gemm` / `kernels "
+                                          "attention`: one kernel's time)")
 
 
 def run_kernels(argv: list[str]) -> int:
-    from benchmarks.kernels.sweeps import main as sweeps_main
+    from benchmarks.kernels.cli import main as kernels_main
 
-    return sweeps_main(argv)
+    return kernels_main(argv)
 
 
 def add_bench_parser(subparsers: Any) -> None:

@@ -186,7 +186,10 @@ def plot(out: Path, gemm: list[dict[str, Any]], attention: list[dict[str, Any]])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xyserve kernels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="xyserve kernels [sweep]", description=__doc__.split("\n")[0],
+        epilog="One kernel's time: `xyserve kernels gemm --help`, `xyserve kernels attention "
+               "--help`.")
     parser.add_argument("--npu", default=DEFAULT_NPU, help="chip preset or JSON/YAML chip file")
     parser.add_argument("--out", type=Path, default=Path("kernels-out"), help="output directory")
     parser.add_argument("--models", default=",".join(GEMM_MODELS), help="GEMM sweep models")
