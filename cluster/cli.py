@@ -125,7 +125,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                          acceptance_rate=args.acceptance_rate,
                          kv_reserve_fraction=args.kv_reserve_fraction,
                          tensor_parallel_size=args.tensor_parallel_size,
-                         policy=lowering_policy(args.gemm_policy, args.attention_policy))
+                         lowering=lowering_policy(args.gemm_policy, args.attention_policy))
         workload = _workload(args, sim.engine.info.max_model_len)
     except (ModelLoadError, WorkloadError, ValueError) as exc:
         print(f"xyserve simulate: error: {exc}", file=sys.stderr)

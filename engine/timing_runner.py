@@ -48,10 +48,10 @@ def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
                         acceptance_rate: float = 0.7,
                         kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
                         tensor_parallel_size: int = 1,
-                        policy: LoweringPolicy = DEFAULT_POLICY) -> EngineCore:
+                        lowering: LoweringPolicy = DEFAULT_POLICY) -> EngineCore:
     """An EngineCore over a TimingRunner for `arch` on `config.npu` (one card, or each card of a
     tensor-parallel group of `tensor_parallel_size`): the engine that serves, timing only,
-    its steps lowered under `policy` (XY-Serve's by default; engine.lowering.BASELINE_POLICY
+    its steps lowered under `lowering` (XY-Serve's by default; engine.lowering.BASELINE_POLICY
     for the baseline's bucket-padded GEMMs and split attention). The
     KV pool is `config.cache.num_kv_blocks` when given, else what one card's HBM holds after its
     share of the weights and the reserve (engine.lowering_tp.kv_pool_blocks). Raises
@@ -71,14 +71,14 @@ def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
     device = Device(chip, compute=False, dtype=config.npu_dtype, stack=config.npu_stack,
                     timeline=config.npu_trace_dir is not None)
     runner = TimingRunner(arch, device, block_size, acceptance_rate, config.seed,
-                          tensor_parallel_size, policy)
+                          tensor_parallel_size, lowering)
     info = EngineInfo(
         model_name=model_name, model_path=None, arch=arch, tokenizer=None,
         max_model_len=max_model_len,
         num_kv_blocks=num_kv_blocks, block_size=block_size, dtype="none", chip=chip.name)
     logger.info("timing-only engine: %s on %s x%d (%s), KV cache %d blocks x %d tokens, "
                 "lowering %s, stack %s", model_name, chip.name, tensor_parallel_size,
-                config.npu_dtype, num_kv_blocks, block_size, policy_name(policy),
+                config.npu_dtype, num_kv_blocks, block_size, policy_name(lowering),
                 config.npu_stack)
     return EngineCore(config, runner, info, deltas=False)
 

@@ -21,7 +21,7 @@ def test_baseline_lowering_takes_the_same_steps_and_more_time() -> None:
     runs = {}
     for name, policy in (("xy", DEFAULT_POLICY), ("baseline", BASELINE_POLICY)):
         # a fixed pool: both runs schedule the same chunks whatever their step times
-        sim = Simulation(MODEL, policy=policy, max_num_batched_tokens=512, num_kv_blocks=400)
+        sim = Simulation(MODEL, lowering=policy, max_num_batched_tokens=512, num_kv_blocks=400)
         runs[name] = sim.run(workload)
     xy, base = runs["xy"], runs["baseline"]
     assert xy.summary.lowering == "virtual+meta"
