@@ -3,7 +3,7 @@ serving vLLM's nightly-benchmark mixes at rising request rates, under the baseli
 XY-Serve, through `xyserve simulate` (the same engine, scheduler and cost model; only the
 lowering policy and the scheduling policy change).
 
-    python -m benchmarks.e2e_ablation [--models qwen2.5-7b,llama-2-7b] [--quick]
+    python -m benchmarks.e2e_ablation [--models qwen2.5-7b,llama-2-7b] [--quick] [--resume]
 
 Systems (engine.lowering policies x engine.scheduler policies, the same host stack):
 - baseline (vLLM-npu-like): GEMMs padded to static M buckets and tiled as torch-npu's ATB does,
@@ -58,11 +58,11 @@ ATTAINMENT = 0.9  # a rate is sustained while this share of requests meets the S
 Mix = tuple[Callable[[int, float, int], Workload], tuple[float, ...], int]
 MIXES: dict[str, Mix] = {
     "sharegpt": (lambda n, r, seed: sharegpt_like(n, r, seed),
-                 (2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0), 400),
+                 (8.0, 16.0, 24.0, 32.0, 40.0, 48.0, 64.0), 600),
     "prefill-heavy": (lambda n, r, seed: fixed(n, r, 2048, 128, "sonnet prefill-heavy", seed),
                       (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0), 300),
     "decode-heavy": (lambda n, r, seed: fixed(n, r, 128, 2048, "sonnet decode-heavy", seed),
-                     (0.5, 1.0, 2.0, 3.0, 4.0, 6.0), 200),
+                     (1.0, 2.0, 3.0, 4.0, 5.0, 6.0), 120),
 }
 
 
@@ -92,9 +92,38 @@ def sustainable_rate(points: Sequence[tuple[float, float]]) -> float:
     return points[-1][0]
 
 
-def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int
-          ) -> list[dict[str, Any]]:
+COLUMNS = ("model", "mix", "system", "rate", "num_requests", "request_throughput",
+           "output_throughput", "ttft_p90_s", "tpot_mean_s", "tpot_p90_s", "tbt_mean_s",
+           "tbt_p99_s", "slo_attainment", "host_share", "num_preemptions", "wall_s")
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str, float, int]:
+    return (row["model"], row["mix"], row["system"], float(row["rate"]),
+            int(row["num_requests"]))
+
+
+def load_rows(path: Path) -> dict[tuple[str, str, str, float, int], dict[str, Any]]:
+    """Rows of an earlier ablation.csv by (model, mix, system, rate, num_requests)."""
+    if not path.exists():
+        return {}
+    rows = {}
+    with path.open(newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {k: v if k in ("model", "mix", "system") else float(v)
+                   for k, v in raw.items()}
+            rows[_key(row)] = row
+    return rows
+
+
+def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int,
+          csv_path: Path, resume: bool) -> list[dict[str, Any]]:
+    """Every (model, mix, rate, system) run, appended to csv_path as it finishes; with
+    `resume`, runs already in csv_path are read back instead of run again."""
+    done = load_rows(csv_path) if resume else {}
     rows = []
+    if not resume or not csv_path.exists():
+        with csv_path.open("w", newline="") as f:
+            csv.writer(f).writerow(COLUMNS)
     for model in models:
         for mix in mixes:
             make, rates, n = MIXES[mix]
@@ -104,8 +133,14 @@ def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int
                 workload = make(n, rate, seed)
                 for system in SYSTEMS:
                     row = {"model": model, "mix": mix, "system": system, "rate": rate,
-                           "num_requests": n, **run_one(model, system, workload)}
+                           "num_requests": n}
+                    if _key(row) in done:
+                        rows.append(done[_key(row)])
+                        continue
+                    row.update(run_one(model, system, workload))
                     rows.append(row)
+                    with csv_path.open("a", newline="") as f:
+                        csv.writer(f).writerow([row[c] for c in COLUMNS])
                     print(f"{model} {mix} {system:>8} rate {rate:>5g}: "
                           f"{row['request_throughput']:6.2f} req/s, TBT mean "
                           f"{row['tbt_mean_s'] * 1e3:7.1f} ms, TPOT p90 "
@@ -158,16 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("ablation-out"))
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs already in --out's ablation.csv")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = sweep(args.models.split(","), args.mixes.split(","), args.quick, args.seed)
-    table = compare(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, data in (("ablation.csv", rows), ("ablation-summary.csv", table)):
-        with (args.out / name).open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(data[0]))
-            writer.writeheader()
-            writer.writerows(data)
+    rows = sweep(args.models.split(","), args.mixes.split(","), args.quick, args.seed,
+                 args.out / "ablation.csv", args.resume)
+    table = compare(rows)
+    with (args.out / "ablation-summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
     from benchmarks.e2e_ablation_report import plot, report
 
     text = report(table)

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         "910B2 / 910B2C; CK3's is a B1 or B2)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--name", default="npu-fidelity",
+                        help="results file: <out>/<date>-<name>.md (default: %(default)s)")
     parser.add_argument("--skip-simulate", action="store_true",
                         help="leave out CE1 / CE2 (end-to-end simulations, ~30 s)")
     args = parser.parse_args(argv)
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({time.perf_counter() - start:.1f} s)")
     if not args.no_write:
         now = datetime.datetime.now()
-        path = args.out / f"{now:%Y-%m-%d}-npu-fidelity.md"
+        path = args.out / f"{now:%Y-%m-%d}-{args.name}.md"
         args.out.mkdir(parents=True, exist_ok=True)
         command = "python -m benchmarks.npu_fidelity " + " ".join(argv or sys.argv[1:])
         path.write_text(f"# Simulated {chip.name} against the calibration set — "

@@ -88,3 +88,8 @@ def test_miniature_ablation_writes_csv_report_and_plot(tmp_path: Path,
     text = (tmp_path / "ablation.md").read_text()
     assert "paper (XYS 7.4.1, Qwen2-7B) | up to +89% (QPS)" in text
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    # --resume reads every run back from ablation.csv instead of simulating it again
+    monkeypatch.setattr(ablation, "run_one", lambda *args: pytest.fail("ran again"))
+    assert ablation.main(["--models", "llama-2-7b", "--out", str(tmp_path), "--resume",
+                          "--no-plot"]) == 0
+    assert (tmp_path / "ablation.md").read_text() == text
