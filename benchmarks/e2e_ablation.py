@@ -66,10 +66,10 @@ MIXES: dict[str, Mix] = {
 }
 
 
-def run_one(model: str, system: str, workload: Workload) -> dict[str, Any]:
+def run_one(model: str, system: str, workload: Workload, stack: str = STACK) -> dict[str, Any]:
     """One simulation; the row of ablation.csv it gives."""
     lowering, scheduling = SYSTEMS[system]
-    sim = Simulation(model, npu=NPU, npu_stack=STACK, lowering=lowering, policy=scheduling,
+    sim = Simulation(model, npu=NPU, npu_stack=stack, lowering=lowering, policy=scheduling,
                      **ENGINE)
     s = sim.run(workload, SLO).summary
     return {"request_throughput": s.request_throughput, "output_throughput": s.output_throughput,
@@ -116,7 +116,7 @@ def load_rows(path: Path) -> dict[tuple[str, str, str, float, int], dict[str, An
 
 
 def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int,
-          csv_path: Path, resume: bool) -> list[dict[str, Any]]:
+          csv_path: Path, resume: bool, stack: str = STACK) -> list[dict[str, Any]]:
     """Every (model, mix, rate, system) run, appended to csv_path as it finishes; with
     `resume`, runs already in csv_path are read back instead of run again."""
     done = load_rows(csv_path) if resume else {}
@@ -137,7 +137,7 @@ def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int,
                     if _key(row) in done:
                         rows.append(done[_key(row)])
                         continue
-                    row.update(run_one(model, system, workload))
+                    row.update(run_one(model, system, workload, stack))
                     rows.append(row)
                     with csv_path.open("a", newline="") as f:
                         csv.writer(f).writerow([row[c] for c in COLUMNS])
@@ -193,13 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("ablation-out"))
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--stack", default=STACK,
+                        help="host stack of all three systems (npu_sim.host; default: "
+                             "%(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs already in --out's ablation.csv")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sweep(args.models.split(","), args.mixes.split(","), args.quick, args.seed,
-                 args.out / "ablation.csv", args.resume)
+                 args.out / "ablation.csv", args.resume, args.stack)
     table = compare(rows)
     with (args.out / "ablation-summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
