@@ -116,7 +116,8 @@ def load_rows(path: Path) -> dict[tuple[str, str, str, float, int], dict[str, An
 
 
 def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int,
-          csv_path: Path, resume: bool, stack: str = STACK) -> list[dict[str, Any]]:
+          csv_path: Path, resume: bool, stack: str = STACK,
+          rates: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """Every (model, mix, rate, system) run, appended to csv_path as it finishes; with
     `resume`, runs already in csv_path are read back instead of run again."""
     done = load_rows(csv_path) if resume else {}
@@ -126,10 +127,11 @@ def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int,
             csv.writer(f).writerow(COLUMNS)
     for model in models:
         for mix in mixes:
-            make, rates, n = MIXES[mix]
+            make, mix_rates, n = MIXES[mix]
+            mix_rates = tuple(rates) if rates else mix_rates
             if quick:
-                rates, n = rates[::2], n // 2
-            for rate in (*rates, math.inf):
+                mix_rates, n = mix_rates[::2], n // 2
+            for rate in (*mix_rates, math.inf):
                 workload = make(n, rate, seed)
                 for system in SYSTEMS:
                     row = {"model": model, "mix": mix, "system": system, "rate": rate,
@@ -196,13 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stack", default=STACK,
                         help="host stack of all three systems (npu_sim.host; default: "
                              "%(default)s)")
+    parser.add_argument("--rates", help="offered rates (req/s, comma-separated) for every mix "
+                        "instead of each mix's own")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs already in --out's ablation.csv")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sweep(args.models.split(","), args.mixes.split(","), args.quick, args.seed,
-                 args.out / "ablation.csv", args.resume, args.stack)
+                 args.out / "ablation.csv", args.resume, args.stack,
+                 [float(r) for r in args.rates.split(",")] if args.rates else None)
     table = compare(rows)
     with (args.out / "ablation-summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
