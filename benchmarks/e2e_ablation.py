@@ -32,6 +32,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,32 @@ PAPER = {"kernels": {"qps_pct": 79.0, "tbt_pct": -57.0},  # XYS 7.4.1, vs vLLM-n
 SLO = Slo(ttft_s=2.0, tpot_s=0.05)  # [chosen] ~5x a 7B decode step at batch 1 (~10 ms)
 ATTAINMENT = 0.9  # a rate is sustained while this share of requests meets the SLO
 
-# mix -> (workload of n requests at a rate, rates swept, requests per run)
-Mix = tuple[Callable[[int, float, int], Workload], tuple[float, ...], int]
+
+@dataclass(frozen=True)
+class Mix:
+    """A workload mix: how to draw it, the offered rates swept and the requests per run."""
+
+    make: Callable[[int, float, int], Workload]  # (num_requests, rate, seed) -> workload
+    rates: tuple[float, ...]  # offered rates (req/s), each run plus one saturated run
+    num_requests: int
+    # model -> (rates, num_requests) where the default would not bracket its capacity
+    per_model: dict[str, tuple[tuple[float, ...], int]] = field(default_factory=dict)
+
+    def grid(self, model: str) -> tuple[tuple[float, ...], int]:
+        return self.per_model.get(model, (self.rates, self.num_requests))
+
+
 MIXES: dict[str, Mix] = {
-    "sharegpt": (lambda n, r, seed: sharegpt_like(n, r, seed),
-                 (8.0, 16.0, 24.0, 32.0, 40.0, 48.0, 64.0), 600),
-    "prefill-heavy": (lambda n, r, seed: fixed(n, r, 2048, 128, "sonnet prefill-heavy", seed),
-                      (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0), 300),
-    "decode-heavy": (lambda n, r, seed: fixed(n, r, 128, 2048, "sonnet decode-heavy", seed),
-                     (1.0, 2.0, 3.0, 4.0, 5.0, 6.0), 120),
+    "sharegpt": Mix(lambda n, r, seed: sharegpt_like(n, r, seed),
+                    (8.0, 16.0, 24.0, 32.0, 40.0, 48.0, 64.0), 600),
+    "prefill-heavy": Mix(lambda n, r, seed: fixed(n, r, 2048, 128, "sonnet prefill-heavy", seed),
+                         (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0), 300),
+    # Queueing starts past 256 running sequences (Qwen2.5-7B) or a 42-request KV pool
+    # (Llama-2-7B, no GQA: 92k tokens of 2176 each), so the two need different rates; fewer
+    # requests for Llama-2-7B keep its low-concurrency runs affordable.
+    "decode-heavy": Mix(lambda n, r, seed: fixed(n, r, 128, 2048, "sonnet decode-heavy", seed),
+                        (4.0, 8.0, 12.0, 16.0), 300,
+                        {"llama-2-7b": ((1.0, 1.5, 2.0, 3.0), 150)}),
 }
 
 
@@ -127,7 +145,8 @@ def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int,
             csv.writer(f).writerow(COLUMNS)
     for model in models:
         for mix in mixes:
-            make, mix_rates, n = MIXES[mix]
+            make = MIXES[mix].make
+            mix_rates, n = MIXES[mix].grid(model)
             mix_rates = tuple(rates) if rates else mix_rates
             if quick:
                 mix_rates, n = mix_rates[::2], n // 2

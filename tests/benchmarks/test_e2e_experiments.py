@@ -80,7 +80,8 @@ def test_compare_gains_over_the_baseline() -> None:
 def test_miniature_ablation_writes_csv_report_and_plot(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ablation, "MIXES", {
-        "tiny": (lambda n, r, seed: fixed(n, r, 300, 8, "tiny", seed), (4.0, 400.0), 8)})
+        "tiny": ablation.Mix(lambda n, r, seed: fixed(n, r, 300, 8, "tiny", seed), (4.0, 400.0),
+                             8)})
     assert ablation.main(["--models", "llama-2-7b", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
     assert len(rows) == 3 * 3  # two rates and the saturated run, three systems
