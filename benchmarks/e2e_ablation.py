@@ -135,7 +135,8 @@ def load_rows(path: Path) -> dict[tuple[str, str, str, float, int], dict[str, An
 
 def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int,
           csv_path: Path, resume: bool, stack: str = STACK,
-          rates: Sequence[float] | None = None) -> list[dict[str, Any]]:
+          rates: Sequence[float] | None = None,
+          num_requests: int | None = None) -> list[dict[str, Any]]:
     """Every (model, mix, rate, system) run, appended to csv_path as it finishes; with
     `resume`, runs already in csv_path are read back instead of run again."""
     done = load_rows(csv_path) if resume else {}
@@ -148,6 +149,7 @@ def sweep(models: Sequence[str], mixes: Sequence[str], quick: bool, seed: int,
             make = MIXES[mix].make
             mix_rates, n = MIXES[mix].grid(model)
             mix_rates = tuple(rates) if rates else mix_rates
+            n = num_requests or n
             if quick:
                 mix_rates, n = mix_rates[::2], n // 2
             for rate in (*mix_rates, math.inf):
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                              "%(default)s)")
     parser.add_argument("--rates", help="offered rates (req/s, comma-separated) for every mix "
                         "instead of each mix's own")
+    parser.add_argument("--num-requests", type=int,
+                        help="requests per run for every mix instead of each mix's own")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs already in --out's ablation.csv")
     args = parser.parse_args(argv)
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = sweep(args.models.split(","), args.mixes.split(","), args.quick, args.seed,
                  args.out / "ablation.csv", args.resume, args.stack,
-                 [float(r) for r in args.rates.split(",")] if args.rates else None)
+                 [float(r) for r in args.rates.split(",")] if args.rates else None,
+                 args.num_requests)
     table = compare(rows)
     with (args.out / "ablation-summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
