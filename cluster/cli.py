@@ -86,6 +86,16 @@ def add_simulate_parser(subparsers: Any) -> None:
     n.add_argument("--tensor-parallel-size", "-tp", type=int, choices=(1, 2, 4, 8), default=1,
                    help="NPUs of one node the model is sharded over (Megatron-style; the "
                         "all-reduces over HCCS are simulated) (default: %(default)s)")
+    n.add_argument("--gemm-policy", choices=("virtual", "bucket"), default="virtual",
+                   help="GEMM lowering: virtual (XY-Serve's SmoothGEMM: menu tiles over the real "
+                        "M) or bucket (the baseline: M padded to a static bucket, ATB's tiling) "
+                        "(default: %(default)s)")
+    n.add_argument("--attention-policy", choices=("meta", "split"), default="meta",
+                   help="attention lowering: meta (one meta-kernel for every row kind, tasks "
+                        "balanced by cost) or split (the baseline: separate PFA / IFA-style "
+                        "prefill and decode kernels). The whole baseline is --gemm-policy bucket "
+                        "--attention-policy split --scheduling-policy prefill_first "
+                        "(default: %(default)s)")
     n.add_argument("--kv-reserve-fraction", type=float, default=0.1, metavar="F",
                    help="HBM kept back from the KV pool for activations and workspaces "
                         "(vLLM's gpu_memory_utilization is 1 - F) (default: %(default)s)")
@@ -145,7 +155,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         sim = ClusterSimulation(args.model, cluster, config=engine_config(args),
                                 acceptance_rate=args.acceptance_rate,
                                 kv_reserve_fraction=args.kv_reserve_fraction,
-                                tensor_parallel_size=args.tensor_parallel_size)
+                                tensor_parallel_size=args.tensor_parallel_size,
+                                lowering=lowering_policy(args.gemm_policy,
+                                                         args.attention_policy))
         workload = _workload(args, sim.max_model_len)
     except (ModelLoadError, WorkloadError, ValueError) as exc:
         print(f"xyserve simulate: error: {exc}", file=sys.stderr)
@@ -162,6 +174,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         paths = result.write(args.out, plots=not args.no_plots)
         print(f"results: {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def lowering_policy(gemm: str, attention: str) -> Any:
+    """The engine.lowering.LoweringPolicy of --gemm-policy / --attention-policy."""
+    from engine.lowering import AttentionPolicy, GemmPolicy, LoweringPolicy
+
+    return LoweringPolicy(GemmPolicy(gemm), AttentionPolicy(attention))
 
 
 def _workload(args: argparse.Namespace, max_model_len: int) -> Any:

@@ -39,7 +39,8 @@ from cluster.workload import Workload
 from engine.arch_presets import resolve_arch
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.core import EngineCore
-from engine.timing_runner import DEFAULT_KV_RESERVE_FRACTION, build_timing_engine
+from engine.lowering import DEFAULT_POLICY, LoweringPolicy
+from engine.timing_runner import DEFAULT_KV_RESERVE_FRACTION, build_timing_engine, policy_name
 from npu_sim.hardware import load_chip
 
 
@@ -137,7 +138,8 @@ class ClusterSimulation:
     def __init__(self, model: str, cluster: ClusterConfig | None = None, *,
                  config: EngineConfig | None = None, acceptance_rate: float = 0.7,
                  kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
-                 tensor_parallel_size: int = 1, **engine_options: Any) -> None:
+                 tensor_parallel_size: int = 1, lowering: LoweringPolicy = DEFAULT_POLICY,
+                 **engine_options: Any) -> None:
         """As cluster.simulation.Simulation, plus the cluster's shape. Raises ValueError (or
         ModelLoadError) for anything it cannot simulate, before running."""
         self.model = model
@@ -148,6 +150,7 @@ class ClusterSimulation:
         self.acceptance_rate = acceptance_rate
         self.kv_reserve_fraction = kv_reserve_fraction
         self.tp = tensor_parallel_size
+        self.lowering = lowering
         self.chip = load_chip(self.config.npu)
         self.num_npus = len(self.cluster.roles) * self.tp
         self.kv_transfer = None
@@ -164,7 +167,7 @@ class ClusterSimulation:
         if role == "prefill":  # one token per request: drafts would never be verified
             config = replace(config, speculative_config=SpeculativeConfig())
         return build_timing_engine(config, self.arch, self.model, self.acceptance_rate,
-                                   self.kv_reserve_fraction, self.tp)
+                                   self.kv_reserve_fraction, self.tp, self.lowering)
 
     def run(self, workload: Workload, slo: Slo | None = None,
             on_step: Callable[[float], None] | None = None) -> ClusterResult:
@@ -181,7 +184,9 @@ class ClusterSimulation:
         recorder = merge(replicas, run)
         chip = replicas[0].core.info.chip
         chip = chip if self.tp == 1 else f"{self.tp} x {chip} (TP {self.tp})"
-        common = dict(model=self.model, workload=workload.source, slo=slo)
+        common = dict(model=self.model, workload=workload.source, slo=slo,
+                      stack=self.config.npu_stack, lowering=policy_name(self.lowering),
+                      scheduling=self.config.scheduler.policy)
         shape = self.cluster.describe()
         summary = summarize(recorder, chip=f"{shape} of {chip}" if shape else chip,
                             num_rejected=len(run.rejected), num_dropped=workload.num_dropped,

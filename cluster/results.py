@@ -98,6 +98,9 @@ class Summary:
     slo_attainment: float | None = None  # fraction of finished requests meeting it
     num_replicas: int = 1  # engines simulated side by side (replicas, or prefill + decode)
     num_npus: int = 1  # cards they occupy (replicas x tensor-parallel size): the cost
+    stack: str = ""  # the serving stack whose host overhead the steps paid (npu_sim.host)
+    lowering: str = ""  # GEMM + attention lowering policy, e.g. "virtual+meta"
+    scheduling: str = ""  # the scheduler's policy, e.g. "token_budget"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, allow_nan=True)
@@ -105,7 +108,8 @@ class Summary:
 
 def summarize(recorder: Recorder, *, model: str, chip: str, workload: str, num_rejected: int,
               num_dropped: int = 0, num_clipped: int = 0, slo: Slo | None = None,
-              num_replicas: int = 1, num_npus: int = 1) -> Summary:
+              num_replicas: int = 1, num_npus: int = 1, stack: str = "",
+              lowering: str = "", scheduling: str = "") -> Summary:
     """The summary of a recorder's requests and steps; with several replicas, NPU utilization
     is per replica (all their kernel time over num_replicas x the duration)."""
     done = [r for r in recorder.requests.values() if r.finish_reason]
@@ -141,7 +145,8 @@ def summarize(recorder: Recorder, *, model: str, chip: str, workload: str, num_r
         slo={} if slo is None else asdict(slo),
         goodput=None if good is None else good / duration,
         slo_attainment=None if good is None else good / max(len(done), 1),
-        num_replicas=num_replicas, num_npus=num_npus)
+        num_replicas=num_replicas, num_npus=num_npus, stack=stack, lowering=lowering,
+        scheduling=scheduling)
 
 
 def format_table(s: Summary) -> str:
@@ -152,6 +157,8 @@ def format_table(s: Summary) -> str:
     rows: list[tuple[str, str]] = [
         ("model / chip", f"{s.model} on {s.chip}"),
         ("workload", s.workload),
+        ("stack / lowering", f"{s.stack or '-'} host overhead, {s.lowering or '-'} kernels, "
+                             f"{s.scheduling or '-'} scheduling"),
         ("requests", f"{s.num_requests} finished, {s.num_rejected} rejected, "
                      f"{s.num_dropped} dropped, {s.num_clipped} clipped"),
         ("simulated duration", f"{s.duration_s:.2f} s"),

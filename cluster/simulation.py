@@ -23,7 +23,12 @@ from cluster.results import Slo, Summary, summarize, write_csvs, write_json
 from cluster.workload import Workload
 from engine.arch_presets import resolve_arch
 from engine.config import EngineConfig
-from engine.timing_runner import DEFAULT_KV_RESERVE_FRACTION, build_timing_engine
+from engine.lowering import DEFAULT_POLICY, LoweringPolicy
+from engine.timing_runner import (
+    DEFAULT_KV_RESERVE_FRACTION,
+    build_timing_engine,
+    policy_name,
+)
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,13 @@ class Simulation:
     def __init__(self, model: str, *, config: EngineConfig | None = None,
                  acceptance_rate: float = 0.7,
                  kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
-                 tensor_parallel_size: int = 1, **engine_options: Any) -> None:
+                 tensor_parallel_size: int = 1, lowering: LoweringPolicy = DEFAULT_POLICY,
+                 **engine_options: Any) -> None:
         """model: an arch preset or a Hugging Face config.json (file or directory). Engine
         options: a whole `config` (its model is replaced), or EngineConfig.from_kwargs names.
+        lowering: how steps are lowered (engine.lowering: XY-Serve's virtual padding and
+        meta-kernel by default, BASELINE_POLICY for bucket padding and split attention; the
+        scheduler's `policy` is an engine option).
         Raises ModelLoadError / ValueError for a model, chip or option it cannot simulate."""
         self.model = model
         self.arch = resolve_arch(model)
@@ -67,11 +76,13 @@ class Simulation:
         self.acceptance_rate = acceptance_rate
         self.kv_reserve_fraction = kv_reserve_fraction
         self.tensor_parallel_size = tensor_parallel_size
+        self.lowering = lowering
         self.engine = self._build()  # built here so that bad options fail at once
 
     def _build(self) -> Any:
         return build_timing_engine(self.config, self.arch, self.model, self.acceptance_rate,
-                                   self.kv_reserve_fraction, self.tensor_parallel_size)
+                                   self.kv_reserve_fraction, self.tensor_parallel_size,
+                                   self.lowering)
 
     def run(self, workload: Workload, slo: Slo | None = None,
             on_step: Callable[[float], None] | None = None) -> SimulationResult:
@@ -84,5 +95,7 @@ class Simulation:
         summary = summarize(recorder, model=self.model, chip=chip,
                             workload=workload.source, num_rejected=len(rejected),
                             num_dropped=workload.num_dropped, num_clipped=workload.num_clipped,
-                            slo=slo, num_npus=tp)
+                            slo=slo, num_npus=tp, stack=self.config.npu_stack,
+                            lowering=policy_name(self.lowering),
+                            scheduling=self.config.scheduler.policy)
         return SimulationResult(summary, recorder, tuple(rejected))

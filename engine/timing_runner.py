@@ -23,7 +23,14 @@ from dataclasses import replace
 from engine.arch import ModelArch
 from engine.config import EngineConfig
 from engine.core import NUM_NPU_TRACE_STEPS, EngineCore
-from engine.lowering import ChunkShape, lower_step, step_launch_counts, step_launches
+from engine.lowering import (
+    DEFAULT_POLICY,
+    ChunkShape,
+    LoweringPolicy,
+    lower_step,
+    step_launch_counts,
+    step_launches,
+)
 from engine.lowering_tp import kv_pool_blocks, shard_arch
 from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
 from engine.spec.types import Draft
@@ -41,9 +48,12 @@ DEFAULT_KV_RESERVE_FRACTION = 0.1
 def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
                         acceptance_rate: float = 0.7,
                         kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
-                        tensor_parallel_size: int = 1) -> EngineCore:
+                        tensor_parallel_size: int = 1,
+                        lowering: LoweringPolicy = DEFAULT_POLICY) -> EngineCore:
     """An EngineCore over a TimingRunner for `arch` on `config.npu` (one card, or each card of a
-    tensor-parallel group of `tensor_parallel_size`): the engine that serves, timing only. The
+    tensor-parallel group of `tensor_parallel_size`): the engine that serves, timing only,
+    its steps lowered under `lowering` (XY-Serve's by default; engine.lowering.BASELINE_POLICY
+    for the baseline's bucket-padded GEMMs and split attention). The
     KV pool is `config.cache.num_kv_blocks` when given, else what one card's HBM holds after its
     share of the weights and the reserve (engine.lowering_tp.kv_pool_blocks). Raises
     ValueError for a model, chip or sharding it cannot simulate."""
@@ -62,15 +72,21 @@ def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
     device = Device(chip, compute=False, dtype=config.npu_dtype, stack=config.npu_stack,
                     timeline=config.npu_trace_dir is not None)
     runner = TimingRunner(arch, device, block_size, acceptance_rate, config.seed,
-                          tensor_parallel_size)
+                          tensor_parallel_size, lowering)
     info = EngineInfo(
         model_name=model_name, model_path=None, arch=arch, tokenizer=None,
         max_model_len=max_model_len,
         num_kv_blocks=num_kv_blocks, block_size=block_size, dtype="none", chip=chip.name)
-    logger.info("timing-only engine: %s on %s x%d (%s), KV cache %d blocks x %d tokens",
-                model_name, chip.name, tensor_parallel_size, config.npu_dtype, num_kv_blocks,
-                block_size)
+    logger.info("timing-only engine: %s on %s x%d (%s), KV cache %d blocks x %d tokens, "
+                "lowering %s, stack %s", model_name, chip.name, tensor_parallel_size,
+                config.npu_dtype, num_kv_blocks, block_size, policy_name(lowering),
+                config.npu_stack)
     return EngineCore(config, runner, info, deltas=False)
+
+
+def policy_name(policy: LoweringPolicy) -> str:
+    """`virtual+meta` (XY-Serve's), `bucket+split` (the baseline) or a mix: GEMM + attention."""
+    return f"{policy.gemm.value}+{policy.attention.value}"
 
 
 class TimingRunner:
@@ -78,11 +94,13 @@ class TimingRunner:
 
     def __init__(self, arch: ModelArch, device: Device, block_size: int,
                  acceptance_rate: float = 0.7, seed: int = 0,
-                 tensor_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1,
+                 policy: LoweringPolicy = DEFAULT_POLICY) -> None:
         """device: a timing-only Device (compute=False). acceptance_rate: probability that each
         draft position of a verify is accepted, given the previous one was.
         tensor_parallel_size: the step is one card's of a TP group (engine.lowering_tp), whose
-        cards run in lockstep, so a card's time is the step's."""
+        cards run in lockstep, so a card's time is the step's. policy: how steps are lowered
+        (engine.lowering.LoweringPolicy), XY-Serve's by default."""
         if device.compute:
             raise ValueError("the timing-only runner needs a timing-only Device (compute=False)")
         if not 0.0 <= acceptance_rate <= 1.0:
@@ -92,6 +110,7 @@ class TimingRunner:
         self.block_size = block_size
         self.acceptance_rate = acceptance_rate
         self.tp = tensor_parallel_size
+        self.policy = policy
         self._rng = random.Random(seed)
         self.num_launches = 0  # kernel launches timed, ever (a layer's kernels count per layer)
         # Steps timed launch by launch, keeping their timelines: the first ones, when the
@@ -107,7 +126,7 @@ class TimingRunner:
         num_sampled = sum(1 + c.num_draft_tokens for c in chunks if c.sample)
         plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
                            for c in chunks], num_sampled, self.arch, self.device.chip,
-                          self.block_size, tp=self.tp)
+                          self.block_size, self.policy, tp=self.tp)
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
             self.device.begin_step()

@@ -28,21 +28,24 @@ Sources (calibration rows of research/npu-calibration.md; everything else is mar
   45.2 us per op (fitted on CE3), of which 21.5 us is the dispatch (above) and 23.7 us HF's
   Python around it (modules, hooks, generate's bookkeeping). No separate per-step term: the
   generate loop's own ops are among the 1333.
-- vllm-ascend (v0.9.1, CE1) and mindie (MindIE 2.1.RC1, CE2): FIRST ESTIMATES, to be refitted on
-  CE1 / CE2 with the end-to-end simulator (`xyserve simulate`). Both rows are saturated runs of
-  Qwen3-8B on ShareGPT; read as a steady state, CE1 is 1512 tok/s at 125 ms per step, so ~189
-  sequences decode per step, and CE2 2711 tok/s at 45.4 ms (median ITL), ~123 sequences. This
-  simulator's device takes 22.8 ms / 16.2 ms for such decode steps (context ~320), leaving
-  ~100 ms / ~29 ms of host and runtime time per step. Split as below (the per-step terms
-  assumed, the rest per request: at this scale the per-sequence work of the sampler over a
-  152k vocabulary, input preparation and detokenization dominates); prefill chunks mixed into
-  the steps are ignored here, which the end-to-end refit will not.
-  - vllm-ascend: kernels dispatched one by one from Python (no graph capture assumed for this
-    workload), ~12 launches per layer vs our 10 (Qwen3's q / k norms, a separate rotary):
-    launch_factor 1.2 at the torch_npu dispatch cost; per_step_s 2 ms [assumed: vLLM V1
-    scheduler + prepare_inputs]; per_request_s (125 - 22.8 - 2) ms / 189 = 0.53 ms.
+- vllm-ascend (v0.9.1, CE1) and mindie (MindIE 2.1.RC1, CE2): each stack's per_request_s is
+  FITTED END TO END on its row's output throughput: Qwen3-8B on a 910B2 serving 1000
+  ShareGPT-like prompts sent at once through `xyserve simulate` with the stack's serving
+  defaults (benchmarks.e2e_calibration, which says what the workload and the defaults are;
+  `python -m benchmarks.e2e_calibration --fit` refits). Every other term is held at the value
+  below; the fit does not touch the published latencies, which come out as checks (CE1's mean
+  TPOT and TTFT, CE2's median ITL: benchmarks/results/*-npu-fidelity.md). At this scale the
+  per-sequence host work dominates: sampling over a 152k vocabulary with the model's default
+  top-k / top-p (Qwen3's generation config), input preparation, detokenization and streaming.
+  - vllm-ascend: kernels dispatched from Python at the torch_npu cost, ~12 launches per layer
+    against our 10 (Qwen3's q / k norms, a separate rotary): launch_factor 1.2. (v0.9.1 runs
+    Qwen models in piecewise ACLGraph by default, which replays most of those launches from a
+    graph; for an 8B model the launches, ~9 ms a step, hide behind the device's >= 15 ms
+    either way, so the choice does not move CE1.) per_step_s 2 ms [assumed: the vLLM V1
+    scheduler and prepare_inputs]; per_request_s 0.427 ms [fit: CE1, 1512 output tok/s].
   - mindie: the model is an ATB graph launched once per step [graph_launch_s 0.5 ms, assumed];
-    per_step_s 1 ms [assumed, C++ scheduler]; per_request_s (45.4 - 16.2 - 1) ms / 123 = 0.23 ms.
+    per_step_s 1 ms [assumed, C++ scheduler]; per_request_s 0.124 ms [fit: CE2, 2711 output
+    tok/s].
 - xyserve (this system's runtime, the default): XY-Serve launches the forward from one C++
   function (XYS 5), so a launch costs a C++ runtime call, 3 us [assumed: aclrtLaunchKernel-class
   host cost]; per_step_s 1 ms [assumed: a vLLM-class Python scheduler step, the previous fixed
@@ -59,6 +62,8 @@ TORCH_NPU_OP_DISPATCH_S = 21.5e-6  # [fit: CK2 1024^3] one torch_npu op from Pyt
 HF_EAGER_STEP_OPS = 40 * 32 + 53  # [measured] kernel-launching ATen ops, Llama-2-7B decode step
 LOWERED_STEP_LAUNCHES = 323  # this simulator's launches for the same step (engine.lowering)
 CE3_S_PER_TOKEN = 1 / 16.6  # [CE3] HF eager Llama-2-7B batch 1
+VLLM_ASCEND_PER_REQUEST_S = 0.427e-3  # [fit: CE1 output throughput, end to end]
+MINDIE_PER_REQUEST_S = 0.1236e-3  # [fit: CE2 output throughput, end to end]
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,16 @@ class HostProfile:
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{self.name}: {name} must be a finite number >= 0, got "
                                  f"{value!r}")
+
+    def describe(self) -> str:
+        """The profile in a line (serve's startup log, simulate's results)."""
+        if self.graph_captured:
+            launches = f"one graph replay {self.graph_launch_s * 1e3:g} ms"
+        else:
+            launches = (f"{self.per_launch_s * 1e6:.3g} us per launch x{self.launch_factor:.3g}")
+        return (f"{self.name}: {self.per_step_s * 1e3:g} ms per step + "
+                f"{self.per_request_s * 1e6:.3g} us per request, {launches} behind the device "
+                f"({self.source})")
 
     def launch_s(self, num_launches: int) -> float:
         """Host time to issue a step's `num_launches` kernels."""
@@ -107,16 +122,17 @@ STACKS: dict[str, HostProfile] = {
         source="HF transformers eager on torch_npu: per launch fitted on CE3 (60.2 ms / 1333 "
                "ops), 21.5 us of it the op dispatch fitted on CK2 1024^3"),
     "vllm-ascend": HostProfile(
-        name="vllm-ascend", per_step_s=2e-3, per_request_s=0.53e-3,
+        name="vllm-ascend", per_step_s=2e-3, per_request_s=VLLM_ASCEND_PER_REQUEST_S,
         per_launch_s=TORCH_NPU_OP_DISPATCH_S, launch_factor=1.2, graph_launch_s=0.0,
         graph_captured=False,
-        source="first estimate from CE1's steady state (refit on CE1 with xyserve simulate); "
-               "dispatch from CK2 1024^3; per-step term assumed"),
+        source="per request fitted on CE1 end to end (1512 output tok/s, "
+               "benchmarks.e2e_calibration); dispatch fitted on CK2 1024^3; per-step term "
+               "assumed"),
     "mindie": HostProfile(
-        name="mindie", per_step_s=1e-3, per_request_s=0.23e-3, per_launch_s=0.0,
+        name="mindie", per_step_s=1e-3, per_request_s=MINDIE_PER_REQUEST_S, per_launch_s=0.0,
         launch_factor=1.0, graph_launch_s=0.5e-3, graph_captured=True,
-        source="first estimate from CE2's steady state (refit on CE2 with xyserve simulate); "
-               "graph replay and per-step terms assumed"),
+        source="per request fitted on CE2 end to end (2711 output tok/s, "
+               "benchmarks.e2e_calibration); graph replay and per-step terms assumed"),
     "xyserve": HostProfile(
         name="xyserve", per_step_s=1e-3, per_request_s=10e-6, per_launch_s=3e-6,
         launch_factor=1.0, graph_launch_s=0.0, graph_captured=False,

@@ -85,13 +85,14 @@ def add_kernels_parser(subparsers: Any) -> None:
     # Listed here for `xyserve --help`; main() hands `kernels ...` to the sweep, which owns its
     # options (`xyserve kernels --help`).
     subparsers.add_parser("kernels", help="kernel sweeps on the simulated NPU: meta primitives "
-                                          "vs their baselines")
+                                          "vs their baselines (`kernels gemm` / `kernels "
+                                          "attention`: one kernel's time)")
 
 
 def run_kernels(argv: list[str]) -> int:
-    from benchmarks.kernels.sweeps import main as sweeps_main
+    from benchmarks.kernels.cli import main as kernels_main
 
-    return sweeps_main(argv)
+    return kernels_main(argv)
 
 
 def add_bench_parser(subparsers: Any) -> None:
@@ -174,6 +175,10 @@ def run_serve(args: argparse.Namespace) -> int:
                 server_config.served_model_name or info.model_name, info.max_model_len)
     logger.info("KV cache: %d blocks x %d tokens = %d tokens", info.num_kv_blocks, block_size,
                 info.num_kv_blocks * block_size)
+    from npu_sim.host import get_stack  # plain Python: the stack profiles
+
+    logger.info("simulated NPU %s (%s), host overhead of stack %s", info.chip,
+                engine_config.npu_dtype, get_stack(engine_config.npu_stack).describe())
     logger.info("OpenAI-compatible API at %s/v1 (OpenAPI docs at %s/docs)", server_config.url,
                 server_config.url)
     uvicorn_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,

@@ -8,7 +8,10 @@ label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on i
     counters    prompt_tokens_total, generation_tokens_total, num_preemptions_total,
                 request_success_total{finished_reason}, npu_hbm_bytes_total,
                 npu_kernel_seconds_total{primitive} (simulated seconds; DESIGN's
-                `npu_kernel_seconds`, with the `_total` every Prometheus counter carries)
+                `npu_kernel_seconds`, with the `_total` every Prometheus counter carries),
+                npu_host_seconds_total (simulated seconds of the serving stack's modelled host
+                overhead, npu_sim.host: the host's share of NPU step time over a window is
+                rate(npu_host_seconds_total) / rate(npu_step_seconds_sum))
     histograms  wall clock: time_to_first_token_seconds, inter_token_latency_seconds,
                 e2e_request_latency_seconds, request_queue_time_seconds;
                 simulated NPU clock: npu_time_to_first_token_seconds,
@@ -155,6 +158,10 @@ class ServerMetrics:
         self._npu_padding = gauge("npu_padding_waste_ratio",
                                   "Fraction of issued cube MACs spent on padding, in the latest "
                                   "step that ran on the NPU.")
+        self._npu_host = counter("npu_host_seconds",
+                                 "Simulated seconds of host and runtime overhead the serving "
+                                 "stack's profile adds to NPU steps (npu_step_seconds minus "
+                                 "kernel time).")
         kernel = Counter(PREFIX + "npu_kernel_seconds",
                          "Simulated NPU seconds spent in kernels, by meta primitive.",
                          (*labels, "primitive"), registry=r)
@@ -190,6 +197,7 @@ class ServerMetrics:
             self._npu_cube.observe(trace.cube_utilization)
             self._npu_vector.observe(trace.vector_utilization)
             self._npu_hbm.inc(trace.hbm_bytes)
+            self._npu_host.inc(trace.host_s)
             self._npu_padding.set(trace.padding_waste_ratio)
             for primitive, seconds in trace.kernel_s_by_primitive.items():
                 self._npu_kernel.get(primitive).inc(seconds)

@@ -80,3 +80,11 @@ def test_stacks_order_as_their_software() -> None:
     assert t["eager"].sim_s > t["vllm-ascend"].sim_s > t["mindie"].sim_s > t["xyserve"].sim_s
     assert t["xyserve"].host_s < 2e-3
     assert len({round(tr.device_s, 9) for tr in t.values()}) == 1  # same kernels, same device
+
+
+def test_every_stack_describes_its_terms_and_source() -> None:
+    for stack in STACKS.values():
+        line = stack.describe()
+        assert line.startswith(f"{stack.name}: ") and stack.source in line and "\n" not in line
+    assert "427 us per request" in STACKS["vllm-ascend"].describe()  # fitted on CE1
+    assert "one graph replay" in STACKS["mindie"].describe()

@@ -54,6 +54,7 @@ FAMILIES = {
     "npu_hbm_bytes_total": "counter",
     "npu_padding_waste_ratio": "gauge",
     "npu_kernel_seconds_total": "counter",
+    "npu_host_seconds_total": "counter",
 }
 LATENCY_HISTOGRAMS = [name for name, kind in FAMILIES.items()
                       if kind == "histogram" and name.endswith("_seconds")]
@@ -167,6 +168,8 @@ def test_metrics_count_exactly_what_was_served(make_core: MakeCore) -> None:
                     for p in ("gemm", "vector", "attention")}
     assert all(s > 0 for s in kernel_sim_s.values()), kernel_sim_s
     assert sum(kernel_sim_s.values()) <= step_sim_s  # plus the modelled host overhead
+    host_sim_s = after("npu_host_seconds_total")
+    assert 0 < host_sim_s < step_sim_s  # the stack's per-step terms at least
     assert 0 < after("npu_cube_utilization_sum") <= num_steps
     assert 0 < after("npu_vector_utilization_sum") <= num_steps
     assert after("npu_hbm_bytes_total") > 0
@@ -213,7 +216,8 @@ def test_stat_logger_records_iteration_stats() -> None:
     scheduler = SchedulerStats(num_running_reqs=3, num_waiting_reqs=2, kv_cache_usage=0.25,
                                num_preemptions=1, num_free_blocks=10)
     metrics = ServerMetrics("m", lambda: scheduler)
-    trace = SimpleNamespace(sim_s=0.002, cube_utilization=0.4, vector_utilization=0.05,
+    trace = SimpleNamespace(sim_s=0.002, host_s=0.0005, cube_utilization=0.4,
+                            vector_utilization=0.05,
                             hbm_bytes=1e6, padding_waste_ratio=0.125,
                             kernel_s_by_primitive={"gemm": 0.001, "attention": 0.0004,
                                                    "future": 0.0001})
@@ -241,6 +245,7 @@ def test_stat_logger_records_iteration_stats() -> None:
     assert scrape("npu_cube_utilization_bucket", le="0.4") == 1
     assert scrape("npu_cube_utilization_bucket", le="0.3") == 0
     assert scrape("npu_hbm_bytes_total") == 1e6
+    assert scrape("npu_host_seconds_total") == pytest.approx(0.0005)
     assert scrape("npu_padding_waste_ratio") == 0.125
     assert scrape("npu_kernel_seconds_total", primitive="gemm") == pytest.approx(0.001)
     assert scrape("npu_kernel_seconds_total", primitive="vector") == 0
