@@ -37,7 +37,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     server_metrics = ServerMetrics(model.name, lambda: engine.stats,
                                    engine.config.speculative_config)
     engine.stat_loggers.append(server_metrics.record)
-    serving_args = (engine, model, info.tokenizer, config.retry_after_s)
+    serving_args = (engine, model, info.tokenizer, config)
     state = ServerState(config=config, engine=engine, tokenizer=info.tokenizer, model=model,
                         metrics=server_metrics, completions=CompletionServing(*serving_args),
                         chat=ChatServing(*serving_args))

@@ -28,14 +28,11 @@ class CompletionServing(OpenAIServing):
 
     id_prefix = "cmpl"
 
+    def num_prompts(self, request: CompletionRequest) -> int:
+        return len(_prompt_list(request))
+
     def prompts(self, request: CompletionRequest) -> list[PromptInput]:
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            texts_or_ids: list[str] | list[list[int]] = [prompt]  # type: ignore[assignment]
-        elif prompt and isinstance(prompt[0], int):
-            texts_or_ids = [prompt]  # type: ignore[list-item]
-        else:
-            texts_or_ids = prompt  # type: ignore[assignment]
+        texts_or_ids = _prompt_list(request)
         if not texts_or_ids:
             raise BadRequestError("the prompt list is empty", param="prompt")
         return [encode_text(self.tokenizer, p) if isinstance(p, str)
@@ -88,3 +85,11 @@ class CompletionServing(OpenAIServing):
             return None
         return completion_logprobs(self.tokenizer, logprobs, echo.token_ids if echo else (),
                                    offset)
+
+
+def _prompt_list(request: CompletionRequest) -> list[str] | list[list[int]]:
+    """The request's prompts as a list: one text, one token-id list, or a list of either."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return prompt  # type: ignore[return-value]
