@@ -25,8 +25,10 @@ must be a ChipSpec field, and a bad key or value is a ValueError naming the fiel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,8 +210,8 @@ def load_chip(source: str | Path) -> ChipSpec:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml  # PyYAML; comes with transformers
 
-        try:
-            data = yaml.safe_load(text)  # safe: plain data only, never a Python object
+        try:  # safe: plain data only, never a Python object
+            data = yaml.load(text, Loader=_chip_yaml_loader())  # a SafeLoader
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     else:
@@ -224,6 +226,22 @@ def load_chip(source: str | Path) -> ChipSpec:
         return override_chip(data, default_name=path.stem)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+@functools.cache
+def _chip_yaml_loader() -> type:
+    """PyYAML's SafeLoader, reading `1.2e12` and `1e12` as numbers as YAML 1.2 does (YAML 1.1,
+    which PyYAML follows, wants `1.2e+12` and reads the others as text)."""
+    import yaml
+
+    class ChipLoader(yaml.SafeLoader):
+        pass
+
+    ChipLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return ChipLoader
 
 
 def _yaml_problem(exc: Exception) -> str:
