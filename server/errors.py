@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -127,9 +128,10 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
     return InternalServerError(INTERNAL_ERROR_MESSAGE)
 
 
-def validation_error(exc: RequestValidationError) -> BadRequestError:
-    """A 400 naming the first field pydantic rejected (and how many others there were)."""
-    errors = list(exc.errors())
+def validation_error(errors: Sequence[Any]) -> BadRequestError:
+    """A 400 naming the first field pydantic rejected (and how many others there were);
+    `errors` as pydantic's ValidationError.errors() or FastAPI's RequestValidationError's."""
+    errors = list(errors)
     if not errors:
         return BadRequestError("invalid request")
     first = errors[0]
@@ -162,7 +164,7 @@ def install_exception_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return validation_error(exc).response()
+        return validation_error(exc.errors()).response()
 
     async def on_unexpected_error(_: Request, exc: Exception) -> Response:
         # Starlette's ServerErrorMiddleware sends this body, then re-raises `exc` so that

@@ -74,6 +74,9 @@ class OpenAIServing:
         """The request's prompts, tokenized. Raises BadRequestError."""
         raise NotImplementedError
 
+    async def accepted(self, request: Any, group: GenerationGroup) -> None:
+        """Called once the engine has accepted the call's requests, before the response."""
+
     def max_tokens(self, request: Any) -> int | None:
         """Tokens to generate at most; None = up to max_model_len."""
         raise NotImplementedError
@@ -122,6 +125,11 @@ class OpenAIServing:
         # The first output of every choice is awaited here, so an engine-side rejection is
         # still an HTTP error status, not an error event inside a 200 stream.
         await _until_disconnected(raw_request, group.start())
+        try:
+            await self.accepted(request, group)
+        except BaseException:
+            await group.aclose()
+            raise
         if request.stream:
             return StreamingResponse(sse.sse_stream(self._chunks(ctx, group),
                                                    self.config.retry_after_s),
