@@ -182,6 +182,17 @@ def keep_freed_tensor_memory() -> bool:
         return False
 
 
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim), once the model is built:
+    loading frees more than it keeps (the checkpoint's tensors, the unfused originals, the plain
+    copies the fast path never reads), and glibc would otherwise keep it all, above the trim
+    threshold that keep_freed_tensor_memory raised. Returns whether it applied."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one KV block takes across all layers (K and V)."""
     elem = torch.empty((), dtype=dtype).element_size()
