@@ -186,10 +186,21 @@ def release_freed_memory() -> bool:
     """Give the heap's free pages back to the OS (glibc's malloc_trim), once the model is built:
     loading frees more than it keeps (the checkpoint's tensors, the unfused originals, the plain
     copies the fast path never reads), and glibc would otherwise keep it all, above the trim
-    threshold that keep_freed_tensor_memory raised. Returns whether it applied."""
+    threshold that keep_freed_tensor_memory raised. Thread-safe (glibc locks each arena it
+    trims). Returns whether any memory went back (malloc_trim's answer; False also where the C
+    library has none: can_release_freed_memory)."""
     try:
         return bool(ctypes.CDLL(None).malloc_trim(0))
     except (OSError, AttributeError):
+        return False
+
+
+def can_release_freed_memory() -> bool:
+    """Whether the C library has malloc_trim (glibc), that is whether release_freed_memory can
+    ever give anything back."""
+    try:
+        return hasattr(ctypes.CDLL(None), "malloc_trim")
+    except OSError:
         return False
 
 
