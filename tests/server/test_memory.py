@@ -8,7 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.platform import can_release_freed_memory, release_freed_memory
+from engine.platform import (
+    can_release_freed_memory,
+    keep_freed_tensor_memory,
+    release_freed_memory,
+)
 from server.memory import TrimTrigger, resident_bytes, watch_resident_memory
 
 MiB = 1 << 20
@@ -106,3 +110,10 @@ def test_freed_heap_memory_stays_resident_until_trimmed() -> None:
     assert freed - base > 96 * MiB
     assert freed - trimmed > 96 * MiB
     assert len(survivors) == 2048
+
+
+@pytest.mark.parametrize("variable", ["MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"])
+def test_the_users_malloc_tunables_win(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    """Where the user tuned glibc (MALLOC_ARENA_MAX=1, say), the engine's tuning stays off."""
+    monkeypatch.setenv(variable, "1")
+    assert not keep_freed_tensor_memory()
