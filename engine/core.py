@@ -105,7 +105,9 @@ class EngineCore:
             disaggregation); the request waits for them to land (finish_kv_transfer) once
             admitted. Must leave at least one token to compute here.
         """
-        if not 0 <= num_external_tokens < len(prompt_token_ids):
+        # (0 = nothing external, always valid: an empty prompt is the admission check's to
+        # refuse, naming the prompt)
+        if num_external_tokens != 0 and not 0 < num_external_tokens < len(prompt_token_ids):
             raise ValueError(f"num_external_tokens must be in [0, {len(prompt_token_ids)}), got "
                              f"{num_external_tokens}")
         arch = self.info.arch
