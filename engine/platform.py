@@ -169,9 +169,22 @@ MALLOC_ARENAS = 2  # glibc heaps ("arenas") at most: the main one and one for al
 #   allocations anyway)
 
 
+def limit_malloc_arenas() -> bool:
+    """At most MALLOC_ARENAS glibc heaps from now on; the heaps threads already have stay, so a
+    server calls this before any thread starts (before loading the model). Skipped where the
+    user set MALLOC_ARENA_MAX or the C library has no mallopt. Returns whether it applied."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        m_arena_max = -8  # glibc's mallopt parameter number
+        return bool(ctypes.CDLL(None).mallopt(m_arena_max, MALLOC_ARENAS))
+    except (OSError, AttributeError):
+        return False
+
+
 def keep_freed_tensor_memory() -> bool:
     """Let glibc serve tensors of up to 32 MiB from the heap and keep up to 256 MiB it frees,
-    in at most MALLOC_ARENAS heaps.
+    in at most MALLOC_ARENAS heaps (limit_malloc_arenas).
 
     By default glibc maps every allocation above a (dynamic) threshold afresh and gives freed
     heap tops back to the OS, so a step's large temporaries (gathered K/V, GEMM outputs of a long
@@ -184,10 +197,10 @@ def keep_freed_tensor_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc's mallopt numbers
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
         return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
                     and libc.mallopt(m_trim_threshold, 256 << 20)
-                    and libc.mallopt(m_arena_max, MALLOC_ARENAS))
+                    and limit_malloc_arenas())
     except (OSError, AttributeError):
         return False
 

@@ -187,11 +187,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.arch import ModelLoadError
     from engine.async_engine import AsyncEngine
     from engine.core import EngineCore
+    from engine.platform import limit_malloc_arenas
     from server.app import build_app
     from server.auth import redact_in_logs
     from server.connections import ConnectionLimits, guarded_protocol
     from server.shutdown import DrainingServer
 
+    limit_malloc_arenas()  # before the loader's and OpenMP's threads take heaps of their own
     try:
         core = _build_off_main_thread(EngineCore.load, engine_config)
     except (ModelLoadError, ValueError) as exc:

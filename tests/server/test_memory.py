@@ -11,6 +11,7 @@ import pytest
 from engine.platform import (
     can_release_freed_memory,
     keep_freed_tensor_memory,
+    limit_malloc_arenas,
     release_freed_memory,
 )
 from server.memory import TrimTrigger, resident_bytes, watch_resident_memory
@@ -117,3 +118,4 @@ def test_the_users_malloc_tunables_win(monkeypatch: pytest.MonkeyPatch, variable
     """Where the user tuned glibc (MALLOC_ARENA_MAX=1, say), the engine's tuning stays off."""
     monkeypatch.setenv(variable, "1")
     assert not keep_freed_tensor_memory()
+    assert limit_malloc_arenas() == (variable != "MALLOC_ARENA_MAX")
