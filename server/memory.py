@@ -15,10 +15,10 @@ in use is never touched: after a trim, what remains is the new low point, so gro
 one per look. The resident set thus stays within TRIM_GROWTH_BYTES of what is in use, plus what
 a trim cannot reach: the top of the one arena besides the main one (platform.MALLOC_ARENAS).
 
-Measured on the default model (benchmarks/memory_soak.py, 2 x 20 bodies of 4 MiB): 1576 MiB
-after load, 1714 and 1762 MiB after each burst with the watcher (trims gave back 364 and 240
-MiB); 1861 and 1966 MiB without it; 2011 to 2079 MiB with glibc's default arenas, where trims
-gave back 17 to 65 MiB.
+Measured on the default model (benchmarks/memory_soak.py; README, Reliability and limits): 1575
+MiB after load, 1651 after 10,000 mixed calls, 2046 right after 20 bodies of 4 MiB and 1687 once
+a trim gave back 359 MiB. With glibc's default heaps the bodies left 1861 to 2079 MiB, watcher or
+not (its trims gave back 17 to 65 MiB).
 """
 
 from __future__ import annotations
