@@ -164,9 +164,10 @@ def _cpu_model() -> str:
 
 MALLOC_ARENAS = 2  # glibc heaps ("arenas") at most: the main one and one for all other threads.
 #   glibc gives threads up to 8 per core, and malloc_trim cannot shrink the top of any but the
-#   main one: measured on the default model, 20 bodies of 4 MiB left ~400 MiB resident that no
-#   trim gave back; with two, a trim gives back ~700 MiB of it (the GIL serializes most
-#   allocations anyway)
+#   main one: measured on the default model, 20 bodies of 4 MiB left ~400 MiB resident that
+#   trims gave back only 17-65 MiB of; with two heaps, 240-364 MiB (with one, 723 MiB: left at
+#   two so the engine thread's allocations rarely wait on the event loop's; the GIL serializes
+#   most of them anyway)
 
 
 def limit_malloc_arenas() -> bool:
