@@ -31,7 +31,7 @@ from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.mailbox import Mailbox
 from engine.outputs import EngineInfo, RequestOutput
-from engine.request import FinishReason, SamplingParams
+from engine.request import FinishReason, RequestRejected, SamplingParams
 from engine.stats import IterationStats, SchedulerStats
 
 logger = logging.getLogger("xyserve")
@@ -146,22 +146,30 @@ class AsyncEngine:
     # ------------------------------------------------------------------------------ requests
 
     def check_admission(self, num_requests: int) -> None:
-        """Raise EngineDeadError, AdmissionClosedError or QueueFullError unless `num_requests`
-        more can be queued.
+        """Raise unless `num_requests` more can be queued now: RequestRejected when they never
+        could (more than max_waiting_requests: retrying cannot help), EngineDeadError,
+        AdmissionClosedError, or QueueFullError when the queue has no room for all of them.
 
         An API call queueing several requests (n choices, several prompts) checks them together,
         then queues them with `add_request(..., admission_checked=True)` before it next awaits.
+        Every request counts, also when nothing waits yet: all of a call's requests wait (in the
+        intake, then the scheduler's queue) before any of them runs.
         """
+        limit = self.max_waiting_requests
+        if limit is not None and num_requests > limit:
+            raise RequestRejected(f"the call brings {num_requests} requests (prompts x n), more "
+                                  f"than the {limit} that may ever wait (max_waiting_requests)",
+                                  param="n")
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
         if self._admission_closed is not None:
             raise AdmissionClosedError(self._admission_closed)
-        if self.max_waiting_requests is None:
+        if limit is None:
             return
         num_waiting = self.stats.num_waiting_reqs
-        if num_waiting > 0 and num_waiting + num_requests > self.max_waiting_requests:
-            raise QueueFullError(f"{num_waiting} requests are already waiting "
-                                 f"(max_waiting_requests is {self.max_waiting_requests})")
+        if num_waiting + num_requests > limit:
+            raise QueueFullError(f"{num_waiting} requests are waiting and the call brings "
+                                 f"{num_requests} more (max_waiting_requests is {limit})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     admission_checked: bool = False) -> RequestStream:

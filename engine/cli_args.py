@@ -7,8 +7,10 @@ validated EngineConfig.
 from __future__ import annotations
 
 import argparse
+import os
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from engine.config import (
@@ -154,7 +156,29 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     if hasattr(args, "kv_cache_memory_bytes"):
         options["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
-    return EngineConfig.from_kwargs(**options, **_speculative_options(args), **extra)
+    config = EngineConfig.from_kwargs(**options, **_speculative_options(args), **extra)
+    check_files(config)
+    return config
+
+
+def check_files(config: EngineConfig) -> None:
+    """Read and validate what the config names beside the model, before anything loads: the
+    chip file of --npu and the --npu-trace directory. Raises ValueError naming the flag, the
+    file and (for a chip file) the field."""
+    from npu_sim.hardware import load_chip  # plain Python: no torch, no model
+
+    try:
+        load_chip(config.npu)
+    except ValueError as exc:
+        raise ValueError(f"--npu: {exc}") from None
+    if config.npu_trace_dir is not None:
+        trace_dir = Path(config.npu_trace_dir)
+        try:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--npu-trace: cannot create {trace_dir}: {exc.strerror}") from None
+        if not os.access(trace_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"--npu-trace: {trace_dir} is not writable")
 
 
 def _speculative_options(args: argparse.Namespace) -> dict[str, Any]:

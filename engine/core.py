@@ -105,7 +105,9 @@ class EngineCore:
             disaggregation); the request waits for them to land (finish_kv_transfer) once
             admitted. Must leave at least one token to compute here.
         """
-        if not 0 <= num_external_tokens < len(prompt_token_ids):
+        # (0 = nothing external, always valid: an empty prompt is the admission check's to
+        # refuse, naming the prompt)
+        if num_external_tokens != 0 and not 0 < num_external_tokens < len(prompt_token_ids):
             raise ValueError(f"num_external_tokens must be in [0, {len(prompt_token_ids)}), got "
                              f"{num_external_tokens}")
         arch = self.info.arch
@@ -214,6 +216,10 @@ class EngineCore:
 def _check_token_ids(vocab_size: int, **fields: Iterable[int]) -> None:
     """Raise RequestRejected naming the first field with a token id outside the vocabulary."""
     for name, ids in fields.items():
+        ids = ids if isinstance(ids, list | tuple) else list(ids)
+        # min / max first: two C passes, short GIL holds even for a million ids
+        if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+            continue
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise RequestRejected(f"{name}: token id {bad} is outside the vocabulary "

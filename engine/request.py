@@ -62,6 +62,8 @@ _STATUS_FOR_REASON = {reason: status for status, reason in _FINISH_REASONS.items
 SPEC_ACCEPTANCE_PRIOR = 0.7  # assumed acceptance rate before a request's first verify
 MAX_LOGPROBS = 20  # OpenAI's cap on top alternatives per token
 MAX_N = 128  # OpenAI's cap on completions per prompt
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # seeds are 64-bit signed integers (as in vLLM and
+#   OpenAI's API); the sampler hashes the whole value into its generator's state
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
 
@@ -94,8 +96,8 @@ class Bound:
         if self.high is None:
             if self.low == 0:
                 return "positive" if self.low_open else "non-negative"
-            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            return f"{'above' if self.low_open else 'at least'} {_number(self.low)}"
+        return f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}]"
 
     def json_schema(self) -> dict[str, float]:
         """The range as JSON-schema keywords (what OpenAPI clients and fuzzers read)."""
@@ -107,9 +109,14 @@ class Bound:
         return schema
 
 
+def _number(value: float | None) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"  # ints exactly (seeds' 2**63)
+
+
 # Field -> its range (logit_bias: each bias value).
 BOUNDS: dict[str, Bound] = {
     "n": Bound(1, MAX_N), "max_tokens": Bound(1), "min_tokens": Bound(0),
+    "seed": Bound(SEED_MIN, SEED_MAX),
     "temperature": Bound(0), "top_p": Bound(0, 1, low_open=True), "top_k": Bound(-1),
     "min_p": Bound(0, 1), "presence_penalty": Bound(-2, 2), "frequency_penalty": Bound(-2, 2),
     "repetition_penalty": Bound(0, low_open=True), "logprobs": Bound(0, MAX_LOGPROBS),
@@ -131,7 +138,8 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     top_k: int = 0  # keep the k most likely tokens; 0 or -1 = all
     min_p: float = 0.0  # drop tokens below min_p * p(max), in [0, 1]
-    seed: int | None = None  # per-request RNG: same seed, same tokens, whatever the batch
+    seed: int | None = None  # per-request RNG: same seed, same tokens, whatever the batch;
+    #   in [-2**63, 2**63 - 1], every bit significant
     stop: tuple[str, ...] = ()  # stop strings; matched on the detokenized text, not emitted
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the request
     include_stop_str_in_output: bool = False  # keep the matched stop string in the text
@@ -162,8 +170,12 @@ class SamplingParams:
 
     def for_choice(self, index: int) -> SamplingParams:
         """The params of choice `index` of n, each its own request: n=1 and, when seeded, seed +
-        index, so the choices differ while a seeded call still repeats exactly."""
-        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
+        index (wrapping around within the 64-bit range), so the choices differ while a seeded
+        call still repeats exactly."""
+        if self.seed is None:
+            return replace(self, n=1)
+        seed = (self.seed + index - SEED_MIN) % 2**64 + SEED_MIN
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

@@ -57,6 +57,9 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
 
         runner.attach_drafter(build_drafter(spec, device, fast.dtype, block_size, num_kv_blocks,
                                             loaded.arch.vocab_size, config.seed))
+    # What loading freed (unfused originals, plain copies the fast path never reads) goes back to
+    # the OS; the checkpoint's mapped file goes with `loaded`, which the runner does not keep.
+    platform.release_freed_memory()
     dtype_name = str(fast.dtype).removeprefix("torch.")
     logger.info("engine ready: %s, %s activations, %s weights (%s), %s KV cache, on CPU; "
                 "simulated %s (%s, %s stack); KV cache %d blocks x %d tokens = %d tokens",

@@ -20,6 +20,7 @@ from), `Sampler.generator_for` (where a row's draws come from) and `token_logpro
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,10 +29,18 @@ import torch
 from engine.outputs import TokenLogprob
 from engine.request import SamplingParams
 
-_SEED_MASK = (1 << 64) - 1  # torch generators take 64-bit seeds; any Python int is folded in
 _NEG_INF = float("-inf")
 _CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
 _TOP_P_CANDIDATES = 1024  # top-p looks among this many most likely tokens before a full sort
+
+
+def generator_seed(seed: int) -> int:
+    """The torch generator seed for a request's (or the engine's) `seed`: every bit of the
+    integer counts. torch's CPU generator (mt19937) keeps only the low 32 bits of what it is
+    given, so seed 5 and 5 + 2**32 drew the same tokens; hashing the whole integer first makes
+    distinct seeds collide only by chance (one pair in 2**32), never by construction."""
+    data = seed.to_bytes(seed.bit_length() // 8 + 1, "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class Sampler:
     """
 
     def __init__(self, seed: int = 0) -> None:
-        self._shared = torch.Generator().manual_seed(seed & _SEED_MASK)  # for unseeded rows
+        self._shared = torch.Generator().manual_seed(generator_seed(seed))  # unseeded rows
         self._generators: dict[str, torch.Generator] = {}  # request id -> its seeded generator
 
     def free(self, request_ids: Iterable[str]) -> None:
@@ -100,7 +109,7 @@ class Sampler:
             return self._shared
         gen = self._generators.get(row.request_id)
         if gen is None:
-            gen = torch.Generator().manual_seed(row.params.seed & _SEED_MASK)
+            gen = torch.Generator().manual_seed(generator_seed(row.params.seed))
             self._generators[row.request_id] = gen
         return gen
 

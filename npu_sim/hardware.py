@@ -25,8 +25,10 @@ must be a ChipSpec field, and a bad key or value is a ValueError naming the fiel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,25 +210,65 @@ def load_chip(source: str | Path) -> ChipSpec:
     if not path.is_file():
         raise ValueError(f"unknown NPU {str(source)!r}: not a preset ({', '.join(PRESETS)}) "
                          f"nor a chip file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read it: {exc}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml  # PyYAML; comes with transformers
 
-        data = yaml.safe_load(text)
+        try:  # safe: plain data only, never a Python object
+            data = yaml.load(text, Loader=_chip_yaml_loader())  # a SafeLoader
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a chip file is a mapping of ChipSpec fields")
-    return override_chip(data, default_name=path.stem)
+        raise ValueError(f"{path}: a chip file is a mapping of ChipSpec fields, got "
+                         f"{type(data).__name__}")
+    try:
+        return override_chip(data, default_name=path.stem)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+@functools.cache
+def _chip_yaml_loader() -> type:
+    """PyYAML's SafeLoader, reading `1.2e12` and `1e12` as numbers as YAML 1.2 does (YAML 1.1,
+    which PyYAML follows, wants `1.2e+12` and reads the others as text)."""
+    import yaml
+
+    class ChipLoader(yaml.SafeLoader):
+        pass
+
+    ChipLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return ChipLoader
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: where (1-based line and column) and what."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{' '.join(str(problem).split())}"
 
 
 def override_chip(data: dict[str, Any], default_name: str = "custom") -> ChipSpec:
     """`data`'s fields over its `base` preset (see load_chip)."""
     data = dict(data)
-    base = get_chip(str(data.pop("base", DEFAULT_CHIP)))
+    try:
+        base = get_chip(str(data.pop("base", DEFAULT_CHIP)))
+    except ValueError as exc:
+        raise ValueError(f"base: {exc}") from None
     names = {f.name for f in dataclasses.fields(ChipSpec)}
     for key in data:
         if key not in names:
-            raise ValueError(f"{key}: not a ChipSpec field (known: {', '.join(sorted(names))})")
+            raise ValueError(f"{key!s}: not a ChipSpec field (known: {', '.join(sorted(names))})")
     data.setdefault("name", f"{base.name}+{default_name}")
     return dataclasses.replace(base, **data)

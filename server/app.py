@@ -17,6 +17,7 @@ from server.auth import APIKeyMiddleware
 from server.config import ServerConfig
 from server.errors import install_exception_handlers
 from server.limits import RequestSizeLimitMiddleware
+from server.memory import start_memory_watch, stop_memory_watch
 from server.metrics import ServerMetrics
 from server.routes import chat, completions, metrics, models, tokenize
 from server.serving_chat import ChatServing
@@ -37,7 +38,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     server_metrics = ServerMetrics(model.name, lambda: engine.stats,
                                    engine.config.speculative_config)
     engine.stat_loggers.append(server_metrics.record)
-    serving_args = (engine, model, info.tokenizer, config.retry_after_s)
+    serving_args = (engine, model, info.tokenizer, config)
     state = ServerState(config=config, engine=engine, tokenizer=info.tokenizer, model=model,
                         metrics=server_metrics, completions=CompletionServing(*serving_args),
                         chat=ChatServing(*serving_args))
@@ -51,9 +52,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         gc.collect()
         gc.freeze()
         logger.info("serving %s at %s/v1", model.name, config.url)
+        memory_watch = start_memory_watch()  # freed memory goes back to the OS as it piles up
         try:
             yield
         finally:
+            await stop_memory_watch(memory_watch)
             await engine.shutdown()
 
     app = FastAPI(title="xyserve", version=__version__, lifespan=lifespan,

@@ -46,7 +46,12 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--served-model-name", default=_default(s, "served_model_name"),
                    help="model name clients use (default: the --model value)")
     p.add_argument("--max-waiting-requests", type=int, default=_default(s, "max_waiting_requests"),
-                   help="queued requests beyond which new ones get 429 (default: %(default)s)")
+                   help="queued engine requests beyond which new calls get 429; a call bringing "
+                        "more (prompts x n) gets 400 (default: %(default)s)")
+    p.add_argument("--max-choices-per-request", type=int,
+                   default=_default(s, "max_choices_per_request"),
+                   help="prompts x n of one call at most, beyond which it gets 400 "
+                        "(default: %(default)s)")
     p.add_argument("--cors-origins", default=",".join(_default(s, "cors_origins")),
                    help="comma-separated browser origins allowed by CORS, '*' for any "
                         "(default: none, no CORS headers)")
@@ -58,6 +63,19 @@ def add_serve_parser(subparsers: Any) -> None:
                    metavar="SECONDS",
                    help="on SIGTERM / SIGINT, seconds in-flight requests get to finish while new "
                         "ones get 503; then the rest are aborted (default: %(default)s)")
+    c = p.add_argument_group("connections")
+    c.add_argument("--header-timeout", type=float, default=_default(s, "header_timeout_s"),
+                   metavar="SECONDS",
+                   help="a request's headers must arrive within this many seconds of its first "
+                        "byte (or of the connection's opening), else 408 and the connection "
+                        "closes (default: %(default)s)")
+    c.add_argument("--body-timeout", type=float, default=_default(s, "body_timeout_s"),
+                   metavar="SECONDS",
+                   help="a request's body must arrive within this many seconds of its headers, "
+                        "else 408 and the connection closes (default: %(default)s)")
+    c.add_argument("--max-connections", type=int, default=_default(s, "max_connections"),
+                   help="open connections at most; one more gets 503 and is closed at once "
+                        "(default: %(default)s)")
     e = add_scheduler_arguments(p)
     e.add_argument("--strict-kernels", action="store_true",
                    help="run every kernel task by task (the reference path; slow)")
@@ -134,16 +152,20 @@ def build_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
         host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name,
         max_waiting_requests=args.max_waiting_requests,
+        max_choices_per_request=args.max_choices_per_request,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
         log_level=args.log_level, max_request_bytes=args.max_request_bytes,
-        shutdown_timeout_s=args.shutdown_timeout)
+        shutdown_timeout_s=args.shutdown_timeout, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, max_connections=args.max_connections)
     config = engine_config(args, dtype=args.dtype, weight_format=args.weight_format,
                            kv_cache_dtype=args.kv_cache_dtype, strict_kernels=args.strict_kernels)
     return server_config, config
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the model, build the app, serve until interrupted. Returns the exit status."""
+    """Validate every option and file, bind the port, load the model, build the app, serve until
+    interrupted. Returns the exit status: 2 for a bad option or file (one line, as argparse
+    says it), 1 when the port or the model cannot be had."""
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -151,6 +173,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"xyserve serve: error: {exc}", file=sys.stderr)
         return 2
+    from server.connections import bind_listener
+
+    try:  # before the model loads: a second server on a taken port fails at once
+        listener = bind_listener(server_config.host, server_config.port)
+    except OSError as exc:
+        print(f"xyserve serve: error: cannot listen on {server_config.url}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
 
     # Heavy imports (torch, transformers, uvicorn) only once the arguments are known good.
     import uvicorn
@@ -158,14 +188,18 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.arch import ModelLoadError
     from engine.async_engine import AsyncEngine
     from engine.core import EngineCore
+    from engine.platform import limit_malloc_arenas
     from server.app import build_app
     from server.auth import redact_in_logs
+    from server.connections import ConnectionLimits, guarded_protocol
     from server.shutdown import DrainingServer
 
+    limit_malloc_arenas()  # before the loader's and OpenMP's threads take heaps of their own
     try:
         core = _build_off_main_thread(EngineCore.load, engine_config)
     except (ModelLoadError, ValueError) as exc:
         logger.error("cannot start the engine: %s", exc)
+        listener.close()
         return 1
     engine = AsyncEngine(core, server_config.max_waiting_requests)
     app = build_app(engine, server_config)
@@ -181,12 +215,18 @@ def run_serve(args: argparse.Namespace) -> int:
                 engine_config.npu_dtype, get_stack(engine_config.npu_stack).describe())
     logger.info("OpenAI-compatible API at %s/v1 (OpenAPI docs at %s/docs)", server_config.url,
                 server_config.url)
+    limits = ConnectionLimits(
+        header_timeout_s=server_config.header_timeout_s,
+        body_timeout_s=server_config.body_timeout_s,
+        max_connections=server_config.max_connections, retry_after_s=server_config.retry_after_s)
     uvicorn_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                                    http=guarded_protocol(limits),
                                     log_level=server_config.log_level)  # configures logging
     if server_config.api_key is not None:
         redact_in_logs(server_config.api_key)
     # SIGTERM / SIGINT drain the engine (503 for new requests) before uvicorn's shutdown.
-    DrainingServer(uvicorn_config, engine, server_config.shutdown_timeout_s).run()
+    DrainingServer(uvicorn_config, engine, server_config.shutdown_timeout_s).run(
+        sockets=[listener])
     return 0
 
 

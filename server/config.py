@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -20,7 +21,10 @@ class ServerConfig:
     #   `Authorization: Bearer <api_key>`; None = no authentication
     served_model_name: str | None = None  # the name clients send and see; None = the --model value
     max_waiting_requests: int = 256  # queued (not yet running) engine requests beyond which new
-    #   requests are refused with 429
+    #   requests are refused with 429; a call bringing more than this (prompts x n) is a 400
+    max_choices_per_request: int = 1024  # prompts x n of one call at most (400 beyond): the
+    #   engine requests one call may queue (vLLM caps prompts per call at 1024 by default,
+    #   VLLM_MAX_COMPLETION_PROMPTS)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed by CORS; () = no CORS headers,
     #   ("*",) = any origin
     retry_after_s: int = 1  # seconds a 429 response tells the client to wait (Retry-After)
@@ -29,13 +33,23 @@ class ServerConfig:
     #   the longest prompt of the default model as text or token ids)
     shutdown_timeout_s: float = 30.0  # on SIGTERM / SIGINT, wall seconds in-flight requests get
     #   to finish (new ones get 503) before the rest are aborted and the server exits
+    header_timeout_s: float = 10.0  # wall seconds from a connection's first byte (or its opening)
+    #   to the end of the request's headers; then 408 and the connection is closed
+    body_timeout_s: float = 60.0  # wall seconds from the end of the headers to the end of the
+    #   body (a 4 MiB body at ~0.5 Mbit/s); then 408 and the connection is closed
+    max_connections: int = 1024  # open HTTP connections at most; one more is answered 503 and
+    #   closed at once (each holds a socket and a file descriptor)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         _require(bool(self.host), "host", self.host, "must not be empty")
         _require(0 <= self.port <= 65535, "port", self.port, "must be in [0, 65535]")
-        _require(self.api_key is None or bool(self.api_key), "api_key", self.api_key,
-                 "must not be empty when set")
+        # A key that is blank, or starts or ends with blanks, could never be sent: HTTP trims
+        # a header value's surrounding whitespace. (The message does not echo it: a secret.)
+        if self.api_key is not None and (not self.api_key.strip()
+                                         or self.api_key != self.api_key.strip()):
+            raise ValueError("api_key must not be empty, whitespace, or start or end with "
+                             "whitespace")
         _require(self.served_model_name is None or bool(self.served_model_name),
                  "served_model_name", self.served_model_name, "must not be empty when set")
         _require(self.max_waiting_requests >= 1, "max_waiting_requests",
@@ -50,6 +64,13 @@ class ServerConfig:
                  "must be at least 1")
         _require(self.shutdown_timeout_s >= 0, "shutdown_timeout_s", self.shutdown_timeout_s,
                  "must be non-negative")
+        _require(self.max_choices_per_request >= 1, "max_choices_per_request",
+                 self.max_choices_per_request, "must be at least 1")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, name, value, "must be positive")
+        _require(self.max_connections >= 1, "max_connections", self.max_connections,
+                 "must be at least 1")
 
     @property
     def url(self) -> str:

@@ -2,7 +2,8 @@
 
 Handlers turn everything that escapes a route into that shape: our own `APIError`s, FastAPI's
 validation errors (400, not FastAPI's 422, as OpenAI and vLLM do), the engine's QueueFullError
-(429 with Retry-After), EngineDeadError and AdmissionClosedError (503: dead, or shutting down),
+(429 with Retry-After), EngineDeadError and AdmissionClosedError (503: dead, or shutting down,
+the latter with Retry-After), the engine's RequestRejected (400),
 unknown routes (404) and, last, any other exception (500 with a generic message; the traceback
 goes to the server log, never to the client). Bodies over --max-request-bytes are refused with
 413 by server/limits.py before they are parsed.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +22,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AdmissionClosedError, EngineDeadError, QueueFullError
+from engine.request import RequestRejected
 
 logger = logging.getLogger("xyserve")
 
@@ -67,6 +70,12 @@ class NotFoundError(APIError):
     default_code = "not_found"
 
 
+class RequestTimeoutError(APIError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class PayloadTooLargeError(APIError):
     status_code = 413
     error_type = "invalid_request_error"
@@ -109,16 +118,20 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
                               headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, EngineDeadError):
         return ServiceUnavailableError(f"the engine is not running: {exc}")
-    if isinstance(exc, AdmissionClosedError):
+    if isinstance(exc, AdmissionClosedError):  # draining: another replica (or a restart) will
         return ServiceUnavailableError(f"the server is not accepting requests: {exc}",
-                                       code="shutting_down")
+                                       code="shutting_down",
+                                       headers={"Retry-After": str(retry_after_s)})
+    if isinstance(exc, RequestRejected):
+        return BadRequestError(str(exc), param=exc.param, code=exc.code)
     logger.error("unexpected error while serving a request", exc_info=exc)
     return InternalServerError(INTERNAL_ERROR_MESSAGE)
 
 
-def validation_error(exc: RequestValidationError) -> BadRequestError:
-    """A 400 naming the first field pydantic rejected (and how many others there were)."""
-    errors = list(exc.errors())
+def validation_error(errors: Sequence[Any]) -> BadRequestError:
+    """A 400 naming the first field pydantic rejected (and how many others there were);
+    `errors` as pydantic's ValidationError.errors() or FastAPI's RequestValidationError's."""
+    errors = list(errors)
     if not errors:
         return BadRequestError("invalid request")
     first = errors[0]
@@ -151,7 +164,7 @@ def install_exception_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return validation_error(exc).response()
+        return validation_error(exc.errors()).response()
 
     async def on_unexpected_error(_: Request, exc: Exception) -> Response:
         # Starlette's ServerErrorMiddleware sends this body, then re-raises `exc` so that
@@ -169,6 +182,7 @@ def install_exception_handlers(app: FastAPI, retry_after_s: int) -> None:
     app.add_exception_handler(QueueFullError, on_api_error)
     app.add_exception_handler(EngineDeadError, on_api_error)
     app.add_exception_handler(AdmissionClosedError, on_api_error)
+    app.add_exception_handler(RequestRejected, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)

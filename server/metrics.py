@@ -17,6 +17,8 @@ label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on i
                 simulated NPU clock: npu_time_to_first_token_seconds,
                 npu_inter_token_latency_seconds, npu_e2e_request_latency_seconds, npu_step_seconds;
                 per step: iteration_tokens_total, npu_cube_utilization, npu_vector_utilization
+    process     process_resident_memory_bytes, process_virtual_memory_bytes,
+                process_cpu_seconds_total, process_open_fds, ... (the standard series)
     speculative decoding (only when the engine drafts; vLLM's spec_decode_* counters):
                 spec_decode_num_drafts_total, spec_decode_num_draft_tokens_total,
                 spec_decode_num_accepted_tokens_total,
@@ -47,6 +49,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.exposition import generate_latest
@@ -92,6 +95,9 @@ class ServerMetrics:
     def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats],
                  speculative_config: SpeculativeConfig | None = None) -> None:
         self.registry = r = CollectorRegistry()
+        # The standard process_* series (resident and virtual memory, CPU seconds, open file
+        # descriptors, start time), unprefixed as every Prometheus client exports them.
+        ProcessCollector(registry=r)
         self._read_stats = read_stats
         m = (model_name,)  # the label values every child gets
         labels = ("model_name",)

@@ -13,9 +13,22 @@ Response schemas live in protocol_responses.py.
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
 
 from engine.request import BOUNDS, SamplingParams
 
@@ -25,10 +38,73 @@ MAX_STOP_TOKEN_IDS = 1024  # stop_token_ids entries at most
 MAX_LOGIT_BIAS = 1024  # logit_bias entries at most (each costs sampler work every step)
 
 
-TokenId = Annotated[int, Field(ge=0)]  # below the model's vocab_size, checked when served
+# Strict types, as OpenAI's API: "16", 2.0 and true are not integers, "0.5" and true not numbers,
+# 1 and "true" not booleans (pydantic's lax mode would convert them). Ints are numbers.
+Int = StrictInt
+Float = Annotated[float, Strict()]
+Bool = StrictBool
 
-Bias = Annotated[float, Field(json_schema_extra=BOUNDS["logit_bias"].json_schema())]  # a logit_bias
-#   value; its range is checked by SamplingParams
+TokenId = Annotated[StrictInt, Field(ge=0)]  # below the model's vocab_size, checked when served
+
+Bias = Annotated[float, Strict(), Field(json_schema_extra=BOUNDS["logit_bias"].json_schema())]
+#   a logit_bias value; its range is checked by SamplingParams
+
+
+TOKEN_ID_SLICE = 65536  # token ids type-checked per C call (~1 ms with the GIL held)
+TOKEN_LISTS_SLICE = 1024  # token-id lists joined for one such check
+MODEL_LIST_SLICE = 1024  # list items (chat messages) validated per pydantic call (~5 ms)
+
+
+def token_id_lists(value: Any, handler: ValidatorFunctionWrapHandler,
+                   info: ValidationInfo) -> Any:
+    """Validator of a field that may hold token ids (one list of them, or a list of lists):
+    those lists are checked here, a slice at a time, as pydantic would check list[TokenId]
+    (integers, not booleans, at least 0); anything else goes to pydantic (`handler`).
+
+    One pydantic call over 1.35 M ids holds the GIL for ~0.4 s, a stall of the event loop even
+    from a worker thread; between slices the GIL changes hands.
+    """
+    if isinstance(value, list) and value:
+        if type(value[0]) is int:
+            _check_token_ids(value, info.field_name)
+            return value
+        if all(type(v) is list for v in value) and any(v and type(v[0]) is int for v in value):
+            for start in range(0, len(value), TOKEN_LISTS_SLICE):
+                lists = value[start:start + TOKEN_LISTS_SLICE]
+                _check_token_ids(list(itertools.chain.from_iterable(lists)), info.field_name)
+            return value
+    return handler(value)
+
+
+def in_slices(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+    """Validator of a long list of models (chat messages): pydantic validates it a slice at a
+    time, for the reason token_id_lists gives (120,000 messages in one call: ~0.7 s)."""
+    if not isinstance(value, list) or len(value) <= MODEL_LIST_SLICE:
+        return handler(value)
+    items: list[Any] = []
+    for start in range(0, len(value), MODEL_LIST_SLICE):
+        try:
+            items.extend(handler(value[start:start + MODEL_LIST_SLICE]))
+        except ValidationError as exc:  # name the item by its index in the whole list
+            error = exc.errors()[0]
+            loc = list(error["loc"])
+            if loc and isinstance(loc[0], int):
+                loc[0] += start
+            where = ".".join(str(part) for part in loc)
+            raise ValueError(f"{info.field_name} item {where}: {error['msg']}") from None
+    return items
+
+
+def _check_token_ids(ids: list[Any], field: str | None) -> None:
+    for start in range(0, len(ids), TOKEN_ID_SLICE):
+        chunk = ids[start:start + TOKEN_ID_SLICE]
+        if not set(map(type, chunk)) <= {int}:  # exactly int: True is not a token id
+            bad = next(t for t in chunk if type(t) is not int)
+            raise ValueError(f"{field} must be a string, a list of strings or of token ids "
+                             f"(integers), or a list of token-id lists; got {str(bad)[:40]!r} "
+                             f"among the token ids")
+        if min(chunk, default=0) < 0:
+            raise ValueError(f"{field} holds a negative token id ({min(chunk)})")
 
 
 def ranged(name: str, default: Any = None) -> Any:
@@ -50,7 +126,7 @@ def _reject_if_set(cls: type, value: Any, info: ValidationInfo) -> Any:
 
 
 class StreamOptions(OpenAIBaseModel):
-    include_usage: bool = False  # send a last chunk with `choices: []` and `usage`
+    include_usage: Bool = False  # send a last chunk with `choices: []` and `usage`
 
 
 class ResponseFormat(OpenAIBaseModel):
@@ -71,25 +147,25 @@ class GenerationRequest(OpenAIBaseModel):
     """
 
     model: str | None = None  # the served model name; None = the one model this server has
-    n: int = ranged("n", 1)  # completions per prompt
-    temperature: float | None = ranged("temperature")  # 0 = greedy
-    top_p: float | None = ranged("top_p")
-    top_k: int | None = ranged("top_k")  # vLLM extension; 0 or -1 = off
-    min_p: float | None = ranged("min_p")  # vLLM extension
-    seed: int | None = None  # same seed, same tokens (choice i of n uses seed + i)
+    n: Int = ranged("n", 1)  # completions per prompt
+    temperature: Float | None = ranged("temperature")  # 0 = greedy
+    top_p: Float | None = ranged("top_p")
+    top_k: Int | None = ranged("top_k")  # vLLM extension; 0 or -1 = off
+    min_p: Float | None = ranged("min_p")  # vLLM extension
+    seed: Int | None = ranged("seed")  # same seed, same tokens (choice i of n uses seed + i)
     stop: str | list[str] | None = None  # stop strings, left out of the text
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     #   vLLM extension
-    ignore_eos: bool | None = None  # vLLM extension
-    min_tokens: int | None = ranged("min_tokens")  # vLLM extension
-    presence_penalty: float | None = ranged("presence_penalty")
-    frequency_penalty: float | None = ranged("frequency_penalty")
-    repetition_penalty: float | None = ranged("repetition_penalty")  # vLLM extension
-    include_stop_str_in_output: bool | None = None  # vLLM extension
-    skip_special_tokens: bool | None = None  # vLLM extension
+    ignore_eos: Bool | None = None  # vLLM extension
+    min_tokens: Int | None = ranged("min_tokens")  # vLLM extension
+    presence_penalty: Float | None = ranged("presence_penalty")
+    frequency_penalty: Float | None = ranged("frequency_penalty")
+    repetition_penalty: Float | None = ranged("repetition_penalty")  # vLLM extension
+    include_stop_str_in_output: Bool | None = None  # vLLM extension
+    skip_special_tokens: Bool | None = None  # vLLM extension
     logit_bias: dict[int, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)  # token
     #   id (a string in JSON) -> added to logit
-    stream: bool = False  # answer with server-sent events
+    stream: Bool = False  # answer with server-sent events
     stream_options: StreamOptions | None = None  # only with stream=true
     user: str | None = None  # accepted and ignored, as vLLM does
     response_format: ResponseFormat | None = None  # only {"type": "text"}
@@ -141,13 +217,14 @@ class GenerationRequest(OpenAIBaseModel):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]  # text(s) or token id list(s)
-    max_tokens: int | None = ranged("max_tokens", 16)  # OpenAI's and vLLM's default; None = up
+    prompt: Annotated[str | list[str] | list[TokenId] | list[list[TokenId]],
+                      WrapValidator(token_id_lists)]  # text(s) or token id list(s)
+    max_tokens: Int | None = ranged("max_tokens", 16)  # OpenAI's and vLLM's default; None = up
     #   to max_model_len
-    echo: bool = False  # prepend the prompt to the text (and its tokens to the logprobs)
-    logprobs: int | None = ranged("logprobs")  # return the chosen
+    echo: Bool = False  # prepend the prompt to the text (and its tokens to the logprobs)
+    logprobs: Int | None = ranged("logprobs")  # return the chosen
     #   token's logprob and this many top ones
-    best_of: int | None = None  # only best_of == n (no server-side ranking)
+    best_of: Int | None = None  # only best_of == n (no server-side ranking)
     suffix: str | None = None
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
@@ -185,13 +262,14 @@ class ChatMessage(OpenAIBaseModel):
 class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)  # the conversation so far
-    max_tokens: int | None = ranged("max_tokens")  # deprecated by OpenAI; None = up to
+    messages: Annotated[list[ChatMessage], WrapValidator(in_slices)] = Field(min_length=1)
+    #   the conversation so far
+    max_tokens: Int | None = ranged("max_tokens")  # deprecated by OpenAI; None = up to
     #   max_model_len (vLLM)
-    max_completion_tokens: int | None = ranged("max_tokens")  # wins over max_tokens
-    logprobs: bool = False  # return the chosen tokens' logprobs
-    top_logprobs: int | None = ranged("logprobs")  # needs logprobs
-    add_generation_prompt: bool = True  # vLLM extension: end the prompt with the assistant cue
+    max_completion_tokens: Int | None = ranged("max_tokens")  # wins over max_tokens
+    logprobs: Bool = False  # return the chosen tokens' logprobs
+    top_logprobs: Int | None = ranged("logprobs")  # needs logprobs
+    add_generation_prompt: Bool = True  # vLLM extension: end the prompt with the assistant cue
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None  # only "none"
     functions: list[Any] | None = None
@@ -233,15 +311,15 @@ class TokenizeCompletionRequest(OpenAIBaseModel):
 
     model: str | None = None
     prompt: str
-    add_special_tokens: bool = True
+    add_special_tokens: Bool = True
 
 
 class TokenizeChatRequest(OpenAIBaseModel):
     """POST /tokenize with chat messages (rendered through the chat template)."""
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
+    messages: Annotated[list[ChatMessage], WrapValidator(in_slices)] = Field(min_length=1)
+    add_generation_prompt: Bool = True
 
 
 TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
@@ -251,4 +329,4 @@ class DetokenizeRequest(OpenAIBaseModel):
     """POST /detokenize."""
 
     model: str | None = None
-    tokens: list[TokenId]
+    tokens: Annotated[list[TokenId], WrapValidator(token_id_lists)]

@@ -1,7 +1,9 @@
 """The request path shared by /v1/completions and /v1/chat/completions (vLLM's OpenAIServing).
 
-    create(): model check -> admission pre-check (429 / 503 at once, before any work)
-              -> SamplingParams (field ranges: 400s) -> prompts (tokenized off the event loop)
+    create(): model check -> SamplingParams (field ranges: 400s) -> the call's size: prompts x n
+              within max_choices_per_request (400) -> admission pre-check of that many engine
+              requests (400 if they could never wait, 429 / 503 now; before any real work)
+              -> prompts (tokenized off the event loop)
               -> GenerationGroup.start() (429 / 503, and the engine's 400s for what needs the
                  model: lengths, token ids; still before any byte is sent)
               -> JSON response, or an SSE stream of chunks
@@ -29,6 +31,7 @@ from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
 from engine.request import SamplingParams
 from server import sse
+from server.config import ServerConfig
 from server.errors import BadRequestError, ClientDisconnectedError
 from server.generation import Choice, GenerationGroup
 from server.prompts import PromptInput
@@ -55,17 +58,24 @@ class OpenAIServing:
     id_prefix = "cmpl"
 
     def __init__(self, engine: AsyncEngine, model: ModelInfo, tokenizer: Any,
-                 retry_after_s: int = 1) -> None:
+                 config: ServerConfig) -> None:
         self.engine = engine
         self.model = model
         self.tokenizer = tokenizer
-        self.retry_after_s = retry_after_s
+        self.config = config
 
     # ------------------------------------------------------------------ endpoint-specific parts
+
+    def num_prompts(self, request: Any) -> int:
+        """How many prompts the request carries (counted without tokenizing them)."""
+        raise NotImplementedError
 
     def prompts(self, request: Any) -> list[PromptInput]:
         """The request's prompts, tokenized. Raises BadRequestError."""
         raise NotImplementedError
+
+    async def accepted(self, request: Any, group: GenerationGroup) -> None:
+        """Called once the engine has accepted the call's requests, before the response."""
 
     def max_tokens(self, request: Any) -> int | None:
         """Tokens to generate at most; None = up to max_model_len."""
@@ -102,10 +112,10 @@ class OpenAIServing:
         responses.
         """
         self.model.check(request.model)
-        # Refuse at once (429 / 503) when not even one more request could be queued; the exact
-        # check, for all of the call's requests, comes when they are queued.
-        self.engine.check_admission(1)
         sampling_params = self.sampling_params(request)
+        # Refuse at once, before tokenizing, a call too large (400) or one the queue has no room
+        # for now (429 / 503); the check is repeated when the requests are queued.
+        self.engine.check_admission(self.num_choices(request))
         # Tokenizing a long prompt takes a while (~1 s a MB) and releases the GIL: off the loop.
         prompts = await asyncio.to_thread(self.prompts, request)
         params = [sampling_params] * len(prompts)
@@ -115,8 +125,14 @@ class OpenAIServing:
         # The first output of every choice is awaited here, so an engine-side rejection is
         # still an HTTP error status, not an error event inside a 200 stream.
         await _until_disconnected(raw_request, group.start())
+        try:
+            await self.accepted(request, group)
+        except BaseException:
+            await group.aclose()
+            raise
         if request.stream:
-            return StreamingResponse(sse.sse_stream(self._chunks(ctx, group), self.retry_after_s),
+            return StreamingResponse(sse.sse_stream(self._chunks(ctx, group),
+                                                   self.config.retry_after_s),
                                      media_type=sse.MEDIA_TYPE,
                                      background=BackgroundTask(group.aclose))
         try:
@@ -124,6 +140,18 @@ class OpenAIServing:
         finally:
             await group.aclose()
         return json_response(self.response(ctx, group))
+
+    def num_choices(self, request: GenerationRequest) -> int:
+        """The engine requests the call brings: prompts x n. BadRequestError beyond
+        max_choices_per_request (each one is queued, scheduled and streamed on its own)."""
+        num_choices = self.num_prompts(request) * request.n
+        limit = self.config.max_choices_per_request
+        if num_choices > limit:
+            raise BadRequestError(
+                f"the call asks for {num_choices} choices (prompts x n), more than the {limit} "
+                f"this server allows in one call (max_choices_per_request)",
+                param="n" if request.n > 1 else "prompt")
+        return max(1, num_choices)  # (an empty prompt list is refused with the prompts)
 
     def sampling_params(self, request: GenerationRequest) -> SamplingParams:
         """The engine parameters of the call's prompts. Field ranges are SamplingParams' to

@@ -31,6 +31,9 @@ class ChatServing(OpenAIServing):
 
     id_prefix = "chatcmpl"
 
+    def num_prompts(self, request: ChatCompletionRequest) -> int:
+        return 1
+
     def prompts(self, request: ChatCompletionRequest) -> list[PromptInput]:
         return [encode_chat(self.tokenizer, request.messages, request.add_generation_prompt)]
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from engine.outputs import RequestOutput, TokenLogprob
 from server.errors import BadRequestError
 from server.generation import Choice, GenerationGroup
 from server.logprobs import completion_logprobs
-from server.prompts import PromptInput, decode_ids, encode_text
+from server.prompts import PromptInput, decode_text, encode_text, token_prompt
 from server.protocol import CompletionRequest
 from server.protocol_responses import (
     CompletionChoice,
@@ -28,18 +29,24 @@ class CompletionServing(OpenAIServing):
 
     id_prefix = "cmpl"
 
+    def num_prompts(self, request: CompletionRequest) -> int:
+        return len(_prompt_list(request))
+
     def prompts(self, request: CompletionRequest) -> list[PromptInput]:
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            texts_or_ids: list[str] | list[list[int]] = [prompt]  # type: ignore[assignment]
-        elif prompt and isinstance(prompt[0], int):
-            texts_or_ids = [prompt]  # type: ignore[list-item]
-        else:
-            texts_or_ids = prompt  # type: ignore[assignment]
+        texts_or_ids = _prompt_list(request)
         if not texts_or_ids:
             raise BadRequestError("the prompt list is empty", param="prompt")
-        return [encode_text(self.tokenizer, p) if isinstance(p, str)
-                else decode_ids(self.tokenizer, p, self.model.vocab_size) for p in texts_or_ids]
+        return [encode_text(self.tokenizer, p) if isinstance(p, str) else token_prompt(p)
+                for p in texts_or_ids]
+
+    async def accepted(self, request: CompletionRequest, group: GenerationGroup) -> None:
+        if request.echo:  # the text of token-id prompts, now that the engine has checked them
+            await asyncio.to_thread(self._decode_prompts, group)
+
+    def _decode_prompts(self, group: GenerationGroup) -> None:
+        for prompt in group.prompts:
+            if prompt.text is None:
+                prompt.text = decode_text(self.tokenizer, prompt.token_ids)
 
     def max_tokens(self, request: CompletionRequest) -> int | None:
         return request.max_tokens
@@ -53,7 +60,7 @@ class CompletionServing(OpenAIServing):
         for choice in group.choices:
             echo = choice.prompt if request.echo else None
             choices.append(CompletionChoice(
-                index=choice.index, text=(echo.text if echo else "") + choice.text,
+                index=choice.index, text=((echo.text or "") if echo else "") + choice.text,
                 logprobs=self._logprobs(request, choice.logprobs, echo, 0),
                 finish_reason=choice.finish_reason))
         return CompletionResponse(id=ctx.id, created=ctx.created, model=ctx.model,
@@ -66,12 +73,12 @@ class CompletionServing(OpenAIServing):
         echo = choice.prompt if request.echo and is_first else None
         if not (delta.new_text or delta.finished or echo or delta.new_logprobs):
             return None  # e.g. half of a multi-byte character: nothing to show yet
-        prefix_len = len(choice.prompt.text) if request.echo else 0
+        prefix_len = len(choice.prompt.text or "") if request.echo else 0
         # Where this delta starts in the choice's full text (choice.text already includes it).
         offset = prefix_len + len(choice.text) - len(delta.new_text)
         if echo:
             offset = 0
-        text = (echo.text if echo else "") + delta.new_text
+        text = ((echo.text or "") if echo else "") + delta.new_text
         logprobs = self._logprobs(request, delta.new_logprobs or (), echo, offset)
         return CompletionResponse(
             id=ctx.id, created=ctx.created, model=ctx.model,
@@ -88,3 +95,11 @@ class CompletionServing(OpenAIServing):
             return None
         return completion_logprobs(self.tokenizer, logprobs, echo.token_ids if echo else (),
                                    offset)
+
+
+def _prompt_list(request: CompletionRequest) -> list[str] | list[list[int]]:
+    """The request's prompts as a list: one text, one token-id list, or a list of either."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return prompt  # type: ignore[return-value]

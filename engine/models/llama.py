@@ -8,7 +8,7 @@ math of its own: every number comes out of a `Device.launch`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,30 +59,40 @@ class LlamaModel:
         blocks it ships in, read from `loaded.gguf_path`; the rest fp32)."""
         self.arch: ModelArch = loaded.arch
         self.dtype = dtype
+        # Views of the checkpoint where the dtype matches (a no-op .to()). A safetensors file is
+        # mapped, and one tensor still viewing it keeps every page of it read so far resident
+        # (the q/k/v and gate/up originals too, which live on fused): what is kept as read is
+        # copied out (`owned`), the GEMM weights live on in their packed copies.
         w = {name: t.to(dtype) for name, t in loaded.weights.items()}
-        self.embed = w["model.embed_tokens.weight"]  # (V, H)
-        self.final_norm = w["model.norm.weight"]
-        pack = _Packer(device, w, weight_format, loaded)
+
+        def own(name: str) -> torch.Tensor:
+            return _owned(w, loaded, name)
+
+        self.embed = own("model.embed_tokens.weight")  # (V, H)
+        self.final_norm = own("model.norm.weight")
+        pack = _Packer(device, w, weight_format, loaded, dtype)
         self.lm_head = pack("model.embed_tokens.weight" if self.arch.tie_word_embeddings
                             else "lm_head.weight")  # (V, H)
-        self.layers = [self._layer(w, f"model.layers.{i}.", pack)
+        self.layers = [self._layer(w, own, f"model.layers.{i}.", pack)
                        for i in range(self.arch.num_layers)]
         self.weight_formats = pack.used  # the formats the GEMM weights ended up in
         inv_freq, self.rope_scaling = _rope_inv_freq(loaded)
         self.inv_freq = inv_freq.float()  # (D / 2,)
 
-    def _layer(self, w: dict[str, torch.Tensor], p: str, pack: _Packer) -> LayerWeights:
+    def _layer(self, w: dict[str, torch.Tensor], own: Callable[[str], torch.Tensor], p: str,
+               pack: _Packer) -> LayerWeights:
         attn, mlp = p + "self_attn.", p + "mlp."
         bias = None
         if self.arch.attention_bias:
             bias = torch.cat([w[attn + f"{x}_proj.bias"] for x in "qkv"])
+        o_bias = attn + "o_proj.bias"
         return LayerWeights(
-            input_norm=w[p + "input_layernorm.weight"],
+            input_norm=own(p + "input_layernorm.weight"),
             qkv=pack(*(attn + f"{x}_proj.weight" for x in "qkv")),
             qkv_bias=bias,
             o_proj=pack(attn + "o_proj.weight"),
-            o_proj_bias=w.get(attn + "o_proj.bias"),
-            post_attn_norm=w[p + "post_attention_layernorm.weight"],
+            o_proj_bias=own(o_bias) if o_bias in w else None,
+            post_attn_norm=own(p + "post_attention_layernorm.weight"),
             gate_up=pack(mlp + "gate_proj.weight", mlp + "up_proj.weight"),
             down=pack(mlp + "down_proj.weight"),
         )
@@ -142,8 +152,9 @@ class _Packer:
     """GEMM weights (several fused along N) packed in one weight format for the device."""
 
     def __init__(self, device: Device, weights: dict[str, torch.Tensor], weight_format: str,
-                 loaded: LoadedModel) -> None:
+                 loaded: LoadedModel, activations: torch.dtype) -> None:
         self.device, self.weights, self.weight_format = device, weights, weight_format
+        self.activations = activations
         self.quantized: dict[str, Any] = {}
         if weight_format == "gguf":
             if loaded.gguf_path is None:
@@ -160,12 +171,27 @@ class _Packer:
             from npu_sim.kernels.quant import QuantizedWeight
 
             self.used.add(parts[0].fmt)
-            return self.device.pack_quantized(QuantizedWeight.stack(parts))
+            return self._lean(self.device.pack_quantized(QuantizedWeight.stack(parts)))
         fmt = "fp32" if self.weight_format == "gguf" else self.weight_format
         self.used.add(fmt)
         w = self.weights[names[0]] if len(names) == 1 else torch.cat(
             [self.weights[name] for name in names])
-        return self.device.pack_weight(w, fmt)
+        return self._lean(self.device.pack_weight(w, fmt))
+
+    def _lean(self, weight: Weight) -> Weight:
+        # Only the reference path (strict) reads a GEMM weight's plain copy: a served model
+        # keeps its fast-path copies alone (npu_sim.kernels.gemm.PackedWeight.without_plain).
+        if self.device.strict or not isinstance(weight, PackedWeight):
+            return weight
+        return weight.without_plain(self.activations)
+
+
+def _owned(w: dict[str, torch.Tensor], loaded: LoadedModel, name: str) -> torch.Tensor:
+    """w[name], copied into memory of its own where it still views the checkpoint's tensor."""
+    t, source = w[name], loaded.weights[name]
+    if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return t.clone()
+    return t
 
 
 def _rope_inv_freq(loaded: LoadedModel) -> tuple[torch.Tensor, float]:

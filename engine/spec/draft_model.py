@@ -43,10 +43,9 @@ from engine.kv_cache import BlockPool
 from engine.lowering import ChunkShape, lower_step
 from engine.models.llama import LlamaModel, StepInputs
 from engine.models.loader import LoadedModel
+from engine.sampler import generator_seed
 from engine.spec.types import Draft, DraftRequest
 from npu_sim.device import Device
-
-_SEED_MASK = (1 << 64) - 1  # torch generators take 64-bit seeds
 
 
 @dataclass
@@ -98,7 +97,7 @@ class DraftModelDrafter:
         k_caches = torch.zeros(shape, dtype=dtype)  # (L, NB, BS, Hkv, D)
         v_caches = torch.zeros(shape, dtype=dtype)
         self._k_layers, self._v_layers = k_caches.unbind(0), v_caches.unbind(0)  # L x (NB, ...)
-        self._generator = torch.Generator().manual_seed(seed & _SEED_MASK)
+        self._generator = torch.Generator().manual_seed(generator_seed(seed))
         self._states: dict[str, _DraftState] = {}
 
     @property

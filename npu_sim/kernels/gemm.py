@@ -46,6 +46,12 @@ class PackedWeight:
         self.packed = packed  # opaque mkldnn tensor holding the same values, pre-blocked, or None
         self.panels = panels  # the C panel GEMM's copy (its `fmt` the weight format), or None
         self.quantized = quantized  # a q4_1 / q8_0 weight's GGUF blocks, else None
+        if quantized is not None:
+            self._shape, self._format = torch.Size(quantized.shape), quantized.fmt
+        else:
+            assert weight is not None
+            self._shape = weight.shape
+            self._format = "bf16" if weight.dtype == torch.bfloat16 else "fp32"
 
     @property
     def weight(self) -> torch.Tensor:
@@ -53,21 +59,33 @@ class PackedWeight:
         weight is dequantized to fp32 on every read (the fast path never reads it)."""
         if self._weight is not None:
             return self._weight
-        assert self.quantized is not None
+        if self.quantized is None:
+            raise RuntimeError(f"this {self._format} weight {tuple(self._shape)} kept only its "
+                               "fast-path copies (without_plain): no plain weight to read")
         return self.quantized.dequantize()
 
     @property
     def shape(self) -> torch.Size:
-        if self._weight is not None:
-            return self._weight.shape
-        assert self.quantized is not None
-        return torch.Size(self.quantized.shape)
+        return self._shape
 
     @property
     def weight_format(self) -> str:
-        if self.quantized is not None:
-            return self.quantized.fmt
-        return "bf16" if self.weight.dtype == torch.bfloat16 else "fp32"
+        return self._format
+
+    def without_plain(self, activations: torch.dtype) -> PackedWeight:
+        """This weight without the copies only the reference path and the ATen fallback read
+        (the plain weight, a quantized weight's GGUF blocks), where the fast path serves every
+        product of `activations` from its own copies: oneDNN's blocked one, or panels taking any
+        number of rows (the C kernels take fp32 activations only). Else itself. A server never
+        reads the dropped copy; dropping it saves a third (fp32) or half (bf16, gguf) of the
+        GEMM weights' memory."""
+        covered = activations == torch.float32 and (
+            self.packed is not None or (self.panels is not None and self.panels.fmt != "fp32"))
+        if not covered or (self._weight is None and self.quantized is None):
+            return self
+        lean = PackedWeight.__new__(PackedWeight)
+        lean.__dict__.update(self.__dict__, _weight=None, quantized=None)
+        return lean
 
 
 def pack_weight(w: torch.Tensor, weight_format: str = "fp32") -> PackedWeight | torch.Tensor:

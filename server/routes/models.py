@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from engine.async_engine import AdmissionClosedError
 from server import __version__
 from server.errors import ServiceUnavailableError
 from server.protocol_responses import ModelCard, ModelList, VersionResponse
@@ -19,7 +20,10 @@ def _card(model: ModelInfo) -> ModelCard:
                      max_model_len=model.max_model_len)
 
 
+# HEAD answers as GET does, without the body: load balancers probe with it. (Not in the schema: one
+# operation per route and method there, and HEAD's is GET's.)
 @router.get("/v1/models")
+@router.head("/v1/models", include_in_schema=False)
 async def list_models(state: State) -> ModelList:
     return ModelList(data=[_card(state.model)])
 
@@ -37,11 +41,13 @@ async def version() -> VersionResponse:
 
 @open_router.get("/health", response_class=Response,
                  responses={200: {"description": "ready (empty body)"}, 503: ERROR_RESPONSES[503]})
+@open_router.head("/health", response_class=Response, include_in_schema=False)
 async def health(state: State) -> Response:
     """200 while the engine loop runs and takes requests; 503 once it has stopped, or while
-    the server drains for shutdown (so a load balancer stops sending it requests)."""
+    the server drains for shutdown (so a load balancer stops sending it requests; that 503
+    carries Retry-After)."""
     if not state.engine.is_alive:
         raise ServiceUnavailableError("the engine loop is not running")
     if state.engine.admission_closed is not None:
-        raise ServiceUnavailableError(state.engine.admission_closed, code="shutting_down")
+        raise AdmissionClosedError(state.engine.admission_closed)
     return Response(status_code=200)

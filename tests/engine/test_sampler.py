@@ -275,3 +275,17 @@ def test_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="logits"):
         Sampler().sample(torch.zeros(2, 5), [row(SamplingParams())])
     assert Sampler().sample(torch.zeros(0, 5), []) == []
+
+
+def test_every_bit_of_a_seed_reaches_the_generator() -> None:
+    from engine.sampler import generator_seed
+
+    # torch's CPU generator keeps 32 bits of its seed: seeds equal in their low 32 bits (and
+    # 2**64, -2**63, 10**400, all 0 there) must not draw alike.
+    seeds = [5, 5 + 2**32, 2**64, -(2**63), 10**400, 0, -1]
+    folded = [generator_seed(s) & 0xFFFFFFFF for s in seeds]
+    assert len(set(folded)) == len(seeds)
+    assert generator_seed(5) == generator_seed(5)  # stable across calls and processes
+    draws = [torch.rand(4, generator=torch.Generator().manual_seed(generator_seed(s))).tolist()
+             for s in (5, 5 + 2**32)]
+    assert draws[0] != draws[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_yaml_file_overrides_and_defaults_to_910b2(tmp_path: Path) -> None:
 def test_bad_overrides_name_the_field(tmp_path: Path, override: dict, field: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"base": "910b2", **override}))
-    with pytest.raises(ValueError, match=f"^{field}:"):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {field}:"):  # file, field
         load_chip(path)
 
 

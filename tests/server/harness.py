@@ -47,7 +47,8 @@ class ServerProcess:
 
     def http(self, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0, **kwargs)
+        kwargs.setdefault("timeout", 60.0)
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

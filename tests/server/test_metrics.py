@@ -20,6 +20,7 @@ from engine.async_engine import AsyncEngine
 from engine.stats import FinishedRequestStats, IterationStats, RequestMetrics, SchedulerStats
 from server.app import build_app
 from server.config import ServerConfig
+from server.memory import resident_bytes
 from server.metrics import (
     ITERATION_TOKENS_BUCKETS,
     LATENCY_BUCKETS_S,
@@ -55,6 +56,14 @@ FAMILIES = {
     "npu_padding_waste_ratio": "gauge",
     "npu_kernel_seconds_total": "counter",
     "npu_host_seconds_total": "counter",
+}
+PROCESS_FAMILIES = {  # the standard series every Prometheus client exports, unprefixed
+    "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge",
+    "process_start_time_seconds": "gauge",
+    "process_cpu_seconds_total": "counter",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
 }
 LATENCY_HISTOGRAMS = [name for name, kind in FAMILIES.items()
                       if kind == "histogram" and name.endswith("_seconds")]
@@ -186,8 +195,10 @@ def test_families_types_labels_and_buckets(make_core: MakeCore) -> None:
         response = http.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     scrape = Scrape(response.text)
-    assert scrape.types == {"xyserve:" + name: kind for name, kind in FAMILIES.items()}
-    assert all(labels.get("model_name") == NAME for _, labels, _ in scrape.samples)
+    assert scrape.types == {**{"xyserve:" + name: kind for name, kind in FAMILIES.items()},
+                            **PROCESS_FAMILIES}
+    assert all(labels.get("model_name") == NAME for name, labels, _ in scrape.samples
+               if name.startswith("xyserve:"))
     assert not any(name.endswith("_created") for name, _, _ in scrape.samples)
     for name in LATENCY_HISTOGRAMS:
         assert scrape.buckets(name) == [*LATENCY_BUCKETS_S, math.inf], name
@@ -196,6 +207,16 @@ def test_families_types_labels_and_buckets(make_core: MakeCore) -> None:
     assert scrape.buckets("npu_cube_utilization") == [*UTILIZATION_BUCKETS, math.inf]
     # The buckets resolve both clocks: sub-millisecond NPU steps and minutes of wall time.
     assert LATENCY_BUCKETS_S[0] <= 1e-4 and LATENCY_BUCKETS_S[-1] >= 600
+
+
+def test_resident_memory_is_this_process(make_core: MakeCore) -> None:
+    """process_resident_memory_bytes is the serving process's resident set (here, this one)."""
+    app = build_app(AsyncEngine(make_core()), ServerConfig(served_model_name=NAME))
+    with TestClient(app) as http:
+        scrape = Scrape(http.get("/metrics").text)
+        resident = resident_bytes()
+    [exported] = [v for n, _, v in scrape.samples if n == "process_resident_memory_bytes"]
+    assert resident is not None and abs(exported - resident) < 0.1 * resident
 
 
 def _request(e2e_s: float) -> RequestMetrics:

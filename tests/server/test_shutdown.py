@@ -78,7 +78,11 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_llama_dir: pathlib.
         refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"},
                              timeout=TIMEOUT_S)
         assert assert_error(refused, 503)["code"] == "shutting_down"
-        assert_error(httpx.get(f"{server.url}/health", timeout=TIMEOUT_S), 503)
+        health = httpx.get(f"{server.url}/health", timeout=TIMEOUT_S)
+        assert_error(health, 503)
+        # Both tell clients and load balancers when to try again (elsewhere, or after a restart).
+        assert refused.headers["retry-after"].isdigit() and health.headers["retry-after"].isdigit()
+        assert httpx.head(f"{server.url}/health", timeout=TIMEOUT_S).status_code == 503
         assert httpx.get(f"{server.url}/metrics", timeout=TIMEOUT_S).status_code == 200
         # Every accepted request completes in full.
         for future in futures:
