@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.config import EngineConfig
 from engine.output_processor import OutputProcessor, StepResult
@@ -34,6 +34,9 @@ from engine.outputs import EngineInfo, ModelOutput, RequestOutput, SchedulerOutp
 from engine.request import FinishReason, Request, RequestRejected, SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import IterationStats, SchedulerStats
+
+if TYPE_CHECKING:
+    from engine.structured.compiler import GrammarCompiler
 
 logger = logging.getLogger("xyserve")
 
@@ -75,6 +78,7 @@ class EngineCore:
         self.sim_now_s = 0.0  # the simulated NPU clock, in seconds since the engine started
         self.num_steps = 0  # non-empty steps run
         self.last_stats: IterationStats | None = None  # the latest step's, for stat loggers
+        self._grammars: GrammarCompiler | None = None  # made with the first structured request
 
     @classmethod
     def load(cls, config: EngineConfig, loaded: Any = None) -> EngineCore:
@@ -105,6 +109,9 @@ class EngineCore:
         if params.stop and self.info.tokenizer is None:
             raise RequestRejected("stop strings need a tokenizer; this engine has none",
                                   param="stop")
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammar_compiler().compile(params.structured_outputs)
         eos = arch.eos_token_ids
         if len(eos) > 1 and not params.ignore_eos:
             # Every EOS id of the model stops generation; the first is the request's own.
@@ -113,7 +120,7 @@ class EngineCore:
         arrival_s = time.monotonic() if arrival_time is None else arrival_time
         request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                           sampling_params=params, arrival_time=arrival_s,
-                          eos_token_id=eos[0] if eos else None)
+                          eos_token_id=eos[0] if eos else None, grammar=grammar)
         idle = not self.scheduler.has_unfinished_requests()
         self.scheduler.add_request(request)
         if arrival_sim_s is None:  # served: it arrives on the simulated clock as it is now
@@ -124,6 +131,20 @@ class EngineCore:
             self.sim_now_s = max(self.sim_now_s, arrival_sim_s)
         self.output_processor.add_request(request_id, prompt_token_ids, params, arrival_s,
                                           arrival_sim_s)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured outputs for this engine's tokenizer (made on first use;
+        call `.warm_up()` on it to build its tokenizer tables in the background). Raises
+        RequestRejected for an engine without a tokenizer."""
+        if self._grammars is None:
+            if self.info.tokenizer is None:
+                raise RequestRejected("structured outputs need a tokenizer; this engine has "
+                                      "none", param="structured_outputs")
+            from engine.structured.compiler import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.info.tokenizer, self.info.arch.vocab_size,
+                                             self.info.arch.eos_token_ids)
+        return self._grammars
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Finish these requests now (unknown or finished ids are ignored); frees their blocks."""
@@ -153,7 +174,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             self.runner.execute(scheduler_output)  # it still hears of finished requests
-            self.last_stats = self.output_processor.idle_step()
+            self.last_stats = self._with_grammar_stats(self.output_processor.idle_step())
             return []
         try:
             model_output = self.runner.execute(scheduler_output)
@@ -178,8 +199,12 @@ class EngineCore:
     def _finish_step(self, result: StepResult) -> list[RequestOutput]:
         if result.stopped_ids:  # a stop string matched in the text: the scheduler ends them
             self.scheduler.finish_requests(result.stopped_ids, FinishReason.STOP)
-        self.last_stats = result.stats
+        self.last_stats = self._with_grammar_stats(result.stats)
         return result.outputs
+
+    def _with_grammar_stats(self, stats: IterationStats) -> IterationStats:
+        grammar = self._grammars.take_stats() if self._grammars is not None else None
+        return stats if grammar is None else replace(stats, grammar=grammar)
 
     def _write_npu_trace(self, trace: Any) -> None:
         trace_dir = self.config.npu_trace_dir

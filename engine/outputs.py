@@ -70,7 +70,7 @@ class NewRequestData:
     request_id: str  # whose
     prompt_token_ids: Sequence[int]  # the prompt (never changed once the request arrived)
     sampling_params: SamplingParams  # how its tokens are sampled
-
+    grammar: Any = None  # engine.structured CompiledGrammar its output must follow; None = free
 
 
 @dataclass(frozen=True)

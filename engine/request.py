@@ -11,7 +11,9 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from engine.structured.params import StructuredOutputs
 
 if TYPE_CHECKING:
     from engine.spec.types import Draft
@@ -142,6 +144,8 @@ class SamplingParams:
     logprobs: int | None = None  # return the chosen token's logprob plus this many top ones
     logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to logit
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    structured_outputs: StructuredOutputs | None = None  # the output must match this (a JSON
+    #   schema, a regex, ...), enforced token by token; None = free text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -201,6 +205,8 @@ class Request:
     draft: Draft | None = None  # speculative tokens proposed for its next verify (no probs)
     spec_acceptance: float = SPEC_ACCEPTANCE_PRIOR  # moving average of the fraction of tested
     #   draft positions accepted; decides how many drafts still pay (scheduler)
+    grammar: Any = None  # engine.structured CompiledGrammar of sampling_params'
+    #   structured_outputs (compiled by EngineCore.add_request); passed on to the runner
 
     @property
     def all_token_ids(self) -> list[int]:

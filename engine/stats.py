@@ -74,6 +74,18 @@ class SpecDecodingStats:
 
 
 @dataclass(frozen=True)
+class GrammarStats:
+    """Structured-output grammars compiled or found cached since the last step."""
+
+    compile_s: tuple[float, ...]  # wall seconds of each compile (cache misses)
+    num_cache_hits: int  # constraints found compiled already
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.compile_s) + self.num_cache_hits
+
+
+@dataclass(frozen=True)
 class IterationStats:
     """What one engine step did, on both clocks. Emitted once per step."""
 
@@ -89,6 +101,7 @@ class IterationStats:
     finished: tuple[FinishedRequestStats, ...]  # requests that finished this step
     trace: Any = None  # the step's npu_sim StepTrace (None when nothing ran)
     spec: SpecDecodingStats | None = None  # verify chunks of the step; None when none ran
+    grammar: GrammarStats | None = None  # grammars compiled since the last step; None: none
 
     @property
     def num_scheduled_tokens(self) -> int:
