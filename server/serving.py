@@ -17,7 +17,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -28,6 +28,7 @@ from starlette.background import BackgroundTask
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
 from engine.request import SamplingParams
+from engine.structured import StructuredOutputs
 from server import sse
 from server.errors import BadRequestError, ClientDisconnectedError
 from server.generation import Choice, GenerationGroup
@@ -35,6 +36,7 @@ from server.prompts import PromptInput
 from server.protocol import GenerationRequest
 from server.protocol_responses import UsageInfo
 from server.state import ModelInfo
+from server.structured import request_constraint
 
 T = TypeVar("T")
 
@@ -47,6 +49,8 @@ class ResponseContext:
     created: int  # unix seconds
     model: str  # the served name
     request: Any  # the validated request (the subclass's request type)
+    state: dict[Any, Any] = field(default_factory=dict)  # the endpoint's own, per call (chat:
+    #   each choice's tool-call parser)
 
 
 class OpenAIServing:
@@ -74,6 +78,11 @@ class OpenAIServing:
     def num_logprobs(self, request: Any) -> int | None:
         """SamplingParams.logprobs for the request (None = no logprobs)."""
         raise NotImplementedError
+
+    def constraint(self, request: Any) -> StructuredOutputs | None:
+        """The structured output the request asks for (None = free text). Raises
+        BadRequestError naming the field."""
+        return request_constraint(request)
 
     def response(self, ctx: ResponseContext, group: GenerationGroup) -> BaseModel:
         """The JSON response once every choice has finished."""
@@ -129,9 +138,10 @@ class OpenAIServing:
         """The engine parameters of the call's prompts. Field ranges are SamplingParams' to
         check (a ValueError names the field); what needs the model (lengths, token ids) the
         engine checks when the requests are queued, still before any byte is sent."""
+        constraint = self.constraint(request)
         try:
             return request.to_sampling_params(self.max_tokens(request),
-                                              self.num_logprobs(request))
+                                              self.num_logprobs(request), constraint)
         except ValueError as exc:
             raise BadRequestError(str(exc), param=str(exc).split()[0]) from exc
 

@@ -26,11 +26,8 @@ from typing import Any
 from engine.request import RequestRejected
 from engine.stats import GrammarStats
 from engine.structured.matcher import GrammarMatcher
-from engine.structured.params import StructuredOutputs
+from engine.structured.params import JSON_OPTIONS, StructuredOutputs
 
-# One JSON layout, json.dumps's: a weak model allowed free whitespace can emit newlines forever
-# inside a valid document; with fixed separators every token moves the document forward.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_CACHED_GRAMMARS = 256  # distinct constraints kept compiled (LRU)
 MAX_ERROR_CHARS = 400  # a compile error quoted in a 400 at most
 

@@ -10,6 +10,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# One JSON layout, json.dumps's: a weak model allowed free whitespace can emit newlines forever
+# inside a valid document; with fixed separators every token moves the document forward. (A JSON
+# schema embedded in a grammar takes them as its "x-guidance" key.)
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
