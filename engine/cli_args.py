@@ -48,6 +48,13 @@ def _describe(value: Any, none_means: str) -> str:
     return none_means if value is None else str(value)
 
 
+def add_config_argument(p: argparse.ArgumentParser) -> None:
+    """--config FILE (read by the `xyserve` entry point before parsing; listed for --help)."""
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML file of this command's options (`max-num-seqs: 8`, ...); options "
+                        "on the command line override it")
+
+
 def add_scheduler_arguments(p: argparse.ArgumentParser,
                             kv_budget: bool = True) -> argparse._ArgumentGroup:
     """Scheduler and KV-cache options in an "engine" group, returned for command-specific

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from engine.config import EngineConfig
 from engine.output_processor import OutputProcessor, StepResult
@@ -34,9 +34,7 @@ from engine.outputs import EngineInfo, ModelOutput, RequestOutput, SchedulerOutp
 from engine.request import FinishReason, Request, RequestRejected, SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import IterationStats, SchedulerStats
-
-if TYPE_CHECKING:
-    from engine.structured.compiler import GrammarCompiler
+from engine.structured.compiler import GrammarCompiler  # pure; llguidance loads on first use
 
 logger = logging.getLogger("xyserve")
 
@@ -78,7 +76,10 @@ class EngineCore:
         self.sim_now_s = 0.0  # the simulated NPU clock, in seconds since the engine started
         self.num_steps = 0  # non-empty steps run
         self.last_stats: IterationStats | None = None  # the latest step's, for stat loggers
-        self._grammars: GrammarCompiler | None = None  # made with the first structured request
+        self._grammars: GrammarCompiler | None = None  # structured outputs' (with a tokenizer)
+        if info.tokenizer is not None:
+            self._grammars = GrammarCompiler(info.tokenizer, info.arch.vocab_size,
+                                             info.arch.eos_token_ids)
 
     @classmethod
     def load(cls, config: EngineConfig, loaded: Any = None) -> EngineCore:
@@ -129,21 +130,19 @@ class EngineCore:
             arrival_sim_s = self.sim_now_s
         elif idle:
             self.sim_now_s = max(self.sim_now_s, arrival_sim_s)
+        max_tokens = self.info.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
         self.output_processor.add_request(request_id, prompt_token_ids, params, arrival_s,
-                                          arrival_sim_s)
+                                          arrival_sim_s, max_tokens)
 
     def grammar_compiler(self) -> GrammarCompiler:
-        """The compiler of structured outputs for this engine's tokenizer (made on first use;
-        call `.warm_up()` on it to build its tokenizer tables in the background). Raises
+        """The compiler of structured outputs for this engine's tokenizer (thread-safe; call
+        `.warm_up()` on it to build its tokenizer tables in the background). Raises
         RequestRejected for an engine without a tokenizer."""
         if self._grammars is None:
-            if self.info.tokenizer is None:
-                raise RequestRejected("structured outputs need a tokenizer; this engine has "
-                                      "none", param="structured_outputs")
-            from engine.structured.compiler import GrammarCompiler
-
-            self._grammars = GrammarCompiler(self.info.tokenizer, self.info.arch.vocab_size,
-                                             self.info.arch.eos_token_ids)
+            raise RequestRejected("structured outputs need a tokenizer; this engine has none",
+                                  param="structured_outputs")
         return self._grammars
 
     def abort_requests(self, request_ids: list[str]) -> None:

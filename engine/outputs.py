@@ -167,3 +167,4 @@ class EngineInfo:
     block_size: int  # tokens per KV block
     dtype: str  # CPU compute dtype ("float32", "bfloat16"), "none" when nothing is computed
     chip: str  # the simulated NPU's name
+    kv_cache_dtype: str = "none"  # the KV cache tensors' dtype on the CPU; "none": no tensors

@@ -164,9 +164,10 @@ class SamplingParams:
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
 
     def for_choice(self, index: int) -> SamplingParams:
-        """The params of choice `index` of n, each its own request: n=1 and, when seeded, seed +
-        index, so the choices differ while a seeded call still repeats exactly."""
-        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
+        """The params of choice `index` of n, each its own request: when seeded, seed + index,
+        so the choices differ while a seeded call still repeats exactly. `n` stays (the engine
+        serves each choice as one sequence; n tells the stats how many its call asked for)."""
+        return replace(self, seed=None if self.seed is None else self.seed + index)
 
     @property
     def greedy(self) -> bool:

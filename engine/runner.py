@@ -45,6 +45,7 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
                        ) -> tuple[ModelRunner, EngineInfo]:
     """The compute runner of `config` (loading `config.model` unless `loaded` is given) and what
     the engine serves with it. Raises ModelLoadError / ValueError for a model it cannot run."""
+    torch.set_num_threads(config.threads or platform.usable_cores())  # before the probes
     loaded = loaded or load_model(config.model)
     platform.keep_freed_tensor_memory()
     device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype,
@@ -71,7 +72,8 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
         tokenizer=loaded.tokenizer,
         max_model_len=config.scheduler.max_model_len or loaded.arch.max_position_embeddings,
         num_kv_blocks=num_kv_blocks, block_size=block_size, dtype=dtype_name,
-        chip=device.chip.name)
+        chip=device.chip.name,
+        kv_cache_dtype=str(fast.kv_cache_dtype).removeprefix("torch."))
     return runner, info
 
 

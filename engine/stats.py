@@ -43,6 +43,9 @@ class RequestMetrics:
     num_prompt_tokens: int  # prompt length
     num_output_tokens: int  # tokens generated
     queue_sim_s: float = 0.0  # simulated: arrival -> the start of its first step
+    prefill_s: float = 0.0  # wall: first scheduled -> first token (vLLM's prefill time)
+    decode_s: float = 0.0  # wall: first token -> last token
+    inference_s: float = 0.0  # wall: first scheduled -> last token
 
     @property
     def tpot_s(self) -> float:
@@ -60,6 +63,9 @@ class FinishedRequestStats:
 
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metrics: RequestMetrics  # its latencies
+    max_tokens: int = 0  # the most tokens it was allowed (max_tokens, or what max_model_len
+    #   left after its prompt)
+    n: int = 1  # choices its API call asked for (it is one of them)
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,9 @@ class GrammarCompiler:
     """Compiles StructuredOutputs for one tokenizer; caches; counts compile time and hits.
 
     The llguidance tokenizer takes ~1 s to build: `warm_up()` starts that on a thread of its own
-    (the server calls it at start), else the first compile builds it. Not thread-safe beyond
-    that: one engine thread compiles.
+    (the server calls it at start), else the first compile builds it. Thread-safe: the server
+    compiles a request's constraint on a worker thread before queueing it (so a slow schema
+    never stalls the engine loop), and the engine thread then finds it cached.
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
@@ -61,6 +62,7 @@ class GrammarCompiler:
         self._ll_tokenizer: Any = None
         self._ready = threading.Event()
         self._building = threading.Lock()
+        self._lock = threading.Lock()  # guards the cache and the stats
         self._cache: OrderedDict[tuple[str, str], CompiledGrammar] = OrderedDict()
         self._compile_s: list[float] = []  # compile times since the last take_stats()
         self._num_hits = 0  # cache hits since the last take_stats()
@@ -75,11 +77,12 @@ class GrammarCompiler:
         """The compiled grammar of `constraint` (cached). Raises RequestRejected naming
         `constraint.param` when it cannot be compiled."""
         key = (constraint.kind, constraint.spec)
-        compiled = self._cache.get(key)
-        if compiled is not None:
-            self._cache.move_to_end(key)
-            self._num_hits += 1
-            return compiled
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                self._num_hits += 1
+                return compiled
         from llguidance import LLMatcher
 
         tokenizer = self._tokenizer_now()
@@ -90,18 +93,21 @@ class GrammarCompiler:
             raise _rejected(constraint, str(exc)) from None
         if matcher.is_error():
             raise _rejected(constraint, matcher.get_error())
-        self._compile_s.append(time.perf_counter() - start_s)
-        compiled = self._cache[key] = CompiledGrammar(key, matcher)
-        if len(self._cache) > MAX_CACHED_GRAMMARS:
-            self._cache.popitem(last=False)
+        compiled = CompiledGrammar(key, matcher)
+        with self._lock:
+            self._compile_s.append(time.perf_counter() - start_s)
+            self._cache[key] = compiled
+            if len(self._cache) > MAX_CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
         return compiled
 
     def take_stats(self) -> GrammarStats | None:
         """Compiles and cache hits since the last call (None when there were none)."""
-        if not self._compile_s and not self._num_hits:
-            return None
-        stats = GrammarStats(tuple(self._compile_s), self._num_hits)
-        self._compile_s, self._num_hits = [], 0
+        with self._lock:
+            if not self._compile_s and not self._num_hits:
+                return None
+            stats = GrammarStats(tuple(self._compile_s), self._num_hits)
+            self._compile_s, self._num_hits = [], 0
         return stats
 
     def _tokenizer_now(self) -> Any:
