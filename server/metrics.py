@@ -9,8 +9,17 @@ label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on i
                 request_success_total{finished_reason}, npu_hbm_bytes_total,
                 npu_kernel_seconds_total{primitive} (simulated seconds; DESIGN's
                 `npu_kernel_seconds`, with the `_total` every Prometheus counter carries)
+                prefix_cache_queries_total, prefix_cache_hits_total (tokens; hit rate =
+                rate(hits) / rate(queries)), structured_output_cache_queries_total,
+                structured_output_cache_hits_total (grammars found compiled)
+    info        cache_config_info{block_size, num_gpu_blocks, cache_dtype,
+                enable_prefix_caching} = 1 (vLLM's label names; "gpu" blocks are the KV pool's)
     histograms  wall clock: time_to_first_token_seconds, inter_token_latency_seconds,
-                e2e_request_latency_seconds, request_queue_time_seconds;
+                e2e_request_latency_seconds, request_queue_time_seconds,
+                request_prefill_time_seconds, request_decode_time_seconds,
+                request_inference_time_seconds, structured_output_compile_seconds;
+                per finished request: request_prompt_tokens, request_generation_tokens,
+                request_params_max_tokens (1-2-5 buckets up to max_model_len), request_params_n;
                 simulated NPU clock: npu_time_to_first_token_seconds,
                 npu_inter_token_latency_seconds, npu_e2e_request_latency_seconds, npu_step_seconds;
                 per step: iteration_tokens_total, npu_cube_utilization, npu_vector_utilization
@@ -18,6 +27,12 @@ label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on i
                 spec_decode_num_drafts_total, spec_decode_num_draft_tokens_total,
                 spec_decode_num_accepted_tokens_total,
                 spec_decode_num_accepted_tokens_per_pos_total{position="0".."k-1"}
+
+HTTP, without prefix or model label (as vLLM's, from prometheus-fastapi-instrumentator):
+http_requests_total{handler, method, status} (handler: the route's path template; every status,
+400 / 413 / 429 / 503 included) and http_request_duration_seconds{handler, method}; /metrics
+itself is left out. The standard process_* series (prometheus_client's ProcessCollector: CPU
+seconds, resident and virtual memory, open file descriptors, start time), unprefixed.
 
 The engine hands its plain per-step stats to `ServerMetrics.record` (a stat logger of the
 AsyncEngine, called on the engine thread after every step; prometheus_client is thread-safe);
@@ -36,7 +51,7 @@ whichever step happened to precede the scrape.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -44,13 +59,20 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.exposition import generate_latest
 
 from engine.config import SpeculativeConfig
 from engine.request import FinishReason
-from engine.stats import NPU_PRIMITIVES, IterationStats, SchedulerStats, SpecDecodingStats
+from engine.stats import (
+    NPU_PRIMITIVES,
+    FinishedRequestStats,
+    IterationStats,
+    SchedulerStats,
+    SpecDecodingStats,
+)
 
 PREFIX = "xyserve:"
 
@@ -67,11 +89,29 @@ ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 # units ~0.04% busy and the cube units ~1%), then tenths.
 UTILIZATION_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
                        0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Choices per call (vLLM's request_params_n buckets).
+N_BUCKETS = (1, 2, 5, 10, 20)
+# Grammar compile times: llguidance compiles a schema in ~1 ms, a large one in tens.
+COMPILE_BUCKETS_S = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+                     0.5, 1.0, 2.0, 5.0)
+HTTP_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
 
 # No `*_created` series beside every counter and histogram (vLLM drops them too): they double the
 # output and no dashboard reads them. (A process-wide switch; this is the only module using the
 # library.)
 disable_created_metrics()
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's build_1_2_5_buckets)."""
+    out: list[int] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class ServerMetrics:
@@ -87,7 +127,10 @@ class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats],
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None, max_model_len: int = 8192,
+                 cache_config: Mapping[str, str] | None = None) -> None:
+        """max_model_len: the top of the token-count histograms' buckets; cache_config: the
+        labels of cache_config_info (None: not exported)."""
         self.registry = r = CollectorRegistry()
         self._read_stats = read_stats
         m = (model_name,)  # the label values every child gets
@@ -159,13 +202,43 @@ class ServerMetrics:
                          "Simulated NPU seconds spent in kernels, by meta primitive.",
                          (*labels, "primitive"), registry=r)
         self._npu_kernel = _Children(kernel, m, NPU_PRIMITIVES)
+        self._prefix_queries = counter("prefix_cache_queries",
+                                       "Prompt tokens looked up in the prefix cache.")
+        self._prefix_hits = counter("prefix_cache_hits",
+                                    "Prompt tokens found in the prefix cache (not recomputed).")
+        self._prefix_seen = (0, 0)  # the scheduler's cumulative (queries, hits) recorded so far
+        self._requests = _RequestHistograms(histogram, max_model_len)
+        self._grammar_compile = histogram("structured_output_compile_seconds",
+                                          "Wall seconds to compile a structured output's grammar "
+                                          "(cache misses).", COMPILE_BUCKETS_S)
+        self._grammar_queries = counter("structured_output_cache_queries",
+                                        "Structured outputs looked up in the grammar cache.")
+        self._grammar_hits = counter("structured_output_cache_hits",
+                                     "Structured outputs whose grammar was compiled already.")
+        if cache_config is not None:
+            info = Gauge(PREFIX + "cache_config_info", "The KV cache's configuration.",
+                         (*labels, *cache_config), registry=r)
+            info.labels(*m, *cache_config.values()).set(1)
+        self._http_requests = Counter("http_requests_total", "HTTP requests by handler and "
+                                      "status.", ("handler", "method", "status"), registry=r)
+        self._http_seconds = Histogram("http_request_duration_seconds", "Wall seconds from an "
+                                       "HTTP request to the end of its response.",
+                                       ("handler", "method"), buckets=LATENCY_BUCKETS_S,
+                                       registry=r)
+        ProcessCollector(registry=r)  # process_* (CPU, memory, file descriptors), as vLLM's
         self._spec = (_SpecDecodingCounters(counter, r, m,
                                             speculative_config.num_speculative_tokens)
                       if speculative_config is not None and speculative_config.enabled else None)
 
     def record(self, scheduler_stats: SchedulerStats, stats: IterationStats) -> None:
         """Record one engine step: the AsyncEngine's stat logger (runs on the engine thread)."""
-        del scheduler_stats  # the gauges are read when scraped (`render`), fresher than this
+        # (gauges are read when scraped, `render`, fresher than these stats)
+        queries, hits = scheduler_stats.prefix_cache_queries, scheduler_stats.prefix_cache_hits
+        seen_queries, seen_hits = self._prefix_seen
+        if queries > seen_queries or hits > seen_hits:
+            self._prefix_queries.inc(queries - seen_queries)
+            self._prefix_hits.inc(hits - seen_hits)
+            self._prefix_seen = (queries, hits)
         self._prompt_tokens.inc(stats.num_prompt_tokens)
         self._generation_tokens.inc(stats.num_generation_tokens)
         self._preemptions.inc(stats.num_preempted_reqs)
@@ -184,6 +257,12 @@ class ServerMetrics:
             self._e2e.observe(finished.metrics.e2e_s)
             self._queue.observe(finished.metrics.queue_s)
             self._npu_e2e.observe(finished.metrics.e2e_sim_s)
+            self._requests.record(finished)
+        if stats.grammar is not None:
+            self._grammar_queries.inc(stats.grammar.num_queries)
+            self._grammar_hits.inc(stats.grammar.num_cache_hits)
+            for seconds in stats.grammar.compile_s:
+                self._grammar_compile.observe(seconds)
         trace = stats.trace
         if trace is not None:  # the step ran on the simulated NPU
             self._npu_step.observe(trace.sim_s)
@@ -196,6 +275,20 @@ class ServerMetrics:
         if stats.spec is not None and self._spec is not None:  # verify chunks ran this step
             self._spec.record(stats.spec)
 
+    def declare_http_handlers(self, handlers: Iterable[tuple[str, str]]) -> None:
+        """Start http_request_duration_seconds at zero for these (handler, method) pairs, so that
+        Prometheus sees a route's first requests as an increase (a series born with counts in it
+        shows no rate until it changes again)."""
+        for handler, method in handlers:
+            if method in HTTP_METHODS:
+                self._http_seconds.labels(handler, method)
+
+    def record_http(self, handler: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request answered (any thread; the event loop's middleware calls it)."""
+        method = method if method in HTTP_METHODS else "other"  # bounded label values
+        self._http_requests.labels(handler, method, str(status)).inc()
+        self._http_seconds.labels(handler, method).observe(seconds)
+
     def render(self) -> bytes:
         """The Prometheus text exposition, with the gauges refreshed from the engine now."""
         stats = self._read_stats()
@@ -203,6 +296,42 @@ class ServerMetrics:
         self._waiting.set(stats.num_waiting_reqs)
         self._kv_usage.set(stats.kv_cache_usage)
         return generate_latest(self.registry)
+
+
+class _RequestHistograms:
+    """vLLM's per-request histograms, one observation per finished request."""
+
+    def __init__(self, histogram: Callable[[str, str, tuple[float, ...]], Histogram],
+                 max_model_len: int) -> None:
+        tokens = buckets_1_2_5(max_model_len)
+        self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.",
+                                       tokens)
+        self.generation_tokens = histogram("request_generation_tokens",
+                                           "Tokens generated per request.", tokens)
+        self.max_tokens = histogram("request_params_max_tokens",
+                                    "max_tokens per request (resolved against max_model_len).",
+                                    tokens)
+        self.n = histogram("request_params_n", "Choices per API call (n), per request.",
+                           N_BUCKETS)
+        self.prefill = histogram("request_prefill_time_seconds",
+                                 "Wall seconds from a request's first step to its first token.",
+                                 LATENCY_BUCKETS_S)
+        self.decode = histogram("request_decode_time_seconds",
+                                "Wall seconds from a request's first token to its last.",
+                                LATENCY_BUCKETS_S)
+        self.inference = histogram("request_inference_time_seconds",
+                                   "Wall seconds from a request's first step to its last token.",
+                                   LATENCY_BUCKETS_S)
+
+    def record(self, finished: FinishedRequestStats) -> None:
+        m = finished.metrics
+        self.prompt_tokens.observe(m.num_prompt_tokens)
+        self.generation_tokens.observe(m.num_output_tokens)
+        self.max_tokens.observe(finished.max_tokens)
+        self.n.observe(finished.n)
+        self.prefill.observe(m.prefill_s)
+        self.decode.observe(m.decode_s)
+        self.inference.observe(m.inference_s)
 
 
 class _SpecDecodingCounters:

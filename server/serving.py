@@ -27,11 +27,12 @@ from starlette.background import BackgroundTask
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
-from engine.request import SamplingParams
+from engine.request import RequestRejected, SamplingParams
 from engine.structured import StructuredOutputs
 from server import sse
 from server.errors import BadRequestError, ClientDisconnectedError
 from server.generation import Choice, GenerationGroup
+from server.observe import response_id
 from server.prompts import PromptInput
 from server.protocol import GenerationRequest
 from server.protocol_responses import UsageInfo
@@ -117,10 +118,14 @@ class OpenAIServing:
         sampling_params = self.sampling_params(request)
         # Tokenizing a long prompt takes a while (~1 s a MB) and releases the GIL: off the loop.
         prompts = await asyncio.to_thread(self.prompts, request)
+        # So is compiling a structured output's grammar (cached; the engine then finds it).
+        await self._compile(sampling_params)
         params = [sampling_params] * len(prompts)
-        request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        request_id = response_id(self.id_prefix)  # built on X-Request-Id, as vLLM's
         ctx = ResponseContext(request_id, int(time.time()), self.model.name, request)
-        group = GenerationGroup(self.engine, request_id, prompts, params)
+        # Engine ids stay unique when a client repeats an X-Request-Id.
+        group = GenerationGroup(self.engine, f"{request_id}-{uuid.uuid4().hex[:8]}", prompts,
+                                params)
         # The first output of every choice is awaited here, so an engine-side rejection is
         # still an HTTP error status, not an error event inside a 200 stream.
         await _until_disconnected(raw_request, group.start())
@@ -144,6 +149,12 @@ class OpenAIServing:
                                               self.num_logprobs(request), constraint)
         except ValueError as exc:
             raise BadRequestError(str(exc), param=str(exc).split()[0]) from exc
+
+    async def _compile(self, params: SamplingParams) -> None:
+        try:
+            await self.engine.compile_grammar(params)
+        except RequestRejected as exc:
+            raise BadRequestError(str(exc), param=exc.param, code=exc.code) from exc
 
     async def _chunks(self, ctx: ResponseContext,
                       group: GenerationGroup) -> AsyncIterator[BaseModel]:
