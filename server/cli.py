@@ -116,8 +116,9 @@ def add_bench_parser(subparsers: Any) -> None:
     from benchmarks.load.args import add_bench_arguments  # no heavy imports
 
     p = subparsers.add_parser("bench", help="benchmark a running OpenAI-compatible server",
-                              description="Load-test /v1/completions of a running server "
-                                          "(xyserve, vLLM, transformers serve, ...) and report "
+                              description="Load-test /v1/completions or /v1/chat/completions "
+                                          "of a running server (xyserve, vLLM, transformers "
+                                          "serve, ...) and report "
                                           "throughput, latency percentiles and goodput.")
     add_bench_arguments(p)
     p.set_defaults(func=run_bench)
