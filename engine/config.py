@@ -129,6 +129,8 @@ class EngineConfig:
     npu_stack: str = NPU_STACKS[0]  # whose host and runtime overhead each step pays
     #   (npu_sim.host: per step, per launch, per request)
     npu_trace_dir: str | None = None  # write Perfetto timelines of the first steps here
+    npu_trace_steps: int = 16  # steps --npu-trace records (one timeline.json across them, and
+    #   a step-NNNN.json each)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -144,6 +146,8 @@ class EngineConfig:
                  "must be at least 1")
         _require(self.npu_dtype in ("bf16", "fp16"), "npu_dtype", self.npu_dtype,
                  "must be bf16 or fp16")
+        _require(self.npu_trace_steps >= 1, "npu_trace_steps", self.npu_trace_steps,
+                 "must be at least 1")
         _require(self.npu_stack in NPU_STACKS, "npu_stack", self.npu_stack,
                  f"must be one of {', '.join(NPU_STACKS)}")
 

@@ -38,7 +38,6 @@ from engine.structured.compiler import GrammarCompiler  # pure; llguidance loads
 
 logger = logging.getLogger("xyserve")
 
-NUM_NPU_TRACE_STEPS = 16  # --npu-trace writes the timelines of the first this many steps
 
 
 class Runner(Protocol):
@@ -76,6 +75,7 @@ class EngineCore:
         self.sim_now_s = 0.0  # the simulated NPU clock, in seconds since the engine started
         self.num_steps = 0  # non-empty steps run
         self.last_stats: IterationStats | None = None  # the latest step's, for stat loggers
+        self._npu_timeline: Any = None  # --npu-trace's timeline.json (npu_sim.trace)
         self._grammars: GrammarCompiler | None = None  # structured outputs' (with a tokenizer)
         if info.tokenizer is not None:
             self._grammars = GrammarCompiler(info.tokenizer, info.arch.vocab_size,
@@ -189,7 +189,7 @@ class EngineCore:
         step_sim_s = trace.sim_s if trace is not None else 0.0
         self.sim_now_s += step_sim_s
         self.num_steps += 1
-        self._write_npu_trace(trace)
+        self._write_npu_trace(trace, self.sim_now_s - step_sim_s)
         updates = self.scheduler.update_from_output(scheduler_output, model_output)
         result = self.output_processor.process(scheduler_output, model_output, updates, start_s,
                                                time.monotonic(), self.sim_now_s, step_sim_s)
@@ -205,14 +205,24 @@ class EngineCore:
         grammar = self._grammars.take_stats() if self._grammars is not None else None
         return stats if grammar is None else replace(stats, grammar=grammar)
 
-    def _write_npu_trace(self, trace: Any) -> None:
+    def _write_npu_trace(self, trace: Any, start_sim_s: float) -> None:
+        """--npu-trace: the step's own timeline file, and the step appended to timeline.json
+        (all traced steps on the simulated clock, each at its start)."""
         trace_dir = self.config.npu_trace_dir
-        if trace is None or trace_dir is None or self.num_steps > NUM_NPU_TRACE_STEPS:
+        last = self.config.npu_trace_steps
+        if trace is None or trace_dir is None or self.num_steps > last:
             return
-        from npu_sim.trace import write_perfetto
+        from npu_sim.trace import StepsTimeline, write_perfetto
 
+        if self._npu_timeline is None:
+            self._npu_timeline = StepsTimeline(Path(trace_dir) / "timeline.json")
+            logger.info("NPU timelines of the first %d steps go to %s (timeline.json: all of "
+                        "them on the simulated clock)", last, trace_dir)
         path = write_perfetto(trace, Path(trace_dir) / f"step-{self.num_steps:04d}.json")
-        logger.info("NPU timeline of step %d written to %s", self.num_steps, path)
+        self._npu_timeline.add(trace, start_sim_s, f"step {self.num_steps}")
+        if self.num_steps == last:
+            self._npu_timeline.close()
+        logger.debug("NPU timeline of step %d written to %s", self.num_steps, path)
 
 
 def _check_token_ids(vocab_size: int, **fields: Iterable[int]) -> None:
