@@ -25,6 +25,7 @@ from tests.server.harness import (
     TINY_NAME,
     ServerProcess,
     assert_error,
+    metric_value,
     run_server,
 )
 
@@ -79,7 +80,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_llama_dir: pathlib.
                              timeout=TIMEOUT_S)
         assert assert_error(refused, 503)["code"] == "shutting_down"
         assert_error(httpx.get(f"{server.url}/health", timeout=TIMEOUT_S), 503)
-        assert httpx.get(f"{server.url}/metrics", timeout=TIMEOUT_S).status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT_S)
+        assert metrics.status_code == 200
+        # The 503s are on /metrics by route and status.
+        for handler in ("/v1/completions", "/health"):
+            assert metric_value(metrics.text, "http_requests_total", handler=handler,
+                                status="503") == 1, handler
         # Every accepted request completes in full.
         for future in futures:
             finish, _ = future.result(timeout=TIMEOUT_S)
