@@ -110,7 +110,7 @@ class EngineCore:
             disaggregation); the request waits for them to land (finish_kv_transfer) once
             admitted. Must leave at least one token to compute here.
         """
-        if not 0 <= num_external_tokens < len(prompt_token_ids):
+        if not 0 <= num_external_tokens < max(len(prompt_token_ids), 1):  # (empty: below)
             raise ValueError(f"num_external_tokens must be in [0, {len(prompt_token_ids)}), got "
                              f"{num_external_tokens}")
         arch = self.info.arch
