@@ -27,6 +27,9 @@ def expand_config(subparsers: argparse._SubParsersAction, argv: list[str]) -> li
     if not argv or argv[0] not in subparsers.choices:
         return argv
     command, rest = argv[0], argv[1:]
+    parser = subparsers.choices[command]
+    if not any(CONFIG_FLAG in action.option_strings for action in parser._actions):
+        return argv  # a command without --config (argparse names the stray option)
     path, rest = _take_config(rest)
     if path is None:
         return argv
@@ -39,7 +42,6 @@ def expand_config(subparsers: argparse._SubParsersAction, argv: list[str]) -> li
         values = {}
     if not isinstance(values, dict):
         raise ConfigFileError(f"{CONFIG_FLAG} {path}: expected a mapping of option: value")
-    parser = subparsers.choices[command]
     flags: list[str] = []
     for key, value in values.items():
         flags.extend(_as_flags(parser, path, str(key), value))

@@ -90,3 +90,14 @@ def test_threads_default_to_the_usable_cores_and_are_validated() -> None:
         EngineConfig(threads=0)
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert f"the {len(os.sched_getaffinity(0))} cores this process may use" in help_text
+
+
+def test_commands_without_config_reject_it(tmp_path: pathlib.Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bench.yaml"
+    config.write_text("num-prompts: 3\n")
+    argv = ["bench", "--model", "m", "--config", str(config)]
+    assert _expand(argv) == argv  # left for argparse, which refuses it
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "unrecognized arguments: --config" in capsys.readouterr().err
