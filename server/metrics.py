@@ -1,4 +1,5 @@
-"""Prometheus metrics: the only module that imports prometheus_client.
+"""Prometheus metrics: the only module that imports prometheus_client (server.metric_groups
+builds groups of series from the factories it passes in).
 
 One registry per server; every name has the `xyserve:` prefix and every series the `model_name`
 label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on its clock:
@@ -66,13 +67,8 @@ from prometheus_client.exposition import generate_latest
 
 from engine.config import SpeculativeConfig
 from engine.request import FinishReason
-from engine.stats import (
-    NPU_PRIMITIVES,
-    FinishedRequestStats,
-    IterationStats,
-    SchedulerStats,
-    SpecDecodingStats,
-)
+from engine.stats import NPU_PRIMITIVES, IterationStats, SchedulerStats
+from server.metric_groups import Children, RequestHistograms, SpecDecodingCounters
 
 PREFIX = "xyserve:"
 
@@ -159,7 +155,7 @@ class ServerMetrics:
         success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
                           (*labels, "finished_reason"), registry=r)
         # Every known label value is exported (at 0) from the start, as vLLM does.
-        self._success = _Children(success, m, (reason.value for reason in FinishReason))
+        self._success = Children(success, m, (reason.value for reason in FinishReason))
 
         self._ttft = histogram("time_to_first_token_seconds",
                                "Wall seconds from arrival to the first token.", LATENCY_BUCKETS_S)
@@ -201,13 +197,14 @@ class ServerMetrics:
         kernel = Counter(PREFIX + "npu_kernel_seconds",
                          "Simulated NPU seconds spent in kernels, by meta primitive.",
                          (*labels, "primitive"), registry=r)
-        self._npu_kernel = _Children(kernel, m, NPU_PRIMITIVES)
+        self._npu_kernel = Children(kernel, m, NPU_PRIMITIVES)
         self._prefix_queries = counter("prefix_cache_queries",
                                        "Prompt tokens looked up in the prefix cache.")
         self._prefix_hits = counter("prefix_cache_hits",
                                     "Prompt tokens found in the prefix cache (not recomputed).")
         self._prefix_seen = (0, 0)  # the scheduler's cumulative (queries, hits) recorded so far
-        self._requests = _RequestHistograms(histogram, max_model_len)
+        self._requests = RequestHistograms(histogram, buckets_1_2_5(max_model_len), N_BUCKETS,
+                                           LATENCY_BUCKETS_S)
         self._grammar_compile = histogram("structured_output_compile_seconds",
                                           "Wall seconds to compile a structured output's grammar "
                                           "(cache misses).", COMPILE_BUCKETS_S)
@@ -226,8 +223,12 @@ class ServerMetrics:
                                        ("handler", "method"), buckets=LATENCY_BUCKETS_S,
                                        registry=r)
         ProcessCollector(registry=r)  # process_* (CPU, memory, file descriptors), as vLLM's
-        self._spec = (_SpecDecodingCounters(counter, r, m,
-                                            speculative_config.num_speculative_tokens)
+        def by_position(name: str, doc: str) -> Children:
+            parent = Counter(PREFIX + name, doc, (*labels, "position"), registry=r)
+            return Children(parent, m, (str(i) for i in range(spec_tokens)))
+
+        spec_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
+        self._spec = (SpecDecodingCounters(counter, by_position)
                       if speculative_config is not None and speculative_config.enabled else None)
 
     def record(self, scheduler_stats: SchedulerStats, stats: IterationStats) -> None:
@@ -296,79 +297,3 @@ class ServerMetrics:
         self._waiting.set(stats.num_waiting_reqs)
         self._kv_usage.set(stats.kv_cache_usage)
         return generate_latest(self.registry)
-
-
-class _RequestHistograms:
-    """vLLM's per-request histograms, one observation per finished request."""
-
-    def __init__(self, histogram: Callable[[str, str, tuple[float, ...]], Histogram],
-                 max_model_len: int) -> None:
-        tokens = buckets_1_2_5(max_model_len)
-        self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.",
-                                       tokens)
-        self.generation_tokens = histogram("request_generation_tokens",
-                                           "Tokens generated per request.", tokens)
-        self.max_tokens = histogram("request_params_max_tokens",
-                                    "max_tokens per request (resolved against max_model_len).",
-                                    tokens)
-        self.n = histogram("request_params_n", "Choices per API call (n), per request.",
-                           N_BUCKETS)
-        self.prefill = histogram("request_prefill_time_seconds",
-                                 "Wall seconds from a request's first step to its first token.",
-                                 LATENCY_BUCKETS_S)
-        self.decode = histogram("request_decode_time_seconds",
-                                "Wall seconds from a request's first token to its last.",
-                                LATENCY_BUCKETS_S)
-        self.inference = histogram("request_inference_time_seconds",
-                                   "Wall seconds from a request's first step to its last token.",
-                                   LATENCY_BUCKETS_S)
-
-    def record(self, finished: FinishedRequestStats) -> None:
-        m = finished.metrics
-        self.prompt_tokens.observe(m.num_prompt_tokens)
-        self.generation_tokens.observe(m.num_output_tokens)
-        self.max_tokens.observe(finished.max_tokens)
-        self.n.observe(finished.n)
-        self.prefill.observe(m.prefill_s)
-        self.decode.observe(m.decode_s)
-        self.inference.observe(m.inference_s)
-
-
-class _SpecDecodingCounters:
-    """vLLM's spec_decode_* counters, fed by each step's SpecDecodingStats."""
-
-    def __init__(self, counter: Callable[[str, str], Counter], registry: CollectorRegistry,
-                 model: tuple[str, ...], num_speculative_tokens: int) -> None:
-        """counter(name, doc): the server's factory of model_name-labelled counter children."""
-        self.num_drafts = counter("spec_decode_num_drafts",
-                                  "Draft chunks verified (one per request and step with drafts).")
-        self.num_draft_tokens = counter("spec_decode_num_draft_tokens",
-                                        "Draft tokens (tree nodes) verified.")
-        self.num_accepted_tokens = counter("spec_decode_num_accepted_tokens",
-                                           "Draft tokens accepted (the bonus token not counted).")
-        per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
-                          "Drafts whose accepted path reached depth position + 1.",
-                          ("model_name", "position"), registry=registry)
-        self.per_pos = _Children(per_pos, model, (str(i) for i in range(num_speculative_tokens)))
-
-    def record(self, spec: SpecDecodingStats) -> None:
-        self.num_drafts.inc(spec.num_drafts)
-        self.num_draft_tokens.inc(spec.num_draft_tokens)
-        self.num_accepted_tokens.inc(spec.num_accepted_tokens)
-        for position, num_drafts in enumerate(spec.num_accepted_tokens_per_pos):
-            self.per_pos.get(str(position)).inc(num_drafts)
-
-
-class _Children:
-    """The children of a counter with one label beyond `model_name`, made once per value."""
-
-    def __init__(self, parent: Counter, model: tuple[str, ...], values: Iterable[str]) -> None:
-        self._parent = parent
-        self._model = model
-        self._children = {v: parent.labels(*model, v) for v in values}
-
-    def get(self, value: str) -> Counter:
-        child = self._children.get(value)
-        if child is None:  # a value unknown when the server started: made on first use
-            child = self._children[value] = self._parent.labels(*self._model, value)
-        return child
