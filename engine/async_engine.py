@@ -137,6 +137,21 @@ class AsyncEngine:
         open stream gets that as its last output."""
         self._intake.put(_AbortAll())
 
+    def warm_up_grammars(self) -> None:
+        """Build the structured-output compiler's tokenizer tables in the background now
+        (~1 s), rather than when the first constrained request comes (no-op without a
+        tokenizer)."""
+        if self._core.info.tokenizer is not None:
+            self._core.grammar_compiler().warm_up()
+
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile params.structured_outputs on a worker thread (cached), so the engine loop
+        finds it compiled when the request is queued. Raises RequestRejected, naming the field,
+        when it cannot be compiled."""
+        if params.structured_outputs is not None:
+            compiler = self._core.grammar_compiler()
+            await asyncio.to_thread(compiler.compile, params.structured_outputs)
+
     @property
     def stats(self) -> SchedulerStats:
         """Scheduler stats as of the last step (plus requests not yet admitted as waiting)."""

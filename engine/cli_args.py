@@ -50,6 +50,13 @@ def _describe(value: Any, none_means: str) -> str:
     return none_means if value is None else str(value)
 
 
+def add_config_argument(p: argparse.ArgumentParser) -> None:
+    """--config FILE (read by the `xyserve` entry point before parsing; listed for --help)."""
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML file of this command's options (`max-num-seqs: 8`, ...); options "
+                        "on the command line override it")
+
+
 def add_scheduler_arguments(p: argparse.ArgumentParser,
                             kv_budget: bool = True) -> argparse._ArgumentGroup:
     """Scheduler and KV-cache options in an "engine" group, returned for command-specific
@@ -106,7 +113,11 @@ def add_npu_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     n.add_argument("--npu-trace", default=config_default(EngineConfig, "npu_trace_dir"),
                    metavar="DIR",
                    help="write Perfetto / Chrome timelines (a track per AI core) of the first "
-                        "steps into DIR; open them in ui.perfetto.dev")
+                        "steps into DIR: timeline.json across them on the simulated clock, and "
+                        "step-NNNN.json each; open them in ui.perfetto.dev")
+    n.add_argument("--npu-trace-steps", type=int, metavar="N",
+                   default=config_default(EngineConfig, "npu_trace_steps"),
+                   help="with --npu-trace: the steps recorded (default: %(default)s)")
     return n
 
 
@@ -151,7 +162,7 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         model=args.model, seed=args.seed, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
         npu=args.npu, npu_dtype=args.npu_dtype, npu_stack=args.stack,
-        npu_trace_dir=args.npu_trace,
+        npu_trace_dir=args.npu_trace, npu_trace_steps=args.npu_trace_steps,
         policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     if hasattr(args, "kv_cache_memory_bytes"):

@@ -121,12 +121,16 @@ class EngineConfig:
     kv_cache_dtype: KvCacheDtype = "auto"  # the paged KV cache's dtype (16 bits halve its
     #   memory and traffic, fp32 accumulation either way)
     seed: int = 0  # seed of the sampler's shared RNG (requests without their own seed)
+    threads: int | None = None  # CPU threads of the engine's kernels (torch's and the native
+    #   ones' OpenMP team); None = the cores this process may use (its CPU affinity)
     strict_kernels: bool = False  # run every kernel task by task (reference path); slow
     npu: str = DEFAULT_NPU  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file
     npu_dtype: NpuDtype = "bf16"  # operand dtype the cost model assumes on the NPU
     npu_stack: str = NPU_STACKS[0]  # whose host and runtime overhead each step pays
     #   (npu_sim.host: per step, per launch, per request)
     npu_trace_dir: str | None = None  # write Perfetto timelines of the first steps here
+    npu_trace_steps: int = 16  # steps --npu-trace records (one timeline.json across them, and
+    #   a step-NNNN.json each)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -138,8 +142,12 @@ class EngineConfig:
                  f"must be one of {', '.join(WEIGHT_FORMATS)}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
                  f"must be one of {', '.join(KV_CACHE_DTYPES)}")
+        _require(self.threads is None or self.threads >= 1, "threads", self.threads,
+                 "must be at least 1")
         _require(self.npu_dtype in ("bf16", "fp16"), "npu_dtype", self.npu_dtype,
                  "must be bf16 or fp16")
+        _require(self.npu_trace_steps >= 1, "npu_trace_steps", self.npu_trace_steps,
+                 "must be at least 1")
         _require(self.npu_stack in NPU_STACKS, "npu_stack", self.npu_stack,
                  f"must be one of {', '.join(NPU_STACKS)}")
 

@@ -34,10 +34,10 @@ from engine.outputs import EngineInfo, ModelOutput, RequestOutput, SchedulerOutp
 from engine.request import FinishReason, Request, RequestRejected, SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import IterationStats, SchedulerStats
+from engine.structured.compiler import GrammarCompiler  # pure; llguidance loads on first use
 
 logger = logging.getLogger("xyserve")
 
-NUM_NPU_TRACE_STEPS = 16  # --npu-trace writes the timelines of the first this many steps
 
 
 class Runner(Protocol):
@@ -78,6 +78,11 @@ class EngineCore:
         # requests whose blocks the latest step allocated for KV from another engine (P/D):
         # the caller moves the KV, then calls finish_kv_transfer
         self.last_kv_transfer_ids: tuple[str, ...] = ()
+        self._npu_timeline: Any = None  # --npu-trace's timeline.json (npu_sim.trace)
+        self._grammars: GrammarCompiler | None = None  # structured outputs' (with a tokenizer)
+        if info.tokenizer is not None:
+            self._grammars = GrammarCompiler(info.tokenizer, info.arch.vocab_size,
+                                             info.arch.eos_token_ids)
 
     @classmethod
     def load(cls, config: EngineConfig, loaded: Any = None) -> EngineCore:
@@ -116,6 +121,9 @@ class EngineCore:
         if params.stop and self.info.tokenizer is None:
             raise RequestRejected("stop strings need a tokenizer; this engine has none",
                                   param="stop")
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammar_compiler().compile(params.structured_outputs)
         eos = arch.eos_token_ids
         if len(eos) > 1 and not params.ignore_eos:
             # Every EOS id of the model stops generation; the first is the request's own.
@@ -124,7 +132,7 @@ class EngineCore:
         arrival_s = time.monotonic() if arrival_time is None else arrival_time
         request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                           sampling_params=params, arrival_time=arrival_s,
-                          eos_token_id=eos[0] if eos else None,
+                          eos_token_id=eos[0] if eos else None, grammar=grammar,
                           num_external_tokens=num_external_tokens)
         idle = not self.scheduler.has_unfinished_requests()
         self.scheduler.add_request(request)
@@ -134,8 +142,20 @@ class EngineCore:
             arrival_sim_s = self.sim_now_s
         elif idle:
             self.sim_now_s = max(self.sim_now_s, arrival_sim_s)
+        max_tokens = self.info.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
         self.output_processor.add_request(request_id, prompt_token_ids, params, arrival_s,
-                                          arrival_sim_s)
+                                          arrival_sim_s, max_tokens)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured outputs for this engine's tokenizer (thread-safe; call
+        `.warm_up()` on it to build its tokenizer tables in the background). Raises
+        RequestRejected for an engine without a tokenizer."""
+        if self._grammars is None:
+            raise RequestRejected("structured outputs need a tokenizer; this engine has none",
+                                  param="structured_outputs")
+        return self._grammars
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Finish these requests now (unknown or finished ids are ignored); frees their blocks."""
@@ -175,7 +195,7 @@ class EngineCore:
         self.last_kv_transfer_ids = scheduler_output.kv_transfer_ids
         if scheduler_output.is_empty:
             self.runner.execute(scheduler_output)  # it still hears of finished requests
-            self.last_stats = self.output_processor.idle_step()
+            self.last_stats = self._with_grammar_stats(self.output_processor.idle_step())
             return []
         try:
             model_output = self.runner.execute(scheduler_output)
@@ -191,7 +211,7 @@ class EngineCore:
         step_sim_s = trace.sim_s if trace is not None else 0.0
         self.sim_now_s += step_sim_s
         self.num_steps += 1
-        self._write_npu_trace(trace)
+        self._write_npu_trace(trace, self.sim_now_s - step_sim_s)
         updates = self.scheduler.update_from_output(scheduler_output, model_output)
         result = self.output_processor.process(scheduler_output, model_output, updates, start_s,
                                                time.monotonic(), self.sim_now_s, step_sim_s)
@@ -200,17 +220,31 @@ class EngineCore:
     def _finish_step(self, result: StepResult) -> list[RequestOutput]:
         if result.stopped_ids:  # a stop string matched in the text: the scheduler ends them
             self.scheduler.finish_requests(result.stopped_ids, FinishReason.STOP)
-        self.last_stats = result.stats
+        self.last_stats = self._with_grammar_stats(result.stats)
         return result.outputs
 
-    def _write_npu_trace(self, trace: Any) -> None:
-        trace_dir = self.config.npu_trace_dir
-        if trace is None or trace_dir is None or self.num_steps > NUM_NPU_TRACE_STEPS:
-            return
-        from npu_sim.trace import write_perfetto
+    def _with_grammar_stats(self, stats: IterationStats) -> IterationStats:
+        grammar = self._grammars.take_stats() if self._grammars is not None else None
+        return stats if grammar is None else replace(stats, grammar=grammar)
 
+    def _write_npu_trace(self, trace: Any, start_sim_s: float) -> None:
+        """--npu-trace: the step's own timeline file, and the step appended to timeline.json
+        (all traced steps on the simulated clock, each at its start)."""
+        trace_dir = self.config.npu_trace_dir
+        last = self.config.npu_trace_steps
+        if trace is None or trace_dir is None or self.num_steps > last:
+            return
+        from npu_sim.trace import StepsTimeline, write_perfetto
+
+        if self._npu_timeline is None:
+            self._npu_timeline = StepsTimeline(Path(trace_dir) / "timeline.json")
+            logger.info("NPU timelines of the first %d steps go to %s (timeline.json: all of "
+                        "them on the simulated clock)", last, trace_dir)
         path = write_perfetto(trace, Path(trace_dir) / f"step-{self.num_steps:04d}.json")
-        logger.info("NPU timeline of step %d written to %s", self.num_steps, path)
+        self._npu_timeline.add(trace, start_sim_s, f"step {self.num_steps}")
+        if self.num_steps == last:
+            self._npu_timeline.close()
+        logger.debug("NPU timeline of step %d written to %s", self.num_steps, path)
 
 
 def _check_token_ids(vocab_size: int, **fields: Iterable[int]) -> None:

@@ -52,21 +52,22 @@ class OutputProcessor:
         self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
-                    params: SamplingParams, arrival_s: float, arrival_sim_s: float) -> None:
-        """Start tracking a request the scheduler accepted (stop strings need a tokenizer)."""
+                    params: SamplingParams, arrival_s: float, arrival_sim_s: float,
+                    max_tokens: int = 0) -> None:
+        """Start tracking a request the scheduler accepted (stop strings need a tokenizer).
+        max_tokens: the most it may generate (params.max_tokens resolved), for the stats."""
         detokenizer = None
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         self._states[request_id] = RequestState(detokenizer, len(prompt_token_ids), arrival_s,
-                                                arrival_sim_s)
+                                                arrival_sim_s, max_tokens, params.n)
 
     def abort_requests(self, request_ids: Iterable[str], now_s: float, now_sim_s: float) -> None:
         """Forget requests finished outside a step (aborted); they count in the next stats."""
         for request_id in request_ids:
             state = self._states.pop(request_id, None)
             if state is not None:
-                self._aborted.append(FinishedRequestStats(
-                    FinishReason.ABORT.value, state.metrics(now_s, now_sim_s)))
+                self._aborted.append(state.finished(FinishReason.ABORT.value, now_s, now_sim_s))
 
     def idle_step(self) -> IterationStats:
         """The stats of a step that ran nothing (aborts since the last step only)."""
@@ -141,8 +142,9 @@ class OutputProcessor:
         metrics = None
         if finish_reason is not None:
             del self._states[request_id]
-            metrics = state.metrics(now_s, now_sim_s)
-            stats.finished.append(FinishedRequestStats(finish_reason.value, metrics))
+            finished = state.finished(finish_reason.value, now_s, now_sim_s)
+            metrics = finished.metrics
+            stats.finished.append(finished)
         elif not self.deltas:
             return None, still_running
         output = RequestOutput(

@@ -70,7 +70,7 @@ class NewRequestData:
     request_id: str  # whose
     prompt_token_ids: Sequence[int]  # the prompt (never changed once the request arrived)
     sampling_params: SamplingParams  # how its tokens are sampled
-
+    grammar: Any = None  # engine.structured CompiledGrammar its output must follow; None = free
 
 
 @dataclass(frozen=True)
@@ -167,3 +167,4 @@ class EngineInfo:
     block_size: int  # tokens per KV block
     dtype: str  # CPU compute dtype ("float32", "bfloat16"), "none" when nothing is computed
     chip: str  # the simulated NPU's name
+    kv_cache_dtype: str = "none"  # the KV cache tensors' dtype on the CPU; "none": no tensors

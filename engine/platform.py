@@ -29,6 +29,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 PROBE_ROWS = (1, 16)  # GEMM rows the probe times: a lone stream's decode and a batch's
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask; containers and taskset narrow it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class FastPath:
     """How the compute engine runs on this CPU."""

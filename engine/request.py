@@ -11,7 +11,9 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from engine.structured.params import StructuredOutputs
 
 if TYPE_CHECKING:
     from engine.spec.types import Draft
@@ -151,6 +153,8 @@ class SamplingParams:
     logprobs: int | None = None  # return the chosen token's logprob plus this many top ones
     logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to logit
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    structured_outputs: StructuredOutputs | None = None  # the output must match this (a JSON
+    #   schema, a regex, ...), enforced token by token; None = free text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -169,13 +173,13 @@ class SamplingParams:
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
 
     def for_choice(self, index: int) -> SamplingParams:
-        """The params of choice `index` of n, each its own request: n=1 and, when seeded, seed +
-        index (wrapping around within the 64-bit range), so the choices differ while a seeded
-        call still repeats exactly."""
+        """The params of choice `index` of n, each its own request: when seeded, seed + index
+        (wrapping around within the 64-bit range), so the choices differ while a seeded call
+        still repeats exactly. `n` stays (the engine serves each choice as one sequence; n tells
+        the stats how many its call asked for)."""
         if self.seed is None:
-            return replace(self, n=1)
-        seed = (self.seed + index - SEED_MIN) % 2**64 + SEED_MIN
-        return replace(self, n=1, seed=seed)
+            return self
+        return replace(self, seed=(self.seed + index - SEED_MIN) % 2**64 + SEED_MIN)
 
     @property
     def greedy(self) -> bool:
@@ -218,6 +222,8 @@ class Request:
     draft: Draft | None = None  # speculative tokens proposed for its next verify (no probs)
     spec_acceptance: float = SPEC_ACCEPTANCE_PRIOR  # moving average of the fraction of tested
     #   draft positions accepted; decides how many drafts still pay (scheduler)
+    grammar: Any = None  # engine.structured CompiledGrammar of sampling_params'
+    #   structured_outputs (compiled by EngineCore.add_request); passed on to the runner
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.stats import RequestMetrics
+from engine.stats import FinishedRequestStats, RequestMetrics
 
 
 @dataclass
@@ -20,6 +20,8 @@ class RequestState:
     num_prompt_tokens: int  # prompt length
     arrival_s: float  # wall clock when accepted
     arrival_sim_s: float  # simulated clock when accepted
+    max_tokens: int = 0  # tokens it may generate at most (for request_params_max_tokens)
+    n: int = 1  # choices of its API call (for request_params_n)
     num_output_tokens: int = 0  # tokens generated so far
     first_scheduled_s: float | None = None  # wall clock of its first step
     first_scheduled_sim_s: float | None = None  # simulated clock at the start of its first step
@@ -50,6 +52,7 @@ class RequestState:
         scheduled_s = self.first_scheduled_s if self.first_scheduled_s is not None else now_s
         scheduled_sim_s = (self.first_scheduled_sim_s if self.first_scheduled_sim_s is not None
                            else now_sim_s)
+        last_token_s = self.last_token_s if self.first_token_s is not None else now_s
         return RequestMetrics(
             queue_s=scheduled_s - self.arrival_s,
             ttft_s=first_token_s - self.arrival_s,
@@ -59,4 +62,12 @@ class RequestState:
             num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=self.num_output_tokens,
             queue_sim_s=scheduled_sim_s - self.arrival_sim_s,
+            prefill_s=max(0.0, first_token_s - scheduled_s),
+            decode_s=max(0.0, last_token_s - first_token_s),
+            inference_s=max(0.0, last_token_s - scheduled_s),
         )
+
+    def finished(self, reason: str, now_s: float, now_sim_s: float) -> FinishedRequestStats:
+        """The stats of this request finishing now."""
+        return FinishedRequestStats(reason, self.metrics(now_s, now_sim_s), self.max_tokens,
+                                    self.n)

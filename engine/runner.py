@@ -32,6 +32,8 @@ from engine.runner_state import RunnerRequest
 from engine.sampler import Sampler, SamplingRow
 from engine.spec.types import Draft, Drafter, DraftRequest, JoinedTokens
 from engine.spec.verify import verify
+from engine.structured.masks import StepMasks
+from engine.structured.runner_grammars import RunnerGrammars
 from engine.token_tree import node_depths
 from npu_sim.device import Device
 from npu_sim.hardware import load_chip
@@ -43,6 +45,7 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
                        ) -> tuple[ModelRunner, EngineInfo]:
     """The compute runner of `config` (loading `config.model` unless `loaded` is given) and what
     the engine serves with it. Raises ModelLoadError / ValueError for a model it cannot run."""
+    torch.set_num_threads(config.threads or platform.usable_cores())  # before the probes
     loaded = loaded or load_model(config.model)
     platform.keep_freed_tensor_memory()
     device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype,
@@ -72,7 +75,8 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
         tokenizer=loaded.tokenizer,
         max_model_len=config.scheduler.max_model_len or loaded.arch.max_position_embeddings,
         num_kv_blocks=num_kv_blocks, block_size=block_size, dtype=dtype_name,
-        chip=device.chip.name)
+        chip=device.chip.name,
+        kv_cache_dtype=str(fast.kv_cache_dtype).removeprefix("torch."))
     return runner, info
 
 
@@ -106,6 +110,7 @@ class ModelRunner:
         # All EOS ids of the model, masked together while a request is below min_tokens.
         self.eos_token_ids = self.arch.eos_token_ids
         self.requests: dict[str, RunnerRequest] = {}  # every unfinished request it was told of
+        self.grammars = RunnerGrammars(self.arch.vocab_size)  # of the constrained ones
         self.drafter: Drafter | None = None
         self._draft_probs: dict[str, torch.Tensor] = {}  # request id -> (N, V) draft q rows
 
@@ -121,14 +126,19 @@ class ModelRunner:
         chunks = scheduler_output.chunks
         if not chunks:
             return ModelOutput(sampled_token_ids={})
+        sampled = [c for c in chunks if c.sample]
+        # Grammar masks are filled on a worker thread while the model runs.
+        masks = self.grammars.start_masks(sampled)
         self.device.begin_step()
         logits = self.compute_logits(scheduler_output)
         if logits is None:
+            self.grammars.masks(masks)  # let the worker finish before anything moves on
             return ModelOutput(sampled_token_ids={},
                                trace=self.device.end_step(num_requests=len(chunks)))
-        token_ids, logprobs = self._sample(logits, [c for c in chunks if c.sample])
+        token_ids, logprobs = self._sample(logits, sampled, self.grammars.masks(masks))
         for request_id, new_ids in token_ids.items():
             self.requests[request_id].output_token_ids.extend(new_ids)
+        self.grammars.advance(token_ids)
         drafts = self._propose(token_ids, scheduler_output.num_drafts_to_propose)
         # after the proposals: a draft model runs on the device
         trace = self.device.end_step(num_requests=len(chunks))
@@ -141,6 +151,7 @@ class ModelRunner:
         for request_id in finished:
             self.requests.pop(request_id, None)
         self.sampler.free(finished)
+        self.grammars.free(finished)
         if self.drafter is not None:
             gone = (*finished, *scheduler_output.preempted_ids)
             self.drafter.free(gone)
@@ -148,6 +159,7 @@ class ModelRunner:
                 self._draft_probs.pop(request_id, None)
         for new in scheduler_output.new_requests:
             self.requests[new.request_id] = RunnerRequest.of(new)
+            self.grammars.add(new.request_id, new.grammar)
 
     def compute_logits(self, scheduler_output: SchedulerOutput) -> torch.Tensor | None:
         """Run the model over the step's chunks (writing their K/V) inside the device's open
@@ -161,8 +173,10 @@ class ModelRunner:
         return self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers)
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
+                masks: StepMasks | None,
                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[TokenLogprob, ...]]]:
-        """logits: (num_sample_rows, V), rows in chunk order (1 + N per verify chunk)."""
+        """logits: (num_sample_rows, V), rows in chunk order (1 + N per verify chunk); masks:
+        the grammar masks of those rows (None: no grammar among them)."""
         token_ids: dict[str, tuple[int, ...]] = {}
         logprobs: dict[str, tuple[TokenLogprob, ...]] = {}
         plain = [i for i, c in enumerate(sampled) if not c.num_draft_tokens]
@@ -176,7 +190,9 @@ class ModelRunner:
                                         output_token_ids=req.output_token_ids,
                                         eos_token_ids=self.eos_token_ids))
             plain_logits = logits if len(plain) == len(logits) else logits[first_rows[plain]]
-            for row, (tok, lp) in zip(rows, self.sampler.sample(plain_logits, rows), strict=True):
+            plain_masks = None if masks is None else masks.select(first_rows[plain])
+            for row, (tok, lp) in zip(rows, self.sampler.sample(plain_logits, rows, plain_masks),
+                                      strict=True):
                 token_ids[row.request_id] = (tok,)
                 if lp is not None:
                     logprobs[row.request_id] = (lp,)
@@ -185,7 +201,8 @@ class ModelRunner:
             rows_of = np.concatenate([first_rows[i] + np.arange(1 + c.num_draft_tokens)
                                       for i, c in enumerate(sampled) if c.num_draft_tokens])
             results = verify(self.sampler, logits[torch.from_numpy(rows_of)], verifies,
-                             self.requests, self.eos_token_ids, self._draft_probs)
+                             self.requests, self.eos_token_ids, self._draft_probs,
+                             None if masks is None else masks.select(rows_of))
             for c, result in zip(verifies, results, strict=True):
                 token_ids[c.request_id] = result.token_ids
                 if result.logprobs is not None:
@@ -233,7 +250,8 @@ class ModelRunner:
         if not wanted:
             return {}
         drafts = {}
-        for request_id, draft in self.drafter.propose(wanted, max_num_tokens).items():
+        proposed = self.grammars.prune(dict(self.drafter.propose(wanted, max_num_tokens)))
+        for request_id, draft in proposed.items():
             if draft.probs is not None:
                 self._draft_probs[request_id] = draft.probs
             drafts[request_id] = Draft(draft.token_ids, draft.parents)

@@ -5,6 +5,7 @@ Per row, in this order (vLLM v1 `Sampler.forward`):
     raw logprobs  = log_softmax(logits)            (rows asking for logprobs; before anything else)
     logit_bias    -> min_tokens mask (EOS + stop ids = -inf) -> penalties (repetition CTRL-style
                      over prompt + output, then frequency, then presence over output)
+                  -> grammar mask (structured outputs: only the rows that have a grammar)
     greedy rows   -> argmax (temperature < 1e-5 counts as greedy, like vLLM)
     random rows   -> / temperature -> min_p -> top_k -> top_p -> softmax -> inverse CDF draw
 
@@ -28,6 +29,7 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.request import SamplingParams
+from engine.structured.masks import GrammarMasks
 
 _NEG_INF = float("-inf")
 _CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
@@ -72,13 +74,16 @@ class Sampler:
             self._generators.pop(request_id, None)
 
     def sample(
-        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+        masks: GrammarMasks | None = None,
     ) -> list[tuple[int, TokenLogprob | None]]:
         """Pick one token per row.
 
-        logits: (num_rows, vocab), any float dtype; not modified. Returns, per row in order, the
-        token id and, when `params.logprobs is not None`, its TokenLogprob computed from the raw
-        logits (log_softmax before bias, penalties and temperature: vLLM's "raw_logprobs").
+        logits: (num_rows, vocab), any float dtype; not modified. masks: the grammar masks of
+        the rows that have one (structured outputs); their other tokens get -inf last. Returns,
+        per row in order, the token id and, when `params.logprobs is not None`, its TokenLogprob
+        computed from the raw logits (log_softmax before bias, penalties, temperature and
+        grammar: vLLM's "raw_logprobs").
         Token ids outside [0, vocab) in logit_bias / stop_token_ids / eos_token_ids are ignored
         (validating them against the vocabulary is the caller's job).
         """
@@ -86,7 +91,7 @@ class Sampler:
             raise ValueError(f"logits must be (len(rows), vocab), got {tuple(logits.shape)}")
         if not rows:
             return []
-        x = process_logits(logits, rows)  # (R, V) float32
+        x = process_logits(logits, rows, masks)  # (R, V) float32
         is_greedy = [r.params.greedy for r in rows]
         if all(is_greedy):
             token_ids = x.argmax(dim=-1)  # (R,) ties -> lowest id
@@ -155,13 +160,15 @@ def sampling_probs(x: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
     return x.softmax(dim=-1)
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """The logits greedy sampling sees: logit_bias, then the min_tokens mask, then penalties.
+def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                   masks: GrammarMasks | None = None) -> torch.Tensor:
+    """The logits greedy sampling sees: logit_bias, then the min_tokens mask, then penalties,
+    then the grammar masks of the rows that have one (only those rows are touched).
 
     logits: (R, V), not modified. Returns (R, V) float32: a new contiguous tensor when any row
     needs one of these steps, else logits itself (converted to float32 if needed): read-only.
     """
-    edits = any(
+    edits = masks is not None or any(
         r.params.logit_bias
         or r.params.needs_penalties
         or len(r.output_token_ids) < r.params.min_tokens
@@ -172,6 +179,8 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
         _apply_logit_bias(x, rows)
         _apply_min_tokens(x, rows)
         _apply_penalties(x, rows)
+        if masks is not None:
+            masks.apply(x, logits)
     return x
 
 

@@ -248,7 +248,8 @@ class Scheduler:
             if not request.num_preemptions:  # a preempted one is known to the runner already
                 new_requests.append(NewRequestData(request_id=request.request_id,
                                                    prompt_token_ids=request.prompt_token_ids,
-                                                   sampling_params=request.sampling_params))
+                                                   sampling_params=request.sampling_params,
+                                                   grammar=request.grammar))
             chunks.append(make_chunk(request, num_new_tokens))
             token_budget -= num_new_tokens
 

@@ -43,6 +43,9 @@ class RequestMetrics:
     num_prompt_tokens: int  # prompt length
     num_output_tokens: int  # tokens generated
     queue_sim_s: float = 0.0  # simulated: arrival -> the start of its first step
+    prefill_s: float = 0.0  # wall: first scheduled -> first token (vLLM's prefill time)
+    decode_s: float = 0.0  # wall: first token -> last token
+    inference_s: float = 0.0  # wall: first scheduled -> last token
 
     @property
     def tpot_s(self) -> float:
@@ -60,6 +63,9 @@ class FinishedRequestStats:
 
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metrics: RequestMetrics  # its latencies
+    max_tokens: int = 0  # the most tokens it was allowed (max_tokens, or what max_model_len
+    #   left after its prompt)
+    n: int = 1  # choices its API call asked for (it is one of them)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,18 @@ class SpecDecodingStats:
     num_accepted_tokens: int  # of those, accepted (the bonus token is not counted)
     num_accepted_tokens_per_pos: tuple[int, ...]  # [i]: drafts whose accepted path reached
     #   depth i + 1 (length num_speculative_tokens)
+
+
+@dataclass(frozen=True)
+class GrammarStats:
+    """Structured-output grammars compiled or found cached since the last step."""
+
+    compile_s: tuple[float, ...]  # wall seconds of each compile (cache misses)
+    num_cache_hits: int  # constraints found compiled already
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.compile_s) + self.num_cache_hits
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,7 @@ class IterationStats:
     finished: tuple[FinishedRequestStats, ...]  # requests that finished this step
     trace: Any = None  # the step's npu_sim StepTrace (None when nothing ran)
     spec: SpecDecodingStats | None = None  # verify chunks of the step; None when none ran
+    grammar: GrammarStats | None = None  # grammars compiled since the last step; None: none
 
     @property
     def num_scheduled_tokens(self) -> int:

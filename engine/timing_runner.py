@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from engine.arch import ModelArch
 from engine.config import EngineConfig
-from engine.core import NUM_NPU_TRACE_STEPS, EngineCore
+from engine.core import EngineCore
 from engine.lowering import (
     DEFAULT_POLICY,
     ChunkShape,
@@ -72,7 +72,7 @@ def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
     device = Device(chip, compute=False, dtype=config.npu_dtype, stack=config.npu_stack,
                     timeline=config.npu_trace_dir is not None)
     runner = TimingRunner(arch, device, block_size, acceptance_rate, config.seed,
-                          tensor_parallel_size, lowering)
+                          tensor_parallel_size, lowering, config.npu_trace_steps)
     info = EngineInfo(
         model_name=model_name, model_path=None, arch=arch, tokenizer=None,
         max_model_len=max_model_len,
@@ -94,10 +94,11 @@ class TimingRunner:
 
     def __init__(self, arch: ModelArch, device: Device, block_size: int,
                  acceptance_rate: float = 0.7, seed: int = 0,
-                 tensor_parallel_size: int = 1,
-                 policy: LoweringPolicy = DEFAULT_POLICY) -> None:
+                 tensor_parallel_size: int = 1, policy: LoweringPolicy = DEFAULT_POLICY,
+                 num_traced_steps: int = 16) -> None:
         """device: a timing-only Device (compute=False). acceptance_rate: probability that each
-        draft position of a verify is accepted, given the previous one was.
+        draft position of a verify is accepted, given the previous one was. num_traced_steps:
+        the first steps timed launch by launch for timelines (when the device keeps them).
         tensor_parallel_size: the step is one card's of a TP group (engine.lowering_tp), whose
         cards run in lockstep, so a card's time is the step's. policy: how steps are lowered
         (engine.lowering.LoweringPolicy), XY-Serve's by default."""
@@ -115,7 +116,7 @@ class TimingRunner:
         self.num_launches = 0  # kernel launches timed, ever (a layer's kernels count per layer)
         # Steps timed launch by launch, keeping their timelines: the first ones, when the
         # device keeps timelines (the engine writes them for --npu-trace).
-        self.num_timelines = NUM_NPU_TRACE_STEPS if device.timeline else 0
+        self.num_timelines = num_traced_steps if device.timeline else 0
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Time the step's chunks; one synthetic token per sampled chunk, plus the accepted

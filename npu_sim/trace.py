@@ -226,3 +226,58 @@ def write_perfetto(step_trace: StepTrace, path: str | Path) -> Path:
                          "device_s": step_trace.device_s, "host_s": step_trace.host_s}}
     path.write_text(json.dumps(doc, separators=(",", ":")))
     return path
+
+
+class StepsTimeline:
+    """Several steps in one Chrome trace-event file, each at its start on the simulated clock
+    (host time included), plus a track of the steps themselves.
+
+    Streamed: `add` appends a step's events to the file (the JSON array format, whose closing
+    bracket is optional, so the file loads in ui.perfetto.dev while it grows); `close` ends it
+    as plain JSON.
+    """
+
+    STEPS_PID = 1  # the process whose one track shows a slice per step
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.num_steps = 0
+        self._tracks: set[tuple[str, int]] = set()  # (metadata name, tid) written already
+        self._closed = False
+        self.path.write_text("[" + json.dumps(
+            {"name": "process_name", "ph": "M", "pid": self.STEPS_PID,
+             "args": {"name": "engine steps"}}, separators=(",", ":")))
+
+    def add(self, step_trace: StepTrace, start_s: float, label: str) -> None:
+        """Append `step_trace`, starting `start_s` simulated seconds into the run."""
+        if self._closed:
+            raise ValueError(f"{self.path} is closed")
+        offset_us = start_s * 1e6
+        out: list[dict[str, Any]] = [{
+            "name": label, "cat": "step", "ph": "X", "pid": self.STEPS_PID, "tid": 0,
+            "ts": round(offset_us, 4), "dur": round(step_trace.sim_s * 1e6, 4),
+            "args": {"sim_s": step_trace.sim_s, "device_s": step_trace.device_s,
+                     "host_s": step_trace.host_s, "num_launches": step_trace.num_launches}}]
+        events = perfetto_events(step_trace, len(step_trace.cube_busy_s),
+                                 len(step_trace.vector_busy_s))
+        for event in events:
+            if event["ph"] == "M":
+                key = (event["name"], int(event.get("tid", -1)))
+                if key in self._tracks:
+                    continue
+                self._tracks.add(key)
+                out.append(event)
+            else:
+                out.append({**event, "ts": round(event["ts"] + offset_us, 4)})
+        with self.path.open("a") as f:
+            for event in out:
+                f.write("," + json.dumps(event, separators=(",", ":")))
+        self.num_steps += 1
+
+    def close(self) -> None:
+        """End the array (the file is then plain JSON)."""
+        if not self._closed:
+            with self.path.open("a") as f:
+                f.write("]\n")
+            self._closed = True

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.cli_args import (
+    add_config_argument,
     add_npu_arguments,
     add_scheduler_arguments,
     add_speculative_arguments,
@@ -24,7 +25,9 @@ from engine.cli_args import (
 )
 from engine.cli_args import config_default as _default
 from engine.config import KV_CACHE_DTYPES, WEIGHT_FORMATS, Dtype, EngineConfig
-from server.config import LOG_LEVELS, ServerConfig
+from server import __version__
+from server.cli_config import ConfigFileError, expand_config
+from server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig
 
 logger = logging.getLogger("xyserve")
 
@@ -34,6 +37,7 @@ def add_serve_parser(subparsers: Any) -> None:
                               description="Serve a model over the OpenAI API "
                                           "(/v1/completions, /v1/chat/completions, ...).")
     s = ServerConfig
+    add_config_argument(p)
     p.add_argument("--model", default=_default(EngineConfig, "model"),
                    help="preset name, local Hugging Face directory or local .gguf file "
                         "(default: %(default)s)")
@@ -57,6 +61,16 @@ def add_serve_parser(subparsers: Any) -> None:
                         "(default: none, no CORS headers)")
     p.add_argument("--log-level", default=_default(s, "log_level"), choices=LOG_LEVELS,
                    help="(default: %(default)s)")
+    p.add_argument("--log-format", default=_default(s, "log_format"), choices=LOG_FORMATS,
+                   help="text lines, or one JSON object a line; either way each line about an "
+                        "HTTP request carries its X-Request-Id (default: %(default)s)")
+    p.add_argument("--log-stats-interval", type=float, metavar="SECONDS",
+                   default=_default(s, "log_stats_interval_s"),
+                   help="log throughput, running / waiting requests, KV-cache usage and "
+                        "prefix-cache hit rate this often while the engine works; 0 = never "
+                        "(default: %(default)s)")
+    p.add_argument("--log-metrics-scrapes", action="store_true",
+                   help="keep GET /metrics in the access log (default: left out)")
     p.add_argument("--max-request-bytes", type=int, default=_default(s, "max_request_bytes"),
                    help="request bodies larger than this get 413 (default: %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=_default(s, "shutdown_timeout_s"),
@@ -77,6 +91,10 @@ def add_serve_parser(subparsers: Any) -> None:
                    help="open connections at most; one more gets 503 and is closed at once "
                         "(default: %(default)s)")
     e = add_scheduler_arguments(p)
+    e.add_argument("--threads", "-t", type=int, default=_default(EngineConfig, "threads"),
+                   metavar="N",
+                   help="CPU threads the engine's kernels use (llama.cpp's -t) (default: the "
+                        f"{_usable_cores()} cores this process may use)")
     e.add_argument("--strict-kernels", action="store_true",
                    help="run every kernel task by task (the reference path; slow)")
     e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
@@ -117,8 +135,9 @@ def add_bench_parser(subparsers: Any) -> None:
     from benchmarks.load.args import add_bench_arguments  # no heavy imports
 
     p = subparsers.add_parser("bench", help="benchmark a running OpenAI-compatible server",
-                              description="Load-test /v1/completions of a running server "
-                                          "(xyserve, vLLM, transformers serve, ...) and report "
+                              description="Load-test /v1/completions or /v1/chat/completions "
+                                          "of a running server (xyserve, vLLM, transformers "
+                                          "serve, ...) and report "
                                           "throughput, latency percentiles and goodput.")
     add_bench_arguments(p)
     p.set_defaults(func=run_bench)
@@ -134,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xyserve",
         description="OpenAI-compatible LLM serving on a simulated Ascend NPU.")
+    parser.add_argument("--version", action="version", version=f"xyserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(subparsers)
     add_kernels_parser(subparsers)
@@ -154,11 +174,14 @@ def build_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
         max_waiting_requests=args.max_waiting_requests,
         max_choices_per_request=args.max_choices_per_request,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-        log_level=args.log_level, max_request_bytes=args.max_request_bytes,
+        log_level=args.log_level, log_format=args.log_format,
+        log_stats_interval_s=args.log_stats_interval,
+        log_metrics_scrapes=args.log_metrics_scrapes, max_request_bytes=args.max_request_bytes,
         shutdown_timeout_s=args.shutdown_timeout, header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout, max_connections=args.max_connections)
     config = engine_config(args, dtype=args.dtype, weight_format=args.weight_format,
-                           kv_cache_dtype=args.kv_cache_dtype, strict_kernels=args.strict_kernels)
+                           kv_cache_dtype=args.kv_cache_dtype, strict_kernels=args.strict_kernels,
+                           threads=args.threads)
     return server_config, config
 
 
@@ -166,8 +189,6 @@ def run_serve(args: argparse.Namespace) -> int:
     """Validate every option and file, bind the port, load the model, build the app, serve until
     interrupted. Returns the exit status: 2 for a bad option or file (one line, as argparse
     says it), 1 when the port or the model cannot be had."""
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server_config, engine_config = build_configs(args)
     except ValueError as exc:
@@ -181,6 +202,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"xyserve serve: error: cannot listen on {server_config.url}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
+    from server.logs import configure
+
+    log_config = configure(server_config.log_level, server_config.log_format,
+                           server_config.log_metrics_scrapes)
 
     # Heavy imports (torch, transformers, uvicorn) only once the arguments are known good.
     import uvicorn
@@ -221,7 +246,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_connections=server_config.max_connections, retry_after_s=server_config.retry_after_s)
     uvicorn_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                                     http=guarded_protocol(limits),
-                                    log_level=server_config.log_level)  # configures logging
+                                    log_level=server_config.log_level, log_config=log_config)
     if server_config.api_key is not None:
         redact_in_logs(server_config.api_key)
     # SIGTERM / SIGINT drain the engine (503 for new requests) before uvicorn's shutdown.
@@ -255,9 +280,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["kernels"]:
         return run_kernels(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        argv = expand_config(_subparsers(parser), argv)
+    except ConfigFileError as exc:
+        parser.error(str(exc))
+    threads = _threads_option(argv) if argv[:1] == ["serve"] else None
+    if threads is not None:  # before torch loads: OpenMP sizes its teams from this
+        os.environ["OMP_NUM_THREADS"] = threads
+    args = parser.parse_args(argv)
     status: int = args.func(args)
     return status
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Any:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def _threads_option(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg in ("--threads", "-t") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _usable_cores() -> int:
+    # engine.platform.usable_cores, without loading torch for --help
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class ServerConfig:
     #   ("*",) = any origin
     retry_after_s: int = 1  # seconds a 429 response tells the client to wait (Retry-After)
     log_level: str = "info"  # logging level of xyserve and uvicorn
+    log_format: LogFormat = "text"  # text lines, or one JSON object a line (server.logs)
+    log_stats_interval_s: float = 10.0  # wall seconds between stats lines while the engine
+    #   works (throughput, queues, KV cache; vLLM's); 0 = none
+    log_metrics_scrapes: bool = False  # keep GET /metrics in the access log
     max_request_bytes: int = 4 << 20  # request bodies larger than this get 413 (4 MiB: ~100x
     #   the longest prompt of the default model as text or token ids)
     shutdown_timeout_s: float = 30.0  # on SIGTERM / SIGINT, wall seconds in-flight requests get
@@ -60,6 +67,10 @@ class ServerConfig:
                  "must be non-negative")
         _require(self.log_level in LOG_LEVELS, "log_level", self.log_level,
                  f"must be one of {', '.join(LOG_LEVELS)}")
+        _require(self.log_format in LOG_FORMATS, "log_format", self.log_format,
+                 f"must be one of {', '.join(LOG_FORMATS)}")
+        _require(self.log_stats_interval_s >= 0, "log_stats_interval_s",
+                 self.log_stats_interval_s, "must be non-negative")
         _require(self.max_request_bytes >= 1, "max_request_bytes", self.max_request_bytes,
                  "must be at least 1")
         _require(self.shutdown_timeout_s >= 0, "shutdown_timeout_s", self.shutdown_timeout_s,

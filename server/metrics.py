@@ -1,4 +1,5 @@
-"""Prometheus metrics: the only module that imports prometheus_client.
+"""Prometheus metrics: the only module that imports prometheus_client (server.metric_groups
+builds groups of series from the factories it passes in).
 
 One registry per server; every name has the `xyserve:` prefix and every series the `model_name`
 label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on its clock:
@@ -12,8 +13,17 @@ label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on i
                 npu_host_seconds_total (simulated seconds of the serving stack's modelled host
                 overhead, npu_sim.host: the host's share of NPU step time over a window is
                 rate(npu_host_seconds_total) / rate(npu_step_seconds_sum))
+                prefix_cache_queries_total, prefix_cache_hits_total (tokens; hit rate =
+                rate(hits) / rate(queries)), structured_output_cache_queries_total,
+                structured_output_cache_hits_total (grammars found compiled)
+    info        cache_config_info{block_size, num_gpu_blocks, cache_dtype,
+                enable_prefix_caching} = 1 (vLLM's label names; "gpu" blocks are the KV pool's)
     histograms  wall clock: time_to_first_token_seconds, inter_token_latency_seconds,
-                e2e_request_latency_seconds, request_queue_time_seconds;
+                e2e_request_latency_seconds, request_queue_time_seconds,
+                request_prefill_time_seconds, request_decode_time_seconds,
+                request_inference_time_seconds, structured_output_compile_seconds;
+                per finished request: request_prompt_tokens, request_generation_tokens,
+                request_params_max_tokens (1-2-5 buckets up to max_model_len), request_params_n;
                 simulated NPU clock: npu_time_to_first_token_seconds,
                 npu_inter_token_latency_seconds, npu_e2e_request_latency_seconds, npu_step_seconds;
                 per step: iteration_tokens_total, npu_cube_utilization, npu_vector_utilization
@@ -23,6 +33,12 @@ label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on i
                 spec_decode_num_drafts_total, spec_decode_num_draft_tokens_total,
                 spec_decode_num_accepted_tokens_total,
                 spec_decode_num_accepted_tokens_per_pos_total{position="0".."k-1"}
+
+HTTP, without prefix or model label (as vLLM's, from prometheus-fastapi-instrumentator):
+http_requests_total{handler, method, status} (handler: the route's path template; every status,
+400 / 413 / 429 / 503 included) and http_request_duration_seconds{handler, method}; /metrics
+itself is left out. The standard process_* series (prometheus_client's ProcessCollector: CPU
+seconds, resident and virtual memory, open file descriptors, start time), unprefixed.
 
 The engine hands its plain per-step stats to `ServerMetrics.record` (a stat logger of the
 AsyncEngine, called on the engine thread after every step; prometheus_client is thread-safe);
@@ -41,7 +57,7 @@ whichever step happened to precede the scrape.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -56,7 +72,8 @@ from prometheus_client.exposition import generate_latest
 
 from engine.config import SpeculativeConfig
 from engine.request import FinishReason
-from engine.stats import NPU_PRIMITIVES, IterationStats, SchedulerStats, SpecDecodingStats
+from engine.stats import NPU_PRIMITIVES, IterationStats, SchedulerStats
+from server.metric_groups import Children, RequestHistograms, SpecDecodingCounters
 
 PREFIX = "xyserve:"
 
@@ -73,11 +90,29 @@ ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 # units ~0.04% busy and the cube units ~1%), then tenths.
 UTILIZATION_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
                        0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Choices per call (vLLM's request_params_n buckets).
+N_BUCKETS = (1, 2, 5, 10, 20)
+# Grammar compile times: llguidance compiles a schema in ~1 ms, a large one in tens.
+COMPILE_BUCKETS_S = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+                     0.5, 1.0, 2.0, 5.0)
+HTTP_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH"})
 
 # No `*_created` series beside every counter and histogram (vLLM drops them too): they double the
 # output and no dashboard reads them. (A process-wide switch; this is the only module using the
 # library.)
 disable_created_metrics()
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's build_1_2_5_buckets)."""
+    out: list[int] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class ServerMetrics:
@@ -93,11 +128,11 @@ class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats],
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None, max_model_len: int = 8192,
+                 cache_config: Mapping[str, str] | None = None) -> None:
+        """max_model_len: the top of the token-count histograms' buckets; cache_config: the
+        labels of cache_config_info (None: not exported)."""
         self.registry = r = CollectorRegistry()
-        # The standard process_* series (resident and virtual memory, CPU seconds, open file
-        # descriptors, start time), unprefixed as every Prometheus client exports them.
-        ProcessCollector(registry=r)
         self._read_stats = read_stats
         m = (model_name,)  # the label values every child gets
         labels = ("model_name",)
@@ -125,7 +160,7 @@ class ServerMetrics:
         success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
                           (*labels, "finished_reason"), registry=r)
         # Every known label value is exported (at 0) from the start, as vLLM does.
-        self._success = _Children(success, m, (reason.value for reason in FinishReason))
+        self._success = Children(success, m, (reason.value for reason in FinishReason))
 
         self._ttft = histogram("time_to_first_token_seconds",
                                "Wall seconds from arrival to the first token.", LATENCY_BUCKETS_S)
@@ -171,14 +206,49 @@ class ServerMetrics:
         kernel = Counter(PREFIX + "npu_kernel_seconds",
                          "Simulated NPU seconds spent in kernels, by meta primitive.",
                          (*labels, "primitive"), registry=r)
-        self._npu_kernel = _Children(kernel, m, NPU_PRIMITIVES)
-        self._spec = (_SpecDecodingCounters(counter, r, m,
-                                            speculative_config.num_speculative_tokens)
+        self._npu_kernel = Children(kernel, m, NPU_PRIMITIVES)
+        self._prefix_queries = counter("prefix_cache_queries",
+                                       "Prompt tokens looked up in the prefix cache.")
+        self._prefix_hits = counter("prefix_cache_hits",
+                                    "Prompt tokens found in the prefix cache (not recomputed).")
+        self._prefix_seen = (0, 0)  # the scheduler's cumulative (queries, hits) recorded so far
+        self._requests = RequestHistograms(histogram, buckets_1_2_5(max_model_len), N_BUCKETS,
+                                           LATENCY_BUCKETS_S)
+        self._grammar_compile = histogram("structured_output_compile_seconds",
+                                          "Wall seconds to compile a structured output's grammar "
+                                          "(cache misses).", COMPILE_BUCKETS_S)
+        self._grammar_queries = counter("structured_output_cache_queries",
+                                        "Structured outputs looked up in the grammar cache.")
+        self._grammar_hits = counter("structured_output_cache_hits",
+                                     "Structured outputs whose grammar was compiled already.")
+        if cache_config is not None:
+            info = Gauge(PREFIX + "cache_config_info", "The KV cache's configuration.",
+                         (*labels, *cache_config), registry=r)
+            info.labels(*m, *cache_config.values()).set(1)
+        self._http_requests = Counter("http_requests_total", "HTTP requests by handler and "
+                                      "status.", ("handler", "method", "status"), registry=r)
+        self._http_seconds = Histogram("http_request_duration_seconds", "Wall seconds from an "
+                                       "HTTP request to the end of its response.",
+                                       ("handler", "method"), buckets=LATENCY_BUCKETS_S,
+                                       registry=r)
+        ProcessCollector(registry=r)  # process_* (CPU, memory, file descriptors), as vLLM's
+        def by_position(name: str, doc: str) -> Children:
+            parent = Counter(PREFIX + name, doc, (*labels, "position"), registry=r)
+            return Children(parent, m, (str(i) for i in range(spec_tokens)))
+
+        spec_tokens = speculative_config.num_speculative_tokens if speculative_config else 0
+        self._spec = (SpecDecodingCounters(counter, by_position)
                       if speculative_config is not None and speculative_config.enabled else None)
 
     def record(self, scheduler_stats: SchedulerStats, stats: IterationStats) -> None:
         """Record one engine step: the AsyncEngine's stat logger (runs on the engine thread)."""
-        del scheduler_stats  # the gauges are read when scraped (`render`), fresher than this
+        # (gauges are read when scraped, `render`, fresher than these stats)
+        queries, hits = scheduler_stats.prefix_cache_queries, scheduler_stats.prefix_cache_hits
+        seen_queries, seen_hits = self._prefix_seen
+        if queries > seen_queries or hits > seen_hits:
+            self._prefix_queries.inc(queries - seen_queries)
+            self._prefix_hits.inc(hits - seen_hits)
+            self._prefix_seen = (queries, hits)
         self._prompt_tokens.inc(stats.num_prompt_tokens)
         self._generation_tokens.inc(stats.num_generation_tokens)
         self._preemptions.inc(stats.num_preempted_reqs)
@@ -197,6 +267,12 @@ class ServerMetrics:
             self._e2e.observe(finished.metrics.e2e_s)
             self._queue.observe(finished.metrics.queue_s)
             self._npu_e2e.observe(finished.metrics.e2e_sim_s)
+            self._requests.record(finished)
+        if stats.grammar is not None:
+            self._grammar_queries.inc(stats.grammar.num_queries)
+            self._grammar_hits.inc(stats.grammar.num_cache_hits)
+            for seconds in stats.grammar.compile_s:
+                self._grammar_compile.observe(seconds)
         trace = stats.trace
         if trace is not None:  # the step ran on the simulated NPU
             self._npu_step.observe(trace.sim_s)
@@ -210,6 +286,20 @@ class ServerMetrics:
         if stats.spec is not None and self._spec is not None:  # verify chunks ran this step
             self._spec.record(stats.spec)
 
+    def declare_http_handlers(self, handlers: Iterable[tuple[str, str]]) -> None:
+        """Start http_request_duration_seconds at zero for these (handler, method) pairs, so that
+        Prometheus sees a route's first requests as an increase (a series born with counts in it
+        shows no rate until it changes again)."""
+        for handler, method in handlers:
+            if method in HTTP_METHODS:
+                self._http_seconds.labels(handler, method)
+
+    def record_http(self, handler: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request answered (any thread; the event loop's middleware calls it)."""
+        method = method if method in HTTP_METHODS else "other"  # bounded label values
+        self._http_requests.labels(handler, method, str(status)).inc()
+        self._http_seconds.labels(handler, method).observe(seconds)
+
     def render(self) -> bytes:
         """The Prometheus text exposition, with the gauges refreshed from the engine now."""
         stats = self._read_stats()
@@ -217,43 +307,3 @@ class ServerMetrics:
         self._waiting.set(stats.num_waiting_reqs)
         self._kv_usage.set(stats.kv_cache_usage)
         return generate_latest(self.registry)
-
-
-class _SpecDecodingCounters:
-    """vLLM's spec_decode_* counters, fed by each step's SpecDecodingStats."""
-
-    def __init__(self, counter: Callable[[str, str], Counter], registry: CollectorRegistry,
-                 model: tuple[str, ...], num_speculative_tokens: int) -> None:
-        """counter(name, doc): the server's factory of model_name-labelled counter children."""
-        self.num_drafts = counter("spec_decode_num_drafts",
-                                  "Draft chunks verified (one per request and step with drafts).")
-        self.num_draft_tokens = counter("spec_decode_num_draft_tokens",
-                                        "Draft tokens (tree nodes) verified.")
-        self.num_accepted_tokens = counter("spec_decode_num_accepted_tokens",
-                                           "Draft tokens accepted (the bonus token not counted).")
-        per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
-                          "Drafts whose accepted path reached depth position + 1.",
-                          ("model_name", "position"), registry=registry)
-        self.per_pos = _Children(per_pos, model, (str(i) for i in range(num_speculative_tokens)))
-
-    def record(self, spec: SpecDecodingStats) -> None:
-        self.num_drafts.inc(spec.num_drafts)
-        self.num_draft_tokens.inc(spec.num_draft_tokens)
-        self.num_accepted_tokens.inc(spec.num_accepted_tokens)
-        for position, num_drafts in enumerate(spec.num_accepted_tokens_per_pos):
-            self.per_pos.get(str(position)).inc(num_drafts)
-
-
-class _Children:
-    """The children of a counter with one label beyond `model_name`, made once per value."""
-
-    def __init__(self, parent: Counter, model: tuple[str, ...], values: Iterable[str]) -> None:
-        self._parent = parent
-        self._model = model
-        self._children = {v: parent.labels(*model, v) for v in values}
-
-    def get(self, value: str) -> Counter:
-        child = self._children.get(value)
-        if child is None:  # a value unknown when the server started: made on first use
-            child = self._children[value] = self._parent.labels(*self._model, value)
-        return child

@@ -85,10 +85,18 @@ def encode_chat(tokenizer: Any, messages: Sequence[ChatMessage],
     model has no chat template or the template rejects the conversation."""
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in messages]
+    return encode_conversation(tokenizer, conversation, add_generation_prompt)
+
+
+def encode_conversation(tokenizer: Any, conversation: Sequence[dict[str, Any]],
+                        add_generation_prompt: bool = True,
+                        tools: list[dict[str, Any]] | None = None) -> PromptInput:
+    """A conversation as the chat template takes it (and the tools it renders, if any),
+    tokenized. Raises BadRequestError as encode_chat."""
     for message in conversation:
         _check_unicode(message["content"], "messages")
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+        text = tokenizer.apply_chat_template(list(conversation), tools=tools, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except (ValueError, TemplateError) as exc:
         raise BadRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc

@@ -1,8 +1,9 @@
 """OpenAI request schemas (pydantic v2), as vLLM accepts them.
 
 FastAPI validates bodies against these models and publishes them in the OpenAPI schema. Unknown
-fields are ignored (as OpenAI and vLLM do); fields we know but do not implement (tools, structured
-output, suffix, ...) are rejected with a 400 naming the field, rather than silently ignored.
+fields are ignored (as OpenAI and vLLM do); fields we know but do not implement (suffix, beam
+search, ...) are rejected with a 400 naming the field, rather than silently ignored. Structured
+outputs and tools have their schemas in protocol_structured.py.
 Value ranges of the sampling fields are published in the schema (engine.request.BOUNDS, so
 clients and fuzzers see them) and checked once, by `engine.SamplingParams`; what needs the model
 (lengths, token ids within the vocabulary) is checked by the engine when a request is queued.
@@ -31,6 +32,16 @@ from pydantic import (
 )
 
 from engine.request import BOUNDS, SamplingParams
+from engine.structured import StructuredOutputs
+from server.protocol_structured import (
+    MAX_CHOICES,
+    MAX_TOOLS,
+    ChatTool,
+    ResponseFormat,
+    StructuredOutputsRequest,
+    ToolCall,
+    ToolChoice,
+)
 
 MAX_STOP_STRINGS = 16  # stop strings per request at most
 MAX_STOP_STRING_CHARS = 1024  # characters per stop string at most
@@ -129,17 +140,6 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: Bool = False  # send a last chunk with `choices: []` and `usage`
 
 
-class ResponseFormat(OpenAIBaseModel):
-    type: str  # only "text" is supported
-
-    @field_validator("type")
-    @classmethod
-    def _only_text(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(f"response_format type {value!r} is not supported; only 'text' is")
-        return value
-
-
 class GenerationRequest(OpenAIBaseModel):
     """Fields common to /v1/completions and /v1/chat/completions.
 
@@ -168,17 +168,26 @@ class GenerationRequest(OpenAIBaseModel):
     stream: Bool = False  # answer with server-sent events
     stream_options: StreamOptions | None = None  # only with stream=true
     user: str | None = None  # accepted and ignored, as vLLM does
-    response_format: ResponseFormat | None = None  # only {"type": "text"}
+    response_format: ResponseFormat | None = None  # text, json_object or json_schema
+    structured_outputs: StructuredOutputsRequest | None = None  # vLLM extension
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names of structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, max_length=MAX_CHOICES)
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # only llguidance (or "auto")
     use_beam_search: bool | None = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
+    guided_whitespace_pattern: str | None = None  # JSON's layout is fixed here
 
-    _reject_common = field_validator("use_beam_search", "structured_outputs", "guided_json",
-                                   "guided_regex", "guided_choice", "guided_grammar")(
+    _reject_common = field_validator("use_beam_search", "guided_whitespace_pattern")(
         classmethod(_reject_if_set))
+
+    @field_validator("guided_decoding_backend")
+    @classmethod
+    def _llguidance_only(cls, value: str | None) -> str | None:
+        if value not in (None, "auto", "llguidance", "guidance"):
+            raise ValueError(f"guided_decoding_backend {value!r} is not supported; this server "
+                             f"uses llguidance")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -201,8 +210,10 @@ class GenerationRequest(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters for one completion. Raises ValueError naming a bad field."""
+    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                           structured: StructuredOutputs | None = None) -> SamplingParams:
+        """The engine's parameters for one completion; structured: the constraint on its text
+        (server.structured). Raises ValueError naming a bad field."""
         fields = {
             name: getattr(self, name)
             for name in ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
@@ -211,7 +222,8 @@ class GenerationRequest(OpenAIBaseModel):
                          "skip_special_tokens", "logit_bias")
             if getattr(self, name) is not None
         }
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                              structured_outputs=structured, **fields)
 
 
 class CompletionRequest(GenerationRequest):
@@ -246,9 +258,11 @@ class TextContentPart(OpenAIBaseModel):
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None  # accepted; chat templates of the supported models ignore it
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (then content may be None)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
@@ -270,22 +284,25 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: Bool = False  # return the chosen tokens' logprobs
     top_logprobs: Int | None = ranged("logprobs")  # needs logprobs
     add_generation_prompt: Bool = True  # vLLM extension: end the prompt with the assistant cue
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # only "none"
+    tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)  # functions the
+    #   model may call; the chat template shows them to it
+    tool_choice: ToolChoice | None = None  # none | auto (the default with tools) | required |
+    #   {"type": "function", "function": {"name": ...}}; required and named are enforced
+    parallel_tool_calls: Bool | None = None  # False: one call at most (required / auto)
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     audio: Any = None
     prediction: Any = None
     echo: bool = False  # vLLM's chat echo is not implemented
 
-    _reject_chat = field_validator("tools", "functions", "function_call", "audio", "prediction",
+    _reject_chat = field_validator("functions", "function_call", "audio", "prediction",
                                    "echo")(classmethod(_reject_if_set))
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value not in (None, "none"):
-            raise ValueError("tool_choice other than 'none' is not supported by this server")
+    def _needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, "none") and not info.data.get("tools"):
+            raise ValueError("tool_choice needs tools")
         return value
 
     @field_validator("top_logprobs")

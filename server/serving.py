@@ -19,7 +19,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -29,15 +29,18 @@ from starlette.background import BackgroundTask
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
-from engine.request import SamplingParams
+from engine.request import RequestRejected, SamplingParams
+from engine.structured import StructuredOutputs
 from server import sse
 from server.config import ServerConfig
 from server.errors import BadRequestError, ClientDisconnectedError
 from server.generation import Choice, GenerationGroup
+from server.observe import response_id
 from server.prompts import PromptInput
 from server.protocol import GenerationRequest
 from server.protocol_responses import UsageInfo
 from server.state import ModelInfo
+from server.structured import request_constraint
 
 T = TypeVar("T")
 
@@ -50,6 +53,8 @@ class ResponseContext:
     created: int  # unix seconds
     model: str  # the served name
     request: Any  # the validated request (the subclass's request type)
+    state: dict[Any, Any] = field(default_factory=dict)  # the endpoint's own, per call (chat:
+    #   each choice's tool-call parser)
 
 
 class OpenAIServing:
@@ -85,6 +90,11 @@ class OpenAIServing:
         """SamplingParams.logprobs for the request (None = no logprobs)."""
         raise NotImplementedError
 
+    def constraint(self, request: Any) -> StructuredOutputs | None:
+        """The structured output the request asks for (None = free text). Raises
+        BadRequestError naming the field."""
+        return request_constraint(request)
+
     def response(self, ctx: ResponseContext, group: GenerationGroup) -> BaseModel:
         """The JSON response once every choice has finished."""
         raise NotImplementedError
@@ -118,10 +128,14 @@ class OpenAIServing:
         self.engine.check_admission(self.num_choices(request))
         # Tokenizing a long prompt takes a while (~1 s a MB) and releases the GIL: off the loop.
         prompts = await asyncio.to_thread(self.prompts, request)
+        # So is compiling a structured output's grammar (cached; the engine then finds it).
+        await self._compile(sampling_params)
         params = [sampling_params] * len(prompts)
-        request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        request_id = response_id(self.id_prefix)  # built on X-Request-Id, as vLLM's
         ctx = ResponseContext(request_id, int(time.time()), self.model.name, request)
-        group = GenerationGroup(self.engine, request_id, prompts, params)
+        # Engine ids stay unique when a client repeats an X-Request-Id.
+        group = GenerationGroup(self.engine, f"{request_id}-{uuid.uuid4().hex[:8]}", prompts,
+                                params)
         # The first output of every choice is awaited here, so an engine-side rejection is
         # still an HTTP error status, not an error event inside a 200 stream.
         await _until_disconnected(raw_request, group.start())
@@ -157,11 +171,18 @@ class OpenAIServing:
         """The engine parameters of the call's prompts. Field ranges are SamplingParams' to
         check (a ValueError names the field); what needs the model (lengths, token ids) the
         engine checks when the requests are queued, still before any byte is sent."""
+        constraint = self.constraint(request)
         try:
             return request.to_sampling_params(self.max_tokens(request),
-                                              self.num_logprobs(request))
+                                              self.num_logprobs(request), constraint)
         except ValueError as exc:
             raise BadRequestError(str(exc), param=str(exc).split()[0]) from exc
+
+    async def _compile(self, params: SamplingParams) -> None:
+        try:
+            await self.engine.compile_grammar(params)
+        except RequestRejected as exc:
+            raise BadRequestError(str(exc), param=exc.param, code=exc.code) from exc
 
     async def _chunks(self, ctx: ResponseContext,
                       group: GenerationGroup) -> AsyncIterator[BaseModel]:

@@ -56,6 +56,7 @@ GEMM_MODELS = ("llama-2-7b", "llama-3-8b", "qwen2.5-7b")
 POWERS = tuple(2**i for i in range(14))  # 1 .. 8192
 RAGGED = (3, 24, 100, 200, 333, 520, 1000, 1500, 2100, 3000, 4200, 5000, 7000)
 QUICK_MS = (1, 16, 100, 520, 1500, 4096)
+DEFAULT_OUT = Path("kernels-out")  # relative to the working directory; git-ignored in the repo
 
 
 def projections(arch: ModelArch) -> dict[str, tuple[int, int]]:
@@ -148,63 +149,100 @@ def averages(rows: list[dict[str, Any]], key: str = "speedup") -> dict[str, floa
             "mean_latency_cut_pct": float((1 - 1 / s).mean() * 100)}
 
 
-def plot(out: Path, gemm: list[dict[str, Any]], attention: list[dict[str, Any]]) -> Path:
+def plot(out: Path, gemm: list[dict[str, Any]], attention: list[dict[str, Any]],
+         peak_tflops: float) -> Path:
+    """kernels.png: small multiples, one column per projection. Top row: speedup of virtual
+    padding over bucket padding, one line per model; middle: TFLOPS of both (solid virtual,
+    dashed bucket) under the chip's peak; bottom: attention and verify speedups."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(20, 7))
-    for model in dict.fromkeys(r["model"] for r in gemm):
-        for op in dict.fromkeys(r["op"] for r in gemm):
+    ops = list(dict.fromkeys(r["op"] for r in gemm))
+    models = list(dict.fromkeys(r["model"] for r in gemm))
+    colors = dict(zip(models, plt.get_cmap("tab10").colors, strict=False))
+    fig = plt.figure(figsize=(5 * len(ops), 8 + 0.22 * len(attention)))
+    grid = fig.add_gridspec(3, len(ops), height_ratios=(1, 1, max(1.0, 0.06 * len(attention))))
+    speed_axes = [fig.add_subplot(grid[0, i]) for i in range(len(ops))]
+    flops_axes = [fig.add_subplot(grid[1, i], sharex=speed_axes[i]) for i in range(len(ops))]
+    for op, ax_s, ax_f in zip(ops, speed_axes, flops_axes, strict=True):
+        for model in models:
             sel = sorted((r for r in gemm if r["model"] == model and r["op"] == op),
                          key=lambda r: r["M"])
             ms = [r["M"] for r in sel]
-            ax1.plot(ms, [r["speedup"] for r in sel], marker=".", label=f"{model} {op}")
-            if model == gemm[0]["model"]:
-                line, = ax2.plot(ms, [r["virtual_tflops"] for r in sel], label=f"{op} virtual")
-                ax2.plot(ms, [r["bucket_tflops"] for r in sel], "--", color=line.get_color(),
-                         label=f"{op} bucket")
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("M (tokens)")
-        ax.grid(alpha=0.3)
-    ax1.axhline(1 + PAPER_GEMM_PCT / 100, color="k", ls=":", label="paper avg (14.6%)")
-    ax1.set_ylabel("bucket time / virtual-padding time")
-    ax1.set_title("GEMM: virtual padding vs bucket padding")
-    ax1.legend(fontsize=6, ncol=2)
-    ax2.set_ylabel("TFLOPS")
-    ax2.set_title(f"GEMM throughput, {gemm[0]['model']}")
-    ax2.legend(fontsize=7)
-    labels = [f"{r['model']}: {r['scenario']}" for r in attention]
-    ax3.barh(range(len(attention)), [r["speedup"] for r in attention])
+            color = colors[model]
+            ax_s.plot(ms, [r["speedup"] for r in sel], marker=".", color=color, label=model)
+            ax_f.plot(ms, [r["virtual_tflops"] for r in sel], color=color,
+                      label=f"{model} virtual")
+            ax_f.plot(ms, [r["bucket_tflops"] for r in sel], "--", color=color,
+                      label=f"{model} bucket")
+        ax_s.axhline(1 + PAPER_GEMM_PCT / 100, color="k", ls=":",
+                     label=f"paper avg ({PAPER_GEMM_PCT}%)")
+        ax_s.axhline(1, color="grey", lw=0.5)
+        ax_s.set_title(f"GEMM {op}: bucket time / virtual-padding time")
+        ax_f.axhline(peak_tflops, color="red", lw=1, label=f"chip peak ({peak_tflops:.0f})")
+        ax_f.set_title(f"GEMM {op}: TFLOPS")
+        ax_f.set_ylim(0, peak_tflops * 1.08)
+        for ax in (ax_s, ax_f):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("M (tokens)")
+            ax.grid(alpha=0.3)
+    speed_axes[0].set_ylabel("speedup")
+    speed_axes[0].legend(fontsize=8)
+    flops_axes[0].set_ylabel("TFLOPS")
+    flops_axes[0].legend(fontsize=7)
+    ax3 = fig.add_subplot(grid[2, :])
+    labels = [f"{r['model']}: {r['scenario']}" if "scenario" in r else
+              f"{r['model']}: verify bs{r['batch']} x {r['spec_len']}, ctx {r['context']}"
+              for r in attention]
+    ax3.barh(range(len(attention)), [r["speedup"] for r in attention], color="tab:blue")
     ax3.set_yticks(range(len(attention)), labels, fontsize=7)
-    ax3.axvline(1 + PAPER_ATTENTION_PCT / 100, color="k", ls=":", label="paper avg (21.5%)")
+    ax3.invert_yaxis()
+    ax3.axvline(1 + PAPER_ATTENTION_PCT / 100, color="k", ls=":",
+                label=f"paper avg ({PAPER_ATTENTION_PCT}%)")
     ax3.axvline(1, color="grey", lw=0.5)
     ax3.set_xlabel("split time / meta-kernel time")
-    ax3.set_title("Attention: meta-kernel vs split prefill/decode kernels")
-    ax3.legend(fontsize=7)
+    ax3.set_title("Attention and verify: meta-kernel vs split prefill/decode kernels")
+    ax3.legend(fontsize=8)
     fig.tight_layout()
     path = out / "kernels.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, but for switches and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="xyserve kernels [sweep]", description=__doc__.split("\n")[0],
+        formatter_class=_DefaultsHelp,
         epilog="One kernel's time: `xyserve kernels gemm --help`, `xyserve kernels attention "
                "--help`.")
-    parser.add_argument("--npu", default=DEFAULT_NPU, help="chip preset or JSON/YAML chip file")
-    parser.add_argument("--out", type=Path, default=Path("kernels-out"), help="output directory")
-    parser.add_argument("--models", default=",".join(GEMM_MODELS), help="GEMM sweep models")
-    parser.add_argument("--attention-models", default=",".join(ATTENTION_MODELS))
+    parser.add_argument("--npu", default=DEFAULT_NPU,
+                        help="simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="directory of the CSVs, summary.txt and kernels.png (git-ignored "
+                             "inside the repository)")
+    parser.add_argument("--models", default=",".join(GEMM_MODELS),
+                        help="models whose projections the GEMM sweep runs (comma-separated)")
+    parser.add_argument("--attention-models", default=",".join(ATTENTION_MODELS),
+                        help="models of the attention sweep (comma-separated)")
     parser.add_argument("--buckets", default=",".join(map(str, GRAPH_BUCKETS)),
                         help="static M buckets of the GEMM baseline")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
-    parser.add_argument("--quick", action="store_true", help="a few points per sweep")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"),
+                        help="operand dtype the cost model assumes")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few points per sweep (seconds instead of a minute)")
+    parser.add_argument("--no-plot", action="store_true", help="skip kernels.png")
     parser.add_argument("--npu-trace", type=Path, default=None, metavar="DIR",
                         help="also write Perfetto timelines of one mixed step (both policies)")
     args = parser.parse_args(argv)
@@ -261,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "\n".join(summary))
     (args.out / "summary.txt").write_text("\n".join(summary) + "\n")
     if not args.no_plot:
-        print(f"plot: {plot(args.out, gemm, attention + verify)}")
+        peak_tflops = chip.peak_flops(args.dtype) / 1e12
+        print(f"plot: {plot(args.out, gemm, attention + verify, peak_tflops)}")
     if args.npu_trace is not None:
         specs = [(0, 256)] + [(c, 1) for c in (100, 300, 700, 1500, 3000, 200, 90, 2500)]
         for label, policy in (("xy-serve", LoweringPolicy()), ("baseline", BASELINE_POLICY)):

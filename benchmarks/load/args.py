@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.load.datasets import DATASETS
+from benchmarks.load.datasets import DATASETS, ENDPOINTS
 
 # `xyserve serve`'s own address by default (a test keeps it equal to ServerConfig's); the bench
 # knows the server only over HTTP.
@@ -14,6 +14,10 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=DEFAULT_BASE_URL,
                    help="server root, without /v1 (default: %(default)s)")
+    p.add_argument("--endpoint", choices=ENDPOINTS, default=ENDPOINTS[0],
+                   help="the API to load: completions send a prompt; chat sends messages "
+                        "(ShareGPT: each conversation's earlier turns too) (default: "
+                        "%(default)s)")
     p.add_argument("--model", required=True, help="model name sent in every request")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to build prompts of given token lengths: a local directory, "

@@ -1,4 +1,5 @@
-"""The load generator: streaming /v1/completions requests over httpx, on a schedule.
+"""The load generator: streaming /v1/completions or /v1/chat/completions requests over httpx, on
+a schedule.
 
 Arrivals: at `request_rate` requests per second with gamma-distributed gaps (shape =
 `burstiness`; 1 is a Poisson process, lower is burstier, higher more regular), or all at once
@@ -47,6 +48,7 @@ class RequestResult:
 class ClientConfig:
     base_url: str  # http://host:port (without /v1)
     model: str  # the model name to send
+    endpoint: str = "/v1/completions"  # one of datasets.ENDPOINTS (chat: sends messages)
     api_key: str | None = None
     temperature: float = 0.0
     ignore_eos: bool = False  # vLLM / xyserve extension; other servers may reject it
@@ -68,9 +70,14 @@ async def arrivals(num: int, request_rate: float, burstiness: float,
 async def send(client: httpx.AsyncClient, config: ClientConfig, request: BenchRequest,
                t0: float) -> RequestResult:
     """Send one streaming completion; never raises (errors land in the result)."""
-    body = {"model": config.model, "prompt": request.prompt, "max_tokens": request.output_len,
-            "temperature": config.temperature, "stream": True,
-            "stream_options": {"include_usage": True}}
+    chat = config.endpoint == "/v1/chat/completions"
+    body: dict[str, Any] = {"model": config.model, "max_tokens": request.output_len,
+                            "temperature": config.temperature, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    if chat:
+        body["messages"] = request.messages
+    else:
+        body["prompt"] = request.prompt
     if config.ignore_eos:
         body["ignore_eos"] = True
     body.update(config.extra_body)
@@ -81,7 +88,7 @@ async def send(client: httpx.AsyncClient, config: ClientConfig, request: BenchRe
     num_chunks = 0
     pieces: list[str] = []
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", config.endpoint, json=body) as response:
             if response.status_code != 200:
                 await response.aread()
                 result.error = f"HTTP {response.status_code}: {response.text[:500]}"
@@ -97,7 +104,7 @@ async def send(client: httpx.AsyncClient, config: ClientConfig, request: BenchRe
                     result.error = str(chunk["error"])[:500]
                     return result
                 now = time.perf_counter()
-                text = "".join(c.get("text") or "" for c in chunk.get("choices") or [])
+                text = "".join(_chunk_text(c, chat) for c in chunk.get("choices") or [])
                 if text:
                     if num_chunks == 0:
                         result.ttft_s = now - start
@@ -122,6 +129,12 @@ async def send(client: httpx.AsyncClient, config: ClientConfig, request: BenchRe
     if not result.success:
         result.error = "no tokens generated"
     return result
+
+
+def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
+    if chat:
+        return str((choice.get("delta") or {}).get("content") or "")
+    return str(choice.get("text") or "")
 
 
 async def run_requests(config: ClientConfig, requests: list[BenchRequest], request_rate: float,

@@ -38,7 +38,8 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
     if not args.dataset_path:
         raise ValueError("--dataset sharegpt needs --dataset-path")
     return sharegpt_requests(tokenizer, args.dataset_path, args.num_prompts,
-                             args.sharegpt_output_len, args.seed)
+                             args.sharegpt_output_len, args.seed,
+                             multi_turn=args.endpoint == "/v1/chat/completions")
 
 
 def _get_metrics(base_url: str, api_key: str | None) -> str | None:
@@ -66,11 +67,12 @@ def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = No
         raise ValueError("--extra-body must be a JSON object")
     requests = requests if requests is not None else build_requests(args)
     base_url = args.base_url.rstrip("/").removesuffix("/v1")
-    config = ClientConfig(base_url=base_url, model=args.model, api_key=args.api_key,
+    config = ClientConfig(base_url=base_url, model=args.model, endpoint=args.endpoint,
+                          api_key=args.api_key,
                           temperature=args.temperature, ignore_eos=args.ignore_eos,
                           extra_body=extra_body, timeout_s=args.timeout)
     if args.num_warmups:
-        warm = [BenchRequest(r.prompt, r.prompt_len, min(r.output_len, 16))
+        warm = [BenchRequest(r.prompt, r.prompt_len, min(r.output_len, 16), r.history)
                 for r in requests[:args.num_warmups]]
         warm_results, _ = asyncio.run(run_requests(config, warm, math.inf, 1.0,
                                                    args.max_concurrency, args.seed))
@@ -85,7 +87,8 @@ def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = No
     after = None if before is None else _get_metrics(base_url, args.api_key)
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "base_url": base_url, "model": args.model, "dataset": args.dataset,
+        "base_url": base_url, "endpoint": args.endpoint, "model": args.model,
+        "dataset": args.dataset,
         "num_prompts": len(requests),
         "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
         "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,

@@ -21,6 +21,7 @@ from engine.runner_state import RunnerRequest
 from engine.sampler import Sampler, SamplingRow, process_logits, sampling_probs, token_logprobs
 from engine.spec.rejection import Verdict, accept_greedy, accept_sampled
 from engine.spec.types import Draft, JoinedTokens
+from engine.structured.masks import GrammarMasks
 from engine.token_tree import node_paths
 
 
@@ -42,11 +43,15 @@ def chunk_draft(chunk: ScheduledChunk, probs: torch.Tensor | None) -> Draft:
 
 def verify(sampler: Sampler, logits: torch.Tensor, chunks: Sequence[ScheduledChunk],
            requests: Mapping[str, RunnerRequest], eos_token_ids: tuple[int, ...],
-           draft_probs: Mapping[str, torch.Tensor]) -> list[VerifyResult]:
+           draft_probs: Mapping[str, torch.Tensor],
+           masks: GrammarMasks | None = None) -> list[VerifyResult]:
     """Accept or reject the drafts of `chunks` (verify chunks, in batch order).
 
     logits: (sum(1 + N_c), V), chunk c's 1 + N_c rows contiguous, root row first.
     draft_probs: request id -> (>= N_c, V) draft distribution for drafts sampled from one.
+    masks: grammar masks of the rows of constrained requests (row 1 + j: after the path to
+    draft node j). A draft token its grammar forbids has probability 0 in its parent's row, so
+    it is never accepted, greedy or sampled; the bonus token is drawn from a masked row too.
     """
     rows: list[SamplingRow] = []
     drafts: list[Draft] = []
@@ -63,7 +68,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, chunks: Sequence[ScheduledChu
                                     prompt_token_ids=req.prompt_token_ids,
                                     output_token_ids=JoinedTokens(req.output_token_ids, history),
                                     eos_token_ids=eos_token_ids))
-    x = process_logits(logits, rows)  # (R, V) float32
+    x = process_logits(logits, rows, masks)  # (R, V) float32
     verdicts: list[Verdict] = []
     chosen = torch.zeros(len(rows), dtype=torch.long)  # (R,) the token each used row emitted
     start = 0

@@ -124,3 +124,24 @@ def test_unreachable_server_is_an_error_not_a_crash(tiny_llama_dir: pathlib.Path
     result = json.loads(out.read_text())
     assert result["completed"] == 0 and result["failed"] == 2 and result["errors"]
     assert "Failed requests" in capsys.readouterr().out
+
+
+def test_chat_endpoint_sends_sharegpt_conversations_multi_turn(bench_server: ServerProcess,
+                                                               tiny_llama_dir: pathlib.Path,
+                                                               tmp_path: pathlib.Path) -> None:
+    history_words = 60  # the earlier turns: far longer than the last question
+    conversations = [{"conversations": [
+        {"from": "human", "value": "First question " + "about things " * history_words},
+        {"from": "gpt", "value": "An answer " * history_words},
+        {"from": "human", "value": f"And question {i}?"},
+        {"from": "gpt", "value": "Sure. " * (5 + i)}]} for i in range(4)]
+    dataset = tmp_path / "sharegpt.json"
+    dataset.write_text(json.dumps(conversations))
+    out = tmp_path / "result.json"
+    result = _bench(bench_server, tiny_llama_dir, out, "--endpoint", "/v1/chat/completions",
+                    "--dataset", "sharegpt", "--dataset-path", str(dataset),
+                    "--num-prompts", "4", "--ignore-eos")
+    _check_consistent(result, 4)
+    assert result["endpoint"] == "/v1/chat/completions"
+    # The server's own prompt counts include the earlier turns (and the chat template).
+    assert all(r["prompt_len"] > 2 * history_words for r in result["requests"])

@@ -4,13 +4,14 @@ deltas, the arrival process and the datasets."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import pytest
 
 from benchmarks.load import client
 from benchmarks.load.client import RequestResult
-from benchmarks.load.datasets import random_requests, shared_prefix_requests
+from benchmarks.load.datasets import random_requests, shared_prefix_requests, sharegpt_requests
 from benchmarks.load.metrics import (
     Histogram,
     client_metrics,
@@ -125,3 +126,27 @@ def test_datasets_lengths_and_shared_prefix(smollm2_tokenizer) -> None:
         common += 1
     assert common >= 95  # prompts of one group share about the whole prefix, token for token
     assert ids[0][:20] != ids[1][:20]  # the two groups have different prefixes
+
+
+def test_sharegpt_turns_single_and_multi_turn(tmp_path, smollm2_tokenizer) -> None:
+    conversation = [{"from": "gpt", "value": "a greeting nobody asked for"},
+                    {"from": "human", "value": "one two three four five"},
+                    {"from": "gpt", "value": "six seven eight nine ten"},
+                    {"from": "system", "value": "ignored"},
+                    {"from": "human", "value": "eleven twelve thirteen fourteen"},
+                    {"from": "gpt", "value": "fifteen sixteen seventeen eighteen nineteen"},
+                    {"from": "human", "value": "unanswered at the end"}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([{"conversations": conversation}]))
+    [first] = sharegpt_requests(smollm2_tokenizer, str(path), 1)
+    assert first.prompt == "one two three four five" and first.history == ()
+    assert first.messages == [{"role": "user", "content": "one two three four five"}]
+    [last] = sharegpt_requests(smollm2_tokenizer, str(path), 1, multi_turn=True)
+    assert last.prompt == "eleven twelve thirteen fourteen"
+    assert last.messages == [
+        {"role": "user", "content": "one two three four five"},
+        {"role": "assistant", "content": "six seven eight nine ten"},
+        {"role": "user", "content": "eleven twelve thirteen fourteen"}]
+    assert last.prompt_len > first.prompt_len  # the history counts
+    assert last.output_len == len(smollm2_tokenizer.encode(
+        "fifteen sixteen seventeen eighteen nineteen", add_special_tokens=False))

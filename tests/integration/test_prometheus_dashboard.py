@@ -41,6 +41,8 @@ STOP_TOKEN = 1234  # forced by logit_bias and listed in stop_token_ids: finishes
 REPEAT_TOKEN = 4321  # forced by logit_bias without a stop: the output repeats it, so n-gram
 #   drafts (which look up the text's own suffix) are proposed and accepted
 TIMEOUT_S = 20.0
+PROCESS_ON_DASHBOARD = ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                        "process_open_fds")
 
 
 @dataclass
@@ -223,6 +225,11 @@ def send_load(server: ServerProcess) -> int:
                              "max_tokens": 24, "temperature": 0}, 1),
         ("/v1/completions", {**body, "prompt": "Again and again", "max_tokens": 24,
                              "logit_bias": {str(REPEAT_TOKEN): 100}}, 1),
+        # Structured outputs: one grammar compiled, then found cached.
+        *[("/v1/chat/completions", {"model": NAME, "max_tokens": 8,
+                                    "messages": [{"role": "user", "content": "JSON"}],
+                                    "response_format": {"type": "json_object"}}, 1)
+          for _ in range(2)],
     ]
 
     def call(path: str, json_body: dict[str, Any]) -> None:
@@ -234,9 +241,15 @@ def send_load(server: ServerProcess) -> int:
             httpx.post(f"{server.url}/v1/completions", timeout=0.2,
                        json={**body, "prompt": "Long", "max_tokens": 400})
 
-    with ThreadPoolExecutor(max_workers=len(calls) + 1) as pool:
+    def refused() -> None:  # HTTP errors for the errors panel: 400 and 404
+        assert httpx.post(f"{server.url}/v1/completions", timeout=10,
+                          json={**body, "prompt": "x", "temperature": -1}).status_code == 400
+        assert httpx.get(f"{server.url}/v1/no-such-route", timeout=10).status_code == 404
+
+    with ThreadPoolExecutor(max_workers=len(calls) + 2) as pool:
         futures = [pool.submit(call, path, json_body) for path, json_body, _ in calls]
         futures.append(pool.submit(dropped))
+        futures.append(pool.submit(refused))
         for future in futures:
             future.result()
     return sum(n for _, _, n in calls) + 1
@@ -287,12 +300,22 @@ def test_every_dashboard_query_returns_data(stack: tuple[ServerProcess, Promethe
     query = next(q for q in queries if "xyserve:generation_tokens_total" in q.expr)
     typo = query.expr.replace("generation_tokens_total", "generaton_tokens_total")
     assert check(prometheus, substitute(typo, values)) == "no data", query.where
-    # Every family xyserve exports is on the dashboard.
+    # Every family xyserve exports is on the dashboard (of the standard process_* series, the
+    # CPU, memory and file-descriptor ones).
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    families = re.findall(r"^# TYPE (\S+) ", text, flags=re.MULTILINE)
+    families = [f for f in re.findall(r"^# TYPE (\S+) ", text, flags=re.MULTILINE)
+                if not f.startswith("process_") or f in PROCESS_ON_DASHBOARD]
     all_exprs = "\n".join(query.expr for query in queries)
     missing = [f for f in families if not re.search(re.escape(f) + r"(?![\w:])|"
                                                     + re.escape(f) + r"_(bucket|sum|count)\b",
                                                     all_exprs)]
     assert len(families) >= 25 and not missing, f"not on the dashboard: {missing}"
-    assert "xyserve:spec_decode_num_accepted_tokens_per_pos_total" in families
+    for family in ("xyserve:spec_decode_num_accepted_tokens_per_pos_total",
+                   "xyserve:prefix_cache_hits_total", "xyserve:cache_config_info",
+                   "http_requests_total", *PROCESS_ON_DASHBOARD):
+        assert family in families, family
+    # The new panels' data is what the load made: an error status and a prefix-cache lookup.
+    errors = prometheus.series('sum by (handler, status) (http_requests_total{status=~"[45].."})')
+    assert {(labels["handler"], labels["status"]) for labels, _ in errors} >= {
+        ("/v1/completions", "400"), ("none", "404")}
+    assert prometheus.values(f'xyserve:prefix_cache_queries_total{{model_name="{NAME}"}}')[0] > 0

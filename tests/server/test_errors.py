@@ -81,10 +81,9 @@ def test_400_token_id_outside_vocabulary(tiny_server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize(("path", "extra", "param"), [
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools"),
-    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"response_format": {"type": "structural_tag"}}, "response_format"),
+    ("/v1/completions", {"guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
     ("/v1/completions", {"suffix": "the end"}, "suffix"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
 ])

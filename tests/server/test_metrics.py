@@ -56,17 +56,31 @@ FAMILIES = {
     "npu_padding_waste_ratio": "gauge",
     "npu_kernel_seconds_total": "counter",
     "npu_host_seconds_total": "counter",
+    # vLLM's other series (the issue's list)
+    "prefix_cache_queries_total": "counter",
+    "prefix_cache_hits_total": "counter",
+    "request_prompt_tokens": "histogram",
+    "request_generation_tokens": "histogram",
+    "request_params_n": "histogram",
+    "request_params_max_tokens": "histogram",
+    "request_prefill_time_seconds": "histogram",
+    "request_decode_time_seconds": "histogram",
+    "request_inference_time_seconds": "histogram",
+    "cache_config_info": "gauge",
+    # structured outputs
+    "structured_output_compile_seconds": "histogram",
+    "structured_output_cache_queries_total": "counter",
+    "structured_output_cache_hits_total": "counter",
 }
-PROCESS_FAMILIES = {  # the standard series every Prometheus client exports, unprefixed
-    "process_resident_memory_bytes": "gauge",
-    "process_virtual_memory_bytes": "gauge",
-    "process_start_time_seconds": "gauge",
-    "process_cpu_seconds_total": "counter",
-    "process_open_fds": "gauge",
-    "process_max_fds": "gauge",
-}
+HTTP_FAMILIES = {"http_requests_total": "counter", "http_request_duration_seconds": "histogram"}
+# prometheus_client's ProcessCollector (Linux), unprefixed and without model_name, as vLLM's
+PROCESS_FAMILIES = {"process_cpu_seconds_total": "counter",
+                    "process_resident_memory_bytes": "gauge",
+                    "process_virtual_memory_bytes": "gauge", "process_start_time_seconds": "gauge",
+                    "process_open_fds": "gauge", "process_max_fds": "gauge"}
 LATENCY_HISTOGRAMS = [name for name, kind in FAMILIES.items()
-                      if kind == "histogram" and name.endswith("_seconds")]
+                      if kind == "histogram" and name.endswith("_seconds")
+                      and not name.startswith("structured_output")]
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -89,9 +103,11 @@ class Scrape:
                 self.samples.append((name, dict(_LABEL.findall(labels or "")), float(value)))
 
     def __call__(self, name: str, **labels: str) -> float:
-        """The one sample of `xyserve:<name>` with these labels (fails unless exactly one)."""
+        """The one sample of `xyserve:<name>` (of `name` for http_*, process_*) with these labels
+        (fails unless exactly one)."""
+        full = name if name.startswith(("http_", "process_")) else "xyserve:" + name
         found = [v for n, ls, v in self.samples
-                 if n == "xyserve:" + name and labels.items() <= ls.items()]
+                 if n == full and labels.items() <= ls.items()]
         assert len(found) == 1, (name, labels, found)
         return found[0]
 
@@ -164,6 +180,24 @@ def test_metrics_count_exactly_what_was_served(make_core: MakeCore) -> None:
                      "inter_token_latency_seconds"):
             assert after(f"{prefix}{name}_sum") > 0, prefix + name
     assert after("request_queue_time_seconds_count") == num_requests
+    # vLLM's per-request series: one observation per finished request.
+    for name in ("request_prompt_tokens", "request_generation_tokens", "request_params_n",
+                 "request_params_max_tokens", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds"):
+        assert after(f"{name}_count") == num_requests, name
+    assert after("request_prompt_tokens_sum") == prompt_tokens
+    assert after("request_generation_tokens_sum") == generation_tokens
+    assert after("request_params_n_sum") == 2 * 2 + 1 + 1 + 1 + 1  # n=2 twice, then n=1
+    assert after("request_params_max_tokens_sum") == 2 * 3 + 4 + 2 * 5 + 5
+    assert after("request_inference_time_seconds_sum") >= after("request_decode_time_seconds_sum")
+    assert after("prefix_cache_queries_total") >= prompt_tokens  # every admitted prompt
+    assert 0 <= after("prefix_cache_hits_total") <= after("prefix_cache_queries_total")
+    assert after("cache_config_info", block_size="16", num_gpu_blocks="64",
+                 enable_prefix_caching="True") == 1
+    # HTTP series by handler and status (the scrapes themselves are not counted).
+    assert after("http_requests_total", handler="/v1/completions", method="POST",
+                 status="200") == 3
+    assert after("http_requests_total", handler="/v1/chat/completions", status="200") == 1
     # The two clocks are different clocks.
     assert after("npu_e2e_request_latency_seconds_sum") != after("e2e_request_latency_seconds_sum")
     # Steps: every scheduled token once; one step time, utilization per step that ran.
@@ -196,10 +230,14 @@ def test_families_types_labels_and_buckets(make_core: MakeCore) -> None:
     assert response.headers["content-type"].startswith("text/plain")
     scrape = Scrape(response.text)
     assert scrape.types == {**{"xyserve:" + name: kind for name, kind in FAMILIES.items()},
-                            **PROCESS_FAMILIES}
+                            **HTTP_FAMILIES, **PROCESS_FAMILIES}
     assert all(labels.get("model_name") == NAME for name, labels, _ in scrape.samples
                if name.startswith("xyserve:"))
     assert not any(name.endswith("_created") for name, _, _ in scrape.samples)
+    # process_* describe this process (the in-process server): real values
+    assert scrape("process_resident_memory_bytes") > 10e6
+    assert scrape("process_cpu_seconds_total") > 0
+    assert scrape("process_open_fds") >= 3
     for name in LATENCY_HISTOGRAMS:
         assert scrape.buckets(name) == [*LATENCY_BUCKETS_S, math.inf], name
         assert scrape(f"{name}_bucket", le="+Inf") == scrape(f"{name}_count"), name

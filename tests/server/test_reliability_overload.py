@@ -95,4 +95,7 @@ def test_overload_is_refused_at_once_and_accepted_requests_finish(server: Server
           f"{p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms; {results.accepted} accepted, "
           f"all {results.completed} completed")
     assert p99 < REFUSAL_P99_BOUND_S
+    # Every refusal is on /metrics by route and status.
+    assert server.metric("http_requests_total", handler="/v1/completions",
+                         status="429") == len(latencies)
     wait_until_idle(server)

@@ -25,6 +25,7 @@ from tests.server.harness import (
     TINY_NAME,
     ServerProcess,
     assert_error,
+    metric_value,
     run_server,
 )
 
@@ -83,7 +84,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_llama_dir: pathlib.
         # Both tell clients and load balancers when to try again (elsewhere, or after a restart).
         assert refused.headers["retry-after"].isdigit() and health.headers["retry-after"].isdigit()
         assert httpx.head(f"{server.url}/health", timeout=TIMEOUT_S).status_code == 503
-        assert httpx.get(f"{server.url}/metrics", timeout=TIMEOUT_S).status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT_S)
+        assert metrics.status_code == 200
+        # The 503s are on /metrics by route and status.
+        for handler in ("/v1/completions", "/health"):
+            assert metric_value(metrics.text, "http_requests_total", handler=handler,
+                                status="503") >= 1, handler
         # Every accepted request completes in full.
         for future in futures:
             finish, _ = future.result(timeout=TIMEOUT_S)
