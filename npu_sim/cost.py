@@ -254,7 +254,7 @@ class CostModel:
             return 2
         if k.task_group is not None:  # the split baseline: FlashAttention-style online softmax
             return 4
-        first = k.tasks[: self.chip.num_cube_cores]
+        first = k.leading_tasks(self.chip.num_cube_cores)
         keys = (first["kv_block_end"] - first["kv_block_start"]) * k.block_size
         in_flight = float((keys * first["tile_rows"]).sum()) * ATTN_L2_ALPHA
         return 3 if self.chip.l2_bytes > in_flight else 4
@@ -263,7 +263,7 @@ class CostModel:
         """(attention tasks on AIC + AIVs, combine tasks on AIVs)."""
         stages = self.attention_stages(k)
         pipeline = f"attention-{stages}stage"
-        if not len(k.tasks):
+        if not k.num_tasks:
             return _empty(Unit.MIX, pipeline), self._combine(k)
         c, b, g = self.chip, self.bytes, k.group_size
         # Price each distinct task shape once where the lowering lists them (the same work on
@@ -365,9 +365,9 @@ class CostModel:
         return np.where(total > 0, hbm / np.maximum(total, 1.0), 1.0)
 
     def _combine(self, k: AttentionKernel) -> TaskCosts:
-        c, t = self.chip, k.combine_tasks
-        if not len(t):
+        if not k.num_combine_tasks:
             return _empty(Unit.AIV, "combine")
+        c, t = self.chip, k.combine_tasks
         rows = t["q_rows"].astype(np.float64) * k.group_size
         slots = t["num_slots"].astype(np.float64)
         in_bytes = slots * rows * (k.head_dim + 1) * ACCUM_BYTES

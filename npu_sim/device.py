@@ -244,7 +244,7 @@ class Device:
             launch_s = c.cube_launch_s
             groups, symmetric = kernel.task_group, kernel.task_group is None
             shape = (f"seqs={len(kernel.seqs)} tokens={int(kernel.seqs['q_len'].sum())} "
-                     f"tasks={len(kernel.tasks)}+{len(kernel.combine_tasks)}")
+                     f"tasks={kernel.num_tasks}+{kernel.num_combine_tasks}")
         else:
             raise TypeError(f"not a kernel: {type(kernel).__name__}")
 
@@ -311,7 +311,7 @@ class Device:
 # tasks and split-K reduce tasks; a collective none on the cores).
 _TASK_COUNTS: dict[type, Callable[[Any], int]] = {
     GemmKernel: lambda k: len(k.tasks) + _len(k.reduce_tasks),
-    AttentionKernel: lambda k: len(k.tasks) + len(k.combine_tasks),
+    AttentionKernel: lambda k: k.num_tasks + k.num_combine_tasks,
     VectorKernel: lambda k: len(k.tasks),
     CollectiveKernel: lambda k: 0,
 }
