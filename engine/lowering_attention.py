@@ -13,11 +13,10 @@ Pure functions of (chunks, model shape, chip, block size); engine.lowering re-ex
 
 from __future__ import annotations
 
-import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -26,6 +25,8 @@ from engine.arch import ModelArch
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
 from npu_sim.tiling import attention_q_tile, attention_q_tiles
+
+T = TypeVar("T")
 
 # A KV span shorter than this is not worth a partial + combine round trip (catlass stacks four
 # 128-token pages per softmax block; one span is at least that much).
@@ -131,7 +132,7 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size)
     shapes, task_shape = _shapes(tiles, num_kv_heads)
     split = tiles.num_spans > 1
-    tables = functools.cache(lambda: _task_tables(tiles, num_kv_heads))
+    tables = _once(lambda: _task_tables(tiles, num_kv_heads))
     return AttentionKernel(
         name="attention", num_heads=arch.num_heads, num_kv_heads=num_kv_heads,
         head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
@@ -143,6 +144,18 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
                          if not token_tree.is_chain(chunks[s].draft_parents)),
         shapes=shapes, task_shape=task_shape,
     )
+
+
+def _once(build: Callable[[], T]) -> Callable[[], T]:
+    """A function returning build()'s result, calling it on the first call only."""
+    built: list[T] = []
+
+    def get() -> T:
+        if not built:
+            built.append(build())
+        return built[0]
+
+    return get
 
 
 def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray, g: int,
@@ -251,7 +264,7 @@ def _block_tables(chunks: Sequence[ChunkLike]) -> np.ndarray:
     return tables
 
 
-def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpec,
+def lower_attention_split(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec,
                           block_size: int) -> tuple[AttentionKernel, ...]:
     """The split baseline: a prefill kernel (chunks of more than one token: prefill, chunked
     prefill, and every verify chunk) and a decode kernel (single tokens), whichever are
@@ -279,7 +292,7 @@ def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: C
     kernels = []
     for is_decode in (False, True):
         members = [s for s, c in enumerate(chunks)
-                   if (c.num_tokens == 1 and not c.is_verify) == is_decode]
+                   if (c.num_tokens == 1 and not c.draft_parents) == is_decode]
         if not members:
             continue
         seqs = np.empty(len(members), dtype=ATTN_SEQ)
@@ -292,7 +305,7 @@ def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: C
             tasks, heads, groups, combines = _pfa_tasks(seqs, arch, chip, block_size)
         task_table = np.array(tasks, dtype=ATTN_TASK)
         masks = tuple((j, tree_mask(chunks[s].draft_parents)) for j, s in enumerate(members)
-                      if chunks[s].is_verify)
+                      if chunks[s].draft_parents)
         kernels.append(AttentionKernel(
             name="decode_attention" if is_decode else "prefill_attention",
             num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,

@@ -23,7 +23,7 @@ from dataclasses import replace
 from engine.arch import ModelArch
 from engine.config import EngineConfig
 from engine.core import NUM_NPU_TRACE_STEPS, EngineCore
-from engine.lowering import ChunkShape, lower_step, step_launch_counts, step_launches
+from engine.lowering import lower_step, step_launch_counts, step_launches
 from engine.lowering_tp import kv_pool_blocks, shard_arch
 from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
 from engine.spec.types import Draft
@@ -105,9 +105,8 @@ class TimingRunner:
         if not chunks:
             return ModelOutput(sampled_token_ids={})
         num_sampled = sum(1 + c.num_draft_tokens for c in chunks if c.sample)
-        plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
-                           for c in chunks], num_sampled, self.arch, self.device.chip,
-                          self.block_size, tp=self.tp)
+        plan = lower_step(chunks, num_sampled, self.arch, self.device.chip, self.block_size,
+                          tp=self.tp)
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
             self.device.begin_step()

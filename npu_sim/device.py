@@ -27,6 +27,7 @@ per launch plus a few numpy calls per distinct kernel.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -64,19 +65,28 @@ _MAX_OPEN_LAUNCHES = 1 << 16
 
 def deal(num_tasks: int, num_cores: int, symmetric: bool = False,
          groups: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """(core of each task, block_dim): see the module docstring."""
-    i = np.arange(num_tasks)
+    """(core of each task, block_dim): see the module docstring. Without groups the cores are
+    a function of the task count: read-only arrays, cached."""
     if groups is not None:
         _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
         rank = np.empty(len(first), dtype=np.int64)
         rank[np.argsort(first, kind="stable")] = np.arange(len(first))
         block = min(len(first), num_cores)
         return rank[inverse] % max(block, 1), block
+    return _round_robin(num_tasks, num_cores, symmetric)
+
+
+@functools.lru_cache(maxsize=512)  # task counts of a run: the attention kernels' vary most
+def _round_robin(num_tasks: int, num_cores: int, symmetric: bool) -> tuple[np.ndarray, int]:
+    i = np.arange(num_tasks)
     block = min(num_tasks, num_cores)
     if not symmetric or block == 0:
-        return i % max(block, 1), block
-    p = i % (2 * block)
-    return np.where(p < block, p, 2 * block - 1 - p), block
+        core = i % max(block, 1)
+    else:
+        p = i % (2 * block)
+        core = np.where(p < block, p, 2 * block - 1 - p)
+    core.flags.writeable = False
+    return core, block
 
 
 class Device:
@@ -108,7 +118,12 @@ class Device:
         self.num_tasks: Counter[Primitive] = Counter()  # tasks executed per primitive, ever
         self.total_sim_s = 0.0  # sum of the ended steps' sim_s
         self._launches: list[Kernel] = []  # this step's launches, in order
-        self._step_cache: dict[int, tuple[Kernel, KernelTiming]] = {}  # id(kernel) -> timing
+        # id(kernel) -> (kernel, timing): kernels without a shape key (attention), this step's
+        self._step_cache: dict[int, tuple[Kernel, KernelTiming]] = {}
+        # ... and kernels with one (GEMM, vector, collective), across steps: the lowering reuses
+        # their objects for every step of a token count (the entry keeps the kernel, so its id
+        # is not reused while cached)
+        self._kernel_cache: dict[int, tuple[Kernel, KernelTiming]] = {}
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
 
     # ------------------------------------------------------------------------- host facts
@@ -202,8 +217,8 @@ class Device:
         return trace
 
     def _timing(self, kernel: Kernel) -> KernelTiming:
-        entry = self._step_cache.get(id(kernel))
-        if entry is not None and entry[0] is kernel:
+        entry = self._kernel_cache.get(id(kernel)) or self._step_cache.get(id(kernel))
+        if entry is not None and entry[0] is kernel:  # timed before (this step, or any step)
             return entry[1]
         key = _shape_key(kernel)
         timing = self._shape_cache.get(key) if key else None
@@ -217,9 +232,14 @@ class Device:
                     self._shape_cache.popitem(last=False)
         elif key:
             self._shape_cache.move_to_end(key)
-        if len(self._step_cache) >= _STEP_CACHE_LIMIT:
-            self._step_cache.clear()
-        self._step_cache[id(kernel)] = (kernel, timing)
+        if key:  # its timing is a function of its shape: keep it across steps
+            if len(self._kernel_cache) >= _SHAPE_CACHE_SIZE:
+                self._kernel_cache.clear()
+            self._kernel_cache[id(kernel)] = (kernel, timing)
+        else:
+            if len(self._step_cache) >= _STEP_CACHE_LIMIT:
+                self._step_cache.clear()
+            self._step_cache[id(kernel)] = (kernel, timing)
         return timing
 
     # ------------------------------------------------------------------------------ timing
