@@ -147,10 +147,11 @@ def lower_step(chunks: Sequence[ChunkLike], num_sampled: int, arch: ModelArch, c
     by every step that has them (so the device's timing caches hit on the very same kernels).
     """
     card = shard_arch(arch, tp)
-    t = sum(c.num_tokens for c in chunks)
     if policy.attention is AttentionPolicy.META:
         attention, decode_attention = lower_attention(chunks, card, chip, block_size), None
+        t = int(attention.seqs["q_len"].sum())  # the batch's tokens, summed once already
     else:
+        t = sum(c.num_tokens for c in chunks)
         split = lower_attention_split(chunks, card, chip, block_size)
         attention, decode_attention = split[0], (split[1] if len(split) > 1 else None)
     layer_kernels, step_kernels = _dense_kernels(t, num_sampled, card, chip, policy, tp)

@@ -117,6 +117,7 @@ def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndar
 # Distinct rows a memo keeps by key (each NUM_TERMS floats plus its key): prefill tiles and KV
 # spans, a few new ones per step. Decode rows live in tables indexed by their keys instead.
 _MEMO_ROWS = 1 << 16
+_DECODE_BLOCK = 512  # decode-row keys priced together
 
 
 class RowMemo:
@@ -163,7 +164,8 @@ class RowMemo:
         table, filled = self._tables.get(tile_rows, (None, None))
         top = int(at.max())
         if table is None or filled is None or top >= len(filled):
-            size = max(1024, 2 * top + 1, 0 if filled is None else 2 * len(filled))
+            size = max(-(-(top + 1) // _DECODE_BLOCK) * _DECODE_BLOCK,
+                       0 if filled is None else 2 * len(filled))
             grown, grown_filled = np.empty((NUM_TERMS, size)), np.zeros(size, dtype=bool)
             if table is not None and filled is not None:
                 grown[:, :len(filled)], grown_filled[:len(filled)] = table, filled
@@ -171,7 +173,10 @@ class RowMemo:
             self._tables[tile_rows] = table, filled
         new = ~filled[at]
         if new.any():
-            fresh = np.unique(at[new])
+            # Whole blocks of keys at once: pricing a block costs what pricing one row does
+            # (numpy's per-call overhead), and decode rows walk through consecutive keys.
+            blocks = np.unique(at[new] // _DECODE_BLOCK)
+            fresh = (blocks[:, None] * _DECODE_BLOCK + np.arange(_DECODE_BLOCK)).reshape(-1)
             ones = np.ones(len(fresh))
             table[:, fresh] = np.stack(attention_rows(
                 cm, self.stages, fresh.astype(np.float64), ones, self.group_size,

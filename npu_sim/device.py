@@ -320,10 +320,8 @@ class Device:
             flops=sum(p.flops for p in phases), cube_macs=sum(p.cube_macs for p in phases),
             useful_cube_macs=sum(p.useful_cube_macs for p in phases),
             num_tasks=sum(len(p.cycles) for p in phases),
-            task_unit=_frozen(_cat(units, np.int8)), task_core=_frozen(_cat(cores, np.int64)),
-            task_start_cycles=_frozen(_cat(starts, np.float64) * stretch),
-            task_cycles=_frozen(_cat(durations, np.float64) * stretch),
-            kernel=kernel,
+            kernel=kernel, **(_task_timeline(units, cores, starts, durations, stretch)
+                               if self.timeline else _NO_TIMELINE),
         )
 
 
@@ -379,6 +377,15 @@ def _collective_timing(kernel: CollectiveKernel, c: ChipSpec) -> KernelTiming:
         task_cycles=none, kernel=kernel)
 
 
+def _task_timeline(units: list[np.ndarray], cores: list[np.ndarray], starts: list[np.ndarray],
+                   durations: list[np.ndarray], stretch: float) -> dict[str, np.ndarray]:
+    """KernelTiming's per-task fields from the phases' pieces."""
+    return {"task_unit": _frozen(_cat(units, np.int8)),
+            "task_core": _frozen(_cat(cores, np.int64)),
+            "task_start_cycles": _frozen(_cat(starts, np.float64) * stretch),
+            "task_cycles": _frozen(_cat(durations, np.float64) * stretch)}
+
+
 def _len(tasks: np.ndarray | None) -> int:
     return 0 if tasks is None else len(tasks)
 
@@ -390,6 +397,12 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
+
+
+# A timing-only device keeps no per-task timeline: every timing shares these empty arrays.
+_NO_TIMELINE = {"task_unit": _frozen(np.zeros(0, dtype=np.int8)),
+                "task_core": _frozen(np.zeros(0, dtype=np.int64)),
+                "task_start_cycles": _frozen(np.zeros(0)), "task_cycles": _frozen(np.zeros(0))}
 
 
 def _shape_key(kernel: Kernel) -> tuple[Any, ...] | None:
