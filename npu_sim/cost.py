@@ -287,7 +287,12 @@ class CostModel:
         horizon_reached = k_end >= horizon  # the span reaches the causal diagonal of its tile
         final = t["partial_slot"] < 0
         kv_bytes = 2 * keys * d * b
-        hbm_fraction = self._attention_hbm_fraction(k, t["seq"], kv_bytes * weight)[t["seq"]]
+        if by_shape and len(t) == len(k.seqs):
+            # a shape per sequence: one tile over all its KV, read once, all of it from HBM
+            # (what _attention_hbm_fraction gives: exactly 1.0 for such sequences)
+            hbm_fraction = np.ones(len(t))
+        else:
+            hbm_fraction = self._attention_hbm_fraction(k, t["seq"], kv_bytes * weight)[t["seq"]]
         mask = None
         if k.tree_masks:
             kl = keys / np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)  # keys per chunk

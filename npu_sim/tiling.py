@@ -171,9 +171,8 @@ def build_gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...],
         dtype=np.int64)
     nm, nn, ns = len(m_cover), len(n_starts), len(slices)
     tasks = np.empty(nm * nn * ns, dtype=GEMM_TASK)
-    mi = np.repeat(np.arange(nm), nn * ns)  # m-tile major, then N tiles, then K slices
-    ni = np.tile(np.repeat(np.arange(nn), ns), nm)
-    si = np.tile(np.arange(ns), nm * nn)
+    i = np.arange(nm * nn * ns)  # m-tile major, then N tiles, then K slices
+    mi, ni, si = i // (nn * ns), i // ns % nn, i % ns
     tasks["m_start"], tasks["m_rows"], tasks["tile"] = (m_cover[mi, j] for j in range(3))
     tasks["n_start"] = n_starts[ni]
     tasks["n_cols"] = np.minimum(tn, n - n_starts[ni])
