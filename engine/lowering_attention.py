@@ -13,7 +13,7 @@ Pure functions of (chunks, model shape, chip, block size); engine.lowering re-ex
 
 from __future__ import annotations
 
-import itertools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypeVar
@@ -27,6 +27,7 @@ from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
 from npu_sim.tiling import attention_q_tile, attention_q_tiles
 
 T = TypeVar("T")
+_START_POS, _NUM_TOKENS = operator.attrgetter("start_pos"), operator.attrgetter("num_tokens")
 
 # A KV span shorter than this is not worth a partial + combine round trip (catlass stacks four
 # 128-token pages per softmax block; one span is at least that much).
@@ -118,10 +119,10 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     chunks = tuple(chunks)  # kept for the lazy block tables
     num_seqs = len(chunks)
-    # (start_pos, num_tokens) of every chunk in one pass
-    pos = np.fromiter(itertools.chain.from_iterable((c.start_pos, c.num_tokens) for c in chunks),
-                      np.int64, 2 * num_seqs).reshape(num_seqs, 2)
-    start_pos, q_len = pos[:, 0], pos[:, 1]
+    # attribute getters mapped in C: no Python frame per chunk (the attributes may be fields or
+    # properties: ScheduledChunk.num_tokens is one)
+    start_pos = np.fromiter(map(_START_POS, chunks), np.int64, num_seqs)
+    q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
     verify = np.zeros(num_seqs, dtype=bool)
     trees = [s for s, c in enumerate(chunks) if c.draft_parents]
     verify[trees] = True
@@ -164,23 +165,38 @@ def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray, g: in
     each with its KV spans: as many as its work over the per-core share, each of at least
     MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
     num_seqs = len(q_len)
+    if num_seqs and not verify.any() and int(q_len.max()) == 1:  # decodes: a tile each
+        # attention_q_tiles' answer for one token: the smallest tile holding g rows
+        tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
+        seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
+        return _spans(seq, q_offset, q_rows, tile_rows, start_pos, g, num_kv_heads, chip,
+                      block_size)
     # (tile_rows, tokens per tile) per sequence, then per tile
     seq_tile_rows, seq_tile_tokens = attention_q_tiles(q_len, g, verify)
     num_tiles = -(-q_len // seq_tile_tokens)
-    if len(num_tiles) and int(num_tiles.max()) == 1:  # one tile per sequence (decodes)
+    if len(num_tiles) and int(num_tiles.max()) == 1:  # one tile per sequence
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
     else:
         seq = np.repeat(np.arange(num_seqs), num_tiles)
         q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles,
                                                     num_tiles)) * seq_tile_tokens[seq]
         q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
-    n_blocks = -(-(start_pos[seq] + q_offset + q_rows) // block_size)  # the causal horizon's
+    return _spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq], g, num_kv_heads,
+                  chip, block_size)
+
+
+def _spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
+           tile_start_pos: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
+           block_size: int) -> _Tiles:
+    """The tiles (per tile: sequence, first query token, query tokens, tile rows, its
+    sequence's start_pos) with their KV blocks and spans."""
+    n_blocks = -(-(tile_start_pos + q_offset + q_rows) // block_size)  # the causal horizon's
     work = q_rows * g * n_blocks * block_size
     share = float(work.sum()) * num_kv_heads / chip.num_cube_cores
     wanted = np.ceil(work / share).astype(np.int64) if share else np.ones_like(work)
     num_spans = np.maximum(1, np.minimum(wanted, n_blocks // max(1, MIN_KV_SPAN_TOKENS //
                                                                   block_size)))
-    return _Tiles(seq, q_offset, q_rows, seq_tile_rows[seq], n_blocks, num_spans)
+    return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, num_spans)
 
 
 def _shapes(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
