@@ -62,6 +62,12 @@ class KernelTiming:
         return 1.0 - self.useful_cube_macs / self.cube_macs if self.cube_macs else 0.0
 
     @functools.cached_property
+    def primitive_name(self) -> str:
+        """primitive.value, read once (an enum's value is a Python-level property; a step
+        reads it per kernel)."""
+        return self.primitive.value
+
+    @functools.cached_property
     def step_sums(self) -> np.ndarray:
         """float64 (_NUM_SCALARS + num_cube_cores + num_vector_cores,): what one launch adds to
         its step's sums (count_step_trace), the scalars in _SCALARS order, then the busy
@@ -128,7 +134,7 @@ def count_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_req
     num_launches = sum(n for _, n in counts)
     by_primitive: dict[str, float] = {}
     for timing, n in counts:
-        key = timing.primitive.value
+        key = timing.primitive_name
         by_primitive[key] = by_primitive.get(key, 0.0) + n * timing.seconds
     # Every sum at once: (launches, sums) rows times their counts, added up launch by launch
     # (an accumulate, so each sum is the sequential one, in the order of `counts`).
