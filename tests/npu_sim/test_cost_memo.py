@@ -48,3 +48,25 @@ def test_memoised_attention_costs_are_exact(model: str, chip_name: str) -> None:
                 assert np.array_equal(a, b), name
             else:
                 assert a == b, name
+
+
+@pytest.mark.parametrize("model", ["llama-2-7b", "llama-3-8b"])
+def test_one_tile_sequences_read_all_their_kv_from_hbm(model: str) -> None:
+    """The shortcut CostModel.attention takes for launches of one unsplit tile per sequence:
+    the HBM fraction it assumes (1.0) is what _attention_hbm_fraction computes for them."""
+    arch, chip = resolve_arch(model), get_chip("910b2")
+    cm = CostModel(chip)
+    checked = 0
+    for batch in _batches(1):
+        kernel = lower_attention(batch, arch, chip, 128)
+        shapes = kernel.shapes
+        if kernel.tree_masks or shapes is None or len(shapes) != len(kernel.seqs):
+            continue
+        keys = np.minimum(shapes["kv_block_end"] * 128, kernel.seqs["start_pos"][shapes["seq"]]
+                          + shapes["q_offset"] + shapes["q_rows"]).astype(np.float64)
+        kv_bytes = 2 * keys * kernel.head_dim * cm.bytes
+        fraction = cm._attention_hbm_fraction(kernel, shapes["seq"],
+                                              kv_bytes * kernel.num_kv_heads)
+        assert (fraction == 1.0).all()
+        checked += 1
+    assert checked >= 5
