@@ -4,6 +4,8 @@
         --max-num-batched-tokens 2048 --max-num-seqs 256 --max-model-len 16384 --out results/
     xyserve simulate --model qwen2.5-7b --synthetic --request-rate 4 --num-requests 500 \\
         --input-len lognormal:mean=800,sigma=0.6 --output-len 200 --slo ttft=2,tpot=0.1
+    xyserve simulate --model llama-3-70b -tp 4 --replicas 4 --router least-loaded --trace ...
+    xyserve simulate --model llama-3-70b -tp 4 --prefill-replicas 2 --decode-replicas 2 ...
 
 Engine options are serve's (engine.cli_args, the same defaults); the summary goes to stdout as a
 table and, with --out, to summary.json beside requests.csv, steps.csv and the plots.
@@ -18,6 +20,7 @@ import math
 import sys
 from typing import Any
 
+from cluster.routing import ROUTER_POLICIES
 from engine.cli_args import (
     add_npu_arguments,
     add_scheduler_arguments,
@@ -66,8 +69,12 @@ def add_simulate_parser(subparsers: Any) -> None:
                         "(without one, records need prompt_len / output_len fields)")
     w.add_argument("--num-requests", type=int, metavar="N",
                    help="the first N requests (synthetic: how many to draw; default 1000)")
+    w.add_argument("--start", type=float, default=0.0, metavar="SECONDS",
+                   help="the window starts this many (scaled) seconds into the trace "
+                        "(default: %(default)s)")
     w.add_argument("--duration", type=float, metavar="SECONDS",
-                   help="only requests arriving within this many (scaled) seconds")
+                   help="only requests arriving within this many (scaled) seconds of the "
+                        "window's start")
     w.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply arrival times: 2 stretches the trace to half the rate, 0.5 "
                         "doubles it (default: %(default)s)")
@@ -82,6 +89,22 @@ def add_simulate_parser(subparsers: Any) -> None:
     n.add_argument("--kv-reserve-fraction", type=float, default=0.1, metavar="F",
                    help="HBM kept back from the KV pool for activations and workspaces "
                         "(vLLM's gpu_memory_utilization is 1 - F) (default: %(default)s)")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="engines (each --tensor-parallel-size NPUs) behind a router, on one "
+                        "simulated clock (default: %(default)s)")
+    c.add_argument("--router", choices=ROUTER_POLICIES, default="round-robin",
+                   help="how arrivals are spread: round-robin, least-loaded (fewest outstanding "
+                        "tokens), prefix-aware (longest cached prefix within a load bound) "
+                        "(default: %(default)s)")
+    c.add_argument("--prefill-replicas", type=int, default=0, metavar="P",
+                   help="P/D disaggregation: prefill-only engines handing each request's KV to "
+                        "--decode-replicas (replaces --replicas)")
+    c.add_argument("--decode-replicas", type=int, default=0, metavar="D",
+                   help="P/D disaggregation: decode (and verify) engines")
+    c.add_argument("--kv-link", choices=("auto", "hccs", "roce"), default="auto",
+                   help="P/D: the KV transfer's link, HCCS inside a node or RoCE between nodes; "
+                        "auto: HCCS when all NPUs fit one node (default: %(default)s)")
     add_speculative_arguments(p)
     p.add_argument_group("speculative decoding").add_argument(
         "--acceptance-rate", type=float, default=0.7, metavar="A",
@@ -101,8 +124,9 @@ def add_simulate_parser(subparsers: Any) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     """Build the workload and the engine (every bad option is one line, exit 2), run, report."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from cluster.cluster_sim import ClusterConfig, ClusterSimulation
     from cluster.results import Slo
-    from cluster.simulation import Simulation
+    from cluster.routing import RouterConfig
     from cluster.workload import WorkloadError
     from engine.arch import ModelLoadError
 
@@ -111,18 +135,27 @@ def run_simulate(args: argparse.Namespace) -> int:
         if not 0.0 <= args.kv_reserve_fraction < 1.0:
             raise ValueError(f"--kv-reserve-fraction must be in [0, 1), got "
                              f"{args.kv_reserve_fraction}")
-        sim = Simulation(args.model, config=engine_config(args),
-                         acceptance_rate=args.acceptance_rate,
-                         kv_reserve_fraction=args.kv_reserve_fraction,
-                         tensor_parallel_size=args.tensor_parallel_size)
-        workload = _workload(args, sim.engine.info.max_model_len)
+        if args.prefill_replicas and args.replicas != 1:
+            raise ValueError("--replicas and --prefill-replicas / --decode-replicas exclude "
+                             "each other")
+        cluster = ClusterConfig(num_replicas=args.replicas,
+                                num_prefill_replicas=args.prefill_replicas,
+                                num_decode_replicas=args.decode_replicas,
+                                router=RouterConfig(args.router), kv_link=args.kv_link)
+        sim = ClusterSimulation(args.model, cluster, config=engine_config(args),
+                                acceptance_rate=args.acceptance_rate,
+                                kv_reserve_fraction=args.kv_reserve_fraction,
+                                tensor_parallel_size=args.tensor_parallel_size)
+        workload = _workload(args, sim.max_model_len)
     except (ModelLoadError, WorkloadError, ValueError) as exc:
         print(f"xyserve simulate: error: {exc}", file=sys.stderr)
         return 2
     result = sim.run(workload, slo, _progress(args, workload))
-    from cluster.results import format_table
+    from cluster.results import format_replicas, format_table
 
     print(format_table(result.summary))
+    if len(result.replicas) > 1:
+        print(format_replicas([r.name for r in result.replicas], result.replica_summaries))
     for rejected in result.rejected[:5]:
         print(f"rejected request {rejected.index}: {rejected.reason}", file=sys.stderr)
     if args.out:
@@ -150,6 +183,7 @@ def _workload(args: argparse.Namespace, max_model_len: int) -> Any:
         base = wl.read_azure_csv(args.trace)
     return wl.shape(base, num_requests=None if args.synthetic else args.num_requests,
                     duration_s=args.duration, time_scale=args.time_scale,
+                    start_s=args.start,
                     max_model_len=max_model_len, long_policy=args.long_requests)
 
 

@@ -61,11 +61,16 @@ def _add(core: EngineCore, requests: tuple[RequestSpec, ...], i: int, recorder: 
     spec = requests[i]
     prompt = (list(spec.prompt_token_ids) if spec.prompt_token_ids is not None
               else synthetic_prompt(i, spec.prompt_len))
-    params = replace(_BASE_PARAMS, max_tokens=spec.output_len)
     try:
-        core.add_request(str(i), prompt, params, arrival_sim_s=spec.arrival_s)
+        core.add_request(str(i), prompt, request_params(spec.output_len),
+                         arrival_sim_s=spec.arrival_s)
     except RequestRejected as exc:
         rejected.append(RejectedRequest(i, str(exc)))
     else:
         recorder.record_arrival(i, spec)
     return i + 1
+
+
+def request_params(output_len: int) -> SamplingParams:
+    """A simulated request's sampling: exactly output_len tokens (EOS never ends it early)."""
+    return replace(_BASE_PARAMS, max_tokens=output_len)

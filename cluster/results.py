@@ -96,13 +96,18 @@ class Summary:
     slo: dict[str, float | None] = field(default_factory=dict)  # the SLO, when one was given
     goodput: float | None = None  # requests meeting the SLO per simulated second
     slo_attainment: float | None = None  # fraction of finished requests meeting it
+    num_replicas: int = 1  # engines simulated side by side (replicas, or prefill + decode)
+    num_npus: int = 1  # cards they occupy (replicas x tensor-parallel size): the cost
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, allow_nan=True)
 
 
 def summarize(recorder: Recorder, *, model: str, chip: str, workload: str, num_rejected: int,
-              num_dropped: int = 0, num_clipped: int = 0, slo: Slo | None = None) -> Summary:
+              num_dropped: int = 0, num_clipped: int = 0, slo: Slo | None = None,
+              num_replicas: int = 1, num_npus: int = 1) -> Summary:
+    """The summary of a recorder's requests and steps; with several replicas, NPU utilization
+    is per replica (all their kernel time over num_replicas x the duration)."""
     done = [r for r in recorder.requests.values() if r.finish_reason]
     steps = np.asarray(recorder.steps, dtype=np.float64).reshape(-1, len(STEP_COLUMNS))
     start = min((r.arrival_s for r in recorder.requests.values()), default=0.0)
@@ -128,13 +133,15 @@ def summarize(recorder: Recorder, *, model: str, chip: str, workload: str, num_r
         mean_batch_tokens=float(batch.mean()) if len(batch) else 0.0,
         max_batch_tokens=int(batch.max()) if len(batch) else 0,
         max_kv_cache_usage=recorder.max_kv_usage,
-        npu_utilization={k: v / duration for k, v in sorted(recorder.kernel_s.items())},
+        npu_utilization={k: v / (duration * num_replicas)
+                         for k, v in sorted(recorder.kernel_s.items())},
         host_overhead_share=recorder.host_s / step_time if step_time else 0.0,
         wall_s=recorder.wall_s, steps_per_s=len(steps) / wall,
         requests_per_s=len(done) / wall, sim_to_wall=duration / wall,
         slo={} if slo is None else asdict(slo),
         goodput=None if good is None else good / duration,
-        slo_attainment=None if good is None else good / max(len(done), 1))
+        slo_attainment=None if good is None else good / max(len(done), 1),
+        num_replicas=num_replicas, num_npus=num_npus)
 
 
 def format_table(s: Summary) -> str:
@@ -169,6 +176,18 @@ def format_table(s: Summary) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def format_replicas(names: Sequence[str], summaries: Sequence[Summary]) -> str:
+    """One line per replica: what it ran, as it saw its own requests (a decode replica's TTFT
+    is to its first token, after the hand-off)."""
+    lines = ["per replica        requests   steps  TTFT p99 ms  TPOT p99 ms  KV peak  busy"]
+    for name, s in zip(names, summaries, strict=True):
+        busy = sum(s.npu_utilization.values())
+        lines.append(f"{name:<18} {s.num_requests:>8} {s.num_steps:>7} "
+                     f"{s.ttft_s['p99'] * 1e3:>12.2f} {s.tpot_s['p99'] * 1e3:>12.2f} "
+                     f"{100 * s.max_kv_cache_usage:>7.1f}% {100 * busy:>5.1f}%")
+    return "\n".join(lines)
 
 
 def write_csvs(recorder: Recorder, out_dir: Path) -> tuple[Path, Path]:

@@ -84,5 +84,5 @@ class Simulation:
         summary = summarize(recorder, model=self.model, chip=chip,
                             workload=workload.source, num_rejected=len(rejected),
                             num_dropped=workload.num_dropped, num_clipped=workload.num_clipped,
-                            slo=slo)
+                            slo=slo, num_npus=tp)
         return SimulationResult(summary, recorder, tuple(rejected))

@@ -223,14 +223,20 @@ def _conversation_lengths(turns: list[Any], tokenizer: Any,
 
 def shape(workload: Workload, *, num_requests: int | None = None,
           duration_s: float | None = None, time_scale: float = 1.0,
-          max_model_len: int | None = None, long_policy: LongPolicy = "drop") -> Workload:
-    """Stretch (time_scale > 1) or squeeze arrivals, keep the first num_requests and those
-    arriving within duration_s (after scaling), and clip or drop requests whose prompt + output
-    exceed max_model_len (clip: output first, then the prompt, leaving at least one of each)."""
+          max_model_len: int | None = None, long_policy: LongPolicy = "drop",
+          start_s: float = 0.0) -> Workload:
+    """Stretch (time_scale > 1) or squeeze arrivals, start the window at start_s (after
+    scaling; earlier arrivals are left out and the window's arrivals count from it), keep the
+    first num_requests and those arriving within duration_s of the window's start, and clip or
+    drop requests whose prompt + output exceed max_model_len (clip: output first, then the
+    prompt, leaving at least one of each)."""
     if time_scale <= 0:
         raise WorkloadError(f"time scale must be positive, got {time_scale}")
-    requests: Sequence[RequestSpec] = [replace(r, arrival_s=r.arrival_s * time_scale)
-                                       for r in workload.requests]
+    if start_s < 0:
+        raise WorkloadError(f"window start must be non-negative, got {start_s}")
+    requests: Sequence[RequestSpec] = [replace(r, arrival_s=r.arrival_s * time_scale - start_s)
+                                       for r in workload.requests
+                                       if r.arrival_s * time_scale >= start_s]
     if duration_s is not None:
         requests = [r for r in requests if r.arrival_s <= duration_s]
     if num_requests is not None:

@@ -75,6 +75,9 @@ class EngineCore:
         self.sim_now_s = 0.0  # the simulated NPU clock, in seconds since the engine started
         self.num_steps = 0  # non-empty steps run
         self.last_stats: IterationStats | None = None  # the latest step's, for stat loggers
+        # requests whose blocks the latest step allocated for KV from another engine (P/D):
+        # the caller moves the KV, then calls finish_kv_transfer
+        self.last_kv_transfer_ids: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, config: EngineConfig, loaded: Any = None) -> EngineCore:
@@ -89,7 +92,7 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None,
-                    arrival_sim_s: float | None = None) -> None:
+                    arrival_sim_s: float | None = None, num_external_tokens: int = 0) -> None:
         """Queue a request. Raises RequestRejected (a ValueError; nothing queued) if it can never
         be served: token ids outside the vocabulary, lengths beyond max_model_len or the KV pool
         (engine.admission.check_fits); ValueError for an id already in use.
@@ -98,7 +101,13 @@ class EngineCore:
         arrival_sim_s: its arrival on the simulated clock, given by a simulation that owns that
             clock (at most `sim_now_s` unless the engine is idle); default: now on the
             simulated clock, after an idle engine's jump to the wall-clock arrival.
+        num_external_tokens: leading tokens whose KV another engine computed (P/D
+            disaggregation); the request waits for them to land (finish_kv_transfer) once
+            admitted. Must leave at least one token to compute here.
         """
+        if not 0 <= num_external_tokens < len(prompt_token_ids):
+            raise ValueError(f"num_external_tokens must be in [0, {len(prompt_token_ids)}), got "
+                             f"{num_external_tokens}")
         arch = self.info.arch
         _check_token_ids(arch.vocab_size, prompt=prompt_token_ids,
                          logit_bias=params.logit_bias, stop_token_ids=params.stop_token_ids)
@@ -113,7 +122,8 @@ class EngineCore:
         arrival_s = time.monotonic() if arrival_time is None else arrival_time
         request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                           sampling_params=params, arrival_time=arrival_s,
-                          eos_token_id=eos[0] if eos else None)
+                          eos_token_id=eos[0] if eos else None,
+                          num_external_tokens=num_external_tokens)
         idle = not self.scheduler.has_unfinished_requests()
         self.scheduler.add_request(request)
         if arrival_sim_s is None:  # served: it arrives on the simulated clock as it is now
@@ -133,6 +143,15 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def finish_kv_transfer(self, request_id: str) -> None:
+        """The KV of a request added with num_external_tokens has landed: it runs from there."""
+        self.scheduler.finish_kv_transfer(request_id)
+
+    def advance_clock(self, sim_s: float) -> None:
+        """Jump the simulated clock forward to sim_s (never back): what a simulation does for an
+        engine that had nothing to run (idle, or only waiting for KV) until sim_s."""
+        self.sim_now_s = max(self.sim_now_s, sim_s)
+
     def unfinished_requests(self) -> list[tuple[str, int, int]]:
         """(request id, prompt tokens, output tokens) of every unfinished request."""
         return [(r.request_id, r.num_prompt_tokens, r.num_output_tokens)
@@ -151,6 +170,7 @@ class EngineCore:
         """
         start_s = time.monotonic()
         scheduler_output = self.scheduler.schedule()
+        self.last_kv_transfer_ids = scheduler_output.kv_transfer_ids
         if scheduler_output.is_empty:
             self.runner.execute(scheduler_output)  # it still hears of finished requests
             self.last_stats = self.output_processor.idle_step()

@@ -206,6 +206,18 @@ class KVCacheManager:
             hit.append(block_id)
         return hit
 
+    def num_cached_blocks(self, block_hashes: Sequence[BlockHash]) -> int:
+        """How many of `block_hashes` (a prompt's chained block hashes, first block first) the
+        cache holds as a leading run: what `find_cached_prefix` would share (a router asks)."""
+        if not self.enable_caching:
+            return 0
+        num_blocks = 0
+        for block_hash in block_hashes:
+            if self.pool.lookup(block_hash) is None:
+                break
+            num_blocks += 1
+        return num_blocks
+
     def cache_full_blocks(self, request: Request) -> None:
         """Register the blocks of `request` that its computed tokens have filled."""
         if not self.enable_caching:

@@ -85,6 +85,10 @@ class SchedulerOutput:
     # acceptance pays for in its next step (engine.spec.adaptive; only the scheduler applies that
     # rule); a request left out gets none
     num_drafts_to_propose: Mapping[str, int] = field(default_factory=dict)
+    # requests admitted this step whose KV comes from another engine (Request.
+    # num_external_tokens): their blocks are allocated now, so the transfer can start; they run
+    # once Scheduler.finish_kv_transfer says it landed
+    kv_transfer_ids: tuple[str, ...] = ()
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -27,19 +27,20 @@ class FinishReason(str, enum.Enum):
 
 
 class RequestStatus(enum.IntEnum):
-    """Lifecycle of a request. Every status after PREEMPTED is a finished one."""
+    """Lifecycle of a request. Every status from FINISHED_STOPPED on is a finished one."""
 
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH_CAPPED = 4
-    FINISHED_ABORTED = 5
-    FINISHED_ERROR = 6
+    RECEIVING_KV = 3  # admitted, its blocks allocated, its KV arriving from another engine
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH_CAPPED = 5
+    FINISHED_ABORTED = 6
+    FINISHED_ERROR = 7
 
     @property
     def is_finished(self) -> bool:
-        return self > RequestStatus.PREEMPTED
+        return self >= RequestStatus.FINISHED_STOPPED
 
     @property
     def finish_reason(self) -> FinishReason | None:
@@ -198,6 +199,10 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)  # KV blocks, in token order
     num_preemptions: int = 0  # times its KV was dropped for recompute
+    num_external_tokens: int = 0  # leading tokens whose KV another engine computed (P/D
+    #   disaggregation: a prefill engine's prompt): admitted, the request takes blocks for
+    #   them and waits in RECEIVING_KV until the transfer lands, then runs from there; a
+    #   preemption drops that KV and resets this to 0 (recomputed here). 0 = nothing external
     draft: Draft | None = None  # speculative tokens proposed for its next verify (no probs)
     spec_acceptance: float = SPEC_ACCEPTANCE_PRIOR  # moving average of the fraction of tested
     #   draft positions accepted; decides how many drafts still pay (scheduler)

@@ -11,6 +11,10 @@ request has `num_tokens` known tokens (prompt + outputs) of which `num_computed_
 KV cache; each step spends one token budget (`max_num_batched_tokens`) letting requests catch up.
 A decode is a request 1 token behind, a prefill one many tokens behind, a long prompt simply takes
 several steps, and a preempted request recomputes prompt + outputs the same way.
+
+KV computed elsewhere (P/D disaggregation, `Request.num_external_tokens`): admitted FCFS when its
+blocks can be allocated, the request waits in `receiving` while the caller moves the KV (step's
+`kv_transfer_ids`), and runs from there after `finish_kv_transfer`; the caller times it.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ class Scheduler:
     """Decides which tokens of which requests each step computes, and applies the results.
 
     State: `requests` holds every unfinished request, `waiting` the ones queued for admission
-    (FCFS; preempted ones go back to its front), `running` the admitted ones in admission order.
-    Invariants: a request is in exactly one of `waiting` / `running`; only running requests hold
-    KV blocks; `len(running) <= max_num_seqs`.
+    (FCFS; preempted ones go back to its front), `running` the admitted ones in admission order,
+    `receiving` admitted ones whose KV is still arriving from another engine.
+    Invariants: a request is in exactly one of `waiting` / `running` / `receiving`; only running
+    and receiving requests hold KV blocks; `len(running) + len(receiving) <= max_num_seqs`.
     """
 
     def __init__(
@@ -66,8 +71,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.receiving: dict[str, Request] = {}  # admitted, KV in flight (insertion order)
         # Finished since the last schedule(): reported once, so the runner drops their state.
         self._finished_ids: list[str] = []
+        self._kv_transfer_ids: list[str] = []  # admitted into `receiving` by this schedule()
         self._num_preemptions = 0  # cumulative
 
     # ---------------------------------------------------------------- intake
@@ -109,6 +116,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted_ids: list[str] = []
         new_requests: list[NewRequestData] = []
+        self._kv_transfer_ids = []
         if self.config.policy == "prefill_first":
             self._admit_waiting(chunks, new_requests, self.config.max_num_batched_tokens,
                                 whole=True)
@@ -127,6 +135,7 @@ class Scheduler:
             finished_ids=finished_ids,
             new_requests=tuple(new_requests),
             num_drafts_to_propose=self._drafts_to_propose(chunks),
+            kv_transfer_ids=tuple(self._kv_transfer_ids),
         )
 
     def _drafts_to_propose(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
@@ -213,8 +222,13 @@ class Scheduler:
         """Admit waiting requests FCFS into `chunks` while budget, max_num_seqs and blocks
         allow; those admitted for the first time (never preempted) go to `new_requests` too.
         whole=True never splits a prompt (the first one may exceed the budget)."""
-        while self.waiting and token_budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and token_budget > 0
+               and len(self.running) + len(self.receiving) < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.num_external_tokens:
+                if not self._admit_receiving(request, new_requests):
+                    break  # FCFS: it waits for blocks like anyone else
+                continue
             # Waiting requests hold no blocks (new, or preempted and freed): with prefix caching
             # the longest cached prefix is shared and computing starts right after it.
             cached_block_ids = self.kv_cache.find_cached_prefix(request)
@@ -237,6 +251,31 @@ class Scheduler:
                                                    sampling_params=request.sampling_params))
             chunks.append(make_chunk(request, num_new_tokens))
             token_budget -= num_new_tokens
+
+    def _admit_receiving(self, request: Request, new_requests: list[NewRequestData]) -> bool:
+        """The head of `waiting` into `receiving` (False when blocks are short): blocks for its
+        external tokens (the transfer fills them: no prefix lookup), no budget (nothing runs)."""
+        if not self.kv_cache.allocate_slots(request, request.num_external_tokens):
+            return False
+        self.waiting.popleft()
+        request.status = RequestStatus.RECEIVING_KV
+        self.receiving[request.request_id] = request
+        self._kv_transfer_ids.append(request.request_id)
+        new_requests.append(NewRequestData(request_id=request.request_id,
+                                           prompt_token_ids=request.prompt_token_ids,
+                                           sampling_params=request.sampling_params))
+        return True
+
+    def finish_kv_transfer(self, request_id: str) -> None:
+        """A receiving request's KV has landed: it runs from its external tokens on. Unknown ids
+        (finished meanwhile) are ignored."""
+        request = self.receiving.pop(request_id, None)
+        if request is None:
+            return
+        request.num_computed_tokens = request.num_external_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.kv_cache.cache_full_blocks(request)  # the landed blocks are as good as computed
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_output: ModelOutput
@@ -359,6 +398,7 @@ class Scheduler:
         """Drop `request`'s KV to recompute later (outputs kept); it is already off `running`."""
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
+        request.num_external_tokens = 0  # that KV is gone too: recomputed here
         request.draft = None
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -369,6 +409,8 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.status == RequestStatus.RECEIVING_KV:
+            del self.receiving[request.request_id]
         else:
             self.waiting.remove(request)
         self.kv_cache.free(request)

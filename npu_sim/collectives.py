@@ -11,12 +11,21 @@ cards, ~(n - 1) x 17 GB/s), which a ring over single links would keep flat. So
 
 and a large message's algbw (B / t) tends to n x link / 2 for all-reduce, n x link for
 all-gather. Calibration (CC1, CC2) fits the efficiency; latency and launch cost are MSM's.
+
+A point-to-point copy (P/D disaggregation moving a request's KV from a prefill NPU to a decode
+NPU) uses one link: an HCCS link of the mesh inside a node, or the NPU's RoCE NIC between nodes:
+
+    t = collective_launch_s + link latency + B / (link rate x efficiency)
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import CollectiveOp
+
+Link = Literal["hccs", "roce"]  # inside one node's HCCS mesh, or between nodes over RoCE
 
 
 def ring_steps(op: CollectiveOp, world_size: int) -> int:
@@ -48,3 +57,16 @@ def algbw_bytes_per_s(op: CollectiveOp, num_bytes: float, world_size: int,
 def bytes_moved(op: CollectiveOp, num_bytes: float, world_size: int) -> float:
     """Bytes one rank sends (= receives) over HCCS in the ring schedule."""
     return ring_steps(op, world_size) * num_bytes / world_size if world_size > 1 else 0.0
+
+
+def p2p_seconds(num_bytes: float, link: Link, chip: ChipSpec) -> float:
+    """Seconds to copy `num_bytes` from one NPU to another over one `link` (module docstring)."""
+    if num_bytes < 0:
+        raise ValueError(f"num_bytes must be non-negative, got {num_bytes}")
+    if link == "hccs":
+        rate, latency = chip.hccs_link_bytes_per_s * chip.hccs_efficiency, chip.hccs_latency_s
+    elif link == "roce":
+        rate, latency = chip.roce_bytes_per_s * chip.roce_efficiency, chip.roce_latency_s
+    else:
+        raise ValueError(f"unknown link {link!r} (hccs, roce)")
+    return chip.collective_launch_s + latency + num_bytes / rate

@@ -116,6 +116,13 @@ class ChipSpec:
     hccs_efficiency: float = 0.62
     hccs_latency_s: float = 0.5e-6  # per ring step [MSM: 0.5 us intra-node latency]
     collective_launch_s: float = 10e-6  # per collective launch [MSM: 10 us per communication op]
+    # --- interconnect between nodes: RoCE, one NIC per NPU (P/D disaggregation's KV transfers
+    # across nodes, npu_sim.collectives.p2p_seconds)
+    roce_bytes_per_s: float = 25e9  # per NPU [MSM A2: inter-node CLOS at 25 GB/s]
+    roce_latency_s: float = 1.5e-6  # [MSM: 1.5 us inter-node latency]
+    # Achieved fraction of the RoCE rate. [assumed] MSM's link efficiency, 0.7; the calibration
+    # set has no inter-node measurement to fit it on.
+    roce_efficiency: float = 0.7
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -156,7 +163,7 @@ class ChipSpec:
 # Overheads may be switched off (0) in an override file; sizes, counts and rates may not.
 _MAY_BE_0 = frozenset({"cube_launch_s", "vector_launch_s", "task_dispatch_cycles",
                        "gm_latency_cycles", "cross_core_sync_cycles", "hccs_latency_s",
-                       "collective_launch_s"})
+                       "collective_launch_s", "roce_latency_s"})
 
 
 def _910b(name: str, num_cube_cores: int, clock_mhz: int, hbm_gib: int, l2_mib: int,

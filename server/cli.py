@@ -120,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernels_parser(subparsers)
     add_bench_parser(subparsers)
     from cluster.cli import add_simulate_parser  # argparse only; the simulator loads on use
+    from cluster.sweep_cli import add_sweep_parser
 
     add_simulate_parser(subparsers)
+    add_sweep_parser(subparsers)
     return parser
 
 

@@ -85,3 +85,9 @@ def test_bench_default_url_is_the_servers() -> None:
     from server.config import ServerConfig
 
     assert ServerConfig().url == DEFAULT_BASE_URL
+
+
+def test_cluster_simulates_with_the_engine_never_the_server() -> None:
+    modules = ("cluster.cli", "cluster.cluster_sim", "cluster.sweep_cli", "cluster.sweep_exec",
+               "cluster.capacity")
+    assert not forbidden(modules, {"server", "benchmarks", "torch", "transformers"})

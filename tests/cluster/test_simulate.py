@@ -117,6 +117,23 @@ def test_cli_prints_the_summary_and_writes_out(tmp_path: pathlib.Path,
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "timeline.png").exists()
 
 
+def test_cli_runs_replicas_and_pd(tmp_path: pathlib.Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["simulate", "--synthetic", "--num-requests", "16", "--request-rate", "8",
+              "--input-len", "300", "--output-len", "8"]
+    assert main([*common, "--replicas", "2", "--router", "least-loaded"]) == 0
+    out = capsys.readouterr().out
+    assert "2 replicas (least-loaded) of 910b2" in out and "mixed-1" in out
+    assert main([*common, "--prefill-replicas", "1", "--decode-replicas", "2",
+                 "--out", str(tmp_path), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "1P + 2D (kv over auto)" in out and "decode-2" in out and "16 finished" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_npus"] == 3 and len(summary["replicas"]) == 3
+    transfers = (tmp_path / "kv_transfers.csv").read_text().splitlines()
+    assert transfers[0].startswith("index,prefill_replica") and len(transfers) == 17
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--model", "gpt-5"], "unknown model 'gpt-5'"),
     (["--npu", "910c"], "unknown NPU '910c'"),
@@ -127,6 +144,11 @@ def test_cli_prints_the_summary_and_writes_out(tmp_path: pathlib.Path,
     (["--slo", "latency=1"], "expected ttft=SECONDS,tpot=SECONDS"),
     (["--max-num-seqs", "0"], "max_num_seqs must be at least 1"),
     (["--kv-reserve-fraction", "1.5"], "--kv-reserve-fraction must be in [0, 1)"),
+    (["--replicas", "0"], "replicas must be at least 1"),
+    (["--prefill-replicas", "2"], "at least one prefill replica and one decode replica"),
+    (["--replicas", "2", "--prefill-replicas", "1", "--decode-replicas", "1"],
+     "exclude each other"),
+    (["--start", "-5"], "window start must be non-negative"),
 ])
 def test_cli_errors_are_one_line(argv: list[str], message: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:

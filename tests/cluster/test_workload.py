@@ -114,3 +114,13 @@ def test_synthetic_prompts_share_nothing() -> None:
     a, b = synthetic_prompt(1, 256), synthetic_prompt(2, 256)
     assert a == synthetic_prompt(1, 256) and len(a) == 256
     assert a[:16] != b[:16] and min(a) >= 2
+
+
+def test_window_start() -> None:
+    w = Workload(tuple(RequestSpec(float(i), 100, 10) for i in range(10)), "ten")
+    window = shape(w, start_s=3.0, duration_s=4.0)
+    assert [r.arrival_s for r in window.requests] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [r.arrival_s for r in shape(w, start_s=6.0, time_scale=2.0).requests] == [
+        0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0]
+    with pytest.raises(WorkloadError, match="window start"):
+        shape(w, start_s=-1.0)

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from npu_sim.collectives import algbw_bytes_per_s, bytes_moved, collective_seconds, ring_steps
+from npu_sim.collectives import (
+    algbw_bytes_per_s,
+    bytes_moved,
+    collective_seconds,
+    p2p_seconds,
+    ring_steps,
+)
 from npu_sim.device import Device
 from npu_sim.hardware import get_chip
 from npu_sim.tasks import CollectiveKernel, CollectiveOp, Primitive
@@ -71,3 +77,19 @@ def test_compute_mode_runs_only_a_group_of_one() -> None:
     assert Device(B2).launch(one, x=x) is x
     with pytest.raises(RuntimeError, match="timing-only"):
         Device(B2).launch(CollectiveKernel("ar", AR, num_bytes=30, world_size=2), x=x)
+
+
+def test_p2p_copy_is_launch_latency_and_bytes_over_one_link() -> None:
+    size = 320 * 2**20  # a 1,000-token prompt's KV of a 70B model (GQA 8 KV heads, 80 layers)
+    hccs = p2p_seconds(size, "hccs", B2)
+    roce = p2p_seconds(size, "roce", B2)
+    assert hccs == pytest.approx(B2.collective_launch_s + B2.hccs_latency_s
+                                 + size / (B2.hccs_link_bytes_per_s * B2.hccs_efficiency))
+    assert roce == pytest.approx(B2.collective_launch_s + B2.roce_latency_s
+                                 + size / (B2.roce_bytes_per_s * B2.roce_efficiency))
+    # one HCCS link is 28 GB/s x 0.62; a RoCE NIC 25 GB/s x 0.7: ~19 vs ~17.5 ms here
+    assert 0.015 < roce < hccs < 0.025
+    assert p2p_seconds(0, "roce", B2) == pytest.approx(B2.collective_launch_s
+                                                       + B2.roce_latency_s)
+    with pytest.raises(ValueError, match="unknown link"):
+        p2p_seconds(1, "pcie", B2)  # type: ignore[arg-type]
