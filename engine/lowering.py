@@ -35,6 +35,7 @@ from typing import Any
 from engine.arch import ModelArch
 from engine.lowering_attention import (
     MIN_KV_SPAN_TOKENS,
+    ChunkLike,
     ChunkShape,
     lower_attention,
     lower_attention_split,
@@ -135,7 +136,7 @@ class StepPlan:
     lm_head_all_gather: CollectiveKernel | None = None  # TP: joins the vocab-parallel logits
 
 
-def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, chip: ChipSpec,
+def lower_step(chunks: Sequence[ChunkLike], num_sampled: int, arch: ModelArch, chip: ChipSpec,
                block_size: int, policy: LoweringPolicy = DEFAULT_POLICY, tp: int = 1) -> StepPlan:
     """Lower a batch (chunks in batch order) into the step's kernels: on one card of a `tp`-card
     tensor-parallel group, the card's shards plus the group's collectives (engine.lowering_tp;
@@ -146,10 +147,11 @@ def lower_step(chunks: Sequence[ChunkShape], num_sampled: int, arch: ModelArch, 
     by every step that has them (so the device's timing caches hit on the very same kernels).
     """
     card = shard_arch(arch, tp)
-    t = sum(c.num_tokens for c in chunks)
     if policy.attention is AttentionPolicy.META:
         attention, decode_attention = lower_attention(chunks, card, chip, block_size), None
+        t = int(attention.seqs["q_len"].sum())  # the batch's tokens, summed once already
     else:
+        t = sum(c.num_tokens for c in chunks)
         split = lower_attention_split(chunks, card, chip, block_size)
         attention, decode_attention = split[0], (split[1] if len(split) > 1 else None)
     layer_kernels, step_kernels = _dense_kernels(t, num_sampled, card, chip, policy, tp)
@@ -284,7 +286,7 @@ def step_launch_counts(plan: StepPlan, num_layers: int) -> list[tuple[Kernel, in
 
 __all__ = [
     "BASELINE_POLICY", "DEFAULT_POLICY", "GRAPH_BUCKETS", "MIN_KV_SPAN_TOKENS", "AttentionPolicy",
-    "ChunkShape", "GemmPolicy", "LayerPlan", "LoweringPolicy", "StepPlan", "bucket_rows",
-    "layer_launches", "lower_attention", "lower_attention_split", "lower_gemm", "lower_step",
-    "step_launch_counts", "step_launches", "tree_mask",
+    "ChunkLike", "ChunkShape", "GemmPolicy", "LayerPlan", "LoweringPolicy", "StepPlan",
+    "bucket_rows", "layer_launches", "lower_attention", "lower_attention_split", "lower_gemm",
+    "lower_step", "step_launch_counts", "step_launches", "tree_mask",
 ]

@@ -13,8 +13,10 @@ Pure functions of (chunks, model shape, chip, block size); engine.lowering re-ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -23,6 +25,9 @@ from engine.arch import ModelArch
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
 from npu_sim.tiling import attention_q_tile, attention_q_tiles
+
+T = TypeVar("T")
+_START_POS, _NUM_TOKENS = operator.attrgetter("start_pos"), operator.attrgetter("num_tokens")
 
 # A KV span shorter than this is not worth a partial + combine round trip (catlass stacks four
 # 128-token pages per softmax block; one span is at least that much).
@@ -67,7 +72,32 @@ def tree_mask(parents: Sequence[int]) -> np.ndarray:
     return mask
 
 
-def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpec,
+class ChunkLike(Protocol):
+    """What lowering reads of a chunk: a ChunkShape, or the scheduler's ScheduledChunk itself
+    (the timing-only runner lowers those directly)."""
+
+    @property
+    def start_pos(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def block_ids(self) -> tuple[int, ...]: ...
+    @property
+    def draft_parents(self) -> tuple[int, ...]: ...
+
+
+class _Tiles(NamedTuple):
+    """The meta-kernel's Q tiles, int64 arrays of (num_tiles,), sequence by sequence."""
+
+    seq: np.ndarray  # the sequence of each tile
+    q_offset: np.ndarray  # its first query token within the sequence
+    q_rows: np.ndarray  # its query tokens
+    tile_rows: np.ndarray  # the on-chip tile's stacked rows
+    n_blocks: np.ndarray  # KV blocks its causal horizon reaches
+    num_spans: np.ndarray  # KV spans it is split into (1 = not split)
+
+
+def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec,
                     block_size: int) -> AttentionKernel:
     """Meta-attention tasks for a mixed batch.
 
@@ -81,50 +111,154 @@ def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpe
     the device deals them to cores. Tree-shaped verify chunks carry their tree mask
     (`AttentionKernel.tree_masks`); chains and other chunks none.
 
-    Built with array operations (a decode batch of a 7B MHA model is thousands of tasks).
+    What timing needs is built here, per (tile, KV span) shape (`AttentionKernel.shapes`, tens
+    of rows) plus the dealt order as shape indices (`task_shape`); the full task, combine and
+    block tables (thousands of rows a step for a 7B MHA model) only when something reads them
+    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees).
     """
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
+    chunks = tuple(chunks)  # kept for the lazy block tables
     num_seqs = len(chunks)
-    q_len = np.fromiter((c.num_tokens for c in chunks), np.int64, num_seqs)
-    start_pos = np.fromiter((c.start_pos for c in chunks), np.int64, num_seqs)
-    verify = np.fromiter((bool(c.draft_parents) for c in chunks), bool, num_seqs)
+    # attribute getters mapped in C: no Python frame per chunk (the attributes may be fields or
+    # properties: ScheduledChunk.num_tokens is one)
+    start_pos = np.fromiter(map(_START_POS, chunks), np.int64, num_seqs)
+    q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
+    verify = np.zeros(num_seqs, dtype=bool)
+    trees = [s for s, c in enumerate(chunks) if c.draft_parents]
+    verify[trees] = True
     seqs = np.empty(num_seqs, dtype=ATTN_SEQ)
     seqs["q_start"] = np.cumsum(q_len) - q_len
     seqs["q_len"] = q_len
     seqs["start_pos"] = start_pos
-    block_tables = _block_tables(chunks)
+    tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size)
+    shapes, task_shape = _shapes(tiles, num_kv_heads)
+    split = tiles.num_spans > 1
+    tables = _once(lambda: _task_tables(tiles, num_kv_heads))
+    return AttentionKernel(
+        name="attention", num_heads=arch.num_heads, num_kv_heads=num_kv_heads,
+        head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
+        seqs=seqs, block_tables=lambda: _block_tables(chunks),
+        tasks=lambda: tables()[0], combine_tasks=lambda: tables()[1],
+        num_partial_slots=num_kv_heads * int(tiles.num_spans[split].sum()),
+        max_tile_rows=int(tiles.tile_rows.max()) if len(tiles.seq) else 0,
+        tree_masks=tuple((s, tree_mask(chunks[s].draft_parents)) for s in trees
+                         if not token_tree.is_chain(chunks[s].draft_parents)),
+        shapes=shapes, task_shape=task_shape,
+    )
 
-    # Q tiles, sequence by sequence: (tile_rows, tokens per tile) per sequence, then per tile.
+
+def _once(build: Callable[[], T]) -> Callable[[], T]:
+    """A function returning build()'s result, calling it on the first call only."""
+    built: list[T] = []
+
+    def get() -> T:
+        if not built:
+            built.append(build())
+        return built[0]
+
+    return get
+
+
+def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray, g: int,
+             num_kv_heads: int, chip: ChipSpec, block_size: int) -> _Tiles:
+    """The Q tiles of sequences of q_len query tokens from start_pos (verify: a verify chunk),
+    each with its KV spans: as many as its work over the per-core share, each of at least
+    MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
+    num_seqs = len(q_len)
+    if num_seqs and not verify.any() and int(q_len.max()) == 1:  # decodes: a tile each
+        # attention_q_tiles' answer for one token: the smallest tile holding g rows
+        tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
+        seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
+        return _spans(seq, q_offset, q_rows, tile_rows, start_pos, g, num_kv_heads, chip,
+                      block_size)
+    # (tile_rows, tokens per tile) per sequence, then per tile
     seq_tile_rows, seq_tile_tokens = attention_q_tiles(q_len, g, verify)
     num_tiles = -(-q_len // seq_tile_tokens)
-    seq = np.repeat(np.arange(num_seqs), num_tiles)
-    q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles, num_tiles)) \
-        * seq_tile_tokens[seq]
-    q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
-    n_blocks = -(-(start_pos[seq] + q_offset + q_rows) // block_size)  # the causal horizon's
+    if len(num_tiles) and int(num_tiles.max()) == 1:  # one tile per sequence
+        seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
+    else:
+        seq = np.repeat(np.arange(num_seqs), num_tiles)
+        q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles,
+                                                    num_tiles)) * seq_tile_tokens[seq]
+        q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
+    return _spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq], g, num_kv_heads,
+                  chip, block_size)
 
-    # KV spans per tile: as many as its work over the per-core share, each of at least
-    # MIN_KV_SPAN_TOKENS (evenly spaced bounds).
+
+def _spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
+           tile_start_pos: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
+           block_size: int) -> _Tiles:
+    """The tiles (per tile: sequence, first query token, query tokens, tile rows, its
+    sequence's start_pos) with their KV blocks and spans."""
+    n_blocks = -(-(tile_start_pos + q_offset + q_rows) // block_size)  # the causal horizon's
     work = q_rows * g * n_blocks * block_size
     share = float(work.sum()) * num_kv_heads / chip.num_cube_cores
     wanted = np.ceil(work / share).astype(np.int64) if share else np.ones_like(work)
     num_spans = np.maximum(1, np.minimum(wanted, n_blocks // max(1, MIN_KV_SPAN_TOKENS //
                                                                   block_size)))
+    return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, num_spans)
 
-    # Tasks: tile-major, then KV head, then span.
+
+def _shapes(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shapes, task_shape) of the meta-kernel (see AttentionKernel): the KV head 0 task of
+    every (tile, span), in (tile, span) order, and the shape of every task in the dealt order,
+    the one `_task_tables` lists. That order is tasks sorted by -(tile_rows x blocks), ties in
+    (tile, KV head, span) order: shapes of one weight and one tile form a segment, whose tasks
+    are its shapes again and again, once per KV head (a segment of an unsplit tile: one shape,
+    num_kv_heads times)."""
+    num_spans = tiles.num_spans
+    if not len(num_spans) or int(num_spans.max()) == 1:  # no tile split: a shape per tile
+        shape_tile, span = np.arange(len(num_spans)), np.zeros(len(num_spans), np.int64)
+        begin, end, slot = span, tiles.n_blocks, np.full(len(num_spans), -1, np.int64)
+    else:
+        shape_tile = np.repeat(np.arange(len(num_spans)), num_spans)
+        span = np.arange(len(shape_tile)) - np.repeat(np.cumsum(num_spans) - num_spans, num_spans)
+        spans, n_blocks = num_spans[shape_tile], tiles.n_blocks[shape_tile]
+        begin, end = n_blocks * span // spans, n_blocks * (span + 1) // spans
+        # KV head 0's partial slot: a split tile numbers num_kv_heads x spans slots, head-major
+        tile_slots = np.where(num_spans > 1, num_kv_heads * num_spans, 0)
+        slot = np.where(spans > 1, (np.cumsum(tile_slots) - tile_slots)[shape_tile] + span, -1)
+    shapes = np.zeros(len(shape_tile), dtype=ATTN_TASK)  # kv_head 0
+    for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
+                         ("q_rows", tiles.q_rows), ("tile_rows", tiles.tile_rows)):
+        shapes[name] = values[shape_tile]
+    shapes["kv_block_start"], shapes["kv_block_end"], shapes["partial_slot"] = begin, end, slot
+
+    weight = shapes["tile_rows"] * (end - begin)
+    by_weight = np.argsort(-weight, kind="stable")  # (-weight, tile, span) order
+    if len(shape_tile) == len(num_spans):  # a segment per shape
+        return shapes, np.repeat(by_weight, num_kv_heads)
+    seg_tile, seg_weight = shape_tile[by_weight], weight[by_weight]
+    new = np.ones(len(by_weight), dtype=bool)
+    new[1:] = (seg_tile[1:] != seg_tile[:-1]) | (seg_weight[1:] != seg_weight[:-1])
+    seg_start = np.flatnonzero(new)  # first position (in by_weight) of each segment
+    seg_len = np.diff(np.append(seg_start, len(by_weight)))
+    seg_tasks = num_kv_heads * seg_len
+    within = np.arange(int(seg_tasks.sum())) - np.repeat(np.cumsum(seg_tasks) - seg_tasks,
+                                                         seg_tasks)
+    position = np.repeat(seg_start, seg_tasks) + within % np.repeat(seg_len, seg_tasks)
+    return shapes, by_weight[position]
+
+
+def _task_tables(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ATTN_TASK table in the dealt order, COMBINE_TASK table) of the meta-kernel: the tasks
+    tile-major, then KV head, then span, partial slots numbered in that order; then sorted
+    heaviest first (stable)."""
+    num_spans = tiles.num_spans
     per_tile = num_kv_heads * num_spans
-    tile = np.repeat(np.arange(len(seq)), per_tile)
+    tile = np.repeat(np.arange(len(num_spans)), per_tile)
     within = np.arange(len(tile)) - np.repeat(np.cumsum(per_tile) - per_tile, per_tile)
     spans = num_spans[tile]
     kv_head, span = within // spans, within % spans
-    begin, end = n_blocks[tile] * span // spans, n_blocks[tile] * (span + 1) // spans
+    n_blocks = tiles.n_blocks[tile]
+    begin, end = n_blocks * span // spans, n_blocks * (span + 1) // spans
     split = spans > 1
     slot = np.where(split, np.cumsum(split) - 1, -1)
     tasks = np.empty(len(tile), dtype=ATTN_TASK)
-    for name, values in (("seq", seq[tile]), ("kv_head", kv_head), ("q_offset", q_offset[tile]),
-                         ("q_rows", q_rows[tile]), ("tile_rows", seq_tile_rows[seq][tile]),
-                         ("kv_block_start", begin), ("kv_block_end", end),
-                         ("partial_slot", slot)):
+    for name, values in (("seq", tiles.seq[tile]), ("kv_head", kv_head),
+                         ("q_offset", tiles.q_offset[tile]), ("q_rows", tiles.q_rows[tile]),
+                         ("tile_rows", tiles.tile_rows[tile]), ("kv_block_start", begin),
+                         ("kv_block_end", end), ("partial_slot", slot)):
         tasks[name] = values
     # One combine per (split tile, KV head), at its first span's slot.
     first = split & (span == 0)
@@ -133,24 +267,11 @@ def lower_attention(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpe
                          ("q_offset", tasks["q_offset"]), ("q_rows", tasks["q_rows"]),
                          ("slot_start", slot), ("num_slots", spans)):
         combines[name] = values[first]
-    # Each (tile, span) is one task shape, the same work for every KV head.
-    shape_of_task = np.repeat(np.cumsum(num_spans) - num_spans, per_tile) + span
     order = np.argsort(-(tasks["tile_rows"] * (end - begin)), kind="stable")
-    shapes = tasks[kv_head == 0]  # in (tile, span) order: shape i is row i
-    tasks = tasks[order]
-    return AttentionKernel(
-        name="attention", num_heads=arch.num_heads, num_kv_heads=num_kv_heads,
-        head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
-        seqs=seqs, block_tables=block_tables, tasks=tasks,
-        combine_tasks=combines, num_partial_slots=int(split.sum()),
-        max_tile_rows=int(tasks["tile_rows"].max()) if len(tasks) else 0,
-        tree_masks=tuple((s, tree_mask(c.draft_parents)) for s, c in enumerate(chunks)
-                         if c.draft_parents and not c.is_chain),
-        shapes=shapes, task_shape=shape_of_task[order],
-    )
+    return tasks[order], combines
 
 
-def _block_tables(chunks: Sequence[ChunkShape]) -> np.ndarray:
+def _block_tables(chunks: Sequence[ChunkLike]) -> np.ndarray:
     """int64 (num_chunks, max blocks): each chunk's block table, -1 past its end."""
     max_blocks = max((len(c.block_ids) for c in chunks), default=0)
     tables = np.full((len(chunks), max(max_blocks, 1)), -1, dtype=np.int64)
@@ -159,7 +280,7 @@ def _block_tables(chunks: Sequence[ChunkShape]) -> np.ndarray:
     return tables
 
 
-def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: ChipSpec,
+def lower_attention_split(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec,
                           block_size: int) -> tuple[AttentionKernel, ...]:
     """The split baseline: a prefill kernel (chunks of more than one token: prefill, chunked
     prefill, and every verify chunk) and a decode kernel (single tokens), whichever are
@@ -187,7 +308,7 @@ def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: C
     kernels = []
     for is_decode in (False, True):
         members = [s for s, c in enumerate(chunks)
-                   if (c.num_tokens == 1 and not c.is_verify) == is_decode]
+                   if (c.num_tokens == 1 and not c.draft_parents) == is_decode]
         if not members:
             continue
         seqs = np.empty(len(members), dtype=ATTN_SEQ)
@@ -200,7 +321,7 @@ def lower_attention_split(chunks: Sequence[ChunkShape], arch: ModelArch, chip: C
             tasks, heads, groups, combines = _pfa_tasks(seqs, arch, chip, block_size)
         task_table = np.array(tasks, dtype=ATTN_TASK)
         masks = tuple((j, tree_mask(chunks[s].draft_parents)) for j, s in enumerate(members)
-                      if chunks[s].is_verify)
+                      if chunks[s].draft_parents)
         kernels.append(AttentionKernel(
             name="decode_attention" if is_decode else "prefill_attention",
             num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,

@@ -18,7 +18,7 @@ import torch
 
 from engine import platform
 from engine.config import EngineConfig
-from engine.lowering import ChunkShape, lower_step
+from engine.lowering import lower_step
 from engine.models.llama import LlamaModel, StepInputs
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import (
@@ -167,9 +167,8 @@ class ModelRunner:
         row, then one row per draft node; None if nothing is sampled."""
         chunks = scheduler_output.chunks
         inputs = self._step_inputs(scheduler_output)
-        plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
-                           for c in chunks],
-                          len(inputs.sample_rows), self.arch, self.device.chip, self.block_size)
+        plan = lower_step(chunks, len(inputs.sample_rows), self.arch, self.device.chip,
+                          self.block_size)
         return self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers)
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],

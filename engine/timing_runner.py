@@ -25,7 +25,6 @@ from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.lowering import (
     DEFAULT_POLICY,
-    ChunkShape,
     LoweringPolicy,
     lower_step,
     step_launch_counts,
@@ -124,10 +123,9 @@ class TimingRunner:
         chunks = scheduler_output.chunks
         if not chunks:
             return ModelOutput(sampled_token_ids={})
-        num_sampled = sum(1 + c.num_draft_tokens for c in chunks if c.sample)
-        plan = lower_step([ChunkShape(c.start_pos, c.num_tokens, c.block_ids, c.draft_parents)
-                           for c in chunks], num_sampled, self.arch, self.device.chip,
-                          self.block_size, self.policy, tp=self.tp)
+        num_sampled = sum(1 + len(c.draft_parents) for c in chunks if c.sample)
+        plan = lower_step(chunks, num_sampled, self.arch, self.device.chip, self.block_size,
+                          self.policy, tp=self.tp)
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
             self.device.begin_step()
@@ -139,7 +137,9 @@ class TimingRunner:
                                               num_requests=len(chunks))
         self.num_launches += trace.num_launches
         token = (SYNTHETIC_TOKEN_ID,)
-        sampled = {c.request_id: token * (1 + self._num_accepted(c)) for c in chunks if c.sample}
+        # a chunk without drafts draws nothing from the generator: its one token, directly
+        sampled = {c.request_id: token * (1 + self._num_accepted(c)) if c.draft_parents
+                   else token for c in chunks if c.sample}
         drafts = {request_id: Draft.chain(token * num_drafts)
                   for request_id, num_drafts in scheduler_output.num_drafts_to_propose.items()
                   if request_id in sampled}

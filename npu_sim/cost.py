@@ -57,16 +57,18 @@ from typing import Any
 
 import numpy as np
 
+from npu_sim.cost_attention import (
+    ATTN_L2_ALPHA,
+    RowMemo,
+    attention_rows,
+)
 from npu_sim.cost_mask import mask_cost
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, VectorKernel, VectorOp
 from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk, gemm_l1_depth
 
 L2_SHARE = 0.5  # fraction of L2 one kernel's operand reuse may count on (see the docstring)
-SOFTMAX_OPS = 6.0  # vector passes per score: scale/mask, max, subtract, exp, sum, cast
-UPDATE_OPS = 3.0  # per output element of the online-softmax update: rescale, add, normalize
 COMBINE_OPS = 3.0  # per partial output element: weight by exp(lse - max), accumulate
-ATTN_L2_ALPHA = ACCUM_BYTES + 2  # bytes of L2 per score in flight: S in fp32 + P in fp16
 
 # Vector ops: (input elements, output elements, fp32 vector passes) per row element, and input
 # elements read once per task (the norm weight). ROPE's cos/sin rows (2 x head_dim per token,
@@ -127,6 +129,10 @@ class CostModel:
         self.lanes32 = chip.vector_lanes / 2  # fp32 elements per vector pass per cycle
         self.aivs = chip.num_vector_cores // chip.num_cube_cores  # AIVs per AIC
         self.l2_cap = chip.l2_bytes * L2_SHARE
+        # attention rows priced so far, per (pipeline stages, group size, head_dim); False
+        # prices every row afresh (the reference the memo is tested against)
+        self.memo_rows = True
+        self._row_memos: dict[tuple[int, int, int], RowMemo] = {}
 
     def _mte2_inv_rate(self, hbm_fraction: Any, aiv: bool = False) -> Any:
         """Cycles per byte of an MTE2 stream (of an AIC, or an AIV) of which `hbm_fraction`
@@ -254,7 +260,7 @@ class CostModel:
             return 2
         if k.task_group is not None:  # the split baseline: FlashAttention-style online softmax
             return 4
-        first = k.tasks[: self.chip.num_cube_cores]
+        first = k.leading_tasks(self.chip.num_cube_cores)
         keys = (first["kv_block_end"] - first["kv_block_start"]) * k.block_size
         in_flight = float((keys * first["tile_rows"]).sum()) * ATTN_L2_ALPHA
         return 3 if self.chip.l2_bytes > in_flight else 4
@@ -263,9 +269,9 @@ class CostModel:
         """(attention tasks on AIC + AIVs, combine tasks on AIVs)."""
         stages = self.attention_stages(k)
         pipeline = f"attention-{stages}stage"
-        if not len(k.tasks):
+        if not k.num_tasks:
             return _empty(Unit.MIX, pipeline), self._combine(k)
-        c, b, g = self.chip, self.bytes, k.group_size
+        c, b, g, d = self.chip, self.bytes, k.group_size, k.head_dim
         # Price each distinct task shape once where the lowering lists them (the same work on
         # every KV head): the arrays below are per row of `t`, each row standing for `weight`
         # tasks. Trees' masks are priced per task.
@@ -277,78 +283,50 @@ class CostModel:
         keys = np.maximum(k_end - t["kv_block_start"] * k.block_size, 0).astype(np.float64)
         q_rows = t["q_rows"].astype(np.float64)
         heads = g if k.task_heads is None else k.task_heads[:, 1].astype(np.float64)
-        r, big_r = q_rows * heads, t["tile_rows"].astype(np.float64)  # valid / tile rows
-        d, dp = k.head_dim, math.ceil(k.head_dim / c.cube_k) * c.cube_k
-        chunks = np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)
-        kl = keys / chunks  # keys per chunk
-        kl_pad = np.ceil(kl / c.cube_n) * c.cube_n
+        tile_rows = t["tile_rows"].astype(np.float64)
         horizon_reached = k_end >= horizon  # the span reaches the causal diagonal of its tile
-        mask = (mask_cost(k, c, self.lanes32, q_rows, heads, keys, kl, horizon_reached)
-                if k.tree_masks else None)
-        m_load, m_sel = (0.0, 0.0) if mask is None else (mask.chunk_load, mask.chunk_select)
-
-        kv_bytes = 2 * keys * d * b
-        total_kv = weight * float(kv_bytes.sum())
-        hbm_fraction = self._attention_hbm_fraction(k, t["seq"], kv_bytes * weight)[t["seq"]]
-        hbm_kv = weight * float((kv_bytes * hbm_fraction).sum())
-        inv_kv = self._mte2_inv_rate(hbm_fraction)
-        l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, self.aivs
-        if stages == 2:
-            # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
-            vec_in = kl * d * b * self._mte2_inv_rate(hbm_fraction, aiv=True) / aivs + m_load
-            vec = (r * kl * d / c.vector_lanes + r * kl * SOFTMAX_OPS / self.lanes32) / aivs + m_sel
-            vec_out = r * kl * b / c.mte3_bytes_per_cycle / aivs
-            cube_in = kl * d * b * inv_kv + r * kl * b / l2r  # V from HBM/L2, P from L2
-            mte1 = big_r * kl_pad * b / c.mte1_l0a_bytes_per_cycle + (
-                kl_pad * dp * b / c.mte1_l0b_bytes_per_cycle)
-            cube = big_r * kl_pad * dp / self.macs  # PV only
-            fix = np.zeros_like(kl)  # O accumulates in L0C across chunks
-            chain = vec_in + vec + vec_out + sync + cube_in + mte1 + cube
-            cube_mult, s_bytes = 1.0, r * kl * b  # P through L2
-        else:
-            upd = stages == 4
-            cube_in = 2 * kl * d * b * inv_kv + r * kl * b / l2r  # K and V, P from L2
-            mte1 = (big_r * dp + big_r * kl_pad) * b / c.mte1_l0a_bytes_per_cycle + (
-                2 * kl_pad * dp * b / c.mte1_l0b_bytes_per_cycle)
-            cube = 2 * big_r * kl_pad * dp / self.macs  # QK and PV
-            o_bytes = r * dp * ACCUM_BYTES * upd  # O partial through L2 for the update
-            fix = (r * kl * ACCUM_BYTES + o_bytes) / c.fixpipe_bytes_per_cycle
-            vec_in = (r * kl * ACCUM_BYTES + o_bytes) / l2r / aivs + m_load
-            vec = (r * kl * SOFTMAX_OPS + r * d * UPDATE_OPS * upd) / self.lanes32 / aivs + m_sel
-            vec_out = (r * kl * b + o_bytes) / c.mte3_bytes_per_cycle / aivs
-            chain = cube_in + mte1 + cube + fix + 2 * sync + vec_in + vec + vec_out + sync * upd
-            cube_mult, s_bytes = 2.0, r * kl * (ACCUM_BYTES + b)  # S and P through L2
-        steady = np.maximum(np.maximum(np.maximum(cube_in, mte1), np.maximum(cube, fix)),
-                            np.maximum(np.maximum(vec_in, vec), vec_out))
-        q_load = r * d * b / c.mte2_hbm_bytes_per_cycle
         final = t["partial_slot"] < 0
-        out_bytes = np.where(final, r * d * b, r * (d + 1) * ACCUM_BYTES)  # output or partial
-        body = chain + (chunks - 1) * steady
-        if mask is not None:
-            body = body + mask.once_load + mask.once_select
-        cycles = c.task_dispatch_cycles + q_load + np.where(keys > 0, body, 0) + (
-            out_bytes / c.fixpipe_bytes_per_cycle)
-        if by_shape:
-            cycles = cycles[k.task_shape]  # per task, for dealing
-        visible = r * keys - np.where(horizon_reached, heads * q_rows * (q_rows - 1) / 2, 0)
-        vec_active = weight * float((vec * chunks).sum()) * aivs
+        kv_bytes = 2 * keys * d * b
+        if by_shape and len(t) == len(k.seqs):
+            # a shape per sequence: one tile over all its KV, read once, all of it from HBM
+            # (what _attention_hbm_fraction gives: exactly 1.0 for such sequences)
+            hbm_fraction = np.ones(len(t))
+        else:
+            hbm_fraction = self._attention_hbm_fraction(k, t["seq"], kv_bytes * weight)[t["seq"]]
+        mask = None
+        if k.tree_masks:
+            kl = keys / np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)  # keys per chunk
+            mask = mask_cost(k, c, self.lanes32, q_rows, heads, keys, kl, horizon_reached)
+        if self.memo_rows and mask is None and k.task_heads is None:  # rows seen before: memo
+            memo = self._row_memos.get((stages, g, d))
+            if memo is None:
+                memo = self._row_memos[stages, g, d] = RowMemo(stages, g, d)
+            rows = memo.rows(self, keys, q_rows, tile_rows, final, horizon_reached,
+                             hbm_fraction)
+        else:
+            rows = attention_rows(self, stages, keys, q_rows, heads, tile_rows, final,
+                                  horizon_reached, hbm_fraction, d, mask)
+        cycles = rows.cycles[k.task_shape] if by_shape else rows.cycles  # per task, to deal
+        total_kv = weight * float(kv_bytes.sum())
+        hbm_kv = weight * float(rows.kv_hbm_bytes.sum())
+        vec_active = weight * float(rows.vector_cycles.sum()) * self.aivs
         mask_hbm = mask_l2 = 0.0
         if mask is not None:
-            visible = visible - mask.hidden_scores
-            vec_active += float(mask.once_select.sum()) * aivs
+            vec_active += float(mask.once_select.sum()) * self.aivs
             mask_hbm, mask_l2 = mask.hbm_bytes, mask.l2_bytes
-        q_bytes = weight * float((r * d * b).sum())
+        q_bytes = weight * float(rows.q_bytes.sum())
+        cube_mult = 1.0 if stages == 2 else 2.0  # PV, or QK and PV, on the cube
         main = TaskCosts(
             unit=Unit.MIX, cycles=cycles, core_overhead_cycles=c.gm_latency_cycles,
-            cube_active_cycles=weight * float((cube * chunks).sum()),
+            cube_active_cycles=weight * float(rows.cube_cycles.sum()),
             vector_active_cycles=vec_active, hbm_read_bytes=hbm_kv + q_bytes + mask_hbm,
-            hbm_write_bytes=weight * float((r * d * b * final).sum()),
-            l2_bytes=(total_kv - hbm_kv) + weight * (float((s_bytes * chunks).sum()) * 2
-                                                     + float((out_bytes * ~final).sum()))
+            hbm_write_bytes=weight * float(rows.out_bytes.sum()),
+            l2_bytes=(total_kv - hbm_kv) + weight * (float(rows.s_bytes.sum()) * 2
+                                                     + float(rows.partial_bytes.sum()))
             + mask_l2,
-            flops=weight * 4.0 * float(np.maximum(visible, 0).sum()) * d,
-            cube_macs=weight * float((cube_mult * big_r * kl_pad * dp * chunks).sum()),
-            useful_cube_macs=weight * cube_mult * float((r * keys).sum()) * d,
+            flops=weight * 4.0 * float(rows.visible_scores.sum()) * d,
+            cube_macs=weight * float(rows.issued_macs.sum()),
+            useful_cube_macs=weight * cube_mult * float(rows.useful_macs.sum()) * d,
             pipeline=pipeline)
         return main, self._combine(k)
 
@@ -365,9 +343,9 @@ class CostModel:
         return np.where(total > 0, hbm / np.maximum(total, 1.0), 1.0)
 
     def _combine(self, k: AttentionKernel) -> TaskCosts:
-        c, t = self.chip, k.combine_tasks
-        if not len(t):
+        if not k.num_combine_tasks:
             return _empty(Unit.AIV, "combine")
+        c, t = self.chip, k.combine_tasks
         rows = t["q_rows"].astype(np.float64) * k.group_size
         slots = t["num_slots"].astype(np.float64)
         in_bytes = slots * rows * (k.head_dim + 1) * ACCUM_BYTES

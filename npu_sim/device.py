@@ -27,6 +27,7 @@ per launch plus a few numpy calls per distinct kernel.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -64,19 +65,28 @@ _MAX_OPEN_LAUNCHES = 1 << 16
 
 def deal(num_tasks: int, num_cores: int, symmetric: bool = False,
          groups: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """(core of each task, block_dim): see the module docstring."""
-    i = np.arange(num_tasks)
+    """(core of each task, block_dim): see the module docstring. Without groups the cores are
+    a function of the task count: read-only arrays, cached."""
     if groups is not None:
         _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
         rank = np.empty(len(first), dtype=np.int64)
         rank[np.argsort(first, kind="stable")] = np.arange(len(first))
         block = min(len(first), num_cores)
         return rank[inverse] % max(block, 1), block
+    return _round_robin(num_tasks, num_cores, symmetric)
+
+
+@functools.lru_cache(maxsize=512)  # task counts of a run: the attention kernels' vary most
+def _round_robin(num_tasks: int, num_cores: int, symmetric: bool) -> tuple[np.ndarray, int]:
+    i = np.arange(num_tasks)
     block = min(num_tasks, num_cores)
     if not symmetric or block == 0:
-        return i % max(block, 1), block
-    p = i % (2 * block)
-    return np.where(p < block, p, 2 * block - 1 - p), block
+        core = i % max(block, 1)
+    else:
+        p = i % (2 * block)
+        core = np.where(p < block, p, 2 * block - 1 - p)
+    core.flags.writeable = False
+    return core, block
 
 
 class Device:
@@ -108,7 +118,12 @@ class Device:
         self.num_tasks: Counter[Primitive] = Counter()  # tasks executed per primitive, ever
         self.total_sim_s = 0.0  # sum of the ended steps' sim_s
         self._launches: list[Kernel] = []  # this step's launches, in order
-        self._step_cache: dict[int, tuple[Kernel, KernelTiming]] = {}  # id(kernel) -> timing
+        # id(kernel) -> (kernel, timing): kernels without a shape key (attention), this step's
+        self._step_cache: dict[int, tuple[Kernel, KernelTiming]] = {}
+        # ... and kernels with one (GEMM, vector, collective), across steps: the lowering reuses
+        # their objects for every step of a token count (the entry keeps the kernel, so its id
+        # is not reused while cached)
+        self._kernel_cache: dict[int, tuple[Kernel, KernelTiming]] = {}
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
 
     # ------------------------------------------------------------------------- host facts
@@ -202,8 +217,8 @@ class Device:
         return trace
 
     def _timing(self, kernel: Kernel) -> KernelTiming:
-        entry = self._step_cache.get(id(kernel))
-        if entry is not None and entry[0] is kernel:
+        entry = self._kernel_cache.get(id(kernel)) or self._step_cache.get(id(kernel))
+        if entry is not None and entry[0] is kernel:  # timed before (this step, or any step)
             return entry[1]
         key = _shape_key(kernel)
         timing = self._shape_cache.get(key) if key else None
@@ -217,9 +232,14 @@ class Device:
                     self._shape_cache.popitem(last=False)
         elif key:
             self._shape_cache.move_to_end(key)
-        if len(self._step_cache) >= _STEP_CACHE_LIMIT:
-            self._step_cache.clear()
-        self._step_cache[id(kernel)] = (kernel, timing)
+        if key:  # its timing is a function of its shape: keep it across steps
+            if len(self._kernel_cache) >= _SHAPE_CACHE_SIZE:
+                self._kernel_cache.clear()
+            self._kernel_cache[id(kernel)] = (kernel, timing)
+        else:
+            if len(self._step_cache) >= _STEP_CACHE_LIMIT:
+                self._step_cache.clear()
+            self._step_cache[id(kernel)] = (kernel, timing)
         return timing
 
     # ------------------------------------------------------------------------------ timing
@@ -244,7 +264,7 @@ class Device:
             launch_s = c.cube_launch_s
             groups, symmetric = kernel.task_group, kernel.task_group is None
             shape = (f"seqs={len(kernel.seqs)} tokens={int(kernel.seqs['q_len'].sum())} "
-                     f"tasks={len(kernel.tasks)}+{len(kernel.combine_tasks)}")
+                     f"tasks={kernel.num_tasks}+{kernel.num_combine_tasks}")
         else:
             raise TypeError(f"not a kernel: {type(kernel).__name__}")
 
@@ -300,10 +320,8 @@ class Device:
             flops=sum(p.flops for p in phases), cube_macs=sum(p.cube_macs for p in phases),
             useful_cube_macs=sum(p.useful_cube_macs for p in phases),
             num_tasks=sum(len(p.cycles) for p in phases),
-            task_unit=_frozen(_cat(units, np.int8)), task_core=_frozen(_cat(cores, np.int64)),
-            task_start_cycles=_frozen(_cat(starts, np.float64) * stretch),
-            task_cycles=_frozen(_cat(durations, np.float64) * stretch),
-            kernel=kernel,
+            kernel=kernel, **(_task_timeline(units, cores, starts, durations, stretch)
+                               if self.timeline else _NO_TIMELINE),
         )
 
 
@@ -311,7 +329,7 @@ class Device:
 # tasks and split-K reduce tasks; a collective none on the cores).
 _TASK_COUNTS: dict[type, Callable[[Any], int]] = {
     GemmKernel: lambda k: len(k.tasks) + _len(k.reduce_tasks),
-    AttentionKernel: lambda k: len(k.tasks) + len(k.combine_tasks),
+    AttentionKernel: lambda k: k.num_tasks + k.num_combine_tasks,
     VectorKernel: lambda k: len(k.tasks),
     CollectiveKernel: lambda k: 0,
 }
@@ -359,6 +377,15 @@ def _collective_timing(kernel: CollectiveKernel, c: ChipSpec) -> KernelTiming:
         task_cycles=none, kernel=kernel)
 
 
+def _task_timeline(units: list[np.ndarray], cores: list[np.ndarray], starts: list[np.ndarray],
+                   durations: list[np.ndarray], stretch: float) -> dict[str, np.ndarray]:
+    """KernelTiming's per-task fields from the phases' pieces."""
+    return {"task_unit": _frozen(_cat(units, np.int8)),
+            "task_core": _frozen(_cat(cores, np.int64)),
+            "task_start_cycles": _frozen(_cat(starts, np.float64) * stretch),
+            "task_cycles": _frozen(_cat(durations, np.float64) * stretch)}
+
+
 def _len(tasks: np.ndarray | None) -> int:
     return 0 if tasks is None else len(tasks)
 
@@ -370,6 +397,12 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
+
+
+# A timing-only device keeps no per-task timeline: every timing shares these empty arrays.
+_NO_TIMELINE = {"task_unit": _frozen(np.zeros(0, dtype=np.int8)),
+                "task_core": _frozen(np.zeros(0, dtype=np.int64)),
+                "task_start_cycles": _frozen(np.zeros(0)), "task_cycles": _frozen(np.zeros(0))}
 
 
 def _shape_key(kernel: Kernel) -> tuple[Any, ...] | None:

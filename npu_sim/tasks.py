@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -98,6 +99,29 @@ ATTN_TASK = np.dtype([("seq", np.int64), ("kv_head", np.int64), ("q_offset", np.
 # (seq, kv_head, q_offset, q_rows) by their log-sum-exp and write the normalized output.
 COMBINE_TASK = np.dtype([("seq", np.int64), ("kv_head", np.int64), ("q_offset", np.int64),
                          ("q_rows", np.int64), ("slot_start", np.int64), ("num_slots", np.int64)])
+
+
+class LazyArray:
+    """A frozen dataclass's array field that may be given as a zero-argument function instead:
+    the first read calls it and keeps the array. The meta-kernel's full task tables (thousands
+    of rows a step) are built only where something reads them (the functional kernels,
+    timelines, token trees); timing a launch needs only its compact shapes
+    (`AttentionKernel.shapes`). The field stays a required constructor argument."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_{name}_value"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> np.ndarray:
+        if obj is None:  # a class read: no default value (dataclasses asks)
+            raise AttributeError(self.attr)
+        value = obj.__dict__[self.attr]
+        if callable(value):
+            value = value()
+            obj.__dict__[self.attr] = value
+        return value
+
+    def __set__(self, obj: Any, value: np.ndarray | Callable[[], np.ndarray]) -> None:
+        obj.__dict__[self.attr] = value
 
 
 @dataclass(frozen=True)
@@ -173,9 +197,13 @@ class AttentionKernel:
     block_size: int  # tokens per KV block
     scale: float  # softmax scale, 1 / sqrt(head_dim)
     seqs: np.ndarray  # ATTN_SEQ, (num_seqs,)
-    block_tables: np.ndarray  # int64 (num_seqs, max_num_blocks), -1 past a sequence's blocks
-    tasks: np.ndarray  # ATTN_TASK, (num_tasks,)
-    combine_tasks: np.ndarray  # COMBINE_TASK, (num_combine_tasks,)
+    # The three tables may be given as functions that build them (LazyArray): the meta-kernel's
+    # are built on first read, timing reads only `shapes` and `task_shape`.
+    block_tables: np.ndarray = LazyArray()  # int64 (num_seqs, max_num_blocks), -1 past a
+    #   sequence's blocks
+    tasks: np.ndarray = LazyArray()  # ATTN_TASK, (num_tasks,)
+    combine_tasks: np.ndarray = LazyArray()  # COMBINE_TASK, (num_combine_tasks,); none when
+    #   num_partial_slots is 0 (a combine task joins partials)
     num_partial_slots: int  # workspace slots the partial tasks write
     max_tile_rows: int  # largest tile_rows of any task (workspace row count)
     # Split-kernel baseline: int64 (num_tasks,) group of each task; a group (one core's run of
@@ -213,6 +241,23 @@ class AttentionKernel:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_tasks(self) -> int:
+        """Attention tasks (not counting combine tasks), without building the task table."""
+        return len(self.task_shape) if self.task_shape is not None else len(self.tasks)
+
+    @property
+    def num_combine_tasks(self) -> int:
+        return len(self.combine_tasks) if self.num_partial_slots else 0
+
+    def leading_tasks(self, n: int) -> np.ndarray:
+        """ATTN_TASK rows of the first n tasks (in table order, the order they are dealt); from
+        the shapes where listed, so the kv_head and partial_slot values are the shapes' (KV
+        head 0's)."""
+        if self.task_shape is not None and self.shapes is not None:
+            return self.shapes[self.task_shape[:n]]
+        return self.tasks[:n]
 
 
 @dataclass(frozen=True, eq=False)

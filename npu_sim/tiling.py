@@ -171,9 +171,8 @@ def build_gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...],
         dtype=np.int64)
     nm, nn, ns = len(m_cover), len(n_starts), len(slices)
     tasks = np.empty(nm * nn * ns, dtype=GEMM_TASK)
-    mi = np.repeat(np.arange(nm), nn * ns)  # m-tile major, then N tiles, then K slices
-    ni = np.tile(np.repeat(np.arange(nn), ns), nm)
-    si = np.tile(np.arange(ns), nm * nn)
+    i = np.arange(nm * nn * ns)  # m-tile major, then N tiles, then K slices
+    mi, ni, si = i // (nn * ns), i // ns % nn, i % ns
     tasks["m_start"], tasks["m_rows"], tasks["tile"] = (m_cover[mi, j] for j in range(3))
     tasks["n_start"] = n_starts[ni]
     tasks["n_cols"] = np.minimum(tn, n - n_starts[ni])
@@ -227,13 +226,15 @@ def attention_q_tile(q_len: int, group_size: int, verify: bool = False) -> tuple
 def attention_q_tiles(q_len: np.ndarray, group_size: int,
                       verify: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`attention_q_tile` over arrays of sequences: (tile_rows, tokens_per_tile), int64."""
-    largest = ATTN_Q_TILE_ROWS[-1]
-    tile_rows = np.full(len(q_len), largest, dtype=np.int64)
-    tokens = np.full(len(q_len), max(1, largest // group_size), dtype=np.int64)
-    for rows in reversed(ATTN_Q_TILE_ROWS):  # the smallest that fits wins
-        fits = (q_len * group_size <= rows) & (~verify | (rows >= ATTN_VERIFY_TILE_ROWS))
-        tile_rows = np.where(fits, rows, tile_rows)
-        tokens = np.where(fits, q_len, tokens)
+    menu = np.array(ATTN_Q_TILE_ROWS, dtype=np.int64)
+    # the smallest menu tile holding the stacked rows (a verify: and the verify tile)
+    smallest = np.searchsorted(menu, q_len * group_size)
+    if verify.any():
+        smallest = np.maximum(smallest, np.where(verify, ATTN_Q_TILE_ROWS.index(
+            ATTN_VERIFY_TILE_ROWS), 0))
+    fits = smallest < len(menu)
+    tile_rows = menu[np.minimum(smallest, len(menu) - 1)]  # the largest where none fits
+    tokens = np.where(fits, q_len, max(1, int(menu[-1]) // group_size))
     return tile_rows, tokens
 
 

@@ -7,6 +7,7 @@ Times are simulated: cycles at the chip's clock and seconds derived from them (`
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,28 @@ class KernelTiming:
         """Fraction of issued cube MACs spent on padding (0 for vector kernels)."""
         return 1.0 - self.useful_cube_macs / self.cube_macs if self.cube_macs else 0.0
 
+    @functools.cached_property
+    def primitive_name(self) -> str:
+        """primitive.value, read once (an enum's value is a Python-level property; a step
+        reads it per kernel)."""
+        return self.primitive.value
+
+    @functools.cached_property
+    def step_sums(self) -> np.ndarray:
+        """float64 (_NUM_SCALARS + num_cube_cores + num_vector_cores,): what one launch adds to
+        its step's sums (count_step_trace), the scalars in _SCALARS order, then the busy
+        cycles of every AIC and AIV. Read-only, built once per timing (timings are shared by
+        the launches of a kernel and, through the device's caches, across steps)."""
+        row = np.concatenate(([getattr(self, name) for name in _SCALARS],
+                              self.cube_busy_cycles, self.vector_busy_cycles))
+        row.flags.writeable = False
+        return row
+
+
+# The scalars a step sums over its launches (KernelTiming.step_sums), in this order.
+_SCALARS = ("cycles", "cube_active_cycles", "vector_active_cycles", "hbm_bytes", "flops",
+            "cube_macs", "useful_cube_macs")
+
 
 @dataclass(frozen=True, eq=False)
 class StepTrace:
@@ -109,22 +132,21 @@ def count_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_req
     in order, only feed the timeline (`kernels`, `kernel_start_s`; empty = no timeline)."""
     counts = list(counts)
     num_launches = sum(n for _, n in counts)
-    cube_busy = np.zeros(num_cube_cores)
-    vector_busy = np.zeros(num_vector_cores)
-    cycles = cube_active = vector_active = hbm = flops = macs = useful = 0.0
     by_primitive: dict[str, float] = {}
     for timing, n in counts:
-        cycles += n * timing.cycles
-        cube_busy += n * timing.cube_busy_cycles
-        vector_busy += n * timing.vector_busy_cycles
-        cube_active += n * timing.cube_active_cycles
-        vector_active += n * timing.vector_active_cycles
-        hbm += n * timing.hbm_bytes
-        flops += n * timing.flops
-        macs += n * timing.cube_macs
-        useful += n * timing.useful_cube_macs
-        key = timing.primitive.value
+        key = timing.primitive_name
         by_primitive[key] = by_primitive.get(key, 0.0) + n * timing.seconds
+    # Every sum at once: (launches, sums) rows times their counts, added up launch by launch
+    # (an accumulate, so each sum is the sequential one, in the order of `counts`).
+    sums = np.zeros(len(_SCALARS) + num_cube_cores + num_vector_cores)
+    if counts:
+        rows = np.array([timing.step_sums for timing, _ in counts])
+        rows *= np.array([float(n) for _, n in counts])[:, None]
+        sums = np.add.accumulate(rows, axis=0)[-1]
+    cycles, cube_active, vector_active, hbm, flops, macs, useful = (
+        float(x) for x in sums[:len(_SCALARS)])
+    cube_busy = sums[len(_SCALARS):len(_SCALARS) + num_cube_cores]
+    vector_busy = sums[len(_SCALARS) + num_cube_cores:]
     device_s = cycles / clock_hz
     sim_s = max(host.step_s(device_s, num_launches, num_requests), device_s)
     starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]) if launches else []

@@ -219,3 +219,24 @@ def test_menu_follows_the_buffers(change: dict, largest_tm: int) -> None:
         assert t.tm * t.tn * ACCUM_BYTES <= chip.l0c_bytes  # a narrower tn may take a larger tm
         assert 2 * t.tm * t.tk * OPERAND_BYTES <= chip.l0a_bytes
         assert 2 * (t.tm + t.tn) * 256 * OPERAND_BYTES <= chip.l1_bytes
+
+
+def test_decode_tiles_match_the_general_tiling() -> None:
+    """lower_attention's decode-only shortcut (one tile of attention_q_tile(1, g) rows per
+    sequence) gives the tiles the general menu search gives."""
+    from engine.lowering_attention import _q_tiles, _spans
+    from npu_sim.tiling import attention_q_tiles
+
+    chip = get_chip("910b2")
+    rng = np.random.default_rng(0)
+    for g, num_kv_heads in ((1, 32), (4, 8), (7, 4), (200, 1)):
+        for n in (1, 5, 300):
+            q_len = np.ones(n, dtype=np.int64)
+            start_pos = rng.integers(0, 20000, n)
+            verify = np.zeros(n, dtype=bool)
+            fast = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, 16)
+            tile_rows, _ = attention_q_tiles(q_len, g, verify)
+            general = _spans(np.arange(n), np.zeros(n, np.int64), q_len, tile_rows, start_pos,
+                             g, num_kv_heads, chip, 16)
+            for a, b in zip(fast, general, strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b)

@@ -1,0 +1,213 @@
+"""The attention part of the cost model (npu_sim.cost): what each task row costs, and a memo of
+those rows across launches.
+
+A meta-attention task's cost is a function of a handful of its own numbers (keys in its span,
+query tokens, tile rows, whether it writes a partial, whether its span reaches its causal
+diagonal, the HBM fraction of its sequence's KV reads) plus the launch's pipeline variant
+(2, 3 or 4 stages). Every launch-wide figure the cost model reports is a sum over rows of
+per-row terms (`AttentionRows`). A simulation launches tens of thousands of attention kernels
+whose rows repeat across steps (a decode row is a function of its context length), so
+`RowMemo` keeps each distinct row's terms and prices only the rows it has not seen: the terms
+are elementwise IEEE operations, the same on a subset as on the whole table, and the sums are
+taken over the same arrays in the same order, so memoised launches cost bit for bit what
+unmemoised ones do (tests/npu_sim/test_cost_memo.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk
+
+if TYPE_CHECKING:
+    from npu_sim.cost import CostModel
+    from npu_sim.cost_mask import MaskCost
+
+SOFTMAX_OPS = 6.0  # vector passes per score: scale/mask, max, subtract, exp, sum, cast
+UPDATE_OPS = 3.0  # per output element of the online-softmax update: rescale, add, normalize
+ATTN_L2_ALPHA = ACCUM_BYTES + 2  # bytes of L2 per score in flight: S in fp32 + P in fp16
+
+
+class AttentionRows(NamedTuple):
+    """Per task row (or task shape) of an attention launch, float64 arrays: its cycles and its
+    terms of the launch's sums (npu_sim.cost.CostModel.attention adds them up)."""
+
+    cycles: np.ndarray  # cycles the task occupies its AIC and AIVs
+    kv_hbm_bytes: np.ndarray  # K/V bytes it reads from HBM (its sequence's HBM fraction)
+    cube_cycles: np.ndarray  # cube compute cycles, all KV chunks
+    vector_cycles: np.ndarray  # vector compute cycles per AIV, all KV chunks
+    s_bytes: np.ndarray  # S / P bytes through L2, all KV chunks (one way)
+    partial_bytes: np.ndarray  # partial (o, lse) bytes written to L2 (0 for a final output)
+    out_bytes: np.ndarray  # output bytes written to HBM (0 for a partial)
+    q_bytes: np.ndarray  # Q bytes read
+    visible_scores: np.ndarray  # scores its causal mask (and tree) keeps, at least 0
+    issued_macs: np.ndarray  # cube MACs issued, padding included
+    useful_macs: np.ndarray  # valid rows x keys (times head_dim and the QK/PV count: MACs)
+
+
+NUM_TERMS = len(AttentionRows._fields)
+
+
+def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndarray,
+                   heads: Any, tile_rows: np.ndarray, final: np.ndarray,
+                   horizon_reached: np.ndarray, hbm_fraction: np.ndarray, head_dim: int,
+                   mask: MaskCost | None = None) -> AttentionRows:
+    """The rows' costs (the module docstring; npu_sim.cost's for the model itself). keys,
+    q_rows, tile_rows, hbm_fraction: float64 per row; final (writes the output, not a partial),
+    horizon_reached: bool per row; heads: query heads per task (scalar or per row); mask: the
+    rows' tree / full-mask costs, if any."""
+    c, b, d = cm.chip, cm.bytes, head_dim
+    r, big_r = q_rows * heads, tile_rows  # valid / tile rows
+    dp = math.ceil(d / c.cube_k) * c.cube_k
+    chunks = np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)
+    kl = keys / chunks  # keys per chunk
+    kl_pad = np.ceil(kl / c.cube_n) * c.cube_n
+    m_load, m_sel = (0.0, 0.0) if mask is None else (mask.chunk_load, mask.chunk_select)
+    kv_bytes = 2 * keys * d * b
+    inv_kv = cm._mte2_inv_rate(hbm_fraction)
+    l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, cm.aivs
+    if stages == 2:
+        # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
+        vec_in = kl * d * b * cm._mte2_inv_rate(hbm_fraction, aiv=True) / aivs + m_load
+        vec = (r * kl * d / c.vector_lanes + r * kl * SOFTMAX_OPS / cm.lanes32) / aivs + m_sel
+        vec_out = r * kl * b / c.mte3_bytes_per_cycle / aivs
+        cube_in = kl * d * b * inv_kv + r * kl * b / l2r  # V from HBM/L2, P from L2
+        mte1 = big_r * kl_pad * b / c.mte1_l0a_bytes_per_cycle + (
+            kl_pad * dp * b / c.mte1_l0b_bytes_per_cycle)
+        cube = big_r * kl_pad * dp / cm.macs  # PV only
+        fix = np.zeros_like(kl)  # O accumulates in L0C across chunks
+        chain = vec_in + vec + vec_out + sync + cube_in + mte1 + cube
+        cube_mult, s_bytes = 1.0, r * kl * b  # P through L2
+    else:
+        upd = stages == 4
+        cube_in = 2 * kl * d * b * inv_kv + r * kl * b / l2r  # K and V, P from L2
+        mte1 = (big_r * dp + big_r * kl_pad) * b / c.mte1_l0a_bytes_per_cycle + (
+            2 * kl_pad * dp * b / c.mte1_l0b_bytes_per_cycle)
+        cube = 2 * big_r * kl_pad * dp / cm.macs  # QK and PV
+        o_bytes = r * dp * ACCUM_BYTES * upd  # O partial through L2 for the update
+        fix = (r * kl * ACCUM_BYTES + o_bytes) / c.fixpipe_bytes_per_cycle
+        vec_in = (r * kl * ACCUM_BYTES + o_bytes) / l2r / aivs + m_load
+        vec = (r * kl * SOFTMAX_OPS + r * d * UPDATE_OPS * upd) / cm.lanes32 / aivs + m_sel
+        vec_out = (r * kl * b + o_bytes) / c.mte3_bytes_per_cycle / aivs
+        chain = cube_in + mte1 + cube + fix + 2 * sync + vec_in + vec + vec_out + sync * upd
+        cube_mult, s_bytes = 2.0, r * kl * (ACCUM_BYTES + b)  # S and P through L2
+    steady = np.maximum(np.maximum(np.maximum(cube_in, mte1), np.maximum(cube, fix)),
+                        np.maximum(np.maximum(vec_in, vec), vec_out))
+    q_load = r * d * b / c.mte2_hbm_bytes_per_cycle
+    out_bytes = np.where(final, r * d * b, r * (d + 1) * ACCUM_BYTES)  # output or partial
+    body = chain + (chunks - 1) * steady
+    if mask is not None:
+        body = body + mask.once_load + mask.once_select
+    cycles = c.task_dispatch_cycles + q_load + np.where(keys > 0, body, 0) + (
+        out_bytes / c.fixpipe_bytes_per_cycle)
+    visible = r * keys - np.where(horizon_reached, heads * q_rows * (q_rows - 1) / 2, 0)
+    if mask is not None:
+        visible = visible - mask.hidden_scores
+    q_bytes = r * d * b
+    return AttentionRows(
+        cycles=cycles, kv_hbm_bytes=kv_bytes * hbm_fraction, cube_cycles=cube * chunks,
+        vector_cycles=vec * chunks, s_bytes=s_bytes * chunks, partial_bytes=out_bytes * ~final,
+        out_bytes=q_bytes * final, q_bytes=q_bytes, visible_scores=np.maximum(visible, 0),
+        issued_macs=cube_mult * big_r * kl_pad * dp * chunks, useful_macs=r * keys)
+
+
+# Distinct rows a memo keeps by key (each NUM_TERMS floats plus its key): prefill tiles and KV
+# spans, a few new ones per step. Decode rows live in tables indexed by their keys instead.
+_MEMO_ROWS = 1 << 16
+_DECODE_BLOCK = 512  # decode-row keys priced together
+
+
+class RowMemo:
+    """AttentionRows of the rows seen so far, for unmasked tasks stacking every query head of
+    their KV head (the meta-kernel's), one memo per (pipeline stages, group size, head_dim).
+
+    Decode-like rows (one query token, a final output, the span reaching the diagonal, all KV
+    reads from HBM) are a function of their keys and tile rows: per tile rows, a table of
+    terms indexed by keys, looked up for all such rows at once. Any other row is keyed by
+    (keys, q_rows, tile_rows, final, horizon_reached, hbm_fraction) in a dictionary."""
+
+    def __init__(self, stages: int, group_size: int, head_dim: int) -> None:
+        self.stages, self.group_size, self.head_dim = stages, group_size, head_dim
+        # decode-like rows: tile rows -> (terms (NUM_TERMS, keys + 1), which keys are filled)
+        self._tables: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        self._index: dict[tuple[Any, ...], int] = {}  # other rows: key -> column of _terms
+        self._terms = np.empty((NUM_TERMS, 256))  # their terms, a column per row
+
+    def rows(self, cm: CostModel, keys: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
+             final: np.ndarray, horizon_reached: np.ndarray,
+             hbm_fraction: np.ndarray) -> AttentionRows:
+        """attention_rows(cm, stages, ...) of these rows, pricing only those not seen before
+        (arguments as attention_rows takes them)."""
+        decode = (q_rows == 1.0) & final & horizon_reached & (hbm_fraction == 1.0)
+        first = int(decode.argmax())
+        if decode[first]:  # one table: the tile rows of the first decode-like row
+            decode &= tile_rows == tile_rows[first]
+        if bool(decode.all()):
+            terms = self._decode_terms(cm, float(tile_rows[first]), keys)
+        else:
+            # (terms, rows), each term's row contiguous (the sums run over such rows)
+            terms = np.empty((NUM_TERMS, len(keys)))
+            if decode[first]:
+                terms[:, decode] = self._decode_terms(cm, float(tile_rows[first]), keys[decode])
+            other = ~decode
+            terms[:, other] = self._keyed_terms(
+                cm, *(a[other] for a in (keys, q_rows, tile_rows, final, horizon_reached,
+                                          hbm_fraction)))
+        return AttentionRows(*terms)
+
+    def _decode_terms(self, cm: CostModel, tile_rows: float, keys: np.ndarray) -> np.ndarray:
+        """(NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these keys."""
+        at = keys.astype(np.int64)
+        table, filled = self._tables.get(tile_rows, (None, None))
+        top = int(at.max())
+        if table is None or filled is None or top >= len(filled):
+            size = max(-(-(top + 1) // _DECODE_BLOCK) * _DECODE_BLOCK,
+                       0 if filled is None else 2 * len(filled))
+            grown, grown_filled = np.empty((NUM_TERMS, size)), np.zeros(size, dtype=bool)
+            if table is not None and filled is not None:
+                grown[:, :len(filled)], grown_filled[:len(filled)] = table, filled
+            table, filled = grown, grown_filled
+            self._tables[tile_rows] = table, filled
+        new = ~filled[at]
+        if new.any():
+            # Whole blocks of keys at once: pricing a block costs what pricing one row does
+            # (numpy's per-call overhead), and decode rows walk through consecutive keys.
+            blocks = np.unique(at[new] // _DECODE_BLOCK)
+            fresh = (blocks[:, None] * _DECODE_BLOCK + np.arange(_DECODE_BLOCK)).reshape(-1)
+            ones = np.ones(len(fresh))
+            table[:, fresh] = np.stack(attention_rows(
+                cm, self.stages, fresh.astype(np.float64), ones, self.group_size,
+                ones * tile_rows, ones > 0, ones > 0, ones, self.head_dim))
+            filled[fresh] = True
+        return np.ascontiguousarray(table[:, at])
+
+    def _keyed_terms(self, cm: CostModel, *columns: np.ndarray) -> np.ndarray:
+        """(NUM_TERMS, rows) terms of any rows (columns as attention_rows takes them)."""
+        keys_of = list(zip(*(a.tolist() for a in columns), strict=True))
+        get = self._index.get
+        found = [get(key, -1) for key in keys_of]
+        missing = [i for i, column in enumerate(found) if column < 0]
+        if missing:
+            if len(self._index) + len(missing) > _MEMO_ROWS:  # a bounded memo: start over
+                self._index.clear()
+                found = [-1] * len(found)
+                missing = list(range(len(found)))
+            idx = np.array(missing, dtype=np.int64)
+            keys, q_rows, tile_rows, final, reached, fraction = (a[idx] for a in columns)
+            fresh = np.stack(attention_rows(cm, self.stages, keys, q_rows, self.group_size,
+                                            tile_rows, final, reached, fraction, self.head_dim))
+            for j, i in enumerate(missing):
+                column = self._index.get(keys_of[i])
+                if column is None:  # first of its kind (a row may repeat within a launch)
+                    column = len(self._index)
+                    if column >= self._terms.shape[1]:
+                        grown = np.empty((NUM_TERMS, 2 * self._terms.shape[1]))
+                        grown[:, :column] = self._terms[:, :column]
+                        self._terms = grown
+                    self._terms[:, column] = fresh[:, j]
+                    self._index[keys_of[i]] = column
+                found[i] = column
+        return self._terms[:, found]
