@@ -195,11 +195,13 @@ def mixed_load(server: Server, tokenizer: Any, scale: float, run: int) -> dict[s
 # ------------------------------------------------------------------------------ main
 
 
-def bound(data: dict[str, Any], w: Workload, dtype: str, weight_format: str,
-          flops: ModelFlops) -> float:
-    """The attainable output tok/s of workload w for a server computing in `dtype` on weights in
-    `weight_format` (benchmarks.machine.ModelFlops.attainable_output_rate)."""
-    peak = data["gemm"]["bf16_roofline" if dtype == "bfloat16" else "fp32_roofline"]
+def bound(data: dict[str, Any], w: Workload, weight_format: str, flops: ModelFlops) -> float:
+    """The attainable output tok/s of workload w for a server streaming weights in
+    `weight_format` (benchmarks.machine.ModelFlops.attainable_output_rate). The compute peak is
+    the better of the fp32 and bf16 GEMM rates whatever the server computes in: any
+    16-bit or 4-bit weight can be widened to fp32 inside the kernel (as llama.cpp and xyserve's
+    GGUF path do), so the faster path bounds them all."""
+    peak = max(data["gemm"]["fp32_roofline"], data["gemm"]["bf16_roofline"])
     num_input = w.input_len + w.prefix_len
     return flops.attainable_output_rate(w.num_prompts, num_input, w.output_len, w.concurrency,
                                         peak, data["memory_read_gbs"],
@@ -299,8 +301,7 @@ def main() -> int:
     for w in workloads:
         for name, run in data["runs"].get(w.name, {}).items():
             info = data["server_info"][name]
-            run["attainable_output_throughput"] = bound(data, w, info["dtype"],
-                                                        info["weight_format"], flops)
+            run["attainable_output_throughput"] = bound(data, w, info["weight_format"], flops)
             run["bound_fraction"] = (run["output_throughput"]
                                      / run["attainable_output_throughput"])
 

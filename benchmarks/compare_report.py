@@ -116,8 +116,8 @@ def report(data: dict[str, Any]) -> str:
         for workload in data["workloads"]:
             lines += _workload_table(data, workload)
         lines += ["\\* attainable: the output tok/s no engine can beat on this machine with that "
-                  "server's weights: every token computed once at the measured GEMM peak of its "
-                  "activation dtype, and every decode step (at most `concurrency` sequences) "
+                  "server's weights: every token computed once at the best measured GEMM rate "
+                  "(fp32 or bf16), and every decode step (at most `concurrency` sequences) "
                   "reading all GEMM weights once at the measured memory bandwidth "
                   "(benchmarks.machine.ModelFlops.attainable_output_rate). \"vs best peer\": "
                   "xyserve's figure over the best peer's, turned so that > 1 means xyserve is "

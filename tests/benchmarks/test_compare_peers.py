@@ -1,0 +1,89 @@
+"""benchmarks.compare_peers' parts that need no server: the attainable bound, finding the peers
+setup.sh built, reading xyserve's fast path from its log, and the report's ratios."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+
+import pytest
+
+from benchmarks.compare_report import report
+from benchmarks.machine import BYTES_PER_WEIGHT, ModelFlops
+from benchmarks.peers import Server, peer_spec, xyserve_fast_path
+
+FLOPS = ModelFlops(per_token=0.2, lm_head=0.1)  # GFLOP: 0.15 G weights
+
+
+def test_attainable_rate_is_the_slower_of_compute_and_weight_streaming() -> None:
+    # memory-bound: 8 prompts x 100 out at concurrency 4 = 200 steps, each reading 0.6 GB
+    # (fp32) at 10 GB/s = 12 s, against 8 x 110 x 0.2 + 800 x 0.1 = 256 GFLOP at 1000 GFLOP/s
+    rate = FLOPS.attainable_output_rate(8, 10, 100, 4, peak_gflops=1000, read_gbs=10,
+                                        bytes_per_weight=BYTES_PER_WEIGHT["fp32"])
+    assert rate == pytest.approx(800 / 12.0)
+    # 4-bit weights stream 6.4x faster: compute-bound at 0.256 s
+    rate = FLOPS.attainable_output_rate(8, 10, 100, 4, peak_gflops=1000, read_gbs=10,
+                                        bytes_per_weight=BYTES_PER_WEIGHT["gguf"])
+    assert rate == pytest.approx(800 / max(0.256, 200 * 0.15 * 0.625 / 10))
+
+
+def test_peers_are_found_where_setup_built_them(tmp_path: pathlib.Path) -> None:
+    assert peer_spec("llama.cpp", tmp_path) is None  # not built: skipped, not an error
+    for script in ("serve-llama.sh", "serve-vllm.sh", "serve-transformers.sh"):
+        (tmp_path / script).write_text("#!/bin/sh\n")
+    vllm = peer_spec("vllm-bfloat16", tmp_path)
+    assert vllm is not None and vllm.command[1:] == ("{port}", "bfloat16")
+    assert vllm.model == "smollm2" and vllm.ignore_eos
+    hf = peer_spec("transformers", tmp_path)
+    assert hf is not None and not hf.ignore_eos and dict(hf.extra_body)["generation_config"]
+    with pytest.raises(ValueError, match="unknown peer"):
+        peer_spec("tgi", tmp_path)
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("engine ready: smollm2, float32 activations, q4_1+q8_0 weights (measured ...)",
+     ("float32", "gguf")),
+    ("engine ready: smollm2, bfloat16 activations, bf16 weights (as configured)",
+     ("bfloat16", "bf16")),
+    ("no such line", ("float32", "fp32")),
+])
+def test_xyserve_fast_path_from_its_log(tmp_path: pathlib.Path, line: str,
+                                        expected: tuple[str, str]) -> None:
+    log = tmp_path / "xyserve.log"
+    log.write_text(f"INFO xyserve: {line}\n")
+    process = subprocess.Popen(["true"])
+    process.wait()
+    server = Server("xyserve-auto", "http://127.0.0.1:1", "m", process, log, {}, True)
+    assert xyserve_fast_path(server) == expected
+
+
+def _run(output_tps: float, itl_ms: float) -> dict[str, object]:
+    return {"output_throughput": output_tps, "total_token_throughput": 2 * output_tps,
+            "ttft_ms": {"p50": 100.0}, "itl_ms": {"p50": itl_ms, "p99": 2 * itl_ms},
+            "attainable_output_throughput": 400.0, "bound_fraction": output_tps / 400,
+            "foreign_cpu_load": 0.0}
+
+
+def test_report_turns_ratios_so_that_above_one_means_xyserve_is_better() -> None:
+    servers = ["xyserve-auto", "llama.cpp", "vllm-float32"]
+    data = {
+        "date": "today", "command": "python -m benchmarks.compare_peers",
+        "machine": {"model": "cpu", "cores": 2, "memory_gib": 24, "torch_threads": 2,
+                    "flags": ["avx2"]},
+        "versions": {"torch": "x"}, "gemm": {"fp32_roofline": 100.0},
+        "memory_read_gbs": 10.0, "flops": {"per_token": 0.2, "lm_head": 0.1},
+        "servers": servers,
+        "server_info": {s: {"dtype": "float32", "weight_format": "fp32",
+                            "is_xyserve": s.startswith("xyserve")} for s in servers},
+        "workloads": ["decode-heavy"],
+        "workload_specs": {"decode-heavy": {"num_prompts": 32, "input_len": 15,
+                                            "output_len": 128, "concurrency": 16}},
+        "runs": {"decode-heavy": {"xyserve-auto": _run(300, 20), "llama.cpp": _run(150, 40),
+                                  "vllm-float32": _run(200, 50)}},
+    }
+    text = report(data)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ")}
+    assert rows["output tok/s"].rstrip(" |").endswith("1.50x")  # 300 / the best peer's 200
+    assert rows["ITL p50 ms"].rstrip(" |").endswith("2.00x")  # the best peer's 40 ms / 20 ms
+    assert "xyserve-auto vs best peer" in text
