@@ -49,13 +49,14 @@ class ServerSpec:
     extra_body: tuple[tuple[str, Any], ...] = ()  # merged into every request body
     ignore_eos: bool = True
     is_xyserve: bool = False
+    env: tuple[tuple[str, str], ...] = ()  # set in its environment
 
     def start(self, log_dir: pathlib.Path) -> contextlib.AbstractContextManager[Server]:
         port = free_port()
         argv = [a.replace("{port}", str(port)) for a in self.command]
         print(f"starting {self.name}: {' '.join(argv)}", flush=True)
         return start_server(self.name, argv, port, self.model, log_dir, dict(self.extra_body),
-                            self.ignore_eos)
+                            self.ignore_eos, env=dict(self.env))
 
 
 def free_port() -> int:
@@ -66,14 +67,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def start_server(name: str, command: list[str], port: int, model: str, log_dir: pathlib.Path,
-                 extra_body: dict[str, Any], ignore_eos: bool,
-                 timeout_s: float = 600.0) -> Iterator[Server]:
+                 extra_body: dict[str, Any], ignore_eos: bool, timeout_s: float = 600.0,
+                 env: dict[str, str] | None = None) -> Iterator[Server]:
     """Start `command`, wait until GET /health answers 200 (vLLM compiles for minutes on its
     first start), yield, then stop it (SIGINT, SIGKILL after 30 s)."""
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                    start_new_session=True)
     server = Server(name, f"http://127.0.0.1:{port}", model, process, log_path, extra_body,
                     ignore_eos)
@@ -142,7 +143,10 @@ def peer_spec(name: str, root: pathlib.Path) -> ServerSpec | None:
     if name == "transformers":  # its model id is the directory; no ignore_eos field
         return ServerSpec(name, (str(script), "{port}"), str(root / "smollm2"),
                           TRANSFORMERS_NO_EOS, ignore_eos=False)
-    return ServerSpec(name, (str(script), "{port}", *args), "smollm2")
+    # setup.sh's stand-in "vllm" metadata lacks the "+cpu" in the version vLLM looks for, so it
+    # would not find its CPU platform and would load the AVX-512 kernels (SIGILL on AVX2 CPUs)
+    env = (("VLLM_TARGET_DEVICE", "cpu"),) if name.startswith("vllm-") else ()
+    return ServerSpec(name, (str(script), "{port}", *args), "smollm2", env=env)
 
 
 _READY = re.compile(r"(\w+) activations, ([\w+]+) weights")
