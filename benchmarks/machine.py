@@ -153,8 +153,8 @@ BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "gguf": 20 / 32}
 
 
 class CpuLoad:
-    """Share of the machine's CPU used by processes other than `pids` (and this one) between
-    start() and stop(): other work on a shared machine skews a benchmark."""
+    """Share of the machine's CPU used by processes other than `pids`, their descendants and this
+    one between start() and stop(): other work on a shared machine skews a benchmark."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
@@ -165,9 +165,24 @@ class CpuLoad:
             fields = [int(x) for x in f.readline().split()[1:]]
         return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
+    @staticmethod
+    def _with_descendants(pids: list[int]) -> list[int]:
+        """pids and every process below them (vLLM's engine core runs in a child process)."""
+        out, todo = [], list(pids)
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo.extend(int(child) for child in f.read().split())
+            except OSError:
+                pass
+        return out
+
     def _own_ticks(self) -> int:
         total = 0
-        for pid in [*self.pids, os.getpid()]:
+        for pid in self._with_descendants([*self.pids, os.getpid()]):
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     parts = f.read().rsplit(")", 1)[1].split()
