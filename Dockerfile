@@ -36,6 +36,8 @@ RUN pip install -c /opt/xyserve/constraints.txt \
     "starlette>=0.37" \
     "uvicorn>=0.29" \
     "pydantic>=2.6" \
+    "pydantic-core>=2.14" \
+    "h11>=0.14" \
     "prometheus-client>=0.20" \
     "tqdm>=4.66" \
     "jinja2>=3.1" \
