@@ -262,8 +262,8 @@ def main() -> int:
     tokenizer = load_tokenizer(model_dir)
     log_dir = pathlib.Path(args.out_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    workloads = [w for w in WORKLOADS if w.name in args.workloads]
-    workloads = [quick(w) for w in workloads] if args.quick else workloads
+    sized = [quick(w) for w in WORKLOADS] if args.quick else list(WORKLOADS)
+    workloads = [w for w in sized if w.name in args.workloads]
     print("measuring this machine's GEMM rates and memory bandwidth ...")
     data: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]),
@@ -310,10 +310,8 @@ def main() -> int:
         data["mixed"] = {}
         scale = 0.25 if args.quick else 1.0
         for policy in ("token_budget", "prefill_first"):
-            spec = xyserve_spec(args.model, "float32")
-            spec = replace(spec, name=f"mixed-{policy}", command=(
-                *spec.command, "--scheduling-policy", policy,
-                "--max-num-batched-tokens", str(budget)))
+            spec = xyserve_spec(args.model, "float32", "--scheduling-policy", policy,
+                                "--max-num-batched-tokens", str(budget), name=f"mixed-{policy}")
             with spec.start(log_dir) as server:
                 for run in range(1, args.mixed_runs + 1):
                     print(f"mixed load: {policy}, budget {budget}, run {run} ...", flush=True)
@@ -321,13 +319,11 @@ def main() -> int:
                         server, tokenizer, scale, run)
 
     if not args.skip_apc:
-        shared = next(w for w in (quick(w) if args.quick else w for w in WORKLOADS)
-                      if w.dataset == "shared-prefix")
+        shared = next(w for w in sized if w.dataset == "shared-prefix")
         apc: dict[str, Any] = {}
         for flag, name in (("--enable-prefix-caching", "on"),
                            ("--no-enable-prefix-caching", "off")):
-            spec = xyserve_spec(args.model, "float32")
-            spec = replace(spec, name=f"apc-{name}", command=(*spec.command, flag))
+            spec = xyserve_spec(args.model, "float32", flag, name=f"apc-{name}")
             print(f"shared-prefix, prefix caching {name} ...", flush=True)
             with spec.start(log_dir) as server:
                 # the same prompts both times (seed 0 first): outputs must be identical;

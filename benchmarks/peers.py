@@ -108,12 +108,14 @@ def xyserve_command(model: str, port: int | str, dtype: str, *extra: str) -> lis
             "--log-level", "info", *extra]
 
 
-def xyserve_spec(model: str, variant: str) -> ServerSpec:
-    """`variant` is DTYPE or DTYPE:WEIGHT_FORMAT (e.g. auto, float32:fp32, float32:gguf)."""
+def xyserve_spec(model: str, variant: str, *extra: str, name: str | None = None) -> ServerSpec:
+    """`variant` is DTYPE or DTYPE:WEIGHT_FORMAT (e.g. auto, float32:fp32, float32:gguf); `extra`
+    more `serve` options; `name` its column (default xyserve-VARIANT)."""
     dtype, _, fmt = variant.partition(":")
-    extra = ("--weight-format", fmt) if fmt else ()
-    return ServerSpec(f"xyserve-{variant}", tuple(xyserve_command(model, "{port}", dtype, *extra)),
-                      model, is_xyserve=True)
+    options = (*(("--weight-format", fmt) if fmt else ()), *extra)
+    return ServerSpec(name or f"xyserve-{variant}",
+                      tuple(xyserve_command(model, "{port}", dtype, *options)), model,
+                      is_xyserve=True)
 
 
 # transformers serve takes no ignore_eos field (422 on unknown fields); a per-request generation

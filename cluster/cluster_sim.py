@@ -35,12 +35,13 @@ from cluster.recorder import Recorder
 from cluster.replica import Replica, Role
 from cluster.results import Slo, Summary, summarize, write_csvs, write_json
 from cluster.routing import Router, RouterConfig
+from cluster.simulation import chip_label, run_labels
 from cluster.workload import Workload
 from engine.arch_presets import resolve_arch
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.core import EngineCore
 from engine.lowering import DEFAULT_POLICY, LoweringPolicy
-from engine.timing_runner import DEFAULT_KV_RESERVE_FRACTION, build_timing_engine, policy_name
+from engine.timing_runner import DEFAULT_KV_RESERVE_FRACTION, build_timing_engine
 from npu_sim.hardware import load_chip
 
 
@@ -182,11 +183,9 @@ class ClusterSimulation:
         driver = ClusterDriver(replicas, Router(self.cluster.router), self.kv_transfer)
         run = driver.run(workload, on_step)
         recorder = merge(replicas, run)
-        chip = replicas[0].core.info.chip
-        chip = chip if self.tp == 1 else f"{self.tp} x {chip} (TP {self.tp})"
+        chip = chip_label(replicas[0].core.info.chip, self.tp)
         common = dict(model=self.model, workload=workload.source, slo=slo,
-                      stack=self.config.npu_stack, lowering=policy_name(self.lowering),
-                      scheduling=self.config.scheduler.policy)
+                      **run_labels(self.config, self.lowering))
         shape = self.cluster.describe()
         summary = summarize(recorder, chip=f"{shape} of {chip}" if shape else chip,
                             num_rejected=len(run.rejected), num_dropped=workload.num_dropped,

@@ -55,6 +55,17 @@ class SimulationResult:
         return paths
 
 
+def chip_label(chip: str, tp: int) -> str:
+    """The summary's name of the NPUs one engine runs on: the chip, or its TP group."""
+    return chip if tp == 1 else f"{tp} x {chip} (TP {tp})"
+
+
+def run_labels(config: EngineConfig, lowering: LoweringPolicy) -> dict[str, str]:
+    """The summary's names of a run's serving stack, lowering and scheduling policy."""
+    return {"stack": config.npu_stack, "lowering": policy_name(lowering),
+            "scheduling": config.scheduler.policy}
+
+
 class Simulation:
     """A model on a simulated chip with the engine's options, ready to run workloads."""
 
@@ -91,11 +102,8 @@ class Simulation:
         recorder = Recorder()
         rejected = drive(engine, workload, recorder, on_step)
         tp = self.tensor_parallel_size
-        chip = engine.info.chip if tp == 1 else f"{tp} x {engine.info.chip} (TP {tp})"
-        summary = summarize(recorder, model=self.model, chip=chip,
+        summary = summarize(recorder, model=self.model, chip=chip_label(engine.info.chip, tp),
                             workload=workload.source, num_rejected=len(rejected),
                             num_dropped=workload.num_dropped, num_clipped=workload.num_clipped,
-                            slo=slo, num_npus=tp, stack=self.config.npu_stack,
-                            lowering=policy_name(self.lowering),
-                            scheduling=self.config.scheduler.policy)
+                            slo=slo, num_npus=tp, **run_labels(self.config, self.lowering))
         return SimulationResult(summary, recorder, tuple(rejected))
