@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
     from npu_sim.kernels import PackedWeight
     from npu_sim.kernels.quant import QuantizedWeight
+    from npu_sim.kernels.replay import LayerStack, StepOperands
 
 # Distinct GEMM / vector shapes kept across steps: a step's token count takes any value up to
 # the token budget (thousands), each with ~10 shapes.
@@ -172,6 +173,24 @@ class Device:
         if len(self._launches) >= _MAX_OPEN_LAUNCHES:
             self.begin_step()
         self._launches.append(kernel)
+        return out
+
+    def replay(self, stack: LayerStack, launches: Sequence[Kernel], attention: AttentionKernel,
+               step: StepOperands) -> torch.Tensor | None:
+        """Run a prepared layer stack (npu_sim.kernels.replay) over a step, recording
+        `launches`, the launches it stands for in order, as launch() would one by one; returns
+        the stack's output, or None, having run and recorded nothing, in strict or timing-only
+        mode or where the stack declines the step (then launch them one by one)."""
+        if self.strict or not self.compute:
+            return None
+        out = stack.run(attention, step)
+        if out is not None:
+            for kernel in launches:
+                self.num_launches[kernel.primitive] += 1
+                self.num_tasks[kernel.primitive] += _TASK_COUNTS[type(kernel)](kernel)
+            if len(self._launches) + len(launches) > _MAX_OPEN_LAUNCHES:
+                self.begin_step()
+            self._launches += launches
         return out
 
     @property

@@ -16,10 +16,11 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.arch import ModelArch
-from engine.lowering import StepPlan
+from engine.lowering import StepPlan, layer_launches
 from engine.models.loader import LoadedModel
 from npu_sim.device import Device
 from npu_sim.kernels import PackedWeight
+from npu_sim.kernels.replay import LayerStack, StackLayer, StepOperands
 
 Weight = torch.Tensor | PackedWeight  # a GEMM weight (N, K), packed where the CPU allows
 
@@ -78,6 +79,9 @@ class LlamaModel:
         self.weight_formats = pack.used  # the formats the GEMM weights ended up in
         inv_freq, self.rope_scaling = _rope_inv_freq(loaded)
         self.inv_freq = inv_freq.float()  # (D / 2,)
+        # the layers prepared for one-call replay on the caches they were prepared with
+        self._stack: LayerStack | None = None
+        self._stack_caches: object = None
 
     def _layer(self, w: dict[str, torch.Tensor], own: Callable[[str], torch.Tensor], p: str,
                pack: _Packer) -> LayerWeights:
@@ -112,13 +116,31 @@ class LlamaModel:
         k_caches, v_caches: per layer (NB, BS, Hkv, D) (a (num_layers, ...) tensor or a list of
         its layers), written in place at slot_mapping.
         """
+        launch, eps = device.launch, self.arch.rms_norm_eps
+        residual = launch(plan.embed, table=self.embed, token_ids=inputs.token_ids)
+        x = launch(plan.first_norm, x=residual, weight=self.layers[0].input_norm, eps=eps)
+        down = self._replay(device, plan, inputs, residual, x, k_caches, v_caches)
+        if down is None:
+            down = self._launch_layers(device, plan, inputs, residual, x, k_caches, v_caches)
+        if plan.lm_head is None:
+            return None
+        # Only the sampled rows go on: final norm and LM head run on num_sampled rows, not T.
+        rows = inputs.sample_rows
+        if len(rows) < plan.num_tokens:  # (a pure decode step samples every row: no gather)
+            down, residual = down.index_select(0, rows), residual.index_select(0, rows)
+        x = launch(plan.final_norm, x=down, residual=residual, weight=self.final_norm, eps=eps)
+        return launch(plan.lm_head, x=x, w=self.lm_head).float()
+
+    def _launch_layers(self, device: Device, plan: StepPlan, inputs: StepInputs,
+                       residual: torch.Tensor, x: torch.Tensor, k_caches: Sequence[torch.Tensor],
+                       v_caches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The layers launch by launch: the last layer's down projection (T, H); residual
+        (T, H) is updated in place."""
         a, lp, launch = self.arch, plan.layer, device.launch
         t, d = plan.num_tokens, a.head_dim
         heads = (a.num_heads, a.num_kv_heads, a.num_kv_heads)
         q_cols, eps = a.num_heads * d, a.rms_norm_eps
         cos, sin, slot_mapping = inputs.cos, inputs.sin, inputs.slot_mapping
-        residual = launch(plan.embed, table=self.embed, token_ids=inputs.token_ids)
-        x = launch(plan.first_norm, x=residual, weight=self.layers[0].input_norm, eps=eps)
         down = x
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -138,14 +160,43 @@ class LlamaModel:
             if i < last:
                 x = launch(lp.next_input_norm, x=down, residual=residual,
                            weight=self.layers[i + 1].input_norm, eps=eps)
-        if plan.lm_head is None:
-            return None
-        # Only the sampled rows go on: final norm and LM head run on num_sampled rows, not T.
-        rows = inputs.sample_rows
-        if len(rows) < t:  # (a pure decode step samples every row: no gather)
-            down, residual = down.index_select(0, rows), residual.index_select(0, rows)
-        x = launch(plan.final_norm, x=down, residual=residual, weight=self.final_norm, eps=eps)
-        return launch(plan.lm_head, x=x, w=self.lm_head).float()
+        return down
+
+    def _replay(self, device: Device, plan: StepPlan, inputs: StepInputs,
+                residual: torch.Tensor, x: torch.Tensor, k_caches: Sequence[torch.Tensor],
+                v_caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Every layer in one replayed call (npu_sim.kernels.replay), the same launches with
+        the same numbers: the last layer's down projection, or None where the device does not
+        replay this step (then the layers launch one by one)."""
+        if self._stack_caches is not k_caches:  # the runner passes the same sequence each step
+            self._stack_caches = k_caches
+            self._stack = LayerStack.prepare(
+                [self._stack_layer(i, k_caches[i], v_caches[i]) for i in range(len(self.layers))],
+                self.arch.num_heads, self.arch.rms_norm_eps)
+        lp = plan.layer
+        body = layer_launches(lp)
+        if self._stack is None or len(body) != len(_REPLAYED) or any(
+                kernel is not getattr(lp, name)
+                for kernel, name in zip(body, _REPLAYED, strict=True)):
+            return None  # baseline pads, split attention, collectives: launch by launch
+        launches = body * (len(self.layers) - 1) + body[:-1]  # the last has no next norm
+        return device.replay(self._stack, launches, lp.attention, StepOperands(
+            residual=residual, x=x, cos=inputs.cos, sin=inputs.sin,
+            slot_mapping=inputs.slot_mapping))
+
+    def _stack_layer(self, i: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> StackLayer:
+        layer = self.layers[i]
+        return StackLayer(qkv=layer.qkv, qkv_bias=layer.qkv_bias, o_proj=layer.o_proj,
+                          o_proj_bias=layer.o_proj_bias, post_attn_norm=layer.post_attn_norm,
+                          gate_up=layer.gate_up, down=layer.down,
+                          next_norm=self.layers[i + 1].input_norm
+                          if i + 1 < len(self.layers) else None,
+                          k_cache=k_cache, v_cache=v_cache)
+
+
+# The launches of one layer a replay stands for, in order (engine.lowering.layer_launches).
+_REPLAYED = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_attn_norm",
+             "gate_up_proj", "silu_mul", "down_proj", "next_input_norm")
 
 
 class _Packer:

@@ -317,6 +317,18 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: _Native) -> _
     return plan
 
 
+def native_plan(kernel: AttentionKernel, num_rows: int,
+                support: tuple[bool, bool]) -> _FastPlan | None:
+    """The fast path's plan for this launch when the C kernels alone run it (C decodes and C
+    chunks, every row of q in a sequence), else None; support: native.attention_support of
+    the operands. What a replayed layer stack (npu_sim.kernels.replay) calls instead."""
+    plan = _fast_plan(kernel, num_rows, _Native(*support))
+    if (plan.groups or not plan.covers_all_rows
+            or not all(isinstance(c, _NativeChunk) for c in plan.chunks)):
+        return None
+    return plan
+
+
 def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor) -> torch.Tensor:
     plan = _fast_plan(kernel, q.shape[0], _Native(*native.attention_support(q, k_cache, v_cache)))

@@ -1,6 +1,6 @@
 """C kernels for the CPU fast path (cpu_kernels.c, attention.c, attention_chunk.c, gemm.c,
-gemm_pack.c), compiled on first use and called through ctypes (which releases the GIL for the
-call).
+gemm_pack.c, decoder.c), compiled on first use and called through ctypes (which releases the GIL
+for the call).
 
 A decode step alternates weight-streaming GEMMs with small row-wise ops; after each GEMM the caches
 hold weights only, so every ATen call of the small ops pays a cold dispatch (an RMSNorm is ~15
@@ -10,7 +10,8 @@ attention of decodes and of prefill chunks, reading the paged cache in place (at
 attention_chunk.c; fp32, bf16 or fp16 cache, fp32 arithmetic). The GEMMs of few rows (decode
 batches) run on weights packed into 16-column panels (gemm.c; fp32, bf16, or GGUF Q4_1 / Q8_0
 blocks decoded in registers: panels.py), streamed at close to the memory bound. Activations
-stay fp32 throughout. caps.py says which instruction-set paths the build has, for the engine's
+stay fp32 throughout. decoder.c replays a whole step's decoder layers, those same calls in one
+(npu_sim.kernels.replay). caps.py says which instruction-set paths the build has, for the engine's
 dtype and weight-format choices.
 
 The library is built with the system C compiler (`cc`, or $CC; -march=native unless
@@ -46,7 +47,7 @@ import torch
 
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
                  for f in ("cpu_kernels.c", "attention.c", "attention_chunk.c", "gemm.c",
-                           "gemm_pack.c"))
+                           "gemm_pack.c", "decoder.c"))
 _HEADERS = tuple(pathlib.Path(__file__).with_name(f)
                  for f in ("exp_approx.h", "simd.h", "paged.h", "gemm_formats.h",
                            "gemm_bf16_dot.h"))
@@ -81,6 +82,7 @@ _SIGNATURES = {
                                       ctypes.c_int, ctypes.c_int]),
     "xy_gather_rows": (ctypes.c_int, [ctypes.c_int, _P, _I, _I, _P, _I, _P, _I]),
     "xy_isa": (ctypes.c_int, []),
+    "xy_decoder_layers": (ctypes.c_int, [_P, _P, _P]),
 }
 
 logger = logging.getLogger(__name__)

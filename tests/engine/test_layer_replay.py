@@ -1,0 +1,67 @@
+"""The replayed layer stack (npu_sim.kernels.replay) computes and records exactly what launching
+the layers one by one does: the same tokens and log-probabilities to the bit, the same launches
+counted and the same simulated time."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+
+import npu_sim.kernels.replay as replay
+from engine import LLM, SamplingParams
+from npu_sim.kernels import native
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason="the replay needs the C kernels")
+
+# decodes; a 50-token prompt (a C chunk); short prompts (SDPA groups: not replayed)
+PROMPTS = [[5, 17, 300, 42, 9, 1000, 77], list(range(40, 90)), [1, 2, 3], [2000] * 12]
+RUN = replay.LayerStack.run
+
+
+def _generate(model: pathlib.Path, monkeypatch: pytest.MonkeyPatch, replayed: bool,
+              **options: Any) -> tuple[list[Any], dict[str, Any], int]:
+    """(per prompt (token ids, logprobs), the device's counters, number of replayed steps)"""
+    num_replays = [0]
+
+    def counted(self: replay.LayerStack, *args: Any) -> Any:
+        out = RUN(self, *args) if replayed else None
+        num_replays[0] += out is not None
+        return out
+
+    monkeypatch.setattr(replay.LayerStack, "run", counted)
+    llm = LLM(model=str(model), num_kv_blocks=32, block_size=16, **options)
+    params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params)
+    device = llm.engine.runner.device
+    counters = {"sim_s": device.total_sim_s, "launches": dict(device.num_launches),
+                "tasks": dict(device.num_tasks)}
+    return ([(o.token_ids, [repr(lp) for lp in o.outputs[0].logprobs]) for o in outs], counters,
+            num_replays[0])
+
+
+@pytest.mark.parametrize("fixture, options", [
+    ("tiny_llama_dir", {"dtype": "float32"}),
+    ("tiny_qwen2_dir", {"dtype": "float32"}),  # biased QKV projection
+    ("tiny_llama_dir", {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
+    ("tiny_q4_gguf_path", {"dtype": "float32", "weight_format": "gguf"}),
+])
+def test_replay_matches_launching_layer_by_layer(fixture: str, options: dict[str, Any],
+                                                 request: pytest.FixtureRequest,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = request.getfixturevalue(fixture)
+    by_launch, launch_counters, none = _generate(model, monkeypatch, False, **options)
+    replayed, replay_counters, num_replays = _generate(model, monkeypatch, True, **options)
+    assert none == 0 and num_replays >= 9  # every decode step at least
+    assert replayed == by_launch
+    assert replay_counters == launch_counters
+
+
+def test_no_replay_without_the_c_kernels_or_on_the_reference_path(
+        tiny_llama_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with native.disabled():
+        assert replay.LayerStack.prepare([], num_heads=4, eps=1e-6) is None
+    _, _, num_replays = _generate(tiny_llama_dir, monkeypatch, True, dtype="float32",
+                                  strict_kernels=True)
+    assert num_replays == 0  # the reference path walks every task
