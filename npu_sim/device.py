@@ -175,22 +175,26 @@ class Device:
         self._launches.append(kernel)
         return out
 
-    def replay(self, stack: LayerStack, launches: Sequence[Kernel], attention: AttentionKernel,
-               step: StepOperands) -> torch.Tensor | None:
-        """Run a prepared layer stack (npu_sim.kernels.replay) over a step, recording
-        `launches`, the launches it stands for in order, as launch() would one by one; returns
-        the stack's output, or None, having run and recorded nothing, in strict or timing-only
-        mode or where the stack declines the step (then launch them one by one)."""
+    def replay(self, stack: LayerStack, launches: Sequence[tuple[Sequence[Kernel], int]],
+               attention: AttentionKernel, step: StepOperands) -> torch.Tensor | None:
+        """Run a prepared layer stack (npu_sim.kernels.replay) over a step, recording the
+        launches it stands for, `launches` = (kernels in order, times the run repeats), as
+        launch() would one by one; returns the stack's output, or None, having run and
+        recorded nothing, in strict or timing-only mode or where the stack declines the step
+        (then launch them one by one)."""
         if self.strict or not self.compute:
             return None
         out = stack.run(attention, step)
-        if out is not None:
-            for kernel in launches:
-                self.num_launches[kernel.primitive] += 1
-                self.num_tasks[kernel.primitive] += _TASK_COUNTS[type(kernel)](kernel)
-            if len(self._launches) + len(launches) > _MAX_OPEN_LAUNCHES:
-                self.begin_step()
-            self._launches += launches
+        if out is None:
+            return None
+        for kernels, times in launches:
+            for kernel in kernels:
+                self.num_launches[kernel.primitive] += times
+                self.num_tasks[kernel.primitive] += times * _TASK_COUNTS[type(kernel)](kernel)
+        recorded = [kernel for kernels, times in launches for kernel in kernels * times]
+        if len(self._launches) + len(recorded) > _MAX_OPEN_LAUNCHES:
+            self.begin_step()
+        self._launches += recorded
         return out
 
     @property

@@ -179,7 +179,7 @@ class LlamaModel:
                 kernel is not getattr(lp, name)
                 for kernel, name in zip(body, _REPLAYED, strict=True)):
             return None  # baseline pads, split attention, collectives: launch by launch
-        launches = body * (len(self.layers) - 1) + body[:-1]  # the last has no next norm
+        launches = ((body, len(self.layers) - 1), (body[:-1], 1))  # the last: no next norm
         return device.replay(self._stack, launches, lp.attention, StepOperands(
             residual=residual, x=x, cos=inputs.cos, sin=inputs.sin,
             slot_mapping=inputs.slot_mapping))
