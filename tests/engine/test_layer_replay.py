@@ -4,10 +4,12 @@ counted and the same simulated time."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
 import pytest
+import torch
 
 import npu_sim.kernels.replay as replay
 from engine import LLM, SamplingParams
@@ -41,16 +43,20 @@ def _generate(model: pathlib.Path, monkeypatch: pytest.MonkeyPatch, replayed: bo
             num_replays[0])
 
 
-@pytest.mark.parametrize("fixture, options", [
-    ("tiny_llama_dir", {"dtype": "float32"}),
-    ("tiny_qwen2_dir", {"dtype": "float32"}),  # biased QKV projection
-    ("tiny_llama_dir", {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
-    ("tiny_q4_gguf_path", {"dtype": "float32", "weight_format": "gguf"}),
+# 2 threads: decode steps run in decoder.c's one parallel region; 1 thread: kernel by kernel
+@pytest.mark.parametrize("fixture, options, num_threads", [
+    ("tiny_llama_dir", {"dtype": "float32"}, 2),
+    ("tiny_llama_dir", {"dtype": "float32"}, 1),
+    ("tiny_qwen2_dir", {"dtype": "float32"}, 2),  # biased QKV projection
+    ("tiny_llama_dir", {"dtype": "float32", "kv_cache_dtype": "bfloat16"}, 2),
+    ("tiny_q4_gguf_path", {"dtype": "float32", "weight_format": "gguf"}, 2),
 ])
 def test_replay_matches_launching_layer_by_layer(fixture: str, options: dict[str, Any],
-                                                 request: pytest.FixtureRequest,
+                                                 num_threads: int, request: pytest.FixtureRequest,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     model = request.getfixturevalue(fixture)
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    options = {**options, "threads": num_threads}
     by_launch, launch_counters, none = _generate(model, monkeypatch, False, **options)
     replayed, replay_counters, num_replays = _generate(model, monkeypatch, True, **options)
     assert none == 0 and num_replays >= 9  # every decode step at least

@@ -13,6 +13,9 @@
  * (fp32 rows, panel weights, a paged cache, attention as C decodes and C chunks only) before it
  * builds an xy_step; the functions' own return codes are passed back.
  */
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 /* the kernels this sequence calls (cpu_kernels.c, attention.c, attention_chunk.c, gemm.c) */
@@ -40,6 +43,10 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
 int xy_gemm_packed(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
                    int64_t n, int64_t k, float *out, int64_t os, int64_t m, int num_threads,
                    int flags);
+int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
+                   int64_t n, int64_t k, float *out, int64_t os, int64_t m, int flags,
+                   int64_t p0, int64_t p1);
+int xy_gemm_splits(int fmt, int flags);
 
 typedef struct {
     int64_t fmt;         /* gemm_formats.h's XY_* code */
@@ -104,10 +111,8 @@ static int attention(const xy_dims *m, const xy_layer *l, const xy_step *s) {
     return rc;
 }
 
-/* Returns 0, or the first failing kernel's code plus 100 * its launch (in layer order: 1 QKV,
- * 2 KV write, 3 attention, 4 O, 5 gate/up, 6 down). The last layer's down projection is left
- * in s->down, the residual stream in s->residual. */
-int xy_decoder_layers(const xy_dims *m, const xy_layer *layers, const xy_step *s) {
+/* The layers as the launch-by-launch path runs them: each kernel with its own parallel region. */
+static int layers_by_kernel(const xy_dims *m, const xy_layer *layers, const xy_step *s) {
     int64_t t = s->num_tokens, h = m->hidden, d = m->head_dim;
     int64_t q_cols = m->num_heads * d, kv_cols = m->num_kv_heads * d;
     int rc;
@@ -131,4 +136,161 @@ int xy_decoder_layers(const xy_dims *m, const xy_layer *layers, const xy_step *s
             xy_add_rmsnorm(s->down, h, s->residual, h, l->next_norm, s->x, h, t, h, m->eps);
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------ one parallel region
+ *
+ * A decode step's kernels are short (a GEMM of the default model's layer ~30-150 us), and with
+ * OMP_WAIT_POLICY=PASSIVE (what a shared machine wants) each kernel's parallel region wakes its
+ * sleeping threads through the kernel: ~150 regions a step. Here the threads enter one region
+ * for the whole stack and meet at barriers that spin briefly (then yield the core). Each
+ * kernel's work is split so that every output element is computed by one thread exactly as
+ * the kernel computes it: GEMM panels (gemm.c's columns), vector ops by rows, the attention by
+ * sequence, each sequence's row rotated and written to the cache by the thread that then
+ * attends with it. Only steps of single-query sequences (decodes) run here.
+ */
+
+#define SPINS_BEFORE_YIELD 4096
+
+typedef struct {
+    atomic_int arrived;
+    atomic_int phase;
+    int num_threads;
+} spin_barrier;
+
+static void barrier_wait(spin_barrier *b) {
+    int phase = atomic_load_explicit(&b->phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == b->num_threads - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase;)
+        if (++spins >= SPINS_BEFORE_YIELD) {
+            spins = 0;
+            sched_yield();  /* the other thread may be off its core: give it the core */
+        }
+}
+
+typedef struct {
+    const xy_dims *m;
+    const xy_step *s;
+    spin_barrier barrier;
+    atomic_long next_seq;  /* the attention's next unclaimed sequence */
+    atomic_int failed;     /* the first failure's return code, 0 while none */
+} region;
+
+static void fail(region *r, int rc) {
+    int none = 0;
+    atomic_compare_exchange_strong(&r->failed, &none, rc);
+}
+
+/* This thread's share [*b, *e) of `total` items. */
+static void share(int64_t total, int tid, int nth, int64_t *b, int64_t *e) {
+    *b = total * tid / nth;
+    *e = total * (tid + 1) / nth;
+}
+
+static void gemm_share(region *r, const xy_weight *w, const float *x, float *out, int tid,
+                       int nth, int launch) {
+    int64_t p0, p1;
+    share((w->n + 15) / 16, tid, nth, &p0, &p1);
+    if (p0 < p1 && !atomic_load(&r->failed)) {
+        int rc = xy_gemm_panels((int)w->fmt, x, w->k, w->panels, w->bias, w->n, w->k, out, w->n,
+                                r->s->num_tokens, (int)r->s->gemm_flags, p0, p1);
+        if (rc) fail(r, rc - 100 * launch);
+    }
+    barrier_wait(&r->barrier);
+}
+
+/* Rows [b, e) of out = norm(residual += x). */
+static void norm_rows(region *r, const float *x, const float *weight, int64_t b, int64_t e) {
+    int64_t h = r->m->hidden;
+    if (b < e)
+        xy_add_rmsnorm(x + b * h, h, r->s->residual + b * h, h, weight, r->s->x + b * h, h, e - b,
+                       h, r->m->eps);
+    barrier_wait(&r->barrier);
+}
+
+/* Sequences claimed one at a time: rotate the row, write its K/V, attend. */
+static void decode_share(region *r, const xy_layer *l) {
+    const xy_dims *m = r->m;
+    const xy_step *s = r->s;
+    int64_t d = m->head_dim, q_cols = m->num_heads * d, kv_cols = m->num_kv_heads * d;
+    int64_t qkv_n = l->qkv.n;
+    for (int64_t q = atomic_fetch_add(&r->next_seq, 1); q < s->num_decodes;
+         q = atomic_fetch_add(&r->next_seq, 1)) {
+        if (atomic_load(&r->failed)) continue;
+        int64_t row = s->decode_rows[q];
+        float *qkv = s->qkv + row * qkv_n;
+        xy_rope(qkv, qkv_n, d, m->num_heads + m->num_kv_heads, s->cos + row * d,
+                s->sin + row * d, d, 1, d);
+        int rc = xy_kv_write(qkv + q_cols, qkv + q_cols + kv_cols, qkv_n, l->k_cache, l->v_cache,
+                             m->num_blocks * m->block_size, s->slots + row, 1, kv_cols,
+                             (int)m->kv_dtype);
+        if (rc) {
+            fail(r, rc - 200);
+            continue;
+        }
+        rc = xy_decode_attention(s->qkv, qkv_n, l->k_cache, l->v_cache,
+                                 s->decode_tables + q * s->decode_table_stride,
+                                 s->decode_table_stride, s->decode_context_lens + q,
+                                 s->decode_rows + q, s->attn, q_cols, 1, m->num_heads,
+                                 m->num_kv_heads, d, m->num_blocks, m->block_size, m->scale, 1,
+                                 (int)m->kv_dtype);
+        if (rc) fail(r, rc - 300);
+    }
+}
+
+static void layers_in_region(region *r, const xy_layer *layers, int tid, int nth) {
+    const xy_dims *m = r->m;
+    const xy_step *s = r->s;
+    int64_t t = s->num_tokens, b, e;
+    share(t, tid, nth, &b, &e);
+    for (int64_t i = 0; i < m->num_layers; i++) {
+        const xy_layer *l = layers + i;
+        gemm_share(r, &l->qkv, s->x, s->qkv, tid, nth, 1);
+        decode_share(r, l);
+        barrier_wait(&r->barrier);
+        if (tid == 0) atomic_store(&r->next_seq, 0);  /* next claimed a layer and barriers on */
+        gemm_share(r, &l->o, s->attn, s->o, tid, nth, 4);
+        norm_rows(r, s->o, l->post_attn_norm, b, e);
+        gemm_share(r, &l->gate_up, s->x, s->gate_up, tid, nth, 5);
+        if (b < e)
+            xy_silu_mul(s->gate_up + b * 2 * m->inter, 2 * m->inter, s->act + b * m->inter,
+                        m->inter, e - b, m->inter);
+        barrier_wait(&r->barrier);
+        gemm_share(r, &l->down, s->act, s->down, tid, nth, 6);
+        if (l->next_norm) norm_rows(r, s->down, l->next_norm, b, e);
+    }
+}
+
+static int one_region_takes(const xy_layer *layers, const xy_dims *m, const xy_step *s) {
+    if (s->num_chunks || s->num_decodes != s->num_tokens || s->num_threads < 2) return 0;
+    for (int64_t i = 0; i < m->num_layers; i++) {
+        const xy_weight *w[] = {&layers[i].qkv, &layers[i].o, &layers[i].gate_up, &layers[i].down};
+        for (int j = 0; j < 4; j++)
+            if (!xy_gemm_splits((int)w[j]->fmt, (int)s->gemm_flags)) return 0;
+    }
+    return 1;
+}
+
+/* Returns 0, or the first failing kernel's code plus 100 * its launch (in layer order: 1 QKV,
+ * 2 KV write, 3 attention, 4 O, 5 gate/up, 6 down). The last layer's down projection is left
+ * in s->down, the residual stream in s->residual. */
+int xy_decoder_layers(const xy_dims *m, const xy_layer *layers, const xy_step *s) {
+    if (!one_region_takes(layers, m, s)) return layers_by_kernel(m, layers, s);
+    region r = {.m = m, .s = s};
+    atomic_init(&r.next_seq, 0);
+    atomic_init(&r.failed, 0);
+    atomic_init(&r.barrier.arrived, 0);
+    atomic_init(&r.barrier.phase, 0);
+#pragma omp parallel num_threads((int)s->num_threads)
+    {
+#pragma omp single
+        r.barrier.num_threads = omp_get_num_threads();  /* the team may be smaller than asked */
+        /* (single's implied barrier: every thread sees the count before the first wait) */
+        layers_in_region(&r, layers, omp_get_thread_num(), r.barrier.num_threads);
+    }
+    return atomic_load(&r.failed);
 }

@@ -134,6 +134,8 @@ PANEL_FN(panel_bf16, XY_BF16)
 PANEL_FN(panel_q4_1, XY_Q4_1)
 PANEL_FN(panel_q8_0, XY_Q8_0)
 #undef PANEL_FN
+static void (*const panel_fns[])(const gemm_job *, int64_t) = {panel_f32, panel_bf16, panel_q4_1,
+                                                               panel_q8_0};
 
 /* out (m, n), row stride os = x (m, k), row stride xs, times w packed in format fmt (see
  * gemm_formats.h; k % 32 == 0 for the quantized ones), plus bias (or NULL), on up to
@@ -143,8 +145,6 @@ PANEL_FN(panel_q8_0, XY_Q8_0)
 int xy_gemm_packed(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
                    int64_t n, int64_t k, float *out, int64_t os, int64_t m, int num_threads,
                    int flags) {
-    static void (*const fns[])(const gemm_job *, int64_t) = {panel_f32, panel_bf16,
-                                                              panel_q4_1, panel_q8_0};
     if (fmt < XY_F32 || fmt > XY_Q8_0 || m < 1 || k < 1 || n < 1
         || ((fmt == XY_Q4_1 || fmt == XY_Q8_0) && k % QK))
         return -2;
@@ -154,7 +154,7 @@ int xy_gemm_packed(int fmt, const float *x, int64_t xs, const void *panels, cons
     gemm_job job = {fmt, panels, panel_bytes(fmt, k), x, xs, bias, n, k, m, out, os};
     if (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS) && XY_HAVE_BF16_DOT)
         return gemm_bf16_dot(&job, num_threads);
-    void (*fn)(const gemm_job *, int64_t) = fns[fmt];
+    void (*fn)(const gemm_job *, int64_t) = panel_fns[fmt];
     if (num_threads == 1) {  /* no parallel region: a small product on one thread */
         for (int64_t p = 0; p < num_panels; p++) fn(&job, p);
         return 0;
@@ -169,4 +169,28 @@ int xy_gemm(const float *x, int64_t x_stride, const float *panels, const float *
             int64_t n, int64_t k, float *out, int64_t o_stride, int64_t m, int num_threads) {
     return xy_gemm_packed(XY_F32, x, x_stride, panels, bias, n, k, out, o_stride, m,
                           num_threads, 0);
+}
+
+int xy_gemm_splits(int fmt, int flags);
+
+/* Panels [p0, p1) of the product xy_gemm_packed computes, on the calling thread alone: one
+ * thread's share where the caller runs the parallel region itself (decoder.c). Every column
+ * comes out as xy_gemm_packed computes it. Returns -2 for what it does not take, bf16 panels
+ * with bf16 activations where the library has vdpbf16ps included (their activations are
+ * rounded first, for all threads: xy_gemm_splits says so beforehand). */
+int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
+                   int64_t n, int64_t k, float *out, int64_t os, int64_t m, int flags,
+                   int64_t p0, int64_t p1) {
+    if (!xy_gemm_splits(fmt, flags) || m < 1 || k < 1 || n < 1
+        || ((fmt == XY_Q4_1 || fmt == XY_Q8_0) && k % QK))
+        return -2;
+    gemm_job job = {fmt, panels, panel_bytes(fmt, k), x, xs, bias, n, k, m, out, os};
+    for (int64_t p = p0; p < p1; p++) panel_fns[fmt](&job, p);
+    return 0;
+}
+
+/* Whether xy_gemm_panels takes this format and flags. */
+int xy_gemm_splits(int fmt, int flags) {
+    return fmt >= XY_F32 && fmt <= XY_Q8_0
+           && !(fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS) && XY_HAVE_BF16_DOT);
 }
