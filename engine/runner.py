@@ -49,7 +49,7 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
     loaded = loaded or load_model(config.model)
     platform.keep_freed_tensor_memory()
     device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype,
-                    stack=config.npu_stack)
+                    stack=config.npu_stack, timeline=config.npu_trace_dir is not None)
     fast = platform.choose_fast_path(config, loaded.arch, _ships_blocks(loaded))
     num_kv_blocks = platform.num_kv_blocks(config.cache, loaded.arch, fast.kv_cache_dtype)
     block_size = config.cache.block_size

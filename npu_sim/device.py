@@ -226,15 +226,32 @@ class Device:
 
     def end_step(self, num_requests: int = 0) -> StepTrace:
         """The StepTrace of the launches since begin_step (or the last end_step), for a batch of
-        `num_requests` requests (the stack's per-request host time)."""
+        `num_requests` requests (the stack's per-request host time); with the launches in order
+        (`StepTrace.kernels`) only where the device keeps timelines."""
         c = self.chip
-        timings: dict[int, KernelTiming] = {}  # each distinct kernel timed once
+        per_kernel: dict[int, list[Any]] = {}  # each distinct kernel timed once
         for kernel in self._launches:
-            if id(kernel) not in timings:
-                timings[id(kernel)] = self._timing(kernel)
-        trace = build_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
-                                 c.num_vector_cores, c.peak_flops(self.cost_model.dtype),
-                                 [timings[id(kernel)] for kernel in self._launches])
+            entry = per_kernel.get(id(kernel))
+            if entry is None:
+                per_kernel[id(kernel)] = [kernel, 1]
+            else:
+                entry[1] += 1
+        timings = {key: self._timing(kernel) for key, (kernel, _) in per_kernel.items()}
+        args = (c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
+                c.num_vector_cores, c.peak_flops(self.cost_model.dtype))
+        if self.timeline:
+            trace = build_step_trace(*args, [timings[id(kernel)] for kernel in self._launches])
+        else:
+            # per timing, as build_step_trace counts (kernels of one shape share a timing)
+            counts: dict[int, list[Any]] = {}
+            for key, (_, n) in per_kernel.items():
+                timing = timings[key]
+                entry = counts.get(id(timing))
+                if entry is None:
+                    counts[id(timing)] = [timing, n]
+                else:
+                    entry[1] += n
+            trace = count_step_trace(*args, counts.values())
         self.total_sim_s += trace.sim_s
         self.begin_step()
         return trace
