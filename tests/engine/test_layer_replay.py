@@ -71,3 +71,30 @@ def test_no_replay_without_the_c_kernels_or_on_the_reference_path(
     _, _, num_replays = _generate(tiny_llama_dir, monkeypatch, True, dtype="float32",
                                   strict_kernels=True)
     assert num_replays == 0  # the reference path walks every task
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_a_slot_outside_the_cache_is_an_index_error(tiny_llama_dir: pathlib.Path,
+                                                    num_threads: int,
+                                                    request: pytest.FixtureRequest) -> None:
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    llm = LLM(model=str(tiny_llama_dir), num_kv_blocks=4, block_size=16, dtype="float32",
+              threads=num_threads)
+    bad = {}
+    run = replay.LayerStack.run
+
+    def with_bad_slot(self: replay.LayerStack, attention: Any, step: Any) -> Any:
+        slots = torch.full_like(step.slot_mapping, 4 * 16)  # one past the last slot
+        try:
+            return run(self, attention, replay.StepOperands(
+                residual=step.residual, x=step.x, cos=step.cos, sin=step.sin,
+                slot_mapping=slots))
+        except IndexError as exc:
+            bad["error"] = str(exc)
+            raise
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(replay.LayerStack, "run", with_bad_slot)
+        out = llm.generate([[5, 17, 300]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert out[0].outputs[0].finish_reason == "error"  # the request ends; the engine goes on
+    assert "KV write" in bad["error"] and "outside the cache" in bad["error"]
