@@ -3,7 +3,9 @@
 Weights are fused at load time the way the kernels consume them: q/k/v into one (Hq + 2 Hkv) D x H
 matrix (one GEMM instead of three), gate/up into one 2I x H matrix, and every GEMM weight is
 pre-packed for the CPU's fast path (`Device.pack_weight`). The forward pass holds no
-math of its own: every number comes out of a `Device.launch`.
+math of its own: every number comes out of the device, a `Device.launch` per kernel, or, where the
+fast path's C kernels take the whole step, one `Device.replay` of every layer's launches
+(npu_sim.kernels.replay: the same kernels, without a Python walk over ten launches a layer).
 """
 
 from __future__ import annotations
