@@ -91,13 +91,15 @@ class OutputProcessor:
         """
         stats = _StepStats(self._take_aborted())
         start_sim_s = now_sim_s - step_sim_s
+        states = self._states
         for chunk in scheduler_output.chunks:
-            state = self._states[chunk.request_id]
+            state = states[chunk.request_id]
             if state.first_scheduled_s is None:
                 state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
-            if not (chunk.num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
-                stats.num_prompt_tokens += chunk.num_known_tokens
+            num_known_tokens = len(chunk.token_ids) - len(chunk.draft_parents)
+            if not (num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
+                stats.num_prompt_tokens += num_known_tokens
         stats.num_preempted = len(scheduler_output.preempted_ids)
         stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
                                  self.num_speculative_tokens)
@@ -178,7 +180,7 @@ def _spec_stats(scheduler_output: SchedulerOutput, sampled: Mapping[str, tuple[i
     num_drafts = num_draft_tokens = num_accepted = 0
     per_pos = [0] * num_speculative_tokens
     for chunk in scheduler_output.chunks:
-        if not chunk.num_draft_tokens or chunk.request_id not in sampled:
+        if not chunk.draft_parents or chunk.request_id not in sampled:
             continue
         accepted = len(sampled[chunk.request_id]) - 1
         num_drafts += 1
