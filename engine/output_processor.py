@@ -48,6 +48,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.num_speculative_tokens = num_speculative_tokens
         self.deltas = deltas
+        # No text and no deltas (a simulation): a request that goes on only has its tokens'
+        # latencies noted, without building an output for it.
+        self._quiet = tokenizer is None and not deltas
         self._states: dict[str, RequestState] = {}  # unfinished requests
         self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
 
@@ -104,7 +107,13 @@ class OutputProcessor:
         stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
                                  self.num_speculative_tokens)
         outputs, stopped_ids = [], []
+        quiet = self._quiet
         for update in updates:
+            if quiet and update.finish_reason is None:
+                state = states[update.request_id]
+                num_tokens = len(update.new_token_ids)
+                stats.record_tokens(num_tokens, *state.record_tokens(num_tokens, now_s, now_sim_s))
+                continue
             output, stopped = self._output(update, now_s, now_sim_s, stats)
             if output is not None:
                 outputs.append(output)

@@ -163,7 +163,6 @@ class Scheduler:
         token leaves over, and only as many as their measured acceptance pays for.
         """
         token_budget = self.config.max_num_batched_tokens
-        scheduled: dict[str, ScheduledChunk] = {}
         # Each pass in admission order; how far behind a request is stays fixed for the step
         # (only a preemption changes it, and a preempted request is skipped by its status).
         decodes: list[Request] = []
@@ -189,39 +188,39 @@ class Scheduler:
                 draft = drafts_to_verify(request, proposed, speculative, self.max_model_len,
                                          room, num_decodes)
             if draft is None and kv_cache.allocate_slots(request, 1):
-                chunk = decode_chunk(request)  # most rows of most steps: nobody is preempted
-            else:
-                chunk, num_returned = self._allocate(request, 1, draft, chunks, scheduled,
-                                                     preempted_ids)
-                token_budget += num_returned
-                if chunk is None:
-                    continue  # the request itself was preempted
+                # most rows of most steps: one token, its slot at hand, nobody preempted
+                chunks.append(decode_chunk(request))
+                token_budget -= 1
+                continue
+            chunk, num_returned = self._allocate(request, 1, draft, chunks, preempted_ids)
+            token_budget += num_returned
+            if chunk is None:
+                continue  # the request itself was preempted
             token_budget -= chunk.num_tokens
             chunks.append(chunk)
-            scheduled[request.request_id] = chunk
         for request, num_behind in others:
             if token_budget <= 0:
                 break
             if request.status != running:
                 continue
             chunk, num_returned = self._allocate(request, min(num_behind, token_budget), None,
-                                                 chunks, scheduled, preempted_ids)
+                                                 chunks, preempted_ids)
             token_budget += num_returned
             if chunk is None:
                 continue
             token_budget -= chunk.num_tokens
             chunks.append(chunk)
-            scheduled[request.request_id] = chunk
         return token_budget
 
     def _allocate(self, request: Request, num_new_tokens: int, draft: Draft | None,
-                  chunks: list[ScheduledChunk], scheduled: dict[str, ScheduledChunk],
-                  preempted_ids: list[str]) -> tuple[ScheduledChunk | None, int]:
+                  chunks: list[ScheduledChunk], preempted_ids: list[str],
+                  ) -> tuple[ScheduledChunk | None, int]:
         """Blocks for `num_new_tokens` (+ the draft's slots), preempting the latest admitted
         request while they are short; drafts are dropped before anyone is preempted.
 
         Returns the chunk (None when `request` itself had to be preempted) and the token budget
-        given back: victims scheduled earlier this step (in `scheduled`) leave `chunks`.
+        given back: victims scheduled earlier this step leave `chunks` (running requests' chunks
+        only, so far: waiting ones are admitted after, or only when nothing runs).
         """
         num_drafts = 0 if draft is None else draft.num_tokens
         if num_drafts and not self.kv_cache.allocate_slots(request, num_new_tokens + num_drafts):
@@ -231,7 +230,8 @@ class Scheduler:
             victim = self.running.pop()
             self._preempt(victim)
             preempted_ids.append(victim.request_id)
-            victim_chunk = scheduled.pop(victim.request_id, None)
+            # a linear search, but preemptions are rare: no per-row index to keep
+            victim_chunk = next((c for c in chunks if c.request_id == victim.request_id), None)
             if victim_chunk is not None:
                 chunks.remove(victim_chunk)
                 num_returned += victim_chunk.num_tokens
@@ -316,7 +316,7 @@ class Scheduler:
         """
         token_updates: list[TokenUpdate] = []
         requests, running, max_model_len = self.requests, RequestStatus.RUNNING, self.max_model_len
-        kv_cache = self.kv_cache
+        kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
         caching = kv_cache.enable_caching  # else registering full blocks is a no-op: skip the call
         all_sampled, all_logprobs = model_output.sampled_token_ids, model_output.logprobs
         for chunk in scheduler_output.chunks:
@@ -324,10 +324,13 @@ class Scheduler:
             request = requests.get(request_id)
             if request is None or request.status != running:
                 continue  # finished (or replaced by a new request with that id) meanwhile
+            # Blocks are registered (cache_full_blocks) as soon as they fill up, so only a
+            # step that fills one has any to register: most decodes skip the call.
+            num_full_blocks = request.num_computed_tokens // block_size
             num_draft_tokens = len(chunk.draft_parents)
             request.num_computed_tokens += len(chunk.token_ids) - num_draft_tokens
             if not chunk.sample:
-                if caching:
+                if caching and request.num_computed_tokens // block_size > num_full_blocks:
                     kv_cache.cache_full_blocks(request)  # their K/V are written now
                 continue
             sampled = all_sampled[request_id]
@@ -350,7 +353,7 @@ class Scheduler:
             logprobs = all_logprobs.get(request_id) if all_logprobs else None
             if logprobs is not None:
                 logprobs = logprobs[: len(new_token_ids)]
-            if caching:
+            if caching and request.num_computed_tokens // block_size > num_full_blocks:
                 kv_cache.cache_full_blocks(request)  # accepted drafts fill blocks too
             if finish_reason is not None:
                 self._finish(request, RequestStatus.for_reason(finish_reason))
