@@ -40,6 +40,22 @@ def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, .
     return (*prompt_ids[start_pos:], *output_ids[: end_pos - num_prompt_tokens])
 
 
+def append_sampled(request: Request, sampled: tuple[int, ...], max_model_len: int,
+                   ) -> tuple[tuple[int, ...], FinishReason | None]:
+    """Append `sampled` to `request`'s outputs up to the first that stops it; returns the
+    tokens appended and why it stopped (None: it goes on)."""
+    output_token_ids = request.output_token_ids
+    if len(sampled) == 1:  # a decode: no slicing, no loop
+        output_token_ids.append(sampled[0])
+        return sampled, check_stop(request, max_model_len)
+    for i, token_id in enumerate(sampled):
+        output_token_ids.append(token_id)
+        finish_reason = check_stop(request, max_model_len)
+        if finish_reason is not None:
+            return sampled[:i + 1], finish_reason  # tokens after a stop are dropped
+    return sampled, None
+
+
 def check_stop(request: Request, max_model_len: int) -> FinishReason | None:
     """Why `request` stops after its newest output token, or None to go on.
 

@@ -110,9 +110,8 @@ class OutputProcessor:
         quiet = self._quiet
         for update in updates:
             if quiet and update.finish_reason is None:
-                state = states[update.request_id]
-                num_tokens = len(update.new_token_ids)
-                stats.record_tokens(num_tokens, *state.record_tokens(num_tokens, now_s, now_sim_s))
+                stats.record_tokens(states[update.request_id], len(update.new_token_ids), now_s,
+                                    now_sim_s)
                 continue
             output, stopped = self._output(update, now_s, now_sim_s, stats)
             if output is not None:
@@ -143,8 +142,7 @@ class OutputProcessor:
         if logprobs is not None:
             logprobs = logprobs[:len(token_ids)]
         if token_ids:
-            stats.record_tokens(len(token_ids), *state.record_tokens(len(token_ids), now_s,
-                                                                     now_sim_s))
+            stats.record_tokens(state, len(token_ids), now_s, now_sim_s)
         still_running = stopped and finish_reason is None
         if stopped:
             finish_reason = FinishReason.STOP
@@ -216,8 +214,10 @@ class _StepStats:
     itls_sim_s: list[float] = field(default_factory=list)
     spec: SpecDecodingStats | None = None
 
-    def record_tokens(self, num_tokens: int, latency_s: float, latency_sim_s: float,
-                      first: bool) -> None:
+    def record_tokens(self, state: RequestState, num_tokens: int, now_s: float,
+                      now_sim_s: float) -> None:
+        """`num_tokens` new tokens of `state`'s request at (now_s, now_sim_s)."""
+        latency_s, latency_sim_s, first = state.record_tokens(num_tokens, now_s, now_sim_s)
         self.num_generation_tokens += num_tokens
         (self.ttfts_s if first else self.itls_s).append(latency_s)
         (self.ttfts_sim_s if first else self.itls_sim_s).append(latency_sim_s)

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from engine.admission import check_fits
-from engine.chunks import check_stop, decode_chunk, make_chunk
+from engine.chunks import append_sampled, decode_chunk, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.kv_cache import KVCacheManager
 from engine.outputs import (
@@ -319,6 +319,7 @@ class Scheduler:
         kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
         caching = kv_cache.enable_caching  # else registering full blocks is a no-op: skip the call
         all_sampled, all_logprobs = model_output.sampled_token_ids, model_output.logprobs
+        all_drafts = model_output.drafts
         for chunk in scheduler_output.chunks:
             request_id = chunk.request_id
             request = requests.get(request_id)
@@ -341,15 +342,7 @@ class Scheduler:
                 record_verify(request, num_draft_tokens, num_accepted)
                 request.num_computed_tokens += num_accepted
                 kv_cache.trim(request, request.num_computed_tokens + 1)
-            finish_reason: FinishReason | None = None
-            output_token_ids = request.output_token_ids
-            new_token_ids = sampled
-            for i, token_id in enumerate(sampled):
-                output_token_ids.append(token_id)
-                finish_reason = check_stop(request, max_model_len)
-                if finish_reason is not None:
-                    new_token_ids = sampled[:i + 1]  # tokens after a stop are dropped
-                    break
+            new_token_ids, finish_reason = append_sampled(request, sampled, max_model_len)
             logprobs = all_logprobs.get(request_id) if all_logprobs else None
             if logprobs is not None:
                 logprobs = logprobs[: len(new_token_ids)]
@@ -358,7 +351,7 @@ class Scheduler:
             if finish_reason is not None:
                 self._finish(request, RequestStatus.for_reason(finish_reason))
             else:
-                request.draft = model_output.drafts.get(request_id)
+                request.draft = all_drafts.get(request_id) if all_drafts else None
             if new_token_ids or finish_reason is not None:
                 token_updates.append(TokenUpdate(request_id, tuple(new_token_ids), logprobs,
                                                  finish_reason))
