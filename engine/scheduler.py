@@ -191,41 +191,29 @@ class Scheduler:
                 # most rows of most steps: one token, its slot at hand, nobody preempted
                 chunks.append(decode_chunk(request))
                 token_budget -= 1
-                continue
-            chunk, num_returned = self._allocate(request, 1, draft, chunks, preempted_ids)
-            token_budget += num_returned
-            if chunk is None:
-                continue  # the request itself was preempted
-            token_budget -= chunk.num_tokens
-            chunks.append(chunk)
+            else:
+                token_budget -= self._add_chunk(request, 1, draft, chunks, preempted_ids)
         for request, num_behind in others:
             if token_budget <= 0:
                 break
-            if request.status != running:
-                continue
-            chunk, num_returned = self._allocate(request, min(num_behind, token_budget), None,
-                                                 chunks, preempted_ids)
-            token_budget += num_returned
-            if chunk is None:
-                continue
-            token_budget -= chunk.num_tokens
-            chunks.append(chunk)
+            if request.status == running:
+                token_budget -= self._add_chunk(request, min(num_behind, token_budget), None,
+                                                chunks, preempted_ids)
         return token_budget
 
-    def _allocate(self, request: Request, num_new_tokens: int, draft: Draft | None,
-                  chunks: list[ScheduledChunk], preempted_ids: list[str],
-                  ) -> tuple[ScheduledChunk | None, int]:
-        """Blocks for `num_new_tokens` (+ the draft's slots), preempting the latest admitted
-        request while they are short; drafts are dropped before anyone is preempted.
+    def _add_chunk(self, request: Request, num_new_tokens: int, draft: Draft | None,
+                   chunks: list[ScheduledChunk], preempted_ids: list[str]) -> int:
+        """Append `request`'s next `num_new_tokens` (+ `draft`) to `chunks`, allocating their
+        blocks and preempting the latest admitted request while they are short; drafts are
+        dropped before anyone is preempted, and nothing is appended if `request` itself is.
 
-        Returns the chunk (None when `request` itself had to be preempted) and the token budget
-        given back: victims scheduled earlier this step leave `chunks` (running requests' chunks
-        only, so far: waiting ones are admitted after, or only when nothing runs).
+        Returns the token budget this took: the chunk's tokens, less those of the victims
+        scheduled earlier this step, which leave `chunks` (negative when only they changed).
         """
         num_drafts = 0 if draft is None else draft.num_tokens
         if num_drafts and not self.kv_cache.allocate_slots(request, num_new_tokens + num_drafts):
             draft, num_drafts = None, 0
-        num_returned = 0
+        num_tokens_taken = 0
         while not num_drafts and not self.kv_cache.allocate_slots(request, num_new_tokens):
             victim = self.running.pop()
             self._preempt(victim)
@@ -234,10 +222,12 @@ class Scheduler:
             victim_chunk = next((c for c in chunks if c.request_id == victim.request_id), None)
             if victim_chunk is not None:
                 chunks.remove(victim_chunk)
-                num_returned += victim_chunk.num_tokens
+                num_tokens_taken -= victim_chunk.num_tokens
             if victim is request:
-                return None, num_returned
-        return make_chunk(request, num_new_tokens, draft), num_returned
+                return num_tokens_taken
+        chunk = make_chunk(request, num_new_tokens, draft)
+        chunks.append(chunk)
+        return num_tokens_taken + chunk.num_tokens
 
     def _admit_waiting(self, chunks: list[ScheduledChunk], new_requests: list[NewRequestData],
                        token_budget: int, whole: bool) -> None:
