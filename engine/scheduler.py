@@ -174,7 +174,8 @@ class Scheduler:
             elif num_behind > 1:
                 others.append((request, num_behind))
         num_decodes = num_decodes_left = len(decodes)
-        running, speculative, kv_cache = RequestStatus.RUNNING, self.speculative, self.kv_cache
+        running, speculative = RequestStatus.RUNNING, self.speculative
+        block_size = self.kv_cache.block_size
         for request in decodes:
             if token_budget <= 0:
                 break
@@ -187,8 +188,9 @@ class Scheduler:
                 room = token_budget - 1 - num_decodes_left
                 draft = drafts_to_verify(request, proposed, speculative, self.max_model_len,
                                          room, num_decodes)
-            if draft is None and kv_cache.allocate_slots(request, 1):
-                # most rows of most steps: one token, its slot at hand, nobody preempted
+            if draft is None and request.num_computed_tokens < len(request.block_ids) * block_size:
+                # Most rows of most steps: one token whose slot its block table already holds
+                # (allocate_slots would take nothing), so nobody is preempted.
                 chunks.append(decode_chunk(request))
                 token_budget -= 1
             else:
