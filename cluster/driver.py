@@ -9,6 +9,7 @@ to a Recorder. There is no second scheduler and no step loop of its own beyond t
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -71,6 +72,7 @@ def _add(core: EngineCore, requests: tuple[RequestSpec, ...], i: int, recorder: 
     return i + 1
 
 
+@functools.cache  # validating SamplingParams costs tens of us; they are immutable, so shared
 def request_params(output_len: int) -> SamplingParams:
     """A simulated request's sampling: exactly output_len tokens (EOS never ends it early)."""
     return replace(_BASE_PARAMS, max_tokens=output_len)

@@ -13,14 +13,20 @@ def make_chunk(request: Request, num_new_tokens: int, draft: Draft | None = None
     start_pos = request.num_computed_tokens
     end_pos = start_pos + num_new_tokens
     token_ids = _token_slice(request, start_pos, end_pos)
-    return ScheduledChunk(
-        request_id=request.request_id,
-        start_pos=start_pos,
-        token_ids=token_ids if draft is None else token_ids + draft.token_ids,
-        block_ids=tuple(request.block_ids),
-        sample=end_pos == request.num_tokens,
-        draft_parents=() if draft is None else draft.parents,
-    )
+    if draft is None:
+        return ScheduledChunk(request.request_id, start_pos, token_ids, tuple(request.block_ids),
+                              end_pos == request.num_tokens)
+    return ScheduledChunk(request.request_id, start_pos, token_ids + draft.token_ids,
+                          tuple(request.block_ids), end_pos == request.num_tokens, draft.parents)
+
+
+def decode_chunk(request: Request) -> ScheduledChunk:
+    """`make_chunk(request, 1)` of a request one token behind (its last token, which samples):
+    the chunk of most rows of most steps, built without slicing."""
+    output_ids = request.output_token_ids
+    last_token_id = output_ids[-1] if output_ids else request.prompt_token_ids[-1]
+    return ScheduledChunk(request.request_id, request.num_computed_tokens, (last_token_id,),
+                          tuple(request.block_ids), True)
 
 
 def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, ...]:
@@ -34,21 +40,40 @@ def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, .
     return (*prompt_ids[start_pos:], *output_ids[: end_pos - num_prompt_tokens])
 
 
+def append_sampled(request: Request, sampled: tuple[int, ...], max_model_len: int,
+                   ) -> tuple[tuple[int, ...], FinishReason | None]:
+    """Append `sampled` to `request`'s outputs up to the first that stops it; returns the
+    tokens appended and why it stopped (None: it goes on)."""
+    output_token_ids = request.output_token_ids
+    if len(sampled) == 1:  # a decode: no slicing, no loop
+        output_token_ids.append(sampled[0])
+        return sampled, check_stop(request, max_model_len)
+    for i, token_id in enumerate(sampled):
+        output_token_ids.append(token_id)
+        finish_reason = check_stop(request, max_model_len)
+        if finish_reason is not None:
+            return sampled[:i + 1], finish_reason  # tokens after a stop are dropped
+    return sampled, None
+
+
 def check_stop(request: Request, max_model_len: int) -> FinishReason | None:
     """Why `request` stops after its newest output token, or None to go on.
 
     Order: EOS and stop token ids (both gated by min_tokens, which counts output tokens), then
     max_tokens, then max_model_len. A stop token is kept in `output_token_ids`.
     """
+    # Called per sampled token: lengths read once, no property calls.
     params = request.sampling_params
-    last_token_id = request.output_token_ids[-1]
-    if request.num_output_tokens >= params.min_tokens:
-        if not params.ignore_eos and last_token_id == request.eos_token_id:
+    output_ids = request.output_token_ids
+    num_output_tokens = len(output_ids)
+    if num_output_tokens >= params.min_tokens:
+        last_token_id = output_ids[-1]
+        if ((last_token_id == request.eos_token_id and not params.ignore_eos)
+                or last_token_id in params.stop_token_ids):
             return FinishReason.STOP
-        if last_token_id in params.stop_token_ids:
-            return FinishReason.STOP
-    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+    max_tokens = params.max_tokens
+    if max_tokens is not None and num_output_tokens >= max_tokens:
         return FinishReason.LENGTH
-    if request.num_tokens >= max_model_len:
+    if len(request.prompt_token_ids) + num_output_tokens >= max_model_len:
         return FinishReason.LENGTH
     return None

@@ -48,6 +48,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.num_speculative_tokens = num_speculative_tokens
         self.deltas = deltas
+        # No text and no deltas (a simulation): a request that goes on only has its tokens'
+        # latencies noted, without building an output for it.
+        self._quiet = tokenizer is None and not deltas
         self._states: dict[str, RequestState] = {}  # unfinished requests
         self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
 
@@ -91,18 +94,25 @@ class OutputProcessor:
         """
         stats = _StepStats(self._take_aborted())
         start_sim_s = now_sim_s - step_sim_s
+        states = self._states
         for chunk in scheduler_output.chunks:
-            state = self._states[chunk.request_id]
+            state = states[chunk.request_id]
             if state.first_scheduled_s is None:
                 state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
-            if not (chunk.num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
-                stats.num_prompt_tokens += chunk.num_known_tokens
+            num_known_tokens = len(chunk.token_ids) - len(chunk.draft_parents)
+            if not (num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
+                stats.num_prompt_tokens += num_known_tokens
         stats.num_preempted = len(scheduler_output.preempted_ids)
         stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
                                  self.num_speculative_tokens)
         outputs, stopped_ids = [], []
+        quiet = self._quiet
         for update in updates:
+            if quiet and update.finish_reason is None:
+                stats.record_tokens(states[update.request_id], len(update.new_token_ids), now_s,
+                                    now_sim_s)
+                continue
             output, stopped = self._output(update, now_s, now_sim_s, stats)
             if output is not None:
                 outputs.append(output)
@@ -132,8 +142,7 @@ class OutputProcessor:
         if logprobs is not None:
             logprobs = logprobs[:len(token_ids)]
         if token_ids:
-            stats.record_tokens(len(token_ids), *state.record_tokens(len(token_ids), now_s,
-                                                                     now_sim_s))
+            stats.record_tokens(state, len(token_ids), now_s, now_sim_s)
         still_running = stopped and finish_reason is None
         if stopped:
             finish_reason = FinishReason.STOP
@@ -178,7 +187,7 @@ def _spec_stats(scheduler_output: SchedulerOutput, sampled: Mapping[str, tuple[i
     num_drafts = num_draft_tokens = num_accepted = 0
     per_pos = [0] * num_speculative_tokens
     for chunk in scheduler_output.chunks:
-        if not chunk.num_draft_tokens or chunk.request_id not in sampled:
+        if not chunk.draft_parents or chunk.request_id not in sampled:
             continue
         accepted = len(sampled[chunk.request_id]) - 1
         num_drafts += 1
@@ -205,8 +214,10 @@ class _StepStats:
     itls_sim_s: list[float] = field(default_factory=list)
     spec: SpecDecodingStats | None = None
 
-    def record_tokens(self, num_tokens: int, latency_s: float, latency_sim_s: float,
-                      first: bool) -> None:
+    def record_tokens(self, state: RequestState, num_tokens: int, now_s: float,
+                      now_sim_s: float) -> None:
+        """`num_tokens` new tokens of `state`'s request at (now_s, now_sim_s)."""
+        latency_s, latency_sim_s, first = state.record_tokens(num_tokens, now_s, now_sim_s)
         self.num_generation_tokens += num_tokens
         (self.ttfts_s if first else self.itls_s).append(latency_s)
         (self.ttfts_sim_s if first else self.itls_sim_s).append(latency_sim_s)

@@ -25,7 +25,7 @@ from engine.spec.types import Draft
 from engine.stats import RequestMetrics
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScheduledChunk:
     """A contiguous run of one request's tokens computed this step.
 
@@ -33,6 +33,9 @@ class ScheduledChunk:
     the prompt (or of prompt + outputs after a preemption); a verify is a decode followed by the
     request's draft tokens (engine.spec: a token tree whose nodes take the slots after the last
     token, and the real positions last + depth). Which one it is is derived, not stored.
+
+    Read-only once built, but not frozen: one is built per running request per step, and a
+    frozen dataclass's __init__ (object.__setattr__ per field) costs four times a slotted one's.
     """
 
     request_id: str  # whose tokens
@@ -126,9 +129,11 @@ class ModelOutput:
     #   its next step (tokens and parents only), for requests that sampled this step
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenUpdate:
-    """What one step changed for one request, as the scheduler sees it (no text yet)."""
+    """What one step changed for one request, as the scheduler sees it (no text yet).
+
+    Read-only once built; slotted, not frozen, for the reason ScheduledChunk is."""
 
     request_id: str  # whose tokens
     new_token_ids: tuple[int, ...]  # appended to the request's output this step

@@ -34,15 +34,16 @@ class RequestState:
                       ) -> tuple[float, float, bool]:
         """Note new tokens at (now_s, now_sim_s); returns the latency they close on both clocks
         (TTFT for the first token, else the inter-token gap) and whether it is the first."""
-        first = self.first_token_s is None
-        if first:
+        if self.first_token_s is None:
             self.first_token_s, self.first_token_sim_s = now_s, now_sim_s
-            latency = (now_s - self.arrival_s, now_sim_s - self.arrival_sim_s)
+            latency_s, latency_sim_s = now_s - self.arrival_s, now_sim_s - self.arrival_sim_s
+            first = True
         else:
-            latency = (now_s - self.last_token_s, now_sim_s - self.last_token_sim_s)
+            latency_s, latency_sim_s = now_s - self.last_token_s, now_sim_s - self.last_token_sim_s
+            first = False
         self.num_output_tokens += num_new_tokens
         self.last_token_s, self.last_token_sim_s = now_s, now_sim_s
-        return latency[0], latency[1], first
+        return latency_s, latency_sim_s, first
 
     def metrics(self, now_s: float, now_sim_s: float) -> RequestMetrics:
         """Latencies of the request finishing at (now_s, now_sim_s)."""

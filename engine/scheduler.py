@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from engine.admission import check_fits
-from engine.chunks import check_stop, make_chunk
+from engine.chunks import append_sampled, decode_chunk, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.kv_cache import KVCacheManager
 from engine.outputs import (
@@ -163,59 +163,73 @@ class Scheduler:
         token leaves over, and only as many as their measured acceptance pays for.
         """
         token_budget = self.config.max_num_batched_tokens
-        scheduled: dict[str, ScheduledChunk] = {}
-        # How far behind each running request is, in admission order: fixed for the step (only
-        # a preemption changes it, and a preempted request is skipped by its status).
-        behind = [(r, r.num_tokens - r.num_computed_tokens) for r in self.running]
-        num_decodes = sum(n == 1 for _, n in behind)
-        num_decodes_left = num_decodes
-        running = RequestStatus.RUNNING
-        for decode_pass in (True, False):
-            for request, num_behind in behind:
-                if token_budget <= 0:
-                    break
-                if (num_behind <= 0 or (num_behind == 1) != decode_pass
-                        or request.status != running):
-                    continue
-                num_new_tokens = min(num_behind, token_budget)
-                draft = None
-                if decode_pass:
-                    num_decodes_left -= 1
-                    room = token_budget - 1 - num_decodes_left
-                    proposed, request.draft = request.draft, None  # verified at most once
-                    if self.speculative is not None:
-                        draft = drafts_to_verify(request, proposed, self.speculative,
-                                                 self.max_model_len, room, num_decodes)
-                num_victims = len(preempted_ids)
-                chunk = self._allocate(request, num_new_tokens, draft, preempted_ids)
-                # this allocation's victims that were scheduled earlier give their budget back
-                for victim_id in preempted_ids[num_victims:]:
-                    victim_chunk = scheduled.pop(victim_id, None)
-                    if victim_chunk is not None:
-                        chunks.remove(victim_chunk)
-                        token_budget += victim_chunk.num_tokens
-                if chunk is None:
-                    continue  # the request itself was preempted
-                token_budget -= chunk.num_tokens
-                chunks.append(chunk)
-                scheduled[request.request_id] = chunk
+        # Each pass in admission order; how far behind a request is stays fixed for the step
+        # (only a preemption changes it, and a preempted request is skipped by its status).
+        decodes: list[Request] = []
+        others: list[tuple[Request, int]] = []
+        for request in self.running:
+            num_behind = request.num_tokens - request.num_computed_tokens
+            if num_behind == 1:
+                decodes.append(request)
+            elif num_behind > 1:
+                others.append((request, num_behind))
+        num_decodes = num_decodes_left = len(decodes)
+        running, speculative = RequestStatus.RUNNING, self.speculative
+        block_size = self.kv_cache.block_size
+        for request in decodes:
+            if token_budget <= 0:
+                break
+            if request.status != running:
+                continue
+            num_decodes_left -= 1
+            proposed, request.draft = request.draft, None  # verified at most once
+            draft = None
+            if speculative is not None:
+                room = token_budget - 1 - num_decodes_left
+                draft = drafts_to_verify(request, proposed, speculative, self.max_model_len,
+                                         room, num_decodes)
+            if draft is None and request.num_computed_tokens < len(request.block_ids) * block_size:
+                # Most rows of most steps: one token whose slot its block table already holds
+                # (allocate_slots would take nothing), so nobody is preempted.
+                chunks.append(decode_chunk(request))
+                token_budget -= 1
+            else:
+                token_budget -= self._add_chunk(request, 1, draft, chunks, preempted_ids)
+        for request, num_behind in others:
+            if token_budget <= 0:
+                break
+            if request.status == running:
+                token_budget -= self._add_chunk(request, min(num_behind, token_budget), None,
+                                                chunks, preempted_ids)
         return token_budget
 
-    def _allocate(self, request: Request, num_new_tokens: int, draft: Draft | None,
-                  preempted_ids: list[str]) -> ScheduledChunk | None:
-        """Blocks for `num_new_tokens` (+ the draft's slots), preempting the latest admitted
-        request while they are short; drafts are dropped before anyone is preempted. Returns
-        the chunk, or None when `request` itself had to be preempted."""
+    def _add_chunk(self, request: Request, num_new_tokens: int, draft: Draft | None,
+                   chunks: list[ScheduledChunk], preempted_ids: list[str]) -> int:
+        """Append `request`'s next `num_new_tokens` (+ `draft`) to `chunks`, allocating their
+        blocks and preempting the latest admitted request while they are short; drafts are
+        dropped before anyone is preempted, and nothing is appended if `request` itself is.
+
+        Returns the token budget this took: the chunk's tokens, less those of the victims
+        scheduled earlier this step, which leave `chunks` (negative when only they changed).
+        """
         num_drafts = 0 if draft is None else draft.num_tokens
         if num_drafts and not self.kv_cache.allocate_slots(request, num_new_tokens + num_drafts):
             draft, num_drafts = None, 0
+        num_tokens_taken = 0
         while not num_drafts and not self.kv_cache.allocate_slots(request, num_new_tokens):
             victim = self.running.pop()
             self._preempt(victim)
             preempted_ids.append(victim.request_id)
+            # a linear search, but preemptions are rare: no per-row index to keep
+            victim_chunk = next((c for c in chunks if c.request_id == victim.request_id), None)
+            if victim_chunk is not None:
+                chunks.remove(victim_chunk)
+                num_tokens_taken -= victim_chunk.num_tokens
             if victim is request:
-                return None
-        return make_chunk(request, num_new_tokens, draft)
+                return num_tokens_taken
+        chunk = make_chunk(request, num_new_tokens, draft)
+        chunks.append(chunk)
+        return num_tokens_taken + chunk.num_tokens
 
     def _admit_waiting(self, chunks: list[ScheduledChunk], new_requests: list[NewRequestData],
                        token_budget: int, whole: bool) -> None:
@@ -293,46 +307,46 @@ class Scheduler:
             next `schedule()`. Chunks of requests finished in between (aborted) are skipped.
         """
         token_updates: list[TokenUpdate] = []
-        running, max_model_len = RequestStatus.RUNNING, self.max_model_len
+        requests, running, max_model_len = self.requests, RequestStatus.RUNNING, self.max_model_len
+        kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
+        caching = kv_cache.enable_caching  # else registering full blocks is a no-op: skip the call
+        all_sampled, all_logprobs = model_output.sampled_token_ids, model_output.logprobs
+        all_drafts = model_output.drafts
         for chunk in scheduler_output.chunks:
-            request = self.requests.get(chunk.request_id)
+            request_id = chunk.request_id
+            request = requests.get(request_id)
             if request is None or request.status != running:
                 continue  # finished (or replaced by a new request with that id) meanwhile
+            # Blocks are registered (cache_full_blocks) as soon as they fill up, so only a
+            # step that fills one has any to register: most decodes skip the call.
+            num_full_blocks = request.num_computed_tokens // block_size
             num_draft_tokens = len(chunk.draft_parents)
             request.num_computed_tokens += len(chunk.token_ids) - num_draft_tokens
             if not chunk.sample:
-                self.kv_cache.cache_full_blocks(request)  # their K/V are written now
+                if caching and request.num_computed_tokens // block_size > num_full_blocks:
+                    kv_cache.cache_full_blocks(request)  # their K/V are written now
                 continue
-            sampled = model_output.sampled_token_ids[chunk.request_id]
+            sampled = all_sampled[request_id]
             if num_draft_tokens:
                 # The accepted drafts' K/V are in place (the runner moved a tree's accepted
                 # path to its positions); the rejected ones' slots are dropped.
                 num_accepted = len(sampled) - 1
                 record_verify(request, num_draft_tokens, num_accepted)
                 request.num_computed_tokens += num_accepted
-                self.kv_cache.trim(request, request.num_computed_tokens + 1)
-            finish_reason: FinishReason | None = None
-            output_token_ids = request.output_token_ids
-            new_token_ids = sampled
-            for i, token_id in enumerate(sampled):
-                output_token_ids.append(token_id)
-                finish_reason = check_stop(request, max_model_len)
-                if finish_reason is not None:
-                    new_token_ids = sampled[:i + 1]  # tokens after a stop are dropped
-                    break
-            logprobs = model_output.logprobs.get(chunk.request_id)
+                kv_cache.trim(request, request.num_computed_tokens + 1)
+            new_token_ids, finish_reason = append_sampled(request, sampled, max_model_len)
+            logprobs = all_logprobs.get(request_id) if all_logprobs else None
             if logprobs is not None:
                 logprobs = logprobs[: len(new_token_ids)]
-            self.kv_cache.cache_full_blocks(request)  # accepted drafts fill blocks too
+            if caching and request.num_computed_tokens // block_size > num_full_blocks:
+                kv_cache.cache_full_blocks(request)  # accepted drafts fill blocks too
             if finish_reason is not None:
                 self._finish(request, RequestStatus.for_reason(finish_reason))
             else:
-                request.draft = model_output.drafts.get(chunk.request_id)
+                request.draft = all_drafts.get(request_id) if all_drafts else None
             if new_token_ids or finish_reason is not None:
-                token_updates.append(TokenUpdate(request_id=request.request_id,
-                                                 new_token_ids=tuple(new_token_ids),
-                                                 new_logprobs=logprobs,
-                                                 finish_reason=finish_reason))
+                token_updates.append(TokenUpdate(request_id, tuple(new_token_ids), logprobs,
+                                                 finish_reason))
         return token_updates
 
     # ---------------------------------------------------------------- finishing from outside
