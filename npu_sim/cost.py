@@ -53,7 +53,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -64,7 +64,14 @@ from npu_sim.cost_attention import (
 )
 from npu_sim.cost_mask import mask_cost
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, VectorKernel, VectorOp
+from npu_sim.tasks import (
+    AttentionKernel,
+    CopyOp,
+    GemmKernel,
+    TileShape,
+    VectorKernel,
+    VectorOp,
+)
 from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk, gemm_l1_depth
 
 L2_SHARE = 0.5  # fraction of L2 one kernel's operand reuse may count on (see the docstring)
@@ -110,6 +117,18 @@ class TaskCosts:
     pipeline: str  # which pipeline the model ran: "gemm", "vector", "attention-3stage", ...
 
 
+class GemmTerms(NamedTuple):
+    """Per-task terms of GEMM tasks (CostModel.gemm_terms), float64 arrays."""
+
+    cycles: np.ndarray  # cycles the task occupies its AIC
+    chunks: np.ndarray  # GM->L1 chunks its K is streamed in
+    kc: np.ndarray  # K per chunk, padded to the cube fractal
+    cube: np.ndarray  # cube cycles per chunk
+    out_bytes: np.ndarray  # bytes the fixpipe writes (output or fp32 partial)
+    overlapped_fix: np.ndarray  # fixpipe cycles where L0C double-buffers (else 0): the core's
+    #   last task's write-back, not hidden behind a next task
+
+
 def _empty(unit: Unit, pipeline: str) -> TaskCosts:
     return TaskCosts(unit, np.zeros(0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, pipeline)
 
@@ -153,44 +172,64 @@ class CostModel:
         tk = np.array([s.tk for s in k.menu], dtype=np.float64)[idx]
         k_len = t["k_len"].astype(np.float64)  # K of each task: all of it, or its split-K slice
         fit = np.array([gemm_l1_depth(s, k.k, c, b) for s in k.menu], dtype=np.float64)[idx]
-        depth = np.minimum(fit, np.ceil(k_len / tk) * tk)
         rows, cols = t["m_rows"].astype(np.float64), t["n_cols"].astype(np.float64)
-        chunks = np.ceil(k_len / depth)
-        kc = np.ceil(k_len / chunks / c.cube_k) * c.cube_k  # K per chunk, fractal-padded
         mte2_bytes = (rows + cols) * k_len * b  # selective read of the valid rows / columns
         total = float(mte2_bytes.sum())
-        hbm_read = min(total, self._gemm_hbm_traffic(k))
-        mte2 = mte2_bytes / chunks * self._mte2_inv_rate(hbm_read / total)
+        hbm_read = min(total, self.gemm_hbm_traffic(k.m, k.n, k.k, k.menu))
+        partial = t["k_split"] >= 0  # split-K: an fp32 partial to the workspace (L2)
+        g = self.gemm_terms(tm, tn, tk, fit, k_len, rows, cols, partial, mte2_bytes,
+                            self._mte2_inv_rate(hbm_read / total))
+        useful = float((k.valid_rows() * t["n_cols"] * t["k_len"]).sum())
+        issued = float((tm * tn * g.kc * g.chunks).sum())
+        return TaskCosts(
+            unit=Unit.AIC, cycles=g.cycles,
+            core_overhead_cycles=c.gm_latency_cycles + float(g.overlapped_fix.max()),
+            cube_active_cycles=float((g.cube * g.chunks).sum()), vector_active_cycles=0.0,
+            hbm_read_bytes=hbm_read, hbm_write_bytes=float(g.out_bytes[~partial].sum()),
+            l2_bytes=total - hbm_read + float(g.out_bytes[partial].sum()), flops=2.0 * useful,
+            cube_macs=issued, useful_cube_macs=useful, pipeline="gemm")
+
+    def gemm_terms(self, tm: np.ndarray, tn: np.ndarray, tk: np.ndarray, fit: np.ndarray,
+                   k_len: np.ndarray, rows: np.ndarray, cols: np.ndarray, partial: np.ndarray,
+                   mte2_bytes: np.ndarray, mte2_inv_rate: float) -> GemmTerms:
+        """The per-task terms of GEMM tasks (float64 arrays of any one shape, elementwise: the
+        same values for a task whichever other tasks are costed with it): tm, tn, tk of its
+        tile, fit its tile's GM->L1 depth (npu_sim.tiling.gemm_l1_depth), k_len its K, rows and
+        cols its valid rows and columns, partial whether it writes a split-K partial,
+        mte2_bytes the bytes its MTE2 reads; mte2_inv_rate the launch's cycles per MTE2 byte."""
+        c, b = self.chip, self.bytes
+        depth = np.minimum(fit, np.ceil(k_len / tk) * tk)
+        chunks = np.ceil(k_len / depth)
+        kc = np.ceil(k_len / chunks / c.cube_k) * c.cube_k  # K per chunk, fractal-padded
+        mte2 = mte2_bytes / chunks * mte2_inv_rate
         mte1 = tm * kc * b / c.mte1_l0a_bytes_per_cycle + kc * tn * b / c.mte1_l0b_bytes_per_cycle
         cube = tm * tn * kc / self.macs
         steps = kc / tk  # L0 steps per chunk, MTE1 and cube double-buffered
         l0 = np.maximum(mte1, cube) + np.minimum(mte1, cube) / steps
         body = mte2 + l0 + (chunks - 1) * np.maximum(mte2, l0)
-        partial = t["k_split"] >= 0  # split-K: an fp32 partial to the workspace (L2)
         out_bytes = rows * cols * np.where(partial, ACCUM_BYTES, b)
         fix = out_bytes / c.fixpipe_bytes_per_cycle
         l0c_double = 2 * tm * tn * ACCUM_BYTES <= c.l0c_bytes
         cycles = c.task_dispatch_cycles + np.where(l0c_double, np.maximum(body, fix), body + fix)
-        useful = float((k.valid_rows() * t["n_cols"] * t["k_len"]).sum())
-        issued = float((tm * tn * kc * chunks).sum())
-        return TaskCosts(
-            unit=Unit.AIC, cycles=cycles,
-            core_overhead_cycles=c.gm_latency_cycles + float(np.where(l0c_double, fix, 0).max()),
-            cube_active_cycles=float((cube * chunks).sum()), vector_active_cycles=0.0,
-            hbm_read_bytes=hbm_read, hbm_write_bytes=float(out_bytes[~partial].sum()),
-            l2_bytes=total - hbm_read + float(out_bytes[partial].sum()), flops=2.0 * useful,
-            cube_macs=issued, useful_cube_macs=useful, pipeline="gemm")
+        return GemmTerms(cycles=cycles, chunks=chunks, kc=kc, cube=cube, out_bytes=out_bytes,
+                         overlapped_fix=np.where(l0c_double, fix, 0))
 
     def gemm_reduce(self, k: GemmKernel) -> TaskCosts:
         """The split-K reduce phase: each AIV sums its element range of the split_k fp32 partials
         (read from L2) in order and writes the bf16 / fp16 result. Its core overhead is the
         all-core sync between the cube and the vector phase (catlass MultiCoreSplitkMatmul)."""
-        c, t = self.chip, k.reduce_tasks
-        if t is None or not len(t) or k.split_k <= 1:
+        if k.reduce_tasks is None:
+            return _empty(Unit.AIV, "gemm-reduce")
+        return self.split_k_reduce(k.reduce_tasks, k.split_k)
+
+    def split_k_reduce(self, t: np.ndarray, split_k: int) -> TaskCosts:
+        """gemm_reduce of the GEMM_REDUCE_TASK table `t` joining `split_k` partials."""
+        c = self.chip
+        if not len(t) or split_k <= 1:
             return _empty(Unit.AIV, "gemm-reduce")
         elems = t["num_elems"].astype(np.float64)
-        in_bytes = k.split_k * elems * ACCUM_BYTES
-        ops = k.split_k * elems  # split_k - 1 adds and a cast per element
+        in_bytes = split_k * elems * ACCUM_BYTES
+        ops = split_k * elems  # split_k - 1 adds and a cast per element
         out_bytes = elems * self.bytes
         mte2 = in_bytes / c.mte2_l2_bytes_per_cycle
         comp = ops / self.lanes32
@@ -205,23 +244,24 @@ class CostModel:
             flops=0.0,  # the GEMM's 2 M N K already counts these adds
             cube_macs=0.0, useful_cube_macs=0.0, pipeline="gemm-reduce")
 
-    def _gemm_hbm_traffic(self, k: GemmKernel) -> float:
-        """HBM bytes of A and B for the best L2 blocking (see the module docstring)."""
-        b, tn = self.bytes, k.menu[0].tn
-        a_bytes, b_bytes, panel = k.m * k.k * b, k.n * k.k * b, k.k * b
+    def gemm_hbm_traffic(self, m: int, n: int, k: int, menu: tuple[TileShape, ...]) -> float:
+        """HBM bytes of A and B of an (m, n, k) GEMM tiled from `menu`, for the best L2 blocking
+        (see the module docstring)."""
+        b, tn = self.bytes, menu[0].tn
+        a_bytes, b_bytes, panel = m * k * b, n * k * b, k * b
         if a_bytes + b_bytes <= self.l2_cap:
             return float(a_bytes + b_bytes)
         rows_fit = self.l2_cap // panel  # rows of A plus rows of B an L2 block holds
         best = math.inf
-        mb = k.menu[-1].tm
-        candidates = {k.m}
-        while mb < k.m:
+        mb = menu[-1].tm
+        candidates = {m}
+        while mb < m:
             candidates.add(mb)
             mb *= 2
         for mb in candidates:
             nb = (rows_fit - mb) // tn * tn
             if nb >= tn:
-                best = min(best, a_bytes * math.ceil(k.n / nb) + b_bytes * math.ceil(k.m / mb))
+                best = min(best, a_bytes * math.ceil(n / nb) + b_bytes * math.ceil(m / mb))
         if best == math.inf:  # K so deep that no block fits: every task streams its panels
             return math.inf
         return float(best)
