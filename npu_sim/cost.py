@@ -59,6 +59,7 @@ import numpy as np
 
 from npu_sim.cost_attention import (
     ATTN_L2_ALPHA,
+    AttentionRows,
     RowMemo,
     attention_rows,
 )
@@ -341,32 +342,35 @@ class CostModel:
             memo = self._row_memos.get((stages, g, d))
             if memo is None:
                 memo = self._row_memos[stages, g, d] = RowMemo(stages, g, d)
-            rows = memo.rows(self, keys, q_rows, tile_rows, final, horizon_reached,
-                             hbm_fraction)
+            terms = memo.rows(self, keys, q_rows, tile_rows, final, horizon_reached,
+                              hbm_fraction)
         else:
-            rows = attention_rows(self, stages, keys, q_rows, heads, tile_rows, final,
-                                  horizon_reached, hbm_fraction, d, mask)
+            terms = np.stack(attention_rows(self, stages, keys, q_rows, heads, tile_rows, final,
+                                            horizon_reached, hbm_fraction, d, mask))
+        rows = AttentionRows(*terms)
+        # every term's sum over the rows in one reduction (each row of `terms` contiguous: the
+        # same pairwise sum as summing it alone)
+        sums = AttentionRows(*np.add.reduce(terms, axis=1).tolist())
         cycles = rows.cycles[k.task_shape] if by_shape else rows.cycles  # per task, to deal
         total_kv = weight * float(kv_bytes.sum())
-        hbm_kv = weight * float(rows.kv_hbm_bytes.sum())
-        vec_active = weight * float(rows.vector_cycles.sum()) * self.aivs
+        hbm_kv = weight * sums.kv_hbm_bytes
+        vec_active = weight * sums.vector_cycles * self.aivs
         mask_hbm = mask_l2 = 0.0
         if mask is not None:
             vec_active += float(mask.once_select.sum()) * self.aivs
             mask_hbm, mask_l2 = mask.hbm_bytes, mask.l2_bytes
-        q_bytes = weight * float(rows.q_bytes.sum())
+        q_bytes = weight * sums.q_bytes
         cube_mult = 1.0 if stages == 2 else 2.0  # PV, or QK and PV, on the cube
         main = TaskCosts(
             unit=Unit.MIX, cycles=cycles, core_overhead_cycles=c.gm_latency_cycles,
-            cube_active_cycles=weight * float(rows.cube_cycles.sum()),
+            cube_active_cycles=weight * sums.cube_cycles,
             vector_active_cycles=vec_active, hbm_read_bytes=hbm_kv + q_bytes + mask_hbm,
-            hbm_write_bytes=weight * float(rows.out_bytes.sum()),
-            l2_bytes=(total_kv - hbm_kv) + weight * (float(rows.s_bytes.sum()) * 2
-                                                     + float(rows.partial_bytes.sum()))
+            hbm_write_bytes=weight * sums.out_bytes,
+            l2_bytes=(total_kv - hbm_kv) + weight * (sums.s_bytes * 2 + sums.partial_bytes)
             + mask_l2,
-            flops=weight * 4.0 * float(rows.visible_scores.sum()) * d,
-            cube_macs=weight * float(rows.issued_macs.sum()),
-            useful_cube_macs=weight * cube_mult * float(rows.useful_macs.sum()) * d,
+            flops=weight * 4.0 * sums.visible_scores * d,
+            cube_macs=weight * sums.issued_macs,
+            useful_cube_macs=weight * cube_mult * sums.useful_macs * d,
             pipeline=pipeline)
         return main, self._combine(k)
 

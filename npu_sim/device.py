@@ -38,6 +38,14 @@ from npu_sim.collectives import bytes_moved, collective_seconds
 from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
+from npu_sim.step_sums import (
+    VARYING,
+    StepTemplate,
+    TemplateKey,
+    build_template,
+    step_sums,
+    template_key,
+)
 from npu_sim.tasks import (
     AttentionKernel,
     CollectiveKernel,
@@ -46,7 +54,13 @@ from npu_sim.tasks import (
     Primitive,
     VectorKernel,
 )
-from npu_sim.trace import KernelTiming, StepTrace, build_step_trace, count_step_trace
+from npu_sim.trace import (
+    NUM_STEP_SUMS_SCALARS,
+    KernelTiming,
+    StepTrace,
+    build_step_trace,
+    summed_step_trace,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -125,6 +139,9 @@ class Device:
         # is not reused while cached)
         self._kernel_cache: dict[int, tuple[Kernel, KernelTiming]] = {}
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
+        # timing-only steps: what their shared launches add up to (npu_sim.step_sums)
+        self._step_templates: dict[TemplateKey, StepTemplate] = {}
+        self._step_sums_size = NUM_STEP_SUMS_SCALARS + chip.num_cube_cores + chip.num_vector_cores
 
     # ------------------------------------------------------------------------- host facts
 
@@ -186,13 +203,25 @@ class Device:
         same sums, in the same order when `counts` lists kernels by first launch), without a
         timeline (`StepTrace.kernels` is empty). Launches not yet ended are forgotten."""
         pairs = [(self._timing(kernel), n) for kernel, n in counts]
-        for (kernel, n), (timing, _) in zip(counts, pairs, strict=True):
-            self.num_launches[kernel.primitive] += n
-            self.num_tasks[kernel.primitive] += n * timing.num_tasks
+        key = template_key(pairs)
+        template = self._step_templates.get(key)
+        if template is None:
+            if len(self._step_templates) >= _SHAPE_CACHE_SIZE:
+                self._step_templates.clear()
+            template = self._step_templates[key] = build_template(pairs, self._step_sums_size)
+        varying = [(timing, n) for timing, n in pairs if timing.primitive is VARYING]
+        for primitive, num_launches, num_tasks in template.shared_counts:
+            self.num_launches[primitive] += num_launches
+            self.num_tasks[primitive] += num_tasks
+        for timing, n in varying:
+            self.num_launches[timing.primitive] += n
+            self.num_tasks[timing.primitive] += n * timing.num_tasks
         self.begin_step()
         c = self.chip
-        trace = count_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
-                                 c.num_vector_cores, c.peak_flops(self.cost_model.dtype), pairs)
+        sums, seconds = step_sums(template, varying, self._step_sums_size)
+        trace = summed_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
+                                  c.peak_flops(self.cost_model.dtype), sums,
+                                  template.num_launches, seconds)
         self.total_sim_s += trace.sim_s
         return trace
 
