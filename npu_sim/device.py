@@ -302,8 +302,21 @@ class Device:
         units, cores, starts, durations = [], [], [], []
         offset = 0.0  # phases run one after the other
         block_dim = 0
+        # the phases' sums, in phase order
+        hbm_read = hbm_write = l2_bytes = cube_active = vector_active = flops = 0.0
+        cube_macs = useful_cube_macs = 0.0
+        num_tasks = 0
         for i, phase in enumerate(phases):
+            hbm_read += phase.hbm_read_bytes
+            hbm_write += phase.hbm_write_bytes
+            l2_bytes += phase.l2_bytes
+            cube_active += phase.cube_active_cycles
+            vector_active += phase.vector_active_cycles
+            flops += phase.flops
+            cube_macs += phase.cube_macs
+            useful_cube_macs += phase.useful_cube_macs
             n = len(phase.cycles)
+            num_tasks += n
             if n == 0:
                 continue
             on_aiv = phase.unit == Unit.AIV
@@ -328,10 +341,8 @@ class Device:
                 block_dim = block
             offset += float(busy.max())
 
-        hbm_read = sum(p.hbm_read_bytes for p in phases)
-        hbm_write = sum(p.hbm_write_bytes for p in phases)
         hbm_bound = (hbm_read + hbm_write) / (c.hbm_bytes_per_s / c.clock_hz)
-        l2_bound = sum(p.l2_bytes for p in phases) / (c.l2_bytes_per_s / c.clock_hz)
+        l2_bound = l2_bytes / (c.l2_bytes_per_s / c.clock_hz)
         makespan, bound = max((offset, "cores"), (hbm_bound, "hbm"), (l2_bound, "l2"),
                               key=lambda x: x[0])
         stretch = makespan / offset if offset else 1.0  # cores wait on the shared bandwidth
@@ -343,12 +354,9 @@ class Device:
             launch_cycles=launch_cycles, block_dim=block_dim, bound=bound,
             cube_busy_cycles=_frozen(cube_busy * stretch),
             vector_busy_cycles=_frozen(vector_busy * stretch),
-            cube_active_cycles=sum(p.cube_active_cycles for p in phases),
-            vector_active_cycles=sum(p.vector_active_cycles for p in phases),
-            hbm_read_bytes=hbm_read, hbm_write_bytes=hbm_write,
-            flops=sum(p.flops for p in phases), cube_macs=sum(p.cube_macs for p in phases),
-            useful_cube_macs=sum(p.useful_cube_macs for p in phases),
-            num_tasks=sum(len(p.cycles) for p in phases),
+            cube_active_cycles=cube_active, vector_active_cycles=vector_active,
+            hbm_read_bytes=hbm_read, hbm_write_bytes=hbm_write, flops=flops,
+            cube_macs=cube_macs, useful_cube_macs=useful_cube_macs, num_tasks=num_tasks,
             kernel=kernel, **(_task_timeline(units, cores, starts, durations, stretch)
                                if self.timeline else _NO_TIMELINE),
         )
