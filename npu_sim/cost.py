@@ -131,7 +131,12 @@ class GemmTerms(NamedTuple):
 
 
 def _empty(unit: Unit, pipeline: str) -> TaskCosts:
-    return TaskCosts(unit, np.zeros(0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, pipeline)
+    cycles = np.zeros(0)
+    cycles.flags.writeable = False  # shared by every launch without such tasks
+    return TaskCosts(unit, cycles, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, pipeline)
+
+
+_NO_COMBINE = _empty(Unit.AIV, "combine")  # an attention launch without split tiles
 
 
 class CostModel:
@@ -318,7 +323,10 @@ class CostModel:
         # tasks. Trees' masks are priced per task.
         by_shape = k.task_shape is not None and k.shapes is not None and not k.tree_masks
         t, weight = (k.shapes, k.num_kv_heads) if by_shape else (k.tasks, 1)
-        seqs = k.seqs[t["seq"]]
+        # a shape per sequence (each sequence one tile over all its KV, in sequence order): its
+        # KV is read once, all of it from HBM (what _attention_hbm_fraction gives: exactly 1.0)
+        per_seq = by_shape and len(t) == len(k.seqs)
+        seqs = k.seqs if per_seq else k.seqs[t["seq"]]
         horizon = seqs["start_pos"] + t["q_offset"] + t["q_rows"]  # keys the last row sees
         k_end = np.minimum(t["kv_block_end"] * k.block_size, horizon)
         keys = np.maximum(k_end - t["kv_block_start"] * k.block_size, 0).astype(np.float64)
@@ -327,13 +335,14 @@ class CostModel:
         tile_rows = t["tile_rows"].astype(np.float64)
         horizon_reached = k_end >= horizon  # the span reaches the causal diagonal of its tile
         final = t["partial_slot"] < 0
-        kv_bytes = 2 * keys * d * b
-        if by_shape and len(t) == len(k.seqs):
-            # a shape per sequence: one tile over all its KV, read once, all of it from HBM
-            # (what _attention_hbm_fraction gives: exactly 1.0 for such sequences)
-            hbm_fraction = np.ones(len(t))
+        # Every row's K and V bytes, 2 keys d b, is a whole number, and so is their sum (far
+        # below 2^53): summing the keys and scaling is the same sum, exactly.
+        total_kv = weight * (2 * float(keys.sum()) * d * b)
+        if per_seq:
+            hbm_fraction = None  # all of it from HBM
         else:
-            hbm_fraction = self._attention_hbm_fraction(k, t["seq"], kv_bytes * weight)[t["seq"]]
+            hbm_fraction = self._attention_hbm_fraction(
+                k, t["seq"], 2 * keys * d * b * weight)[t["seq"]]
         mask = None
         if k.tree_masks:
             kl = keys / np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)  # keys per chunk
@@ -345,14 +354,13 @@ class CostModel:
             terms = memo.rows(self, keys, q_rows, tile_rows, final, horizon_reached,
                               hbm_fraction)
         else:
-            terms = np.stack(attention_rows(self, stages, keys, q_rows, heads, tile_rows, final,
-                                            horizon_reached, hbm_fraction, d, mask))
-        rows = AttentionRows(*terms)
+            terms = np.stack(attention_rows(
+                self, stages, keys, q_rows, heads, tile_rows, final, horizon_reached,
+                np.ones(len(keys)) if hbm_fraction is None else hbm_fraction, d, mask))
         # every term's sum over the rows in one reduction (each row of `terms` contiguous: the
         # same pairwise sum as summing it alone)
         sums = AttentionRows(*np.add.reduce(terms, axis=1).tolist())
-        cycles = rows.cycles[k.task_shape] if by_shape else rows.cycles  # per task, to deal
-        total_kv = weight * float(kv_bytes.sum())
+        cycles = terms[0][k.task_shape] if by_shape else terms[0]  # per task, to deal
         hbm_kv = weight * sums.kv_hbm_bytes
         vec_active = weight * sums.vector_cycles * self.aivs
         mask_hbm = mask_l2 = 0.0
@@ -388,7 +396,7 @@ class CostModel:
 
     def _combine(self, k: AttentionKernel) -> TaskCosts:
         if not k.num_combine_tasks:
-            return _empty(Unit.AIV, "combine")
+            return _NO_COMBINE
         c, t = self.chip, k.combine_tasks
         rows = t["q_rows"].astype(np.float64) * k.group_size
         slots = t["num_slots"].astype(np.float64)
