@@ -38,14 +38,7 @@ from npu_sim.collectives import bytes_moved, collective_seconds
 from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
-from npu_sim.step_sums import (
-    VARYING,
-    StepTemplate,
-    TemplateKey,
-    build_template,
-    step_sums,
-    template_key,
-)
+from npu_sim.step_sums import SharedLaunches, StepTemplate, build_template, step_sums
 from npu_sim.tasks import (
     AttentionKernel,
     CollectiveKernel,
@@ -140,7 +133,7 @@ class Device:
         self._kernel_cache: dict[int, tuple[Kernel, KernelTiming]] = {}
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
         # timing-only steps: what their shared launches add up to (npu_sim.step_sums)
-        self._step_templates: dict[TemplateKey, StepTemplate] = {}
+        self._step_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches
         self._step_sums_size = NUM_STEP_SUMS_SCALARS + chip.num_cube_cores + chip.num_vector_cores
 
     # ------------------------------------------------------------------------- host facts
@@ -196,29 +189,34 @@ class Device:
         """The timing of the latest launch of the open step (None before the first)."""
         return self._timing(self._launches[-1]) if self._launches else None
 
-    def time_launches(self, counts: Sequence[tuple[Kernel, int]],
+    def time_launches(self, shared: SharedLaunches, varying: Sequence[Kernel],
                       num_requests: int = 0) -> StepTrace:
-        """The StepTrace of a whole step given as (kernel, times launched) pairs, timing only:
-        what begin_step(), one launch() per launch and end_step(num_requests) would report (the
-        same sums, in the same order when `counts` lists kernels by first launch), without a
-        timeline (`StepTrace.kernels` is empty). Launches not yet ended are forgotten."""
-        pairs = [(self._timing(kernel), n) for kernel, n in counts]
-        key = template_key(pairs)
-        template = self._step_templates.get(key)
-        if template is None:
+        """The StepTrace of a whole step, timing only: what begin_step(), one launch() per launch
+        and end_step(num_requests) would report (the same sums in the same order), without a
+        timeline (`StepTrace.kernels` is empty). The step is given as each of its kernels with
+        its launches, in order of first launch: `shared` lists those it shares with other steps
+        and None for each of its own, `varying`, in order (the attention kernels, the only ones
+        the device does not cache across steps: no primitive may be in both). `shared` is a
+        tuple reused by every step that shares those kernels: what they add up to is kept per
+        tuple (npu_sim.step_sums). Launches not yet ended are forgotten."""
+        template = self._step_templates.get(id(shared))
+        if template is None or template.launches is not shared:
             if len(self._step_templates) >= _SHAPE_CACHE_SIZE:
                 self._step_templates.clear()
-            template = self._step_templates[key] = build_template(pairs, self._step_sums_size)
-        varying = [(timing, n) for timing, n in pairs if timing.primitive is VARYING]
+            template = self._step_templates[id(shared)] = build_template(
+                shared, [(None if k is None else self._timing(k), n) for k, n in shared],
+                self._step_sums_size)
+        pairs = [(self._timing(kernel), n)
+                 for kernel, n in zip(varying, template.varying_counts, strict=True)]
         for primitive, num_launches, num_tasks in template.shared_counts:
             self.num_launches[primitive] += num_launches
             self.num_tasks[primitive] += num_tasks
-        for timing, n in varying:
+        for timing, n in pairs:
             self.num_launches[timing.primitive] += n
             self.num_tasks[timing.primitive] += n * timing.num_tasks
         self.begin_step()
         c = self.chip
-        sums, seconds = step_sums(template, varying, self._step_sums_size)
+        sums, seconds = step_sums(template, pairs, self._step_sums_size)
         trace = summed_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
                                   c.peak_flops(self.cost_model.dtype), sums,
                                   template.num_launches, seconds)
