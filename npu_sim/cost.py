@@ -130,6 +130,16 @@ class GemmTerms(NamedTuple):
     #   last task's write-back, not hidden behind a next task
 
 
+class ReduceTerms(NamedTuple):
+    """Per-task terms of split-K reduce tasks (CostModel.reduce_terms), float64 arrays."""
+
+    cycles: np.ndarray  # cycles the task occupies its AIV (its slowest stage)
+    fill_drain: np.ndarray  # its other stages: a core's first task fills, last drains
+    comp: np.ndarray  # vector compute cycles
+    in_bytes: np.ndarray  # partial bytes read from L2
+    out_bytes: np.ndarray  # output bytes written
+
+
 def _empty(unit: Unit, pipeline: str) -> TaskCosts:
     cycles = np.zeros(0)
     cycles.flags.writeable = False  # shared by every launch without such tasks
@@ -233,22 +243,31 @@ class CostModel:
         c = self.chip
         if not len(t) or split_k <= 1:
             return _empty(Unit.AIV, "gemm-reduce")
-        elems = t["num_elems"].astype(np.float64)
+        r = self.reduce_terms(t["num_elems"].astype(np.float64), split_k)
+        return TaskCosts(
+            unit=Unit.AIV, cycles=r.cycles,
+            core_overhead_cycles=c.cross_core_sync_cycles + float(r.fill_drain[0]),
+            cube_active_cycles=0.0, vector_active_cycles=float(r.comp.sum()),
+            hbm_read_bytes=0.0, hbm_write_bytes=float(r.out_bytes.sum()),
+            l2_bytes=float(r.in_bytes.sum()),
+            flops=0.0,  # the GEMM's 2 M N K already counts these adds
+            cube_macs=0.0, useful_cube_macs=0.0, pipeline="gemm-reduce")
+
+    def reduce_terms(self, elems: np.ndarray, split_k: Any) -> ReduceTerms:
+        """The per-task terms of split-K reduce tasks (elementwise, broadcasting): `elems`
+        output elements each (float64), the sum of `split_k` fp32 partials read from L2 (split_k
+        - 1 adds and a cast per element), double-buffered through UB."""
+        c = self.chip
         in_bytes = split_k * elems * ACCUM_BYTES
-        ops = split_k * elems  # split_k - 1 adds and a cast per element
+        ops = split_k * elems
         out_bytes = elems * self.bytes
         mte2 = in_bytes / c.mte2_l2_bytes_per_cycle
         comp = ops / self.lanes32
         mte3 = out_bytes / c.mte3_bytes_per_cycle
-        slowest = np.maximum(np.maximum(mte2, comp), mte3)  # double-buffered through UB
-        fill_drain = float((mte2 + comp + mte3 - slowest)[0])
-        return TaskCosts(
-            unit=Unit.AIV, cycles=c.task_dispatch_cycles + slowest,
-            core_overhead_cycles=c.cross_core_sync_cycles + fill_drain, cube_active_cycles=0.0,
-            vector_active_cycles=float(comp.sum()), hbm_read_bytes=0.0,
-            hbm_write_bytes=float(out_bytes.sum()), l2_bytes=float(in_bytes.sum()),
-            flops=0.0,  # the GEMM's 2 M N K already counts these adds
-            cube_macs=0.0, useful_cube_macs=0.0, pipeline="gemm-reduce")
+        slowest = np.maximum(np.maximum(mte2, comp), mte3)
+        return ReduceTerms(cycles=c.task_dispatch_cycles + slowest,
+                           fill_drain=mte2 + comp + mte3 - slowest, comp=comp,
+                           in_bytes=in_bytes, out_bytes=out_bytes)
 
     def gemm_hbm_traffic(self, m: int, n: int, k: int, menu: tuple[TileShape, ...]) -> float:
         """HBM bytes of A and B of an (m, n, k) GEMM tiled from `menu`, for the best L2 blocking

@@ -43,6 +43,7 @@ def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
     cores = c.num_cube_cores
     rows: list[tuple[int, ...]] = []  # the distinct rows: GemmTerms inputs, count, candidate
     tasks: list[np.ndarray] = []  # per candidate: its tasks' rows, in table order
+    first_rows: list[int] = []  # per candidate: its first row
     hbm_traffic: dict[tuple[int, int], float] = {}  # per (tn, smallest tm): all it reads
     for i, (menu, cover, split_k) in enumerate(tilings):
         entries, entry_of = _cover_layout(cover)
@@ -50,6 +51,7 @@ def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
         slices, slice_of = _slice_layout(k, split_k)
         fits = _l1_depths(menu[0].tn, k, c, b)
         first = len(rows)
+        first_rows.append(first)
         rows += [(menu[tile].tm, menu[tile].tn, menu[tile].tk, fits[tile], m_rows, cols, k_len,
                   num_entries * num_cols * num_slices, i)
                  for (m_rows, tile), num_entries in entries
@@ -72,8 +74,8 @@ def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
     terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, split[candidate] > 1,
                           mte2_bytes, np.array(inv_rate)[candidate])
     written = np.bincount(candidate, weights=terms.out_bytes * counts, minlength=num).tolist()
-    overhead = np.zeros(num)
-    np.maximum.at(overhead, candidate, terms.overlapped_fix)
+    # each candidate's rows are contiguous, from its first
+    overhead = np.maximum.reduceat(terms.overlapped_fix, np.array(first_rows))
 
     # cube phase: each candidate's tasks dealt round-robin onto its own bins of the cores
     task_rows = [t.reshape(-1) for t in tasks]
@@ -84,6 +86,7 @@ def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
     busy += np.where(np.arange(cores) < block[:, None],
                      (c.gm_latency_cycles + overhead)[:, None], 0.0)
     offsets = busy.max(axis=1).tolist()
+    reduce = _reduce_phases(cm, m, n, [s for _, _, s in tilings if s > 1])
 
     launch_cycles = c.cube_launch_s * c.clock_hz
     out = []
@@ -92,17 +95,37 @@ def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
         hbm_write, l2_bytes = (0.0, total[i] - hbm_read[i] + written[i]) if split_k > 1 else (
             written[i], total[i] - hbm_read[i])
         if split_k > 1:
-            reduce = cm.split_k_reduce(gemm_reduce_tasks(m, n, c), split_k)
-            core, num_busy = deal(len(reduce.cycles), c.num_vector_cores)
-            reduce_busy = np.bincount(core, weights=reduce.cycles, minlength=c.num_vector_cores)
-            reduce_busy[:num_busy] += reduce.core_overhead_cycles
-            offset += float(reduce_busy.max())
-            hbm_write += reduce.hbm_write_bytes
-            l2_bytes += reduce.l2_bytes
+            reduce_offset, reduce_hbm_write, reduce_l2_bytes = reduce[split_k]
+            offset += reduce_offset
+            hbm_write += reduce_hbm_write
+            l2_bytes += reduce_l2_bytes
         hbm_bound = (hbm_read[i] + hbm_write) / (c.hbm_bytes_per_s / c.clock_hz)
         l2_bound = l2_bytes / (c.l2_bytes_per_s / c.clock_hz)
         out.append(launch_cycles + max(offset, hbm_bound, l2_bound))
     return out
+
+
+def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
+                   ) -> dict[int, tuple[float, float, float]]:
+    """split_k -> (makespan, HBM bytes written, L2 bytes read) of the reduce phase of an
+    (m, n) split-K GEMM, for each of `splits` at once: CostModel.split_k_reduce's terms with a
+    row per split, each split's tasks dealt round-robin onto its own bins of the vector cores
+    (in task order, as the device deals them); the byte sums are whole numbers, exact."""
+    if not splits:
+        return {}
+    c, cores = cm.chip, cm.chip.num_vector_cores
+    elems = gemm_reduce_tasks(m, n, c)["num_elems"].astype(np.float64)
+    r = cm.reduce_terms(elems, np.array(splits)[:, None])
+    core, block = deal(len(elems), cores)
+    busy = np.bincount((np.arange(len(splits))[:, None] * cores + core).reshape(-1),
+                       weights=r.cycles.reshape(-1),
+                       minlength=len(splits) * cores).reshape(len(splits), cores)
+    busy += np.where(np.arange(cores) < block,
+                     (c.cross_core_sync_cycles + r.fill_drain[:, 0])[:, None], 0.0)
+    makespans = busy.max(axis=1).tolist()
+    hbm_write = float(r.out_bytes.sum())
+    l2_bytes = r.in_bytes.sum(axis=1).tolist()
+    return {s: (makespans[i], hbm_write, l2_bytes[i]) for i, s in enumerate(splits)}
 
 
 # Layouts of a task table's axes: the distinct values with their counts, and each position's
