@@ -22,7 +22,9 @@ Dealing tasks to cores (block_dim = min(tasks, cores)):
 
 Timings are cached per kernel object within a step (a layer's kernels are launched once per
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
-per launch plus a few numpy calls per distinct kernel.
+per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
+further: what the kernels it shares with other steps add up to is kept per set of them
+(npu_sim.step_sums), and only its attention kernels are timed and summed.
 """
 
 from __future__ import annotations

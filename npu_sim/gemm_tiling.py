@@ -15,7 +15,8 @@ Two policies, both returning a `GemmTiling`:
     (MultiCoreSplitkMatmul: at most 2, 4, 8, 16 slices for K over 1k, 2k, 4k, all cores from
     12k), partials reduced on the vector cores (cost included).
   Each candidate is timed by the device's own cost model (launch, per-core makespan, shared HBM /
-  L2 bounds, reduce phase), so the choice is exactly the one the simulation rewards.
+  L2 bounds, reduce phase), so the choice is exactly the one the simulation rewards: the
+  device's cycles bit for bit, a shape's candidates costed together (npu_sim.gemm_cycles).
 - `atb_tiling` (the baselines' torch-npu linear): a port of ATB's pp_matmul tiling
   (hicann/ascend-transformer-boost `common_tiling.h` TilingFunc / CostFunc and
   `pp_matmul_tiling.cpp` SetBaseOp): m0, n0 powers of two from 16 up to 256 with m0 x n0 fp32 in
