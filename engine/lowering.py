@@ -44,6 +44,7 @@ from engine.lowering_attention import (
 from engine.lowering_tp import all_gather, all_reduce, shard_arch
 from npu_sim.gemm_tiling import atb_tiling, search_tiling
 from npu_sim.hardware import ChipSpec
+from npu_sim.step_sums import SharedLaunches
 from npu_sim.tasks import (
     AttentionKernel,
     CollectiveKernel,
@@ -265,10 +266,37 @@ def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
     return out
 
 
-def step_launch_counts(plan: StepPlan, num_layers: int) -> list[tuple[Kernel, int]]:
+# Shared launches per dense kernel set (step_launch_counts): (embed kernel, launches).
+_SHARED_LAUNCHES: dict[tuple[int, int, int], tuple[VectorKernel, SharedLaunches]] = {}
+_SHARED_LAUNCHES_LIMIT = 1 << 14  # dense kernel sets, as _dense_kernels keeps
+
+
+def step_launch_counts(plan: StepPlan, num_layers: int,
+                       ) -> tuple[SharedLaunches, tuple[AttentionKernel, ...]]:
     """`step_launches(plan, num_layers)` as (kernel, times launched), each kernel once, in the
-    order of its first launch: what a timing-only device needs (Device.time_launches), without
-    walking the layers."""
+    order of its first launch, without walking the layers, split as a timing-only device takes
+    them (Device.time_launches): the launches every step of the plan's token count and sampled
+    rows shares, None where its attention kernels go (one tuple per such set of kernels, built
+    on its first step: the device keys its sums by it), and the step's attention kernels."""
+    layer = plan.layer
+    attention = (layer.attention,) if layer.decode_attention is None else (
+        layer.attention, layer.decode_attention)
+    # The embed kernel is one of the set's (_dense_kernels builds them together): the entry
+    # holds it, so its id names the set while the entry lives.
+    key = (id(plan.embed), num_layers, len(attention))
+    entry = _SHARED_LAUNCHES.get(key)
+    if entry is None or entry[0] is not plan.embed:
+        if len(_SHARED_LAUNCHES) >= _SHARED_LAUNCHES_LIMIT:
+            _SHARED_LAUNCHES.clear()
+        shared = tuple((None if isinstance(kernel, AttentionKernel) else kernel, n)
+                       for kernel, n in _launch_counts(plan, num_layers))
+        entry = _SHARED_LAUNCHES[key] = (plan.embed, shared)
+    return entry[1], attention
+
+
+def _launch_counts(plan: StepPlan, num_layers: int) -> list[tuple[Kernel, int]]:
+    """Every kernel of step_launches(plan, num_layers) once, with its launches, in the order of
+    its first launch."""
     counts: dict[int, list] = {}
 
     def add(kernels: Sequence[Kernel | None], times: int) -> None:

@@ -208,16 +208,23 @@ def _shapes(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
     num_kv_heads times)."""
     num_spans = tiles.num_spans
     if not len(num_spans) or int(num_spans.max()) == 1:  # no tile split: a shape per tile
-        shape_tile, span = np.arange(len(num_spans)), np.zeros(len(num_spans), np.int64)
-        begin, end, slot = span, tiles.n_blocks, np.full(len(num_spans), -1, np.int64)
-    else:
-        shape_tile = np.repeat(np.arange(len(num_spans)), num_spans)
-        span = np.arange(len(shape_tile)) - np.repeat(np.cumsum(num_spans) - num_spans, num_spans)
-        spans, n_blocks = num_spans[shape_tile], tiles.n_blocks[shape_tile]
-        begin, end = n_blocks * span // spans, n_blocks * (span + 1) // spans
-        # KV head 0's partial slot: a split tile numbers num_kv_heads x spans slots, head-major
-        tile_slots = np.where(num_spans > 1, num_kv_heads * num_spans, 0)
-        slot = np.where(spans > 1, (np.cumsum(tile_slots) - tile_slots)[shape_tile] + span, -1)
+        shapes = np.empty(len(num_spans), dtype=ATTN_TASK)  # kv_head 0
+        shapes["kv_head"] = 0
+        for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
+                             ("q_rows", tiles.q_rows), ("tile_rows", tiles.tile_rows),
+                             ("kv_block_end", tiles.n_blocks)):
+            shapes[name] = values
+        shapes["kv_block_start"], shapes["partial_slot"] = 0, -1
+        # a segment per shape, of weight its tile rows x all its blocks
+        by_weight = np.argsort(-(tiles.tile_rows * tiles.n_blocks), kind="stable")
+        return shapes, np.repeat(by_weight, num_kv_heads)
+    shape_tile = np.repeat(np.arange(len(num_spans)), num_spans)
+    span = np.arange(len(shape_tile)) - np.repeat(np.cumsum(num_spans) - num_spans, num_spans)
+    spans, n_blocks = num_spans[shape_tile], tiles.n_blocks[shape_tile]
+    begin, end = n_blocks * span // spans, n_blocks * (span + 1) // spans
+    # KV head 0's partial slot: a split tile numbers num_kv_heads x spans slots, head-major
+    tile_slots = np.where(num_spans > 1, num_kv_heads * num_spans, 0)
+    slot = np.where(spans > 1, (np.cumsum(tile_slots) - tile_slots)[shape_tile] + span, -1)
     shapes = np.zeros(len(shape_tile), dtype=ATTN_TASK)  # kv_head 0
     for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
                          ("q_rows", tiles.q_rows), ("tile_rows", tiles.tile_rows)):
@@ -226,8 +233,6 @@ def _shapes(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
 
     weight = shapes["tile_rows"] * (end - begin)
     by_weight = np.argsort(-weight, kind="stable")  # (-weight, tile, span) order
-    if len(shape_tile) == len(num_spans):  # a segment per shape
-        return shapes, np.repeat(by_weight, num_kv_heads)
     seg_tile, seg_weight = shape_tile[by_weight], weight[by_weight]
     new = np.ones(len(by_weight), dtype=bool)
     new[1:] = (seg_tile[1:] != seg_tile[:-1]) | (seg_weight[1:] != seg_weight[:-1])

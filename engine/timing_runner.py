@@ -133,8 +133,8 @@ class TimingRunner:
                 self.device.launch(kernel)
             trace = self.device.end_step(num_requests=len(chunks))
         else:
-            trace = self.device.time_launches(step_launch_counts(plan, self.arch.num_layers),
-                                              num_requests=len(chunks))
+            shared, attention = step_launch_counts(plan, self.arch.num_layers)
+            trace = self.device.time_launches(shared, attention, num_requests=len(chunks))
         self.num_launches += trace.num_launches
         token = (SYNTHETIC_TOKEN_ID,)
         # a chunk without drafts draws nothing from the generator: its one token, directly

@@ -53,18 +53,26 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from npu_sim.cost_attention import (
     ATTN_L2_ALPHA,
+    AttentionRows,
     RowMemo,
     attention_rows,
 )
 from npu_sim.cost_mask import mask_cost
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import AttentionKernel, CopyOp, GemmKernel, VectorKernel, VectorOp
+from npu_sim.tasks import (
+    AttentionKernel,
+    CopyOp,
+    GemmKernel,
+    TileShape,
+    VectorKernel,
+    VectorOp,
+)
 from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk, gemm_l1_depth
 
 L2_SHARE = 0.5  # fraction of L2 one kernel's operand reuse may count on (see the docstring)
@@ -110,8 +118,35 @@ class TaskCosts:
     pipeline: str  # which pipeline the model ran: "gemm", "vector", "attention-3stage", ...
 
 
+class GemmTerms(NamedTuple):
+    """Per-task terms of GEMM tasks (CostModel.gemm_terms), float64 arrays."""
+
+    cycles: np.ndarray  # cycles the task occupies its AIC
+    chunks: np.ndarray  # GM->L1 chunks its K is streamed in
+    kc: np.ndarray  # K per chunk, padded to the cube fractal
+    cube: np.ndarray  # cube cycles per chunk
+    out_bytes: np.ndarray  # bytes the fixpipe writes (output or fp32 partial)
+    overlapped_fix: np.ndarray  # fixpipe cycles where L0C double-buffers (else 0): the core's
+    #   last task's write-back, not hidden behind a next task
+
+
+class ReduceTerms(NamedTuple):
+    """Per-task terms of split-K reduce tasks (CostModel.reduce_terms), float64 arrays."""
+
+    cycles: np.ndarray  # cycles the task occupies its AIV (its slowest stage)
+    fill_drain: np.ndarray  # its other stages: a core's first task fills, last drains
+    comp: np.ndarray  # vector compute cycles
+    in_bytes: np.ndarray  # partial bytes read from L2
+    out_bytes: np.ndarray  # output bytes written
+
+
 def _empty(unit: Unit, pipeline: str) -> TaskCosts:
-    return TaskCosts(unit, np.zeros(0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, pipeline)
+    cycles = np.zeros(0)
+    cycles.flags.writeable = False  # shared by every launch without such tasks
+    return TaskCosts(unit, cycles, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, pipeline)
+
+
+_NO_COMBINE = _empty(Unit.AIV, "combine")  # an attention launch without split tiles
 
 
 class CostModel:
@@ -153,75 +188,105 @@ class CostModel:
         tk = np.array([s.tk for s in k.menu], dtype=np.float64)[idx]
         k_len = t["k_len"].astype(np.float64)  # K of each task: all of it, or its split-K slice
         fit = np.array([gemm_l1_depth(s, k.k, c, b) for s in k.menu], dtype=np.float64)[idx]
-        depth = np.minimum(fit, np.ceil(k_len / tk) * tk)
         rows, cols = t["m_rows"].astype(np.float64), t["n_cols"].astype(np.float64)
-        chunks = np.ceil(k_len / depth)
-        kc = np.ceil(k_len / chunks / c.cube_k) * c.cube_k  # K per chunk, fractal-padded
         mte2_bytes = (rows + cols) * k_len * b  # selective read of the valid rows / columns
         total = float(mte2_bytes.sum())
-        hbm_read = min(total, self._gemm_hbm_traffic(k))
-        mte2 = mte2_bytes / chunks * self._mte2_inv_rate(hbm_read / total)
+        hbm_read = min(total, self.gemm_hbm_traffic(k.m, k.n, k.k, k.menu))
+        partial = t["k_split"] >= 0  # split-K: an fp32 partial to the workspace (L2)
+        g = self.gemm_terms(tm, tn, tk, fit, k_len, rows, cols, partial, mte2_bytes,
+                            self._mte2_inv_rate(hbm_read / total))
+        useful = float((k.valid_rows() * t["n_cols"] * t["k_len"]).sum())
+        issued = float((tm * tn * g.kc * g.chunks).sum())
+        return TaskCosts(
+            unit=Unit.AIC, cycles=g.cycles,
+            core_overhead_cycles=c.gm_latency_cycles + float(g.overlapped_fix.max()),
+            cube_active_cycles=float((g.cube * g.chunks).sum()), vector_active_cycles=0.0,
+            hbm_read_bytes=hbm_read, hbm_write_bytes=float(g.out_bytes[~partial].sum()),
+            l2_bytes=total - hbm_read + float(g.out_bytes[partial].sum()), flops=2.0 * useful,
+            cube_macs=issued, useful_cube_macs=useful, pipeline="gemm")
+
+    def gemm_terms(self, tm: np.ndarray, tn: np.ndarray, tk: np.ndarray, fit: np.ndarray,
+                   k_len: np.ndarray, rows: np.ndarray, cols: np.ndarray, partial: np.ndarray,
+                   mte2_bytes: np.ndarray, mte2_inv_rate: float) -> GemmTerms:
+        """The per-task terms of GEMM tasks (float64 arrays of any one shape, elementwise: the
+        same values for a task whichever other tasks are costed with it): tm, tn, tk of its
+        tile, fit its tile's GM->L1 depth (npu_sim.tiling.gemm_l1_depth), k_len its K, rows and
+        cols its valid rows and columns, partial whether it writes a split-K partial,
+        mte2_bytes the bytes its MTE2 reads; mte2_inv_rate the launch's cycles per MTE2 byte."""
+        c, b = self.chip, self.bytes
+        depth = np.minimum(fit, np.ceil(k_len / tk) * tk)
+        chunks = np.ceil(k_len / depth)
+        kc = np.ceil(k_len / chunks / c.cube_k) * c.cube_k  # K per chunk, fractal-padded
+        mte2 = mte2_bytes / chunks * mte2_inv_rate
         mte1 = tm * kc * b / c.mte1_l0a_bytes_per_cycle + kc * tn * b / c.mte1_l0b_bytes_per_cycle
         cube = tm * tn * kc / self.macs
         steps = kc / tk  # L0 steps per chunk, MTE1 and cube double-buffered
         l0 = np.maximum(mte1, cube) + np.minimum(mte1, cube) / steps
         body = mte2 + l0 + (chunks - 1) * np.maximum(mte2, l0)
-        partial = t["k_split"] >= 0  # split-K: an fp32 partial to the workspace (L2)
         out_bytes = rows * cols * np.where(partial, ACCUM_BYTES, b)
         fix = out_bytes / c.fixpipe_bytes_per_cycle
         l0c_double = 2 * tm * tn * ACCUM_BYTES <= c.l0c_bytes
         cycles = c.task_dispatch_cycles + np.where(l0c_double, np.maximum(body, fix), body + fix)
-        useful = float((k.valid_rows() * t["n_cols"] * t["k_len"]).sum())
-        issued = float((tm * tn * kc * chunks).sum())
-        return TaskCosts(
-            unit=Unit.AIC, cycles=cycles,
-            core_overhead_cycles=c.gm_latency_cycles + float(np.where(l0c_double, fix, 0).max()),
-            cube_active_cycles=float((cube * chunks).sum()), vector_active_cycles=0.0,
-            hbm_read_bytes=hbm_read, hbm_write_bytes=float(out_bytes[~partial].sum()),
-            l2_bytes=total - hbm_read + float(out_bytes[partial].sum()), flops=2.0 * useful,
-            cube_macs=issued, useful_cube_macs=useful, pipeline="gemm")
+        return GemmTerms(cycles=cycles, chunks=chunks, kc=kc, cube=cube, out_bytes=out_bytes,
+                         overlapped_fix=np.where(l0c_double, fix, 0))
 
     def gemm_reduce(self, k: GemmKernel) -> TaskCosts:
         """The split-K reduce phase: each AIV sums its element range of the split_k fp32 partials
         (read from L2) in order and writes the bf16 / fp16 result. Its core overhead is the
         all-core sync between the cube and the vector phase (catlass MultiCoreSplitkMatmul)."""
-        c, t = self.chip, k.reduce_tasks
-        if t is None or not len(t) or k.split_k <= 1:
+        if k.reduce_tasks is None:
             return _empty(Unit.AIV, "gemm-reduce")
-        elems = t["num_elems"].astype(np.float64)
-        in_bytes = k.split_k * elems * ACCUM_BYTES
-        ops = k.split_k * elems  # split_k - 1 adds and a cast per element
+        return self.split_k_reduce(k.reduce_tasks, k.split_k)
+
+    def split_k_reduce(self, t: np.ndarray, split_k: int) -> TaskCosts:
+        """gemm_reduce of the GEMM_REDUCE_TASK table `t` joining `split_k` partials."""
+        c = self.chip
+        if not len(t) or split_k <= 1:
+            return _empty(Unit.AIV, "gemm-reduce")
+        r = self.reduce_terms(t["num_elems"].astype(np.float64), split_k)
+        return TaskCosts(
+            unit=Unit.AIV, cycles=r.cycles,
+            core_overhead_cycles=c.cross_core_sync_cycles + float(r.fill_drain[0]),
+            cube_active_cycles=0.0, vector_active_cycles=float(r.comp.sum()),
+            hbm_read_bytes=0.0, hbm_write_bytes=float(r.out_bytes.sum()),
+            l2_bytes=float(r.in_bytes.sum()),
+            flops=0.0,  # the GEMM's 2 M N K already counts these adds
+            cube_macs=0.0, useful_cube_macs=0.0, pipeline="gemm-reduce")
+
+    def reduce_terms(self, elems: np.ndarray, split_k: Any) -> ReduceTerms:
+        """The per-task terms of split-K reduce tasks (elementwise, broadcasting): `elems`
+        output elements each (float64), the sum of `split_k` fp32 partials read from L2 (split_k
+        - 1 adds and a cast per element), double-buffered through UB."""
+        c = self.chip
+        in_bytes = split_k * elems * ACCUM_BYTES
+        ops = split_k * elems
         out_bytes = elems * self.bytes
         mte2 = in_bytes / c.mte2_l2_bytes_per_cycle
         comp = ops / self.lanes32
         mte3 = out_bytes / c.mte3_bytes_per_cycle
-        slowest = np.maximum(np.maximum(mte2, comp), mte3)  # double-buffered through UB
-        fill_drain = float((mte2 + comp + mte3 - slowest)[0])
-        return TaskCosts(
-            unit=Unit.AIV, cycles=c.task_dispatch_cycles + slowest,
-            core_overhead_cycles=c.cross_core_sync_cycles + fill_drain, cube_active_cycles=0.0,
-            vector_active_cycles=float(comp.sum()), hbm_read_bytes=0.0,
-            hbm_write_bytes=float(out_bytes.sum()), l2_bytes=float(in_bytes.sum()),
-            flops=0.0,  # the GEMM's 2 M N K already counts these adds
-            cube_macs=0.0, useful_cube_macs=0.0, pipeline="gemm-reduce")
+        slowest = np.maximum(np.maximum(mte2, comp), mte3)
+        return ReduceTerms(cycles=c.task_dispatch_cycles + slowest,
+                           fill_drain=mte2 + comp + mte3 - slowest, comp=comp,
+                           in_bytes=in_bytes, out_bytes=out_bytes)
 
-    def _gemm_hbm_traffic(self, k: GemmKernel) -> float:
-        """HBM bytes of A and B for the best L2 blocking (see the module docstring)."""
-        b, tn = self.bytes, k.menu[0].tn
-        a_bytes, b_bytes, panel = k.m * k.k * b, k.n * k.k * b, k.k * b
+    def gemm_hbm_traffic(self, m: int, n: int, k: int, menu: tuple[TileShape, ...]) -> float:
+        """HBM bytes of A and B of an (m, n, k) GEMM tiled from `menu`, for the best L2 blocking
+        (see the module docstring)."""
+        b, tn = self.bytes, menu[0].tn
+        a_bytes, b_bytes, panel = m * k * b, n * k * b, k * b
         if a_bytes + b_bytes <= self.l2_cap:
             return float(a_bytes + b_bytes)
         rows_fit = self.l2_cap // panel  # rows of A plus rows of B an L2 block holds
         best = math.inf
-        mb = k.menu[-1].tm
-        candidates = {k.m}
-        while mb < k.m:
+        mb = menu[-1].tm
+        candidates = {m}
+        while mb < m:
             candidates.add(mb)
             mb *= 2
         for mb in candidates:
             nb = (rows_fit - mb) // tn * tn
             if nb >= tn:
-                best = min(best, a_bytes * math.ceil(k.n / nb) + b_bytes * math.ceil(k.m / mb))
+                best = min(best, a_bytes * math.ceil(n / nb) + b_bytes * math.ceil(m / mb))
         if best == math.inf:  # K so deep that no block fits: every task streams its panels
             return math.inf
         return float(best)
@@ -277,7 +342,10 @@ class CostModel:
         # tasks. Trees' masks are priced per task.
         by_shape = k.task_shape is not None and k.shapes is not None and not k.tree_masks
         t, weight = (k.shapes, k.num_kv_heads) if by_shape else (k.tasks, 1)
-        seqs = k.seqs[t["seq"]]
+        # a shape per sequence (each sequence one tile over all its KV, in sequence order): its
+        # KV is read once, all of it from HBM (what _attention_hbm_fraction gives: exactly 1.0)
+        per_seq = by_shape and len(t) == len(k.seqs)
+        seqs = k.seqs if per_seq else k.seqs[t["seq"]]
         horizon = seqs["start_pos"] + t["q_offset"] + t["q_rows"]  # keys the last row sees
         k_end = np.minimum(t["kv_block_end"] * k.block_size, horizon)
         keys = np.maximum(k_end - t["kv_block_start"] * k.block_size, 0).astype(np.float64)
@@ -286,13 +354,14 @@ class CostModel:
         tile_rows = t["tile_rows"].astype(np.float64)
         horizon_reached = k_end >= horizon  # the span reaches the causal diagonal of its tile
         final = t["partial_slot"] < 0
-        kv_bytes = 2 * keys * d * b
-        if by_shape and len(t) == len(k.seqs):
-            # a shape per sequence: one tile over all its KV, read once, all of it from HBM
-            # (what _attention_hbm_fraction gives: exactly 1.0 for such sequences)
-            hbm_fraction = np.ones(len(t))
+        # Every row's K and V bytes, 2 keys d b, is a whole number, and so is their sum (far
+        # below 2^53): summing the keys and scaling is the same sum, exactly.
+        total_kv = weight * (2 * float(keys.sum()) * d * b)
+        if per_seq:
+            hbm_fraction = None  # all of it from HBM
         else:
-            hbm_fraction = self._attention_hbm_fraction(k, t["seq"], kv_bytes * weight)[t["seq"]]
+            hbm_fraction = self._attention_hbm_fraction(
+                k, t["seq"], 2 * keys * d * b * weight)[t["seq"]]
         mask = None
         if k.tree_masks:
             kl = keys / np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)  # keys per chunk
@@ -301,32 +370,34 @@ class CostModel:
             memo = self._row_memos.get((stages, g, d))
             if memo is None:
                 memo = self._row_memos[stages, g, d] = RowMemo(stages, g, d)
-            rows = memo.rows(self, keys, q_rows, tile_rows, final, horizon_reached,
-                             hbm_fraction)
+            terms = memo.rows(self, keys, q_rows, tile_rows, final, horizon_reached,
+                              hbm_fraction)
         else:
-            rows = attention_rows(self, stages, keys, q_rows, heads, tile_rows, final,
-                                  horizon_reached, hbm_fraction, d, mask)
-        cycles = rows.cycles[k.task_shape] if by_shape else rows.cycles  # per task, to deal
-        total_kv = weight * float(kv_bytes.sum())
-        hbm_kv = weight * float(rows.kv_hbm_bytes.sum())
-        vec_active = weight * float(rows.vector_cycles.sum()) * self.aivs
+            terms = np.stack(attention_rows(
+                self, stages, keys, q_rows, heads, tile_rows, final, horizon_reached,
+                np.ones(len(keys)) if hbm_fraction is None else hbm_fraction, d, mask))
+        # every term's sum over the rows in one reduction (each row of `terms` contiguous: the
+        # same pairwise sum as summing it alone)
+        sums = AttentionRows(*np.add.reduce(terms, axis=1).tolist())
+        cycles = terms[0][k.task_shape] if by_shape else terms[0]  # per task, to deal
+        hbm_kv = weight * sums.kv_hbm_bytes
+        vec_active = weight * sums.vector_cycles * self.aivs
         mask_hbm = mask_l2 = 0.0
         if mask is not None:
             vec_active += float(mask.once_select.sum()) * self.aivs
             mask_hbm, mask_l2 = mask.hbm_bytes, mask.l2_bytes
-        q_bytes = weight * float(rows.q_bytes.sum())
+        q_bytes = weight * sums.q_bytes
         cube_mult = 1.0 if stages == 2 else 2.0  # PV, or QK and PV, on the cube
         main = TaskCosts(
             unit=Unit.MIX, cycles=cycles, core_overhead_cycles=c.gm_latency_cycles,
-            cube_active_cycles=weight * float(rows.cube_cycles.sum()),
+            cube_active_cycles=weight * sums.cube_cycles,
             vector_active_cycles=vec_active, hbm_read_bytes=hbm_kv + q_bytes + mask_hbm,
-            hbm_write_bytes=weight * float(rows.out_bytes.sum()),
-            l2_bytes=(total_kv - hbm_kv) + weight * (float(rows.s_bytes.sum()) * 2
-                                                     + float(rows.partial_bytes.sum()))
+            hbm_write_bytes=weight * sums.out_bytes,
+            l2_bytes=(total_kv - hbm_kv) + weight * (sums.s_bytes * 2 + sums.partial_bytes)
             + mask_l2,
-            flops=weight * 4.0 * float(rows.visible_scores.sum()) * d,
-            cube_macs=weight * float(rows.issued_macs.sum()),
-            useful_cube_macs=weight * cube_mult * float(rows.useful_macs.sum()) * d,
+            flops=weight * 4.0 * sums.visible_scores * d,
+            cube_macs=weight * sums.issued_macs,
+            useful_cube_macs=weight * cube_mult * sums.useful_macs * d,
             pipeline=pipeline)
         return main, self._combine(k)
 
@@ -344,7 +415,7 @@ class CostModel:
 
     def _combine(self, k: AttentionKernel) -> TaskCosts:
         if not k.num_combine_tasks:
-            return _empty(Unit.AIV, "combine")
+            return _NO_COMBINE
         c, t = self.chip, k.combine_tasks
         rows = t["q_rows"].astype(np.float64) * k.group_size
         slots = t["num_slots"].astype(np.float64)

@@ -138,10 +138,13 @@ class RowMemo:
 
     def rows(self, cm: CostModel, keys: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
              final: np.ndarray, horizon_reached: np.ndarray,
-             hbm_fraction: np.ndarray) -> AttentionRows:
+             hbm_fraction: np.ndarray | None) -> np.ndarray:
         """attention_rows(cm, stages, ...) of these rows, pricing only those not seen before
-        (arguments as attention_rows takes them)."""
-        decode = (q_rows == 1.0) & final & horizon_reached & (hbm_fraction == 1.0)
+        (arguments as attention_rows takes them; hbm_fraction None: 1.0 for every row),
+        stacked: C-contiguous (NUM_TERMS, rows), the terms in AttentionRows order."""
+        decode = (q_rows == 1.0) & final & horizon_reached
+        if hbm_fraction is not None:
+            decode &= hbm_fraction == 1.0
         first = int(decode.argmax())
         if decode[first]:  # one table: the tile rows of the first decode-like row
             decode &= tile_rows == tile_rows[first]
@@ -153,10 +156,12 @@ class RowMemo:
             if decode[first]:
                 terms[:, decode] = self._decode_terms(cm, float(tile_rows[first]), keys[decode])
             other = ~decode
+            if hbm_fraction is None:
+                hbm_fraction = np.ones(len(keys))
             terms[:, other] = self._keyed_terms(
                 cm, *(a[other] for a in (keys, q_rows, tile_rows, final, horizon_reached,
                                           hbm_fraction)))
-        return AttentionRows(*terms)
+        return terms
 
     def _decode_terms(self, cm: CostModel, tile_rows: float, keys: np.ndarray) -> np.ndarray:
         """(NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these keys."""

@@ -22,7 +22,9 @@ Dealing tasks to cores (block_dim = min(tasks, cores)):
 
 Timings are cached per kernel object within a step (a layer's kernels are launched once per
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
-per launch plus a few numpy calls per distinct kernel.
+per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
+further: what the kernels it shares with other steps add up to is kept per set of them
+(npu_sim.step_sums), and only its attention kernels are timed and summed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from npu_sim.collectives import bytes_moved, collective_seconds
 from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
+from npu_sim.step_sums import SharedLaunches, StepTemplate, build_template, step_sums
 from npu_sim.tasks import (
     AttentionKernel,
     CollectiveKernel,
@@ -46,7 +49,13 @@ from npu_sim.tasks import (
     Primitive,
     VectorKernel,
 )
-from npu_sim.trace import KernelTiming, StepTrace, build_step_trace, count_step_trace
+from npu_sim.trace import (
+    NUM_STEP_SUMS_SCALARS,
+    KernelTiming,
+    StepTrace,
+    build_step_trace,
+    summed_step_trace,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +135,9 @@ class Device:
         # is not reused while cached)
         self._kernel_cache: dict[int, tuple[Kernel, KernelTiming]] = {}
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
+        # timing-only steps: what their shared launches add up to (npu_sim.step_sums)
+        self._step_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches
+        self._step_sums_size = NUM_STEP_SUMS_SCALARS + chip.num_cube_cores + chip.num_vector_cores
 
     # ------------------------------------------------------------------------- host facts
 
@@ -202,20 +214,37 @@ class Device:
         """The timing of the latest launch of the open step (None before the first)."""
         return self._timing(self._launches[-1]) if self._launches else None
 
-    def time_launches(self, counts: Sequence[tuple[Kernel, int]],
+    def time_launches(self, shared: SharedLaunches, varying: Sequence[Kernel],
                       num_requests: int = 0) -> StepTrace:
-        """The StepTrace of a whole step given as (kernel, times launched) pairs, timing only:
-        what begin_step(), one launch() per launch and end_step(num_requests) would report (the
-        same sums, in the same order when `counts` lists kernels by first launch), without a
-        timeline (`StepTrace.kernels` is empty). Launches not yet ended are forgotten."""
-        pairs = [(self._timing(kernel), n) for kernel, n in counts]
-        for (kernel, n), (timing, _) in zip(counts, pairs, strict=True):
-            self.num_launches[kernel.primitive] += n
-            self.num_tasks[kernel.primitive] += n * timing.num_tasks
+        """The StepTrace of a whole step, timing only: what begin_step(), one launch() per launch
+        and end_step(num_requests) would report (the same sums in the same order), without a
+        timeline (`StepTrace.kernels` is empty). The step is given as each of its kernels with
+        its launches, in order of first launch: `shared` lists those it shares with other steps
+        and None for each of its own, `varying`, in order (the attention kernels, the only ones
+        the device does not cache across steps: no primitive may be in both). `shared` is a
+        tuple reused by every step that shares those kernels: what they add up to is kept per
+        tuple (npu_sim.step_sums). Launches not yet ended are forgotten."""
+        template = self._step_templates.get(id(shared))
+        if template is None or template.launches is not shared:
+            if len(self._step_templates) >= _SHAPE_CACHE_SIZE:
+                self._step_templates.clear()
+            template = self._step_templates[id(shared)] = build_template(
+                shared, [(None if k is None else self._timing(k), n) for k, n in shared],
+                self._step_sums_size)
+        pairs = [(self._timing(kernel), n)
+                 for kernel, n in zip(varying, template.varying_counts, strict=True)]
+        for primitive, num_launches, num_tasks in template.shared_counts:
+            self.num_launches[primitive] += num_launches
+            self.num_tasks[primitive] += num_tasks
+        for timing, n in pairs:
+            self.num_launches[timing.primitive] += n
+            self.num_tasks[timing.primitive] += n * timing.num_tasks
         self.begin_step()
         c = self.chip
-        trace = count_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
-                                 c.num_vector_cores, c.peak_flops(self.cost_model.dtype), pairs)
+        sums, seconds = step_sums(template, pairs, self._step_sums_size)
+        trace = summed_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
+                                  c.peak_flops(self.cost_model.dtype), sums,
+                                  template.num_launches, seconds)
         self.total_sim_s += trace.sim_s
         return trace
 
@@ -313,8 +342,21 @@ class Device:
         units, cores, starts, durations = [], [], [], []
         offset = 0.0  # phases run one after the other
         block_dim = 0
+        # the phases' sums, in phase order
+        hbm_read = hbm_write = l2_bytes = cube_active = vector_active = flops = 0.0
+        cube_macs = useful_cube_macs = 0.0
+        num_tasks = 0
         for i, phase in enumerate(phases):
+            hbm_read += phase.hbm_read_bytes
+            hbm_write += phase.hbm_write_bytes
+            l2_bytes += phase.l2_bytes
+            cube_active += phase.cube_active_cycles
+            vector_active += phase.vector_active_cycles
+            flops += phase.flops
+            cube_macs += phase.cube_macs
+            useful_cube_macs += phase.useful_cube_macs
             n = len(phase.cycles)
+            num_tasks += n
             if n == 0:
                 continue
             on_aiv = phase.unit == Unit.AIV
@@ -339,10 +381,8 @@ class Device:
                 block_dim = block
             offset += float(busy.max())
 
-        hbm_read = sum(p.hbm_read_bytes for p in phases)
-        hbm_write = sum(p.hbm_write_bytes for p in phases)
         hbm_bound = (hbm_read + hbm_write) / (c.hbm_bytes_per_s / c.clock_hz)
-        l2_bound = sum(p.l2_bytes for p in phases) / (c.l2_bytes_per_s / c.clock_hz)
+        l2_bound = l2_bytes / (c.l2_bytes_per_s / c.clock_hz)
         makespan, bound = max((offset, "cores"), (hbm_bound, "hbm"), (l2_bound, "l2"),
                               key=lambda x: x[0])
         stretch = makespan / offset if offset else 1.0  # cores wait on the shared bandwidth
@@ -354,12 +394,9 @@ class Device:
             launch_cycles=launch_cycles, block_dim=block_dim, bound=bound,
             cube_busy_cycles=_frozen(cube_busy * stretch),
             vector_busy_cycles=_frozen(vector_busy * stretch),
-            cube_active_cycles=sum(p.cube_active_cycles for p in phases),
-            vector_active_cycles=sum(p.vector_active_cycles for p in phases),
-            hbm_read_bytes=hbm_read, hbm_write_bytes=hbm_write,
-            flops=sum(p.flops for p in phases), cube_macs=sum(p.cube_macs for p in phases),
-            useful_cube_macs=sum(p.useful_cube_macs for p in phases),
-            num_tasks=sum(len(p.cycles) for p in phases),
+            cube_active_cycles=cube_active, vector_active_cycles=vector_active,
+            hbm_read_bytes=hbm_read, hbm_write_bytes=hbm_write, flops=flops,
+            cube_macs=cube_macs, useful_cube_macs=useful_cube_macs, num_tasks=num_tasks,
             kernel=kernel, **(_task_timeline(units, cores, starts, durations, stretch)
                                if self.timeline else _NO_TIMELINE),
         )

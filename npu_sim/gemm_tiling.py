@@ -15,7 +15,8 @@ Two policies, both returning a `GemmTiling`:
     (MultiCoreSplitkMatmul: at most 2, 4, 8, 16 slices for K over 1k, 2k, 4k, all cores from
     12k), partials reduced on the vector cores (cost included).
   Each candidate is timed by the device's own cost model (launch, per-core makespan, shared HBM /
-  L2 bounds, reduce phase), so the choice is exactly the one the simulation rewards.
+  L2 bounds, reduce phase), so the choice is exactly the one the simulation rewards: the
+  device's cycles bit for bit, a shape's candidates costed together (npu_sim.gemm_cycles).
 - `atb_tiling` (the baselines' torch-npu linear): a port of ATB's pp_matmul tiling
   (hicann/ascend-transformer-boost `common_tiling.h` TilingFunc / CostFunc and
   `pp_matmul_tiling.cpp` SetBaseOp): m0, n0 powers of two from 16 up to 256 with m0 x n0 fp32 in
@@ -32,7 +33,8 @@ import functools
 import math
 from dataclasses import dataclass
 
-from npu_sim.device import Device
+from npu_sim.cost import CostModel
+from npu_sim.gemm_cycles import gemm_launch_cycles
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import GemmKernel, TileShape
 from npu_sim.tiling import (
@@ -41,7 +43,6 @@ from npu_sim.tiling import (
     L1_K_ALIGN,
     OPERAND_BYTES,
     MCover,
-    build_gemm_tasks,
     gemm_menu,
     gemm_reduce_tasks,
     gemm_tasks,
@@ -63,13 +64,11 @@ class GemmTiling:
     split_k: int  # K slices; 1 = none
 
     def kernel(self, name: str, m: int, n: int, k: int, chip: ChipSpec,
-               valid_m: int | None = None, cached: bool = True) -> GemmKernel:
-        """The GemmKernel of `out[m, n] = x[m, k] @ w[n, k]^T` tiled this way (its task table
-        from the shape cache unless `cached` is False)."""
-        build = gemm_tasks if cached else build_gemm_tasks
+               valid_m: int | None = None) -> GemmKernel:
+        """The GemmKernel of `out[m, n] = x[m, k] @ w[n, k]^T` tiled this way."""
         return GemmKernel(
             name=name, m=m, n=n, k=k, menu=self.menu,
-            tasks=build(m, n, k, self.menu, self.cover, self.split_k), valid_m=valid_m,
+            tasks=gemm_tasks(m, n, k, self.menu, self.cover, self.split_k), valid_m=valid_m,
             split_k=self.split_k,
             reduce_tasks=gemm_reduce_tasks(m, n, chip) if self.split_k > 1 else None)
 
@@ -79,9 +78,9 @@ class GemmTiling:
 
 
 @functools.cache
-def _timer(chip: ChipSpec) -> Device:
-    """The device that times candidates: timing only, no timeline (nothing draws them)."""
-    return Device(chip, compute=False, timeline=False)
+def _cost_model(chip: ChipSpec) -> CostModel:
+    """What times the candidates: the device's cost model for bf16 operands."""
+    return CostModel(chip)
 
 
 def _round16(x: float) -> int:
@@ -117,10 +116,13 @@ def _widest_tn(tm: int, chip: ChipSpec) -> int:
     return 0
 
 
-def _recover(cover: MCover, src: tuple[TileShape, ...], dst: tuple[TileShape, ...],
-             ) -> MCover | None:
-    """`cover` (indices into `src`) re-indexed into `dst` by tm; None if a tm is missing."""
-    index = {t.tm: i for i, t in enumerate(dst)}
+# the covers of a token count serve all its GEMMs; keyed by tn (tile shapes are slow to hash)
+@functools.lru_cache(maxsize=1 << 14)
+def _recover(cover: MCover, tn: int, chip: ChipSpec) -> MCover | None:
+    """`cover` (indices into the chip's base menu) re-indexed into the menu of N tile `tn` by
+    tm; None if a tm is missing."""
+    src = gemm_menu(chip, chip.cube_n)
+    index = {t.tm: i for i, t in enumerate(gemm_menu(chip, tn))}
     out = []
     for start, rows, tile in cover:
         i = index.get(src[tile].tm)
@@ -133,36 +135,47 @@ def _recover(cover: MCover, src: tuple[TileShape, ...], dst: tuple[TileShape, ..
 def candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[GemmTiling]:
     """The tilings `search_tiling` costs (see the module docstring), simplest first."""
     base = gemm_menu(chip, chip.cube_n)  # every tm the chip's buffers allow at some N tile
-    c = chip.num_cube_cores
-    k_blocks = -(-k // L1_K_ALIGN)
     out: dict[tuple, GemmTiling] = {}
     for cover in m_covers(m, base):
-        mt = max(len(cover), 1)
         widest = min(_widest_tn(base[t].tm, chip) for _, _, t in cover) if cover else GEMM_TN
-        splits = [1]
-        if mt * math.ceil(n / widest) < c:  # the output tiles alone leave cores idle
-            cap = min(_split_cap(k, c), k_blocks)
-            splits += [s for s in _SPLITS if s <= cap and mt * s <= 2 * c]
-        for s in splits:
-            tns = {tn for tn in (*_ALT_TNS, widest) if tn <= widest}
-            for tn in sorted(tns | _wave_tns(n, mt * s, c, widest), reverse=True):
-                if tn > _round16(n) and tn != GEMM_TN:
-                    continue
-                menu = gemm_menu(chip, tn)
-                moved = _recover(cover, base, menu) if menu else None
+        for s, tns in _splits_and_tns(max(len(cover), 1), widest, n, k, chip):
+            for tn in tns:
+                moved = _recover(cover, tn, chip)
                 if moved is not None:
-                    out.setdefault((moved, tn, s), GemmTiling(menu, moved, s))
+                    out.setdefault((moved, tn, s), GemmTiling(gemm_menu(chip, tn), moved, s))
     return list(out.values())
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _splits_and_tns(num_m_tiles: int, widest: int, n: int, k: int, chip: ChipSpec,
+                    ) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """((split_k, N tiles widest first), ...) that `candidates` tries for a cover of
+    `num_m_tiles` tiles whose widest N tile is `widest`: a function of the cover's length, so
+    shared by the token counts of one tile count."""
+    c = chip.num_cube_cores
+    splits = [1]
+    if num_m_tiles * math.ceil(n / widest) < c:  # the output tiles alone leave cores idle
+        cap = min(_split_cap(k, c), -(-k // L1_K_ALIGN))
+        splits += [s for s in _SPLITS if s <= cap and num_m_tiles * s <= 2 * c]
+    out = []
+    for s in splits:
+        tns = {tn for tn in (*_ALT_TNS, widest) if tn <= widest}
+        out.append((s, tuple(tn for tn in sorted(tns | _wave_tns(n, num_m_tiles * s, c, widest),
+                                                 reverse=True)
+                             if (tn <= _round16(n) or tn == GEMM_TN) and gemm_menu(chip, tn))))
+    return tuple(out)
 
 
 # Sized for every token count of a long simulation (thousands) times a model's five GEMMs.
 @functools.lru_cache(maxsize=1 << 15)
 def search_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
     """SmoothGEMM's tiling of (m, n, k): the candidate with the lowest modelled time."""
-    timer = _timer(chip)
+    cm = _cost_model(chip)
     best, best_cycles = None, math.inf
-    for tiling in candidates(m, n, k, chip):
-        cycles = timer.time(tiling.kernel("search", m, n, k, chip, cached=False)).cycles
+    tilings = candidates(m, n, k, chip)
+    # Device.time(tiling.kernel(...)).cycles of each, without building the kernels
+    costs = gemm_launch_cycles(cm, m, n, k, [(t.menu, t.cover, t.split_k) for t in tilings])
+    for tiling, cycles in zip(tilings, costs, strict=True):
         if cycles < best_cycles * (1 - 1e-9):  # ties keep the simpler (earlier) candidate
             best, best_cycles = tiling, cycles
     assert best is not None

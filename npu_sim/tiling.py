@@ -152,17 +152,8 @@ def gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...], cover: MCove
     (so round-robin deals them to different cores).
 
     Cached by shape: every layer of a step, and every step with the same token count, reuses it.
-    The last N tile is masked when n is not a multiple of tn. `build_gemm_tasks` is the uncached
-    builder (the tiling search costs candidates through it, keeping this cache for the chosen).
+    The last N tile is masked when n is not a multiple of tn.
     """
-    tasks = build_gemm_tasks(m, n, k, menu, cover, split_k)
-    tasks.flags.writeable = False
-    return tasks
-
-
-def build_gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...],
-                     cover: MCover | None = None, split_k: int = 1) -> np.ndarray:
-    """The table `gemm_tasks` caches, built afresh (numpy, no loop per task)."""
     tn = menu[0].tn
     m_cover = np.array(cover_m(m, menu) if cover is None else cover, dtype=np.int64).reshape(-1, 3)
     n_starts = np.arange(0, n, tn)
@@ -177,6 +168,7 @@ def build_gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...],
     tasks["n_start"] = n_starts[ni]
     tasks["n_cols"] = np.minimum(tn, n - n_starts[ni])
     tasks["k_start"], tasks["k_len"], tasks["k_split"] = (slices[si, j] for j in range(3))
+    tasks.flags.writeable = False
     return tasks
 
 

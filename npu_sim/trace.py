@@ -82,6 +82,7 @@ class KernelTiming:
 # The scalars a step sums over its launches (KernelTiming.step_sums), in this order.
 _SCALARS = ("cycles", "cube_active_cycles", "vector_active_cycles", "hbm_bytes", "flops",
             "cube_macs", "useful_cube_macs")
+NUM_STEP_SUMS_SCALARS = len(_SCALARS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +132,6 @@ def count_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_req
     """Aggregate (timing, times launched) pairs into a step's trace; `launches`, the launches
     in order, only feed the timeline (`kernels`, `kernel_start_s`; empty = no timeline)."""
     counts = list(counts)
-    num_launches = sum(n for _, n in counts)
     by_primitive: dict[str, float] = {}
     for timing, n in counts:
         key = timing.primitive_name
@@ -143,6 +143,18 @@ def count_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_req
         rows = np.array([timing.step_sums for timing, _ in counts])
         rows *= np.array([float(n) for _, n in counts])[:, None]
         sums = np.add.accumulate(rows, axis=0)[-1]
+    return summed_step_trace(chip_name, clock_hz, host, num_requests, num_cube_cores,
+                             peak_flops, sums, sum(n for _, n in counts), by_primitive,
+                             launches)
+
+
+def summed_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_requests: int,
+                      num_cube_cores: int, peak_flops: float, sums: np.ndarray,
+                      num_launches: int, by_primitive: dict[str, float],
+                      launches: Sequence[KernelTiming] = ()) -> StepTrace:
+    """A step's trace from its launches' sums (KernelTiming.step_sums times their counts, added
+    in launch order), launch count and seconds per primitive name (count_step_trace)."""
+    num_vector_cores = len(sums) - len(_SCALARS) - num_cube_cores
     cycles, cube_active, vector_active, hbm, flops, macs, useful = (
         float(x) for x in sums[:len(_SCALARS)])
     cube_busy = sums[len(_SCALARS):len(_SCALARS) + num_cube_cores]

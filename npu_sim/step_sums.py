@@ -1,0 +1,104 @@
+"""A timing-only step's sums from a template of the launches it shares with other steps.
+
+A step launches the same GEMM, vector (and collective) kernels as every step of its token
+count and sampled rows (the lowering and the device cache them by shape), plus attention kernels
+of its own, the only ones timed afresh. count_step_trace adds the launches' rows
+(KernelTiming.step_sums times their counts) in launch order; a `StepTemplate` keeps what the
+shared launches contribute: the sum of the rows before the first of the step's own launches
+(added in order, once), the rows from there on with the step's own rows blank, the seconds per
+primitive of the shared kernels, and their launch and task counts. A step fills its own rows in
+and accumulates from the first of them: the same additions in the same order as
+count_step_trace, hence the same sums bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from npu_sim.tasks import Kernel, Primitive
+from npu_sim.trace import KernelTiming
+
+# A step's kernels with their launches, in order of first launch, None for each of the step's
+# own kernels (Device.time_launches): one tuple per set of shared kernels.
+SharedLaunches = tuple[tuple[Kernel | None, int], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class StepTemplate:
+    """What the shared launches of a step contribute to its sums (see the module docstring)."""
+
+    launches: SharedLaunches  # what it was built from (held: its id keys the template)
+    shared: tuple[KernelTiming, ...]  # the shared kernels' timings, in launch order
+    varying_counts: tuple[int, ...]  # launches of each of the step's own kernels, in order
+    prefix: np.ndarray | None  # rows before the first own kernel, accumulated; None: none
+    rest: np.ndarray  # (kernels from the first own one on, sums): rows times launches, the
+    #   own kernels' rows zero
+    varying_rows: tuple[int, ...]  # the own kernels' rows in `rest`, in order
+    primitive_names: tuple[str | None, ...]  # shared primitives' names in order of first
+    #   launch, None where the own kernels' primitives come
+    shared_seconds: dict[str, float]  # seconds per shared primitive, summed in launch order
+    num_launches: int  # launches in the step
+    # (primitive, launches, tasks) of the shared kernels, primitives in order of first launch
+    shared_counts: tuple[tuple[Primitive, int, int], ...]
+
+
+def build_template(launches: SharedLaunches, pairs: Sequence[tuple[KernelTiming | None, int]],
+                   size: int) -> StepTemplate:
+    """The template of `launches`, whose kernels' (timing or None, launches) are `pairs`;
+    `size`: the length of a step_sums row."""
+    varying = [i for i, (t, _) in enumerate(pairs) if t is None]
+    first = varying[0] if varying else len(pairs)
+    rows = np.zeros((len(pairs), size))
+    names: dict[str | None, None] = {}
+    seconds: dict[str, float] = {}
+    counts: dict[Primitive, list[int]] = {}
+    for i, (t, n) in enumerate(pairs):
+        if t is None:
+            names[None] = None
+            continue
+        names[t.primitive_name] = None
+        rows[i] = t.step_sums * float(n)
+        seconds[t.primitive_name] = seconds.get(t.primitive_name, 0.0) + n * t.seconds
+        entry = counts.setdefault(t.primitive, [0, 0])
+        entry[0] += n
+        entry[1] += n * t.num_tasks
+    prefix = np.add.accumulate(rows[:first], axis=0)[-1] if first else None
+    return StepTemplate(
+        launches=launches, shared=tuple(t for t, _ in pairs if t is not None),
+        varying_counts=tuple(pairs[i][1] for i in varying), prefix=prefix, rest=rows[first:],
+        varying_rows=tuple(i - first for i in varying), primitive_names=tuple(names),
+        shared_seconds=seconds, num_launches=sum(n for _, n in pairs),
+        shared_counts=tuple((p, n, tasks) for p, (n, tasks) in counts.items()))
+
+
+def step_sums(template: StepTemplate, varying: Sequence[tuple[KernelTiming, int]],
+              size: int) -> tuple[np.ndarray, dict[str, float]]:
+    """(sums, seconds per primitive name) of a step of `template` whose own kernels, in order,
+    are `varying` (timing, launches) pairs: count_step_trace's, bit for bit. ValueError if one
+    of their primitives is also a shared kernel's (the seconds per primitive would mix)."""
+    if not len(template.rest):  # no own kernels: the prefix is everything
+        sums = np.zeros(size) if template.prefix is None else template.prefix
+    else:
+        rows = template.rest.copy()
+        for i, (t, n) in zip(template.varying_rows, varying, strict=True):
+            rows[i] = t.step_sums * float(n)
+        if template.prefix is not None:
+            rows[0] += template.prefix
+        sums = np.add.accumulate(rows, axis=0)[-1]
+    shared = template.shared_seconds
+    seconds: dict[str, float] = {}
+    for t, n in varying:
+        name = t.primitive_name
+        if name in shared:
+            raise ValueError(f"{name}: kernels both shared and a step's own")
+        seconds[name] = seconds.get(name, 0.0) + n * t.seconds
+    by_primitive: dict[str, float] = {}
+    for name in template.primitive_names:
+        if name is None:
+            by_primitive.update(seconds)  # first launches of own primitives: dict order kept
+        else:
+            by_primitive[name] = shared[name]
+    return sums, by_primitive

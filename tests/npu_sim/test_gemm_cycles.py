@@ -1,0 +1,30 @@
+"""The tiling search's launch cycles (npu_sim.gemm_cycles) are the device's, bit for bit, for
+every candidate of decode, prefill and split-K shapes on several chips."""
+
+from __future__ import annotations
+
+import pytest
+
+from npu_sim.cost import CostModel
+from npu_sim.device import Device
+from npu_sim.gemm_cycles import gemm_launch_cycles
+from npu_sim.gemm_tiling import candidates
+from npu_sim.hardware import get_chip
+
+SHAPES = [(m, n, k) for m in (1, 7, 16, 33, 100, 255, 512, 777, 2048, 4100)
+          for n, k in ((12288, 4096), (4096, 11008), (22016, 4096), (32000, 4096),
+                       (152064, 3584), (1000, 300), (48, 30000))]
+
+
+@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
+def test_launch_cycles_equal_the_devices(chip_name: str) -> None:
+    chip = get_chip(chip_name)
+    device, cm = Device(chip, compute=False, timeline=False), CostModel(chip)
+    num_split = 0
+    for m, n, k in SHAPES:
+        tilings = candidates(m, n, k, chip)
+        got = gemm_launch_cycles(cm, m, n, k, [(t.menu, t.cover, t.split_k) for t in tilings])
+        for tiling, cycles in zip(tilings, got, strict=True):
+            assert cycles == device.time(tiling.kernel("g", m, n, k, chip)).cycles, (m, n, k)
+            num_split += tiling.split_k > 1
+    assert num_split > 50  # the reduce phase is covered

@@ -1,0 +1,60 @@
+"""A timing-only step (Device.time_launches over engine.lowering.step_launch_counts, its shared
+launches summed once per template: npu_sim.step_sums) reports what launching every kernel and
+ending the step reports, bit for bit: meta and split attention, tensor parallelism, steps that
+share a token count, and steps that do not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.arch_presets import get_arch
+from engine.lowering import (
+    BASELINE_POLICY,
+    DEFAULT_POLICY,
+    ChunkShape,
+    lower_step,
+    step_launch_counts,
+    step_launches,
+)
+from npu_sim.device import Device
+from npu_sim.hardware import get_chip
+
+B2 = get_chip("910b2")
+BATCHES = [  # (start_pos, num_tokens) per chunk; the first two share their token count
+    [(0, 700), (300, 1), (2000, 1), (50, 17)],
+    [(100, 700), (301, 1), (2001, 1), (60, 17)],
+    [(5000, 1), (9, 1)],
+    [(0, 2048)],
+    [(7000, 1), (6000, 1), (12000, 1)],
+]
+
+
+def chunks(specs: list[tuple[int, int]], block_size: int = 128) -> list[ChunkShape]:
+    return [ChunkShape(start, n, tuple(range(-(-(start + n) // block_size))))
+            for start, n in specs]
+
+
+@pytest.mark.parametrize("model,tp,policy", [("llama-2-7b", 1, DEFAULT_POLICY),
+                                             ("llama-2-7b", 1, BASELINE_POLICY),
+                                             ("qwen2.5-72b", 4, DEFAULT_POLICY)])
+def test_time_launches_reports_what_launching_every_kernel_does(model, tp, policy) -> None:
+    arch = get_arch(model)
+    timed, launched = Device(B2, compute=False), Device(B2, compute=False)
+    for specs in BATCHES * 2:  # again: the templates are reused
+        plan = lower_step(chunks(specs), len(specs), arch, B2, 128, policy, tp=tp)
+        a = timed.time_launches(*step_launch_counts(plan, arch.num_layers),
+                                num_requests=len(specs))
+        launched.begin_step()
+        for kernel in step_launches(plan, arch.num_layers):
+            launched.launch(kernel)
+        b = launched.end_step(num_requests=len(specs))
+        for field in ("sim_s", "device_s", "host_s", "num_launches", "cube_utilization",
+                      "vector_utilization", "hbm_bytes", "flops", "mfu", "padding_waste_ratio"):
+            assert getattr(a, field) == getattr(b, field), field
+        assert np.array_equal(a.cube_busy_s, b.cube_busy_s)
+        assert np.array_equal(a.vector_busy_s, b.vector_busy_s)
+        assert list(a.kernel_s_by_primitive.items()) == list(b.kernel_s_by_primitive.items())
+    assert timed.num_launches == launched.num_launches
+    assert timed.num_tasks == launched.num_tasks
+    assert timed.total_sim_s == launched.total_sim_s
