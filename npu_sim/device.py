@@ -54,6 +54,7 @@ from npu_sim.trace import (
     KernelTiming,
     StepTrace,
     build_step_trace,
+    count_step_trace,
     summed_step_trace,
 )
 
