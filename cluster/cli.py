@@ -159,7 +159,8 @@ def run_simulate(args: argparse.Namespace) -> int:
                                 kv_reserve_fraction=args.kv_reserve_fraction,
                                 tensor_parallel_size=args.tensor_parallel_size,
                                 lowering=lowering_policy(args.gemm_policy,
-                                                         args.attention_policy))
+                                                         args.attention_policy,
+                                                         _npu_weights(args.npu_weights)))
         workload = _workload(args, sim.max_model_len)
     except (ModelLoadError, WorkloadError, ValueError) as exc:
         print(f"xyserve simulate: error: {exc}", file=sys.stderr)
@@ -178,11 +179,17 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def lowering_policy(gemm: str, attention: str) -> Any:
-    """The engine.lowering.LoweringPolicy of --gemm-policy / --attention-policy."""
+def _npu_weights(choice: str) -> str:
+    """--npu-weights of a simulation: auto is bf16 (no served weights to follow)."""
+    return "bf16" if choice == "auto" else choice
+
+
+def lowering_policy(gemm: str, attention: str, weights: str = "bf16") -> Any:
+    """The engine.lowering.LoweringPolicy of --gemm-policy / --attention-policy /
+    --npu-weights."""
     from engine.lowering import AttentionPolicy, GemmPolicy, LoweringPolicy
 
-    return LoweringPolicy(GemmPolicy(gemm), AttentionPolicy(attention))
+    return LoweringPolicy(GemmPolicy(gemm), AttentionPolicy(attention), weights=weights)
 
 
 def _workload(args: argparse.Namespace, max_model_len: int) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 
 from engine.config import (
     NPU_STACKS,
+    NPU_WEIGHTS,
     SPECULATIVE_METHODS,
     CacheConfig,
     EngineConfig,
@@ -106,6 +107,12 @@ def add_npu_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     n.add_argument("--npu-dtype", default=config_default(EngineConfig, "npu_dtype"),
                    choices=typing.get_args(NpuDtype),
                    help="operand dtype the NPU cost model assumes (default: %(default)s)")
+    n.add_argument("--npu-weights", default=config_default(EngineConfig, "npu_weights"),
+                   choices=NPU_WEIGHTS,
+                   help="the decoder layers' GEMM weights in the NPU's HBM: bf16, or weight-only "
+                        "w8a16 / w4a16 (int8 / int4 with fp16 group scales, widened on the "
+                        "AIVs); auto: as served (the default model's GGUF Q4_1 blocks as w4a16, "
+                        "Q8_0 as w8a16), bf16 in simulate (default: %(default)s)")
     n.add_argument("--stack", default=config_default(EngineConfig, "npu_stack"), choices=NPU_STACKS,
                    help="the serving stack whose host overhead a simulated step pays: xyserve "
                         "(this system's runtime), eager (a launch-bound eager loop), vllm-ascend, "
@@ -161,7 +168,8 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
     options = dict(
         model=args.model, seed=args.seed, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=args.enable_prefix_caching,
-        npu=args.npu, npu_dtype=args.npu_dtype, npu_stack=args.stack,
+        npu=args.npu, npu_dtype=args.npu_dtype, npu_weights=args.npu_weights,
+        npu_stack=args.stack,
         npu_trace_dir=args.npu_trace, npu_trace_steps=args.npu_trace_steps,
         policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)

@@ -15,6 +15,10 @@ DEFAULT_NPU = "910b2"
 # The serving stacks whose host overhead the simulated NPU can model (npu_sim.host.STACKS; a test
 # keeps the two equal): xyserve's own runtime, a launch-bound eager loop, vLLM-Ascend, MindIE.
 NPU_STACKS = ("xyserve", "eager", "vllm-ascend", "mindie")
+# How the GEMM weights lie in the simulated NPU's HBM (npu_sim.tasks.NPU_WEIGHT_FORMATS; a test
+# keeps the two equal): bf16, or weight-only w8a16 / w4a16; auto: as the model is served (GGUF
+# Q4_1 weights as w4a16, Q8_0 as w8a16, others bf16), bf16 in a timing-only simulation.
+NPU_WEIGHTS = ("auto", "bf16", "w8a16", "w4a16")
 
 Dtype = Literal["auto", "float32", "bfloat16"]
 # How the GEMM weights are held on the CPU: fp32, bf16 (rounded), or gguf (each weight in the
@@ -126,6 +130,7 @@ class EngineConfig:
     strict_kernels: bool = False  # run every kernel task by task (reference path); slow
     npu: str = DEFAULT_NPU  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file
     npu_dtype: NpuDtype = "bf16"  # operand dtype the cost model assumes on the NPU
+    npu_weights: str = "auto"  # the decoder layers' GEMM weights in the NPU's HBM (NPU_WEIGHTS)
     npu_stack: str = NPU_STACKS[0]  # whose host and runtime overhead each step pays
     #   (npu_sim.host: per step, per launch, per request)
     npu_trace_dir: str | None = None  # write Perfetto timelines of the first steps here
@@ -146,6 +151,8 @@ class EngineConfig:
                  "must be at least 1")
         _require(self.npu_dtype in ("bf16", "fp16"), "npu_dtype", self.npu_dtype,
                  "must be bf16 or fp16")
+        _require(self.npu_weights in NPU_WEIGHTS, "npu_weights", self.npu_weights,
+                 f"must be one of {', '.join(NPU_WEIGHTS)}")
         _require(self.npu_trace_steps >= 1, "npu_trace_steps", self.npu_trace_steps,
                  "must be at least 1")
         _require(self.npu_stack in NPU_STACKS, "npu_stack", self.npu_stack,

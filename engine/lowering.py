@@ -26,6 +26,7 @@ launches.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from npu_sim.gemm_tiling import atb_tiling, search_tiling
 from npu_sim.hardware import ChipSpec
 from npu_sim.step_sums import SharedLaunches
 from npu_sim.tasks import (
+    NPU_WEIGHT_FORMATS,
     AttentionKernel,
     CollectiveKernel,
     CopyOp,
@@ -81,6 +83,15 @@ class LoweringPolicy:
     gemm: GemmPolicy = GemmPolicy.VIRTUAL
     attention: AttentionPolicy = AttentionPolicy.META
     gemm_buckets: tuple[int, ...] = GRAPH_BUCKETS  # for GemmPolicy.BUCKET, ascending
+    weights: str = "bf16"  # the decoder layers' GEMM weights in HBM (NPU_WEIGHT_FORMATS: bf16,
+    #   or weight-only w8a16 / w4a16, widened on chip)
+    lm_head_weights: str = "bf16"  # the LM head's
+
+    def __post_init__(self) -> None:
+        for name in ("weights", "lm_head_weights"):
+            if getattr(self, name) not in NPU_WEIGHT_FORMATS:
+                raise ValueError(f"{name} {getattr(self, name)!r}: not one of "
+                                 f"{NPU_WEIGHT_FORMATS}")
 
 
 DEFAULT_POLICY = LoweringPolicy()
@@ -173,7 +184,9 @@ def _dense_kernels(t: int, num_sampled: int, arch: ModelArch, chip: ChipSpec,
         pad, kernel = lower_gemm(name, m, n, k, chip, policy)
         if pad is not None:
             pads[name] = pad
-        return kernel
+        weights = policy.lm_head_weights if name == "lm_head" else policy.weights
+        # the tiling is the 16-bit GEMM's; the weights' format changes what it streams
+        return kernel if weights == "bf16" else dataclasses.replace(kernel, weights=weights)
 
     def vector(name: str, op: VectorOp, rows: int, row_len: int) -> VectorKernel:
         return VectorKernel(name=name, op=op, num_rows=rows, row_len=row_len,

@@ -24,7 +24,7 @@ import functools
 
 from engine.arch import ModelArch
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import CollectiveKernel, CollectiveOp
+from npu_sim.tasks import WEIGHT_QUANT, CollectiveKernel, CollectiveOp
 
 ACTIVATION_BYTES = 2  # bf16 / fp16 activations and logits on the wire
 
@@ -60,19 +60,35 @@ def all_gather(name: str, rows: int, cols_per_card: int, tp: int) -> CollectiveK
                             num_bytes=rows * cols_per_card * tp * ACTIVATION_BYTES, world_size=tp)
 
 
-def weight_bytes(arch: ModelArch, weight_dtype_bytes: int = 2) -> int:
-    """Bytes of the model's weights (engine.arch.ModelArch.num_params) in that dtype."""
-    return arch.num_params * weight_dtype_bytes
+def weight_bytes(arch: ModelArch, weight_dtype_bytes: int = 2, layer_weights: str = "bf16",
+                 lm_head_weights: str = "bf16") -> float:
+    """Bytes of the model's weights (engine.arch.ModelArch.num_params) in that dtype, the
+    decoder layers' and the LM head's GEMM weights in their NPU formats (npu_sim.tasks:
+    bf16, or weight-only w8a16 / w4a16 with their group scales)."""
+    h, d = arch.hidden_size, arch.head_dim
+    layer_gemms = arch.num_layers * h * ((arch.num_heads + 2 * arch.num_kv_heads) * d
+                                         + arch.num_heads * d + 3 * arch.intermediate_size)
+    head = 0 if arch.tie_word_embeddings else arch.vocab_size * h
+    rest = arch.num_params - layer_gemms - head  # embedding, norms, biases
+    return (rest * weight_dtype_bytes + layer_gemms * _per_weight(layer_weights, weight_dtype_bytes)
+            + head * _per_weight(lm_head_weights, weight_dtype_bytes))
+
+
+def _per_weight(weights: str, dtype_bytes: int) -> float:
+    quant = WEIGHT_QUANT.get(weights)
+    return dtype_bytes if quant is None else quant.bytes_per_weight
 
 
 def kv_pool_blocks(arch: ModelArch, chip: ChipSpec, block_size: int, tp: int = 1,
-                   memory_fraction: float = 0.9, kv_dtype_bytes: int = 2) -> int:
+                   memory_fraction: float = 0.9, kv_dtype_bytes: int = 2,
+                   layer_weights: str = "bf16") -> int:
     """KV blocks one card's pool holds: `memory_fraction` of its HBM, less its 1 / tp of the
-    weights, over the bytes a block of `block_size` tokens takes on the card (its 1 / tp of the
-    KV heads, every layer, K and V). The pools of a TP group hold the same tokens. ValueError
-    when the weights leave no room for a block."""
+    weights (the decoder layers' GEMM weights in `layer_weights`), over the bytes a block of
+    `block_size` tokens takes on the card (its 1 / tp of the KV heads, every layer, K and V).
+    The pools of a TP group hold the same tokens. ValueError when the weights leave no room
+    for a block."""
     card = shard_arch(arch, tp)
-    per_card = weight_bytes(arch) / tp
+    per_card = weight_bytes(arch, layer_weights=layer_weights) / tp
     free = chip.hbm_bytes * memory_fraction - per_card
     per_block = 2 * arch.num_layers * card.num_kv_heads * arch.head_dim * kv_dtype_bytes
     blocks = int(free // (per_block * block_size))

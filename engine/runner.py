@@ -18,7 +18,7 @@ import torch
 
 from engine import platform
 from engine.config import EngineConfig
-from engine.lowering import lower_step
+from engine.lowering import LoweringPolicy, lower_step
 from engine.models.llama import LlamaModel, StepInputs
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import (
@@ -53,7 +53,8 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
     fast = platform.choose_fast_path(config, loaded.arch, _ships_blocks(loaded))
     num_kv_blocks = platform.num_kv_blocks(config.cache, loaded.arch, fast.kv_cache_dtype)
     block_size = config.cache.block_size
-    runner = ModelRunner(loaded, fast, device, num_kv_blocks, block_size, config.seed)
+    runner = ModelRunner(loaded, fast, device, num_kv_blocks, block_size, config.seed,
+                         config.npu_weights)
     spec = config.speculative_config
     if spec.enabled:
         from engine.spec.factory import build_drafter
@@ -65,11 +66,12 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
     platform.release_freed_memory()
     dtype_name = str(fast.dtype).removeprefix("torch.")
     logger.info("engine ready: %s, %s activations, %s weights (%s), %s KV cache, on CPU; "
-                "simulated %s (%s, %s stack); KV cache %d blocks x %d tokens = %d tokens",
+                "simulated %s (%s, %s weights, LM head %s, %s stack); KV cache %d blocks x %d "
+                "tokens = %d tokens",
                 loaded.name, dtype_name, "+".join(sorted(runner.model.weight_formats)),
                 fast.reason, str(fast.kv_cache_dtype).removeprefix("torch."), device.chip.name,
-                config.npu_dtype, config.npu_stack, num_kv_blocks, block_size,
-                num_kv_blocks * block_size)
+                config.npu_dtype, runner.lowering.weights, runner.lowering.lm_head_weights,
+                config.npu_stack, num_kv_blocks, block_size, num_kv_blocks * block_size)
     info = EngineInfo(
         model_name=loaded.name, model_path=str(loaded.path), arch=loaded.arch,
         tokenizer=loaded.tokenizer,
@@ -92,12 +94,19 @@ class ModelRunner:
     """Owns the model weights, the paged KV cache tensors, the device and the sampler."""
 
     def __init__(self, loaded: LoadedModel, fast: platform.FastPath, device: Device,
-                 num_kv_blocks: int, block_size: int, seed: int) -> None:
-        """fast: the activation dtype, weight format and KV-cache dtype (engine.platform).
+                 num_kv_blocks: int, block_size: int, seed: int,
+                 npu_weights: str = "auto") -> None:
+        """fast: the activation dtype, weight format and KV-cache dtype (engine.platform);
+        npu_weights: how the NPU model holds the GEMM weights (EngineConfig.npu_weights).
         With speculative decoding, `attach_drafter` gives the drafter before the first step
         (a draft model runs on this runner's device)."""
         self.device = device
         self.model = LlamaModel(loaded, fast.dtype, device, fast.weight_format)
+        # The NPU model streams the GEMM weights as served (auto) or as asked (layers only)
+        self.lowering = LoweringPolicy(
+            weights=_npu_weights(npu_weights, self.model.layers[0].qkv),
+            lm_head_weights=_npu_weights(npu_weights, self.model.lm_head)
+            if npu_weights == "auto" else "bf16")
         self.arch = loaded.arch
         self.block_size = block_size
         shape = (self.arch.num_layers, num_kv_blocks, block_size, self.arch.num_kv_heads,
@@ -168,7 +177,7 @@ class ModelRunner:
         chunks = scheduler_output.chunks
         inputs = self._step_inputs(scheduler_output)
         plan = lower_step(chunks, len(inputs.sample_rows), self.arch, self.device.chip,
-                          self.block_size)
+                          self.block_size, self.lowering)
         return self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers)
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
@@ -286,3 +295,14 @@ class ModelRunner:
             slot_mapping=torch.from_numpy(np.concatenate(slots)),
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64),
         )
+
+
+# The NPU's weight-only formats of the CPU's GGUF blocks (npu_sim.tasks.WEIGHT_QUANT)
+_NPU_WEIGHTS_OF = {"q4_1": "w4a16", "q8_0": "w8a16"}
+
+
+def _npu_weights(choice: str, weight: object) -> str:
+    """EngineConfig.npu_weights for one served GEMM weight: auto follows its CPU format."""
+    if choice != "auto":
+        return choice
+    return _NPU_WEIGHTS_OF.get(getattr(weight, "weight_format", ""), "bf16")

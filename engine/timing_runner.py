@@ -67,7 +67,8 @@ def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
     block_size = config.cache.block_size
     shard_arch(arch, tensor_parallel_size)  # heads and MLP must divide (ValueError)
     num_kv_blocks = config.cache.num_kv_blocks or kv_pool_blocks(
-        arch, chip, block_size, tensor_parallel_size, memory_fraction=1.0 - kv_reserve_fraction)
+        arch, chip, block_size, tensor_parallel_size, memory_fraction=1.0 - kv_reserve_fraction,
+        layer_weights=lowering.weights)
     device = Device(chip, compute=False, dtype=config.npu_dtype, stack=config.npu_stack,
                     timeline=config.npu_trace_dir is not None)
     runner = TimingRunner(arch, device, block_size, acceptance_rate, config.seed,

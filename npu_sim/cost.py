@@ -25,6 +25,10 @@ Assumptions, in one place (numbers come from ChipSpec, whose comments cite them)
   HBM traffic = A * ceil(N / Nb) + B * ceil(M / Mb) for the best L2 block (Mb + Nb rows of K
   fitting in half the L2; the other half holds outputs and everyone else's data). Each task's MTE2
   then runs at the byte-weighted mix of the per-core HBM and L2 rates.
+- Weight-only quantized GEMM (W8A16, W4A16: GemmKernel.weights): the weights stream from HBM as
+  integers with their group scales (fewer bytes: what a decode step, bound by the weight stream,
+  gains), and the AIC's AIVs widen each chunk (ANTIQUANT_PASSES vector passes a weight) into a
+  16-bit tile handed to the cube through L2: a mix task, the slower of the two pipelines.
 - Vector task: GM->UB, compute in fp32 (vector_lanes / 2 elements per cycle per pass), UB->GM.
   Consecutive tasks on a core overlap through double-buffered queues: each task costs its slowest
   stage, and each core pays one task's fill and drain. All vector traffic is HBM traffic
@@ -66,17 +70,22 @@ from npu_sim.cost_attention import (
 from npu_sim.cost_mask import mask_cost
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import (
+    WEIGHT_QUANT,
     AttentionKernel,
     CopyOp,
     GemmKernel,
     TileShape,
     VectorKernel,
     VectorOp,
+    WeightQuant,
 )
 from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk, gemm_l1_depth
 
 L2_SHARE = 0.5  # fraction of L2 one kernel's operand reuse may count on (see the docstring)
 COMBINE_OPS = 3.0  # per partial output element: weight by exp(lse - max), accumulate
+# Vector passes that widen one weight (AscendC antiquant): int8 cast and scale; int4 cast, offset
+# and scale.
+ANTIQUANT_PASSES = {8: 2, 4: 3}
 
 # Vector ops: (input elements, output elements, fp32 vector passes) per row element, and input
 # elements read once per task (the norm weight). ROPE's cos/sin rows (2 x head_dim per token,
@@ -193,6 +202,10 @@ class CostModel:
         total = float(mte2_bytes.sum())
         hbm_read = min(total, self.gemm_hbm_traffic(k.m, k.n, k.k, k.menu))
         partial = t["k_split"] >= 0  # split-K: an fp32 partial to the workspace (L2)
+        quant = WEIGHT_QUANT.get(k.weights)
+        if quant is not None:
+            return self._quantized_gemm(k, quant, tm, tn, tk, fit, k_len, rows, cols, partial,
+                                        hbm_read / total)
         g = self.gemm_terms(tm, tn, tk, fit, k_len, rows, cols, partial, mte2_bytes,
                             self._mte2_inv_rate(hbm_read / total))
         useful = float((k.valid_rows() * t["n_cols"] * t["k_len"]).sum())
@@ -204,6 +217,47 @@ class CostModel:
             hbm_read_bytes=hbm_read, hbm_write_bytes=float(g.out_bytes[~partial].sum()),
             l2_bytes=total - hbm_read + float(g.out_bytes[partial].sum()), flops=2.0 * useful,
             cube_macs=issued, useful_cube_macs=useful, pipeline="gemm")
+
+    def _quantized_gemm(self, k: GemmKernel, quant: WeightQuant, tm: np.ndarray, tn: np.ndarray,
+                        tk: np.ndarray, fit: np.ndarray, k_len: np.ndarray, rows: np.ndarray,
+                        cols: np.ndarray, partial: np.ndarray, hbm_fraction: float) -> TaskCosts:
+        """A GEMM whose weights lie in HBM weight-only quantized (W8A16 / W4A16), as the
+        910B's weight-quant matmul runs it: the AIC's AIVs read each chunk's integers and scales,
+        widen them to the operand dtype (ANTIQUANT_PASSES vector passes) and hand the tile to the
+        cube through L2; the cube multiplies as for 16-bit weights. Both pipelines run chunk by
+        chunk, so a task takes the slower of the two plus the first chunk's widening. HBM and
+        L2 shares are those of the 16-bit GEMM's blocking (the same tiles, the same re-reads)."""
+        c, b = self.chip, self.bytes
+        a_bytes = rows * k_len * b
+        weights = cols * k_len  # weights each task multiplies
+        # AIC: A as the 16-bit GEMM reads it, the widened weights from L2
+        mte2_bytes = a_bytes + weights * b
+        mte2_inv_rate = (a_bytes * self._mte2_inv_rate(hbm_fraction)
+                         + weights * b / c.mte2_l2_bytes_per_cycle) / mte2_bytes
+        g = self.gemm_terms(tm, tn, tk, fit, k_len, rows, cols, partial, mte2_bytes,
+                            mte2_inv_rate)
+        # AIVs (self.aivs per AIC share the tile): integers in, widened weights out to L2
+        quant_bytes = weights * quant.bytes_per_weight
+        read = quant_bytes * self._mte2_inv_rate(hbm_fraction, aiv=True) / self.aivs
+        widen = weights * ANTIQUANT_PASSES[quant.bits] / c.vector_lanes / self.aivs
+        write = weights * b / c.mte3_bytes_per_cycle / self.aivs
+        steady = np.maximum(np.maximum(read, widen), write)
+        first_chunk = (read + widen + write) / g.chunks  # before the cube has a tile
+        cycles = first_chunk + np.maximum(g.cycles, c.task_dispatch_cycles + steady)
+        useful = float((k.valid_rows() * k.tasks["n_cols"] * k.tasks["k_len"]).sum())
+        streamed = float((a_bytes + quant_bytes).sum())
+        widened = float(weights.sum()) * b  # written to L2 by the AIVs, read by the AIC
+        return TaskCosts(
+            unit=Unit.MIX, cycles=cycles,
+            core_overhead_cycles=c.gm_latency_cycles + float(g.overlapped_fix.max()),
+            cube_active_cycles=float((g.cube * g.chunks).sum()),
+            vector_active_cycles=float(widen.sum()) * self.aivs,
+            hbm_read_bytes=hbm_fraction * streamed,
+            hbm_write_bytes=float(g.out_bytes[~partial].sum()),
+            l2_bytes=(1.0 - hbm_fraction) * streamed + 2.0 * widened
+            + float(g.out_bytes[partial].sum()),
+            flops=2.0 * useful, cube_macs=float((tm * tn * g.kc * g.chunks).sum()),
+            useful_cube_macs=useful, pipeline=f"gemm-{k.weights}")
 
     def gemm_terms(self, tm: np.ndarray, tn: np.ndarray, tk: np.ndarray, fit: np.ndarray,
                    k_len: np.ndarray, rows: np.ndarray, cols: np.ndarray, partial: np.ndarray,

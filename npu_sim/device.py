@@ -489,7 +489,7 @@ def _shape_key(kernel: Kernel) -> tuple[Any, ...] | None:
     hence the table, alive, and a hit checks it is the very same table)."""
     if isinstance(kernel, GemmKernel):
         return ("gemm", kernel.name, kernel.m, kernel.n, kernel.k, kernel.valid_m, kernel.menu,
-                id(kernel.tasks))
+                kernel.weights, id(kernel.tasks))
     if isinstance(kernel, VectorKernel):
         return ("vector", kernel.name, kernel.op, kernel.num_rows, kernel.row_len,
                 kernel.valid_rows, id(kernel.tasks))

@@ -147,6 +147,28 @@ class VectorKernel:
     #   filled); None = num_rows
 
 
+@dataclass(frozen=True)
+class WeightQuant:
+    """A weight-only quantized GEMM weight format (W8A16, W4A16): integers with an fp16 scale
+    (and offset) per group of weights along K, widened to the activations' dtype on chip."""
+
+    bits: int  # bits per weight
+    group_len: int  # weights along K sharing a scale
+    scale_bytes: int  # per group: fp16 scale (2), plus an fp16 offset (4 in all) if asymmetric
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return self.bits / 8 + self.scale_bytes / self.group_len
+
+
+# GemmKernel.weights other than the operand dtype: the GGUF blocks the default model ships,
+# Q8_0 (int8, one scale per 32) and Q4_1 (uint4, scale and offset per 32), kept on the NPU as
+# W8A16 / W4A16 (npu_sim.cost prices their HBM bytes and the AIVs' dequantization).
+WEIGHT_QUANT = {"w8a16": WeightQuant(bits=8, group_len=32, scale_bytes=2),
+                "w4a16": WeightQuant(bits=4, group_len=32, scale_bytes=4)}
+NPU_WEIGHT_FORMATS = ("bf16", *WEIGHT_QUANT)
+
+
 @dataclass(frozen=True, eq=False)
 class GemmKernel:
     """`out[M, N] = x[M, K] @ w[N, K]^T (+ bias)` tiled by fixed menu shapes."""
@@ -162,6 +184,8 @@ class GemmKernel:
     #   physically padded bucket (rows valid_m..m are zeros in memory); None = all m rows real
     split_k: int = 1  # K slices (workspace partials); 1 = no split-K
     reduce_tasks: np.ndarray | None = None  # GEMM_REDUCE_TASK (num,), when split_k > 1
+    weights: str = "bf16"  # how w lies in HBM: the operand dtype, or a weight-only quantized
+    #   format of WEIGHT_QUANT (dequantized on chip: npu_sim.cost)
 
     def valid_rows(self) -> np.ndarray:
         """Real token rows of each task (its m_rows minus physically padded rows)."""

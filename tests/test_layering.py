@@ -69,15 +69,16 @@ def test_benchmarks_reach_the_server_over_http_only() -> None:
 
 def test_npu_names_the_engine_keeps_match_the_simulator() -> None:
     """The engine names the default chip and the primitives as plain strings (to stay pure)."""
-    from engine.config import DEFAULT_NPU, NPU_STACKS
+    from engine.config import DEFAULT_NPU, NPU_STACKS, NPU_WEIGHTS
     from engine.stats import NPU_PRIMITIVES
     from npu_sim.hardware import PRESETS
     from npu_sim.host import DEFAULT_STACK, STACKS
-    from npu_sim.tasks import Primitive
+    from npu_sim.tasks import NPU_WEIGHT_FORMATS, Primitive
 
     assert DEFAULT_NPU in PRESETS
     assert set(NPU_PRIMITIVES) == {p.value for p in Primitive}
     assert set(NPU_STACKS) == set(STACKS) and NPU_STACKS[0] == DEFAULT_STACK
+    assert ("auto", *NPU_WEIGHT_FORMATS) == NPU_WEIGHTS
 
 
 def test_bench_default_url_is_the_servers() -> None:

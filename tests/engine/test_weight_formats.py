@@ -42,3 +42,16 @@ def test_bf16_weights_stay_close(tiny_llama_dir: pathlib.Path) -> None:
 def test_gguf_needs_a_gguf_source(tiny_llama_dir: pathlib.Path) -> None:
     with pytest.raises(ValueError, match="does not ship GGUF blocks"):
         LLM(model=str(tiny_llama_dir), weight_format="gguf", num_kv_blocks=8, block_size=16)
+
+
+@pytest.mark.skipif(native.lib() is None, reason="the packed formats need the C kernels")
+def test_the_npu_model_streams_the_weights_as_served(tiny_q4_gguf_path: pathlib.Path,
+                                                     tiny_llama_dir: pathlib.Path) -> None:
+    def lowering(model: pathlib.Path, **options: str) -> tuple[str, str]:
+        llm = LLM(model=str(model), dtype="float32", num_kv_blocks=8, block_size=16, **options)
+        policy = llm.engine.runner.lowering
+        return policy.weights, policy.lm_head_weights
+
+    assert lowering(tiny_q4_gguf_path, weight_format="gguf")[0] == "w4a16"  # Q4_1 blocks
+    assert lowering(tiny_llama_dir, weight_format="fp32") == ("bf16", "bf16")
+    assert lowering(tiny_llama_dir, npu_weights="w8a16") == ("w8a16", "bf16")  # layers only
