@@ -259,22 +259,19 @@ class Device:
         `num_requests` requests (the stack's per-request host time); with the launches in order
         (`StepTrace.kernels`) only where the device keeps timelines."""
         c = self.chip
-        per_kernel: dict[int, list[Any]] = {}  # each distinct kernel timed once
-        for kernel in self._launches:
-            entry = per_kernel.get(id(kernel))
-            if entry is None:
-                per_kernel[id(kernel)] = [kernel, 1]
-            else:
-                entry[1] += 1
-        timings = {key: self._timing(kernel) for key, (kernel, _) in per_kernel.items()}
+        # each distinct kernel timed once (counted in C: a step is a few hundred launches)
+        ids = list(map(id, self._launches))
+        per_kernel = Counter(ids)  # in order of first launch
+        kernels = dict(zip(ids, self._launches, strict=True))
+        timings = {key: self._timing(kernels[key]) for key in per_kernel}
         args = (c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
                 c.num_vector_cores, c.peak_flops(self.cost_model.dtype))
         if self.timeline:
-            trace = build_step_trace(*args, [timings[id(kernel)] for kernel in self._launches])
+            trace = build_step_trace(*args, [timings[key] for key in ids])
         else:
             # per timing, as build_step_trace counts (kernels of one shape share a timing)
             counts: dict[int, list[Any]] = {}
-            for key, (_, n) in per_kernel.items():
+            for key, n in per_kernel.items():
                 timing = timings[key]
                 entry = counts.get(id(timing))
                 if entry is None:
