@@ -38,7 +38,7 @@ from engine.lowering import (
 from npu_sim.device import Device
 from npu_sim.gemm_tiling import atb_tiling
 from npu_sim.hardware import ChipSpec, load_chip
-from npu_sim.tasks import AttentionKernel, GemmKernel
+from npu_sim.tasks import NPU_WEIGHT_FORMATS, AttentionKernel, GemmKernel
 from npu_sim.trace import KernelTiming
 
 BLOCK_SIZE = 128  # KV-cache block size of the fake block tables (the engine's default)
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(M padded to a static bucket by a copy kernel, ATB tiling); atb: "
                         "torch.mm (ATB pp_matmul's tiling of the real M, what the calibration "
                         "rows CK1-CK3 ran) (default: %(default)s)")
+    g.add_argument("--weights", default="bf16", choices=NPU_WEIGHT_FORMATS,
+                   help="w in HBM: bf16, or weight-only w8a16 / w4a16 (integers with group "
+                        "scales, widened on the AIVs) (default: %(default)s)")
     _common(g)
     a = sub.add_parser("attention", help="one step's attention over a batch of sequences")
     a.add_argument("--query-lens", required=True, metavar="Q[,Q...]",
@@ -127,8 +130,11 @@ def time_gemm(args: argparse.Namespace, chip: ChipSpec, device: Device) -> dict[
     else:
         pad, gemm = lower_gemm("gemm", m, n, k, chip, LoweringPolicy(gemm=GemmPolicy(args.policy)))
         kernels = [kk for kk in (pad, gemm) if kk is not None]
+    kernels = [dataclasses.replace(kk, weights=args.weights) if isinstance(kk, GemmKernel)
+               else kk for kk in kernels]
     return report([device.time(kk) for kk in kernels], chip,
-                  {"kernel": "gemm", "policy": args.policy, "m": m, "n": n, "k": k})
+                  {"kernel": "gemm", "policy": args.policy, "weights": args.weights, "m": m,
+                   "n": n, "k": k})
 
 
 def _lengths(text: str, flag: str, minimum: int) -> list[int]:
@@ -172,7 +178,8 @@ def time_attention(args: argparse.Namespace, chip: ChipSpec, device: Device) -> 
 
 
 def _text(r: dict[str, Any]) -> str:
-    lines = [f"{r['kernel']} ({r['policy']}) on {r['npu']}: {r['time_us']:.2f} us, "
+    how = r["policy"] + (f", {r['weights']} weights" if r.get("weights", "bf16") != "bf16" else "")
+    lines = [f"{r['kernel']} ({how}) on {r['npu']}: {r['time_us']:.2f} us, "
              f"{r['tflops']:.1f} TFLOPS, {r['hbm_bytes'] / 1e6:.3f} MB HBM, "
              f"{r['num_tasks']} tasks, {r['num_waves']} waves"]
     for launch in r["launches"]:

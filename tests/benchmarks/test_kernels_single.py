@@ -27,6 +27,14 @@ def test_gemm_json_fields_and_flops(capsys: pytest.CaptureFixture[str]) -> None:
     assert r["hbm_bytes"] >= 3 * 4096 * 4096 * 2
 
 
+def test_w4a16_weights_read_a_third_of_the_bytes_in_a_decode_gemv(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    shape = ("gemm", "--m", "1", "--n", "11008", "--k", "4096")
+    bf16, w4 = run_json(capsys, *shape), run_json(capsys, *shape, "--weights", "w4a16")
+    assert w4["weights"] == "w4a16" and w4["hbm_bytes"] < 0.35 * bf16["hbm_bytes"]
+    assert w4["time_us"] < 0.7 * bf16["time_us"]
+
+
 def test_atb_policy_is_torch_mm_and_counts_waves(capsys: pytest.CaptureFixture[str]) -> None:
     r = run_json(capsys, "gemm", "--m", "1024", "--n", "1024", "--k", "1024", "--policy", "atb")
     # ATB's 128 x 256 tiles: 8 x 4 = 32 tasks, two waves of 24 AICs
