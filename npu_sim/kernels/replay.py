@@ -144,11 +144,13 @@ class LayerStack:
         residual stream is in step.residual), or None, having touched nothing, where the step
         is not one the C kernels alone run (then launch layer by layer)."""
         t, m = len(step.residual), self._dims
-        if (self._max_rows is not None and t > self._max_rows) or not _fp32_rows(
-                step.residual, step.x, step.cos, step.sin):
+        slots = step.slot_mapping
+        if ((self._max_rows is not None and t > self._max_rows)
+                or not _fp32_rows(step.residual, step.x, step.cos, step.sin)
+                or slots.dtype != torch.int64 or not slots.is_contiguous()):
             return None
         plan = native_plan(attention, t, self._support)
-        if plan is None or (plan.chunks and not self._support[1]):
+        if plan is None:
             return None
         m.scale = attention.scale
         qkv_n = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
@@ -156,7 +158,7 @@ class LayerStack:
                                              2 * m.inter, m.inter, m.hidden)]
         s = _Step(num_tokens=t, residual=step.residual.data_ptr(), x=step.x.data_ptr(),
                   cos=step.cos.data_ptr(), sin=step.sin.data_ptr(),
-                  slots=step.slot_mapping.data_ptr(), num_threads=torch.get_num_threads(),
+                  slots=slots.data_ptr(), num_threads=torch.get_num_threads(),
                   gemm_flags=_BF16_ACTIVATIONS)
         s.qkv, s.attn, s.o, s.gate_up, s.act, s.down = (b.data_ptr() for b in bufs)
         if plan.decodes is not None:
