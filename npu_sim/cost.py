@@ -261,12 +261,13 @@ class CostModel:
 
     def gemm_terms(self, tm: np.ndarray, tn: np.ndarray, tk: np.ndarray, fit: np.ndarray,
                    k_len: np.ndarray, rows: np.ndarray, cols: np.ndarray, partial: np.ndarray,
-                   mte2_bytes: np.ndarray, mte2_inv_rate: float) -> GemmTerms:
+                   mte2_bytes: np.ndarray, mte2_inv_rate: float | np.ndarray) -> GemmTerms:
         """The per-task terms of GEMM tasks (float64 arrays of any one shape, elementwise: the
         same values for a task whichever other tasks are costed with it): tm, tn, tk of its
         tile, fit its tile's GM->L1 depth (npu_sim.tiling.gemm_l1_depth), k_len its K, rows and
         cols its valid rows and columns, partial whether it writes a split-K partial,
-        mte2_bytes the bytes its MTE2 reads; mte2_inv_rate the launch's cycles per MTE2 byte."""
+        mte2_bytes the bytes its MTE2 reads; mte2_inv_rate the launch's cycles per MTE2 byte
+        (or each task's)."""
         c, b = self.chip, self.bytes
         depth = np.minimum(fit, np.ceil(k_len / tk) * tk)
         chunks = np.ceil(k_len / depth)
