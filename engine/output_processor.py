@@ -100,7 +100,7 @@ class OutputProcessor:
             if state.first_scheduled_s is None:
                 state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
-            num_known_tokens = len(chunk.token_ids) - len(chunk.draft_parents)
+            num_known_tokens = chunk.num_known_tokens
             if not (num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
                 stats.num_prompt_tokens += num_known_tokens
         stats.num_preempted = len(scheduler_output.preempted_ids)

@@ -203,26 +203,33 @@ class CostModel:
         hbm_read = min(total, self.gemm_hbm_traffic(k.m, k.n, k.k, k.menu))
         partial = t["k_split"] >= 0  # split-K: an fp32 partial to the workspace (L2)
         quant = WEIGHT_QUANT.get(k.weights)
-        if quant is not None:
-            return self._quantized_gemm(k, quant, tm, tn, tk, fit, k_len, rows, cols, partial,
-                                        hbm_read / total)
-        g = self.gemm_terms(tm, tn, tk, fit, k_len, rows, cols, partial, mte2_bytes,
-                            self._mte2_inv_rate(hbm_read / total))
+        if quant is None:
+            g = self.gemm_terms(tm, tn, tk, fit, k_len, rows, cols, partial, mte2_bytes,
+                                self._mte2_inv_rate(hbm_read / total))
+            cycles, unit, vector_active, l2_read = g.cycles, Unit.AIC, 0.0, total - hbm_read
+        else:
+            g, cycles, vector_active, hbm_read, l2_read = self._quantized_terms(
+                quant, tm, tn, tk, fit, k_len, rows, cols, partial, hbm_read / total)
+            unit = Unit.MIX
         useful = float((k.valid_rows() * t["n_cols"] * t["k_len"]).sum())
         issued = float((tm * tn * g.kc * g.chunks).sum())
         return TaskCosts(
-            unit=Unit.AIC, cycles=g.cycles,
+            unit=unit, cycles=cycles,
             core_overhead_cycles=c.gm_latency_cycles + float(g.overlapped_fix.max()),
-            cube_active_cycles=float((g.cube * g.chunks).sum()), vector_active_cycles=0.0,
-            hbm_read_bytes=hbm_read, hbm_write_bytes=float(g.out_bytes[~partial].sum()),
-            l2_bytes=total - hbm_read + float(g.out_bytes[partial].sum()), flops=2.0 * useful,
-            cube_macs=issued, useful_cube_macs=useful, pipeline="gemm")
+            cube_active_cycles=float((g.cube * g.chunks).sum()),
+            vector_active_cycles=vector_active, hbm_read_bytes=hbm_read,
+            hbm_write_bytes=float(g.out_bytes[~partial].sum()),
+            l2_bytes=l2_read + float(g.out_bytes[partial].sum()), flops=2.0 * useful,
+            cube_macs=issued, useful_cube_macs=useful,
+            pipeline="gemm" if quant is None else f"gemm-{k.weights}")
 
-    def _quantized_gemm(self, k: GemmKernel, quant: WeightQuant, tm: np.ndarray, tn: np.ndarray,
-                        tk: np.ndarray, fit: np.ndarray, k_len: np.ndarray, rows: np.ndarray,
-                        cols: np.ndarray, partial: np.ndarray, hbm_fraction: float) -> TaskCosts:
-        """A GEMM whose weights lie in HBM weight-only quantized (W8A16 / W4A16), as the
-        910B's weight-quant matmul runs it: the AIC's AIVs read each chunk's integers and scales,
+    def _quantized_terms(self, quant: WeightQuant, tm: np.ndarray, tn: np.ndarray,
+                         tk: np.ndarray, fit: np.ndarray, k_len: np.ndarray, rows: np.ndarray,
+                         cols: np.ndarray, partial: np.ndarray, hbm_fraction: float,
+                         ) -> tuple[GemmTerms, np.ndarray, float, float, float]:
+        """(cube terms, task cycles, vector active cycles, HBM read bytes, L2 read bytes) of
+        GEMM tasks whose weights lie in HBM weight-only quantized (W8A16 / W4A16), as the 910B's
+        weight-quant matmul runs them: the AIC's AIVs read each chunk's integers and scales,
         widen them to the operand dtype (ANTIQUANT_PASSES vector passes) and hand the tile to the
         cube through L2; the cube multiplies as for 16-bit weights. Both pipelines run chunk by
         chunk, so a task takes the slower of the two plus the first chunk's widening. HBM and
@@ -244,20 +251,10 @@ class CostModel:
         steady = np.maximum(np.maximum(read, widen), write)
         first_chunk = (read + widen + write) / g.chunks  # before the cube has a tile
         cycles = first_chunk + np.maximum(g.cycles, c.task_dispatch_cycles + steady)
-        useful = float((k.valid_rows() * k.tasks["n_cols"] * k.tasks["k_len"]).sum())
         streamed = float((a_bytes + quant_bytes).sum())
         widened = float(weights.sum()) * b  # written to L2 by the AIVs, read by the AIC
-        return TaskCosts(
-            unit=Unit.MIX, cycles=cycles,
-            core_overhead_cycles=c.gm_latency_cycles + float(g.overlapped_fix.max()),
-            cube_active_cycles=float((g.cube * g.chunks).sum()),
-            vector_active_cycles=float(widen.sum()) * self.aivs,
-            hbm_read_bytes=hbm_fraction * streamed,
-            hbm_write_bytes=float(g.out_bytes[~partial].sum()),
-            l2_bytes=(1.0 - hbm_fraction) * streamed + 2.0 * widened
-            + float(g.out_bytes[partial].sum()),
-            flops=2.0 * useful, cube_macs=float((tm * tn * g.kc * g.chunks).sum()),
-            useful_cube_macs=useful, pipeline=f"gemm-{k.weights}")
+        return (g, cycles, float(widen.sum()) * self.aivs, hbm_fraction * streamed,
+                (1.0 - hbm_fraction) * streamed + 2.0 * widened)
 
     def gemm_terms(self, tm: np.ndarray, tn: np.ndarray, tk: np.ndarray, fit: np.ndarray,
                    k_len: np.ndarray, rows: np.ndarray, cols: np.ndarray, partial: np.ndarray,

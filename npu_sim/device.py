@@ -54,7 +54,6 @@ from npu_sim.trace import (
     KernelTiming,
     StepTrace,
     build_step_trace,
-    count_step_trace,
     summed_step_trace,
 )
 
@@ -181,8 +180,7 @@ class Device:
             raise TypeError(f"not a kernel: {kind.__name__}")
         run = self._runs.get(kind)
         out = run(kernel, self.strict, **operands) if run is not None else None
-        self.num_launches[kernel.primitive] += 1
-        self.num_tasks[kernel.primitive] += _TASK_COUNTS[kind](kernel)
+        self._count(kernel, 1)
         if len(self._launches) >= _MAX_OPEN_LAUNCHES:
             self.begin_step()
         self._launches.append(kernel)
@@ -202,13 +200,17 @@ class Device:
             return None
         for kernels, times in launches:
             for kernel in kernels:
-                self.num_launches[kernel.primitive] += times
-                self.num_tasks[kernel.primitive] += times * _TASK_COUNTS[type(kernel)](kernel)
+                self._count(kernel, times)
         recorded = [kernel for kernels, times in launches for kernel in kernels * times]
         if len(self._launches) + len(recorded) > _MAX_OPEN_LAUNCHES:
             self.begin_step()
         self._launches += recorded
         return out
+
+    def _count(self, kernel: Kernel, times: int) -> None:
+        """Count `times` launches of `kernel` (and its tasks)."""
+        self.num_launches[kernel.primitive] += times
+        self.num_tasks[kernel.primitive] += times * _TASK_COUNTS[type(kernel)](kernel)
 
     @property
     def last_timing(self) -> KernelTiming | None:
@@ -264,21 +266,11 @@ class Device:
         per_kernel = Counter(ids)  # in order of first launch
         kernels = dict(zip(ids, self._launches, strict=True))
         timings = {key: self._timing(kernels[key]) for key in per_kernel}
-        args = (c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
-                c.num_vector_cores, c.peak_flops(self.cost_model.dtype))
-        if self.timeline:
-            trace = build_step_trace(*args, [timings[key] for key in ids])
-        else:
-            # per timing, as build_step_trace counts (kernels of one shape share a timing)
-            counts: dict[int, list[Any]] = {}
-            for key, n in per_kernel.items():
-                timing = timings[key]
-                entry = counts.get(id(timing))
-                if entry is None:
-                    counts[id(timing)] = [timing, n]
-                else:
-                    entry[1] += n
-            trace = count_step_trace(*args, counts.values())
+        trace = build_step_trace(
+            c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores, c.num_vector_cores,
+            c.peak_flops(self.cost_model.dtype),
+            ((timings[key], n) for key, n in per_kernel.items()),
+            [timings[key] for key in ids] if self.timeline else ())
         self.total_sim_s += trace.sim_s
         self.begin_step()
         return trace

@@ -110,19 +110,21 @@ class StepTrace:
 
 def build_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_requests: int,
                      num_cube_cores: int, num_vector_cores: int, peak_flops: float,
-                     launches: list[KernelTiming]) -> StepTrace:
-    """Aggregate a step's launches, in order (each distinct timing summed once, times its
-    count; the trace keeps them for timelines) and put the device time behind the stack's host
-    time for `num_requests` requests."""
-    counts: dict[int, list[Any]] = {}
-    for timing in launches:
-        entry = counts.get(id(timing))
+                     counts: Iterable[tuple[KernelTiming, int]],
+                     launches: Sequence[KernelTiming] = ()) -> StepTrace:
+    """Aggregate a step's launches, given as (timing, times launched) in order of first launch,
+    a timing possibly in several pairs (kernels of one shape share one): each distinct timing
+    summed once, times its count, and the device time put behind the stack's host time for
+    `num_requests` requests. `launches`, every launch in order, feed the timeline only."""
+    merged: dict[int, list[Any]] = {}
+    for timing, n in counts:
+        entry = merged.get(id(timing))
         if entry is None:
-            counts[id(timing)] = [timing, 1]
+            merged[id(timing)] = [timing, n]
         else:
-            entry[1] += 1
+            entry[1] += n
     return count_step_trace(chip_name, clock_hz, host, num_requests, num_cube_cores,
-                            num_vector_cores, peak_flops, counts.values(), launches)
+                            num_vector_cores, peak_flops, merged.values(), launches)
 
 
 def count_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_requests: int,
