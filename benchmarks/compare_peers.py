@@ -244,6 +244,9 @@ def main() -> int:
     parser.add_argument("--skip-apc", action="store_true")
     parser.add_argument("--mixed-budget", type=int, default=None,
                         help="token budget of the mixed-load runs (default: the engine's)")
+    parser.add_argument("--mixed-prefill-budget", type=int, default=None,
+                        help="token_budget's prefill cap beside decodes in the mixed-load runs "
+                             "(default: the engine's)")
     parser.add_argument("--mixed-runs", type=int, default=2, help="mixed-load runs per policy")
     parser.add_argument("--apc-rate", type=float, default=1.5,
                         help="Poisson arrival rate (req/s) of the prefix caching on/off runs")
@@ -309,13 +312,18 @@ def main() -> int:
         budget = args.mixed_budget or SchedulerConfig().max_num_batched_tokens
         data["mixed"] = {}
         scale = 0.25 if args.quick else 1.0
+        cap = args.mixed_prefill_budget or SchedulerConfig().mixed_prefill_budget
         for policy in ("token_budget", "prefill_first"):
-            spec = xyserve_spec(args.model, "float32", "--scheduling-policy", policy,
-                                "--max-num-batched-tokens", str(budget), name=f"mixed-{policy}")
+            flags = ["--scheduling-policy", policy, "--max-num-batched-tokens", str(budget)]
+            label = str(budget)
+            if policy == "token_budget" and cap is not None:  # (prefill_first never mixes)
+                flags += ["--mixed-prefill-budget", str(cap)]
+                label += f", {cap} beside decodes"
+            spec = xyserve_spec(args.model, "float32", *flags, name=f"mixed-{policy}")
             with spec.start(log_dir) as server:
                 for run in range(1, args.mixed_runs + 1):
-                    print(f"mixed load: {policy}, budget {budget}, run {run} ...", flush=True)
-                    data["mixed"][f"{policy}@{budget}@{run}"] = mixed_load(
+                    print(f"mixed load: {policy}, budget {label}, run {run} ...", flush=True)
+                    data["mixed"][f"{policy}@{label}@{run}"] = mixed_load(
                         server, tokenizer, scale, run)
 
     if not args.skip_apc:

@@ -70,6 +70,11 @@ def add_scheduler_arguments(p: argparse.ArgumentParser,
     e.add_argument("--max-num-batched-tokens", type=int,
                    default=config_default(SchedulerConfig, "max_num_batched_tokens"),
                    help="token budget per engine step (default: %(default)s)")
+    mixed_prefill_budget = config_default(SchedulerConfig, "mixed_prefill_budget")
+    e.add_argument("--mixed-prefill-budget", type=int, default=mixed_prefill_budget,
+                   help="prefill tokens a step may carry while requests decode in it, which "
+                        "bounds the streams' inter-token latency while long prompts arrive "
+                        f"(default: {_describe(mixed_prefill_budget, 'the whole token budget')})")
     max_model_len = config_default(SchedulerConfig, "max_model_len")
     e.add_argument("--max-model-len", type=int, default=max_model_len,
                    help="prompt + output tokens at most (default: "
@@ -172,7 +177,8 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         npu_stack=args.stack,
         npu_trace_dir=args.npu_trace, npu_trace_steps=args.npu_trace_steps,
         policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        mixed_prefill_budget=args.mixed_prefill_budget, max_model_len=args.max_model_len)
     if hasattr(args, "kv_cache_memory_bytes"):
         options["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     config = EngineConfig.from_kwargs(**options, **_speculative_options(args), **extra)

@@ -64,11 +64,18 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # requests running at once
     max_model_len: int | None = None  # prompt + output tokens; None = the model's limit
     policy: SchedulingPolicy = "token_budget"  # "prefill_first": the unchunked baseline
+    # Prefill tokens (chunks of prompts, recomputes) a token_budget step may carry while requests
+    # decode in it; None = the whole budget. Every prefill token lengthens the step that all
+    # the decoding streams wait on, so a cap bounds their inter-token latency while long
+    # prompts arrive; a step without decodes still fills the whole budget.
+    mixed_prefill_budget: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                  self.max_num_batched_tokens, "must be at least 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be at least 1")
+        _require(self.mixed_prefill_budget is None or self.mixed_prefill_budget >= 1,
+                 "mixed_prefill_budget", self.mixed_prefill_budget, "must be at least 1")
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len",
                  self.max_model_len, "must be at least 2")
         _require(self.policy in ("token_budget", "prefill_first"), "policy", self.policy,

@@ -103,7 +103,8 @@ class Scheduler:
         latest admitted running request is preempted (blocks freed, sent to the front of
         `waiting` to recompute later). Then, if nothing was preempted, waiting requests are
         admitted FCFS while budget and `max_num_seqs` allow, stopping at the first whose blocks
-        cannot be allocated; a long prompt is chunked across steps. With prefix caching, an
+        cannot be allocated; a long prompt is chunked across steps. While requests decode in the
+        step, its prefill tokens are at most `mixed_prefill_budget`. With prefix caching, an
         admitted request first shares the longest cached prefix of its tokens (whole blocks) and
         its chunk starts after it.
 
@@ -195,6 +196,11 @@ class Scheduler:
                 token_budget -= 1
             else:
                 token_budget -= self._add_chunk(request, 1, draft, chunks, preempted_ids)
+        # What is left goes to prefills (here and to admitted requests), capped while
+        # requests decode in this step: the step they all wait on stays short.
+        cap = self.config.mixed_prefill_budget
+        if cap is not None and chunks:  # (only this pass's decode rows are in chunks yet)
+            token_budget = min(token_budget, cap)
         for request, num_behind in others:
             if token_budget <= 0:
                 break
