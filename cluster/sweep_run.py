@@ -27,6 +27,7 @@ METRIC_COLUMNS = (
 )
 ENGINE_OPTION_NAMES = {"max_num_seqs": "max_num_seqs",
                        "max_num_batched_tokens": "max_num_batched_tokens",
+                       "mixed_prefill_budget": "mixed_prefill_budget",
                        "max_model_len": "max_model_len", "block_size": "block_size",
                        "num_kv_blocks": "num_kv_blocks",
                        "enable_prefix_caching": "enable_prefix_caching",

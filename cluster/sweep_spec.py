@@ -37,6 +37,7 @@ POINT_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "model": str, "npu": str, "tensor_parallel_size": int, "replicas": int,
     "prefill_replicas": int, "decode_replicas": int, "router": str, "kv_link": str,
     "max_num_seqs": int, "max_num_batched_tokens": int, "max_model_len": int,
+    "mixed_prefill_budget": (int, type(None)),
     "block_size": int, "num_kv_blocks": int, "enable_prefix_caching": bool,
     "scheduling_policy": str, "stack": str, "npu_dtype": str, "speculative": (str, type(None)),
     "num_speculative_tokens": int, "acceptance_rate": (int, float),

@@ -76,6 +76,22 @@ def test_goodput_counts_requests_within_the_slo() -> None:
     assert s.goodput == pytest.approx(len(met) / s.duration_s)
 
 
+def test_mixed_prefill_budget_trades_long_prompt_ttft_for_stream_itl() -> None:
+    # 32 streams decoding while four 4000-token prompts arrive
+    requests = (*(RequestSpec(0.0, 64, 400) for _ in range(32)),
+                *(RequestSpec(1.0 + 0.5 * i, 4000, 4) for i in range(4)))
+    workload = Workload(requests, "mixed")
+    whole = Simulation(MODEL, max_num_batched_tokens=2048).run(workload)
+    capped = Simulation(MODEL, max_num_batched_tokens=2048, mixed_prefill_budget=256).run(
+        workload)
+    # after the streams' first step every step has decodes: at most 256 prompt tokens each;
+    # the ITL tail shrinks, long prompts wait longer
+    assert max(step[4] for step in capped.recorder.steps[1:]) == 256
+    assert max(step[4] for step in whole.recorder.steps[1:]) == 2048 - 32
+    assert capped.summary.itl_s["p99"] < 0.5 * whole.summary.itl_s["p99"]
+    assert capped.summary.ttft_s["p99"] > whole.summary.ttft_s["p99"]
+
+
 def test_speculation_is_simulated_with_its_acceptance_rate() -> None:
     workload = synthetic(4, math.inf, "200", "100", seed=2)
     plain = Simulation(MODEL).run(workload).summary

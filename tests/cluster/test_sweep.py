@@ -69,12 +69,17 @@ def test_sweep_file_expands_grid_and_points(tmp_path: pathlib.Path,
     assert len(load_sweep(write_sweep(tmp_path, grid)).points) == 6
     crossed = load_sweep(write_sweep(tmp_path, grid + "points: [{seed: 1}, {seed: 2}]")).points
     assert len(crossed) == 12 and crossed[1] == {"model": "a", "replicas": 1, "seed": 2}
+    capped = "workload: {trace: short_trace.csv}\ngrid: {mixed_prefill_budget: [null, 256]}\n"
+    assert [p["mixed_prefill_budget"] for p in load_sweep(write_sweep(tmp_path, capped)).points
+            ] == [None, 256]
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("workload: {trace: short_trace.csv}\ngrid: {replica: [1]}", "unknown option 'replica'"),
     ("workload: {trace: short_trace.csv}\ngrid: {replicas: [two]}", "replicas must be int"),
     ("workload: {trace: short_trace.csv}\ngrid: {replicas: []}", "non-empty list"),
+    ("workload: {trace: short_trace.csv}\ngrid: {mixed_prefill_budget: [all]}",
+     "mixed_prefill_budget must be"),
     ("workload: {trace: nowhere.csv}\npoints: [{}]", "no trace file"),
     ("grid: {replicas: [1]}", "exactly one of trace"),
     ("workload: {trace: short_trace.csv}", "no points"),

@@ -70,12 +70,14 @@ def _make_scheduler(
     max_model_len: int = 256,
     policy: str = "token_budget",
     enable_prefix_caching: bool = False,
+    mixed_prefill_budget: int | None = None,
 ) -> Scheduler:
     config = SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
         policy=policy,  # type: ignore[arg-type]
+        mixed_prefill_budget=mixed_prefill_budget,
     )
     return Scheduler(config, num_kv_blocks, block_size, max_model_len,
                      enable_prefix_caching=enable_prefix_caching)

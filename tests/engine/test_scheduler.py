@@ -162,6 +162,28 @@ def test_running_before_waiting_and_decodes_before_new_prefill(
     assert out.num_scheduled_tokens == 10
 
 
+def test_mixed_prefill_budget_caps_prefill_only_beside_decodes(
+    make_scheduler: MakeScheduler, make_request: MakeRequest, run_step: RunStep
+) -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=32, mixed_prefill_budget=6)
+    scheduler.add_request(make_request("a", 40))
+    # Nobody decodes: the prompt takes the whole budget.
+    assert _shape(run_step(scheduler)[0]) == [("a", 0, 32)]
+    scheduler.add_request(make_request("b", 3))
+    assert _shape(run_step(scheduler)[0]) == [("a", 32, 8), ("b", 0, 3)]
+    scheduler.add_request(make_request("c", 20))
+    scheduler.add_request(make_request("d", 20))
+    # Two decodes: the prefills that follow (c, then d) share 6 tokens, not the 30 left.
+    assert _shape(run_step(scheduler)[0]) == [("a", 40, 1), ("b", 3, 1), ("c", 0, 6)]
+    out, _ = run_step(scheduler)
+    assert _shape(out) == [("a", 41, 1), ("b", 4, 1), ("c", 6, 6)]
+    assert out.num_scheduled_tokens == 8
+    # A running prompt's next chunk counts against the cap as an admitted one does.
+    scheduler.abort_requests(["a", "b"])
+    assert _shape(run_step(scheduler)[0]) == [("c", 12, 8), ("d", 0, 20)]
+    assert _shape(run_step(scheduler)[0]) == [("c", 20, 1), ("d", 20, 1)]
+
+
 def test_max_num_seqs_caps_running(
     make_scheduler: MakeScheduler, make_request: MakeRequest, run_step: RunStep
 ) -> None:

@@ -71,6 +71,7 @@ def test_chip_files_are_loaded_safely(tmp_path: pathlib.Path, tiny_llama_dir: pa
     (["--body-timeout", "nan"], "body_timeout_s must be positive"),
     (["--max-connections", "0"], "max_connections must be at least 1"),
     (["--max-choices-per-request", "0"], "max_choices_per_request must be at least 1"),
+    (["--mixed-prefill-budget", "0"], "mixed_prefill_budget must be at least 1"),
 ])
 def test_bad_options_are_one_line_and_exit_2(argv: list[str], expected: str,
                                              tiny_llama_dir: pathlib.Path,
