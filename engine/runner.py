@@ -267,32 +267,40 @@ class ModelRunner:
 
     def _step_inputs(self, scheduler_output: SchedulerOutput) -> StepInputs:
         bs = self.block_size
-        token_ids, positions, slots, sample_rows = [], [], [], []
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
         row = 0
         for c in scheduler_output.chunks:
-            # Slots follow the chunk's rows (a tree's siblings never share one); RoPE positions
-            # are the real ones: a draft node sits at root + depth.
-            slot_pos = np.arange(c.start_pos, c.context_len)
-            pos = slot_pos
-            if c.num_draft_tokens:
-                root = c.start_pos + c.num_known_tokens - 1
-                depths = node_depths(c.draft_parents)
-                pos = np.concatenate([slot_pos[:c.num_known_tokens], root + np.asarray(depths)])
-            table = np.asarray(c.block_ids, dtype=np.int64)
-            token_ids.append(np.asarray(c.token_ids, dtype=np.int64))
-            positions.append(pos)
-            slots.append(table[slot_pos // bs] * bs + slot_pos % bs)
+            token_ids += c.token_ids
+            if c.num_tokens == 1:  # a decode, most rows of most steps: plain ints, no arrays
+                pos = c.start_pos
+                positions.append(pos)
+                slots.append(c.block_ids[pos // bs] * bs + pos % bs)
+            else:
+                # Slots follow the chunk's rows (a tree's siblings never share one); RoPE
+                # positions are the real ones: a draft node sits at root + depth.
+                slot_pos = np.arange(c.start_pos, c.context_len)
+                pos_of = slot_pos
+                if c.num_draft_tokens:
+                    root = c.start_pos + c.num_known_tokens - 1
+                    depths = node_depths(c.draft_parents)
+                    pos_of = np.concatenate([slot_pos[:c.num_known_tokens],
+                                             root + np.asarray(depths)])
+                table = np.asarray(c.block_ids, dtype=np.int64)
+                positions += pos_of.tolist()
+                slots += (table[slot_pos // bs] * bs + slot_pos % bs).tolist()
             row += c.num_tokens
             if c.sample:
                 # the last known token predicts the next one; each draft node its successor
                 first = row - 1 - c.num_draft_tokens
                 sample_rows.extend(range(first, row))
-        pos_t = torch.from_numpy(np.concatenate(positions))
-        cos, sin = self.model.rope_tables(pos_t)
+        cos, sin = self.model.rope_tables(torch.tensor(positions, dtype=torch.int64))
         return StepInputs(
-            token_ids=torch.from_numpy(np.concatenate(token_ids)),
+            token_ids=torch.tensor(token_ids, dtype=torch.int64),
             cos=cos, sin=sin,
-            slot_mapping=torch.from_numpy(np.concatenate(slots)),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64),
         )
 

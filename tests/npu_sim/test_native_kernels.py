@@ -249,3 +249,31 @@ def test_without_a_compiler_the_fast_path_stays_on_aten(tmp_path: pathlib.Path) 
     none, stderr = _lib_is_none_in_a_process_with({"CC": str(tmp_path / "no-such-cc"),
                                                    "XDG_CACHE_HOME": str(tmp_path)})
     assert none and "without its C kernels" in stderr
+
+
+# -------------------------------------------------------------------------------------- argmax
+
+
+def test_argmax_rows_is_torch_argmax() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1000, generator=gen)
+    x[1, 5] = x[1, 900] = 50.0  # a tie: the first wins
+    x[2, :] = float("-inf")  # nothing finite: index 0
+    x[3, 999] = 99.0  # the last column
+    x[4, 10], x[4, 20] = float("nan"), float("nan")  # NaN is the maximum, the first NaN wins
+    x[5, 3], x[5, 700] = float("inf"), float("inf")
+    x[6, 0] = float("nan")  # in the first vectors
+    x[7, 998] = float("nan")  # in the tail
+    for rows in (x, x[:, :-1], x[:, 1:], x[::2], x[:, :20], x[:, 37:70]):
+        # ragged widths (the tail, and rows shorter than the vectors), offsets, row strides
+        assert torch.equal(native.argmax_rows(rows), rows.argmax(dim=-1))
+    assert native.argmax_rows(torch.randn(2, 3, 4)) is None
+    assert native.argmax_rows(x.to(torch.float64)) is None
+    assert native.argmax_rows(x.t()) is None  # no unit inner stride
+
+
+def test_argmax_rows_breaks_ties_like_torch() -> None:
+    gen = torch.Generator().manual_seed(1)
+    for cols in (1, 31, 32, 33, 64, 100, 333):
+        x = torch.randint(0, 4, (16, cols), generator=gen).float()  # ties everywhere
+        assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1)), cols

@@ -81,6 +81,7 @@ _SIGNATURES = {
     "xy_gemm_packed": (ctypes.c_int, [ctypes.c_int, _P, _I, _P, _P, _I, _I, _P, _I, _I,
                                       ctypes.c_int, ctypes.c_int]),
     "xy_gather_rows": (ctypes.c_int, [ctypes.c_int, _P, _I, _I, _P, _I, _P, _I]),
+    "xy_argmax_rows": (None, [_P, _I, _I, _I, _P]),
     "xy_isa": (ctypes.c_int, []),
     "xy_decoder_layers": (ctypes.c_int, [_P, _P, _P]),
 }
@@ -217,6 +218,17 @@ def silu_mul(n: int, gate_up: torch.Tensor) -> torch.Tensor | None:
     inter = gate_up.shape[1] // 2
     out = gate_up.new_empty(n, inter)
     native.xy_silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, n, inter)
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x.argmax(dim=-1) of x (R, V) fp32 with unit inner stride: (R,) int64, the first maximum
+    of each row (a NaN counts as the maximum, as in torch); None where not handled."""
+    native = lib()
+    if native is None or x.dim() != 2 or not _fp32_rows(x) or x.shape[1] == 0:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    native.xy_argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 
@@ -360,7 +372,7 @@ from npu_sim.kernels.native.panels import (  # noqa: E402
 )
 
 __all__ = ["FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS", "Capabilities", "Panels",
-           "add_rmsnorm",
+           "add_rmsnorm", "argmax_rows",
            "attention_support", "capabilities", "chunk_attention", "chunk_attention_supported",
            "decode_attention", "decode_attention_supported", "disabled", "enabled",
            "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "rope",

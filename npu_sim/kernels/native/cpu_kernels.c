@@ -112,3 +112,54 @@ int xy_kv_write(const float *k, const float *v, int64_t kv_stride, void *k_cache
     }
     return 0;
 }
+
+/* The first maximum of row[0, cols) as torch.argmax finds it: a NaN counts as the maximum. One
+ * pass keeps, per lane of four 8-lane vectors, the largest value seen and the index where it
+ * first appeared (a lane moves only on a strictly larger value), then the lanes' ties go to the
+ * smallest index. */
+static int64_t argmax_row(const float *row, int64_t cols) {
+    int64_t i = 0;
+    float best = row[0];
+    int64_t at = 0;
+    v8i unordered = {0};
+    if (cols >= 32) {
+        v8 m[4];
+        v8i idx[4], step = {32, 32, 32, 32, 32, 32, 32, 32};
+        v8i pos[4];
+        for (int j = 0; j < 4; j++) {
+            m[j] = load8(row + 8 * j);
+            for (int l = 0; l < 8; l++) pos[j][l] = idx[j][l] = 8 * j + l;
+        }
+        for (i = 32; i + 32 <= cols; i += 32)
+            for (int j = 0; j < 4; j++) {
+                pos[j] += step;
+                v8 a = load8(row + i + 8 * j);
+                v8i gt = a > m[j];
+                unordered |= a != a;
+                m[j] = (v8)((gt & (v8i)a) | (~gt & (v8i)m[j]));
+                idx[j] = (gt & pos[j]) | (~gt & idx[j]);
+            }
+        for (int j = 0; j < 4; j++) {
+            unordered |= m[j] != m[j];  /* (a NaN in the first vectors) */
+            for (int l = 0; l < 8; l++)
+                if (m[j][l] > best || (m[j][l] == best && idx[j][l] < at))
+                    best = m[j][l], at = idx[j][l];
+        }
+    }
+    int nan = 0;
+    for (int l = 0; l < 8; l++) nan |= unordered[l] != 0;
+    for (; i < cols && !nan; i++) {  /* the tail (or a short row) */
+        if (row[i] != row[i]) nan = 1;
+        else if (row[i] > best) best = row[i], at = i;
+    }
+    if (nan || best != best)  /* rare: the first NaN is the answer */
+        for (at = 0; row[at] == row[at]; at++) {}
+    return at;
+}
+
+/* out[r] = argmax_row of row r of x (rows, cols), row stride `stride`. Why: ATen's argmax does
+ * not vectorise (0.55 ms for 16 rows of a 49k vocabulary, against 40 us for amax), on the
+ * critical path of every greedy decode step. */
+void xy_argmax_rows(const float *x, int64_t stride, int64_t rows, int64_t cols, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * stride, cols);
+}
