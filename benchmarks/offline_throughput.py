@@ -116,14 +116,19 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=15)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="requests running at once (default: the engine's); below "
+                             "--num-prompts the rest queue and join as others finish, as a "
+                             "closed-loop client at that concurrency sends them")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs; the fastest is reported (others' load only slows)")
     parser.add_argument("--hf", action="store_true",
                         help="also time transformers generate, one prompt at a time")
     args = parser.parse_args()
 
+    seqs = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
     llm = LLM(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, **seqs)
     arch = llm.engine.info.arch
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(make_prompts(2, args.input_len, arch.vocab_size, seed=0),
