@@ -43,7 +43,8 @@ def shape_label(row: Mapping[str, Any]) -> str:
         if (row.get("replicas") or 1) > 1:
             text += f" {row.get('router') or 'round-robin'}"
     extras = [f"{k}={row[k]}" for k in ("max_num_seqs", "max_num_batched_tokens",
-                                          "speculative") if row.get(k) not in (None, "")]
+                                          "mixed_prefill_budget", "speculative")
+              if row.get(k) not in (None, "")]
     return " ".join([text, *extras])
 
 
