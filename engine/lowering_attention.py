@@ -28,6 +28,7 @@ from npu_sim.tiling import attention_q_tile, attention_q_tiles
 
 T = TypeVar("T")
 _START_POS, _NUM_TOKENS = operator.attrgetter("start_pos"), operator.attrgetter("num_tokens")
+_DRAFT_PARENTS = operator.attrgetter("draft_parents")
 
 # A KV span shorter than this is not worth a partial + combine round trip (catlass stacks four
 # 128-token pages per softmax block; one span is at least that much).
@@ -123,23 +124,27 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     # properties: ScheduledChunk.num_tokens is one)
     start_pos = np.fromiter(map(_START_POS, chunks), np.int64, num_seqs)
     q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
-    verify = np.zeros(num_seqs, dtype=bool)
-    trees = [s for s, c in enumerate(chunks) if c.draft_parents]
-    verify[trees] = True
+    trees = ([s for s, c in enumerate(chunks) if c.draft_parents]
+             if any(map(_DRAFT_PARENTS, chunks)) else [])
+    verify = None
+    if trees:
+        verify = np.zeros(num_seqs, dtype=bool)
+        verify[trees] = True
     seqs = np.empty(num_seqs, dtype=ATTN_SEQ)
     seqs["q_start"] = np.cumsum(q_len) - q_len
     seqs["q_len"] = q_len
     seqs["start_pos"] = start_pos
     tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size)
-    shapes, task_shape = _shapes(tiles, num_kv_heads)
-    split = tiles.num_spans > 1
+    max_spans = int(tiles.num_spans.max()) if num_seqs else 1
+    shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
     tables = _once(lambda: _task_tables(tiles, num_kv_heads))
     return AttentionKernel(
         name="attention", num_heads=arch.num_heads, num_kv_heads=num_kv_heads,
         head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
         seqs=seqs, block_tables=lambda: _block_tables(chunks),
         tasks=lambda: tables()[0], combine_tasks=lambda: tables()[1],
-        num_partial_slots=num_kv_heads * int(tiles.num_spans[split].sum()),
+        num_partial_slots=0 if max_spans == 1 else num_kv_heads * int(
+            tiles.num_spans[tiles.num_spans > 1].sum()),
         max_tile_rows=int(tiles.tile_rows.max()) if len(tiles.seq) else 0,
         tree_masks=tuple((s, tree_mask(chunks[s].draft_parents)) for s in trees
                          if not token_tree.is_chain(chunks[s].draft_parents)),
@@ -159,55 +164,64 @@ def _once(build: Callable[[], T]) -> Callable[[], T]:
     return get
 
 
-def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray, g: int,
+def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None, g: int,
              num_kv_heads: int, chip: ChipSpec, block_size: int) -> _Tiles:
-    """The Q tiles of sequences of q_len query tokens from start_pos (verify: a verify chunk),
-    each with its KV spans: as many as its work over the per-core share, each of at least
-    MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
+    """The Q tiles of sequences of q_len query tokens from start_pos (verify: which are verify
+    chunks; None = none), each with its KV spans: as many as its work over the per-core share,
+    each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
     num_seqs = len(q_len)
-    if num_seqs and not verify.any() and int(q_len.max()) == 1:  # decodes: a tile each
+    no_verify = verify is None or not verify.any()
+    if num_seqs and no_verify and int(q_len.max()) == 1:  # decodes: a tile each
         # attention_q_tiles' answer for one token: the smallest tile holding g rows
         tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
-        return _spans(seq, q_offset, q_rows, tile_rows, start_pos, g, num_kv_heads, chip,
-                      block_size)
+        return _spans(seq, q_offset, q_rows, tile_rows, start_pos + q_len, g, num_kv_heads,
+                      chip, block_size)
+    if verify is None:
+        verify = np.zeros(num_seqs, dtype=bool)
     # (tile_rows, tokens per tile) per sequence, then per tile
     seq_tile_rows, seq_tile_tokens = attention_q_tiles(q_len, g, verify)
     num_tiles = -(-q_len // seq_tile_tokens)
     if len(num_tiles) and int(num_tiles.max()) == 1:  # one tile per sequence
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
-    else:
-        seq = np.repeat(np.arange(num_seqs), num_tiles)
-        q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles,
-                                                    num_tiles)) * seq_tile_tokens[seq]
-        q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
-    return _spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq], g, num_kv_heads,
-                  chip, block_size)
+        return _spans(seq, q_offset, q_rows, seq_tile_rows, start_pos + q_len, g,
+                      num_kv_heads, chip, block_size)
+    seq = np.repeat(np.arange(num_seqs), num_tiles)
+    q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles,
+                                                num_tiles)) * seq_tile_tokens[seq]
+    q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
+    return _spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq] + q_offset + q_rows,
+                  g, num_kv_heads, chip, block_size)
 
 
 def _spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
-           tile_start_pos: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
+           horizon: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
            block_size: int) -> _Tiles:
-    """The tiles (per tile: sequence, first query token, query tokens, tile rows, its
-    sequence's start_pos) with their KV blocks and spans."""
-    n_blocks = -(-(tile_start_pos + q_offset + q_rows) // block_size)  # the causal horizon's
-    work = q_rows * g * n_blocks * block_size
+    """The tiles (per tile: sequence, first query token, query tokens, tile rows, keys its last
+    row sees) with their KV blocks and spans."""
+    n_blocks = (horizon + (block_size - 1)) // block_size  # the causal horizon's
+    work = q_rows * (g * block_size) * n_blocks  # whole numbers: exact in any order
     share = float(work.sum()) * num_kv_heads / chip.num_cube_cores
-    wanted = np.ceil(work / share).astype(np.int64) if share else np.ones_like(work)
+    # No tile over the share (work / share <= 1 exactly when work <= share, IEEE division being
+    # monotone) wants a second span: the common case, costing one reduction.
+    if not share or int(work.max()) <= share:
+        return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, np.ones(len(work), np.int64))
+    wanted = np.ceil(work / share).astype(np.int64)
     num_spans = np.maximum(1, np.minimum(wanted, n_blocks // max(1, MIN_KV_SPAN_TOKENS //
                                                                   block_size)))
     return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, num_spans)
 
 
-def _shapes(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+def _shapes(tiles: _Tiles, num_kv_heads: int, max_spans: int,
+            ) -> tuple[np.ndarray, np.ndarray]:
     """(shapes, task_shape) of the meta-kernel (see AttentionKernel): the KV head 0 task of
     every (tile, span), in (tile, span) order, and the shape of every task in the dealt order,
     the one `_task_tables` lists. That order is tasks sorted by -(tile_rows x blocks), ties in
     (tile, KV head, span) order: shapes of one weight and one tile form a segment, whose tasks
     are its shapes again and again, once per KV head (a segment of an unsplit tile: one shape,
-    num_kv_heads times)."""
+    num_kv_heads times). max_spans: the most spans of any tile (1 when there are none)."""
     num_spans = tiles.num_spans
-    if not len(num_spans) or int(num_spans.max()) == 1:  # no tile split: a shape per tile
+    if max_spans == 1:  # no tile split: a shape per tile
         shapes = np.empty(len(num_spans), dtype=ATTN_TASK)  # kv_head 0
         shapes["kv_head"] = 0
         for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
