@@ -130,19 +130,24 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     if trees:
         verify = np.zeros(num_seqs, dtype=bool)
         verify[trees] = True
-    seqs = np.empty(num_seqs, dtype=ATTN_SEQ)
-    seqs["q_start"] = np.cumsum(q_len) - q_len
-    seqs["q_len"] = q_len
-    seqs["start_pos"] = start_pos
-    tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size)
+    decode = not trees and num_seqs > 0 and int(q_len.max()) == 1  # one token per sequence
+    tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size, decode)
     max_spans = int(tiles.num_spans.max()) if num_seqs else 1
-    shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
     tables = _once(lambda: _task_tables(tiles, num_kv_heads))
+    fields = {"name": "attention", "num_heads": arch.num_heads, "num_kv_heads": num_kv_heads,
+              "head_dim": arch.head_dim, "block_size": block_size,
+              "scale": arch.head_dim**-0.5, "block_tables": lambda: _block_tables(chunks),
+              "tasks": lambda: tables()[0], "combine_tasks": lambda: tables()[1]}
+    if decode and max_spans == 1:
+        # A decode-only launch, no tile split: timing reads the context lengths and the dealt
+        # order only, so the sequence and shape tables are built if something reads them.
+        return AttentionKernel(
+            **fields, seqs=lambda: _seq_table(q_len, start_pos), num_partial_slots=0,
+            max_tile_rows=int(tiles.tile_rows[0]), shapes=lambda: _tile_shapes(tiles),
+            task_shape=_tile_order(tiles, num_kv_heads), decode_context_lens=start_pos + q_len)
+    shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
     return AttentionKernel(
-        name="attention", num_heads=arch.num_heads, num_kv_heads=num_kv_heads,
-        head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
-        seqs=seqs, block_tables=lambda: _block_tables(chunks),
-        tasks=lambda: tables()[0], combine_tasks=lambda: tables()[1],
+        **fields, seqs=_seq_table(q_len, start_pos),
         num_partial_slots=0 if max_spans == 1 else num_kv_heads * int(
             tiles.num_spans[tiles.num_spans > 1].sum()),
         max_tile_rows=int(tiles.tile_rows.max()) if len(tiles.seq) else 0,
@@ -150,6 +155,15 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
                          if not token_tree.is_chain(chunks[s].draft_parents)),
         shapes=shapes, task_shape=task_shape,
     )
+
+
+def _seq_table(q_len: np.ndarray, start_pos: np.ndarray) -> np.ndarray:
+    """The ATTN_SEQ table of sequences of q_len query tokens from start_pos, in batch order."""
+    seqs = np.empty(len(q_len), dtype=ATTN_SEQ)
+    seqs["q_start"] = np.cumsum(q_len) - q_len
+    seqs["q_len"] = q_len
+    seqs["start_pos"] = start_pos
+    return seqs
 
 
 def _once(build: Callable[[], T]) -> Callable[[], T]:
@@ -165,13 +179,17 @@ def _once(build: Callable[[], T]) -> Callable[[], T]:
 
 
 def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None, g: int,
-             num_kv_heads: int, chip: ChipSpec, block_size: int) -> _Tiles:
+             num_kv_heads: int, chip: ChipSpec, block_size: int,
+             decode: bool | None = None) -> _Tiles:
     """The Q tiles of sequences of q_len query tokens from start_pos (verify: which are verify
     chunks; None = none), each with its KV spans: as many as its work over the per-core share,
-    each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
+    each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds). decode: whether every sequence
+    is one token and none a verify chunk, if the caller knows (None: find out)."""
     num_seqs = len(q_len)
-    no_verify = verify is None or not verify.any()
-    if num_seqs and no_verify and int(q_len.max()) == 1:  # decodes: a tile each
+    if decode is None:
+        decode = (num_seqs > 0 and (verify is None or not verify.any())
+                  and int(q_len.max()) == 1)
+    if decode:  # a tile each
         # attention_q_tiles' answer for one token: the smallest tile holding g rows
         tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
@@ -222,16 +240,7 @@ def _shapes(tiles: _Tiles, num_kv_heads: int, max_spans: int,
     num_kv_heads times). max_spans: the most spans of any tile (1 when there are none)."""
     num_spans = tiles.num_spans
     if max_spans == 1:  # no tile split: a shape per tile
-        shapes = np.empty(len(num_spans), dtype=ATTN_TASK)  # kv_head 0
-        shapes["kv_head"] = 0
-        for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
-                             ("q_rows", tiles.q_rows), ("tile_rows", tiles.tile_rows),
-                             ("kv_block_end", tiles.n_blocks)):
-            shapes[name] = values
-        shapes["kv_block_start"], shapes["partial_slot"] = 0, -1
-        # a segment per shape, of weight its tile rows x all its blocks
-        by_weight = np.argsort(-(tiles.tile_rows * tiles.n_blocks), kind="stable")
-        return shapes, np.repeat(by_weight, num_kv_heads)
+        return _tile_shapes(tiles), _tile_order(tiles, num_kv_heads)
     shape_tile = np.repeat(np.arange(len(num_spans)), num_spans)
     span = np.arange(len(shape_tile)) - np.repeat(np.cumsum(num_spans) - num_spans, num_spans)
     spans, n_blocks = num_spans[shape_tile], tiles.n_blocks[shape_tile]
@@ -257,6 +266,25 @@ def _shapes(tiles: _Tiles, num_kv_heads: int, max_spans: int,
                                                          seg_tasks)
     position = np.repeat(seg_start, seg_tasks) + within % np.repeat(seg_len, seg_tasks)
     return shapes, by_weight[position]
+
+
+def _tile_shapes(tiles: _Tiles) -> np.ndarray:
+    """`_shapes` of tiles none of which is split: each tile over all its KV blocks."""
+    shapes = np.empty(len(tiles.seq), dtype=ATTN_TASK)  # kv_head 0
+    shapes["kv_head"] = 0
+    for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
+                         ("q_rows", tiles.q_rows), ("tile_rows", tiles.tile_rows),
+                         ("kv_block_end", tiles.n_blocks)):
+        shapes[name] = values
+    shapes["kv_block_start"], shapes["partial_slot"] = 0, -1
+    return shapes
+
+
+def _tile_order(tiles: _Tiles, num_kv_heads: int) -> np.ndarray:
+    """`_shapes`' task_shape of tiles none of which is split: a segment per shape (tile), of
+    weight its tile rows x all its blocks, num_kv_heads tasks each."""
+    by_weight = np.argsort(-(tiles.tile_rows * tiles.n_blocks), kind="stable")
+    return np.repeat(by_weight, num_kv_heads)
 
 
 def _task_tables(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:

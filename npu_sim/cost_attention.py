@@ -149,12 +149,12 @@ class RowMemo:
         if decode[first]:  # one table: the tile rows of the first decode-like row
             decode &= tile_rows == tile_rows[first]
         if bool(decode.all()):
-            terms = self._decode_terms(cm, float(tile_rows[first]), keys)
+            terms = self.decode_terms(cm, float(tile_rows[first]), keys)
         else:
             # (terms, rows), each term's row contiguous (the sums run over such rows)
             terms = np.empty((NUM_TERMS, len(keys)))
             if decode[first]:
-                terms[:, decode] = self._decode_terms(cm, float(tile_rows[first]), keys[decode])
+                terms[:, decode] = self.decode_terms(cm, float(tile_rows[first]), keys[decode])
             other = ~decode
             if hbm_fraction is None:
                 hbm_fraction = np.ones(len(keys))
@@ -163,7 +163,7 @@ class RowMemo:
                                           hbm_fraction)))
         return terms
 
-    def _decode_terms(self, cm: CostModel, tile_rows: float, keys: np.ndarray) -> np.ndarray:
+    def decode_terms(self, cm: CostModel, tile_rows: float, keys: np.ndarray) -> np.ndarray:
         """(NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these keys."""
         at = keys.astype(np.int64)
         table, filled = self._tables.get(tile_rows, (None, None))

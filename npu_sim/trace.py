@@ -73,8 +73,11 @@ class KernelTiming:
         its step's sums (count_step_trace), the scalars in _SCALARS order, then the busy
         cycles of every AIC and AIV. Read-only, built once per timing (timings are shared by
         the launches of a kernel and, through the device's caches, across steps)."""
-        row = np.concatenate(([getattr(self, name) for name in _SCALARS],
-                              self.cube_busy_cycles, self.vector_busy_cycles))
+        num_scalars, num_cube = len(_SCALARS), len(self.cube_busy_cycles)
+        row = np.empty(num_scalars + num_cube + len(self.vector_busy_cycles))
+        row[:num_scalars] = [getattr(self, name) for name in _SCALARS]
+        row[num_scalars:num_scalars + num_cube] = self.cube_busy_cycles
+        row[num_scalars + num_cube:] = self.vector_busy_cycles
         row.flags.writeable = False
         return row
 
@@ -157,13 +160,12 @@ def summed_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_re
     """A step's trace from its launches' sums (KernelTiming.step_sums times their counts, added
     in launch order), launch count and seconds per primitive name (count_step_trace)."""
     num_vector_cores = len(sums) - len(_SCALARS) - num_cube_cores
-    cycles, cube_active, vector_active, hbm, flops, macs, useful = (
-        float(x) for x in sums[:len(_SCALARS)])
+    cycles, cube_active, vector_active, hbm, flops, macs, useful = sums[:len(_SCALARS)].tolist()
     cube_busy = sums[len(_SCALARS):len(_SCALARS) + num_cube_cores]
     vector_busy = sums[len(_SCALARS) + num_cube_cores:]
     device_s = cycles / clock_hz
     sim_s = max(host.step_s(device_s, num_launches, num_requests), device_s)
-    starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]) if launches else []
+    starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]).tolist() if launches else []
     return StepTrace(
         chip=chip_name, clock_hz=clock_hz, sim_s=sim_s, device_s=device_s,
         host_s=sim_s - device_s, num_launches=num_launches,
@@ -174,7 +176,7 @@ def summed_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_re
         mfu=flops / (peak_flops * device_s) if device_s else 0.0,
         padding_waste_ratio=1.0 - useful / macs if macs else 0.0,
         kernel_s_by_primitive=by_primitive, kernels=tuple(launches),
-        kernel_start_s=tuple(float(s) for s in starts),
+        kernel_start_s=tuple(starts),
     )
 
 
