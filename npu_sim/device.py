@@ -234,7 +234,9 @@ class Device:
             template = self._step_templates[id(shared)] = build_template(
                 shared, [(None if k is None else self._timing(k), n) for k, n in shared],
                 self._step_sums_size)
-        pairs = [(self._timing(kernel), n)
+        # timed afresh: the step's own kernels are new kernels (a step cache would be dropped
+        # at begin_step below anyway)
+        pairs = [(self.time(kernel), n)
                  for kernel, n in zip(varying, template.varying_counts, strict=True)]
         for primitive, num_launches, num_tasks in template.shared_counts:
             self.num_launches[primitive] += num_launches
