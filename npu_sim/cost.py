@@ -439,9 +439,9 @@ class CostModel:
         of its KV from HBM, in one decode tile: the rows RowMemo keeps in its decode tables,
         looked up as `attention` looks them up (its memo path), the same sums after."""
         assert k.decode_context_lens is not None
-        g, d = k.group_size, k.head_dim
-        keys = k.decode_context_lens.astype(np.float64)
-        total_kv = k.num_kv_heads * (2 * float(keys.sum()) * d * self.bytes)
+        g, d, keys = k.group_size, k.head_dim, k.decode_context_lens
+        # the keys' sum, a whole number below 2^53: the float64 sum `attention` takes, exactly
+        total_kv = k.num_kv_heads * (2 * float(int(keys.sum())) * d * self.bytes)
         terms = self._row_memo(2, g, d).decode_terms(self, float(k.max_tile_rows), keys)
         return self._attention_costs(k, 2, terms, k.num_kv_heads, total_kv, True, None)
 

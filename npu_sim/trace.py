@@ -7,9 +7,8 @@ Times are simulated: cycles at the chip's clock and seconds derived from them (`
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,24 @@ import numpy as np
 from npu_sim.cost import Unit
 from npu_sim.host import HostProfile
 from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
+
+
+class _cached:
+    """functools.cached_property without its per-instance lock (Python 3.11 takes one on every
+    first read, a cost per timing that a simulation pays tens of thousands of times): the first
+    read stores the value in the instance's __dict__, where later reads find it."""
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func, self.__doc__ = func, func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,13 +78,13 @@ class KernelTiming:
         """Fraction of issued cube MACs spent on padding (0 for vector kernels)."""
         return 1.0 - self.useful_cube_macs / self.cube_macs if self.cube_macs else 0.0
 
-    @functools.cached_property
+    @_cached
     def primitive_name(self) -> str:
         """primitive.value, read once (an enum's value is a Python-level property; a step
         reads it per kernel)."""
         return self.primitive.value
 
-    @functools.cached_property
+    @_cached
     def step_sums(self) -> np.ndarray:
         """float64 (_NUM_SCALARS + num_cube_cores + num_vector_cores,): what one launch adds to
         its step's sums (count_step_trace), the scalars in _SCALARS order, then the busy
