@@ -115,7 +115,10 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     What timing needs is built here, per (tile, KV span) shape (`AttentionKernel.shapes`, tens
     of rows) plus the dealt order as shape indices (`task_shape`); the full task, combine and
     block tables (thousands of rows a step for a 7B MHA model) only when something reads them
-    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees).
+    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees). A
+    decode-only batch none of whose tiles is split (most steps of a simulation) carries its
+    context lengths instead (`AttentionKernel.decode_context_lens`, what the cost model prices
+    it from), and its sequence and shape tables are built on first read too.
     """
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     chunks = tuple(chunks)  # kept for the lazy block tables

@@ -24,7 +24,8 @@ Timings are cached per kernel object within a step (a layer's kernels are launch
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
 per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
 further: what the kernels it shares with other steps add up to is kept per set of them
-(npu_sim.step_sums), and only its attention kernels are timed and summed.
+(npu_sim.step_sums), and only its attention kernels are timed and summed (a decode-only one
+priced from its sequences' context lengths: npu_sim.cost).
 """
 
 from __future__ import annotations
