@@ -159,15 +159,45 @@ def lower_step(chunks: Sequence[ChunkLike], num_sampled: int, arch: ModelArch, c
     by every step that has them (so the device's timing caches hit on the very same kernels).
     """
     card = shard_arch(arch, tp)
+    attention, t = _lower_attention(chunks, card, chip, block_size, policy)
+    return _step_plan(attention, t, num_sampled, card, chip, policy, tp)
+
+
+def lower_step_counts(chunks: Sequence[ChunkLike], num_sampled: int, arch: ModelArch,
+                      chip: ChipSpec, block_size: int, num_layers: int,
+                      policy: LoweringPolicy = DEFAULT_POLICY, tp: int = 1,
+                      ) -> tuple[SharedLaunches, tuple[AttentionKernel, ...]]:
+    """`step_launch_counts(lower_step(chunks, num_sampled, arch, chip, block_size, policy, tp),
+    num_layers)`, what a timing-only step needs (Device.time_launches), without building the
+    step's plan where the launches it shares with other steps are known already."""
+    card = shard_arch(arch, tp)
+    attention, t = _lower_attention(chunks, card, chip, block_size, policy)
+    embed = _dense_kernels(t, num_sampled, card, chip, policy, tp)[1]["embed"]
+    entry = _SHARED_LAUNCHES.get((id(embed), num_layers, len(attention)))
+    if entry is None or entry[0] is not embed:
+        plan = _step_plan(attention, t, num_sampled, card, chip, policy, tp)
+        return step_launch_counts(plan, num_layers)
+    return entry[1], attention
+
+
+def _lower_attention(chunks: Sequence[ChunkLike], card: ModelArch, chip: ChipSpec,
+                     block_size: int, policy: LoweringPolicy,
+                     ) -> tuple[tuple[AttentionKernel, ...], int]:
+    """(the step's attention kernels, in launch order; the batch's tokens) on one card."""
     if policy.attention is AttentionPolicy.META:
-        attention, decode_attention = lower_attention(chunks, card, chip, block_size), None
-        t = int(attention.seqs["q_len"].sum())  # the batch's tokens, summed once already
-    else:
-        t = sum(c.num_tokens for c in chunks)
-        split = lower_attention_split(chunks, card, chip, block_size)
-        attention, decode_attention = split[0], (split[1] if len(split) > 1 else None)
+        kernel = lower_attention(chunks, card, chip, block_size)
+        return (kernel,), kernel.num_tokens  # the batch's tokens, counted once already
+    return (lower_attention_split(chunks, card, chip, block_size),
+            sum(c.num_tokens for c in chunks))
+
+
+def _step_plan(attention: tuple[AttentionKernel, ...], t: int, num_sampled: int,
+               card: ModelArch, chip: ChipSpec, policy: LoweringPolicy, tp: int) -> StepPlan:
+    """The StepPlan of a step of t tokens with these attention kernels (the split baseline's
+    prefill kernel, if any, first)."""
     layer_kernels, step_kernels = _dense_kernels(t, num_sampled, card, chip, policy, tp)
-    return StepPlan(layer=LayerPlan(attention=attention, decode_attention=decode_attention,
+    return StepPlan(layer=LayerPlan(attention=attention[0],
+                                    decode_attention=attention[1] if len(attention) > 1 else None,
                                     **layer_kernels),
                     num_tokens=t, num_sampled=num_sampled, tp=tp, **step_kernels)
 
@@ -329,5 +359,5 @@ __all__ = [
     "BASELINE_POLICY", "DEFAULT_POLICY", "GRAPH_BUCKETS", "MIN_KV_SPAN_TOKENS", "AttentionPolicy",
     "ChunkLike", "ChunkShape", "GemmPolicy", "LayerPlan", "LoweringPolicy", "StepPlan",
     "bucket_rows", "layer_launches", "lower_attention", "lower_attention_split", "lower_gemm",
-    "lower_step", "step_launch_counts", "step_launches", "tree_mask",
+    "lower_step", "lower_step_counts", "step_launch_counts", "step_launches", "tree_mask",
 ]

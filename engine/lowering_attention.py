@@ -28,6 +28,7 @@ from npu_sim.tiling import attention_q_tile, attention_q_tiles
 
 T = TypeVar("T")
 _START_POS, _NUM_TOKENS = operator.attrgetter("start_pos"), operator.attrgetter("num_tokens")
+_DRAFT_PARENTS = operator.attrgetter("draft_parents")
 
 # A KV span shorter than this is not worth a partial + combine round trip (catlass stacks four
 # 128-token pages per softmax block; one span is at least that much).
@@ -114,7 +115,10 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     What timing needs is built here, per (tile, KV span) shape (`AttentionKernel.shapes`, tens
     of rows) plus the dealt order as shape indices (`task_shape`); the full task, combine and
     block tables (thousands of rows a step for a 7B MHA model) only when something reads them
-    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees).
+    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees). A
+    decode-only batch none of whose tiles is split (most steps of a simulation) carries its
+    context lengths instead (`AttentionKernel.decode_context_lens`, what the cost model prices
+    it from), and its sequence and shape tables are built on first read too.
     """
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     chunks = tuple(chunks)  # kept for the lazy block tables
@@ -123,28 +127,46 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     # properties: ScheduledChunk.num_tokens is one)
     start_pos = np.fromiter(map(_START_POS, chunks), np.int64, num_seqs)
     q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
-    verify = np.zeros(num_seqs, dtype=bool)
-    trees = [s for s, c in enumerate(chunks) if c.draft_parents]
-    verify[trees] = True
-    seqs = np.empty(num_seqs, dtype=ATTN_SEQ)
-    seqs["q_start"] = np.cumsum(q_len) - q_len
-    seqs["q_len"] = q_len
-    seqs["start_pos"] = start_pos
-    tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size)
-    shapes, task_shape = _shapes(tiles, num_kv_heads)
-    split = tiles.num_spans > 1
+    trees = ([s for s, c in enumerate(chunks) if c.draft_parents]
+             if any(map(_DRAFT_PARENTS, chunks)) else [])
+    verify = None
+    if trees:
+        verify = np.zeros(num_seqs, dtype=bool)
+        verify[trees] = True
+    decode = not trees and num_seqs > 0 and int(q_len.max()) == 1  # one token per sequence
+    tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size, decode)
+    max_spans = int(tiles.num_spans.max()) if num_seqs else 1
     tables = _once(lambda: _task_tables(tiles, num_kv_heads))
+    fields = {"name": "attention", "num_heads": arch.num_heads, "num_kv_heads": num_kv_heads,
+              "head_dim": arch.head_dim, "block_size": block_size,
+              "scale": arch.head_dim**-0.5, "block_tables": lambda: _block_tables(chunks),
+              "tasks": lambda: tables()[0], "combine_tasks": lambda: tables()[1]}
+    if decode and max_spans == 1:
+        # A decode-only launch, no tile split: timing reads the context lengths and the dealt
+        # order only, so the sequence and shape tables are built if something reads them.
+        return AttentionKernel(
+            **fields, seqs=lambda: _seq_table(q_len, start_pos), num_partial_slots=0,
+            max_tile_rows=int(tiles.tile_rows[0]), shapes=lambda: _tile_shapes(tiles),
+            task_shape=_tile_order(tiles, num_kv_heads), decode_context_lens=start_pos + q_len)
+    shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
     return AttentionKernel(
-        name="attention", num_heads=arch.num_heads, num_kv_heads=num_kv_heads,
-        head_dim=arch.head_dim, block_size=block_size, scale=arch.head_dim**-0.5,
-        seqs=seqs, block_tables=lambda: _block_tables(chunks),
-        tasks=lambda: tables()[0], combine_tasks=lambda: tables()[1],
-        num_partial_slots=num_kv_heads * int(tiles.num_spans[split].sum()),
+        **fields, seqs=_seq_table(q_len, start_pos),
+        num_partial_slots=0 if max_spans == 1 else num_kv_heads * int(
+            tiles.num_spans[tiles.num_spans > 1].sum()),
         max_tile_rows=int(tiles.tile_rows.max()) if len(tiles.seq) else 0,
         tree_masks=tuple((s, tree_mask(chunks[s].draft_parents)) for s in trees
                          if not token_tree.is_chain(chunks[s].draft_parents)),
         shapes=shapes, task_shape=task_shape,
     )
+
+
+def _seq_table(q_len: np.ndarray, start_pos: np.ndarray) -> np.ndarray:
+    """The ATTN_SEQ table of sequences of q_len query tokens from start_pos, in batch order."""
+    seqs = np.empty(len(q_len), dtype=ATTN_SEQ)
+    seqs["q_start"] = np.cumsum(q_len) - q_len
+    seqs["q_len"] = q_len
+    seqs["start_pos"] = start_pos
+    return seqs
 
 
 def _once(build: Callable[[], T]) -> Callable[[], T]:
@@ -159,65 +181,69 @@ def _once(build: Callable[[], T]) -> Callable[[], T]:
     return get
 
 
-def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray, g: int,
-             num_kv_heads: int, chip: ChipSpec, block_size: int) -> _Tiles:
-    """The Q tiles of sequences of q_len query tokens from start_pos (verify: a verify chunk),
-    each with its KV spans: as many as its work over the per-core share, each of at least
-    MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
+def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None, g: int,
+             num_kv_heads: int, chip: ChipSpec, block_size: int,
+             decode: bool | None = None) -> _Tiles:
+    """The Q tiles of sequences of q_len query tokens from start_pos (verify: which are verify
+    chunks; None = none), each with its KV spans: as many as its work over the per-core share,
+    each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds). decode: whether every sequence
+    is one token and none a verify chunk, if the caller knows (None: find out)."""
     num_seqs = len(q_len)
-    if num_seqs and not verify.any() and int(q_len.max()) == 1:  # decodes: a tile each
+    if decode is None:
+        decode = (num_seqs > 0 and (verify is None or not verify.any())
+                  and int(q_len.max()) == 1)
+    if decode:  # a tile each
         # attention_q_tiles' answer for one token: the smallest tile holding g rows
         tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
-        return _spans(seq, q_offset, q_rows, tile_rows, start_pos, g, num_kv_heads, chip,
-                      block_size)
+        return _spans(seq, q_offset, q_rows, tile_rows, start_pos + q_len, g, num_kv_heads,
+                      chip, block_size)
+    if verify is None:
+        verify = np.zeros(num_seqs, dtype=bool)
     # (tile_rows, tokens per tile) per sequence, then per tile
     seq_tile_rows, seq_tile_tokens = attention_q_tiles(q_len, g, verify)
     num_tiles = -(-q_len // seq_tile_tokens)
     if len(num_tiles) and int(num_tiles.max()) == 1:  # one tile per sequence
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
-    else:
-        seq = np.repeat(np.arange(num_seqs), num_tiles)
-        q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles,
-                                                    num_tiles)) * seq_tile_tokens[seq]
-        q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
-    return _spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq], g, num_kv_heads,
-                  chip, block_size)
+        return _spans(seq, q_offset, q_rows, seq_tile_rows, start_pos + q_len, g,
+                      num_kv_heads, chip, block_size)
+    seq = np.repeat(np.arange(num_seqs), num_tiles)
+    q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles,
+                                                num_tiles)) * seq_tile_tokens[seq]
+    q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
+    return _spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq] + q_offset + q_rows,
+                  g, num_kv_heads, chip, block_size)
 
 
 def _spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
-           tile_start_pos: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
+           horizon: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
            block_size: int) -> _Tiles:
-    """The tiles (per tile: sequence, first query token, query tokens, tile rows, its
-    sequence's start_pos) with their KV blocks and spans."""
-    n_blocks = -(-(tile_start_pos + q_offset + q_rows) // block_size)  # the causal horizon's
-    work = q_rows * g * n_blocks * block_size
+    """The tiles (per tile: sequence, first query token, query tokens, tile rows, keys its last
+    row sees) with their KV blocks and spans."""
+    n_blocks = (horizon + (block_size - 1)) // block_size  # the causal horizon's
+    work = q_rows * (g * block_size) * n_blocks  # whole numbers: exact in any order
     share = float(work.sum()) * num_kv_heads / chip.num_cube_cores
-    wanted = np.ceil(work / share).astype(np.int64) if share else np.ones_like(work)
+    # No tile over the share (work / share <= 1 exactly when work <= share, IEEE division being
+    # monotone) wants a second span: the common case, costing one reduction.
+    if not share or int(work.max()) <= share:
+        return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, np.ones(len(work), np.int64))
+    wanted = np.ceil(work / share).astype(np.int64)
     num_spans = np.maximum(1, np.minimum(wanted, n_blocks // max(1, MIN_KV_SPAN_TOKENS //
                                                                   block_size)))
     return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, num_spans)
 
 
-def _shapes(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+def _shapes(tiles: _Tiles, num_kv_heads: int, max_spans: int,
+            ) -> tuple[np.ndarray, np.ndarray]:
     """(shapes, task_shape) of the meta-kernel (see AttentionKernel): the KV head 0 task of
     every (tile, span), in (tile, span) order, and the shape of every task in the dealt order,
     the one `_task_tables` lists. That order is tasks sorted by -(tile_rows x blocks), ties in
     (tile, KV head, span) order: shapes of one weight and one tile form a segment, whose tasks
     are its shapes again and again, once per KV head (a segment of an unsplit tile: one shape,
-    num_kv_heads times)."""
+    num_kv_heads times). max_spans: the most spans of any tile (1 when there are none)."""
     num_spans = tiles.num_spans
-    if not len(num_spans) or int(num_spans.max()) == 1:  # no tile split: a shape per tile
-        shapes = np.empty(len(num_spans), dtype=ATTN_TASK)  # kv_head 0
-        shapes["kv_head"] = 0
-        for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
-                             ("q_rows", tiles.q_rows), ("tile_rows", tiles.tile_rows),
-                             ("kv_block_end", tiles.n_blocks)):
-            shapes[name] = values
-        shapes["kv_block_start"], shapes["partial_slot"] = 0, -1
-        # a segment per shape, of weight its tile rows x all its blocks
-        by_weight = np.argsort(-(tiles.tile_rows * tiles.n_blocks), kind="stable")
-        return shapes, np.repeat(by_weight, num_kv_heads)
+    if max_spans == 1:  # no tile split: a shape per tile
+        return _tile_shapes(tiles), _tile_order(tiles, num_kv_heads)
     shape_tile = np.repeat(np.arange(len(num_spans)), num_spans)
     span = np.arange(len(shape_tile)) - np.repeat(np.cumsum(num_spans) - num_spans, num_spans)
     spans, n_blocks = num_spans[shape_tile], tiles.n_blocks[shape_tile]
@@ -243,6 +269,25 @@ def _shapes(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
                                                          seg_tasks)
     position = np.repeat(seg_start, seg_tasks) + within % np.repeat(seg_len, seg_tasks)
     return shapes, by_weight[position]
+
+
+def _tile_shapes(tiles: _Tiles) -> np.ndarray:
+    """`_shapes` of tiles none of which is split: each tile over all its KV blocks."""
+    shapes = np.empty(len(tiles.seq), dtype=ATTN_TASK)  # kv_head 0
+    shapes["kv_head"] = 0
+    for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
+                         ("q_rows", tiles.q_rows), ("tile_rows", tiles.tile_rows),
+                         ("kv_block_end", tiles.n_blocks)):
+        shapes[name] = values
+    shapes["kv_block_start"], shapes["partial_slot"] = 0, -1
+    return shapes
+
+
+def _tile_order(tiles: _Tiles, num_kv_heads: int) -> np.ndarray:
+    """`_shapes`' task_shape of tiles none of which is split: a segment per shape (tile), of
+    weight its tile rows x all its blocks, num_kv_heads tasks each."""
+    by_weight = np.argsort(-(tiles.tile_rows * tiles.n_blocks), kind="stable")
+    return np.repeat(by_weight, num_kv_heads)
 
 
 def _task_tables(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from engine.lowering import (
     DEFAULT_POLICY,
     LoweringPolicy,
     lower_step,
-    step_launch_counts,
+    lower_step_counts,
     step_launches,
 )
 from engine.lowering_tp import kv_pool_blocks, shard_arch
@@ -125,16 +125,18 @@ class TimingRunner:
         if not chunks:
             return ModelOutput(sampled_token_ids={})
         num_sampled = sum(1 + len(c.draft_parents) for c in chunks if c.sample)
-        plan = lower_step(chunks, num_sampled, self.arch, self.device.chip, self.block_size,
-                          self.policy, tp=self.tp)
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
+            plan = lower_step(chunks, num_sampled, self.arch, self.device.chip, self.block_size,
+                              self.policy, tp=self.tp)
             self.device.begin_step()
             for kernel in step_launches(plan, self.arch.num_layers):
                 self.device.launch(kernel)
             trace = self.device.end_step(num_requests=len(chunks))
         else:
-            shared, attention = step_launch_counts(plan, self.arch.num_layers)
+            shared, attention = lower_step_counts(
+                chunks, num_sampled, self.arch, self.device.chip, self.block_size,
+                self.arch.num_layers, self.policy, tp=self.tp)
             trace = self.device.time_launches(shared, attention, num_requests=len(chunks))
         self.num_launches += trace.num_launches
         token = (SYNTHETIC_TOKEN_ID,)

@@ -67,7 +67,7 @@ from npu_sim.cost_attention import (
     RowMemo,
     attention_rows,
 )
-from npu_sim.cost_mask import mask_cost
+from npu_sim.cost_mask import MaskCost, mask_cost
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import (
     WEIGHT_QUANT,
@@ -384,6 +384,10 @@ class CostModel:
 
     def attention(self, k: AttentionKernel) -> tuple[TaskCosts, TaskCosts]:
         """(attention tasks on AIC + AIVs, combine tasks on AIVs)."""
+        if (k.decode_context_lens is not None and k.task_shape is not None and k.vector_qk
+                and self.memo_rows and k.task_heads is None and not k.tree_masks
+                and len(k.task_shape)):
+            return self._decode_attention(k), self._combine(k)
         stages = self.attention_stages(k)
         pipeline = f"attention-{stages}stage"
         if not k.num_tasks:
@@ -419,15 +423,43 @@ class CostModel:
             kl = keys / np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)  # keys per chunk
             mask = mask_cost(k, c, self.lanes32, q_rows, heads, keys, kl, horizon_reached)
         if self.memo_rows and mask is None and k.task_heads is None:  # rows seen before: memo
-            memo = self._row_memos.get((stages, g, d))
-            if memo is None:
-                memo = self._row_memos[stages, g, d] = RowMemo(stages, g, d)
-            terms = memo.rows(self, keys, q_rows, tile_rows, final, horizon_reached,
-                              hbm_fraction)
+            terms = self._row_memo(stages, g, d).rows(self, keys, q_rows, tile_rows, final,
+                                                      horizon_reached, hbm_fraction)
         else:
             terms = np.stack(attention_rows(
                 self, stages, keys, q_rows, heads, tile_rows, final, horizon_reached,
                 np.ones(len(keys)) if hbm_fraction is None else hbm_fraction, d, mask))
+        main = self._attention_costs(k, stages, terms, weight, total_kv, by_shape, mask)
+        return main, self._combine(k)
+
+    def _decode_attention(self, k: AttentionKernel) -> TaskCosts:
+        """`attention(k)[0]` of a decode-only meta-kernel launch (AttentionKernel.
+        decode_context_lens) on the vector-QK pipeline, priced from its context lengths: each
+        shape is one sequence's one token over all its keys (its context), a final output, all
+        of its KV from HBM, in one decode tile: the rows RowMemo keeps in its decode tables,
+        looked up as `attention` looks them up (its memo path), the same sums after."""
+        assert k.decode_context_lens is not None
+        g, d, keys = k.group_size, k.head_dim, k.decode_context_lens
+        # the keys' sum, a whole number below 2^53: the float64 sum `attention` takes, exactly
+        total_kv = k.num_kv_heads * (2 * float(int(keys.sum())) * d * self.bytes)
+        terms = self._row_memo(2, g, d).decode_terms(self, float(k.max_tile_rows), keys)
+        return self._attention_costs(k, 2, terms, k.num_kv_heads, total_kv, True, None)
+
+    def _row_memo(self, stages: int, group_size: int, head_dim: int) -> RowMemo:
+        memo = self._row_memos.get((stages, group_size, head_dim))
+        if memo is None:
+            memo = self._row_memos[stages, group_size, head_dim] = RowMemo(stages, group_size,
+                                                                           head_dim)
+        return memo
+
+    def _attention_costs(self, k: AttentionKernel, stages: int, terms: np.ndarray,
+                         weight: int, total_kv: float, by_shape: bool,
+                         mask: MaskCost | None) -> TaskCosts:
+        """The attention tasks' TaskCosts from `terms` (NUM_TERMS, rows), the rows' terms
+        (npu_sim.cost_attention), each row standing for `weight` tasks (by_shape: a row per
+        task shape, dealt in k.task_shape order; else a row per task); total_kv: the K/V bytes
+        all tasks read; mask: the rows' mask costs, if any."""
+        c, d = self.chip, k.head_dim
         # every term's sum over the rows in one reduction (each row of `terms` contiguous: the
         # same pairwise sum as summing it alone)
         sums = AttentionRows(*np.add.reduce(terms, axis=1).tolist())
@@ -440,7 +472,7 @@ class CostModel:
             mask_hbm, mask_l2 = mask.hbm_bytes, mask.l2_bytes
         q_bytes = weight * sums.q_bytes
         cube_mult = 1.0 if stages == 2 else 2.0  # PV, or QK and PV, on the cube
-        main = TaskCosts(
+        return TaskCosts(
             unit=Unit.MIX, cycles=cycles, core_overhead_cycles=c.gm_latency_cycles,
             cube_active_cycles=weight * sums.cube_cycles,
             vector_active_cycles=vec_active, hbm_read_bytes=hbm_kv + q_bytes + mask_hbm,
@@ -450,8 +482,7 @@ class CostModel:
             flops=weight * 4.0 * sums.visible_scores * d,
             cube_macs=weight * sums.issued_macs,
             useful_cube_macs=weight * cube_mult * sums.useful_macs * d,
-            pipeline=pipeline)
-        return main, self._combine(k)
+            pipeline=f"attention-{stages}stage")
 
     def _attention_hbm_fraction(self, k: AttentionKernel, seq: np.ndarray,
                                 kv_bytes: np.ndarray) -> np.ndarray:

@@ -149,12 +149,13 @@ class RowMemo:
         if decode[first]:  # one table: the tile rows of the first decode-like row
             decode &= tile_rows == tile_rows[first]
         if bool(decode.all()):
-            terms = self._decode_terms(cm, float(tile_rows[first]), keys)
+            terms = self.decode_terms(cm, float(tile_rows[first]), keys.astype(np.int64))
         else:
             # (terms, rows), each term's row contiguous (the sums run over such rows)
             terms = np.empty((NUM_TERMS, len(keys)))
             if decode[first]:
-                terms[:, decode] = self._decode_terms(cm, float(tile_rows[first]), keys[decode])
+                terms[:, decode] = self.decode_terms(cm, float(tile_rows[first]),
+                                                     keys[decode].astype(np.int64))
             other = ~decode
             if hbm_fraction is None:
                 hbm_fraction = np.ones(len(keys))
@@ -163,9 +164,8 @@ class RowMemo:
                                           hbm_fraction)))
         return terms
 
-    def _decode_terms(self, cm: CostModel, tile_rows: float, keys: np.ndarray) -> np.ndarray:
-        """(NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these keys."""
-        at = keys.astype(np.int64)
+    def decode_terms(self, cm: CostModel, tile_rows: float, at: np.ndarray) -> np.ndarray:
+        """(NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these keys (int64)."""
         table, filled = self._tables.get(tile_rows, (None, None))
         top = int(at.max())
         if table is None or filled is None or top >= len(filled):
@@ -176,8 +176,8 @@ class RowMemo:
                 grown[:, :len(filled)], grown_filled[:len(filled)] = table, filled
             table, filled = grown, grown_filled
             self._tables[tile_rows] = table, filled
-        new = ~filled[at]
-        if new.any():
+        if not filled[at].all():
+            new = ~filled[at]
             # Whole blocks of keys at once: pricing a block costs what pricing one row does
             # (numpy's per-call overhead), and decode rows walk through consecutive keys.
             blocks = np.unique(at[new] // _DECODE_BLOCK)

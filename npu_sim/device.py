@@ -24,7 +24,8 @@ Timings are cached per kernel object within a step (a layer's kernels are launch
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
 per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
 further: what the kernels it shares with other steps add up to is kept per set of them
-(npu_sim.step_sums), and only its attention kernels are timed and summed.
+(npu_sim.step_sums), and only its attention kernels are timed and summed (a decode-only one
+priced from its sequences' context lengths: npu_sim.cost).
 """
 
 from __future__ import annotations
@@ -234,7 +235,9 @@ class Device:
             template = self._step_templates[id(shared)] = build_template(
                 shared, [(None if k is None else self._timing(k), n) for k, n in shared],
                 self._step_sums_size)
-        pairs = [(self._timing(kernel), n)
+        # timed afresh: the step's own kernels are new kernels (a step cache would be dropped
+        # at begin_step below anyway)
+        pairs = [(self.time(kernel), n)
                  for kernel, n in zip(varying, template.varying_counts, strict=True)]
         for primitive, num_launches, num_tasks in template.shared_counts:
             self.num_launches[primitive] += num_launches
@@ -322,7 +325,7 @@ class Device:
             phases = list(cm.attention(kernel))
             launch_s = c.cube_launch_s
             groups, symmetric = kernel.task_group, kernel.task_group is None
-            shape = (f"seqs={len(kernel.seqs)} tokens={int(kernel.seqs['q_len'].sum())} "
+            shape = (f"seqs={kernel.num_seqs} tokens={kernel.num_tokens} "
                      f"tasks={kernel.num_tasks}+{kernel.num_combine_tasks}")
         else:
             raise TypeError(f"not a kernel: {type(kernel).__name__}")
@@ -373,17 +376,21 @@ class Device:
 
         hbm_bound = (hbm_read + hbm_write) / (c.hbm_bytes_per_s / c.clock_hz)
         l2_bound = l2_bytes / (c.l2_bytes_per_s / c.clock_hz)
-        makespan, bound = max((offset, "cores"), (hbm_bound, "hbm"), (l2_bound, "l2"),
-                              key=lambda x: x[0])
+        makespan, bound = offset, "cores"  # the longest (the first of equals)
+        if hbm_bound > makespan:
+            makespan, bound = hbm_bound, "hbm"
+        if l2_bound > makespan:
+            makespan, bound = l2_bound, "l2"
         stretch = makespan / offset if offset else 1.0  # cores wait on the shared bandwidth
+        if stretch != 1.0:  # (times 1.0 changes no bit)
+            cube_busy, vector_busy = cube_busy * stretch, vector_busy * stretch
         launch_cycles = launch_s * c.clock_hz
         cycles = launch_cycles + makespan
         return KernelTiming(
             primitive=kernel.primitive, name=kernel.name, shape=shape,
             pipeline=phases[0].pipeline, cycles=cycles, seconds=cycles / c.clock_hz,
             launch_cycles=launch_cycles, block_dim=block_dim, bound=bound,
-            cube_busy_cycles=_frozen(cube_busy * stretch),
-            vector_busy_cycles=_frozen(vector_busy * stretch),
+            cube_busy_cycles=_frozen(cube_busy), vector_busy_cycles=_frozen(vector_busy),
             cube_active_cycles=cube_active, vector_active_cycles=vector_active,
             hbm_read_bytes=hbm_read, hbm_write_bytes=hbm_write, flops=flops,
             cube_macs=cube_macs, useful_cube_macs=useful_cube_macs, num_tasks=num_tasks,

@@ -106,14 +106,22 @@ class LazyArray:
     the first read calls it and keeps the array. The meta-kernel's full task tables (thousands
     of rows a step) are built only where something reads them (the functional kernels,
     timelines, token trees); timing a launch needs only its compact shapes
-    (`AttentionKernel.shapes`). The field stays a required constructor argument."""
+    (`AttentionKernel.shapes`). The field stays a required constructor argument, unless a
+    default is given (`LazyArray(default=None)`)."""
+
+    _REQUIRED: ClassVar[Any] = object()  # no default
+
+    def __init__(self, default: Any = _REQUIRED) -> None:
+        self.default = default
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.attr = f"_{name}_value"
 
     def __get__(self, obj: Any, objtype: type | None = None) -> np.ndarray:
-        if obj is None:  # a class read: no default value (dataclasses asks)
-            raise AttributeError(self.attr)
+        if obj is None:  # a class read: the default value, if any (dataclasses asks)
+            if self.default is LazyArray._REQUIRED:
+                raise AttributeError(self.attr)
+            return self.default
         value = obj.__dict__[self.attr]
         if callable(value):
             value = value()
@@ -220,9 +228,10 @@ class AttentionKernel:
     head_dim: int  # features per head
     block_size: int  # tokens per KV block
     scale: float  # softmax scale, 1 / sqrt(head_dim)
-    seqs: np.ndarray  # ATTN_SEQ, (num_seqs,)
-    # The three tables may be given as functions that build them (LazyArray): the meta-kernel's
-    # are built on first read, timing reads only `shapes` and `task_shape`.
+    # The sequences and the three tables may be given as functions that build them (LazyArray):
+    # the meta-kernel's tables are built on first read, timing reads only `shapes` and
+    # `task_shape` (a decode-only launch: `decode_context_lens` and `task_shape`).
+    seqs: np.ndarray = LazyArray()  # ATTN_SEQ, (num_seqs,)
     block_tables: np.ndarray = LazyArray()  # int64 (num_seqs, max_num_blocks), -1 past a
     #   sequence's blocks
     tasks: np.ndarray = LazyArray()  # ATTN_TASK, (num_tasks,)
@@ -259,12 +268,32 @@ class AttentionKernel:
     # KV head 0 task of each, and int64 (num_tasks,) the shape of every task. Costing only (a
     # task's cost does not depend on its KV head): the cost model prices each shape once. None
     # = price every task.
-    shapes: np.ndarray | None = None
+    # (`shapes` may be given as a function building it, LazyArray.)
+    shapes: np.ndarray | None = LazyArray(default=None)
     task_shape: np.ndarray | None = None
+    # Meta-kernel, a decode-only launch (every sequence one query token, its one tile over all
+    # its KV: a shape per sequence, in sequence order): int64 (num_seqs,) each sequence's context
+    # length, start_pos + 1, from which the cost model prices the launch without reading `seqs`
+    # or `shapes` (each shape's keys). None = not such a launch, or not said.
+    decode_context_lens: np.ndarray | None = None
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences (batch rows), without building the sequence table."""
+        if self.decode_context_lens is not None:
+            return len(self.decode_context_lens)
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        """Query tokens, without building the sequence table."""
+        if self.decode_context_lens is not None:  # one each
+            return len(self.decode_context_lens)
+        return int(self.seqs["q_len"].sum())
 
     @property
     def num_tasks(self) -> int:

@@ -7,9 +7,8 @@ Times are simulated: cycles at the chip's clock and seconds derived from them (`
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,24 @@ import numpy as np
 from npu_sim.cost import Unit
 from npu_sim.host import HostProfile
 from npu_sim.tasks import AttentionKernel, GemmKernel, Kernel, Primitive, VectorKernel
+
+
+class _cached:
+    """functools.cached_property without its per-instance lock (Python 3.11 takes one on every
+    first read, a cost per timing that a simulation pays tens of thousands of times): the first
+    read stores the value in the instance's __dict__, where later reads find it."""
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func, self.__doc__ = func, func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,20 +78,23 @@ class KernelTiming:
         """Fraction of issued cube MACs spent on padding (0 for vector kernels)."""
         return 1.0 - self.useful_cube_macs / self.cube_macs if self.cube_macs else 0.0
 
-    @functools.cached_property
+    @_cached
     def primitive_name(self) -> str:
         """primitive.value, read once (an enum's value is a Python-level property; a step
         reads it per kernel)."""
         return self.primitive.value
 
-    @functools.cached_property
+    @_cached
     def step_sums(self) -> np.ndarray:
         """float64 (_NUM_SCALARS + num_cube_cores + num_vector_cores,): what one launch adds to
         its step's sums (count_step_trace), the scalars in _SCALARS order, then the busy
         cycles of every AIC and AIV. Read-only, built once per timing (timings are shared by
         the launches of a kernel and, through the device's caches, across steps)."""
-        row = np.concatenate(([getattr(self, name) for name in _SCALARS],
-                              self.cube_busy_cycles, self.vector_busy_cycles))
+        num_scalars, num_cube = len(_SCALARS), len(self.cube_busy_cycles)
+        row = np.empty(num_scalars + num_cube + len(self.vector_busy_cycles))
+        row[:num_scalars] = [getattr(self, name) for name in _SCALARS]
+        row[num_scalars:num_scalars + num_cube] = self.cube_busy_cycles
+        row[num_scalars + num_cube:] = self.vector_busy_cycles
         row.flags.writeable = False
         return row
 
@@ -157,13 +177,12 @@ def summed_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_re
     """A step's trace from its launches' sums (KernelTiming.step_sums times their counts, added
     in launch order), launch count and seconds per primitive name (count_step_trace)."""
     num_vector_cores = len(sums) - len(_SCALARS) - num_cube_cores
-    cycles, cube_active, vector_active, hbm, flops, macs, useful = (
-        float(x) for x in sums[:len(_SCALARS)])
+    cycles, cube_active, vector_active, hbm, flops, macs, useful = sums[:len(_SCALARS)].tolist()
     cube_busy = sums[len(_SCALARS):len(_SCALARS) + num_cube_cores]
     vector_busy = sums[len(_SCALARS) + num_cube_cores:]
     device_s = cycles / clock_hz
     sim_s = max(host.step_s(device_s, num_launches, num_requests), device_s)
-    starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]) if launches else []
+    starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]).tolist() if launches else []
     return StepTrace(
         chip=chip_name, clock_hz=clock_hz, sim_s=sim_s, device_s=device_s,
         host_s=sim_s - device_s, num_launches=num_launches,
@@ -174,7 +193,7 @@ def summed_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_re
         mfu=flops / (peak_flops * device_s) if device_s else 0.0,
         padding_waste_ratio=1.0 - useful / macs if macs else 0.0,
         kernel_s_by_primitive=by_primitive, kernels=tuple(launches),
-        kernel_start_s=tuple(float(s) for s in starts),
+        kernel_start_s=tuple(starts),
     )
 
 

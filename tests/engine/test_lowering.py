@@ -236,7 +236,7 @@ def test_decode_tiles_match_the_general_tiling() -> None:
             verify = np.zeros(n, dtype=bool)
             fast = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, 16)
             tile_rows, _ = attention_q_tiles(q_len, g, verify)
-            general = _spans(np.arange(n), np.zeros(n, np.int64), q_len, tile_rows, start_pos,
-                             g, num_kv_heads, chip, 16)
+            general = _spans(np.arange(n), np.zeros(n, np.int64), q_len, tile_rows,
+                             start_pos + q_len, g, num_kv_heads, chip, 16)
             for a, b in zip(fast, general, strict=True):
                 assert a.dtype == b.dtype and np.array_equal(a, b)

@@ -1,7 +1,8 @@
 """A timing-only step (Device.time_launches over engine.lowering.step_launch_counts, its shared
 launches summed once per template: npu_sim.step_sums) reports what launching every kernel and
 ending the step reports, bit for bit: meta and split attention, tensor parallelism, steps that
-share a token count, and steps that do not."""
+share a token count, and steps that do not; engine.lowering.lower_step_counts gives what
+step_launch_counts does."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from engine.lowering import (
     DEFAULT_POLICY,
     ChunkShape,
     lower_step,
+    lower_step_counts,
     step_launch_counts,
     step_launches,
 )
@@ -58,3 +60,25 @@ def test_time_launches_reports_what_launching_every_kernel_does(model, tp, polic
     assert timed.num_launches == launched.num_launches
     assert timed.num_tasks == launched.num_tasks
     assert timed.total_sim_s == launched.total_sim_s
+
+
+@pytest.mark.parametrize("model,tp,policy", [("llama-2-7b", 1, DEFAULT_POLICY),
+                                             ("llama-2-7b", 1, BASELINE_POLICY),
+                                             ("qwen2.5-72b", 4, DEFAULT_POLICY)])
+def test_lower_step_counts_is_step_launch_counts_of_the_plan(model, tp, policy) -> None:
+    """The timing-only runner's shortcut: the shared launches of the plan (the very tuple, once
+    known) and attention kernels timed alike, first steps and repeated token counts alike."""
+    arch = get_arch(model)
+    a_device, b_device = Device(B2, compute=False), Device(B2, compute=False)
+    for specs in BATCHES * 2:
+        a_shared, a_attention = lower_step_counts(chunks(specs), len(specs), arch, B2, 128,
+                                                  arch.num_layers, policy, tp=tp)
+        plan = lower_step(chunks(specs), len(specs), arch, B2, 128, policy, tp=tp)
+        b_shared, b_attention = step_launch_counts(plan, arch.num_layers)
+        assert a_shared is b_shared
+        assert len(a_attention) == len(b_attention)
+        a = a_device.time_launches(a_shared, a_attention, num_requests=len(specs))
+        b = b_device.time_launches(b_shared, b_attention, num_requests=len(specs))
+        assert (a.sim_s, a.device_s, a.flops, a.hbm_bytes) == (b.sim_s, b.device_s, b.flops,
+                                                                b.hbm_bytes)
+        assert np.array_equal(a.cube_busy_s, b.cube_busy_s)
