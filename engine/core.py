@@ -69,8 +69,8 @@ class EngineCore:
                                    info.max_model_len,
                                    enable_prefix_caching=config.cache.enable_prefix_caching,
                                    speculative=spec)
-        self.output_processor = OutputProcessor(info.tokenizer, spec.num_speculative_tokens,
-                                                deltas)
+        self.output_processor = OutputProcessor(
+            info.tokenizer, spec.num_speculative_tokens if spec.enabled else 0, deltas)
         self._wall_origin_s = time.monotonic()
         self.sim_now_s = 0.0  # the simulated NPU clock, in seconds since the engine started
         self.num_steps = 0  # non-empty steps run

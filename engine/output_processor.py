@@ -42,14 +42,15 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any | None, num_speculative_tokens: int,
                  deltas: bool = True) -> None:
         """tokenizer: a Hugging Face tokenizer, or None for token ids without text.
-        num_speculative_tokens: the most draft nodes a verify has (its per-position counters).
+        num_speculative_tokens: the most draft nodes a verify has (its per-position counters);
+        0: speculative decoding is off, so no chunk carries drafts (no spec stats to collect).
         deltas: output every request that changed; False: only the finished ones (a simulation
         reads latencies from the stats and results from the finished outputs, not deltas)."""
         self.tokenizer = tokenizer
         self.num_speculative_tokens = num_speculative_tokens
         self.deltas = deltas
         # No text and no deltas (a simulation): a request that goes on only has its tokens'
-        # latencies noted, without building an output for it.
+        # latencies noted, without building an output for it (_process_quiet).
         self._quiet = tokenizer is None and not deltas
         self._states: dict[str, RequestState] = {}  # unfinished requests
         self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
@@ -100,26 +101,53 @@ class OutputProcessor:
             if state.first_scheduled_s is None:
                 state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
-            num_known_tokens = chunk.num_known_tokens
-            if not (num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
+            # (chunk.num_known_tokens, inline: this runs once per row per step)
+            num_known_tokens = len(chunk.token_ids) - len(chunk.draft_parents)
+            if num_known_tokens != 1 or chunk.start_pos < state.num_prompt_tokens:
                 stats.num_prompt_tokens += num_known_tokens
         stats.num_preempted = len(scheduler_output.preempted_ids)
-        stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
-                                 self.num_speculative_tokens)
-        outputs, stopped_ids = [], []
-        quiet = self._quiet
-        for update in updates:
-            if quiet and update.finish_reason is None:
-                stats.record_tokens(states[update.request_id], len(update.new_token_ids), now_s,
-                                    now_sim_s)
-                continue
-            output, stopped = self._output(update, now_s, now_sim_s, stats)
-            if output is not None:
-                outputs.append(output)
-            if stopped:
-                stopped_ids.append(update.request_id)
+        if self.num_speculative_tokens:  # else no chunk carries drafts
+            stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
+                                     self.num_speculative_tokens)
+        if self._quiet:
+            outputs, stopped_ids = self._process_quiet(updates, now_s, now_sim_s, stats), []
+        else:
+            outputs, stopped_ids = [], []
+            for update in updates:
+                output, stopped = self._output(update, now_s, now_sim_s, stats)
+                if output is not None:
+                    outputs.append(output)
+                if stopped:
+                    stopped_ids.append(update.request_id)
         return StepResult(outputs, stopped_ids,
                           stats.build(now_s - start_s, step_sim_s, model_output.trace))
+
+    def _process_quiet(self, updates: Sequence[TokenUpdate], now_s: float, now_sim_s: float,
+                       stats: _StepStats) -> list[RequestOutput]:
+        """`_output` of every update for an engine with no text and no deltas (a simulation):
+        the finished requests' outputs. A request that goes on after its first token only has
+        its inter-token latencies noted, inline (`_StepStats.record_tokens` without the calls
+        and the tuple it returns): most rows of every simulated step take this path. No text
+        means no stop strings, so nothing is left for the core to stop."""
+        states = self._states
+        itls_s, itls_sim_s = stats.itls_s, stats.itls_sim_s
+        outputs = []
+        num_generation_tokens = 0  # of the requests that went on past their first token
+        for update in updates:
+            state = states[update.request_id]
+            if update.finish_reason is not None or state.first_token_s is None:
+                output, _ = self._output(update, now_s, now_sim_s, stats)
+                if output is not None:
+                    outputs.append(output)
+                continue
+            num_new_tokens = len(update.new_token_ids)
+            num_generation_tokens += num_new_tokens
+            state.num_output_tokens += num_new_tokens
+            itls_s.append(now_s - state.last_token_s)
+            itls_sim_s.append(now_sim_s - state.last_token_sim_s)
+            state.last_token_s, state.last_token_sim_s = now_s, now_sim_s
+        stats.num_generation_tokens += num_generation_tokens
+        return outputs
 
     def _take_aborted(self) -> list[FinishedRequestStats]:
         aborted, self._aborted = self._aborted, []

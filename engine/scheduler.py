@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from engine.admission import check_fits
-from engine.chunks import append_sampled, decode_chunk, make_chunk
+from engine.chunks import append_sampled, check_stop, decode_chunk, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.kv_cache import KVCacheManager
 from engine.outputs import (
@@ -169,7 +169,9 @@ class Scheduler:
         decodes: list[Request] = []
         others: list[tuple[Request, int]] = []
         for request in self.running:
-            num_behind = request.num_tokens - request.num_computed_tokens
+            # (request.num_tokens, inline: once per row per step)
+            num_behind = (len(request.prompt_token_ids) + len(request.output_token_ids)
+                          - request.num_computed_tokens)
             if num_behind == 1:
                 decodes.append(request)
             elif num_behind > 1:
@@ -182,10 +184,10 @@ class Scheduler:
                 break
             if request.status != running:
                 continue
-            num_decodes_left -= 1
-            proposed, request.draft = request.draft, None  # verified at most once
             draft = None
             if speculative is not None:
+                num_decodes_left -= 1
+                proposed, request.draft = request.draft, None  # verified at most once
                 room = token_budget - 1 - num_decodes_left
                 draft = drafts_to_verify(request, proposed, speculative, self.max_model_len,
                                          room, num_decodes)
@@ -317,7 +319,7 @@ class Scheduler:
         kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
         caching = kv_cache.enable_caching  # else registering full blocks is a no-op: skip the call
         all_sampled, all_logprobs = model_output.sampled_token_ids, model_output.logprobs
-        all_drafts = model_output.drafts
+        all_drafts, speculative = model_output.drafts, self.speculative
         for chunk in scheduler_output.chunks:
             request_id = chunk.request_id
             request = requests.get(request_id)
@@ -325,11 +327,13 @@ class Scheduler:
                 continue  # finished (or replaced by a new request with that id) meanwhile
             # Blocks are registered (cache_full_blocks) as soon as they fill up, so only a
             # step that fills one has any to register: most decodes skip the call.
-            num_full_blocks = request.num_computed_tokens // block_size
+            num_computed_tokens = request.num_computed_tokens
             num_draft_tokens = len(chunk.draft_parents)
-            request.num_computed_tokens += len(chunk.token_ids) - num_draft_tokens
+            request.num_computed_tokens = (num_computed_tokens + len(chunk.token_ids)
+                                           - num_draft_tokens)
             if not chunk.sample:
-                if caching and request.num_computed_tokens // block_size > num_full_blocks:
+                if caching and (request.num_computed_tokens // block_size
+                                > num_computed_tokens // block_size):
                     kv_cache.cache_full_blocks(request)  # their K/V are written now
                 continue
             sampled = all_sampled[request_id]
@@ -340,16 +344,23 @@ class Scheduler:
                 record_verify(request, num_draft_tokens, num_accepted)
                 request.num_computed_tokens += num_accepted
                 kv_cache.trim(request, request.num_computed_tokens + 1)
-            new_token_ids, finish_reason = append_sampled(request, sampled, max_model_len)
-            logprobs = all_logprobs.get(request_id) if all_logprobs else None
-            if logprobs is not None:
-                logprobs = logprobs[: len(new_token_ids)]
-            if caching and request.num_computed_tokens // block_size > num_full_blocks:
+            if len(sampled) == 1:  # most rows of most steps: append_sampled without a call
+                request.output_token_ids.append(sampled[0])
+                new_token_ids, finish_reason = sampled, check_stop(request, max_model_len)
+            else:
+                new_token_ids, finish_reason = append_sampled(request, sampled, max_model_len)
+            logprobs = None
+            if all_logprobs:
+                logprobs = all_logprobs.get(request_id)
+                if logprobs is not None:
+                    logprobs = logprobs[: len(new_token_ids)]
+            if caching and (request.num_computed_tokens // block_size
+                            > num_computed_tokens // block_size):
                 kv_cache.cache_full_blocks(request)  # accepted drafts fill blocks too
             if finish_reason is not None:
                 self._finish(request, RequestStatus.for_reason(finish_reason))
-            else:
-                request.draft = all_drafts.get(request_id) if all_drafts else None
+            elif speculative is not None:  # (else drafts are ignored: request.draft stays None)
+                request.draft = all_drafts.get(request_id)
             if new_token_ids or finish_reason is not None:
                 token_updates.append(TokenUpdate(request_id, tuple(new_token_ids), logprobs,
                                                  finish_reason))
