@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from engine.admission import check_fits
-from engine.chunks import append_sampled, check_stop, decode_chunk, make_chunk
+from engine.chunks import append_sampled, check_stop, first_stop_output_len, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.kv_cache import KVCacheManager
 from engine.outputs import (
@@ -89,6 +89,7 @@ class Scheduler:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_fits(request, self.max_model_len, self.kv_cache)
+        request.first_stop_output_len = first_stop_output_len(request, self.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request_id] = request
         self.waiting.append(request)
@@ -191,10 +192,15 @@ class Scheduler:
                 room = token_budget - 1 - num_decodes_left
                 draft = drafts_to_verify(request, proposed, speculative, self.max_model_len,
                                          room, num_decodes)
-            if draft is None and request.num_computed_tokens < len(request.block_ids) * block_size:
+            num_computed_tokens, block_ids = request.num_computed_tokens, request.block_ids
+            if draft is None and num_computed_tokens < len(block_ids) * block_size:
                 # Most rows of most steps: one token whose slot its block table already holds
-                # (allocate_slots would take nothing), so nobody is preempted.
-                chunks.append(decode_chunk(request))
+                # (allocate_slots would take nothing), so nobody is preempted. Its chunk is
+                # `make_chunk(request, 1)`, built inline: the last token, without slicing.
+                output_ids = request.output_token_ids
+                last_token_id = output_ids[-1] if output_ids else request.prompt_token_ids[-1]
+                chunks.append(ScheduledChunk(request.request_id, num_computed_tokens,
+                                             (last_token_id,), tuple(block_ids), True))
                 token_budget -= 1
             else:
                 token_budget -= self._add_chunk(request, 1, draft, chunks, preempted_ids)
