@@ -2,7 +2,7 @@
 
     step():  scheduler.schedule()                     -> SchedulerOutput
              runner.execute(scheduler_output)         -> ModelOutput (+ the step's NPU time)
-             scheduler.update_from_output(...)        -> TokenUpdates
+             scheduler.update_rows_from_output(...)   -> TokenUpdates (as plain tuples)
              output_processor.process(...)            -> RequestOutputs, stop-string hits
              scheduler.finish_requests(stop-string hits)
 
@@ -212,7 +212,7 @@ class EngineCore:
         self.sim_now_s += step_sim_s
         self.num_steps += 1
         self._write_npu_trace(trace, self.sim_now_s - step_sim_s)
-        updates = self.scheduler.update_from_output(scheduler_output, model_output)
+        updates = self.scheduler.update_rows_from_output(scheduler_output, model_output)
         result = self.output_processor.process(scheduler_output, model_output, updates, start_s,
                                                time.monotonic(), self.sim_now_s, step_sim_s)
         return self._finish_step(result)

@@ -6,6 +6,8 @@ One engine step is
     model_output = runner.execute(scheduler_output)
     token_updates = scheduler.update_from_output(scheduler_output, model_output)
 
+(The engine's step calls `update_rows_from_output`: the same updates as plain tuples.)
+
 **Schedule tokens, not phases** (vLLM v1): there is no prefill phase and no decode phase. Every
 request has `num_tokens` known tokens (prompt + outputs) of which `num_computed_tokens` are in the
 KV cache; each step spends one token budget (`max_num_batched_tokens`) letting requests catch up.
@@ -32,6 +34,7 @@ from engine.outputs import (
     ScheduledChunk,
     SchedulerOutput,
     TokenUpdate,
+    TokenUpdateRow,
 )
 from engine.request import FinishReason, Request, RequestStatus
 from engine.spec.adaptive import drafts_to_verify, drafts_worth, record_verify
@@ -320,7 +323,15 @@ class Scheduler:
             Finished requests are removed, their blocks freed, and their ids reported by the
             next `schedule()`. Chunks of requests finished in between (aborted) are skipped.
         """
-        token_updates: list[TokenUpdate] = []
+        return [TokenUpdate._make(row)
+                for row in self.update_rows_from_output(scheduler_output, model_output)]
+
+    def update_rows_from_output(
+        self, scheduler_output: SchedulerOutput, model_output: ModelOutput
+    ) -> list[TokenUpdateRow]:
+        """`update_from_output`, its updates as plain tuples (TokenUpdateRow): what the engine's
+        step calls, one row per running request per step."""
+        token_updates: list[TokenUpdateRow] = []
         requests, running, max_model_len = self.requests, RequestStatus.RUNNING, self.max_model_len
         kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
         caching = kv_cache.enable_caching  # else registering full blocks is a no-op: skip the call
@@ -368,8 +379,7 @@ class Scheduler:
             elif speculative is not None:  # (else drafts are ignored: request.draft stays None)
                 request.draft = all_drafts.get(request_id)
             if new_token_ids or finish_reason is not None:
-                token_updates.append(TokenUpdate(request_id, tuple(new_token_ids), logprobs,
-                                                 finish_reason))
+                token_updates.append((request_id, tuple(new_token_ids), logprobs, finish_reason))
         return token_updates
 
     # ---------------------------------------------------------------- finishing from outside
