@@ -362,8 +362,11 @@ class Scheduler:
                 request.num_computed_tokens += num_accepted
                 kv_cache.trim(request, request.num_computed_tokens + 1)
             if len(sampled) == 1:  # most rows of most steps: append_sampled without a call
-                request.output_token_ids.append(sampled[0])
-                new_token_ids, finish_reason = sampled, check_stop(request, max_model_len)
+                output_ids = request.output_token_ids
+                output_ids.append(sampled[0])
+                new_token_ids, finish_reason = sampled, None
+                if len(output_ids) >= request.first_stop_output_len:  # (check_stop's own test)
+                    finish_reason = check_stop(request, max_model_len)
             else:
                 new_token_ids, finish_reason = append_sampled(request, sampled, max_model_len)
             logprobs = None
