@@ -70,7 +70,7 @@ class StepTimers:
         dev = npu_sim.device
         self.wrap(engine.core.EngineCore, "step", "step")
         self.wrap(Scheduler, "schedule", "scheduling")
-        self.wrap(Scheduler, "update_from_output", "scheduling")
+        self.wrap(Scheduler, "update_rows_from_output", "scheduling")  # the engine's call
         self.wrap(engine.runner, "lower_step", "lowering")
         self.wrap(engine.runner.ModelRunner, "_step_inputs", "input preparation")
         self.wrap(dev.Device, "end_step", "cost model")

@@ -20,15 +20,6 @@ def make_chunk(request: Request, num_new_tokens: int, draft: Draft | None = None
                           tuple(request.block_ids), end_pos == request.num_tokens, draft.parents)
 
 
-def decode_chunk(request: Request) -> ScheduledChunk:
-    """`make_chunk(request, 1)` of a request one token behind (its last token, which samples):
-    the chunk of most rows of most steps, built without slicing."""
-    output_ids = request.output_token_ids
-    last_token_id = output_ids[-1] if output_ids else request.prompt_token_ids[-1]
-    return ScheduledChunk(request.request_id, request.num_computed_tokens, (last_token_id,),
-                          tuple(request.block_ids), True)
-
-
 def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, ...]:
     """`all_token_ids[start_pos:end_pos]` without concatenating the whole sequence per decode."""
     prompt_ids, num_prompt_tokens = request.prompt_token_ids, request.num_prompt_tokens
@@ -62,10 +53,13 @@ def check_stop(request: Request, max_model_len: int) -> FinishReason | None:
     Order: EOS and stop token ids (both gated by min_tokens, which counts output tokens), then
     max_tokens, then max_model_len. A stop token is kept in `output_token_ids`.
     """
-    # Called per sampled token: lengths read once, no property calls.
-    params = request.sampling_params
+    # Called per sampled token: lengths read once, no property calls, and most tokens of a
+    # request come before any rule could stop it (`first_stop_output_len`).
     output_ids = request.output_token_ids
     num_output_tokens = len(output_ids)
+    if num_output_tokens < request.first_stop_output_len:
+        return None
+    params = request.sampling_params
     if num_output_tokens >= params.min_tokens:
         last_token_id = output_ids[-1]
         if ((last_token_id == request.eos_token_id and not params.ignore_eos)
@@ -77,3 +71,18 @@ def check_stop(request: Request, max_model_len: int) -> FinishReason | None:
     if len(request.prompt_token_ids) + num_output_tokens >= max_model_len:
         return FinishReason.LENGTH
     return None
+
+
+def first_stop_output_len(request: Request, max_model_len: int) -> int:
+    """The fewest output tokens at which `check_stop` could stop `request`: before that no
+    token can (none stops it before min_tokens, or none at all without EOS and stop token
+    ids), nor can max_tokens or max_model_len."""
+    params = request.sampling_params
+    num_max_output_tokens = max_model_len - len(request.prompt_token_ids)
+    if params.max_tokens is not None:
+        num_max_output_tokens = min(num_max_output_tokens, params.max_tokens)
+    stops_on_tokens = ((request.eos_token_id is not None and not params.ignore_eos)
+                       or bool(params.stop_token_ids))
+    if stops_on_tokens:
+        return min(params.min_tokens, num_max_output_tokens)
+    return num_max_output_tokens

@@ -2,7 +2,7 @@
 
     step():  scheduler.schedule()                     -> SchedulerOutput
              runner.execute(scheduler_output)         -> ModelOutput (+ the step's NPU time)
-             scheduler.update_from_output(...)        -> TokenUpdates
+             scheduler.update_rows_from_output(...)   -> TokenUpdates (as plain tuples)
              output_processor.process(...)            -> RequestOutputs, stop-string hits
              scheduler.finish_requests(stop-string hits)
 
@@ -69,8 +69,8 @@ class EngineCore:
                                    info.max_model_len,
                                    enable_prefix_caching=config.cache.enable_prefix_caching,
                                    speculative=spec)
-        self.output_processor = OutputProcessor(info.tokenizer, spec.num_speculative_tokens,
-                                                deltas)
+        self.output_processor = OutputProcessor(
+            info.tokenizer, spec.num_speculative_tokens if spec.enabled else 0, deltas)
         self._wall_origin_s = time.monotonic()
         self.sim_now_s = 0.0  # the simulated NPU clock, in seconds since the engine started
         self.num_steps = 0  # non-empty steps run
@@ -212,7 +212,7 @@ class EngineCore:
         self.sim_now_s += step_sim_s
         self.num_steps += 1
         self._write_npu_trace(trace, self.sim_now_s - step_sim_s)
-        updates = self.scheduler.update_from_output(scheduler_output, model_output)
+        updates = self.scheduler.update_rows_from_output(scheduler_output, model_output)
         result = self.output_processor.process(scheduler_output, model_output, updates, start_s,
                                                time.monotonic(), self.sim_now_s, step_sim_s)
         return self._finish_step(result)

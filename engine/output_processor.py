@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import ModelOutput, RequestOutput, SchedulerOutput, TokenUpdate
+from engine.outputs import (
+    ModelOutput,
+    RequestOutput,
+    SchedulerOutput,
+    TokenLogprob,
+    TokenUpdateRow,
+)
 from engine.request import FinishReason, SamplingParams
 from engine.request_state import RequestState
 from engine.stats import FinishedRequestStats, IterationStats, SpecDecodingStats
@@ -42,14 +48,15 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any | None, num_speculative_tokens: int,
                  deltas: bool = True) -> None:
         """tokenizer: a Hugging Face tokenizer, or None for token ids without text.
-        num_speculative_tokens: the most draft nodes a verify has (its per-position counters).
+        num_speculative_tokens: the most draft nodes a verify has (its per-position counters);
+        0: speculative decoding is off, so no chunk carries drafts (no spec stats to collect).
         deltas: output every request that changed; False: only the finished ones (a simulation
         reads latencies from the stats and results from the finished outputs, not deltas)."""
         self.tokenizer = tokenizer
         self.num_speculative_tokens = num_speculative_tokens
         self.deltas = deltas
         # No text and no deltas (a simulation): a request that goes on only has its tokens'
-        # latencies noted, without building an output for it.
+        # latencies noted, without building an output for it (_process_quiet).
         self._quiet = tokenizer is None and not deltas
         self._states: dict[str, RequestState] = {}  # unfinished requests
         self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
@@ -80,16 +87,17 @@ class OutputProcessor:
                     now_sim_s: float) -> StepResult:
         """A step whose model run raised: every request in it ends with an error."""
         stats = _StepStats(self._take_aborted())
-        outputs = [self._output(TokenUpdate(c.request_id, (), None, FinishReason.ERROR), now_s,
-                                now_sim_s, stats)[0]
+        outputs = [self._output(c.request_id, (), None, FinishReason.ERROR, now_s, now_sim_s,
+                                stats)[0]
                    for c in scheduler_output.chunks]
         return StepResult(outputs, [], stats.build(now_s - start_s, 0.0, None))
 
     def process(self, scheduler_output: SchedulerOutput, model_output: ModelOutput,
-                updates: Sequence[TokenUpdate], start_s: float, now_s: float, now_sim_s: float,
-                step_sim_s: float) -> StepResult:
+                updates: Sequence[TokenUpdateRow], start_s: float, now_s: float,
+                now_sim_s: float, step_sim_s: float) -> StepResult:
         """One step's outputs, at wall time now_s and simulated time now_sim_s (after the step).
 
+        updates: the scheduler's, in chunk order (TokenUpdates or their plain tuples).
         start_s: wall time the step started (a request first scheduled then leaves the queue).
         """
         stats = _StepStats(self._take_aborted())
@@ -100,45 +108,74 @@ class OutputProcessor:
             if state.first_scheduled_s is None:
                 state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
-            num_known_tokens = chunk.num_known_tokens
-            if not (num_known_tokens == 1 and chunk.start_pos >= state.num_prompt_tokens):
+            # (chunk.num_known_tokens, inline: this runs once per row per step)
+            num_known_tokens = len(chunk.token_ids) - len(chunk.draft_parents)
+            if num_known_tokens != 1 or chunk.start_pos < state.num_prompt_tokens:
                 stats.num_prompt_tokens += num_known_tokens
         stats.num_preempted = len(scheduler_output.preempted_ids)
-        stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
-                                 self.num_speculative_tokens)
-        outputs, stopped_ids = [], []
-        quiet = self._quiet
-        for update in updates:
-            if quiet and update.finish_reason is None:
-                stats.record_tokens(states[update.request_id], len(update.new_token_ids), now_s,
-                                    now_sim_s)
-                continue
-            output, stopped = self._output(update, now_s, now_sim_s, stats)
-            if output is not None:
-                outputs.append(output)
-            if stopped:
-                stopped_ids.append(update.request_id)
+        if self.num_speculative_tokens:  # else no chunk carries drafts
+            stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
+                                     self.num_speculative_tokens)
+        if self._quiet:
+            outputs, stopped_ids = self._process_quiet(updates, now_s, now_sim_s, stats), []
+        else:
+            outputs, stopped_ids = [], []
+            for request_id, token_ids, logprobs, finish_reason in updates:
+                output, stopped = self._output(request_id, token_ids, logprobs, finish_reason,
+                                               now_s, now_sim_s, stats)
+                if output is not None:
+                    outputs.append(output)
+                if stopped:
+                    stopped_ids.append(request_id)
         return StepResult(outputs, stopped_ids,
                           stats.build(now_s - start_s, step_sim_s, model_output.trace))
+
+    def _process_quiet(self, updates: Sequence[TokenUpdateRow], now_s: float,
+                       now_sim_s: float, stats: _StepStats) -> list[RequestOutput]:
+        """`_output` of every update for an engine with no text and no deltas (a simulation):
+        the finished requests' outputs. A request that goes on after its first token only has
+        its inter-token latencies noted, inline (`_StepStats.record_tokens` without the calls
+        and the tuple it returns): most rows of every simulated step take this path. No text
+        means no stop strings, so nothing is left for the core to stop."""
+        states = self._states
+        itls_s, itls_sim_s = stats.itls_s, stats.itls_sim_s
+        outputs = []
+        num_generation_tokens = 0  # of the requests that went on past their first token
+        for request_id, token_ids, logprobs, finish_reason in updates:
+            state = states[request_id]
+            if finish_reason is not None or state.first_token_s is None:
+                output, _ = self._output(request_id, token_ids, logprobs, finish_reason, now_s,
+                                         now_sim_s, stats)
+                if output is not None:
+                    outputs.append(output)
+                continue
+            num_new_tokens = len(token_ids)
+            num_generation_tokens += num_new_tokens
+            state.num_output_tokens += num_new_tokens
+            itls_s.append(now_s - state.last_token_s)
+            itls_sim_s.append(now_sim_s - state.last_token_sim_s)
+            state.last_token_s, state.last_token_sim_s = now_s, now_sim_s
+        stats.num_generation_tokens += num_generation_tokens
+        return outputs
 
     def _take_aborted(self) -> list[FinishedRequestStats]:
         aborted, self._aborted = self._aborted, []
         return aborted
 
-    def _output(self, update: TokenUpdate, now_s: float, now_sim_s: float,
-                stats: _StepStats) -> tuple[RequestOutput | None, bool]:
-        """(the delta, or None when only finished requests are output and this one goes on;
-        whether a stop string ended a request the scheduler still runs)."""
-        request_id = update.request_id
+    def _output(self, request_id: str, token_ids: tuple[int, ...],
+                logprobs: tuple[TokenLogprob, ...] | None, finish_reason: FinishReason | None,
+                now_s: float, now_sim_s: float, stats: _StepStats,
+                ) -> tuple[RequestOutput | None, bool]:
+        """One update's (a TokenUpdate's fields): the delta, or None when only finished
+        requests are output and this one goes on; whether a stop string ended a request the
+        scheduler still runs."""
         state = self._states[request_id]
-        finish_reason = update.finish_reason
-        token_ids, text, stopped = update.new_token_ids, "", False
+        text, stopped = "", False
         detok = state.detokenizer
         if detok is not None:
             # A STOP from the scheduler means EOS or a stop token id: its text is not output.
             token_ids, text, stopped = _detokenize(detok, token_ids,
                                                    finish_reason == FinishReason.STOP)
-        logprobs = update.new_logprobs
         if logprobs is not None:
             logprobs = logprobs[:len(token_ids)]
         if token_ids:

@@ -4,7 +4,8 @@ The chain of one step, one way (nothing flows back up within the step):
 
     Scheduler.schedule()              -> SchedulerOutput    (which tokens of which requests)
     Runner.execute(scheduler_output)  -> ModelOutput        (sampled tokens, logprobs, NPU trace)
-    Scheduler.update_from_output()    -> list[TokenUpdate]  (new tokens, finished requests)
+    Scheduler.update_from_output()    -> list[TokenUpdate]  (new tokens, finished requests;
+                                                           the step passes them as tuples)
     OutputProcessor.process()         -> StepResult         (what clients see, stop-string hits)
 
 The scheduler output carries everything a runner needs: a request's prompt and sampling
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.arch import ModelArch
 from engine.request import FinishReason, SamplingParams
@@ -129,16 +130,22 @@ class ModelOutput:
     #   its next step (tokens and parents only), for requests that sampled this step
 
 
-@dataclass(slots=True)
-class TokenUpdate:
+class TokenUpdate(NamedTuple):
     """What one step changed for one request, as the scheduler sees it (no text yet).
 
-    Read-only once built; slotted, not frozen, for the reason ScheduledChunk is."""
+    A named tuple, so a plain tuple of the same four fields (a `TokenUpdateRow`) reads the same
+    when unpacked: the engine's step passes those (Scheduler.update_rows_from_output), one per
+    running request per step, since a tuple costs a fifth of any object's construction."""
 
     request_id: str  # whose tokens
     new_token_ids: tuple[int, ...]  # appended to the request's output this step
     new_logprobs: tuple[TokenLogprob, ...] | None  # matching logprobs, when asked for
     finish_reason: FinishReason | None  # set once, when the request finished this step
+
+
+# A TokenUpdate's fields as a plain tuple, in its order (what the engine's step passes on).
+TokenUpdateRow = tuple[str, tuple[int, ...], tuple[TokenLogprob, ...] | None,
+                       FinishReason | None]
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,8 @@ class Request:
     #   draft positions accepted; decides how many drafts still pay (scheduler)
     grammar: Any = None  # engine.structured CompiledGrammar of sampling_params'
     #   structured_outputs (compiled by EngineCore.add_request); passed on to the runner
+    first_stop_output_len: int = 0  # output tokens below which no stop rule can end it
+    #   (engine.chunks.first_stop_output_len, set by Scheduler.add_request; 0: check them all)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -6,6 +6,8 @@ One engine step is
     model_output = runner.execute(scheduler_output)
     token_updates = scheduler.update_from_output(scheduler_output, model_output)
 
+(The engine's step calls `update_rows_from_output`: the same updates as plain tuples.)
+
 **Schedule tokens, not phases** (vLLM v1): there is no prefill phase and no decode phase. Every
 request has `num_tokens` known tokens (prompt + outputs) of which `num_computed_tokens` are in the
 KV cache; each step spends one token budget (`max_num_batched_tokens`) letting requests catch up.
@@ -23,7 +25,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from engine.admission import check_fits
-from engine.chunks import append_sampled, decode_chunk, make_chunk
+from engine.chunks import append_sampled, check_stop, first_stop_output_len, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.kv_cache import KVCacheManager
 from engine.outputs import (
@@ -32,6 +34,7 @@ from engine.outputs import (
     ScheduledChunk,
     SchedulerOutput,
     TokenUpdate,
+    TokenUpdateRow,
 )
 from engine.request import FinishReason, Request, RequestStatus
 from engine.spec.adaptive import drafts_to_verify, drafts_worth, record_verify
@@ -89,6 +92,7 @@ class Scheduler:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_fits(request, self.max_model_len, self.kv_cache)
+        request.first_stop_output_len = first_stop_output_len(request, self.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request_id] = request
         self.waiting.append(request)
@@ -169,7 +173,9 @@ class Scheduler:
         decodes: list[Request] = []
         others: list[tuple[Request, int]] = []
         for request in self.running:
-            num_behind = request.num_tokens - request.num_computed_tokens
+            # (request.num_tokens, inline: once per row per step)
+            num_behind = (len(request.prompt_token_ids) + len(request.output_token_ids)
+                          - request.num_computed_tokens)
             if num_behind == 1:
                 decodes.append(request)
             elif num_behind > 1:
@@ -182,17 +188,22 @@ class Scheduler:
                 break
             if request.status != running:
                 continue
-            num_decodes_left -= 1
-            proposed, request.draft = request.draft, None  # verified at most once
             draft = None
             if speculative is not None:
+                num_decodes_left -= 1
+                proposed, request.draft = request.draft, None  # verified at most once
                 room = token_budget - 1 - num_decodes_left
                 draft = drafts_to_verify(request, proposed, speculative, self.max_model_len,
                                          room, num_decodes)
-            if draft is None and request.num_computed_tokens < len(request.block_ids) * block_size:
+            num_computed_tokens, block_ids = request.num_computed_tokens, request.block_ids
+            if draft is None and num_computed_tokens < len(block_ids) * block_size:
                 # Most rows of most steps: one token whose slot its block table already holds
-                # (allocate_slots would take nothing), so nobody is preempted.
-                chunks.append(decode_chunk(request))
+                # (allocate_slots would take nothing), so nobody is preempted. Its chunk is
+                # `make_chunk(request, 1)`, built inline: the last token, without slicing.
+                output_ids = request.output_token_ids
+                last_token_id = output_ids[-1] if output_ids else request.prompt_token_ids[-1]
+                chunks.append(ScheduledChunk(request.request_id, num_computed_tokens,
+                                             (last_token_id,), tuple(block_ids), True))
                 token_budget -= 1
             else:
                 token_budget -= self._add_chunk(request, 1, draft, chunks, preempted_ids)
@@ -312,12 +323,20 @@ class Scheduler:
             Finished requests are removed, their blocks freed, and their ids reported by the
             next `schedule()`. Chunks of requests finished in between (aborted) are skipped.
         """
-        token_updates: list[TokenUpdate] = []
+        return [TokenUpdate._make(row)
+                for row in self.update_rows_from_output(scheduler_output, model_output)]
+
+    def update_rows_from_output(
+        self, scheduler_output: SchedulerOutput, model_output: ModelOutput
+    ) -> list[TokenUpdateRow]:
+        """`update_from_output`, its updates as plain tuples (TokenUpdateRow): what the engine's
+        step calls, one row per running request per step."""
+        token_updates: list[TokenUpdateRow] = []
         requests, running, max_model_len = self.requests, RequestStatus.RUNNING, self.max_model_len
         kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
         caching = kv_cache.enable_caching  # else registering full blocks is a no-op: skip the call
         all_sampled, all_logprobs = model_output.sampled_token_ids, model_output.logprobs
-        all_drafts = model_output.drafts
+        all_drafts, speculative = model_output.drafts, self.speculative
         for chunk in scheduler_output.chunks:
             request_id = chunk.request_id
             request = requests.get(request_id)
@@ -325,11 +344,13 @@ class Scheduler:
                 continue  # finished (or replaced by a new request with that id) meanwhile
             # Blocks are registered (cache_full_blocks) as soon as they fill up, so only a
             # step that fills one has any to register: most decodes skip the call.
-            num_full_blocks = request.num_computed_tokens // block_size
+            num_computed_tokens = request.num_computed_tokens
             num_draft_tokens = len(chunk.draft_parents)
-            request.num_computed_tokens += len(chunk.token_ids) - num_draft_tokens
+            request.num_computed_tokens = (num_computed_tokens + len(chunk.token_ids)
+                                           - num_draft_tokens)
             if not chunk.sample:
-                if caching and request.num_computed_tokens // block_size > num_full_blocks:
+                if caching and (request.num_computed_tokens // block_size
+                                > num_computed_tokens // block_size):
                     kv_cache.cache_full_blocks(request)  # their K/V are written now
                 continue
             sampled = all_sampled[request_id]
@@ -340,19 +361,28 @@ class Scheduler:
                 record_verify(request, num_draft_tokens, num_accepted)
                 request.num_computed_tokens += num_accepted
                 kv_cache.trim(request, request.num_computed_tokens + 1)
-            new_token_ids, finish_reason = append_sampled(request, sampled, max_model_len)
-            logprobs = all_logprobs.get(request_id) if all_logprobs else None
-            if logprobs is not None:
-                logprobs = logprobs[: len(new_token_ids)]
-            if caching and request.num_computed_tokens // block_size > num_full_blocks:
+            if len(sampled) == 1:  # most rows of most steps: append_sampled without a call
+                output_ids = request.output_token_ids
+                output_ids.append(sampled[0])
+                new_token_ids, finish_reason = sampled, None
+                if len(output_ids) >= request.first_stop_output_len:  # (check_stop's own test)
+                    finish_reason = check_stop(request, max_model_len)
+            else:
+                new_token_ids, finish_reason = append_sampled(request, sampled, max_model_len)
+            logprobs = None
+            if all_logprobs:
+                logprobs = all_logprobs.get(request_id)
+                if logprobs is not None:
+                    logprobs = logprobs[: len(new_token_ids)]
+            if caching and (request.num_computed_tokens // block_size
+                            > num_computed_tokens // block_size):
                 kv_cache.cache_full_blocks(request)  # accepted drafts fill blocks too
             if finish_reason is not None:
                 self._finish(request, RequestStatus.for_reason(finish_reason))
-            else:
-                request.draft = all_drafts.get(request_id) if all_drafts else None
+            elif speculative is not None:  # (else drafts are ignored: request.draft stays None)
+                request.draft = all_drafts.get(request_id)
             if new_token_ids or finish_reason is not None:
-                token_updates.append(TokenUpdate(request_id, tuple(new_token_ids), logprobs,
-                                                 finish_reason))
+                token_updates.append((request_id, tuple(new_token_ids), logprobs, finish_reason))
         return token_updates
 
     # ---------------------------------------------------------------- finishing from outside

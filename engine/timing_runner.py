@@ -124,7 +124,11 @@ class TimingRunner:
         chunks = scheduler_output.chunks
         if not chunks:
             return ModelOutput(sampled_token_ids={})
-        num_sampled = sum(1 + len(c.draft_parents) for c in chunks if c.sample)
+        # Per row of every step, so comprehensions and C loops; verifies (chunks with drafts)
+        # only with speculative decoding.
+        sampling = [c for c in chunks if c.sample]
+        verifying = [c for c in sampling if c.draft_parents]
+        num_sampled = len(sampling) + sum([c.num_draft_tokens for c in verifying])
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
             plan = lower_step(chunks, num_sampled, self.arch, self.device.chip, self.block_size,
@@ -140,9 +144,11 @@ class TimingRunner:
             trace = self.device.time_launches(shared, attention, num_requests=len(chunks))
         self.num_launches += trace.num_launches
         token = (SYNTHETIC_TOKEN_ID,)
-        # a chunk without drafts draws nothing from the generator: its one token, directly
-        sampled = {c.request_id: token * (1 + self._num_accepted(c)) if c.draft_parents
-                   else token for c in chunks if c.sample}
+        # a chunk without drafts draws nothing from the generator: its one token, directly;
+        # a verify then draws its accepted drafts, in chunk order (its key keeps its place)
+        sampled = dict.fromkeys([c.request_id for c in sampling], token)
+        for chunk in verifying:
+            sampled[chunk.request_id] = token * (1 + self._num_accepted(chunk))
         drafts = {request_id: Draft.chain(token * num_drafts)
                   for request_id, num_drafts in scheduler_output.num_drafts_to_propose.items()
                   if request_id in sampled}

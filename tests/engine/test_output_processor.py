@@ -1,0 +1,59 @@
+"""The output processor without a tokenizer: its quiet path (no deltas, what a simulation runs)
+notes the same latencies and finishes the same requests as the path that outputs every delta."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from engine.output_processor import OutputProcessor
+from engine.outputs import ModelOutput
+from engine.request import Request
+from engine.scheduler import Scheduler
+
+MakeRequest = Callable[..., Request]
+MakeScheduler = Callable[..., Scheduler]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
+                                         make_request: MakeRequest, seed: int) -> None:
+    rng = random.Random(seed)
+    scheduler = make_scheduler(max_num_batched_tokens=16, num_kv_blocks=48)
+    loud = OutputProcessor(None, 0, deltas=True)
+    quiet = OutputProcessor(None, 0, deltas=False)
+    num_arrived, now_s = 0, 0.0
+    for _ in range(400):
+        if num_arrived < 24 and rng.random() < 0.3:
+            request = make_request(str(num_arrived), rng.randint(1, 20), rng.randint(1, 12))
+            scheduler.add_request(request)
+            for processor in (loud, quiet):
+                processor.add_request(request.request_id, request.prompt_token_ids,
+                                      request.sampling_params, now_s, now_s * 10,
+                                      request.sampling_params.max_tokens or 0)
+            num_arrived += 1
+        if scheduler.requests and rng.random() < 0.03:  # aborted between steps
+            request_id = rng.choice(sorted(scheduler.requests))
+            scheduler.abort_requests(request_id)
+            for processor in (loud, quiet):
+                processor.abort_requests([request_id], now_s, now_s * 10)
+        out = scheduler.schedule()
+        if out.is_empty:
+            now_s += 0.5
+            continue
+        # Mostly one token, sometimes EOS, now and then two (as after a verify).
+        sampled = {c.request_id: tuple(rng.choice([2, 5, 6, 7])
+                                       for _ in range(2 if rng.random() < 0.1 else 1))
+                   for c in out.chunks if c.sample}
+        rows = scheduler.update_rows_from_output(out, ModelOutput(sampled_token_ids=sampled))
+        step_s, now_s = now_s, now_s + rng.choice([0.25, 0.5, 1.0])
+        loud_result = loud.process(out, ModelOutput(sampled), rows, step_s, now_s, now_s * 10,
+                                   (now_s - step_s) * 10)
+        quiet_result = quiet.process(out, ModelOutput(sampled), rows, step_s, now_s,
+                                     now_s * 10, (now_s - step_s) * 10)
+        assert quiet_result.outputs == [o for o in loud_result.outputs if o.finished]
+        assert quiet_result.stats == loud_result.stats
+        assert quiet_result.stopped_ids == loud_result.stopped_ids == []
+    assert num_arrived == 24 and not scheduler.requests
