@@ -117,10 +117,8 @@ class ModelFlops:
 
     @staticmethod
     def of(arch) -> ModelFlops:
-        h, d, inter = arch.hidden_size, arch.head_dim, arch.intermediate_size
-        layer = h * (arch.num_heads + 2 * arch.num_kv_heads) * d + arch.num_heads * d * h
-        layer += 3 * h * inter
-        return ModelFlops(2 * layer * arch.num_layers / 1e9, 2 * h * arch.vocab_size / 1e9)
+        return ModelFlops(2 * arch.num_layer_gemm_params * arch.num_layers / 1e9,
+                          2 * arch.hidden_size * arch.vocab_size / 1e9)
 
     def work(self, computed_tokens: float, sampled_tokens: float) -> float:
         return computed_tokens * self.per_token + sampled_tokens * self.lm_head

@@ -40,12 +40,18 @@ class ModelArch:
     bos_token_id: int | None  # config.bos_token_id (None when the model has none)
 
     @property
-    def num_params(self) -> int:
-        """Parameters of the model (embedding, layers, final norm, LM head unless tied)."""
+    def num_layer_gemm_params(self) -> int:
+        """GEMM weights of one decoder layer: the QKV, O, gate/up and down projections."""
         h, d = self.hidden_size, self.head_dim
         qkv = (self.num_heads + 2 * self.num_kv_heads) * d
-        layer = (qkv * h + h * self.num_heads * d + 3 * h * self.intermediate_size + 2 * h
-                 + (qkv if self.attention_bias else 0))
+        return qkv * h + h * self.num_heads * d + 3 * h * self.intermediate_size
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the model (embedding, layers, final norm, LM head unless tied)."""
+        h = self.hidden_size
+        qkv_bias = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        layer = self.num_layer_gemm_params + 2 * h + (qkv_bias if self.attention_bias else 0)
         embed = self.vocab_size * h
         return embed * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + h
 

@@ -173,11 +173,11 @@ def lower_step_counts(chunks: Sequence[ChunkLike], num_sampled: int, arch: Model
     card = shard_arch(arch, tp)
     attention, t = _lower_attention(chunks, card, chip, block_size, policy)
     embed = _dense_kernels(t, num_sampled, card, chip, policy, tp)[1]["embed"]
-    entry = _SHARED_LAUNCHES.get((id(embed), num_layers, len(attention)))
-    if entry is None or entry[0] is not embed:
+    shared = _known_shared_launches(embed, num_layers, len(attention))
+    if shared is None:
         plan = _step_plan(attention, t, num_sampled, card, chip, policy, tp)
         return step_launch_counts(plan, num_layers)
-    return entry[1], attention
+    return shared, attention
 
 
 def _lower_attention(chunks: Sequence[ChunkLike], card: ModelArch, chip: ChipSpec,
@@ -324,17 +324,23 @@ def step_launch_counts(plan: StepPlan, num_layers: int,
     layer = plan.layer
     attention = (layer.attention,) if layer.decode_attention is None else (
         layer.attention, layer.decode_attention)
-    # The embed kernel is one of the set's (_dense_kernels builds them together): the entry
-    # holds it, so its id names the set while the entry lives.
-    key = (id(plan.embed), num_layers, len(attention))
-    entry = _SHARED_LAUNCHES.get(key)
-    if entry is None or entry[0] is not plan.embed:
+    shared = _known_shared_launches(plan.embed, num_layers, len(attention))
+    if shared is None:
         if len(_SHARED_LAUNCHES) >= _SHARED_LAUNCHES_LIMIT:
             _SHARED_LAUNCHES.clear()
         shared = tuple((None if isinstance(kernel, AttentionKernel) else kernel, n)
                        for kernel, n in _launch_counts(plan, num_layers))
-        entry = _SHARED_LAUNCHES[key] = (plan.embed, shared)
-    return entry[1], attention
+        _SHARED_LAUNCHES[id(plan.embed), num_layers, len(attention)] = (plan.embed, shared)
+    return shared, attention
+
+
+def _known_shared_launches(embed: VectorKernel, num_layers: int, num_attention: int,
+                           ) -> SharedLaunches | None:
+    """The shared launches kept for the dense kernel set of `embed` (step_launch_counts), or
+    None. The embed kernel is one of the set's (_dense_kernels builds them together): the entry
+    holds it, so its id names the set while the entry lives."""
+    entry = _SHARED_LAUNCHES.get((id(embed), num_layers, num_attention))
+    return entry[1] if entry is not None and entry[0] is embed else None
 
 
 def _launch_counts(plan: StepPlan, num_layers: int) -> list[tuple[Kernel, int]]:

@@ -65,10 +65,8 @@ def weight_bytes(arch: ModelArch, weight_dtype_bytes: int = 2, layer_weights: st
     """Bytes of the model's weights (engine.arch.ModelArch.num_params) in that dtype, the
     decoder layers' and the LM head's GEMM weights in their NPU formats (npu_sim.tasks:
     bf16, or weight-only w8a16 / w4a16 with their group scales)."""
-    h, d = arch.hidden_size, arch.head_dim
-    layer_gemms = arch.num_layers * h * ((arch.num_heads + 2 * arch.num_kv_heads) * d
-                                         + arch.num_heads * d + 3 * arch.intermediate_size)
-    head = 0 if arch.tie_word_embeddings else arch.vocab_size * h
+    layer_gemms = arch.num_layers * arch.num_layer_gemm_params
+    head = 0 if arch.tie_word_embeddings else arch.vocab_size * arch.hidden_size
     rest = arch.num_params - layer_gemms - head  # embedding, norms, biases
     return (rest * weight_dtype_bytes + layer_gemms * _per_weight(layer_weights, weight_dtype_bytes)
             + head * _per_weight(lm_head_weights, weight_dtype_bytes))

@@ -228,16 +228,12 @@ class ModelRunner:
         if path == tuple(range(len(path))):
             return
         root = chunk.start_pos + chunk.num_known_tokens - 1
-        src = self._slots(chunk.block_ids, root + 1 + np.asarray(path))
-        dst = self._slots(chunk.block_ids, root + 1 + np.arange(len(path)))
+        bs = self.block_size
+        src = torch.from_numpy(_slot_ids(chunk.block_ids, root + 1 + np.asarray(path), bs))
+        dst = torch.from_numpy(_slot_ids(chunk.block_ids, root + 1 + np.arange(len(path)), bs))
         for caches in (self.k_caches, self.v_caches):
             flat = caches.view(caches.shape[0], -1, *caches.shape[3:])  # (L, NB * BS, Hkv, D)
             flat[:, dst] = flat[:, src]
-
-    def _slots(self, block_ids: tuple[int, ...], positions: np.ndarray) -> torch.Tensor:
-        table = np.asarray(block_ids, dtype=np.int64)
-        bs = self.block_size
-        return torch.from_numpy(table[positions // bs] * bs + positions % bs)
 
     def _propose(self, token_ids: Mapping[str, tuple[int, ...]],
                  num_drafts: Mapping[str, int]) -> dict[str, Draft]:
@@ -288,9 +284,8 @@ class ModelRunner:
                     depths = node_depths(c.draft_parents)
                     pos_of = np.concatenate([slot_pos[:c.num_known_tokens],
                                              root + np.asarray(depths)])
-                table = np.asarray(c.block_ids, dtype=np.int64)
                 positions += pos_of.tolist()
-                slots += (table[slot_pos // bs] * bs + slot_pos % bs).tolist()
+                slots += _slot_ids(c.block_ids, slot_pos, bs).tolist()
             row += c.num_tokens
             if c.sample:
                 # the last known token predicts the next one; each draft node its successor
@@ -303,6 +298,13 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64),
         )
+
+
+def _slot_ids(block_ids: tuple[int, ...], positions: np.ndarray, block_size: int) -> np.ndarray:
+    """int64 paged-cache slots (block id x block_size + offset) of a request's `positions`,
+    its block table `block_ids`."""
+    table = np.asarray(block_ids, dtype=np.int64)
+    return table[positions // block_size] * block_size + positions % block_size
 
 
 # The NPU's weight-only formats of the CPU's GGUF blocks (npu_sim.tasks.WEIGHT_QUANT)
