@@ -87,3 +87,33 @@ def test_report_turns_ratios_so_that_above_one_means_xyserve_is_better() -> None
     assert rows["output tok/s"].rstrip(" |").endswith("1.50x")  # 300 / the best peer's 200
     assert rows["ITL p50 ms"].rstrip(" |").endswith("2.00x")  # the best peer's 40 ms / 20 ms
     assert "xyserve-auto vs best peer" in text
+
+
+def _mixed_run(itl_p99_ms: float, itl_max_ms: float | None) -> dict[str, object]:
+    run = {"itl_p50_ms": 50.0, "itl_p99_ms": itl_p99_ms, "itl_p99_over_p50": itl_p99_ms / 50,
+           "decode_output_throughput": 90.0, "long_prompt_ttft_p50_ms": 8000.0,
+           "num_long_prompts": 8, "long_prompt_tokens": 1000, "foreign_cpu_load": 0.0}
+    if itl_max_ms is not None:
+        run["itl_max_ms"] = itl_max_ms
+    return run
+
+
+def test_mixed_load_table_shows_the_worst_gap_that_p99_hides() -> None:
+    data = {
+        "date": "today", "command": "c", "machine": {"model": "cpu", "cores": 2,
+                                                     "memory_gib": 24, "torch_threads": 2,
+                                                     "flags": []},
+        "versions": {}, "gemm": {"fp32_roofline": 100.0}, "memory_read_gbs": 10.0,
+        "flops": {"per_token": 0.2, "lm_head": 0.1}, "servers": [], "server_info": {},
+        "workloads": [], "workload_specs": {}, "runs": {},
+        "mixed": {"token_budget@256@1": _mixed_run(739.2, 930.0),
+                  "prefill_first@256@1": _mixed_run(109.8, 18650.0),
+                  "prefill_first@256@2": _mixed_run(96.1, None)},  # an older results file
+    }
+    rows = [line.split("|")[1:-1] for line in report(data).splitlines()
+            if line.startswith("| ") and "@" not in line]
+    header = [cell.strip() for cell in rows[0]]
+    worst = header.index("worst ITL ms")
+    by_run = {(r[0].strip(), r[2].strip()): r[worst].strip() for r in rows[2:]}
+    assert by_run == {("token_budget", "1"): "930", ("prefill_first", "1"): "18650",
+                      ("prefill_first", "2"): "-"}
