@@ -3,12 +3,14 @@ and the CLI's error paths. Timing only: no weights, no torch."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import pathlib
 
 import pytest
 
+from cluster import driver
 from cluster.cli import add_simulate_parser
 from cluster.results import Slo
 from cluster.simulation import Simulation
@@ -44,6 +46,15 @@ def test_slow_arrivals_never_queue() -> None:
     assert result.summary.num_requests == 6
     assert all(r.queue_s == 0.0 for r in result.recorder.requests.values())
     assert result.summary.queue_s["p99"] == 0.0
+
+
+def test_a_run_collects_garbage_less_often_and_restores_the_collector() -> None:
+    before = gc.get_threshold()
+    seen = set()
+    requests = tuple(RequestSpec(0.01 * i, 100, 5) for i in range(3))
+    Simulation(MODEL).run(Workload(requests, "gc"), on_step=lambda _: seen.add(gc.get_threshold()))
+    assert seen == {driver._SIMULATION_GC_THRESHOLD} != {before}
+    assert gc.get_threshold() == before
 
 
 def test_small_pool_preempts_and_counts_it() -> None:
