@@ -118,7 +118,7 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees). A
     decode-only batch none of whose tiles is split (most steps of a simulation) carries its
     context lengths instead (`AttentionKernel.decode_context_lens`, what the cost model prices
-    it from), and its sequence and shape tables are built on first read too.
+    it from), and its sequence and shape tables are built on first read too (`_lower_decode`).
     """
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     chunks = tuple(chunks)  # kept for the lazy block tables

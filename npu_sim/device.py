@@ -25,7 +25,8 @@ layer), and GEMM / vector timings across steps by shape, so costing a step is a 
 per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
 further: what the kernels it shares with other steps add up to is kept per set of them
 (npu_sim.step_sums), and only its attention kernels are timed and summed (a decode-only one
-priced from its sequences' context lengths: npu_sim.cost).
+priced from its sequences' context lengths, npu_sim.cost, and summed from them without a
+KernelTiming: `Device._decode_launch_sums`).
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ class Device:
         bit of these non-negative sums)."""
         c = self.chip
         main = self.cost_model.decode_attention(kernel)
-        core, block = _round_robin(len(main.cycles), c.num_cube_cores, True)
+        core, block = deal(len(main.cycles), c.num_cube_cores, symmetric=True)
         busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
         busy[:block] += main.core_overhead_cycles
         hbm_bytes = main.hbm_read_bytes + main.hbm_write_bytes
