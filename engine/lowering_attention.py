@@ -165,16 +165,16 @@ def _lower_decode(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, arch: Mo
                                    num_kv_heads, chip, block_size, decode=True))
     context = start_pos + 1  # each tile's causal horizon
     n_blocks = (context + (block_size - 1)) // block_size
-    # _spans' work is q_rows x (g x block_size) x blocks, q_rows 1: whole numbers, exact. No
-    # tile over the share is never split; one over it is where its KV makes two spans at least
-    # (_spans: ask the tiles, the rare case).
+    # _spans' work is q_rows x (g x block_size) x blocks, q_rows 1: whole numbers, exact. A
+    # tile within the share is never split; one over it only where its KV makes two spans at
+    # least (_spans decides: the tiles are asked, the rare case).
     block_work = g * block_size
     share = _core_share(int(n_blocks.sum()) * block_work, num_kv_heads, chip)
     if share and int(n_blocks.max()) * block_work > share and int(tiles().num_spans.max()) > 1:
         return None
     # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
-    # their tile order: a stable sort)
-    task_shape = np.repeat(np.argsort(-n_blocks, kind="stable"), num_kv_heads)
+    # their tile order: a stable sort); array methods, not numpy's Python-level wrappers
+    task_shape = (-n_blocks).argsort(kind="stable").repeat(num_kv_heads)
     # Timing reads the context lengths and the dealt order only: the sequence and shape tables
     # are built if something reads them.
     return AttentionKernel(

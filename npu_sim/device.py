@@ -292,7 +292,7 @@ class Device:
         # (an AIC's mix task keeps its AIVs busy as long)
         row = np.concatenate(([cycles, main.cube_active_cycles, main.vector_active_cycles,
                                hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
-                              busy, np.repeat(busy, self.cost_model.aivs)[:c.num_vector_cores]))
+                              busy, busy.repeat(self.cost_model.aivs)[:c.num_vector_cores]))
         return LaunchSums(kernel.primitive, kernel.primitive.value, cycles / c.clock_hz,
                           len(main.cycles), row)
 
