@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -118,7 +118,7 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees). A
     decode-only batch none of whose tiles is split (most steps of a simulation) carries its
     context lengths instead (`AttentionKernel.decode_context_lens`, what the cost model prices
-    it from), and its sequence and shape tables are built on first read too.
+    it from), and its sequence and shape tables are built on first read too (`_lower_decode`).
     """
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     chunks = tuple(chunks)  # kept for the lazy block tables
@@ -126,31 +126,23 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     # attribute getters mapped in C: no Python frame per chunk (the attributes may be fields or
     # properties: ScheduledChunk.num_tokens is one)
     start_pos = np.fromiter(map(_START_POS, chunks), np.int64, num_seqs)
+    drafts = any(map(_DRAFT_PARENTS, chunks))
+    if num_seqs and not drafts and set(map(_NUM_TOKENS, chunks)) == {1}:  # decode only
+        kernel = _lower_decode(chunks, start_pos, arch, chip, block_size)
+        if kernel is not None:
+            return kernel
     q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
-    trees = ([s for s, c in enumerate(chunks) if c.draft_parents]
-             if any(map(_DRAFT_PARENTS, chunks)) else [])
+    trees = [s for s, c in enumerate(chunks) if c.draft_parents] if drafts else []
     verify = None
     if trees:
         verify = np.zeros(num_seqs, dtype=bool)
         verify[trees] = True
-    decode = not trees and num_seqs > 0 and int(q_len.max()) == 1  # one token per sequence
-    tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size, decode)
+    tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size)
     max_spans = int(tiles.num_spans.max()) if num_seqs else 1
-    tables = _once(lambda: _task_tables(tiles, num_kv_heads))
-    fields = {"name": "attention", "num_heads": arch.num_heads, "num_kv_heads": num_kv_heads,
-              "head_dim": arch.head_dim, "block_size": block_size,
-              "scale": arch.head_dim**-0.5, "block_tables": lambda: _block_tables(chunks),
-              "tasks": lambda: tables()[0], "combine_tasks": lambda: tables()[1]}
-    if decode and max_spans == 1:
-        # A decode-only launch, no tile split: timing reads the context lengths and the dealt
-        # order only, so the sequence and shape tables are built if something reads them.
-        return AttentionKernel(
-            **fields, seqs=lambda: _seq_table(q_len, start_pos), num_partial_slots=0,
-            max_tile_rows=int(tiles.tile_rows[0]), shapes=lambda: _tile_shapes(tiles),
-            task_shape=_tile_order(tiles, num_kv_heads), decode_context_lens=start_pos + q_len)
     shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
     return AttentionKernel(
-        **fields, seqs=_seq_table(q_len, start_pos),
+        **_kernel_fields(chunks, arch, block_size, lambda: tiles),
+        seqs=_seq_table(q_len, start_pos),
         num_partial_slots=0 if max_spans == 1 else num_kv_heads * int(
             tiles.num_spans[tiles.num_spans > 1].sum()),
         max_tile_rows=int(tiles.tile_rows.max()) if len(tiles.seq) else 0,
@@ -158,6 +150,49 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
                          if not token_tree.is_chain(chunks[s].draft_parents)),
         shapes=shapes, task_shape=task_shape,
     )
+
+
+def _lower_decode(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, arch: ModelArch,
+                  chip: ChipSpec, block_size: int) -> AttentionKernel | None:
+    """lower_attention's kernel of a decode-only batch (every chunk one token, none a verify
+    chunk: a tile per sequence), or None when a tile is to be split into KV spans (the general
+    lowering does that). Most steps of a simulation are such batches, so what timing reads is
+    computed straight from the context lengths in a few numpy calls: each tile's KV blocks,
+    the split test and the dealt order, the values `_q_tiles` and `_tile_order` give (tested);
+    the tiles themselves, hence the sequence, shape and task tables, only when read."""
+    g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
+    tiles = _once(lambda: _q_tiles(np.ones(len(chunks), np.int64), start_pos, None, g,
+                                   num_kv_heads, chip, block_size, decode=True))
+    context = start_pos + 1  # each tile's causal horizon
+    n_blocks = (context + (block_size - 1)) // block_size
+    # _spans' work is q_rows x (g x block_size) x blocks, q_rows 1: whole numbers, exact. A
+    # tile within the share is never split; one over it only where its KV makes two spans at
+    # least (_spans decides: the tiles are asked, the rare case).
+    block_work = g * block_size
+    share = _core_share(int(n_blocks.sum()) * block_work, num_kv_heads, chip)
+    if share and int(n_blocks.max()) * block_work > share and int(tiles().num_spans.max()) > 1:
+        return None
+    # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
+    # their tile order: a stable sort); array methods, not numpy's Python-level wrappers
+    task_shape = (-n_blocks).argsort(kind="stable").repeat(num_kv_heads)
+    # Timing reads the context lengths and the dealt order only: the sequence and shape tables
+    # are built if something reads them.
+    return AttentionKernel(
+        **_kernel_fields(chunks, arch, block_size, tiles),
+        seqs=lambda: _seq_table(tiles().q_rows, start_pos), num_partial_slots=0,
+        max_tile_rows=attention_q_tile(1, g)[0], shapes=lambda: _tile_shapes(tiles()),
+        task_shape=task_shape, decode_context_lens=context)
+
+
+def _kernel_fields(chunks: tuple[ChunkLike, ...], arch: ModelArch, block_size: int,
+                   tiles: Callable[[], _Tiles]) -> dict[str, Any]:
+    """The AttentionKernel fields every meta-kernel launch has alike: its model shape, and its
+    block, task and combine tables built on first read (from `tiles()`, its Q tiles)."""
+    tables = _once(lambda: _task_tables(tiles(), arch.num_kv_heads))
+    return {"name": "attention", "num_heads": arch.num_heads, "num_kv_heads": arch.num_kv_heads,
+            "head_dim": arch.head_dim, "block_size": block_size,
+            "scale": arch.head_dim**-0.5, "block_tables": lambda: _block_tables(chunks),
+            "tasks": lambda: tables()[0], "combine_tasks": lambda: tables()[1]}
 
 
 def _seq_table(q_len: np.ndarray, start_pos: np.ndarray) -> np.ndarray:
@@ -222,7 +257,7 @@ def _spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows:
     row sees) with their KV blocks and spans."""
     n_blocks = (horizon + (block_size - 1)) // block_size  # the causal horizon's
     work = q_rows * (g * block_size) * n_blocks  # whole numbers: exact in any order
-    share = float(work.sum()) * num_kv_heads / chip.num_cube_cores
+    share = _core_share(int(work.sum()), num_kv_heads, chip)
     # No tile over the share (work / share <= 1 exactly when work <= share, IEEE division being
     # monotone) wants a second span: the common case, costing one reduction.
     if not share or int(work.max()) <= share:
@@ -231,6 +266,12 @@ def _spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows:
     num_spans = np.maximum(1, np.minimum(wanted, n_blocks // max(1, MIN_KV_SPAN_TOKENS //
                                                                   block_size)))
     return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, num_spans)
+
+
+def _core_share(work: int, num_kv_heads: int, chip: ChipSpec) -> float:
+    """The per-core share of a launch whose tiles' work (stacked rows x keys, KV head 0's)
+    adds up to `work`: all KV heads' work over the cube cores."""
+    return float(work) * num_kv_heads / chip.num_cube_cores
 
 
 def _shapes(tiles: _Tiles, num_kv_heads: int, max_spans: int,

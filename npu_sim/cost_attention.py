@@ -118,6 +118,7 @@ def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndar
 # spans, a few new ones per step. Decode rows live in tables indexed by their keys instead.
 _MEMO_ROWS = 1 << 16
 _DECODE_BLOCK = 512  # decode-row keys priced together
+_NO_TABLE = np.empty((NUM_TERMS, 0))  # a decode table before its first keys
 
 
 class RowMemo:
@@ -126,13 +127,15 @@ class RowMemo:
 
     Decode-like rows (one query token, a final output, the span reaching the diagonal, all KV
     reads from HBM) are a function of their keys and tile rows: per tile rows, a table of
-    terms indexed by keys, looked up for all such rows at once. Any other row is keyed by
-    (keys, q_rows, tile_rows, final, horizon_reached, hbm_fraction) in a dictionary."""
+    terms indexed by keys, every key up to the largest seen priced, looked up for all such rows
+    at once. Any other row is keyed by (keys, q_rows, tile_rows, final, horizon_reached,
+    hbm_fraction) in a dictionary."""
 
     def __init__(self, stages: int, group_size: int, head_dim: int) -> None:
         self.stages, self.group_size, self.head_dim = stages, group_size, head_dim
-        # decode-like rows: tile rows -> (terms (NUM_TERMS, keys + 1), which keys are filled)
-        self._tables: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        # decode-like rows: tile rows -> (terms (NUM_TERMS, capacity) by keys, every key below
+        # the second item priced)
+        self._tables: dict[float, tuple[np.ndarray, int]] = {}
         self._index: dict[tuple[Any, ...], int] = {}  # other rows: key -> column of _terms
         self._terms = np.empty((NUM_TERMS, 256))  # their terms, a column per row
 
@@ -165,29 +168,32 @@ class RowMemo:
         return terms
 
     def decode_terms(self, cm: CostModel, tile_rows: float, at: np.ndarray) -> np.ndarray:
-        """(NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these keys (int64)."""
-        table, filled = self._tables.get(tile_rows, (None, None))
+        """C-contiguous (NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these
+        keys (int64, non-negative)."""
+        table, priced = self._tables.get(tile_rows, (_NO_TABLE, 0))
         top = int(at.max())
-        if table is None or filled is None or top >= len(filled):
-            size = max(-(-(top + 1) // _DECODE_BLOCK) * _DECODE_BLOCK,
-                       0 if filled is None else 2 * len(filled))
-            grown, grown_filled = np.empty((NUM_TERMS, size)), np.zeros(size, dtype=bool)
-            if table is not None and filled is not None:
-                grown[:, :len(filled)], grown_filled[:len(filled)] = table, filled
-            table, filled = grown, grown_filled
-            self._tables[tile_rows] = table, filled
-        if not filled[at].all():
-            new = ~filled[at]
-            # Whole blocks of keys at once: pricing a block costs what pricing one row does
-            # (numpy's per-call overhead), and decode rows walk through consecutive keys.
-            blocks = np.unique(at[new] // _DECODE_BLOCK)
-            fresh = (blocks[:, None] * _DECODE_BLOCK + np.arange(_DECODE_BLOCK)).reshape(-1)
-            ones = np.ones(len(fresh))
-            table[:, fresh] = np.stack(attention_rows(
-                cm, self.stages, fresh.astype(np.float64), ones, self.group_size,
-                ones * tile_rows, ones > 0, ones > 0, ones, self.head_dim))
-            filled[fresh] = True
-        return np.ascontiguousarray(table[:, at])
+        if top >= priced:
+            table = self._price_keys(cm, tile_rows, table, priced, top)
+        return table.take(at, axis=1)  # (a take along axis 1 is C-contiguous, as sums want)
+
+    def _price_keys(self, cm: CostModel, tile_rows: float, table: np.ndarray, priced: int,
+                    top: int) -> np.ndarray:
+        """The decode table of `tile_rows`, priced for every key up to `top` (keys below
+        `priced` are already): whole blocks of keys at once, from `priced` on (decode rows walk
+        through consecutive keys; pricing a block costs what pricing one row does: numpy's
+        per-call overhead), the table's capacity at least doubled when outgrown."""
+        end = -(-(top + 1) // _DECODE_BLOCK) * _DECODE_BLOCK
+        if end > table.shape[1]:
+            grown = np.empty((NUM_TERMS, max(end, 2 * table.shape[1])))
+            grown[:, :priced] = table[:, :priced]
+            table = grown
+        keys = np.arange(priced, end, dtype=np.float64)
+        ones = np.ones(len(keys))
+        table[:, priced:end] = np.stack(attention_rows(
+            cm, self.stages, keys, ones, self.group_size, ones * tile_rows, ones > 0, ones > 0,
+            ones, self.head_dim))
+        self._tables[tile_rows] = table, end
+        return table
 
     def _keyed_terms(self, cm: CostModel, *columns: np.ndarray) -> np.ndarray:
         """(NUM_TERMS, rows) terms of any rows (columns as attention_rows takes them)."""

@@ -25,7 +25,8 @@ layer), and GEMM / vector timings across steps by shape, so costing a step is a 
 per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
 further: what the kernels it shares with other steps add up to is kept per set of them
 (npu_sim.step_sums), and only its attention kernels are timed and summed (a decode-only one
-priced from its sequences' context lengths: npu_sim.cost).
+priced from its sequences' context lengths, npu_sim.cost, and summed from them without a
+KernelTiming: `Device._decode_launch_sums`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from npu_sim.collectives import bytes_moved, collective_seconds
 from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
-from npu_sim.step_sums import SharedLaunches, StepTemplate, build_template, step_sums
+from npu_sim.step_sums import (
+    LaunchSums,
+    SharedLaunches,
+    StepTemplate,
+    build_template,
+    step_sums,
+)
 from npu_sim.tasks import (
     AttentionKernel,
     CollectiveKernel,
@@ -237,7 +244,7 @@ class Device:
                 self._step_sums_size)
         # timed afresh: the step's own kernels are new kernels (a step cache would be dropped
         # at begin_step below anyway)
-        pairs = [(self.time(kernel), n)
+        pairs = [(self._launch_sums(kernel), n)
                  for kernel, n in zip(varying, template.varying_counts, strict=True)]
         for primitive, num_launches, num_tasks in template.shared_counts:
             self.num_launches[primitive] += num_launches
@@ -253,6 +260,41 @@ class Device:
                                   template.num_launches, seconds)
         self.total_sim_s += trace.sim_s
         return trace
+
+    def _launch_sums(self, kernel: Kernel) -> KernelTiming | LaunchSums:
+        """What a step's sums read of `kernel`'s timing: `time(kernel)`, or for a decode-only
+        attention launch (most of a simulation's), its LaunchSums straight from its context
+        lengths (`_decode_launch_sums`)."""
+        if (isinstance(kernel, AttentionKernel) and kernel.task_group is None
+                and not kernel.num_partial_slots
+                and self.cost_model.prices_from_context_lens(kernel)):
+            return self._decode_launch_sums(kernel)
+        return self.time(kernel)
+
+    def _decode_launch_sums(self, kernel: AttentionKernel) -> LaunchSums:
+        """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch the cost model
+        prices from its context lengths and that has no combine tasks, without the rest of the
+        KernelTiming: its one phase of mix tasks dealt in the symmetric round robin, and the
+        sums time() takes, each the same IEEE operation on the same operands (time() also adds
+        the empty combine phase's zeros and starts its busy arrays from zeros, which changes no
+        bit of these non-negative sums)."""
+        c = self.chip
+        main = self.cost_model.decode_attention(kernel)
+        core, block = deal(len(main.cycles), c.num_cube_cores, symmetric=True)
+        busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
+        busy[:block] += main.core_overhead_cycles
+        hbm_bytes = main.hbm_read_bytes + main.hbm_write_bytes
+        makespan, _, stretch = _makespan(float(busy.max()), hbm_bytes, main.l2_bytes, c)
+        if stretch != 1.0:
+            busy = busy * stretch
+        cycles = c.cube_launch_s * c.clock_hz + makespan
+        # KernelTiming.step_sums: the scalars, then every AIC's busy cycles, then every AIV's
+        # (an AIC's mix task keeps its AIVs busy as long)
+        row = np.concatenate(([cycles, main.cube_active_cycles, main.vector_active_cycles,
+                               hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
+                              busy, busy.repeat(self.cost_model.aivs)[:c.num_vector_cores]))
+        return LaunchSums(kernel.primitive, kernel.primitive.value, cycles / c.clock_hz,
+                          len(main.cycles), row)
 
     def begin_step(self) -> None:
         """Start a step: forget launches not yet reported (and the per-step timing cache)."""
@@ -374,14 +416,7 @@ class Device:
                 block_dim = block
             offset += float(busy.max())
 
-        hbm_bound = (hbm_read + hbm_write) / (c.hbm_bytes_per_s / c.clock_hz)
-        l2_bound = l2_bytes / (c.l2_bytes_per_s / c.clock_hz)
-        makespan, bound = offset, "cores"  # the longest (the first of equals)
-        if hbm_bound > makespan:
-            makespan, bound = hbm_bound, "hbm"
-        if l2_bound > makespan:
-            makespan, bound = l2_bound, "l2"
-        stretch = makespan / offset if offset else 1.0  # cores wait on the shared bandwidth
+        makespan, bound, stretch = _makespan(offset, hbm_read + hbm_write, l2_bytes, c)
         if stretch != 1.0:  # (times 1.0 changes no bit)
             cube_busy, vector_busy = cube_busy * stretch, vector_busy * stretch
         launch_cycles = launch_s * c.clock_hz
@@ -407,6 +442,22 @@ _TASK_COUNTS: dict[type, Callable[[Any], int]] = {
     VectorKernel: lambda k: len(k.tasks),
     CollectiveKernel: lambda k: 0,
 }
+
+
+def _makespan(cores_cycles: float, hbm_bytes: float, l2_bytes: float, c: ChipSpec,
+              ) -> tuple[float, str, float]:
+    """(makespan in cycles, what set it, stretch) of a launch whose phases keep the cores busy
+    `cores_cycles` and that moves these HBM and L2 bytes: the longest of the cores' time and
+    the shared HBM and L2 bandwidth bounds (the first of equals: "cores", "hbm", "l2"); the
+    cores wait on the bandwidth, their busy cycles stretched by makespan / cores_cycles."""
+    hbm_bound = hbm_bytes / (c.hbm_bytes_per_s / c.clock_hz)
+    l2_bound = l2_bytes / (c.l2_bytes_per_s / c.clock_hz)
+    makespan, bound = cores_cycles, "cores"
+    if hbm_bound > makespan:
+        makespan, bound = hbm_bound, "hbm"
+    if l2_bound > makespan:
+        makespan, bound = l2_bound, "l2"
+    return makespan, bound, makespan / cores_cycles if cores_cycles else 1.0
 
 
 def _starts(core: np.ndarray, cycles: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,6 +25,17 @@ from npu_sim.trace import KernelTiming
 # A step's kernels with their launches, in order of first launch, None for each of the step's
 # own kernels (Device.time_launches): one tuple per set of shared kernels.
 SharedLaunches = tuple[tuple[Kernel | None, int], ...]
+
+
+class LaunchSums(NamedTuple):
+    """What step_sums reads of one launch's KernelTiming, for a launch timed without one
+    (Device.time_launches, a decode-only attention launch): the same values."""
+
+    primitive: Primitive
+    primitive_name: str  # primitive.value
+    seconds: float
+    num_tasks: int
+    step_sums: np.ndarray  # KernelTiming.step_sums
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +86,8 @@ def build_template(launches: SharedLaunches, pairs: Sequence[tuple[KernelTiming 
         shared_counts=tuple((p, n, tasks) for p, (n, tasks) in counts.items()))
 
 
-def step_sums(template: StepTemplate, varying: Sequence[tuple[KernelTiming, int]],
+def step_sums(template: StepTemplate,
+              varying: Sequence[tuple[KernelTiming | LaunchSums, int]],
               size: int) -> tuple[np.ndarray, dict[str, float]]:
     """(sums, seconds per primitive name) of a step of `template` whose own kernels, in order,
     are `varying` (timing, launches) pairs: count_step_trace's, bit for bit. ValueError if one

@@ -178,15 +178,14 @@ def summed_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_re
     in launch order), launch count and seconds per primitive name (count_step_trace)."""
     num_vector_cores = len(sums) - len(_SCALARS) - num_cube_cores
     cycles, cube_active, vector_active, hbm, flops, macs, useful = sums[:len(_SCALARS)].tolist()
-    cube_busy = sums[len(_SCALARS):len(_SCALARS) + num_cube_cores]
-    vector_busy = sums[len(_SCALARS) + num_cube_cores:]
+    busy_s = sums[len(_SCALARS):] / clock_hz  # every AIC's, then every AIV's (one division)
     device_s = cycles / clock_hz
     sim_s = max(host.step_s(device_s, num_launches, num_requests), device_s)
     starts = np.cumsum([0.0] + [t.seconds for t in launches[:-1]]).tolist() if launches else []
     return StepTrace(
         chip=chip_name, clock_hz=clock_hz, sim_s=sim_s, device_s=device_s,
         host_s=sim_s - device_s, num_launches=num_launches,
-        cube_busy_s=cube_busy / clock_hz, vector_busy_s=vector_busy / clock_hz,
+        cube_busy_s=busy_s[:num_cube_cores], vector_busy_s=busy_s[num_cube_cores:],
         cube_utilization=cube_active / (num_cube_cores * cycles) if cycles else 0.0,
         vector_utilization=vector_active / (num_vector_cores * cycles) if cycles else 0.0,
         hbm_bytes=hbm, flops=flops,

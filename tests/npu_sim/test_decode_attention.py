@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
 
 from engine.arch_presets import resolve_arch
-from engine.lowering import ChunkShape, lower_attention
+from engine.lowering import (
+    ChunkShape,
+    lower_attention,
+    lower_step,
+    lower_step_counts,
+    step_launches,
+)
+from engine.lowering_attention import _q_tiles, _shapes
 from engine.lowering_tp import shard_arch
 from npu_sim.device import Device
 from npu_sim.hardware import get_chip
+from npu_sim.step_sums import LaunchSums
 from npu_sim.tasks import ATTN_SEQ
 
 BLOCK = 128
@@ -84,3 +93,85 @@ def test_launches_other_than_unsplit_decodes_take_the_tables() -> None:
         assert kernel.decode_context_lens is None
         assert kernel.seqs is not None and kernel.shapes is not None
     assert lower_attention(split, arch, chip, BLOCK).num_partial_slots > 0
+
+
+@pytest.mark.parametrize("model,tp", [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)])
+def test_decode_lowering_is_the_general_one(model: str, tp: int) -> None:
+    """lower_attention's decode-only path (engine.lowering_attention._lower_decode) takes a batch
+    exactly when the general tiling splits none of its tiles, and gives the general lowering's
+    dealt order, shapes and tile rows."""
+    arch, chip = shard_arch(resolve_arch(model), tp), get_chip("910b2")
+    g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
+    rng = random.Random(7)
+    taken = split = 0
+    for n in (1, 2, 5, 49, 256):
+        for longest in (300, 12000, 60000):
+            batch = _decodes(rng, n, longest)
+            kernel = lower_attention(batch, arch, chip, BLOCK)
+            start = np.array([c.start_pos for c in batch])
+            tiles = _q_tiles(np.ones(n, np.int64), start, np.zeros(n, dtype=bool), g,
+                             num_kv_heads, chip, BLOCK)
+            max_spans = int(tiles.num_spans.max())
+            if kernel.decode_context_lens is None:
+                assert max_spans > 1
+                split += 1
+                continue
+            taken += 1
+            assert max_spans == 1
+            shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
+            assert np.array_equal(kernel.task_shape, task_shape)
+            assert kernel.shapes.dtype == shapes.dtype and np.array_equal(kernel.shapes, shapes)
+            assert kernel.max_tile_rows == int(tiles.tile_rows.max())
+    assert taken and (split or g == 1)
+
+
+def _launch_sums(timing) -> LaunchSums:
+    return LaunchSums(timing.primitive, timing.primitive_name, timing.seconds,
+                      timing.num_tasks, timing.step_sums)
+
+
+@pytest.mark.parametrize("model,tp", [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)])
+@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
+def test_decode_steps_sum_what_their_kernel_timings_do(model: str, tp: int,
+                                                       chip_name: str) -> None:
+    """A timing-only step of a decode-only batch sums its attention launch from the context
+    lengths (Device._decode_launch_sums) without a KernelTiming: the same LaunchSums as the
+    launch's timing, and the same StepTrace, every field, as launching every kernel, with the
+    row memo cold and warm, bound by the cores and by HBM."""
+    arch, chip = resolve_arch(model), get_chip(chip_name)
+    rng = random.Random(len(model) + tp)
+    timed, launched = Device(chip, compute=False), Device(chip, compute=False)
+    batches = [_decodes(rng, n, longest) for n in (1, 3, 48, 130, 256)
+               for longest in (500, 12000)]
+    bounds = set()
+    for batch in batches + batches:  # again: the row memo warm
+        shared, attention = lower_step_counts(batch, len(batch), arch, chip, BLOCK,
+                                              arch.num_layers, tp=tp)
+        for kernel in attention:
+            fast, timing = timed._launch_sums(kernel), launched.time(kernel)
+            bounds.add(timing.bound)
+            assert isinstance(fast, LaunchSums) == (kernel.decode_context_lens is not None)
+            if isinstance(fast, LaunchSums):
+                for name, x, y in zip(LaunchSums._fields, fast, _launch_sums(timing),
+                                      strict=True):
+                    assert np.array_equal(x, y) if name == "step_sums" else x == y, name
+        step = timed.time_launches(shared, attention, num_requests=len(batch))
+        launched.begin_step()
+        plan = lower_step(batch, len(batch), arch, chip, BLOCK, tp=tp)
+        for kernel in step_launches(plan, arch.num_layers):
+            launched.launch(kernel)
+        _same_fields(step, launched.end_step(num_requests=len(batch)))
+    assert bounds >= {"cores", "hbm"}
+    assert timed.num_launches == launched.num_launches
+    assert timed.num_tasks == launched.num_tasks
+
+
+def _same_fields(a, b) -> None:
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and np.array_equal(x, y), field.name
+        elif isinstance(x, Mapping):
+            assert list(x.items()) == list(y.items()), field.name
+        elif field.name not in ("kernels", "kernel_start_s"):  # a timeline only when launched
+            assert x == y, field.name
