@@ -134,16 +134,24 @@ def _recover(cover: MCover, tn: int, chip: ChipSpec) -> MCover | None:
 
 def candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[GemmTiling]:
     """The tilings `search_tiling` costs (see the module docstring), simplest first."""
-    base = gemm_menu(chip, chip.cube_n)  # every tm the chip's buffers allow at some N tile
     out: dict[tuple, GemmTiling] = {}
-    for cover in m_covers(m, base):
-        widest = min(_widest_tn(base[t].tm, chip) for _, _, t in cover) if cover else GEMM_TN
+    for cover, widest in _covers(m, chip):
         for s, tns in _splits_and_tns(max(len(cover), 1), widest, n, k, chip):
             for tn in tns:
                 moved = _recover(cover, tn, chip)
                 if moved is not None:
                     out.setdefault((moved, tn, s), GemmTiling(gemm_menu(chip, tn), moved, s))
     return list(out.values())
+
+
+@functools.lru_cache(maxsize=1 << 10)  # the token counts of a stretch of steps
+def _covers(m: int, chip: ChipSpec) -> tuple[tuple[MCover, int], ...]:
+    """(M cover, the widest N tile whose menu holds all its tiles) of each candidate cover of m
+    rows by the chip's base menu, as `candidates` tries them: the same for every GEMM of a token
+    count."""
+    base = gemm_menu(chip, chip.cube_n)  # every tm the chip's buffers allow at some N tile
+    return tuple((cover, min(_widest_tn(base[t].tm, chip) for _, _, t in cover)
+                  if cover else GEMM_TN) for cover in m_covers(m, base))
 
 
 @functools.lru_cache(maxsize=1 << 12)
