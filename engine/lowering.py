@@ -43,7 +43,7 @@ from engine.lowering_attention import (
     tree_mask,
 )
 from engine.lowering_tp import all_gather, all_reduce, shard_arch
-from npu_sim.gemm_tiling import atb_tiling, search_tiling
+from npu_sim.gemm_tiling import atb_tiling, search_tiling, search_tilings
 from npu_sim.hardware import ChipSpec
 from npu_sim.step_sums import Launches, SharedLaunches
 from npu_sim.tasks import (
@@ -220,28 +220,34 @@ def _token_kernels(t: int, arch: ModelArch, chip: ChipSpec, policy: LoweringPoli
     one card. Cached: one set of kernel objects per token count, whatever the sampled rows."""
     h, d = arch.hidden_size, arch.head_dim
     pads: dict[str, VectorKernel] = {}
+    # (n, k) of each layer GEMM; SmoothGEMM searches their tilings in one batch
+    shapes = {"qkv_proj": ((arch.num_heads + 2 * arch.num_kv_heads) * d, h),
+              "o_proj": (h, arch.num_heads * d),
+              "gate_up_proj": (2 * arch.intermediate_size, h),
+              "down_proj": (h, arch.intermediate_size)}
+    if policy.gemm is GemmPolicy.VIRTUAL:
+        search_tilings(t, tuple(shapes.values()), chip)
 
-    def gemm(name: str, m: int, n: int, k: int) -> GemmKernel:
-        pad, kernel = _policy_gemm(name, m, n, k, chip, policy)
+    def gemm(name: str) -> GemmKernel:
+        pad, kernel = _policy_gemm(name, t, *shapes[name], chip, policy)
         if pad is not None:
             pads[name] = pad
         return kernel
 
-    qkv_n = (arch.num_heads + 2 * arch.num_kv_heads) * d
     layer = {
-        "qkv_proj": gemm("qkv_proj", t, qkv_n, h),
+        "qkv_proj": gemm("qkv_proj"),
         "rope": _vector("rope", VectorOp.ROPE, t, (arch.num_heads + arch.num_kv_heads) * d, chip),
         "kv_write": _vector("kv_write", VectorOp.KV_WRITE, t, 2 * arch.num_kv_heads * d, chip),
-        "o_proj": gemm("o_proj", t, h, arch.num_heads * d),
+        "o_proj": gemm("o_proj"),
         "post_attn_norm": _vector("post_attention_norm", VectorOp.ADD_RMSNORM, t, h, chip),
-        "gate_up_proj": gemm("gate_up_proj", t, 2 * arch.intermediate_size, h),
+        "gate_up_proj": gemm("gate_up_proj"),
         "silu_mul": _vector("silu_mul", VectorOp.SILU_MUL, t, 2 * arch.intermediate_size, chip),
-        "down_proj": gemm("down_proj", t, h, arch.intermediate_size),
+        "down_proj": gemm("down_proj"),
         "next_input_norm": _vector("input_norm", VectorOp.ADD_RMSNORM, t, h, chip),
         "o_proj_all_reduce": all_reduce("o_proj_all_reduce", t, h, tp) if tp > 1 else None,
         "down_proj_all_reduce": all_reduce("down_proj_all_reduce", t, h, tp) if tp > 1 else None,
-        "pads": tuple(pads.items()),
     }
+    layer["pads"] = tuple(pads.items())  # the bucket baseline's, in launch order
     step: dict[str, Any] = {
         "embed": _vector("embed", VectorOp.EMBED, t, h, chip),
         "first_norm": _vector("input_norm", VectorOp.RMSNORM, t, h, chip),
