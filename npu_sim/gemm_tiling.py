@@ -210,9 +210,9 @@ def search_tilings(m: int, shapes: Sequence[tuple[int, int]], chip: ChipSpec,
 def _cheapest(tilings: list[GemmTiling], cycles: list[float]) -> GemmTiling:
     """The tiling of fewest cycles; ties (within 1e-9) keep the simpler (earlier) one."""
     best, best_cycles = None, math.inf
-    for tiling, c in zip(tilings, cycles, strict=True):
-        if c < best_cycles * (1 - 1e-9):
-            best, best_cycles = tiling, c
+    for tiling, tiling_cycles in zip(tilings, cycles, strict=True):
+        if tiling_cycles < best_cycles * (1 - 1e-9):
+            best, best_cycles = tiling, tiling_cycles
     assert best is not None
     return best
 
