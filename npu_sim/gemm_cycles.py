@@ -56,17 +56,14 @@ def shapes_launch_cycles(cm: CostModel, m: int,
     hbm_traffic: dict[tuple[int, int, int, int], float] = {}
     for i, (n, k, (menu, cover, split_k)) in enumerate(candidates):
         entries, entry_of = _cover_layout(cover)
-        kinds, col_of = _column_layout(n, menu[0].tn)
-        slices, slice_of = _slice_layout(k, split_k)
+        kinds, offset_of = _tile_layout(n, menu[0].tn, k, split_k)
         fits = _l1_depths(menu[0].tn, k, c, b)
         first = len(rows)
         first_rows.append(first)
         rows += [(menu[tile].tm, menu[tile].tn, menu[tile].tk, fits[tile], m_rows, cols, k_len,
-                  num_entries * num_cols * num_slices, i)
-                 for (m_rows, tile), num_entries in entries
-                 for cols, num_cols in kinds for k_len, num_slices in slices]
-        tasks.append(first + (entry_of * len(kinds) + col_of)[:, :, None] * len(slices)
-                     + slice_of)
+                  num_entries * num_kind, i)
+                 for (m_rows, tile), num_entries in entries for cols, k_len, num_kind in kinds]
+        tasks.append(first + entry_of * len(kinds) + offset_of)
         if (n, k, menu[0].tn, menu[-1].tm) not in hbm_traffic:
             hbm_traffic[n, k, menu[0].tn, menu[-1].tm] = cm.gemm_hbm_traffic(m, n, k, menu)
     table = np.array(rows, dtype=np.float64)
@@ -155,22 +152,22 @@ def _cover_layout(cover: MCover) -> tuple[list[tuple[tuple[int, int], int]], np.
 
 
 @functools.lru_cache(maxsize=1 << 12)
-def _column_layout(n: int, tn: int) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """([(cols, count), ...]: full N tiles, the masked last one; int64 (1, N tiles, 1))."""
+def _tile_layout(n: int, tn: int, k: int, split_k: int,
+                 ) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """([(cols, k_len, count), ...]: the distinct (N tile, K slice) pairs of an m-tile's tasks,
+    N tiles (full ones, the masked last one) major, K slices (at most three lengths) minor;
+    int64 (1, N tiles, K slices) distinct index of each)."""
     num_full, rest = divmod(n, tn)
-    kinds = [(tn, num_full)] * (num_full > 0) + [(rest, 1)] * (rest > 0)
+    cols = [(tn, num_full)] * (num_full > 0) + [(rest, 1)] * (rest > 0)
     col_of = np.zeros(num_full + (rest > 0), dtype=np.int64)
-    col_of[-1] = len(kinds) - 1
-    return kinds, col_of.reshape(1, -1, 1)
-
-
-@functools.lru_cache(maxsize=1 << 12)
-def _slice_layout(k: int, split_k: int) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """([(k_len, count), ...] of the K slices (at most three lengths); int64 (slices,))."""
+    col_of[-1] = len(cols) - 1
     lengths = [k] if split_k == 1 else [length for _, length in k_slices(k, split_k)]
-    counts = Counter(lengths)
-    index = {length: j for j, length in enumerate(counts)}
-    return list(counts.items()), np.array([index[length] for length in lengths], dtype=np.int64)
+    slices = Counter(lengths)
+    slice_index = {length: j for j, length in enumerate(slices)}
+    slice_of = np.array([slice_index[length] for length in lengths], dtype=np.int64)
+    kinds = [(c, k_len, num_cols * num_slices)
+             for c, num_cols in cols for k_len, num_slices in slices.items()]
+    return kinds, (col_of[:, None] * len(slices) + slice_of)[None]
 
 
 @functools.lru_cache(maxsize=1 << 12)
