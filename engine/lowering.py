@@ -43,9 +43,9 @@ from engine.lowering_attention import (
     tree_mask,
 )
 from engine.lowering_tp import all_gather, all_reduce, shard_arch
-from npu_sim.gemm_tiling import atb_tiling, search_tiling
+from npu_sim.gemm_tiling import atb_tiling, search_tiling, search_tilings
 from npu_sim.hardware import ChipSpec
-from npu_sim.step_sums import SharedLaunches
+from npu_sim.step_sums import Launches, SharedLaunches
 from npu_sim.tasks import (
     NPU_WEIGHT_FORMATS,
     AttentionKernel,
@@ -172,8 +172,9 @@ def lower_step_counts(chunks: Sequence[ChunkLike], num_sampled: int, arch: Model
     step's plan where the launches it shares with other steps are known already."""
     card = shard_arch(arch, tp)
     attention, t = _lower_attention(chunks, card, chip, block_size, policy)
-    embed = _dense_kernels(t, num_sampled, card, chip, policy, tp)[1]["embed"]
-    shared = _known_shared_launches(embed, num_layers, len(attention))
+    embed = _token_kernels(t, card, chip, policy, tp)[1]["embed"]
+    final_norm = _sampled_kernels(num_sampled, card, chip, policy, tp)["final_norm"]
+    shared = _known_shared_launches(embed, final_norm, num_layers, len(attention))
     if shared is None:
         plan = _step_plan(attention, t, num_sampled, card, chip, policy, tp)
         return step_launch_counts(plan, num_layers)
@@ -202,54 +203,91 @@ def _step_plan(attention: tuple[AttentionKernel, ...], t: int, num_sampled: int,
                     num_tokens=t, num_sampled=num_sampled, tp=tp, **step_kernels)
 
 
-@functools.lru_cache(maxsize=1 << 14)
 def _dense_kernels(t: int, num_sampled: int, arch: ModelArch, chip: ChipSpec,
                    policy: LoweringPolicy, tp: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(LayerPlan fields, StepPlan fields) of everything but attention, for t tokens of which
-    num_sampled are sampled, on one card (`arch` is its shard). Cached: read, never changed."""
+    num_sampled are sampled, on one card (`arch` is its shard): the kernels of the token count
+    (`_token_kernels`) and of the sampled rows (`_sampled_kernels`), each shared by every step
+    that has it. Read, never change, the kernels."""
+    layer, step = _token_kernels(t, arch, chip, policy, tp)
+    return layer, {**step, **_sampled_kernels(num_sampled, arch, chip, policy, tp)}
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _token_kernels(t: int, arch: ModelArch, chip: ChipSpec, policy: LoweringPolicy, tp: int,
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(LayerPlan fields but attention, StepPlan fields embed .. first_norm) for t tokens on
+    one card. Cached: one set of kernel objects per token count, whatever the sampled rows."""
     h, d = arch.hidden_size, arch.head_dim
     pads: dict[str, VectorKernel] = {}
+    # (n, k) of each layer GEMM; SmoothGEMM searches their tilings in one batch
+    shapes = {"qkv_proj": ((arch.num_heads + 2 * arch.num_kv_heads) * d, h),
+              "o_proj": (h, arch.num_heads * d),
+              "gate_up_proj": (2 * arch.intermediate_size, h),
+              "down_proj": (h, arch.intermediate_size)}
+    if policy.gemm is GemmPolicy.VIRTUAL:
+        search_tilings(t, tuple(shapes.values()), chip)
 
-    def gemm(name: str, m: int, n: int, k: int) -> GemmKernel:
-        pad, kernel = lower_gemm(name, m, n, k, chip, policy)
+    def gemm(name: str) -> GemmKernel:
+        pad, kernel = _policy_gemm(name, t, *shapes[name], chip, policy)
         if pad is not None:
             pads[name] = pad
-        weights = policy.lm_head_weights if name == "lm_head" else policy.weights
-        # the tiling is the 16-bit GEMM's; the weights' format changes what it streams
-        return kernel if weights == "bf16" else dataclasses.replace(kernel, weights=weights)
+        return kernel
 
-    def vector(name: str, op: VectorOp, rows: int, row_len: int) -> VectorKernel:
-        return VectorKernel(name=name, op=op, num_rows=rows, row_len=row_len,
-                            tasks=vector_tasks(rows, row_len, chip))
-
-    qkv_n = (arch.num_heads + 2 * arch.num_kv_heads) * d
     layer = {
-        "qkv_proj": gemm("qkv_proj", t, qkv_n, h),
-        "rope": vector("rope", VectorOp.ROPE, t, (arch.num_heads + arch.num_kv_heads) * d),
-        "kv_write": vector("kv_write", VectorOp.KV_WRITE, t, 2 * arch.num_kv_heads * d),
-        "o_proj": gemm("o_proj", t, h, arch.num_heads * d),
-        "post_attn_norm": vector("post_attention_norm", VectorOp.ADD_RMSNORM, t, h),
-        "gate_up_proj": gemm("gate_up_proj", t, 2 * arch.intermediate_size, h),
-        "silu_mul": vector("silu_mul", VectorOp.SILU_MUL, t, 2 * arch.intermediate_size),
-        "down_proj": gemm("down_proj", t, h, arch.intermediate_size),
-        "next_input_norm": vector("input_norm", VectorOp.ADD_RMSNORM, t, h),
+        "qkv_proj": gemm("qkv_proj"),
+        "rope": _vector("rope", VectorOp.ROPE, t, (arch.num_heads + arch.num_kv_heads) * d, chip),
+        "kv_write": _vector("kv_write", VectorOp.KV_WRITE, t, 2 * arch.num_kv_heads * d, chip),
+        "o_proj": gemm("o_proj"),
+        "post_attn_norm": _vector("post_attention_norm", VectorOp.ADD_RMSNORM, t, h, chip),
+        "gate_up_proj": gemm("gate_up_proj"),
+        "silu_mul": _vector("silu_mul", VectorOp.SILU_MUL, t, 2 * arch.intermediate_size, chip),
+        "down_proj": gemm("down_proj"),
+        "next_input_norm": _vector("input_norm", VectorOp.ADD_RMSNORM, t, h, chip),
         "o_proj_all_reduce": all_reduce("o_proj_all_reduce", t, h, tp) if tp > 1 else None,
         "down_proj_all_reduce": all_reduce("down_proj_all_reduce", t, h, tp) if tp > 1 else None,
     }
+    layer["pads"] = tuple(pads.items())  # the bucket baseline's, in launch order
     step: dict[str, Any] = {
-        "embed": vector("embed", VectorOp.EMBED, t, h),
-        "first_norm": vector("input_norm", VectorOp.RMSNORM, t, h),
-        "final_norm": vector("final_norm", VectorOp.ADD_RMSNORM, num_sampled, h),
-        "lm_head": gemm("lm_head", num_sampled, arch.vocab_size, h) if num_sampled else None,
+        "embed": _vector("embed", VectorOp.EMBED, t, h, chip),
+        "first_norm": _vector("input_norm", VectorOp.RMSNORM, t, h, chip),
     }
-    layer["pads"] = tuple((name, pad) for name, pad in pads.items() if name != "lm_head")
-    step["lm_head_pad"] = pads.get("lm_head")
     if tp > 1:
         step["embed_all_reduce"] = all_reduce("embed_all_reduce", t, h, tp)
-        if num_sampled:
-            step["lm_head_all_gather"] = all_gather("lm_head_all_gather", num_sampled,
-                                                    arch.vocab_size, tp)
     return layer, step
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _sampled_kernels(num_sampled: int, arch: ModelArch, chip: ChipSpec, policy: LoweringPolicy,
+                     tp: int) -> dict[str, Any]:
+    """StepPlan fields final_norm .. lm_head_all_gather for num_sampled sampled rows on one
+    card. Cached: one set of kernel objects per sampled row count, whatever the token count."""
+    h = arch.hidden_size
+    pad, lm_head = _policy_gemm("lm_head", num_sampled, arch.vocab_size, h, chip, policy) if (
+        num_sampled) else (None, None)
+    step: dict[str, Any] = {
+        "final_norm": _vector("final_norm", VectorOp.ADD_RMSNORM, num_sampled, h, chip),
+        "lm_head": lm_head,
+        "lm_head_pad": pad,
+    }
+    if tp > 1 and num_sampled:
+        step["lm_head_all_gather"] = all_gather("lm_head_all_gather", num_sampled,
+                                                arch.vocab_size, tp)
+    return step
+
+
+def _policy_gemm(name: str, m: int, n: int, k: int, chip: ChipSpec, policy: LoweringPolicy,
+                 ) -> tuple[VectorKernel | None, GemmKernel]:
+    """lower_gemm, the GEMM streaming its weights in the policy's format (the LM head's, or the
+    decoder layers'): the tiling is the 16-bit GEMM's, the format changes what it streams."""
+    pad, kernel = lower_gemm(name, m, n, k, chip, policy)
+    weights = policy.lm_head_weights if name == "lm_head" else policy.weights
+    return pad, kernel if weights == "bf16" else dataclasses.replace(kernel, weights=weights)
+
+
+def _vector(name: str, op: VectorOp, rows: int, row_len: int, chip: ChipSpec) -> VectorKernel:
+    return VectorKernel(name=name, op=op, num_rows=rows, row_len=row_len,
+                        tasks=vector_tasks(rows, row_len, chip))
 
 
 def lower_gemm(name: str, m: int, n: int, k: int, chip: ChipSpec,
@@ -309,9 +347,14 @@ def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
     return out
 
 
-# Shared launches per dense kernel set (step_launch_counts): (embed kernel, launches).
-_SHARED_LAUNCHES: dict[tuple[int, int, int], tuple[VectorKernel, SharedLaunches]] = {}
-_SHARED_LAUNCHES_LIMIT = 1 << 14  # dense kernel sets, as _dense_kernels keeps
+# Shared launches (step_launch_counts) kept per kernel set, each entry holding the kernels whose
+# ids key it (so an id names its set while the entry lives): heads per token count's kernels, by
+# the embed kernel's id; whole ones per token count's and sampled rows' kernels, by the embed and
+# final norm kernels' ids.
+_HEADS: dict[tuple[int, int, int], tuple[VectorKernel, Launches]] = {}
+_SHARED_LAUNCHES: dict[tuple[int, int, int, int],
+                       tuple[VectorKernel, VectorKernel, SharedLaunches]] = {}
+_SHARED_LAUNCHES_LIMIT = 1 << 14  # kernel sets per dict, as _token_kernels keeps
 
 
 def step_launch_counts(plan: StepPlan, num_layers: int,
@@ -319,46 +362,70 @@ def step_launch_counts(plan: StepPlan, num_layers: int,
     """`step_launches(plan, num_layers)` as (kernel, times launched), each kernel once, in the
     order of its first launch, without walking the layers, split as a timing-only device takes
     them (Device.time_launches): the launches every step of the plan's token count and sampled
-    rows shares, None where its attention kernels go (one tuple per such set of kernels, built
-    on its first step: the device keys its sums by it), and the step's attention kernels."""
+    rows shares, None where its attention kernels go (one object per such set of kernels,
+    built on its first step: the device keys its sums by it; its head, the launches up to the
+    last layer's, one tuple per token count's kernels), and the step's attention kernels."""
     layer = plan.layer
     attention = (layer.attention,) if layer.decode_attention is None else (
         layer.attention, layer.decode_attention)
-    shared = _known_shared_launches(plan.embed, num_layers, len(attention))
+    shared = _known_shared_launches(plan.embed, plan.final_norm, num_layers, len(attention))
     if shared is None:
-        if len(_SHARED_LAUNCHES) >= _SHARED_LAUNCHES_LIMIT:
-            _SHARED_LAUNCHES.clear()
-        shared = tuple((None if isinstance(kernel, AttentionKernel) else kernel, n)
-                       for kernel, n in _launch_counts(plan, num_layers))
-        _SHARED_LAUNCHES[id(plan.embed), num_layers, len(attention)] = (plan.embed, shared)
+        head_key = (id(plan.embed), num_layers, len(attention))
+        entry = _HEADS.get(head_key)
+        if entry is not None and entry[0] is plan.embed:
+            head = entry[1]
+        else:
+            head = tuple((None if isinstance(kernel, AttentionKernel) else kernel, n)
+                         for kernel, n in _launch_counts(_head_launches(plan, num_layers)))
+            _keep(_HEADS, head_key, (plan.embed, head))
+        shared = SharedLaunches(head, _launch_counts(_tail_launches(plan)))
+        _keep(_SHARED_LAUNCHES, (id(plan.embed), id(plan.final_norm), num_layers,
+                                 len(attention)), (plan.embed, plan.final_norm, shared))
     return shared, attention
 
 
-def _known_shared_launches(embed: VectorKernel, num_layers: int, num_attention: int,
-                           ) -> SharedLaunches | None:
-    """The shared launches kept for the dense kernel set of `embed` (step_launch_counts), or
-    None. The embed kernel is one of the set's (_dense_kernels builds them together): the entry
-    holds it, so its id names the set while the entry lives."""
-    entry = _SHARED_LAUNCHES.get((id(embed), num_layers, num_attention))
-    return entry[1] if entry is not None and entry[0] is embed else None
+def _known_shared_launches(embed: VectorKernel, final_norm: VectorKernel, num_layers: int,
+                           num_attention: int) -> SharedLaunches | None:
+    """The shared launches kept for the kernel sets of `embed` (the token count's: _token_kernels
+    builds them together) and `final_norm` (the sampled rows': _sampled_kernels), or None."""
+    entry = _SHARED_LAUNCHES.get((id(embed), id(final_norm), num_layers, num_attention))
+    if entry is not None and entry[0] is embed and entry[1] is final_norm:
+        return entry[2]
+    return None
 
 
-def _launch_counts(plan: StepPlan, num_layers: int) -> list[tuple[Kernel, int]]:
-    """Every kernel of step_launches(plan, num_layers) once, with its launches, in the order of
-    its first launch."""
+def _keep(cache: dict[Any, Any], key: Any, entry: Any) -> None:
+    """cache[key] = entry, the cache emptied first when full."""
+    if len(cache) >= _SHARED_LAUNCHES_LIMIT:
+        cache.clear()
+    cache[key] = entry
+
+
+def _head_launches(plan: StepPlan, num_layers: int,
+                   ) -> list[tuple[Sequence[Kernel | None], int]]:
+    """step_launches(plan, num_layers) up to the last layer's, as (kernels, times each)."""
+    return [((plan.embed, plan.embed_all_reduce, plan.first_norm), 1),
+            (layer_launches(plan.layer), num_layers - 1),
+            (layer_launches(plan.layer, last=True), 1)]
+
+
+def _tail_launches(plan: StepPlan) -> list[tuple[Sequence[Kernel | None], int]]:
+    """step_launches(plan, num_layers) after the last layer's, as (kernels, times each)."""
+    if plan.lm_head is None:
+        return []
+    return [((plan.final_norm, plan.lm_head_pad, plan.lm_head, plan.lm_head_all_gather), 1)]
+
+
+def _launch_counts(launches: Sequence[tuple[Sequence[Kernel | None], int]],
+                   ) -> tuple[tuple[Kernel, int], ...]:
+    """Every kernel of `launches` ((kernels, times each), None kernels skipped) once, with its
+    launches, in the order of its first launch."""
     counts: dict[int, list] = {}
-
-    def add(kernels: Sequence[Kernel | None], times: int) -> None:
+    for kernels, times in launches:
         for kernel in kernels:
             if kernel is not None and times:
                 counts.setdefault(id(kernel), [kernel, 0])[1] += times
-
-    add((plan.embed, plan.embed_all_reduce, plan.first_norm), 1)
-    add(layer_launches(plan.layer), num_layers - 1)
-    add(layer_launches(plan.layer, last=True), 1)
-    if plan.lm_head is not None:
-        add((plan.final_norm, plan.lm_head_pad, plan.lm_head, plan.lm_head_all_gather), 1)
-    return [(kernel, n) for kernel, n in counts.values()]
+    return tuple((kernel, n) for kernel, n in counts.values())
 
 
 __all__ = [

@@ -43,10 +43,12 @@ from npu_sim.cost import CostModel, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
 from npu_sim.step_sums import (
+    Launches,
     LaunchSums,
     SharedLaunches,
     StepTemplate,
     build_template,
+    extend_template,
     step_sums,
 )
 from npu_sim.tasks import (
@@ -145,6 +147,7 @@ class Device:
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
         # timing-only steps: what their shared launches add up to (npu_sim.step_sums)
         self._step_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches
+        self._head_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches.head
         self._step_sums_size = NUM_STEP_SUMS_SCALARS + chip.num_cube_cores + chip.num_vector_cores
 
     # ------------------------------------------------------------------------- host facts
@@ -232,16 +235,16 @@ class Device:
         timeline (`StepTrace.kernels` is empty). The step is given as each of its kernels with
         its launches, in order of first launch: `shared` lists those it shares with other steps
         and None for each of its own, `varying`, in order (the attention kernels, the only ones
-        the device does not cache across steps: no primitive may be in both). `shared` is a
-        tuple reused by every step that shares those kernels: what they add up to is kept per
-        tuple (npu_sim.step_sums). Launches not yet ended are forgotten."""
+        the device does not cache across steps: no primitive may be in both). `shared` is an
+        object reused by every step that shares those kernels: what they add up to is kept per
+        object, and per its head (npu_sim.step_sums). Launches not yet ended are forgotten."""
         template = self._step_templates.get(id(shared))
         if template is None or template.launches is not shared:
             if len(self._step_templates) >= _SHAPE_CACHE_SIZE:
                 self._step_templates.clear()
-            template = self._step_templates[id(shared)] = build_template(
-                shared, [(None if k is None else self._timing(k), n) for k, n in shared],
-                self._step_sums_size)
+            template = self._step_templates[id(shared)] = extend_template(
+                self._head_template(shared.head), shared,
+                [(self._timing(k), n) for k, n in shared.tail], self._step_sums_size)
         # timed afresh: the step's own kernels are new kernels (a step cache would be dropped
         # at begin_step below anyway)
         pairs = [(self._launch_sums(kernel), n)
@@ -295,6 +298,18 @@ class Device:
                               busy, busy.repeat(self.cost_model.aivs)[:c.num_vector_cores]))
         return LaunchSums(kernel.primitive, kernel.primitive.value, cycles / c.clock_hz,
                           len(main.cycles), row)
+
+    def _head_template(self, head: Launches) -> StepTemplate:
+        """The template of the head of shared launches (npu_sim.step_sums), built on its first
+        step: every step of the head's token count extends it by its own tail."""
+        template = self._head_templates.get(id(head))
+        if template is None or template.launches is not head:
+            if len(self._head_templates) >= _SHAPE_CACHE_SIZE:
+                self._head_templates.clear()
+            template = self._head_templates[id(head)] = build_template(
+                head, [(None if k is None else self._timing(k), n) for k, n in head],
+                self._step_sums_size)
+        return template
 
     def begin_step(self) -> None:
         """Start a step: forget launches not yet reported (and the per-step timing cache)."""

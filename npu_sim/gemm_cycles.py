@@ -39,36 +39,42 @@ def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
     """Cycles of one launch of `out[m, n] = x[m, k] @ w[n, k]^T` under each tiling on `cm`'s
     chip: launch overhead plus the longer of the cores' makespan (the cube phase, then the
     split-K reduce phase) and the HBM / L2 bandwidth bounds."""
+    return shapes_launch_cycles(cm, m, [(n, k, tiling) for tiling in tilings])
+
+
+def shapes_launch_cycles(cm: CostModel, m: int,
+                         candidates: Sequence[tuple[int, int, Tiling]]) -> list[float]:
+    """gemm_launch_cycles(cm, m, n, k, [tiling])[0] of each (n, k, tiling): the candidates of
+    several GEMM shapes of m rows costed together, in fewer numpy calls (a candidate's cycles
+    are its own, whichever others are costed with it)."""
     c, b = cm.chip, cm.bytes
     cores = c.num_cube_cores
     rows: list[tuple[int, ...]] = []  # the distinct rows: GemmTerms inputs, count, candidate
     tasks: list[np.ndarray] = []  # per candidate: its tasks' rows, in table order
     first_rows: list[int] = []  # per candidate: its first row
-    hbm_traffic: dict[tuple[int, int], float] = {}  # per (tn, smallest tm): all it reads
-    for i, (menu, cover, split_k) in enumerate(tilings):
+    # per (n, k, tn, smallest tm): all it reads from HBM
+    hbm_traffic: dict[tuple[int, int, int, int], float] = {}
+    for i, (n, k, (menu, cover, split_k)) in enumerate(candidates):
         entries, entry_of = _cover_layout(cover)
-        kinds, col_of = _column_layout(n, menu[0].tn)
-        slices, slice_of = _slice_layout(k, split_k)
+        kinds, offset_of = _tile_layout(n, menu[0].tn, k, split_k)
         fits = _l1_depths(menu[0].tn, k, c, b)
         first = len(rows)
         first_rows.append(first)
         rows += [(menu[tile].tm, menu[tile].tn, menu[tile].tk, fits[tile], m_rows, cols, k_len,
-                  num_entries * num_cols * num_slices, i)
-                 for (m_rows, tile), num_entries in entries
-                 for cols, num_cols in kinds for k_len, num_slices in slices]
-        tasks.append(first + (entry_of * len(kinds) + col_of)[:, :, None] * len(slices)
-                     + slice_of)
-        if (menu[0].tn, menu[-1].tm) not in hbm_traffic:
-            hbm_traffic[menu[0].tn, menu[-1].tm] = cm.gemm_hbm_traffic(m, n, k, menu)
+                  num_entries * num_kind, i)
+                 for (m_rows, tile), num_entries in entries for cols, k_len, num_kind in kinds]
+        tasks.append(first + entry_of * len(kinds) + offset_of)
+        if (n, k, menu[0].tn, menu[-1].tm) not in hbm_traffic:
+            hbm_traffic[n, k, menu[0].tn, menu[-1].tm] = cm.gemm_hbm_traffic(m, n, k, menu)
     table = np.array(rows, dtype=np.float64)
     tm, tn, tk, fit, m_rows, n_cols, k_len, counts = table[:, :8].T
     candidate = table[:, 8].astype(np.int64)
-    num = len(tilings)
-    split = np.array([s for _, _, s in tilings])
+    num = len(candidates)
+    split = np.array([s for _, _, (_, _, s) in candidates])
     mte2_bytes = (m_rows + n_cols) * k_len * b
     total = np.bincount(candidate, weights=mte2_bytes * counts, minlength=num).tolist()
-    hbm_read = [min(total[i], hbm_traffic[menu[0].tn, menu[-1].tm])
-                for i, (menu, _, _) in enumerate(tilings)]
+    hbm_read = [min(total[i], hbm_traffic[n, k, menu[0].tn, menu[-1].tm])
+                for i, (n, k, (menu, _, _)) in enumerate(candidates)]
     inv_rate = [cm._mte2_inv_rate(read / all_read)
                 for read, all_read in zip(hbm_read, total, strict=True)]
     terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, split[candidate] > 1,
@@ -86,16 +92,20 @@ def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
     busy += np.where(np.arange(cores) < block[:, None],
                      (c.gm_latency_cycles + overhead)[:, None], 0.0)
     offsets = busy.max(axis=1).tolist()
-    reduce = _reduce_phases(cm, m, n, [s for _, _, s in tilings if s > 1])
+    splits: dict[int, dict[int, None]] = {}  # per n: the split-K factors its tilings use
+    for n, _, (_, _, s) in candidates:
+        if s > 1:
+            splits.setdefault(n, {})[s] = None
+    reduce = {n: _reduce_phases(cm, m, n, list(ss)) for n, ss in splits.items()}
 
     launch_cycles = c.cube_launch_s * c.clock_hz
     out = []
-    for i, (_, _, split_k) in enumerate(tilings):
+    for i, (n, _, (_, _, split_k)) in enumerate(candidates):
         offset = offsets[i]
         hbm_write, l2_bytes = (0.0, total[i] - hbm_read[i] + written[i]) if split_k > 1 else (
             written[i], total[i] - hbm_read[i])
         if split_k > 1:
-            reduce_offset, reduce_hbm_write, reduce_l2_bytes = reduce[split_k]
+            reduce_offset, reduce_hbm_write, reduce_l2_bytes = reduce[n][split_k]
             offset += reduce_offset
             hbm_write += reduce_hbm_write
             l2_bytes += reduce_l2_bytes
@@ -142,22 +152,22 @@ def _cover_layout(cover: MCover) -> tuple[list[tuple[tuple[int, int], int]], np.
 
 
 @functools.lru_cache(maxsize=1 << 12)
-def _column_layout(n: int, tn: int) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """([(cols, count), ...]: full N tiles, the masked last one; int64 (1, N tiles, 1))."""
+def _tile_layout(n: int, tn: int, k: int, split_k: int,
+                 ) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """([(cols, k_len, count), ...]: the distinct (N tile, K slice) pairs of an m-tile's tasks,
+    N tiles (full ones, the masked last one) major, K slices (at most three lengths) minor;
+    int64 (1, N tiles, K slices) distinct index of each)."""
     num_full, rest = divmod(n, tn)
-    kinds = [(tn, num_full)] * (num_full > 0) + [(rest, 1)] * (rest > 0)
+    cols = [(tn, num_full)] * (num_full > 0) + [(rest, 1)] * (rest > 0)
     col_of = np.zeros(num_full + (rest > 0), dtype=np.int64)
-    col_of[-1] = len(kinds) - 1
-    return kinds, col_of.reshape(1, -1, 1)
-
-
-@functools.lru_cache(maxsize=1 << 12)
-def _slice_layout(k: int, split_k: int) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """([(k_len, count), ...] of the K slices (at most three lengths); int64 (slices,))."""
+    col_of[-1] = len(cols) - 1
     lengths = [k] if split_k == 1 else [length for _, length in k_slices(k, split_k)]
-    counts = Counter(lengths)
-    index = {length: j for j, length in enumerate(counts)}
-    return list(counts.items()), np.array([index[length] for length in lengths], dtype=np.int64)
+    slices = Counter(lengths)
+    slice_index = {length: j for j, length in enumerate(slices)}
+    slice_of = np.array([slice_index[length] for length in lengths], dtype=np.int64)
+    kinds = [(c, k_len, num_cols * num_slices)
+             for c, num_cols in cols for k_len, num_slices in slices.items()]
+    return kinds, (col_of[:, None] * len(slices) + slice_of)[None]
 
 
 @functools.lru_cache(maxsize=1 << 12)

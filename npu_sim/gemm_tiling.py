@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from npu_sim.cost import CostModel
-from npu_sim.gemm_cycles import gemm_launch_cycles
+from npu_sim.gemm_cycles import shapes_launch_cycles
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import GemmKernel, TileShape
 from npu_sim.tiling import (
@@ -134,16 +135,24 @@ def _recover(cover: MCover, tn: int, chip: ChipSpec) -> MCover | None:
 
 def candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[GemmTiling]:
     """The tilings `search_tiling` costs (see the module docstring), simplest first."""
-    base = gemm_menu(chip, chip.cube_n)  # every tm the chip's buffers allow at some N tile
     out: dict[tuple, GemmTiling] = {}
-    for cover in m_covers(m, base):
-        widest = min(_widest_tn(base[t].tm, chip) for _, _, t in cover) if cover else GEMM_TN
+    for cover, widest in _covers(m, chip):
         for s, tns in _splits_and_tns(max(len(cover), 1), widest, n, k, chip):
             for tn in tns:
                 moved = _recover(cover, tn, chip)
                 if moved is not None:
                     out.setdefault((moved, tn, s), GemmTiling(gemm_menu(chip, tn), moved, s))
     return list(out.values())
+
+
+@functools.lru_cache(maxsize=1 << 10)  # the token counts of a stretch of steps
+def _covers(m: int, chip: ChipSpec) -> tuple[tuple[MCover, int], ...]:
+    """(M cover, the widest N tile whose menu holds all its tiles) of each candidate cover of m
+    rows by the chip's base menu, as `candidates` tries them: the same for every GEMM of a token
+    count."""
+    base = gemm_menu(chip, chip.cube_n)  # every tm the chip's buffers allow at some N tile
+    return tuple((cover, min(_widest_tn(base[t].tm, chip) for _, _, t in cover)
+                  if cover else GEMM_TN) for cover in m_covers(m, base))
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -166,18 +175,44 @@ def _splits_and_tns(num_m_tiles: int, widest: int, n: int, k: int, chip: ChipSpe
     return tuple(out)
 
 
-# Sized for every token count of a long simulation (thousands) times a model's five GEMMs.
-@functools.lru_cache(maxsize=1 << 15)
+# Searched tilings by (m, n, k, chip), emptied when full: sized for every token count of a long
+# simulation (thousands) times a model's five GEMMs.
+_SEARCHED: dict[tuple[int, int, int, ChipSpec], GemmTiling] = {}
+_SEARCHED_LIMIT = 1 << 15
+
+
 def search_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
     """SmoothGEMM's tiling of (m, n, k): the candidate with the lowest modelled time."""
-    cm = _cost_model(chip)
+    return search_tilings(m, ((n, k),), chip)[0]
+
+
+def search_tilings(m: int, shapes: Sequence[tuple[int, int]], chip: ChipSpec,
+                   ) -> list[GemmTiling]:
+    """search_tiling(m, n, k, chip) of each (n, k) of `shapes`; those not searched before
+    are costed together (the GEMMs of a token count: one batch of numpy calls, each
+    candidate's cycles the same as alone). Cached."""
+    todo = [(n, k) for n, k in dict.fromkeys(shapes) if (m, n, k, chip) not in _SEARCHED]
+    if todo:
+        tilings = [candidates(m, n, k, chip) for n, k in todo]
+        # Device.time(tiling.kernel(...)).cycles of each, without building the kernels
+        costs = iter(shapes_launch_cycles(
+            _cost_model(chip), m, [(n, k, (t.menu, t.cover, t.split_k))
+                                   for (n, k), shape_tilings in zip(todo, tilings, strict=True)
+                                   for t in shape_tilings]))
+        if len(_SEARCHED) + len(todo) > _SEARCHED_LIMIT:
+            _SEARCHED.clear()
+        for (n, k), shape_tilings in zip(todo, tilings, strict=True):
+            shape_costs = [next(costs) for _ in shape_tilings]
+            _SEARCHED[m, n, k, chip] = _cheapest(shape_tilings, shape_costs)
+    return [_SEARCHED[m, n, k, chip] for n, k in shapes]
+
+
+def _cheapest(tilings: list[GemmTiling], cycles: list[float]) -> GemmTiling:
+    """The tiling of fewest cycles; ties (within 1e-9) keep the simpler (earlier) one."""
     best, best_cycles = None, math.inf
-    tilings = candidates(m, n, k, chip)
-    # Device.time(tiling.kernel(...)).cycles of each, without building the kernels
-    costs = gemm_launch_cycles(cm, m, n, k, [(t.menu, t.cover, t.split_k) for t in tilings])
-    for tiling, cycles in zip(tilings, costs, strict=True):
-        if cycles < best_cycles * (1 - 1e-9):  # ties keep the simpler (earlier) candidate
-            best, best_cycles = tiling, cycles
+    for tiling, tiling_cycles in zip(tilings, cycles, strict=True):
+        if tiling_cycles < best_cycles * (1 - 1e-9):
+            best, best_cycles = tiling, tiling_cycles
     assert best is not None
     return best
 

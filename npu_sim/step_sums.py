@@ -9,11 +9,17 @@ shared launches contribute: the sum of the rows before the first of the step's o
 primitive of the shared kernels, and their launch and task counts. A step fills its own rows in
 and accumulates from the first of them: the same additions in the same order as
 count_step_trace, hence the same sums bit for bit.
+
+The shared launches come in two parts (`SharedLaunches`): a head that every step of a token
+count shares (the layers, the step's own kernels among them) and a tail of the sampled rows'
+kernels. A template is its head's template extended by the tail (`extend_template`): the
+head's rows, sums and counts kept, the tail's added after them, in launch order as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,9 +28,22 @@ import numpy as np
 from npu_sim.tasks import Kernel, Primitive
 from npu_sim.trace import KernelTiming
 
-# A step's kernels with their launches, in order of first launch, None for each of the step's
-# own kernels (Device.time_launches): one tuple per set of shared kernels.
-SharedLaunches = tuple[tuple[Kernel | None, int], ...]
+# Kernels with their launches, in order of first launch, None for each of the step's own kernels.
+Launches = tuple[tuple[Kernel | None, int], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class SharedLaunches:
+    """A step's kernels with their launches, in order of first launch, None for each of the
+    step's own kernels (Device.time_launches): one object per set of shared kernels, the device
+    keeping sums per object and per head (by identity)."""
+
+    head: Launches  # the first launches: one tuple for every step that shares them
+    tail: Launches  # the launches after them; none of the step's own kernels, no head kernel
+
+    def __iter__(self) -> Iterator[tuple[Kernel | None, int]]:
+        """head, then tail."""
+        return itertools.chain(self.head, self.tail)
 
 
 class LaunchSums(NamedTuple):
@@ -42,7 +61,7 @@ class LaunchSums(NamedTuple):
 class StepTemplate:
     """What the shared launches of a step contribute to its sums (see the module docstring)."""
 
-    launches: SharedLaunches  # what it was built from (held: its id keys the template)
+    launches: SharedLaunches | Launches  # what it was built from (held: its id keys it)
     shared: tuple[KernelTiming, ...]  # the shared kernels' timings, in launch order
     varying_counts: tuple[int, ...]  # launches of each of the step's own kernels, in order
     prefix: np.ndarray | None  # rows before the first own kernel, accumulated; None: none
@@ -57,8 +76,8 @@ class StepTemplate:
     shared_counts: tuple[tuple[Primitive, int, int], ...]
 
 
-def build_template(launches: SharedLaunches, pairs: Sequence[tuple[KernelTiming | None, int]],
-                   size: int) -> StepTemplate:
+def build_template(launches: SharedLaunches | Launches,
+                   pairs: Sequence[tuple[KernelTiming | None, int]], size: int) -> StepTemplate:
     """The template of `launches`, whose kernels' (timing or None, launches) are `pairs`;
     `size`: the length of a step_sums row."""
     varying = [i for i, (t, _) in enumerate(pairs) if t is None]
@@ -71,12 +90,7 @@ def build_template(launches: SharedLaunches, pairs: Sequence[tuple[KernelTiming 
         if t is None:
             names[None] = None
             continue
-        names[t.primitive_name] = None
-        rows[i] = t.step_sums * float(n)
-        seconds[t.primitive_name] = seconds.get(t.primitive_name, 0.0) + n * t.seconds
-        entry = counts.setdefault(t.primitive, [0, 0])
-        entry[0] += n
-        entry[1] += n * t.num_tasks
+        rows[i] = _add_shared(t, n, names, seconds, counts)
     prefix = np.add.accumulate(rows[:first], axis=0)[-1] if first else None
     return StepTemplate(
         launches=launches, shared=tuple(t for t, _ in pairs if t is not None),
@@ -84,6 +98,43 @@ def build_template(launches: SharedLaunches, pairs: Sequence[tuple[KernelTiming 
         varying_rows=tuple(i - first for i in varying), primitive_names=tuple(names),
         shared_seconds=seconds, num_launches=sum(n for _, n in pairs),
         shared_counts=tuple((p, n, tasks) for p, (n, tasks) in counts.items()))
+
+
+def extend_template(head: StepTemplate, launches: SharedLaunches,
+                    tail: Sequence[tuple[KernelTiming, int]], size: int) -> StepTemplate:
+    """build_template(launches, pairs, size), where `head` is the template of launches.head
+    and `tail` the (timing, launches) of launches.tail's kernels (pairs: the head's, then
+    `tail`): the head's rows and sums kept, the tail's added after them in order."""
+    names = dict.fromkeys(head.primitive_names)
+    seconds = dict(head.shared_seconds)
+    counts = {p: [n, tasks] for p, n, tasks in head.shared_counts}
+    rows = np.zeros((len(tail), size))
+    for i, (t, n) in enumerate(tail):
+        rows[i] = _add_shared(t, n, names, seconds, counts)
+    prefix, rest = head.prefix, head.rest
+    if head.varying_rows:  # the tail comes after the first own kernel: rows of `rest`
+        rest = np.concatenate((rest, rows))
+    elif len(tail):  # no own kernel at all: the prefix goes on accumulating
+        start = () if prefix is None else (prefix[None],)
+        prefix = np.add.accumulate(np.concatenate((*start, rows)), axis=0)[-1]
+    return StepTemplate(
+        launches=launches, shared=head.shared + tuple(t for t, _ in tail),
+        varying_counts=head.varying_counts, prefix=prefix, rest=rest,
+        varying_rows=head.varying_rows, primitive_names=tuple(names),
+        shared_seconds=seconds, num_launches=head.num_launches + sum(n for _, n in tail),
+        shared_counts=tuple((p, n, tasks) for p, (n, tasks) in counts.items()))
+
+
+def _add_shared(t: KernelTiming, n: int, names: dict[str | None, None],
+                seconds: dict[str, float], counts: dict[Primitive, list[int]]) -> np.ndarray:
+    """Count `n` launches of a shared kernel timed `t` into a template's primitive names,
+    seconds and (launches, tasks) per primitive, in launch order; its step_sums row."""
+    names[t.primitive_name] = None
+    seconds[t.primitive_name] = seconds.get(t.primitive_name, 0.0) + n * t.seconds
+    entry = counts.setdefault(t.primitive, [0, 0])
+    entry[0] += n
+    entry[1] += n * t.num_tasks
+    return t.step_sums * float(n)
 
 
 def step_sums(template: StepTemplate,

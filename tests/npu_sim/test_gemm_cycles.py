@@ -1,14 +1,16 @@
 """The tiling search's launch cycles (npu_sim.gemm_cycles) are the device's, bit for bit, for
-every candidate of decode, prefill and split-K shapes on several chips."""
+every candidate of decode, prefill and split-K shapes on several chips, costed alone or with
+other shapes' candidates."""
 
 from __future__ import annotations
 
 import pytest
 
+from npu_sim import gemm_tiling
 from npu_sim.cost import CostModel
 from npu_sim.device import Device
-from npu_sim.gemm_cycles import gemm_launch_cycles
-from npu_sim.gemm_tiling import candidates
+from npu_sim.gemm_cycles import gemm_launch_cycles, shapes_launch_cycles
+from npu_sim.gemm_tiling import candidates, search_tiling, search_tilings
 from npu_sim.hardware import get_chip
 
 SHAPES = [(m, n, k) for m in (1, 7, 16, 33, 100, 255, 512, 777, 2048, 4100)
@@ -28,3 +30,21 @@ def test_launch_cycles_equal_the_devices(chip_name: str) -> None:
             assert cycles == device.time(tiling.kernel("g", m, n, k, chip)).cycles, (m, n, k)
             num_split += tiling.split_k > 1
     assert num_split > 50  # the reduce phase is covered
+
+
+@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
+def test_shapes_costed_together_as_alone(chip_name: str) -> None:
+    """Several shapes' candidates in one batch: each candidate's cycles as costed alone, and
+    the batched search picks what searching each shape alone picks."""
+    chip = get_chip(chip_name)
+    cm = CostModel(chip)
+    for m in (1, 33, 512, 777, 2048):
+        shapes = [(n, k) for rows, n, k in SHAPES if rows == m]
+        batch = [(n, k, (t.menu, t.cover, t.split_k))
+                 for n, k in shapes for t in candidates(m, n, k, chip)]
+        alone = [gemm_launch_cycles(cm, m, n, k, [tiling])[0] for n, k, tiling in batch]
+        assert shapes_launch_cycles(cm, m, batch) == alone, m
+        gemm_tiling._SEARCHED.clear()
+        together = search_tilings(m, shapes, chip)
+        gemm_tiling._SEARCHED.clear()
+        assert together == [search_tiling(m, n, k, chip) for n, k in shapes], m

@@ -6,6 +6,8 @@ step_launch_counts does."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -21,6 +23,7 @@ from engine.lowering import (
 )
 from npu_sim.device import Device
 from npu_sim.hardware import get_chip
+from npu_sim.step_sums import StepTemplate, build_template, extend_template
 
 B2 = get_chip("910b2")
 BATCHES = [  # (start_pos, num_tokens) per chunk; the first two share their token count
@@ -82,3 +85,33 @@ def test_lower_step_counts_is_step_launch_counts_of_the_plan(model, tp, policy) 
         assert (a.sim_s, a.device_s, a.flops, a.hbm_bytes) == (b.sim_s, b.device_s, b.flops,
                                                                 b.hbm_bytes)
         assert np.array_equal(a.cube_busy_s, b.cube_busy_s)
+
+
+def _same_template(a: StepTemplate, b: StepTemplate) -> None:
+    for field in dataclasses.fields(StepTemplate):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            assert x is not None and y is not None and x.shape == y.shape, field.name
+            assert np.array_equal(x, y), field.name  # bit for bit: whole sums, same order
+        elif field.name != "launches":
+            assert x == y, field.name
+    assert list(a.shared_seconds.items()) == list(b.shared_seconds.items())
+
+
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("tail_size", [0, 1, 3])
+def test_extend_template_is_build_template_of_head_and_tail(own, tail_size) -> None:
+    """A head's template extended by a tail is the template of both built at once, with the
+    step's own kernels in the head (as the lowering splits them) or none at all."""
+    arch = get_arch("llama-2-7b")
+    plan = lower_step(chunks(BATCHES[0]), 4, arch, B2, 128)
+    device = Device(B2, compute=False)
+    shared, _ = step_launch_counts(plan, arch.num_layers)
+    pairs = [(None if k is None else device.time(k), n) for k, n in shared]
+    if not own:
+        pairs = [(t, n) for t, n in pairs if t is not None]
+    head, tail = pairs[:len(pairs) - tail_size], pairs[len(pairs) - tail_size:]
+    size = device._step_sums_size
+    whole = build_template(shared, pairs, size)
+    extended = extend_template(build_template(shared.head, head, size), shared, tail, size)
+    _same_template(extended, whole)
