@@ -24,9 +24,9 @@ Timings are cached per kernel object within a step (a layer's kernels are launch
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
 per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
 further: what the kernels it shares with other steps add up to is kept per set of them
-(npu_sim.step_sums), and only its attention kernels are timed and summed (a decode-only one
-priced from its sequences' context lengths, npu_sim.cost, and summed from them without a
-KernelTiming: `Device._decode_launch_sums`).
+(npu_sim.step_sums), and only its attention kernels are timed and summed, a meta-attention
+launch without combine tasks without a KernelTiming (`Device._mix_launch_sums`; a decode-only
+one priced from its sequences' context lengths, npu_sim.cost).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from npu_sim.collectives import bytes_moved, collective_seconds
-from npu_sim.cost import CostModel, Unit
+from npu_sim.cost import CostModel, TaskCosts, Unit
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
 from npu_sim.step_sums import (
@@ -265,24 +265,26 @@ class Device:
         return trace
 
     def _launch_sums(self, kernel: Kernel) -> KernelTiming | LaunchSums:
-        """What a step's sums read of `kernel`'s timing: `time(kernel)`, or for a decode-only
-        attention launch (most of a simulation's), its LaunchSums straight from its context
-        lengths (`_decode_launch_sums`)."""
+        """What a step's sums read of `kernel`'s timing: `time(kernel)`, or for a meta-attention
+        launch without combine tasks (every launch of a simulation but those with split KV
+        spans), its LaunchSums without the rest of the KernelTiming (`_mix_launch_sums`): a
+        decode-only one priced straight from its context lengths."""
         if (isinstance(kernel, AttentionKernel) and kernel.task_group is None
-                and not kernel.num_partial_slots
-                and self.cost_model.prices_from_context_lens(kernel)):
-            return self._decode_launch_sums(kernel)
+                and not kernel.num_partial_slots):
+            cm = self.cost_model
+            main = (cm.decode_attention(kernel) if cm.prices_from_context_lens(kernel)
+                    else cm.attention(kernel)[0])
+            return self._mix_launch_sums(kernel, main)
         return self.time(kernel)
 
-    def _decode_launch_sums(self, kernel: AttentionKernel) -> LaunchSums:
-        """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch the cost model
-        prices from its context lengths and that has no combine tasks, without the rest of the
-        KernelTiming: its one phase of mix tasks dealt in the symmetric round robin, and the
-        sums time() takes, each the same IEEE operation on the same operands (time() also adds
-        the empty combine phase's zeros and starts its busy arrays from zeros, which changes no
-        bit of these non-negative sums)."""
+    def _mix_launch_sums(self, kernel: AttentionKernel, main: TaskCosts) -> LaunchSums:
+        """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch without combine
+        tasks whose tasks cost `main` (`cost_model.attention(kernel)[0]`), without the rest of
+        the KernelTiming: its one phase of mix tasks dealt in the symmetric round robin, and
+        the sums time() takes, each the same IEEE operation on the same operands (time() also
+        adds the empty combine phase's zeros and starts its busy arrays from zeros, which
+        changes no bit of these non-negative sums)."""
         c = self.chip
-        main = self.cost_model.decode_attention(kernel)
         core, block = deal(len(main.cycles), c.num_cube_cores, symmetric=True)
         busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
         busy[:block] += main.core_overhead_cycles

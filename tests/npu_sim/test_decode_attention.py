@@ -135,7 +135,7 @@ def _launch_sums(timing) -> LaunchSums:
 def test_decode_steps_sum_what_their_kernel_timings_do(model: str, tp: int,
                                                        chip_name: str) -> None:
     """A timing-only step of a decode-only batch sums its attention launch from the context
-    lengths (Device._decode_launch_sums) without a KernelTiming: the same LaunchSums as the
+    lengths (Device._mix_launch_sums) without a KernelTiming: the same LaunchSums as the
     launch's timing, and the same StepTrace, every field, as launching every kernel, with the
     row memo cold and warm, bound by the cores and by HBM."""
     arch, chip = resolve_arch(model), get_chip(chip_name)
@@ -150,7 +150,7 @@ def test_decode_steps_sum_what_their_kernel_timings_do(model: str, tp: int,
         for kernel in attention:
             fast, timing = timed._launch_sums(kernel), launched.time(kernel)
             bounds.add(timing.bound)
-            assert isinstance(fast, LaunchSums) == (kernel.decode_context_lens is not None)
+            assert isinstance(fast, LaunchSums) == (not kernel.num_partial_slots)
             if isinstance(fast, LaunchSums):
                 for name, x, y in zip(LaunchSums._fields, fast, _launch_sums(timing),
                                       strict=True):
@@ -175,3 +175,43 @@ def _same_fields(a, b) -> None:
             assert list(x.items()) == list(y.items()), field.name
         elif field.name not in ("kernels", "kernel_start_s"):  # a timeline only when launched
             assert x == y, field.name
+
+
+def _mixed(rng: random.Random, decodes: int, prefills: int, longest: int) -> list[ChunkShape]:
+    """decodes decode rows and prefills prefill chunks (some after a cached prefix) among them,
+    plus a tree-shaped and a chain verify chunk."""
+    batch = _decodes(rng, decodes, longest)
+    for _ in range(prefills):
+        start, n = rng.choice((0, rng.randrange(0, longest))), rng.randrange(2, 1500)
+        batch.insert(rng.randrange(len(batch) + 1),
+                     ChunkShape(start, n, tuple(range(-(-(start + n) // BLOCK)))))
+    batch += [ChunkShape(900, 4, tuple(range(8)), (-1, 0, 0)),
+              ChunkShape(300, 3, tuple(range(3)), (-1, 0))]
+    return batch
+
+
+@pytest.mark.parametrize("model,tp", [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)])
+@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
+def test_mixed_launches_sum_what_their_kernel_timings_do(model: str, tp: int,
+                                                         chip_name: str) -> None:
+    """A meta-attention launch without combine tasks, of a batch mixing prefill, verify and
+    decode chunks, is summed without a KernelTiming (Device._mix_launch_sums): the same
+    LaunchSums as its timing, with the row memo cold and warm, bound by the cores and by HBM;
+    a launch with split KV spans takes its timing."""
+    arch, chip = shard_arch(resolve_arch(model), tp), get_chip(chip_name)
+    rng = random.Random(len(model) + tp)
+    timed, launched = Device(chip, compute=False), Device(chip, compute=False)
+    batches = [_mixed(rng, n, prefills, longest) for n in (0, 3, 60, 200)
+               for prefills in (1, 3) for longest in (500, 12000)]
+    batches.append([ChunkShape(60000, 1, tuple(range(469)))])  # a tile split under GQA
+    bounds, summed = set(), 0
+    for batch in batches + batches:  # again: the row memo warm
+        kernel = lower_attention(batch, arch, chip, BLOCK)
+        fast, timing = timed._launch_sums(kernel), launched.time(kernel)
+        bounds.add(timing.bound)
+        assert isinstance(fast, LaunchSums) == (not kernel.num_partial_slots)
+        if isinstance(fast, LaunchSums):
+            summed += 1
+            for name, x, y in zip(LaunchSums._fields, fast, _launch_sums(timing), strict=True):
+                assert np.array_equal(x, y) if name == "step_sums" else x == y, name
+    assert summed >= len(batches) and "cores" in bounds
