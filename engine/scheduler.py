@@ -377,7 +377,8 @@ class Scheduler:
             # Blocks are registered (cache_full_blocks) as soon as they fill up, so only a
             # step that fills one has any to register: most decodes skip the call.
             num_computed_tokens = request.num_computed_tokens
-            num_draft_tokens = len(chunk.draft_parents)
+            # (the scheduler adds drafts only with speculative decoding: no len() per row else)
+            num_draft_tokens = len(chunk.draft_parents) if speculative is not None else 0
             request.num_computed_tokens = (num_computed_tokens + len(chunk.token_ids)
                                            - num_draft_tokens)
             if not chunk.sample:
