@@ -102,14 +102,17 @@ class OutputProcessor:
         """
         stats = _StepStats(self._take_aborted())
         start_sim_s = now_sim_s - step_sim_s
-        states = self._states
+        states, speculative = self._states, self.num_speculative_tokens
         for chunk in scheduler_output.chunks:
             state = states[chunk.request_id]
             if state.first_scheduled_s is None:
                 state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
-            # (chunk.num_known_tokens, inline: this runs once per row per step)
-            num_known_tokens = len(chunk.token_ids) - len(chunk.draft_parents)
+            # (chunk.num_known_tokens, inline: this runs once per row per step; drafts only
+            # with speculative decoding)
+            num_known_tokens = len(chunk.token_ids)
+            if speculative:
+                num_known_tokens -= len(chunk.draft_parents)
             if num_known_tokens != 1 or chunk.start_pos < state.num_prompt_tokens:
                 stats.num_prompt_tokens += num_known_tokens
         stats.num_preempted = len(scheduler_output.preempted_ids)

@@ -168,35 +168,49 @@ class Scheduler:
         token leaves over, and only as many as their measured acceptance pays for.
         """
         token_budget = self.config.max_num_batched_tokens
-        # Each pass in admission order; how far behind a request is stays fixed for the step
-        # (only a preemption changes it, and a preempted request is skipped by its status).
-        decodes: list[Request] = []
+        if self.speculative is None:
+            token_budget, others = self._schedule_decodes(chunks, preempted_ids, token_budget)
+        else:
+            token_budget, others = self._schedule_verifies(chunks, preempted_ids, token_budget)
+        # What is left goes to prefills (here and to admitted requests), capped while
+        # requests decode in this step: the step they all wait on stays short.
+        cap = self.config.mixed_prefill_budget
+        if cap is not None and chunks:  # (only this pass's decode rows are in chunks yet)
+            token_budget = min(token_budget, cap)
+        running = RequestStatus.RUNNING
+        for request, num_behind in others:
+            if token_budget <= 0:
+                break
+            if request.status == running:
+                token_budget -= self._add_chunk(request, min(num_behind, token_budget), None,
+                                                chunks, preempted_ids)
+        return token_budget
+
+    def _schedule_decodes(self, chunks: list[ScheduledChunk], preempted_ids: list[str],
+                          token_budget: int) -> tuple[int, list[tuple[Request, int]]]:
+        """The first pass without speculative decoding: each running request one token behind
+        gets its decode chunk, in admission order, within `token_budget`. Returns the budget
+        left and the requests further behind, with how far (the second pass's, in order).
+
+        One walk over `running`, sorting and scheduling at once (what `_schedule_verifies` does
+        in two walks, with no drafts; tested equal): a preemption only pops the tail, which the
+        walk has not reached, and how far behind a request is stays fixed for the step. Once
+        the budget is spent nothing more runs this step, so the walk stops there.
+        """
         others: list[tuple[Request, int]] = []
-        for request in self.running:
+        block_size = self.kv_cache.block_size
+        for request in self.running:  # (the walk ends early when a preemption shortens it)
+            if token_budget <= 0:
+                break
             # (request.num_tokens, inline: once per row per step)
             num_behind = (len(request.prompt_token_ids) + len(request.output_token_ids)
                           - request.num_computed_tokens)
-            if num_behind == 1:
-                decodes.append(request)
-            elif num_behind > 1:
-                others.append((request, num_behind))
-        num_decodes = num_decodes_left = len(decodes)
-        running, speculative = RequestStatus.RUNNING, self.speculative
-        block_size = self.kv_cache.block_size
-        for request in decodes:
-            if token_budget <= 0:
-                break
-            if request.status != running:
+            if num_behind != 1:
+                if num_behind > 1:
+                    others.append((request, num_behind))
                 continue
-            draft = None
-            if speculative is not None:
-                num_decodes_left -= 1
-                proposed, request.draft = request.draft, None  # verified at most once
-                room = token_budget - 1 - num_decodes_left
-                draft = drafts_to_verify(request, proposed, speculative, self.max_model_len,
-                                         room, num_decodes)
             num_computed_tokens, block_ids = request.num_computed_tokens, request.block_ids
-            if draft is None and num_computed_tokens < len(block_ids) * block_size:
+            if num_computed_tokens < len(block_ids) * block_size:
                 # Most rows of most steps: one token whose slot its block table already holds
                 # (allocate_slots would take nothing), so nobody is preempted. Its chunk is
                 # `make_chunk(request, 1)`, built inline: the last token, without slicing.
@@ -206,19 +220,37 @@ class Scheduler:
                                              (last_token_id,), tuple(block_ids), True))
                 token_budget -= 1
             else:
-                token_budget -= self._add_chunk(request, 1, draft, chunks, preempted_ids)
-        # What is left goes to prefills (here and to admitted requests), capped while
-        # requests decode in this step: the step they all wait on stays short.
-        cap = self.config.mixed_prefill_budget
-        if cap is not None and chunks:  # (only this pass's decode rows are in chunks yet)
-            token_budget = min(token_budget, cap)
-        for request, num_behind in others:
+                token_budget -= self._add_chunk(request, 1, None, chunks, preempted_ids)
+        return token_budget, others
+
+    def _schedule_verifies(self, chunks: list[ScheduledChunk], preempted_ids: list[str],
+                           token_budget: int) -> tuple[int, list[tuple[Request, int]]]:
+        """The first pass with speculative decoding (`_schedule_decodes`' contract): decodes
+        and verifies. Two walks: every decode must be known before any draft takes budget."""
+        # How far behind a request is stays fixed for the step (only a preemption changes
+        # it, and a preempted request is skipped by its status).
+        decodes: list[Request] = []
+        others: list[tuple[Request, int]] = []
+        for request in self.running:
+            num_behind = request.num_tokens - request.num_computed_tokens
+            if num_behind == 1:
+                decodes.append(request)
+            elif num_behind > 1:
+                others.append((request, num_behind))
+        num_decodes = num_decodes_left = len(decodes)
+        running, speculative = RequestStatus.RUNNING, self.speculative
+        for request in decodes:
             if token_budget <= 0:
                 break
-            if request.status == running:
-                token_budget -= self._add_chunk(request, min(num_behind, token_budget), None,
-                                                chunks, preempted_ids)
-        return token_budget
+            if request.status != running:
+                continue
+            num_decodes_left -= 1
+            proposed, request.draft = request.draft, None  # verified at most once
+            room = token_budget - 1 - num_decodes_left
+            draft = drafts_to_verify(request, proposed, speculative, self.max_model_len,
+                                     room, num_decodes)
+            token_budget -= self._add_chunk(request, 1, draft, chunks, preempted_ids)
+        return token_budget, others
 
     def _add_chunk(self, request: Request, num_new_tokens: int, draft: Draft | None,
                    chunks: list[ScheduledChunk], preempted_ids: list[str]) -> int:
@@ -345,7 +377,8 @@ class Scheduler:
             # Blocks are registered (cache_full_blocks) as soon as they fill up, so only a
             # step that fills one has any to register: most decodes skip the call.
             num_computed_tokens = request.num_computed_tokens
-            num_draft_tokens = len(chunk.draft_parents)
+            # (the scheduler adds drafts only with speculative decoding: no len() per row else)
+            num_draft_tokens = len(chunk.draft_parents) if speculative is not None else 0
             request.num_computed_tokens = (num_computed_tokens + len(chunk.token_ids)
                                            - num_draft_tokens)
             if not chunk.sample:

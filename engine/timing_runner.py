@@ -125,10 +125,13 @@ class TimingRunner:
         if not chunks:
             return ModelOutput(sampled_token_ids={})
         # Per row of every step, so comprehensions and C loops; verifies (chunks with drafts)
-        # only with speculative decoding.
-        sampling = [c for c in chunks if c.sample]
-        verifying = [c for c in sampling if c.draft_parents]
-        num_sampled = len(sampling) + sum([c.num_draft_tokens for c in verifying])
+        # only with speculative decoding. A chunk without drafts draws nothing from the
+        # generator: its one token, directly; a verify then draws its accepted drafts, in chunk
+        # order (its key keeps its place).
+        token = (SYNTHETIC_TOKEN_ID,)
+        sampled = {c.request_id: token for c in chunks if c.sample}  # (a chunk per request)
+        verifying = [c for c in chunks if c.draft_parents and c.sample]
+        num_sampled = len(sampled) + sum([c.num_draft_tokens for c in verifying])
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
             plan = lower_step(chunks, num_sampled, self.arch, self.device.chip, self.block_size,
@@ -143,10 +146,6 @@ class TimingRunner:
                 self.arch.num_layers, self.policy, tp=self.tp)
             trace = self.device.time_launches(shared, attention, num_requests=len(chunks))
         self.num_launches += trace.num_launches
-        token = (SYNTHETIC_TOKEN_ID,)
-        # a chunk without drafts draws nothing from the generator: its one token, directly;
-        # a verify then draws its accepted drafts, in chunk order (its key keeps its place)
-        sampled = dict.fromkeys([c.request_id for c in sampling], token)
         for chunk in verifying:
             sampled[chunk.request_id] = token * (1 + self._num_accepted(chunk))
         drafts = {request_id: Draft.chain(token * num_drafts)

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import pathlib
+import random
 import statistics
 
 import pytest
@@ -108,6 +109,14 @@ def test_shaping() -> None:
     assert (clipped.requests[2].prompt_len, clipped.requests[2].output_len) == (299, 1)
     with pytest.raises(WorkloadError, match="no request left"):
         shape(w, duration_s=-1.0)
+
+
+def test_synthetic_prompt_is_the_generator_bytes_plus_two() -> None:
+    """synthetic_prompt (numpy) equals its definition: byte b of Random(index) -> int b + 2."""
+    for index, prompt_len in ((0, 1), (7, 300), (123, 4096)):
+        expected = [b + 2 for b in random.Random(index).randbytes(prompt_len)]
+        prompt = synthetic_prompt(index, prompt_len)
+        assert prompt == expected and all(type(t) is int for t in prompt)
 
 
 def test_synthetic_prompts_share_nothing() -> None:

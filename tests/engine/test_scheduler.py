@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable
 
 import pytest
 
+from engine.config import SchedulerConfig, SpeculativeConfig
 from engine.outputs import ModelOutput, SchedulerOutput, TokenLogprob, TokenUpdate
 from engine.request import FinishReason, Request, RequestStatus
 from engine.scheduler import Scheduler
@@ -620,3 +622,38 @@ def test_random_workload_keeps_invariants_and_finishes(
         assert request.num_tokens <= max_model_len
         max_tokens = request.sampling_params.max_tokens
         assert max_tokens is None or request.num_output_tokens <= max_tokens
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_one_walk_decode_pass_equals_the_two_walk_pass(
+    seed: int, make_request: MakeRequest
+) -> None:
+    """Without speculative decoding the first pass sorts and schedules running requests in one
+    walk (Scheduler._schedule_decodes); the speculative path's two walks, given no drafts,
+    must pick the same chunks and preempt the same requests, step by step (tight KV pools and
+    budgets, so preemptions and budget cut-offs happen)."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4])
+    max_model_len = rng.randint(8, 64)
+    config = SchedulerConfig(max_num_batched_tokens=rng.randint(1, 24),
+                             max_num_seqs=rng.randint(1, 8), max_model_len=max_model_len,
+                             mixed_prefill_budget=rng.choice([None, 3]))
+    num_kv_blocks = rng.randint(2, -(-max_model_len // block_size) + 4)
+    one_walk = Scheduler(config, num_kv_blocks, block_size, max_model_len)
+    two_walks = Scheduler(config, num_kv_blocks, block_size, max_model_len,
+                          speculative=SpeculativeConfig(speculative="ngram"))
+    assert two_walks.speculative is not None and one_walk.speculative is None
+    for i in range(rng.randint(1, 20)):
+        num_prompt_tokens = rng.randint(1, max_model_len - 1)
+        max_tokens = rng.randint(1, max_model_len - num_prompt_tokens)
+        for scheduler in (one_walk, two_walks):
+            with contextlib.suppress(ValueError):  # never fits: refused by both
+                scheduler.add_request(make_request(str(i), num_prompt_tokens, max_tokens))
+    while one_walk.has_unfinished_requests():
+        out_one, out_two = one_walk.schedule(), two_walks.schedule()
+        assert out_one.chunks == out_two.chunks
+        assert out_one.preempted_ids == out_two.preempted_ids
+        sampled = {c.request_id: (7,) for c in out_one.chunks if c.sample}
+        for scheduler, out in ((one_walk, out_one), (two_walks, out_two)):
+            scheduler.update_from_output(out, ModelOutput(sampled_token_ids=sampled))
+    assert not two_walks.has_unfinished_requests()
