@@ -165,12 +165,14 @@ def _lower_decode(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, arch: Mo
                                    num_kv_heads, chip, block_size, decode=True))
     context = start_pos + 1  # each tile's causal horizon
     n_blocks = (context + (block_size - 1)) // block_size
-    # _spans' work is q_rows x (g x block_size) x blocks, q_rows 1: whole numbers, exact. A
-    # tile within the share is never split; one over it only where its KV makes two spans at
-    # least (_spans decides: the tiles are asked, the rare case).
+    # _spans' test: work is q_rows x (g x block_size) x blocks, q_rows 1 (whole numbers,
+    # exact); a tile within the share is never split, one over it where its KV makes two spans
+    # at least (a batch of one is always over: a single stream's short contexts are not split).
     block_work = g * block_size
     share = _core_share(int(n_blocks.sum()) * block_work, num_kv_heads, chip)
-    if share and int(n_blocks.max()) * block_work > share and int(tiles().num_spans.max()) > 1:
+    if share and int(n_blocks.max()) * block_work > share and bool(
+            ((n_blocks * block_work > share)
+             & (n_blocks // _span_blocks(block_size) >= 2)).any()):
         return None
     # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
     # their tile order: a stable sort); array methods, not numpy's Python-level wrappers
@@ -263,9 +265,13 @@ def _spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows:
     if not share or int(work.max()) <= share:
         return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, np.ones(len(work), np.int64))
     wanted = np.ceil(work / share).astype(np.int64)
-    num_spans = np.maximum(1, np.minimum(wanted, n_blocks // max(1, MIN_KV_SPAN_TOKENS //
-                                                                  block_size)))
+    num_spans = np.maximum(1, np.minimum(wanted, n_blocks // _span_blocks(block_size)))
     return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, num_spans)
+
+
+def _span_blocks(block_size: int) -> int:
+    """KV blocks of the shortest span a tile is split into (MIN_KV_SPAN_TOKENS, at least one)."""
+    return max(1, MIN_KV_SPAN_TOKENS // block_size)
 
 
 def _core_share(work: int, num_kv_heads: int, chip: ChipSpec) -> float:

@@ -105,7 +105,7 @@ def test_decode_lowering_is_the_general_one(model: str, tp: int) -> None:
     rng = random.Random(7)
     taken = split = 0
     for n in (1, 2, 5, 49, 256):
-        for longest in (300, 12000, 60000):
+        for longest in (100, 300, 1000, 1100, 12000, 60000):  # around a split's 8 blocks too
             batch = _decodes(rng, n, longest)
             kernel = lower_attention(batch, arch, chip, BLOCK)
             start = np.array([c.start_pos for c in batch])
