@@ -191,6 +191,8 @@ def search_tilings(m: int, shapes: Sequence[tuple[int, int]], chip: ChipSpec,
     """search_tiling(m, n, k, chip) of each (n, k) of `shapes`; those not searched before
     are costed together (the GEMMs of a token count: one batch of numpy calls, each
     candidate's cycles the same as alone). Cached."""
+    if len(_SEARCHED) + len(shapes) > _SEARCHED_LIMIT:  # full: start over (before looking up)
+        _SEARCHED.clear()
     todo = [(n, k) for n, k in dict.fromkeys(shapes) if (m, n, k, chip) not in _SEARCHED]
     if todo:
         tilings = [candidates(m, n, k, chip) for n, k in todo]
@@ -199,8 +201,6 @@ def search_tilings(m: int, shapes: Sequence[tuple[int, int]], chip: ChipSpec,
             _cost_model(chip), m, [(n, k, (t.menu, t.cover, t.split_k))
                                    for (n, k), shape_tilings in zip(todo, tilings, strict=True)
                                    for t in shape_tilings]))
-        if len(_SEARCHED) + len(todo) > _SEARCHED_LIMIT:
-            _SEARCHED.clear()
         for (n, k), shape_tilings in zip(todo, tilings, strict=True):
             shape_costs = [next(costs) for _ in shape_tilings]
             _SEARCHED[m, n, k, chip] = _cheapest(shape_tilings, shape_costs)

@@ -48,3 +48,17 @@ def test_shapes_costed_together_as_alone(chip_name: str) -> None:
         together = search_tilings(m, shapes, chip)
         gemm_tiling._SEARCHED.clear()
         assert together == [search_tiling(m, n, k, chip) for n, k in shapes], m
+
+
+def test_a_full_search_cache_starts_over_without_losing_a_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose shapes are part cached, part new, arriving when the cache is full: every
+    tiling it returns is the one searching its shape alone gives."""
+    chip = get_chip("910b2")
+    shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    alone = [search_tiling(300, n, k, chip) for n, k in shapes]
+    gemm_tiling._SEARCHED.clear()
+    search_tilings(300, shapes[:2], chip)  # two cached
+    monkeypatch.setattr(gemm_tiling, "_SEARCHED_LIMIT", 2)  # and the cache full
+    assert search_tilings(300, shapes, chip) == alone
+    assert len(gemm_tiling._SEARCHED) == 3  # started over: the batch alone
