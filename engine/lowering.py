@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -347,13 +348,13 @@ def step_launches(plan: StepPlan, num_layers: int) -> list[Kernel]:
     return out
 
 
-# Shared launches (step_launch_counts) kept per kernel set, each entry holding the kernels whose
-# ids key it (so an id names its set while the entry lives): heads per token count's kernels, by
-# the embed kernel's id; whole ones per token count's and sampled rows' kernels, by the embed and
-# final norm kernels' ids.
-_HEADS: dict[tuple[int, int, int], tuple[VectorKernel, Launches]] = {}
+# Shared launches (step_launch_counts) kept per kernel set, each entry (kernels, launches)
+# holding the kernels whose ids key it (so an id names its set while the entry lives): heads per
+# token count's kernels, by the embed kernel's id; whole ones per token count's and sampled
+# rows' kernels, by the embed and final norm kernels' ids.
+_HEADS: dict[tuple[int, int, int], tuple[tuple[VectorKernel], Launches]] = {}
 _SHARED_LAUNCHES: dict[tuple[int, int, int, int],
-                       tuple[VectorKernel, VectorKernel, SharedLaunches]] = {}
+                       tuple[tuple[VectorKernel, VectorKernel], SharedLaunches]] = {}
 _SHARED_LAUNCHES_LIMIT = 1 << 14  # kernel sets per dict, as _token_kernels keeps
 
 
@@ -371,16 +372,14 @@ def step_launch_counts(plan: StepPlan, num_layers: int,
     shared = _known_shared_launches(plan.embed, plan.final_norm, num_layers, len(attention))
     if shared is None:
         head_key = (id(plan.embed), num_layers, len(attention))
-        entry = _HEADS.get(head_key)
-        if entry is not None and entry[0] is plan.embed:
-            head = entry[1]
-        else:
+        head = _kept(_HEADS, head_key, (plan.embed,))
+        if head is None:
             head = tuple((None if isinstance(kernel, AttentionKernel) else kernel, n)
                          for kernel, n in _launch_counts(_head_launches(plan, num_layers)))
-            _keep(_HEADS, head_key, (plan.embed, head))
+            _keep(_HEADS, head_key, ((plan.embed,), head))
         shared = SharedLaunches(head, _launch_counts(_tail_launches(plan)))
         _keep(_SHARED_LAUNCHES, (id(plan.embed), id(plan.final_norm), num_layers,
-                                 len(attention)), (plan.embed, plan.final_norm, shared))
+                                 len(attention)), ((plan.embed, plan.final_norm), shared))
     return shared, attention
 
 
@@ -388,14 +387,21 @@ def _known_shared_launches(embed: VectorKernel, final_norm: VectorKernel, num_la
                            num_attention: int) -> SharedLaunches | None:
     """The shared launches kept for the kernel sets of `embed` (the token count's: _token_kernels
     builds them together) and `final_norm` (the sampled rows': _sampled_kernels), or None."""
-    entry = _SHARED_LAUNCHES.get((id(embed), id(final_norm), num_layers, num_attention))
-    if entry is not None and entry[0] is embed and entry[1] is final_norm:
-        return entry[2]
+    return _kept(_SHARED_LAUNCHES, (id(embed), id(final_norm), num_layers, num_attention),
+                 (embed, final_norm))
+
+
+def _kept(cache: dict[Any, Any], key: Any, kernels: tuple[Kernel, ...]) -> Any:
+    """The launches kept under `key` if its entry holds these very `kernels` (their ids are in
+    the key), else None."""
+    entry = cache.get(key)
+    if entry is not None and all(map(operator.is_, entry[0], kernels)):
+        return entry[1]
     return None
 
 
 def _keep(cache: dict[Any, Any], key: Any, entry: Any) -> None:
-    """cache[key] = entry, the cache emptied first when full."""
+    """cache[key] = entry ((kernels, launches)), the cache emptied first when full."""
     if len(cache) >= _SHARED_LAUNCHES_LIMIT:
         cache.clear()
     cache[key] = entry

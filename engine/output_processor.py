@@ -116,9 +116,9 @@ class OutputProcessor:
             if num_known_tokens != 1 or chunk.start_pos < state.num_prompt_tokens:
                 stats.num_prompt_tokens += num_known_tokens
         stats.num_preempted = len(scheduler_output.preempted_ids)
-        if self.num_speculative_tokens:  # else no chunk carries drafts
+        if speculative:  # else no chunk carries drafts
             stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
-                                     self.num_speculative_tokens)
+                                     speculative)
         if self._quiet:
             outputs, stopped_ids = self._process_quiet(updates, now_s, now_sim_s, stats), []
         else:

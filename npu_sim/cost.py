@@ -384,8 +384,8 @@ class CostModel:
 
     def attention(self, k: AttentionKernel) -> tuple[TaskCosts, TaskCosts]:
         """(attention tasks on AIC + AIVs, combine tasks on AIVs)."""
-        if self.prices_from_context_lens(k):
-            return self.decode_attention(k), self._combine(k)
+        if self._prices_from_context_lens(k):
+            return self._decode_attention(k), self._combine(k)
         stages = self.attention_stages(k)
         pipeline = f"attention-{stages}stage"
         if not k.num_tasks:
@@ -430,15 +430,15 @@ class CostModel:
         main = self._attention_costs(k, stages, terms, weight, total_kv, by_shape, mask)
         return main, self._combine(k)
 
-    def prices_from_context_lens(self, k: AttentionKernel) -> bool:
-        """Whether `attention(k)` prices k from its context lengths (`decode_attention`): a
+    def _prices_from_context_lens(self, k: AttentionKernel) -> bool:
+        """Whether `attention(k)` prices k from its context lengths (`_decode_attention`): a
         decode-only meta-kernel launch that says them, on the vector-QK pipeline, with the row
         memo on."""
         return (k.decode_context_lens is not None and k.task_shape is not None and k.vector_qk
                 and self.memo_rows and k.task_heads is None and not k.tree_masks
                 and len(k.task_shape) > 0)
 
-    def decode_attention(self, k: AttentionKernel) -> TaskCosts:
+    def _decode_attention(self, k: AttentionKernel) -> TaskCosts:
         """`attention(k)[0]` of a decode-only meta-kernel launch (AttentionKernel.
         decode_context_lens) on the vector-QK pipeline, priced from its context lengths: each
         shape is one sequence's one token over all its keys (its context), a final output, all

@@ -64,6 +64,7 @@ from npu_sim.trace import (
     KernelTiming,
     StepTrace,
     build_step_trace,
+    step_sums_row,
     summed_step_trace,
 )
 
@@ -238,13 +239,9 @@ class Device:
         the device does not cache across steps: no primitive may be in both). `shared` is an
         object reused by every step that shares those kernels: what they add up to is kept per
         object, and per its head (npu_sim.step_sums). Launches not yet ended are forgotten."""
-        template = self._step_templates.get(id(shared))
-        if template is None or template.launches is not shared:
-            if len(self._step_templates) >= _SHAPE_CACHE_SIZE:
-                self._step_templates.clear()
-            template = self._step_templates[id(shared)] = extend_template(
-                self._head_template(shared.head), shared,
-                [(self._timing(k), n) for k, n in shared.tail], self._step_sums_size)
+        template = _kept(self._step_templates, shared, lambda: extend_template(
+            self._head_template(shared.head), shared,
+            [(self._timing(k), n) for k, n in shared.tail], self._step_sums_size))
         # timed afresh: the step's own kernels are new kernels (a step cache would be dropped
         # at begin_step below anyway)
         pairs = [(self._launch_sums(kernel), n)
@@ -271,10 +268,7 @@ class Device:
         decode-only one priced straight from its context lengths."""
         if (isinstance(kernel, AttentionKernel) and kernel.task_group is None
                 and not kernel.num_partial_slots):
-            cm = self.cost_model
-            main = (cm.decode_attention(kernel) if cm.prices_from_context_lens(kernel)
-                    else cm.attention(kernel)[0])
-            return self._mix_launch_sums(kernel, main)
+            return self._mix_launch_sums(kernel, self.cost_model.attention(kernel)[0])
         return self.time(kernel)
 
     def _mix_launch_sums(self, kernel: AttentionKernel, main: TaskCosts) -> LaunchSums:
@@ -293,25 +287,19 @@ class Device:
         if stretch != 1.0:
             busy = busy * stretch
         cycles = c.cube_launch_s * c.clock_hz + makespan
-        # KernelTiming.step_sums: the scalars, then every AIC's busy cycles, then every AIV's
         # (an AIC's mix task keeps its AIVs busy as long)
-        row = np.concatenate(([cycles, main.cube_active_cycles, main.vector_active_cycles,
-                               hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
-                              busy, busy.repeat(self.cost_model.aivs)[:c.num_vector_cores]))
+        row = step_sums_row([cycles, main.cube_active_cycles, main.vector_active_cycles,
+                             hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
+                            busy, busy.repeat(self.cost_model.aivs)[:c.num_vector_cores])
         return LaunchSums(kernel.primitive, kernel.primitive.value, cycles / c.clock_hz,
                           len(main.cycles), row)
 
     def _head_template(self, head: Launches) -> StepTemplate:
         """The template of the head of shared launches (npu_sim.step_sums), built on its first
         step: every step of the head's token count extends it by its own tail."""
-        template = self._head_templates.get(id(head))
-        if template is None or template.launches is not head:
-            if len(self._head_templates) >= _SHAPE_CACHE_SIZE:
-                self._head_templates.clear()
-            template = self._head_templates[id(head)] = build_template(
-                head, [(None if k is None else self._timing(k), n) for k, n in head],
-                self._step_sums_size)
-        return template
+        return _kept(self._head_templates, head, lambda: build_template(
+            head, [(None if k is None else self._timing(k), n) for k, n in head],
+            self._step_sums_size))
 
     def begin_step(self) -> None:
         """Start a step: forget launches not yet reported (and the per-step timing cache)."""
@@ -459,6 +447,18 @@ _TASK_COUNTS: dict[type, Callable[[Any], int]] = {
     VectorKernel: lambda k: len(k.tasks),
     CollectiveKernel: lambda k: 0,
 }
+
+
+def _kept(templates: dict[int, StepTemplate], launches: SharedLaunches | Launches,
+          build: Callable[[], StepTemplate]) -> StepTemplate:
+    """The template kept for `launches` (by id: the template holds them, so their id names them
+    while it is kept), else build()'s, kept; the cache emptied first when full."""
+    template = templates.get(id(launches))
+    if template is None or template.launches is not launches:
+        if len(templates) >= _SHAPE_CACHE_SIZE:
+            templates.clear()
+        template = templates[id(launches)] = build()
+    return template
 
 
 def _makespan(cores_cycles: float, hbm_bytes: float, l2_bytes: float, c: ChipSpec,

@@ -48,7 +48,7 @@ class SharedLaunches:
 
 class LaunchSums(NamedTuple):
     """What step_sums reads of one launch's KernelTiming, for a launch timed without one
-    (Device.time_launches, a decode-only attention launch): the same values."""
+    (Device.time_launches: a meta-attention launch without combine tasks): the same values."""
 
     primitive: Primitive
     primitive_name: str  # primitive.value

@@ -90,11 +90,8 @@ class KernelTiming:
         its step's sums (count_step_trace), the scalars in _SCALARS order, then the busy
         cycles of every AIC and AIV. Read-only, built once per timing (timings are shared by
         the launches of a kernel and, through the device's caches, across steps)."""
-        num_scalars, num_cube = len(_SCALARS), len(self.cube_busy_cycles)
-        row = np.empty(num_scalars + num_cube + len(self.vector_busy_cycles))
-        row[:num_scalars] = [getattr(self, name) for name in _SCALARS]
-        row[num_scalars:num_scalars + num_cube] = self.cube_busy_cycles
-        row[num_scalars + num_cube:] = self.vector_busy_cycles
+        row = step_sums_row([getattr(self, name) for name in _SCALARS], self.cube_busy_cycles,
+                            self.vector_busy_cycles)
         row.flags.writeable = False
         return row
 
@@ -103,6 +100,13 @@ class KernelTiming:
 _SCALARS = ("cycles", "cube_active_cycles", "vector_active_cycles", "hbm_bytes", "flops",
             "cube_macs", "useful_cube_macs")
 NUM_STEP_SUMS_SCALARS = len(_SCALARS)
+
+
+def step_sums_row(scalars: Sequence[float], cube_busy_cycles: np.ndarray,
+                  vector_busy_cycles: np.ndarray) -> np.ndarray:
+    """float64 row of what one launch adds to its step's sums (KernelTiming.step_sums): the
+    scalars, in _SCALARS order, then every AIC's and every AIV's busy cycles."""
+    return np.concatenate((scalars, cube_busy_cycles, vector_busy_cycles))
 
 
 @dataclass(frozen=True, eq=False)
