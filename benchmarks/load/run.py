@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+import urllib.request
 from dataclasses import asdict
 from typing import Any
 
@@ -43,14 +44,14 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
 
 
 def _get_metrics(base_url: str, api_key: str | None) -> str | None:
-    import httpx
-
+    """The server's /metrics text, or None where it has none (a peer) or cannot be reached."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(f"{base_url}/metrics", headers=headers)
     try:
-        response = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10.0)
-    except httpx.HTTPError:
+        with urllib.request.urlopen(request, timeout=10.0) as response:
+            return response.read().decode("utf-8", errors="replace")
+    except (OSError, ValueError):  # (urllib's HTTPError and URLError are OSErrors)
         return None
-    return response.text if response.status_code == 200 else None
 
 
 def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = None,
@@ -154,9 +155,9 @@ def print_report(result: dict[str, Any], out: Any = None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        import httpx  # noqa: F401
+        import aiohttp  # noqa: F401
     except ImportError:
-        print("xyserve bench: error: needs httpx: pip install 'xyserve[bench]'", file=sys.stderr)
+        print("xyserve bench: error: needs aiohttp: pip install 'xyserve[bench]'", file=sys.stderr)
         return 2
     try:
         result = benchmark(args)
