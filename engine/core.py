@@ -212,7 +212,9 @@ class EngineCore:
         self.sim_now_s += step_sim_s
         self.num_steps += 1
         self._write_npu_trace(trace, self.sim_now_s - step_sim_s)
-        updates = self.scheduler.update_rows_from_output(scheduler_output, model_output)
+        # A quiet output processor reads the sampled tokens of requests that go on itself.
+        updates = self.scheduler.update_rows_from_output(
+            scheduler_output, model_output, finished_only=self.output_processor.quiet)
         result = self.output_processor.process(scheduler_output, model_output, updates, start_s,
                                                time.monotonic(), self.sim_now_s, step_sim_s)
         return self._finish_step(result)

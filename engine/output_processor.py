@@ -56,8 +56,8 @@ class OutputProcessor:
         self.num_speculative_tokens = num_speculative_tokens
         self.deltas = deltas
         # No text and no deltas (a simulation): a request that goes on only has its tokens'
-        # latencies noted, without building an output for it (_process_quiet).
-        self._quiet = tokenizer is None and not deltas
+        # latencies noted, without an update from the scheduler or an output (process).
+        self.quiet = tokenizer is None and not deltas
         self._states: dict[str, RequestState] = {}  # unfinished requests
         self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
 
@@ -97,69 +97,72 @@ class OutputProcessor:
                 now_sim_s: float, step_sim_s: float) -> StepResult:
         """One step's outputs, at wall time now_s and simulated time now_sim_s (after the step).
 
-        updates: the scheduler's, in chunk order (TokenUpdates or their plain tuples).
+        updates: the scheduler's, in chunk order (TokenUpdates or their plain tuples). A quiet
+        processor (`quiet`) needs only the finished requests' (`Scheduler.
+        update_rows_from_output(..., finished_only=True)`): a sampling chunk without an update
+        went on with its sampled tokens, uncut (only a stop cuts them, and a stop finishes).
         start_s: wall time the step started (a request first scheduled then leaves the queue).
+        Raises ValueError when an update matches no chunk in that order.
         """
         stats = _StepStats(self._take_aborted())
+        stats.num_preempted = len(scheduler_output.preempted_ids)
+        speculative = self.num_speculative_tokens
+        if speculative:  # else no chunk carries drafts
+            stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
+                                     speculative)
         start_sim_s = now_sim_s - step_sim_s
-        states, speculative = self._states, self.num_speculative_tokens
+        states, quiet, sampled = self._states, self.quiet, model_output.sampled_token_ids
+        itls_s, itls_sim_s = stats.itls_s, stats.itls_sim_s
+        outputs: list[RequestOutput] = []
+        stopped_ids: list[str] = []
+        num_prompt_tokens = num_quiet_tokens = 0
+        rows = iter(updates)
+        row = next(rows, None)
+        # One walk over the chunks, taking each one's update on the way (this runs once per
+        # row per step).
         for chunk in scheduler_output.chunks:
-            state = states[chunk.request_id]
+            request_id = chunk.request_id
+            state = states[request_id]
             if state.first_scheduled_s is None:
                 state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
-            # (chunk.num_known_tokens, inline: this runs once per row per step; drafts only
-            # with speculative decoding)
+            # (chunk.num_known_tokens, inline; drafts only with speculative decoding)
             num_known_tokens = len(chunk.token_ids)
             if speculative:
                 num_known_tokens -= len(chunk.draft_parents)
             if num_known_tokens != 1 or chunk.start_pos < state.num_prompt_tokens:
-                stats.num_prompt_tokens += num_known_tokens
-        stats.num_preempted = len(scheduler_output.preempted_ids)
-        if speculative:  # else no chunk carries drafts
-            stats.spec = _spec_stats(scheduler_output, model_output.sampled_token_ids,
-                                     speculative)
-        if self._quiet:
-            outputs, stopped_ids = self._process_quiet(updates, now_s, now_sim_s, stats), []
-        else:
-            outputs, stopped_ids = [], []
-            for request_id, token_ids, logprobs, finish_reason in updates:
-                output, stopped = self._output(request_id, token_ids, logprobs, finish_reason,
-                                               now_s, now_sim_s, stats)
-                if output is not None:
-                    outputs.append(output)
-                if stopped:
-                    stopped_ids.append(request_id)
+                num_prompt_tokens += num_known_tokens
+            if row is not None and row[0] == request_id:
+                _, token_ids, logprobs, finish_reason = row
+                row = next(rows, None)
+            elif quiet and chunk.sample:
+                token_ids = sampled[request_id]  # it went on (see `updates`)
+                if state.first_token_s is not None:
+                    # Most rows of every simulated step: only the inter-token latencies are
+                    # noted (`_StepStats.record_tokens` inline, without the calls and the tuple
+                    # it returns); no text means no stop strings, so nothing stops.
+                    num_new_tokens = len(token_ids)
+                    num_quiet_tokens += num_new_tokens
+                    state.num_output_tokens += num_new_tokens
+                    itls_s.append(now_s - state.last_token_s)
+                    itls_sim_s.append(now_sim_s - state.last_token_sim_s)
+                    state.last_token_s, state.last_token_sim_s = now_s, now_sim_s
+                    continue
+                logprobs, finish_reason = None, None
+            else:
+                continue  # nothing new (a prefill chunk short of the last known token)
+            output, stopped = self._output(request_id, token_ids, logprobs, finish_reason,
+                                           now_s, now_sim_s, stats)
+            if output is not None:
+                outputs.append(output)
+            if stopped:
+                stopped_ids.append(request_id)
+        if row is not None:
+            raise ValueError(f"update of {row[0]!r} matches no chunk in chunk order")
+        stats.num_prompt_tokens = num_prompt_tokens
+        stats.num_generation_tokens += num_quiet_tokens
         return StepResult(outputs, stopped_ids,
                           stats.build(now_s - start_s, step_sim_s, model_output.trace))
-
-    def _process_quiet(self, updates: Sequence[TokenUpdateRow], now_s: float,
-                       now_sim_s: float, stats: _StepStats) -> list[RequestOutput]:
-        """`_output` of every update for an engine with no text and no deltas (a simulation):
-        the finished requests' outputs. A request that goes on after its first token only has
-        its inter-token latencies noted, inline (`_StepStats.record_tokens` without the calls
-        and the tuple it returns): most rows of every simulated step take this path. No text
-        means no stop strings, so nothing is left for the core to stop."""
-        states = self._states
-        itls_s, itls_sim_s = stats.itls_s, stats.itls_sim_s
-        outputs = []
-        num_generation_tokens = 0  # of the requests that went on past their first token
-        for request_id, token_ids, logprobs, finish_reason in updates:
-            state = states[request_id]
-            if finish_reason is not None or state.first_token_s is None:
-                output, _ = self._output(request_id, token_ids, logprobs, finish_reason, now_s,
-                                         now_sim_s, stats)
-                if output is not None:
-                    outputs.append(output)
-                continue
-            num_new_tokens = len(token_ids)
-            num_generation_tokens += num_new_tokens
-            state.num_output_tokens += num_new_tokens
-            itls_s.append(now_s - state.last_token_s)
-            itls_sim_s.append(now_sim_s - state.last_token_sim_s)
-            state.last_token_s, state.last_token_sim_s = now_s, now_sim_s
-        stats.num_generation_tokens += num_generation_tokens
-        return outputs
 
     def _take_aborted(self) -> list[FinishedRequestStats]:
         aborted, self._aborted = self._aborted, []

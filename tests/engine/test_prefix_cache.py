@@ -6,7 +6,9 @@ holds, written by the chunks each step schedules, so a hit on wrong or overwritt
 
 from __future__ import annotations
 
+import hashlib
 import random
+from array import array
 from collections import Counter
 from collections.abc import Callable
 
@@ -42,6 +44,20 @@ def test_hash_chain_depends_on_tokens_and_parent() -> None:
     assert a != hash_block(None, [1, 2, 3, 5])
     assert hash_block(a, [5, 6, 7, 8]) != hash_block(None, [5, 6, 7, 8])
     assert hash_block(a, [5, 6, 7, 8]) == hash_block(hash_block(None, [1, 2, 3, 4]), [5, 6, 7, 8])
+
+
+def test_hash_is_sha256_of_the_parent_and_int64_ids() -> None:
+    """The packed ids are the bytes of an int64 array: hashes stay what they were (routers and
+    other engines compare them)."""
+    rng = random.Random(0)
+    parent = None
+    for num_tokens in (1, 4, 16, 128):
+        ids = [rng.randrange(-2**63, 2**63) for _ in range(num_tokens)]
+        expected = hashlib.sha256(b"xyserve-prefix-cache-v1" if parent is None else parent)
+        expected.update(array("q", ids).tobytes())
+        assert hash_block(parent, ids) == expected.digest()
+        assert hash_block(parent, tuple(ids)) == expected.digest()
+        parent = expected.digest()
 
 
 def test_freed_cached_block_stays_reusable_until_evicted() -> None:
