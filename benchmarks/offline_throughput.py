@@ -74,6 +74,7 @@ class StepTimers:
         self.wrap(engine.runner, "lower_step", "lowering")
         self.wrap(engine.runner.ModelRunner, "_step_inputs", "input preparation")
         self.wrap(dev.Device, "end_step", "cost model")
+        self.wrap(dev.Device, "end_planned_step", "cost model")
         self.wrap(dev.Device, "launch", "launches")
         self.wrap(LayerStack, "run", "kernels: replayed decoder layers")
         kernels = npu_sim.kernels

@@ -18,7 +18,7 @@ import torch
 
 from engine import platform
 from engine.config import EngineConfig
-from engine.lowering import LoweringPolicy, lower_step
+from engine.lowering import LoweringPolicy, StepPlan, lower_step, step_launch_counts
 from engine.models.llama import LlamaModel, StepInputs
 from engine.models.loader import LoadedModel, load_model
 from engine.outputs import (
@@ -37,6 +37,7 @@ from engine.structured.runner_grammars import RunnerGrammars
 from engine.token_tree import node_depths
 from npu_sim.device import Device
 from npu_sim.hardware import load_chip
+from npu_sim.trace import StepTrace
 
 logger = logging.getLogger("xyserve")
 
@@ -139,20 +140,24 @@ class ModelRunner:
         # Grammar masks are filled on a worker thread while the model runs.
         masks = self.grammars.start_masks(sampled)
         self.device.begin_step()
-        logits = self.compute_logits(scheduler_output)
+        logits, plan = self._forward(scheduler_output)
         if logits is None:
             self.grammars.masks(masks)  # let the worker finish before anything moves on
-            return ModelOutput(sampled_token_ids={},
-                               trace=self.device.end_step(num_requests=len(chunks)))
+            return ModelOutput(sampled_token_ids={}, trace=self._end_step(plan, len(chunks)))
         token_ids, logprobs = self._sample(logits, sampled, self.grammars.masks(masks))
         for request_id, new_ids in token_ids.items():
             self.requests[request_id].output_token_ids.extend(new_ids)
         self.grammars.advance(token_ids)
         drafts = self._propose(token_ids, scheduler_output.num_drafts_to_propose)
         # after the proposals: a draft model runs on the device
-        trace = self.device.end_step(num_requests=len(chunks))
-        return ModelOutput(sampled_token_ids=token_ids, logprobs=logprobs, trace=trace,
-                           drafts=drafts)
+        return ModelOutput(sampled_token_ids=token_ids, logprobs=logprobs,
+                           trace=self._end_step(plan, len(chunks)), drafts=drafts)
+
+    def _end_step(self, plan: StepPlan, num_requests: int) -> StepTrace:
+        """The device's step, timed from the plan the model ran (Device.end_planned_step: at
+        batch 1 walking a step's few hundred launches was ~4% of its wall time)."""
+        return self.device.end_planned_step(*step_launch_counts(plan, self.arch.num_layers),
+                                            num_requests=num_requests)
 
     def _update_requests(self, scheduler_output: SchedulerOutput) -> None:
         """Forget finished requests (and preempted ones' drafts), learn the new ones."""
@@ -174,11 +179,15 @@ class ModelRunner:
         """Run the model over the step's chunks (writing their K/V) inside the device's open
         step; returns (num_sample_rows, V) fp32 logits: per sampled chunk its last known token's
         row, then one row per draft node; None if nothing is sampled."""
+        return self._forward(scheduler_output)[0]
+
+    def _forward(self, scheduler_output: SchedulerOutput) -> tuple[torch.Tensor | None, StepPlan]:
+        """compute_logits' logits, with the plan the step was lowered to."""
         chunks = scheduler_output.chunks
         inputs = self._step_inputs(scheduler_output)
         plan = lower_step(chunks, len(inputs.sample_rows), self.arch, self.device.chip,
                           self.block_size, self.lowering)
-        return self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers)
+        return self.model.forward(self.device, plan, inputs, self._k_layers, self._v_layers), plan
 
     def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk],
                 masks: StepMasks | None,

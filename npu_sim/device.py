@@ -239,19 +239,46 @@ class Device:
         the device does not cache across steps: no primitive may be in both). `shared` is an
         object reused by every step that shares those kernels: what they add up to is kept per
         object, and per its head (npu_sim.step_sums). Launches not yet ended are forgotten."""
-        template = _kept(self._step_templates, shared, lambda: extend_template(
-            self._head_template(shared.head), shared,
-            [(self._timing(k), n) for k, n in shared.tail], self._step_sums_size))
-        # timed afresh: the step's own kernels are new kernels (a step cache would be dropped
-        # at begin_step below anyway)
-        pairs = [(self._launch_sums(kernel), n)
-                 for kernel, n in zip(varying, template.varying_counts, strict=True)]
+        template = self._step_template(shared)
+        pairs = self._varying_sums(template, varying)
         for primitive, num_launches, num_tasks in template.shared_counts:
             self.num_launches[primitive] += num_launches
             self.num_tasks[primitive] += num_tasks
         for timing, n in pairs:
             self.num_launches[timing.primitive] += n
             self.num_tasks[timing.primitive] += n * timing.num_tasks
+        return self._summed_step(template, pairs, num_requests)
+
+    def end_planned_step(self, shared: SharedLaunches, varying: Sequence[Kernel],
+                         num_requests: int = 0) -> StepTrace:
+        """end_step(num_requests) of a step whose launches since begin_step() were, kernel for
+        kernel, those `shared` and `varying` list (`time_launches`' arguments, from the plan the
+        step ran: engine.lowering.step_launch_counts): the same StepTrace from the sums kept
+        per set of shared launches instead of a walk over the few hundred launches recorded.
+        Where the device keeps timelines, or the launches recorded are not as many as the
+        plan's (a draft model launched too), it is end_step itself."""
+        template = None if self.timeline else self._step_template(shared)
+        if template is None or len(self._launches) != template.num_launches:
+            return self.end_step(num_requests)
+        return self._summed_step(template, self._varying_sums(template, varying), num_requests)
+
+    def _step_template(self, shared: SharedLaunches) -> StepTemplate:
+        """What `shared`'s launches add up to, built on its first step (npu_sim.step_sums)."""
+        return _kept(self._step_templates, shared, lambda: extend_template(
+            self._head_template(shared.head), shared,
+            [(self._timing(k), n) for k, n in shared.tail], self._step_sums_size))
+
+    def _varying_sums(self, template: StepTemplate, varying: Sequence[Kernel],
+                      ) -> list[tuple[KernelTiming | LaunchSums, int]]:
+        """The step's own kernels' sums with their launch counts, timed afresh: they are new
+        kernels (a step cache would be dropped at the step's end anyway)."""
+        return [(self._launch_sums(kernel), n)
+                for kernel, n in zip(varying, template.varying_counts, strict=True)]
+
+    def _summed_step(self, template: StepTemplate,
+                     pairs: list[tuple[KernelTiming | LaunchSums, int]],
+                     num_requests: int) -> StepTrace:
+        """The step's StepTrace from its template and its own kernels' sums; ends the step."""
         self.begin_step()
         c = self.chip
         sums, seconds = step_sums(template, pairs, self._step_sums_size)

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections import Counter
+from typing import Any
 
+import numpy as np
+import pytest
 import torch
 import transformers
 
 from engine.config import EngineConfig
+from engine.llm import LLM
 from engine.outputs import NewRequestData, ScheduledChunk, SchedulerOutput
 from engine.request import SamplingParams
 from engine.runner import build_model_runner
+from npu_sim.device import Device
+from npu_sim.trace import StepTrace
 
 BLOCK = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -68,3 +75,42 @@ def test_threads_set_the_kernels_thread_count(tiny_llama_dir: pathlib.Path) -> N
         assert torch.get_num_threads() == len(os.sched_getaffinity(0))  # the default
     finally:
         torch.set_num_threads(before)
+
+
+def test_steps_are_timed_from_their_plan_as_end_step_times_them(
+        tiny_llama_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compute runner ends each step with Device.end_planned_step: the StepTrace end_step
+    gives from the launches the model recorded, summed from the plan (chunked prefills, mixed
+    steps and decodes of a few requests; the device counts each launch once either way)."""
+    planned, summed = Device.end_planned_step, Device._summed_step
+    pairs: list[tuple[StepTrace, StepTrace]] = []
+    num_summed = 0
+
+    def count_summed(self: Device, *args: Any) -> StepTrace:
+        nonlocal num_summed
+        num_summed += 1
+        return summed(self, *args)
+
+    def both(self: Device, shared: Any, varying: Any, num_requests: int = 0) -> StepTrace:
+        launches, counts = list(self._launches), Counter(self.num_launches)
+        trace = planned(self, shared, varying, num_requests)
+        assert self.num_launches == counts  # counted as launched, not again
+        self._launches = launches  # the same step, ended by walking its launches
+        pairs.append((trace, self.end_step(num_requests)))
+        return trace
+
+    monkeypatch.setattr(Device, "_summed_step", count_summed)
+    monkeypatch.setattr(Device, "end_planned_step", both)
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", block_size=16, num_kv_blocks=64,
+              max_num_batched_tokens=24)
+    prompts = [[5 + i, 17, 300, 42, 9, 1000, 77] * (1 + 3 * i) for i in range(3)]
+    llm.generate(prompts,
+                 SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    assert len(pairs) > 8 and num_summed == len(pairs)  # every step took the planned sums
+    for a, b in pairs:
+        for field in ("sim_s", "device_s", "host_s", "num_launches", "cube_utilization",
+                      "vector_utilization", "hbm_bytes", "flops", "mfu", "padding_waste_ratio"):
+            assert getattr(a, field) == getattr(b, field), field
+        assert np.array_equal(a.cube_busy_s, b.cube_busy_s)
+        assert np.array_equal(a.vector_busy_s, b.vector_busy_s)
+        assert list(a.kernel_s_by_primitive.items()) == list(b.kernel_s_by_primitive.items())
