@@ -23,7 +23,14 @@ import numpy as np
 from engine import token_tree
 from engine.arch import ModelArch
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
+from npu_sim.tasks import (
+    ATTN_SEQ,
+    ATTN_TASK,
+    COMBINE_TASK,
+    AttentionKernel,
+    PrefillTiles,
+    UnsplitTiles,
+)
 from npu_sim.tiling import attention_q_tile, attention_q_tiles
 
 T = TypeVar("T")
@@ -115,10 +122,11 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     What timing needs is built here, per (tile, KV span) shape (`AttentionKernel.shapes`, tens
     of rows) plus the dealt order as shape indices (`task_shape`); the full task, combine and
     block tables (thousands of rows a step for a 7B MHA model) only when something reads them
-    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees). A
-    decode-only batch none of whose tiles is split (most steps of a simulation) carries its
-    context lengths instead (`AttentionKernel.decode_context_lens`, what the cost model prices
-    it from), and its sequence and shape tables are built on first read too (`_lower_decode`).
+    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees). A batch
+    without verify chunks none of whose tiles is split (every step of most simulations) carries
+    its lengths instead (`AttentionKernel.unsplit`: context lengths, and its prefill chunks'
+    tiles, what the cost model prices it from), and its sequence and shape tables are built on
+    first read too (`_lower_unsplit`).
     """
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     chunks = tuple(chunks)  # kept for the lazy block tables
@@ -126,12 +134,12 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     # attribute getters mapped in C: no Python frame per chunk (the attributes may be fields or
     # properties: ScheduledChunk.num_tokens is one)
     start_pos = np.fromiter(map(_START_POS, chunks), np.int64, num_seqs)
+    q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
     drafts = any(map(_DRAFT_PARENTS, chunks))
-    if num_seqs and not drafts and set(map(_NUM_TOKENS, chunks)) == {1}:  # decode only
-        kernel = _lower_decode(chunks, start_pos, arch, chip, block_size)
+    if num_seqs and not drafts:
+        kernel = _lower_unsplit(chunks, start_pos, q_len, arch, chip, block_size)
         if kernel is not None:
             return kernel
-    q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
     trees = [s for s, c in enumerate(chunks) if c.draft_parents] if drafts else []
     verify = None
     if trees:
@@ -152,38 +160,104 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     )
 
 
-def _lower_decode(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, arch: ModelArch,
-                  chip: ChipSpec, block_size: int) -> AttentionKernel | None:
-    """lower_attention's kernel of a decode-only batch (every chunk one token, none a verify
-    chunk: a tile per sequence), or None when a tile is to be split into KV spans (the general
-    lowering does that). Most steps of a simulation are such batches, so what timing reads is
-    computed straight from the context lengths in a few numpy calls: each tile's KV blocks,
-    the split test and the dealt order, the values `_q_tiles` and `_tile_order` give (tested);
-    the tiles themselves, hence the sequence, shape and task tables, only when read."""
+def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, q_len: np.ndarray,
+                   arch: ModelArch, chip: ChipSpec, block_size: int) -> AttentionKernel | None:
+    """lower_attention's kernel of a batch without verify chunks, said by its lengths
+    (`AttentionKernel.unsplit`), or None when a tile is to be split into KV spans (the general
+    lowering does that). Most steps of a simulation are such batches: decodes, a tile each,
+    and now and then a few prefill chunks. So what timing reads is computed from the context
+    lengths in a few numpy calls, and the prefill chunks' tiles one by one (`_prefill_tiles`):
+    the tiles' KV blocks, the split test and the dealt order, the values `_q_tiles` and
+    `_tile_order` give (tested); the tiles of the whole batch, hence the sequence, shape and
+    task tables, only when read."""
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
-    tiles = _once(lambda: _q_tiles(np.ones(len(chunks), np.int64), start_pos, None, g,
-                                   num_kv_heads, chip, block_size, decode=True))
-    context = start_pos + 1  # each tile's causal horizon
-    n_blocks = (context + (block_size - 1)) // block_size
-    # _spans' test: work is q_rows x (g x block_size) x blocks, q_rows 1 (whole numbers,
-    # exact); a tile within the share is never split, one over it where its KV makes two spans
-    # at least (a batch of one is always over: a single stream's short contexts are not split).
-    block_work = g * block_size
-    share = _core_share(int(n_blocks.sum()) * block_work, num_kv_heads, chip)
-    if share and int(n_blocks.max()) * block_work > share and bool(
-            ((n_blocks * block_work > share)
-             & (n_blocks // _span_blocks(block_size) >= 2)).any()):
+    decode_rows = attention_q_tile(1, g)[0]  # attention_q_tiles' answer for one token
+    context = start_pos + q_len  # each sequence's causal horizon
+    n_blocks = (context + (block_size - 1)) // block_size  # a decode tile's KV blocks
+    # the prefill chunks (array methods, not numpy's Python-level wrappers)
+    multi = (q_len > 1).nonzero()[0].tolist() if int(q_len.max()) > 1 else []
+    # _spans' work (query tokens x (g x block_size) x blocks, whole numbers: exact in any
+    # order) and split test: a tile within the share is never split, one over it where its KV
+    # makes two spans at least (a batch of one is always over: a single stream's short contexts
+    # are not split). The test over every sequence's blocks as if it were a decode is the
+    # decodes' test, and no more: a prefill chunk's last tile has the blocks of its whole
+    # context and one query token at least.
+    block_work, span_blocks = g * block_size, _span_blocks(block_size)
+    work, heaviest = int(n_blocks.sum()), int(n_blocks.max())
+    if multi:
+        prefill = _prefill_tiles(multi, start_pos, q_len, g, block_size)
+        work += sum(prefill.work) - sum(n_blocks[multi].tolist())
+        heaviest = max(heaviest, *prefill.work)
+    share = _core_share(work * block_work, num_kv_heads, chip)
+    if share and heaviest * block_work > share and (
+            bool(((n_blocks * block_work > share) & (n_blocks // span_blocks >= 2)).any())
+            or (multi and any(w * block_work > share and b // span_blocks >= 2
+                             for w, b in zip(prefill.work, prefill.n_blocks, strict=True)))):
         return None
-    # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
-    # their tile order: a stable sort); array methods, not numpy's Python-level wrappers
-    task_shape = (-n_blocks).argsort(kind="stable").repeat(num_kv_heads)
-    # Timing reads the context lengths and the dealt order only: the sequence and shape tables
-    # are built if something reads them.
+    tiles = _once(lambda: _q_tiles(q_len, start_pos, None, g, num_kv_heads, chip, block_size))
+    if not multi:  # decodes only
+        # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties
+        # keep their tile order: a stable sort); array methods, not numpy's Python-level
+        # wrappers
+        by_weight = (-n_blocks).argsort(kind="stable")
+        unsplit = UnsplitTiles(context, len(chunks), decode_rows)
+        max_tile_rows = decode_rows
+    else:
+        num_tiles = np.ones(len(chunks), np.int64)
+        num_tiles[multi] = prefill.num_tiles
+        tile_seq = np.arange(len(chunks)).repeat(num_tiles)
+        tile_work = (n_blocks * decode_rows).take(tile_seq)  # tile rows x KV blocks
+        tile_work[list(prefill.tiles.position)] = [
+            r * b for r, b in zip(prefill.tiles.tile_rows, prefill.n_blocks, strict=True)]
+        by_weight = (-tile_work).argsort(kind="stable")  # _tile_order's
+        num_tokens = len(chunks) - len(multi) + sum(prefill.tiles.q_rows)
+        unsplit = UnsplitTiles(context, num_tokens, decode_rows, tile_seq, tile_work,
+                               prefill.tiles)
+        max_tile_rows = max(prefill.tiles.tile_rows)
+        if len(multi) < len(chunks):
+            max_tile_rows = max(max_tile_rows, decode_rows)
+    # Timing reads the lengths and the dealt order only: the sequence and shape tables are
+    # built if something reads them.
     return AttentionKernel(
         **_kernel_fields(chunks, arch, block_size, tiles),
-        seqs=lambda: _seq_table(tiles().q_rows, start_pos), num_partial_slots=0,
-        max_tile_rows=attention_q_tile(1, g)[0], shapes=lambda: _tile_shapes(tiles()),
-        task_shape=task_shape, decode_context_lens=context)
+        seqs=lambda: _seq_table(q_len, start_pos), num_partial_slots=0,
+        max_tile_rows=max_tile_rows, shapes=lambda: _tile_shapes(tiles()),
+        task_shape=by_weight.repeat(num_kv_heads), unsplit=unsplit)
+
+
+class _Prefill(NamedTuple):
+    """Prefill chunks' Q tiles (`_prefill_tiles`), in tile order."""
+
+    tiles: PrefillTiles
+    n_blocks: list[int]  # per tile, KV blocks its causal horizon reaches
+    work: list[int]  # per tile, its query tokens x KV blocks
+    num_tiles: list[int]  # per chunk, its tiles
+
+
+def _prefill_tiles(multi: list[int], start_pos: np.ndarray, q_len: np.ndarray, g: int,
+                   block_size: int) -> _Prefill:
+    """The Q tiles of the batch's sequences `multi` (in batch order, none a verify chunk), as
+    `_q_tiles` cuts them (npu_sim.tiling.attention_q_tile), with their positions among all
+    the batch's tiles, every other sequence one tile. A few chunks a step: Python ints."""
+    position, keys, q_rows, tile_rows, seqs = [], [], [], [], []
+    num_tiles, extra = [], 0  # tiles before the current chunk's beyond one per sequence
+    for s, start, n in zip(multi, start_pos[multi].tolist(), q_len[multi].tolist(),
+                           strict=True):
+        rows, tokens = attention_q_tile(n, g)
+        first = len(keys)
+        for offset in range(0, n, tokens):
+            q_rows.append(min(tokens, n - offset))
+            keys.append(start + offset + q_rows[-1])
+        count = len(keys) - first
+        position += range(s + extra, s + extra + count)
+        tile_rows += [rows] * count
+        seqs += [s] * count
+        num_tiles.append(count)
+        extra += count - 1
+    n_blocks = [-(-k // block_size) for k in keys]
+    return _Prefill(PrefillTiles(tuple(position), tuple(keys), tuple(q_rows), tuple(tile_rows),
+                                 tuple(seqs)),
+                    n_blocks, [q * b for q, b in zip(q_rows, n_blocks, strict=True)], num_tiles)
 
 
 def _kernel_fields(chunks: tuple[ChunkLike, ...], arch: ModelArch, block_size: int,
@@ -219,18 +293,14 @@ def _once(build: Callable[[], T]) -> Callable[[], T]:
 
 
 def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None, g: int,
-             num_kv_heads: int, chip: ChipSpec, block_size: int,
-             decode: bool | None = None) -> _Tiles:
+             num_kv_heads: int, chip: ChipSpec, block_size: int) -> _Tiles:
     """The Q tiles of sequences of q_len query tokens from start_pos (verify: which are verify
     chunks; None = none), each with its KV spans: as many as its work over the per-core share,
-    each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds). decode: whether every sequence
-    is one token and none a verify chunk, if the caller knows (None: find out)."""
+    each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
     num_seqs = len(q_len)
-    if decode is None:
-        decode = (num_seqs > 0 and (verify is None or not verify.any())
-                  and int(q_len.max()) == 1)
-    if decode:  # a tile each
-        # attention_q_tiles' answer for one token: the smallest tile holding g rows
+    if num_seqs and (verify is None or not verify.any()) and int(q_len.max()) == 1:
+        # decodes only, a tile each: attention_q_tiles' answer for one token, the smallest
+        # tile holding g rows
         tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
         return _spans(seq, q_offset, q_rows, tile_rows, start_pos + q_len, g, num_kv_heads,

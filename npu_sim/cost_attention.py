@@ -162,7 +162,7 @@ class RowMemo:
             other = ~decode
             if hbm_fraction is None:
                 hbm_fraction = np.ones(len(keys))
-            terms[:, other] = self._keyed_terms(
+            terms[:, other] = self.keyed_terms(
                 cm, *(a[other] for a in (keys, q_rows, tile_rows, final, horizon_reached,
                                           hbm_fraction)))
         return terms
@@ -195,23 +195,30 @@ class RowMemo:
         self._tables[tile_rows] = table, end
         return table
 
-    def _keyed_terms(self, cm: CostModel, *columns: np.ndarray) -> np.ndarray:
+    def keyed_terms(self, cm: CostModel, *columns: np.ndarray) -> np.ndarray:
         """(NUM_TERMS, rows) terms of any rows (columns as attention_rows takes them)."""
-        keys_of = list(zip(*(a.tolist() for a in columns), strict=True))
+        return self.terms_at(self.columns(cm, list(zip(*(a.tolist() for a in columns),
+                                                         strict=True))))
+
+    def columns(self, cm: CostModel, rows: list[tuple[Any, ...]]) -> list[int]:
+        """The memo's column of each row, a tuple (keys, q_rows, tile_rows, final,
+        horizon_reached, hbm_fraction) of the values attention_rows takes, pricing those not
+        seen before (a row may repeat)."""
         get = self._index.get
-        found = [get(key, -1) for key in keys_of]
+        found = [get(key, -1) for key in rows]
         missing = [i for i, column in enumerate(found) if column < 0]
         if missing:
             if len(self._index) + len(missing) > _MEMO_ROWS:  # a bounded memo: start over
                 self._index.clear()
                 found = [-1] * len(found)
                 missing = list(range(len(found)))
-            idx = np.array(missing, dtype=np.int64)
-            keys, q_rows, tile_rows, final, reached, fraction = (a[idx] for a in columns)
+            keys, q_rows, tile_rows, final, reached, fraction = np.array(
+                [rows[i] for i in missing], dtype=np.float64).T
             fresh = np.stack(attention_rows(cm, self.stages, keys, q_rows, self.group_size,
-                                            tile_rows, final, reached, fraction, self.head_dim))
+                                            tile_rows, final != 0, reached != 0, fraction,
+                                            self.head_dim))
             for j, i in enumerate(missing):
-                column = self._index.get(keys_of[i])
+                column = self._index.get(rows[i])
                 if column is None:  # first of its kind (a row may repeat within a launch)
                     column = len(self._index)
                     if column >= self._terms.shape[1]:
@@ -219,6 +226,10 @@ class RowMemo:
                         grown[:, :column] = self._terms[:, :column]
                         self._terms = grown
                     self._terms[:, column] = fresh[:, j]
-                    self._index[keys_of[i]] = column
+                    self._index[rows[i]] = column
                 found[i] = column
-        return self._terms[:, found]
+        return found
+
+    def terms_at(self, columns: list[int]) -> np.ndarray:
+        """(NUM_TERMS, len(columns)) terms of the memo's `columns`."""
+        return self._terms[:, columns]
