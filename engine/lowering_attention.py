@@ -186,7 +186,7 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, q_len: 
     work, heaviest = int(n_blocks.sum()), int(n_blocks.max())
     if multi:
         prefill = _prefill_tiles(multi, start_pos, q_len, g, block_size)
-        work += sum(prefill.work) - sum(n_blocks[multi].tolist())
+        work += sum(prefill.work) - prefill.context_blocks
         heaviest = max(heaviest, *prefill.work)
     share = _core_share(work * block_work, num_kv_heads, chip)
     if share and heaviest * block_work > share and (
@@ -205,13 +205,12 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, q_len: 
     else:
         num_tiles = np.ones(len(chunks), np.int64)
         num_tiles[multi] = prefill.num_tiles
-        tile_seq = np.arange(len(chunks)).repeat(num_tiles)
-        tile_work = (n_blocks * decode_rows).take(tile_seq)  # tile rows x KV blocks
+        tile_work = (n_blocks * decode_rows).repeat(num_tiles)  # tile rows x KV blocks
         tile_work[list(prefill.tiles.position)] = [
             r * b for r, b in zip(prefill.tiles.tile_rows, prefill.n_blocks, strict=True)]
         by_weight = (-tile_work).argsort(kind="stable")  # _tile_order's
         num_tokens = len(chunks) - len(multi) + sum(prefill.tiles.q_rows)
-        unsplit = UnsplitTiles(context, num_tokens, decode_rows, tile_seq, tile_work,
+        unsplit = UnsplitTiles(context, num_tokens, decode_rows, num_tiles, tile_work,
                                prefill.tiles)
         max_tile_rows = max(prefill.tiles.tile_rows)
         if len(multi) < len(chunks):
@@ -232,32 +231,36 @@ class _Prefill(NamedTuple):
     n_blocks: list[int]  # per tile, KV blocks its causal horizon reaches
     work: list[int]  # per tile, its query tokens x KV blocks
     num_tiles: list[int]  # per chunk, its tiles
+    context_blocks: int  # the chunks' whole contexts' KV blocks, summed (their last tiles')
 
 
 def _prefill_tiles(multi: list[int], start_pos: np.ndarray, q_len: np.ndarray, g: int,
                    block_size: int) -> _Prefill:
     """The Q tiles of the batch's sequences `multi` (in batch order, none a verify chunk), as
-    `_q_tiles` cuts them (npu_sim.tiling.attention_q_tile), with their positions among all
-    the batch's tiles, every other sequence one tile. A few chunks a step: Python ints."""
-    position, keys, q_rows, tile_rows, seqs = [], [], [], [], []
-    num_tiles, extra = [], 0  # tiles before the current chunk's beyond one per sequence
-    for s, start, n in zip(multi, start_pos[multi].tolist(), q_len[multi].tolist(),
-                           strict=True):
+    `_q_tiles` cuts them (npu_sim.tiling.attention_q_tile: full tiles of `tokens` query
+    tokens, then the rest), with their positions among all the batch's tiles, every other
+    sequence one tile. A few chunks a step: Python ints."""
+    position, keys, q_rows, tile_rows, seqs, num_tiles = [], [], [], [], [], []
+    extra = context_blocks = 0  # (extra: tiles so far beyond one per sequence)
+    for s in multi:
+        start, n = start_pos.item(s), q_len.item(s)
         rows, tokens = attention_q_tile(n, g)
-        first = len(keys)
-        for offset in range(0, n, tokens):
-            q_rows.append(min(tokens, n - offset))
-            keys.append(start + offset + q_rows[-1])
-        count = len(keys) - first
+        count = -(-n // tokens)
+        q_rows += [tokens] * (count - 1)
+        q_rows.append(n - (count - 1) * tokens)
+        keys += range(start + tokens, start + n, tokens)  # each tile's last row's horizon
+        keys.append(start + n)
         position += range(s + extra, s + extra + count)
         tile_rows += [rows] * count
         seqs += [s] * count
         num_tiles.append(count)
         extra += count - 1
+        context_blocks += -(-(start + n) // block_size)
     n_blocks = [-(-k // block_size) for k in keys]
     return _Prefill(PrefillTiles(tuple(position), tuple(keys), tuple(q_rows), tuple(tile_rows),
                                  tuple(seqs)),
-                    n_blocks, [q * b for q, b in zip(q_rows, n_blocks, strict=True)], num_tiles)
+                    n_blocks, [q * b for q, b in zip(q_rows, n_blocks, strict=True)], num_tiles,
+                    context_blocks)
 
 
 def _kernel_fields(chunks: tuple[ChunkLike, ...], arch: ModelArch, block_size: int,

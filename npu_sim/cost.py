@@ -462,23 +462,23 @@ class CostModel:
         if p is None:  # a tile per sequence, over its context
             keys = u.context_lens
         else:
-            keys = u.context_lens.take(u.tile_seq)
+            keys = u.context_lens.repeat(u.num_tiles)
             keys[list(p.position)] = p.keys
         # the prefill tiles' columns are replaced below (a decode table of every key up to the
         # longest costs fewer calls than leaving them out)
         terms = memo.decode_terms(self, float(u.decode_tile_rows), keys)
-        if p is not None:  # a few tiles: Python numbers, as `attention` keys them
-            seq_keys: dict[int, int] = {}  # each prefill sequence's keys, all its tiles'
+        if p is not None:  # a few tiles: Python numbers, keys `attention`'s equal
+            seq_keys: dict[int, list[int]] = {}  # each prefill sequence's tiles' keys
             for s, n in zip(p.seq, p.keys, strict=True):
-                seq_keys[s] = seq_keys.get(s, 0) + n
-            # `_attention_hbm_fraction`'s operands: its tiles' K/V bytes and its whole KV's,
-            # whole numbers (exact in any order)
-            fraction = {s: float(self._hbm_fraction(
-                float(2 * n * d * self.bytes * weight),
+                seq_keys.setdefault(s, []).append(n)
+            # `_attention_hbm_fraction`'s: exactly 1.0 for a sequence of one tile; else from its
+            # tiles' K/V bytes and its whole KV's, whole numbers (exact in any order)
+            fraction = {s: 1.0 if len(n) == 1 else float(self._hbm_fraction(
+                float(2 * sum(n) * d * self.bytes * weight),
                 float(int(u.context_lens[s]) * weight * d * self.bytes * 2)))
                 for s, n in seq_keys.items()}
             columns = memo.columns(self, [
-                (float(n), float(q), float(r), True, True, fraction[s])
+                (n, q, r, True, True, fraction[s])
                 for n, q, r, s in zip(p.keys, p.q_rows, p.tile_rows, p.seq, strict=True)])
             terms[:, list(p.position)] = memo.terms_at(columns)
         # the keys' sum, a whole number below 2^53: the float64 sum `attention` takes, exactly

@@ -224,8 +224,9 @@ class RowMemo:
 
     def columns(self, cm: CostModel, rows: list[tuple[Any, ...]]) -> list[int]:
         """The memo's column of each row, a tuple (keys, q_rows, tile_rows, final,
-        horizon_reached, hbm_fraction) of the values attention_rows takes, pricing those not
-        seen before (a row may repeat)."""
+        horizon_reached, hbm_fraction) of the values attention_rows takes (equal numbers are
+        one key, whole numbers given as int or float alike), pricing those not seen before (a
+        row may repeat)."""
         get = self._index.get
         found = [get(key, -1) for key in rows]
         if -1 not in found:

@@ -216,7 +216,7 @@ class PrefillTiles(NamedTuple):
     """The Q tiles of an unsplit launch's multi-token sequences (UnsplitTiles), in tile order,
     each over all the KV its last query row sees: a few a step, Python ints."""
 
-    position: tuple[int, ...]  # its index among the launch's tiles (UnsplitTiles.tile_seq)
+    position: tuple[int, ...]  # its index among the launch's tiles
     keys: tuple[int, ...]  # keys its last query row sees: start_pos + q_offset + q_rows
     q_rows: tuple[int, ...]  # its query tokens
     tile_rows: tuple[int, ...]  # the on-chip tile's stacked rows
@@ -233,9 +233,10 @@ class UnsplitTiles(NamedTuple):
     context_lens: np.ndarray  # int64 (num_seqs,): each sequence's start_pos + q_len
     num_tokens: int  # query tokens, all sequences'
     decode_tile_rows: int  # a single-token sequence's tile rows
-    # int64 (num_tiles,): each tile's sequence and its tile_rows x KV blocks (the weight the
-    # tiles are dealt by, heaviest first); None: a tile per sequence, every one a decode
-    tile_seq: np.ndarray | None = None
+    # int64 (num_seqs,) each sequence's tiles, and int64 (num_tiles,) each tile's tile_rows x
+    # KV blocks (the weight the tiles are dealt by, heaviest first); None: a tile per
+    # sequence, every one a decode
+    num_tiles: np.ndarray | None = None
     tile_work: np.ndarray | None = None
     prefill: PrefillTiles | None = None  # None: none but decodes
 

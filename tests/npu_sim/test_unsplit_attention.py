@@ -76,7 +76,7 @@ def test_unsplit_lowering_is_the_general_one(model: str, tp: int) -> None:
         assert kernel.num_seqs == len(batch) and kernel.num_tokens == int(q_len.sum())
         u = kernel.unsplit
         assert np.array_equal(u.context_lens, start + q_len)
-        assert np.array_equal(u.tile_seq, tiles.seq)
+        assert np.array_equal(np.arange(len(batch)).repeat(u.num_tiles), tiles.seq)
         assert np.array_equal(u.tile_work, tiles.tile_rows * tiles.n_blocks)
         prefill = np.flatnonzero(q_len[tiles.seq] > 1)
         horizon = start[tiles.seq] + tiles.q_offset + tiles.q_rows
