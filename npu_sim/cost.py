@@ -473,9 +473,9 @@ class CostModel:
                 seq_keys.setdefault(s, []).append(n)
             # `_attention_hbm_fraction`'s: exactly 1.0 for a sequence of one tile; else from its
             # tiles' K/V bytes and its whole KV's, whole numbers (exact in any order)
-            fraction = {s: 1.0 if len(n) == 1 else float(self._hbm_fraction(
+            fraction = {s: 1.0 if len(n) == 1 else self._hbm_fraction(
                 float(2 * sum(n) * d * self.bytes * weight),
-                float(int(u.context_lens[s]) * weight * d * self.bytes * 2)))
+                float(u.context_lens.item(s) * weight * d * self.bytes * 2), min, max)
                 for s, n in seq_keys.items()}
             columns = memo.columns(self, [
                 (n, q, r, True, True, fraction[s])
@@ -531,15 +531,17 @@ class CostModel:
         fits the L2 share. seq, kv_bytes: per task (or task shape, with its tasks' bytes), of
         some of the sequences or all; context: float64 per sequence, its start_pos + q_len."""
         total = np.bincount(seq, weights=kv_bytes, minlength=len(context))
-        return self._hbm_fraction(total, context * k.num_kv_heads * k.head_dim * self.bytes * 2)
+        unique = context * k.num_kv_heads * k.head_dim * self.bytes * 2
+        return np.where(total > 0, self._hbm_fraction(total, unique), 1.0)
 
-    def _hbm_fraction(self, total: Any, unique: Any) -> Any:
-        """`_attention_hbm_fraction` of sequences whose tasks read `total` K/V bytes of their
-        `unique` bytes of KV (float64 arrays, or floats: the same operations)."""
-        unique = np.minimum(total, unique)
-        hit = np.minimum(1.0, self.l2_cap / np.maximum(unique, 1.0))
-        hbm = unique + (total - unique) * (1.0 - hit)
-        return np.where(total > 0, hbm / np.maximum(total, 1.0), 1.0)
+    def _hbm_fraction(self, total: Any, unique: Any, minimum: Any = np.minimum,
+                      maximum: Any = np.maximum) -> Any:
+        """`_attention_hbm_fraction` of sequences whose tasks read `total` K/V bytes (more than
+        none) of their `unique` bytes of KV: float64 arrays with numpy's minimum and maximum, or
+        floats with Python's min and max (the same values)."""
+        unique = minimum(total, unique)
+        hit = minimum(1.0, self.l2_cap / maximum(unique, 1.0))
+        return (unique + (total - unique) * (1.0 - hit)) / maximum(total, 1.0)
 
     def _combine(self, k: AttentionKernel) -> TaskCosts:
         if not k.num_combine_tasks:
