@@ -134,12 +134,13 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     # attribute getters mapped in C: no Python frame per chunk (the attributes may be fields or
     # properties: ScheduledChunk.num_tokens is one)
     start_pos = np.fromiter(map(_START_POS, chunks), np.int64, num_seqs)
-    q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
+    num_tokens = list(map(_NUM_TOKENS, chunks))  # (a list: the unsplit lowering reads it so)
     drafts = any(map(_DRAFT_PARENTS, chunks))
     if num_seqs and not drafts:
-        kernel = _lower_unsplit(chunks, start_pos, q_len, arch, chip, block_size)
+        kernel = _lower_unsplit(chunks, start_pos, num_tokens, arch, chip, block_size)
         if kernel is not None:
             return kernel
+    q_len = np.array(num_tokens, dtype=np.int64)
     trees = [s for s, c in enumerate(chunks) if c.draft_parents] if drafts else []
     verify = None
     if trees:
@@ -160,7 +161,7 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     )
 
 
-def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, q_len: np.ndarray,
+def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_tokens: list[int],
                    arch: ModelArch, chip: ChipSpec, block_size: int) -> AttentionKernel | None:
     """lower_attention's kernel of a batch without verify chunks, said by its lengths
     (`AttentionKernel.unsplit`), or None when a tile is to be split into KV spans (the general
@@ -172,30 +173,28 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, q_len: 
     task tables, only when read."""
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     decode_rows = attention_q_tile(1, g)[0]  # attention_q_tiles' answer for one token
-    context = start_pos + q_len  # each sequence's causal horizon
+    # the prefill chunks, and the query tokens (a decode-only batch's built if read)
+    multi = ([] if num_tokens.count(1) == len(num_tokens)
+             else [s for s, n in enumerate(num_tokens) if n > 1])
+    q_len = _once(lambda: np.array(num_tokens, dtype=np.int64))
+    context = start_pos + (q_len() if multi else 1)  # each sequence's causal horizon
     n_blocks = (context + (block_size - 1)) // block_size  # a decode tile's KV blocks
-    # the prefill chunks (array methods, not numpy's Python-level wrappers)
-    multi = (q_len > 1).nonzero()[0].tolist() if int(q_len.max()) > 1 else []
-    # _spans' work (query tokens x (g x block_size) x blocks, whole numbers: exact in any
-    # order) and split test: a tile within the share is never split, one over it where its KV
-    # makes two spans at least (a batch of one is always over: a single stream's short contexts
-    # are not split). The test over every sequence's blocks as if it were a decode is the
-    # decodes' test, and no more: a prefill chunk's last tile has the blocks of its whole
-    # context and one query token at least.
-    block_work, span_blocks = g * block_size, _span_blocks(block_size)
+    # _spans' work: query tokens x (g x block_size) x blocks, whole numbers (exact in any order)
+    block_work = g * block_size
     work, heaviest = int(n_blocks.sum()), int(n_blocks.max())
+    prefill = None
     if multi:
-        prefill = _prefill_tiles(multi, start_pos, q_len, g, block_size)
+        prefill = _prefill_tiles(multi, start_pos, num_tokens, g, block_size)
         work += sum(prefill.work) - prefill.context_blocks
         heaviest = max(heaviest, *prefill.work)
     share = _core_share(work * block_work, num_kv_heads, chip)
-    if share and heaviest * block_work > share and (
-            bool(((n_blocks * block_work > share) & (n_blocks // span_blocks >= 2)).any())
-            or (multi and any(w * block_work > share and b // span_blocks >= 2
-                             for w, b in zip(prefill.work, prefill.n_blocks, strict=True)))):
+    # a tile within the share is never split (the common case)
+    if share and heaviest * block_work > share and _any_split(n_blocks, prefill, block_work,
+                                                                share, block_size):
         return None
-    tiles = _once(lambda: _q_tiles(q_len, start_pos, None, g, num_kv_heads, chip, block_size))
-    if not multi:  # decodes only
+    tiles = _once(lambda: _q_tiles(q_len(), start_pos, None, g, num_kv_heads, chip,
+                                   block_size))
+    if prefill is None:  # decodes only
         # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties
         # keep their tile order: a stable sort); array methods, not numpy's Python-level
         # wrappers
@@ -209,8 +208,7 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, q_len: 
         tile_work[list(prefill.tiles.position)] = [
             r * b for r, b in zip(prefill.tiles.tile_rows, prefill.n_blocks, strict=True)]
         by_weight = (-tile_work).argsort(kind="stable")  # _tile_order's
-        num_tokens = len(chunks) - len(multi) + sum(prefill.tiles.q_rows)
-        unsplit = UnsplitTiles(context, num_tokens, decode_rows, num_tiles, tile_work,
+        unsplit = UnsplitTiles(context, sum(num_tokens), decode_rows, num_tiles, tile_work,
                                prefill.tiles)
         max_tile_rows = max(prefill.tiles.tile_rows)
         if len(multi) < len(chunks):
@@ -219,9 +217,25 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, q_len: 
     # built if something reads them.
     return AttentionKernel(
         **_kernel_fields(chunks, arch, block_size, tiles),
-        seqs=lambda: _seq_table(q_len, start_pos), num_partial_slots=0,
+        seqs=lambda: _seq_table(q_len(), start_pos), num_partial_slots=0,
         max_tile_rows=max_tile_rows, shapes=lambda: _tile_shapes(tiles()),
         task_shape=by_weight.repeat(num_kv_heads), unsplit=unsplit)
+
+
+def _any_split(n_blocks: np.ndarray, prefill: _Prefill | None, block_work: int,
+               share: float, block_size: int) -> bool:
+    """Whether `_spans` splits a tile of a batch of sequences whose KV blocks are n_blocks and
+    whose prefill chunks' tiles are `prefill`: a tile over the per-core share whose KV makes two
+    spans at least (a batch of one is always over: a single stream's short contexts are not
+    split). The test over every sequence's blocks as if it were a decode is the decodes' test,
+    and no more: a prefill chunk's last tile has the blocks of its whole context and one query
+    token at least."""
+    span_blocks = _span_blocks(block_size)
+    if bool(((n_blocks * block_work > share) & (n_blocks // span_blocks >= 2)).any()):
+        return True
+    return prefill is not None and any(
+        w * block_work > share and b // span_blocks >= 2
+        for w, b in zip(prefill.work, prefill.n_blocks, strict=True))
 
 
 class _Prefill(NamedTuple):
@@ -234,7 +248,7 @@ class _Prefill(NamedTuple):
     context_blocks: int  # the chunks' whole contexts' KV blocks, summed (their last tiles')
 
 
-def _prefill_tiles(multi: list[int], start_pos: np.ndarray, q_len: np.ndarray, g: int,
+def _prefill_tiles(multi: list[int], start_pos: np.ndarray, num_tokens: list[int], g: int,
                    block_size: int) -> _Prefill:
     """The Q tiles of the batch's sequences `multi` (in batch order, none a verify chunk), as
     `_q_tiles` cuts them (npu_sim.tiling.attention_q_tile: full tiles of `tokens` query
@@ -243,7 +257,7 @@ def _prefill_tiles(multi: list[int], start_pos: np.ndarray, q_len: np.ndarray, g
     position, keys, q_rows, tile_rows, seqs, num_tiles = [], [], [], [], [], []
     extra = context_blocks = 0  # (extra: tiles so far beyond one per sequence)
     for s in multi:
-        start, n = start_pos.item(s), q_len.item(s)
+        start, n = start_pos.item(s), num_tokens[s]
         rows, tokens = attention_q_tile(n, g)
         count = -(-n // tokens)
         q_rows += [tokens] * (count - 1)
