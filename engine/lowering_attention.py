@@ -174,8 +174,10 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_tok
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     decode_rows = attention_q_tile(1, g)[0]  # attention_q_tiles' answer for one token
     # the prefill chunks, and the query tokens (a decode-only batch's built if read)
-    multi = ([] if num_tokens.count(1) == len(num_tokens)
-             else [s for s, n in enumerate(num_tokens) if n > 1])
+    decodes_only = num_tokens.count(1) == len(num_tokens)
+    if not decodes_only and 0 in num_tokens:  # a chunk of no token: the general lowering's
+        return None
+    multi = [] if decodes_only else [s for s, n in enumerate(num_tokens) if n > 1]
     q_len = _once(lambda: np.array(num_tokens, dtype=np.int64))
     context = start_pos + (q_len() if multi else 1)  # each sequence's causal horizon
     n_blocks = (context + (block_size - 1)) // block_size  # a decode tile's KV blocks

@@ -129,3 +129,9 @@ def test_unsplit_launches_time_and_sum_as_their_tables_do(model: str, tp: int,
             assert np.array_equal(x, y) if name == "step_sums" else x == y, name
     assert checked >= 40
     assert {"attention-3stage", "attention-4stage"} <= stages
+
+
+def test_a_chunk_of_no_token_takes_the_tables() -> None:
+    arch, chip = resolve_arch("llama-2-7b"), get_chip("910b2")
+    for batch in ([_chunk(5, 0), _chunk(100, 1)], [_chunk(5, 0), _chunk(100, 300)]):
+        assert lower_attention(batch, arch, chip, BLOCK).unsplit is None
