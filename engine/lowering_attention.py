@@ -23,7 +23,14 @@ import numpy as np
 from engine import token_tree
 from engine.arch import ModelArch
 from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
+from npu_sim.tasks import (
+    ATTN_SEQ,
+    ATTN_TASK,
+    COMBINE_TASK,
+    AttentionKernel,
+    PrefillTiles,
+    UnsplitTiles,
+)
 from npu_sim.tiling import attention_q_tile, attention_q_tiles
 
 T = TypeVar("T")
@@ -115,10 +122,11 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     What timing needs is built here, per (tile, KV span) shape (`AttentionKernel.shapes`, tens
     of rows) plus the dealt order as shape indices (`task_shape`); the full task, combine and
     block tables (thousands of rows a step for a 7B MHA model) only when something reads them
-    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees). A
-    decode-only batch none of whose tiles is split (most steps of a simulation) carries its
-    context lengths instead (`AttentionKernel.decode_context_lens`, what the cost model prices
-    it from), and its sequence and shape tables are built on first read too (`_lower_decode`).
+    (`_task_tables`, `_block_tables`: the functional kernels, timelines, token trees). A batch
+    without verify chunks none of whose tiles is split (every step of most simulations) carries
+    its lengths instead (`AttentionKernel.unsplit`: context lengths, and its prefill chunks'
+    tiles, what the cost model prices it from), and its sequence and shape tables are built on
+    first read too (`_lower_unsplit`).
     """
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     chunks = tuple(chunks)  # kept for the lazy block tables
@@ -126,12 +134,13 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     # attribute getters mapped in C: no Python frame per chunk (the attributes may be fields or
     # properties: ScheduledChunk.num_tokens is one)
     start_pos = np.fromiter(map(_START_POS, chunks), np.int64, num_seqs)
+    num_tokens = list(map(_NUM_TOKENS, chunks))  # (a list: the unsplit lowering reads it so)
     drafts = any(map(_DRAFT_PARENTS, chunks))
-    if num_seqs and not drafts and set(map(_NUM_TOKENS, chunks)) == {1}:  # decode only
-        kernel = _lower_decode(chunks, start_pos, arch, chip, block_size)
+    if num_seqs and not drafts:
+        kernel = _lower_unsplit(chunks, start_pos, num_tokens, arch, chip, block_size)
         if kernel is not None:
             return kernel
-    q_len = np.fromiter(map(_NUM_TOKENS, chunks), np.int64, num_seqs)
+    q_len = np.array(num_tokens, dtype=np.int64)
     trees = [s for s, c in enumerate(chunks) if c.draft_parents] if drafts else []
     verify = None
     if trees:
@@ -152,38 +161,122 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     )
 
 
-def _lower_decode(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, arch: ModelArch,
-                  chip: ChipSpec, block_size: int) -> AttentionKernel | None:
-    """lower_attention's kernel of a decode-only batch (every chunk one token, none a verify
-    chunk: a tile per sequence), or None when a tile is to be split into KV spans (the general
-    lowering does that). Most steps of a simulation are such batches, so what timing reads is
-    computed straight from the context lengths in a few numpy calls: each tile's KV blocks,
-    the split test and the dealt order, the values `_q_tiles` and `_tile_order` give (tested);
-    the tiles themselves, hence the sequence, shape and task tables, only when read."""
+def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_tokens: list[int],
+                   arch: ModelArch, chip: ChipSpec, block_size: int) -> AttentionKernel | None:
+    """lower_attention's kernel of a batch without verify chunks, said by its lengths
+    (`AttentionKernel.unsplit`), or None when a tile is to be split into KV spans (the general
+    lowering does that). Most steps of a simulation are such batches: decodes, a tile each,
+    and now and then a few prefill chunks. So what timing reads is computed from the context
+    lengths in a few numpy calls, and the prefill chunks' tiles one by one (`_prefill_tiles`):
+    the tiles' KV blocks, the split test and the dealt order, the values `_q_tiles` and
+    `_tile_order` give (tested); the tiles of the whole batch, hence the sequence, shape and
+    task tables, only when read."""
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
-    tiles = _once(lambda: _q_tiles(np.ones(len(chunks), np.int64), start_pos, None, g,
-                                   num_kv_heads, chip, block_size, decode=True))
-    context = start_pos + 1  # each tile's causal horizon
-    n_blocks = (context + (block_size - 1)) // block_size
-    # _spans' test: work is q_rows x (g x block_size) x blocks, q_rows 1 (whole numbers,
-    # exact); a tile within the share is never split, one over it where its KV makes two spans
-    # at least (a batch of one is always over: a single stream's short contexts are not split).
-    block_work = g * block_size
-    share = _core_share(int(n_blocks.sum()) * block_work, num_kv_heads, chip)
-    if share and int(n_blocks.max()) * block_work > share and bool(
-            ((n_blocks * block_work > share)
-             & (n_blocks // _span_blocks(block_size) >= 2)).any()):
+    decode_rows = attention_q_tile(1, g)[0]  # attention_q_tiles' answer for one token
+    # the prefill chunks, and the query tokens (a decode-only batch's built if read)
+    decodes_only = num_tokens.count(1) == len(num_tokens)
+    if not decodes_only and 0 in num_tokens:  # a chunk of no token: the general lowering's
         return None
-    # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
-    # their tile order: a stable sort); array methods, not numpy's Python-level wrappers
-    task_shape = (-n_blocks).argsort(kind="stable").repeat(num_kv_heads)
-    # Timing reads the context lengths and the dealt order only: the sequence and shape tables
-    # are built if something reads them.
+    multi = [] if decodes_only else [s for s, n in enumerate(num_tokens) if n > 1]
+    q_len = _once(lambda: np.array(num_tokens, dtype=np.int64))
+    context = start_pos + (q_len() if multi else 1)  # each sequence's causal horizon
+    n_blocks = (context + (block_size - 1)) // block_size  # a decode tile's KV blocks
+    # _spans' work: query tokens x (g x block_size) x blocks, whole numbers (exact in any order)
+    block_work = g * block_size
+    work, heaviest = int(n_blocks.sum()), int(n_blocks.max())
+    prefill = None
+    if multi:
+        prefill = _prefill_tiles(multi, start_pos, num_tokens, g, block_size)
+        work += sum(prefill.work) - prefill.context_blocks
+        heaviest = max(heaviest, *prefill.work)
+    share = _core_share(work * block_work, num_kv_heads, chip)
+    # a tile within the share is never split (the common case)
+    if share and heaviest * block_work > share and _any_split(n_blocks, prefill, block_work,
+                                                                share, block_size):
+        return None
+    tiles = _once(lambda: _q_tiles(q_len(), start_pos, None, g, num_kv_heads, chip,
+                                   block_size))
+    if prefill is None:  # decodes only
+        # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties
+        # keep their tile order: a stable sort); array methods, not numpy's Python-level
+        # wrappers
+        by_weight = (-n_blocks).argsort(kind="stable")
+        unsplit = UnsplitTiles(context, len(chunks), decode_rows)
+        max_tile_rows = decode_rows
+    else:
+        num_tiles = np.ones(len(chunks), np.int64)
+        num_tiles[multi] = prefill.num_tiles
+        tile_work = (n_blocks * decode_rows).repeat(num_tiles)  # tile rows x KV blocks
+        tile_work[list(prefill.tiles.position)] = [
+            r * b for r, b in zip(prefill.tiles.tile_rows, prefill.n_blocks, strict=True)]
+        by_weight = (-tile_work).argsort(kind="stable")  # _tile_order's
+        unsplit = UnsplitTiles(context, sum(num_tokens), decode_rows, num_tiles, tile_work,
+                               prefill.tiles)
+        max_tile_rows = max(prefill.tiles.tile_rows)
+        if len(multi) < len(chunks):
+            max_tile_rows = max(max_tile_rows, decode_rows)
+    # Timing reads the lengths and the dealt order only: the sequence and shape tables are
+    # built if something reads them.
     return AttentionKernel(
         **_kernel_fields(chunks, arch, block_size, tiles),
-        seqs=lambda: _seq_table(tiles().q_rows, start_pos), num_partial_slots=0,
-        max_tile_rows=attention_q_tile(1, g)[0], shapes=lambda: _tile_shapes(tiles()),
-        task_shape=task_shape, decode_context_lens=context)
+        seqs=lambda: _seq_table(q_len(), start_pos), num_partial_slots=0,
+        max_tile_rows=max_tile_rows, shapes=lambda: _tile_shapes(tiles()),
+        task_shape=by_weight.repeat(num_kv_heads), unsplit=unsplit)
+
+
+def _any_split(n_blocks: np.ndarray, prefill: _Prefill | None, block_work: int,
+               share: float, block_size: int) -> bool:
+    """Whether `_spans` splits a tile of a batch of sequences whose KV blocks are n_blocks and
+    whose prefill chunks' tiles are `prefill`: a tile over the per-core share whose KV makes two
+    spans at least (a batch of one is always over: a single stream's short contexts are not
+    split). The test over every sequence's blocks as if it were a decode is the decodes' test,
+    and no more: a prefill chunk's last tile has the blocks of its whole context and one query
+    token at least."""
+    span_blocks = _span_blocks(block_size)
+    if bool(((n_blocks * block_work > share) & (n_blocks // span_blocks >= 2)).any()):
+        return True
+    return prefill is not None and any(
+        w * block_work > share and b // span_blocks >= 2
+        for w, b in zip(prefill.work, prefill.n_blocks, strict=True))
+
+
+class _Prefill(NamedTuple):
+    """Prefill chunks' Q tiles (`_prefill_tiles`), in tile order."""
+
+    tiles: PrefillTiles
+    n_blocks: list[int]  # per tile, KV blocks its causal horizon reaches
+    work: list[int]  # per tile, its query tokens x KV blocks
+    num_tiles: list[int]  # per chunk, its tiles
+    context_blocks: int  # the chunks' whole contexts' KV blocks, summed (their last tiles')
+
+
+def _prefill_tiles(multi: list[int], start_pos: np.ndarray, num_tokens: list[int], g: int,
+                   block_size: int) -> _Prefill:
+    """The Q tiles of the batch's sequences `multi` (in batch order, none a verify chunk), as
+    `_q_tiles` cuts them (npu_sim.tiling.attention_q_tile: full tiles of `tokens` query
+    tokens, then the rest), with their positions among all the batch's tiles, every other
+    sequence one tile. A few chunks a step: Python ints."""
+    position, keys, q_rows, tile_rows, seqs, num_tiles = [], [], [], [], [], []
+    extra = context_blocks = 0  # (extra: tiles so far beyond one per sequence)
+    for s in multi:
+        start, n = start_pos.item(s), num_tokens[s]
+        rows, tokens = attention_q_tile(n, g)
+        count = -(-n // tokens)
+        q_rows += [tokens] * (count - 1)
+        q_rows.append(n - (count - 1) * tokens)
+        keys += range(start + tokens, start + n, tokens)  # each tile's last row's horizon
+        keys.append(start + n)
+        position += range(s + extra, s + extra + count)
+        tile_rows += [rows] * count
+        seqs += [s] * count
+        num_tiles.append(count)
+        extra += count - 1
+        context_blocks += -(-(start + n) // block_size)
+    n_blocks = [-(-k // block_size) for k in keys]
+    return _Prefill(PrefillTiles(tuple(position), tuple(keys), tuple(q_rows), tuple(tile_rows),
+                                 tuple(seqs)),
+                    n_blocks, [q * b for q, b in zip(q_rows, n_blocks, strict=True)], num_tiles,
+                    context_blocks)
 
 
 def _kernel_fields(chunks: tuple[ChunkLike, ...], arch: ModelArch, block_size: int,
@@ -219,18 +312,14 @@ def _once(build: Callable[[], T]) -> Callable[[], T]:
 
 
 def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None, g: int,
-             num_kv_heads: int, chip: ChipSpec, block_size: int,
-             decode: bool | None = None) -> _Tiles:
+             num_kv_heads: int, chip: ChipSpec, block_size: int) -> _Tiles:
     """The Q tiles of sequences of q_len query tokens from start_pos (verify: which are verify
     chunks; None = none), each with its KV spans: as many as its work over the per-core share,
-    each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds). decode: whether every sequence
-    is one token and none a verify chunk, if the caller knows (None: find out)."""
+    each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
     num_seqs = len(q_len)
-    if decode is None:
-        decode = (num_seqs > 0 and (verify is None or not verify.any())
-                  and int(q_len.max()) == 1)
-    if decode:  # a tile each
-        # attention_q_tiles' answer for one token: the smallest tile holding g rows
+    if num_seqs and (verify is None or not verify.any()) and int(q_len.max()) == 1:
+        # decodes only, a tile each: attention_q_tiles' answer for one token, the smallest
+        # tile holding g rows
         tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
         return _spans(seq, q_offset, q_rows, tile_rows, start_pos + q_len, g, num_kv_heads,

@@ -373,19 +373,27 @@ class CostModel:
 
     def attention_stages(self, k: AttentionKernel) -> int:
         """2, 3 or 4: the pipeline variant of this launch (see the module docstring)."""
-        if k.vector_qk and len(k.seqs) and bool((k.seqs["q_len"] == 1).all()):
+        u = k.unsplit
+        if k.vector_qk and (u.prefill is None if u is not None else len(k.seqs) and bool(
+                (k.seqs["q_len"] == 1).all())):
             return 2
         if k.task_group is not None:  # the split baseline: FlashAttention-style online softmax
             return 4
-        first = k.leading_tasks(self.chip.num_cube_cores)
-        keys = (first["kv_block_end"] - first["kv_block_start"]) * k.block_size
-        in_flight = float((keys * first["tile_rows"]).sum()) * ATTN_L2_ALPHA
+        n = self.chip.num_cube_cores
+        if u is not None and u.tile_work is not None and k.task_shape is not None:
+            # the first tasks' tile rows x blocks
+            keys_x_rows = int(u.tile_work.take(k.task_shape[:n]).sum()) * k.block_size
+        else:
+            first = k.leading_tasks(n)
+            keys = (first["kv_block_end"] - first["kv_block_start"]) * k.block_size
+            keys_x_rows = (keys * first["tile_rows"]).sum()
+        in_flight = float(keys_x_rows) * ATTN_L2_ALPHA  # (whole numbers: the same either way)
         return 3 if self.chip.l2_bytes > in_flight else 4
 
     def attention(self, k: AttentionKernel) -> tuple[TaskCosts, TaskCosts]:
         """(attention tasks on AIC + AIVs, combine tasks on AIVs)."""
-        if self._prices_from_context_lens(k):
-            return self._decode_attention(k), self._combine(k)
+        if self._prices_from_lengths(k):
+            return self._unsplit_attention(k), self._combine(k)
         stages = self.attention_stages(k)
         pipeline = f"attention-{stages}stage"
         if not k.num_tasks:
@@ -414,8 +422,9 @@ class CostModel:
         if per_seq:
             hbm_fraction = None  # all of it from HBM
         else:
+            context = (k.seqs["start_pos"] + k.seqs["q_len"]).astype(np.float64)
             hbm_fraction = self._attention_hbm_fraction(
-                k, t["seq"], 2 * keys * d * b * weight)[t["seq"]]
+                k, t["seq"], 2 * keys * d * b * weight, context)[t["seq"]]
         mask = None
         if k.tree_masks:
             kl = keys / np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)  # keys per chunk
@@ -430,26 +439,51 @@ class CostModel:
         main = self._attention_costs(k, stages, terms, weight, total_kv, by_shape, mask)
         return main, self._combine(k)
 
-    def _prices_from_context_lens(self, k: AttentionKernel) -> bool:
-        """Whether `attention(k)` prices k from its context lengths (`_decode_attention`): a
-        decode-only meta-kernel launch that says them, on the vector-QK pipeline, with the row
-        memo on."""
-        return (k.decode_context_lens is not None and k.task_shape is not None and k.vector_qk
-                and self.memo_rows and k.task_heads is None and not k.tree_masks
-                and len(k.task_shape) > 0)
+    def _prices_from_lengths(self, k: AttentionKernel) -> bool:
+        """Whether `attention(k)` prices k from its lengths (`_unsplit_attention`): a
+        meta-kernel launch that says them (AttentionKernel.unsplit), with the row memo on."""
+        return (k.unsplit is not None and k.task_shape is not None and self.memo_rows
+                and k.task_heads is None and not k.tree_masks and len(k.task_shape) > 0)
 
-    def _decode_attention(self, k: AttentionKernel) -> TaskCosts:
-        """`attention(k)[0]` of a decode-only meta-kernel launch (AttentionKernel.
-        decode_context_lens) on the vector-QK pipeline, priced from its context lengths: each
-        shape is one sequence's one token over all its keys (its context), a final output, all
-        of its KV from HBM, in one decode tile: the rows RowMemo keeps in its decode tables,
-        looked up as `attention` looks them up (its memo path), the same sums after."""
-        assert k.decode_context_lens is not None
-        g, d, keys = k.group_size, k.head_dim, k.decode_context_lens
+    def _unsplit_attention(self, k: AttentionKernel) -> TaskCosts:
+        """`attention(k)[0]` of a launch none of whose tiles is split, priced from its lengths
+        (AttentionKernel.unsplit): each tile, a shape, is over all the keys its last row sees,
+        a final output; a decode's is one token over its context, all of its KV from HBM (the
+        HBM fraction `_attention_hbm_fraction` gives a sequence of one tile: exactly 1.0), the
+        rows RowMemo keeps in its decode tables; a prefill chunk's tiles share its sequence's
+        fraction, and the memo keeps them by their numbers. Each row's terms are what
+        `attention` prices it at (elementwise), in the same (tile) order: the same sums."""
+        u = k.unsplit
+        assert u is not None and k.task_shape is not None
+        g, d, weight = k.group_size, k.head_dim, k.num_kv_heads
+        stages = self.attention_stages(k)
+        memo = self._row_memo(stages, g, d)
+        p = u.prefill
+        if p is None:  # a tile per sequence, over its context
+            keys = u.context_lens
+        else:
+            keys = u.context_lens.repeat(u.num_tiles)
+            keys[list(p.position)] = p.keys
+        # the prefill tiles' columns are replaced below (a decode table of every key up to the
+        # longest costs fewer calls than leaving them out)
+        terms = memo.decode_terms(self, float(u.decode_tile_rows), keys)
+        if p is not None:  # a few tiles: Python numbers, keys `attention`'s equal
+            seq_keys: dict[int, list[int]] = {}  # each prefill sequence's tiles' keys
+            for s, n in zip(p.seq, p.keys, strict=True):
+                seq_keys.setdefault(s, []).append(n)
+            # `_attention_hbm_fraction`'s: exactly 1.0 for a sequence of one tile; else from its
+            # tiles' K/V bytes and its whole KV's, whole numbers (exact in any order)
+            fraction = {s: 1.0 if len(n) == 1 else self._hbm_fraction(
+                float(2 * sum(n) * d * self.bytes * weight),
+                float(u.context_lens.item(s) * weight * d * self.bytes * 2), min, max)
+                for s, n in seq_keys.items()}
+            columns = memo.columns(self, [
+                (n, q, r, True, True, fraction[s])
+                for n, q, r, s in zip(p.keys, p.q_rows, p.tile_rows, p.seq, strict=True)])
+            terms[:, list(p.position)] = memo.terms_at(columns)
         # the keys' sum, a whole number below 2^53: the float64 sum `attention` takes, exactly
-        total_kv = k.num_kv_heads * (2 * float(int(keys.sum())) * d * self.bytes)
-        terms = self._row_memo(2, g, d).decode_terms(self, float(k.max_tile_rows), keys)
-        return self._attention_costs(k, 2, terms, k.num_kv_heads, total_kv, True, None)
+        total_kv = weight * (2 * float(int(keys.sum())) * d * self.bytes)
+        return self._attention_costs(k, stages, terms, weight, total_kv, True, None)
 
     def _row_memo(self, stages: int, group_size: int, head_dim: int) -> RowMemo:
         memo = self._row_memos.get((stages, group_size, head_dim))
@@ -491,16 +525,23 @@ class CostModel:
             pipeline=f"attention-{stages}stage")
 
     def _attention_hbm_fraction(self, k: AttentionKernel, seq: np.ndarray,
-                                kv_bytes: np.ndarray) -> np.ndarray:
+                                kv_bytes: np.ndarray, context: np.ndarray) -> np.ndarray:
         """Per sequence, the fraction of its tasks' K/V reads that come from HBM: its KV (all
         heads) once, and the re-reads by its other Q tiles in proportion to how much of that KV
-        fits the L2 share. seq, kv_bytes: per task (or task shape, with its tasks' bytes)."""
-        total = np.bincount(seq, weights=kv_bytes, minlength=len(k.seqs))
-        context = (k.seqs["start_pos"] + k.seqs["q_len"]).astype(np.float64)
-        unique = np.minimum(total, context * k.num_kv_heads * k.head_dim * self.bytes * 2)
-        hit = np.minimum(1.0, self.l2_cap / np.maximum(unique, 1.0))
-        hbm = unique + (total - unique) * (1.0 - hit)
-        return np.where(total > 0, hbm / np.maximum(total, 1.0), 1.0)
+        fits the L2 share. seq, kv_bytes: per task (or task shape, with its tasks' bytes), of
+        some of the sequences or all; context: float64 per sequence, its start_pos + q_len."""
+        total = np.bincount(seq, weights=kv_bytes, minlength=len(context))
+        unique = context * k.num_kv_heads * k.head_dim * self.bytes * 2
+        return np.where(total > 0, self._hbm_fraction(total, unique), 1.0)
+
+    def _hbm_fraction(self, total: Any, unique: Any, minimum: Any = np.minimum,
+                      maximum: Any = np.maximum) -> Any:
+        """`_attention_hbm_fraction` of sequences whose tasks read `total` K/V bytes (more than
+        none) of their `unique` bytes of KV: float64 arrays with numpy's minimum and maximum, or
+        floats with Python's min and max (the same values)."""
+        unique = minimum(total, unique)
+        hit = minimum(1.0, self.l2_cap / maximum(unique, 1.0))
+        return (unique + (total - unique) * (1.0 - hit)) / maximum(total, 1.0)
 
     def _combine(self, k: AttentionKernel) -> TaskCosts:
         if not k.num_combine_tasks:

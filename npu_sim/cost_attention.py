@@ -58,60 +58,82 @@ def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndar
     """The rows' costs (the module docstring; npu_sim.cost's for the model itself). keys,
     q_rows, tile_rows, hbm_fraction: float64 per row; final (writes the output, not a partial),
     horizon_reached: bool per row; heads: query heads per task (scalar or per row); mask: the
-    rows' tree / full-mask costs, if any."""
+    rows' tree / full-mask costs, if any.
+
+    A launch prices a few rows at a time, so the cost is numpy's per-call overhead: each
+    product is computed once and shared, and products of whole numbers (rows, keys, padded
+    keys, head_dim, bytes: every factor but kl, the keys per chunk, and the rates), exact below
+    2^53 in any grouping, are grouped to fold their constants; a term that adds nothing (a
+    stage's unused update, an absent mask) is left out (x + 0.0 is x: no term is -0.0). The
+    arithmetic on the rest is as written (tests/npu_sim/test_attention_rows.py)."""
     c, b, d = cm.chip, cm.bytes, head_dim
     r, big_r = q_rows * heads, tile_rows  # valid / tile rows
     dp = math.ceil(d / c.cube_k) * c.cube_k
     chunks = np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)
     kl = keys / chunks  # keys per chunk
     kl_pad = np.ceil(kl / c.cube_n) * c.cube_n
-    m_load, m_sel = (0.0, 0.0) if mask is None else (mask.chunk_load, mask.chunk_select)
-    kv_bytes = 2 * keys * d * b
+    r_kl = r * kl  # scores per chunk
+    r_kl_b = r_kl * b  # their bytes (P)
+    big_r_kl_pad = big_r * kl_pad  # padded scores per chunk (whole)
+    r_d = r * d  # (whole)
+    q_bytes = r_d * b  # Q read, or the output written (whole)
     inv_kv = cm._mte2_inv_rate(hbm_fraction)
     l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, cm.aivs
     if stages == 2:
         # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
-        vec_in = kl * d * b * cm._mte2_inv_rate(hbm_fraction, aiv=True) / aivs + m_load
-        vec = (r * kl * d / c.vector_lanes + r * kl * SOFTMAX_OPS / cm.lanes32) / aivs + m_sel
-        vec_out = r * kl * b / c.mte3_bytes_per_cycle / aivs
-        cube_in = kl * d * b * inv_kv + r * kl * b / l2r  # V from HBM/L2, P from L2
-        mte1 = big_r * kl_pad * b / c.mte1_l0a_bytes_per_cycle + (
-            kl_pad * dp * b / c.mte1_l0b_bytes_per_cycle)
-        cube = big_r * kl_pad * dp / cm.macs  # PV only
+        kl_d_b = kl * d * b  # K (or V) bytes per chunk
+        vec_in = kl_d_b * cm._mte2_inv_rate(hbm_fraction, aiv=True) / aivs
+        vec = (r_kl * d / c.vector_lanes + r_kl * SOFTMAX_OPS / cm.lanes32) / aivs
+        if mask is not None:
+            vec_in, vec = vec_in + mask.chunk_load, vec + mask.chunk_select
+        vec_out = r_kl_b / c.mte3_bytes_per_cycle / aivs
+        cube_in = kl_d_b * inv_kv + r_kl_b / l2r  # V from HBM/L2, P from L2
+        mte1 = big_r_kl_pad * b / c.mte1_l0a_bytes_per_cycle + (
+            kl_pad * (dp * b) / c.mte1_l0b_bytes_per_cycle)
+        cube = big_r_kl_pad * dp / cm.macs  # PV only
         fix = np.zeros_like(kl)  # O accumulates in L0C across chunks
         chain = vec_in + vec + vec_out + sync + cube_in + mte1 + cube
-        cube_mult, s_bytes = 1.0, r * kl * b  # P through L2
+        cube_mult, s_bytes = 1.0, r_kl_b  # P through L2
     else:
-        upd = stages == 4
-        cube_in = 2 * kl * d * b * inv_kv + r * kl * b / l2r  # K and V, P from L2
-        mte1 = (big_r * dp + big_r * kl_pad) * b / c.mte1_l0a_bytes_per_cycle + (
-            2 * kl_pad * dp * b / c.mte1_l0b_bytes_per_cycle)
-        cube = 2 * big_r * kl_pad * dp / cm.macs  # QK and PV
-        o_bytes = r * dp * ACCUM_BYTES * upd  # O partial through L2 for the update
-        fix = (r * kl * ACCUM_BYTES + o_bytes) / c.fixpipe_bytes_per_cycle
-        vec_in = (r * kl * ACCUM_BYTES + o_bytes) / l2r / aivs + m_load
-        vec = (r * kl * SOFTMAX_OPS + r * d * UPDATE_OPS * upd) / cm.lanes32 / aivs + m_sel
-        vec_out = (r * kl * b + o_bytes) / c.mte3_bytes_per_cycle / aivs
-        chain = cube_in + mte1 + cube + fix + 2 * sync + vec_in + vec + vec_out + sync * upd
-        cube_mult, s_bytes = 2.0, r * kl * (ACCUM_BYTES + b)  # S and P through L2
+        upd = stages == 4  # the online-softmax update on the AIVs, O through L2
+        cube_in = 2 * kl * d * b * inv_kv + r_kl_b / l2r  # K and V, P from L2
+        mte1 = (big_r * dp + big_r_kl_pad) * b / c.mte1_l0a_bytes_per_cycle + (
+            kl_pad * (2 * dp * b) / c.mte1_l0b_bytes_per_cycle)
+        cube = big_r_kl_pad * (2 * dp) / cm.macs  # QK and PV
+        s_in, vec_ops, p_out = r_kl * ACCUM_BYTES, r_kl * SOFTMAX_OPS, r_kl_b  # S in, P out
+        if upd:
+            o_bytes = r * (dp * ACCUM_BYTES)  # O partial through L2 for the update
+            s_in, vec_ops, p_out = s_in + o_bytes, vec_ops + r_d * UPDATE_OPS, p_out + o_bytes
+        fix = s_in / c.fixpipe_bytes_per_cycle
+        vec_in = s_in / l2r / aivs
+        vec = vec_ops / cm.lanes32 / aivs
+        if mask is not None:
+            vec_in, vec = vec_in + mask.chunk_load, vec + mask.chunk_select
+        vec_out = p_out / c.mte3_bytes_per_cycle / aivs
+        chain = cube_in + mte1 + cube + fix + 2 * sync + vec_in + vec + vec_out
+        if upd:
+            chain = chain + sync
+        cube_mult, s_bytes = 2.0, r_kl * (ACCUM_BYTES + b)  # S and P through L2
     steady = np.maximum(np.maximum(np.maximum(cube_in, mte1), np.maximum(cube, fix)),
                         np.maximum(np.maximum(vec_in, vec), vec_out))
-    q_load = r * d * b / c.mte2_hbm_bytes_per_cycle
-    out_bytes = np.where(final, r * d * b, r * (d + 1) * ACCUM_BYTES)  # output or partial
+    q_load = q_bytes / c.mte2_hbm_bytes_per_cycle
+    out_bytes = np.where(final, q_bytes, r * ((d + 1) * ACCUM_BYTES))  # output or partial
     body = chain + (chunks - 1) * steady
     if mask is not None:
         body = body + mask.once_load + mask.once_select
     cycles = c.task_dispatch_cycles + q_load + np.where(keys > 0, body, 0) + (
         out_bytes / c.fixpipe_bytes_per_cycle)
-    visible = r * keys - np.where(horizon_reached, heads * q_rows * (q_rows - 1) / 2, 0)
+    # (heads * q_rows is r: IEEE products commute)
+    r_keys = r * keys
+    visible = r_keys - np.where(horizon_reached, r * (q_rows - 1) / 2, 0)
     if mask is not None:
         visible = visible - mask.hidden_scores
-    q_bytes = r * d * b
     return AttentionRows(
-        cycles=cycles, kv_hbm_bytes=kv_bytes * hbm_fraction, cube_cycles=cube * chunks,
-        vector_cycles=vec * chunks, s_bytes=s_bytes * chunks, partial_bytes=out_bytes * ~final,
-        out_bytes=q_bytes * final, q_bytes=q_bytes, visible_scores=np.maximum(visible, 0),
-        issued_macs=cube_mult * big_r * kl_pad * dp * chunks, useful_macs=r * keys)
+        cycles=cycles, kv_hbm_bytes=keys * (2 * d * b) * hbm_fraction,
+        cube_cycles=cube * chunks, vector_cycles=vec * chunks, s_bytes=s_bytes * chunks,
+        partial_bytes=out_bytes * ~final, out_bytes=q_bytes * final, q_bytes=q_bytes,
+        visible_scores=np.maximum(visible, 0),
+        issued_macs=big_r_kl_pad * (cube_mult * dp) * chunks, useful_macs=r_keys)
 
 
 # Distinct rows a memo keeps by key (each NUM_TERMS floats plus its key): prefill tiles and KV
@@ -162,7 +184,7 @@ class RowMemo:
             other = ~decode
             if hbm_fraction is None:
                 hbm_fraction = np.ones(len(keys))
-            terms[:, other] = self._keyed_terms(
+            terms[:, other] = self.keyed_terms(
                 cm, *(a[other] for a in (keys, q_rows, tile_rows, final, horizon_reached,
                                           hbm_fraction)))
         return terms
@@ -195,30 +217,43 @@ class RowMemo:
         self._tables[tile_rows] = table, end
         return table
 
-    def _keyed_terms(self, cm: CostModel, *columns: np.ndarray) -> np.ndarray:
+    def keyed_terms(self, cm: CostModel, *columns: np.ndarray) -> np.ndarray:
         """(NUM_TERMS, rows) terms of any rows (columns as attention_rows takes them)."""
-        keys_of = list(zip(*(a.tolist() for a in columns), strict=True))
+        return self.terms_at(self.columns(cm, list(zip(*(a.tolist() for a in columns),
+                                                         strict=True))))
+
+    def columns(self, cm: CostModel, rows: list[tuple[Any, ...]]) -> list[int]:
+        """The memo's column of each row, a tuple (keys, q_rows, tile_rows, final,
+        horizon_reached, hbm_fraction) of the values attention_rows takes (equal numbers are
+        one key, whole numbers given as int or float alike), pricing those not seen before (a
+        row may repeat)."""
         get = self._index.get
-        found = [get(key, -1) for key in keys_of]
-        missing = [i for i, column in enumerate(found) if column < 0]
-        if missing:
-            if len(self._index) + len(missing) > _MEMO_ROWS:  # a bounded memo: start over
-                self._index.clear()
-                found = [-1] * len(found)
-                missing = list(range(len(found)))
-            idx = np.array(missing, dtype=np.int64)
-            keys, q_rows, tile_rows, final, reached, fraction = (a[idx] for a in columns)
-            fresh = np.stack(attention_rows(cm, self.stages, keys, q_rows, self.group_size,
-                                            tile_rows, final, reached, fraction, self.head_dim))
-            for j, i in enumerate(missing):
-                column = self._index.get(keys_of[i])
-                if column is None:  # first of its kind (a row may repeat within a launch)
-                    column = len(self._index)
-                    if column >= self._terms.shape[1]:
-                        grown = np.empty((NUM_TERMS, 2 * self._terms.shape[1]))
-                        grown[:, :column] = self._terms[:, :column]
-                        self._terms = grown
-                    self._terms[:, column] = fresh[:, j]
-                    self._index[keys_of[i]] = column
-                found[i] = column
-        return self._terms[:, found]
+        found = [get(key, -1) for key in rows]
+        if -1 not in found:
+            return found
+        if len(self._index) + len(rows) > _MEMO_ROWS:  # a bounded memo: start over
+            self._index.clear()
+            found = [-1] * len(rows)
+        # the new rows, each once (a row may repeat within a launch), priced together into
+        # the next free columns
+        base = len(self._index)
+        new: dict[tuple[Any, ...], int] = {}
+        for i, column in enumerate(found):
+            if column < 0:
+                found[i] = base + new.setdefault(rows[i], len(new))
+        end = base + len(new)
+        if end > self._terms.shape[1]:
+            grown = np.empty((NUM_TERMS, max(end, 2 * self._terms.shape[1])))
+            grown[:, :base] = self._terms[:, :base]
+            self._terms = grown
+        keys, q_rows, tile_rows, final, reached, fraction = np.array(
+            list(new), dtype=np.float64).T
+        self._terms[:, base:end] = attention_rows(
+            cm, self.stages, keys, q_rows, self.group_size, tile_rows, final != 0, reached != 0,
+            fraction, self.head_dim)
+        self._index.update((key, base + j) for key, j in new.items())
+        return found
+
+    def terms_at(self, columns: list[int]) -> np.ndarray:
+        """(NUM_TERMS, len(columns)) terms of the memo's `columns`."""
+        return self._terms[:, columns]

@@ -25,8 +25,8 @@ layer), and GEMM / vector timings across steps by shape, so costing a step is a 
 per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
 further: what the kernels it shares with other steps add up to is kept per set of them
 (npu_sim.step_sums), and only its attention kernels are timed and summed, a meta-attention
-launch without combine tasks without a KernelTiming (`Device._mix_launch_sums`; a decode-only
-one priced from its sequences' context lengths, npu_sim.cost).
+launch without combine tasks without a KernelTiming (`Device._mix_launch_sums`; one without
+verify chunks priced from its sequences' lengths, npu_sim.cost).
 """
 
 from __future__ import annotations
@@ -291,8 +291,8 @@ class Device:
     def _launch_sums(self, kernel: Kernel) -> KernelTiming | LaunchSums:
         """What a step's sums read of `kernel`'s timing: `time(kernel)`, or for a meta-attention
         launch without combine tasks (every launch of a simulation but those with split KV
-        spans), its LaunchSums without the rest of the KernelTiming (`_mix_launch_sums`): a
-        decode-only one priced straight from its context lengths."""
+        spans), its LaunchSums without the rest of the KernelTiming (`_mix_launch_sums`): one
+        without verify chunks priced straight from its lengths (AttentionKernel.unsplit)."""
         if (isinstance(kernel, AttentionKernel) and kernel.task_group is None
                 and not kernel.num_partial_slots):
             return self._mix_launch_sums(kernel, self.cost_model.attention(kernel)[0])

@@ -27,7 +27,7 @@ import dataclasses
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -212,6 +212,35 @@ class GemmKernel:
         return 1.0 - float((self.valid_rows() * self.tasks["n_cols"] * k_len).sum()) / computed
 
 
+class PrefillTiles(NamedTuple):
+    """The Q tiles of an unsplit launch's multi-token sequences (UnsplitTiles), in tile order,
+    each over all the KV its last query row sees: a few a step, Python ints."""
+
+    position: tuple[int, ...]  # its index among the launch's tiles
+    keys: tuple[int, ...]  # keys its last query row sees: start_pos + q_offset + q_rows
+    q_rows: tuple[int, ...]  # its query tokens
+    tile_rows: tuple[int, ...]  # the on-chip tile's stacked rows
+    seq: tuple[int, ...]  # its sequence
+
+
+class UnsplitTiles(NamedTuple):
+    """A meta-kernel launch none of whose Q tiles is split into KV spans and none a verify
+    chunk's, said by its lengths (AttentionKernel.unsplit): a tile per shape, each over all the
+    KV its causal horizon reaches, shapes in tile order (sequence by sequence). A single-token
+    sequence (a decode) is one tile of `decode_tile_rows` rows over its whole context; the
+    tiles of the others are listed (`prefill`)."""
+
+    context_lens: np.ndarray  # int64 (num_seqs,): each sequence's start_pos + q_len
+    num_tokens: int  # query tokens, all sequences'
+    decode_tile_rows: int  # a single-token sequence's tile rows
+    # int64 (num_seqs,) each sequence's tiles, and int64 (num_tiles,) each tile's tile_rows x
+    # KV blocks (the weight the tiles are dealt by, heaviest first); None: a tile per
+    # sequence, every one a decode
+    num_tiles: np.ndarray | None = None
+    tile_work: np.ndarray | None = None
+    prefill: PrefillTiles | None = None  # None: none but decodes
+
+
 @dataclass(frozen=True, eq=False)
 class AttentionKernel:
     """Meta-attention over a paged KV cache for every sequence of a mixed batch.
@@ -230,7 +259,7 @@ class AttentionKernel:
     scale: float  # softmax scale, 1 / sqrt(head_dim)
     # The sequences and the three tables may be given as functions that build them (LazyArray):
     # the meta-kernel's tables are built on first read, timing reads only `shapes` and
-    # `task_shape` (a decode-only launch: `decode_context_lens` and `task_shape`).
+    # `task_shape` (an unsplit launch: `unsplit` and `task_shape`).
     seqs: np.ndarray = LazyArray()  # ATTN_SEQ, (num_seqs,)
     block_tables: np.ndarray = LazyArray()  # int64 (num_seqs, max_num_blocks), -1 past a
     #   sequence's blocks
@@ -271,11 +300,10 @@ class AttentionKernel:
     # (`shapes` may be given as a function building it, LazyArray.)
     shapes: np.ndarray | None = LazyArray(default=None)
     task_shape: np.ndarray | None = None
-    # Meta-kernel, a decode-only launch (every sequence one query token, its one tile over all
-    # its KV: a shape per sequence, in sequence order): int64 (num_seqs,) each sequence's context
-    # length, start_pos + 1, from which the cost model prices the launch without reading `seqs`
-    # or `shapes` (each shape's keys). None = not such a launch, or not said.
-    decode_context_lens: np.ndarray | None = None
+    # Meta-kernel, a launch none of whose tiles is split into KV spans and none a verify
+    # chunk's: its tiles said by their lengths (UnsplitTiles), from which the cost model prices
+    # it without reading `seqs` or `shapes`. None = not such a launch, or not said.
+    unsplit: UnsplitTiles | None = None
 
     @property
     def group_size(self) -> int:
@@ -284,15 +312,15 @@ class AttentionKernel:
     @property
     def num_seqs(self) -> int:
         """Sequences (batch rows), without building the sequence table."""
-        if self.decode_context_lens is not None:
-            return len(self.decode_context_lens)
+        if self.unsplit is not None:
+            return len(self.unsplit.context_lens)
         return len(self.seqs)
 
     @property
     def num_tokens(self) -> int:
         """Query tokens, without building the sequence table."""
-        if self.decode_context_lens is not None:  # one each
-            return len(self.decode_context_lens)
+        if self.unsplit is not None:
+            return self.unsplit.num_tokens
         return int(self.seqs["q_len"].sum())
 
     @property

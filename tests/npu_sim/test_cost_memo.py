@@ -70,8 +70,9 @@ def test_one_tile_sequences_read_all_their_kv_from_hbm(model: str) -> None:
         keys = np.minimum(shapes["kv_block_end"] * 128, kernel.seqs["start_pos"][shapes["seq"]]
                           + shapes["q_offset"] + shapes["q_rows"]).astype(np.float64)
         kv_bytes = 2 * keys * kernel.head_dim * cm.bytes
+        context = (kernel.seqs["start_pos"] + kernel.seqs["q_len"]).astype(np.float64)
         fraction = cm._attention_hbm_fraction(kernel, shapes["seq"],
-                                              kv_bytes * kernel.num_kv_heads)
+                                              kv_bytes * kernel.num_kv_heads, context)
         assert (fraction == 1.0).all()
         checked += 1
     assert checked >= 3  # not vacuous (GQA splits the KV of small decode batches)

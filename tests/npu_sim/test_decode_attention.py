@@ -1,8 +1,8 @@
 """Decode-only meta-attention launches are lowered without their sequence and shape tables and
-priced from their context lengths (AttentionKernel.decode_context_lens): the same kernel, the
+priced from their context lengths (AttentionKernel.unsplit): the same kernel, the
 same timing bit for bit as the tables give, for MHA, GQA and a tensor-parallel shard, on 910B
-chips, with the row memo cold and warm; batches whose tiles are split or that hold a prefill or
-verify chunk take the tables."""
+chips, with the row memo cold and warm; batches whose tiles are split or that hold a verify
+chunk take the tables."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _decodes(rng: random.Random, n: int, longest: int = 12000) -> list[ChunkShap
 
 
 def _general(kernel):  # the same kernel, its tables read: timing prices the shapes
-    return dataclasses.replace(kernel, decode_context_lens=None)
+    return dataclasses.replace(kernel, unsplit=None)
 
 
 def _same_timing(a, b) -> None:
@@ -62,12 +62,13 @@ def test_decode_launches_time_as_their_tables_do(model: str, tp: int, chip_name:
     checked = 0
     for batch in batches + batches:  # again: the row memo warm
         kernel = lower_attention(batch, arch, chip, BLOCK)
-        if kernel.decode_context_lens is None:  # a tile split (GQA, few long sequences)
+        if kernel.unsplit is None:  # a tile split (GQA, few long sequences)
             assert kernel.num_partial_slots > 0
             continue
         checked += 1
         start = np.array([c.start_pos for c in batch])
-        assert np.array_equal(kernel.decode_context_lens, start + 1)
+        assert np.array_equal(kernel.unsplit.context_lens, start + 1)
+        assert kernel.unsplit.prefill is None
         # the lazily built tables are the lowering's
         seqs = kernel.seqs
         assert seqs.dtype == ATTN_SEQ and np.array_equal(seqs["start_pos"], start)
@@ -82,22 +83,25 @@ def test_decode_launches_time_as_their_tables_do(model: str, tp: int, chip_name:
     assert checked >= 4  # (GQA splits the KV of the smallest batches)
 
 
-def test_launches_other_than_unsplit_decodes_take_the_tables() -> None:
+def test_launches_with_verify_chunks_or_split_tiles_take_the_tables() -> None:
+    """(A batch holding a prefill chunk is said by its lengths too: tests/npu_sim/
+    test_unsplit_attention.py.)"""
     arch, chip = resolve_arch("llama-3-8b"), get_chip("910b2")
     rng = random.Random(3)
-    prefill = [*_decodes(rng, 5), ChunkShape(100, 300, tuple(range(4)))]
     verify = [*_decodes(rng, 5), ChunkShape(100, 3, tuple(range(1)), (-1, 0))]
     split = [ChunkShape(60000, 1, tuple(range(469)))]  # one long GQA decode: its KV split
-    for batch in (prefill, verify, split):
+    for batch in (verify, split):
         kernel = lower_attention(batch, arch, chip, BLOCK)
-        assert kernel.decode_context_lens is None
+        assert kernel.unsplit is None
         assert kernel.seqs is not None and kernel.shapes is not None
     assert lower_attention(split, arch, chip, BLOCK).num_partial_slots > 0
+    prefill = [*_decodes(rng, 5), ChunkShape(100, 300, tuple(range(4)))]
+    assert lower_attention(prefill, arch, chip, BLOCK).unsplit.prefill is not None
 
 
 @pytest.mark.parametrize("model,tp", [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)])
 def test_decode_lowering_is_the_general_one(model: str, tp: int) -> None:
-    """lower_attention's decode-only path (engine.lowering_attention._lower_decode) takes a batch
+    """lower_attention's decode-only path (engine.lowering_attention._lower_unsplit) takes a batch
     exactly when the general tiling splits none of its tiles, and gives the general lowering's
     dealt order, shapes and tile rows."""
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip("910b2")
@@ -112,7 +116,7 @@ def test_decode_lowering_is_the_general_one(model: str, tp: int) -> None:
             tiles = _q_tiles(np.ones(n, np.int64), start, np.zeros(n, dtype=bool), g,
                              num_kv_heads, chip, BLOCK)
             max_spans = int(tiles.num_spans.max())
-            if kernel.decode_context_lens is None:
+            if kernel.unsplit is None:
                 assert max_spans > 1
                 split += 1
                 continue
