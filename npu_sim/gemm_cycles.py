@@ -15,11 +15,16 @@ candidates at once:
 - The per-core busy cycles are not whole: they are summed task by task in table order, the way
   the device deals a candidate's tasks (round-robin, np.bincount; each candidate's cores are
   bins of their own), then the slowest core sets the phase.
+`CostedCandidates.cube_costs` gives a candidate's cube phase, CostModel.gemm of its kernel bit
+for bit, from the same rows: what the search keeps of its winners for the device (a kernel
+priced once); its sums that are not of whole numbers are taken over its tasks in table order,
+as CostModel.gemm takes them.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 
@@ -82,7 +87,9 @@ class CostedCandidates:
             num_kinds.append(len(kinds))
             if (n, k, menu[0].tn, menu[-1].tm) not in hbm_traffic:
                 hbm_traffic[n, k, menu[0].tn, menu[-1].tm] = cm.gemm_hbm_traffic(m, n, k, menu)
-        table = np.array(rows, dtype=np.float64)
+        # (whole numbers: read as int64, the fast way, then made float64 exactly)
+        table = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64).reshape(
+            len(rows), -1).astype(np.float64)
         tm, tn, tk, fit, m_rows, n_cols, k_len, counts = table[:, :8].T
         candidate = table[:, 8].astype(np.int64)
         num = len(candidates)
@@ -131,14 +138,15 @@ class CostedCandidates:
             launch_cycles + np.maximum(np.maximum(offset, hbm_bound), l2_bound)).tolist()
         # what cube_costs reads
         self._gm_latency_cycles = c.gm_latency_cycles
-        self._terms, self._task_row, self._overhead = terms, task_row, overhead
+        self._cycles, self._task_row, self._overhead = terms.cycles, task_row, overhead
         self._first_task = (np.cumsum(num_tasks) - num_tasks).tolist()
         self._num_tasks = num_tasks.tolist()
+        self._rows = [*first_rows, len(rows)]  # candidate i's rows: [i] .. [i + 1]
         self._total, self._hbm_read, self._written = total, hbm_read, written
         self._split = is_split.tolist()
-        self._macs = tm * tn * terms.kc * terms.chunks  # issued per task of the row
+        self._active = terms.cube * terms.chunks  # per task of the row: cube active cycles
+        self._macs = tm * tn * terms.kc * terms.chunks  # and MACs issued
         self._useful = m_rows * n_cols * k_len * counts  # useful MACs of the row's tasks
-        self._candidate = candidate
 
     def cube_costs(self, i: int) -> TaskCosts:
         """CostModel.gemm of candidate i's kernel, bf16 weights (see the module docstring):
@@ -146,16 +154,15 @@ class CostedCandidates:
         whole; the useful MACs and the byte sums, whole numbers, over its rows."""
         first = self._first_task[i]
         rows = self._task_row[first:first + self._num_tasks[i]]
-        cycles = self._terms.cycles[rows]
-        cycles.flags.writeable = False  # kept (npu_sim.cost.keep_gemm_costs)
+        cycles = self._cycles[rows]
+        cycles.flags.writeable = False  # kept (CostModel.keep_gemm)
         hbm_read = float(self._hbm_read[i])
         written = float(self._written[i])
-        mine = self._candidate == i
-        useful = float(self._useful[mine].sum())
+        useful = float(self._useful[self._rows[i]:self._rows[i + 1]].sum())
         return TaskCosts(
             unit=Unit.AIC, cycles=cycles,
             core_overhead_cycles=self._gm_latency_cycles + float(self._overhead[i]),
-            cube_active_cycles=float((self._terms.cube * self._terms.chunks)[rows].sum()),
+            cube_active_cycles=float(self._active[rows].sum()),
             vector_active_cycles=0.0, hbm_read_bytes=hbm_read,
             hbm_write_bytes=0.0 if self._split[i] else written,
             l2_bytes=float(self._total[i]) - hbm_read + (written if self._split[i] else 0.0),

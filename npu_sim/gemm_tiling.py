@@ -17,6 +17,7 @@ Two policies, both returning a `GemmTiling`:
   Each candidate is timed by the device's own cost model (launch, per-core makespan, shared HBM /
   L2 bounds, reduce phase), so the choice is exactly the one the simulation rewards: the
   device's cycles bit for bit, a shape's candidates costed together (npu_sim.gemm_cycles).
+  The winner's cube phase comes with it and is kept for the device (CostModel.keep_gemm).
 - `atb_tiling` (the baselines' torch-npu linear): a port of ATB's pp_matmul tiling
   (hicann/ascend-transformer-boost `common_tiling.h` TilingFunc / CostFunc and
   `pp_matmul_tiling.cpp` SetBaseOp): m0, n0 powers of two from 16 up to 256 with m0 x n0 fp32 in
