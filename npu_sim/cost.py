@@ -159,7 +159,7 @@ _NO_COMBINE = _empty(Unit.AIV, "combine")  # an attention launch without split t
 
 # CostModel.gemm of kernels priced ahead (CostModel.keep_gemm), by id of their task table:
 # (the table, held so that its id names it while kept; CostModel._gemm_key; the costs).
-# Emptied when full: sized as the token counts' kernels the lowering keeps.
+# Emptied when full: sized for the GEMMs of thousands of token counts (a long simulation's).
 _KEPT_GEMMS: dict[int, tuple[np.ndarray, tuple[Any, ...], TaskCosts]] = {}
 _KEPT_GEMMS_LIMIT = 1 << 14
 
