@@ -157,6 +157,12 @@ def _empty(unit: Unit, pipeline: str) -> TaskCosts:
 
 _NO_COMBINE = _empty(Unit.AIV, "combine")  # an attention launch without split tiles
 
+# CostModel.gemm of kernels priced ahead (CostModel.keep_gemm), by id of their task table:
+# (the table, held so that its id names it while kept; CostModel._gemm_key; the costs).
+# Emptied when full: sized for the GEMMs of thousands of token counts (a long simulation's).
+_KEPT_GEMMS: dict[int, tuple[np.ndarray, tuple[Any, ...], TaskCosts]] = {}
+_KEPT_GEMMS_LIMIT = 1 << 14
+
 
 class CostModel:
     """Costs kernels on one chip for one operand dtype: fp16 or bf16 (2-byte operands, what a
@@ -191,6 +197,9 @@ class CostModel:
         c, b, t = self.chip, self.bytes, k.tasks
         if not len(t):
             return _empty(Unit.AIC, "gemm")
+        kept = _KEPT_GEMMS.get(id(t))
+        if kept is not None and kept[0] is t and kept[1] == self._gemm_key(k):
+            return kept[2]
         idx = t["tile"]
         tm = np.array([s.tm for s in k.menu], dtype=np.float64)[idx]
         tn = np.array([s.tn for s in k.menu], dtype=np.float64)[idx]
@@ -222,6 +231,19 @@ class CostModel:
             l2_bytes=l2_read + float(g.out_bytes[partial].sum()), flops=2.0 * useful,
             cube_macs=issued, useful_cube_macs=useful,
             pipeline="gemm" if quant is None else f"gemm-{k.weights}")
+
+    def keep_gemm(self, k: GemmKernel, costs: TaskCosts) -> None:
+        """Keep `costs` as gemm(k), for this cost model and any other of the same chip, operand
+        bytes and MAC rate (what gemm depends on): the tiling search prices its winners' cube
+        phases along with every candidate (npu_sim.gemm_cycles), so the kernels the lowering
+        builds from them need not be priced again. Kept by the identity of k's task table."""
+        if len(_KEPT_GEMMS) >= _KEPT_GEMMS_LIMIT:
+            _KEPT_GEMMS.clear()
+        _KEPT_GEMMS[id(k.tasks)] = (k.tasks, self._gemm_key(k), costs)
+
+    def _gemm_key(self, k: GemmKernel) -> tuple[Any, ...]:
+        """What gemm(k) depends on besides k's task table."""
+        return (self.chip, self.bytes, self.macs, k.m, k.n, k.k, k.menu, k.valid_m, k.weights)
 
     def _quantized_terms(self, quant: WeightQuant, tm: np.ndarray, tn: np.ndarray,
                          tk: np.ndarray, fit: np.ndarray, k_len: np.ndarray, rows: np.ndarray,

@@ -15,17 +15,22 @@ candidates at once:
 - The per-core busy cycles are not whole: they are summed task by task in table order, the way
   the device deals a candidate's tasks (round-robin, np.bincount; each candidate's cores are
   bins of their own), then the slowest core sets the phase.
+`CostedCandidates.cube_costs` gives a candidate's cube phase, CostModel.gemm of its kernel bit
+for bit, from the same rows: what the search keeps of its winners for the device (a kernel
+priced once); its sums that are not of whole numbers are taken over its tasks in table order,
+as CostModel.gemm takes them.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from npu_sim.cost import CostModel
+from npu_sim.cost import CostModel, TaskCosts, Unit
 from npu_sim.device import deal
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import TileShape
@@ -47,72 +52,138 @@ def shapes_launch_cycles(cm: CostModel, m: int,
     """gemm_launch_cycles(cm, m, n, k, [tiling])[0] of each (n, k, tiling): the candidates of
     several GEMM shapes of m rows costed together, in fewer numpy calls (a candidate's cycles
     are its own, whichever others are costed with it)."""
-    c, b = cm.chip, cm.bytes
-    cores = c.num_cube_cores
-    rows: list[tuple[int, ...]] = []  # the distinct rows: GemmTerms inputs, count, candidate
-    tasks: list[np.ndarray] = []  # per candidate: its tasks' rows, in table order
-    first_rows: list[int] = []  # per candidate: its first row
-    # per (n, k, tn, smallest tm): all it reads from HBM
-    hbm_traffic: dict[tuple[int, int, int, int], float] = {}
-    for i, (n, k, (menu, cover, split_k)) in enumerate(candidates):
-        entries, entry_of = _cover_layout(cover)
-        kinds, offset_of = _tile_layout(n, menu[0].tn, k, split_k)
-        fits = _l1_depths(menu[0].tn, k, c, b)
-        first = len(rows)
-        first_rows.append(first)
-        rows += [(menu[tile].tm, menu[tile].tn, menu[tile].tk, fits[tile], m_rows, cols, k_len,
-                  num_entries * num_kind, i)
-                 for (m_rows, tile), num_entries in entries for cols, k_len, num_kind in kinds]
-        tasks.append(first + entry_of * len(kinds) + offset_of)
-        if (n, k, menu[0].tn, menu[-1].tm) not in hbm_traffic:
-            hbm_traffic[n, k, menu[0].tn, menu[-1].tm] = cm.gemm_hbm_traffic(m, n, k, menu)
-    table = np.array(rows, dtype=np.float64)
-    tm, tn, tk, fit, m_rows, n_cols, k_len, counts = table[:, :8].T
-    candidate = table[:, 8].astype(np.int64)
-    num = len(candidates)
-    split = np.array([s for _, _, (_, _, s) in candidates])
-    mte2_bytes = (m_rows + n_cols) * k_len * b
-    total = np.bincount(candidate, weights=mte2_bytes * counts, minlength=num).tolist()
-    hbm_read = [min(total[i], hbm_traffic[n, k, menu[0].tn, menu[-1].tm])
-                for i, (n, k, (menu, _, _)) in enumerate(candidates)]
-    inv_rate = [cm._mte2_inv_rate(read / all_read)
-                for read, all_read in zip(hbm_read, total, strict=True)]
-    terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, split[candidate] > 1,
-                          mte2_bytes, np.array(inv_rate)[candidate])
-    written = np.bincount(candidate, weights=terms.out_bytes * counts, minlength=num).tolist()
-    # each candidate's rows are contiguous, from its first
-    overhead = np.maximum.reduceat(terms.overlapped_fix, np.array(first_rows))
+    return CostedCandidates(cm, m, candidates).cycles
 
-    # cube phase: each candidate's tasks dealt round-robin onto its own bins of the cores
-    task_rows = [t.reshape(-1) for t in tasks]
-    bins = [i * cores + deal(len(t), cores)[0] for i, t in enumerate(task_rows)]
-    busy = np.bincount(np.concatenate(bins), weights=terms.cycles[np.concatenate(task_rows)],
-                       minlength=num * cores).reshape(num, cores)
-    block = np.array([min(len(t), cores) for t in task_rows])
-    busy += np.where(np.arange(cores) < block[:, None],
-                     (c.gm_latency_cycles + overhead)[:, None], 0.0)
-    offsets = busy.max(axis=1).tolist()
-    splits: dict[int, dict[int, None]] = {}  # per n: the split-K factors its tilings use
-    for n, _, (_, _, s) in candidates:
-        if s > 1:
-            splits.setdefault(n, {})[s] = None
-    reduce = {n: _reduce_phases(cm, m, n, list(ss)) for n, ss in splits.items()}
 
-    launch_cycles = c.cube_launch_s * c.clock_hz
-    out = []
-    for i, (n, _, (_, _, split_k)) in enumerate(candidates):
-        offset = offsets[i]
-        hbm_write, l2_bytes = (0.0, total[i] - hbm_read[i] + written[i]) if split_k > 1 else (
-            written[i], total[i] - hbm_read[i])
-        if split_k > 1:
-            reduce_offset, reduce_hbm_write, reduce_l2_bytes = reduce[n][split_k]
-            offset += reduce_offset
-            hbm_write += reduce_hbm_write
-            l2_bytes += reduce_l2_bytes
-        hbm_bound = (hbm_read[i] + hbm_write) / (c.hbm_bytes_per_s / c.clock_hz)
+class CostedCandidates:
+    """The candidates of several GEMM shapes of m rows, (n, k, tiling) each, costed together:
+    `cycles`, each one's launch cycles (shapes_launch_cycles), and `cube_costs(i)`, the
+    cube phase of candidate i (CostModel.gemm of the kernel its tiling builds, bit for bit)."""
+
+    def __init__(self, cm: CostModel, m: int,
+                 candidates: Sequence[tuple[int, int, Tiling]]) -> None:
+        c, b = cm.chip, cm.bytes
+        cores = c.num_cube_cores
+        rows: list[tuple[int, ...]] = []  # the distinct rows: GemmTerms inputs, count, candidate
+        # per candidate: its first row, its cover entries' distinct entry and its (N tile,
+        # K slice) pairs' distinct kind (the task table's two axes), how many kinds it has
+        first_rows: list[int] = []
+        entry_ofs: list[np.ndarray] = []
+        kind_ofs: list[np.ndarray] = []
+        num_kinds: list[int] = []
+        # per (n, k, tn, smallest tm): all it reads from HBM
+        hbm_traffic: dict[tuple[int, int, int, int], float] = {}
+        for i, (n, k, (menu, cover, split_k)) in enumerate(candidates):
+            entries, entry_of = _cover_layout(cover)
+            kinds, kind_of = _tile_layout(n, menu[0].tn, k, split_k)
+            fits = _l1_depths(menu[0].tn, k, c, b)
+            first_rows.append(len(rows))
+            rows += [(menu[tile].tm, menu[tile].tn, menu[tile].tk, fits[tile], m_rows, cols,
+                      k_len, num_entries * num_kind, i)
+                     for (m_rows, tile), num_entries in entries
+                     for cols, k_len, num_kind in kinds]
+            entry_ofs.append(entry_of)
+            kind_ofs.append(kind_of)
+            num_kinds.append(len(kinds))
+            if (n, k, menu[0].tn, menu[-1].tm) not in hbm_traffic:
+                hbm_traffic[n, k, menu[0].tn, menu[-1].tm] = cm.gemm_hbm_traffic(m, n, k, menu)
+        # (whole numbers: read as int64, the fast way, then made float64 exactly)
+        table = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64).reshape(
+            len(rows), -1).astype(np.float64)
+        tm, tn, tk, fit, m_rows, n_cols, k_len, counts = table[:, :8].T
+        candidate = table[:, 8].astype(np.int64)
+        num = len(candidates)
+        split = np.array([s for _, _, (_, _, s) in candidates])
+        mte2_bytes = (m_rows + n_cols) * k_len * b
+        total = np.bincount(candidate, weights=mte2_bytes * counts, minlength=num)
+        hbm_read = np.minimum(total, [hbm_traffic[n, k, menu[0].tn, menu[-1].tm]
+                                      for n, k, (menu, _, _) in candidates])
+        inv_rate = cm._mte2_inv_rate(hbm_read / total)
+        terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, split[candidate] > 1,
+                              mte2_bytes, inv_rate[candidate])
+        written = np.bincount(candidate, weights=terms.out_bytes * counts, minlength=num)
+        # each candidate's rows are contiguous, from its first
+        overhead = np.maximum.reduceat(terms.overlapped_fix, np.array(first_rows))
+
+        # cube phase: each candidate's tasks, in table order, dealt round-robin onto its own
+        # bins of the cores
+        task_row, core, task_candidate, num_tasks = _task_rows(
+            first_rows, entry_ofs, kind_ofs, num_kinds, cores)
+        busy = np.bincount(task_candidate * cores + core, weights=terms.cycles[task_row],
+                           minlength=num * cores).reshape(num, cores)
+        block = np.minimum(num_tasks, cores)
+        busy += np.where(np.arange(cores) < block[:, None],
+                         (c.gm_latency_cycles + overhead)[:, None], 0.0)
+        offset = busy.max(axis=1)
+        # split-K: a partial written to L2, then the reduce phase (none: zeros, which change
+        # no sum)
+        is_split = split > 1
+        hbm_write = np.where(is_split, 0.0, written)
+        l2_bytes = total - hbm_read + np.where(is_split, written, 0.0)
+        splits: dict[int, dict[int, None]] = {}  # per n: the split-K factors its tilings use
+        for n, _, (_, _, s) in candidates:
+            if s > 1:
+                splits.setdefault(n, {})[s] = None
+        if splits:
+            reduce = {n: _reduce_phases(cm, m, n, list(ss)) for n, ss in splits.items()}
+            phase = np.array([reduce[n][s] if s > 1 else (0.0, 0.0, 0.0)
+                              for n, _, (_, _, s) in candidates])
+            offset = offset + phase[:, 0]
+            hbm_write = hbm_write + phase[:, 1]
+            l2_bytes = l2_bytes + phase[:, 2]
+        hbm_bound = (hbm_read + hbm_write) / (c.hbm_bytes_per_s / c.clock_hz)
         l2_bound = l2_bytes / (c.l2_bytes_per_s / c.clock_hz)
-        out.append(launch_cycles + max(offset, hbm_bound, l2_bound))
-    return out
+        launch_cycles = c.cube_launch_s * c.clock_hz
+        self.cycles: list[float] = (
+            launch_cycles + np.maximum(np.maximum(offset, hbm_bound), l2_bound)).tolist()
+        # what cube_costs reads
+        self._gm_latency_cycles = c.gm_latency_cycles
+        self._cycles, self._task_row, self._overhead = terms.cycles, task_row, overhead
+        self._first_task = (np.cumsum(num_tasks) - num_tasks).tolist()
+        self._num_tasks = num_tasks.tolist()
+        self._rows = [*first_rows, len(rows)]  # candidate i's rows: [i] .. [i + 1]
+        self._total, self._hbm_read, self._written = total, hbm_read, written
+        self._split = is_split.tolist()
+        self._active = terms.cube * terms.chunks  # per task of the row: cube active cycles
+        self._macs = tm * tn * terms.kc * terms.chunks  # and MACs issued
+        self._useful = m_rows * n_cols * k_len * counts  # useful MACs of the row's tasks
+
+    def cube_costs(self, i: int) -> TaskCosts:
+        """CostModel.gemm of candidate i's kernel, bf16 weights (see the module docstring):
+        its tasks' cycles and the sums over its tasks in table order where they are not
+        whole; the useful MACs and the byte sums, whole numbers, over its rows."""
+        first = self._first_task[i]
+        rows = self._task_row[first:first + self._num_tasks[i]]
+        cycles = self._cycles[rows]
+        cycles.flags.writeable = False  # kept (CostModel.keep_gemm)
+        hbm_read = float(self._hbm_read[i])
+        written = float(self._written[i])
+        useful = float(self._useful[self._rows[i]:self._rows[i + 1]].sum())
+        return TaskCosts(
+            unit=Unit.AIC, cycles=cycles,
+            core_overhead_cycles=self._gm_latency_cycles + float(self._overhead[i]),
+            cube_active_cycles=float(self._active[rows].sum()),
+            vector_active_cycles=0.0, hbm_read_bytes=hbm_read,
+            hbm_write_bytes=0.0 if self._split[i] else written,
+            l2_bytes=float(self._total[i]) - hbm_read + (written if self._split[i] else 0.0),
+            flops=2.0 * useful, cube_macs=float(self._macs[rows].sum()),
+            useful_cube_macs=useful, pipeline="gemm")
+
+
+def _task_rows(first_rows: list[int], entry_ofs: list[np.ndarray], kind_ofs: list[np.ndarray],
+               num_kinds: list[int], cores: int,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct row of each task, its core, its candidate; tasks per candidate) of the
+    candidates' task tables one after the other, each in table order (cover entry major, then
+    N tile, then K slice: row first + entry x kinds + kind) and dealt round-robin as the device
+    deals them (npu_sim.device.deal)."""
+    relative = [(entry_of[:, None] * kinds + kind_of).reshape(-1)
+                for entry_of, kind_of, kinds in zip(entry_ofs, kind_ofs, num_kinds, strict=True)]
+    num_tasks = np.array([len(r) for r in relative])
+    task_candidate = np.repeat(np.arange(len(relative)), num_tasks)
+    task_row = np.concatenate(relative) + np.repeat(first_rows, num_tasks)
+    core = np.concatenate([deal(len(r), cores)[0] for r in relative])
+    return task_row, core, task_candidate, num_tasks
 
 
 def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
@@ -139,16 +210,16 @@ def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
 
 
 # Layouts of a task table's axes: the distinct values with their counts, and each position's
-# distinct value, shaped to broadcast as (M cover entry, N tile, K slice). Cached: a search
+# distinct value, in table order (M cover entries; an entry's N tiles x K slices). Cached: a search
 # meets the same covers (one per GEMM of a token count), N tiles and K slices again and again.
 
 @functools.lru_cache(maxsize=1 << 14)
 def _cover_layout(cover: MCover) -> tuple[list[tuple[tuple[int, int], int]], np.ndarray]:
-    """([((m_rows, tile), count), ...], int64 (entries, 1, 1) distinct index of each)."""
+    """([((m_rows, tile), count), ...], int64 distinct index of each entry)."""
     entries = Counter((rows, tile) for _, rows, tile in cover)
     index = {entry: j for j, entry in enumerate(entries)}
     return list(entries.items()), np.array([index[rows, tile] for _, rows, tile in cover],
-                                           dtype=np.int64).reshape(-1, 1, 1)
+                                           dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -156,7 +227,7 @@ def _tile_layout(n: int, tn: int, k: int, split_k: int,
                  ) -> tuple[list[tuple[int, int, int]], np.ndarray]:
     """([(cols, k_len, count), ...]: the distinct (N tile, K slice) pairs of an m-tile's tasks,
     N tiles (full ones, the masked last one) major, K slices (at most three lengths) minor;
-    int64 (1, N tiles, K slices) distinct index of each)."""
+    int64 distinct index of each (N tile, K slice), N tiles major)."""
     num_full, rest = divmod(n, tn)
     cols = [(tn, num_full)] * (num_full > 0) + [(rest, 1)] * (rest > 0)
     col_of = np.zeros(num_full + (rest > 0), dtype=np.int64)
@@ -167,7 +238,7 @@ def _tile_layout(n: int, tn: int, k: int, split_k: int,
     slice_of = np.array([slice_index[length] for length in lengths], dtype=np.int64)
     kinds = [(c, k_len, num_cols * num_slices)
              for c, num_cols in cols for k_len, num_slices in slices.items()]
-    return kinds, (col_of[:, None] * len(slices) + slice_of)[None]
+    return kinds, (col_of[:, None] * len(slices) + slice_of).reshape(-1)
 
 
 @functools.lru_cache(maxsize=1 << 12)

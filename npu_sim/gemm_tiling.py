@@ -17,6 +17,7 @@ Two policies, both returning a `GemmTiling`:
   Each candidate is timed by the device's own cost model (launch, per-core makespan, shared HBM /
   L2 bounds, reduce phase), so the choice is exactly the one the simulation rewards: the
   device's cycles bit for bit, a shape's candidates costed together (npu_sim.gemm_cycles).
+  The winner's cube phase comes with it and is kept for the device (CostModel.keep_gemm).
 - `atb_tiling` (the baselines' torch-npu linear): a port of ATB's pp_matmul tiling
   (hicann/ascend-transformer-boost `common_tiling.h` TilingFunc / CostFunc and
   `pp_matmul_tiling.cpp` SetBaseOp): m0, n0 powers of two from 16 up to 256 with m0 x n0 fp32 in
@@ -35,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from npu_sim.cost import CostModel
-from npu_sim.gemm_cycles import shapes_launch_cycles
+from npu_sim.gemm_cycles import CostedCandidates
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import GemmKernel, TileShape
 from npu_sim.tiling import (
@@ -197,23 +198,27 @@ def search_tilings(m: int, shapes: Sequence[tuple[int, int]], chip: ChipSpec,
     if todo:
         tilings = [candidates(m, n, k, chip) for n, k in todo]
         # Device.time(tiling.kernel(...)).cycles of each, without building the kernels
-        costs = iter(shapes_launch_cycles(
-            _cost_model(chip), m, [(n, k, (t.menu, t.cover, t.split_k))
-                                   for (n, k), shape_tilings in zip(todo, tilings, strict=True)
-                                   for t in shape_tilings]))
+        cm = _cost_model(chip)
+        costed = CostedCandidates(cm, m, [
+            (n, k, (t.menu, t.cover, t.split_k))
+            for (n, k), shape_tilings in zip(todo, tilings, strict=True) for t in shape_tilings])
+        first = 0
         for (n, k), shape_tilings in zip(todo, tilings, strict=True):
-            shape_costs = [next(costs) for _ in shape_tilings]
-            _SEARCHED[m, n, k, chip] = _cheapest(shape_tilings, shape_costs)
+            best = first + _cheapest(costed.cycles[first:first + len(shape_tilings)])
+            tiling = _SEARCHED[m, n, k, chip] = shape_tilings[best - first]
+            # the winner's kernel priced already: its cube phase, kept for the device
+            cm.keep_gemm(tiling.kernel("", m, n, k, chip), costed.cube_costs(best))
+            first += len(shape_tilings)
     return [_SEARCHED[m, n, k, chip] for n, k in shapes]
 
 
-def _cheapest(tilings: list[GemmTiling], cycles: list[float]) -> GemmTiling:
-    """The tiling of fewest cycles; ties (within 1e-9) keep the simpler (earlier) one."""
-    best, best_cycles = None, math.inf
-    for tiling, tiling_cycles in zip(tilings, cycles, strict=True):
+def _cheapest(cycles: list[float]) -> int:
+    """The index of the fewest cycles; ties (within 1e-9) keep the simpler (earlier) one."""
+    best, best_cycles = -1, math.inf
+    for i, tiling_cycles in enumerate(cycles):
         if tiling_cycles < best_cycles * (1 - 1e-9):
-            best, best_cycles = tiling, tiling_cycles
-    assert best is not None
+            best, best_cycles = i, tiling_cycles
+    assert best >= 0
     return best
 
 

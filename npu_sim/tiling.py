@@ -160,14 +160,15 @@ def gemm_tasks(m: int, n: int, k: int, menu: tuple[TileShape, ...], cover: MCove
     slices = np.array([(0, k, -1)] if split_k == 1 else [
         (start, length, s) for s, (start, length) in enumerate(k_slices(k, split_k))],
         dtype=np.int64)
-    nm, nn, ns = len(m_cover), len(n_starts), len(slices)
-    tasks = np.empty(nm * nn * ns, dtype=GEMM_TASK)
-    i = np.arange(nm * nn * ns)  # m-tile major, then N tiles, then K slices
-    mi, ni, si = i // (nn * ns), i // ns % nn, i % ns
-    tasks["m_start"], tasks["m_rows"], tasks["tile"] = (m_cover[mi, j] for j in range(3))
-    tasks["n_start"] = n_starts[ni]
-    tasks["n_cols"] = np.minimum(tn, n - n_starts[ni])
-    tasks["k_start"], tasks["k_len"], tasks["k_split"] = (slices[si, j] for j in range(3))
+    # m-tile major, then N tiles, then K slices: each field broadcast over the three axes
+    tasks = np.empty((len(m_cover), len(n_starts), len(slices)), dtype=GEMM_TASK)
+    for j, field in enumerate(("m_start", "m_rows", "tile")):
+        tasks[field] = m_cover[:, j, None, None]
+    tasks["n_start"] = n_starts[:, None]
+    tasks["n_cols"] = np.minimum(tn, n - n_starts)[:, None]
+    for j, field in enumerate(("k_start", "k_len", "k_split")):
+        tasks[field] = slices[:, j]
+    tasks = tasks.reshape(-1)
     tasks.flags.writeable = False
     return tasks
 

@@ -1,15 +1,18 @@
 """The tiling search's launch cycles (npu_sim.gemm_cycles) are the device's, bit for bit, for
 every candidate of decode, prefill and split-K shapes on several chips, costed alone or with
-other shapes' candidates."""
+other shapes' candidates; so are the cube phases it keeps for the device (CostModel.gemm)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
-from npu_sim import gemm_tiling
+from npu_sim import cost, gemm_tiling
 from npu_sim.cost import CostModel
 from npu_sim.device import Device
-from npu_sim.gemm_cycles import gemm_launch_cycles, shapes_launch_cycles
+from npu_sim.gemm_cycles import CostedCandidates, gemm_launch_cycles, shapes_launch_cycles
 from npu_sim.gemm_tiling import candidates, search_tiling, search_tilings
 from npu_sim.hardware import get_chip
 
@@ -62,3 +65,44 @@ def test_a_full_search_cache_starts_over_without_losing_a_batch(
     monkeypatch.setattr(gemm_tiling, "_SEARCHED_LIMIT", 2)  # and the cache full
     assert search_tilings(300, shapes, chip) == alone
     assert len(gemm_tiling._SEARCHED) == 3  # started over: the batch alone
+
+
+@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
+def test_cube_costs_equal_the_cost_models(chip_name: str) -> None:
+    """Every candidate's cube phase, costed with other shapes' candidates, is CostModel.gemm of
+    its kernel priced alone, field by field, bit for bit."""
+    chip = get_chip(chip_name)
+    cm = CostModel(chip)
+    cost._KEPT_GEMMS.clear()  # CostModel.gemm below prices every kernel afresh
+    for m in (1, 7, 33, 255, 777, 2048, 4100):
+        batch = [(n, k, t) for rows, n, k in SHAPES if rows == m
+                 for t in candidates(m, n, k, chip)]
+        costed = CostedCandidates(cm, m, [(n, k, (t.menu, t.cover, t.split_k))
+                                          for n, k, t in batch])
+        for i, (n, k, tiling) in enumerate(batch):
+            want = cm.gemm(tiling.kernel("g", m, n, k, chip))
+            got = costed.cube_costs(i)
+            for field in dataclasses.fields(want):
+                a, b = getattr(got, field.name), getattr(want, field.name)
+                assert np.array_equal(a, b) if field.name == "cycles" else a == b, (
+                    m, n, k, field.name)
+
+
+def test_the_device_times_a_searched_gemm_as_one_priced_afresh() -> None:
+    """A kernel of a searched tiling is priced from what the search kept (bf16 weights), and
+    that timing is the one of the same kernel priced afresh; a quantized one is priced
+    afresh."""
+    chip = get_chip("910b2")
+    gemm_tiling._SEARCHED.clear()
+    for m, n, k in ((3, 12288, 4096), (500, 22016, 4096), (2048, 4096, 11008)):
+        kernel = search_tiling(m, n, k, chip).kernel("g", m, n, k, chip)
+        assert cost._KEPT_GEMMS[id(kernel.tasks)][0] is kernel.tasks
+        kept = Device(chip, compute=False, timeline=False).time(kernel)
+        assert CostModel(chip).gemm(kernel) is cost._KEPT_GEMMS[id(kernel.tasks)][2]
+        quantized = dataclasses.replace(kernel, weights="w8a16")
+        assert CostModel(chip).gemm(quantized) is not cost._KEPT_GEMMS[id(kernel.tasks)][2]
+        cost._KEPT_GEMMS.clear()
+        afresh = Device(chip, compute=False, timeline=False).time(kernel)
+        assert kept.step_sums.tolist() == afresh.step_sums.tolist()
+        assert (kept.cycles, kept.bound, kept.block_dim) == (
+            afresh.cycles, afresh.bound, afresh.block_dim)
