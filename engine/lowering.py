@@ -40,9 +40,9 @@ from engine.lowering_attention import (
     ChunkLike,
     ChunkShape,
     lower_attention,
-    lower_attention_split,
     tree_mask,
 )
+from engine.lowering_split import lower_attention_split
 from engine.lowering_tp import all_gather, all_reduce, shard_arch
 from npu_sim.gemm_tiling import atb_tiling, search_tiling, search_tilings
 from npu_sim.hardware import ChipSpec
