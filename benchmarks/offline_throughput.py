@@ -48,7 +48,6 @@ class StepTimers:
     def __init__(self) -> None:
         self.seconds: collections.Counter[str] = collections.Counter()
         self._undo: list[tuple[Any, str, Any]] = []
-        self._depth = 0
 
     def wrap(self, owner: Any, name: str, category: str | Callable[..., str]) -> None:
         original = getattr(owner, name)
@@ -73,7 +72,7 @@ class StepTimers:
         self.wrap(Scheduler, "update_rows_from_output", "scheduling")  # the engine's call
         self.wrap(engine.runner, "lower_step", "lowering")
         self.wrap(engine.runner.ModelRunner, "_step_inputs", "input preparation")
-        self.wrap(dev.Device, "end_step", "cost model")
+        # (the compute runner ends every step so; it calls end_step where it must)
         self.wrap(dev.Device, "end_planned_step", "cost model")
         self.wrap(dev.Device, "launch", "launches")
         self.wrap(LayerStack, "run", "kernels: replayed decoder layers")

@@ -8,7 +8,6 @@ import pathlib
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -20,6 +19,7 @@ from engine.request import SamplingParams
 from engine.runner import build_model_runner
 from npu_sim.device import Device
 from npu_sim.trace import StepTrace
+from tests.npu_sim.test_step_sums import assert_same_step_trace
 
 BLOCK = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -108,9 +108,4 @@ def test_steps_are_timed_from_their_plan_as_end_step_times_them(
                  SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
     assert len(pairs) > 8 and num_summed == len(pairs)  # every step took the planned sums
     for a, b in pairs:
-        for field in ("sim_s", "device_s", "host_s", "num_launches", "cube_utilization",
-                      "vector_utilization", "hbm_bytes", "flops", "mfu", "padding_waste_ratio"):
-            assert getattr(a, field) == getattr(b, field), field
-        assert np.array_equal(a.cube_busy_s, b.cube_busy_s)
-        assert np.array_equal(a.vector_busy_s, b.vector_busy_s)
-        assert list(a.kernel_s_by_primitive.items()) == list(b.kernel_s_by_primitive.items())
+        assert_same_step_trace(a, b)

@@ -21,12 +21,12 @@ from engine.lowering import (
     lower_step_counts,
     step_launches,
 )
-from engine.lowering_attention import _q_tiles, _shapes
 from engine.lowering_tp import shard_arch
 from npu_sim.device import Device
 from npu_sim.hardware import get_chip
 from npu_sim.step_sums import LaunchSums
 from npu_sim.tasks import ATTN_SEQ
+from tests.npu_sim.test_unsplit_attention import general_tiles_if_unsplit
 
 BLOCK = 128
 
@@ -105,27 +105,17 @@ def test_decode_lowering_is_the_general_one(model: str, tp: int) -> None:
     exactly when the general tiling splits none of its tiles, and gives the general lowering's
     dealt order, shapes and tile rows."""
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip("910b2")
-    g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
+    g = arch.num_heads // arch.num_kv_heads
     rng = random.Random(7)
     taken = split = 0
     for n in (1, 2, 5, 49, 256):
         for longest in (100, 300, 1000, 1100, 12000, 60000):  # around a split's 8 blocks too
             batch = _decodes(rng, n, longest)
             kernel = lower_attention(batch, arch, chip, BLOCK)
-            start = np.array([c.start_pos for c in batch])
-            tiles = _q_tiles(np.ones(n, np.int64), start, np.zeros(n, dtype=bool), g,
-                             num_kv_heads, chip, BLOCK)
-            max_spans = int(tiles.num_spans.max())
-            if kernel.unsplit is None:
-                assert max_spans > 1
+            if general_tiles_if_unsplit(kernel, batch, arch, chip) is None:
                 split += 1
-                continue
-            taken += 1
-            assert max_spans == 1
-            shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
-            assert np.array_equal(kernel.task_shape, task_shape)
-            assert kernel.shapes.dtype == shapes.dtype and np.array_equal(kernel.shapes, shapes)
-            assert kernel.max_tile_rows == int(tiles.tile_rows.max())
+            else:
+                taken += 1
     assert taken and (split or g == 1)
 
 

@@ -13,13 +13,15 @@ import random
 import numpy as np
 import pytest
 
+from engine.arch import ModelArch
 from engine.arch_presets import resolve_arch
 from engine.lowering import ChunkShape, lower_attention
-from engine.lowering_attention import _q_tiles, _seq_table, _shapes
+from engine.lowering_attention import _q_tiles, _seq_table, _shapes, _Tiles
 from engine.lowering_tp import shard_arch
 from npu_sim.device import Device
-from npu_sim.hardware import get_chip
+from npu_sim.hardware import ChipSpec, get_chip
 from npu_sim.step_sums import LaunchSums
+from npu_sim.tasks import AttentionKernel
 
 BLOCK = 128
 MODELS = [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)]
@@ -47,32 +49,46 @@ def _batches(seed: int) -> list[list[ChunkShape]]:
             for longest in (100, 1100, 12000, 60000)]  # around a split's 8 blocks too
 
 
+def general_tiles_if_unsplit(kernel: AttentionKernel, batch: list[ChunkShape],
+                             arch: ModelArch, chip: ChipSpec) -> _Tiles | None:
+    """The general tiling's Q tiles of `batch` (engine.lowering_attention._q_tiles), having
+    checked that `kernel`, lower_attention's, took the unsplit path exactly when they split no
+    tile and then has their dealt order, shapes and largest tile; None when a tile is split."""
+    g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
+    start = np.array([c.start_pos for c in batch])
+    q_len = np.array([c.num_tokens for c in batch])
+    tiles = _q_tiles(q_len, start, np.zeros(len(batch), dtype=bool), g, num_kv_heads, chip,
+                     BLOCK)
+    max_spans = int(tiles.num_spans.max())
+    if kernel.unsplit is None:
+        assert max_spans > 1
+        return None
+    assert max_spans == 1
+    shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
+    assert np.array_equal(kernel.task_shape, task_shape)
+    assert kernel.shapes.dtype == shapes.dtype and np.array_equal(kernel.shapes, shapes)
+    assert kernel.max_tile_rows == int(tiles.tile_rows.max())
+    return tiles
+
+
 @pytest.mark.parametrize("model,tp", MODELS)
 def test_unsplit_lowering_is_the_general_one(model: str, tp: int) -> None:
     """_lower_unsplit takes a batch exactly when the general tiling splits none of its tiles,
     and gives the general lowering's dealt order, shapes, sequences and tile rows; its lengths
     are the general tiles'."""
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip("910b2")
-    g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
+    g = arch.num_heads // arch.num_kv_heads
     taken = split = 0
     for batch in _batches(1):
         kernel = lower_attention(batch, arch, chip, BLOCK)
-        start = np.array([c.start_pos for c in batch])
-        q_len = np.array([c.num_tokens for c in batch])
-        tiles = _q_tiles(q_len, start, np.zeros(len(batch), dtype=bool), g, num_kv_heads, chip,
-                         BLOCK)
-        max_spans = int(tiles.num_spans.max())
-        if kernel.unsplit is None:
-            assert max_spans > 1
+        tiles = general_tiles_if_unsplit(kernel, batch, arch, chip)
+        if tiles is None:
             split += 1
             continue
         taken += 1
-        assert max_spans == 1
-        shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
-        assert np.array_equal(kernel.task_shape, task_shape)
-        assert kernel.shapes.dtype == shapes.dtype and np.array_equal(kernel.shapes, shapes)
+        start = np.array([c.start_pos for c in batch])
+        q_len = np.array([c.num_tokens for c in batch])
         assert np.array_equal(kernel.seqs, _seq_table(q_len, start))
-        assert kernel.max_tile_rows == int(tiles.tile_rows.max())
         assert kernel.num_seqs == len(batch) and kernel.num_tokens == int(q_len.sum())
         u = kernel.unsplit
         assert np.array_equal(u.context_lens, start + q_len)
