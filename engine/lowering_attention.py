@@ -14,6 +14,7 @@ Pure functions of (chunks, model shape, chip, block size); engine.lowering re-ex
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import numpy as np
 
 from engine import token_tree
 from engine.arch import ModelArch
+from npu_sim.cost_attention import DecodeBatch
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import (
     ATTN_SEQ,
@@ -173,21 +175,81 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_tok
     `_tile_order` give (tested); the tiles of the whole batch, hence the sequence, shape and
     task tables, only when read."""
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
-    decode_rows = attention_q_tile(1, g)[0]  # attention_q_tiles' answer for one token
-    # the prefill chunks, and the query tokens (a decode-only batch's built if read)
-    decodes_only = num_tokens.count(1) == len(num_tokens)
-    if not decodes_only and 0 in num_tokens:  # a chunk of no token: the general lowering's
-        return None
-    multi = [] if decodes_only else [s for s, n in enumerate(num_tokens) if n > 1]
     q_len = _once(lambda: np.array(num_tokens, dtype=np.int64))
-    context = start_pos + (q_len() if multi else 1)  # each sequence's causal horizon
-    n_blocks = (context + (block_size - 1)) // block_size  # a decode tile's KV blocks
+    tiles = _once(lambda: _q_tiles(q_len(), start_pos, None, g, num_kv_heads, chip,
+                                   block_size))
+    fields = {"seqs": lambda: _seq_table(q_len(), start_pos), "num_partial_slots": 0,
+              "shapes": lambda: _tile_shapes(tiles()),
+              **_kernel_fields(chunks, arch, block_size, tiles)}
+    # Timing reads the lengths and the dealt order only: the sequence and shape tables are
+    # built if something reads them.
+    if num_tokens.count(1) == len(num_tokens):  # decodes only: a tile each
+        decodes = lower_decodes(start_pos, arch, chip, block_size)
+        if decodes is None:
+            return None
+        return AttentionKernel(
+            **fields, max_tile_rows=decodes.tile_rows, task_shape=decodes.task_shape,
+            unsplit=UnsplitTiles(decodes.context_lens, len(chunks), decodes.tile_rows))
+    if 0 in num_tokens:  # a chunk of no token: the general lowering's
+        return None
+    decode_rows = _decode_tile_rows(g)
+    multi = [s for s, n in enumerate(num_tokens) if n > 1]  # the prefill chunks
+    context = start_pos + q_len()  # each sequence's causal horizon
+    prefill = _prefill_tiles(multi, start_pos, num_tokens, g, block_size)
+    n_blocks = _unsplit_blocks(context, prefill, g, num_kv_heads, chip, block_size)
+    if n_blocks is None:
+        return None
+    num_tiles = np.ones(len(chunks), np.int64)
+    num_tiles[multi] = prefill.num_tiles
+    tile_work = (n_blocks * decode_rows).repeat(num_tiles)  # tile rows x KV blocks
+    tile_work[list(prefill.tiles.position)] = [
+        r * b for r, b in zip(prefill.tiles.tile_rows, prefill.n_blocks, strict=True)]
+    by_weight = (-tile_work).argsort(kind="stable")  # _tile_order's
+    max_tile_rows = max(prefill.tiles.tile_rows)
+    if len(multi) < len(chunks):
+        max_tile_rows = max(max_tile_rows, decode_rows)
+    return AttentionKernel(
+        **fields, max_tile_rows=max_tile_rows, task_shape=by_weight.repeat(num_kv_heads),
+        unsplit=UnsplitTiles(context, sum(num_tokens), decode_rows, num_tiles, tile_work,
+                             prefill.tiles))
+
+
+def lower_decodes(start_pos: np.ndarray, arch: ModelArch, chip: ChipSpec,
+                  block_size: int) -> DecodeBatch | None:
+    """What timing reads of lower_attention's kernel of a batch of decodes (a token each, no
+    drafts) from `start_pos` (int64, a sequence each, one at least): its lengths and dealt order
+    (`AttentionKernel.unsplit`, `task_shape`) and the model shape, without the kernel; None when
+    a tile is to be split (the general lowering's). `_lower_unsplit` builds its kernels of
+    decodes from it; the timing-only runner times its decode steps from it alone
+    (npu_sim.device.Device.time_decodes)."""
+    g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
+    context = start_pos + 1  # each sequence's causal horizon
+    n_blocks = _unsplit_blocks(context, None, g, num_kv_heads, chip, block_size)
+    if n_blocks is None:
+        return None
+    # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
+    # their tile order: a stable sort); array methods, not numpy's Python-level wrappers
+    by_weight = (-n_blocks).argsort(kind="stable")
+    return DecodeBatch(context, by_weight.repeat(num_kv_heads), _decode_tile_rows(g), g,
+                       arch.head_dim, num_kv_heads)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_tile_rows(group_size: int) -> int:
+    """attention_q_tiles' tile rows for one token (the smallest tile holding group_size rows)."""
+    return attention_q_tile(1, group_size)[0]
+
+
+def _unsplit_blocks(context: np.ndarray, prefill: _Prefill | None, g: int, num_kv_heads: int,
+                    chip: ChipSpec, block_size: int) -> np.ndarray | None:
+    """Each sequence's KV blocks, as a decode tile over its causal horizon `context` has them,
+    or None when `_spans` splits a tile of the batch (prefill: the tiles of its prefill chunks,
+    if any; the other sequences are decodes)."""
+    n_blocks = (context + (block_size - 1)) // block_size
     # _spans' work: query tokens x (g x block_size) x blocks, whole numbers (exact in any order)
     block_work = g * block_size
-    work, heaviest = int(n_blocks.sum()), int(n_blocks.max())
-    prefill = None
-    if multi:
-        prefill = _prefill_tiles(multi, start_pos, num_tokens, g, block_size)
+    work, heaviest = int(np.add.reduce(n_blocks)), int(np.maximum.reduce(n_blocks))
+    if prefill is not None:
         work += sum(prefill.work) - prefill.context_blocks
         heaviest = max(heaviest, *prefill.work)
     share = _core_share(work * block_work, num_kv_heads, chip)
@@ -195,34 +257,7 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_tok
     if share and heaviest * block_work > share and _any_split(n_blocks, prefill, block_work,
                                                                 share, block_size):
         return None
-    tiles = _once(lambda: _q_tiles(q_len(), start_pos, None, g, num_kv_heads, chip,
-                                   block_size))
-    if prefill is None:  # decodes only
-        # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties
-        # keep their tile order: a stable sort); array methods, not numpy's Python-level
-        # wrappers
-        by_weight = (-n_blocks).argsort(kind="stable")
-        unsplit = UnsplitTiles(context, len(chunks), decode_rows)
-        max_tile_rows = decode_rows
-    else:
-        num_tiles = np.ones(len(chunks), np.int64)
-        num_tiles[multi] = prefill.num_tiles
-        tile_work = (n_blocks * decode_rows).repeat(num_tiles)  # tile rows x KV blocks
-        tile_work[list(prefill.tiles.position)] = [
-            r * b for r, b in zip(prefill.tiles.tile_rows, prefill.n_blocks, strict=True)]
-        by_weight = (-tile_work).argsort(kind="stable")  # _tile_order's
-        unsplit = UnsplitTiles(context, sum(num_tokens), decode_rows, num_tiles, tile_work,
-                               prefill.tiles)
-        max_tile_rows = max(prefill.tiles.tile_rows)
-        if len(multi) < len(chunks):
-            max_tile_rows = max(max_tile_rows, decode_rows)
-    # Timing reads the lengths and the dealt order only: the sequence and shape tables are
-    # built if something reads them.
-    return AttentionKernel(
-        **_kernel_fields(chunks, arch, block_size, tiles),
-        seqs=lambda: _seq_table(q_len(), start_pos), num_partial_slots=0,
-        max_tile_rows=max_tile_rows, shapes=lambda: _tile_shapes(tiles()),
-        task_shape=by_weight.repeat(num_kv_heads), unsplit=unsplit)
+    return n_blocks
 
 
 def _any_split(n_blocks: np.ndarray, prefill: _Prefill | None, block_work: int,

@@ -20,21 +20,27 @@ import logging
 import random
 from dataclasses import replace
 
+import numpy as np
+
 from engine.arch import ModelArch
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.lowering import (
     DEFAULT_POLICY,
+    AttentionPolicy,
     LoweringPolicy,
     lower_step,
     lower_step_counts,
     step_launches,
 )
+from engine.lowering_attention import lower_decodes
 from engine.lowering_tp import kv_pool_blocks, shard_arch
 from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
 from engine.spec.types import Draft
 from npu_sim.device import Device
 from npu_sim.hardware import load_chip
+from npu_sim.step_sums import SharedLaunches
+from npu_sim.trace import StepTrace
 
 logger = logging.getLogger("xyserve")
 
@@ -42,6 +48,7 @@ SYNTHETIC_TOKEN_ID = 1  # what every sampled row yields (any id below the vocabu
 # Device memory kept back from the KV pool for activations, workspaces and the runtime: vLLM's
 # default gpu_memory_utilization is 0.9, so 10% of HBM.
 DEFAULT_KV_RESERVE_FRACTION = 0.1
+_DECODE_LAUNCHES_LIMIT = 1 << 12  # (rows, sampled rows) pairs kept: far more than a run sees
 
 
 def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
@@ -117,6 +124,11 @@ class TimingRunner:
         # Steps timed launch by launch, keeping their timelines: the first ones, when the
         # device keeps timelines (the engine writes them for --npu-trace).
         self.num_timelines = num_traced_steps if device.timeline else 0
+        # Decode steps (a token per chunk, no drafts) are timed from their context lengths
+        # alone (`_time_decodes`); the launches they share with other steps, by (rows, sampled
+        # rows), from the first such step's general lowering.
+        self._card = shard_arch(arch, tensor_parallel_size)
+        self._decode_launches: dict[tuple[int, int], SharedLaunches] = {}
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Time the step's chunks; one synthetic token per sampled chunk, plus the accepted
@@ -124,13 +136,15 @@ class TimingRunner:
         chunks = scheduler_output.chunks
         if not chunks:
             return ModelOutput(sampled_token_ids={})
-        # Per row of every step, so comprehensions and C loops; verifies (chunks with drafts)
-        # only with speculative decoding. A chunk without drafts draws nothing from the
-        # generator: its one token, directly; a verify then draws its accepted drafts, in chunk
-        # order (its key keeps its place).
+        # Per row of every step, so comprehensions (Python 3.11 reads a ScheduledChunk's slot in
+        # one specialised instruction: faster than operator.attrgetter mapped in C); verifies
+        # (chunks with drafts) only with speculative decoding. A chunk without drafts draws
+        # nothing from the generator: its one token, directly; a verify then draws its accepted
+        # drafts, in chunk order (its key keeps its place).
         token = (SYNTHETIC_TOKEN_ID,)
         sampled = {c.request_id: token for c in chunks if c.sample}  # (a chunk per request)
-        verifying = [c for c in chunks if c.draft_parents and c.sample]
+        drafts = any([c.draft_parents for c in chunks])
+        verifying = [c for c in chunks if c.draft_parents and c.sample] if drafts else []
         num_sampled = len(sampled) + sum([c.num_draft_tokens for c in verifying])
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
@@ -141,10 +155,12 @@ class TimingRunner:
                 self.device.launch(kernel)
             trace = self.device.end_step(num_requests=len(chunks))
         else:
-            shared, attention = lower_step_counts(
-                chunks, num_sampled, self.arch, self.device.chip, self.block_size,
-                self.arch.num_layers, self.policy, tp=self.tp)
-            trace = self.device.time_launches(shared, attention, num_requests=len(chunks))
+            trace = None if drafts else self._time_decodes(chunks, num_sampled)
+            if trace is None:
+                shared, attention = lower_step_counts(
+                    chunks, num_sampled, self.arch, self.device.chip, self.block_size,
+                    self.arch.num_layers, self.policy, tp=self.tp)
+                trace = self.device.time_launches(shared, attention, num_requests=len(chunks))
         self.num_launches += trace.num_launches
         for chunk in verifying:
             sampled[chunk.request_id] = token * (1 + self._num_accepted(chunk))
@@ -152,6 +168,37 @@ class TimingRunner:
                   for request_id, num_drafts in scheduler_output.num_drafts_to_propose.items()
                   if request_id in sampled}
         return ModelOutput(sampled_token_ids=sampled, trace=trace, drafts=drafts)
+
+    def _time_decodes(self, chunks: tuple[ScheduledChunk, ...],
+                      num_sampled: int) -> StepTrace | None:
+        """The trace of a step of decodes only (chunks of one token, no drafts), the general
+        path's (`lower_step_counts`, `Device.time_launches`) bit for bit, or None where that
+        path is to time it: chunks of other lengths, split KV, a lowering or cost model that
+        prices no launch from its lengths. Most steps of a simulation: timed from the context
+        lengths (engine.lowering_attention.lower_decodes, Device.time_decodes) without
+        building their attention kernel; their shared launches, which depend only on the rows
+        and sampled rows, kept from the first such step (timed the general way)."""
+        if (self.policy.attention is not AttentionPolicy.META
+                or not self.device.cost_model.memo_rows):
+            return None
+        num_rows = len(chunks)
+        if [len(c.token_ids) for c in chunks].count(1) != num_rows:
+            return None
+        start_pos = np.array([c.start_pos for c in chunks], np.int64)
+        decodes = lower_decodes(start_pos, self._card, self.device.chip, self.block_size)
+        if decodes is None:
+            return None
+        key = (num_rows, num_sampled)
+        shared = self._decode_launches.get(key)
+        if shared is None:
+            shared, attention = lower_step_counts(
+                chunks, num_sampled, self.arch, self.device.chip, self.block_size,
+                self.arch.num_layers, self.policy, tp=self.tp)
+            if len(self._decode_launches) >= _DECODE_LAUNCHES_LIMIT:
+                self._decode_launches.clear()
+            self._decode_launches[key] = shared
+            return self.device.time_launches(shared, attention, num_requests=num_rows)
+        return self.device.time_decodes(shared, decodes, num_requests=num_rows)
 
     def _num_accepted(self, chunk: ScheduledChunk) -> int:
         """Draft positions accepted, in order, until the first rejection (a chain)."""

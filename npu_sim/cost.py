@@ -64,6 +64,7 @@ import numpy as np
 from npu_sim.cost_attention import (
     ATTN_L2_ALPHA,
     AttentionRows,
+    DecodeBatch,
     RowMemo,
     attention_rows,
 )
@@ -86,6 +87,7 @@ COMBINE_OPS = 3.0  # per partial output element: weight by exp(lse - max), accum
 # Vector passes that widen one weight (AscendC antiquant): int8 cast and scale; int4 cast, offset
 # and scale.
 ANTIQUANT_PASSES = {8: 2, 4: 3}
+DECODE_STAGES = 2  # a launch of decodes only, QK on the vector cores: the 2-stage pipeline
 
 # Vector ops: (input elements, output elements, fp32 vector passes) per row element, and input
 # elements read once per task (the norm weight). ROPE's cos/sin rows (2 x head_dim per token,
@@ -398,7 +400,7 @@ class CostModel:
         u = k.unsplit
         if k.vector_qk and (u.prefill is None if u is not None else len(k.seqs) and bool(
                 (k.seqs["q_len"] == 1).all())):
-            return 2
+            return DECODE_STAGES
         if k.task_group is not None:  # the split baseline: FlashAttention-style online softmax
             return 4
         n = self.chip.num_cube_cores
@@ -458,7 +460,8 @@ class CostModel:
             terms = np.stack(attention_rows(
                 self, stages, keys, q_rows, heads, tile_rows, final, horizon_reached,
                 np.ones(len(keys)) if hbm_fraction is None else hbm_fraction, d, mask))
-        main = self._attention_costs(k, stages, terms, weight, total_kv, by_shape, mask)
+        main = self._attention_costs(d, k.task_shape if by_shape else None, stages, terms,
+                                     weight, total_kv, mask)
         return main, self._combine(k)
 
     def _prices_from_lengths(self, k: AttentionKernel) -> bool:
@@ -479,33 +482,52 @@ class CostModel:
         assert u is not None and k.task_shape is not None
         g, d, weight = k.group_size, k.head_dim, k.num_kv_heads
         stages = self.attention_stages(k)
-        memo = self._row_memo(stages, g, d)
         p = u.prefill
         if p is None:  # a tile per sequence, over its context
-            keys = u.context_lens
-        else:
-            keys = u.context_lens.repeat(u.num_tiles)
-            keys[list(p.position)] = p.keys
+            return self.decode_attention(DecodeBatch(u.context_lens, k.task_shape,
+                                                     u.decode_tile_rows, g, d, weight), stages)
+        memo = self._row_memo(stages, g, d)
+        keys = u.context_lens.repeat(u.num_tiles)
+        keys[list(p.position)] = p.keys
         # the prefill tiles' columns are replaced below (a decode table of every key up to the
         # longest costs fewer calls than leaving them out)
         terms = memo.decode_terms(self, float(u.decode_tile_rows), keys)
-        if p is not None:  # a few tiles: Python numbers, keys `attention`'s equal
-            seq_keys: dict[int, list[int]] = {}  # each prefill sequence's tiles' keys
-            for s, n in zip(p.seq, p.keys, strict=True):
-                seq_keys.setdefault(s, []).append(n)
-            # `_attention_hbm_fraction`'s: exactly 1.0 for a sequence of one tile; else from its
-            # tiles' K/V bytes and its whole KV's, whole numbers (exact in any order)
-            fraction = {s: 1.0 if len(n) == 1 else self._hbm_fraction(
-                float(2 * sum(n) * d * self.bytes * weight),
-                float(u.context_lens.item(s) * weight * d * self.bytes * 2), min, max)
-                for s, n in seq_keys.items()}
-            columns = memo.columns(self, [
-                (n, q, r, True, True, fraction[s])
-                for n, q, r, s in zip(p.keys, p.q_rows, p.tile_rows, p.seq, strict=True)])
-            terms[:, list(p.position)] = memo.terms_at(columns)
+        # a few tiles: Python numbers, keys `attention`'s equal
+        seq_keys: dict[int, list[int]] = {}  # each prefill sequence's tiles' keys
+        for s, n in zip(p.seq, p.keys, strict=True):
+            seq_keys.setdefault(s, []).append(n)
+        # `_attention_hbm_fraction`'s: exactly 1.0 for a sequence of one tile; else from its
+        # tiles' K/V bytes and its whole KV's, whole numbers (exact in any order)
+        fraction = {s: 1.0 if len(n) == 1 else self._hbm_fraction(
+            float(2 * sum(n) * d * self.bytes * weight),
+            float(u.context_lens.item(s) * weight * d * self.bytes * 2), min, max)
+            for s, n in seq_keys.items()}
+        columns = memo.columns(self, [
+            (n, q, r, True, True, fraction[s])
+            for n, q, r, s in zip(p.keys, p.q_rows, p.tile_rows, p.seq, strict=True)])
+        terms[:, list(p.position)] = memo.terms_at(columns)
+        return self._unsplit_costs(stages, terms, keys, d, weight, k.task_shape)
+
+    def decode_attention(self, batch: DecodeBatch, stages: int = DECODE_STAGES) -> TaskCosts:
+        """`attention(k)[0]` of a meta-kernel launch of decodes only, none of whose tiles is
+        split, said by `batch` (its kernel's lengths and dealt order), as `_unsplit_attention`
+        prices such a kernel (it calls this): each decode's row from the RowMemo's decode table
+        of its context length. stages: the launch's pipeline (`attention_stages`: 2 for the
+        meta-kernel's decodes)."""
+        keys = batch.context_lens
+        memo = self._row_memo(stages, batch.group_size, batch.head_dim)
+        terms = memo.decode_terms(self, float(batch.tile_rows), keys)
+        return self._unsplit_costs(stages, terms, keys, batch.head_dim, batch.num_kv_heads,
+                                   batch.task_shape)
+
+    def _unsplit_costs(self, stages: int, terms: np.ndarray, keys: np.ndarray, head_dim: int,
+                       weight: int, task_shape: np.ndarray) -> TaskCosts:
+        """`_attention_costs` of an unsplit launch's tiles, priced `terms`, over `keys` (int64,
+        per tile), each tile a shape of `weight` tasks dealt in task_shape order."""
         # the keys' sum, a whole number below 2^53: the float64 sum `attention` takes, exactly
-        total_kv = weight * (2 * float(int(keys.sum())) * d * self.bytes)
-        return self._attention_costs(k, stages, terms, weight, total_kv, True, None)
+        total_kv = weight * (2 * float(np.add.reduce(keys)) * head_dim * self.bytes)
+        return self._attention_costs(head_dim, task_shape, stages, terms, weight, total_kv,
+                                     None)
 
     def _row_memo(self, stages: int, group_size: int, head_dim: int) -> RowMemo:
         memo = self._row_memos.get((stages, group_size, head_dim))
@@ -514,18 +536,18 @@ class CostModel:
                                                                            head_dim)
         return memo
 
-    def _attention_costs(self, k: AttentionKernel, stages: int, terms: np.ndarray,
-                         weight: int, total_kv: float, by_shape: bool,
+    def _attention_costs(self, head_dim: int, task_shape: np.ndarray | None, stages: int,
+                         terms: np.ndarray, weight: int, total_kv: float,
                          mask: MaskCost | None) -> TaskCosts:
         """The attention tasks' TaskCosts from `terms` (NUM_TERMS, rows), the rows' terms
-        (npu_sim.cost_attention), each row standing for `weight` tasks (by_shape: a row per
-        task shape, dealt in k.task_shape order; else a row per task); total_kv: the K/V bytes
-        all tasks read; mask: the rows' mask costs, if any."""
-        c, d = self.chip, k.head_dim
+        (npu_sim.cost_attention), each row standing for `weight` tasks (task_shape: a row per
+        task shape, dealt in task_shape order; None: a row per task, in dealt order);
+        total_kv: the K/V bytes all tasks read; mask: the rows' mask costs, if any."""
+        c, d = self.chip, head_dim
         # every term's sum over the rows in one reduction (each row of `terms` contiguous: the
         # same pairwise sum as summing it alone)
         sums = AttentionRows(*np.add.reduce(terms, axis=1).tolist())
-        cycles = terms[0][k.task_shape] if by_shape else terms[0]  # per task, to deal
+        cycles = terms[0] if task_shape is None else terms[0].take(task_shape)  # to deal
         hbm_kv = weight * sums.kv_hbm_bytes
         vec_active = weight * sums.vector_cycles * self.aivs
         mask_hbm = mask_l2 = 0.0

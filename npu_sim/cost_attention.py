@@ -51,6 +51,20 @@ class AttentionRows(NamedTuple):
 NUM_TERMS = len(AttentionRows._fields)
 
 
+class DecodeBatch(NamedTuple):
+    """A meta-attention launch of decodes only (a token each, no drafts), none of whose tiles
+    is split, as the cost model prices it (CostModel.decode_attention): what its kernel's
+    `unsplit` and `task_shape` say of it, and the model shape, without the kernel (the
+    timing-only runner's decode steps: engine.lowering_attention.lower_decodes)."""
+
+    context_lens: np.ndarray  # int64 (num_seqs,): each sequence's start_pos + 1, its keys
+    task_shape: np.ndarray  # int64 (num_tasks,): the sequence of every task, in dealt order
+    tile_rows: int  # every tile's stacked rows (UnsplitTiles.decode_tile_rows)
+    group_size: int  # query heads per KV head
+    head_dim: int  # features per head
+    num_kv_heads: int  # KV heads: tasks per sequence
+
+
 def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndarray,
                    heads: Any, tile_rows: np.ndarray, final: np.ndarray,
                    horizon_reached: np.ndarray, hbm_fraction: np.ndarray, head_dim: int,
@@ -193,7 +207,7 @@ class RowMemo:
         """C-contiguous (NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these
         keys (int64, non-negative)."""
         table, priced = self._tables.get(tile_rows, (_NO_TABLE, 0))
-        top = int(at.max())
+        top = int(np.maximum.reduce(at))  # (not the array method's Python-level wrapper)
         if top >= priced:
             table = self._price_keys(cm, tile_rows, table, priced, top)
         return table.take(at, axis=1)  # (a take along axis 1 is C-contiguous, as sums want)

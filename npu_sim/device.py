@@ -40,6 +40,7 @@ import numpy as np
 
 from npu_sim.collectives import bytes_moved, collective_seconds
 from npu_sim.cost import CostModel, TaskCosts, Unit
+from npu_sim.cost_attention import DecodeBatch
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
 from npu_sim.step_sums import (
@@ -240,7 +241,26 @@ class Device:
         object reused by every step that shares those kernels: what they add up to is kept per
         object, and per its head (npu_sim.step_sums). Launches not yet ended are forgotten."""
         template = self._step_template(shared)
-        pairs = self._varying_sums(template, varying)
+        return self._counted_step(template, self._varying_sums(template, varying), num_requests)
+
+    def time_decodes(self, shared: SharedLaunches, decodes: DecodeBatch,
+                     num_requests: int = 0) -> StepTrace:
+        """`time_launches(shared, (kernel,), num_requests)` of a step whose one own kernel is
+        the meta-attention `kernel` of a batch of decodes, none split, that `decodes` says
+        (engine.lowering_attention.lower_decodes: the kernel's lengths and dealt order), timed
+        from them without the kernel: the same StepTrace, bit for bit (`_launch_sums` prices
+        such a kernel by `cost_model.decode_attention` too). Needs the cost model's row memo
+        (CostModel.memo_rows), as pricing from lengths does."""
+        template = self._step_template(shared)
+        (num_launches,) = template.varying_counts
+        sums = self._mix_launch_sums(Primitive.ATTENTION,
+                                     self.cost_model.decode_attention(decodes))
+        return self._counted_step(template, [(sums, num_launches)], num_requests)
+
+    def _counted_step(self, template: StepTemplate,
+                      pairs: list[tuple[KernelTiming | LaunchSums, int]],
+                      num_requests: int) -> StepTrace:
+        """`_summed_step`, the step's launches and tasks counted first."""
         for primitive, num_launches, num_tasks in template.shared_counts:
             self.num_launches[primitive] += num_launches
             self.num_tasks[primitive] += num_tasks
@@ -295,22 +315,23 @@ class Device:
         without verify chunks priced straight from its lengths (AttentionKernel.unsplit)."""
         if (isinstance(kernel, AttentionKernel) and kernel.task_group is None
                 and not kernel.num_partial_slots):
-            return self._mix_launch_sums(kernel, self.cost_model.attention(kernel)[0])
+            return self._mix_launch_sums(kernel.primitive, self.cost_model.attention(kernel)[0])
         return self.time(kernel)
 
-    def _mix_launch_sums(self, kernel: AttentionKernel, main: TaskCosts) -> LaunchSums:
-        """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch without combine
-        tasks whose tasks cost `main` (`cost_model.attention(kernel)[0]`), without the rest of
-        the KernelTiming: its one phase of mix tasks dealt in the symmetric round robin, and
-        the sums time() takes, each the same IEEE operation on the same operands (time() also
-        adds the empty combine phase's zeros and starts its busy arrays from zeros, which
-        changes no bit of these non-negative sums)."""
+    def _mix_launch_sums(self, primitive: Primitive, main: TaskCosts) -> LaunchSums:
+        """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch (of `primitive`)
+        without combine tasks whose tasks cost `main` (`cost_model.attention(kernel)[0]`),
+        without the rest of the KernelTiming: its one phase of mix tasks dealt in the symmetric
+        round robin, and the sums time() takes, each the same IEEE operation on the same
+        operands (time() also adds the empty combine phase's zeros and starts its busy arrays
+        from zeros, which changes no bit of these non-negative sums)."""
         c = self.chip
         core, block = deal(len(main.cycles), c.num_cube_cores, symmetric=True)
         busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
         busy[:block] += main.core_overhead_cycles
         hbm_bytes = main.hbm_read_bytes + main.hbm_write_bytes
-        makespan, _, stretch = _makespan(float(busy.max()), hbm_bytes, main.l2_bytes, c)
+        makespan, _, stretch = _makespan(float(np.maximum.reduce(busy)), hbm_bytes,
+                                         main.l2_bytes, c)
         if stretch != 1.0:
             busy = busy * stretch
         cycles = c.cube_launch_s * c.clock_hz + makespan
@@ -318,7 +339,7 @@ class Device:
         row = step_sums_row([cycles, main.cube_active_cycles, main.vector_active_cycles,
                              hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
                             busy, busy.repeat(self.cost_model.aivs)[:c.num_vector_cores])
-        return LaunchSums(kernel.primitive, kernel.primitive.value, cycles / c.clock_hz,
+        return LaunchSums(primitive, primitive.value, cycles / c.clock_hz,
                           len(main.cycles), row)
 
     def _head_template(self, head: Launches) -> StepTemplate:
