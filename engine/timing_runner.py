@@ -182,10 +182,11 @@ class TimingRunner:
                 or not self.device.cost_model.memo_rows):
             return None
         num_rows = len(chunks)
-        if [len(c.token_ids) for c in chunks].count(1) != num_rows:
+        start_pos = [c.start_pos for c in chunks if len(c.token_ids) == 1]
+        if len(start_pos) != num_rows:  # not every chunk a token
             return None
-        start_pos = np.array([c.start_pos for c in chunks], np.int64)
-        decodes = lower_decodes(start_pos, self._card, self.device.chip, self.block_size)
+        decodes = lower_decodes(np.array(start_pos, np.int64), self._card, self.device.chip,
+                                self.block_size)
         if decodes is None:
             return None
         key = (num_rows, num_sampled)

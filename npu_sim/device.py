@@ -151,6 +151,7 @@ class Device:
         self._step_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches
         self._head_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches.head
         self._step_sums_size = NUM_STEP_SUMS_SCALARS + chip.num_cube_cores + chip.num_vector_cores
+        self._peak_flops = chip.peak_flops(dtype)  # (read every step: its f-string lookup once)
 
     # ------------------------------------------------------------------------- host facts
 
@@ -303,8 +304,7 @@ class Device:
         c = self.chip
         sums, seconds = step_sums(template, pairs, self._step_sums_size)
         trace = summed_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
-                                  c.peak_flops(self.cost_model.dtype), sums,
-                                  template.num_launches, seconds)
+                                  self._peak_flops, sums, template.num_launches, seconds)
         self.total_sim_s += trace.sim_s
         return trace
 
@@ -366,7 +366,7 @@ class Device:
         timings = {key: self._timing(kernels[key]) for key in per_kernel}
         trace = build_step_trace(
             c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores, c.num_vector_cores,
-            c.peak_flops(self.cost_model.dtype),
+            self._peak_flops,
             ((timings[key], n) for key, n in per_kernel.items()),
             [timings[key] for key in ids] if self.timeline else ())
         self.total_sim_s += trace.sim_s

@@ -148,7 +148,7 @@ def step_sums(template: StepTemplate,
     else:
         rows = template.rest.copy()
         for i, (t, n) in zip(template.varying_rows, varying, strict=True):
-            rows[i] = t.step_sums * float(n)
+            np.multiply(t.step_sums, float(n), out=rows[i])  # (the product, in place)
         if template.prefix is not None:
             rows[0] += template.prefix
         sums = np.add.accumulate(rows, axis=0)[-1]
