@@ -188,7 +188,8 @@ def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_tok
         if decodes is None:
             return None
         return AttentionKernel(
-            **fields, max_tile_rows=decodes.tile_rows, task_shape=decodes.task_shape,
+            **fields, max_tile_rows=decodes.tile_rows,
+            task_shape=decodes.order.repeat(num_kv_heads),
             unsplit=UnsplitTiles(decodes.context_lens, len(chunks), decodes.tile_rows))
     if 0 in num_tokens:  # a chunk of no token: the general lowering's
         return None
@@ -230,8 +231,8 @@ def lower_decodes(start_pos: np.ndarray, arch: ModelArch, chip: ChipSpec,
     # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
     # their tile order: a stable sort); array methods, not numpy's Python-level wrappers
     by_weight = (-n_blocks).argsort(kind="stable")
-    return DecodeBatch(context, by_weight.repeat(num_kv_heads), _decode_tile_rows(g), g,
-                       arch.head_dim, num_kv_heads)
+    return DecodeBatch(context, by_weight, _decode_tile_rows(g), g, arch.head_dim,
+                       num_kv_heads)
 
 
 @functools.lru_cache(maxsize=64)

@@ -460,8 +460,8 @@ class CostModel:
             terms = np.stack(attention_rows(
                 self, stages, keys, q_rows, heads, tile_rows, final, horizon_reached,
                 np.ones(len(keys)) if hbm_fraction is None else hbm_fraction, d, mask))
-        main = self._attention_costs(d, k.task_shape if by_shape else None, stages, terms,
-                                     weight, total_kv, mask)
+        cycles = terms[0].take(k.task_shape) if by_shape else terms[0]  # per task, to deal
+        main = self._attention_costs(d, cycles, stages, terms, weight, total_kv, mask)
         return main, self._combine(k)
 
     def _prices_from_lengths(self, k: AttentionKernel) -> bool:
@@ -484,7 +484,8 @@ class CostModel:
         stages = self.attention_stages(k)
         p = u.prefill
         if p is None:  # a tile per sequence, over its context
-            return self.decode_attention(DecodeBatch(u.context_lens, k.task_shape,
+            # (its tiles' tasks dealt a tile's KV heads in a row: task_shape repeats the order)
+            return self.decode_attention(DecodeBatch(u.context_lens, k.task_shape[::weight],
                                                      u.decode_tile_rows, g, d, weight), stages)
         memo = self._row_memo(stages, g, d)
         keys = u.context_lens.repeat(u.num_tiles)
@@ -506,7 +507,7 @@ class CostModel:
             (n, q, r, True, True, fraction[s])
             for n, q, r, s in zip(p.keys, p.q_rows, p.tile_rows, p.seq, strict=True)])
         terms[:, list(p.position)] = memo.terms_at(columns)
-        return self._unsplit_costs(stages, terms, keys, d, weight, k.task_shape)
+        return self._unsplit_costs(stages, terms, keys, d, weight, terms[0].take(k.task_shape))
 
     def decode_attention(self, batch: DecodeBatch, stages: int = DECODE_STAGES) -> TaskCosts:
         """`attention(k)[0]` of a meta-kernel launch of decodes only, none of whose tiles is
@@ -517,17 +518,19 @@ class CostModel:
         keys = batch.context_lens
         memo = self._row_memo(stages, batch.group_size, batch.head_dim)
         terms = memo.decode_terms(self, float(batch.tile_rows), keys)
-        return self._unsplit_costs(stages, terms, keys, batch.head_dim, batch.num_kv_heads,
-                                   batch.task_shape)
+        weight = batch.num_kv_heads
+        # (a tile's tasks, one per KV head, dealt in a row: the order's rows repeated)
+        cycles = terms[0].take(batch.order).repeat(weight)
+        return self._unsplit_costs(stages, terms, keys, batch.head_dim, weight, cycles)
 
     def _unsplit_costs(self, stages: int, terms: np.ndarray, keys: np.ndarray, head_dim: int,
-                       weight: int, task_shape: np.ndarray) -> TaskCosts:
+                       weight: int, cycles: np.ndarray) -> TaskCosts:
         """`_attention_costs` of an unsplit launch's tiles, priced `terms`, over `keys` (int64,
-        per tile), each tile a shape of `weight` tasks dealt in task_shape order."""
+        per tile), each tile a shape of `weight` tasks, whose cycles in dealt order are
+        `cycles`."""
         # the keys' sum, a whole number below 2^53: the float64 sum `attention` takes, exactly
         total_kv = weight * (2 * float(np.add.reduce(keys)) * head_dim * self.bytes)
-        return self._attention_costs(head_dim, task_shape, stages, terms, weight, total_kv,
-                                     None)
+        return self._attention_costs(head_dim, cycles, stages, terms, weight, total_kv, None)
 
     def _row_memo(self, stages: int, group_size: int, head_dim: int) -> RowMemo:
         memo = self._row_memos.get((stages, group_size, head_dim))
@@ -536,18 +539,17 @@ class CostModel:
                                                                            head_dim)
         return memo
 
-    def _attention_costs(self, head_dim: int, task_shape: np.ndarray | None, stages: int,
+    def _attention_costs(self, head_dim: int, cycles: np.ndarray, stages: int,
                          terms: np.ndarray, weight: int, total_kv: float,
                          mask: MaskCost | None) -> TaskCosts:
         """The attention tasks' TaskCosts from `terms` (NUM_TERMS, rows), the rows' terms
-        (npu_sim.cost_attention), each row standing for `weight` tasks (task_shape: a row per
-        task shape, dealt in task_shape order; None: a row per task, in dealt order);
-        total_kv: the K/V bytes all tasks read; mask: the rows' mask costs, if any."""
+        (npu_sim.cost_attention), each row standing for `weight` tasks (a task shape's, or a
+        task); cycles: every task's, in the dealt order; total_kv: the K/V bytes all tasks
+        read; mask: the rows' mask costs, if any."""
         c, d = self.chip, head_dim
         # every term's sum over the rows in one reduction (each row of `terms` contiguous: the
         # same pairwise sum as summing it alone)
         sums = AttentionRows(*np.add.reduce(terms, axis=1).tolist())
-        cycles = terms[0] if task_shape is None else terms[0].take(task_shape)  # to deal
         hbm_kv = weight * sums.kv_hbm_bytes
         vec_active = weight * sums.vector_cycles * self.aivs
         mask_hbm = mask_l2 = 0.0

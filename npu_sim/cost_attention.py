@@ -58,7 +58,8 @@ class DecodeBatch(NamedTuple):
     timing-only runner's decode steps: engine.lowering_attention.lower_decodes)."""
 
     context_lens: np.ndarray  # int64 (num_seqs,): each sequence's start_pos + 1, its keys
-    task_shape: np.ndarray  # int64 (num_tasks,): the sequence of every task, in dealt order
+    order: np.ndarray  # int64 (num_seqs,): the sequences (tiles) in dealt order, each dealt as
+    #   num_kv_heads tasks in a row (the kernel's task_shape: the order repeated)
     tile_rows: int  # every tile's stacked rows (UnsplitTiles.decode_tile_rows)
     group_size: int  # query heads per KV head
     head_dim: int  # features per head

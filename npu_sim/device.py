@@ -83,6 +83,7 @@ _STEP_CACHE_LIMIT = 4096  # launches outside begin/end_step: forget old kernels 
 # An engine step is a few hundred launches; a caller that never calls end_step would grow the
 # open step forever, so past this many launches it is restarted (its launches dropped).
 _MAX_OPEN_LAUNCHES = 1 << 16
+_ATTENTION = Primitive.ATTENTION.value  # (an enum's value is a Python-level property)
 
 
 def deal(num_tasks: int, num_cores: int, symmetric: bool = False,
@@ -254,8 +255,7 @@ class Device:
         (CostModel.memo_rows), as pricing from lengths does."""
         template = self._step_template(shared)
         (num_launches,) = template.varying_counts
-        sums = self._mix_launch_sums(Primitive.ATTENTION,
-                                     self.cost_model.decode_attention(decodes))
+        sums = self._mix_launch_sums(self.cost_model.decode_attention(decodes))
         return self._counted_step(template, [(sums, num_launches)], num_requests)
 
     def _counted_step(self, template: StepTemplate,
@@ -315,16 +315,16 @@ class Device:
         without verify chunks priced straight from its lengths (AttentionKernel.unsplit)."""
         if (isinstance(kernel, AttentionKernel) and kernel.task_group is None
                 and not kernel.num_partial_slots):
-            return self._mix_launch_sums(kernel.primitive, self.cost_model.attention(kernel)[0])
+            return self._mix_launch_sums(self.cost_model.attention(kernel)[0])
         return self.time(kernel)
 
-    def _mix_launch_sums(self, primitive: Primitive, main: TaskCosts) -> LaunchSums:
-        """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch (of `primitive`)
-        without combine tasks whose tasks cost `main` (`cost_model.attention(kernel)[0]`),
-        without the rest of the KernelTiming: its one phase of mix tasks dealt in the symmetric
-        round robin, and the sums time() takes, each the same IEEE operation on the same
-        operands (time() also adds the empty combine phase's zeros and starts its busy arrays
-        from zeros, which changes no bit of these non-negative sums)."""
+    def _mix_launch_sums(self, main: TaskCosts) -> LaunchSums:
+        """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch without combine
+        tasks whose tasks cost `main` (`cost_model.attention(kernel)[0]`), without the rest of
+        the KernelTiming: its one phase of mix tasks dealt in the symmetric round robin, and
+        the sums time() takes, each the same IEEE operation on the same operands (time() also
+        adds the empty combine phase's zeros and starts its busy arrays from zeros, which
+        changes no bit of these non-negative sums)."""
         c = self.chip
         core, block = deal(len(main.cycles), c.num_cube_cores, symmetric=True)
         busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
@@ -339,7 +339,7 @@ class Device:
         row = step_sums_row([cycles, main.cube_active_cycles, main.vector_active_cycles,
                              hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
                             busy, busy.repeat(self.cost_model.aivs)[:c.num_vector_cores])
-        return LaunchSums(primitive, primitive.value, cycles / c.clock_hz,
+        return LaunchSums(Primitive.ATTENTION, _ATTENTION, cycles / c.clock_hz,
                           len(main.cycles), row)
 
     def _head_template(self, head: Launches) -> StepTemplate:
