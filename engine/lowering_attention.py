@@ -249,14 +249,20 @@ def _unsplit_blocks(context: np.ndarray, prefill: _Prefill | None, g: int, num_k
     n_blocks = (context + (block_size - 1)) // block_size
     # _spans' work: query tokens x (g x block_size) x blocks, whole numbers (exact in any order)
     block_work = g * block_size
-    work, heaviest = int(np.add.reduce(n_blocks)), int(np.maximum.reduce(n_blocks))
+    work = int(np.add.reduce(n_blocks))
     if prefill is not None:
         work += sum(prefill.work) - prefill.context_blocks
-        heaviest = max(heaviest, *prefill.work)
     share = _core_share(work * block_work, num_kv_heads, chip)
-    # a tile within the share is never split (the common case)
-    if share and heaviest * block_work > share and _any_split(n_blocks, prefill, block_work,
-                                                                share, block_size):
+    # A tile within the share is never split (the common case), and no tile is over a share
+    # the whole work is within (as where the KV heads outnumber the cores: MHA): no tile's work
+    # exceeds the whole's (a prefill sequence's context blocks, its last tile's at most).
+    if not share or work * block_work <= share:
+        return n_blocks
+    heaviest = int(np.maximum.reduce(n_blocks))
+    if prefill is not None:
+        heaviest = max(heaviest, *prefill.work)
+    if heaviest * block_work > share and _any_split(n_blocks, prefill, block_work, share,
+                                                    block_size):
         return None
     return n_blocks
 
