@@ -8,7 +8,9 @@ sampled row yields SYNTHETIC_TOKEN_ID, and a request ends at its max_tokens (sim
 ignore EOS). Speculative decoding has no real drafts to verify either: the runner proposes the
 draft nodes the scheduler asks for and accepts each position of a verify with probability
 `acceptance_rate` (independently, up to the first rejection: the chain model behind
-engine.spec.adaptive), from a seeded generator.
+engine.spec.adaptive), from a seeded generator. A step of decodes only, most steps of a
+simulation, is timed from its context lengths without building its attention kernel
+(`TimingRunner._time_decodes`): the same trace, bit for bit.
 
 Any model shape works (engine.arch_presets, or a config.json read without weights), including
 one card's share of a tensor-parallel group once the lowering shards it.

@@ -26,7 +26,8 @@ per launch plus a few numpy calls per distinct kernel. A timing-only step (`time
 further: what the kernels it shares with other steps add up to is kept per set of them
 (npu_sim.step_sums), and only its attention kernels are timed and summed, a meta-attention
 launch without combine tasks without a KernelTiming (`Device._mix_launch_sums`; one without
-verify chunks priced from its sequences' lengths, npu_sim.cost).
+verify chunks priced from its sequences' lengths, npu_sim.cost); a step whose one own kernel
+is a launch of decodes is timed from their lengths alone, without the kernel (`time_decodes`).
 """
 
 from __future__ import annotations
