@@ -68,23 +68,19 @@ class CostedCandidates:
         # per candidate: its first row, its cover entries' distinct entry and its (N tile,
         # K slice) pairs' distinct kind (the task table's two axes), how many kinds it has
         first_rows: list[int] = []
-        entry_ofs: list[np.ndarray] = []
-        kind_ofs: list[np.ndarray] = []
-        num_kinds: list[int] = []
+        layouts: list[tuple[np.ndarray, np.ndarray]] = []  # (relative row, core) of each task
         # per (n, k, tn, smallest tm): all it reads from HBM
         hbm_traffic: dict[tuple[int, int, int, int], float] = {}
         for i, (n, k, (menu, cover, split_k)) in enumerate(candidates):
-            entries, entry_of = _cover_layout(cover)
-            kinds, kind_of = _tile_layout(n, menu[0].tn, k, split_k)
+            entries, pattern = _cover_layout(cover)
+            kinds = _tile_layout(n, menu[0].tn, k, split_k)[0]
             fits = _l1_depths(menu[0].tn, k, c, b)
             first_rows.append(len(rows))
             rows += [(menu[tile].tm, menu[tile].tn, menu[tile].tk, fits[tile], m_rows, cols,
                       k_len, num_entries * num_kind, i)
                      for (m_rows, tile), num_entries in entries
                      for cols, k_len, num_kind in kinds]
-            entry_ofs.append(entry_of)
-            kind_ofs.append(kind_of)
-            num_kinds.append(len(kinds))
+            layouts.append(_task_layout(pattern, n, menu[0].tn, k, split_k, cores))
             if (n, k, menu[0].tn, menu[-1].tm) not in hbm_traffic:
                 hbm_traffic[n, k, menu[0].tn, menu[-1].tm] = cm.gemm_hbm_traffic(m, n, k, menu)
         # (whole numbers: read as int64, the fast way, then made float64 exactly)
@@ -107,9 +103,8 @@ class CostedCandidates:
 
         # cube phase: each candidate's tasks, in table order, dealt round-robin onto its own
         # bins of the cores
-        task_row, core, task_candidate, num_tasks = _task_rows(
-            first_rows, entry_ofs, kind_ofs, num_kinds, cores)
-        busy = np.bincount(task_candidate * cores + core, weights=terms.cycles[task_row],
+        task_row, task_bin, num_tasks = _task_rows(first_rows, layouts, cores)
+        busy = np.bincount(task_bin, weights=terms.cycles[task_row],
                            minlength=num * cores).reshape(num, cores)
         block = np.minimum(num_tasks, cores)
         busy += np.where(np.arange(cores) < block[:, None],
@@ -170,20 +165,17 @@ class CostedCandidates:
             useful_cube_macs=useful, pipeline="gemm")
 
 
-def _task_rows(first_rows: list[int], entry_ofs: list[np.ndarray], kind_ofs: list[np.ndarray],
-               num_kinds: list[int], cores: int,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct row of each task, its core, its candidate; tasks per candidate) of the
-    candidates' task tables one after the other, each in table order (cover entry major, then
-    N tile, then K slice: row first + entry x kinds + kind) and dealt round-robin as the device
-    deals them (npu_sim.device.deal)."""
-    relative = [(entry_of[:, None] * kinds + kind_of).reshape(-1)
-                for entry_of, kind_of, kinds in zip(entry_ofs, kind_ofs, num_kinds, strict=True)]
-    num_tasks = np.array([len(r) for r in relative])
-    task_candidate = np.repeat(np.arange(len(relative)), num_tasks)
-    task_row = np.concatenate(relative) + np.repeat(first_rows, num_tasks)
-    core = np.concatenate([deal(len(r), cores)[0] for r in relative])
-    return task_row, core, task_candidate, num_tasks
+def _task_rows(first_rows: list[int], layouts: list[tuple[np.ndarray, np.ndarray]],
+               cores: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct row of each task, its bin: its candidate x cores + its core; tasks per
+    candidate) of the candidates' task tables one after the other, each candidate's rows from
+    its first and its tasks laid out by `_task_layout`."""
+    num_tasks = np.array([len(relative) for relative, _ in layouts])
+    task_row = np.concatenate([relative for relative, _ in layouts]) + np.repeat(first_rows,
+                                                                              num_tasks)
+    task_bin = np.concatenate([core for _, core in layouts]) + np.repeat(
+        np.arange(0, len(layouts) * cores, cores), num_tasks)
+    return task_row, task_bin, num_tasks
 
 
 def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
@@ -214,12 +206,30 @@ def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
 # meets the same covers (one per GEMM of a token count), N tiles and K slices again and again.
 
 @functools.lru_cache(maxsize=1 << 14)
-def _cover_layout(cover: MCover) -> tuple[list[tuple[tuple[int, int], int]], np.ndarray]:
-    """([((m_rows, tile), count), ...], int64 distinct index of each entry)."""
+def _cover_layout(cover: MCover) -> tuple[list[tuple[tuple[int, int], int]], bytes]:
+    """([((m_rows, tile), count), ...], the distinct index of each entry: int64 bytes, what
+    `_task_layout` keys its layouts by, shared by the covers of the same pattern)."""
     entries = Counter((rows, tile) for _, rows, tile in cover)
     index = {entry: j for j, entry in enumerate(entries)}
     return list(entries.items()), np.array([index[rows, tile] for _, rows, tile in cover],
-                                           dtype=np.int64)
+                                           dtype=np.int64).tobytes()
+
+
+# A long simulation meets some hundreds of (cover pattern, N tile, K split) layouts: a token
+# count's GEMMs are priced with the layouts of its neighbours' (same tiles, other rows).
+@functools.lru_cache(maxsize=1 << 12)
+def _task_layout(pattern: bytes, n: int, tn: int, k: int, split_k: int, cores: int,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each task relative to its candidate's first, its core) of the task table of a
+    cover whose entries are `pattern` (`_cover_layout`'s) over `n` columns in tiles of `tn`,
+    K split in `split_k`, in table order (cover entry major, then N tile, then K slice: row
+    entry x kinds + kind), dealt round-robin onto `cores` as the device deals them
+    (npu_sim.device.deal). Read-only."""
+    kinds, kind_of = _tile_layout(n, tn, k, split_k)
+    entry_of = np.frombuffer(pattern, dtype=np.int64)
+    relative = (entry_of[:, None] * len(kinds) + kind_of).reshape(-1)
+    relative.flags.writeable = False
+    return relative, deal(len(relative), cores)[0]
 
 
 @functools.lru_cache(maxsize=1 << 12)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from npu_sim.cost import CostModel
-from npu_sim.gemm_cycles import CostedCandidates
+from npu_sim.gemm_cycles import CostedCandidates, Tiling
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import GemmKernel, TileShape
 from npu_sim.tiling import (
@@ -136,14 +136,23 @@ def _recover(cover: MCover, tn: int, chip: ChipSpec) -> MCover | None:
 
 def candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[GemmTiling]:
     """The tilings `search_tiling` costs (see the module docstring), simplest first."""
-    out: dict[tuple, GemmTiling] = {}
+    return [GemmTiling(*tiling) for tiling in _candidates(m, n, k, chip)]
+
+
+def _candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[Tiling]:
+    """`candidates(m, n, k, chip)` as (menu, cover, split_k) tuples (what the search costs; the
+    winner alone becomes a GemmTiling). Each is new: the covers differ, and so do a cover's
+    (split, N tile) pairs."""
+    out: list[Tiling] = []
     for cover, widest in _covers(m, chip):
+        moved: dict[int, MCover | None] = {}  # the cover in each N tile's menu
         for s, tns in _splits_and_tns(max(len(cover), 1), widest, n, k, chip):
             for tn in tns:
-                moved = _recover(cover, tn, chip)
-                if moved is not None:
-                    out.setdefault((moved, tn, s), GemmTiling(gemm_menu(chip, tn), moved, s))
-    return list(out.values())
+                if tn not in moved:
+                    moved[tn] = _recover(cover, tn, chip)
+                if moved[tn] is not None:
+                    out.append((gemm_menu(chip, tn), moved[tn], s))
+    return out
 
 
 @functools.lru_cache(maxsize=1 << 10)  # the token counts of a stretch of steps
@@ -196,16 +205,16 @@ def search_tilings(m: int, shapes: Sequence[tuple[int, int]], chip: ChipSpec,
         _SEARCHED.clear()
     todo = [(n, k) for n, k in dict.fromkeys(shapes) if (m, n, k, chip) not in _SEARCHED]
     if todo:
-        tilings = [candidates(m, n, k, chip) for n, k in todo]
+        tilings = [_candidates(m, n, k, chip) for n, k in todo]
         # Device.time(tiling.kernel(...)).cycles of each, without building the kernels
         cm = _cost_model(chip)
         costed = CostedCandidates(cm, m, [
-            (n, k, (t.menu, t.cover, t.split_k))
-            for (n, k), shape_tilings in zip(todo, tilings, strict=True) for t in shape_tilings])
+            (n, k, t) for (n, k), shape_tilings in zip(todo, tilings, strict=True)
+            for t in shape_tilings])
         first = 0
         for (n, k), shape_tilings in zip(todo, tilings, strict=True):
             best = first + _cheapest(costed.cycles[first:first + len(shape_tilings)])
-            tiling = _SEARCHED[m, n, k, chip] = shape_tilings[best - first]
+            tiling = _SEARCHED[m, n, k, chip] = GemmTiling(*shape_tilings[best - first])
             # the winner's kernel priced already: its cube phase, kept for the device
             cm.keep_gemm(tiling.kernel("", m, n, k, chip), costed.cube_costs(best))
             first += len(shape_tilings)

@@ -5,6 +5,7 @@ other shapes' candidates; so are the cube phases it keeps for the device (CostMo
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from npu_sim.device import Device
 from npu_sim.gemm_cycles import CostedCandidates, gemm_launch_cycles, shapes_launch_cycles
 from npu_sim.gemm_tiling import candidates, search_tiling, search_tilings
 from npu_sim.hardware import get_chip
+from npu_sim.tiling import gemm_menu
 
 SHAPES = [(m, n, k) for m in (1, 7, 16, 33, 100, 255, 512, 777, 2048, 4100)
           for n, k in ((12288, 4096), (4096, 11008), (22016, 4096), (32000, 4096),
@@ -106,3 +108,44 @@ def test_the_device_times_a_searched_gemm_as_one_priced_afresh() -> None:
         assert kept.step_sums.tolist() == afresh.step_sums.tolist()
         assert (kept.cycles, kept.bound, kept.block_dim) == (
             afresh.cycles, afresh.bound, afresh.block_dim)
+
+
+def _blocked_hbm_traffic(cm: CostModel, m: int, n: int, k: int, menu: tuple) -> float:
+    """CostModel.gemm_hbm_traffic as the module docstring states it, every block tried afresh:
+    Mb = m or the smallest tm doubled while below m, Nb the widest multiple of the N tile L2
+    holds next to Mb rows (at least one tile)."""
+    b, tn = cm.bytes, menu[0].tn
+    a_bytes, b_bytes = m * k * b, n * k * b
+    if a_bytes + b_bytes <= cm.l2_cap:
+        return float(a_bytes + b_bytes)
+    rows_fit = cm.l2_cap // (k * b)
+    blocks, mb = {m}, menu[-1].tm
+    while mb < m:
+        blocks.add(mb)
+        mb *= 2
+    best = min((a_bytes * math.ceil(n / nb) + b_bytes * math.ceil(m / mb)
+                for mb in blocks if (nb := (rows_fit - mb) // tn * tn) >= tn), default=math.inf)
+    return float(best)
+
+
+@pytest.mark.parametrize("chip_name", ["910b2", "910b4"])
+def test_hbm_traffic_equals_every_block_tried(chip_name: str) -> None:
+    """gemm_hbm_traffic, whose power-of-two blocks are kept per (n, k, N tile), is the best
+    blocking tried block by block, for every m up to past the token budget."""
+    chip = get_chip(chip_name)
+    cm = CostModel(chip)
+    for n, k in ((12288, 4096), (4096, 11008), (152064, 8192), (1000, 300), (48, 300000)):
+        for tn in (128, 176, 256):
+            menu = gemm_menu(chip, tn)
+            for m in (*range(1, 4200), 8191, 8192, 8193, 16384):
+                assert cm.gemm_hbm_traffic(m, n, k, menu) == _blocked_hbm_traffic(
+                    cm, m, n, k, menu), (m, n, k, tn)
+
+
+def test_candidates_are_distinct() -> None:
+    """The search lists each candidate tiling once (its covers differ, and so do a cover's
+    split-K and N tile pairs): nothing to deduplicate."""
+    chip = get_chip("910b2")
+    for m, n, k in SHAPES:
+        tilings = candidates(m, n, k, chip)
+        assert len(set(tilings)) == len(tilings), (m, n, k)
