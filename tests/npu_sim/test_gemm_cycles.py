@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from npu_sim import cost, gemm_tiling
+from npu_sim import cost, gemm_cycles, gemm_tiling
 from npu_sim.cost import CostModel
 from npu_sim.device import Device
 from npu_sim.gemm_cycles import CostedCandidates, gemm_launch_cycles, shapes_launch_cycles
@@ -149,3 +149,24 @@ def test_candidates_are_distinct() -> None:
     for m, n, k in SHAPES:
         tilings = candidates(m, n, k, chip)
         assert len(set(tilings)) == len(tilings), (m, n, k)
+
+
+def test_task_layouts_kept_from_other_token_counts_cost_as_afresh() -> None:
+    """Neighbouring token counts share their covers' patterns, so a search prices most of its
+    candidates with task layouts kept from earlier ones (gemm_cycles._task_layout): the same
+    cycles, and the same kept cube phases, as with every layout built afresh."""
+    chip = get_chip("910b2")
+    cm = CostModel(chip)
+    shapes = ((12288, 4096), (4096, 11008))
+    for m in (*range(1, 40), *range(1000, 1040), 2047, 2048):
+        batch = [(n, k, (t.menu, t.cover, t.split_k))
+                 for n, k in shapes for t in candidates(m, n, k, chip)]
+        kept = CostedCandidates(cm, m, batch)
+        gemm_cycles._task_layout.cache_clear()
+        afresh = CostedCandidates(cm, m, batch)
+        assert kept.cycles == afresh.cycles, m
+        for i in range(len(batch)):
+            a, b = kept.cube_costs(i), afresh.cube_costs(i)
+            for field in dataclasses.fields(a):
+                x, y = getattr(a, field.name), getattr(b, field.name)
+                assert np.array_equal(x, y) if field.name == "cycles" else x == y, (m, i)
