@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from npu_sim import cost, gemm_cycles, gemm_tiling
+from npu_sim import cost, gemm_layout, gemm_tiling
 from npu_sim.cost import CostModel
 from npu_sim.device import Device
 from npu_sim.gemm_cycles import CostedCandidates, gemm_launch_cycles, shapes_launch_cycles
@@ -153,7 +153,7 @@ def test_candidates_are_distinct() -> None:
 
 def test_task_layouts_kept_from_other_token_counts_cost_as_afresh() -> None:
     """Neighbouring token counts share their covers' patterns, so a search prices most of its
-    candidates with task layouts kept from earlier ones (gemm_cycles._task_layout): the same
+    candidates with task layouts kept from earlier ones (gemm_layout.task_layout): the same
     cycles, and the same kept cube phases, as with every layout built afresh."""
     chip = get_chip("910b2")
     cm = CostModel(chip)
@@ -162,7 +162,7 @@ def test_task_layouts_kept_from_other_token_counts_cost_as_afresh() -> None:
         batch = [(n, k, (t.menu, t.cover, t.split_k))
                  for n, k in shapes for t in candidates(m, n, k, chip)]
         kept = CostedCandidates(cm, m, batch)
-        gemm_cycles._task_layout.cache_clear()
+        gemm_layout.task_layout.cache_clear()
         afresh = CostedCandidates(cm, m, batch)
         assert kept.cycles == afresh.cycles, m
         for i in range(len(batch)):
@@ -170,3 +170,24 @@ def test_task_layouts_kept_from_other_token_counts_cost_as_afresh() -> None:
             for field in dataclasses.fields(a):
                 x, y = getattr(a, field.name), getattr(b, field.name)
                 assert np.array_equal(x, y) if field.name == "cycles" else x == y, (m, i)
+
+
+def test_searches_on_plans_kept_from_other_token_counts_pick_as_afresh() -> None:
+    """A search prices its token count on the plan kept for covers of the same tiles and
+    patterns (gemm_tiling._PLANS): the tilings it picks, and the cube phases it keeps for the
+    device, are those of a search planned afresh."""
+    chip = get_chip("910b2")
+    shapes = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))
+    for m in (*range(1, 70), *range(990, 1100), 2040, 2047, 2048, 4100):
+        gemm_tiling._SEARCHED.clear()
+        kept = search_tilings(m, shapes, chip)
+        kept_costs = [cost._KEPT_GEMMS[id(t.kernel("", m, n, k, chip).tasks)][2]
+                      for t, (n, k) in zip(kept, shapes, strict=True)]
+        gemm_tiling._SEARCHED.clear()
+        gemm_tiling._PLANS.clear()
+        assert search_tilings(m, shapes, chip) == kept, m
+        for t, (n, k), a in zip(kept, shapes, kept_costs, strict=True):
+            b = cost._KEPT_GEMMS[id(t.kernel("", m, n, k, chip).tasks)][2]
+            for field in dataclasses.fields(a):
+                x, y = getattr(a, field.name), getattr(b, field.name)
+                assert np.array_equal(x, y) if field.name == "cycles" else x == y, (m, n)
