@@ -84,40 +84,36 @@ class CostedCandidates:
         c, b = cm.chip, cm.bytes
         cores = c.num_cube_cores
         # the distinct rows, GemmTerms inputs (whole numbers, float64 exactly)
-        tm, tn, tk, fit, n_cols, k_len, counts = layout.static.T
+        tm, tn, tk, fit, n_cols, k_len, counts = layout.static
         m_rows = np.array(entry_rows, dtype=np.float64)[layout.row_entry]
-        candidate, split, first_rows = layout.candidate, layout.split, layout.first_rows
-        num = len(split)
+        candidate, is_split = layout.candidate, layout.is_split
+        num = len(is_split)
         mte2_bytes = (m_rows + n_cols) * k_len * b
         total = np.bincount(candidate, weights=mte2_bytes * counts, minlength=num)
         hbm_read = np.minimum(total, np.array([cm.gemm_hbm_traffic(m, n, k, menu)
                                                for n, k, menu in layout.traffic])[
             layout.traffic_of])
         inv_rate = cm._mte2_inv_rate(hbm_read / total)
-        terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, split[candidate] > 1,
+        terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, layout.partial,
                               mte2_bytes, inv_rate[candidate])
         written = np.bincount(candidate, weights=terms.out_bytes * counts, minlength=num)
         # each candidate's rows are contiguous, from its first
-        overhead = np.maximum.reduceat(terms.overlapped_fix, np.array(first_rows))
+        overhead = np.maximum.reduceat(terms.overlapped_fix, layout.first_row)
 
         # cube phase: each candidate's tasks, in table order, dealt round-robin onto its own
         # bins of the cores
-        task_row, task_bin, num_tasks = layout.task_row, layout.task_bin, layout.num_tasks
-        busy = np.bincount(task_bin, weights=terms.cycles[task_row],
+        busy = np.bincount(layout.task_bin, weights=terms.cycles[layout.task_row],
                            minlength=num * cores).reshape(num, cores)
-        block = np.minimum(num_tasks, cores)
-        busy += np.where(np.arange(cores) < block[:, None],
-                         (c.gm_latency_cycles + overhead)[:, None], 0.0)
+        busy += np.where(layout.dealt, (c.gm_latency_cycles + overhead)[:, None], 0.0)
         offset = busy.max(axis=1)
         # split-K: a partial written to L2, then the reduce phase (none: zeros, which change
         # no sum)
-        is_split = split > 1
         hbm_write = np.where(is_split, 0.0, written)
         l2_bytes = total - hbm_read + np.where(is_split, written, 0.0)
         if layout.reduce:
             reduce = {n: _reduce_phases(cm, m, n, ss) for n, ss in layout.reduce.items()}
             phase = np.array([reduce[n][s] if s > 1 else (0.0, 0.0, 0.0)
-                              for n, s in zip(layout.columns, split.tolist(), strict=True)])
+                              for n, s in zip(layout.columns, layout.split, strict=True)])
             offset = offset + phase[:, 0]
             hbm_write = hbm_write + phase[:, 1]
             l2_bytes = l2_bytes + phase[:, 2]
@@ -128,12 +124,11 @@ class CostedCandidates:
             launch_cycles + np.maximum(np.maximum(offset, hbm_bound), l2_bound)).tolist()
         # what cube_costs reads
         self._gm_latency_cycles = c.gm_latency_cycles
-        self._cycles, self._task_row, self._overhead = terms.cycles, task_row, overhead
-        self._first_task = (np.cumsum(num_tasks) - num_tasks).tolist()
-        self._num_tasks = num_tasks.tolist()
-        self._rows = [*first_rows, len(m_rows)]  # candidate i's rows: [i] .. [i + 1]
+        self._cycles, self._task_row, self._overhead = terms.cycles, layout.task_row, overhead
+        self._first_task, self._num_tasks = layout.first_task, layout.num_tasks
+        self._rows = [*layout.first_rows, len(m_rows)]  # candidate i's rows: [i] .. [i + 1]
         self._total, self._hbm_read, self._written = total, hbm_read, written
-        self._split = is_split.tolist()
+        self._split = [s > 1 for s in layout.split]
         self._active = terms.cube * terms.chunks  # per task of the row: cube active cycles
         self._macs = tm * tn * terms.kc * terms.chunks  # and MACs issued
         self._useful = m_rows * n_cols * k_len * counts  # useful MACs of the row's tasks

@@ -33,17 +33,22 @@ Tiling = tuple[tuple[TileShape, ...], MCover, int]  # (menu, cover, split_k)
 class CandidateLayout:
     """What candidates' tilings fix (see the module docstring); read, never change it."""
 
-    static: np.ndarray  # float64 (rows, 7): tm, tn, tk, GM->L1 depth, columns, K length and
+    static: np.ndarray  # float64 (7, rows): tm, tn, tk, GM->L1 depth, columns, K length and
     #   tasks of each distinct row (candidate major, then cover entry, then (N tile, K slice))
+    partial: np.ndarray  # bool (rows,): whether the row's tasks write split-K partials
     row_entry: np.ndarray  # int64 (rows,): the entry whose valid rows each row has, an index
     #   into the entries' valid rows the layout is priced with
     candidate: np.ndarray  # int64 (rows,): each row's candidate
     first_rows: list[int]  # each candidate's first row (its rows are contiguous)
+    first_row: np.ndarray  # int64: first_rows
     task_row: np.ndarray  # int64 (tasks,): each task's row, the candidates' tables one after
     #   the other, each in table order (`task_layout`)
     task_bin: np.ndarray  # int64 (tasks,): each task's candidate x cores + its core
-    num_tasks: np.ndarray  # int64 per candidate: its tasks
-    split: np.ndarray  # int64 per candidate: its split-K factor
+    num_tasks: list[int]  # per candidate: its tasks
+    first_task: list[int]  # per candidate: its first task
+    dealt: np.ndarray  # bool (candidates, cores): the cores each candidate's tasks reach
+    split: list[int]  # per candidate: its split-K factor
+    is_split: np.ndarray  # bool per candidate: split-K
     traffic: list[tuple[int, int, tuple[TileShape, ...]]]  # the distinct (n, k, menu) whose
     #   HBM traffic the candidates read (CostModel.gemm_hbm_traffic)
     traffic_of: np.ndarray  # int64 per candidate: its index into `traffic`
@@ -84,23 +89,27 @@ def candidate_layout(candidates: Sequence[tuple[int, int, Tiling]], entry_base: 
         if split_k > 1:
             reduce.setdefault(n, {})[split_k] = None
     num_tasks = np.array([len(relative) for relative, _ in tasks])
+    cores = chip.num_cube_cores
+    split = [s for _, _, (_, _, s) in candidates]
+    candidate = np.repeat(np.arange(len(candidates)), np.diff(first_rows, append=len(static)))
     layout = CandidateLayout(
-        static=np.array(static, dtype=np.float64).reshape(len(static), 7),
-        row_entry=np.array(row_entry, dtype=np.int64),
-        candidate=np.repeat(np.arange(len(candidates)),
-                            np.diff(first_rows, append=len(static))),
-        first_rows=first_rows,
+        static=np.ascontiguousarray(np.array(static, dtype=np.float64).reshape(-1, 7).T),
+        partial=(np.array(split) > 1)[candidate],
+        row_entry=np.array(row_entry, dtype=np.int64), candidate=candidate,
+        first_rows=first_rows, first_row=np.array(first_rows, dtype=np.int64),
         task_row=np.concatenate([relative for relative, _ in tasks]) + np.repeat(first_rows,
                                                                               num_tasks),
         task_bin=np.concatenate([core for _, core in tasks]) + np.repeat(
-            np.arange(0, len(tasks) * chip.num_cube_cores, chip.num_cube_cores), num_tasks),
-        num_tasks=num_tasks,
-        split=np.array([s for _, _, (_, _, s) in candidates], dtype=np.int64),
+            np.arange(0, len(tasks) * cores, cores), num_tasks),
+        num_tasks=num_tasks.tolist(), first_task=(np.cumsum(num_tasks) - num_tasks).tolist(),
+        dealt=np.arange(cores) < np.minimum(num_tasks, cores)[:, None],
+        split=split, is_split=np.array(split) > 1,
         traffic=traffic_menus, traffic_of=np.array(traffic_of, dtype=np.int64),
         reduce={n: list(ss) for n, ss in reduce.items()},
         columns=[n for n, _, _ in candidates])
-    for a in (layout.static, layout.row_entry, layout.candidate, layout.task_row,
-              layout.task_bin, layout.num_tasks, layout.split, layout.traffic_of):
+    for a in (layout.static, layout.partial, layout.row_entry, layout.candidate,
+              layout.first_row, layout.task_row, layout.task_bin, layout.dealt,
+              layout.is_split, layout.traffic_of):
         a.flags.writeable = False
     return layout
 
