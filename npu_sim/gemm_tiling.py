@@ -163,7 +163,8 @@ def _covers(m: int, chip: ChipSpec) -> tuple[tuple[MCover, int], ...]:
     rows by the chip's base menu, as `candidates` tries them: the same for every GEMM of a token
     count."""
     base = gemm_menu(chip, chip.cube_n)  # every tm the chip's buffers allow at some N tile
-    return tuple((cover, min(_widest_tn(base[t].tm, chip) for _, _, t in cover)
+    widest = [_widest_tn(tile.tm, chip) for tile in base]  # of each base tile
+    return tuple((cover, min(widest[t] for t in {t for _, _, t in cover})
                   if cover else GEMM_TN) for cover in m_covers(m, base))
 
 
