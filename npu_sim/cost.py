@@ -55,6 +55,7 @@ Assumptions, in one place (numbers come from ChipSpec, whose comments cite them)
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -80,7 +81,7 @@ from npu_sim.tasks import (
     VectorOp,
     WeightQuant,
 )
-from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk, gemm_l1_depth
+from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk, gemm_l1_depth, vector_tasks
 
 L2_SHARE = 0.5  # fraction of L2 one kernel's operand reuse may count on (see the docstring)
 COMBINE_OPS = 3.0  # per partial output element: weight by exp(lse - max), accumulate
@@ -164,6 +165,20 @@ _NO_COMBINE = _empty(Unit.AIV, "combine")  # an attention launch without split t
 # Emptied when full: sized for the GEMMs of thousands of token counts (a long simulation's).
 _KEPT_GEMMS: dict[int, tuple[np.ndarray, tuple[Any, ...], TaskCosts]] = {}
 _KEPT_GEMMS_LIMIT = 1 << 14
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _l2_blocks(rows_fit: float, n: int, tn: int, smallest_tm: int) -> tuple[tuple[int, int], ...]:
+    """(Mb, reads of A) of the L2 blocks of Mb = smallest_tm x a power of two rows of A that
+    leave room for at least one N tile (`CostModel.gemm_hbm_traffic`: Nb, the widest multiple
+    of tn fitting rows_fit rows next to Mb, shrinks as Mb grows), Mb ascending: what an
+    (m, n, k) GEMM's blocking tries for every m (the blocks below m), cached per (n, k)."""
+    out = []
+    mb = smallest_tm
+    while (nb := (rows_fit - mb) // tn * tn) >= tn:
+        out.append((mb, math.ceil(n / nb)))
+        mb *= 2
+    return tuple(out)
 
 
 class CostModel:
@@ -347,22 +362,22 @@ class CostModel:
 
     def gemm_hbm_traffic(self, m: int, n: int, k: int, menu: tuple[TileShape, ...]) -> float:
         """HBM bytes of A and B of an (m, n, k) GEMM tiled from `menu`, for the best L2 blocking
-        (see the module docstring)."""
+        (see the module docstring): over the blocks of Mb rows of A, Mb = m or a power of two
+        times the smallest tm below m, each with the widest multiple of the N tile that L2
+        still holds next to them (Nb), of A read ceil(n / Nb) times and B ceil(m / Mb) times."""
         b, tn = self.bytes, menu[0].tn
         a_bytes, b_bytes, panel = m * k * b, n * k * b, k * b
         if a_bytes + b_bytes <= self.l2_cap:
             return float(a_bytes + b_bytes)
         rows_fit = self.l2_cap // panel  # rows of A plus rows of B an L2 block holds
-        best = math.inf
-        mb = menu[-1].tm
-        candidates = {m}
-        while mb < m:
-            candidates.add(mb)
-            mb *= 2
-        for mb in candidates:
-            nb = (rows_fit - mb) // tn * tn
-            if nb >= tn:
-                best = min(best, a_bytes * math.ceil(n / nb) + b_bytes * math.ceil(m / mb))
+        best = math.inf  # (whole numbers: the same least whichever order they are tried in)
+        for mb, a_reads in _l2_blocks(rows_fit, n, tn, menu[-1].tm):
+            if mb >= m:
+                break
+            best = min(best, a_bytes * a_reads + b_bytes * math.ceil(m / mb))
+        nb = (rows_fit - m) // tn * tn
+        if nb >= tn:
+            best = min(best, a_bytes * math.ceil(n / nb) + b_bytes)
         if best == math.inf:  # K so deep that no block fits: every task streams its panels
             return math.inf
         return float(best)
@@ -370,28 +385,55 @@ class CostModel:
     # ----------------------------------------------------------------------------- vector
 
     def vector(self, k: VectorKernel) -> TaskCosts:
-        c, b, t = self.chip, self.bytes, k.tasks
-        if not len(t):
+        c, t = self.chip, k.tasks
+        n = len(t)
+        if not n:
             return _empty(Unit.AIV, "vector")
+        if k.valid_rows is None and t is vector_tasks(k.num_rows, k.row_len, c):
+            # the lowering's table: every task but the last of its first task's rows, so two
+            # tasks' terms, Python floats, repeated (the same values as the general path's, hence
+            # the same arrays and the same sums; the rows' sums as each row summed alone)
+            rows = t["num_rows"]
+            first = self._vector_terms(k, float(rows[0]), float(rows[0]), max)
+            last = self._vector_terms(k, float(rows[-1]), float(rows[-1]), max)
+            terms = np.repeat(np.array([first[:5], last[:5]]).T, (n - 1, 1), axis=1)
+            cycles = terms[0]
+            comp_sum, in_sum, out_sum, ops_sum = np.add.reduce(terms[1:], axis=1).tolist()
+            fill_drain = first[5]
+        else:
+            rows_f = t["num_rows"].astype(np.float64)
+            rows_in = rows_f
+            if k.valid_rows is not None:
+                rows_in = np.clip(k.valid_rows - t["row_start"], 0, t["num_rows"]).astype(
+                    np.float64)
+            cycles, comp, in_bytes, out_bytes, ops, fill = self._vector_terms(
+                k, rows_in, rows_f, np.maximum)
+            comp_sum, in_sum = float(comp.sum()), float(in_bytes.sum())
+            out_sum, ops_sum = float(out_bytes.sum()), float(ops.sum())
+            fill_drain = float(fill[0])
+        return TaskCosts(
+            unit=Unit.AIV, cycles=cycles,
+            core_overhead_cycles=c.gm_latency_cycles + fill_drain, cube_active_cycles=0.0,
+            vector_active_cycles=comp_sum, hbm_read_bytes=in_sum, hbm_write_bytes=out_sum,
+            l2_bytes=0.0, flops=ops_sum, cube_macs=0.0, useful_cube_macs=0.0,
+            pipeline="vector")
+
+    def _vector_terms(self, k: VectorKernel, rows_in: Any, rows: Any,
+                      maximum: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+        """(cycles, vector compute cycles, bytes in, bytes out, ops, fill and drain cycles) of
+        vector tasks of k reading rows_in rows and writing rows rows: float64 arrays with numpy's
+        maximum, or floats with Python's max (the same IEEE operations, the same values)."""
+        c, b = self.chip, self.bytes
         in_f, out_f, ops_f, per_task_in = _VECTOR_OPS[k.op]
-        rows = t["num_rows"].astype(np.float64)
-        rows_in = rows
-        if k.valid_rows is not None:
-            rows_in = np.clip(k.valid_rows - t["row_start"], 0, t["num_rows"]).astype(np.float64)
         in_bytes = (rows_in * in_f + per_task_in) * k.row_len * b
         out_bytes = rows * out_f * k.row_len * b
         ops = rows * ops_f * k.row_len
         mte2 = in_bytes / c.aiv_mte2_hbm_bytes_per_cycle
         comp = ops / self.lanes32
         mte3 = out_bytes / c.mte3_bytes_per_cycle
-        slowest = np.maximum(np.maximum(mte2, comp), mte3)
-        fill_drain = float((mte2 + comp + mte3 - slowest)[0])
-        return TaskCosts(
-            unit=Unit.AIV, cycles=c.task_dispatch_cycles + slowest,
-            core_overhead_cycles=c.gm_latency_cycles + fill_drain, cube_active_cycles=0.0,
-            vector_active_cycles=float(comp.sum()), hbm_read_bytes=float(in_bytes.sum()),
-            hbm_write_bytes=float(out_bytes.sum()), l2_bytes=0.0, flops=float(ops.sum()),
-            cube_macs=0.0, useful_cube_macs=0.0, pipeline="vector")
+        slowest = maximum(maximum(mte2, comp), mte3)
+        return (c.task_dispatch_cycles + slowest, comp, in_bytes, out_bytes, ops,
+                mte2 + comp + mte3 - slowest)
 
     # -------------------------------------------------------------------------- attention
 

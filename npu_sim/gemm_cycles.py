@@ -19,24 +19,22 @@ candidates at once:
 for bit, from the same rows: what the search keeps of its winners for the device (a kernel
 priced once); its sums that are not of whole numbers are taken over its tasks in table order,
 as CostModel.gemm takes them.
+What the candidates' tilings fix whatever their covers' valid rows (the distinct rows but for
+those, how the tasks map onto them and the cores) is their layout (npu_sim.gemm_layout): the
+search keeps it for the next token count of covers of the same tiles and patterns
+(`CostedCandidates.of_layout`).
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
 from npu_sim.cost import CostModel, TaskCosts, Unit
 from npu_sim.device import deal
-from npu_sim.hardware import ChipSpec
-from npu_sim.tasks import TileShape
-from npu_sim.tiling import MCover, gemm_l1_depth, gemm_menu, gemm_reduce_tasks, k_slices
-
-Tiling = tuple[tuple[TileShape, ...], MCover, int]  # (menu, cover, split_k)
+from npu_sim.gemm_layout import CandidateLayout, Tiling, candidate_layout, cover_layout
+from npu_sim.tiling import gemm_reduce_tasks
 
 
 def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
@@ -62,72 +60,60 @@ class CostedCandidates:
 
     def __init__(self, cm: CostModel, m: int,
                  candidates: Sequence[tuple[int, int, Tiling]]) -> None:
+        entry_rows: list[int] = []  # each candidate's distinct entries' valid rows in turn
+        entry_base = []
+        for _, _, (_, cover, _) in candidates:
+            entry_base.append(len(entry_rows))
+            entry_rows += cover_layout(cover)[0]
+        self._price(cm, m, candidate_layout(candidates, entry_base, cm.chip, cm.bytes),
+                    entry_rows)
+
+    @classmethod
+    def of_layout(cls, cm: CostModel, m: int, layout: CandidateLayout,
+                  entry_rows: Sequence[int]) -> CostedCandidates:
+        """CostedCandidates(cm, m, candidates) for the candidates of `layout`
+        (npu_sim.gemm_layout.candidate_layout) whose distinct cover entries have these valid
+        rows (the indices its rows name): the same costs, whichever candidates it was built
+        from."""
+        costed = cls.__new__(cls)
+        costed._price(cm, m, layout, entry_rows)
+        return costed
+
+    def _price(self, cm: CostModel, m: int, layout: CandidateLayout,
+               entry_rows: Sequence[int]) -> None:
         c, b = cm.chip, cm.bytes
         cores = c.num_cube_cores
-        rows: list[tuple[int, ...]] = []  # the distinct rows: GemmTerms inputs, count, candidate
-        # per candidate: its first row, its cover entries' distinct entry and its (N tile,
-        # K slice) pairs' distinct kind (the task table's two axes), how many kinds it has
-        first_rows: list[int] = []
-        entry_ofs: list[np.ndarray] = []
-        kind_ofs: list[np.ndarray] = []
-        num_kinds: list[int] = []
-        # per (n, k, tn, smallest tm): all it reads from HBM
-        hbm_traffic: dict[tuple[int, int, int, int], float] = {}
-        for i, (n, k, (menu, cover, split_k)) in enumerate(candidates):
-            entries, entry_of = _cover_layout(cover)
-            kinds, kind_of = _tile_layout(n, menu[0].tn, k, split_k)
-            fits = _l1_depths(menu[0].tn, k, c, b)
-            first_rows.append(len(rows))
-            rows += [(menu[tile].tm, menu[tile].tn, menu[tile].tk, fits[tile], m_rows, cols,
-                      k_len, num_entries * num_kind, i)
-                     for (m_rows, tile), num_entries in entries
-                     for cols, k_len, num_kind in kinds]
-            entry_ofs.append(entry_of)
-            kind_ofs.append(kind_of)
-            num_kinds.append(len(kinds))
-            if (n, k, menu[0].tn, menu[-1].tm) not in hbm_traffic:
-                hbm_traffic[n, k, menu[0].tn, menu[-1].tm] = cm.gemm_hbm_traffic(m, n, k, menu)
-        # (whole numbers: read as int64, the fast way, then made float64 exactly)
-        table = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64).reshape(
-            len(rows), -1).astype(np.float64)
-        tm, tn, tk, fit, m_rows, n_cols, k_len, counts = table[:, :8].T
-        candidate = table[:, 8].astype(np.int64)
-        num = len(candidates)
-        split = np.array([s for _, _, (_, _, s) in candidates])
+        # the distinct rows, GemmTerms inputs (whole numbers, float64 exactly)
+        tm, tn, tk, fit, n_cols, k_len, counts = layout.static
+        m_rows = np.array(entry_rows, dtype=np.float64)[layout.row_entry]
+        candidate, is_split = layout.candidate, layout.is_split
+        num = len(is_split)
         mte2_bytes = (m_rows + n_cols) * k_len * b
         total = np.bincount(candidate, weights=mte2_bytes * counts, minlength=num)
-        hbm_read = np.minimum(total, [hbm_traffic[n, k, menu[0].tn, menu[-1].tm]
-                                      for n, k, (menu, _, _) in candidates])
+        hbm_read = np.minimum(total, np.array([cm.gemm_hbm_traffic(m, n, k, menu)
+                                               for n, k, menu in layout.traffic])[
+            layout.traffic_of])
         inv_rate = cm._mte2_inv_rate(hbm_read / total)
-        terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, split[candidate] > 1,
+        terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, layout.partial,
                               mte2_bytes, inv_rate[candidate])
         written = np.bincount(candidate, weights=terms.out_bytes * counts, minlength=num)
         # each candidate's rows are contiguous, from its first
-        overhead = np.maximum.reduceat(terms.overlapped_fix, np.array(first_rows))
+        overhead = np.maximum.reduceat(terms.overlapped_fix, layout.first_row)
 
         # cube phase: each candidate's tasks, in table order, dealt round-robin onto its own
         # bins of the cores
-        task_row, core, task_candidate, num_tasks = _task_rows(
-            first_rows, entry_ofs, kind_ofs, num_kinds, cores)
-        busy = np.bincount(task_candidate * cores + core, weights=terms.cycles[task_row],
+        busy = np.bincount(layout.task_bin, weights=terms.cycles[layout.task_row],
                            minlength=num * cores).reshape(num, cores)
-        block = np.minimum(num_tasks, cores)
-        busy += np.where(np.arange(cores) < block[:, None],
-                         (c.gm_latency_cycles + overhead)[:, None], 0.0)
+        busy += np.where(layout.dealt, (c.gm_latency_cycles + overhead)[:, None], 0.0)
         offset = busy.max(axis=1)
         # split-K: a partial written to L2, then the reduce phase (none: zeros, which change
         # no sum)
-        is_split = split > 1
         hbm_write = np.where(is_split, 0.0, written)
         l2_bytes = total - hbm_read + np.where(is_split, written, 0.0)
-        splits: dict[int, dict[int, None]] = {}  # per n: the split-K factors its tilings use
-        for n, _, (_, _, s) in candidates:
-            if s > 1:
-                splits.setdefault(n, {})[s] = None
-        if splits:
-            reduce = {n: _reduce_phases(cm, m, n, list(ss)) for n, ss in splits.items()}
+        if layout.reduce:
+            reduce = {n: _reduce_phases(cm, m, n, ss) for n, ss in layout.reduce.items()}
             phase = np.array([reduce[n][s] if s > 1 else (0.0, 0.0, 0.0)
-                              for n, _, (_, _, s) in candidates])
+                              for n, s in zip(layout.columns, layout.split, strict=True)])
             offset = offset + phase[:, 0]
             hbm_write = hbm_write + phase[:, 1]
             l2_bytes = l2_bytes + phase[:, 2]
@@ -138,12 +124,11 @@ class CostedCandidates:
             launch_cycles + np.maximum(np.maximum(offset, hbm_bound), l2_bound)).tolist()
         # what cube_costs reads
         self._gm_latency_cycles = c.gm_latency_cycles
-        self._cycles, self._task_row, self._overhead = terms.cycles, task_row, overhead
-        self._first_task = (np.cumsum(num_tasks) - num_tasks).tolist()
-        self._num_tasks = num_tasks.tolist()
-        self._rows = [*first_rows, len(rows)]  # candidate i's rows: [i] .. [i + 1]
+        self._cycles, self._task_row, self._overhead = terms.cycles, layout.task_row, overhead
+        self._first_task, self._num_tasks = layout.first_task, layout.num_tasks
+        self._rows = [*layout.first_rows, len(m_rows)]  # candidate i's rows: [i] .. [i + 1]
         self._total, self._hbm_read, self._written = total, hbm_read, written
-        self._split = is_split.tolist()
+        self._split = [s > 1 for s in layout.split]
         self._active = terms.cube * terms.chunks  # per task of the row: cube active cycles
         self._macs = tm * tn * terms.kc * terms.chunks  # and MACs issued
         self._useful = m_rows * n_cols * k_len * counts  # useful MACs of the row's tasks
@@ -170,22 +155,6 @@ class CostedCandidates:
             useful_cube_macs=useful, pipeline="gemm")
 
 
-def _task_rows(first_rows: list[int], entry_ofs: list[np.ndarray], kind_ofs: list[np.ndarray],
-               num_kinds: list[int], cores: int,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct row of each task, its core, its candidate; tasks per candidate) of the
-    candidates' task tables one after the other, each in table order (cover entry major, then
-    N tile, then K slice: row first + entry x kinds + kind) and dealt round-robin as the device
-    deals them (npu_sim.device.deal)."""
-    relative = [(entry_of[:, None] * kinds + kind_of).reshape(-1)
-                for entry_of, kind_of, kinds in zip(entry_ofs, kind_ofs, num_kinds, strict=True)]
-    num_tasks = np.array([len(r) for r in relative])
-    task_candidate = np.repeat(np.arange(len(relative)), num_tasks)
-    task_row = np.concatenate(relative) + np.repeat(first_rows, num_tasks)
-    core = np.concatenate([deal(len(r), cores)[0] for r in relative])
-    return task_row, core, task_candidate, num_tasks
-
-
 def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
                    ) -> dict[int, tuple[float, float, float]]:
     """split_k -> (makespan, HBM bytes written, L2 bytes read) of the reduce phase of an
@@ -207,42 +176,3 @@ def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
     hbm_write = float(r.out_bytes.sum())
     l2_bytes = r.in_bytes.sum(axis=1).tolist()
     return {s: (makespans[i], hbm_write, l2_bytes[i]) for i, s in enumerate(splits)}
-
-
-# Layouts of a task table's axes: the distinct values with their counts, and each position's
-# distinct value, in table order (M cover entries; an entry's N tiles x K slices). Cached: a search
-# meets the same covers (one per GEMM of a token count), N tiles and K slices again and again.
-
-@functools.lru_cache(maxsize=1 << 14)
-def _cover_layout(cover: MCover) -> tuple[list[tuple[tuple[int, int], int]], np.ndarray]:
-    """([((m_rows, tile), count), ...], int64 distinct index of each entry)."""
-    entries = Counter((rows, tile) for _, rows, tile in cover)
-    index = {entry: j for j, entry in enumerate(entries)}
-    return list(entries.items()), np.array([index[rows, tile] for _, rows, tile in cover],
-                                           dtype=np.int64)
-
-
-@functools.lru_cache(maxsize=1 << 12)
-def _tile_layout(n: int, tn: int, k: int, split_k: int,
-                 ) -> tuple[list[tuple[int, int, int]], np.ndarray]:
-    """([(cols, k_len, count), ...]: the distinct (N tile, K slice) pairs of an m-tile's tasks,
-    N tiles (full ones, the masked last one) major, K slices (at most three lengths) minor;
-    int64 distinct index of each (N tile, K slice), N tiles major)."""
-    num_full, rest = divmod(n, tn)
-    cols = [(tn, num_full)] * (num_full > 0) + [(rest, 1)] * (rest > 0)
-    col_of = np.zeros(num_full + (rest > 0), dtype=np.int64)
-    col_of[-1] = len(cols) - 1
-    lengths = [k] if split_k == 1 else [length for _, length in k_slices(k, split_k)]
-    slices = Counter(lengths)
-    slice_index = {length: j for j, length in enumerate(slices)}
-    slice_of = np.array([slice_index[length] for length in lengths], dtype=np.int64)
-    kinds = [(c, k_len, num_cols * num_slices)
-             for c, num_cols in cols for k_len, num_slices in slices.items()]
-    return kinds, (col_of[:, None] * len(slices) + slice_of).reshape(-1)
-
-
-@functools.lru_cache(maxsize=1 << 12)
-def _l1_depths(tn: int, k: int, chip: ChipSpec, operand_bytes: int) -> list[int]:
-    """gemm_l1_depth of each tile of the menu of N tile `tn` (keyed by tn: a menu's tile
-    shapes are slow to hash)."""
-    return [gemm_l1_depth(t, k, chip, operand_bytes) for t in gemm_menu(chip, tn)]

@@ -34,9 +34,11 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from npu_sim.cost import CostModel
 from npu_sim.gemm_cycles import CostedCandidates
+from npu_sim.gemm_layout import CandidateLayout, Tiling, candidate_layout, cover_layout
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import GemmKernel, TileShape
 from npu_sim.tiling import (
@@ -136,14 +138,23 @@ def _recover(cover: MCover, tn: int, chip: ChipSpec) -> MCover | None:
 
 def candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[GemmTiling]:
     """The tilings `search_tiling` costs (see the module docstring), simplest first."""
-    out: dict[tuple, GemmTiling] = {}
-    for cover, widest in _covers(m, chip):
+    return [GemmTiling(*tiling) for _, tiling in _candidates(m, n, k, chip)]
+
+
+def _candidates(m: int, n: int, k: int, chip: ChipSpec) -> list[tuple[int, Tiling]]:
+    """`candidates(m, n, k, chip)` as (index of the cover in `_covers(m, chip)` it re-indexes,
+    (menu, cover, split_k)): what the search costs, the winner alone made a GemmTiling. Each
+    is new: the covers differ, and so do a cover's (split, N tile) pairs."""
+    out: list[tuple[int, Tiling]] = []
+    for i, (cover, widest) in enumerate(_covers(m, chip)):
+        moved: dict[int, MCover | None] = {}  # the cover in each N tile's menu
         for s, tns in _splits_and_tns(max(len(cover), 1), widest, n, k, chip):
             for tn in tns:
-                moved = _recover(cover, tn, chip)
-                if moved is not None:
-                    out.setdefault((moved, tn, s), GemmTiling(gemm_menu(chip, tn), moved, s))
-    return list(out.values())
+                if tn not in moved:
+                    moved[tn] = _recover(cover, tn, chip)
+                if moved[tn] is not None:
+                    out.append((i, (gemm_menu(chip, tn), moved[tn], s)))
+    return out
 
 
 @functools.lru_cache(maxsize=1 << 10)  # the token counts of a stretch of steps
@@ -152,7 +163,8 @@ def _covers(m: int, chip: ChipSpec) -> tuple[tuple[MCover, int], ...]:
     rows by the chip's base menu, as `candidates` tries them: the same for every GEMM of a token
     count."""
     base = gemm_menu(chip, chip.cube_n)  # every tm the chip's buffers allow at some N tile
-    return tuple((cover, min(_widest_tn(base[t].tm, chip) for _, _, t in cover)
+    widest = [_widest_tn(tile.tm, chip) for tile in base]  # of each base tile
+    return tuple((cover, min(widest[t] for t in {t for _, _, t in cover})
                   if cover else GEMM_TN) for cover in m_covers(m, base))
 
 
@@ -182,6 +194,24 @@ _SEARCHED: dict[tuple[int, int, int, ChipSpec], GemmTiling] = {}
 _SEARCHED_LIMIT = 1 << 15
 
 
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """A search of GEMM shapes over covers of some tiles and patterns, whatever their valid
+    rows (npu_sim.gemm_layout): its candidates' layout; each candidate's (index of the cover
+    in `_covers`, N tile, split-K), to rebuild the winner's tiling; candidates per shape."""
+
+    layout: CandidateLayout
+    picks: list[tuple[int, int, int]]
+    counts: list[int]
+
+
+# Plans by (the token count's covers' distinct entries' tiles and patterns, the shapes, the
+# chip): the Azure conversation trace (1,870 token counts, Llama-2-7B) meets 208, ~30 MB of
+# layouts (their task tables' rows and bins: ~150 KB a plan). Emptied when full.
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+_PLANS_LIMIT = 1 << 9
+
+
 def search_tiling(m: int, n: int, k: int, chip: ChipSpec) -> GemmTiling:
     """SmoothGEMM's tiling of (m, n, k): the candidate with the lowest modelled time."""
     return search_tilings(m, ((n, k),), chip)[0]
@@ -191,25 +221,55 @@ def search_tilings(m: int, shapes: Sequence[tuple[int, int]], chip: ChipSpec,
                    ) -> list[GemmTiling]:
     """search_tiling(m, n, k, chip) of each (n, k) of `shapes`; those not searched before
     are costed together (the GEMMs of a token count: one batch of numpy calls, each
-    candidate's cycles the same as alone). Cached."""
+    candidate's cycles the same as alone), on the plan kept for covers of the same tiles and
+    patterns: a candidate's costs depend on the token count only through its entries' valid
+    rows and its launch's HBM traffic (npu_sim.gemm_layout). Cached."""
     if len(_SEARCHED) + len(shapes) > _SEARCHED_LIMIT:  # full: start over (before looking up)
         _SEARCHED.clear()
-    todo = [(n, k) for n, k in dict.fromkeys(shapes) if (m, n, k, chip) not in _SEARCHED]
+    todo = tuple((n, k) for n, k in dict.fromkeys(shapes) if (m, n, k, chip) not in _SEARCHED)
     if todo:
-        tilings = [candidates(m, n, k, chip) for n, k in todo]
+        covers = _covers(m, chip)
+        layouts = [cover_layout(cover) for cover, _ in covers]
+        entry_rows: list[int] = []  # the covers' distinct entries' valid rows, cover by cover
+        entry_base = []
+        for rows, _, _, _ in layouts:
+            entry_base.append(len(entry_rows))
+            entry_rows += rows
+        key = (tuple((tiles, pattern) for _, tiles, _, pattern in layouts), todo, chip)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _plan(m, todo, chip, entry_base)
+            if len(_PLANS) >= _PLANS_LIMIT:
+                _PLANS.clear()
+            _PLANS[key] = plan
         # Device.time(tiling.kernel(...)).cycles of each, without building the kernels
         cm = _cost_model(chip)
-        costed = CostedCandidates(cm, m, [
-            (n, k, (t.menu, t.cover, t.split_k))
-            for (n, k), shape_tilings in zip(todo, tilings, strict=True) for t in shape_tilings])
+        costed = CostedCandidates.of_layout(cm, m, plan.layout, entry_rows)
         first = 0
-        for (n, k), shape_tilings in zip(todo, tilings, strict=True):
-            best = first + _cheapest(costed.cycles[first:first + len(shape_tilings)])
-            tiling = _SEARCHED[m, n, k, chip] = shape_tilings[best - first]
+        for (n, k), count in zip(todo, plan.counts, strict=True):
+            best = first + _cheapest(costed.cycles[first:first + count])
+            cover, tn, split_k = plan.picks[best]
+            tiling = _SEARCHED[m, n, k, chip] = GemmTiling(
+                gemm_menu(chip, tn), _recover(covers[cover][0], tn, chip), split_k)
             # the winner's kernel priced already: its cube phase, kept for the device
             cm.keep_gemm(tiling.kernel("", m, n, k, chip), costed.cube_costs(best))
-            first += len(shape_tilings)
+            first += count
     return [_SEARCHED[m, n, k, chip] for n, k in shapes]
+
+
+def _plan(m: int, shapes: Sequence[tuple[int, int]], chip: ChipSpec,
+          entry_base: Sequence[int]) -> _Plan:
+    """The plan of a search of `shapes` over m rows, the distinct entries of cover i of
+    `_covers(m, chip)` at entry_base[i] on in the valid rows it is priced with."""
+    found = [(n, k, _candidates(m, n, k, chip)) for n, k in shapes]
+    batch = [(n, k, tiling) for n, k, tilings in found for _, tiling in tilings]
+    return _Plan(
+        layout=candidate_layout(batch, [entry_base[i] for _, _, tilings in found
+                                        for i, _ in tilings],
+                                chip, _cost_model(chip).bytes),
+        picks=[(i, menu[0].tn, split_k) for _, _, tilings in found
+               for i, (menu, _, split_k) in tilings],
+        counts=[len(tilings) for _, _, tilings in found])
 
 
 def _cheapest(cycles: list[float]) -> int:

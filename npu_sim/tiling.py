@@ -90,7 +90,10 @@ def cover_m(m: int, menu: tuple[TileShape, ...]) -> list[tuple[int, int, int]]:
     it, masked (virtual padding): 200 = 128 + 64 + 16 (8 rows valid). Never pads M itself.
     One of the candidate covers of `m_covers`.
     """
-    cover, start = [], 0
+    # full tiles of the largest shape while at least that many rows are left, then the rest
+    full = menu[0].tm
+    start = max(m, 0) // full * full
+    cover = [(s, full, 0) for s in range(0, start, full)]
     while start < m:
         rest = m - start
         fitting = [i for i, t in enumerate(menu) if t.tm <= rest]

@@ -13,7 +13,7 @@ from engine.lowering import lower_attention, lower_gemm
 from npu_sim.cost import CostModel
 from npu_sim.device import Device
 from npu_sim.hardware import PRESETS, ChipSpec, get_chip
-from npu_sim.tasks import GemmKernel, TileShape, VectorKernel, VectorOp
+from npu_sim.tasks import CopyOp, GemmKernel, TileShape, VectorKernel, VectorOp
 from npu_sim.tiling import gemm_tasks, vector_tasks
 
 B2 = get_chip("910b2")
@@ -160,3 +160,24 @@ def test_costs_are_deterministic_and_finite() -> None:
     b = cm.gemm(lower_gemm("g", 333, 12288, 4096, B2)[1])
     assert np.array_equal(a.cycles, b.cycles) and np.isfinite(a.cycles).all()
     assert (a.cycles > 0).all()
+
+
+@pytest.mark.parametrize("chip", [B2, get_chip("910b3"),
+                                  dataclasses.replace(B2, name="odd", vector_lanes=96,
+                                                      aiv_mte2_hbm_bytes_per_cycle=29.7)])
+def test_vector_costs_of_the_lowerings_tables_equal_the_general_paths(chip: ChipSpec) -> None:
+    """A vector kernel over the lowering's own task table is priced from its first and last
+    tasks (CostModel.vector's fast path): the same TaskCosts, field by field, bit for bit, as
+    the general path (the same table, copied, is not the lowering's), for every op, from one
+    row to past the token budget, on chips whose vector rates give inexact sums too."""
+    cm = CostModel(chip)
+    for op in (*VectorOp, CopyOp.PAD_COPY):
+        for row_len in (576, 4096, 8192, 22016, 29568):
+            for rows in (*range(1, 130), 200, 777, 1000, 2047, 2048, 4100, 16384):
+                tasks = vector_tasks(rows, row_len, chip)
+                fast = cm.vector(VectorKernel("v", op, rows, row_len, tasks))
+                general = cm.vector(VectorKernel("v", op, rows, row_len, tasks.copy()))
+                for field in dataclasses.fields(fast):
+                    a, b = getattr(fast, field.name), getattr(general, field.name)
+                    assert np.array_equal(a, b) if field.name == "cycles" else a == b, (
+                        op, row_len, rows, field.name)

@@ -5,16 +5,18 @@ other shapes' candidates; so are the cube phases it keeps for the device (CostMo
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 
-from npu_sim import cost, gemm_tiling
+from npu_sim import cost, gemm_layout, gemm_tiling
 from npu_sim.cost import CostModel
 from npu_sim.device import Device
 from npu_sim.gemm_cycles import CostedCandidates, gemm_launch_cycles, shapes_launch_cycles
 from npu_sim.gemm_tiling import candidates, search_tiling, search_tilings
 from npu_sim.hardware import get_chip
+from npu_sim.tiling import gemm_menu
 
 SHAPES = [(m, n, k) for m in (1, 7, 16, 33, 100, 255, 512, 777, 2048, 4100)
           for n, k in ((12288, 4096), (4096, 11008), (22016, 4096), (32000, 4096),
@@ -106,3 +108,86 @@ def test_the_device_times_a_searched_gemm_as_one_priced_afresh() -> None:
         assert kept.step_sums.tolist() == afresh.step_sums.tolist()
         assert (kept.cycles, kept.bound, kept.block_dim) == (
             afresh.cycles, afresh.bound, afresh.block_dim)
+
+
+def _blocked_hbm_traffic(cm: CostModel, m: int, n: int, k: int, menu: tuple) -> float:
+    """CostModel.gemm_hbm_traffic as the module docstring states it, every block tried afresh:
+    Mb = m or the smallest tm doubled while below m, Nb the widest multiple of the N tile L2
+    holds next to Mb rows (at least one tile)."""
+    b, tn = cm.bytes, menu[0].tn
+    a_bytes, b_bytes = m * k * b, n * k * b
+    if a_bytes + b_bytes <= cm.l2_cap:
+        return float(a_bytes + b_bytes)
+    rows_fit = cm.l2_cap // (k * b)
+    blocks, mb = {m}, menu[-1].tm
+    while mb < m:
+        blocks.add(mb)
+        mb *= 2
+    best = min((a_bytes * math.ceil(n / nb) + b_bytes * math.ceil(m / mb)
+                for mb in blocks if (nb := (rows_fit - mb) // tn * tn) >= tn), default=math.inf)
+    return float(best)
+
+
+@pytest.mark.parametrize("chip_name", ["910b2", "910b4"])
+def test_hbm_traffic_equals_every_block_tried(chip_name: str) -> None:
+    """gemm_hbm_traffic, whose power-of-two blocks are kept per (n, k, N tile), is the best
+    blocking tried block by block, for every m up to past the token budget."""
+    chip = get_chip(chip_name)
+    cm = CostModel(chip)
+    for n, k in ((12288, 4096), (4096, 11008), (152064, 8192), (1000, 300), (48, 300000)):
+        for tn in (128, 176, 256):
+            menu = gemm_menu(chip, tn)
+            for m in (*range(1, 4200), 8191, 8192, 8193, 16384):
+                assert cm.gemm_hbm_traffic(m, n, k, menu) == _blocked_hbm_traffic(
+                    cm, m, n, k, menu), (m, n, k, tn)
+
+
+def test_candidates_are_distinct() -> None:
+    """The search lists each candidate tiling once (its covers differ, and so do a cover's
+    split-K and N tile pairs): nothing to deduplicate."""
+    chip = get_chip("910b2")
+    for m, n, k in SHAPES:
+        tilings = candidates(m, n, k, chip)
+        assert len(set(tilings)) == len(tilings), (m, n, k)
+
+
+def test_task_layouts_kept_from_other_token_counts_cost_as_afresh() -> None:
+    """Neighbouring token counts share their covers' patterns, so a search prices most of its
+    candidates with task layouts kept from earlier ones (gemm_layout.task_layout): the same
+    cycles, and the same kept cube phases, as with every layout built afresh."""
+    chip = get_chip("910b2")
+    cm = CostModel(chip)
+    shapes = ((12288, 4096), (4096, 11008))
+    for m in (*range(1, 40), *range(1000, 1040), 2047, 2048):
+        batch = [(n, k, (t.menu, t.cover, t.split_k))
+                 for n, k in shapes for t in candidates(m, n, k, chip)]
+        kept = CostedCandidates(cm, m, batch)
+        gemm_layout.task_layout.cache_clear()
+        afresh = CostedCandidates(cm, m, batch)
+        assert kept.cycles == afresh.cycles, m
+        for i in range(len(batch)):
+            a, b = kept.cube_costs(i), afresh.cube_costs(i)
+            for field in dataclasses.fields(a):
+                x, y = getattr(a, field.name), getattr(b, field.name)
+                assert np.array_equal(x, y) if field.name == "cycles" else x == y, (m, i)
+
+
+def test_searches_on_plans_kept_from_other_token_counts_pick_as_afresh() -> None:
+    """A search prices its token count on the plan kept for covers of the same tiles and
+    patterns (gemm_tiling._PLANS): the tilings it picks, and the cube phases it keeps for the
+    device, are those of a search planned afresh."""
+    chip = get_chip("910b2")
+    shapes = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))
+    for m in (*range(1, 70), *range(990, 1100), 2040, 2047, 2048, 4100):
+        gemm_tiling._SEARCHED.clear()
+        kept = search_tilings(m, shapes, chip)
+        kept_costs = [cost._KEPT_GEMMS[id(t.kernel("", m, n, k, chip).tasks)][2]
+                      for t, (n, k) in zip(kept, shapes, strict=True)]
+        gemm_tiling._SEARCHED.clear()
+        gemm_tiling._PLANS.clear()
+        assert search_tilings(m, shapes, chip) == kept, m
+        for t, (n, k), a in zip(kept, shapes, kept_costs, strict=True):
+            b = cost._KEPT_GEMMS[id(t.kernel("", m, n, k, chip).tasks)][2]
+            for field in dataclasses.fields(a):
+                x, y = getattr(a, field.name), getattr(b, field.name)
+                assert np.array_equal(x, y) if field.name == "cycles" else x == y, (m, n)

@@ -18,6 +18,7 @@ from npu_sim.device import Device
 from npu_sim.gemm_tiling import GemmTiling, atb_tiling, candidates, search_tiling
 from npu_sim.hardware import get_chip
 from npu_sim.kernels import run_gemm
+from npu_sim.tasks import TileShape
 from npu_sim.tiling import cover_m, gemm_menu, gemm_reduce_tasks, gemm_tasks, k_slices
 from npu_sim.trace import write_perfetto
 
@@ -204,3 +205,27 @@ def test_split_k_launch_exports_to_perfetto(tmp_path: Path) -> None:
     events = json.loads(write_perfetto(device.end_step(), tmp_path / "t.json").read_text())
     names = {e["name"].split()[0] for e in events["traceEvents"] if e.get("ph") == "X"}
     assert names == {"gemm", "gemm-reduce"}
+
+
+def _greedy_cover(m: int, menu: tuple[TileShape, ...]) -> list[tuple[int, int, int]]:
+    """cover_m tile by tile: the first menu tile of at most the rows left (else the last),
+    masked to them."""
+    cover, start = [], 0
+    while start < m:
+        fitting = [i for i, t in enumerate(menu) if t.tm <= m - start]
+        tile = fitting[0] if fitting else len(menu) - 1
+        cover.append((start, min(menu[tile].tm, m - start), tile))
+        start += cover[-1][1]
+    return cover
+
+
+def test_cover_m_lays_full_tiles_then_covers_the_rest_tile_by_tile() -> None:
+    """cover_m lays the full tiles of the first menu shape at once: the cover of taking the
+    tiles one by one, for every token count up to past the budget, on the menus of several N
+    tiles and on a menu not sorted largest first."""
+    chip = get_chip("910b2")
+    menus = [gemm_menu(chip, tn) for tn in (64, 128, 176, 256)]
+    menus.append((TileShape(64, 128, 64), TileShape(128, 128, 64), TileShape(16, 128, 64)))
+    for menu in menus:
+        for m in range(0, 9000):
+            assert cover_m(m, menu) == _greedy_cover(m, menu), (m, menu)
