@@ -118,9 +118,42 @@ class OutputProcessor:
         num_prompt_tokens = num_quiet_tokens = 0
         rows = iter(updates)
         row = next(rows, None)
+        chunks = scheduler_output.chunks
+        num_decodes = scheduler_output.num_decodes if quiet else 0
+        if num_decodes:
+            # A quiet walk's decode rows (SchedulerOutput.num_decodes) first, the general walk's
+            # quiet branch without its tests that such a row cannot fail (tested equal): it
+            # runs per running request per step. A decode of a request with a first token
+            # computes no prompt token (it has outputs, so its one token is past the prompt)
+            # and was scheduled before. Those without (a prompt's last token alone) are rare:
+            # the general walk takes over from the first.
+            for chunk in chunks[:num_decodes]:
+                request_id = chunk.request_id
+                state = states[request_id]
+                if state.first_token_s is None:
+                    chunks = chunks[chunks.index(chunk):]
+                    break
+                if row is not None and row[0] == request_id:  # (it finished)
+                    _, token_ids, logprobs, finish_reason = row
+                    row = next(rows, None)
+                    output, stopped = self._output(request_id, token_ids, logprobs,
+                                                   finish_reason, now_s, now_sim_s, stats)
+                    if output is not None:
+                        outputs.append(output)
+                    if stopped:
+                        stopped_ids.append(request_id)
+                    continue
+                num_new_tokens = len(sampled[request_id])
+                num_quiet_tokens += num_new_tokens
+                state.num_output_tokens += num_new_tokens
+                itls_s.append(now_s - state.last_token_s)
+                itls_sim_s.append(now_sim_s - state.last_token_sim_s)
+                state.last_token_s, state.last_token_sim_s = now_s, now_sim_s
+            else:
+                chunks = chunks[num_decodes:]
         # One walk over the chunks, taking each one's update on the way (this runs once per
         # row per step).
-        for chunk in scheduler_output.chunks:
+        for chunk in chunks:
             request_id = chunk.request_id
             state = states[request_id]
             if state.first_scheduled_s is None:

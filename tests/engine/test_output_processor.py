@@ -1,11 +1,13 @@
 """The output processor without a tokenizer: its quiet path (no deltas, what a simulation runs)
 notes the same latencies and finishes the same requests as the path that outputs every delta,
-given every update or only the finished requests' (what the engine's step passes it)."""
+given every update or only the finished requests' (what the engine's step passes it), and its
+walk over the decode rows (SchedulerOutput.num_decodes) the same as its general walk."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -18,7 +20,7 @@ MakeRequest = Callable[..., Request]
 MakeScheduler = Callable[..., Scheduler]
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(6))
 def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
                                          make_request: MakeRequest, seed: int) -> None:
     rng = random.Random(seed)
@@ -27,14 +29,16 @@ def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
     loud = OutputProcessor(None, 0, deltas=True)
     quiet = OutputProcessor(None, 0, deltas=False)
     quiet_finished = OutputProcessor(None, 0, deltas=False)  # given the twin's rows
-    num_arrived, now_s = 0, 0.0
+    quiet_general = OutputProcessor(None, 0, deltas=False)  # given num_decodes=0: no fast walk
+    processors = (loud, quiet, quiet_finished, quiet_general)
+    num_arrived, now_s, num_decode_rows = 0, 0.0, 0
     for _ in range(400):
         if num_arrived < 24 and rng.random() < 0.3:
             prompt_len, max_tokens = rng.randint(1, 20), rng.randint(1, 12)
             for s in (scheduler, twin):
                 request = make_request(str(num_arrived), prompt_len, max_tokens)
                 s.add_request(request)
-            for processor in (loud, quiet, quiet_finished):
+            for processor in processors:
                 processor.add_request(request.request_id, request.prompt_token_ids,
                                       request.sampling_params, now_s, now_s * 10,
                                       request.sampling_params.max_tokens or 0)
@@ -43,7 +47,7 @@ def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
             request_id = rng.choice(sorted(scheduler.requests))
             for s in (scheduler, twin):
                 s.abort_requests(request_id)
-            for processor in (loud, quiet, quiet_finished):
+            for processor in processors:
                 processor.abort_requests([request_id], now_s, now_s * 10)
         out = scheduler.schedule()
         assert twin.schedule() == out
@@ -59,16 +63,19 @@ def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
         finished_rows = twin.update_rows_from_output(out, model_output, finished_only=True)
         assert finished_rows == [row for row in rows if row[3] is not None]
         step_s, now_s = now_s, now_s + rng.choice([0.25, 0.5, 1.0])
-        results = [processor.process(out, model_output, updates, step_s, now_s, now_s * 10,
-                                     (now_s - step_s) * 10)
-                   for processor, updates in ((loud, rows), (quiet, rows),
-                                              (quiet_finished, finished_rows))]
+        results = [processor.process(scheduled, model_output, updates, step_s, now_s,
+                                     now_s * 10, (now_s - step_s) * 10)
+                   for processor, scheduled, updates in (
+                       (loud, out, rows), (quiet, out, rows), (quiet_finished, out, finished_rows),
+                       (quiet_general, replace(out, num_decodes=0), finished_rows))]
         loud_result = results[0]
         for quiet_result in results[1:]:
             assert quiet_result.outputs == [o for o in loud_result.outputs if o.finished]
             assert quiet_result.stats == loud_result.stats
             assert quiet_result.stopped_ids == loud_result.stopped_ids == []
+        num_decode_rows += out.num_decodes
     assert num_arrived == 24 and not scheduler.requests and not twin.requests
+    assert num_decode_rows
 
 
 def test_update_out_of_chunk_order_is_refused(make_scheduler: MakeScheduler,
