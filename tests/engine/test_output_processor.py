@@ -20,12 +20,15 @@ MakeRequest = Callable[..., Request]
 MakeScheduler = Callable[..., Scheduler]
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("num_kv_blocks", [48, 12])  # 12: preemptions (a run then ends)
+@pytest.mark.parametrize("seed", range(10))
 def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
-                                         make_request: MakeRequest, seed: int) -> None:
+                                         make_request: MakeRequest, seed: int,
+                                         num_kv_blocks: int) -> None:
     rng = random.Random(seed)
-    scheduler = make_scheduler(max_num_batched_tokens=16, num_kv_blocks=48)
-    twin = make_scheduler(max_num_batched_tokens=16, num_kv_blocks=48)  # finished rows only
+    scheduler = make_scheduler(max_num_batched_tokens=16, num_kv_blocks=num_kv_blocks)
+    twin = make_scheduler(max_num_batched_tokens=16, num_kv_blocks=num_kv_blocks)  # finished
+    #   rows only
     loud = OutputProcessor(None, 0, deltas=True)
     quiet = OutputProcessor(None, 0, deltas=False)
     quiet_finished = OutputProcessor(None, 0, deltas=False)  # given the twin's rows
@@ -54,10 +57,11 @@ def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
         if out.is_empty:
             now_s += 0.5
             continue
-        # Mostly one token, sometimes EOS, now and then two (as after a verify).
-        sampled = {c.request_id: tuple(rng.choice([2, 5, 6, 7])
-                                       for _ in range(2 if rng.random() < 0.1 else 1))
-                   for c in out.chunks if c.sample}
+        # Mostly one token, sometimes EOS, now and then two (as after a verify; never for a
+        # decode row, which samples one: ModelOutput).
+        sampled = {c.request_id: tuple(rng.choice([2, 5, 6, 7]) for _ in range(
+                       2 if i >= out.num_decodes and rng.random() < 0.2 else 1))
+                   for i, c in enumerate(out.chunks) if c.sample}
         model_output = ModelOutput(sampled_token_ids=sampled)
         rows = scheduler.update_rows_from_output(out, model_output)
         finished_rows = twin.update_rows_from_output(out, model_output, finished_only=True)
@@ -92,3 +96,24 @@ def test_update_out_of_chunk_order_is_refused(make_scheduler: MakeScheduler,
     rows = scheduler.update_rows_from_output(out, model_output)
     with pytest.raises(ValueError, match="matches no chunk"):
         processor.process(out, model_output, rows[::-1], 0.0, 1.0, 1.0, 1.0)
+
+
+def test_quiet_decode_updates_out_of_chunk_order_are_refused(make_scheduler: MakeScheduler,
+                                                             make_request: MakeRequest) -> None:
+    """The quiet processor's decode rows, taken together (engine.token_runs), refuse them too."""
+    scheduler = make_scheduler()
+    processor = OutputProcessor(None, 0, deltas=False)
+    for request_id in ("a", "b"):
+        request = make_request(request_id, 4, 3)
+        scheduler.add_request(request)
+        processor.add_request(request_id, request.prompt_token_ids, request.sampling_params,
+                              0.0, 0.0)
+    for step in range(3):  # prefill, then decodes; both finish at the third token
+        out = scheduler.schedule()
+        model_output = ModelOutput(sampled_token_ids={"a": (5,), "b": (6,)})
+        rows = scheduler.update_rows_from_output(out, model_output, finished_only=True)
+        if step < 2:
+            processor.process(out, model_output, rows, 0.0, step + 1.0, step + 1.0, 1.0)
+    assert out.num_decodes == 2 and [row[0] for row in rows] == ["a", "b"]
+    with pytest.raises(ValueError, match="matches no chunk"):
+        processor.process(out, model_output, rows[::-1], 0.0, 3.0, 3.0, 1.0)
