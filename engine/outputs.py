@@ -97,10 +97,10 @@ class SchedulerOutput:
     # once Scheduler.finish_kv_transfer says it landed
     kv_transfer_ids: tuple[str, ...] = ()
     # the first num_decodes chunks are decodes: each computes one known token, the last of its
-    # request's sequence, and samples; no drafts (those of requests that sampled before: the
-    # step's decodes; now and then a prompt's last token alone). The scheduler's and the output
-    # processor's walks take these rows a shorter way (0: nothing said, every row the general
-    # way; what hand-built outputs say)
+    # request's sequence, and samples one (ModelOutput); no drafts (those of requests that
+    # sampled before: the step's decodes; now and then a prompt's last token alone). The
+    # scheduler's and the output processor's walks take these rows a shorter way (0: nothing
+    # said, every row the general way; what hand-built outputs say)
     num_decodes: int = 0
 
     @property
