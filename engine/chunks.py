@@ -14,10 +14,10 @@ def make_chunk(request: Request, num_new_tokens: int, draft: Draft | None = None
     end_pos = start_pos + num_new_tokens
     token_ids = _token_slice(request, start_pos, end_pos)
     if draft is None:
-        return ScheduledChunk(request.request_id, start_pos, token_ids, tuple(request.block_ids),
+        return ScheduledChunk(request.request_id, start_pos, token_ids, request.block_ids,
                               end_pos == request.num_tokens)
     return ScheduledChunk(request.request_id, start_pos, token_ids + draft.token_ids,
-                          tuple(request.block_ids), end_pos == request.num_tokens, draft.parents)
+                          request.block_ids, end_pos == request.num_tokens, draft.parents)
 
 
 def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, ...]:

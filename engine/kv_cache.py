@@ -1,8 +1,10 @@
 """The paged KV cache's bookkeeping: which block ids belong to which request (pure Python).
 
 The cache itself (the K/V tensors, `[num_blocks, block_size, ...]`) lives in the model runner; this
-module only hands out block ids. A request's `block_ids` list is its block table: token position
-`p` lives in block `block_ids[p // block_size]` at slot `p % block_size`.
+module only hands out block ids. A request's `block_ids` tuple is its block table: token position
+`p` lives in block `block_ids[p // block_size]` at slot `p % block_size`. The tuple is replaced,
+never mutated, when the table changes (here only): every step's chunk of the request shares it
+(ScheduledChunk.block_ids) instead of copying it, and it grows once per block_size tokens.
 
 Two layers:
 - `BlockPool` owns the ids `0 .. num_blocks-1`, a free queue and a ref count per block, and (with
@@ -272,7 +274,7 @@ class KVCacheManager:
             new_block_ids = self.pool.allocate(num_missing_blocks)  # None when short
             if new_block_ids is None:
                 return False
-            request.block_ids.extend(new_block_ids)
+            request.block_ids += tuple(new_block_ids)
             return True
         assert not request.block_ids and request.num_computed_tokens == 0
         num_cached_tokens = len(cached_block_ids) * self.block_size
@@ -284,12 +286,10 @@ class KVCacheManager:
         if max(num_missing_blocks, 0) + num_revived > self.pool.num_free_blocks:
             return False
         self.pool.incref(cached_block_ids)
-        request.block_ids.extend(cached_block_ids)
         self._num_registered[request.request_id] = len(cached_block_ids)
-        if num_missing_blocks > 0:
-            new_block_ids = self.pool.allocate(num_missing_blocks)
-            assert new_block_ids is not None
-            request.block_ids.extend(new_block_ids)
+        new_block_ids = self.pool.allocate(max(num_missing_blocks, 0))
+        assert new_block_ids is not None
+        request.block_ids = (*cached_block_ids, *new_block_ids)
         return True
 
     def trim(self, request: Request, num_tokens: int) -> None:
@@ -301,7 +301,7 @@ class KVCacheManager:
         if keep < len(request.block_ids):
             assert keep >= self._num_registered.get(request.request_id, 0)
             self.pool.free(reversed(request.block_ids[keep:]))
-            del request.block_ids[keep:]
+            request.block_ids = request.block_ids[:keep]
 
     def free(self, request: Request) -> None:
         """Release every block of `request` and clear its block table (cached blocks stay
@@ -309,6 +309,6 @@ class KVCacheManager:
         # Tail first: the blocks least likely to be shared (the end of the sequence) are the
         # first to be evicted.
         self.pool.free(reversed(request.block_ids))
-        request.block_ids.clear()
+        request.block_ids = ()
         self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)

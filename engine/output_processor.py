@@ -27,6 +27,7 @@ from engine.outputs import (
 from engine.request import FinishReason, SamplingParams
 from engine.request_state import RequestState
 from engine.stats import FinishedRequestStats, IterationStats, SpecDecodingStats
+from engine.token_runs import TokenRuns
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class OutputProcessor:
         # latencies noted, without an update from the scheduler or an output (process).
         self.quiet = tokenizer is None and not deltas
         self._states: dict[str, RequestState] = {}  # unfinished requests
+        # A quiet processor without speculative decoding (each decode one token) leaves what
+        # steady decode steps would write per request unwritten (engine.token_runs).
+        self._runs = TokenRuns() if self.quiet and not num_speculative_tokens else None
         self._aborted: list[FinishedRequestStats] = []  # aborted since the last step
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
@@ -77,6 +81,8 @@ class OutputProcessor:
         for request_id in request_ids:
             state = self._states.pop(request_id, None)
             if state is not None:
+                if self._runs is not None:
+                    self._runs.settle(request_id, state)
                 self._aborted.append(state.finished(FinishReason.ABORT.value, now_s, now_sim_s))
 
     def idle_step(self) -> IterationStats:
@@ -103,6 +109,10 @@ class OutputProcessor:
         went on with its sampled tokens, uncut (only a stop cuts them, and a stop finishes).
         start_s: wall time the step started (a request first scheduled then leaves the queue).
         Raises ValueError when an update matches no chunk in that order.
+
+        A quiet processor without speculative decoding takes a step whose decode rows
+        (SchedulerOutput.num_decodes) all got a token in the previous step together, writing
+        nothing per request (engine.token_runs); the others row by row.
         """
         stats = _StepStats(self._take_aborted())
         stats.num_preempted = len(scheduler_output.preempted_ids)
@@ -118,11 +128,46 @@ class OutputProcessor:
         num_prompt_tokens = num_quiet_tokens = 0
         rows = iter(updates)
         row = next(rows, None)
+        chunks = scheduler_output.chunks
+        runs = self._runs
+        continued: set[str] = set()  # decode rows in the runs that go on (runs)
+        started: list[str] = []  # requests that got tokens in the general walk (runs)
+        num_decodes = scheduler_output.num_decodes if runs is not None else 0
+        if num_decodes:
+            request_ids = [c.request_id for c in chunks[:num_decodes]]
+            if runs.ids.issuperset(request_ids):
+                # Every decode row got a token in the previous step and gets one now (a decode
+                # samples one): nothing to write per row (engine.token_runs), one latency for
+                # all. The finished ones (their updates come first, in chunk order) are output
+                # as the general walk would, their ITLs that same value.
+                continued = set(request_ids)
+                last_index = -1
+                while row is not None and row[0] in continued:
+                    index = request_ids.index(row[0])
+                    if index < last_index:
+                        break  # out of chunk order: refused below, as the general walk does
+                    last_index = index
+                    request_id, token_ids, logprobs, finish_reason = row
+                    row = next(rows, None)
+                    continued.discard(request_id)
+                    output, stopped = self._output(request_id, token_ids, logprobs,
+                                                   finish_reason, now_s, now_sim_s, stats)
+                    if output is not None:
+                        outputs.append(output)
+                    if stopped:
+                        stopped_ids.append(request_id)
+                last_s, last_sim_s = runs.last_clock
+                itls_s += [now_s - last_s] * len(continued)
+                itls_sim_s += [now_sim_s - last_sim_s] * len(continued)
+                num_quiet_tokens = len(continued)
+                chunks = chunks[num_decodes:]
         # One walk over the chunks, taking each one's update on the way (this runs once per
         # row per step).
-        for chunk in scheduler_output.chunks:
+        for chunk in chunks:
             request_id = chunk.request_id
             state = states[request_id]
+            if runs is not None:
+                runs.settle(request_id, state)
             if state.first_scheduled_s is None:
                 state.first_scheduled_s, state.first_scheduled_sim_s = start_s, start_sim_s
             # A decode (or verify) computes one known token that the model itself generated.
@@ -147,6 +192,8 @@ class OutputProcessor:
                     itls_s.append(now_s - state.last_token_s)
                     itls_sim_s.append(now_sim_s - state.last_token_sim_s)
                     state.last_token_s, state.last_token_sim_s = now_s, now_sim_s
+                    if runs is not None:
+                        started.append(request_id)
                     continue
                 logprobs, finish_reason = None, None
             else:
@@ -157,8 +204,12 @@ class OutputProcessor:
                 outputs.append(output)
             if stopped:
                 stopped_ids.append(request_id)
+            if runs is not None and token_ids and request_id in states:
+                started.append(request_id)
         if row is not None:
             raise ValueError(f"update of {row[0]!r} matches no chunk in chunk order")
+        if runs is not None:
+            runs.end_step(states, continued, started, now_s, now_sim_s)
         stats.num_prompt_tokens = num_prompt_tokens
         stats.num_generation_tokens += num_quiet_tokens
         return StepResult(outputs, stopped_ids,
@@ -176,6 +227,8 @@ class OutputProcessor:
         requests are output and this one goes on; whether a stop string ended a request the
         scheduler still runs."""
         state = self._states[request_id]
+        if self._runs is not None:
+            self._runs.settle(request_id, state)
         text, stopped = "", False
         detok = state.detokenizer
         if detok is not None:

@@ -37,6 +37,9 @@ class ScheduledChunk:
 
     Read-only once built, but not frozen: one is built per running request per step, and a
     frozen dataclass's __init__ (object.__setattr__ per field) costs four times a slotted one's.
+    (The scheduler builds its decodes field by field, without the __init__ call: keep
+    Scheduler._schedule_decodes in step with the fields.) `block_ids` is the request's own
+    block-table tuple (engine.kv_cache replaces it, never mutates it), shared by its chunks.
     """
 
     request_id: str  # whose tokens
@@ -93,6 +96,12 @@ class SchedulerOutput:
     # num_external_tokens): their blocks are allocated now, so the transfer can start; they run
     # once Scheduler.finish_kv_transfer says it landed
     kv_transfer_ids: tuple[str, ...] = ()
+    # the first num_decodes chunks are decodes: each computes one known token, the last of its
+    # request's sequence, and samples one (ModelOutput); no drafts (those of requests that
+    # sampled before: the step's decodes; now and then a prompt's last token alone). The
+    # scheduler's and the output processor's walks take these rows a shorter way (0: nothing
+    # said, every row the general way; what hand-built outputs say)
+    num_decodes: int = 0
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -216,7 +216,8 @@ class Request:
     status: RequestStatus = field(default_factory=lambda: RequestStatus.WAITING)
     output_token_ids: list[int] = field(default_factory=list)  # generated so far
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_ids: list[int] = field(default_factory=list)  # KV blocks, in token order
+    block_ids: tuple[int, ...] = ()  # KV blocks, in token order (engine.kv_cache replaces the
+    #   tuple when the table changes, so the chunks scheduled from it can share it)
     num_preemptions: int = 0  # times its KV was dropped for recompute
     num_external_tokens: int = 0  # leading tokens whose KV another engine computed (P/D
     #   disaggregation: a prefill engine's prompt): admitted, the request takes blocks for

@@ -29,6 +29,8 @@ class RequestState:
     first_token_sim_s: float | None = None  # simulated clock of its first token
     last_token_s: float = 0.0  # wall clock of its latest token
     last_token_sim_s: float = 0.0  # simulated clock of its latest token
+    run_start_step: int = 0  # while in a quiet processor's engine.token_runs.TokenRuns: the
+    #   first step whose token num_output_tokens and last_token_* do not count yet
 
     def record_tokens(self, num_new_tokens: int, now_s: float, now_sim_s: float,
                       ) -> tuple[float, float, bool]:

@@ -106,13 +106,13 @@ def test_allocate_slots_grows_block_table_only_when_needed(
     kv = KVCacheManager(num_blocks=8, block_size=16)
     request = make_request("a", 20)
     assert kv.allocate_slots(request, 20)
-    assert request.block_ids == [0, 1]
+    assert request.block_ids == (0, 1)
     request.num_computed_tokens = 20
     assert kv.allocate_slots(request, 12)  # 32 tokens still fit in 2 blocks
-    assert request.block_ids == [0, 1]
+    assert request.block_ids == (0, 1)
     request.num_computed_tokens = 32
     assert kv.allocate_slots(request, 1)  # token 33 opens block 3
-    assert request.block_ids == [0, 1, 2]
+    assert request.block_ids == (0, 1, 2)
     assert kv.num_free_blocks == 5
     assert request.num_computed_tokens == 32  # the caller advances it, not the manager
 
@@ -123,10 +123,10 @@ def test_allocate_slots_failure_changes_nothing(make_request: Callable[..., Requ
     assert kv.allocate_slots(request, 4)
     request.num_computed_tokens = 4
     assert not kv.allocate_slots(request, 9)  # needs 4 blocks in all, the pool has 3
-    assert request.block_ids == [0]
+    assert request.block_ids == (0,)
     assert kv.num_free_blocks == 2
     assert kv.allocate_slots(request, 8)  # exactly the pool
-    assert request.block_ids == [0, 1, 2]
+    assert request.block_ids == (0, 1, 2)
     assert kv.num_free_blocks == 0
 
 
@@ -136,7 +136,7 @@ def test_free_releases_blocks_and_clears_table(make_request: Callable[..., Reque
     assert kv.allocate_slots(a, 8) and kv.allocate_slots(b, 4)
     assert kv.usage == 0.75
     kv.free(a)
-    assert a.block_ids == []
+    assert a.block_ids == ()
     assert kv.num_free_blocks == 3
     assert kv.usage == 0.25
     kv.free(b)

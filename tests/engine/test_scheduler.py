@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -243,7 +244,7 @@ def test_preemption_takes_the_tail_which_resumes_with_outputs_kept(
     assert _shape(out) == [("a", 8, 1)]
     assert out.preempted_ids == ("b",)
     assert b.status == RequestStatus.PREEMPTED
-    assert (b.num_computed_tokens, b.block_ids, b.num_preemptions) == (0, [], 1)
+    assert (b.num_computed_tokens, b.block_ids, b.num_preemptions) == (0, (), 1)
     assert b.output_token_ids == [22] * 5
     assert list(scheduler.waiting) == [b]
     assert scheduler.num_preemptions == 1
@@ -286,7 +287,7 @@ def test_request_that_cannot_grow_preempts_itself_when_it_is_the_tail(
     assert out.preempted_ids == ("b",)
     assert [u.request_id for u in updates] == ["a"]
     assert a.status == RequestStatus.RUNNING and len(a.block_ids) == 3
-    assert b.status == RequestStatus.PREEMPTED and b.block_ids == []
+    assert b.status == RequestStatus.PREEMPTED and b.block_ids == ()
     assert scheduler.num_free_blocks == 5 - 3
 
 
@@ -325,7 +326,7 @@ def test_abort_frees_waiting_and_running_requests(
     assert scheduler.num_waiting == 0
     scheduler.abort_requests("a")  # a single id works too
     assert a.status == RequestStatus.FINISHED_ABORTED
-    assert a.block_ids == []
+    assert a.block_ids == ()
     assert scheduler.num_free_blocks == 64
     assert (scheduler.num_running, scheduler.requests) == (0, {})
 
@@ -528,7 +529,7 @@ def _check_state(scheduler: Scheduler) -> None:
         assert request.num_tokens <= scheduler.max_model_len
     for request in scheduler.waiting:
         assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-        assert (request.block_ids, request.num_computed_tokens) == ([], 0)
+        assert (request.block_ids, request.num_computed_tokens) == ((), 0)
     owned = [b for r in scheduler.running for b in r.block_ids]
     assert len(set(owned)) == len(owned), "a block is owned twice"
     assert set(owned) <= set(range(kv.num_blocks))
@@ -657,3 +658,71 @@ def test_one_walk_decode_pass_equals_the_two_walk_pass(
         for scheduler, out in ((one_walk, out_one), (two_walks, out_two)):
             scheduler.update_from_output(out, ModelOutput(sampled_token_ids=sampled))
     assert not two_walks.has_unfinished_requests()
+
+
+def _request_state(scheduler: Scheduler) -> list[tuple[object, ...]]:
+    return [(r.request_id, r.status, r.num_computed_tokens, tuple(r.output_token_ids),
+             r.block_ids) for r in scheduler.requests.values()]
+
+
+@pytest.mark.parametrize("seed", range(100))  # (77 and 81 preempt a decode in the 2nd pass)
+def test_decode_rows_update_as_the_general_walk(seed: int, make_request: MakeRequest) -> None:
+    """SchedulerOutput.num_decodes: its leading chunks are decodes (one known token, the last,
+    sampled, no drafts), and update_rows_from_output's walk over them (Scheduler.
+    _update_decodes) leaves every request, block and row as the general walk does, given the
+    same output with num_decodes=0 (tight pools: preemptions; prefix caching: blocks fill;
+    aborts between schedule and update; KV from elsewhere; EOS, stop tokens, two tokens now
+    and then)."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4])
+    max_model_len = rng.randint(8, 64)
+    config = SchedulerConfig(max_num_batched_tokens=rng.randint(1, 24),
+                             max_num_seqs=rng.randint(1, 8), max_model_len=max_model_len)
+    num_blocks_per_request = -(-max_model_len // block_size)  # every request fits alone
+    num_kv_blocks = rng.randint(num_blocks_per_request, num_blocks_per_request + 4)
+    caching = rng.random() < 0.5
+    fast, general = (Scheduler(config, num_kv_blocks, block_size, max_model_len,
+                               enable_prefix_caching=caching) for _ in range(2))
+    for i in range(rng.randint(4, 20)):
+        num_prompt_tokens = rng.randint(1, max_model_len - 2)
+        max_tokens = rng.randint(2, max_model_len - num_prompt_tokens)
+        prompt = [1000 + rng.randint(0, 3) for _ in range(num_prompt_tokens)]  # shared blocks
+        ignore_eos = rng.random() < 0.5
+        # some prompts' KV from another engine: they join `running` late, perhaps still
+        # prefilling ahead of decodes (whose chunks a preemption then takes out again)
+        num_external_tokens = rng.choice([0, rng.randint(0, num_prompt_tokens - 1)])
+        for scheduler in (fast, general):
+            request = make_request(str(i), num_prompt_tokens, max_tokens,
+                                   prompt_token_ids=list(prompt), stop_token_ids=(42,),
+                                   ignore_eos=ignore_eos)
+            request.num_external_tokens = num_external_tokens
+            scheduler.add_request(request)
+    num_decode_rows = 0
+    while fast.has_unfinished_requests():
+        out = fast.schedule()
+        assert general.schedule() == out
+        for chunk in out.chunks[:out.num_decodes]:
+            request = fast.requests[chunk.request_id]
+            assert chunk.num_tokens == 1 and chunk.sample and not chunk.draft_parents
+            assert chunk.context_len == request.num_tokens
+        num_decode_rows += out.num_decodes
+        if fast.requests and rng.random() < 0.05:  # aborted between schedule and update
+            request_id = rng.choice(sorted(fast.requests))
+            for scheduler in (fast, general):
+                scheduler.abort_requests(request_id)
+        sampled = {c.request_id: tuple(rng.choice([EOS, 42, 7, 8, 9])
+                                       for _ in range(2 if rng.random() < 0.1 else 1))
+                   for c in out.chunks if c.sample}
+        model_output = ModelOutput(sampled_token_ids=sampled)
+        finished_only = rng.random() < 0.5
+        rows = fast.update_rows_from_output(out, model_output, finished_only)
+        assert rows == general.update_rows_from_output(
+            replace(out, num_decodes=0), model_output, finished_only)
+        assert _request_state(fast) == _request_state(general)
+        assert fast.kv_cache.pool.free_block_ids() == general.kv_cache.pool.free_block_ids()
+        assert ([fast.kv_cache.pool.block_hash(b) for b in range(num_kv_blocks)]
+                == [general.kv_cache.pool.block_hash(b) for b in range(num_kv_blocks)])
+        for request_id in [r for r in fast.receiving if rng.random() < 0.3]:
+            for scheduler in (fast, general):
+                scheduler.finish_kv_transfer(request_id)
+    assert not general.has_unfinished_requests() and num_decode_rows
