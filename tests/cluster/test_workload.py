@@ -111,10 +111,15 @@ def test_shaping() -> None:
         shape(w, duration_s=-1.0)
 
 
-def test_synthetic_prompt_is_the_generator_bytes_plus_two() -> None:
-    """synthetic_prompt (numpy) equals its definition: byte b of Random(index) -> int b + 2."""
-    for index, prompt_len in ((0, 1), (7, 300), (123, 4096)):
-        expected = [b + 2 for b in random.Random(index).randbytes(prompt_len)]
+def test_synthetic_prompt_is_its_index_then_the_filler() -> None:
+    """synthetic_prompt equals its definition: the index in four base-256 digits, each + 2,
+    then the seeded filler's bytes + 2, whatever length was asked for before (the filler grows
+    to 2^16 here and must keep its start)."""
+    filler = [b + 2 for b in random.Random("xyserve-filler").randbytes(1 << 16)]
+    for index, prompt_len in ((0, 1), (7, 300), (2**24 + 5, 3), (123, 4096), (9, 40_000),
+                              (8, 5)):
+        digits = [2 + (index >> shift & 255) for shift in (24, 16, 8, 0)]
+        expected = (digits + filler)[:prompt_len]
         prompt = synthetic_prompt(index, prompt_len)
         assert prompt == expected and all(type(t) is int for t in prompt)
 
