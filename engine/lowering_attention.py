@@ -126,7 +126,7 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     without verify chunks none of whose tiles is split (every step of most simulations) carries
     its lengths instead (`AttentionKernel.unsplit`: context lengths, and its prefill chunks'
     tiles, what the cost model prices it from), and its sequence and shape tables are built on
-    first read too (`_lower_unsplit`).
+    first read too (`lower_unsplit`).
     """
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     chunks = tuple(chunks)  # kept for the lazy block tables
@@ -138,7 +138,7 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     num_tokens = [c.num_tokens for c in chunks]  # (a list: the unsplit lowering reads it so)
     drafts = any([c.draft_parents for c in chunks])
     if num_seqs and not drafts:
-        kernel = _lower_unsplit(chunks, start_pos, num_tokens, arch, chip, block_size)
+        kernel = lower_unsplit(chunks, start_pos, num_tokens, arch, chip, block_size)
         if kernel is not None:
             return kernel
     q_len = np.array(num_tokens, dtype=np.int64)
@@ -162,7 +162,7 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     )
 
 
-def _lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_tokens: list[int],
+def lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_tokens: list[int],
                    arch: ModelArch, chip: ChipSpec, block_size: int) -> AttentionKernel | None:
     """lower_attention's kernel of a batch without verify chunks, said by its lengths
     (`AttentionKernel.unsplit`), or None when a tile is to be split into KV spans (the general
@@ -218,7 +218,7 @@ def lower_decodes(start_pos: np.ndarray, arch: ModelArch, chip: ChipSpec,
     """What timing reads of lower_attention's kernel of a batch of decodes (a token each, no
     drafts) from `start_pos` (int64, a sequence each, one at least): its lengths and dealt order
     (`AttentionKernel.unsplit`, `task_shape`) and the model shape, without the kernel; None when
-    a tile is to be split (the general lowering's). `_lower_unsplit` builds its kernels of
+    a tile is to be split (the general lowering's). `lower_unsplit` builds its kernels of
     decodes from it; the timing-only runner times its decode steps from it alone
     (npu_sim.device.Device.time_decodes)."""
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads

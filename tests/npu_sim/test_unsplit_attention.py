@@ -1,5 +1,5 @@
 """Batches of decodes and prefill chunks (no verify chunk) none of whose tiles is split are
-lowered without their sequence and shape tables (engine.lowering_attention._lower_unsplit) and
+lowered without their sequence and shape tables (engine.lowering_attention.lower_unsplit) and
 priced from their lengths (AttentionKernel.unsplit, CostModel._unsplit_attention): the general
 lowering's dealt order, shapes and tables, and the same timing and step sums bit for bit as the
 tables give, for MHA, GQA and a tensor-parallel shard, on 910B chips, chunks of every size
@@ -73,7 +73,7 @@ def general_tiles_if_unsplit(kernel: AttentionKernel, batch: list[ChunkShape],
 
 @pytest.mark.parametrize("model,tp", MODELS)
 def test_unsplit_lowering_is_the_general_one(model: str, tp: int) -> None:
-    """_lower_unsplit takes a batch exactly when the general tiling splits none of its tiles,
+    """lower_unsplit takes a batch exactly when the general tiling splits none of its tiles,
     and gives the general lowering's dealt order, shapes, sequences and tile rows; its lengths
     are the general tiles'."""
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip("910b2")
