@@ -37,8 +37,8 @@ from engine.lowering import (
     lower_step_counts,
     step_launches,
 )
-from engine.lowering_attention import lower_decodes, lower_unsplit
 from engine.lowering_tp import kv_pool_blocks, shard_arch
+from engine.lowering_unsplit import lower_decodes, lower_unsplit
 from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
 from engine.spec.types import Draft
 from npu_sim.device import Device
@@ -180,7 +180,7 @@ class TimingRunner:
         `Device.time_launches`) bit for bit, or None where that path is to time it: split KV,
         a chunk of no token, a lowering or cost model that prices no launch from its lengths.
         Its chunks' start positions and token counts are read once, its attention kernel
-        lowered from them (engine.lowering_attention.lower_unsplit), a step of decodes only
+        lowered from them (engine.lowering_unsplit.lower_unsplit), a step of decodes only
         (most steps of a simulation) timed from its context lengths without one
         (lower_decodes, Device.time_decodes); the launches it shares with other steps, which
         depend only on its tokens and sampled rows, kept from the first such step (timed the

@@ -1,5 +1,5 @@
 """The timing-only runner times a step of decodes (a token per chunk, no drafts) from its
-context lengths alone (TimingRunner._time_unsplit: engine.lowering_attention.lower_decodes,
+context lengths alone (TimingRunner._time_unsplit: engine.lowering_unsplit.lower_decodes,
 Device.time_decodes, no attention kernel built), and a step with prefill chunks from its
 lengths read once (lower_unsplit), its shared launches kept: every StepTrace field the general
 path gives
@@ -22,7 +22,7 @@ import pytest
 from engine import timing_runner
 from engine.arch_presets import resolve_arch
 from engine.lowering import BASELINE_POLICY, lower_step_counts
-from engine.lowering_attention import lower_decodes, lower_unsplit
+from engine.lowering_unsplit import lower_decodes, lower_unsplit
 from engine.outputs import ScheduledChunk, SchedulerOutput
 from engine.timing_runner import TimingRunner
 from npu_sim.device import Device
