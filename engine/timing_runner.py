@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOut
 from engine.spec.types import Draft
 from npu_sim.device import Device
 from npu_sim.hardware import load_chip
-from npu_sim.step_sums import SharedLaunches
+from npu_sim.step_sums import Launches, SharedLaunches
 from npu_sim.trace import StepTrace
 
 logger = logging.getLogger("xyserve")
@@ -52,7 +53,8 @@ SYNTHETIC_TOKEN_ID = 1  # what every sampled row yields (any id below the vocabu
 # Device memory kept back from the KV pool for activations, workspaces and the runtime: vLLM's
 # default gpu_memory_utilization is 0.9, so 10% of HBM.
 DEFAULT_KV_RESERVE_FRACTION = 0.1
-# (tokens, sampled rows) pairs whose shared launches are kept, as engine.lowering keeps them
+# (tokens, sampled rows) pairs whose shared launches are kept (and heads by tokens, tails by
+# sampled rows), as engine.lowering keeps them
 _SHARED_LAUNCHES_LIMIT = 1 << 14
 
 
@@ -130,10 +132,13 @@ class TimingRunner:
         # device keeps timelines (the engine writes them for --npu-trace).
         self.num_timelines = num_traced_steps if device.timeline else 0
         # Steps without drafts are lowered from their lengths (`_time_unsplit`); the launches
-        # they share with other steps, by (tokens, sampled rows), from the first such step's
-        # general lowering.
+        # they share with other steps kept by (tokens, sampled rows), made of a head kept by
+        # tokens and a tail kept by sampled rows (each a function of those alone:
+        # engine.lowering.step_launch_counts), from earlier steps' general lowering.
         self._card = shard_arch(arch, tensor_parallel_size)
         self._shared_launches: dict[tuple[int, int], SharedLaunches] = {}
+        self._heads: dict[int, Launches] = {}
+        self._tails: dict[int, Launches] = {}
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Time the step's chunks; one synthetic token per sampled chunk, plus the accepted
@@ -183,23 +188,29 @@ class TimingRunner:
         lowered from them (engine.lowering_unsplit.lower_unsplit), a step of decodes only
         (most steps of a simulation) timed from its context lengths without one
         (lower_decodes, Device.time_decodes); the launches it shares with other steps, which
-        depend only on its tokens and sampled rows, kept from the first such step (timed the
-        general way)."""
+        depend only on its tokens and sampled rows, kept from the first such step: timed the
+        general way, or, where earlier steps had its tokens and its sampled rows, made of the
+        head of the former's and the tail of the latter's."""
         if (self.policy.attention is not AttentionPolicy.META
                 or not self.device.cost_model.memo_rows):
             return None
         # comprehensions: see execute (ScheduledChunk.num_tokens is a property: len(token_ids))
         num_tokens = [len(c.token_ids) for c in chunks]
-        key = (sum(num_tokens), num_sampled)
+        num_tokens_all = sum(num_tokens)
+        key = (num_tokens_all, num_sampled)
         shared = self._shared_launches.get(key)
         if shared is None:
-            shared, attention = lower_step_counts(
-                chunks, num_sampled, self.arch, self.device.chip, self.block_size,
-                self.arch.num_layers, self.policy, tp=self.tp)
-            if len(self._shared_launches) >= _SHARED_LAUNCHES_LIMIT:
-                self._shared_launches.clear()
-            self._shared_launches[key] = shared
-            return self.device.time_launches(shared, attention, num_requests=len(chunks))
+            head, tail = self._heads.get(num_tokens_all), self._tails.get(num_sampled)
+            if head is None or tail is None:
+                shared, attention = lower_step_counts(
+                    chunks, num_sampled, self.arch, self.device.chip, self.block_size,
+                    self.arch.num_layers, self.policy, tp=self.tp)
+                _keep(self._shared_launches, key, shared)
+                _keep(self._heads, num_tokens_all, shared.head)
+                _keep(self._tails, num_sampled, shared.tail)
+                return self.device.time_launches(shared, attention, num_requests=len(chunks))
+            shared = SharedLaunches(head, tail)
+            _keep(self._shared_launches, key, shared)
         start_pos = np.array([c.start_pos for c in chunks], np.int64)
         chip = self.device.chip
         if num_tokens.count(1) == len(chunks):  # a token each: decodes
@@ -220,3 +231,9 @@ class TimingRunner:
             accepted += 1
         return accepted
 
+
+def _keep(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """cache[key] = value, the cache emptied first when full (_SHARED_LAUNCHES_LIMIT)."""
+    if len(cache) >= _SHARED_LAUNCHES_LIMIT:
+        cache.clear()
+    cache[key] = value

@@ -74,7 +74,9 @@ def assert_same_trace(a: StepTrace, b: StepTrace) -> None:
 def _mixed(seed: int) -> list[tuple[list[int], list[int]]]:
     """Mixed batches (start positions, token counts): the decode batches' first half, with one
     to three chunks of 2 to 2048 tokens among them (short prompts, chunks on KV block edges,
-    chunks of long prompts, some splitting a tile), in random places; each again."""
+    chunks of long prompts, some splitting a tile), in random places; then each again, in
+    reverse order, then in order (a batch at an odd place of the list has fewer sampled rows:
+    its tokens again with other sampled rows, then its very tokens and sampled rows again)."""
     rng = random.Random(seed)
     mixed = []
     decodes = _batches(seed)
@@ -87,7 +89,7 @@ def _mixed(seed: int) -> list[tuple[list[int], list[int]]]:
             counts[s] = rng.choice([2, 5, 127, 128, 129, 300, 1000, 2048])
             starts[s] = rng.choice([0, 0, BLOCK - 1, 3 * BLOCK, rng.randrange(0, 3000)])
         mixed.append((starts, counts))
-    return mixed + mixed[::-1]
+    return mixed + mixed[::-1] + mixed
 
 
 def _assert_runner_as_general(model: str, tp: int, chip_name: str,
@@ -95,22 +97,25 @@ def _assert_runner_as_general(model: str, tp: int, chip_name: str,
                               monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Each batch (start positions, token counts) stepped by a runner and timed the general
     way: the same traces and device counters. Returns the steps the runner lowered from their
-    lengths: decode steps timed without a kernel, other steps lowered by lower_unsplit."""
+    lengths (decode steps timed without a kernel, other steps lowered by lower_unsplit), those
+    it lowered the general way (lower_step_counts), and its (tokens, sampled rows) kept."""
     arch, chip = resolve_arch(model), get_chip(chip_name)
     runner = TimingRunner(arch, Device(chip, compute=False, timeline=False), BLOCK,
                           tensor_parallel_size=tp)
     general = Device(chip, compute=False, timeline=False)
-    taken = {"decodes": 0, "unsplit": 0}
+    taken = {"decodes": 0, "unsplit": 0, "general": 0}
 
     def counted(name: str, lower: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            out = lower(*args)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = lower(*args, **kwargs)
             taken[name] += out is not None
             return out
         return call
 
     monkeypatch.setattr(timing_runner, "lower_decodes", counted("decodes", lower_decodes))
     monkeypatch.setattr(timing_runner, "lower_unsplit", counted("unsplit", lower_unsplit))
+    monkeypatch.setattr(timing_runner, "lower_step_counts",
+                        counted("general", timing_runner.lower_step_counts))
     for i, (starts, counts) in enumerate(batches):
         chunks = _chunks(starts, counts, unsampled=3 * (i % 2))  # sampled rows fewer or not
         num_sampled = sum(c.sample for c in chunks)
@@ -121,7 +126,7 @@ def _assert_runner_as_general(model: str, tp: int, chip_name: str,
     assert runner.device.num_launches == general.num_launches
     assert runner.device.num_tasks == general.num_tasks
     assert runner.device.total_sim_s == general.total_sim_s
-    return taken
+    return {**taken, "kept": len(runner._shared_launches)}
 
 
 @pytest.mark.parametrize("model,tp", MODELS)
@@ -137,9 +142,12 @@ def test_decode_steps_time_as_the_general_path_does(model: str, tp: int, chip_na
 @pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
 def test_mixed_steps_time_as_the_general_path_does(model: str, tp: int, chip_name: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    taken = _assert_runner_as_general(model, tp, chip_name, _mixed(len(model) + tp),
-                                      monkeypatch)
-    assert taken["unsplit"] >= 6  # later steps of a (tokens, sampled rows), tiles unsplit
+    batches = _mixed(len(model) + tp)
+    taken = _assert_runner_as_general(model, tp, chip_name, batches, monkeypatch)
+    assert taken["unsplit"] >= 12  # later steps of a (tokens, sampled rows), tiles unsplit
+    # shared launches made of earlier steps' heads and tails: more kept than lowered the
+    # general way (the first step of a (tokens, sampled rows) or a split one)
+    assert taken["kept"] > taken["general"], taken
 
 
 def test_other_steps_take_the_general_path() -> None:
