@@ -17,7 +17,8 @@ code. The default is XY-Serve's: virtual padding and the attention meta-kernel. 
   spans plus a combine when the requests are few and long) split them, no cost sort across
   kernels; verify chunks run as prefill chunks with a full explicit mask
   (`lower_attention_split`).
-Attention lowering (chunks, token trees, both policies) lives in engine.lowering_attention and is
+Attention lowering (chunks, token trees, both policies) lives in engine.lowering_attention (its
+tiles: engine.lowering_tiles; a batch of unsplit tiles: engine.lowering_unsplit) and is
 re-exported here.
 Baseline plans are for timing (a timing-only Device: the kernel sweeps, the timing-only runner);
 the model's forward launches the default plan's kernels only. `step_launches` lists any plan's
@@ -35,14 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.arch import ModelArch
-from engine.lowering_attention import (
-    MIN_KV_SPAN_TOKENS,
-    ChunkLike,
-    ChunkShape,
-    lower_attention,
-    tree_mask,
-)
+from engine.lowering_attention import ChunkShape, lower_attention, tree_mask
 from engine.lowering_split import lower_attention_split
+from engine.lowering_tiles import MIN_KV_SPAN_TOKENS, ChunkLike
 from engine.lowering_tp import all_gather, all_reduce, shard_arch
 from npu_sim.gemm_tiling import atb_tiling, search_tiling, search_tilings
 from npu_sim.hardware import ChipSpec

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.arch import ModelArch
-from engine.lowering_attention import ChunkLike, block_tables, tree_mask
+from engine.lowering_attention import tree_mask
+from engine.lowering_tiles import ChunkLike, block_tables
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import ATTN_SEQ, ATTN_TASK, COMBINE_TASK, AttentionKernel
 from npu_sim.tiling import attention_q_tile

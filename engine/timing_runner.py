@@ -8,9 +8,11 @@ sampled row yields SYNTHETIC_TOKEN_ID, and a request ends at its max_tokens (sim
 ignore EOS). Speculative decoding has no real drafts to verify either: the runner proposes the
 draft nodes the scheduler asks for and accepts each position of a verify with probability
 `acceptance_rate` (independently, up to the first rejection: the chain model behind
-engine.spec.adaptive), from a seeded generator. A step of decodes only, most steps of a
-simulation, is timed from its context lengths without building its attention kernel
-(`TimingRunner._time_decodes`): the same trace, bit for bit.
+engine.spec.adaptive), from a seeded generator. A step without drafts, none of whose attention
+tiles is split (nearly every step of a simulation), is lowered from its chunks' lengths read
+once, its launches shared with other steps kept by (tokens, sampled rows), and a step of
+decodes only timed without building its attention kernel (`TimingRunner._time_unsplit`): the
+same trace, bit for bit.
 
 Any model shape works (engine.arch_presets, or a config.json read without weights), including
 one card's share of a tensor-parallel group once the lowering shards it.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -35,13 +38,13 @@ from engine.lowering import (
     lower_step_counts,
     step_launches,
 )
-from engine.lowering_attention import lower_decodes
 from engine.lowering_tp import kv_pool_blocks, shard_arch
+from engine.lowering_unsplit import lower_decodes, lower_unsplit
 from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
 from engine.spec.types import Draft
 from npu_sim.device import Device
 from npu_sim.hardware import load_chip
-from npu_sim.step_sums import SharedLaunches
+from npu_sim.step_sums import Launches, SharedLaunches
 from npu_sim.trace import StepTrace
 
 logger = logging.getLogger("xyserve")
@@ -50,7 +53,9 @@ SYNTHETIC_TOKEN_ID = 1  # what every sampled row yields (any id below the vocabu
 # Device memory kept back from the KV pool for activations, workspaces and the runtime: vLLM's
 # default gpu_memory_utilization is 0.9, so 10% of HBM.
 DEFAULT_KV_RESERVE_FRACTION = 0.1
-_DECODE_LAUNCHES_LIMIT = 1 << 12  # (rows, sampled rows) pairs kept: far more than a run sees
+# (tokens, sampled rows) pairs whose shared launches are kept (and heads by tokens, tails by
+# sampled rows), as engine.lowering keeps them
+_SHARED_LAUNCHES_LIMIT = 1 << 14
 
 
 def build_timing_engine(config: EngineConfig, arch: ModelArch, model_name: str,
@@ -126,11 +131,14 @@ class TimingRunner:
         # Steps timed launch by launch, keeping their timelines: the first ones, when the
         # device keeps timelines (the engine writes them for --npu-trace).
         self.num_timelines = num_traced_steps if device.timeline else 0
-        # Decode steps (a token per chunk, no drafts) are timed from their context lengths
-        # alone (`_time_decodes`); the launches they share with other steps, by (rows, sampled
-        # rows), from the first such step's general lowering.
+        # Steps without drafts are lowered from their lengths (`_time_unsplit`); the launches
+        # they share with other steps kept by (tokens, sampled rows), made of a head kept by
+        # tokens and a tail kept by sampled rows (each a function of those alone:
+        # engine.lowering.step_launch_counts), from earlier steps' general lowering.
         self._card = shard_arch(arch, tensor_parallel_size)
-        self._decode_launches: dict[tuple[int, int], SharedLaunches] = {}
+        self._shared_launches: dict[tuple[int, int], SharedLaunches] = {}
+        self._heads: dict[int, Launches] = {}
+        self._tails: dict[int, Launches] = {}
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Time the step's chunks; one synthetic token per sampled chunk, plus the accepted
@@ -157,7 +165,7 @@ class TimingRunner:
                 self.device.launch(kernel)
             trace = self.device.end_step(num_requests=len(chunks))
         else:
-            trace = None if drafts else self._time_decodes(chunks, num_sampled)
+            trace = None if drafts else self._time_unsplit(chunks, num_sampled)
             if trace is None:
                 shared, attention = lower_step_counts(
                     chunks, num_sampled, self.arch, self.device.chip, self.block_size,
@@ -171,37 +179,50 @@ class TimingRunner:
                   if request_id in sampled}
         return ModelOutput(sampled_token_ids=sampled, trace=trace, drafts=drafts)
 
-    def _time_decodes(self, chunks: tuple[ScheduledChunk, ...],
+    def _time_unsplit(self, chunks: tuple[ScheduledChunk, ...],
                       num_sampled: int) -> StepTrace | None:
-        """The trace of a step of decodes only (chunks of one token, no drafts), the general
-        path's (`lower_step_counts`, `Device.time_launches`) bit for bit, or None where that
-        path is to time it: chunks of other lengths, split KV, a lowering or cost model that
-        prices no launch from its lengths. Most steps of a simulation: timed from the context
-        lengths (engine.lowering_attention.lower_decodes, Device.time_decodes) without
-        building their attention kernel; their shared launches, which depend only on the rows
-        and sampled rows, kept from the first such step (timed the general way)."""
+        """The trace of a step without drafts, the general path's (`lower_step_counts`,
+        `Device.time_launches`) bit for bit, or None where that path is to time it: split KV,
+        a chunk of no token, a lowering or cost model that prices no launch from its lengths.
+        Its chunks' start positions and token counts are read once, its attention kernel
+        lowered from them (engine.lowering_unsplit.lower_unsplit), a step of decodes only
+        (most steps of a simulation) timed from its context lengths without one
+        (lower_decodes, Device.time_decodes); the launches it shares with other steps, which
+        depend only on its tokens and sampled rows, kept from the first such step: timed the
+        general way, or, where earlier steps had its tokens and its sampled rows, made of the
+        head of the former's and the tail of the latter's."""
         if (self.policy.attention is not AttentionPolicy.META
                 or not self.device.cost_model.memo_rows):
             return None
-        num_rows = len(chunks)
-        start_pos = [c.start_pos for c in chunks if len(c.token_ids) == 1]
-        if len(start_pos) != num_rows:  # not every chunk a token
-            return None
-        decodes = lower_decodes(np.array(start_pos, np.int64), self._card, self.device.chip,
-                                self.block_size)
-        if decodes is None:
-            return None
-        key = (num_rows, num_sampled)
-        shared = self._decode_launches.get(key)
+        # comprehensions: see execute (ScheduledChunk.num_tokens is a property: len(token_ids))
+        num_tokens = [len(c.token_ids) for c in chunks]
+        num_tokens_all = sum(num_tokens)
+        key = (num_tokens_all, num_sampled)
+        shared = self._shared_launches.get(key)
         if shared is None:
-            shared, attention = lower_step_counts(
-                chunks, num_sampled, self.arch, self.device.chip, self.block_size,
-                self.arch.num_layers, self.policy, tp=self.tp)
-            if len(self._decode_launches) >= _DECODE_LAUNCHES_LIMIT:
-                self._decode_launches.clear()
-            self._decode_launches[key] = shared
-            return self.device.time_launches(shared, attention, num_requests=num_rows)
-        return self.device.time_decodes(shared, decodes, num_requests=num_rows)
+            head, tail = self._heads.get(num_tokens_all), self._tails.get(num_sampled)
+            if head is None or tail is None:
+                shared, attention = lower_step_counts(
+                    chunks, num_sampled, self.arch, self.device.chip, self.block_size,
+                    self.arch.num_layers, self.policy, tp=self.tp)
+                _keep(self._shared_launches, key, shared)
+                _keep(self._heads, num_tokens_all, shared.head)
+                _keep(self._tails, num_sampled, shared.tail)
+                return self.device.time_launches(shared, attention, num_requests=len(chunks))
+            shared = SharedLaunches(head, tail)
+            _keep(self._shared_launches, key, shared)
+        start_pos = np.array([c.start_pos for c in chunks], np.int64)
+        chip = self.device.chip
+        if num_tokens.count(1) == len(chunks):  # a token each: decodes
+            decodes = lower_decodes(start_pos, self._card, chip, self.block_size)
+            if decodes is None:
+                return None
+            return self.device.time_decodes(shared, decodes, num_requests=len(chunks))
+        kernel = lower_unsplit(chunks, start_pos, num_tokens, self._card, chip,
+                               self.block_size)
+        if kernel is None:
+            return None
+        return self.device.time_launches(shared, (kernel,), num_requests=len(chunks))
 
     def _num_accepted(self, chunk: ScheduledChunk) -> int:
         """Draft positions accepted, in order, until the first rejection (a chain)."""
@@ -210,3 +231,9 @@ class TimingRunner:
             accepted += 1
         return accepted
 
+
+def _keep(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """cache[key] = value, the cache emptied first when full (_SHARED_LAUNCHES_LIMIT)."""
+    if len(cache) >= _SHARED_LAUNCHES_LIMIT:
+        cache.clear()
+    cache[key] = value

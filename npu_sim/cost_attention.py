@@ -55,7 +55,7 @@ class DecodeBatch(NamedTuple):
     """A meta-attention launch of decodes only (a token each, no drafts), none of whose tiles
     is split, as the cost model prices it (CostModel.decode_attention): what its kernel's
     `unsplit` and `task_shape` say of it, and the model shape, without the kernel (the
-    timing-only runner's decode steps: engine.lowering_attention.lower_decodes)."""
+    timing-only runner's decode steps: engine.lowering_unsplit.lower_decodes)."""
 
     context_lens: np.ndarray  # int64 (num_seqs,): each sequence's start_pos + 1, its keys
     order: np.ndarray  # int64 (num_seqs,): the sequences (tiles) in dealt order, each dealt as

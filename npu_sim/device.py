@@ -250,7 +250,7 @@ class Device:
                      num_requests: int = 0) -> StepTrace:
         """`time_launches(shared, (kernel,), num_requests)` of a step whose one own kernel is
         the meta-attention `kernel` of a batch of decodes, none split, that `decodes` says
-        (engine.lowering_attention.lower_decodes: the kernel's lengths and dealt order), timed
+        (engine.lowering_unsplit.lower_decodes: the kernel's lengths and dealt order), timed
         from them without the kernel: the same StepTrace, bit for bit (`_launch_sums` prices
         such a kernel by `cost_model.decode_attention` too). Needs the cost model's row memo
         (CostModel.memo_rows), as pricing from lengths does."""

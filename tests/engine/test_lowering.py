@@ -224,7 +224,7 @@ def test_menu_follows_the_buffers(change: dict, largest_tm: int) -> None:
 def test_decode_tiles_match_the_general_tiling() -> None:
     """lower_attention's decode-only shortcut (one tile of attention_q_tile(1, g) rows per
     sequence) gives the tiles the general menu search gives."""
-    from engine.lowering_attention import _q_tiles, _spans
+    from engine.lowering_tiles import _q_tiles, _spans
     from npu_sim.tiling import attention_q_tiles
 
     chip = get_chip("910b2")

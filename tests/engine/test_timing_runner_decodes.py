@@ -1,22 +1,28 @@
 """The timing-only runner times a step of decodes (a token per chunk, no drafts) from its
-context lengths alone (TimingRunner._time_decodes: engine.lowering_attention.lower_decodes,
-Device.time_decodes, no attention kernel built): every StepTrace field the general path gives
+context lengths alone (TimingRunner._time_unsplit: engine.lowering_unsplit.lower_decodes,
+Device.time_decodes, no attention kernel built), and a step with prefill chunks from its
+lengths read once (lower_unsplit), its shared launches kept: every StepTrace field the general
+path gives
 (lower_step_counts, Device.time_launches), bit for bit, and the same device counters, for MHA
 and GQA models and a tensor-parallel shard, on 910B2 and 910B3, batches of 1 to 256 rows with
 contexts around KV block and KV split boundaries, first steps of a batch size (timed the
 general way, their shared launches kept) and later ones; batches it does not take (split KV,
-other chunks) fall back to the general path."""
+drafts) fall back to the general path."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
+from engine import timing_runner
 from engine.arch_presets import resolve_arch
 from engine.lowering import BASELINE_POLICY, lower_step_counts
+from engine.lowering_unsplit import lower_decodes, lower_unsplit
 from engine.outputs import ScheduledChunk, SchedulerOutput
 from engine.timing_runner import TimingRunner
 from npu_sim.device import Device
@@ -27,14 +33,14 @@ BLOCK = 128
 MODELS = [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)]  # MHA, GQA, TP=4
 
 
-def _chunks(starts: list[int], num_tokens: int = 1,
+def _chunks(starts: list[int], num_tokens: int | list[int] = 1,
             unsampled: int = 0) -> tuple[ScheduledChunk, ...]:
-    """Chunks of num_tokens tokens from `starts`, all sampled but every `unsampled`-th (a
-    prefill chunk's last token short of its prompt's end)."""
-    return tuple(ScheduledChunk(f"r{i}", start, (7,) * num_tokens,
-                                tuple(range(-(-(start + num_tokens) // BLOCK))),
+    """Chunks of num_tokens tokens (each chunk's, or all alike) from `starts`, all sampled but
+    every `unsampled`-th (a prefill chunk's last token short of its prompt's end)."""
+    counts = num_tokens if isinstance(num_tokens, list) else [num_tokens] * len(starts)
+    return tuple(ScheduledChunk(f"r{i}", start, (7,) * n, tuple(range(-(-(start + n) // BLOCK))),
                                 not unsampled or i % unsampled > 0)
-                 for i, start in enumerate(starts))
+                 for i, (start, n) in enumerate(zip(starts, counts, strict=True)))
 
 
 def _batches(seed: int) -> list[list[int]]:
@@ -65,19 +71,53 @@ def assert_same_trace(a: StepTrace, b: StepTrace) -> None:
             assert x == y, field.name
 
 
-@pytest.mark.parametrize("model,tp", MODELS)
-@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
-def test_decode_steps_time_as_the_general_path_does(model: str, tp: int,
-                                                    chip_name: str) -> None:
+def _mixed(seed: int) -> list[tuple[list[int], list[int]]]:
+    """Mixed batches (start positions, token counts): the decode batches' first half, with one
+    to three chunks of 2 to 2048 tokens among them (short prompts, chunks on KV block edges,
+    chunks of long prompts, some splitting a tile), in random places; then each again, in
+    reverse order, then in order (a batch at an odd place of the list has fewer sampled rows:
+    its tokens again with other sampled rows, then its very tokens and sampled rows again)."""
+    rng = random.Random(seed)
+    mixed = []
+    decodes = _batches(seed)
+    for starts in decodes[:len(decodes) // 2]:
+        if max(starts) > 2000:  # long contexts (most of them split a GQA tile): a few
+            starts = starts[:2]
+        starts, counts = list(starts), [1] * len(starts)
+        for _ in range(rng.randrange(1, 4)):
+            s = rng.randrange(len(starts))
+            counts[s] = rng.choice([2, 5, 127, 128, 129, 300, 1000, 2048])
+            starts[s] = rng.choice([0, 0, BLOCK - 1, 3 * BLOCK, rng.randrange(0, 3000)])
+        mixed.append((starts, counts))
+    return mixed + mixed[::-1] + mixed
+
+
+def _assert_runner_as_general(model: str, tp: int, chip_name: str,
+                              batches: list[tuple[list[int], list[int]]],
+                              monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Each batch (start positions, token counts) stepped by a runner and timed the general
+    way: the same traces and device counters. Returns the steps the runner lowered from their
+    lengths (decode steps timed without a kernel, other steps lowered by lower_unsplit), those
+    it lowered the general way (lower_step_counts), and its (tokens, sampled rows) kept."""
     arch, chip = resolve_arch(model), get_chip(chip_name)
     runner = TimingRunner(arch, Device(chip, compute=False, timeline=False), BLOCK,
                           tensor_parallel_size=tp)
     general = Device(chip, compute=False, timeline=False)
-    taken = []
-    time_decodes = runner.device.time_decodes
-    runner.device.time_decodes = lambda *a, **k: taken.append(1) or time_decodes(*a, **k)
-    for i, starts in enumerate(_batches(len(model) + tp)):
-        chunks = _chunks(starts, unsampled=3 * (i % 2))  # sampled rows fewer than rows, or not
+    taken = {"decodes": 0, "unsplit": 0, "general": 0}
+
+    def counted(name: str, lower: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = lower(*args, **kwargs)
+            taken[name] += out is not None
+            return out
+        return call
+
+    monkeypatch.setattr(timing_runner, "lower_decodes", counted("decodes", lower_decodes))
+    monkeypatch.setattr(timing_runner, "lower_unsplit", counted("unsplit", lower_unsplit))
+    monkeypatch.setattr(timing_runner, "lower_step_counts",
+                        counted("general", timing_runner.lower_step_counts))
+    for i, (starts, counts) in enumerate(batches):
+        chunks = _chunks(starts, counts, unsampled=3 * (i % 2))  # sampled rows fewer or not
         num_sampled = sum(c.sample for c in chunks)
         fast = runner.execute(SchedulerOutput(chunks)).trace
         shared, attention = lower_step_counts(chunks, num_sampled, arch, chip, BLOCK,
@@ -86,20 +126,47 @@ def test_decode_steps_time_as_the_general_path_does(model: str, tp: int,
     assert runner.device.num_launches == general.num_launches
     assert runner.device.num_tasks == general.num_tasks
     assert runner.device.total_sim_s == general.total_sim_s
-    assert len(taken) >= 20  # the later steps of each batch size, but the split ones
+    return {**taken, "kept": len(runner._shared_launches)}
+
+
+@pytest.mark.parametrize("model,tp", MODELS)
+@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
+def test_decode_steps_time_as_the_general_path_does(model: str, tp: int, chip_name: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = [(starts, [1] * len(starts)) for starts in _batches(len(model) + tp)]
+    taken = _assert_runner_as_general(model, tp, chip_name, batches, monkeypatch)
+    assert taken["decodes"] >= 20  # the later steps of each batch size, but the split ones
+
+
+@pytest.mark.parametrize("model,tp", MODELS)
+@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
+def test_mixed_steps_time_as_the_general_path_does(model: str, tp: int, chip_name: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = _mixed(len(model) + tp)
+    taken = _assert_runner_as_general(model, tp, chip_name, batches, monkeypatch)
+    assert taken["unsplit"] >= 12  # later steps of a (tokens, sampled rows), tiles unsplit
+    # shared launches made of earlier steps' heads and tails: more kept than lowered the
+    # general way (the first step of a (tokens, sampled rows) or a split one)
+    assert taken["kept"] > taken["general"], taken
 
 
 def test_other_steps_take_the_general_path() -> None:
-    """Chunks of more than one token, split KV tiles and the split baseline's lowering are not
-    decode steps the runner times from their lengths."""
+    """Split KV tiles, chunks of no token, the split baseline's lowering and a cost model
+    without its row memo are not steps the runner times from their lengths; a step's first
+    of its (tokens, sampled rows) is timed the general way (its shared launches kept)."""
     arch, chip = resolve_arch("llama-3-8b"), get_chip("910b2")  # GQA: a long row splits
     runner = TimingRunner(arch, Device(chip, compute=False, timeline=False), BLOCK)
-    mixed = _chunks([100, 200]) + _chunks([300], num_tokens=5)
-    assert runner._time_decodes(mixed, 3) is None
-    assert runner._time_decodes(_chunks([30000]), 1) is None  # a single long row: split
-    assert runner._time_decodes(_chunks([100, 200]), 2) is not None
+    mixed = _chunks([100, 200, 300], [1, 1, 5])
+    split = (_chunks([30000]), _chunks([30000, 0], [1, 5]))  # a long row: a split tile
+    for chunks in (mixed, _chunks([100, 200]), *split):
+        assert runner._time_unsplit(chunks, 3) is not None  # first: the general path's
+    for chunks in split:
+        assert runner._time_unsplit(chunks, 3) is None
+    assert runner._time_unsplit(_chunks([100, 200, 300], [0, 1, 6]), 3) is None  # a chunk of 0
+    assert runner._time_unsplit(mixed, 3) is not None
+    assert runner._time_unsplit(_chunks([100, 200]), 3) is not None
     runner.device.cost_model.memo_rows = False  # no pricing from lengths
-    assert runner._time_decodes(_chunks([100, 200]), 2) is None
+    assert runner._time_unsplit(_chunks([100, 200]), 3) is None
     baseline = TimingRunner(arch, Device(chip, compute=False, timeline=False), BLOCK,
                             policy=BASELINE_POLICY)
-    assert baseline._time_decodes(_chunks([100, 200]), 2) is None
+    assert baseline._time_unsplit(_chunks([100, 200]), 2) is None

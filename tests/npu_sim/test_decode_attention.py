@@ -101,7 +101,7 @@ def test_launches_with_verify_chunks_or_split_tiles_take_the_tables() -> None:
 
 @pytest.mark.parametrize("model,tp", [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)])
 def test_decode_lowering_is_the_general_one(model: str, tp: int) -> None:
-    """lower_attention's decode-only path (engine.lowering_attention._lower_unsplit) takes a batch
+    """lower_attention's decode-only path (engine.lowering_unsplit.lower_unsplit) takes a batch
     exactly when the general tiling splits none of its tiles, and gives the general lowering's
     dealt order, shapes and tile rows."""
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip("910b2")

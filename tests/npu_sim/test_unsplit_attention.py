@@ -1,5 +1,5 @@
 """Batches of decodes and prefill chunks (no verify chunk) none of whose tiles is split are
-lowered without their sequence and shape tables (engine.lowering_attention._lower_unsplit) and
+lowered without their sequence and shape tables (engine.lowering_unsplit.lower_unsplit) and
 priced from their lengths (AttentionKernel.unsplit, CostModel._unsplit_attention): the general
 lowering's dealt order, shapes and tables, and the same timing and step sums bit for bit as the
 tables give, for MHA, GQA and a tensor-parallel shard, on 910B chips, chunks of every size
@@ -16,7 +16,7 @@ import pytest
 from engine.arch import ModelArch
 from engine.arch_presets import resolve_arch
 from engine.lowering import ChunkShape, lower_attention
-from engine.lowering_attention import _q_tiles, _seq_table, _shapes, _Tiles
+from engine.lowering_tiles import _q_tiles, _seq_table, _shapes, _Tiles
 from engine.lowering_tp import shard_arch
 from npu_sim.device import Device
 from npu_sim.hardware import ChipSpec, get_chip
@@ -51,7 +51,7 @@ def _batches(seed: int) -> list[list[ChunkShape]]:
 
 def general_tiles_if_unsplit(kernel: AttentionKernel, batch: list[ChunkShape],
                              arch: ModelArch, chip: ChipSpec) -> _Tiles | None:
-    """The general tiling's Q tiles of `batch` (engine.lowering_attention._q_tiles), having
+    """The general tiling's Q tiles of `batch` (engine.lowering_tiles._q_tiles), having
     checked that `kernel`, lower_attention's, took the unsplit path exactly when they split no
     tile and then has their dealt order, shapes and largest tile; None when a tile is split."""
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
@@ -73,7 +73,7 @@ def general_tiles_if_unsplit(kernel: AttentionKernel, batch: list[ChunkShape],
 
 @pytest.mark.parametrize("model,tp", MODELS)
 def test_unsplit_lowering_is_the_general_one(model: str, tp: int) -> None:
-    """_lower_unsplit takes a batch exactly when the general tiling splits none of its tiles,
+    """lower_unsplit takes a batch exactly when the general tiling splits none of its tiles,
     and gives the general lowering's dealt order, shapes, sequences and tile rows; its lengths
     are the general tiles'."""
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip("910b2")
