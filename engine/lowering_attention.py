@@ -26,10 +26,10 @@ from engine import token_tree
 from engine.arch import ModelArch
 from engine.lowering_tiles import (
     ChunkLike,
-    _kernel_fields,
-    _q_tiles,
-    _seq_table,
-    _shapes,
+    kernel_fields,
+    q_tiles,
+    seq_table,
+    span_shapes,
 )
 from engine.lowering_unsplit import lower_unsplit
 from npu_sim.hardware import ChipSpec
@@ -91,7 +91,7 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     What timing needs is built here, per (tile, KV span) shape (`AttentionKernel.shapes`, tens
     of rows) plus the dealt order as shape indices (`task_shape`); the full task, combine and
     block tables (thousands of rows a step for a 7B MHA model) only when something reads them
-    (`_task_tables`, `block_tables`: the functional kernels, timelines, token trees). A batch
+    (`task_tables`, `block_tables`: the functional kernels, timelines, token trees). A batch
     without verify chunks none of whose tiles is split (every step of most simulations) carries
     its lengths instead (`AttentionKernel.unsplit`: context lengths, and its prefill chunks'
     tiles, what the cost model prices it from), and its sequence and shape tables are built on
@@ -116,12 +116,12 @@ def lower_attention(chunks: Sequence[ChunkLike], arch: ModelArch, chip: ChipSpec
     if trees:
         verify = np.zeros(num_seqs, dtype=bool)
         verify[trees] = True
-    tiles = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size)
+    tiles = q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, block_size)
     max_spans = int(tiles.num_spans.max()) if num_seqs else 1
-    shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
+    shapes, task_shape = span_shapes(tiles, num_kv_heads, max_spans)
     return AttentionKernel(
-        **_kernel_fields(chunks, arch, block_size, lambda: tiles),
-        seqs=_seq_table(q_len, start_pos),
+        **kernel_fields(chunks, arch, block_size, lambda: tiles),
+        seqs=seq_table(q_len, start_pos),
         num_partial_slots=0 if max_spans == 1 else num_kv_heads * int(
             tiles.num_spans[tiles.num_spans > 1].sum()),
         max_tile_rows=int(tiles.tile_rows.max()) if len(tiles.seq) else 0,

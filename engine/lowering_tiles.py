@@ -3,8 +3,8 @@ into them; engine.lowering_unsplit, a batch none of whose tiles is split, from i
 
 A sequence's query tokens are cut into Q tiles (npu_sim.tiling.attention_q_tile), each over the
 KV blocks its causal horizon reaches, split into KV spans where its work exceeds the per-core
-share (`_q_tiles`, `_spans`); a kernel's tables (its shapes and dealt order: `_shapes`; its
-task and combine tables: `_task_tables`; its block tables) are built from the tiles.
+share (`q_tiles`, `kv_spans`); a kernel's tables (its shapes and dealt order: `span_shapes`; its
+task and combine tables: `task_tables`; its block tables) are built from the tiles.
 
 Pure functions of (chunks, model shape, chip, block size).
 """
@@ -42,7 +42,7 @@ class ChunkLike(Protocol):
     def draft_parents(self) -> tuple[int, ...]: ...
 
 
-class _Tiles(NamedTuple):
+class QTiles(NamedTuple):
     """The meta-kernel's Q tiles, int64 arrays of (num_tiles,), sequence by sequence."""
 
     seq: np.ndarray  # the sequence of each tile
@@ -53,18 +53,18 @@ class _Tiles(NamedTuple):
     num_spans: np.ndarray  # KV spans it is split into (1 = not split)
 
 
-def _kernel_fields(chunks: tuple[ChunkLike, ...], arch: ModelArch, block_size: int,
-                   tiles: Callable[[], _Tiles]) -> dict[str, Any]:
+def kernel_fields(chunks: tuple[ChunkLike, ...], arch: ModelArch, block_size: int,
+                   tiles: Callable[[], QTiles]) -> dict[str, Any]:
     """The AttentionKernel fields every meta-kernel launch has alike: its model shape, and its
     block, task and combine tables built on first read (from `tiles()`, its Q tiles)."""
-    tables = _once(lambda: _task_tables(tiles(), arch.num_kv_heads))
+    tables = once(lambda: task_tables(tiles(), arch.num_kv_heads))
     return {"name": "attention", "num_heads": arch.num_heads, "num_kv_heads": arch.num_kv_heads,
             "head_dim": arch.head_dim, "block_size": block_size,
             "scale": arch.head_dim**-0.5, "block_tables": lambda: block_tables(chunks),
             "tasks": lambda: tables()[0], "combine_tasks": lambda: tables()[1]}
 
 
-def _seq_table(q_len: np.ndarray, start_pos: np.ndarray) -> np.ndarray:
+def seq_table(q_len: np.ndarray, start_pos: np.ndarray) -> np.ndarray:
     """The ATTN_SEQ table of sequences of q_len query tokens from start_pos, in batch order."""
     seqs = np.empty(len(q_len), dtype=ATTN_SEQ)
     seqs["q_start"] = np.cumsum(q_len) - q_len
@@ -73,7 +73,7 @@ def _seq_table(q_len: np.ndarray, start_pos: np.ndarray) -> np.ndarray:
     return seqs
 
 
-def _once(build: Callable[[], T]) -> Callable[[], T]:
+def once(build: Callable[[], T]) -> Callable[[], T]:
     """A function returning build()'s result, calling it on the first call only."""
     built: list[T] = []
 
@@ -85,8 +85,8 @@ def _once(build: Callable[[], T]) -> Callable[[], T]:
     return get
 
 
-def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None, g: int,
-             num_kv_heads: int, chip: ChipSpec, block_size: int) -> _Tiles:
+def q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None, g: int,
+             num_kv_heads: int, chip: ChipSpec, block_size: int) -> QTiles:
     """The Q tiles of sequences of q_len query tokens from start_pos (verify: which are verify
     chunks; None = none), each with its KV spans: as many as its work over the per-core share,
     each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
@@ -96,7 +96,7 @@ def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None
         # tile holding g rows
         tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
-        return _spans(seq, q_offset, q_rows, tile_rows, start_pos + q_len, g, num_kv_heads,
+        return kv_spans(seq, q_offset, q_rows, tile_rows, start_pos + q_len, g, num_kv_heads,
                       chip, block_size)
     if verify is None:
         verify = np.zeros(num_seqs, dtype=bool)
@@ -105,55 +105,55 @@ def _q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None
     num_tiles = -(-q_len // seq_tile_tokens)
     if len(num_tiles) and int(num_tiles.max()) == 1:  # one tile per sequence
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
-        return _spans(seq, q_offset, q_rows, seq_tile_rows, start_pos + q_len, g,
+        return kv_spans(seq, q_offset, q_rows, seq_tile_rows, start_pos + q_len, g,
                       num_kv_heads, chip, block_size)
     seq = np.repeat(np.arange(num_seqs), num_tiles)
     q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles,
                                                 num_tiles)) * seq_tile_tokens[seq]
     q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
-    return _spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq] + q_offset + q_rows,
+    return kv_spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq] + q_offset + q_rows,
                   g, num_kv_heads, chip, block_size)
 
 
-def _spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
+def kv_spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
            horizon: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
-           block_size: int) -> _Tiles:
+           block_size: int) -> QTiles:
     """The tiles (per tile: sequence, first query token, query tokens, tile rows, keys its last
     row sees) with their KV blocks and spans."""
     n_blocks = (horizon + (block_size - 1)) // block_size  # the causal horizon's
     work = q_rows * (g * block_size) * n_blocks  # whole numbers: exact in any order
-    share = _core_share(int(work.sum()), num_kv_heads, chip)
+    share = core_share(int(work.sum()), num_kv_heads, chip)
     # No tile over the share (work / share <= 1 exactly when work <= share, IEEE division being
     # monotone) wants a second span: the common case, costing one reduction.
     if not share or int(work.max()) <= share:
-        return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, np.ones(len(work), np.int64))
+        return QTiles(seq, q_offset, q_rows, tile_rows, n_blocks, np.ones(len(work), np.int64))
     wanted = np.ceil(work / share).astype(np.int64)
-    num_spans = np.maximum(1, np.minimum(wanted, n_blocks // _span_blocks(block_size)))
-    return _Tiles(seq, q_offset, q_rows, tile_rows, n_blocks, num_spans)
+    num_spans = np.maximum(1, np.minimum(wanted, n_blocks // kv_span_blocks(block_size)))
+    return QTiles(seq, q_offset, q_rows, tile_rows, n_blocks, num_spans)
 
 
-def _span_blocks(block_size: int) -> int:
+def kv_span_blocks(block_size: int) -> int:
     """KV blocks of the shortest span a tile is split into (MIN_KV_SPAN_TOKENS, at least one)."""
     return max(1, MIN_KV_SPAN_TOKENS // block_size)
 
 
-def _core_share(work: int, num_kv_heads: int, chip: ChipSpec) -> float:
+def core_share(work: int, num_kv_heads: int, chip: ChipSpec) -> float:
     """The per-core share of a launch whose tiles' work (stacked rows x keys, KV head 0's)
     adds up to `work`: all KV heads' work over the cube cores."""
     return float(work) * num_kv_heads / chip.num_cube_cores
 
 
-def _shapes(tiles: _Tiles, num_kv_heads: int, max_spans: int,
+def span_shapes(tiles: QTiles, num_kv_heads: int, max_spans: int,
             ) -> tuple[np.ndarray, np.ndarray]:
     """(shapes, task_shape) of the meta-kernel (see AttentionKernel): the KV head 0 task of
     every (tile, span), in (tile, span) order, and the shape of every task in the dealt order,
-    the one `_task_tables` lists. That order is tasks sorted by -(tile_rows x blocks), ties in
+    the one `task_tables` lists. That order is tasks sorted by -(tile_rows x blocks), ties in
     (tile, KV head, span) order: shapes of one weight and one tile form a segment, whose tasks
     are its shapes again and again, once per KV head (a segment of an unsplit tile: one shape,
     num_kv_heads times). max_spans: the most spans of any tile (1 when there are none)."""
     num_spans = tiles.num_spans
     if max_spans == 1:  # no tile split: a shape per tile
-        return _tile_shapes(tiles), _tile_order(tiles, num_kv_heads)
+        return tile_shapes(tiles), tile_order(tiles, num_kv_heads)
     shape_tile = np.repeat(np.arange(len(num_spans)), num_spans)
     span = np.arange(len(shape_tile)) - np.repeat(np.cumsum(num_spans) - num_spans, num_spans)
     spans, n_blocks = num_spans[shape_tile], tiles.n_blocks[shape_tile]
@@ -181,8 +181,8 @@ def _shapes(tiles: _Tiles, num_kv_heads: int, max_spans: int,
     return shapes, by_weight[position]
 
 
-def _tile_shapes(tiles: _Tiles) -> np.ndarray:
-    """`_shapes` of tiles none of which is split: each tile over all its KV blocks."""
+def tile_shapes(tiles: QTiles) -> np.ndarray:
+    """`span_shapes` of tiles none of which is split: each tile over all its KV blocks."""
     shapes = np.empty(len(tiles.seq), dtype=ATTN_TASK)  # kv_head 0
     shapes["kv_head"] = 0
     for name, values in (("seq", tiles.seq), ("q_offset", tiles.q_offset),
@@ -193,14 +193,14 @@ def _tile_shapes(tiles: _Tiles) -> np.ndarray:
     return shapes
 
 
-def _tile_order(tiles: _Tiles, num_kv_heads: int) -> np.ndarray:
-    """`_shapes`' task_shape of tiles none of which is split: a segment per shape (tile), of
+def tile_order(tiles: QTiles, num_kv_heads: int) -> np.ndarray:
+    """`span_shapes`' task_shape of tiles none of which is split: a segment per shape (tile), of
     weight its tile rows x all its blocks, num_kv_heads tasks each."""
     by_weight = np.argsort(-(tiles.tile_rows * tiles.n_blocks), kind="stable")
     return np.repeat(by_weight, num_kv_heads)
 
 
-def _task_tables(tiles: _Tiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+def task_tables(tiles: QTiles, num_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
     """(ATTN_TASK table in the dealt order, COMBINE_TASK table) of the meta-kernel: the tasks
     tile-major, then KV head, then span, partial slots numbered in that order; then sorted
     heaviest first (stable)."""

@@ -20,13 +20,13 @@ import numpy as np
 from engine.arch import ModelArch
 from engine.lowering_tiles import (
     ChunkLike,
-    _core_share,
-    _kernel_fields,
-    _once,
-    _q_tiles,
-    _seq_table,
-    _span_blocks,
-    _tile_shapes,
+    core_share,
+    kernel_fields,
+    kv_span_blocks,
+    once,
+    q_tiles,
+    seq_table,
+    tile_shapes,
 )
 from npu_sim.cost_attention import DecodeBatch
 from npu_sim.hardware import ChipSpec
@@ -41,16 +41,16 @@ def lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_toke
     lowering does that). Most steps of a simulation are such batches: decodes, a tile each,
     and now and then a few prefill chunks. So what timing reads is computed from the context
     lengths in a few numpy calls, and the prefill chunks' tiles one by one (`_prefill_tiles`):
-    the tiles' KV blocks, the split test and the dealt order, the values `_q_tiles` and
-    `_tile_order` give (tested); the tiles of the whole batch, hence the sequence, shape and
+    the tiles' KV blocks, the split test and the dealt order, the values `q_tiles` and
+    `tile_order` give (tested); the tiles of the whole batch, hence the sequence, shape and
     task tables, only when read."""
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
-    q_len = _once(lambda: np.array(num_tokens, dtype=np.int64))
-    tiles = _once(lambda: _q_tiles(q_len(), start_pos, None, g, num_kv_heads, chip,
+    q_len = once(lambda: np.array(num_tokens, dtype=np.int64))
+    tiles = once(lambda: q_tiles(q_len(), start_pos, None, g, num_kv_heads, chip,
                                    block_size))
-    fields = {"seqs": lambda: _seq_table(q_len(), start_pos), "num_partial_slots": 0,
-              "shapes": lambda: _tile_shapes(tiles()),
-              **_kernel_fields(chunks, arch, block_size, tiles)}
+    fields = {"seqs": lambda: seq_table(q_len(), start_pos), "num_partial_slots": 0,
+              "shapes": lambda: tile_shapes(tiles()),
+              **kernel_fields(chunks, arch, block_size, tiles)}
     # Timing reads the lengths and the dealt order only: the sequence and shape tables are
     # built if something reads them.
     if num_tokens.count(1) == len(num_tokens):  # decodes only: a tile each
@@ -75,7 +75,7 @@ def lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_toke
     tile_work = (n_blocks * decode_rows).repeat(num_tiles)  # tile rows x KV blocks
     tile_work[list(prefill.tiles.position)] = [
         r * b for r, b in zip(prefill.tiles.tile_rows, prefill.n_blocks, strict=True)]
-    by_weight = (-tile_work).argsort(kind="stable")  # _tile_order's
+    by_weight = (-tile_work).argsort(kind="stable")  # tile_order's
     max_tile_rows = max(prefill.tiles.tile_rows)
     if len(multi) < len(chunks):
         max_tile_rows = max(max_tile_rows, decode_rows)
@@ -98,7 +98,7 @@ def lower_decodes(start_pos: np.ndarray, arch: ModelArch, chip: ChipSpec,
     n_blocks = _unsplit_blocks(context, None, g, num_kv_heads, chip, block_size)
     if n_blocks is None:
         return None
-    # _tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
+    # tile_order's: every tile has the same rows, so heavier means more KV blocks (ties keep
     # their tile order: a stable sort); array methods, not numpy's Python-level wrappers
     by_weight = (-n_blocks).argsort(kind="stable")
     return DecodeBatch(context, by_weight, _decode_tile_rows(g), g, arch.head_dim,
@@ -114,15 +114,15 @@ def _decode_tile_rows(group_size: int) -> int:
 def _unsplit_blocks(context: np.ndarray, prefill: _Prefill | None, g: int, num_kv_heads: int,
                     chip: ChipSpec, block_size: int) -> np.ndarray | None:
     """Each sequence's KV blocks, as a decode tile over its causal horizon `context` has them,
-    or None when `_spans` splits a tile of the batch (prefill: the tiles of its prefill chunks,
+    or None when `kv_spans` splits a tile of the batch (prefill: the tiles of its prefill chunks,
     if any; the other sequences are decodes)."""
     n_blocks = (context + (block_size - 1)) // block_size
-    # _spans' work: query tokens x (g x block_size) x blocks, whole numbers (exact in any order)
+    # kv_spans' work: query tokens x (g x block_size) x blocks, whole numbers (exact in any order)
     block_work = g * block_size
     work = int(np.add.reduce(n_blocks))
     if prefill is not None:
         work += sum(prefill.work) - prefill.context_blocks
-    share = _core_share(work * block_work, num_kv_heads, chip)
+    share = core_share(work * block_work, num_kv_heads, chip)
     # A tile within the share is never split (the common case), and no tile is over a share
     # the whole work is within (as where the KV heads outnumber the cores: MHA): no tile's work
     # exceeds the whole's (a prefill sequence's context blocks, its last tile's at most).
@@ -139,13 +139,13 @@ def _unsplit_blocks(context: np.ndarray, prefill: _Prefill | None, g: int, num_k
 
 def _any_split(n_blocks: np.ndarray, prefill: _Prefill | None, block_work: int,
                share: float, block_size: int) -> bool:
-    """Whether `_spans` splits a tile of a batch of sequences whose KV blocks are n_blocks and
+    """Whether `kv_spans` splits a tile of a batch of sequences whose KV blocks are n_blocks and
     whose prefill chunks' tiles are `prefill`: a tile over the per-core share whose KV makes two
     spans at least (a batch of one is always over: a single stream's short contexts are not
     split). The test over every sequence's blocks as if it were a decode is the decodes' test,
     and no more: a prefill chunk's last tile has the blocks of its whole context and one query
     token at least."""
-    span_blocks = _span_blocks(block_size)
+    span_blocks = kv_span_blocks(block_size)
     if bool(((n_blocks * block_work > share) & (n_blocks // span_blocks >= 2)).any()):
         return True
     return prefill is not None and any(
@@ -166,7 +166,7 @@ class _Prefill(NamedTuple):
 def _prefill_tiles(multi: list[int], start_pos: np.ndarray, num_tokens: list[int], g: int,
                    block_size: int) -> _Prefill:
     """The Q tiles of the batch's sequences `multi` (in batch order, none a verify chunk), as
-    `_q_tiles` cuts them (npu_sim.tiling.attention_q_tile: full tiles of `tokens` query
+    `q_tiles` cuts them (npu_sim.tiling.attention_q_tile: full tiles of `tokens` query
     tokens, then the rest), with their positions among all the batch's tiles, every other
     sequence one tile. A few chunks a step: Python ints."""
     position, keys, q_rows, tile_rows, seqs, num_tiles = [], [], [], [], [], []

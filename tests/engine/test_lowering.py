@@ -224,7 +224,7 @@ def test_menu_follows_the_buffers(change: dict, largest_tm: int) -> None:
 def test_decode_tiles_match_the_general_tiling() -> None:
     """lower_attention's decode-only shortcut (one tile of attention_q_tile(1, g) rows per
     sequence) gives the tiles the general menu search gives."""
-    from engine.lowering_tiles import _q_tiles, _spans
+    from engine.lowering_tiles import kv_spans, q_tiles
     from npu_sim.tiling import attention_q_tiles
 
     chip = get_chip("910b2")
@@ -234,9 +234,9 @@ def test_decode_tiles_match_the_general_tiling() -> None:
             q_len = np.ones(n, dtype=np.int64)
             start_pos = rng.integers(0, 20000, n)
             verify = np.zeros(n, dtype=bool)
-            fast = _q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, 16)
+            fast = q_tiles(q_len, start_pos, verify, g, num_kv_heads, chip, 16)
             tile_rows, _ = attention_q_tiles(q_len, g, verify)
-            general = _spans(np.arange(n), np.zeros(n, np.int64), q_len, tile_rows,
+            general = kv_spans(np.arange(n), np.zeros(n, np.int64), q_len, tile_rows,
                              start_pos + q_len, g, num_kv_heads, chip, 16)
             for a, b in zip(fast, general, strict=True):
                 assert a.dtype == b.dtype and np.array_equal(a, b)

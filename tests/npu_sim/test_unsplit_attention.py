@@ -16,7 +16,7 @@ import pytest
 from engine.arch import ModelArch
 from engine.arch_presets import resolve_arch
 from engine.lowering import ChunkShape, lower_attention
-from engine.lowering_tiles import _q_tiles, _seq_table, _shapes, _Tiles
+from engine.lowering_tiles import QTiles, q_tiles, seq_table, span_shapes
 from engine.lowering_tp import shard_arch
 from npu_sim.device import Device
 from npu_sim.hardware import ChipSpec, get_chip
@@ -50,21 +50,21 @@ def _batches(seed: int) -> list[list[ChunkShape]]:
 
 
 def general_tiles_if_unsplit(kernel: AttentionKernel, batch: list[ChunkShape],
-                             arch: ModelArch, chip: ChipSpec) -> _Tiles | None:
-    """The general tiling's Q tiles of `batch` (engine.lowering_tiles._q_tiles), having
+                             arch: ModelArch, chip: ChipSpec) -> QTiles | None:
+    """The general tiling's Q tiles of `batch` (engine.lowering_tiles.q_tiles), having
     checked that `kernel`, lower_attention's, took the unsplit path exactly when they split no
     tile and then has their dealt order, shapes and largest tile; None when a tile is split."""
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     start = np.array([c.start_pos for c in batch])
     q_len = np.array([c.num_tokens for c in batch])
-    tiles = _q_tiles(q_len, start, np.zeros(len(batch), dtype=bool), g, num_kv_heads, chip,
+    tiles = q_tiles(q_len, start, np.zeros(len(batch), dtype=bool), g, num_kv_heads, chip,
                      BLOCK)
     max_spans = int(tiles.num_spans.max())
     if kernel.unsplit is None:
         assert max_spans > 1
         return None
     assert max_spans == 1
-    shapes, task_shape = _shapes(tiles, num_kv_heads, max_spans)
+    shapes, task_shape = span_shapes(tiles, num_kv_heads, max_spans)
     assert np.array_equal(kernel.task_shape, task_shape)
     assert kernel.shapes.dtype == shapes.dtype and np.array_equal(kernel.shapes, shapes)
     assert kernel.max_tile_rows == int(tiles.tile_rows.max())
@@ -88,7 +88,7 @@ def test_unsplit_lowering_is_the_general_one(model: str, tp: int) -> None:
         taken += 1
         start = np.array([c.start_pos for c in batch])
         q_len = np.array([c.num_tokens for c in batch])
-        assert np.array_equal(kernel.seqs, _seq_table(q_len, start))
+        assert np.array_equal(kernel.seqs, seq_table(q_len, start))
         assert kernel.num_seqs == len(batch) and kernel.num_tokens == int(q_len.sum())
         u = kernel.unsplit
         assert np.array_equal(u.context_lens, start + q_len)
