@@ -1,5 +1,5 @@
 """The attention part of the cost model (npu_sim.cost): what each task row costs, and a memo of
-those rows across launches.
+those rows across launches; npu_sim.cost_attention_launch adds them up into a launch's costs.
 
 A meta-attention task's cost is a function of a handful of its own numbers (keys in its span,
 query tokens, tile rows, whether it writes a partial, whether its span reaches its causal
@@ -33,7 +33,7 @@ ATTN_L2_ALPHA = ACCUM_BYTES + 2  # bytes of L2 per score in flight: S in fp32 + 
 
 class AttentionRows(NamedTuple):
     """Per task row (or task shape) of an attention launch, float64 arrays: its cycles and its
-    terms of the launch's sums (npu_sim.cost.CostModel.attention adds them up)."""
+    terms of the launch's sums (npu_sim.cost_attention_launch.attention adds them up)."""
 
     cycles: np.ndarray  # cycles the task occupies its AIC and AIVs
     kv_hbm_bytes: np.ndarray  # K/V bytes it reads from HBM (its sequence's HBM fraction)
@@ -92,12 +92,12 @@ def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndar
     big_r_kl_pad = big_r * kl_pad  # padded scores per chunk (whole)
     r_d = r * d  # (whole)
     q_bytes = r_d * b  # Q read, or the output written (whole)
-    inv_kv = cm._mte2_inv_rate(hbm_fraction)
+    inv_kv = cm.mte2_inv_rate(hbm_fraction)
     l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, cm.aivs
     if stages == 2:
         # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
         kl_d_b = kl * d * b  # K (or V) bytes per chunk
-        vec_in = kl_d_b * cm._mte2_inv_rate(hbm_fraction, aiv=True) / aivs
+        vec_in = kl_d_b * cm.mte2_inv_rate(hbm_fraction, aiv=True) / aivs
         vec = (r_kl * d / c.vector_lanes + r_kl * SOFTMAX_OPS / cm.lanes32) / aivs
         if mask is not None:
             vec_in, vec = vec_in + mask.chunk_load, vec + mask.chunk_select

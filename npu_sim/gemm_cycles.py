@@ -3,7 +3,7 @@
 `gemm_launch_cycles` gives, for each of a shape's candidate tilings, `Device.time(kernel).cycles`
 of the GemmKernel it builds (npu_sim.gemm_tiling.GemmTiling.kernel), bit for bit, all
 candidates at once:
-- A task's terms (npu_sim.cost.CostModel.gemm_terms) depend on its M cover entry, its columns
+- A task's terms (npu_sim.cost_gemm.gemm_terms) depend on its M cover entry, its columns
   (a full N tile, or the masked last one) and its K slice only, so they are computed once per
   distinct (candidate, cover entry, column kind, slice) row, every candidate's rows in one
   call, and expanded to each task table, in its order (m-tile major, then N tiles, then K
@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from npu_sim.cost import CostModel, TaskCosts, Unit
+from npu_sim.cost_gemm import gemm_hbm_traffic, gemm_terms, reduce_terms
 from npu_sim.device import deal
 from npu_sim.gemm_layout import CandidateLayout, Tiling, candidate_layout, cover_layout
 from npu_sim.tiling import gemm_reduce_tasks
@@ -90,12 +91,12 @@ class CostedCandidates:
         num = len(is_split)
         mte2_bytes = (m_rows + n_cols) * k_len * b
         total = np.bincount(candidate, weights=mte2_bytes * counts, minlength=num)
-        hbm_read = np.minimum(total, np.array([cm.gemm_hbm_traffic(m, n, k, menu)
+        hbm_read = np.minimum(total, np.array([gemm_hbm_traffic(cm, m, n, k, menu)
                                                for n, k, menu in layout.traffic])[
             layout.traffic_of])
-        inv_rate = cm._mte2_inv_rate(hbm_read / total)
-        terms = cm.gemm_terms(tm, tn, tk, fit, k_len, m_rows, n_cols, layout.partial,
-                              mte2_bytes, inv_rate[candidate])
+        inv_rate = cm.mte2_inv_rate(hbm_read / total)
+        terms = gemm_terms(cm, tm, tn, tk, fit, k_len, m_rows, n_cols, layout.partial,
+                           mte2_bytes, inv_rate[candidate])
         written = np.bincount(candidate, weights=terms.out_bytes * counts, minlength=num)
         # each candidate's rows are contiguous, from its first
         overhead = np.maximum.reduceat(terms.overlapped_fix, layout.first_row)
@@ -158,14 +159,15 @@ class CostedCandidates:
 def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
                    ) -> dict[int, tuple[float, float, float]]:
     """split_k -> (makespan, HBM bytes written, L2 bytes read) of the reduce phase of an
-    (m, n) split-K GEMM, for each of `splits` at once: CostModel.split_k_reduce's terms with a
-    row per split, each split's tasks dealt round-robin onto its own bins of the vector cores
-    (in task order, as the device deals them); the byte sums are whole numbers, exact."""
+    (m, n) split-K GEMM, for each of `splits` at once: npu_sim.cost_gemm.split_k_reduce's
+    terms with a row per split, each split's tasks dealt round-robin onto its own bins of the
+    vector cores (in task order, as the device deals them); the byte sums are whole numbers,
+    exact."""
     if not splits:
         return {}
     c, cores = cm.chip, cm.chip.num_vector_cores
     elems = gemm_reduce_tasks(m, n, c)["num_elems"].astype(np.float64)
-    r = cm.reduce_terms(elems, np.array(splits)[:, None])
+    r = reduce_terms(cm, elems, np.array(splits)[:, None])
     core, block = deal(len(elems), cores)
     busy = np.bincount((np.arange(len(splits))[:, None] * cores + core).reshape(-1),
                        weights=r.cycles.reshape(-1),

@@ -50,7 +50,7 @@ class CandidateLayout:
     split: list[int]  # per candidate: its split-K factor
     is_split: np.ndarray  # bool per candidate: split-K
     traffic: list[tuple[int, int, tuple[TileShape, ...]]]  # the distinct (n, k, menu) whose
-    #   HBM traffic the candidates read (CostModel.gemm_hbm_traffic)
+    #   HBM traffic the candidates read (npu_sim.cost_gemm.gemm_hbm_traffic)
     traffic_of: np.ndarray  # int64 per candidate: its index into `traffic`
     reduce: dict[int, list[int]]  # per n: the split-K factors of its split candidates, in
     #   order of first use (their reduce phases)

@@ -36,11 +36,11 @@ def _as_written(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndarray
     kl_pad = np.ceil(kl / c.cube_n) * c.cube_n
     m_load, m_sel = (0.0, 0.0) if mask is None else (mask.chunk_load, mask.chunk_select)
     kv_bytes = 2 * keys * d * b
-    inv_kv = cm._mte2_inv_rate(hbm_fraction)
+    inv_kv = cm.mte2_inv_rate(hbm_fraction)
     l2r, sync, aivs = c.mte2_l2_bytes_per_cycle, c.cross_core_sync_cycles, cm.aivs
     if stages == 2:
         # AIVs: K chunk (split between them), QK as fp16 FMAs, softmax; P out to L2.
-        vec_in = kl * d * b * cm._mte2_inv_rate(hbm_fraction, aiv=True) / aivs + m_load
+        vec_in = kl * d * b * cm.mte2_inv_rate(hbm_fraction, aiv=True) / aivs + m_load
         vec = (r * kl * d / c.vector_lanes + r * kl * SOFTMAX_OPS / cm.lanes32) / aivs + m_sel
         vec_out = r * kl * b / c.mte3_bytes_per_cycle / aivs
         cube_in = kl * d * b * inv_kv + r * kl * b / l2r  # V from HBM/L2, P from L2

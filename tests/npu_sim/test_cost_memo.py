@@ -13,6 +13,7 @@ import pytest
 from engine.arch_presets import resolve_arch
 from engine.lowering import ChunkShape, lower_attention
 from npu_sim.cost import CostModel
+from npu_sim.cost_attention_launch import attention_hbm_fraction
 from npu_sim.hardware import get_chip
 
 
@@ -53,7 +54,7 @@ def test_memoised_attention_costs_are_exact(model: str, chip_name: str) -> None:
 @pytest.mark.parametrize("model", ["llama-2-7b", "llama-3-8b"])
 def test_one_tile_sequences_read_all_their_kv_from_hbm(model: str) -> None:
     """The shortcut CostModel.attention takes for launches of one unsplit tile per sequence:
-    the HBM fraction it assumes (1.0) is what _attention_hbm_fraction computes for them."""
+    the HBM fraction it assumes (1.0) is what attention_hbm_fraction computes for them."""
     arch, chip = resolve_arch(model), get_chip("910b2")
     cm = CostModel(chip)
     checked = 0
@@ -71,8 +72,8 @@ def test_one_tile_sequences_read_all_their_kv_from_hbm(model: str) -> None:
                           + shapes["q_offset"] + shapes["q_rows"]).astype(np.float64)
         kv_bytes = 2 * keys * kernel.head_dim * cm.bytes
         context = (kernel.seqs["start_pos"] + kernel.seqs["q_len"]).astype(np.float64)
-        fraction = cm._attention_hbm_fraction(kernel, shapes["seq"],
-                                              kv_bytes * kernel.num_kv_heads, context)
+        fraction = attention_hbm_fraction(cm, kernel, shapes["seq"],
+                                          kv_bytes * kernel.num_kv_heads, context)
         assert (fraction == 1.0).all()
         checked += 1
     assert checked >= 3  # not vacuous (GQA splits the KV of small decode batches)

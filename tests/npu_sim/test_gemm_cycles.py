@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from npu_sim import cost, gemm_layout, gemm_tiling
+from npu_sim import cost_gemm, gemm_layout, gemm_tiling
 from npu_sim.cost import CostModel
+from npu_sim.cost_gemm import gemm_hbm_traffic
 from npu_sim.device import Device
 from npu_sim.gemm_cycles import CostedCandidates, gemm_launch_cycles, shapes_launch_cycles
 from npu_sim.gemm_tiling import candidates, search_tiling, search_tilings
@@ -75,7 +76,7 @@ def test_cube_costs_equal_the_cost_models(chip_name: str) -> None:
     its kernel priced alone, field by field, bit for bit."""
     chip = get_chip(chip_name)
     cm = CostModel(chip)
-    cost._KEPT_GEMMS.clear()  # CostModel.gemm below prices every kernel afresh
+    cost_gemm._KEPT_GEMMS.clear()  # CostModel.gemm below prices every kernel afresh
     for m in (1, 7, 33, 255, 777, 2048, 4100):
         batch = [(n, k, t) for rows, n, k in SHAPES if rows == m
                  for t in candidates(m, n, k, chip)]
@@ -98,12 +99,12 @@ def test_the_device_times_a_searched_gemm_as_one_priced_afresh() -> None:
     gemm_tiling._SEARCHED.clear()
     for m, n, k in ((3, 12288, 4096), (500, 22016, 4096), (2048, 4096, 11008)):
         kernel = search_tiling(m, n, k, chip).kernel("g", m, n, k, chip)
-        assert cost._KEPT_GEMMS[id(kernel.tasks)][0] is kernel.tasks
+        assert cost_gemm._KEPT_GEMMS[id(kernel.tasks)][0] is kernel.tasks
         kept = Device(chip, compute=False, timeline=False).time(kernel)
-        assert CostModel(chip).gemm(kernel) is cost._KEPT_GEMMS[id(kernel.tasks)][2]
+        assert CostModel(chip).gemm(kernel) is cost_gemm._KEPT_GEMMS[id(kernel.tasks)][2]
         quantized = dataclasses.replace(kernel, weights="w8a16")
-        assert CostModel(chip).gemm(quantized) is not cost._KEPT_GEMMS[id(kernel.tasks)][2]
-        cost._KEPT_GEMMS.clear()
+        assert CostModel(chip).gemm(quantized) is not cost_gemm._KEPT_GEMMS[id(kernel.tasks)][2]
+        cost_gemm._KEPT_GEMMS.clear()
         afresh = Device(chip, compute=False, timeline=False).time(kernel)
         assert kept.step_sums.tolist() == afresh.step_sums.tolist()
         assert (kept.cycles, kept.bound, kept.block_dim) == (
@@ -111,7 +112,7 @@ def test_the_device_times_a_searched_gemm_as_one_priced_afresh() -> None:
 
 
 def _blocked_hbm_traffic(cm: CostModel, m: int, n: int, k: int, menu: tuple) -> float:
-    """CostModel.gemm_hbm_traffic as the module docstring states it, every block tried afresh:
+    """gemm_hbm_traffic as npu_sim.cost's docstring states it, every block tried afresh:
     Mb = m or the smallest tm doubled while below m, Nb the widest multiple of the N tile L2
     holds next to Mb rows (at least one tile)."""
     b, tn = cm.bytes, menu[0].tn
@@ -138,7 +139,7 @@ def test_hbm_traffic_equals_every_block_tried(chip_name: str) -> None:
         for tn in (128, 176, 256):
             menu = gemm_menu(chip, tn)
             for m in (*range(1, 4200), 8191, 8192, 8193, 16384):
-                assert cm.gemm_hbm_traffic(m, n, k, menu) == _blocked_hbm_traffic(
+                assert gemm_hbm_traffic(cm, m, n, k, menu) == _blocked_hbm_traffic(
                     cm, m, n, k, menu), (m, n, k, tn)
 
 
@@ -181,13 +182,13 @@ def test_searches_on_plans_kept_from_other_token_counts_pick_as_afresh() -> None
     for m in (*range(1, 70), *range(990, 1100), 2040, 2047, 2048, 4100):
         gemm_tiling._SEARCHED.clear()
         kept = search_tilings(m, shapes, chip)
-        kept_costs = [cost._KEPT_GEMMS[id(t.kernel("", m, n, k, chip).tasks)][2]
+        kept_costs = [cost_gemm._KEPT_GEMMS[id(t.kernel("", m, n, k, chip).tasks)][2]
                       for t, (n, k) in zip(kept, shapes, strict=True)]
         gemm_tiling._SEARCHED.clear()
         gemm_tiling._PLANS.clear()
         assert search_tilings(m, shapes, chip) == kept, m
         for t, (n, k), a in zip(kept, shapes, kept_costs, strict=True):
-            b = cost._KEPT_GEMMS[id(t.kernel("", m, n, k, chip).tasks)][2]
+            b = cost_gemm._KEPT_GEMMS[id(t.kernel("", m, n, k, chip).tasks)][2]
             for field in dataclasses.fields(a):
                 x, y = getattr(a, field.name), getattr(b, field.name)
                 assert np.array_equal(x, y) if field.name == "cycles" else x == y, (m, n)

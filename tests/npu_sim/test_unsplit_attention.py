@@ -1,6 +1,6 @@
 """Batches of decodes and prefill chunks (no verify chunk) none of whose tiles is split are
 lowered without their sequence and shape tables (engine.lowering_unsplit.lower_unsplit) and
-priced from their lengths (AttentionKernel.unsplit, CostModel._unsplit_attention): the general
+priced from their lengths (AttentionKernel.unsplit, npu_sim.cost_attention_launch): the general
 lowering's dealt order, shapes and tables, and the same timing and step sums bit for bit as the
 tables give, for MHA, GQA and a tensor-parallel shard, on 910B chips, chunks of every size
 around the Q tile's and contexts around the KV-split threshold, the row memo cold and warm."""
