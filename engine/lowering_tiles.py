@@ -54,7 +54,7 @@ class QTiles(NamedTuple):
 
 
 def kernel_fields(chunks: tuple[ChunkLike, ...], arch: ModelArch, block_size: int,
-                   tiles: Callable[[], QTiles]) -> dict[str, Any]:
+                  tiles: Callable[[], QTiles]) -> dict[str, Any]:
     """The AttentionKernel fields every meta-kernel launch has alike: its model shape, and its
     block, task and combine tables built on first read (from `tiles()`, its Q tiles)."""
     tables = once(lambda: task_tables(tiles(), arch.num_kv_heads))
@@ -86,7 +86,7 @@ def once(build: Callable[[], T]) -> Callable[[], T]:
 
 
 def q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None, g: int,
-             num_kv_heads: int, chip: ChipSpec, block_size: int) -> QTiles:
+            num_kv_heads: int, chip: ChipSpec, block_size: int) -> QTiles:
     """The Q tiles of sequences of q_len query tokens from start_pos (verify: which are verify
     chunks; None = none), each with its KV spans: as many as its work over the per-core share,
     each of at least MIN_KV_SPAN_TOKENS (evenly spaced bounds)."""
@@ -97,7 +97,7 @@ def q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None,
         tile_rows = np.full(num_seqs, attention_q_tile(1, g)[0], dtype=np.int64)
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
         return kv_spans(seq, q_offset, q_rows, tile_rows, start_pos + q_len, g, num_kv_heads,
-                      chip, block_size)
+                        chip, block_size)
     if verify is None:
         verify = np.zeros(num_seqs, dtype=bool)
     # (tile_rows, tokens per tile) per sequence, then per tile
@@ -106,18 +106,18 @@ def q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None,
     if len(num_tiles) and int(num_tiles.max()) == 1:  # one tile per sequence
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
         return kv_spans(seq, q_offset, q_rows, seq_tile_rows, start_pos + q_len, g,
-                      num_kv_heads, chip, block_size)
+                        num_kv_heads, chip, block_size)
     seq = np.repeat(np.arange(num_seqs), num_tiles)
     q_offset = (np.arange(len(seq)) - np.repeat(np.cumsum(num_tiles) - num_tiles,
                                                 num_tiles)) * seq_tile_tokens[seq]
     q_rows = np.minimum(seq_tile_tokens[seq], q_len[seq] - q_offset)
     return kv_spans(seq, q_offset, q_rows, seq_tile_rows[seq], start_pos[seq] + q_offset + q_rows,
-                  g, num_kv_heads, chip, block_size)
+                    g, num_kv_heads, chip, block_size)
 
 
 def kv_spans(seq: np.ndarray, q_offset: np.ndarray, q_rows: np.ndarray, tile_rows: np.ndarray,
-           horizon: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
-           block_size: int) -> QTiles:
+             horizon: np.ndarray, g: int, num_kv_heads: int, chip: ChipSpec,
+             block_size: int) -> QTiles:
     """The tiles (per tile: sequence, first query token, query tokens, tile rows, keys its last
     row sees) with their KV blocks and spans."""
     n_blocks = (horizon + (block_size - 1)) // block_size  # the causal horizon's
@@ -144,7 +144,7 @@ def core_share(work: int, num_kv_heads: int, chip: ChipSpec) -> float:
 
 
 def span_shapes(tiles: QTiles, num_kv_heads: int, max_spans: int,
-            ) -> tuple[np.ndarray, np.ndarray]:
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(shapes, task_shape) of the meta-kernel (see AttentionKernel): the KV head 0 task of
     every (tile, span), in (tile, span) order, and the shape of every task in the dealt order,
     the one `task_tables` lists. That order is tasks sorted by -(tile_rows x blocks), ties in

@@ -47,7 +47,7 @@ def lower_unsplit(chunks: tuple[ChunkLike, ...], start_pos: np.ndarray, num_toke
     g, num_kv_heads = arch.num_heads // arch.num_kv_heads, arch.num_kv_heads
     q_len = once(lambda: np.array(num_tokens, dtype=np.int64))
     tiles = once(lambda: q_tiles(q_len(), start_pos, None, g, num_kv_heads, chip,
-                                   block_size))
+                                 block_size))
     fields = {"seqs": lambda: seq_table(q_len(), start_pos), "num_partial_slots": 0,
               "shapes": lambda: tile_shapes(tiles()),
               **kernel_fields(chunks, arch, block_size, tiles)}
