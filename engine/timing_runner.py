@@ -152,9 +152,14 @@ class TimingRunner:
         # nothing from the generator: its one token, directly; a verify then draws its accepted
         # drafts, in chunk order (its key keeps its place).
         token = (SYNTHETIC_TOKEN_ID,)
-        sampled = {c.request_id: token for c in chunks if c.sample}  # (a chunk per request)
-        drafts = any([c.draft_parents for c in chunks])
-        verifying = [c for c in chunks if c.draft_parents and c.sample] if drafts else []
+        decodes_only = scheduler_output.num_decodes == len(chunks)  # a token each, sampled
+        if decodes_only:  # (most steps: no chunk has drafts, each samples)
+            sampled = dict.fromkeys([c.request_id for c in chunks], token)
+            drafts, verifying = False, []
+        else:
+            sampled = {c.request_id: token for c in chunks if c.sample}  # (a chunk a request)
+            drafts = any([c.draft_parents for c in chunks])
+            verifying = [c for c in chunks if c.draft_parents and c.sample] if drafts else []
         num_sampled = len(sampled) + sum([c.num_draft_tokens for c in verifying])
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
@@ -165,7 +170,7 @@ class TimingRunner:
                 self.device.launch(kernel)
             trace = self.device.end_step(num_requests=len(chunks))
         else:
-            trace = None if drafts else self._time_unsplit(chunks, num_sampled)
+            trace = None if drafts else self._time_unsplit(chunks, num_sampled, decodes_only)
             if trace is None:
                 shared, attention = lower_step_counts(
                     chunks, num_sampled, self.arch, self.device.chip, self.block_size,
@@ -179,8 +184,8 @@ class TimingRunner:
                   if request_id in sampled}
         return ModelOutput(sampled_token_ids=sampled, trace=trace, drafts=drafts)
 
-    def _time_unsplit(self, chunks: tuple[ScheduledChunk, ...],
-                      num_sampled: int) -> StepTrace | None:
+    def _time_unsplit(self, chunks: tuple[ScheduledChunk, ...], num_sampled: int,
+                      decodes_only: bool = False) -> StepTrace | None:
         """The trace of a step without drafts, the general path's (`lower_step_counts`,
         `Device.time_launches`) bit for bit, or None where that path is to time it: split KV,
         a chunk of no token, a lowering or cost model that prices no launch from its lengths.
@@ -190,13 +195,14 @@ class TimingRunner:
         (lower_decodes, Device.time_decodes); the launches it shares with other steps, which
         depend only on its tokens and sampled rows, kept from the first such step: timed the
         general way, or, where earlier steps had its tokens and its sampled rows, made of the
-        head of the former's and the tail of the latter's."""
+        head of the former's and the tail of the latter's. decodes_only: the scheduler said
+        every chunk is a decode (SchedulerOutput.num_decodes), so none is read for its length."""
         if (self.policy.attention is not AttentionPolicy.META
                 or not self.device.cost_model.memo_rows):
             return None
         # comprehensions: see execute (ScheduledChunk.num_tokens is a property: len(token_ids))
-        num_tokens = [len(c.token_ids) for c in chunks]
-        num_tokens_all = sum(num_tokens)
+        num_tokens = None if decodes_only else [len(c.token_ids) for c in chunks]
+        num_tokens_all = len(chunks) if num_tokens is None else sum(num_tokens)
         key = (num_tokens_all, num_sampled)
         shared = self._shared_launches.get(key)
         if shared is None:
@@ -213,7 +219,7 @@ class TimingRunner:
             _keep(self._shared_launches, key, shared)
         start_pos = np.array([c.start_pos for c in chunks], np.int64)
         chip = self.device.chip
-        if num_tokens.count(1) == len(chunks):  # a token each: decodes
+        if num_tokens is None or num_tokens.count(1) == len(chunks):  # a token each: decodes
             decodes = lower_decodes(start_pos, self._card, chip, self.block_size)
             if decodes is None:
                 return None

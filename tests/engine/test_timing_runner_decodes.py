@@ -119,7 +119,13 @@ def _assert_runner_as_general(model: str, tp: int, chip_name: str,
     for i, (starts, counts) in enumerate(batches):
         chunks = _chunks(starts, counts, unsampled=3 * (i % 2))  # sampled rows fewer or not
         num_sampled = sum(c.sample for c in chunks)
-        fast = runner.execute(SchedulerOutput(chunks)).trace
+        # a batch of sampled one-token chunks says so, as the scheduler does (num_decodes:
+        # the runner reads no chunk's length); the others (every other one samples fewer) not
+        decodes = all(c.sample and len(c.token_ids) == 1 for c in chunks)
+        output = runner.execute(SchedulerOutput(chunks, num_decodes=len(chunks) * decodes))
+        assert output.sampled_token_ids == {c.request_id: (timing_runner.SYNTHETIC_TOKEN_ID,)
+                                            for c in chunks if c.sample}
+        fast = output.trace
         shared, attention = lower_step_counts(chunks, num_sampled, arch, chip, BLOCK,
                                               arch.num_layers, tp=tp)
         assert_same_trace(fast, general.time_launches(shared, attention, len(chunks)))
