@@ -82,15 +82,21 @@ def test_quiet_processing_matches_deltas(make_scheduler: MakeScheduler,
     assert num_decode_rows
 
 
-def test_update_out_of_chunk_order_is_refused(make_scheduler: MakeScheduler,
-                                              make_request: MakeRequest) -> None:
-    scheduler = make_scheduler()
-    processor = OutputProcessor(None, 0, deltas=True)
+def _add_two(scheduler: Scheduler, processor: OutputProcessor,
+             make_request: MakeRequest) -> None:
+    """Requests "a" and "b" (4 prompt tokens, 3 to generate) to both."""
     for request_id in ("a", "b"):
         request = make_request(request_id, 4, 3)
         scheduler.add_request(request)
         processor.add_request(request_id, request.prompt_token_ids, request.sampling_params,
                               0.0, 0.0)
+
+
+def test_update_out_of_chunk_order_is_refused(make_scheduler: MakeScheduler,
+                                              make_request: MakeRequest) -> None:
+    scheduler = make_scheduler()
+    processor = OutputProcessor(None, 0, deltas=True)
+    _add_two(scheduler, processor, make_request)
     out = scheduler.schedule()
     model_output = ModelOutput(sampled_token_ids={"a": (5,), "b": (6,)})
     rows = scheduler.update_rows_from_output(out, model_output)
@@ -103,11 +109,7 @@ def test_quiet_decode_updates_out_of_chunk_order_are_refused(make_scheduler: Mak
     """The quiet processor's decode rows, taken together (engine.token_runs), refuse them too."""
     scheduler = make_scheduler()
     processor = OutputProcessor(None, 0, deltas=False)
-    for request_id in ("a", "b"):
-        request = make_request(request_id, 4, 3)
-        scheduler.add_request(request)
-        processor.add_request(request_id, request.prompt_token_ids, request.sampling_params,
-                              0.0, 0.0)
+    _add_two(scheduler, processor, make_request)
     for step in range(3):  # prefill, then decodes; both finish at the third token
         out = scheduler.schedule()
         model_output = ModelOutput(sampled_token_ids={"a": (5,), "b": (6,)})
