@@ -24,7 +24,9 @@ Timings are cached per kernel object within a step (a layer's kernels are launch
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
 per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
 further: what the kernels it shares with other steps add up to is kept per set of them
-(npu_sim.step_sums), and only its attention kernels are timed and summed, a meta-attention
+(npu_sim.step_sums), built, where no timeline is kept, from their GEMM and vector kernels'
+LaunchSums without a KernelTiming (`Device._shared_sums`: a new token count's kernels are read
+for its template alone), and only its attention kernels are timed and summed, a meta-attention
 launch without combine tasks without a KernelTiming (`Device._mix_launch_sums`; one without
 verify chunks priced from its sequences' lengths, npu_sim.cost); a step whose one own kernel
 is a launch of decodes is timed from their lengths alone, without the kernel (`time_decodes`).
