@@ -24,7 +24,9 @@ Timings are cached per kernel object within a step (a layer's kernels are launch
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
 per launch plus a few numpy calls per distinct kernel. A timing-only step (`time_launches`) goes
 further: what the kernels it shares with other steps add up to is kept per set of them
-(npu_sim.step_sums), and only its attention kernels are timed and summed, a meta-attention
+(npu_sim.step_sums), built, where no timeline is kept, from their GEMM and vector kernels'
+LaunchSums without a KernelTiming (`Device._shared_sums`: a new token count's kernels are read
+for its template alone), and only its attention kernels are timed and summed, a meta-attention
 launch without combine tasks without a KernelTiming (`Device._mix_launch_sums`; one without
 verify chunks priced from its sequences' lengths, npu_sim.cost); a step whose one own kernel
 is a launch of decodes is timed from their lengths alone, without the kernel (`time_decodes`).
@@ -35,7 +37,7 @@ from __future__ import annotations
 import functools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -149,6 +151,9 @@ class Device:
         # is not reused while cached)
         self._kernel_cache: dict[int, tuple[Kernel, KernelTiming]] = {}
         self._shape_cache: OrderedDict[tuple[Any, ...], KernelTiming] = OrderedDict()
+        # ... and what templates read of GEMM and vector kernels' timings where no timeline is
+        # kept (`_shared_sums`), by kernel
+        self._kernel_sums: dict[int, tuple[Kernel, LaunchSums]] = {}
         # timing-only steps: what their shared launches add up to (npu_sim.step_sums)
         self._step_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches
         self._head_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches.head
@@ -288,7 +293,7 @@ class Device:
         """What `shared`'s launches add up to, built on its first step (npu_sim.step_sums)."""
         return _kept(self._step_templates, shared, lambda: extend_template(
             self._head_template(shared.head), shared,
-            [(self._timing(k), n) for k, n in shared.tail], self._step_sums_size))
+            [(self._shared_sums(k), n) for k, n in shared.tail], self._step_sums_size))
 
     def _varying_sums(self, template: StepTemplate, varying: Sequence[Kernel],
                       ) -> list[tuple[KernelTiming | LaunchSums, int]]:
@@ -347,7 +352,7 @@ class Device:
         """The template of the head of shared launches (npu_sim.step_sums), built on its first
         step: every step of the head's token count extends it by its own tail."""
         return _kept(self._head_templates, head, lambda: build_template(
-            head, [(None if k is None else self._timing(k), n) for k, n in head],
+            head, [(None if k is None else self._shared_sums(k), n) for k, n in head],
             self._step_sums_size))
 
     def begin_step(self) -> None:
@@ -404,25 +409,55 @@ class Device:
 
     def time(self, kernel: Kernel) -> KernelTiming:
         """Cost one launch of `kernel` (not recorded, nothing computed)."""
-        c, cm = self.chip, self.cost_model
+        c = self.chip
         if isinstance(kernel, CollectiveKernel):
             return _collective_timing(kernel, c)
+        s = self._dealt(kernel)
+        return KernelTiming(
+            primitive=kernel.primitive, name=kernel.name, shape=_shape_label(kernel),
+            pipeline=s.pipeline, cycles=s.cycles, seconds=s.cycles / c.clock_hz,
+            launch_cycles=s.launch_cycles, block_dim=s.block_dim, bound=s.bound,
+            cube_busy_cycles=_frozen(s.cube_busy), vector_busy_cycles=_frozen(s.vector_busy),
+            cube_active_cycles=s.cube_active, vector_active_cycles=s.vector_active,
+            hbm_read_bytes=s.hbm_read, hbm_write_bytes=s.hbm_write, flops=s.flops,
+            cube_macs=s.cube_macs, useful_cube_macs=s.useful_cube_macs,
+            num_tasks=s.num_tasks, kernel=kernel, **s.timeline)
+
+    def _shared_sums(self, kernel: Kernel) -> KernelTiming | LaunchSums:
+        """What a template reads of a shared kernel's timing (npu_sim.step_sums): `_timing`'s,
+        or on a device without timelines, for a GEMM or vector kernel, the LaunchSums of
+        `time(kernel)` bit for bit (the same `_dealt`, the same row), without a KernelTiming:
+        a new token count's kernels are timed once, for its template, and never read again.
+        Kept by kernel (the entry holds it, so its id is not reused while kept)."""
+        entry = self._kernel_cache.get(id(kernel)) or self._kernel_sums.get(id(kernel))
+        if entry is not None and entry[0] is kernel:
+            return entry[1]
+        if self.timeline or not isinstance(kernel, (GemmKernel, VectorKernel)):
+            return self._timing(kernel)
+        s = self._dealt(kernel)
+        row = step_sums_row([s.cycles, s.cube_active, s.vector_active, s.hbm_read + s.hbm_write,
+                             s.flops, s.cube_macs, s.useful_cube_macs], s.cube_busy, s.vector_busy)
+        sums = LaunchSums(kernel.primitive, kernel.primitive.value, s.cycles / self.chip.clock_hz,
+                          s.num_tasks, row)
+        if len(self._kernel_sums) >= _SHAPE_CACHE_SIZE:
+            self._kernel_sums.clear()
+        self._kernel_sums[id(kernel)] = (kernel, sums)
+        return sums
+
+    def _dealt(self, kernel: Kernel) -> _Dealt:
+        """A GEMM, vector or attention launch's phases priced, dealt to cores and summed."""
+        c, cm = self.chip, self.cost_model
         groups, symmetric = None, False
         if isinstance(kernel, GemmKernel):
             phases = [cm.gemm(kernel), cm.gemm_reduce(kernel)]
             launch_s = c.cube_launch_s
-            shape = f"M={kernel.m} N={kernel.n} K={kernel.k}" + (
-                f" (valid M={kernel.valid_m})" if kernel.valid_m is not None else "")
         elif isinstance(kernel, VectorKernel):
             phases = [cm.vector(kernel)]
             launch_s = c.vector_launch_s
-            shape = f"{kernel.op.value} {kernel.num_rows}x{kernel.row_len}"
         elif isinstance(kernel, AttentionKernel):
             phases = list(cm.attention(kernel))
             launch_s = c.cube_launch_s
             groups, symmetric = kernel.task_group, kernel.task_group is None
-            shape = (f"seqs={kernel.num_seqs} tokens={kernel.num_tokens} "
-                     f"tasks={kernel.num_tasks}+{kernel.num_combine_tasks}")
         else:
             raise TypeError(f"not a kernel: {type(kernel).__name__}")
 
@@ -474,18 +509,48 @@ class Device:
         if stretch != 1.0:  # (times 1.0 changes no bit)
             cube_busy, vector_busy = cube_busy * stretch, vector_busy * stretch
         launch_cycles = launch_s * c.clock_hz
-        cycles = launch_cycles + makespan
-        return KernelTiming(
-            primitive=kernel.primitive, name=kernel.name, shape=shape,
-            pipeline=phases[0].pipeline, cycles=cycles, seconds=cycles / c.clock_hz,
+        return _Dealt(
+            pipeline=phases[0].pipeline, cycles=launch_cycles + makespan,
             launch_cycles=launch_cycles, block_dim=block_dim, bound=bound,
-            cube_busy_cycles=_frozen(cube_busy), vector_busy_cycles=_frozen(vector_busy),
-            cube_active_cycles=cube_active, vector_active_cycles=vector_active,
-            hbm_read_bytes=hbm_read, hbm_write_bytes=hbm_write, flops=flops,
+            cube_busy=cube_busy, vector_busy=vector_busy, cube_active=cube_active,
+            vector_active=vector_active, hbm_read=hbm_read, hbm_write=hbm_write, flops=flops,
             cube_macs=cube_macs, useful_cube_macs=useful_cube_macs, num_tasks=num_tasks,
-            kernel=kernel, **(_task_timeline(units, cores, starts, durations, stretch)
-                               if self.timeline else _NO_TIMELINE),
-        )
+            timeline=(_task_timeline(units, cores, starts, durations, stretch)
+                      if self.timeline else _NO_TIMELINE))
+
+
+class _Dealt(NamedTuple):
+    """A launch priced and dealt (Device._dealt): KernelTiming's values but its labels, the
+    busy arrays writable, the per-task timeline as KernelTiming's fields."""
+
+    pipeline: str
+    cycles: float
+    launch_cycles: float
+    block_dim: int
+    bound: str
+    cube_busy: np.ndarray
+    vector_busy: np.ndarray
+    cube_active: float
+    vector_active: float
+    hbm_read: float
+    hbm_write: float
+    flops: float
+    cube_macs: float
+    useful_cube_macs: float
+    num_tasks: int
+    timeline: dict[str, np.ndarray]
+
+
+def _shape_label(kernel: Kernel) -> str:
+    """KernelTiming.shape of a GEMM, vector or attention kernel."""
+    if isinstance(kernel, GemmKernel):
+        return f"M={kernel.m} N={kernel.n} K={kernel.k}" + (
+            f" (valid M={kernel.valid_m})" if kernel.valid_m is not None else "")
+    if isinstance(kernel, VectorKernel):
+        return f"{kernel.op.value} {kernel.num_rows}x{kernel.row_len}"
+    assert isinstance(kernel, AttentionKernel)
+    return (f"seqs={kernel.num_seqs} tokens={kernel.num_tokens} "
+            f"tasks={kernel.num_tasks}+{kernel.num_combine_tasks}")
 
 
 # Tasks a launch runs, by kernel type (attention: its tasks and combine tasks; a GEMM: its tile

@@ -62,7 +62,6 @@ class StepTemplate:
     """What the shared launches of a step contribute to its sums (see the module docstring)."""
 
     launches: SharedLaunches | Launches  # what it was built from (held: its id keys it)
-    shared: tuple[KernelTiming, ...]  # the shared kernels' timings, in launch order
     varying_counts: tuple[int, ...]  # launches of each of the step's own kernels, in order
     prefix: np.ndarray | None  # rows before the first own kernel, accumulated; None: none
     rest: np.ndarray  # (kernels from the first own one on, sums): rows times launches, the
@@ -77,9 +76,11 @@ class StepTemplate:
 
 
 def build_template(launches: SharedLaunches | Launches,
-                   pairs: Sequence[tuple[KernelTiming | None, int]], size: int) -> StepTemplate:
+                   pairs: Sequence[tuple[KernelTiming | LaunchSums | None, int]],
+                   size: int) -> StepTemplate:
     """The template of `launches`, whose kernels' (timing or None, launches) are `pairs`;
-    `size`: the length of a step_sums row."""
+    `size`: the length of a step_sums row. (A shared kernel's LaunchSums, or KernelTiming:
+    what step_sums reads of it.)"""
     varying = [i for i, (t, _) in enumerate(pairs) if t is None]
     first = varying[0] if varying else len(pairs)
     rows = np.zeros((len(pairs), size))
@@ -93,15 +94,16 @@ def build_template(launches: SharedLaunches | Launches,
         rows[i] = _add_shared(t, n, names, seconds, counts)
     prefix = np.add.accumulate(rows[:first], axis=0)[-1] if first else None
     return StepTemplate(
-        launches=launches, shared=tuple(t for t, _ in pairs if t is not None),
-        varying_counts=tuple(pairs[i][1] for i in varying), prefix=prefix, rest=rows[first:],
+        launches=launches, varying_counts=tuple(pairs[i][1] for i in varying), prefix=prefix,
+        rest=rows[first:],
         varying_rows=tuple(i - first for i in varying), primitive_names=tuple(names),
         shared_seconds=seconds, num_launches=sum(n for _, n in pairs),
         shared_counts=tuple((p, n, tasks) for p, (n, tasks) in counts.items()))
 
 
 def extend_template(head: StepTemplate, launches: SharedLaunches,
-                    tail: Sequence[tuple[KernelTiming, int]], size: int) -> StepTemplate:
+                    tail: Sequence[tuple[KernelTiming | LaunchSums, int]],
+                    size: int) -> StepTemplate:
     """build_template(launches, pairs, size), where `head` is the template of launches.head
     and `tail` the (timing, launches) of launches.tail's kernels (pairs: the head's, then
     `tail`): the head's rows and sums kept, the tail's added after them in order."""
@@ -118,14 +120,13 @@ def extend_template(head: StepTemplate, launches: SharedLaunches,
         start = () if prefix is None else (prefix[None],)
         prefix = np.add.accumulate(np.concatenate((*start, rows)), axis=0)[-1]
     return StepTemplate(
-        launches=launches, shared=head.shared + tuple(t for t, _ in tail),
-        varying_counts=head.varying_counts, prefix=prefix, rest=rest,
+        launches=launches, varying_counts=head.varying_counts, prefix=prefix, rest=rest,
         varying_rows=head.varying_rows, primitive_names=tuple(names),
         shared_seconds=seconds, num_launches=head.num_launches + sum(n for _, n in tail),
         shared_counts=tuple((p, n, tasks) for p, (n, tasks) in counts.items()))
 
 
-def _add_shared(t: KernelTiming, n: int, names: dict[str | None, None],
+def _add_shared(t: KernelTiming | LaunchSums, n: int, names: dict[str | None, None],
                 seconds: dict[str, float], counts: dict[Primitive, list[int]]) -> np.ndarray:
     """Count `n` launches of a shared kernel timed `t` into a template's primitive names,
     seconds and (launches, tasks) per primitive, in launch order; its step_sums row."""

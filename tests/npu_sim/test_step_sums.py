@@ -16,6 +16,7 @@ from engine.lowering import (
     BASELINE_POLICY,
     DEFAULT_POLICY,
     ChunkShape,
+    LoweringPolicy,
     lower_step,
     lower_step_counts,
     step_launch_counts,
@@ -23,10 +24,12 @@ from engine.lowering import (
 )
 from npu_sim.device import Device
 from npu_sim.hardware import get_chip
-from npu_sim.step_sums import StepTemplate, build_template, extend_template
+from npu_sim.step_sums import LaunchSums, StepTemplate, build_template, extend_template
+from npu_sim.tasks import GemmKernel, VectorKernel
 from npu_sim.trace import StepTrace
 
 B2 = get_chip("910b2")
+SLOW_HBM = dataclasses.replace(B2, name="slow-hbm", hbm_bytes_per_s=B2.hbm_bytes_per_s / 8)
 BATCHES = [  # (start_pos, num_tokens) per chunk; the first two share their token count
     [(0, 700), (300, 1), (2000, 1), (50, 17)],
     [(100, 700), (301, 1), (2001, 1), (60, 17)],
@@ -41,12 +44,15 @@ def chunks(specs: list[tuple[int, int]], block_size: int = 128) -> list[ChunkSha
             for start, n in specs]
 
 
+@pytest.mark.parametrize("timeline", [True, False])  # (without: shared kernels' LaunchSums)
 @pytest.mark.parametrize("model,tp,policy", [("llama-2-7b", 1, DEFAULT_POLICY),
                                              ("llama-2-7b", 1, BASELINE_POLICY),
                                              ("qwen2.5-72b", 4, DEFAULT_POLICY)])
-def test_time_launches_reports_what_launching_every_kernel_does(model, tp, policy) -> None:
+def test_time_launches_reports_what_launching_every_kernel_does(model, tp, policy,
+                                                               timeline) -> None:
     arch = get_arch(model)
-    timed, launched = Device(B2, compute=False), Device(B2, compute=False)
+    timed = Device(B2, compute=False, timeline=timeline)
+    launched = Device(B2, compute=False)
     for specs in BATCHES * 2:  # again: the templates are reused
         plan = lower_step(chunks(specs), len(specs), arch, B2, 128, policy, tp=tp)
         a = timed.time_launches(*step_launch_counts(plan, arch.num_layers),
@@ -81,6 +87,39 @@ def test_lower_step_counts_is_step_launch_counts_of_the_plan(model, tp, policy) 
         assert (a.sim_s, a.device_s, a.flops, a.hbm_bytes) == (b.sim_s, b.device_s, b.flops,
                                                                 b.hbm_bytes)
         assert np.array_equal(a.cube_busy_s, b.cube_busy_s)
+
+
+@pytest.mark.parametrize("chip", [B2, SLOW_HBM])
+@pytest.mark.parametrize("model,tp,policy", [("llama-2-7b", 1, DEFAULT_POLICY),
+                                             ("llama-2-7b", 1, BASELINE_POLICY),
+                                             ("llama-2-7b", 1, LoweringPolicy(weights="w4a16")),
+                                             ("qwen2.5-72b", 4, DEFAULT_POLICY)])
+def test_shared_sums_are_the_timings_step_sums(model, tp, policy, chip) -> None:
+    """What a template reads of a shared kernel on a device without timelines (its LaunchSums,
+    for GEMM and vector kernels) is what it reads of the kernel's KernelTiming, bit for bit:
+    single and split-K GEMMs (Qwen's, on four cards), quantized (mix) GEMMs, pad copies, vector
+    kernels, collectives, bandwidth-bound launches (stretched busy cycles)."""
+    arch = get_arch(model)
+    fast, general = Device(chip, compute=False, timeline=False), Device(chip, compute=False)
+    kinds = set()
+    for specs in BATCHES:
+        plan = lower_step(chunks(specs), len(specs), arch, chip, 128, policy, tp=tp)
+        shared, _ = step_launch_counts(plan, arch.num_layers)
+        for kernel, _ in shared:
+            if kernel is None:
+                continue
+            a, b = fast._shared_sums(kernel), general.time(kernel)
+            assert fast._shared_sums(kernel) is a  # kept
+            if isinstance(kernel, GemmKernel | VectorKernel):
+                assert isinstance(a, LaunchSums)
+                kinds.add((type(kernel), kernel.reduce_tasks is not None
+                           if isinstance(kernel, GemmKernel) else False, b.bound))
+            assert (a.primitive, a.primitive_name, a.seconds, a.num_tasks) == (
+                b.primitive, b.primitive_name, b.seconds, b.num_tasks)
+            assert a.step_sums.tobytes() == b.step_sums.tobytes()
+    assert {kind for kind, *_ in kinds} == {GemmKernel, VectorKernel}
+    if chip is SLOW_HBM:
+        assert "hbm" in {bound for *_, bound in kinds}
 
 
 def assert_same_step_trace(a: StepTrace, b: StepTrace) -> None:
