@@ -102,7 +102,7 @@ def q_tiles(q_len: np.ndarray, start_pos: np.ndarray, verify: np.ndarray | None,
         verify = np.zeros(num_seqs, dtype=bool)
     # (tile_rows, tokens per tile) per sequence, then per tile
     seq_tile_rows, seq_tile_tokens = attention_q_tiles(q_len, g, verify)
-    num_tiles = -(-q_len // seq_tile_tokens)
+    num_tiles = -(-q_len // np.maximum(seq_tile_tokens, 1))  # (a chunk of no token: no tile)
     if len(num_tiles) and int(num_tiles.max()) == 1:  # one tile per sequence
         seq, q_offset, q_rows = np.arange(num_seqs), np.zeros(num_seqs, np.int64), q_len
         return kv_spans(seq, q_offset, q_rows, seq_tile_rows, start_pos + q_len, g,
