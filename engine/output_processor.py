@@ -12,7 +12,7 @@ stop strings cannot be asked for.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,29 +136,8 @@ class OutputProcessor:
         if num_decodes:
             request_ids = [c.request_id for c in chunks[:num_decodes]]
             if runs.ids.issuperset(request_ids):
-                # Every decode row got a token in the previous step and gets one now (a decode
-                # samples one): nothing to write per row (engine.token_runs), one latency for
-                # all. The finished ones (their updates come first, in chunk order) are output
-                # as the general walk would, their ITLs that same value.
-                continued = set(request_ids)
-                last_index = -1
-                while row is not None and row[0] in continued:
-                    index = request_ids.index(row[0])
-                    if index < last_index:
-                        break  # out of chunk order: refused below, as the general walk does
-                    last_index = index
-                    request_id, token_ids, logprobs, finish_reason = row
-                    row = next(rows, None)
-                    continued.discard(request_id)
-                    output, stopped = self._output(request_id, token_ids, logprobs,
-                                                   finish_reason, now_s, now_sim_s, stats)
-                    if output is not None:
-                        outputs.append(output)
-                    if stopped:
-                        stopped_ids.append(request_id)
-                last_s, last_sim_s = runs.last_clock
-                itls_s += [now_s - last_s] * len(continued)
-                itls_sim_s += [now_sim_s - last_sim_s] * len(continued)
+                continued, row = self._steady_decodes(request_ids, row, rows, now_s, now_sim_s,
+                                                      stats, outputs, stopped_ids)
                 num_quiet_tokens = len(continued)
                 chunks = chunks[num_decodes:]
         # One walk over the chunks, taking each one's update on the way (this runs once per
@@ -198,12 +177,8 @@ class OutputProcessor:
                 logprobs, finish_reason = None, None
             else:
                 continue  # nothing new (a prefill chunk short of the last known token)
-            output, stopped = self._output(request_id, token_ids, logprobs, finish_reason,
-                                           now_s, now_sim_s, stats)
-            if output is not None:
-                outputs.append(output)
-            if stopped:
-                stopped_ids.append(request_id)
+            self._emit(request_id, token_ids, logprobs, finish_reason, now_s, now_sim_s, stats,
+                       outputs, stopped_ids)
             if runs is not None and token_ids and request_id in states:
                 started.append(request_id)
         if row is not None:
@@ -214,6 +189,47 @@ class OutputProcessor:
         stats.num_generation_tokens += num_quiet_tokens
         return StepResult(outputs, stopped_ids,
                           stats.build(now_s - start_s, step_sim_s, model_output.trace))
+
+    def _steady_decodes(self, request_ids: list[str], row: TokenUpdateRow | None,
+                        rows: Iterator[TokenUpdateRow], now_s: float, now_sim_s: float,
+                        stats: _StepStats, outputs: list[RequestOutput],
+                        stopped_ids: list[str]) -> tuple[set[str], TokenUpdateRow | None]:
+        """`process`' decode rows (`request_ids`) of a quiet processor's step when every one of
+        them got a token in the previous step and gets one now (a decode samples one): nothing
+        to write per row (engine.token_runs), one latency for all. The finished ones (their
+        updates, `row` then `rows`, come first, in chunk order) are output as the general walk
+        would, their ITLs that same value. Returns the rows that go on (in the runs) and the
+        first update not taken."""
+        continued = set(request_ids)
+        last_index = -1
+        while row is not None and row[0] in continued:
+            index = request_ids.index(row[0])
+            if index < last_index:
+                break  # out of chunk order: process refuses it, as the general walk does
+            last_index = index
+            request_id, token_ids, logprobs, finish_reason = row
+            row = next(rows, None)
+            continued.discard(request_id)
+            self._emit(request_id, token_ids, logprobs, finish_reason, now_s, now_sim_s, stats,
+                       outputs, stopped_ids)
+        assert self._runs is not None
+        last_s, last_sim_s = self._runs.last_clock
+        stats.itls_s += [now_s - last_s] * len(continued)
+        stats.itls_sim_s += [now_sim_s - last_sim_s] * len(continued)
+        return continued, row
+
+    def _emit(self, request_id: str, token_ids: tuple[int, ...],
+              logprobs: tuple[TokenLogprob, ...] | None, finish_reason: FinishReason | None,
+              now_s: float, now_sim_s: float, stats: _StepStats, outputs: list[RequestOutput],
+              stopped_ids: list[str]) -> None:
+        """`_output`'s output appended to `outputs`, and the request to `stopped_ids` if a stop
+        string ended it."""
+        output, stopped = self._output(request_id, token_ids, logprobs, finish_reason, now_s,
+                                       now_sim_s, stats)
+        if output is not None:
+            outputs.append(output)
+        if stopped:
+            stopped_ids.append(request_id)
 
     def _take_aborted(self) -> list[FinishedRequestStats]:
         aborted, self._aborted = self._aborted, []

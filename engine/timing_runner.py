@@ -45,6 +45,7 @@ from engine.spec.types import Draft
 from npu_sim.device import Device
 from npu_sim.hardware import load_chip
 from npu_sim.step_sums import Launches, SharedLaunches
+from npu_sim.tasks import AttentionKernel
 from npu_sim.trace import StepTrace
 
 logger = logging.getLogger("xyserve")
@@ -172,9 +173,7 @@ class TimingRunner:
         else:
             trace = None if drafts else self._time_unsplit(chunks, num_sampled, decodes_only)
             if trace is None:
-                shared, attention = lower_step_counts(
-                    chunks, num_sampled, self.arch, self.device.chip, self.block_size,
-                    self.arch.num_layers, self.policy, tp=self.tp)
+                shared, attention = self._lower_general(chunks, num_sampled)
                 trace = self.device.time_launches(shared, attention, num_requests=len(chunks))
         self.num_launches += trace.num_launches
         for chunk in verifying:
@@ -208,9 +207,7 @@ class TimingRunner:
         if shared is None:
             head, tail = self._heads.get(num_tokens_all), self._tails.get(num_sampled)
             if head is None or tail is None:
-                shared, attention = lower_step_counts(
-                    chunks, num_sampled, self.arch, self.device.chip, self.block_size,
-                    self.arch.num_layers, self.policy, tp=self.tp)
+                shared, attention = self._lower_general(chunks, num_sampled)
                 _keep(self._shared_launches, key, shared)
                 _keep(self._heads, num_tokens_all, shared.head)
                 _keep(self._tails, num_sampled, shared.tail)
@@ -229,6 +226,12 @@ class TimingRunner:
         if kernel is None:
             return None
         return self.device.time_launches(shared, (kernel,), num_requests=len(chunks))
+
+    def _lower_general(self, chunks: tuple[ScheduledChunk, ...],
+                       num_sampled: int) -> tuple[SharedLaunches, tuple[AttentionKernel, ...]]:
+        """The step's launches, lowered the general way (engine.lowering.lower_step_counts)."""
+        return lower_step_counts(chunks, num_sampled, self.arch, self.device.chip,
+                                 self.block_size, self.arch.num_layers, self.policy, tp=self.tp)
 
     def _num_accepted(self, chunk: ScheduledChunk) -> int:
         """Draft positions accepted, in order, until the first rejection (a chain)."""
