@@ -48,13 +48,17 @@ class FastPath:
 
 def candidates(caps: Capabilities, ships_quantized: bool) -> list[Candidate]:
     """The paths worth timing here: fp32; the model's own 4- / 8-bit blocks where the C kernels
-    decode them in registers (exact: the fp32 weights are their dequantization); bf16 weights
-    and activations where the CPU computes bf16 natively (ATen's bf16 is ~80x slower than fp32
-    without it)."""
+    decode them in registers (exact: the fp32 weights are their dequantization); where the CPU
+    computes bf16 natively (ATen's bf16 is ~80x slower than fp32 without it), bf16 weights with
+    fp32 activations (the C kernels and the layers' replay; each GEMM rounds its input to bf16
+    and multiplies on AMX tiles or vdpbf16ps) and bf16 weights and activations (ATen / oneDNN
+    between the GEMMs)."""
     out: list[Candidate] = [("float32", "fp32")]
     if ships_quantized and caps.simd_kernels:
         out.append(("float32", "gguf"))
     if caps.native_bf16:
+        if caps.simd_kernels:
+            out.append(("float32", "bf16"))
         out.append(("bfloat16", "bf16"))
     return out
 
@@ -74,8 +78,11 @@ def choose_fast_path(config: EngineConfig, arch: ModelArch, ships_quantized: boo
     caps = caps or capabilities()
     pool = candidates(caps, ships_quantized)
     if config.dtype != "auto" or config.weight_format != "auto":
+        # an explicit float32 keeps the weights exact (fp32, or the blocks they dequantize
+        # from) unless a format is asked for too
+        inexact = ("bf16",) if config.dtype == "float32" and config.weight_format == "auto" else ()
         wanted = [(d, f) for d, f in pool if config.dtype in ("auto", d)
-                  and config.weight_format in ("auto", f)]
+                  and config.weight_format in ("auto", f) and f not in inexact]
         if not wanted:  # an explicit pair outside the probe's pool: as asked
             dtype = config.dtype if config.dtype != "auto" else "float32"
             fmt = config.weight_format if config.weight_format != "auto" else (

@@ -37,14 +37,17 @@ def test_candidates_follow_the_instruction_sets() -> None:
     assert candidates(AVX2, ships_quantized=True) == [("float32", "fp32"), ("float32", "gguf")]
     assert candidates(AVX2, ships_quantized=False) == [("float32", "fp32")]
     assert candidates(NO_C, ships_quantized=True) == [("float32", "fp32")]
-    assert ("bfloat16", "bf16") in candidates(AMX, ships_quantized=False)
+    assert candidates(AMX, ships_quantized=False) == [
+        ("float32", "fp32"), ("float32", "bf16"), ("bfloat16", "bf16")]
 
 
 @pytest.mark.parametrize(("caps", "times", "expected"), [
     (AVX2, {("float32", "fp32"): 0.020, ("float32", "gguf"): 0.006}, (torch.float32, "gguf")),
     (AVX2, {("float32", "fp32"): 0.005, ("float32", "gguf"): 0.006}, (torch.float32, "fp32")),
-    (AMX, {("float32", "fp32"): 0.020, ("float32", "gguf"): 0.009,
+    (AMX, {("float32", "fp32"): 0.020, ("float32", "gguf"): 0.009, ("float32", "bf16"): 0.004,
            ("bfloat16", "bf16"): 0.003}, (torch.bfloat16, "bf16")),
+    (AMX, {("float32", "fp32"): 0.020, ("float32", "gguf"): 0.009, ("float32", "bf16"): 0.002,
+           ("bfloat16", "bf16"): 0.003}, (torch.float32, "bf16")),
 ])
 def test_auto_takes_the_fastest_measured(tmp_path: pathlib.Path, caps: Capabilities,
                                          times: dict[Candidate, float],
@@ -69,6 +72,13 @@ def test_explicit_choices_are_kept(tmp_path: pathlib.Path) -> None:
     assert f32_auto.weight_format == "gguf"  # the format is still measured
     bf16 = choose_fast_path(EngineConfig(dtype="bfloat16"), ARCH, True, clock, AVX2, cache)
     assert (bf16.dtype, bf16.weight_format) == (torch.bfloat16, "bf16")  # as asked
+    # an explicit float32 never rounds the weights unless asked: bf16 is not measured
+    amx_clock = FakeClock({("float32", "fp32"): 0.02, ("float32", "gguf"): 0.01})
+    exact = choose_fast_path(EngineConfig(dtype="float32"), ARCH, True, amx_clock, AMX, cache)
+    assert (exact.dtype, exact.weight_format) == (torch.float32, "gguf")
+    rounded = choose_fast_path(EngineConfig(dtype="float32", weight_format="bf16"), ARCH, True,
+                               amx_clock, AMX, cache)
+    assert (rounded.dtype, rounded.weight_format) == (torch.float32, "bf16")
     kv = choose_fast_path(EngineConfig(dtype="float32", weight_format="fp32",
                                        kv_cache_dtype="float16"), ARCH, True, clock, AVX2, cache)
     assert kv.kv_cache_dtype == torch.float16
@@ -87,6 +97,9 @@ def test_a_corrupt_cache_is_measured_again(tmp_path: pathlib.Path) -> None:
 def test_the_real_probe_times_each_candidate() -> None:
     arch = get_arch("llama-2-7b")
     small = type(arch)(**{**arch.__dict__, "hidden_size": 256, "intermediate_size": 512})
-    for candidate in (("float32", "fp32"), ("float32", "gguf")):
+    from npu_sim.kernels.native.caps import capabilities
+
+    more = [("float32", "bf16")] if capabilities().native_bf16 else []
+    for candidate in (("float32", "fp32"), ("float32", "gguf"), *more):
         seconds = probe_seconds(candidate, small)
         assert 0 < seconds < 5

@@ -4,7 +4,7 @@ dequantized ones), with the fp32 accumulation bound as tolerance: ragged shapes 
 bf16, N not a multiple of 16, row counts around the 6-row register tile), thread counts that
 must not change a bit, strided rows, the operands they decline; the GGUF blocks (quant.py) and
 the formats through run_gemm. The generic (non-AVX2) build is held to the same numbers in a
-subprocess; the AVX512_BF16 path is only compiled here unless the CPU has it."""
+subprocess; the AVX512_BF16 and AMX paths are only compiled here unless the CPU has them."""
 
 from __future__ import annotations
 
@@ -82,6 +82,22 @@ def test_bf16_default_path_rounds_activations_only_with_avx512_bf16() -> None:
         assert_fp32_product(out, _as_read("bf16", x), w, None)
     else:
         assert torch.equal(out, exact)
+
+
+@pytest.mark.parametrize("k", [96, 97, 576])
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 31, 32, 33, 100])
+@pytest.mark.parametrize("n", [16, 50, 1000])
+def test_bf16_default_path_across_tiles(k: int, m: int, n: int) -> None:
+    """The default bf16 product (activations rounded where the CPU computes bf16) around AMX's
+    16-row tiles and 2 x 2 tile blocks, with one panel or several, a bias, and K in whole AMX
+    tiles (96, 576) or not (97: vdpbf16ps takes it)."""
+    panels, w = _weight("bf16", n, k, seed=m * n + k)
+    gen = torch.Generator().manual_seed(m + k)
+    x, bias = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    for b in (None, bias):
+        out = native.gemm(x, panels, b)
+        assert out is not None and out.shape == (m, n)
+        assert_fp32_product(out, _as_read("bf16", x), w, b)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -234,15 +250,18 @@ def test_generic_build_computes_the_same() -> None:
     assert done.returncode == 0 and "generic ok" in done.stdout, done.stderr[-2000:]
 
 
-def test_avx512_bf16_path_compiles(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("isa", [
+    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+], ids=["avx512_bf16", "amx"])
+def test_bf16_paths_compile(tmp_path: pathlib.Path, isa: tuple[str, ...]) -> None:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         pytest.skip("no C compiler")
     src = pathlib.Path(native.__file__).with_name("gemm.c")
-    done = subprocess.run([cc, "-O2", "-fopenmp", "-c", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                           "-mavx512bf16", "-mf16c", "-mfma", "-mavx2", "-Werror", "-o",
-                           str(tmp_path / "gemm.o"), str(src)],
+    done = subprocess.run([cc, "-O2", "-fopenmp", "-c", *isa, "-mf16c", "-mfma", "-mavx2",
+                           "-Werror", "-o", str(tmp_path / "gemm.o"), str(src)],
                           capture_output=True, text=True, check=False)
     if "unrecognized" in done.stderr or "bad value" in done.stderr:
-        pytest.skip(f"{cc} lacks AVX512_BF16: {done.stderr[-200:]}")
+        pytest.skip(f"{cc} lacks {isa[-1]}: {done.stderr[-200:]}")
     assert done.returncode == 0, done.stderr[-2000:]

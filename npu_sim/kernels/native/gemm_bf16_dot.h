@@ -88,8 +88,14 @@ static void dot_panel(const gemm_job *j, const uint32_t *xp, int64_t p) {
     }
 }
 
-/* The job's product with bf16 activations on num_threads threads (gemm.c's split). */
+#include "gemm_amx.h"
+
+/* The job's product with bf16 activations on num_threads threads (gemm.c's split), on AMX
+ * tiles where gemm_amx.h takes it. */
 static int gemm_bf16_dot(const gemm_job *j, int num_threads) {
+#if XY_HAVE_AMX
+    if (amx_takes(j)) return gemm_amx(j, num_threads);
+#endif
     int64_t kp = (j->k + 1) / 2, num_panels = (j->n + NR - 1) / NR;
     uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)((j->m * kp + 15) & ~15));
     if (!xp) return -1;

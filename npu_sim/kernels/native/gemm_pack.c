@@ -100,7 +100,7 @@ int xy_gather_rows(int fmt, const void *panels, int64_t n, int64_t k, const int6
 
 /* Which instruction-set paths this build has (-march=native: the build machine's), as bits:
  * 1 AVX2, 2 FMA, 4 F16C, 8 AVX-512F, 16 AVX512_BF16 (the bf16 GEMM's vdpbf16ps), 32 AMX-BF16
- * (compiled for, no kernel uses it yet). */
+ * (the bf16 GEMM's tiles, gemm_amx.h). */
 int xy_isa(void) {
     int bits = 0;
 #ifdef __AVX2__
