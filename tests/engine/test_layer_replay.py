@@ -50,6 +50,10 @@ def _generate(model: pathlib.Path, monkeypatch: pytest.MonkeyPatch, replayed: bo
     ("tiny_qwen2_dir", {"dtype": "float32"}, 2),  # biased QKV projection
     ("tiny_llama_dir", {"dtype": "float32", "kv_cache_dtype": "bfloat16"}, 2),
     ("tiny_q4_gguf_path", {"dtype": "float32", "weight_format": "gguf"}, 2),
+    # bf16 weights: each thread rounds the activations itself (AMX tiles or vdpbf16ps where
+    # the CPU has them)
+    ("tiny_llama_dir", {"dtype": "float32", "weight_format": "bf16"}, 2),
+    ("tiny_llama_dir", {"dtype": "float32", "weight_format": "bf16"}, 1),
 ])
 def test_replay_matches_launching_layer_by_layer(fixture: str, options: dict[str, Any],
                                                  num_threads: int, request: pytest.FixtureRequest,

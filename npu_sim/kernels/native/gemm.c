@@ -175,9 +175,8 @@ int xy_gemm_splits(int fmt, int flags);
 
 /* Panels [p0, p1) of the product xy_gemm_packed computes, on the calling thread alone: one
  * thread's share where the caller runs the parallel region itself (decoder.c). Every column
- * comes out as xy_gemm_packed computes it. Returns -2 for what it does not take, bf16 panels
- * with bf16 activations where the library has vdpbf16ps included (their activations are
- * rounded first, for all threads: xy_gemm_splits says so beforehand). */
+ * comes out as xy_gemm_packed computes it (bf16 panels with bf16 activations round x into a
+ * copy of their own). Returns -2 for what it does not take, -1 when out of memory. */
 int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
                    int64_t n, int64_t k, float *out, int64_t os, int64_t m, int flags,
                    int64_t p0, int64_t p1) {
@@ -185,12 +184,14 @@ int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, cons
         || ((fmt == XY_Q4_1 || fmt == XY_Q8_0) && k % QK))
         return -2;
     gemm_job job = {fmt, panels, panel_bytes(fmt, k), x, xs, bias, n, k, m, out, os};
+    if (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS) && XY_HAVE_BF16_DOT)
+        return gemm_bf16_dot_panels(&job, p0, p1);
     for (int64_t p = p0; p < p1; p++) panel_fns[fmt](&job, p);
     return 0;
 }
 
-/* Whether xy_gemm_panels takes this format and flags. */
+/* Whether xy_gemm_panels takes this format and flags (every format, with any flags). */
 int xy_gemm_splits(int fmt, int flags) {
-    return fmt >= XY_F32 && fmt <= XY_Q8_0
-           && !(fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS) && XY_HAVE_BF16_DOT);
+    (void)flags;
+    return fmt >= XY_F32 && fmt <= XY_Q8_0;
 }

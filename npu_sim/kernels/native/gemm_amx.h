@@ -130,27 +130,53 @@ static int amx_takes(const gemm_job *j) {
     return ((j->k + 1) / 2) % AMX_PAIRS == 0 && amx_ready();
 }
 
-/* The job's product on AMX, x rounded to bf16 as gemm_bf16_dot rounds it, on num_threads. */
-static int gemm_amx(const gemm_job *j, int num_threads) {
-    int64_t kp = (j->k + 1) / 2, num_panels = (j->n + NR - 1) / NR;
-    int64_t m_pad = (j->m + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
-    uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)(m_pad * kp));
-    if (!xp) return -1;
+/* x rounded to bf16 pairs as gemm_bf16_dot rounds it, zero rows padding it to whole A tiles
+ * (m_pad rows, kp pairs each), in the calling thread's scratch; NULL when out of memory. */
+static uint32_t *amx_rows(const gemm_job *j, int64_t kp, int64_t m_pad) {
+    uint32_t *xp = thread_scratch(sizeof(uint32_t) * (size_t)(m_pad * kp));
+    if (!xp) return NULL;
     bf16_pairs(j->x, j->xs, j->m, j->k, xp, kp);
     memset(xp + j->m * kp, 0, sizeof(uint32_t) * (size_t)((m_pad - j->m) * kp));
-    int64_t num_pairs = (num_panels + 1) / 2;
+    return xp;
+}
+
+/* Panels [p0, p1) in pairs (the last one alone where the run is odd), every row, on the
+ * calling thread, its tile configuration loaded. A column's sums do not depend on the pairing
+ * (each C tile adds the same products in the same K order). */
+static void amx_run(const gemm_job *j, const uint32_t *xp, int64_t kp, int64_t m_pad, int64_t p0,
+                    int64_t p1) {
+    for (int64_t p = p0; p < p1; p += 2)
+        for (int64_t r = 0; r < m_pad; r += 2 * AMX_ROWS)
+            amx_block(j, xp, kp, r, r + AMX_ROWS < m_pad ? 2 : 1, p, p + 1 < p1 ? 2 : 1);
+}
+
+/* The job's product on AMX on num_threads threads, each a run of panel pairs. */
+static int gemm_amx(const gemm_job *j, int num_threads) {
+    int64_t kp = (j->k + 1) / 2, num_panels = (j->n + NR - 1) / NR;
+    int64_t m_pad = (j->m + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS, num_pairs = (num_panels + 1) / 2;
+    uint32_t *xp = amx_rows(j, kp, m_pad);
+    if (!xp) return -1;
 #pragma omp parallel num_threads(num_threads)
     {
         amx_configure();
 #pragma omp for schedule(static)
-        for (int64_t q = 0; q < num_pairs; q++) {
-            int np = 2 * q + 1 < num_panels ? 2 : 1;
-            for (int64_t r = 0; r < m_pad; r += 2 * AMX_ROWS)
-                amx_block(j, xp, kp, r, r + AMX_ROWS < m_pad ? 2 : 1, 2 * q, np);
-        }
+        for (int64_t q = 0; q < num_pairs; q++)
+            amx_run(j, xp, kp, m_pad, 2 * q, 2 * q + 2 < num_panels ? 2 * q + 2 : num_panels);
         _tile_release();
     }
-    free(xp);
+    return 0;
+}
+
+/* Panels [p0, p1) of the job's product on the calling thread alone (its share of a parallel
+ * region the caller runs: decoder.c), from its own rounded copy of x (a few KiB at decode
+ * batch sizes): the same numbers as gemm_amx. */
+static int amx_panels(const gemm_job *j, int64_t p0, int64_t p1) {
+    int64_t kp = (j->k + 1) / 2, m_pad = (j->m + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+    uint32_t *xp = amx_rows(j, kp, m_pad);
+    if (!xp) return -1;
+    amx_configure();
+    amx_run(j, xp, kp, m_pad, p0, p1);
+    _tile_release();
     return 0;
 }
 #define XY_HAVE_AMX 1

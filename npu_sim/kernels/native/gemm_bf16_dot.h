@@ -27,6 +27,23 @@
 #define DOT_MR 16   /* rows per tile: 16 zmm accumulators */
 #define DOT_KC 128  /* pairs per chunk: 128 x 64 B = 8 KiB of panel */
 
+/* The calling thread's scratch of at least `bytes`, 64-byte aligned, kept for its next call;
+ * NULL when out of memory. A decode step rounds x a few hundred times a thread: a malloc and
+ * free each time cost ~1.5 ms a step in a server's engine thread (measured at batch 1). Kept
+ * while the thread lives (torch's OpenMP workers and the engine's thread live as long as the
+ * process). */
+static void *thread_scratch(size_t bytes) {
+    static __thread void *buf;
+    static __thread size_t cap;
+    if (bytes > cap) {
+        free(buf);
+        cap = (bytes + 65535) & ~(size_t)65535;
+        buf = aligned_alloc(64, cap);
+        if (!buf) cap = 0;
+    }
+    return buf;
+}
+
 /* x (m, k) rounded to bf16 into xp (m, kp) pairs, kp = ceil(k / 2), an odd k padded with 0. */
 static void bf16_pairs(const float *x, int64_t xs, int64_t m, int64_t k, uint32_t *xp,
                        int64_t kp) {
@@ -97,12 +114,25 @@ static int gemm_bf16_dot(const gemm_job *j, int num_threads) {
     if (amx_takes(j)) return gemm_amx(j, num_threads);
 #endif
     int64_t kp = (j->k + 1) / 2, num_panels = (j->n + NR - 1) / NR;
-    uint32_t *xp = aligned_alloc(64, sizeof(uint32_t) * (size_t)((j->m * kp + 15) & ~15));
+    uint32_t *xp = thread_scratch(sizeof(uint32_t) * (size_t)(j->m * kp));
     if (!xp) return -1;
     bf16_pairs(j->x, j->xs, j->m, j->k, xp, kp);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < num_panels; p++) dot_panel(j, xp, p);
-    free(xp);
+    return 0;
+}
+
+/* Panels [p0, p1) of gemm_bf16_dot's product on the calling thread alone, x rounded into a
+ * copy of its own: the same numbers. */
+static int gemm_bf16_dot_panels(const gemm_job *j, int64_t p0, int64_t p1) {
+#if XY_HAVE_AMX
+    if (amx_takes(j)) return amx_panels(j, p0, p1);
+#endif
+    int64_t kp = (j->k + 1) / 2;
+    uint32_t *xp = thread_scratch(sizeof(uint32_t) * (size_t)(j->m * kp));
+    if (!xp) return -1;
+    bf16_pairs(j->x, j->xs, j->m, j->k, xp, kp);
+    for (int64_t p = p0; p < p1; p++) dot_panel(j, xp, p);
     return 0;
 }
 #define XY_HAVE_BF16_DOT 1
@@ -110,6 +140,10 @@ static int gemm_bf16_dot(const gemm_job *j, int num_threads) {
 #define XY_HAVE_BF16_DOT 0
 static inline int gemm_bf16_dot(const gemm_job *j, int num_threads) {
     (void)j, (void)num_threads;
+    return -2;
+}
+static inline int gemm_bf16_dot_panels(const gemm_job *j, int64_t p0, int64_t p1) {
+    (void)j, (void)p0, (void)p1;
     return -2;
 }
 #endif
