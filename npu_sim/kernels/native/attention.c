@@ -120,7 +120,7 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
     {
         /* per thread: scores (num_heads, max_ctx), then acc and the query (num_heads, d) */
         int64_t scores_len = (num_heads * max_ctx + 15) & ~(int64_t)15;
-        float *scores = aligned_alloc(64, sizeof(float) * (size_t)(scores_len + 2 * num_heads * d));
+        float *scores = thread_scratch(sizeof(float) * (size_t)(scores_len + 2 * num_heads * d));
         failed = scores == NULL;
         vf *acc = (vf *)(scores + scores_len), *qv = acc + num_heads * (d / VF_LANES);
 #pragma omp for schedule(dynamic, 1)
@@ -133,7 +133,6 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
             ATTEND_COPIES(qv, k_cache, v_cache, table, context_lens[s], os, scores, acc, head_kv,
                           num_heads)
         }
-        free(scores);
     }
     return failed ? -1 : 0;
 }

@@ -147,7 +147,7 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
     {
         /* per thread: kt (d, TK), vt (TK, d), then sc (nq, TK), acc (nq, d), m and l (nq) */
         size_t nq = (size_t)(TQ * group), len = 2 * (size_t)d * TK + nq * (TK + d + 2);
-        float *kt = aligned_alloc(64, sizeof(float) * ((len + 15) & ~(size_t)15));
+        float *kt = thread_scratch(sizeof(float) * ((len + 15) & ~(size_t)15));
         failed = kt == NULL;
         float *vt = kt + d * TK, *sc = vt + d * TK, *acc = sc + nq * TK, *m = acc + nq * d;
         float *l = m + nq;
@@ -165,7 +165,6 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                            d, token_len, block_shift, scale, out, o_stride, kt, vt, sc, acc, m, l,
                            kv_dtype);
         }
-        free(kt);
     }
     return failed ? -1 : 0;
 }

@@ -27,23 +27,6 @@
 #define DOT_MR 16   /* rows per tile: 16 zmm accumulators */
 #define DOT_KC 128  /* pairs per chunk: 128 x 64 B = 8 KiB of panel */
 
-/* The calling thread's scratch of at least `bytes`, 64-byte aligned, kept for its next call;
- * NULL when out of memory. A decode step rounds x a few hundred times a thread: a malloc and
- * free each time cost ~1.5 ms a step in a server's engine thread (measured at batch 1). Kept
- * while the thread lives (torch's OpenMP workers and the engine's thread live as long as the
- * process). */
-static void *thread_scratch(size_t bytes) {
-    static __thread void *buf;
-    static __thread size_t cap;
-    if (bytes > cap) {
-        free(buf);
-        cap = (bytes + 65535) & ~(size_t)65535;
-        buf = aligned_alloc(64, cap);
-        if (!buf) cap = 0;
-    }
-    return buf;
-}
-
 /* x (m, k) rounded to bf16 into xp (m, kp) pairs, kp = ceil(k / 2), an odd k padded with 0. */
 static void bf16_pairs(const float *x, int64_t xs, int64_t m, int64_t k, uint32_t *xp,
                        int64_t kp) {

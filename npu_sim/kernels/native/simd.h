@@ -6,6 +6,7 @@
 #ifndef XY_SIMD_H
 #define XY_SIMD_H
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -18,6 +19,24 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint32_t v8u_u __attribute__((vector_size(32), aligned(4)));
 
 #define AI __attribute__((always_inline))
+
+/* The calling thread's scratch of at least `bytes`, 64-byte aligned, kept for its next call;
+ * NULL when out of memory (one buffer per thread and per translation unit: a caller is done
+ * with it before its next call). A decode step's kernels want scratch a few hundred times a
+ * thread: a malloc and free each time cost ~1.5 ms a batch-1 step in a server's engine thread
+ * (measured). Kept while the thread lives (torch's OpenMP workers and
+ * the engine's thread live as long as the process). */
+static inline void *thread_scratch(size_t bytes) {
+    static __thread void *buf;
+    static __thread size_t cap;
+    if (bytes > cap) {
+        free(buf);
+        cap = (bytes + 65535) & ~(size_t)65535;
+        buf = aligned_alloc(64, cap);
+        if (!buf) cap = 0;
+    }
+    return buf;
+}
 
 static inline AI v8 load8(const float *p) { return *(const v8_u *)p; }
 static inline AI v8 bcast8(float f) { return (v8){f, f, f, f, f, f, f, f}; }
