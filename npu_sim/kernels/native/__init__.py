@@ -26,7 +26,8 @@ The parallel regions run on torch's OpenMP threads. Start the process with
 OMP_WAIT_POLICY=PASSIVE on a machine other work shares: libgomp's idle threads otherwise spin,
 and a region then waits a scheduler time slice for a thread whose core another process holds (a
 decode step's GEMMs: 1.4 s instead of 18 ms with a busy loop beside them; 12 instead of 10.3 ms
-when the machine is idle). libgomp reads it once, when torch loads it.
+when the machine is idle); `xyserve serve` does, with a short spin (GOMP_SPINCOUNT=20000) for
+the back-to-back regions of a step. libgomp reads both once, when torch loads it.
 """
 
 from __future__ import annotations
