@@ -21,11 +21,12 @@ NPU_STACKS = ("xyserve", "eager", "vllm-ascend", "mindie")
 NPU_WEIGHTS = ("auto", "bf16", "w8a16", "w4a16")
 
 Dtype = Literal["auto", "float32", "bfloat16"]
-# How the GEMM weights are held on the CPU: fp32, bf16 (rounded), or gguf (each weight in the
-# Q4_1 / Q8_0 blocks it ships in: exact, a quarter to an eighth of the fp32 bytes); auto: the
-# fastest this CPU has, measured (engine.platform)
-WeightFormat = Literal["auto", "fp32", "bf16", "gguf"]
-WEIGHT_FORMATS = ("auto", "fp32", "bf16", "gguf")
+# How the GEMM weights are held on the CPU: fp32, bf16 (rounded), gguf (each weight in the
+# Q4_1 / Q8_0 blocks it ships in: exact, a quarter to an eighth of the fp32 bytes), or gguf+bf16
+# (both: the blocks for a lone stream's steps, bf16 for larger ones); auto: the fastest this CPU
+# has, measured (engine.platform)
+WeightFormat = Literal["auto", "fp32", "bf16", "gguf", "gguf+bf16"]
+WEIGHT_FORMATS = ("auto", "fp32", "bf16", "gguf", "gguf+bf16")
 KvCacheDtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: the compute dtype
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NpuDtype = Literal["bf16", "fp16"]

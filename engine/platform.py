@@ -22,11 +22,14 @@ import torch
 from engine.arch import ModelArch
 from engine.config import DEFAULT_NPU, CacheConfig, EngineConfig
 from engine.models.loader import default_cache_dir
+from npu_sim.kernels.gemm import PackedWeight, pack_quantized, pack_weight, run_gemm
 from npu_sim.kernels.native.caps import Capabilities, capabilities
+from npu_sim.kernels.quant import quantize
 
 Candidate = tuple[str, str]  # (activation dtype name, weight format)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_ROWS = (1, 16)  # GEMM rows the probe times: a lone stream's decode and a batch's
+_PROBE_VERSION = 2  # what the probe times (cached verdicts of another version are not read)
 
 
 def usable_cores() -> int:
@@ -59,6 +62,8 @@ def candidates(caps: Capabilities, ships_quantized: bool) -> list[Candidate]:
     if caps.native_bf16:
         if caps.simd_kernels:
             out.append(("float32", "bf16"))
+            if ships_quantized:
+                out.append(("float32", "gguf+bf16"))
         out.append(("bfloat16", "bf16"))
     return out
 
@@ -80,7 +85,8 @@ def choose_fast_path(config: EngineConfig, arch: ModelArch, ships_quantized: boo
     if config.dtype != "auto" or config.weight_format != "auto":
         # an explicit float32 keeps the weights exact (fp32, or the blocks they dequantize
         # from) unless a format is asked for too
-        inexact = ("bf16",) if config.dtype == "float32" and config.weight_format == "auto" else ()
+        inexact = (("bf16", "gguf+bf16") if config.dtype == "float32"
+                   and config.weight_format == "auto" else ())
         wanted = [(d, f) for d, f in pool if config.dtype in ("auto", d)
                   and config.weight_format in ("auto", f) and f not in inexact]
         if not wanted:  # an explicit pair outside the probe's pool: as asked
@@ -102,31 +108,28 @@ def choose_fast_path(config: EngineConfig, arch: ModelArch, ships_quantized: boo
 
 
 def probe_seconds(candidate: Candidate, arch: ModelArch) -> float:
-    """Best-of-three seconds of one layer's MLP GEMMs (gate/up, down) at PROBE_ROWS rows, on
-    random weights in the candidate's dtype and format (Q4_1 blocks for gguf)."""
-    from npu_sim.kernels import pack_weight
-    from npu_sim.kernels.gemm import pack_quantized, run_gemm
-    from npu_sim.kernels.quant import quantize
+    """Best-of-three seconds of a step's MLP GEMMs (gate/up, down of every layer, each layer's
+    weights its own, as a step streams them) at PROBE_ROWS rows, on random weights in the
+    candidate's dtype and format (Q4_1 blocks for gguf). Every layer's: one layer's weights
+    stay in cache, where bf16 tiles beat 4-bit blocks even at one row; a whole step's come
+    from memory, where a lone stream's step is bound by the bytes it reads."""
+    from engine.lowering import DEFAULT_POLICY, lower_gemm
+    from npu_sim.hardware import get_chip
 
     dtype, fmt = candidate
     act = _DTYPES[dtype]
     h, i = arch.hidden_size, arch.intermediate_size
     gen = torch.Generator().manual_seed(0)
-    weights = []
-    for n, k in ((2 * i, h), (h, i)):
-        w = torch.randn(n, k, generator=gen) * 0.02
-        weights.append(pack_quantized(quantize(w, "q4_1")) if fmt == "gguf"
-                       else pack_weight(w.to(act), fmt))
-    from engine.lowering import DEFAULT_POLICY, lower_gemm
-    from npu_sim.hardware import get_chip
-
+    weights = [_probe_weight(torch.randn(n, k, generator=gen) * 0.02, fmt, act)
+               for _ in range(arch.num_layers) for n, k in ((2 * i, h), (h, i))]
     chip = get_chip(DEFAULT_NPU)
     runs = []
     for m in PROBE_ROWS:
+        inputs = {k: torch.randn(m, k, generator=gen).to(act) for k in (h, i)}
         for w in weights:
             n, k = w.shape
             _, kernel = lower_gemm("probe", m, n, k, chip, DEFAULT_POLICY)
-            runs.append((kernel, torch.randn(m, k, generator=gen).to(act), w))
+            runs.append((kernel, inputs[k], w))
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
@@ -134,6 +137,20 @@ def probe_seconds(candidate: Candidate, arch: ModelArch) -> float:
             run_gemm(kernel, False, x, w)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _probe_weight(w: torch.Tensor, fmt: str, act: torch.dtype) -> PackedWeight | torch.Tensor:
+    """w packed as the engine packs a GEMM weight in `fmt` (engine.models.llama)."""
+    if fmt == "gguf":
+        return pack_quantized(quantize(w, "q4_1"))
+    if fmt == "gguf+bf16":  # the blocks for a lone stream's rows, bf16 for more
+        from engine.models.llama import LONE_STREAM_ROWS
+
+        both = pack_weight(w, "bf16")
+        if isinstance(both, PackedWeight):
+            return both.with_small(pack_quantized(quantize(w, "q4_1")), LONE_STREAM_ROWS)
+        return both
+    return pack_weight(w.to(act), fmt)
 
 
 def _key(candidate: Candidate) -> str:
@@ -146,7 +163,8 @@ def _probe_cached(pool: list[Candidate], arch: ModelArch, caps: Capabilities,
     """Seconds per candidate, from `cache_file` when this CPU model (and library, torch and
     model shape) was measured before; measured and stored otherwise."""
     machine = (f"{_cpu_model()}|isa={sorted(caps.library_isa)}|torch={torch.__version__}|"
-               f"h={arch.hidden_size},i={arch.intermediate_size}")
+               f"h={arch.hidden_size},i={arch.intermediate_size},layers={arch.num_layers}|"
+               f"probe={_PROBE_VERSION}")
     try:
         cached = json.loads(cache_file.read_text())
     except (OSError, ValueError):

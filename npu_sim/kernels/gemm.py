@@ -46,6 +46,10 @@ class PackedWeight:
         self.packed = packed  # opaque mkldnn tensor holding the same values, pre-blocked, or None
         self.panels = panels  # the C panel GEMM's copy (its `fmt` the weight format), or None
         self.quantized = quantized  # a q4_1 / q8_0 weight's GGUF blocks, else None
+        # The same weight in panels of another format for products of at most `small_rows`
+        # rows (`with_small`), else None
+        self.small: native.Panels | None = None
+        self.small_rows = 0
         if quantized is not None:
             self._shape, self._format = torch.Size(quantized.shape), quantized.fmt
         else:
@@ -86,6 +90,16 @@ class PackedWeight:
         lean = PackedWeight.__new__(PackedWeight)
         lean.__dict__.update(self.__dict__, _weight=None, quantized=None)
         return lean
+
+
+    def with_small(self, small: PackedWeight, rows: int) -> PackedWeight:
+        """This weight, products of at most `rows` rows taken by `small`'s panels (the same
+        weight in another format: a lone stream's steps read fewer bytes of 4-bit blocks than
+        of bf16), larger ones by this weight's copies."""
+        assert small.panels is not None and small.shape == self.shape
+        both = PackedWeight.__new__(PackedWeight)
+        both.__dict__.update(self.__dict__, small=small.panels, small_rows=rows)
+        return both
 
 
 def pack_weight(w: torch.Tensor, weight_format: str = "fp32") -> PackedWeight | torch.Tensor:
@@ -132,7 +146,8 @@ def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor 
         if not isinstance(w, PackedWeight):
             result = F.linear(x, w, bias)
         else:  # the panel GEMM where it takes x, else oneDNN, else ATen on the plain weight
-            result = None if w.panels is None else native.gemm(x, w.panels, bias, out=out)
+            panels = w.small if w.small is not None and kernel.m <= w.small_rows else w.panels
+            result = None if panels is None else native.gemm(x, panels, bias, out=out)
             if result is not None:
                 return result
             if w.packed is not None:

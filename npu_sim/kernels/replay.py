@@ -33,7 +33,8 @@ _BF16_ACTIVATIONS = 1  # gemm.c's flag, as native.gemm passes it by default
 
 
 class _Weight(ctypes.Structure):
-    _fields_ = [("fmt", _I), ("panels", _P), ("bias", _P), ("n", _I), ("k", _I)]
+    _fields_ = [("fmt", _I), ("panels", _P), ("bias", _P), ("n", _I), ("k", _I),
+                ("small_fmt", _I), ("small_panels", _P), ("small_rows", _I)]
 
 
 class _Layer(ctypes.Structure):
@@ -122,9 +123,11 @@ class LayerStack:
                 if not isinstance(w, PackedWeight) or w.panels is None:
                     return None
                 fp32_panels |= w.panels.fmt == "fp32"
-                keep.append(w.panels)
+                keep += [w.panels, w.small]
+                small = (0, None, 0) if w.small is None else (w.small.code, w.small.ptr,
+                                                              w.small_rows)
                 weights.append(_Weight(w.panels.code, w.panels.ptr, _ptr(bias), w.panels.n,
-                                       w.panels.k))
+                                       w.panels.k, *small))
             entry.post_attn_norm, entry.next_norm = _ptr(layer.post_attn_norm), _ptr(
                 layer.next_norm)
             entry.qkv, entry.o, entry.gate_up, entry.down = weights

@@ -39,15 +39,21 @@ def test_candidates_follow_the_instruction_sets() -> None:
     assert candidates(NO_C, ships_quantized=True) == [("float32", "fp32")]
     assert candidates(AMX, ships_quantized=False) == [
         ("float32", "fp32"), ("float32", "bf16"), ("bfloat16", "bf16")]
+    assert ("float32", "gguf+bf16") in candidates(AMX, ships_quantized=True)
 
 
 @pytest.mark.parametrize(("caps", "times", "expected"), [
     (AVX2, {("float32", "fp32"): 0.020, ("float32", "gguf"): 0.006}, (torch.float32, "gguf")),
     (AVX2, {("float32", "fp32"): 0.005, ("float32", "gguf"): 0.006}, (torch.float32, "fp32")),
     (AMX, {("float32", "fp32"): 0.020, ("float32", "gguf"): 0.009, ("float32", "bf16"): 0.004,
-           ("bfloat16", "bf16"): 0.003}, (torch.bfloat16, "bf16")),
+           ("float32", "gguf+bf16"): 0.005, ("bfloat16", "bf16"): 0.003},
+     (torch.bfloat16, "bf16")),
     (AMX, {("float32", "fp32"): 0.020, ("float32", "gguf"): 0.009, ("float32", "bf16"): 0.002,
-           ("bfloat16", "bf16"): 0.003}, (torch.float32, "bf16")),
+           ("float32", "gguf+bf16"): 0.0025, ("bfloat16", "bf16"): 0.003},
+     (torch.float32, "bf16")),
+    (AMX, {("float32", "fp32"): 0.020, ("float32", "gguf"): 0.009, ("float32", "bf16"): 0.002,
+           ("float32", "gguf+bf16"): 0.0015, ("bfloat16", "bf16"): 0.003},
+     (torch.float32, "gguf+bf16")),
 ])
 def test_auto_takes_the_fastest_measured(tmp_path: pathlib.Path, caps: Capabilities,
                                          times: dict[Candidate, float],
@@ -99,7 +105,7 @@ def test_the_real_probe_times_each_candidate() -> None:
     small = type(arch)(**{**arch.__dict__, "hidden_size": 256, "intermediate_size": 512})
     from npu_sim.kernels.native.caps import capabilities
 
-    more = [("float32", "bf16")] if capabilities().native_bf16 else []
+    more = [("float32", "bf16"), ("float32", "gguf+bf16")] if capabilities().native_bf16 else []
     for candidate in (("float32", "fp32"), ("float32", "gguf"), *more):
         seconds = probe_seconds(candidate, small)
         assert 0 < seconds < 5

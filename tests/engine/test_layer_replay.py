@@ -54,6 +54,7 @@ def _generate(model: pathlib.Path, monkeypatch: pytest.MonkeyPatch, replayed: bo
     # the CPU has them)
     ("tiny_llama_dir", {"dtype": "float32", "weight_format": "bf16"}, 2),
     ("tiny_llama_dir", {"dtype": "float32", "weight_format": "bf16"}, 1),
+    ("tiny_q4_gguf_path", {"dtype": "float32", "weight_format": "gguf+bf16"}, 2),
 ])
 def test_replay_matches_launching_layer_by_layer(fixture: str, options: dict[str, Any],
                                                  num_threads: int, request: pytest.FixtureRequest,
@@ -102,3 +103,21 @@ def test_a_slot_outside_the_cache_is_an_index_error(tiny_llama_dir: pathlib.Path
         out = llm.generate([[5, 17, 300]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert out[0].outputs[0].finish_reason == "error"  # the request ends; the engine goes on
     assert "KV write" in bad["error"] and "outside the cache" in bad["error"]
+
+
+def test_gguf_and_bf16_weights_serve_a_lone_stream_on_the_blocks(
+        tiny_q4_gguf_path: pathlib.Path) -> None:
+    """gguf+bf16: steps of one row run on the GGUF blocks, larger ones on bf16, bit for bit
+    what each format alone computes (a one-token prompt: every step one row; two prompts
+    decoding together: every step two rows)."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
+
+    def run(weight_format: str, prompts: list[list[int]]) -> list[Any]:
+        llm = LLM(model=str(tiny_q4_gguf_path), dtype="float32", weight_format=weight_format,
+                  num_kv_blocks=32, block_size=16)
+        return [(o.token_ids, [repr(lp) for lp in o.outputs[0].logprobs])
+                for o in llm.generate(prompts, params)]
+
+    lone, pair = [[5]], [[5, 17], [300, 42]]
+    assert run("gguf+bf16", lone) == run("gguf", lone)
+    assert run("gguf+bf16", pair) == run("bf16", pair)

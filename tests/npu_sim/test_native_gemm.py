@@ -198,6 +198,21 @@ def test_default_model_blocks_pack_and_reproduce() -> None:
     assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
 
 
+def test_a_weight_with_small_panels_takes_them_up_to_its_rows() -> None:
+    """with_small: products of at most `rows` rows on the 4-bit blocks, larger ones on bf16."""
+    n, k = 48, 64
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)) / k**0.5
+    blocks, bf16 = pack_quantized(quant.quantize(w, "q4_1")), pack_weight(w, "bf16")
+    assert isinstance(blocks, PackedWeight) and isinstance(bf16, PackedWeight)
+    both = bf16.with_small(blocks, rows=2)
+    assert both.weight_format == "bf16" and both.shape == (n, k)
+    for m, expected in ((1, blocks), (2, blocks), (3, bf16), (16, bf16)):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        _, kernel = lower_gemm("t", m, n, k, get_chip("910b2"))
+        assert torch.equal(run_gemm(kernel, False, x=x, w=both),
+                           run_gemm(kernel, False, x=x, w=expected))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_run_gemm_fast_path_agrees_with_the_reference_path(fmt: str) -> None:
     m, n, k = 5, 48, 64

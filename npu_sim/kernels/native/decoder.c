@@ -55,7 +55,22 @@ typedef struct {
     const void *panels;  /* the packed weight (N, K) */
     const float *bias;   /* (N,) or NULL */
     int64_t n, k;
+    /* the same weight in another format for steps of at most small_rows rows (a lone stream
+     * reads fewer bytes of 4-bit blocks), or small_panels NULL */
+    int64_t small_fmt;
+    const void *small_panels;
+    int64_t small_rows;
 } xy_weight;
+
+/* The format and panels a step of m rows reads. */
+static inline const void *pick(const xy_weight *w, int64_t m, int *fmt) {
+    if (w->small_panels && m <= w->small_rows) {
+        *fmt = (int)w->small_fmt;
+        return w->small_panels;
+    }
+    *fmt = (int)w->fmt;
+    return w->panels;
+}
 
 typedef struct {
     const float *post_attn_norm;  /* (H,) */
@@ -88,8 +103,10 @@ typedef struct {
 } xy_step;
 
 static int gemm(const xy_weight *w, const float *x, float *out, const xy_step *s) {
-    return xy_gemm_packed((int)w->fmt, x, w->k, w->panels, w->bias, w->n, w->k, out, w->n,
-                          s->num_tokens, (int)s->num_threads, (int)s->gemm_flags);
+    int fmt;
+    const void *panels = pick(w, s->num_tokens, &fmt);
+    return xy_gemm_packed(fmt, x, w->k, panels, w->bias, w->n, w->k, out, w->n, s->num_tokens,
+                          (int)s->num_threads, (int)s->gemm_flags);
 }
 
 /* Attention of one layer: q (T, Hq, D) rows of the qkv buffer into attn (T, Hq, D). */
@@ -198,7 +215,9 @@ static void gemm_share(region *r, const xy_weight *w, const float *x, float *out
     int64_t p0, p1;
     share((w->n + 15) / 16, tid, nth, &p0, &p1);
     if (p0 < p1 && !atomic_load(&r->failed)) {
-        int rc = xy_gemm_panels((int)w->fmt, x, w->k, w->panels, w->bias, w->n, w->k, out, w->n,
+        int fmt;
+        const void *panels = pick(w, r->s->num_tokens, &fmt);
+        int rc = xy_gemm_panels(fmt, x, w->k, panels, w->bias, w->n, w->k, out, w->n,
                                 r->s->num_tokens, (int)r->s->gemm_flags, p0, p1);
         if (rc) fail(r, rc - 100 * launch);
     }
@@ -271,8 +290,11 @@ static int one_region_takes(const xy_layer *layers, const xy_dims *m, const xy_s
     if (s->num_chunks || s->num_decodes != s->num_tokens || s->num_threads < 2) return 0;
     for (int64_t i = 0; i < m->num_layers; i++) {
         const xy_weight *w[] = {&layers[i].qkv, &layers[i].o, &layers[i].gate_up, &layers[i].down};
-        for (int j = 0; j < 4; j++)
-            if (!xy_gemm_splits((int)w[j]->fmt, (int)s->gemm_flags)) return 0;
+        for (int j = 0; j < 4; j++) {
+            int fmt;
+            pick(w[j], s->num_tokens, &fmt);
+            if (!xy_gemm_splits(fmt, (int)s->gemm_flags)) return 0;
+        }
     }
     return 1;
 }
