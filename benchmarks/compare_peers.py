@@ -206,6 +206,8 @@ def bound(data: dict[str, Any], w: Workload, weight_format: str, flops: ModelFlo
     GGUF path do), so the faster path bounds them all."""
     peak = max(data["gemm"]["fp32_roofline"], data["gemm"]["bf16_roofline"])
     num_input = w.input_len + w.prefix_len
+    if weight_format == "gguf+bf16":  # the blocks at one row, bf16 for a batch's steps
+        weight_format = "gguf" if w.concurrency == 1 else "bf16"
     return flops.attainable_output_rate(w.num_prompts, num_input, w.output_len, w.concurrency,
                                         peak, data["memory_read_gbs"],
                                         BYTES_PER_WEIGHT[weight_format])

@@ -160,4 +160,7 @@ def xyserve_fast_path(server: Server) -> tuple[str, str]:
     if not match:
         return "float32", "fp32"
     formats = match.group(2).split("+")  # e.g. q4_1+q8_0: the GGUF blocks as they ship
-    return match.group(1), "gguf" if any(f.startswith("q") for f in formats) else formats[0]
+    blocks = any(f.startswith("q") for f in formats)
+    if blocks and "bf16" in formats:  # gguf+bf16: the blocks for a lone stream, bf16 beyond
+        return match.group(1), "gguf+bf16"
+    return match.group(1), "gguf" if blocks else formats[0]

@@ -45,6 +45,8 @@ def test_peers_are_found_where_setup_built_them(tmp_path: pathlib.Path) -> None:
      ("float32", "gguf")),
     ("engine ready: smollm2, bfloat16 activations, bf16 weights (as configured)",
      ("bfloat16", "bf16")),
+    ("engine ready: smollm2, float32 activations, bf16+q4_1+q8_0 weights (measured ...)",
+     ("float32", "gguf+bf16")),
     ("no such line", ("float32", "fp32")),
 ])
 def test_xyserve_fast_path_from_its_log(tmp_path: pathlib.Path, line: str,
