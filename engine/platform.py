@@ -54,8 +54,9 @@ def candidates(caps: Capabilities, ships_quantized: bool) -> list[Candidate]:
     decode them in registers (exact: the fp32 weights are their dequantization); where the CPU
     computes bf16 natively (ATen's bf16 is ~80x slower than fp32 without it), bf16 weights with
     fp32 activations (the C kernels and the layers' replay; each GEMM rounds its input to bf16
-    and multiplies on AMX tiles or vdpbf16ps) and bf16 weights and activations (ATen / oneDNN
-    between the GEMMs)."""
+    and multiplies on AMX tiles or vdpbf16ps), the same with the model's blocks for a lone
+    stream's steps (gguf+bf16), and bf16 weights and activations (ATen / oneDNN between the
+    GEMMs)."""
     out: list[Candidate] = [("float32", "fp32")]
     if ships_quantized and caps.simd_kernels:
         out.append(("float32", "gguf"))

@@ -203,8 +203,8 @@ _REPLAYED = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_attn_n
 
 
 # Rows up to which a gguf+bf16 weight multiplies on its 4-bit blocks: a lone stream's decode
-# steps read a third of bf16's bytes (single stream 6.5 against 11.3 ms a token on an AMX Xeon),
-# larger steps run on bf16 AMX tiles (16 streams: 794 against 422 tok/s).
+# steps read a third of bf16's bytes (served on an AMX Xeon: 6.5-6.8 against 11.3-11.4 ms a
+# token), larger steps run on bf16 AMX tiles (16 streams: 768-794 against 422-428 tok/s).
 LONE_STREAM_ROWS = 1
 
 
@@ -228,9 +228,8 @@ class _Packer:
     def __call__(self, *names: str) -> Weight:
         if self.weight_format == "gguf+bf16":  # bf16, and the blocks for a lone stream
             large, small = self._dense(names, "bf16"), self._blocks(names)
-            if small is None or not isinstance(large, PackedWeight):
-                return large
-            assert isinstance(small, PackedWeight)
+            if not isinstance(large, PackedWeight) or not isinstance(small, PackedWeight):
+                return large  # (no blocks for this weight, or no C kernels)
             return large.with_small(small, LONE_STREAM_ROWS)
         blocks = self._blocks(names) if self.weight_format == "gguf" else None
         if blocks is not None:

@@ -91,7 +91,6 @@ class PackedWeight:
         lean.__dict__.update(self.__dict__, _weight=None, quantized=None)
         return lean
 
-
     def with_small(self, small: PackedWeight, rows: int) -> PackedWeight:
         """This weight, products of at most `rows` rows taken by `small`'s panels (the same
         weight in another format: a lone stream's steps read fewer bytes of 4-bit blocks than
