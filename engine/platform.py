@@ -145,12 +145,10 @@ def _probe_weight(w: torch.Tensor, fmt: str, act: torch.dtype) -> PackedWeight |
     if fmt == "gguf":
         return pack_quantized(quantize(w, "q4_1"))
     if fmt == "gguf+bf16":  # the blocks for a lone stream's rows, bf16 for more
-        from engine.models.llama import LONE_STREAM_ROWS
+        from engine.models.llama import with_lone_stream_blocks
 
-        both = pack_weight(w, "bf16")
-        if isinstance(both, PackedWeight):
-            return both.with_small(pack_quantized(quantize(w, "q4_1")), LONE_STREAM_ROWS)
-        return both
+        return with_lone_stream_blocks(pack_weight(w, "bf16"),
+                                       pack_quantized(quantize(w, "q4_1")))
     return pack_weight(w.to(act), fmt)
 
 

@@ -3,7 +3,6 @@ or loaded, requests), the event loop, the output. Run with Vidur's source on the
 
 import atexit
 import resource
-import sys
 import time
 
 start = time.perf_counter()
@@ -25,4 +24,3 @@ max_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"[timed_main] imports {imported - start:.2f} s | set-up {ready - imported:.2f} s | "
       f"event loop {ran - ready:.2f} s | output {written - ran:.2f} s | "
       f"total {written - start:.2f} s | max RSS {max_rss_mib:.0f} MiB", flush=True)
-sys.exit(0)

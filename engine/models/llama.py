@@ -208,6 +208,15 @@ _REPLAYED = ("qkv_proj", "rope", "kv_write", "attention", "o_proj", "post_attn_n
 LONE_STREAM_ROWS = 1
 
 
+def with_lone_stream_blocks(bf16: Weight, blocks: Weight | None) -> Weight:
+    """A gguf+bf16 weight: `bf16`, its products of at most LONE_STREAM_ROWS rows taken by
+    `blocks` (the same weight's GGUF blocks, packed); `bf16` alone where the weight has no
+    blocks or either is not packed (no C kernels)."""
+    if not isinstance(bf16, PackedWeight) or not isinstance(blocks, PackedWeight):
+        return bf16
+    return bf16.with_small(blocks, LONE_STREAM_ROWS)
+
+
 class _Packer:
     """GEMM weights (several fused along N) packed in one weight format for the device."""
 
@@ -227,10 +236,7 @@ class _Packer:
 
     def __call__(self, *names: str) -> Weight:
         if self.weight_format == "gguf+bf16":  # bf16, and the blocks for a lone stream
-            large, small = self._dense(names, "bf16"), self._blocks(names)
-            if not isinstance(large, PackedWeight) or not isinstance(small, PackedWeight):
-                return large  # (no blocks for this weight, or no C kernels)
-            return large.with_small(small, LONE_STREAM_ROWS)
+            return with_lone_stream_blocks(self._dense(names, "bf16"), self._blocks(names))
         blocks = self._blocks(names) if self.weight_format == "gguf" else None
         if blocks is not None:
             return blocks

@@ -88,6 +88,15 @@ static void dot_panel(const gemm_job *j, const uint32_t *xp, int64_t p) {
     }
 }
 
+/* x rounded to bf16 pairs (bf16_pairs) in the calling thread's scratch, room for `rows` rows
+ * (at least m: AMX reads whole 16-row tiles, the rows past m never reaching out); NULL when out
+ * of memory. */
+static uint32_t *rounded_rows(const gemm_job *j, int64_t kp, int64_t rows) {
+    uint32_t *xp = thread_scratch(sizeof(uint32_t) * (size_t)(rows * kp));
+    if (xp) bf16_pairs(j->x, j->xs, j->m, j->k, xp, kp);
+    return xp;
+}
+
 #include "gemm_amx.h"
 
 /* The job's product with bf16 activations on num_threads threads (gemm.c's split), on AMX
@@ -97,9 +106,8 @@ static int gemm_bf16_dot(const gemm_job *j, int num_threads) {
     if (amx_takes(j)) return gemm_amx(j, num_threads);
 #endif
     int64_t kp = (j->k + 1) / 2, num_panels = (j->n + NR - 1) / NR;
-    uint32_t *xp = thread_scratch(sizeof(uint32_t) * (size_t)(j->m * kp));
+    uint32_t *xp = rounded_rows(j, kp, j->m);
     if (!xp) return -1;
-    bf16_pairs(j->x, j->xs, j->m, j->k, xp, kp);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t p = 0; p < num_panels; p++) dot_panel(j, xp, p);
     return 0;
@@ -111,10 +119,8 @@ static int gemm_bf16_dot_panels(const gemm_job *j, int64_t p0, int64_t p1) {
 #if XY_HAVE_AMX
     if (amx_takes(j)) return amx_panels(j, p0, p1);
 #endif
-    int64_t kp = (j->k + 1) / 2;
-    uint32_t *xp = thread_scratch(sizeof(uint32_t) * (size_t)(j->m * kp));
+    uint32_t *xp = rounded_rows(j, (j->k + 1) / 2, j->m);
     if (!xp) return -1;
-    bf16_pairs(j->x, j->xs, j->m, j->k, xp, kp);
     for (int64_t p = p0; p < p1; p++) dot_panel(j, xp, p);
     return 0;
 }
