@@ -89,6 +89,13 @@ static inline AI void amx_write(const gemm_job *j, const float *c, int64_t r, in
         amx_write(j, c, r, p);           \
     } while (0)
 
+static inline AI void amx_zero_c(void) {  /* the C tiles, 0-3 */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
 static inline AI const uint32_t *panel(const gemm_job *j, int64_t p) {
     return (const uint32_t *)(j->panels + p * j->panel_bytes);
 }
@@ -101,10 +108,7 @@ static void amx_block(const gemm_job *j, const uint32_t *xp, int64_t kp, int64_t
     const uint32_t *b0 = panel(j, p), *b1 = panel(j, p + np - 1);
     const uint32_t *a0 = xp + r * kp, *a1 = xp + (r + AMX_ROWS) * kp;
     const int64_t a_stride = kp * 4;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    amx_zero_c();
     for (int64_t i = 0; i < kp; i += AMX_PAIRS) {
         _tile_loadd(4, a0 + i, a_stride);
         _tile_loadd(5, a1 + i, a_stride);
@@ -134,10 +138,7 @@ static void amx_row_block(const gemm_job *j, const uint32_t *xp, int64_t kp, int
     const uint32_t *a = xp + r * kp, *b[4];
     for (int q = 0; q < 4; q++) b[q] = panel(j, p + (q < np ? q : 0));
     const int64_t a_stride = kp * 4;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    amx_zero_c();
     for (int64_t i = 0; i < kp; i += AMX_PAIRS) {
         _tile_loadd(4, a + i, a_stride);
         _tile_loadd(5, b[0] + i * NR, B_STRIDE);
