@@ -251,7 +251,7 @@ def main() -> int:
                         help="token budget of the mixed-load runs (default: the engine's)")
     parser.add_argument("--mixed-prefill-budget", type=int, default=None,
                         help="token_budget's prefill cap beside decodes in the mixed-load runs "
-                             "(default: the engine's)")
+                             "(default: the engine's, half the budget)")
     parser.add_argument("--mixed-runs", type=int, default=2, help="mixed-load runs per policy")
     parser.add_argument("--apc-rate", type=float, default=1.5,
                         help="Poisson arrival rate (req/s) of the prefix caching on/off runs")
@@ -313,18 +313,22 @@ def main() -> int:
             run["bound_fraction"] = (run["output_throughput"]
                                      / run["attainable_output_throughput"])
 
+    # the mixed-load and prefix-caching runs serve the first xyserve variant (what users get)
+    variant = args.xyserve[0] if args.xyserve else "auto"
+    data["served_variant"] = variant
     if not args.skip_mixed:
         budget = args.mixed_budget or SchedulerConfig().max_num_batched_tokens
         data["mixed"] = {}
         scale = 0.25 if args.quick else 1.0
-        cap = args.mixed_prefill_budget or SchedulerConfig().mixed_prefill_budget
+        cap = SchedulerConfig(max_num_batched_tokens=budget,
+                              mixed_prefill_budget=args.mixed_prefill_budget).mixed_prefill_cap
         for policy in ("token_budget", "prefill_first"):
             flags = ["--scheduling-policy", policy, "--max-num-batched-tokens", str(budget)]
             label = str(budget)
-            if policy == "token_budget" and cap is not None:  # (prefill_first never mixes)
+            if policy == "token_budget":  # (prefill_first never mixes)
                 flags += ["--mixed-prefill-budget", str(cap)]
                 label += f", {cap} beside decodes"
-            spec = xyserve_spec(args.model, "float32", *flags, name=f"mixed-{policy}")
+            spec = xyserve_spec(args.model, variant, *flags, name=f"mixed-{policy}")
             with spec.start(log_dir) as server:
                 for run in range(1, args.mixed_runs + 1):
                     print(f"mixed load: {policy}, budget {label}, run {run} ...", flush=True)
@@ -336,7 +340,7 @@ def main() -> int:
         apc: dict[str, Any] = {}
         for flag, name in (("--enable-prefix-caching", "on"),
                            ("--no-enable-prefix-caching", "off")):
-            spec = xyserve_spec(args.model, "float32", flag, name=f"apc-{name}")
+            spec = xyserve_spec(args.model, variant, flag, name=f"apc-{name}")
             print(f"shared-prefix, prefix caching {name} ...", flush=True)
             with spec.start(log_dir) as server:
                 # the same prompts both times (seed 0 first): outputs must be identical;

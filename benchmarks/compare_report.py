@@ -81,7 +81,8 @@ def _mixed(data: dict[str, Any]) -> list[str]:
     lines = ["## Mixed load: 16 streaming decodes while long prompts keep arriving", "",
              f"16 requests (16-token prompts, 160 tokens each) stream while "
              f"{first['num_long_prompts']} prompts of {first['long_prompt_tokens']} tokens "
-             "arrive at 0.6/s (Poisson); xyserve fp32; ITL of the 16 streams.", "",
+             f"arrive at 0.6/s (Poisson); xyserve {_variant(data)}; ITL of the 16 streams.",
+             "",
              _row(["policy", "budget", "run", "ITL p50 ms", "ITL p99 ms", "p99 / p50",
                    "worst ITL ms", "decode tok/s", "long-prompt TTFT p50 ms",
                    "CPU used by others"]),
@@ -95,6 +96,12 @@ def _mixed(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _variant(data: dict[str, Any]) -> str:
+    """The `--dtype[:format]` of the mixed-load and prefix-caching servers (fp32 before it was
+    recorded)."""
+    return f"--dtype {data.get('served_variant', 'float32')}"
+
+
 def _ms(value: float | None) -> str:
     """A millisecond cell; "-" for a figure older results files do not have."""
     return "-" if value is None else f"{value:.0f}"
@@ -102,7 +109,7 @@ def _ms(value: float | None) -> str:
 
 def _apc(data: dict[str, Any]) -> list[str]:
     a = data["apc"]
-    lines = ["## Prefix caching on the shared-prefix workload (xyserve fp32)", "",
+    lines = [f"## Prefix caching on the shared-prefix workload (xyserve {_variant(data)})", "",
              f"{a['on']['completed']} requests, 600-token common prefix, arriving at "
              f"{data['apc_rate']}/s (Poisson), at most 16 in flight.", "",
              _row(["caching", "TTFT p50 ms", "TTFT p99 ms", "output tok/s"]), _row(["---"] * 4)]

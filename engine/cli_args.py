@@ -74,7 +74,7 @@ def add_scheduler_arguments(p: argparse.ArgumentParser,
     e.add_argument("--mixed-prefill-budget", type=int, default=mixed_prefill_budget,
                    help="prefill tokens a step may carry while requests decode in it, which "
                         "bounds the streams' inter-token latency while long prompts arrive "
-                        f"(default: {_describe(mixed_prefill_budget, 'the whole token budget')})")
+                        f"(default: {_describe(mixed_prefill_budget, 'half the token budget')})")
     max_model_len = config_default(SchedulerConfig, "max_model_len")
     e.add_argument("--max-model-len", type=int, default=max_model_len,
                    help="prompt + output tokens at most (default: "

@@ -178,9 +178,8 @@ class Scheduler:
             token_budget, others = self._schedule_verifies(chunks, preempted_ids, token_budget)
         # What is left goes to prefills (here and to admitted requests), capped while
         # requests decode in this step: the step they all wait on stays short.
-        cap = self.config.mixed_prefill_budget
-        if cap is not None and chunks:  # (only this pass's decode rows are in chunks yet)
-            token_budget = min(token_budget, cap)
+        if chunks:  # (only this pass's decode rows are in chunks yet)
+            token_budget = min(token_budget, self.config.mixed_prefill_cap)
         running = RequestStatus.RUNNING
         for request, num_behind in others:
             if token_budget <= 0:

@@ -54,7 +54,7 @@ def test_n_replicas_round_robin_at_n_times_the_rate_give_one_replicas_latencies(
     for name in ("ttft_s", "tpot_s", "e2e_s"):
         ours, theirs = getattr(cluster.summary, name), getattr(single.summary, name)
         assert ours["mean"] == pytest.approx(theirs["mean"], rel=1e-9)
-        assert ours == pytest.approx(theirs, rel=1e-2)
+        assert ours == pytest.approx(theirs, rel=2e-2)
     assert cluster.summary.request_throughput == pytest.approx(
         n * single.summary.request_throughput, rel=0.02)
     assert cluster.summary.num_npus == n

@@ -92,7 +92,7 @@ def test_mixed_prefill_budget_trades_long_prompt_ttft_for_stream_itl() -> None:
     requests = (*(RequestSpec(0.0, 64, 400) for _ in range(32)),
                 *(RequestSpec(1.0 + 0.5 * i, 4000, 4) for i in range(4)))
     workload = Workload(requests, "mixed")
-    whole = Simulation(MODEL, max_num_batched_tokens=2048).run(workload)
+    whole = Simulation(MODEL, max_num_batched_tokens=2048, mixed_prefill_budget=2048).run(workload)
     capped = Simulation(MODEL, max_num_batched_tokens=2048, mixed_prefill_budget=256).run(
         workload)
     # after the streams' first step every step has decodes: at most 256 prompt tokens each;

@@ -148,7 +148,8 @@ def test_long_prompt_is_chunked_across_steps(
 def test_running_before_waiting_and_decodes_before_new_prefill(
     make_scheduler: MakeScheduler, make_request: MakeRequest, run_step: RunStep
 ) -> None:
-    scheduler = make_scheduler(max_num_batched_tokens=10)
+    # (prefills beside decodes may take the whole budget here; the default cap is tested below)
+    scheduler = make_scheduler(max_num_batched_tokens=10, mixed_prefill_budget=10)
     scheduler.add_request(make_request("a", 25))
     assert _shape(run_step(scheduler)[0]) == [("a", 0, 10)]
     scheduler.add_request(make_request("b", 5))
@@ -185,6 +186,19 @@ def test_mixed_prefill_budget_caps_prefill_only_beside_decodes(
     scheduler.abort_requests(["a", "b"])
     assert _shape(run_step(scheduler)[0]) == [("c", 12, 8), ("d", 0, 20)]
     assert _shape(run_step(scheduler)[0]) == [("c", 20, 1), ("d", 20, 1)]
+
+
+def test_prefill_beside_decodes_takes_half_the_budget_by_default(
+    make_scheduler: MakeScheduler, make_request: MakeRequest, run_step: RunStep
+) -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=32)
+    scheduler.add_request(make_request("a", 4))
+    assert _shape(run_step(scheduler)[0]) == [("a", 0, 4)]
+    scheduler.add_request(make_request("b", 40))
+    # one decode: b gets 16 tokens (half of 32), not the 31 left
+    assert _shape(run_step(scheduler)[0]) == [("a", 4, 1), ("b", 0, 16)]
+    assert scheduler.config.mixed_prefill_cap == 16
+    assert make_scheduler(max_num_batched_tokens=1).config.mixed_prefill_cap == 1
 
 
 def test_max_num_seqs_caps_running(

@@ -21,7 +21,8 @@ ALWAYS = SpeculativeConfig(speculative="ngram", num_speculative_tokens=4, spec_t
 
 def _scheduler(budget: int = 64, num_kv_blocks: int = 64,
                spec: SpeculativeConfig | None = SPEC) -> Scheduler:
-    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256)
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8, max_model_len=256,
+                             mixed_prefill_budget=budget)  # prefills take what verifies leave
     return Scheduler(config, num_kv_blocks, BLOCK_SIZE, 256, speculative=spec)
 
 
