@@ -61,7 +61,8 @@ def test_auto_takes_the_fastest_measured(tmp_path: pathlib.Path, caps: Capabilit
     clock = FakeClock(times)
     fast = choose_fast_path(EngineConfig(), ARCH, True, clock, caps, tmp_path / "probe.json")
     assert (fast.dtype, fast.weight_format) == expected
-    assert fast.kv_cache_dtype == expected[0]  # auto: the activation dtype
+    # auto: bf16 beside bf16 weights, else the activation dtype
+    assert fast.kv_cache_dtype == (torch.bfloat16 if "bf16" in expected[1] else expected[0])
     assert "measured" in fast.reason
     # measured once per CPU model: a second engine reads the cached verdict
     again = choose_fast_path(EngineConfig(), ARCH, True, clock, caps, tmp_path / "probe.json")

@@ -109,12 +109,12 @@ def test_gguf_and_bf16_weights_serve_a_lone_stream_on_the_blocks(
         tiny_q4_gguf_path: pathlib.Path) -> None:
     """gguf+bf16: steps of one row run on the GGUF blocks, larger ones on bf16, bit for bit
     what each format alone computes (a one-token prompt: every step one row; two prompts
-    decoding together: every step two rows)."""
+    decoding together: every step two rows), on the same KV cache."""
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2, ignore_eos=True)
 
     def run(weight_format: str, prompts: list[list[int]]) -> list[Any]:
         llm = LLM(model=str(tiny_q4_gguf_path), dtype="float32", weight_format=weight_format,
-                  num_kv_blocks=32, block_size=16)
+                  kv_cache_dtype="bfloat16", num_kv_blocks=32, block_size=16)
         return [(o.token_ids, [repr(lp) for lp in o.outputs[0].logprobs])
                 for o in llm.generate(prompts, params)]
 
