@@ -280,3 +280,17 @@ def test_bf16_paths_compile(tmp_path: pathlib.Path, isa: tuple[str, ...]) -> Non
     if "unrecognized" in done.stderr or "bad value" in done.stderr:
         pytest.skip(f"{cc} lacks {isa[-1]}: {done.stderr[-200:]}")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_failed_native_build_falls_back_with_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A -march build the compiler refuses is not silent: the portable build loads, and the
+    log says why the fast one did not."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(native, "_ARCH_FLAGS", (("-mno-such-target-flag",), ()))
+    with caplog.at_level("WARNING", logger=native.__name__):
+        library = native._load()
+    assert library is not None  # (the generic build: cached where test_generic_build ran)
+    assert any("built with no -march only" in r.getMessage() and "no-such-target-flag"
+               in r.getMessage() for r in caplog.records), caplog.text

@@ -158,6 +158,9 @@ def _load() -> ctypes.CDLL | None:
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(library, name)
             fn.restype, fn.argtypes = restype, argtypes
+        if why != "no attempt":  # an earlier, faster build failed: say so, it costs speed
+            logger.warning("CPU fast path's C kernels built with %s only (portable loops, "
+                           "slower) after: %s", " ".join(arch) or "no -march", why)
         return library
     logger.warning("CPU fast path without its C kernels (ATen only, slower): %s", why)
     return None
