@@ -117,8 +117,8 @@ static void attend_seq(const decode_job *j, float *scratch, int64_t s) {
  * reads q row q_rows[s] and writes the same row of out. Cache: (num_blocks, block_size,
  * num_kv_heads, d); sequence s's key at position p is in block block_tables[s * bt_stride +
  * p / block_size], offset p % block_size, and it sees positions [0, context_lens[s]).
- * Keys and values are read slot by slot, the cache's elements of type kv_dtype (KV_F32,
- * KV_BF16, KV_F16). Softmax in fp32 with the row max subtracted. Sequences are shared among up
+ * Keys and values are read slot by slot, each slot (all KV heads) once and in order, the
+ * cache's elements of type kv_dtype (KV_F32, KV_BF16, KV_F16). Softmax in fp32 with the row max subtracted. Sequences are shared among up
  * to num_threads OpenMP threads (torch's, see gemm.c); with one, no parallel region is opened
  * (decoder.c calls from inside its own). d must be a multiple of 8 and block_size a power of
  * two; at most 1024 query heads; every context is >= 1 token and every block it reaches in
