@@ -138,7 +138,7 @@ def _cache_dir() -> pathlib.Path:
 def _load() -> ctypes.CDLL | None:
     source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     compiler = os.environ.get("CC", "cc")
-    why = "no attempt"
+    failures: list[str] = []  # why each build tried before failed, in order
     generic = os.environ.get("XYSERVE_NATIVE_GENERIC", "0") == "1"
     for arch in _ARCH_FLAGS[1:] if generic else _ARCH_FLAGS:
         flags = (*_FLAGS, *arch)
@@ -148,21 +148,23 @@ def _load() -> ctypes.CDLL | None:
         if not path.exists():
             why = _build(compiler, flags, path)
             if why:
+                failures.append(why)
                 continue
             logger.info("built the CPU fast path's C kernels: %s", path)
         try:
             library = ctypes.CDLL(str(path))
         except OSError as exc:
-            why = str(exc)
+            failures.append(str(exc))
             continue
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(library, name)
             fn.restype, fn.argtypes = restype, argtypes
-        if why != "no attempt":  # an earlier, faster build failed: say so, it costs speed
+        if failures:  # a faster build failed: say so, it costs speed
             logger.warning("CPU fast path's C kernels built with %s only (portable loops, "
-                           "slower) after: %s", " ".join(arch) or "no -march", why)
+                           "slower) after: %s", " ".join(arch) or "no -march", failures[-1])
         return library
-    logger.warning("CPU fast path without its C kernels (ATen only, slower): %s", why)
+    logger.warning("CPU fast path without its C kernels (ATen only, slower): %s",
+                   failures[-1] if failures else "no build tried")
     return None
 
 
