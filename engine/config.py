@@ -27,7 +27,9 @@ Dtype = Literal["auto", "float32", "bfloat16"]
 # has, measured (engine.platform)
 WeightFormat = Literal["auto", "fp32", "bf16", "gguf", "gguf+bf16"]
 WEIGHT_FORMATS = ("auto", "fp32", "bf16", "gguf", "gguf+bf16")
-KvCacheDtype = Literal["auto", "float32", "bfloat16", "float16"]  # auto: the compute dtype
+BF16_WEIGHT_FORMATS = ("bf16", "gguf+bf16")  # the formats that round the weights to bf16
+# auto: bf16 beside BF16_WEIGHT_FORMATS, else the compute dtype (engine.platform)
+KvCacheDtype = Literal["auto", "float32", "bfloat16", "float16"]
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NpuDtype = Literal["bf16", "fp16"]
 SchedulingPolicy = Literal["token_budget", "prefill_first"]

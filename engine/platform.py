@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.arch import ModelArch
-from engine.config import DEFAULT_NPU, CacheConfig, EngineConfig
+from engine.config import BF16_WEIGHT_FORMATS, DEFAULT_NPU, CacheConfig, EngineConfig
 from engine.models.loader import default_cache_dir
 from npu_sim.kernels.gemm import PackedWeight, pack_quantized, pack_weight, run_gemm
 from npu_sim.kernels.native.caps import Capabilities, capabilities
@@ -86,7 +86,7 @@ def choose_fast_path(config: EngineConfig, arch: ModelArch, ships_quantized: boo
     if config.dtype != "auto" or config.weight_format != "auto":
         # an explicit float32 keeps the weights exact (fp32, or the blocks they dequantize
         # from) unless a format is asked for too
-        inexact = (("bf16", "gguf+bf16") if config.dtype == "float32"
+        inexact = (BF16_WEIGHT_FORMATS if config.dtype == "float32"
                    and config.weight_format == "auto" else ())
         wanted = [(d, f) for d, f in pool if config.dtype in ("auto", d)
                   and config.weight_format in ("auto", f) and f not in inexact]
@@ -114,7 +114,7 @@ def auto_kv_cache_dtype(dtype: str, weight_format: str) -> str:
     rounding every GEMM's input and weight to bf16; it halves attention's reads: decode-heavy
     served 850-884 against 782-804 tok/s on fp32 activations with gguf+bf16 weights, on a
     2-core AMX Xeon), else the activations' dtype (fp32 stays exact)."""
-    return "bfloat16" if weight_format in ("bf16", "gguf+bf16") else dtype
+    return "bfloat16" if weight_format in BF16_WEIGHT_FORMATS else dtype
 
 
 def probe_seconds(candidate: Candidate, arch: ModelArch) -> float:

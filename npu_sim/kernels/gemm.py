@@ -47,7 +47,7 @@ class PackedWeight:
         self.panels = panels  # the C panel GEMM's copy (its `fmt` the weight format), or None
         self.quantized = quantized  # a q4_1 / q8_0 weight's GGUF blocks, else None
         # The same weight in panels of another format for products of at most `small_rows`
-        # rows (`with_small`), else None
+        # rows (`with_small`), else None (and 0 rows)
         self.small: native.Panels | None = None
         self.small_rows = 0
         if quantized is not None:
@@ -145,7 +145,7 @@ def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor 
         if not isinstance(w, PackedWeight):
             result = F.linear(x, w, bias)
         else:  # the panel GEMM where it takes x, else oneDNN, else ATen on the plain weight
-            panels = w.small if w.small is not None and kernel.m <= w.small_rows else w.panels
+            panels = w.small if kernel.m <= w.small_rows else w.panels  # (0 rows: no small)
             result = None if panels is None else native.gemm(x, panels, bias, out=out)
             if result is not None:
                 return result

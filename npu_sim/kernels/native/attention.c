@@ -77,40 +77,6 @@ static inline __attribute__((always_inline)) void attend(
     default: attend(__VA_ARGS__, 64, token_len, block_shift, scale, KV_F16); break;           \
     }
 
-/* One call's operands (xy_decode_attention's), with what follows from them. */
-typedef struct {
-    const float *q;
-    int64_t q_stride;
-    const void *k_cache, *v_cache;
-    const int64_t *block_tables, *context_lens, *q_rows;
-    int64_t bt_stride;
-    float *out;
-    int64_t o_stride, num_heads, d;
-    int64_t token_len;    /* elements of one cache slot: num_kv_heads * d */
-    int64_t block_shift;  /* log2 of the block size */
-    int64_t scores_len;   /* scratch floats of the scores, num_heads * the longest context */
-    float scale;
-    int kv_dtype;
-    int16_t head_kv[1024];  /* the KV head of each query head */
-} decode_job;
-
-/* Sequence s of the job on the calling thread; scratch: scores_len floats, then the
- * accumulators and the query (num_heads, d) each. (fp-contract here, not on `attend`: an inlined
- * callee's optimize attribute gives way to its caller's; so this one is never inlined.) */
-__attribute__((optimize("fp-contract=fast"), noinline))
-static void attend_seq(const decode_job *j, float *scratch, int64_t s) {
-    int64_t num_heads = j->num_heads, d = j->d, token_len = j->token_len;
-    int64_t block_shift = j->block_shift;
-    float scale = j->scale;
-    int kv_dtype = j->kv_dtype;
-    vf *acc = (vf *)(scratch + j->scores_len), *qv = acc + num_heads * (d / VF_LANES);
-    for (int64_t i = 0; i < num_heads * d / VF_LANES; i++)
-        qv[i] = *(const vf_u *)(j->q + j->q_rows[s] * j->q_stride + i * VF_LANES);
-    ATTEND_COPIES(qv, j->k_cache, j->v_cache, j->block_tables + s * j->bt_stride,
-                  j->context_lens[s], j->out + j->q_rows[s] * j->o_stride, scratch, acc,
-                  j->head_kv, num_heads)
-}
-
 /* One query token per sequence against its whole context, read from the paged cache.
  *
  * q: rows of num_heads * d (query heads j * G .. j * G + G - 1 share KV head j); sequence s
@@ -118,12 +84,15 @@ static void attend_seq(const decode_job *j, float *scratch, int64_t s) {
  * num_kv_heads, d); sequence s's key at position p is in block block_tables[s * bt_stride +
  * p / block_size], offset p % block_size, and it sees positions [0, context_lens[s]).
  * Keys and values are read slot by slot, each slot (all KV heads) once and in order, the
- * cache's elements of type kv_dtype (KV_F32, KV_BF16, KV_F16). Softmax in fp32 with the row max subtracted. Sequences are shared among up
- * to num_threads OpenMP threads (torch's, see gemm.c); with one, no parallel region is opened
- * (decoder.c calls from inside its own). d must be a multiple of 8 and block_size a power of
- * two; at most 1024 query heads; every context is >= 1 token and every block it reaches in
- * [0, num_blocks). Returns 0, -1 when out of memory, -2 for an unsupported shape, -3 (nothing
- * written) for a context past its table or a block out of range. */
+ * cache's elements of type kv_dtype (KV_F32, KV_BF16, KV_F16). Softmax in fp32 with the row
+ * max subtracted. Sequences are shared among up to num_threads OpenMP threads
+ * (torch's, see gemm.c). d must be a multiple of 8 and block_size a power of two; at most 1024
+ * query heads; every context is >= 1 token and every block it reaches in [0, num_blocks).
+ * Returns 0, -1 when out of memory, -2 for an unsupported shape, -3 (nothing written) for a
+ * context past its table or a block out of range. */
+/* (fp-contract on this function, not on `attend`: an inlined callee's optimize attribute gives
+ * way to its caller's, and the OpenMP body outlined from here inherits this one) */
+__attribute__((optimize("fp-contract=fast")))
 int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
                         const void *v_cache, const int64_t *block_tables, int64_t bt_stride,
                         const int64_t *context_lens, const int64_t *q_rows, float *out,
@@ -134,7 +103,9 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
     if (d % VF_LANES || block_shift < 0 || num_heads > 1024 || kv_dtype < KV_F32
         || kv_dtype > KV_F16)
         return -2;
-    int64_t max_ctx = 0;
+    int16_t head_kv[1024];  /* the KV head of each query head */
+    for (int64_t h = 0; h < num_heads; h++) head_kv[h] = (int16_t)(h / (num_heads / num_kv_heads));
+    int64_t max_ctx = 0, token_len = num_kv_heads * d;  /* one cache slot */
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t ctx = context_lens[s], used = (ctx + block_size - 1) >> block_shift;
         if (ctx < 1 || used > bt_stride
@@ -142,27 +113,26 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
             return -3;
         if (ctx > max_ctx) max_ctx = ctx;
     }
-    decode_job job = {q, q_stride, k_cache, v_cache, block_tables, context_lens, q_rows,
-                      bt_stride, out, o_stride, num_heads, d, num_kv_heads * d, block_shift,
-                      (num_heads * max_ctx + 15) & ~(int64_t)15, scale, kv_dtype, {0}};
-    for (int64_t h = 0; h < num_heads; h++)
-        job.head_kv[h] = (int16_t)(h / (num_heads / num_kv_heads));
-    size_t scratch_bytes = sizeof(float) * (size_t)(job.scores_len + 2 * num_heads * d);
     if (num_threads > num_seqs) num_threads = (int)num_seqs;
-    if (num_threads <= 1) {
-        float *scratch = thread_scratch(scratch_bytes);
-        if (!scratch) return -1;
-        for (int64_t s = 0; s < num_seqs; s++) attend_seq(&job, scratch, s);
-        return 0;
-    }
+    if (num_threads < 1) num_threads = 1;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        float *scratch = thread_scratch(scratch_bytes);
-        failed = scratch == NULL;
+        /* per thread: scores (num_heads, max_ctx), then acc and the query (num_heads, d) */
+        int64_t scores_len = (num_heads * max_ctx + 15) & ~(int64_t)15;
+        float *scores = thread_scratch(sizeof(float) * (size_t)(scores_len + 2 * num_heads * d));
+        failed = scores == NULL;
+        vf *acc = (vf *)(scores + scores_len), *qv = acc + num_heads * (d / VF_LANES);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < num_seqs; s++)
-            if (scratch) attend_seq(&job, scratch, s);
+        for (int64_t s = 0; s < num_seqs; s++) {
+            if (!scores) continue;
+            for (int64_t i = 0; i < num_heads * d / VF_LANES; i++)
+                qv[i] = *(const vf_u *)(q + q_rows[s] * q_stride + i * VF_LANES);
+            const int64_t *table = block_tables + s * bt_stride;
+            float *os = out + q_rows[s] * o_stride;
+            ATTEND_COPIES(qv, k_cache, v_cache, table, context_lens[s], os, scores, acc, head_kv,
+                          num_heads)
+        }
     }
     return failed ? -1 : 0;
 }

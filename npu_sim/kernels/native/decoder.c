@@ -48,7 +48,6 @@ int xy_gemm_packed(int fmt, const float *x, int64_t xs, const void *panels, cons
 int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
                    int64_t n, int64_t k, float *out, int64_t os, int64_t m, int flags,
                    int64_t p0, int64_t p1);
-int xy_gemm_splits(int fmt, int flags);
 
 typedef struct {
     int64_t fmt;         /* gemm_formats.h's XY_* code */
@@ -286,24 +285,17 @@ static void layers_in_region(region *r, const xy_layer *layers, int tid, int nth
     }
 }
 
-static int one_region_takes(const xy_layer *layers, const xy_dims *m, const xy_step *s) {
-    if (s->num_chunks || s->num_decodes != s->num_tokens || s->num_threads < 2) return 0;
-    for (int64_t i = 0; i < m->num_layers; i++) {
-        const xy_weight *w[] = {&layers[i].qkv, &layers[i].o, &layers[i].gate_up, &layers[i].down};
-        for (int j = 0; j < 4; j++) {
-            int fmt;
-            pick(w[j], s->num_tokens, &fmt);
-            if (!xy_gemm_splits(fmt, (int)s->gemm_flags)) return 0;
-        }
-    }
-    return 1;
+/* Whether a step runs in one region: decodes only, on two threads or more (every weight
+ * format splits by panels: xy_gemm_panels). */
+static int one_region_takes(const xy_step *s) {
+    return !s->num_chunks && s->num_decodes == s->num_tokens && s->num_threads >= 2;
 }
 
 /* Returns 0, or the first failing kernel's code plus 100 * its launch (in layer order: 1 QKV,
  * 2 KV write, 3 attention, 4 O, 5 gate/up, 6 down). The last layer's down projection is left
  * in s->down, the residual stream in s->residual. */
 int xy_decoder_layers(const xy_dims *m, const xy_layer *layers, const xy_step *s) {
-    if (!one_region_takes(layers, m, s)) return layers_by_kernel(m, layers, s);
+    if (!one_region_takes(s)) return layers_by_kernel(m, layers, s);
     region r = {.m = m, .s = s};
     atomic_init(&r.next_seq, 0);
     atomic_init(&r.failed, 0);

@@ -171,8 +171,6 @@ int xy_gemm(const float *x, int64_t x_stride, const float *panels, const float *
                           num_threads, 0);
 }
 
-int xy_gemm_splits(int fmt, int flags);
-
 /* Panels [p0, p1) of the product xy_gemm_packed computes, on the calling thread alone: one
  * thread's share where the caller runs the parallel region itself (decoder.c). Every column
  * comes out as xy_gemm_packed computes it (bf16 panels with bf16 activations round x into a
@@ -180,7 +178,7 @@ int xy_gemm_splits(int fmt, int flags);
 int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
                    int64_t n, int64_t k, float *out, int64_t os, int64_t m, int flags,
                    int64_t p0, int64_t p1) {
-    if (!xy_gemm_splits(fmt, flags) || m < 1 || k < 1 || n < 1
+    if (fmt < XY_F32 || fmt > XY_Q8_0 || m < 1 || k < 1 || n < 1
         || ((fmt == XY_Q4_1 || fmt == XY_Q8_0) && k % QK))
         return -2;
     gemm_job job = {fmt, panels, panel_bytes(fmt, k), x, xs, bias, n, k, m, out, os};
@@ -188,10 +186,4 @@ int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, cons
         return gemm_bf16_dot_panels(&job, p0, p1);
     for (int64_t p = p0; p < p1; p++) panel_fns[fmt](&job, p);
     return 0;
-}
-
-/* Whether xy_gemm_panels takes this format and flags (every format, with any flags). */
-int xy_gemm_splits(int fmt, int flags) {
-    (void)flags;
-    return fmt >= XY_F32 && fmt <= XY_Q8_0;
 }
