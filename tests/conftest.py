@@ -74,9 +74,9 @@ def _save_tiny(out: pathlib.Path, config: transformers.PretrainedConfig,
 def _tiny_config(config_cls: type[transformers.PretrainedConfig], architecture: str,
                  tokenizer: transformers.PreTrainedTokenizerFast,
                  **overrides: Any) -> transformers.PretrainedConfig:
-    return config_cls(**TINY_DIMS, vocab_size=len(tokenizer), architectures=[architecture],
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, **overrides)
+    return config_cls(**{**TINY_DIMS, **overrides}, vocab_size=len(tokenizer),
+                      architectures=[architecture], bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +86,16 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory,
     config = _tiny_config(transformers.LlamaConfig, "LlamaForCausalLM", smollm2_tokenizer,
                           tie_word_embeddings=True)
     return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), config, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_d64_dir(tmp_path_factory: pytest.TempPathFactory,
+                       smollm2_tokenizer: transformers.PreTrainedTokenizerFast) -> pathlib.Path:
+    """`tiny_llama_dir` with heads of 64 (the default model's), where the C kernels' prefill
+    attention takes AMX tiles on a bf16 cache (they need a multiple of 32)."""
+    config = _tiny_config(transformers.LlamaConfig, "LlamaForCausalLM", smollm2_tokenizer,
+                          tie_word_embeddings=True, hidden_size=256, intermediate_size=512)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-d64"), config, smollm2_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from npu_sim.tasks import AttentionKernel
 
 _I, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _BF16_ACTIVATIONS = 1  # gemm.c's flag, as native.gemm passes it by default
+_BF16_MATMUL = 1  # attention_chunk.c's flag, as native.chunk_attention passes it by default
 
 
 class _Weight(ctypes.Structure):
@@ -55,7 +56,7 @@ class _Step(ctypes.Structure):
                 ("decode_tables", _P), ("decode_context_lens", _P),
                 ("decode_table_stride", _I), ("num_chunks", _I), ("chunks", _P),
                 ("chunk_tables", _P), ("chunk_table_len", _I), ("num_threads", _I),
-                ("gemm_flags", _I)]
+                ("gemm_flags", _I), ("attention_flags", _I)]
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class LayerStack:
         s = _Step(num_tokens=t, residual=step.residual.data_ptr(), x=step.x.data_ptr(),
                   cos=step.cos.data_ptr(), sin=step.sin.data_ptr(),
                   slots=slots.data_ptr(), num_threads=torch.get_num_threads(),
-                  gemm_flags=_BF16_ACTIVATIONS)
+                  gemm_flags=_BF16_ACTIVATIONS, attention_flags=_BF16_MATMUL)
         s.qkv, s.attn, s.o, s.gate_up, s.act, s.down = (b.data_ptr() for b in bufs)
         if plan.decodes is not None:
             dec = plan.decodes

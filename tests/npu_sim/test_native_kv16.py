@@ -1,7 +1,8 @@
 """A 16-bit KV cache (bf16 or fp16) in the C kernels: the KV write rounds fp32 keys and values
 exactly as torch's .to() does (ties, NaN, infinities, fp16 subnormals and overflow, rows that
 are not a multiple of 8 long), and the decode and chunk attention read it widened to fp32,
-against the float64 reference on the same (widened) cache: ragged shapes, thread counts that
+against the float64 reference on the same (widened) cache (a bf16 cache's chunks also on AMX
+tiles, within bf16 rounding): ragged shapes, thread counts that
 must not change a bit, the operands they decline, out-of-range indices refused before anything
 is written, and run_attention with and without the C kernels."""
 
@@ -103,6 +104,31 @@ def test_decode_attention_on_a_16_bit_cache(dtype: torch.dtype, hq: int, hkv: in
     check_decode_attention(dtype, hq, hkv, d)
 
 
+def _chunk_case(dtype: torch.dtype, hq: int, hkv: int, d: int, block_size: int, start_pos: int,
+                q_len: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A chunk's operands on a scattered 16-bit cache (q with 3 rows before the chunk and 5
+    after, which must stay untouched) and the float64 reference of its rows."""
+    gen = torch.Generator().manual_seed(q_len)
+    blocks = -(-(start_pos + q_len) // block_size)
+    pool = 2 * blocks + 3
+    op = {"q": torch.randn(q_len + 5, hq, d, generator=gen),
+          "k_cache": torch.randn(pool, block_size, hkv, d, generator=gen).to(dtype),
+          "v_cache": torch.randn(pool, block_size, hkv, d, generator=gen).to(dtype),
+          "table": torch.randperm(pool, generator=gen)[:blocks].contiguous()}
+    expected = dense_attention([ChunkShape(start_pos, q_len, tuple(op["table"].tolist()))],
+                               op["q"][3:3 + q_len].double(), op["k_cache"].double(),
+                               op["v_cache"].double(), block_size)
+    return op, expected
+
+
+def _run_chunk(op: dict[str, torch.Tensor], start_pos: int, q_len: int,
+               bf16_matmul: bool) -> torch.Tensor:
+    out = torch.full_like(op["q"], 7.0)
+    native.chunk_attention(op["q"], op["k_cache"], op["v_cache"], op["table"], start_pos,
+                           slice(3, 3 + q_len), out, op["q"].shape[-1] ** -0.5, bf16_matmul)
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("hq", "hkv", "d", "block_size", "start_pos", "q_len"), [
     (4, 4, 16, 16, 0, 33),
@@ -111,26 +137,57 @@ def test_decode_attention_on_a_16_bit_cache(dtype: torch.dtype, hq: int, hkv: in
 ])
 def test_chunk_attention_on_a_16_bit_cache(dtype: torch.dtype, hq: int, hkv: int, d: int,
                                            block_size: int, start_pos: int, q_len: int) -> None:
-    gen = torch.Generator().manual_seed(q_len)
-    blocks = -(-(start_pos + q_len) // block_size)
-    pool = 2 * blocks + 3
-    q = torch.randn(q_len + 5, hq, d, generator=gen)
-    k_cache = torch.randn(pool, block_size, hkv, d, generator=gen).to(dtype)
-    v_cache = torch.randn(pool, block_size, hkv, d, generator=gen).to(dtype)
-    table = torch.randperm(pool, generator=gen)[:blocks].contiguous()
+    """fp32 arithmetic (bf16_matmul=False): the reference's numbers to fp32 rounding."""
+    op, expected = _chunk_case(dtype, hq, hkv, d, block_size, start_pos, q_len)
 
     def run() -> torch.Tensor:
-        out = torch.full_like(q, 7.0)
-        native.chunk_attention(q, k_cache, v_cache, table, start_pos, slice(3, 3 + q_len), out,
-                               d**-0.5)
-        return out
+        return _run_chunk(op, start_pos, q_len, bf16_matmul=False)
 
     out = run()
-    expected = dense_attention([ChunkShape(start_pos, q_len, tuple(table.tolist()))],
-                               q[3:3 + q_len], k_cache.float(), v_cache.float(), block_size)
     torch.testing.assert_close(out[3:3 + q_len], expected.float(), atol=1e-5, rtol=1e-5)
     assert (out[:3] == 7.0).all() and (out[3 + q_len:] == 7.0).all()
     assert torch.equal(_with_threads(1, run), _with_threads(2, run))
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d", "block_size", "start_pos", "q_len"), [
+    (4, 4, 32, 16, 0, 33),  # one tile of d; a last key tile of one key
+    (9, 3, 64, 16, 100, 70),  # the default model's heads: 48 query vectors, 3 blocks of 16
+    (9, 3, 64, 16, 768, 240),  # a long context
+    (8, 1, 128, 32, 37, 40),  # two column passes of P V; 32-slot blocks
+    (6, 2, 96, 64, 5, 17),  # d of 3 tiles: a pass of 4 columns and one of 2
+    (64, 1, 64, 16, 3, 20),  # the widest group: 64 blocks of queries
+    (9, 3, 64, 16, 0, 1),  # one query row, one key
+])
+def test_chunk_attention_bf16_matmul_within_bf16_rounding(
+        hq: int, hkv: int, d: int, block_size: int, start_pos: int, q_len: int) -> None:
+    """bf16_matmul=True on a bf16 cache: where AMX runs, the query rows and softmax weights are
+    rounded to bf16, so each output is within 2^-8 of the largest |V| of the float64 reference
+    (a weight's rounding moves it by at most 2^-9 of itself; Q's moves the scores a little
+    more); elsewhere the fp32 path's numbers exactly. Rows outside the chunk untouched, thread
+    counts change no bit."""
+    op, expected = _chunk_case(torch.bfloat16, hq, hkv, d, block_size, start_pos, q_len)
+
+    def run() -> torch.Tensor:
+        return _run_chunk(op, start_pos, q_len, bf16_matmul=True)
+
+    out = run()
+    fp32 = _run_chunk(op, start_pos, q_len, bf16_matmul=False)
+    bound = 2.0**-8 * float(op["v_cache"].abs().max())
+    assert float((out[3:3 + q_len].double() - expected).abs().max()) <= bound
+    assert (out[:3] == 7.0).all() and (out[3 + q_len:] == 7.0).all()
+    assert torch.equal(_with_threads(1, run), _with_threads(2, run))
+    # the tiles ran exactly where they may (a single key's weight is exactly 1 either way)
+    assert torch.equal(out, fp32) == (not native.amx_granted() or q_len + start_pos == 1)
+
+
+def test_chunk_attention_bf16_matmul_needs_a_bf16_cache_and_tiles_that_fit() -> None:
+    """bf16_matmul leaves fp32 arithmetic where the tiles cannot run: an fp16 cache, d not a
+    multiple of 32, blocks of fewer than 16 slots."""
+    for dtype, d, block_size in ((torch.float16, 64, 16), (torch.bfloat16, 48, 16),
+                                 (torch.bfloat16, 64, 8)):
+        op, _ = _chunk_case(dtype, 4, 2, d, block_size, 9, 30)
+        assert torch.equal(_run_chunk(op, 9, 30, bf16_matmul=True),
+                           _run_chunk(op, 9, 30, bf16_matmul=False))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])

@@ -51,7 +51,7 @@ _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
                            "gemm_pack.c", "decoder.c"))
 _HEADERS = tuple(pathlib.Path(__file__).with_name(f)
                  for f in ("exp_approx.h", "simd.h", "paged.h", "gemm_formats.h",
-                           "gemm_bf16_dot.h", "gemm_amx.h"))
+                           "gemm_bf16_dot.h", "amx.h", "gemm_amx.h", "attention_amx.h"))
 # -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
 # -fno-trapping-math: no code reads floating-point exception flags, and without it GCC keeps
 # the branches of exp_approx's clamp and vectorises no loop that calls it (SiLU-mul ran 8x
@@ -64,6 +64,7 @@ _ARCH_FLAGS = (("-march=native",), ())  # the first that compiles
 # the AVX2 / F16C intrinsics (simd.h) run here too, so tests can check them on any machine.
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_BF16_MATMUL = 1  # xy_chunk_attention's flag (attention_amx.h)
 _SIGNATURES = {
     "xy_add_rmsnorm": (None, [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F]),
     "xy_silu_mul": (None, [_P, _I, _P, _I, _I, _I]),
@@ -72,7 +73,9 @@ _SIGNATURES = {
     "xy_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I,
                                            _I, _I, _I, _F, ctypes.c_int, ctypes.c_int]),
     "xy_chunk_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I,
-                                          _I, _I, _F, ctypes.c_int, ctypes.c_int]),
+                                          _I, _I, _F, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_int]),
+    "xy_amx_granted": (ctypes.c_int, []),
     "xy_pack_panels": (None, [_P, _I, _I, _P]),
     "xy_gemm": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _P, _I, _I, ctypes.c_int]),
     "xy_packed_bytes": (_I, [ctypes.c_int, _I, _I]),
@@ -331,13 +334,15 @@ def attention_support(q: torch.Tensor, k_cache: torch.Tensor,
 
 def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table: torch.Tensor, start_pos: int, rows: slice, out: torch.Tensor,
-                    scale: float) -> None:
+                    scale: float, bf16_matmul: bool = True) -> None:
     """One sequence's prefill chunk: row rows.start + r of q (T, Hq, D) is the token at position
     start_pos + r and attends causally to the keys at positions [0, start_pos + r] in the paged
     cache (NB, BS, Hkv, D) through block_table (B,) (contiguous int64); writes the same rows of
     out (T, Hq, D), a contiguous tensor like q; on torch's intra-op thread count. Operands must
     pass `chunk_attention_supported` (else ValueError); a chunk past its table or a block
-    outside the cache raises IndexError."""
+    outside the cache raises IndexError. bf16_matmul: a bf16 cache may take AMX tiles, its
+    query rows and softmax weights rounded to bf16 (attention_amx.h; where the CPU has AMX, D
+    is a multiple of 32 and blocks hold 16 slots or more); False: fp32 arithmetic always."""
     if (not chunk_attention_supported(q, k_cache, v_cache) or out.shape != q.shape
             or not out.is_contiguous() or out.dtype != q.dtype
             or block_table.dtype != torch.int64 or not block_table.is_contiguous()
@@ -350,8 +355,16 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(), len(block_table),
         start_pos, rows.stop - rows.start,
         out.data_ptr() + rows.start * out.stride(0) * out.element_size(), out.stride(0),
-        hq, hkv, d, nb, bs, scale, torch.get_num_threads(), KV_DTYPES[k_cache.dtype])
+        hq, hkv, d, nb, bs, scale, torch.get_num_threads(), KV_DTYPES[k_cache.dtype],
+        _BF16_MATMUL if bf16_matmul else 0)
     _raise_for(rc, "chunk_attention", "the chunk")
+
+
+def amx_granted() -> bool:
+    """Whether the library's AMX paths run in this process (built with them, and the kernel
+    grants the tiles): the bf16 GEMMs and `chunk_attention(bf16_matmul=True)` take them."""
+    native = lib()
+    return native is not None and bool(native.xy_amx_granted())
 
 
 def _raise_for(rc: int, kernel: str, what: str) -> None:
@@ -378,8 +391,7 @@ from npu_sim.kernels.native.panels import (  # noqa: E402
 )
 
 __all__ = ["FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS", "Capabilities", "Panels",
-           "add_rmsnorm", "argmax_rows",
-           "attention_support", "capabilities", "chunk_attention", "chunk_attention_supported",
-           "decode_attention", "decode_attention_supported", "disabled", "enabled",
+           "add_rmsnorm", "amx_granted", "argmax_rows", "attention_support", "capabilities",
+           "chunk_attention", "chunk_attention_supported", "decode_attention", "decode_attention_supported", "disabled", "enabled",
            "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "rope",
            "silu_mul"]

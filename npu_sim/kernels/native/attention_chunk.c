@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_amx.h"
 #include "exp_approx.h"
 #include "paged.h"
 
@@ -121,7 +122,9 @@ static inline __attribute__((always_inline)) void chunk_item(
  * [0, start_pos + r] (causal), read through the sequence's block table (bt_len entries); writes
  * the same rows of out; the cache's elements are of type kv_dtype (KV_F32, KV_BF16, KV_F16).
  * Work items (KV head, 16 query rows) are shared among up to num_threads
- * OpenMP threads, the latest rows (the most keys) first. d must be a multiple of 16 up to 256,
+ * OpenMP threads, the latest rows (the most keys) first. flags: XY_ATTN_BF16_MATMUL lets a bf16
+ * cache take AMX tiles where the CPU grants them, d is a multiple of 32 and blocks hold at
+ * least 16 slots (attention_amx.h: Q and P rounded to bf16); else fp32 arithmetic. d must be a multiple of 16 up to 256,
  * at most 64 query heads share a KV head, and block_size is a power of two. Returns 0, -1 when
  * out of memory, -2 for an unsupported shape, -3 (nothing written) when the chunk reaches past
  * its table or a block is out of range. */
@@ -130,7 +133,8 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                        const void *v_cache, const int64_t *table, int64_t bt_len,
                        int64_t start_pos, int64_t q_len, float *out, int64_t o_stride,
                        int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t num_blocks,
-                       int64_t block_size, float scale, int num_threads, int kv_dtype) {
+                       int64_t block_size, float scale, int num_threads, int kv_dtype,
+                       int flags) {
     int64_t block_shift = block_shift_of(block_size);
     if (d % TK || d > MAX_D || block_shift < 0 || num_heads % num_kv_heads
         || num_heads / num_kv_heads > 64 || q_len < 1 || start_pos < 0 || kv_dtype < KV_F32
@@ -143,6 +147,29 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
     if (num_threads > items) num_threads = (int)items;
     if (num_threads < 1) num_threads = 1;
     int failed = 0;
+#if XY_HAVE_AMX
+    if ((flags & XY_ATTN_BF16_MATMUL) && kv_dtype == KV_BF16 && d % 32 == 0 && block_shift >= 4
+        && amx_ready()) {
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+        {
+            uint32_t *scratch = thread_scratch(sizeof(uint32_t) * amx_item_scratch(TQ * group, d));
+            failed = scratch == NULL;
+            _tile_loadconfig(&AMX_CONFIG);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = items - 1; it >= 0; it--) {
+                if (!scratch) continue;
+                int64_t r0 = (it / num_kv_heads) * TQ, j = it % num_kv_heads;
+                int64_t rows = q_len - r0 < TQ ? q_len - r0 : TQ;
+                chunk_item_amx(q, q_stride, k_cache, v_cache, table, start_pos, r0, rows, j, group,
+                               d, token_len, block_shift, scale, out, o_stride, scratch);
+            }
+            _tile_release();
+        }
+        return failed ? -1 : 0;
+    }
+#else
+    (void)flags;
+#endif
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         /* per thread: kt (d, TK), vt (TK, d), then sc (nq, TK), acc (nq, d), m and l (nq) */
@@ -167,4 +194,14 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
         }
     }
     return failed ? -1 : 0;
+}
+
+/* Whether the AMX paths run in this process: compiled in (-march=native on a CPU with AMX) and
+ * granted by the kernel (amx.h). */
+int xy_amx_granted(void) {
+#if XY_HAVE_AMX
+    return amx_ready();
+#else
+    return 0;
+#endif
 }

@@ -41,7 +41,8 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                        const void *v_cache, const int64_t *table, int64_t bt_len,
                        int64_t start_pos, int64_t q_len, float *out, int64_t o_stride,
                        int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t num_blocks,
-                       int64_t block_size, float scale, int num_threads, int kv_dtype);
+                       int64_t block_size, float scale, int num_threads, int kv_dtype,
+                       int flags);
 int xy_gemm_packed(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
                    int64_t n, int64_t k, float *out, int64_t os, int64_t m, int num_threads,
                    int flags);
@@ -98,7 +99,7 @@ typedef struct {
     const int64_t *chunks;             /* (num_chunks, 3): first row, rows, start position */
     const int64_t *chunk_tables;       /* (num_chunks, chunk_table_len) */
     int64_t chunk_table_len;
-    int64_t num_threads, gemm_flags;
+    int64_t num_threads, gemm_flags, attention_flags;  /* gemm.c's, attention_chunk.c's */
 } xy_step;
 
 static int gemm(const xy_weight *w, const float *x, float *out, const xy_step *s) {
@@ -124,7 +125,8 @@ static int attention(const xy_dims *m, const xy_layer *l, const xy_step *s) {
                                 s->chunk_tables + c * s->chunk_table_len, s->chunk_table_len,
                                 chunk[2], chunk[1], s->attn + chunk[0] * o_stride, o_stride,
                                 m->num_heads, m->num_kv_heads, m->head_dim, m->num_blocks,
-                                m->block_size, m->scale, (int)s->num_threads, (int)m->kv_dtype);
+                                m->block_size, m->scale, (int)s->num_threads, (int)m->kv_dtype,
+                                (int)s->attention_flags);
     }
     return rc;
 }

@@ -21,53 +21,14 @@
  * decode throughput at 16 streams than two). Needs K in whole A tiles (ceil(k / 2) a multiple of 16 pairs, k a
  * multiple of 32: every layer of the models served), else gemm_bf16_dot takes the product.
  *
- * Linux hands AMX's tile state to a process only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM);
- * where it refuses (older kernels, VMs that list the flag without the state), amx_ready() says
- * no and gemm_bf16_dot's vdpbf16ps path runs. Tile configuration is per thread: each parallel
- * region's threads load it and release the tiles when done.
+ * The tiles, their configuration and the permission to use them: amx.h.
  */
 #ifndef XY_GEMM_AMX_H
 #define XY_GEMM_AMX_H
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "amx.h"
+#if XY_HAVE_AMX
 #include <omp.h>
-#include <stdatomic.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define AMX_ROWS 16        /* rows of an A or C tile */
-#define AMX_PAIRS 16       /* bf16 pairs along K in an A tile row (64 bytes) */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-/* Whether this process may use AMX tiles: asked of the kernel once (torch's oneDNN asks the
- * same; a second request succeeds too). */
-static int amx_ready(void) {
-    static atomic_int state;  /* 0 not asked yet, 1 granted, -1 refused */
-    int s = atomic_load(&state);
-    if (s == 0) {
-        s = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
-        atomic_store(&state, s);
-    }
-    return s > 0;
-}
-
-typedef struct {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];  /* bytes per row of each tile */
-    uint8_t rows[16];
-} __attribute__((aligned(64))) amx_config;
-
-/* Tiles 0-3: C (16 x 16 fp32), 4-7: A (16 rows x 16 pairs) or B (16 pair rows x 16 columns):
- * every tile 16 rows of 64 bytes. */
-static const amx_config AMX_CONFIG = {
-    .palette = 1,
-    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
-    .rows = {AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS},
-};
 
 /* A C tile stored to c into out's rows from r (up to 16, within m) and panel p's columns
  * (within n), plus the bias. */
@@ -216,9 +177,6 @@ static int amx_panels(const gemm_job *j, int64_t p0, int64_t p1) {
     _tile_release();
     return 0;
 }
-#define XY_HAVE_AMX 1
-#else
-#define XY_HAVE_AMX 0
 #endif
 
 #endif
