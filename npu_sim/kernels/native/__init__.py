@@ -392,6 +392,6 @@ from npu_sim.kernels.native.panels import (  # noqa: E402
 
 __all__ = ["FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS", "Capabilities", "Panels",
            "add_rmsnorm", "amx_granted", "argmax_rows", "attention_support", "capabilities",
-           "chunk_attention", "chunk_attention_supported", "decode_attention", "decode_attention_supported", "disabled", "enabled",
-           "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "rope",
-           "silu_mul"]
+           "chunk_attention", "chunk_attention_supported", "decode_attention",
+           "decode_attention_supported", "disabled", "enabled", "gather_rows", "gemm", "kv_write",
+           "lib", "pack_blocks", "pack_panels", "rope", "silu_mul"]
