@@ -333,10 +333,11 @@ def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor
                  v_cache: torch.Tensor) -> torch.Tensor:
     plan = _fast_plan(kernel, q.shape[0], _Native(*native.attention_support(q, k_cache, v_cache)))
     out = torch.empty_like(q) if plan.covers_all_rows else torch.zeros_like(q)
+    bf16_matmul = native.bf16_attention_for(q.shape[0])  # (as a replayed step's)
     if plan.decodes is not None:
         dec = plan.decodes
         native.decode_attention(q, k_cache, v_cache, dec.block_tables, dec.context_lens,
-                                dec.rows, out, kernel.scale)
+                                dec.rows, out, kernel.scale, bf16_matmul)
     hkv, g, d = kernel.num_kv_heads, kernel.group_size, kernel.head_dim
     k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)  # (NB * BS, Hkv, D)
     for grp in plan.groups:
@@ -353,7 +354,7 @@ def _run_batched(kernel: AttentionKernel, q: torch.Tensor, k_cache: torch.Tensor
     for c in plan.chunks:
         if isinstance(c, _NativeChunk):
             native.chunk_attention(q, k_cache, v_cache, c.block_table, c.start_pos, c.rows, out,
-                                   kernel.scale)
+                                   kernel.scale, bf16_matmul)
             continue
         q_len = c.rows.stop - c.rows.start
         k = k_flat.index_select(0, c.slots).transpose(0, 1)[None].to(q.dtype)  # (1, Hkv, ctx, D)

@@ -2,10 +2,10 @@
 engine's own greedy continuations, so a rounding difference at one position never derails the
 positions after it. Two paths: bf16 weights, activations and KV cache; and bf16 weights and KV
 cache with fp32 activations (the C kernels' path, each GEMM rounding its input to bf16 where
-the CPU computes bf16, AMX tiles or vdpbf16ps, and a prefill chunk's attention its queries and
-softmax weights where AMX runs it, heads of a multiple of 32; the KV cache `--kv-cache-dtype
-auto` gives bf16 weights). Two tiny random models: heads of 16 (hidden 64) and of 64 (hidden
-256, the default model's head size, so the AMX attention runs).
+the CPU computes bf16, AMX tiles or vdpbf16ps, and the attention on AMX tiles where the heads
+are a multiple of 32; the KV cache `--kv-cache-dtype auto` gives bf16 weights). Two tiny
+random models: heads of 16 (hidden 64) and of 64 (hidden 256, the default model's head size,
+so the AMX attention runs).
 
 Stated tolerances (8 prompts x 16 tokens): transformers' argmax equals the engine's token at
 >= 95% of positions, and the chosen tokens' log-probabilities differ by at most LOGPROB_DIFF
@@ -17,8 +17,8 @@ on the bf16-rounded weights for fp32 activations. Measured on an AMX Xeon:
     16              fp32 activations  127/128   0.017    0.0047  (126, 0.015, 0.0043 with an
                                                                   fp32 KV cache)
     64              bf16              128/128   0.031    0.0011
-    64              fp32 activations  124/128   0.074    0.019   (0.060 and 0.019 with the
-                                                                  prefill attention in fp32)
+    64              fp32 activations  124/128   0.070    0.019   (0.060 and 0.019 with the
+                                                                  attention in fp32)
 
 Every GEMM input is rounded to bf16 on the fp32-activation path, where transformers keeps fp32
 (on a CPU without bf16 arithmetic they are not rounded): the wider model's GEMMs add up more

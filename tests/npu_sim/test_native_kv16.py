@@ -1,8 +1,8 @@
 """A 16-bit KV cache (bf16 or fp16) in the C kernels: the KV write rounds fp32 keys and values
 exactly as torch's .to() does (ties, NaN, infinities, fp16 subnormals and overflow, rows that
 are not a multiple of 8 long), and the decode and chunk attention read it widened to fp32,
-against the float64 reference on the same (widened) cache (a bf16 cache's chunks also on AMX
-tiles, within bf16 rounding): ragged shapes, thread counts that
+against the float64 reference on the same (widened) cache (a bf16 cache also on AMX tiles,
+within 2^-16): ragged shapes, thread counts that
 must not change a bit, the operands they decline, out-of-range indices refused before anything
 is written, and run_attention with and without the C kernels."""
 
@@ -72,22 +72,28 @@ def _paged(dtype: torch.dtype, num_seqs: int, hq: int, hkv: int, d: int, block_s
     }
 
 
-def _decode(op: dict[str, torch.Tensor]) -> torch.Tensor:
+def _decode(op: dict[str, torch.Tensor], bf16_matmul: bool = False) -> torch.Tensor:
     out = torch.full_like(op["q"], 7.0)
     native.decode_attention(op["q"], op["k_cache"], op["v_cache"], op["block_tables"],
-                            op["context_lens"], op["q_rows"], out, op["q"].shape[-1] ** -0.5)
+                            op["context_lens"], op["q_rows"], out, op["q"].shape[-1] ** -0.5,
+                            bf16_matmul)
     return out
 
 
-def check_decode_attention(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
-    op = _paged(dtype, num_seqs=7, hq=hq, hkv=hkv, d=d, block_size=16, max_ctx=150, seed=hq + d)
-    out = _decode(op)
-    bs = op["k_cache"].shape[1]
+def _decode_reference(op: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float64 reference of every decode's row (in q_rows' order)."""
     chunks = [ChunkShape(int(c) - 1, 1, tuple(t.tolist()))
               for c, t in zip(op["context_lens"], op["block_tables"], strict=True)]
-    expected = dense_attention(chunks, op["q"][op["q_rows"]], op["k_cache"].float(),
-                               op["v_cache"].float(), bs).float()
-    torch.testing.assert_close(out[op["q_rows"]], expected, atol=1e-5, rtol=1e-5)
+    return dense_attention(chunks, op["q"][op["q_rows"]].double(), op["k_cache"].double(),
+                           op["v_cache"].double(), op["k_cache"].shape[1])
+
+
+def check_decode_attention(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
+    """fp32 arithmetic: the reference's numbers to fp32 rounding."""
+    op = _paged(dtype, num_seqs=7, hq=hq, hkv=hkv, d=d, block_size=16, max_ctx=150, seed=hq + d)
+    out = _decode(op)
+    torch.testing.assert_close(out[op["q_rows"]], _decode_reference(op).float(), atol=1e-5,
+                               rtol=1e-5)
     untouched = [r for r in range(len(out)) if r not in op["q_rows"].tolist()]
     assert (out[untouched] == 7.0).all()
 
@@ -160,11 +166,11 @@ def test_chunk_attention_on_a_16_bit_cache(dtype: torch.dtype, hq: int, hkv: int
 ])
 def test_chunk_attention_bf16_matmul_within_bf16_rounding(
         hq: int, hkv: int, d: int, block_size: int, start_pos: int, q_len: int) -> None:
-    """bf16_matmul=True on a bf16 cache: where AMX runs, the query rows and softmax weights are
-    rounded to bf16, so each output is within 2^-8 of the largest |V| of the float64 reference
-    (a weight's rounding moves it by at most 2^-9 of itself; Q's moves the scores a little
-    more); elsewhere the fp32 path's numbers exactly. Rows outside the chunk untouched, thread
-    counts change no bit."""
+    """bf16_matmul=True on a bf16 cache: where AMX runs, the query rows and softmax weights go
+    in as two bf16 parts each (~16 bits of their mantissas), so each output is within 2^-16 of
+    the largest |V| of the float64 reference (measured up to ~1e-5, against ~1e-6 for fp32
+    arithmetic); elsewhere the fp32 path's numbers exactly. Rows outside the chunk untouched,
+    thread counts change no bit."""
     op, expected = _chunk_case(torch.bfloat16, hq, hkv, d, block_size, start_pos, q_len)
 
     def run() -> torch.Tensor:
@@ -172,7 +178,7 @@ def test_chunk_attention_bf16_matmul_within_bf16_rounding(
 
     out = run()
     fp32 = _run_chunk(op, start_pos, q_len, bf16_matmul=False)
-    bound = 2.0**-8 * float(op["v_cache"].abs().max())
+    bound = 2.0**-16 * float(op["v_cache"].abs().max())
     assert float((out[3:3 + q_len].double() - expected).abs().max()) <= bound
     assert (out[:3] == 7.0).all() and (out[3 + q_len:] == 7.0).all()
     assert torch.equal(_with_threads(1, run), _with_threads(2, run))
@@ -188,6 +194,44 @@ def test_chunk_attention_bf16_matmul_needs_a_bf16_cache_and_tiles_that_fit() -> 
         op, _ = _chunk_case(dtype, 4, 2, d, block_size, 9, 30)
         assert torch.equal(_run_chunk(op, 9, 30, bf16_matmul=True),
                            _run_chunk(op, 9, 30, bf16_matmul=False))
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d", "block_size", "max_ctx"), [
+    (9, 3, 64, 16, 300),  # the default model's heads
+    (4, 4, 32, 16, 40),  # one tile of d, one query head per KV head
+    (8, 1, 128, 32, 70),  # two column passes of P V; 32-slot blocks
+    (6, 2, 96, 64, 33),  # a pass of 4 columns and one of 2
+    (16, 1, 64, 16, 20),  # the widest group the tiles take
+])
+def test_decode_attention_bf16_matmul_within_bf16_rounding(hq: int, hkv: int, d: int,
+                                                           block_size: int, max_ctx: int) -> None:
+    """bf16_matmul=True on a bf16 cache: where AMX runs, within 2^-16 of the largest |V| of the
+    float64 reference (the chunk test's bound: Q and P in two bf16 parts each), elsewhere the
+    fp32 path's numbers; other rows untouched; thread counts change no bit."""
+    op = _paged(torch.bfloat16, num_seqs=7, hq=hq, hkv=hkv, d=d, block_size=block_size,
+                max_ctx=max_ctx, seed=hq + d)
+    op["context_lens"][0] = 1  # one key: its weight is exactly 1 either way
+    out = _decode(op, bf16_matmul=True)
+    bound = 2.0**-16 * float(op["v_cache"].abs().max())
+    assert float((out[op["q_rows"]].double() - _decode_reference(op)).abs().max()) <= bound
+    untouched = [r for r in range(len(out)) if r not in op["q_rows"].tolist()]
+    assert (out[untouched] == 7.0).all()
+    assert torch.equal(_with_threads(1, lambda: _decode(op, True)),
+                       _with_threads(2, lambda: _decode(op, True)))
+    fp32 = _decode(op)
+    first = op["q_rows"][0]
+    assert torch.equal(out[first], fp32[first])
+    assert torch.equal(out, fp32) == (not native.amx_granted())
+
+
+def test_decode_attention_bf16_matmul_needs_tiles_that_fit() -> None:
+    """bf16_matmul leaves fp32 arithmetic where the tiles cannot run: an fp16 cache, d not a
+    multiple of 32, blocks of fewer than 16 slots, more than 16 query heads per KV head."""
+    for dtype, hq, d, block_size in ((torch.float16, 4, 64, 16), (torch.bfloat16, 4, 48, 16),
+                                     (torch.bfloat16, 4, 64, 8), (torch.bfloat16, 17, 32, 16)):
+        op = _paged(dtype, num_seqs=3, hq=hq, hkv=1, d=d, block_size=block_size, max_ctx=50,
+                    seed=5)
+        assert torch.equal(_decode(op, bf16_matmul=True), _decode(op))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])

@@ -7,7 +7,8 @@ hold weights only, so every ATen call of the small ops pays a cold dispatch (an 
 of them, an attention launch ~10 plus a gather of every key into a padded copy). Here each of
 those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and the
 attention of decodes and of prefill chunks, reading the paged cache in place (attention.c,
-attention_chunk.c; fp32, bf16 or fp16 cache, fp32 arithmetic). The GEMMs of few rows (decode
+attention_chunk.c; fp32, bf16 or fp16 cache, fp32 arithmetic; on a bf16 cache AMX tiles where
+the CPU has them, attention_amx.h). The GEMMs of few rows (decode
 batches) run on weights packed into 16-column panels (gemm.c; fp32, bf16, or GGUF Q4_1 / Q8_0
 blocks decoded in registers: panels.py), streamed at close to the memory bound. Activations
 stay fp32 throughout. decoder.c replays a whole step's decoder layers, those same calls in one
@@ -71,7 +72,8 @@ _SIGNATURES = {
     "xy_rope": (None, [_P, _I, _I, _I, _P, _P, _I, _I, _I]),
     "xy_kv_write": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _I, ctypes.c_int]),
     "xy_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I,
-                                           _I, _I, _I, _F, ctypes.c_int, ctypes.c_int]),
+                                           _I, _I, _I, _F, ctypes.c_int, ctypes.c_int,
+                                           ctypes.c_int]),
     "xy_chunk_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I, _I, _I,
                                           _I, _I, _F, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_int]),
@@ -293,13 +295,15 @@ def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                     q_rows: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+                     q_rows: torch.Tensor, out: torch.Tensor, scale: float,
+                     bf16_matmul: bool = True) -> None:
     """One query row per sequence (q_rows (S,) of q (T, Hq, D)) attending to all of its
     context_lens (S,) keys in the paged cache (NB, BS, Hkv, D) through block_tables (S, B);
     writes the same rows of out (T, Hq, D), a contiguous tensor like q; on torch's intra-op
     thread count. The index tensors are contiguous int64. Operands must pass
     `decode_attention_supported` (else ValueError); a context past its table or a block outside
-    the cache raises IndexError."""
+    the cache raises IndexError. bf16_matmul: as chunk_attention's (AMX tiles on a bf16 cache
+    also need at most 16 query heads per KV head)."""
     index = (block_tables, context_lens, q_rows)
     if (not decode_attention_supported(q, k_cache, v_cache) or out.shape != q.shape
             or not out.is_contiguous() or out.dtype != q.dtype
@@ -312,7 +316,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                    block_tables.stride(0), context_lens.data_ptr(),
                                    q_rows.data_ptr(), out.data_ptr(), out.stride(0),
                                    len(context_lens), hq, hkv, d, nb, bs, scale,
-                                   torch.get_num_threads(), KV_DTYPES[k_cache.dtype])
+                                   torch.get_num_threads(), KV_DTYPES[k_cache.dtype],
+                                   _BF16_MATMUL if bf16_matmul else 0)
     _raise_for(rc, "decode_attention", "a context")
 
 
@@ -341,8 +346,10 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out (T, Hq, D), a contiguous tensor like q; on torch's intra-op thread count. Operands must
     pass `chunk_attention_supported` (else ValueError); a chunk past its table or a block
     outside the cache raises IndexError. bf16_matmul: a bf16 cache may take AMX tiles, its
-    query rows and softmax weights rounded to bf16 (attention_amx.h; where the CPU has AMX, D
-    is a multiple of 32 and blocks hold 16 slots or more); False: fp32 arithmetic always."""
+    query rows and softmax weights each split in two bf16 parts (within ~2^-16 of fp32
+    arithmetic: attention_amx.h; where the CPU has AMX, D is a multiple of 32 and blocks hold
+    16 slots or more; `bf16_attention_for` says when a step's callers allow it); False: fp32
+    arithmetic always."""
     if (not chunk_attention_supported(q, k_cache, v_cache) or out.shape != q.shape
             or not out.is_contiguous() or out.dtype != q.dtype
             or block_table.dtype != torch.int64 or not block_table.is_contiguous()
@@ -358,6 +365,15 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         hq, hkv, d, nb, bs, scale, torch.get_num_threads(), KV_DTYPES[k_cache.dtype],
         _BF16_MATMUL if bf16_matmul else 0)
     _raise_for(rc, "chunk_attention", "the chunk")
+
+
+def bf16_attention_for(num_rows: int) -> bool:
+    """The `bf16_matmul` of a step of `num_rows` rows (what its callers pass the attention
+    kernels): every step but one of a single row. A lone stream's steps multiply 4-bit blocks
+    on AVX-512 (a gguf+bf16 weight's small panels), and waking the tile unit for its short
+    attention alone cost 2-5% of its ITL on the AMX Xeon; where the step's GEMMs run on the
+    tiles anyway, its attention on them costs nothing extra."""
+    return num_rows > 1
 
 
 def amx_granted() -> bool:
@@ -391,7 +407,8 @@ from npu_sim.kernels.native.panels import (  # noqa: E402
 )
 
 __all__ = ["FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS", "Capabilities", "Panels",
-           "add_rmsnorm", "amx_granted", "argmax_rows", "attention_support", "capabilities",
-           "chunk_attention", "chunk_attention_supported", "decode_attention",
-           "decode_attention_supported", "disabled", "enabled", "gather_rows", "gemm", "kv_write",
-           "lib", "pack_blocks", "pack_panels", "rope", "silu_mul"]
+           "add_rmsnorm", "amx_granted", "argmax_rows", "attention_support",
+           "bf16_attention_for", "capabilities", "chunk_attention", "chunk_attention_supported",
+           "decode_attention", "decode_attention_supported", "disabled", "enabled",
+           "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "rope",
+           "silu_mul"]

@@ -11,13 +11,15 @@
  * softmax and the output stay fp32. A 16-bit cache halves the bytes of each key: the cache
  * holds twice the tokens, and a decode that streams it at the memory bound takes half the time
  * (on the 2-core Zen 2 these were written on, the decode is bound by its arithmetic instead:
- * 10-15% faster). One copy of each kernel per element type.
+ * 10-15% faster). One copy of each kernel per element type. A bf16 cache may take AMX tiles
+ * instead (attention_amx.h, where the caller allows them).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_amx.h"
 #include "exp_approx.h"
 #include "paged.h"
 
@@ -88,6 +90,9 @@ static inline __attribute__((always_inline)) void attend(
  * max subtracted. Sequences are shared among up to num_threads OpenMP threads
  * (torch's, see gemm.c). d must be a multiple of 8 and block_size a power of two; at most 1024
  * query heads; every context is >= 1 token and every block it reaches in [0, num_blocks).
+ * flags: XY_ATTN_BF16_MATMUL lets a bf16 cache take AMX tiles where the CPU grants them, d is a
+ * multiple of 32, blocks hold at least 16 slots and at most 16 query heads share a KV head
+ * (attention_amx.h's decode_item_amx: Q and P split in two bf16 parts); else fp32 arithmetic.
  * Returns 0, -1 when out of memory, -2 for an unsupported shape, -3 (nothing written) for a
  * context past its table or a block out of range. */
 /* (fp-contract on this function, not on `attend`: an inlined callee's optimize attribute gives
@@ -98,7 +103,7 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
                         const int64_t *context_lens, const int64_t *q_rows, float *out,
                         int64_t o_stride, int64_t num_seqs, int64_t num_heads,
                         int64_t num_kv_heads, int64_t d, int64_t num_blocks, int64_t block_size,
-                        float scale, int num_threads, int kv_dtype) {
+                        float scale, int num_threads, int kv_dtype, int flags) {
     int64_t block_shift = block_shift_of(block_size);
     if (d % VF_LANES || block_shift < 0 || num_heads > 1024 || kv_dtype < KV_F32
         || kv_dtype > KV_F16)
@@ -116,6 +121,31 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
     if (num_threads > num_seqs) num_threads = (int)num_seqs;
     if (num_threads < 1) num_threads = 1;
     int failed = 0;
+#if XY_HAVE_AMX
+    int64_t group = num_heads / num_kv_heads;
+    if ((flags & XY_ATTN_BF16_MATMUL) && kv_dtype == KV_BF16 && d % 32 == 0 && block_shift >= 4
+        && group <= 16 && amx_ready()) {
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+        {
+            uint32_t *scratch = thread_scratch(sizeof(uint32_t) * amx_decode_scratch(max_ctx, d));
+            failed = scratch == NULL;
+            _tile_loadconfig(&AMX_CONFIG);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t s = 0; s < num_seqs; s++) {
+                if (!scratch) continue;
+                for (int64_t j = 0; j < num_kv_heads; j++)
+                    decode_item_amx(q + q_rows[s] * q_stride, k_cache, v_cache,
+                                    block_tables + s * bt_stride, context_lens[s], j, group, d,
+                                    token_len, block_shift, scale, out + q_rows[s] * o_stride,
+                                    scratch);
+            }
+            _tile_release();
+        }
+        return failed ? -1 : 0;
+    }
+#else
+    (void)flags;
+#endif
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         /* per thread: scores (num_heads, max_ctx), then acc and the query (num_heads, d) */

@@ -1,24 +1,32 @@
-/* Prefill-chunk attention on AMX tiles (attention_chunk.c's work item, on a bf16 KV cache): the
- * two matmuls of flash attention as tile multiply-adds, bf16 operands and fp32 sums, with the
- * online softmax in fp32 between them. The query rows and the softmax weights are rounded to
- * bf16 on their way into the tiles (as oneDNN's and vLLM's bf16 attention round them), so the
- * numbers are not those of the fp32-arithmetic path: the caller allows it
- * (XY_ATTN_BF16_MATMUL), the tests hold it to a bf16 tolerance.
+/* Attention on AMX tiles over a bf16 KV cache: attention_chunk.c's prefill work items
+ * (chunk_item_amx) and attention.c's decodes (decode_item_amx). Both matmuls of attention as
+ * tile multiply-adds, bf16 operands and fp32 sums, the softmax in fp32 between them. K and V
+ * are bf16 in the cache already; the fp32 queries and softmax weights go in as two bf16 parts
+ * each, hi = bf16(x) and lo = bf16(x - hi), multiplied in turn into the same sums: hi + lo
+ * carries ~16 of fp32's 24 mantissa bits, so the results are within ~2^-16 of the
+ * fp32-arithmetic kernels' (measured ~1e-5 of unit-scale outputs, against ~1e-6 for those),
+ * for twice the tile work, which is not what bounds these kernels. Used where the caller
+ * allows it (XY_ATTN_BF16_MATMUL: native.bf16_attention_for).
  *
- * A work item is 16 query rows x the `group` query heads of one KV head: its nq query vectors
- * in blocks of 16 (the columns of a tile), over key tiles of 32 (one A tile of P: 16 pairs).
+ * A prefill work item is 16 query rows x the `group` query heads of one KV head: its nq query
+ * vectors in blocks of 16 (the columns of a tile), over key tiles of 32 (one A tile of P: 16
+ * key pairs), flash style:
  *
  *   scores   S^T (32 keys x 16 queries) = K (32 x d) . Q^T (d x 16): the K tile's A tiles are
  *            the cache's rows as they are (16 keys of a block are 16 rows with the slot stride;
  *            32 bf16 of d a row), Q^T's B tiles (d pairs x 16 queries) made once per item
  *   softmax  down the keys, one lane per query: running max m, sum l and rescale alpha are
  *            16-lane vectors; a key after a query's position is masked (causal)
- *   output   O (16 queries x d) += P (16 x 32 keys) . V (32 keys x d): P's A tile is P^T's
+ *   output   O (16 queries x d) += P (16 x 32 keys) . V (32 keys x d): P's A tiles are P^T's
  *            key pairs transposed, V's B tiles (key pairs x 16 columns of d) interleaved once
  *            per key tile for every query block; O in fp32 rows, rescaled by alpha per query
  *
+ * A decode (one query row, the group's heads the first columns of one block) takes two passes
+ * instead, as attention.c's: every score, an exact softmax per head, then P . V with the C
+ * tiles accumulating over every key.
+ *
  * Needs d a multiple of 32 (whole A tiles along d) and blocks of at least 16 slots (a 16-key
- * half of a tile lies in one block). Keys past the item's last row are never read (V's pairs
+ * half of a tile lies in one block). Keys past the last one seen are never read (V's pairs
  * are zero there, P is zero there, and their scores are never looked at).
  */
 #ifndef XY_ATTENTION_AMX_H
@@ -30,7 +38,7 @@
 #include "amx.h"
 #include "paged.h"
 
-#define XY_ATTN_BF16_MATMUL 1  /* xy_chunk_attention flag: bf16 Q and P allowed (AMX tiles) */
+#define XY_ATTN_BF16_MATMUL 1  /* attention kernels' flag: AMX tiles allowed (split Q and P) */
 
 #if XY_HAVE_AMX
 #define AK 32  /* keys per tile */
@@ -86,12 +94,92 @@ static inline AI __m512i bf16_pairs16(__m512 a, __m512 b) {
     return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
+/* x rounded to bf16 (to nearest, ties to even, as vcvtne2ps2bf16 rounds), as fp32 */
+static inline AI __m512 bf16_round(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
+
+/* The B tiles of Q^T (d pairs x 16 query columns, a tile per 32 of d) of up to 16 query
+ * vectors of d floats (vec[g]; NULL: a zero column), each split in two bf16 parts whose sum
+ * carries ~16 bits of the fp32 mantissa: hi = bf16(q), lo = bf16(q - hi). */
+static void query_tiles(const float *const vec[16], int64_t ns, uint32_t *hi, uint32_t *lo) {
+    for (int64_t s = 0; s < ns; s++) {
+        uint32_t xh[256] __attribute__((aligned(64))), xl[256] __attribute__((aligned(64)));
+        for (int g = 0; g < 16; g++) {
+            __m512i h = _mm512_setzero_si512(), l = _mm512_setzero_si512();
+            if (vec[g]) {
+                __m512 a = _mm512_loadu_ps(vec[g] + 32 * s), b = _mm512_loadu_ps(vec[g] + 32 * s + 16);
+                h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+                l = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, bf16_round(b)),
+                                                 _mm512_sub_ps(a, bf16_round(a)));
+            }
+            _mm512_store_si512(xh + g * 16, h);
+            _mm512_store_si512(xl + g * 16, l);
+        }
+        transpose16(xh, 16, hi + s * 256, 16);
+        transpose16(xl, 16, lo + s * 256, 16);
+    }
+}
+
 /* Per-thread scratch of an item of nq query vectors, in 32-bit elements (every piece a whole
  * number of 64-byte lines). */
 static inline size_t amx_item_scratch(int64_t nq, int64_t d) {
     size_t nb = (size_t)((nq + 15) / 16);
-    return nb * (size_t)(d / 32) * 256 + 16 * (size_t)d + 4 * 256 + nb * 16 * (size_t)d
+    return 2 * nb * (size_t)(d / 32) * 256 + 16 * (size_t)d + 6 * 256 + nb * 16 * (size_t)d
            + 2 * nb * 16 + 256;
+}
+
+static inline AI void zero_c_tiles(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+/* S^T of a key tile into st (32 keys x 16 queries): tiles 0 and 1 = K (tile 4: the first 16
+ * keys' rows from kh0, tile 5: the next 16 from kh1, NULL: none) . (Q^T hi + lo) (tiles 6, 7;
+ * ns tiles of each, a tile per 32 of d). */
+static inline AI void scores_amx(const uint16_t *kh0, const uint16_t *kh1, int64_t kv_stride,
+                                 const uint32_t *q_hi, const uint32_t *q_lo, int64_t ns,
+                                 float *st) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t s = 0; s < ns; s++) {
+        _tile_loadd(4, kh0 + 32 * s, kv_stride);
+        _tile_loadd(6, q_hi + s * 256, 64);
+        _tile_loadd(7, q_lo + s * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(0, 4, 7);
+        if (kh1) {
+            _tile_loadd(5, kh1 + 32 * s, kv_stride);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_dpbf16ps(1, 5, 7);
+        }
+    }
+    _tile_stored(0, st, 64);
+    if (kh1) _tile_stored(1, st + 256, 64);
+}
+
+/* C tiles 0 .. ne - 1 (ne <= 4) += P . V: P's A tiles loaded in tiles 4 (hi) and 5 (lo), V's
+ * B tiles the 16-column blocks of w (key pairs, rows w_stride bytes apart), each through
+ * tile 6 or 7. */
+static inline AI void values_amx(const uint32_t *w, int64_t w_stride, int64_t ne) {
+    _tile_loadd(6, w, w_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(0, 5, 6);
+    if (ne > 1) {
+        _tile_loadd(7, w + 16, w_stride);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(1, 5, 7);
+    }
+    if (ne > 2) {
+        _tile_loadd(6, w + 32, w_stride);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+    }
+    if (ne > 3) {
+        _tile_loadd(7, w + 48, w_stride);
+        _tile_dpbf16ps(3, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+    }
 }
 
 /* C tile `tile` (a constant) of P . V into the running output rows o (16 rows of d, stride d)
@@ -116,11 +204,11 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
                            int64_t token_len, int64_t block_shift, float scale, float *out,
                            int64_t o_stride, uint32_t *scratch) {
     int64_t nq = rows * group, nb = (nq + 15) / 16, ns = d / 32;
-    uint32_t *qt = scratch;          /* (nb, ns) B tiles of Q^T: 16 pairs of d x 16 queries */
-    uint32_t *w = qt + nb * ns * 256;  /* (16, d): V's key pairs, the B tiles of P . V */
-    uint32_t *pm = w + 16 * d;       /* (16, 16): P^T's key pairs x queries, then ... */
-    uint32_t *pa = pm + 256;         /* ... transposed: P's A tile */
-    float *st = (float *)(pa + 256);  /* (32, 16): S^T, then P^T, of a key tile */
+    uint32_t *qt = scratch;          /* (nb, ns, hi / lo) B tiles of Q^T: d pairs x queries */
+    uint32_t *w = qt + 2 * nb * ns * 256;  /* (16, d): V's key pairs, the B tiles of P . V */
+    uint32_t *pm = w + 16 * d;       /* (2, 16, 16): P^T's key pairs x queries (hi, lo), ... */
+    uint32_t *pa = pm + 512;         /* ... transposed: P's A tiles (hi, lo) */
+    float *st = (float *)(pa + 512);  /* (32, 16): S^T, then P^T, of a key tile */
     float *c = st + 512;             /* (16, 16): a C tile stored */
     float *acc = c + 256;            /* (nb * 16, d): the running output */
     float *m = acc + nb * 16 * d, *l = m + nb * 16;  /* (nb * 16): running max and sum */
@@ -128,23 +216,15 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
     float alpha_of[16] __attribute__((aligned(64)));
     int32_t qpos[16] __attribute__((aligned(64)));
 
-    /* Q^T: each block's query rows rounded to bf16 pairs (a row of x per query), transposed */
-    for (int64_t b = 0; b < nb; b++)
-        for (int64_t s = 0; s < ns; s++) {
-            uint32_t x[256] __attribute__((aligned(64)));
-            for (int64_t qq = 0; qq < 16; qq++) {
-                int64_t iq = b * 16 + qq;
-                __m512i pairs = _mm512_setzero_si512();
-                if (iq < nq) {
-                    const float *src = q + (r0 + iq / group) * q_stride
-                                       + (j * group + iq % group) * d + 32 * s;
-                    pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16),
-                                                         _mm512_loadu_ps(src));
-                }
-                _mm512_store_si512(x + qq * 16, pairs);
-            }
-            transpose16(x, 16, qt + (b * ns + s) * 256, 16);
+    for (int64_t b = 0; b < nb; b++) {  /* Q^T, block by block */
+        const float *vec[16];
+        for (int64_t qq = 0; qq < 16; qq++) {
+            int64_t iq = b * 16 + qq;
+            vec[qq] = iq < nq ? q + (r0 + iq / group) * q_stride + (j * group + iq % group) * d
+                              : NULL;
         }
+        query_tiles(vec, ns, qt + 2 * b * ns * 256, qt + (2 * b + 1) * ns * 256);
+    }
     for (int64_t i = 0; i < nb * 16 * d; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
     for (int64_t i = 0; i < nb * 16; i += 16) {
         _mm512_store_ps(m + i, _mm512_set1_ps(-INFINITY));
@@ -175,19 +255,8 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
         const uint16_t *kh1 = nk > 16 ? k_cache + slot(table, k0 + 16, block_shift, token_len)
                                         + j * d : NULL;
         for (int64_t b = 0; b < nb; b++) {
-            _tile_zero(0);
-            _tile_zero(1);
-            for (int64_t s = 0; s < ns; s++) {
-                _tile_loadd(6, qt + (b * ns + s) * 256, 64);
-                _tile_loadd(4, kh0 + 32 * s, kv_stride);
-                _tile_dpbf16ps(0, 4, 6);
-                if (kh1) {
-                    _tile_loadd(5, kh1 + 32 * s, kv_stride);
-                    _tile_dpbf16ps(1, 5, 6);
-                }
-            }
-            _tile_stored(0, st, 64);
-            if (kh1) _tile_stored(1, st + 256, 64);
+            scores_amx(kh0, kh1, kv_stride, qt + 2 * b * ns * 256, qt + (2 * b + 1) * ns * 256,
+                       ns, st);
 
             /* online softmax down the keys, a lane per query */
             for (int qq = 0; qq < 16; qq++) {
@@ -221,34 +290,25 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
             _mm512_store_ps(l + b * 16, _mm512_fmadd_ps(_mm512_load_ps(l + b * 16), alpha, sum));
             _mm512_store_ps(alpha_of, alpha);
 
-            /* P's A tile: P^T's key pairs (a row per pair), transposed to a row per query */
-            for (int64_t i = 0; i < 16; i++)
-                _mm512_store_si512(pm + i * 16, bf16_pairs16(_mm512_load_ps(st + 2 * i * 16),
-                                                             _mm512_load_ps(st + (2 * i + 1) * 16)));
+            /* P's A tiles: P^T's key pairs (a row per pair; hi and lo parts), transposed to a
+             * row per query */
+            for (int64_t i = 0; i < 16; i++) {
+                __m512 p0 = _mm512_load_ps(st + 2 * i * 16), p1 = _mm512_load_ps(st + (2 * i + 1) * 16);
+                _mm512_store_si512(pm + i * 16, bf16_pairs16(p0, p1));
+                _mm512_store_si512(pm + 256 + i * 16,
+                                   bf16_pairs16(_mm512_sub_ps(p0, bf16_round(p0)),
+                                                _mm512_sub_ps(p1, bf16_round(p1))));
+            }
             transpose16(pm, 16, pa, 16);
+            transpose16(pm + 256, 16, pa + 256, 16);
             _tile_loadd(4, pa, 64);
+            _tile_loadd(5, pa + 256, 64);
             /* O = O alpha + P V, four 16-column blocks of d at a time */
             float *o = acc + b * 16 * d;
             for (int64_t e = 0; e < d; e += 64) {
                 int64_t ne = (d - e) / 16 < 4 ? (d - e) / 16 : 4;
-                _tile_zero(0);
-                _tile_loadd(5, w + e, d * 4);
-                _tile_dpbf16ps(0, 4, 5);
-                if (ne > 1) {
-                    _tile_zero(1);
-                    _tile_loadd(6, w + e + 16, d * 4);
-                    _tile_dpbf16ps(1, 4, 6);
-                }
-                if (ne > 2) {
-                    _tile_zero(2);
-                    _tile_loadd(7, w + e + 32, d * 4);
-                    _tile_dpbf16ps(2, 4, 7);
-                }
-                if (ne > 3) {
-                    _tile_zero(3);
-                    _tile_loadd(5, w + e + 48, d * 4);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
+                zero_c_tiles();
+                values_amx(w + e, d * 4, ne);
                 AMX_ACCUMULATE(0, e);
                 if (ne > 1) AMX_ACCUMULATE(1, e + 16);
                 if (ne > 2) AMX_ACCUMULATE(2, e + 32);
@@ -264,6 +324,120 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
     }
 }
 #undef AMX_ACCUMULATE
+
+/* Per-thread scratch of decode_item_amx for contexts of up to max_ctx keys, in 32-bit
+ * elements. */
+static inline size_t amx_decode_scratch(int64_t max_ctx, int64_t d) {
+    size_t ctx_pad = (size_t)((max_ctx + AK - 1) / AK * AK);
+    return 2 * (size_t)(d / 32) * 256 + 512 + 256 + 16 * ctx_pad + 16 * ctx_pad + 16 * 64;
+}
+
+/* One decode's attention for KV head j on AMX tiles: the query row's `group` heads (qrow: the
+ * row of q, heads of d) against keys [0, ctx), into the same heads of orow. Two passes, as
+ * attention.c's decode: every score first (S^T = K . Q^T, 32 keys a step, the group's queries
+ * the tile's first columns), an exact softmax per head down its keys, then O = P . V with the
+ * four C tiles of 64 columns of d accumulating over every key (no rescaling). Q and P split in
+ * two bf16 parts as in chunk_item_amx; group <= 16; the calling thread has the tile configuration
+ * loaded, and `scratch` holds amx_decode_scratch(ctx, d) elements. */
+static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const uint16_t *v_cache,
+                            const int64_t *table, int64_t ctx, int64_t j, int64_t group,
+                            int64_t d, int64_t token_len, int64_t block_shift, float scale,
+                            float *orow, uint32_t *scratch) {
+    int64_t ns = d / 32, ctx_pad = (ctx + AK - 1) / AK * AK;
+    uint32_t *qt = scratch;              /* (hi / lo, ns) B tiles of Q^T */
+    float *st = (float *)(qt + 2 * ns * 256);  /* (32, 16): S^T of a key tile */
+    float *c = st + 512;                 /* (16, 16): a C tile stored */
+    float *sc = c + 256;                 /* (16, ctx_pad): each head's scores, then weights */
+    uint16_t *pb = (uint16_t *)(sc + 16 * ctx_pad);  /* (hi / lo, 16, ctx_pad) bf16: P's A tiles */
+    uint32_t *w = (uint32_t *)(pb + 32 * ctx_pad);   /* (16, 64): V's key pairs */
+    const int64_t kv_stride = token_len * 2;
+    float inv_l[16];
+
+    const float *vec[16];
+    for (int64_t g = 0; g < 16; g++) vec[g] = g < group ? qrow + (j * group + g) * d : NULL;
+    query_tiles(vec, ns, qt, qt + ns * 256);
+    /* scores: a head's column of each S^T tile, gathered into its row of sc */
+    const __m512i column = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(16));
+    for (int64_t k0 = 0; k0 < ctx; k0 += AK) {
+        const uint16_t *kh0 = k_cache + slot(table, k0, block_shift, token_len) + j * d;
+        const uint16_t *kh1 = k0 + 16 < ctx ? k_cache + slot(table, k0 + 16, block_shift,
+                                                                token_len) + j * d : NULL;
+        scores_amx(kh0, kh1, kv_stride, qt, qt + ns * 256, ns, st);
+        for (int64_t g = 0; g < group; g++) {
+            __m512 lo = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32((int)g)),
+                                            st, 4);
+            _mm512_store_ps(sc + g * ctx_pad + k0, _mm512_mul_ps(lo, _mm512_set1_ps(scale)));
+            __m512 hi = kh1 ? _mm512_i32gather_ps(
+                _mm512_add_epi32(column, _mm512_set1_epi32((int)(256 + g))), st, 4)
+                            : _mm512_setzero_ps();
+            _mm512_store_ps(sc + g * ctx_pad + k0 + 16, _mm512_mul_ps(hi, _mm512_set1_ps(scale)));
+        }
+    }
+    /* softmax per head, its weights into P's rows as two bf16 parts (keys past ctx: 0) */
+    for (int64_t g = 0; g < group; g++) {
+        float *row = sc + g * ctx_pad;
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < ctx_pad; k += 16) {
+            int64_t left = ctx - k;
+            __mmask16 in = (__mmask16)(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
+            mx = _mm512_mask_max_ps(mx, in, mx, _mm512_load_ps(row + k));
+        }
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        for (int64_t k = 0; k < ctx_pad; k += 32) {
+            __m512 p[2];
+            for (int h = 0; h < 2; h++) {
+                int64_t left = ctx - k - 16 * h;
+                __mmask16 in = (__mmask16)(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
+                p[h] = _mm512_maskz_mov_ps(in, exp16(_mm512_sub_ps(_mm512_load_ps(row + k + 16 * h),
+                                                                 m)));
+                sum = _mm512_add_ps(sum, p[h]);
+            }
+            _mm512_store_si512(pb + g * ctx_pad + k, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
+            _mm512_store_si512(pb + (16 + g) * ctx_pad + k, (__m512i)_mm512_cvtne2ps_pbh(
+                _mm512_sub_ps(p[1], bf16_round(p[1])), _mm512_sub_ps(p[0], bf16_round(p[0]))));
+        }
+        inv_l[g] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    /* O = P V, 64 columns of d at a time over every key */
+    for (int64_t e0 = 0; e0 < d; e0 += 64) {
+        int64_t ne = (d - e0) / 16 < 4 ? (d - e0) / 16 : 4;
+        zero_c_tiles();
+        for (int64_t k0 = 0; k0 < ctx; k0 += AK) {
+            for (int64_t i = 0; i < 16; i++) {  /* w[i][x] = (V[k0 + 2i][e0 + x], V[k0 + 2i + 1][..]) */
+                int64_t ka = k0 + 2 * i;
+                const uint16_t *va = ka < ctx ? v_cache + slot(table, ka, block_shift, token_len)
+                                     + j * d + e0 : NULL;
+                const uint16_t *vb = ka + 1 < ctx ? v_cache + slot(table, ka + 1, block_shift,
+                                                                    token_len) + j * d + e0 : NULL;
+                for (int64_t e = 0; e < 16 * ne; e += 16) {
+                    __m512i lo = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + e)))
+                                    : _mm512_setzero_si512();
+                    __m512i hi = vb ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb + e)))
+                                    : _mm512_setzero_si512();
+                    _mm512_store_si512(w + i * 64 + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                }
+            }
+            _tile_loadd(4, pb + k0, ctx_pad * 2);
+            _tile_loadd(5, pb + 16 * ctx_pad + k0, ctx_pad * 2);
+            values_amx(w, 256, ne);
+        }
+#define AMX_DECODE_OUT(tile, x)                                                             \
+        do {                                                                                \
+            _tile_stored(tile, c, 64);                                                      \
+            for (int64_t g = 0; g < group; g++)                                             \
+                _mm512_storeu_ps(orow + (j * group + g) * d + e0 + 16 * (x),                \
+                                 _mm512_mul_ps(_mm512_load_ps(c + g * 16),                  \
+                                               _mm512_set1_ps(inv_l[g])));                  \
+        } while (0)
+        AMX_DECODE_OUT(0, 0);
+        if (ne > 1) AMX_DECODE_OUT(1, 1);
+        if (ne > 2) AMX_DECODE_OUT(2, 2);
+        if (ne > 3) AMX_DECODE_OUT(3, 3);
+#undef AMX_DECODE_OUT
+    }
+}
 #endif
 
 #endif

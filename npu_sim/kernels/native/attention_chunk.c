@@ -2,7 +2,8 @@
  * a key tile is loaded; fp32 arithmetic), flash style: 16 query rows x one KV head's query
  * heads per work item, 16-key tiles with online softmax, straight from the cache through the
  * block table (no gather, no mask). Compiled like attention.c (see there for the conventions;
- * the decodes of one query token each are there).
+ * the decodes of one query token each are there). On a bf16 cache the same work items may run
+ * on AMX tiles instead (attention_amx.h, where the caller allows them).
  */
 #include <math.h>
 #include <stdint.h>
@@ -124,8 +125,9 @@ static inline __attribute__((always_inline)) void chunk_item(
  * Work items (KV head, 16 query rows) are shared among up to num_threads
  * OpenMP threads, the latest rows (the most keys) first. flags: XY_ATTN_BF16_MATMUL lets a bf16
  * cache take AMX tiles where the CPU grants them, d is a multiple of 32 and blocks hold at
- * least 16 slots (attention_amx.h: Q and P rounded to bf16); else fp32 arithmetic. d must be a multiple of 16 up to 256,
- * at most 64 query heads share a KV head, and block_size is a power of two. Returns 0, -1 when
+ * least 16 slots (attention_amx.h: Q and P split in two bf16 parts); else fp32 arithmetic.
+ * d must be a multiple of 16 up to 256, at most 64 query heads share a KV head, and block_size
+ * is a power of two. Returns 0, -1 when
  * out of memory, -2 for an unsupported shape, -3 (nothing written) when the chunk reaches past
  * its table or a block is out of range. */
 __attribute__((optimize("fp-contract=fast")))

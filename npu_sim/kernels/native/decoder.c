@@ -36,7 +36,7 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
                         const int64_t *context_lens, const int64_t *q_rows, float *out,
                         int64_t o_stride, int64_t num_seqs, int64_t num_heads,
                         int64_t num_kv_heads, int64_t d, int64_t num_blocks, int64_t block_size,
-                        float scale, int num_threads, int kv_dtype);
+                        float scale, int num_threads, int kv_dtype, int flags);
 int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                        const void *v_cache, const int64_t *table, int64_t bt_len,
                        int64_t start_pos, int64_t q_len, float *out, int64_t o_stride,
@@ -118,7 +118,8 @@ static int attention(const xy_dims *m, const xy_layer *l, const xy_step *s) {
                                  s->decode_table_stride, s->decode_context_lens, s->decode_rows,
                                  s->attn, o_stride, s->num_decodes, m->num_heads,
                                  m->num_kv_heads, m->head_dim, m->num_blocks, m->block_size,
-                                 m->scale, (int)s->num_threads, (int)m->kv_dtype);
+                                 m->scale, (int)s->num_threads, (int)m->kv_dtype,
+                                 (int)s->attention_flags);
     for (int64_t c = 0; c < s->num_chunks && rc == 0; c++) {
         const int64_t *chunk = s->chunks + 3 * c;
         rc = xy_chunk_attention(s->qkv + chunk[0] * q_stride, q_stride, l->k_cache, l->v_cache,
@@ -259,7 +260,7 @@ static void decode_share(region *r, const xy_layer *l) {
                                  s->decode_table_stride, s->decode_context_lens + q,
                                  s->decode_rows + q, s->attn, q_cols, 1, m->num_heads,
                                  m->num_kv_heads, d, m->num_blocks, m->block_size, m->scale, 1,
-                                 (int)m->kv_dtype);
+                                 (int)m->kv_dtype, (int)s->attention_flags);
         if (rc) fail(r, rc - 300);
     }
 }
