@@ -4,7 +4,8 @@ One decode step's worth of each (every layer its own weights or cache blocks, so
 from DRAM as in a real step): the panel GEMM vs oneDNN with packed weights for the layer products
 at M rows; the paged decode attention of 16 sequences at a few context lengths; and a prefill
 chunk's attention launch (npu_sim.kernels.run_attention) with the C kernels vs without them
-(the ATen path: gather, SDPA with an explicit mask). Times are the best of repeated runs.
+(the ATen path: gather, SDPA with an explicit mask); and, where the CPU has AMX, the attention
+on a bf16 cache in fp32 arithmetic vs on AMX tiles. Times are the best of repeated runs.
 
     .venv/bin/python -m benchmarks.cpu_kernels [--model smollm2-135m-instruct]
 """
@@ -108,6 +109,37 @@ def chunk_attention(a: ModelArch, start_pos: int, q_len: int) -> None:
           f"C {after:6.2f} ms ({before / after:.2f}x), one layer")
 
 
+def bf16_attention(a: ModelArch, num_seqs: int, context_len: int, q_len: int) -> None:
+    """On a bf16 cache, the C attention in fp32 arithmetic vs on AMX tiles (bf16_matmul): one
+    step's decodes of num_seqs sequences (q_len 1) or one prefill chunk of q_len rows after
+    context_len - q_len keys, every layer its own cache blocks."""
+    hkv, d = a.num_kv_heads, a.head_dim
+    blocks = -(-context_len // BLOCK)
+    pool = num_seqs * blocks * a.num_layers
+    k_cache = torch.randn(pool, BLOCK, hkv, d).bfloat16()
+    v_cache = torch.randn(pool, BLOCK, hkv, d).bfloat16()
+    order = torch.randperm(pool)
+    tables = [order[i * num_seqs * blocks:(i + 1) * num_seqs * blocks].view(num_seqs, blocks)
+              .contiguous() for i in range(a.num_layers)]
+    q = torch.randn(num_seqs * q_len, a.num_heads, d)
+    out, scale = torch.empty_like(q), d**-0.5
+    rows, ctx = torch.arange(num_seqs), torch.full((num_seqs,), context_len)
+
+    def run(tiles: bool) -> None:
+        for table in tables:
+            if q_len == 1:
+                native.decode_attention(q, k_cache, v_cache, table, ctx, rows, out, scale, tiles)
+            else:
+                native.chunk_attention(q, k_cache, v_cache, table[0], context_len - q_len,
+                                       slice(0, q_len), out, scale, tiles)
+
+    fp32, amx = best_ms(lambda: run(False)), best_ms(lambda: run(True))
+    what = (f"{num_seqs} decodes x {context_len:4d} keys" if q_len == 1 else
+            f"chunk of {q_len:4d} after {context_len - q_len:4d} keys")
+    print(f"  {what}: fp32 arithmetic {fp32:6.2f} ms, AMX tiles {amx:6.2f} ms "
+          f"({fp32 / amx:.2f}x), {a.num_layers} layers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="preset or local HF directory")
@@ -127,6 +159,14 @@ def main() -> None:
     print("prefill-chunk attention:")
     for start_pos, q_len in ((0, 150), (0, 256), (0, 1000), (768, 256)):
         chunk_attention(arch, start_pos, q_len)
+    if not native.amx_granted():
+        print("no AMX tiles here: the bf16 attention runs in fp32 arithmetic")
+        return
+    print("attention on a bf16 cache, fp32 arithmetic vs AMX tiles:")
+    for num_seqs, context_len in ((1, 100), (16, 80), (16, 300), (16, 1000)):
+        bf16_attention(arch, num_seqs, context_len, 1)
+    for context_len, q_len in ((150, 150), (1000, 1000), (1024, 256)):
+        bf16_attention(arch, 1, context_len, q_len)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ static inline AI void transpose16(const uint32_t *src, int64_t ss, uint32_t *dst
         r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
         r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
     }
-    for (int k = 0; k < 4; k++) {  /* column 4L + k: lane L of r[k], r[4 + k], r[8 + k], r[12 + k] */
+    for (int k = 0; k < 4; k++) {  /* column 4L + k: lane L of r[k], r[4+k], r[8+k], r[12+k] */
         __m512i u0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88);
         __m512i u1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xdd);
         __m512i v0 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88);
@@ -106,7 +106,8 @@ static void query_tiles(const float *const vec[16], int64_t ns, uint32_t *hi, ui
         for (int g = 0; g < 16; g++) {
             __m512i h = _mm512_setzero_si512(), l = _mm512_setzero_si512();
             if (vec[g]) {
-                __m512 a = _mm512_loadu_ps(vec[g] + 32 * s), b = _mm512_loadu_ps(vec[g] + 32 * s + 16);
+                const float *src = vec[g] + 32 * s;
+                __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
                 h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
                 l = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, bf16_round(b)),
                                                  _mm512_sub_ps(a, bf16_round(a)));
@@ -125,6 +126,29 @@ static inline size_t amx_item_scratch(int64_t nq, int64_t d) {
     size_t nb = (size_t)((nq + 15) / 16);
     return 2 * nb * (size_t)(d / 32) * 256 + 16 * (size_t)d + 6 * 256 + nb * 16 * (size_t)d
            + 2 * nb * 16 + 256;
+}
+
+/* V's key pairs of the key tile at k0, the B tiles of P . V: w[i][x] = (V[k0 + 2i][col0 + x],
+ * V[k0 + 2i + 1][col0 + x]) for x < ncols (a multiple of 16; col0 counts from a slot's first
+ * element), rows w_len elements apart; keys from `end` on as zero (their slots are never
+ * read). */
+static inline AI void value_pairs(const uint16_t *v_cache, const int64_t *table, int64_t k0,
+                                  int64_t end, int64_t col0, int64_t ncols, int64_t token_len,
+                                  int64_t block_shift, uint32_t *w, int64_t w_len) {
+    for (int64_t i = 0; i < 16; i++) {
+        int64_t ka = k0 + 2 * i;
+        const uint16_t *va = ka < end ? v_cache + slot(table, ka, block_shift, token_len) + col0
+                                      : NULL;
+        const uint16_t *vb = ka + 1 < end ? v_cache + slot(table, ka + 1, block_shift, token_len)
+                                            + col0 : NULL;
+        for (int64_t x = 0; x < ncols; x += 16) {
+            __m512i lo = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + x)))
+                            : _mm512_setzero_si512();
+            __m512i hi = vb ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb + x)))
+                            : _mm512_setzero_si512();
+            _mm512_store_si512(w + i * w_len + x, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
 }
 
 static inline AI void zero_c_tiles(void) {
@@ -234,21 +258,7 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
     int64_t k_end = start_pos + r0 + rows;  /* the item's last row sees keys [0, k_end) */
     for (int64_t k0 = 0; k0 < k_end; k0 += AK) {
         int64_t nk = k_end - k0 < AK ? k_end - k0 : AK;
-        /* V's key pairs: w[i][x] = (V[k0 + 2i][x], V[k0 + 2i + 1][x]), zero past k_end */
-        for (int64_t i = 0; i < 16; i++) {
-            int64_t ka = k0 + 2 * i;
-            const uint16_t *va = ka < k_end ? v_cache + slot(table, ka, block_shift, token_len)
-                                 + j * d : NULL;
-            const uint16_t *vb = ka + 1 < k_end ? v_cache + slot(table, ka + 1, block_shift,
-                                                                 token_len) + j * d : NULL;
-            for (int64_t e = 0; e < d; e += 16) {
-                __m512i lo = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + e)))
-                                : _mm512_setzero_si512();
-                __m512i hi = vb ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb + e)))
-                                : _mm512_setzero_si512();
-                _mm512_store_si512(w + i * d + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-            }
-        }
+        value_pairs(v_cache, table, k0, k_end, j * d, d, token_len, block_shift, w, d);
         /* the tile's two halves of 16 keys, each 16 rows of one block; the second only if any
          * of its keys is seen */
         const uint16_t *kh0 = k_cache + slot(table, k0, block_shift, token_len) + j * d;
@@ -293,7 +303,7 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
             /* P's A tiles: P^T's key pairs (a row per pair; hi and lo parts), transposed to a
              * row per query */
             for (int64_t i = 0; i < 16; i++) {
-                __m512 p0 = _mm512_load_ps(st + 2 * i * 16), p1 = _mm512_load_ps(st + (2 * i + 1) * 16);
+                __m512 p0 = _mm512_load_ps(st + 32 * i), p1 = _mm512_load_ps(st + 32 * i + 16);
                 _mm512_store_si512(pm + i * 16, bf16_pairs16(p0, p1));
                 _mm512_store_si512(pm + 256 + i * 16,
                                    bf16_pairs16(_mm512_sub_ps(p0, bf16_round(p0)),
@@ -405,20 +415,8 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
         int64_t ne = (d - e0) / 16 < 4 ? (d - e0) / 16 : 4;
         zero_c_tiles();
         for (int64_t k0 = 0; k0 < ctx; k0 += AK) {
-            for (int64_t i = 0; i < 16; i++) {  /* w[i][x] = (V[k0 + 2i][e0 + x], V[k0 + 2i + 1][..]) */
-                int64_t ka = k0 + 2 * i;
-                const uint16_t *va = ka < ctx ? v_cache + slot(table, ka, block_shift, token_len)
-                                     + j * d + e0 : NULL;
-                const uint16_t *vb = ka + 1 < ctx ? v_cache + slot(table, ka + 1, block_shift,
-                                                                    token_len) + j * d + e0 : NULL;
-                for (int64_t e = 0; e < 16 * ne; e += 16) {
-                    __m512i lo = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + e)))
-                                    : _mm512_setzero_si512();
-                    __m512i hi = vb ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb + e)))
-                                    : _mm512_setzero_si512();
-                    _mm512_store_si512(w + i * 64 + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-                }
-            }
+            value_pairs(v_cache, table, k0, ctx, j * d + e0, 16 * ne, token_len, block_shift, w,
+                        64);
             _tile_loadd(4, pb + k0, ctx_pad * 2);
             _tile_loadd(5, pb + 16 * ctx_pad + k0, ctx_pad * 2);
             values_amx(w, 256, ne);
