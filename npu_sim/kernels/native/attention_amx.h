@@ -186,24 +186,18 @@ static inline AI void scores_amx(const uint16_t *kh0, const uint16_t *kh1, int64
  * B tiles the 16-column blocks of w (key pairs, rows w_stride bytes apart), each through
  * tile 6 or 7. */
 static inline AI void values_amx(const uint32_t *w, int64_t w_stride, int64_t ne) {
-    _tile_loadd(6, w, w_stride);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(0, 5, 6);
-    if (ne > 1) {
-        _tile_loadd(7, w + 16, w_stride);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(1, 5, 7);
-    }
-    if (ne > 2) {
-        _tile_loadd(6, w + 32, w_stride);
-        _tile_dpbf16ps(2, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
-    }
-    if (ne > 3) {
-        _tile_loadd(7, w + 48, w_stride);
-        _tile_dpbf16ps(3, 4, 7);
-        _tile_dpbf16ps(3, 5, 7);
-    }
+/* C tile c += (hi + lo) . B, B through tile b (tile numbers are immediates) */
+#define PV(c, b)                                      \
+    do {                                              \
+        _tile_loadd(b, w + 16 * (c), w_stride);       \
+        _tile_dpbf16ps(c, 4, b);                      \
+        _tile_dpbf16ps(c, 5, b);                      \
+    } while (0)
+    PV(0, 6);
+    if (ne > 1) PV(1, 7);
+    if (ne > 2) PV(2, 6);
+    if (ne > 3) PV(3, 7);
+#undef PV
 }
 
 /* C tile `tile` (a constant) of P . V into the running output rows o (16 rows of d, stride d)
