@@ -8,10 +8,10 @@ of them, an attention launch ~10 plus a gather of every key into a padded copy).
 those launches is one call: RMSNorm (+ residual add), SiLU-mul, RoPE, the KV write, and the
 attention of decodes and of prefill chunks, reading the paged cache in place (attention.c,
 attention_chunk.c; fp32, bf16 or fp16 cache, fp32 arithmetic; on a bf16 cache AMX tiles where
-the CPU has them, attention_amx.h). The GEMMs of few rows (decode
-batches) run on weights packed into 16-column panels (gemm.c; fp32, bf16, or GGUF Q4_1 / Q8_0
-blocks decoded in registers: panels.py), streamed at close to the memory bound. Activations
-stay fp32 throughout. decoder.c replays a whole step's decoder layers, those same calls in one
+the CPU has them, attention_amx.h). The GEMMs of few rows (decode batches) run on weights
+packed into 16-column panels (gemm.c; fp32, bf16, or GGUF Q4_1 / Q8_0 blocks decoded in
+registers: panels.py), streamed at close to the memory bound. Activations stay fp32
+throughout. decoder.c replays a whole step's decoder layers, those same calls in one
 (npu_sim.kernels.replay). caps.py says which instruction-set paths the build has, for the engine's
 dtype and weight-format choices.
 
@@ -65,7 +65,7 @@ _ARCH_FLAGS = (("-march=native",), ())  # the first that compiles
 # the AVX2 / F16C intrinsics (simd.h) run here too, so tests can check them on any machine.
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_BF16_MATMUL = 1  # xy_chunk_attention's flag (attention_amx.h)
+_BF16_MATMUL = 1  # the attention kernels' flag: AMX tiles allowed (attention_amx.h)
 _SIGNATURES = {
     "xy_add_rmsnorm": (None, [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F]),
     "xy_silu_mul": (None, [_P, _I, _P, _I, _I, _I]),
@@ -378,7 +378,7 @@ def bf16_attention_for(num_rows: int) -> bool:
 
 def amx_granted() -> bool:
     """Whether the library's AMX paths run in this process (built with them, and the kernel
-    grants the tiles): the bf16 GEMMs and `chunk_attention(bf16_matmul=True)` take them."""
+    grants the tiles): the bf16 GEMMs and the attention kernels' `bf16_matmul` take them."""
     native = lib()
     return native is not None and bool(native.xy_amx_granted())
 

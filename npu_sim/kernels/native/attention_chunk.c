@@ -127,9 +127,8 @@ static inline __attribute__((always_inline)) void chunk_item(
  * cache take AMX tiles where the CPU grants them, d is a multiple of 32 and blocks hold at
  * least 16 slots (attention_amx.h: Q and P split in two bf16 parts); else fp32 arithmetic.
  * d must be a multiple of 16 up to 256, at most 64 query heads share a KV head, and block_size
- * is a power of two. Returns 0, -1 when
- * out of memory, -2 for an unsupported shape, -3 (nothing written) when the chunk reaches past
- * its table or a block is out of range. */
+ * is a power of two. Returns 0, -1 when out of memory, -2 for an unsupported shape, -3 (nothing
+ * written) when the chunk reaches past its table or a block is out of range. */
 __attribute__((optimize("fp-contract=fast")))
 int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                        const void *v_cache, const int64_t *table, int64_t bt_len,
