@@ -128,10 +128,12 @@ static inline size_t amx_item_scratch(int64_t nq, int64_t d) {
            + 2 * nb * 16 + 256;
 }
 
-/* V's key pairs of the key tile at k0, the B tiles of P . V: w[i][x] = (V[k0 + 2i][col0 + x],
- * V[k0 + 2i + 1][col0 + x]) for x < ncols (a multiple of 16; col0 counts from a slot's first
- * element), rows w_len elements apart; keys from `end` on as zero (their slots are never
- * read). */
+/* V's key pairs of the key tile at k0, the B tiles of P . V: row i of w holds the pairs
+ * (V[k0 + 2i][col], V[k0 + 2i + 1][col]) of columns col0 .. col0 + ncols - 1 (ncols a multiple
+ * of 32; col0 counts from a slot's first element), rows w_len elements apart; keys from `end`
+ * on as zero (their slots are never read). Two 16-bit unpacks per 32 columns leave them in the
+ * unpacks' order: of each 32, the first 16 pairs are columns 8L + k and the next 16 columns
+ * 8L + 4 + k, at position 4L + k (L, k < 4); `store_in_order` puts outputs back. */
 static inline AI void value_pairs(const uint16_t *v_cache, const int64_t *table, int64_t k0,
                                   int64_t end, int64_t col0, int64_t ncols, int64_t token_len,
                                   int64_t block_shift, uint32_t *w, int64_t w_len) {
@@ -141,14 +143,23 @@ static inline AI void value_pairs(const uint16_t *v_cache, const int64_t *table,
                                       : NULL;
         const uint16_t *vb = ka + 1 < end ? v_cache + slot(table, ka + 1, block_shift, token_len)
                                             + col0 : NULL;
-        for (int64_t x = 0; x < ncols; x += 16) {
-            __m512i lo = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + x)))
-                            : _mm512_setzero_si512();
-            __m512i hi = vb ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb + x)))
-                            : _mm512_setzero_si512();
-            _mm512_store_si512(w + i * w_len + x, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        for (int64_t x = 0; x < ncols; x += 32) {
+            __m512i a = va ? _mm512_loadu_si512(va + x) : _mm512_setzero_si512();
+            __m512i b = vb ? _mm512_loadu_si512(vb + x) : _mm512_setzero_si512();
+            _mm512_store_si512(w + i * w_len + x, _mm512_unpacklo_epi16(a, b));
+            _mm512_store_si512(w + i * w_len + x + 16, _mm512_unpackhi_epi16(a, b));
         }
     }
+}
+
+/* 32 output columns in value_pairs' order (first: its first 16, second: the next 16) back in
+ * column order, times scale, to dst. */
+static inline AI void store_in_order(float *dst, __m512 first, __m512 second, __m512 scale) {
+    const __m512i low = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i high = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10,
+                                          9, 8);
+    _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_permutex2var_ps(first, low, second), scale));
+    _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_permutex2var_ps(first, high, second), scale));
 }
 
 static inline AI void zero_c_tiles(void) {
@@ -323,8 +334,9 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
     for (int64_t iq = 0; iq < nq; iq++) {
         __m512 inv = _mm512_set1_ps(1.0f / l[iq]);
         float *dst = out + (r0 + iq / group) * o_stride + (j * group + iq % group) * d;
-        for (int64_t e = 0; e < d; e += 16)
-            _mm512_storeu_ps(dst + e, _mm512_mul_ps(_mm512_load_ps(acc + iq * d + e), inv));
+        for (int64_t x = 0; x < d; x += 32)  /* (acc's columns in value_pairs' order) */
+            store_in_order(dst + x, _mm512_load_ps(acc + iq * d + x),
+                           _mm512_load_ps(acc + iq * d + x + 16), inv);
     }
 }
 #undef AMX_ACCUMULATE
@@ -333,7 +345,7 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
  * elements. */
 static inline size_t amx_decode_scratch(int64_t max_ctx, int64_t d) {
     size_t ctx_pad = (size_t)((max_ctx + AK - 1) / AK * AK);
-    return 2 * (size_t)(d / 32) * 256 + 512 + 256 + 16 * ctx_pad + 16 * ctx_pad + 16 * 64;
+    return 2 * (size_t)(d / 32) * 256 + 512 + 4 * 256 + 16 * ctx_pad + 16 * ctx_pad + 16 * 64;
 }
 
 /* One decode's attention for KV head j on AMX tiles: the query row's `group` heads (qrow: the
@@ -350,8 +362,8 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
     int64_t ns = d / 32, ctx_pad = (ctx + AK - 1) / AK * AK;
     uint32_t *qt = scratch;              /* (hi / lo, ns) B tiles of Q^T */
     float *st = (float *)(qt + 2 * ns * 256);  /* (32, 16): S^T of a key tile */
-    float *c = st + 512;                 /* (16, 16): a C tile stored */
-    float *sc = c + 256;                 /* (16, ctx_pad): each head's scores, then weights */
+    float *c = st + 512;                 /* (4, 16, 16): the C tiles stored */
+    float *sc = c + 4 * 256;             /* (16, ctx_pad): each head's scores, then weights */
     uint16_t *pb = (uint16_t *)(sc + 16 * ctx_pad);  /* (hi / lo, 16, ctx_pad) bf16: P's A tiles */
     uint32_t *w = (uint32_t *)(pb + 32 * ctx_pad);   /* (16, 64): V's key pairs */
     const int64_t kv_stride = token_len * 2;
@@ -415,19 +427,18 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
             _tile_loadd(5, pb + 16 * ctx_pad + k0, ctx_pad * 2);
             values_amx(w, 256, ne);
         }
-#define AMX_DECODE_OUT(tile, x)                                                             \
-        do {                                                                                \
-            _tile_stored(tile, c, 64);                                                      \
-            for (int64_t g = 0; g < group; g++)                                             \
-                _mm512_storeu_ps(orow + (j * group + g) * d + e0 + 16 * (x),                \
-                                 _mm512_mul_ps(_mm512_load_ps(c + g * 16),                  \
-                                               _mm512_set1_ps(inv_l[g])));                  \
-        } while (0)
-        AMX_DECODE_OUT(0, 0);
-        if (ne > 1) AMX_DECODE_OUT(1, 1);
-        if (ne > 2) AMX_DECODE_OUT(2, 2);
-        if (ne > 3) AMX_DECODE_OUT(3, 3);
-#undef AMX_DECODE_OUT
+_tile_stored(0, c, 64);
+        _tile_stored(1, c + 256, 64);
+        if (ne > 2) {
+            _tile_stored(2, c + 512, 64);
+            _tile_stored(3, c + 768, 64);
+        }
+        for (int64_t g = 0; g < group; g++)  /* (the tiles' columns in value_pairs' order) */
+            for (int64_t x = 0; x < ne / 2; x++)
+                store_in_order(orow + (j * group + g) * d + e0 + 32 * x,
+                               _mm512_load_ps(c + 512 * x + g * 16),
+                               _mm512_load_ps(c + 512 * x + 256 + g * 16),
+                               _mm512_set1_ps(inv_l[g]));
     }
 }
 #endif
