@@ -227,6 +227,11 @@ class AsyncEngine:
     # --------------------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
+        if self._core.config.pin_threads:
+            from engine import platform  # torch: only once an engine thread runs
+
+            if platform.pin_kernel_threads():
+                logger.info("kernel threads pinned, one per CPU")
         try:
             while not self._stopping.is_set():
                 aborted = self._drain_intake(block=not self._core.has_unfinished_requests())

@@ -39,6 +39,16 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def pin_kernel_threads() -> bool:
+    """Pin the calling thread's kernel threads (its OpenMP team of torch.get_num_threads()) one
+    per CPU, where that is one thread per CPU the thread may use (npu_sim.kernels.native.
+    pin_team); the server's engine thread calls it before its first step. Returns whether they
+    were pinned."""
+    from npu_sim.kernels import native
+
+    return native.pin_team(torch.get_num_threads())
+
+
 @dataclass(frozen=True)
 class FastPath:
     """How the compute engine runs on this CPU."""

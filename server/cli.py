@@ -95,6 +95,10 @@ def add_serve_parser(subparsers: Any) -> None:
                    metavar="N",
                    help="CPU threads the engine's kernels use (llama.cpp's -t) (default: the "
                         f"{_usable_cores()} cores this process may use)")
+    e.add_argument("--pin-threads", action=argparse.BooleanOptionalAction,
+                   default=_default(EngineConfig, "pin_threads"),
+                   help="pin the kernels' threads one per CPU, where there is a thread per CPU "
+                        "this process may use (default: %(default)s)")
     e.add_argument("--strict-kernels", action="store_true",
                    help="run every kernel task by task (the reference path; slow)")
     e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
@@ -182,7 +186,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]
         body_timeout_s=args.body_timeout, max_connections=args.max_connections)
     config = engine_config(args, dtype=args.dtype, weight_format=args.weight_format,
                            kv_cache_dtype=args.kv_cache_dtype, strict_kernels=args.strict_kernels,
-                           threads=args.threads)
+                           threads=args.threads, pin_threads=args.pin_threads)
     return server_config, config
 
 

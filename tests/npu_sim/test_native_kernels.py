@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -277,3 +278,41 @@ def test_argmax_rows_breaks_ties_like_torch() -> None:
     for cols in (1, 31, 32, 33, 64, 100, 333):
         x = torch.randint(0, 4, (16, cols), generator=gen).float()  # ties everywhere
         assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1)), cols
+
+
+def _allowed_cpus(task: pathlib.Path) -> set[int]:
+    """The CPUs a thread of this process may run on, from /proc (its Cpus_allowed_list)."""
+    for line in (task / "status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            cpus: set[int] = set()
+            for part in line.split(":", 1)[1].strip().split(","):
+                first, _, last = part.partition("-")
+                cpus.update(range(int(first), int(last or first) + 1))
+            return cpus
+    raise AssertionError(f"no Cpus_allowed_list in {task}/status")
+
+
+def test_pin_team_pins_each_thread_of_the_callers_team_to_its_own_cpu() -> None:
+    """On a thread of its own (its team, pinned, goes with it): the caller on the first usable
+    CPU, a thread of its team on each of the others; another thread count pins nothing; the
+    process's other threads keep their CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    seen: dict[str, object] = {}
+
+    def run() -> None:
+        seen["mismatch"] = native.pin_team(len(cpus) + 1)
+        seen["unchanged"] = os.sched_getaffinity(0)
+        seen["pinned"] = native.pin_team(len(cpus))
+        seen["caller"] = os.sched_getaffinity(0)  # (0: the calling thread, on Linux)
+        seen["threads"] = [_allowed_cpus(t) for t in pathlib.Path("/proc/self/task").iterdir()]
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen["mismatch"] is False and seen["unchanged"] == set(cpus)
+    assert seen["pinned"] is True and seen["caller"] == {cpus[0]}
+    threads = seen["threads"]
+    assert isinstance(threads, list)
+    for cpu in cpus[1:]:
+        assert {cpu} in threads
+    assert os.sched_getaffinity(0) == set(cpus)

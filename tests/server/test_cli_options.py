@@ -1,4 +1,4 @@
-"""`xyserve --version`, `--config FILE` for serve and simulate, `--threads`."""
+"""`xyserve --version`, `--config FILE` for serve and simulate, `--threads`, `--pin-threads`."""
 
 from __future__ import annotations
 
@@ -90,6 +90,13 @@ def test_threads_default_to_the_usable_cores_and_are_validated() -> None:
         EngineConfig(threads=0)
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert f"the {len(os.sched_getaffinity(0))} cores this process may use" in help_text
+
+
+def test_pin_threads_is_on_by_default_and_can_be_turned_off() -> None:
+    _, engine = build_configs(build_parser().parse_args(["serve"]))
+    assert engine.pin_threads and EngineConfig().pin_threads
+    _, engine = build_configs(build_parser().parse_args(["serve", "--no-pin-threads"]))
+    assert not engine.pin_threads
 
 
 def test_commands_without_config_reject_it(tmp_path: pathlib.Path,

@@ -78,6 +78,7 @@ _SIGNATURES = {
                                           _I, _I, _F, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_int]),
     "xy_amx_granted": (ctypes.c_int, []),
+    "xy_pin_team": (ctypes.c_int, [ctypes.c_int]),
     "xy_pack_panels": (None, [_P, _I, _I, _P]),
     "xy_gemm": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _P, _I, _I, ctypes.c_int]),
     "xy_packed_bytes": (_I, [ctypes.c_int, _I, _I]),
@@ -383,6 +384,15 @@ def amx_granted() -> bool:
     return native is not None and bool(native.xy_amx_granted())
 
 
+def pin_team(num_threads: int) -> bool:
+    """Pin the calling thread's OpenMP team (num_threads threads, torch's intra-op team on that
+    thread) one thread per CPU, where the calling thread may run on exactly num_threads CPUs
+    (cpu_kernels.c's xy_pin_team). Returns whether it pinned them; False without the library,
+    with another CPU count, or when the kernel refused."""
+    native = lib()
+    return native is not None and native.xy_pin_team(num_threads) == 0
+
+
 def _raise_for(rc: int, kernel: str, what: str) -> None:
     """The exception for an attention kernel's return code (0: none)."""
     if rc == -1:
@@ -410,5 +420,5 @@ __all__ = ["FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS", "Capabilities"
            "add_rmsnorm", "amx_granted", "argmax_rows", "attention_support",
            "bf16_attention_for", "capabilities", "chunk_attention", "chunk_attention_supported",
            "decode_attention", "decode_attention_supported", "disabled", "enabled",
-           "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "rope",
-           "silu_mul"]
+           "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "pin_team",
+           "rope", "silu_mul"]
