@@ -30,7 +30,6 @@ from npu_sim.tasks import AttentionKernel
 
 _I, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _BF16_ACTIVATIONS = 1  # gemm.c's flag, as native.gemm passes it by default
-_BF16_MATMUL = 1  # the attention kernels' flag (attention_amx.h): native.bf16_attention_for
 
 
 class _Weight(ctypes.Structure):
@@ -164,7 +163,7 @@ class LayerStack:
                   cos=step.cos.data_ptr(), sin=step.sin.data_ptr(),
                   slots=slots.data_ptr(), num_threads=torch.get_num_threads(),
                   gemm_flags=_BF16_ACTIVATIONS,
-                  attention_flags=_BF16_MATMUL if native.bf16_attention_for(t) else 0)
+                  attention_flags=native.ATTN_BF16_MATMUL if native.bf16_attention_for(t) else 0)
         s.qkv, s.attn, s.o, s.gate_up, s.act, s.down = (b.data_ptr() for b in bufs)
         if plan.decodes is not None:
             dec = plan.decodes

@@ -65,7 +65,7 @@ _ARCH_FLAGS = (("-march=native",), ())  # the first that compiles
 # the AVX2 / F16C intrinsics (simd.h) run here too, so tests can check them on any machine.
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_BF16_MATMUL = 1  # the attention kernels' flag: AMX tiles allowed (attention_amx.h)
+ATTN_BF16_MATMUL = 1  # the attention kernels' flag: AMX tiles allowed (attention_amx.h)
 _SIGNATURES = {
     "xy_add_rmsnorm": (None, [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F]),
     "xy_silu_mul": (None, [_P, _I, _P, _I, _I, _I]),
@@ -318,7 +318,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                    q_rows.data_ptr(), out.data_ptr(), out.stride(0),
                                    len(context_lens), hq, hkv, d, nb, bs, scale,
                                    torch.get_num_threads(), KV_DTYPES[k_cache.dtype],
-                                   _BF16_MATMUL if bf16_matmul else 0)
+                                   ATTN_BF16_MATMUL if bf16_matmul else 0)
     _raise_for(rc, "decode_attention", "a context")
 
 
@@ -364,7 +364,7 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         start_pos, rows.stop - rows.start,
         out.data_ptr() + rows.start * out.stride(0) * out.element_size(), out.stride(0),
         hq, hkv, d, nb, bs, scale, torch.get_num_threads(), KV_DTYPES[k_cache.dtype],
-        _BF16_MATMUL if bf16_matmul else 0)
+        ATTN_BF16_MATMUL if bf16_matmul else 0)
     _raise_for(rc, "chunk_attention", "the chunk")
 
 
@@ -416,9 +416,9 @@ from npu_sim.kernels.native.panels import (  # noqa: E402
     pack_panels,
 )
 
-__all__ = ["FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS", "Capabilities", "Panels",
-           "add_rmsnorm", "amx_granted", "argmax_rows", "attention_support",
-           "bf16_attention_for", "capabilities", "chunk_attention", "chunk_attention_supported",
-           "decode_attention", "decode_attention_supported", "disabled", "enabled",
-           "gather_rows", "gemm", "kv_write", "lib", "pack_blocks", "pack_panels", "pin_team",
-           "rope", "silu_mul"]
+__all__ = ["ATTN_BF16_MATMUL", "FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS",
+           "Capabilities", "Panels", "add_rmsnorm", "amx_granted", "argmax_rows",
+           "attention_support", "bf16_attention_for", "capabilities", "chunk_attention",
+           "chunk_attention_supported", "decode_attention", "decode_attention_supported",
+           "disabled", "enabled", "gather_rows", "gemm", "kv_write", "lib", "pack_blocks",
+           "pack_panels", "pin_team", "rope", "silu_mul"]

@@ -48,6 +48,13 @@ static const amx_config AMX_CONFIG = {
     .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
     .rows = {AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS},
 };
+
+static inline __attribute__((always_inline)) void amx_zero_c(void) {  /* the C tiles, 0-3 */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
 #define XY_HAVE_AMX 1
 #else
 #define XY_HAVE_AMX 0

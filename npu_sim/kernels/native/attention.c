@@ -123,8 +123,7 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
     int failed = 0;
 #if XY_HAVE_AMX
     int64_t group = num_heads / num_kv_heads;
-    if ((flags & XY_ATTN_BF16_MATMUL) && kv_dtype == KV_BF16 && d % 32 == 0 && block_shift >= 4
-        && group <= 16 && amx_ready()) {
+    if (group <= 16 && amx_attention_takes(flags, kv_dtype, d, block_shift)) {
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
         {
             uint32_t *scratch = thread_scratch(sizeof(uint32_t) * amx_decode_scratch(max_ctx, d));

@@ -94,6 +94,14 @@ static inline AI __m512i bf16_pairs16(__m512 a, __m512 b) {
     return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
 }
 
+/* Whether an attention launch with these flags and operands runs on the tiles (the contract
+ * above): the caller allows it, a bf16 cache, d in whole tiles, blocks of 16 slots or more, and
+ * the kernel grants AMX. */
+static inline int amx_attention_takes(int flags, int kv_dtype, int64_t d, int64_t block_shift) {
+    return (flags & XY_ATTN_BF16_MATMUL) && kv_dtype == KV_BF16 && d % 32 == 0
+           && block_shift >= 4 && amx_ready();
+}
+
 /* x rounded to bf16 (to nearest, ties to even, as vcvtne2ps2bf16 rounds), as fp32 */
 static inline AI __m512 bf16_round(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
 
@@ -125,7 +133,7 @@ static void query_tiles(const float *const vec[16], int64_t ns, uint32_t *hi, ui
 static inline size_t amx_item_scratch(int64_t nq, int64_t d) {
     size_t nb = (size_t)((nq + 15) / 16);
     return 2 * nb * (size_t)(d / 32) * 256 + 16 * (size_t)d + 6 * 256 + nb * 16 * (size_t)d
-           + 2 * nb * 16 + 256;
+           + 3 * nb * 16 + 256;
 }
 
 /* V's key pairs of the key tile at k0, the B tiles of P . V: row i of w holds the pairs
@@ -160,13 +168,6 @@ static inline AI void store_in_order(float *dst, __m512 first, __m512 second, __
                                           9, 8);
     _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_permutex2var_ps(first, low, second), scale));
     _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_permutex2var_ps(first, high, second), scale));
-}
-
-static inline AI void zero_c_tiles(void) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
 }
 
 /* S^T of a key tile into st (32 keys x 16 queries): tiles 0 and 1 = K (tile 4: the first 16
@@ -241,9 +242,9 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
     float *c = st + 512;             /* (16, 16): a C tile stored */
     float *acc = c + 256;            /* (nb * 16, d): the running output */
     float *m = acc + nb * 16 * d, *l = m + nb * 16;  /* (nb * 16): running max and sum */
+    int32_t *qpos = (int32_t *)(l + nb * 16);  /* (nb * 16): each query's position, -1 past nq */
     const int64_t kv_stride = token_len * 2;  /* bytes between a block's slots */
     float alpha_of[16] __attribute__((aligned(64)));
-    int32_t qpos[16] __attribute__((aligned(64)));
 
     for (int64_t b = 0; b < nb; b++) {  /* Q^T, block by block */
         const float *vec[16];
@@ -259,6 +260,8 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
         _mm512_store_ps(m + i, _mm512_set1_ps(-INFINITY));
         _mm512_store_ps(l + i, _mm512_setzero_ps());
     }
+    for (int64_t iq = 0; iq < nb * 16; iq++)
+        qpos[iq] = iq < nq ? (int32_t)(start_pos + r0 + iq / group) : -1;
 
     int64_t k_end = start_pos + r0 + rows;  /* the item's last row sees keys [0, k_end) */
     for (int64_t k0 = 0; k0 < k_end; k0 += AK) {
@@ -274,11 +277,7 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
                        ns, st);
 
             /* online softmax down the keys, a lane per query */
-            for (int qq = 0; qq < 16; qq++) {
-                int64_t iq = b * 16 + qq;
-                qpos[qq] = iq < nq ? (int32_t)(start_pos + r0 + iq / group) : -1;
-            }
-            __m512i pos = _mm512_load_si512(qpos);
+            __m512i pos = _mm512_load_si512(qpos + b * 16);
             __m512 m_old = _mm512_load_ps(m + b * 16), mx = m_old;
             __mmask16 seen[AK];
             for (int64_t t = 0; t < nk; t++) {
@@ -322,7 +321,7 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
             float *o = acc + b * 16 * d;
             for (int64_t e = 0; e < d; e += 64) {
                 int64_t ne = (d - e) / 16 < 4 ? (d - e) / 16 : 4;
-                zero_c_tiles();
+                amx_zero_c();
                 values_amx(w + e, d * 4, ne);
                 AMX_ACCUMULATE(0, e);
                 if (ne > 1) AMX_ACCUMULATE(1, e + 16);
@@ -419,7 +418,7 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
     /* O = P V, 64 columns of d at a time over every key */
     for (int64_t e0 = 0; e0 < d; e0 += 64) {
         int64_t ne = (d - e0) / 16 < 4 ? (d - e0) / 16 : 4;
-        zero_c_tiles();
+        amx_zero_c();
         for (int64_t k0 = 0; k0 < ctx; k0 += AK) {
             value_pairs(v_cache, table, k0, ctx, j * d + e0, 16 * ne, token_len, block_shift, w,
                         64);

@@ -149,8 +149,7 @@ int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
     if (num_threads < 1) num_threads = 1;
     int failed = 0;
 #if XY_HAVE_AMX
-    if ((flags & XY_ATTN_BF16_MATMUL) && kv_dtype == KV_BF16 && d % 32 == 0 && block_shift >= 4
-        && amx_ready()) {
+    if (amx_attention_takes(flags, kv_dtype, d, block_shift)) {
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
         {
             uint32_t *scratch = thread_scratch(sizeof(uint32_t) * amx_item_scratch(TQ * group, d));

@@ -99,7 +99,7 @@ typedef struct {
     const int64_t *chunks;             /* (num_chunks, 3): first row, rows, start position */
     const int64_t *chunk_tables;       /* (num_chunks, chunk_table_len) */
     int64_t chunk_table_len;
-    int64_t num_threads, gemm_flags, attention_flags;  /* gemm.c's, attention_chunk.c's */
+    int64_t num_threads, gemm_flags, attention_flags;  /* gemm.c's, attention_amx.h's */
 } xy_step;
 
 static int gemm(const xy_weight *w, const float *x, float *out, const xy_step *s) {

@@ -50,13 +50,6 @@ static inline AI void amx_write(const gemm_job *j, const float *c, int64_t r, in
         amx_write(j, c, r, p);           \
     } while (0)
 
-static inline AI void amx_zero_c(void) {  /* the C tiles, 0-3 */
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-}
-
 static inline AI const uint32_t *panel(const gemm_job *j, int64_t p) {
     return (const uint32_t *)(j->panels + p * j->panel_bytes);
 }
