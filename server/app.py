@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -61,6 +62,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         gc.collect()
         gc.freeze()
         logger.info("serving %s at %s/v1", model.name, config.url)
+        loop = asyncio.get_running_loop()  # uvloop's where installed (uvicorn's "auto")
+        logger.debug("event loop: %s.%s", type(loop).__module__, type(loop).__qualname__)
         memory_watch = start_memory_watch()  # freed memory goes back to the OS as it piles up
         try:
             yield
