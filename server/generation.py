@@ -70,6 +70,7 @@ class GenerationGroup:
         self._queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException] = \
             asyncio.Queue(maxsize=max(1, len(self.choices)))
         self._pumps: list[asyncio.Task[None]] = []
+        self._first: RequestOutput | None = None  # a lone choice's first delta, not yet yielded
         self._num_unfinished = len(self.choices)
         self._closed = False
         self._closing: asyncio.Future[None] | None = None  # keeps the closing task referenced
@@ -101,6 +102,9 @@ class GenerationGroup:
                 raise BadRequestError(str(first)) from first
             if isinstance(first, BaseException):
                 raise first
+        if len(self._gens) == 1:  # one choice: __aiter__ reads its stream itself, no pump task
+            self._first = firsts[0]  # type: ignore[assignment]
+            return
         self._pumps = [asyncio.create_task(self._pump(choice, gen, first))  # type: ignore[arg-type]
                        for choice, gen, first in zip(self.choices, self._gens, firsts,
                                                      strict=True)]
@@ -125,11 +129,20 @@ class GenerationGroup:
         Raises InternalServerError if a choice finishes with reason "error", or the engine's
         exception (e.g. EngineDeadError) if a sub-request fails.
         """
+        # A lone choice (most calls) is read straight from its stream: one task wake-up a token
+        # instead of two (the pump's and this one's) and no queue between them.
+        lone = self._gens[0] if not self._pumps and self._gens else None
         while self._num_unfinished:
-            item = await self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            choice, delta = item
+            if lone is not None:
+                choice, delta = self.choices[0], self._first
+                if delta is None:
+                    delta = await anext(lone)
+                self._first = None
+            else:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                choice, delta = item
             choice.add(delta)
             if delta.finished:
                 self._num_unfinished -= 1
