@@ -426,7 +426,7 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
             _tile_loadd(5, pb + 16 * ctx_pad + k0, ctx_pad * 2);
             values_amx(w, 256, ne);
         }
-_tile_stored(0, c, 64);
+        _tile_stored(0, c, 64);
         _tile_stored(1, c + 256, 64);
         if (ne > 2) {
             _tile_stored(2, c + 512, 64);
