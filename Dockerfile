@@ -35,6 +35,7 @@ RUN pip install -c /opt/xyserve/constraints.txt \
     "fastapi>=0.110" \
     "starlette>=0.37" \
     "uvicorn>=0.29" \
+    "uvloop>=0.19" \
     "pydantic>=2.6" \
     "pydantic-core>=2.14" \
     "h11>=0.14" \
