@@ -19,8 +19,9 @@ the same attention with a few batched SDPA calls: short sequences (decodes, veri
 chunks) in groups of similar context length, padded to the group's longest query and context,
 each longer chunk in its own; each reads only the keys its sequences see, and a tree only edits
 the causal mask, built once per kernel. With fp32 queries, C kernels (native/attention.c,
-attention_chunk.c) take the decodes and the long chunks without a tree, reading the paged cache
-(fp32, bf16 or fp16) directly with no mask at all.
+attention_chunk.c) take the decodes and every chunk without a tree (short or long), reading the
+paged cache (fp32, bf16 or fp16) directly with no mask at all; SDPA then runs only the
+sequences with a tree.
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def _online_softmax(kernel: AttentionKernel, q_tile: torch.Tensor, q_pos: torch.
 
 @dataclass(frozen=True)
 class _ShortGroup:
-    """Sequences of at most SHORT_Q_MAX query tokens (decodes, verifies, short chunks) run as one
-    SDPA: queries padded to Q tokens, keys to L."""
+    """Sequences of at most SHORT_Q_MAX query tokens that no C kernel takes (decodes, verifies,
+    short chunks; with the C kernels, only those with a tree) run as one SDPA: queries padded to
+    Q tokens, keys to L."""
 
     rows: torch.Tensor | slice  # (S * Q,) query row of token r of sequence s (padding rows
     #   repeat a real row); a slice when Q = 1 and the rows are contiguous
@@ -284,10 +286,16 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: _Native) -> _
     seqs, bs, g = kernel.seqs, kernel.block_size, kernel.group_size
     tables = np.maximum(kernel.block_tables, 0)  # -1 (past a table's end) is never read
     trees = {int(s): np.asarray(m, dtype=bool) for s, m in kernel.tree_masks}
-    short = seqs["q_len"] <= SHORT_Q_MAX
+    untreed = ~np.isin(np.arange(len(seqs)), list(trees))
+    # The C chunk kernel takes every chunk without a tree mask, short ones (a short prompt, a
+    # verify) too: a step with one then still replays (native_plan), where SDPA groups would
+    # send the whole step launch by launch.
+    native_chunk = ((seqs["q_len"] > 1) & untreed if use_native.chunks
+                    else np.zeros(len(seqs), dtype=bool))
+    short = (seqs["q_len"] <= SHORT_Q_MAX) & ~native_chunk
     decodes = None
     if use_native.decodes:
-        single = (seqs["q_len"] == 1) & ~np.isin(np.arange(len(seqs)), list(trees))
+        single = (seqs["q_len"] == 1) & untreed
         short &= ~single
         if single.any():
             decodes = _Decodes(rows=torch.from_numpy(seqs["q_start"][single].astype(np.int64)),
@@ -299,9 +307,9 @@ def _fast_plan(kernel: AttentionKernel, num_rows: int, use_native: _Native) -> _
                    for members in _context_groups(short, seqs["start_pos"][short]
                                                   + seqs["q_len"][short]))
     chunks: list[_Chunk | _NativeChunk] = []
-    for s in np.flatnonzero(seqs["q_len"] > SHORT_Q_MAX):
+    for s in np.flatnonzero((seqs["q_len"] > SHORT_Q_MAX) | native_chunk):
         q_start, q_len, start_pos = (int(x) for x in seqs[s].tolist())
-        if use_native.chunks and int(s) not in trees:
+        if native_chunk[s]:
             chunks.append(_NativeChunk(slice(q_start, q_start + q_len),
                                        torch.from_numpy(tables[s].astype(np.int64)), start_pos))
             continue

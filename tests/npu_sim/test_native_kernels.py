@@ -180,6 +180,8 @@ def _chunk(op: dict[str, torch.Tensor], start_pos: int, q_len: int) -> torch.Ten
     (9, 3, 64, 16, 100, 70),  # a later chunk: every row sees the earlier keys too
     (8, 1, 128, 32, 37, 40),  # key tiles across block boundaries, prefix not tile-aligned
     (6, 2, 32, 8, 5, 16),
+    (9, 3, 64, 16, 0, 3),  # a short prompt: fewer rows than a row tile
+    (4, 2, 32, 16, 40, 5),  # a verify's few rows after a long context
 ])
 def test_chunk_attention_matches_the_dense_reference(hq: int, hkv: int, d: int, block_size: int,
                                                      start_pos: int, q_len: int) -> None:

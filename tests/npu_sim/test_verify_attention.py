@@ -135,7 +135,11 @@ def test_chain_with_explicit_mask_equals_plain_causal(with_root: bool) -> None:
     causal = run_both(lower_attention([plain], arch, CHIP, bs), q, k_cache, v_cache)
     for path, out in run_both(masked, q, k_cache, v_cache).items():
         torch.testing.assert_close(out, causal[path], atol=1e-6, rtol=1e-6)
-        assert torch.equal(out, run_attention(kernel, path == "strict", q, k_cache, v_cache))
+        unmasked = run_attention(kernel, path == "strict", q, k_cache, v_cache)
+        if path == "strict":  # the same tasks, the mask all-visible: the same numbers
+            assert torch.equal(out, unmasked)
+        else:  # a chain is a chunk the C kernel takes, a tree SDPA's: the sums' order differs
+            torch.testing.assert_close(out, unmasked, atol=1e-6, rtol=1e-6)
 
 
 # ------------------------------------------------ (c) trees mixed with decodes and prefills
