@@ -104,7 +104,8 @@ def add_serve_parser(subparsers: Any) -> None:
     e.add_argument("--dtype", default=_default(EngineConfig, "dtype"),
                    choices=typing.get_args(Dtype),
                    help="CPU activation dtype; auto: the fastest path this CPU has, measured "
-                        "once per CPU model (bfloat16 only where the CPU computes it natively) "
+                        "once per CPU model (bfloat16 only where the CPU computes it natively); "
+                        "bfloat16 runs on ATen, launch by launch, outside the C kernels "
                         "(default: %(default)s)")
     e.add_argument("--weight-format", default=_default(EngineConfig, "weight_format"),
                    choices=WEIGHT_FORMATS,
