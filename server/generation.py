@@ -131,13 +131,12 @@ class GenerationGroup:
         """
         # A lone choice (most calls) is read straight from its stream: one task wake-up a token
         # instead of two (the pump's and this one's) and no queue between them.
-        lone = self._gens[0] if not self._pumps and self._gens else None
+        lone = self._gens[0] if len(self._gens) == 1 else None  # (start() made no pump)
         while self._num_unfinished:
             if lone is not None:
-                choice, delta = self.choices[0], self._first
+                choice, delta, self._first = self.choices[0], self._first, None
                 if delta is None:
                     delta = await anext(lone)
-                self._first = None
             else:
                 item = await self._queue.get()
                 if isinstance(item, BaseException):
