@@ -66,10 +66,31 @@ class DecodeBatch(NamedTuple):
     num_kv_heads: int  # KV heads: tasks per sequence
 
 
+class ScalarOps:
+    """The numpy functions `attention_rows` calls, on Python floats: one row priced without
+    numpy's per-call overhead (~1 us a call whatever the rows; the row then costs ~5 us instead
+    of ~60). The same IEEE operations on the same operands, so the same bits: +, -, *, / and
+    ceil are exact or correctly rounded alike, max and min pick the same operand."""
+
+    maximum = staticmethod(max)
+
+    @staticmethod
+    def ceil(x: float) -> float:
+        return float(math.ceil(x))
+
+    @staticmethod
+    def where(condition: bool, x: float, y: float) -> float:
+        return x if condition else y
+
+    @staticmethod
+    def zeros_like(x: float) -> float:
+        return 0.0
+
+
 def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndarray,
                    heads: Any, tile_rows: np.ndarray, final: np.ndarray,
                    horizon_reached: np.ndarray, hbm_fraction: np.ndarray, head_dim: int,
-                   mask: MaskCost | None = None) -> AttentionRows:
+                   mask: MaskCost | None = None, ops: Any = np) -> AttentionRows:
     """The rows' costs (the module docstring; npu_sim.cost's for the model itself). keys,
     q_rows, tile_rows, hbm_fraction: float64 per row; final (writes the output, not a partial),
     horizon_reached: bool per row; heads: query heads per task (scalar or per row); mask: the
@@ -80,13 +101,14 @@ def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndar
     keys, head_dim, bytes: every factor but kl, the keys per chunk, and the rates), exact below
     2^53 in any grouping, are grouped to fold their constants; a term that adds nothing (a
     stage's unused update, an absent mask) is left out (x + 0.0 is x: no term is -0.0). The
-    arithmetic on the rest is as written (tests/npu_sim/test_attention_rows.py)."""
+    arithmetic on the rest is as written (tests/npu_sim/test_attention_rows.py). ops: numpy, or
+    ScalarOps for one row given as Python floats and bools (no mask)."""
     c, b, d = cm.chip, cm.bytes, head_dim
     r, big_r = q_rows * heads, tile_rows  # valid / tile rows
     dp = math.ceil(d / c.cube_k) * c.cube_k
-    chunks = np.maximum(np.ceil(keys / attention_kv_chunk(c)), 1)
+    chunks = ops.maximum(ops.ceil(keys / attention_kv_chunk(c)), 1)
     kl = keys / chunks  # keys per chunk
-    kl_pad = np.ceil(kl / c.cube_n) * c.cube_n
+    kl_pad = ops.ceil(kl / c.cube_n) * c.cube_n
     r_kl = r * kl  # scores per chunk
     r_kl_b = r_kl * b  # their bytes (P)
     big_r_kl_pad = big_r * kl_pad  # padded scores per chunk (whole)
@@ -106,7 +128,7 @@ def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndar
         mte1 = big_r_kl_pad * b / c.mte1_l0a_bytes_per_cycle + (
             kl_pad * (dp * b) / c.mte1_l0b_bytes_per_cycle)
         cube = big_r_kl_pad * dp / cm.macs  # PV only
-        fix = np.zeros_like(kl)  # O accumulates in L0C across chunks
+        fix = ops.zeros_like(kl)  # O accumulates in L0C across chunks
         chain = vec_in + vec + vec_out + sync + cube_in + mte1 + cube
         cube_mult, s_bytes = 1.0, r_kl_b  # P through L2
     else:
@@ -129,25 +151,26 @@ def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndar
         if upd:
             chain = chain + sync
         cube_mult, s_bytes = 2.0, r_kl * (ACCUM_BYTES + b)  # S and P through L2
-    steady = np.maximum(np.maximum(np.maximum(cube_in, mte1), np.maximum(cube, fix)),
-                        np.maximum(np.maximum(vec_in, vec), vec_out))
+    steady = ops.maximum(ops.maximum(ops.maximum(cube_in, mte1), ops.maximum(cube, fix)),
+                        ops.maximum(ops.maximum(vec_in, vec), vec_out))
     q_load = q_bytes / c.mte2_hbm_bytes_per_cycle
-    out_bytes = np.where(final, q_bytes, r * ((d + 1) * ACCUM_BYTES))  # output or partial
+    out_bytes = ops.where(final, q_bytes, r * ((d + 1) * ACCUM_BYTES))  # output or partial
     body = chain + (chunks - 1) * steady
     if mask is not None:
         body = body + mask.once_load + mask.once_select
-    cycles = c.task_dispatch_cycles + q_load + np.where(keys > 0, body, 0) + (
+    cycles = c.task_dispatch_cycles + q_load + ops.where(keys > 0, body, 0) + (
         out_bytes / c.fixpipe_bytes_per_cycle)
     # (heads * q_rows is r: IEEE products commute)
     r_keys = r * keys
-    visible = r_keys - np.where(horizon_reached, r * (q_rows - 1) / 2, 0)
+    visible = r_keys - ops.where(horizon_reached, r * (q_rows - 1) / 2, 0)
     if mask is not None:
         visible = visible - mask.hidden_scores
     return AttentionRows(
         cycles=cycles, kv_hbm_bytes=keys * (2 * d * b) * hbm_fraction,
         cube_cycles=cube * chunks, vector_cycles=vec * chunks, s_bytes=s_bytes * chunks,
-        partial_bytes=out_bytes * ~final, out_bytes=q_bytes * final, q_bytes=q_bytes,
-        visible_scores=np.maximum(visible, 0),
+        partial_bytes=ops.where(final, 0.0, out_bytes), out_bytes=q_bytes * final,
+        q_bytes=q_bytes,
+        visible_scores=ops.maximum(visible, 0),
         issued_macs=big_r_kl_pad * (cube_mult * dp) * chunks, useful_macs=r_keys)
 
 
@@ -155,6 +178,7 @@ def attention_rows(cm: CostModel, stages: int, keys: np.ndarray, q_rows: np.ndar
 # spans, a few new ones per step. Decode rows live in tables indexed by their keys instead.
 _MEMO_ROWS = 1 << 16
 _DECODE_BLOCK = 512  # decode-row keys priced together
+_SCALAR_ROWS = 8  # new keyed rows priced one by one in Python floats, at most (ScalarOps)
 _NO_TABLE = np.empty((NUM_TERMS, 0))  # a decode table before its first keys
 
 
@@ -261,11 +285,18 @@ class RowMemo:
             grown = np.empty((NUM_TERMS, max(end, 2 * self._terms.shape[1])))
             grown[:, :base] = self._terms[:, :base]
             self._terms = grown
-        keys, q_rows, tile_rows, final, reached, fraction = np.array(
-            list(new), dtype=np.float64).T
-        self._terms[:, base:end] = attention_rows(
-            cm, self.stages, keys, q_rows, self.group_size, tile_rows, final != 0, reached != 0,
-            fraction, self.head_dim)
+        if len(new) <= _SCALAR_ROWS:  # a few rows: each in Python floats (the same bits)
+            for j, (keys, q_rows, tile_rows, final, reached, fraction) in enumerate(new):
+                self._terms[:, base + j] = attention_rows(
+                    cm, self.stages, float(keys), float(q_rows), self.group_size,
+                    float(tile_rows), bool(final), bool(reached), float(fraction),
+                    self.head_dim, ops=ScalarOps)
+        else:
+            keys, q_rows, tile_rows, final, reached, fraction = np.array(
+                list(new), dtype=np.float64).T
+            self._terms[:, base:end] = attention_rows(
+                cm, self.stages, keys, q_rows, self.group_size, tile_rows, final != 0,
+                reached != 0, fraction, self.head_dim)
         self._index.update((key, base + j) for key, j in new.items())
         return found
 

@@ -16,6 +16,7 @@ from npu_sim.cost_attention import (
     SOFTMAX_OPS,
     UPDATE_OPS,
     AttentionRows,
+    ScalarOps,
     attention_rows,
 )
 from npu_sim.cost_mask import MaskCost
@@ -123,3 +124,26 @@ def test_attention_rows_are_the_model_as_written(chip_name: str, dtype: str,
                                       _as_written(*args), strict=True):
                     a, b = np.broadcast_to(a, (n,)), np.broadcast_to(b, (n,))
                     assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+
+
+@pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_one_row_in_python_floats_costs_the_same_bits(chip_name: str, dtype: str,
+                                                      stages: int) -> None:
+    """ScalarOps (what RowMemo prices a few new rows with) gives each row the bits numpy gives
+    it among others: zero keys, one chunk, partial and final outputs, fractions 0, 1 and between.
+    """
+    cm = CostModel(get_chip(chip_name), dtype)
+    rng = random.Random(stages * 11 + len(dtype) + len(chip_name))
+    for head_dim in (64, 128):
+        for heads in (1, 5, 8):
+            rows = _rows(rng, 60)
+            arrays = attention_rows(cm, stages, *rows[:2], heads, *rows[2:], head_dim)
+            for i in range(60):
+                keys, q_rows, tile_rows, final, reached, fraction = (a.item(i) for a in rows)
+                one = attention_rows(cm, stages, keys, q_rows, heads, tile_rows, final, reached,
+                                     fraction, head_dim, ops=ScalarOps)
+                for name, a, b in zip(AttentionRows._fields, arrays, one, strict=True):
+                    expected = np.broadcast_to(a, (60,))[i]
+                    assert np.float64(b).tobytes() == expected.tobytes(), (name, i)
