@@ -1,7 +1,7 @@
 """Per-task cost model of the Da Vinci tile pipeline: cycles each task occupies its core.
 
 Vectorized over a kernel's task table (numpy, no loop per task). The result, `TaskCosts`, is what
-the device deals to cores (npu_sim.device) and turns into a KernelTiming.
+the device deals to cores (npu_sim.dealing) and turns into a KernelTiming.
 
 This module is the entry point: `CostModel`, the chip and dtype every formula reads, with the
 pricing of each kind of kernel in a module of its own, bound here as the model's methods:
@@ -26,7 +26,7 @@ Assumptions, in one place (numbers come from ChipSpec, whose comments cite them)
   writes the output: its time, L2 traffic and the sync are the price of filling the cores.
 - GM read rates: an AIC's MTE2 reads HBM at ChipSpec.mte2_hbm_bytes_per_cycle (catlass's 80 GB/s)
   and L2 at the INI's l2_rate; an AIV's at aiv_mte2_hbm_bytes_per_cycle (the INI's ddr_rate).
-  All cores together are bound by the HBM's and the L2's aggregate bandwidth (npu_sim.device).
+  All cores together are bound by the HBM's and the L2's aggregate bandwidth (npu_sim.dealing).
 - Where GEMM bytes come from: an operand's first read is from HBM; re-reads (A by every N tile,
   B by every M tile) hit L2 when the offline-tuned swizzle (XYS 4.3.2) can block the loop over L2:
   HBM traffic = A * ceil(N / Nb) + B * ceil(M / Mb) for the best L2 block (Mb + Nb rows of K

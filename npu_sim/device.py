@@ -9,16 +9,7 @@ bracket an engine step and return its StepTrace, the device time put behind the 
 host time (`Device(stack=...)`, npu_sim.host). `Device(chip, compute=False)` only times:
 launch() returns None, touches no tensor and needs no operands.
 
-Dealing tasks to cores (block_dim = min(tasks, cores)):
-- GEMM tasks on the AICs and vector / combine / split-K reduce tasks on the AIVs round-robin in
-  table order (task i on core i mod block_dim), as catlass and ATB kernels walk
-  `taskIdx += coreNum`; a second phase (combine, reduce) starts when the first has ended;
-- meta-attention tasks, already sorted heaviest first by the lowering, in the paper's symmetric
-  round-robin 1..N, N..1 (XYS 4.3.1), each on an AIC and its AIVs;
-- split-baseline attention: whole task groups (a core's run of the PFA / IFA split) round-robin
-  in order;
-- collectives (tensor parallelism) run no AI-core task: they hold the stream for their time over
-  HCCS (npu_sim.collectives).
+How a launch's tasks are dealt to cores and what sets its time: npu_sim.dealing.
 
 Timings are cached per kernel object within a step (a layer's kernels are launched once per
 layer), and GEMM / vector timings across steps by shape, so costing a step is a dictionary lookup
@@ -34,16 +25,15 @@ is a launch of decodes is timed from their lengths alone, without the kernel (`t
 
 from __future__ import annotations
 
-import functools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from npu_sim.collectives import bytes_moved, collective_seconds
-from npu_sim.cost import CostModel, TaskCosts, Unit
+from npu_sim.cost import CostModel, TaskCosts
 from npu_sim.cost_attention import DecodeBatch
+from npu_sim.dealing import deal, dealt, kernel_timing, makespan
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
 from npu_sim.step_sums import (
@@ -87,32 +77,6 @@ _STEP_CACHE_LIMIT = 4096  # launches outside begin/end_step: forget old kernels 
 # open step forever, so past this many launches it is restarted (its launches dropped).
 _MAX_OPEN_LAUNCHES = 1 << 16
 _ATTENTION = Primitive.ATTENTION.value  # (an enum's value is a Python-level property)
-
-
-def deal(num_tasks: int, num_cores: int, symmetric: bool = False,
-         groups: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """(core of each task, block_dim): see the module docstring. Without groups the cores are
-    a function of the task count: read-only arrays, cached."""
-    if groups is not None:
-        _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-        rank = np.empty(len(first), dtype=np.int64)
-        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-        block = min(len(first), num_cores)
-        return rank[inverse] % max(block, 1), block
-    return _round_robin(num_tasks, num_cores, symmetric)
-
-
-@functools.lru_cache(maxsize=512)  # task counts of a run: the attention kernels' vary most
-def _round_robin(num_tasks: int, num_cores: int, symmetric: bool) -> tuple[np.ndarray, int]:
-    i = np.arange(num_tasks)
-    block = min(num_tasks, num_cores)
-    if not symmetric or block == 0:
-        core = i % max(block, 1)
-    else:
-        p = i % (2 * block)
-        core = np.where(p < block, p, 2 * block - 1 - p)
-    core.flags.writeable = False
-    return core, block
 
 
 class Device:
@@ -336,11 +300,11 @@ class Device:
         busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
         busy[:block] += main.core_overhead_cycles
         hbm_bytes = main.hbm_read_bytes + main.hbm_write_bytes
-        makespan, _, stretch = _makespan(float(np.maximum.reduce(busy)), hbm_bytes,
-                                         main.l2_bytes, c)
+        span, _, stretch = makespan(float(np.maximum.reduce(busy)), hbm_bytes, main.l2_bytes,
+                                    c)
         if stretch != 1.0:
             busy = busy * stretch
-        cycles = c.cube_launch_s * c.clock_hz + makespan
+        cycles = c.cube_launch_s * c.clock_hz + span
         # (an AIC's mix task keeps its AIVs busy as long)
         row = step_sums_row([cycles, main.cube_active_cycles, main.vector_active_cycles,
                              hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
@@ -409,24 +373,12 @@ class Device:
 
     def time(self, kernel: Kernel) -> KernelTiming:
         """Cost one launch of `kernel` (not recorded, nothing computed)."""
-        c = self.chip
-        if isinstance(kernel, CollectiveKernel):
-            return _collective_timing(kernel, c)
-        s = self._dealt(kernel)
-        return KernelTiming(
-            primitive=kernel.primitive, name=kernel.name, shape=_shape_label(kernel),
-            pipeline=s.pipeline, cycles=s.cycles, seconds=s.cycles / c.clock_hz,
-            launch_cycles=s.launch_cycles, block_dim=s.block_dim, bound=s.bound,
-            cube_busy_cycles=_frozen(s.cube_busy), vector_busy_cycles=_frozen(s.vector_busy),
-            cube_active_cycles=s.cube_active, vector_active_cycles=s.vector_active,
-            hbm_read_bytes=s.hbm_read, hbm_write_bytes=s.hbm_write, flops=s.flops,
-            cube_macs=s.cube_macs, useful_cube_macs=s.useful_cube_macs,
-            num_tasks=s.num_tasks, kernel=kernel, **s.timeline)
+        return kernel_timing(kernel, self.chip, self.cost_model, self.timeline)
 
     def _shared_sums(self, kernel: Kernel) -> KernelTiming | LaunchSums:
         """What a template reads of a shared kernel's timing (npu_sim.step_sums): `_timing`'s,
         or on a device without timelines, for a GEMM or vector kernel, the LaunchSums of
-        `time(kernel)` bit for bit (the same `_dealt`, the same row), without a KernelTiming:
+        `time(kernel)` bit for bit (the same `dealt`, the same row), without a KernelTiming:
         a new token count's kernels are timed once, for its template, and never read again.
         Kept by kernel (the entry holds it, so its id is not reused while kept)."""
         entry = self._kernel_cache.get(id(kernel)) or self._kernel_sums.get(id(kernel))
@@ -434,7 +386,7 @@ class Device:
             return entry[1]
         if self.timeline or not isinstance(kernel, (GemmKernel, VectorKernel)):
             return self._timing(kernel)
-        s = self._dealt(kernel)
+        s = dealt(kernel, self.chip, self.cost_model, False)
         row = step_sums_row([s.cycles, s.cube_active, s.vector_active, s.hbm_read + s.hbm_write,
                              s.flops, s.cube_macs, s.useful_cube_macs], s.cube_busy, s.vector_busy)
         sums = LaunchSums(kernel.primitive, kernel.primitive.value, s.cycles / self.chip.clock_hz,
@@ -443,115 +395,6 @@ class Device:
             self._kernel_sums.clear()
         self._kernel_sums[id(kernel)] = (kernel, sums)
         return sums
-
-    def _dealt(self, kernel: Kernel) -> _Dealt:
-        """A GEMM, vector or attention launch's phases priced, dealt to cores and summed."""
-        c, cm = self.chip, self.cost_model
-        groups, symmetric = None, False
-        if isinstance(kernel, GemmKernel):
-            phases = [cm.gemm(kernel), cm.gemm_reduce(kernel)]
-            launch_s = c.cube_launch_s
-        elif isinstance(kernel, VectorKernel):
-            phases = [cm.vector(kernel)]
-            launch_s = c.vector_launch_s
-        elif isinstance(kernel, AttentionKernel):
-            phases = list(cm.attention(kernel))
-            launch_s = c.cube_launch_s
-            groups, symmetric = kernel.task_group, kernel.task_group is None
-        else:
-            raise TypeError(f"not a kernel: {type(kernel).__name__}")
-
-        cube_busy = np.zeros(c.num_cube_cores)
-        vector_busy = np.zeros(c.num_vector_cores)
-        units, cores, starts, durations = [], [], [], []
-        offset = 0.0  # phases run one after the other
-        block_dim = 0
-        # the phases' sums, in phase order
-        hbm_read = hbm_write = l2_bytes = cube_active = vector_active = flops = 0.0
-        cube_macs = useful_cube_macs = 0.0
-        num_tasks = 0
-        for i, phase in enumerate(phases):
-            hbm_read += phase.hbm_read_bytes
-            hbm_write += phase.hbm_write_bytes
-            l2_bytes += phase.l2_bytes
-            cube_active += phase.cube_active_cycles
-            vector_active += phase.vector_active_cycles
-            flops += phase.flops
-            cube_macs += phase.cube_macs
-            useful_cube_macs += phase.useful_cube_macs
-            n = len(phase.cycles)
-            num_tasks += n
-            if n == 0:
-                continue
-            on_aiv = phase.unit == Unit.AIV
-            core, block = deal(n, c.num_vector_cores if on_aiv else c.num_cube_cores,
-                               symmetric and i == 0, groups if i == 0 else None)
-            busy = np.bincount(core, weights=phase.cycles,
-                               minlength=c.num_vector_cores if on_aiv else c.num_cube_cores)
-            busy[:block] += phase.core_overhead_cycles
-            if self.timeline:
-                units.append(np.full(n, phase.unit, dtype=np.int8))
-                cores.append(core)
-                starts.append(_starts(core, phase.cycles) + phase.core_overhead_cycles + offset)
-                durations.append(phase.cycles)
-            if on_aiv:
-                vector_busy += busy
-            else:
-                cube_busy += busy
-                block_dim = max(block_dim, block)
-                if phase.unit == Unit.MIX:
-                    vector_busy += np.repeat(busy, cm.aivs)[: c.num_vector_cores]
-            if on_aiv and block_dim == 0:
-                block_dim = block
-            offset += float(busy.max())
-
-        makespan, bound, stretch = _makespan(offset, hbm_read + hbm_write, l2_bytes, c)
-        if stretch != 1.0:  # (times 1.0 changes no bit)
-            cube_busy, vector_busy = cube_busy * stretch, vector_busy * stretch
-        launch_cycles = launch_s * c.clock_hz
-        return _Dealt(
-            pipeline=phases[0].pipeline, cycles=launch_cycles + makespan,
-            launch_cycles=launch_cycles, block_dim=block_dim, bound=bound,
-            cube_busy=cube_busy, vector_busy=vector_busy, cube_active=cube_active,
-            vector_active=vector_active, hbm_read=hbm_read, hbm_write=hbm_write, flops=flops,
-            cube_macs=cube_macs, useful_cube_macs=useful_cube_macs, num_tasks=num_tasks,
-            timeline=(_task_timeline(units, cores, starts, durations, stretch)
-                      if self.timeline else _NO_TIMELINE))
-
-
-class _Dealt(NamedTuple):
-    """A launch priced and dealt (Device._dealt): KernelTiming's values but its labels, the
-    busy arrays writable, the per-task timeline as KernelTiming's fields."""
-
-    pipeline: str
-    cycles: float
-    launch_cycles: float
-    block_dim: int
-    bound: str
-    cube_busy: np.ndarray
-    vector_busy: np.ndarray
-    cube_active: float
-    vector_active: float
-    hbm_read: float
-    hbm_write: float
-    flops: float
-    cube_macs: float
-    useful_cube_macs: float
-    num_tasks: int
-    timeline: dict[str, np.ndarray]
-
-
-def _shape_label(kernel: Kernel) -> str:
-    """KernelTiming.shape of a GEMM, vector or attention kernel."""
-    if isinstance(kernel, GemmKernel):
-        return f"M={kernel.m} N={kernel.n} K={kernel.k}" + (
-            f" (valid M={kernel.valid_m})" if kernel.valid_m is not None else "")
-    if isinstance(kernel, VectorKernel):
-        return f"{kernel.op.value} {kernel.num_rows}x{kernel.row_len}"
-    assert isinstance(kernel, AttentionKernel)
-    return (f"seqs={kernel.num_seqs} tokens={kernel.num_tokens} "
-            f"tasks={kernel.num_tasks}+{kernel.num_combine_tasks}")
-
 
 # Tasks a launch runs, by kernel type (attention: its tasks and combine tasks; a GEMM: its tile
 # tasks and split-K reduce tasks; a collective none on the cores).
@@ -575,34 +418,6 @@ def _kept(templates: dict[int, StepTemplate], launches: SharedLaunches | Launche
     return template
 
 
-def _makespan(cores_cycles: float, hbm_bytes: float, l2_bytes: float, c: ChipSpec,
-              ) -> tuple[float, str, float]:
-    """(makespan in cycles, what set it, stretch) of a launch whose phases keep the cores busy
-    `cores_cycles` and that moves these HBM and L2 bytes: the longest of the cores' time and
-    the shared HBM and L2 bandwidth bounds (the first of equals: "cores", "hbm", "l2"); the
-    cores wait on the bandwidth, their busy cycles stretched by makespan / cores_cycles."""
-    hbm_bound = hbm_bytes / (c.hbm_bytes_per_s / c.clock_hz)
-    l2_bound = l2_bytes / (c.l2_bytes_per_s / c.clock_hz)
-    makespan, bound = cores_cycles, "cores"
-    if hbm_bound > makespan:
-        makespan, bound = hbm_bound, "hbm"
-    if l2_bound > makespan:
-        makespan, bound = l2_bound, "l2"
-    return makespan, bound, makespan / cores_cycles if cores_cycles else 1.0
-
-
-def _starts(core: np.ndarray, cycles: np.ndarray) -> np.ndarray:
-    """Start of each task on its core when each core runs its tasks in table order."""
-    order = np.argsort(core, kind="stable")
-    sorted_cycles = cycles[order]
-    before = np.cumsum(sorted_cycles) - sorted_cycles  # exclusive prefix sum over all tasks
-    sorted_core = core[order]
-    first = np.searchsorted(sorted_core, sorted_core, side="left")  # each core's first task
-    start = np.empty_like(before)
-    start[order] = before - before[first]
-    return start
-
-
 def _run_collective(kernel: CollectiveKernel, strict: bool,
                     x: torch.Tensor | None = None) -> torch.Tensor | None:
     """A collective on this one simulated rank: the identity for a group of one. A group of
@@ -614,51 +429,8 @@ def _run_collective(kernel: CollectiveKernel, strict: bool,
     return x
 
 
-def _collective_timing(kernel: CollectiveKernel, c: ChipSpec) -> KernelTiming:
-    """A collective holds the stream for its ring time; no AI core runs a task of it."""
-    seconds = collective_seconds(kernel.op, kernel.num_bytes, kernel.world_size, c)
-    moved = bytes_moved(kernel.op, kernel.num_bytes, kernel.world_size)
-    none = _frozen(np.zeros(0))
-    return KernelTiming(
-        primitive=kernel.primitive, name=kernel.name,
-        shape=f"{kernel.op.value} {kernel.num_bytes} B x{kernel.world_size}",
-        pipeline=f"hccs-{kernel.op.value}", cycles=seconds * c.clock_hz, seconds=seconds,
-        launch_cycles=min(seconds, c.collective_launch_s) * c.clock_hz, block_dim=0,
-        bound="hccs", cube_busy_cycles=_frozen(np.zeros(c.num_cube_cores)),
-        vector_busy_cycles=_frozen(np.zeros(c.num_vector_cores)), cube_active_cycles=0.0,
-        vector_active_cycles=0.0, hbm_read_bytes=moved, hbm_write_bytes=moved, flops=0.0,
-        cube_macs=0.0, useful_cube_macs=0.0, num_tasks=0,
-        task_unit=_frozen(np.zeros(0, dtype=np.int8)),
-        task_core=_frozen(np.zeros(0, dtype=np.int64)), task_start_cycles=none,
-        task_cycles=none, kernel=kernel)
-
-
-def _task_timeline(units: list[np.ndarray], cores: list[np.ndarray], starts: list[np.ndarray],
-                   durations: list[np.ndarray], stretch: float) -> dict[str, np.ndarray]:
-    """KernelTiming's per-task fields from the phases' pieces."""
-    return {"task_unit": _frozen(_cat(units, np.int8)),
-            "task_core": _frozen(_cat(cores, np.int64)),
-            "task_start_cycles": _frozen(_cat(starts, np.float64) * stretch),
-            "task_cycles": _frozen(_cat(durations, np.float64) * stretch)}
-
-
 def _len(tasks: np.ndarray | None) -> int:
     return 0 if tasks is None else len(tasks)
-
-
-def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a.flags.writeable = False
-    return a
-
-
-# A timing-only device keeps no per-task timeline: every timing shares these empty arrays.
-_NO_TIMELINE = {"task_unit": _frozen(np.zeros(0, dtype=np.int8)),
-                "task_core": _frozen(np.zeros(0, dtype=np.int64)),
-                "task_start_cycles": _frozen(np.zeros(0)), "task_cycles": _frozen(np.zeros(0))}
 
 
 def _shape_key(kernel: Kernel) -> tuple[Any, ...] | None:

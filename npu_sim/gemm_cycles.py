@@ -33,7 +33,7 @@ import numpy as np
 
 from npu_sim.cost import CostModel, TaskCosts, Unit
 from npu_sim.cost_gemm import gemm_hbm_traffic, gemm_terms, reduce_terms
-from npu_sim.device import deal
+from npu_sim.dealing import deal
 from npu_sim.gemm_layout import CandidateLayout, Tiling, candidate_layout, cover_layout
 from npu_sim.tiling import gemm_reduce_tasks
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from npu_sim.device import deal
+from npu_sim.dealing import deal
 from npu_sim.hardware import ChipSpec
 from npu_sim.tasks import TileShape
 from npu_sim.tiling import MCover, gemm_l1_depth, gemm_menu, k_slices
@@ -137,7 +137,7 @@ def task_layout(pattern: bytes, n: int, tn: int, k: int, split_k: int, cores: in
     """(row of each task relative to its candidate's first, its core) of the task table of a
     cover of pattern `pattern` (`cover_layout`'s) over `n` columns in tiles of `tn`, K split in
     `split_k`, in table order (cover entry major, then N tile, then K slice: row entry x kinds
-    + kind), dealt round-robin onto `cores` as the device deals them (npu_sim.device.deal).
+    + kind), dealt round-robin onto `cores` as the device deals them (npu_sim.dealing.deal).
     Read-only."""
     kinds, kind_of = tile_layout(n, tn, k, split_k)
     entry_of = np.frombuffer(pattern, dtype=np.int64)

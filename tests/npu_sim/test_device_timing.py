@@ -21,7 +21,8 @@ from engine.lowering import (
     lower_step,
     step_launches,
 )
-from npu_sim.device import Device, deal
+from npu_sim.dealing import deal
+from npu_sim.device import Device
 from npu_sim.hardware import get_chip
 from npu_sim.host import get_stack
 from npu_sim.kernels import run_gemm
