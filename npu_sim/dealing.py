@@ -135,12 +135,12 @@ def dealt(kernel: Kernel, chip: ChipSpec, cm: CostModel, timeline: bool) -> Deal
             block_dim = block
         offset += float(busy.max())
 
-    cycles_span, bound, stretch = makespan(offset, hbm_read + hbm_write, l2_bytes, c)
+    span, bound, stretch = makespan(offset, hbm_read + hbm_write, l2_bytes, c)
     if stretch != 1.0:  # (times 1.0 changes no bit)
         cube_busy, vector_busy = cube_busy * stretch, vector_busy * stretch
     launch_cycles = launch_s * c.clock_hz
     return Dealt(
-        pipeline=phases[0].pipeline, cycles=launch_cycles + cycles_span,
+        pipeline=phases[0].pipeline, cycles=launch_cycles + span,
         launch_cycles=launch_cycles, block_dim=block_dim, bound=bound,
         cube_busy=cube_busy, vector_busy=vector_busy, cube_active=cube_active,
         vector_active=vector_active, hbm_read=hbm_read, hbm_write=hbm_write, flops=flops,

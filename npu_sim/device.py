@@ -300,8 +300,8 @@ class Device:
         busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
         busy[:block] += main.core_overhead_cycles
         hbm_bytes = main.hbm_read_bytes + main.hbm_write_bytes
-        span, _, stretch = makespan(float(np.maximum.reduce(busy)), hbm_bytes, main.l2_bytes,
-                                    c)
+        span, _, stretch = makespan(float(np.maximum.reduce(busy)), hbm_bytes,
+                                    main.l2_bytes, c)
         if stretch != 1.0:
             busy = busy * stretch
         cycles = c.cube_launch_s * c.clock_hz + span
