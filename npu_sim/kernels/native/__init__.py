@@ -52,7 +52,8 @@ _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
                            "gemm_pack.c", "decoder.c"))
 _HEADERS = tuple(pathlib.Path(__file__).with_name(f)
                  for f in ("exp_approx.h", "simd.h", "paged.h", "gemm_formats.h",
-                           "gemm_bf16_dot.h", "amx.h", "gemm_amx.h", "attention_amx.h"))
+                           "gemm_row1_zmm.h", "gemm_bf16_dot.h", "amx.h", "gemm_amx.h",
+                           "attention_amx.h"))
 # -ffp-contract=off: a * b + c * d rounds like ATen's separate mul and add (no fused FMA);
 # -fno-trapping-math: no code reads floating-point exception flags, and without it GCC keeps
 # the branches of exp_approx's clamp and vectorises no loop that calls it (SiLU-mul ran 8x

@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "gemm_formats.h"
+#include "gemm_row1_zmm.h"
 
 #define MR 6     /* rows per register tile */
 #define KC 256   /* k per scratch chunk: 256 x 16 fp32 = 16 KiB, half of L1 */
@@ -100,6 +101,12 @@ static inline AI void run_panel(const gemm_job *j, int64_t p, int fmt) {
     int64_t ncols = j->n - p * NR < NR ? j->n - p * NR : NR;
     const float *bias = j->bias ? j->bias + p * NR : NULL;
     float *out = j->out + p * NR;
+#if XY_HAVE_ROW1_ZMM
+    if (j->m == 1 && (fmt == XY_Q4_1 || fmt == XY_Q8_0)) {  /* a lone stream: gemm_row1_zmm.h */
+        row1_zmm(fmt, panel, j->k, j->x, out, ncols, bias);
+        return;
+    }
+#endif
     if (j->m <= MR) {  /* one tile: each weight decoded straight into registers, once */
         ROW_TILE(fmt, j->m, panel, 0, 0, j->k, j->x, j->xs, out, j->os, ncols, bias, 1, 1)
         return;
