@@ -163,11 +163,12 @@ def _probe_weight(w: torch.Tensor, fmt: str, act: torch.dtype) -> PackedWeight |
     """w packed as the engine packs a GEMM weight in `fmt` (engine.models.llama)."""
     if fmt == "gguf":
         return pack_quantized(quantize(w, "q4_1"))
-    if fmt == "gguf+bf16":  # the blocks for a lone stream's rows, bf16 for more
+    if fmt == "gguf+bf16":  # the blocks, and bf16 rounded from them (the model's own)
         from engine.models.llama import with_lone_stream_blocks
 
-        return with_lone_stream_blocks(pack_weight(w, "bf16"),
-                                       pack_quantized(quantize(w, "q4_1")))
+        blocks = quantize(w, "q4_1")
+        return with_lone_stream_blocks(pack_weight(blocks.dequantize(), "bf16"),
+                                       pack_quantized(blocks))
     return pack_weight(w.to(act), fmt)
 
 

@@ -209,12 +209,13 @@ LONE_STREAM_ROWS = 1
 
 
 def with_lone_stream_blocks(bf16: Weight, blocks: Weight | None) -> Weight:
-    """A gguf+bf16 weight: `bf16`, its products of at most LONE_STREAM_ROWS rows taken by
-    `blocks` (the same weight's GGUF blocks, packed); `bf16` alone where the weight has no
-    blocks or either is not packed (no C kernels)."""
+    """A gguf+bf16 weight: `bf16` (`blocks` decoded and rounded), its products of at most
+    LONE_STREAM_ROWS rows taken by `blocks` (the same weight's GGUF blocks, packed), and on AMX
+    those of a decode batch too (the blocks read as bf16: PackedWeight.with_small); `bf16`
+    alone where the weight has no blocks or either is not packed (no C kernels)."""
     if not isinstance(bf16, PackedWeight) or not isinstance(blocks, PackedWeight):
         return bf16
-    return bf16.with_small(blocks, LONE_STREAM_ROWS)
+    return bf16.with_small(blocks, LONE_STREAM_ROWS, rounded_from_small=True)
 
 
 class _Packer:

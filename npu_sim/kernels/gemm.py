@@ -34,6 +34,10 @@ from npu_sim.kernels.quant import QuantizedWeight, quantize_exact
 from npu_sim.tasks import GemmKernel
 
 WEIGHT_FORMATS = ("fp32", "bf16", "q4_1", "q8_0")
+# Products of up to this many rows read a gguf+bf16 weight's blocks as its bf16 weights (AMX:
+# PackedWeight.with_small): one pass of 32 rows decodes each block once; more rows would decode
+# it again for every 32 (a prefill chunk reads the bf16 panels in place instead).
+BLOCKS_AS_BF16_ROWS = 32
 
 
 class PackedWeight:
@@ -50,6 +54,10 @@ class PackedWeight:
         # rows (`with_small`), else None (and 0 rows)
         self.small: native.Panels | None = None
         self.small_rows = 0
+        # ... and those of more rows, up to `mid_rows`, by `small`'s blocks read as this
+        # weight's bf16 panels (the same products: native.as_bf16), else None (and 0 rows)
+        self.mid: native.Panels | None = None
+        self.mid_rows = 0
         if quantized is not None:
             self._shape, self._format = torch.Size(quantized.shape), quantized.fmt
         else:
@@ -91,13 +99,20 @@ class PackedWeight:
         lean.__dict__.update(self.__dict__, _weight=None, quantized=None)
         return lean
 
-    def with_small(self, small: PackedWeight, rows: int) -> PackedWeight:
+    def with_small(self, small: PackedWeight, rows: int,
+                   rounded_from_small: bool = False) -> PackedWeight:
         """This weight, products of at most `rows` rows taken by `small`'s panels (the same
         weight in another format: a lone stream's steps read fewer bytes of 4-bit blocks than
-        of bf16), larger ones by this weight's copies."""
+        of bf16), larger ones by this weight's copies. rounded_from_small: this weight is bf16
+        and its values are `small`'s blocks decoded and rounded (the blocks are the source):
+        where AMX reads blocks as those bf16 weights (native.as_bf16), products of up to
+        BLOCKS_AS_BF16_ROWS rows read the blocks too, the same sums from fewer bytes."""
         assert small.panels is not None and small.shape == self.shape
         both = PackedWeight.__new__(PackedWeight)
         both.__dict__.update(self.__dict__, small=small.panels, small_rows=rows)
+        if rounded_from_small and self.panels is not None and self.panels.fmt == "bf16":
+            both.mid = native.as_bf16(small.panels)
+            both.mid_rows = BLOCKS_AS_BF16_ROWS if both.mid is not None else 0
         return both
 
 
@@ -145,7 +160,9 @@ def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor 
         if not isinstance(w, PackedWeight):
             result = F.linear(x, w, bias)
         else:  # the panel GEMM where it takes x, else oneDNN, else ATen on the plain weight
-            panels = w.small if kernel.m <= w.small_rows else w.panels  # (0 rows: no small)
+            # (0 rows: no small, no mid)
+            panels = (w.small if kernel.m <= w.small_rows else
+                      w.mid if kernel.m <= w.mid_rows else w.panels)
             result = None if panels is None else native.gemm(x, panels, bias, out=out)
             if result is not None:
                 return result

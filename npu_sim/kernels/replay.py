@@ -34,7 +34,8 @@ _BF16_ACTIVATIONS = 1  # gemm.c's flag, as native.gemm passes it by default
 
 class _Weight(ctypes.Structure):
     _fields_ = [("fmt", _I), ("panels", _P), ("bias", _P), ("n", _I), ("k", _I),
-                ("small_fmt", _I), ("small_panels", _P), ("small_rows", _I)]
+                ("small_fmt", _I), ("small_panels", _P), ("small_rows", _I),
+                ("mid_fmt", _I), ("mid_rows", _I)]
 
 
 class _Layer(ctypes.Structure):
@@ -126,8 +127,9 @@ class LayerStack:
                 keep += [w.panels, w.small]
                 small = (0, None, 0) if w.small is None else (w.small.code, w.small.ptr,
                                                               w.small_rows)
+                mid = (0, 0) if w.mid is None else (w.mid.code, w.mid_rows)
                 weights.append(_Weight(w.panels.code, w.panels.ptr, _ptr(bias), w.panels.n,
-                                       w.panels.k, *small))
+                                       w.panels.k, *small, *mid))
             entry.post_attn_norm, entry.next_norm = _ptr(layer.post_attn_norm), _ptr(
                 layer.next_norm)
             entry.qkv, entry.o, entry.gate_up, entry.down = weights

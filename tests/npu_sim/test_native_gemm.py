@@ -213,6 +213,28 @@ def test_a_weight_with_small_panels_takes_them_up_to_its_rows() -> None:
                            run_gemm(kernel, False, x=x, w=expected))
 
 
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_blocks_read_as_bf16_give_the_bf16_panels_products(fmt: str) -> None:
+    """A bf16 weight rounded from blocks (gguf+bf16): on AMX the blocks serve the products of
+    up to BLOCKS_AS_BF16_ROWS rows as well, bit for bit what its bf16 panels give (the same
+    bf16 weights and tiles); beyond, and without AMX, the bf16 panels. K = 96 and 1536: one
+    and many K steps of the tile pipeline; N = 50: a last panel of 2 columns."""
+    for n, k in ((50, 96), (48, 1536)):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) / k**0.5
+        q = quant.quantize(w, fmt)
+        blocks, bf16 = pack_quantized(q), pack_weight(q.dequantize(), "bf16")
+        assert isinstance(blocks, PackedWeight) and isinstance(bf16, PackedWeight)
+        both = bf16.with_small(blocks, rows=1, rounded_from_small=True)
+        assert (both.mid is not None) == native.amx_granted()
+        assert bf16.with_small(blocks, rows=1).mid is None  # (not said to be the same weights)
+        bias = torch.randn(n)
+        for m in (2, 15, 16, 17, 32, 33, 64):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            _, kernel = lower_gemm("t", m, n, k, get_chip("910b2"))
+            assert torch.equal(run_gemm(kernel, False, x=x, w=both, bias=bias),
+                               run_gemm(kernel, False, x=x, w=bf16, bias=bias)), (n, k, m)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_run_gemm_fast_path_agrees_with_the_reference_path(fmt: str) -> None:
     m, n, k = 5, 48, 64

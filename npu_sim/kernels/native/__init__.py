@@ -411,6 +411,7 @@ from npu_sim.kernels.native.panels import (  # noqa: E402
     GEMM_MAX_ROWS,
     PANEL_COLS,
     Panels,
+    as_bf16,
     gather_rows,
     gemm,
     pack_blocks,
@@ -418,7 +419,7 @@ from npu_sim.kernels.native.panels import (  # noqa: E402
 )
 
 __all__ = ["ATTN_BF16_MATMUL", "FORMATS", "GEMM_MAX_ROWS", "KV_DTYPES", "PANEL_COLS",
-           "Capabilities", "Panels", "add_rmsnorm", "amx_granted", "argmax_rows",
+           "Capabilities", "Panels", "add_rmsnorm", "amx_granted", "argmax_rows", "as_bf16",
            "attention_support", "bf16_attention_for", "capabilities", "chunk_attention",
            "chunk_attention_supported", "decode_attention", "decode_attention_supported",
            "disabled", "enabled", "gather_rows", "gemm", "kv_write", "lib", "pack_blocks",

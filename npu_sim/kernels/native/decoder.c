@@ -60,12 +60,20 @@ typedef struct {
     int64_t small_fmt;
     const void *small_panels;
     int64_t small_rows;
+    /* and for steps of small_rows + 1 to mid_rows rows, small_panels read in format mid_fmt
+     * (blocks as the bf16 panels' weights: gemm_amx.h), or mid_fmt 0 */
+    int64_t mid_fmt;
+    int64_t mid_rows;
 } xy_weight;
 
 /* The format and panels a step of m rows reads. */
 static inline const void *pick(const xy_weight *w, int64_t m, int *fmt) {
     if (w->small_panels && m <= w->small_rows) {
         *fmt = (int)w->small_fmt;
+        return w->small_panels;
+    }
+    if (w->mid_fmt && m <= w->mid_rows) {
+        *fmt = (int)w->mid_fmt;
         return w->small_panels;
     }
     *fmt = (int)w->fmt;

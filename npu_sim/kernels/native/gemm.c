@@ -144,6 +144,18 @@ PANEL_FN(panel_q8_0, XY_Q8_0)
 static void (*const panel_fns[])(const gemm_job *, int64_t) = {panel_f32, panel_bf16, panel_q4_1,
                                                                panel_q8_0};
 
+/* Whether a product of this format and shape is one the entry points below compute: blocks
+ * whole along k; blocks read as bf16 only where AMX multiplies them (gemm_amx.h). */
+static int takes(int fmt, int64_t m, int64_t k, int64_t n) {
+    if (fmt < XY_F32 || fmt > XY_Q8_0_BF16 || m < 1 || k < 1 || n < 1) return 0;
+    if (fmt >= XY_Q4_1 && k % QK) return 0;
+#if XY_HAVE_AMX
+    return fmt < XY_Q4_1_BF16 || amx_ready();
+#else
+    return fmt < XY_Q4_1_BF16;
+#endif
+}
+
 /* out (m, n), row stride os = x (m, k), row stride xs, times w packed in format fmt (see
  * gemm_formats.h; k % 32 == 0 for the quantized ones), plus bias (or NULL), on up to
  * num_threads threads; flags: XY_GEMM_BF16_ACTIVATIONS lets bf16 panels take vdpbf16ps where
@@ -152,14 +164,13 @@ static void (*const panel_fns[])(const gemm_job *, int64_t) = {panel_f32, panel_
 int xy_gemm_packed(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
                    int64_t n, int64_t k, float *out, int64_t os, int64_t m, int num_threads,
                    int flags) {
-    if (fmt < XY_F32 || fmt > XY_Q8_0 || m < 1 || k < 1 || n < 1
-        || ((fmt == XY_Q4_1 || fmt == XY_Q8_0) && k % QK))
-        return -2;
+    if (!takes(fmt, m, k, n)) return -2;
     int64_t num_panels = (n + NR - 1) / NR;
     if (num_threads > num_panels / 4) num_threads = (int)(num_panels / 4);  /* >= 4 panels each */
     if (num_threads < 1) num_threads = 1;
     gemm_job job = {fmt, panels, panel_bytes(fmt, k), x, xs, bias, n, k, m, out, os};
-    if (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS) && XY_HAVE_BF16_DOT)
+    if (fmt >= XY_Q4_1_BF16 || (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS)
+                                && XY_HAVE_BF16_DOT))
         return gemm_bf16_dot(&job, num_threads);
     void (*fn)(const gemm_job *, int64_t) = panel_fns[fmt];
     if (num_threads == 1) {  /* no parallel region: a small product on one thread */
@@ -185,11 +196,10 @@ int xy_gemm(const float *x, int64_t x_stride, const float *panels, const float *
 int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, const float *bias,
                    int64_t n, int64_t k, float *out, int64_t os, int64_t m, int flags,
                    int64_t p0, int64_t p1) {
-    if (fmt < XY_F32 || fmt > XY_Q8_0 || m < 1 || k < 1 || n < 1
-        || ((fmt == XY_Q4_1 || fmt == XY_Q8_0) && k % QK))
-        return -2;
+    if (!takes(fmt, m, k, n)) return -2;
     gemm_job job = {fmt, panels, panel_bytes(fmt, k), x, xs, bias, n, k, m, out, os};
-    if (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS) && XY_HAVE_BF16_DOT)
+    if (fmt >= XY_Q4_1_BF16 || (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS)
+                                && XY_HAVE_BF16_DOT))
         return gemm_bf16_dot_panels(&job, p0, p1);
     for (int64_t p = p0; p < p1; p++) panel_fns[fmt](&job, p);
     return 0;

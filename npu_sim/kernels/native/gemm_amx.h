@@ -50,27 +50,108 @@ static inline AI void amx_write(const gemm_job *j, const float *c, int64_t r, in
         amx_write(j, c, r, p);           \
     } while (0)
 
-static inline AI const uint32_t *panel(const gemm_job *j, int64_t p) {
-    return (const uint32_t *)(j->panels + p * j->panel_bytes);
+static inline AI const uint8_t *panel(const gemm_job *j, int64_t p) {
+    return j->panels + p * j->panel_bytes;
+}
+
+/* Word order of a B tile's pair row from the two vectors vcvtne2ps2bf16 packs: words 0-15 of
+ * `packed` hold k = 2i (Q8_0) or k = 2i, 2i + 1 of columns 0-7 (Q4_1), words 16-31 the rest;
+ * a pair row wants (k = 2i, k = 2i + 1) of column c in words 2c, 2c + 1. */
+#define ROW_OF_Q8_PAIRS(c) (c), 16 + (c)
+#define ROW_OF_Q4_PAIRS(c) ((c) < 8 ? (c) : 8 + (c)), ((c) < 8 ? 8 + (c) : 16 + (c))
+#define ALL_COLS(f) f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), \
+                    f(8), f(9), f(10), f(11), f(12), f(13), f(14), f(15)
+static const int16_t Q8_PAIR_WORDS[32] __attribute__((aligned(64))) = {ALL_COLS(ROW_OF_Q8_PAIRS)};
+static const int16_t Q4_PAIR_WORDS[32] __attribute__((aligned(64))) = {ALL_COLS(ROW_OF_Q4_PAIRS)};
+#undef ALL_COLS
+#undef ROW_OF_Q4_PAIRS
+#undef ROW_OF_Q8_PAIRS
+
+/* One Q4_1 block of a panel (32 k x 16 columns) as the XY_BF16 panel's B tile holds the same
+ * weights: each d * q + m (one rounding, as gemm_formats.h decodes it) rounded to the nearest
+ * bf16, even on ties (vcvtne2ps2bf16, as the bf16 panels were rounded), in pairs along k. */
+static inline AI void q4_1_tile(const uint8_t *blk, uint32_t *tile) {
+    const uint16_t *dm = (const uint16_t *)blk;
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dm));
+    __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + 16)));
+    /* columns 0-7 in both halves, columns 8-15 in both halves */
+    __m512 d_lo = _mm512_shuffle_f32x4(d, d, 0x44), d_hi = _mm512_shuffle_f32x4(d, d, 0xEE);
+    __m512 m_lo = _mm512_shuffle_f32x4(m, m, 0x44), m_hi = _mm512_shuffle_f32x4(m, m, 0xEE);
+    const __m512i nibble = _mm512_set1_epi32(15);
+    const __m512i words = _mm512_load_si512((const void *)Q4_PAIR_WORDS);
+    const uint8_t *q = blk + 4 * NR;
+#pragma GCC unroll 16
+    for (int i = 0; i < AMX_ROWS; i++) {  /* rows 2i, 2i + 1: 8 bytes each, contiguous */
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i)));
+        __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nibble)), d_lo, m_lo);
+        __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), d_hi, m_hi);
+        __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_store_si512((void *)(tile + i * NR), _mm512_permutexvar_epi16(words, packed));
+    }
+}
+
+/* One Q8_0 block of a panel as the XY_BF16 panel's B tile holds it (q4_1_tile's rounding; d * q
+ * is exact in fp32). */
+static inline AI void q8_0_tile(const uint8_t *blk, uint32_t *tile) {
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+    const __m512i words = _mm512_load_si512((const void *)Q8_PAIR_WORDS);
+    const int8_t *q = (const int8_t *)(blk + 2 * NR);
+#pragma GCC unroll 16
+    for (int i = 0; i < AMX_ROWS; i++) {  /* rows 2i, 2i + 1: 16 bytes each */
+        __m512 even = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i *)(q + 32 * i)))), d);
+        __m512 odd = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i *)(q + 32 * i + 16)))), d);
+        __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
+        _mm512_store_si512((void *)(tile + i * NR), _mm512_permutexvar_epi16(words, packed));
+    }
+}
+
+/* A block format's B tile of pairs [i, i + 16) of a panel (fmt a constant after inlining),
+ * rounded to bf16 pairs into `tile`; nothing for XY_BF16 panels (read in place). The loops
+ * below decode the next K step's tiles while the tile unit multiplies this step's: a tile
+ * loaded right after its stores would wait for them to reach L1. */
+static inline AI void decode_tile(int fmt, const uint8_t *panel, int64_t i, uint32_t *tile) {
+    if (fmt == XY_BF16) return;
+    int64_t block_bytes = fmt == XY_Q4_1_BF16 ? 4 * NR + QK * NR / 2 : 2 * NR + QK * NR;
+    const uint8_t *blk = panel + i / AMX_PAIRS * block_bytes;
+    prefetch_lines(blk, block_bytes);
+    if (fmt == XY_Q4_1_BF16)
+        q4_1_tile(blk, tile);
+    else
+        q8_0_tile(blk, tile);
+}
+
+/* Where the B tile of pairs [i, i + 16) is: in the XY_BF16 panel, or the decoded `tile`. */
+static inline AI const uint32_t *b_tile(int fmt, const uint8_t *panel, int64_t i,
+                                        const uint32_t *tile) {
+    return fmt == XY_BF16 ? (const uint32_t *)panel + i * NR : tile;
 }
 
 /* Rows [r, r + 32) of xp (two row blocks) times panels p .. p + np - 1 (np 1 or 2): 2 x 2 C
  * tiles, each A and B tile loaded feeding two multiplies. */
-static void amx_block(const gemm_job *j, const uint32_t *xp, int64_t kp, int64_t r, int64_t p,
-                      int np) {
+static inline AI void amx_block(int fmt, const gemm_job *j, const uint32_t *xp, int64_t kp,
+                                int64_t r, int64_t p, int np) {
     float c[AMX_ROWS * NR] __attribute__((aligned(64)));
-    const uint32_t *b0 = panel(j, p), *b1 = panel(j, p + np - 1);
+    uint32_t tiles[2][2][AMX_ROWS * NR] __attribute__((aligned(64)));  /* [K step % 2][panel] */
+    const uint8_t *b0 = panel(j, p), *b1 = panel(j, p + np - 1);
     const uint32_t *a0 = xp + r * kp, *a1 = xp + (r + AMX_ROWS) * kp;
     const int64_t a_stride = kp * 4;
+    decode_tile(fmt, b0, 0, tiles[0][0]);
+    if (np == 2) decode_tile(fmt, b1, 0, tiles[0][1]);
     amx_zero_c();
-    for (int64_t i = 0; i < kp; i += AMX_PAIRS) {
+    for (int64_t i = 0, cur = 0; i < kp; i += AMX_PAIRS, cur ^= 1) {
+        if (i + AMX_PAIRS < kp) {
+            decode_tile(fmt, b0, i + AMX_PAIRS, tiles[cur ^ 1][0]);
+            if (np == 2) decode_tile(fmt, b1, i + AMX_PAIRS, tiles[cur ^ 1][1]);
+        }
         _tile_loadd(4, a0 + i, a_stride);
         _tile_loadd(5, a1 + i, a_stride);
-        _tile_loadd(6, b0 + i * NR, B_STRIDE);
+        _tile_loadd(6, b_tile(fmt, b0, i, tiles[cur][0]), B_STRIDE);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
         if (np == 2) {
-            _tile_loadd(7, b1 + i * NR, B_STRIDE);
+            _tile_loadd(7, b_tile(fmt, b1, i, tiles[cur][1]), B_STRIDE);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
         }
@@ -86,27 +167,32 @@ static void amx_block(const gemm_job *j, const uint32_t *xp, int64_t kp, int64_t
 /* Rows [r, r + 16) of xp (one row block) times panels p .. p + np - 1 (np 1 to 4): four C
  * tiles in flight where one row block alone would leave 2 x 2 blocking two (tile 5 takes the
  * fourth panel's B once the first multiply has read it). */
-static void amx_row_block(const gemm_job *j, const uint32_t *xp, int64_t kp, int64_t r,
-                          int64_t p, int np) {
+static inline AI void amx_row_block(int fmt, const gemm_job *j, const uint32_t *xp,
+                                    int64_t kp, int64_t r, int64_t p, int np) {
     float c[AMX_ROWS * NR] __attribute__((aligned(64)));
-    const uint32_t *a = xp + r * kp, *b[4];
+    uint32_t tiles[2][4][AMX_ROWS * NR] __attribute__((aligned(64)));  /* [K step % 2][panel] */
+    const uint32_t *a = xp + r * kp;
+    const uint8_t *b[4];
     for (int q = 0; q < 4; q++) b[q] = panel(j, p + (q < np ? q : 0));
     const int64_t a_stride = kp * 4;
+    for (int q = 0; q < np; q++) decode_tile(fmt, b[q], 0, tiles[0][q]);
     amx_zero_c();
-    for (int64_t i = 0; i < kp; i += AMX_PAIRS) {
+    for (int64_t i = 0, cur = 0; i < kp; i += AMX_PAIRS, cur ^= 1) {
+        if (i + AMX_PAIRS < kp)
+            for (int q = 0; q < np; q++) decode_tile(fmt, b[q], i + AMX_PAIRS, tiles[cur ^ 1][q]);
         _tile_loadd(4, a + i, a_stride);
-        _tile_loadd(5, b[0] + i * NR, B_STRIDE);
+        _tile_loadd(5, b_tile(fmt, b[0], i, tiles[cur][0]), B_STRIDE);
         _tile_dpbf16ps(0, 4, 5);
         if (np > 1) {
-            _tile_loadd(6, b[1] + i * NR, B_STRIDE);
+            _tile_loadd(6, b_tile(fmt, b[1], i, tiles[cur][1]), B_STRIDE);
             _tile_dpbf16ps(1, 4, 6);
         }
         if (np > 2) {
-            _tile_loadd(7, b[2] + i * NR, B_STRIDE);
+            _tile_loadd(7, b_tile(fmt, b[2], i, tiles[cur][2]), B_STRIDE);
             _tile_dpbf16ps(2, 4, 7);
         }
         if (np > 3) {
-            _tile_loadd(5, b[3] + i * NR, B_STRIDE);
+            _tile_loadd(5, b_tile(fmt, b[3], i, tiles[cur][3]), B_STRIDE);
             _tile_dpbf16ps(3, 4, 5);
         }
     }
@@ -128,14 +214,26 @@ static int amx_takes(const gemm_job *j) {
  * its tile configuration loaded: in pairs, each through every pair of row blocks and a last
  * lone block; one row block alone (a decode batch), four panels at a time. A column's sums do
  * not depend on the grouping (each C tile adds the same products in the same K order). */
-static void amx_run(const gemm_job *j, const uint32_t *xp, int64_t kp, int64_t m_pad, int64_t p0,
-                    int64_t p1) {
+static inline AI void amx_run_fmt(int fmt, const gemm_job *j, const uint32_t *xp, int64_t kp,
+                                  int64_t m_pad, int64_t p0, int64_t p1) {
     int64_t paired = m_pad / (2 * AMX_ROWS) * (2 * AMX_ROWS);  /* rows in pairs of blocks */
     int64_t step = paired ? 2 : 4;
     for (int64_t p = p0; p < p1; p += step) {
         int np = p1 - p < step ? (int)(p1 - p) : (int)step;
-        for (int64_t r = 0; r < paired; r += 2 * AMX_ROWS) amx_block(j, xp, kp, r, p, np);
-        if (paired < m_pad) amx_row_block(j, xp, kp, paired, p, np);
+        for (int64_t r = 0; r < paired; r += 2 * AMX_ROWS) amx_block(fmt, j, xp, kp, r, p, np);
+        if (paired < m_pad) amx_row_block(fmt, j, xp, kp, paired, p, np);
+    }
+}
+
+/* amx_run_fmt with the job's format a constant: bf16 panels, or Q4_1 / Q8_0 blocks read as
+ * the bf16 panels of the same weights (XY_Q4_1_BF16, XY_Q8_0_BF16: the same tiles, the same
+ * sums, a third or half of the bytes). */
+static void amx_run(const gemm_job *j, const uint32_t *xp, int64_t kp, int64_t m_pad, int64_t p0,
+                    int64_t p1) {
+    switch (j->fmt) {
+    case XY_Q4_1_BF16: amx_run_fmt(XY_Q4_1_BF16, j, xp, kp, m_pad, p0, p1); break;
+    case XY_Q8_0_BF16: amx_run_fmt(XY_Q8_0_BF16, j, xp, kp, m_pad, p0, p1); break;
+    default: amx_run_fmt(XY_BF16, j, xp, kp, m_pad, p0, p1); break;
     }
 }
 

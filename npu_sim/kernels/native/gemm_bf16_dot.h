@@ -105,6 +105,7 @@ static int gemm_bf16_dot(const gemm_job *j, int num_threads) {
 #if XY_HAVE_AMX
     if (amx_takes(j)) return gemm_amx(j, num_threads);
 #endif
+    if (j->fmt != XY_BF16) return -2;  /* blocks as bf16: AMX's alone */
     int64_t kp = (j->k + 1) / 2, num_panels = (j->n + NR - 1) / NR;
     uint32_t *xp = rounded_rows(j, kp, j->m);
     if (!xp) return -1;
@@ -119,6 +120,7 @@ static int gemm_bf16_dot_panels(const gemm_job *j, int64_t p0, int64_t p1) {
 #if XY_HAVE_AMX
     if (amx_takes(j)) return amx_panels(j, p0, p1);
 #endif
+    if (j->fmt != XY_BF16) return -2;
     uint32_t *xp = rounded_rows(j, (j->k + 1) / 2, j->m);
     if (!xp) return -1;
     for (int64_t p = p0; p < p1; p++) dot_panel(j, xp, p);

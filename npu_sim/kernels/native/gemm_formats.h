@@ -26,6 +26,9 @@
 #include "simd.h"
 
 enum { XY_F32 = 0, XY_BF16 = 1, XY_Q4_1 = 2, XY_Q8_0 = 3 };
+/* Q4_1 / Q8_0 panels read as the XY_BF16 panels of the same weights (each decoded weight
+ * rounded to bf16, activations in bf16: gemm_amx.h, on AMX alone) */
+enum { XY_Q4_1_BF16 = 4, XY_Q8_0_BF16 = 5 };
 
 #define NR 16      /* panel width: output columns per tile (two 8-lane vectors) */
 #define QK 32      /* weights per Q4_1 / Q8_0 block along k */
@@ -37,7 +40,7 @@ static inline int64_t panel_bytes(int fmt, int64_t k) {
     switch (fmt) {
     case XY_F32: return k * NR * 4;
     case XY_BF16: return (k + 1) / 2 * NR * 4;
-    case XY_Q4_1: return k / QK * (4 * NR + QK * NR / 2);
+    case XY_Q4_1: case XY_Q4_1_BF16: return k / QK * (4 * NR + QK * NR / 2);
     default: return k / QK * (2 * NR + QK * NR);
     }
 }

@@ -21,6 +21,8 @@ import torch
 from npu_sim.kernels.native import lib
 
 FORMATS = {"fp32": 0, "bf16": 1, "q4_1": 2, "q8_0": 3}  # gemm_formats.h's XY_* codes
+# q4_1 / q8_0 blocks read as the bf16 panels of the same weights (AMX alone: as_bf16)
+BLOCKS_AS_BF16 = {"q4_1": ("q4_1_bf16", 4), "q8_0": ("q8_0_bf16", 5)}
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # GGUF bytes per block of QUANT_BLOCK weights along K
 QUANT_BLOCK = 32
 PANEL_COLS = 16  # gemm.c's panel width
@@ -81,6 +83,21 @@ def pack_blocks(blocks: np.ndarray | torch.Tensor, n: int, k: int, fmt: str) -> 
     pack = lib().xy_pack_q4_1 if fmt == "q4_1" else lib().xy_pack_q8_0
     pack(raw.ctypes.data, n, k, panels.data.data_ptr())
     return panels
+
+
+def as_bf16(blocks: Panels) -> Panels | None:
+    """q4_1 / q8_0 panels read as the bf16 panels of the same weights hold them (each decoded
+    weight rounded to the nearest bf16, even on ties, as torch rounds; x rounded to bf16 too):
+    a `gemm` bit for bit the bf16 panels' on AMX tiles, reading a third (q4_1) or half (q8_0)
+    of the bytes. The same storage; None where AMX is not granted or the format is another."""
+    from npu_sim.kernels.native import amx_granted  # (beside lib(), which this module needs)
+
+    if blocks.fmt not in BLOCKS_AS_BF16 or not amx_granted():
+        return None
+    view = Panels.__new__(Panels)
+    view.__dict__.update(blocks.__dict__)
+    view.fmt, view.code = BLOCKS_AS_BF16[blocks.fmt]
+    return view
 
 
 def gemm(x: torch.Tensor, w: Panels, bias: torch.Tensor | None,
