@@ -62,6 +62,8 @@ from benchmarks.peers import (
     xyserve_fast_path,
     xyserve_spec,
 )
+from npu_sim.kernels import native
+from npu_sim.kernels.gemm import BLOCKS_AS_BF16_ROWS
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,12 @@ def bound(data: dict[str, Any], w: Workload, weight_format: str, flops: ModelFlo
     GGUF path do), so the faster path bounds them all."""
     peak = max(data["gemm"]["fp32_roofline"], data["gemm"]["bf16_roofline"])
     num_input = w.input_len + w.prefix_len
-    if weight_format == "gguf+bf16":  # the blocks at one row, bf16 for a batch's steps
-        weight_format = "gguf" if w.concurrency == 1 else "bf16"
+    if weight_format == "gguf+bf16":
+        # The bytes it streams: the blocks at one row, and where AMX reads them as the bf16
+        # weights (the server runs on this machine) at a batch's too; bf16 panels beyond
+        reads_blocks = w.concurrency == 1 or (w.concurrency <= BLOCKS_AS_BF16_ROWS
+                                              and native.amx_granted())
+        weight_format = "gguf" if reads_blocks else "bf16"
     return flops.attainable_output_rate(w.num_prompts, num_input, w.output_len, w.concurrency,
                                         peak, data["memory_read_gbs"],
                                         BYTES_PER_WEIGHT[weight_format])

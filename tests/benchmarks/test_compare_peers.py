@@ -119,3 +119,19 @@ def test_mixed_load_table_shows_the_worst_gap_that_p99_hides() -> None:
     by_run = {(r[0].strip(), r[2].strip()): r[worst].strip() for r in rows[2:]}
     assert by_run == {("token_budget", "1"): "930", ("prefill_first", "1"): "18650",
                       ("prefill_first", "2"): "-"}
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_the_bound_counts_the_bytes_gguf_bf16_streams(monkeypatch: pytest.MonkeyPatch,
+                                                      amx: bool) -> None:
+    """gguf+bf16 streams its 4-bit blocks at one row, and at a batch's rows where AMX reads
+    them as its bf16 weights; bf16 panels otherwise: the bound is the format's it reads."""
+    import benchmarks.compare_peers as cp
+
+    monkeypatch.setattr(cp.native, "amx_granted", lambda: amx)
+    data = {"gemm": {"fp32_roofline": 400.0, "bf16_roofline": 3000.0}, "memory_read_gbs": 30.0}
+    flops = ModelFlops(0.212, 0.057)
+    for w in cp.WORKLOADS:
+        blocks = w.concurrency == 1 or amx
+        assert cp.bound(data, w, "gguf+bf16", flops) == cp.bound(
+            data, w, "gguf" if blocks else "bf16", flops), w.name
