@@ -93,7 +93,7 @@ async def send(session: aiohttp.ClientSession, config: ClientConfig, request: Be
     num_chunks = 0
     pieces: list[str] = []
     try:
-        async with session.post(config.base_url + config.endpoint, json=body) as response:
+        async with await _post(session, config.base_url + config.endpoint, body) as response:
             if response.status != 200:
                 text = await response.text(errors="replace")
                 result.error = f"HTTP {response.status}: {text[:500]}"
@@ -134,6 +134,17 @@ async def send(session: aiohttp.ClientSession, config: ClientConfig, request: Be
     if not result.success:
         result.error = "no tokens generated"
     return result
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                ) -> aiohttp.ClientResponse:
+    """POST `body`, once more if the connection fails before the server took the request: a
+    kept-alive connection the server had closed meanwhile (aiohttp's "Can not write request
+    body"; llama.cpp's server closes idle ones). The time lost stays in the request's latency."""
+    try:
+        return await session.post(url, json=body)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        return await session.post(url, json=body)
 
 
 def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
