@@ -67,6 +67,11 @@ static const int16_t Q4_PAIR_WORDS[32] __attribute__((aligned(64))) = {ALL_COLS(
 #undef ROW_OF_Q4_PAIRS
 #undef ROW_OF_Q8_PAIRS
 
+/* Every 4-bit q as a float, picked by the low 4 bits of a lane (vpermps reads no more): a
+ * nibble widened to fp32 by a permute instead of a mask and a conversion, off the port that
+ * the conversions and multiply-adds queue on (the tiles' decoding bounds a step). */
+#define NIBBLE_VALUES _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+
 /* One Q4_1 block of a panel (32 k x 16 columns) as the XY_BF16 panel's B tile holds the same
  * weights: each d * q + m (one rounding, as gemm_formats.h decodes it) rounded to the nearest
  * bf16, even on ties (vcvtne2ps2bf16, as the bf16 panels were rounded), in pairs along k. */
@@ -77,14 +82,15 @@ static inline AI void q4_1_tile(const uint8_t *blk, uint32_t *tile) {
     /* columns 0-7 in both halves, columns 8-15 in both halves */
     __m512 d_lo = _mm512_shuffle_f32x4(d, d, 0x44), d_hi = _mm512_shuffle_f32x4(d, d, 0xEE);
     __m512 m_lo = _mm512_shuffle_f32x4(m, m, 0x44), m_hi = _mm512_shuffle_f32x4(m, m, 0xEE);
-    const __m512i nibble = _mm512_set1_epi32(15);
+    const __m512 nibbles = NIBBLE_VALUES;
     const __m512i words = _mm512_load_si512((const void *)Q4_PAIR_WORDS);
     const uint8_t *q = blk + 4 * NR;
 #pragma GCC unroll 16
     for (int i = 0; i < AMX_ROWS; i++) {  /* rows 2i, 2i + 1: 8 bytes each, contiguous */
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i)));
-        __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nibble)), d_lo, m_lo);
-        __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), d_hi, m_hi);
+        __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, nibbles), d_lo, m_lo);
+        __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), nibbles),
+                                    d_hi, m_hi);
         __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
         _mm512_store_si512((void *)(tile + i * NR), _mm512_permutexvar_epi16(words, packed));
     }

@@ -47,7 +47,7 @@ static inline AI __m512 sets_sum(const __m512 *acc, int n) {
 /* The row's 16 sums of a Q4_1 panel of k weights (k % 32 == 0) into out16. */
 static inline AI void row1_q4_1(const uint8_t *panel, int64_t k, const float *x, float *out16) {
     const int64_t block_bytes = 4 * NR + QK * NR / 2;
-    const __m512i nibble = _mm512_set1_epi32(15);
+    const __m512 nibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 lo[4], hi[4];
     for (int s = 0; s < 4; s++) lo[s] = hi[s] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < k; k0 += QK) {
@@ -64,10 +64,10 @@ static inline AI void row1_q4_1(const uint8_t *panel, int64_t k, const float *x,
             for (int j = 0; j < 8; j++) {  /* rows 2j and 2j + 1 of this half */
                 __m512i b = _mm512_cvtepu8_epi32(
                     _mm_loadu_si128((const __m128i *)(q + (16 * half + 2 * j) * 8)));
-                __m512 w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nibble)),
-                                              d_lo, m_lo);
-                __m512 w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)),
-                                              d_hi, m_hi);
+                /* (a nibble as a float: a permute of its values by the lane's low 4 bits) */
+                __m512 w_lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, nibbles), d_lo, m_lo);
+                __m512 w_hi = _mm512_fmadd_ps(
+                    _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), nibbles), d_hi, m_hi);
                 __m512 xx = _mm512_permutexvar_ps(
                     _mm512_load_si512((const void *)ROW1_PAIR_IDX[j]), xv);
                 lo[j % 4] = _mm512_fmadd_ps(xx, w_lo, lo[j % 4]);
