@@ -54,18 +54,11 @@ static inline AI const uint8_t *panel(const gemm_job *j, int64_t p) {
     return j->panels + p * j->panel_bytes;
 }
 
-/* Word order of a B tile's pair row from the two vectors vcvtne2ps2bf16 packs: words 0-15 of
- * `packed` hold k = 2i (Q8_0) or k = 2i, 2i + 1 of columns 0-7 (Q4_1), words 16-31 the rest;
- * a pair row wants (k = 2i, k = 2i + 1) of column c in words 2c, 2c + 1. */
-#define ROW_OF_Q8_PAIRS(c) (c), 16 + (c)
-#define ROW_OF_Q4_PAIRS(c) ((c) < 8 ? (c) : 8 + (c)), ((c) < 8 ? 8 + (c) : 16 + (c))
-#define ALL_COLS(f) f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), \
-                    f(8), f(9), f(10), f(11), f(12), f(13), f(14), f(15)
-static const int16_t Q8_PAIR_WORDS[32] __attribute__((aligned(64))) = {ALL_COLS(ROW_OF_Q8_PAIRS)};
-static const int16_t Q4_PAIR_WORDS[32] __attribute__((aligned(64))) = {ALL_COLS(ROW_OF_Q4_PAIRS)};
-#undef ALL_COLS
-#undef ROW_OF_Q4_PAIRS
-#undef ROW_OF_Q8_PAIRS
+/* A Q8_0 pair row's words: vcvtne2ps2bf16 packs k = 2i of the 16 columns into words 0-15 and
+ * k = 2i + 1 into words 16-31; the tile wants (k = 2i, k = 2i + 1) of column c in 2c, 2c + 1. */
+static const int16_t Q8_PAIR_WORDS[32] __attribute__((aligned(64))) = {
+    0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
 /* Every 4-bit q as a float, picked by the low 4 bits of a lane (vpermps reads no more): a
  * nibble widened to fp32 by a permute instead of a mask and a conversion, off the port that
@@ -74,25 +67,31 @@ static const int16_t Q4_PAIR_WORDS[32] __attribute__((aligned(64))) = {ALL_COLS(
 
 /* One Q4_1 block of a panel (32 k x 16 columns) as the XY_BF16 panel's B tile holds the same
  * weights: each d * q + m (one rounding, as gemm_formats.h decodes it) rounded to the nearest
- * bf16, even on ties (vcvtne2ps2bf16, as the bf16 panels were rounded), in pairs along k. */
+ * bf16, even on ties (vcvtne2ps2bf16, as the bf16 panels were rounded), in pairs along k. The
+ * bytes of rows 2i and 2i + 1 are interleaved first (one byte shuffle), so that the low nibbles
+ * widen to (k = 2i, k = 2i + 1) of columns 0-7 in lane order and the high nibbles to those of
+ * columns 8-15: packed to bf16 side by side, they are the tile's pair row as it is. */
 static inline AI void q4_1_tile(const uint8_t *blk, uint32_t *tile) {
     const uint16_t *dm = (const uint16_t *)blk;
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dm));
     __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + 16)));
-    /* columns 0-7 in both halves, columns 8-15 in both halves */
-    __m512 d_lo = _mm512_shuffle_f32x4(d, d, 0x44), d_hi = _mm512_shuffle_f32x4(d, d, 0xEE);
-    __m512 m_lo = _mm512_shuffle_f32x4(m, m, 0x44), m_hi = _mm512_shuffle_f32x4(m, m, 0xEE);
+    /* lanes 2j and 2j + 1: column j's (low nibbles), or column 8 + j's (high nibbles) */
+    const __m512i low_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i high_cols = _mm512_add_epi32(low_cols, _mm512_set1_epi32(8));
+    __m512 d_lo = _mm512_permutexvar_ps(low_cols, d), d_hi = _mm512_permutexvar_ps(high_cols, d);
+    __m512 m_lo = _mm512_permutexvar_ps(low_cols, m), m_hi = _mm512_permutexvar_ps(high_cols, m);
+    const __m128i rows_interleaved = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14,
+                                                   7, 15);
     const __m512 nibbles = NIBBLE_VALUES;
-    const __m512i words = _mm512_load_si512((const void *)Q4_PAIR_WORDS);
     const uint8_t *q = blk + 4 * NR;
 #pragma GCC unroll 16
     for (int i = 0; i < AMX_ROWS; i++) {  /* rows 2i, 2i + 1: 8 bytes each, contiguous */
-        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i)));
+        __m512i b = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(
+            _mm_loadu_si128((const __m128i *)(q + 16 * i)), rows_interleaved));
         __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, nibbles), d_lo, m_lo);
         __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), nibbles),
                                     d_hi, m_hi);
-        __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-        _mm512_store_si512((void *)(tile + i * NR), _mm512_permutexvar_epi16(words, packed));
+        _mm512_store_si512((void *)(tile + i * NR), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
 }
 
