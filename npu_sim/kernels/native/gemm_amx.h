@@ -21,6 +21,14 @@
  * decode throughput at 16 streams than two). Needs K in whole A tiles (ceil(k / 2) a multiple of 16 pairs, k a
  * multiple of 32: every layer of the models served), else gemm_bf16_dot takes the product.
  *
+ * Blocks as bf16 (XY_Q4_1_BF16, XY_Q8_0_BF16): a gguf+bf16 weight's bf16 panels are its GGUF
+ * blocks decoded and rounded, so each B tile can be built from the blocks instead, into an L1
+ * scratch tile: the same tiles, the same products bit for bit, from a third (Q4_1) or half
+ * (Q8_0) of the bytes. A decode batch of 16 rows then runs ~20% faster on the 2-core Xeon, bound
+ * by the decoding (~130 cycles a tile) where the bf16 panels were bound by memory. Each 32-row
+ * pass decodes the blocks again, so products of more rows keep the bf16 panels (gemm.py's
+ * BLOCKS_AS_BF16_ROWS).
+ *
  * The tiles, their configuration and the permission to use them: amx.h.
  */
 #ifndef XY_GEMM_AMX_H
@@ -112,25 +120,20 @@ static inline AI void q8_0_tile(const uint8_t *blk, uint32_t *tile) {
     }
 }
 
-/* A block format's B tile of pairs [i, i + 16) of a panel (fmt a constant after inlining),
- * rounded to bf16 pairs into `tile`; nothing for XY_BF16 panels (read in place). The loops
- * below decode the next K step's tiles while the tile unit multiplies this step's: a tile
- * loaded right after its stores would wait for them to reach L1. */
-static inline AI void decode_tile(int fmt, const uint8_t *panel, int64_t i, uint32_t *tile) {
-    if (fmt == XY_BF16) return;
+/* The B tile of pairs [i, i + 16) of a panel in format fmt (a constant after inlining): an
+ * XY_BF16 panel's in place, a block format's decoded and rounded to bf16 pairs into `scratch`.
+ * (Decoding the next K step's tiles ahead into a second buffer measured 7% slower.) */
+static inline AI const uint32_t *b_tile(int fmt, const uint8_t *panel, int64_t i,
+                                        uint32_t *scratch) {
+    if (fmt == XY_BF16) return (const uint32_t *)panel + i * NR;
     int64_t block_bytes = fmt == XY_Q4_1_BF16 ? 4 * NR + QK * NR / 2 : 2 * NR + QK * NR;
     const uint8_t *blk = panel + i / AMX_PAIRS * block_bytes;
     prefetch_lines(blk, block_bytes);
     if (fmt == XY_Q4_1_BF16)
-        q4_1_tile(blk, tile);
+        q4_1_tile(blk, scratch);
     else
-        q8_0_tile(blk, tile);
-}
-
-/* Where the B tile of pairs [i, i + 16) is: in the XY_BF16 panel, or the decoded `tile`. */
-static inline AI const uint32_t *b_tile(int fmt, const uint8_t *panel, int64_t i,
-                                        const uint32_t *tile) {
-    return fmt == XY_BF16 ? (const uint32_t *)panel + i * NR : tile;
+        q8_0_tile(blk, scratch);
+    return scratch;
 }
 
 /* Rows [r, r + 32) of xp (two row blocks) times panels p .. p + np - 1 (np 1 or 2): 2 x 2 C
@@ -138,25 +141,19 @@ static inline AI const uint32_t *b_tile(int fmt, const uint8_t *panel, int64_t i
 static inline AI void amx_block(int fmt, const gemm_job *j, const uint32_t *xp, int64_t kp,
                                 int64_t r, int64_t p, int np) {
     float c[AMX_ROWS * NR] __attribute__((aligned(64)));
-    uint32_t tiles[2][2][AMX_ROWS * NR] __attribute__((aligned(64)));  /* [K step % 2][panel] */
+    uint32_t scratch[2][AMX_ROWS * NR] __attribute__((aligned(64)));  /* block formats' B */
     const uint8_t *b0 = panel(j, p), *b1 = panel(j, p + np - 1);
     const uint32_t *a0 = xp + r * kp, *a1 = xp + (r + AMX_ROWS) * kp;
     const int64_t a_stride = kp * 4;
-    decode_tile(fmt, b0, 0, tiles[0][0]);
-    if (np == 2) decode_tile(fmt, b1, 0, tiles[0][1]);
     amx_zero_c();
-    for (int64_t i = 0, cur = 0; i < kp; i += AMX_PAIRS, cur ^= 1) {
-        if (i + AMX_PAIRS < kp) {
-            decode_tile(fmt, b0, i + AMX_PAIRS, tiles[cur ^ 1][0]);
-            if (np == 2) decode_tile(fmt, b1, i + AMX_PAIRS, tiles[cur ^ 1][1]);
-        }
+    for (int64_t i = 0; i < kp; i += AMX_PAIRS) {
         _tile_loadd(4, a0 + i, a_stride);
         _tile_loadd(5, a1 + i, a_stride);
-        _tile_loadd(6, b_tile(fmt, b0, i, tiles[cur][0]), B_STRIDE);
+        _tile_loadd(6, b_tile(fmt, b0, i, scratch[0]), B_STRIDE);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
         if (np == 2) {
-            _tile_loadd(7, b_tile(fmt, b1, i, tiles[cur][1]), B_STRIDE);
+            _tile_loadd(7, b_tile(fmt, b1, i, scratch[1]), B_STRIDE);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
         }
@@ -175,29 +172,26 @@ static inline AI void amx_block(int fmt, const gemm_job *j, const uint32_t *xp, 
 static inline AI void amx_row_block(int fmt, const gemm_job *j, const uint32_t *xp,
                                     int64_t kp, int64_t r, int64_t p, int np) {
     float c[AMX_ROWS * NR] __attribute__((aligned(64)));
-    uint32_t tiles[2][4][AMX_ROWS * NR] __attribute__((aligned(64)));  /* [K step % 2][panel] */
+    uint32_t scratch[4][AMX_ROWS * NR] __attribute__((aligned(64)));  /* block formats' B */
     const uint32_t *a = xp + r * kp;
     const uint8_t *b[4];
     for (int q = 0; q < 4; q++) b[q] = panel(j, p + (q < np ? q : 0));
     const int64_t a_stride = kp * 4;
-    for (int q = 0; q < np; q++) decode_tile(fmt, b[q], 0, tiles[0][q]);
     amx_zero_c();
-    for (int64_t i = 0, cur = 0; i < kp; i += AMX_PAIRS, cur ^= 1) {
-        if (i + AMX_PAIRS < kp)
-            for (int q = 0; q < np; q++) decode_tile(fmt, b[q], i + AMX_PAIRS, tiles[cur ^ 1][q]);
+    for (int64_t i = 0; i < kp; i += AMX_PAIRS) {
         _tile_loadd(4, a + i, a_stride);
-        _tile_loadd(5, b_tile(fmt, b[0], i, tiles[cur][0]), B_STRIDE);
+        _tile_loadd(5, b_tile(fmt, b[0], i, scratch[0]), B_STRIDE);
         _tile_dpbf16ps(0, 4, 5);
         if (np > 1) {
-            _tile_loadd(6, b_tile(fmt, b[1], i, tiles[cur][1]), B_STRIDE);
+            _tile_loadd(6, b_tile(fmt, b[1], i, scratch[1]), B_STRIDE);
             _tile_dpbf16ps(1, 4, 6);
         }
         if (np > 2) {
-            _tile_loadd(7, b_tile(fmt, b[2], i, tiles[cur][2]), B_STRIDE);
+            _tile_loadd(7, b_tile(fmt, b[2], i, scratch[2]), B_STRIDE);
             _tile_dpbf16ps(2, 4, 7);
         }
         if (np > 3) {
-            _tile_loadd(5, b_tile(fmt, b[3], i, tiles[cur][3]), B_STRIDE);
+            _tile_loadd(5, b_tile(fmt, b[3], i, scratch[3]), B_STRIDE);
             _tile_dpbf16ps(3, 4, 5);
         }
     }
