@@ -89,62 +89,58 @@ async def send(session: aiohttp.ClientSession, config: ClientConfig, request: Be
     result = RequestResult(prompt_len=request.prompt_len)
     start = time.perf_counter()
     result.start_s = start - t0
-    last = start
-    num_chunks = 0
-    pieces: list[str] = []
+    pieces: list[str] = []  # the texts of the chunks that had some
     try:
-        async with await _post(session, config.base_url + config.endpoint, body) as response:
+        async with session.post(config.base_url + config.endpoint, json=body) as response:
             if response.status != 200:
                 text = await response.text(errors="replace")
                 result.error = f"HTTP {response.status}: {text[:500]}"
                 return result
-            async for line in response.content:  # one SSE line at a time
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])[:500]
-                    return result
-                now = time.perf_counter()
-                text = "".join(_chunk_text(c, chat) for c in chunk.get("choices") or [])
-                if text:
-                    if num_chunks == 0:
-                        result.ttft_s = now - start
-                    else:
-                        result.itls_s.append(now - last)
-                    last = now
-                    num_chunks += 1
-                    pieces.append(text)
-                usage = chunk.get("usage")
-                if usage:
-                    result.usage_reported = True
-                    result.prompt_len = int(usage.get("prompt_tokens", result.prompt_len))
-                    result.output_len = int(usage.get("completion_tokens", 0))
+            await _read_events(response, chat, start, result, pieces)
+            if result.error:
+                return result
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:500]  # (json's errors are ValueErrors)
         return result
     result.e2e_s = time.perf_counter() - start
     result.text = "".join(pieces)
     if not result.usage_reported:
-        result.output_len = num_chunks
+        result.output_len = len(pieces)
     result.success = result.output_len > 0
     if not result.success:
         result.error = "no tokens generated"
     return result
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                ) -> aiohttp.ClientResponse:
-    """POST `body`, once more if the connection fails before the server took the request: a
-    kept-alive connection the server had closed meanwhile (aiohttp's "Can not write request
-    body"; llama.cpp's server closes idle ones). The time lost stays in the request's latency."""
-    try:
-        return await session.post(url, json=body)
-    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-        return await session.post(url, json=body)
+async def _read_events(response: aiohttp.ClientResponse, chat: bool, start: float,
+                       result: RequestResult, pieces: list[str]) -> None:
+    """A 200 response's SSE events into `result` (the chunks' times, the usage, an error event's
+    message) and `pieces` (the chunks' texts), up to [DONE]."""
+    last = start
+    async for line in response.content:  # one SSE line at a time
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            result.error = str(chunk["error"])[:500]
+            return
+        now = time.perf_counter()
+        text = "".join(_chunk_text(c, chat) for c in chunk.get("choices") or [])
+        if text:
+            if not pieces:
+                result.ttft_s = now - start
+            else:
+                result.itls_s.append(now - last)
+            last = now
+            pieces.append(text)
+        usage = chunk.get("usage")
+        if usage:
+            result.usage_reported = True
+            result.prompt_len = int(usage.get("prompt_tokens", result.prompt_len))
+            result.output_len = int(usage.get("completion_tokens", 0))
 
 
 def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
@@ -164,7 +160,11 @@ async def run_requests(config: ClientConfig, requests: list[BenchRequest], reque
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     results: list[RequestResult | None] = [None] * len(requests)
     async with aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(limit=num_connections),
+            # A connection per request (force_close): llama.cpp's server closes a kept-alive
+            # connection after a few requests, and a request that found it closed failed
+            # ("Can not write request body", 1-15 of its requests a run)
+            headers=headers, connector=aiohttp.TCPConnector(limit=num_connections,
+                                                            force_close=True),
             # (per connect and per read, as a stalled server is told apart from a long stream)
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeout_s,
                                           sock_read=config.timeout_s)) as client:

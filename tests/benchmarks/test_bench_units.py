@@ -151,29 +151,3 @@ def test_sharegpt_turns_single_and_multi_turn(tmp_path, smollm2_tokenizer) -> No
     assert last.output_len == len(smollm2_tokenizer.encode(
         "fifteen sixteen seventeen eighteen nineteen", add_special_tokens=False))
 
-
-def test_a_post_is_sent_again_once_when_its_connection_was_gone() -> None:
-    """A kept-alive connection the server closed fails before the request is taken: sent once
-    more; a second failure is the request's error."""
-    import asyncio
-
-    import aiohttp
-
-    from benchmarks.load.client import _post
-
-    class Session:
-        def __init__(self, failures: int) -> None:
-            self.failures, self.calls = failures, 0
-
-        async def post(self, url: str, json: dict) -> str:
-            self.calls += 1
-            if self.calls <= self.failures:
-                raise aiohttp.ClientOSError(None, "Can not write request body")
-            return "response"
-
-    once = Session(failures=1)
-    assert asyncio.run(_post(once, "u", {})) == "response" and once.calls == 2  # type: ignore[arg-type]
-    twice = Session(failures=2)
-    with pytest.raises(aiohttp.ClientOSError):
-        asyncio.run(_post(twice, "u", {}))  # type: ignore[arg-type]
-    assert twice.calls == 2
