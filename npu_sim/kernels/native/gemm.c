@@ -157,7 +157,8 @@ static int takes(int fmt, int64_t m, int64_t k, int64_t n) {
 }
 
 /* out (m, n), row stride os = x (m, k), row stride xs, times w packed in format fmt (see
- * gemm_formats.h; k % 32 == 0 for the quantized ones), plus bias (or NULL), on up to
+ * gemm_formats.h; k % 32 == 0 for the quantized ones; XY_Q4_1_BF16 / XY_Q8_0_BF16, blocks read
+ * as bf16 with bf16 x, on AMX alone), plus bias (or NULL), on up to
  * num_threads threads; flags: XY_GEMM_BF16_ACTIVATIONS lets bf16 panels take vdpbf16ps where
  * the library has it. Returns 0, -1 when out of memory, -2 for a format or shape it does not
  * take (nothing written). */

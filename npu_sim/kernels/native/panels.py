@@ -9,7 +9,9 @@ Formats (layouts in gemm_formats.h), all with fp32 activations and fp32 accumula
   q8_0  GGUF Q8_0 blocks (~1.06 bytes a weight; the default model's embedding / LM head); any M
 The quantized formats are weight-only: decoded to fp32 in registers, the same floats gguf's
 dequantize gives, so a product differs from one on the dequantized fp32 weight by
-accumulation order alone. Their blocks come from npu_sim.kernels.quant (GGUF tensors, or an
+accumulation order alone. On AMX, q4_1 / q8_0 panels can also be read as the bf16 panels of the
+same weights (`as_bf16`: each decoded weight rounded to bf16 as torch rounds, x in bf16): the
+bf16 panels' products bit for bit, from a third or half of the bytes. Their blocks come from npu_sim.kernels.quant (GGUF tensors, or an
 fp32 weight that is exactly representable).
 """
 
