@@ -11,8 +11,8 @@ The quantized formats are weight-only: decoded to fp32 in registers, the same fl
 dequantize gives, so a product differs from one on the dequantized fp32 weight by
 accumulation order alone. On AMX, q4_1 / q8_0 panels can also be read as the bf16 panels of the
 same weights (`as_bf16`: each decoded weight rounded to bf16 as torch rounds, x in bf16): the
-bf16 panels' products bit for bit, from a third or half of the bytes. Their blocks come from npu_sim.kernels.quant (GGUF tensors, or an
-fp32 weight that is exactly representable).
+bf16 panels' products bit for bit, from a third or half of the bytes. Their blocks come from
+npu_sim.kernels.quant (GGUF tensors, or an fp32 weight that is exactly representable).
 """
 
 from __future__ import annotations
