@@ -23,8 +23,9 @@ NPU_WEIGHTS = ("auto", "bf16", "w8a16", "w4a16")
 Dtype = Literal["auto", "float32", "bfloat16"]
 # How the GEMM weights are held on the CPU: fp32, bf16 (rounded), gguf (each weight in the
 # Q4_1 / Q8_0 blocks it ships in: exact, a quarter to an eighth of the fp32 bytes), or gguf+bf16
-# (both: the blocks for a lone stream's steps, bf16 for larger ones); auto: the fastest this CPU
-# has, measured (engine.platform)
+# (bf16 rounded from the blocks; a lone stream's steps read the blocks, and on AMX so do decode
+# batches, as the bf16 weights: npu_sim.kernels.gemm.PackedWeight.with_small); auto: the
+# fastest this CPU has, measured (engine.platform)
 WeightFormat = Literal["auto", "fp32", "bf16", "gguf", "gguf+bf16"]
 WEIGHT_FORMATS = ("auto", "fp32", "bf16", "gguf", "gguf+bf16")
 BF16_WEIGHT_FORMATS = ("bf16", "gguf+bf16")  # the formats that round the weights to bf16

@@ -111,9 +111,10 @@ def add_serve_parser(subparsers: Any) -> None:
                    choices=WEIGHT_FORMATS,
                    help="GEMM weights on the CPU: fp32, bf16 (rounded), gguf (each weight in the "
                         "Q4_1 / Q8_0 blocks the model's GGUF ships, decoded inside the GEMM: "
-                        "the same math as fp32, a fraction of the bytes), gguf+bf16 (the "
-                        "blocks for a lone stream's steps, bf16 for larger ones); auto: the "
-                        "fastest, measured (default: %(default)s)")
+                        "the same math as fp32, a fraction of the bytes), gguf+bf16 (bf16 "
+                        "rounded from the blocks, which a lone stream's steps read, and on AMX "
+                        "decode batches too, as those bf16 weights); auto: the fastest, "
+                        "measured (default: %(default)s)")
     e.add_argument("--kv-cache-dtype", default=_default(EngineConfig, "kv_cache_dtype"),
                    choices=KV_CACHE_DTYPES,
                    help="the paged KV cache's dtype; 16-bit halves its memory and traffic "
