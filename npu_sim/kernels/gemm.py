@@ -99,6 +99,13 @@ class PackedWeight:
         lean.__dict__.update(self.__dict__, _weight=None, quantized=None)
         return lean
 
+    def panels_for(self, rows: int) -> native.Panels | None:
+        """The panels a product of `rows` rows reads (replay.py hands the same rule to the C
+        decoder: decoder.c's pick)."""
+        if rows <= self.small_rows:
+            return self.small
+        return self.mid if rows <= self.mid_rows else self.panels
+
     def with_small(self, small: PackedWeight, rows: int,
                    rounded_from_small: bool = False) -> PackedWeight:
         """This weight, products of at most `rows` rows taken by `small`'s panels (the same
@@ -160,9 +167,7 @@ def run_gemm(kernel: GemmKernel, strict: bool, x: torch.Tensor, w: torch.Tensor 
         if not isinstance(w, PackedWeight):
             result = F.linear(x, w, bias)
         else:  # the panel GEMM where it takes x, else oneDNN, else ATen on the plain weight
-            # (0 rows: no small, no mid)
-            panels = (w.small if kernel.m <= w.small_rows else
-                      w.mid if kernel.m <= w.mid_rows else w.panels)
+            panels = w.panels_for(kernel.m)
             result = None if panels is None else native.gemm(x, panels, bias, out=out)
             if result is not None:
                 return result

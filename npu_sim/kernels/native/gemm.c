@@ -156,6 +156,13 @@ static int takes(int fmt, int64_t m, int64_t k, int64_t n) {
 #endif
 }
 
+/* Whether gemm_bf16_dot.h takes the product: blocks read as bf16 always, bf16 panels where
+ * the caller allows bf16 activations and the library multiplies them natively. */
+static int on_bf16_dot(int fmt, int flags) {
+    return fmt >= XY_Q4_1_BF16 || (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS)
+                                   && XY_HAVE_BF16_DOT);
+}
+
 /* out (m, n), row stride os = x (m, k), row stride xs, times w packed in format fmt (see
  * gemm_formats.h; k % 32 == 0 for the quantized ones; XY_Q4_1_BF16 / XY_Q8_0_BF16, blocks read
  * as bf16 with bf16 x, on AMX alone), plus bias (or NULL), on up to
@@ -170,9 +177,7 @@ int xy_gemm_packed(int fmt, const float *x, int64_t xs, const void *panels, cons
     if (num_threads > num_panels / 4) num_threads = (int)(num_panels / 4);  /* >= 4 panels each */
     if (num_threads < 1) num_threads = 1;
     gemm_job job = {fmt, panels, panel_bytes(fmt, k), x, xs, bias, n, k, m, out, os};
-    if (fmt >= XY_Q4_1_BF16 || (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS)
-                                && XY_HAVE_BF16_DOT))
-        return gemm_bf16_dot(&job, num_threads);
+    if (on_bf16_dot(fmt, flags)) return gemm_bf16_dot(&job, num_threads);
     void (*fn)(const gemm_job *, int64_t) = panel_fns[fmt];
     if (num_threads == 1) {  /* no parallel region: a small product on one thread */
         for (int64_t p = 0; p < num_panels; p++) fn(&job, p);
@@ -199,9 +204,7 @@ int xy_gemm_panels(int fmt, const float *x, int64_t xs, const void *panels, cons
                    int64_t p0, int64_t p1) {
     if (!takes(fmt, m, k, n)) return -2;
     gemm_job job = {fmt, panels, panel_bytes(fmt, k), x, xs, bias, n, k, m, out, os};
-    if (fmt >= XY_Q4_1_BF16 || (fmt == XY_BF16 && (flags & XY_GEMM_BF16_ACTIVATIONS)
-                                && XY_HAVE_BF16_DOT))
-        return gemm_bf16_dot_panels(&job, p0, p1);
+    if (on_bf16_dot(fmt, flags)) return gemm_bf16_dot_panels(&job, p0, p1);
     for (int64_t p = p0; p < p1; p++) panel_fns[fmt](&job, p);
     return 0;
 }

@@ -68,11 +68,6 @@ static const int16_t Q8_PAIR_WORDS[32] __attribute__((aligned(64))) = {
     0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
-/* Every 4-bit q as a float, picked by the low 4 bits of a lane (vpermps reads no more): a
- * nibble widened to fp32 by a permute instead of a mask and a conversion, off the port that
- * the conversions and multiply-adds queue on (the tiles' decoding bounds a step). */
-#define NIBBLE_VALUES _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-
 /* One Q4_1 block of a panel (32 k x 16 columns) as the XY_BF16 panel's B tile holds the same
  * weights: each d * q + m (one rounding, as gemm_formats.h decodes it) rounded to the nearest
  * bf16, even on ties (vcvtne2ps2bf16, as the bf16 panels were rounded), in pairs along k. The
@@ -126,7 +121,7 @@ static inline AI void q8_0_tile(const uint8_t *blk, uint32_t *tile) {
 static inline AI const uint32_t *b_tile(int fmt, const uint8_t *panel, int64_t i,
                                         uint32_t *scratch) {
     if (fmt == XY_BF16) return (const uint32_t *)panel + i * NR;
-    int64_t block_bytes = fmt == XY_Q4_1_BF16 ? 4 * NR + QK * NR / 2 : 2 * NR + QK * NR;
+    int64_t block_bytes = fmt == XY_Q4_1_BF16 ? Q4_1_BLOCK_BYTES : Q8_0_BLOCK_BYTES;
     const uint8_t *blk = panel + i / AMX_PAIRS * block_bytes;
     prefetch_lines(blk, block_bytes);
     if (fmt == XY_Q4_1_BF16)

@@ -33,6 +33,12 @@ enum { XY_Q4_1_BF16 = 4, XY_Q8_0_BF16 = 5 };
 #define NR 16      /* panel width: output columns per tile (two 8-lane vectors) */
 #define QK 32      /* weights per Q4_1 / Q8_0 block along k */
 #define PREFETCH_BYTES 8192  /* how far ahead in the panel stream lines are fetched into L2 */
+#define Q4_1_BLOCK_BYTES (4 * NR + QK * NR / 2)  /* a panel's 32 k of Q4_1: d, m, nibbles */
+#define Q8_0_BLOCK_BYTES (2 * NR + QK * NR)      /* a panel's 32 k of Q8_0: d, bytes */
+/* Every 4-bit q as a float, for a permute by a lane's low 4 bits (vpermps reads no more): a
+ * nibble widened to fp32 without a mask and a conversion, off the port the conversions and
+ * multiply-adds queue on (AVX-512 walkers: gemm_row1_zmm.h, gemm_amx.h) */
+#define NIBBLE_VALUES _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 
 /* Bytes of one panel of k rows in format fmt (each format's k-group is whole: quantized
  * formats take k % 32 == 0). */
@@ -40,8 +46,8 @@ static inline int64_t panel_bytes(int fmt, int64_t k) {
     switch (fmt) {
     case XY_F32: return k * NR * 4;
     case XY_BF16: return (k + 1) / 2 * NR * 4;
-    case XY_Q4_1: case XY_Q4_1_BF16: return k / QK * (4 * NR + QK * NR / 2);
-    default: return k / QK * (2 * NR + QK * NR);
+    case XY_Q4_1: case XY_Q4_1_BF16: return k / QK * Q4_1_BLOCK_BYTES;
+    default: return k / QK * Q8_0_BLOCK_BYTES;
     }
 }
 
@@ -125,10 +131,9 @@ static inline AI void walk_bf16(const uint32_t *panel, int64_t k0, int64_t k1, c
 /* k0 and k1 are multiples of 32. */
 static inline AI void walk_q4_1(const uint8_t *panel, int64_t k0, int64_t k1, const sink_t *s,
                                 int mr) {
-    const int64_t block_bytes = 4 * NR + QK * NR / 2;
     for (int64_t k = k0; k < k1; k += QK) {
-        const uint8_t *blk = panel + k / QK * block_bytes;
-        prefetch_lines(blk, block_bytes);
+        const uint8_t *blk = panel + k / QK * Q4_1_BLOCK_BYTES;
+        prefetch_lines(blk, Q4_1_BLOCK_BYTES);
         const uint16_t *dm = (const uint16_t *)blk;
         v8 d0 = halves8(dm), d1 = halves8(dm + 8), m0 = halves8(dm + 16), m1 = halves8(dm + 24);
         const uint8_t *q = blk + 4 * NR;
@@ -145,10 +150,9 @@ static inline AI void walk_q4_1(const uint8_t *panel, int64_t k0, int64_t k1, co
 /* k0 and k1 are multiples of 32. */
 static inline AI void walk_q8_0(const uint8_t *panel, int64_t k0, int64_t k1, const sink_t *s,
                                 int mr) {
-    const int64_t block_bytes = 2 * NR + QK * NR;
     for (int64_t k = k0; k < k1; k += QK) {
-        const uint8_t *blk = panel + k / QK * block_bytes;
-        prefetch_lines(blk, block_bytes);
+        const uint8_t *blk = panel + k / QK * Q8_0_BLOCK_BYTES;
+        prefetch_lines(blk, Q8_0_BLOCK_BYTES);
         v8 d0 = halves8((const uint16_t *)blk), d1 = halves8((const uint16_t *)blk + 8);
         const int8_t *q = (const int8_t *)(blk + 2 * NR);
         for (int kk = 0; kk < QK; kk += UNROLL)

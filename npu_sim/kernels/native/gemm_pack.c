@@ -42,7 +42,7 @@ void xy_pack_panels_bf16(const uint16_t *w, int64_t n, int64_t k, uint32_t *pane
 /* GGUF Q4_1 blocks (n, k / 32) of 20 bytes (fp16 d, fp16 m, 16 bytes: weight i < 16 in the low
  * nibble of byte i, weight 16 + i in its high nibble) into XY_Q4_1 panels. */
 void xy_pack_q4_1(const uint8_t *blocks, int64_t n, int64_t k, uint8_t *panels) {
-    const int64_t src_bytes = 20, dst_bytes = 4 * NR + QK * NR / 2, nb = k / QK;
+    const int64_t src_bytes = 20, dst_bytes = Q4_1_BLOCK_BYTES, nb = k / QK;
     for (int64_t p = 0; p * NR < n; p++)
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *dst = panels + (p * nb + b) * dst_bytes;
@@ -61,7 +61,7 @@ void xy_pack_q4_1(const uint8_t *blocks, int64_t n, int64_t k, uint8_t *panels) 
 
 /* GGUF Q8_0 blocks (n, k / 32) of 34 bytes (fp16 d, 32 int8) into XY_Q8_0 panels. */
 void xy_pack_q8_0(const uint8_t *blocks, int64_t n, int64_t k, uint8_t *panels) {
-    const int64_t src_bytes = 34, dst_bytes = 2 * NR + QK * NR, nb = k / QK;
+    const int64_t src_bytes = 34, dst_bytes = Q8_0_BLOCK_BYTES, nb = k / QK;
     for (int64_t p = 0; p * NR < n; p++)
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *dst = panels + (p * nb + b) * dst_bytes;

@@ -46,13 +46,12 @@ static inline AI __m512 sets_sum(const __m512 *acc, int n) {
 
 /* The row's 16 sums of a Q4_1 panel of k weights (k % 32 == 0) into out16. */
 static inline AI void row1_q4_1(const uint8_t *panel, int64_t k, const float *x, float *out16) {
-    const int64_t block_bytes = 4 * NR + QK * NR / 2;
-    const __m512 nibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 nibbles = NIBBLE_VALUES;
     __m512 lo[4], hi[4];
     for (int s = 0; s < 4; s++) lo[s] = hi[s] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < k; k0 += QK) {
-        const uint8_t *blk = panel + k0 / QK * block_bytes;
-        prefetch_lines(blk, block_bytes);
+        const uint8_t *blk = panel + k0 / QK * Q4_1_BLOCK_BYTES;
+        prefetch_lines(blk, Q4_1_BLOCK_BYTES);
         const uint16_t *dm = (const uint16_t *)blk;
         __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dm));
         __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + 16)));
@@ -64,7 +63,6 @@ static inline AI void row1_q4_1(const uint8_t *panel, int64_t k, const float *x,
             for (int j = 0; j < 8; j++) {  /* rows 2j and 2j + 1 of this half */
                 __m512i b = _mm512_cvtepu8_epi32(
                     _mm_loadu_si128((const __m128i *)(q + (16 * half + 2 * j) * 8)));
-                /* (a nibble as a float: a permute of its values by the lane's low 4 bits) */
                 __m512 w_lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, nibbles), d_lo, m_lo);
                 __m512 w_hi = _mm512_fmadd_ps(
                     _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), nibbles), d_hi, m_hi);
@@ -82,12 +80,11 @@ static inline AI void row1_q4_1(const uint8_t *panel, int64_t k, const float *x,
 
 /* The row's 16 sums of a Q8_0 panel of k weights (k % 32 == 0) into out16. */
 static inline AI void row1_q8_0(const uint8_t *panel, int64_t k, const float *x, float *out16) {
-    const int64_t block_bytes = 2 * NR + QK * NR;
     __m512 acc[8];
     for (int s = 0; s < 8; s++) acc[s] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < k; k0 += QK) {
-        const uint8_t *blk = panel + k0 / QK * block_bytes;
-        prefetch_lines(blk, block_bytes);
+        const uint8_t *blk = panel + k0 / QK * Q8_0_BLOCK_BYTES;
+        prefetch_lines(blk, Q8_0_BLOCK_BYTES);
         __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
         const int8_t *q = (const int8_t *)(blk + 2 * NR);
 #pragma GCC unroll 32

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from npu_sim.kernels.native import lib
+from npu_sim.kernels.native import amx_granted, lib
 
 FORMATS = {"fp32": 0, "bf16": 1, "q4_1": 2, "q8_0": 3}  # gemm_formats.h's XY_* codes
 # q4_1 / q8_0 blocks read as the bf16 panels of the same weights (AMX alone: as_bf16)
@@ -92,8 +92,6 @@ def as_bf16(blocks: Panels) -> Panels | None:
     weight rounded to the nearest bf16, even on ties, as torch rounds; x rounded to bf16 too):
     a `gemm` bit for bit the bf16 panels' on AMX tiles, reading a third (q4_1) or half (q8_0)
     of the bytes. The same storage; None where AMX is not granted or the format is another."""
-    from npu_sim.kernels.native import amx_granted  # (beside lib(), which this module needs)
-
     if blocks.fmt not in BLOCKS_AS_BF16 or not amx_granted():
         return None
     view = Panels.__new__(Panels)
