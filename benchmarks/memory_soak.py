@@ -1,5 +1,6 @@
 """Resident memory of a running server before and after many mixed requests, read from its own
-`process_resident_memory_bytes` on /metrics (HTTP only, like every benchmark).
+`process_resident_memory_bytes` (+ `xyserve:engine_process_resident_memory_bytes`, its engine
+process's) on /metrics (HTTP only, like every benchmark).
 
     make serve &                                    # or any `xyserve serve`
     .venv/bin/python -m benchmarks.memory_soak --requests 10000 --big-bodies 20
@@ -38,10 +39,15 @@ MiB = 1 << 20
 
 
 async def resident_mib(client: httpx.AsyncClient) -> float:
+    """The front end's resident set plus the engine process's, where it has one."""
+    total = None
     for line in (await client.get("/metrics")).text.splitlines():
-        if line.startswith("process_resident_memory_bytes "):
-            return float(line.split()[1]) / MiB
-    raise SystemExit("the server exports no process_resident_memory_bytes")
+        if line.startswith(("process_resident_memory_bytes ",
+                            "xyserve:engine_process_resident_memory_bytes ")):
+            total = (total or 0.0) + float(line.split()[1]) / MiB
+    if total is None:
+        raise SystemExit("the server exports no process_resident_memory_bytes")
+    return total
 
 
 async def mixed_call(client: httpx.AsyncClient, model: str, seed: int, tally: Counter[str]

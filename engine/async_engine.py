@@ -1,14 +1,16 @@
 """AsyncEngine: the asyncio face of EngineCore, for the HTTP server.
 
-One engine thread owns the EngineCore and runs its loop (torch releases the GIL, so the event
-loop keeps answering /health and /metrics under full load). The event loop talks to it through:
+The engine loop (engine.engine_loop) owns the EngineCore and steps it, on a thread of this
+process (`AsyncEngine(core)`) or in a process of its own (`AsyncEngine.in_subprocess(config)`,
+what `xyserve serve` runs: engine.core_process says why). The event loop talks to it through:
 
-- the intake: a thread-safe queue of commands (add, abort), drained before every step, so
-  requests enter the scheduler only between steps;
-- one mailbox per request, filled on the event loop (via `call_soon_threadsafe`) and drained by
-  its RequestStream. A mailbox holds at most one output: a delta that arrives before the consumer
-  took the previous one is merged into it (vLLM's RequestOutputCollector), so a client that reads
-  slower than the engine writes costs one pending delta, never a growing queue.
+- commands (add, abort), drained before every step, so requests enter the scheduler only
+  between steps;
+- one mailbox per request, filled on the event loop (via `call_soon_threadsafe`) from the loop's
+  events and drained by its RequestStream. A mailbox holds at most one output: a delta that
+  arrives before the consumer took the previous one is merged into it (vLLM's
+  RequestOutputCollector), so a client that reads slower than the engine writes costs one
+  pending delta, never a growing queue.
 
 A client that goes away cancels its `generate()` task; the cancellation aborts the request, and its
 KV blocks are freed before the next step. If the engine loop dies, every open request and every
@@ -20,24 +22,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Protocol
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.engine_loop import (
+    Abort,
+    AbortAll,
+    Add,
+    Admitted,
+    Command,
+    Compile,
+    Compiled,
+    Deliver,
+    Died,
+    Event,
+    Stepped,
+    Stop,
+    WarmUpGrammars,
+    run_engine_loop,
+)
 from engine.mailbox import Mailbox
 from engine.outputs import EngineInfo, RequestOutput
-from engine.request import FinishReason, RequestRejected, SamplingParams
+from engine.request import RequestRejected, SamplingParams
 from engine.stats import IterationStats, SchedulerStats
 
 logger = logging.getLogger("xyserve")
 
 StatLogger = Callable[[SchedulerStats, IterationStats], None]
-IDLE_POLL_S = 0.05  # wall seconds the idle engine thread waits on the intake before rechecking
 
 
 class EngineDeadError(RuntimeError):
@@ -52,71 +71,128 @@ class AdmissionClosedError(RuntimeError):
     """The engine takes no new requests (the server is shutting down); the open ones go on."""
 
 
-@dataclass(frozen=True)
-class _Add:
-    request_id: str  # the engine id
-    prompt_token_ids: list[int]  # tokenized prompt
-    params: SamplingParams  # sampling and stopping
-    arrival_time: float  # time.monotonic() when accepted
+class LoopHost(Protocol):
+    """Where the engine loop runs: a thread (ThreadHost) or a process (core_process)."""
+
+    info: EngineInfo  # the engine's
+    config: EngineConfig  # the engine's (resolved)
+    initial_stats: SchedulerStats  # before its first step
+    pid: int | None  # the process the loop runs in; None: this one
+
+    def start(self, on_event: Callable[[Event], None]) -> None:
+        """Start the loop; `on_event` is called with each of its events, in order, on one
+        thread that is not the event loop's."""
+
+    def send(self, command: Command) -> None:
+        """Queue a command (thread-safe; dropped once the loop is gone)."""
+
+    def join(self) -> None:
+        """Block until the loop has ended (after Stop, or its death)."""
+
+    def is_alive(self) -> bool:
+        """The loop runs."""
 
 
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str  # the engine id
+class ThreadHost:
+    """The engine loop on a thread of this process (torch releases the GIL in the kernels, so
+    the event loop keeps answering meanwhile)."""
 
+    def __init__(self, core: EngineCore) -> None:
+        self._core = core  # touched by the engine thread only, after start()
+        self.info = core.info
+        self.config = core.config
+        self.initial_stats = core.make_stats()
+        self.pid = None
+        self._intake: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
-@dataclass(frozen=True)
-class _AbortAll:
-    """Finish every unfinished request with finish_reason "abort" (shutdown deadline)."""
+    def start(self, on_event: Callable[[Event], None]) -> None:
+        self._thread = threading.Thread(target=run_engine_loop, name="xyserve-engine",
+                                        args=(self._core, self._next, on_event), daemon=True)
+        self._thread.start()
+
+    def _next(self, block: bool) -> Command | None:
+        try:
+            return self._intake.get() if block else self._intake.get_nowait()
+        except queue.Empty:
+            return None
+
+    def send(self, command: Command) -> None:
+        self._intake.put(command)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
 
 class AsyncEngine:
-    """Runs an EngineCore on its own thread; `generate()` streams each request's outputs."""
+    """Runs the engine loop beside the event loop; `generate()` streams each request's
+    outputs."""
 
-    def __init__(self, core: EngineCore, max_waiting_requests: int | None = None,
+    def __init__(self, core: EngineCore | LoopHost, max_waiting_requests: int | None = None,
                  stat_loggers: Sequence[StatLogger] = ()) -> None:
-        self._core = core  # touched by the engine thread only, after start()
+        """core: an EngineCore (its loop runs on a thread of this process) or a started
+        LoopHost (engine.core_process.ProcessHost)."""
+        self._host: LoopHost = ThreadHost(core) if isinstance(core, EngineCore) else core
         self.max_waiting_requests = max_waiting_requests  # None = unbounded
-        # Called on the engine thread after every step; must be quick and thread-safe.
+        # Called after every step, on the thread that hears the loop; quick and thread-safe.
         self.stat_loggers = list(stat_loggers)
-        self._intake: queue.SimpleQueue[_Add | _Abort | _AbortAll | None] = queue.SimpleQueue()
         self._mailboxes: dict[str, Mailbox] = {}  # open requests (event-loop side)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._started = False
         self._dead: EngineDeadError | None = None  # why the engine loop stopped, once it has
         self._admission_closed: str | None = None  # why new requests are refused, once they are
-        self._num_unadmitted = 0  # adds sent to the intake, not yet in the scheduler
-        self._stats = core.make_stats()  # refreshed by the engine thread every step
+        self._num_unadmitted = 0  # adds sent to the loop, not yet in the scheduler
+        self._stats = self._host.initial_stats  # refreshed by the loop's events
+        self._tickets = itertools.count()
+        self._compiling: dict[int, asyncio.Future[None]] = {}  # grammar compiles awaited
+
+    @classmethod
+    def in_subprocess(cls, config: EngineConfig, max_waiting_requests: int | None = None,
+                      process_setup: Callable[[], None] | None = None) -> AsyncEngine:
+        """An engine whose loop runs in a process of its own, its model loaded there (blocks
+        until loaded). process_setup: called first in that process (picklable: logging).
+        Raises as EngineCore.load does (ModelLoadError, ValueError)."""
+        from engine.core_process import ProcessHost
+
+        return cls(ProcessHost(config, process_setup), max_waiting_requests)
 
     @property
     def info(self) -> EngineInfo:
         """The model served, its limits and its tokenizer."""
-        return self._core.info
+        return self._host.info
 
     @property
     def config(self) -> EngineConfig:
-        return self._core.config
+        return self._host.config
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's id (its memory and CPU are its own); None: it runs in this
+        process."""
+        return self._host.pid
 
     # ------------------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will call generate()."""
+        """Start the engine loop; call from the event loop that will call generate()."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="xyserve-engine", daemon=True)
-        self._thread.start()
+        self._host.start(self._on_event)
+        self._started = True
 
     async def shutdown(self) -> None:
-        """Stop the engine thread (in-flight requests end with an error)."""
-        self._stopping.set()
-        self._intake.put(None)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        """Stop the engine loop (in-flight requests end with an error)."""
+        self._host.send(Stop())
+        if self._started:
+            await asyncio.to_thread(self._host.join)
 
     @property
     def is_alive(self) -> bool:
         """The engine loop runs (and has not failed)."""
-        return self._dead is None and self._thread is not None and self._thread.is_alive()
+        return self._dead is None and self._started and self._host.is_alive()
 
     def close_admission(self, reason: str) -> None:
         """Refuse new requests from now on (AdmissionClosedError); open ones go on."""
@@ -135,22 +211,30 @@ class AsyncEngine:
     def abort_all(self) -> None:
         """Finish every unfinished request with finish_reason "abort" before the next step; each
         open stream gets that as its last output."""
-        self._intake.put(_AbortAll())
+        self._host.send(AbortAll())
 
     def warm_up_grammars(self) -> None:
         """Build the structured-output compiler's tokenizer tables in the background now
         (~1 s), rather than when the first constrained request comes (no-op without a
         tokenizer)."""
-        if self._core.info.tokenizer is not None:
-            self._core.grammar_compiler().warm_up()
+        if self.info.tokenizer is not None:
+            self._host.send(WarmUpGrammars())
 
     async def compile_grammar(self, params: SamplingParams) -> None:
-        """Compile params.structured_outputs on a worker thread (cached), so the engine loop
+        """Compile params.structured_outputs into the engine's cache, off its loop, so the loop
         finds it compiled when the request is queued. Raises RequestRejected, naming the field,
-        when it cannot be compiled."""
-        if params.structured_outputs is not None:
-            compiler = self._core.grammar_compiler()
-            await asyncio.to_thread(compiler.compile, params.structured_outputs)
+        when it cannot be compiled; EngineDeadError when the loop is gone."""
+        if params.structured_outputs is None:
+            return
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        ticket = next(self._tickets)
+        done = self._compiling[ticket] = asyncio.get_running_loop().create_future()
+        self._host.send(Compile(ticket, params.structured_outputs))
+        try:
+            await done
+        finally:
+            self._compiling.pop(ticket, None)
 
     @property
     def stats(self) -> SchedulerStats:
@@ -203,7 +287,7 @@ class AsyncEngine:
         if self._dead is not None:  # died since the admission check: fail it, never hang
             mailbox.put(EngineDeadError(str(self._dead)))
         self._num_unadmitted += 1
-        self._intake.put(_Add(request_id, prompt_token_ids, params, time.monotonic()))
+        self._host.send(Add(request_id, prompt_token_ids, params, time.monotonic()))
         return RequestStream(self, request_id, mailbox)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
@@ -222,84 +306,31 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown or finished)."""
-        self._intake.put(_Abort(request_id))
+        self._host.send(Abort(request_id))
 
-    # --------------------------------------------------------------------------- engine thread
+    # -------------------------------------------------------------- the engine loop's events
 
-    def _run(self) -> None:
-        if self._core.config.pin_threads:
-            from engine import platform  # torch: only once an engine thread runs
-
-            if platform.pin_kernel_threads():
-                logger.info("kernel threads pinned, one per CPU")
-        try:
-            while not self._stopping.is_set():
-                aborted = self._drain_intake(block=not self._core.has_unfinished_requests())
-                # An abort that left the engine idle still gets a (empty) step, so its stats
-                # reach the stat loggers now rather than with the next request.
-                if self._core.has_unfinished_requests() or aborted:
-                    self._step()
-        except BaseException as exc:
-            logger.exception("engine loop died")
-            self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
-            return
-        self._fail_all(EngineDeadError("the engine is shutting down"))
-
-    def _drain_intake(self, block: bool) -> bool:
-        """Run the queued commands; returns whether any was an abort."""
-        aborted = False
-        try:
-            command = self._intake.get(timeout=IDLE_POLL_S) if block else self._intake.get_nowait()
-            while True:
-                if isinstance(command, _Add):
-                    self._add(command)
-                elif isinstance(command, _Abort):
-                    self._core.abort_requests([command.request_id])
-                    aborted = True
-                elif isinstance(command, _AbortAll):
-                    self._abort_all()
-                    aborted = True
-                command = self._intake.get_nowait()
-        except queue.Empty:
-            pass
-        self._stats = self._core.make_stats()
-        return aborted
-
-    def _add(self, command: _Add) -> None:
-        self._call_on_loop(self._admitted)
-        try:
-            self._core.add_request(command.request_id, command.prompt_token_ids, command.params,
-                                  command.arrival_time)
-        except ValueError as exc:
-            self._deliver(command.request_id, exc)
+    def _on_event(self, event: Event) -> None:
+        """One event of the loop, on the thread that hears it (not the event loop's)."""
+        if isinstance(event, Stepped):
+            self._stats = event.stats
+            # Stats first: a client holding its final output finds it counted in /metrics.
+            if event.iteration_stats is not None:
+                for stat_logger in self.stat_loggers:
+                    stat_logger(event.stats, event.iteration_stats)
+            if event.outputs:  # one wake-up of the event loop per step, not one per request
+                self._call_on_loop(self._put_all, event.outputs)
+        elif isinstance(event, Admitted):
+            self._call_on_loop(self._admitted)
+        elif isinstance(event, Deliver):
+            self._call_on_loop(self._put, event.request_id, event.item)
+        elif isinstance(event, Compiled):
+            self._call_on_loop(self._compiled, event.ticket, event.error)
+        elif isinstance(event, Died):
+            self._fail_all(EngineDeadError(event.message))
 
     def _admitted(self) -> None:
         self._num_unadmitted -= 1
-
-    def _abort_all(self) -> None:
-        requests = self._core.unfinished_requests()
-        self._core.abort_requests([request_id for request_id, _, _ in requests])
-        for request_id, num_prompt_tokens, num_output_tokens in requests:
-            self._deliver(request_id, RequestOutput(
-                request_id=request_id, new_token_ids=(), new_text="", new_logprobs=None,
-                finish_reason=FinishReason.ABORT, num_prompt_tokens=num_prompt_tokens,
-                num_output_tokens=num_output_tokens))
-        if requests:
-            logger.warning("aborted %d unfinished requests", len(requests))
-
-    def _step(self) -> None:
-        outputs = self._core.step()
-        self._stats = self._core.make_stats()
-        # Stats first: a client holding its final output finds it counted in /metrics.
-        iteration_stats = self._core.last_stats
-        if iteration_stats is not None:
-            for stat_logger in self.stat_loggers:
-                stat_logger(self._stats, iteration_stats)
-        if outputs:  # one wake-up of the event loop per step, not one per request
-            self._call_on_loop(self._put_all, outputs)
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        self._call_on_loop(self._put, request_id, item)
 
     def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
         mailbox = self._mailboxes.get(request_id)
@@ -310,6 +341,15 @@ class AsyncEngine:
         for output in outputs:
             self._put(output.request_id, output)
 
+    def _compiled(self, ticket: int, error: BaseException | None) -> None:
+        done = self._compiling.get(ticket)
+        if done is None or done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
     def _call_on_loop(self, fn: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
         # RuntimeError: the event loop is closed, so nobody is listening any more.
@@ -319,16 +359,20 @@ class AsyncEngine:
     def _close_stream(self, request_id: str, finished: bool) -> None:
         self._mailboxes.pop(request_id, None)
         if not finished:  # cancelled or closed early: free its blocks before the next step
-            self._intake.put(_Abort(request_id))
+            self._host.send(Abort(request_id))
 
     def _fail_all(self, exc: EngineDeadError) -> None:
-        """Engine thread, as it stops: every open request (and every later one) fails."""
+        """As the loop stops: every open request (and every later one) fails."""
         self._dead = exc  # add_request() sees this from now on
         self._call_on_loop(self._fail_mailboxes)  # runs after any add_request before it
 
     def _fail_mailboxes(self) -> None:
+        assert self._dead is not None
         for mailbox in self._mailboxes.values():
             mailbox.put(EngineDeadError(str(self._dead)))
+        for done in self._compiling.values():
+            if not done.done():
+                done.set_exception(EngineDeadError(str(self._dead)))
 
 
 class RequestStream:

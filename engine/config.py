@@ -148,7 +148,7 @@ class EngineConfig:
     seed: int = 0  # seed of the sampler's shared RNG (requests without their own seed)
     threads: int | None = None  # CPU threads of the engine's kernels (torch's and the native
     #   ones' OpenMP team); None = the cores this process may use (its CPU affinity)
-    pin_threads: bool = True  # the server's engine thread pins its kernel threads one per CPU
+    pin_threads: bool = True  # the server's engine loop pins its kernel threads one per CPU
     #   (where there is a thread per usable CPU: engine.platform.pin_kernel_threads)
     strict_kernels: bool = False  # run every kernel task by task (reference path); slow
     npu: str = DEFAULT_NPU  # simulated chip: a preset (910b1..910b4) or a JSON / YAML chip file

@@ -42,7 +42,7 @@ def usable_cores() -> int:
 def pin_kernel_threads() -> bool:
     """Pin the calling thread's kernel threads (its OpenMP team of torch.get_num_threads()) one
     per CPU, where that is one thread per CPU the thread may use (npu_sim.kernels.native.
-    pin_team); the server's engine thread calls it before its first step. Returns whether they
+    pin_team); the server's engine loop calls it before its first step. Returns whether they
     were pinned."""
     from npu_sim.kernels import native
 

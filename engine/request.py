@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +172,14 @@ class SamplingParams:
                self.min_tokens, "must not exceed max_tokens")
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled to the engine process (engine.core_process): a MappingProxyType does not
+        # pickle, so the fields travel as keyword arguments (logit_bias a dict) and
+        # __post_init__ checks them again there.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["logit_bias"] = dict(self.logit_bias)
+        return (_sampling_params, (values,))
+
     def for_choice(self, index: int) -> SamplingParams:
         """The params of choice `index` of n, each its own request: when seeded, seed + index
         (wrapping around within the 64-bit range), so the choices differ while a seeded call
@@ -190,6 +198,10 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+
+def _sampling_params(values: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**values)
 
 
 def _check(ok: bool, name: str, value: object, why: str) -> None:

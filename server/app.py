@@ -31,19 +31,21 @@ logger = logging.getLogger("xyserve")
 
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    """The OpenAI-compatible app. Its lifespan starts the engine thread on the server's event
-    loop and stops it on shutdown (in-flight requests then end with an error)."""
+    """The OpenAI-compatible app. Its lifespan starts the engine loop (a thread, or its
+    process's) beside the server's event loop and stops it on shutdown (in-flight requests then
+    end with an error)."""
     info = engine.info
     model = ModelInfo(name=config.served_model_name or info.model_name, root=info.model_name,
                       max_model_len=info.max_model_len, vocab_size=info.arch.vocab_size,
                       created=int(time.time()))
-    # Metrics are recorded from the engine's per-step stats: a stat logger on the engine thread.
+    # Metrics are recorded from the engine's per-step stats: a stat logger of the AsyncEngine.
     cache = engine.config.cache
     server_metrics = ServerMetrics(
         model.name, lambda: engine.stats, engine.config.speculative_config, info.max_model_len,
         cache_config={"block_size": str(info.block_size), "num_gpu_blocks": str(info.num_kv_blocks),
                       "cache_dtype": info.kv_cache_dtype,
-                      "enable_prefix_caching": str(cache.enable_prefix_caching)})
+                      "enable_prefix_caching": str(cache.enable_prefix_caching)},
+        engine_pid=engine.engine_pid)
     engine.stat_loggers.append(server_metrics.record)
     if config.log_stats_interval_s > 0:
         engine.stat_loggers.append(StatsLogLine(config.log_stats_interval_s))

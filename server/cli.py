@@ -9,6 +9,7 @@ register themselves through `add_<name>_parser(subparsers)` and a `func` default
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -219,24 +220,25 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from engine.arch import ModelLoadError
     from engine.async_engine import AsyncEngine
-    from engine.core import EngineCore
     from engine.platform import limit_malloc_arenas
     from server.app import build_app
     from server.auth import redact_in_logs
     from server.connections import ConnectionLimits, guarded_protocol
     from server.shutdown import DrainingServer
 
-    limit_malloc_arenas()  # before the loader's and OpenMP's threads take heaps of their own
-    try:
-        core = _build_off_main_thread(EngineCore.load, engine_config)
-    except (ModelLoadError, ValueError) as exc:
+    limit_malloc_arenas()  # the front end's threads (uvicorn's, workers) share two heaps
+    try:  # the engine loop runs in a process of its own: engine.core_process says why
+        engine = AsyncEngine.in_subprocess(
+            engine_config, server_config.max_waiting_requests,
+            process_setup=functools.partial(configure, server_config.log_level,
+                                            server_config.log_format))
+    except (ModelLoadError, ValueError, RuntimeError) as exc:  # (RuntimeError: it died)
         logger.error("cannot start the engine: %s", exc)
         listener.close()
         return 1
-    engine = AsyncEngine(core, server_config.max_waiting_requests)
     app = build_app(engine, server_config)
     block_size = engine_config.cache.block_size
-    info = core.info
+    info = engine.info
     logger.info("model %s (served as %s), max_model_len %d tokens", info.model_name,
                 server_config.served_model_name or info.model_name, info.max_model_len)
     logger.info("KV cache: %d blocks x %d tokens = %d tokens", info.num_kv_blocks, block_size,
@@ -260,22 +262,6 @@ def run_serve(args: argparse.Namespace) -> int:
     DrainingServer(uvicorn_config, engine, server_config.shutdown_timeout_s).run(
         sockets=[listener])
     return 0
-
-
-def _build_off_main_thread(factory: Any, *args: Any) -> Any:
-    """`factory(*args)` on a short-lived thread.
-
-    torch's CPU kernels run on OpenMP (libgomp), which keeps one thread team per thread that ever
-    ran a parallel region. Loading the model here would leave the main thread's team alive beside
-    the engine thread's, and libgomp, seeing more of its threads than CPUs, then stops spinning
-    between parallel regions: every torch op of a step sleeps and wakes its workers (measured: a
-    quarter of the decode throughput on 2 cores). The loader's team goes with its thread; the
-    engine thread's is then the only one, and the event loop (main thread) never runs torch.
-    """
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xyserve-load") as pool:
-        return pool.submit(factory, *args).result()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -96,7 +96,8 @@ def configure(level: str, log_format: LogFormat, log_metrics_scrapes: bool = Fal
 class StatsLogLine:
     """vLLM's periodic stats line, every `interval_s` while the engine works: throughput over
     the window, queues, KV-cache usage, prefix-cache hit rate. A stat logger of the AsyncEngine
-    (called on the engine thread after each step); an idle engine writes nothing."""
+    (called after each step, on the thread that hears the engine loop); an idle engine writes
+    nothing."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s

@@ -28,7 +28,10 @@ label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on i
                 npu_inter_token_latency_seconds, npu_e2e_request_latency_seconds, npu_step_seconds;
                 per step: iteration_tokens_total, npu_cube_utilization, npu_vector_utilization
     process     process_resident_memory_bytes, process_virtual_memory_bytes,
-                process_cpu_seconds_total, process_open_fds, ... (the standard series)
+                process_cpu_seconds_total, process_open_fds, ... (the standard series, of the
+                HTTP front end) and, where the engine runs in a process of its own (`xyserve
+                serve`: engine.core_process), the same series of that process, named
+                xyserve:engine_process_* (its weights and KV cache are there)
     speculative decoding (only when the engine drafts; vLLM's spec_decode_* counters):
                 spec_decode_num_drafts_total, spec_decode_num_draft_tokens_total,
                 spec_decode_num_accepted_tokens_total,
@@ -41,7 +44,8 @@ itself is left out. The standard process_* series (prometheus_client's ProcessCo
 seconds, resident and virtual memory, open file descriptors, start time), unprefixed.
 
 The engine hands its plain per-step stats to `ServerMetrics.record` (a stat logger of the
-AsyncEngine, called on the engine thread after every step; prometheus_client is thread-safe);
+AsyncEngine, called after every step on the thread that hears the engine loop; prometheus_client
+is thread-safe);
 nothing is recorded from inside the scheduler or per HTTP call. Queue and KV-cache gauges are read
 from the engine's SchedulerStats when scraped, so they are current even while the engine idles.
 
@@ -129,9 +133,11 @@ class ServerMetrics:
 
     def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats],
                  speculative_config: SpeculativeConfig | None = None, max_model_len: int = 8192,
-                 cache_config: Mapping[str, str] | None = None) -> None:
+                 cache_config: Mapping[str, str] | None = None,
+                 engine_pid: int | None = None) -> None:
         """max_model_len: the top of the token-count histograms' buckets; cache_config: the
-        labels of cache_config_info (None: not exported)."""
+        labels of cache_config_info (None: not exported); engine_pid: the engine's process,
+        where it is not this one (its process_* series as xyserve:engine_process_*)."""
         self.registry = r = CollectorRegistry()
         self._read_stats = read_stats
         m = (model_name,)  # the label values every child gets
@@ -232,6 +238,8 @@ class ServerMetrics:
                                        ("handler", "method"), buckets=LATENCY_BUCKETS_S,
                                        registry=r)
         ProcessCollector(registry=r)  # process_* (CPU, memory, file descriptors), as vLLM's
+        if engine_pid is not None:
+            ProcessCollector(namespace=PREFIX + "engine", pid=lambda: engine_pid, registry=r)
         def by_position(name: str, doc: str) -> Children:
             parent = Counter(PREFIX + name, doc, (*labels, "position"), registry=r)
             return Children(parent, m, (str(i) for i in range(spec_tokens)))

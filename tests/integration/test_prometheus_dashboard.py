@@ -42,7 +42,8 @@ REPEAT_TOKEN = 4321  # forced by logit_bias without a stop: the output repeats i
 #   drafts (which look up the text's own suffix) are proposed and accepted
 TIMEOUT_S = 20.0
 PROCESS_ON_DASHBOARD = ("process_cpu_seconds_total", "process_resident_memory_bytes",
-                        "process_open_fds")
+                        "process_open_fds", "xyserve:engine_process_cpu_seconds_total",
+                        "xyserve:engine_process_resident_memory_bytes")
 
 
 @dataclass
@@ -301,10 +302,11 @@ def test_every_dashboard_query_returns_data(stack: tuple[ServerProcess, Promethe
     typo = query.expr.replace("generation_tokens_total", "generaton_tokens_total")
     assert check(prometheus, substitute(typo, values)) == "no data", query.where
     # Every family xyserve exports is on the dashboard (of the standard process_* series, the
-    # CPU, memory and file-descriptor ones).
+    # CPU, memory and file-descriptor ones; of the engine process's, CPU and memory).
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     families = [f for f in re.findall(r"^# TYPE (\S+) ", text, flags=re.MULTILINE)
-                if not f.startswith("process_") or f in PROCESS_ON_DASHBOARD]
+                if not f.startswith(("process_", "xyserve:engine_process_"))
+                or f in PROCESS_ON_DASHBOARD]
     all_exprs = "\n".join(query.expr for query in queries)
     missing = [f for f in families if not re.search(re.escape(f) + r"(?![\w:])|"
                                                     + re.escape(f) + r"_(bucket|sum|count)\b",

@@ -82,10 +82,15 @@ class Tally:
 
 
 def rss_mb(pid: int) -> float:
+    """The resident set of `pid` and its descendants (the engine process), in MB."""
+    total = 0.0
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+            total = int(line.split()[1]) / 1024
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += rss_mb(int(child))
+    return total
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,159 @@
+"""The engine loop in a process of its own (what `xyserve serve` runs, as vLLM's V1 engine core).
+
+Why: in one process the engine loop and the event loop share one GIL. A step's Python (the
+scheduler, input preparation, sampling, outputs: ~1.3 ms of a 10 ms decode step of 16 streams)
+and the event loop's work for the previous step's tokens (SSE chunks, socket writes: ~0.7 ms)
+then take turns instead of running side by side, and each handoff of the GIL waits for a wake-up.
+Measured on a 2-core Xeon, 16 closed-loop streams: the loop on a thread of the front end's
+process made decode steps 8% slower than the same engine driven in-process; in a process of its
+own, 2% (benchmarks/results/2026-12-05-engine-process.md).
+
+How: the child is spawned (a fresh interpreter: no inherited OpenMP teams or locks), loads the
+model on its main thread, and runs engine.engine_loop.run_engine_loop there; commands come down
+one pipe, events go up another (pickled frozen dataclasses), read in the parent by one thread
+that hands them to AsyncEngine. The child ignores SIGINT / SIGTERM (the parent drains and stops
+it: a Ctrl-C reaches the whole process group) and ends when its command pipe closes, so it never
+outlives the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.engine_loop import Command, Died, Event, Stop, run_engine_loop
+from engine.outputs import EngineInfo
+from engine.stats import SchedulerStats
+
+logger = logging.getLogger("xyserve")
+
+STOP_TIMEOUT_S = 30.0  # wall seconds a stopped child may take to exit before it is killed
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """The child's first message once its model is loaded."""
+
+    info: EngineInfo  # the engine's (with its tokenizer)
+    config: EngineConfig  # the engine's (resolved)
+    stats: SchedulerStats  # before the first step
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """The child's first message when its model could not be loaded."""
+
+    error: BaseException  # what EngineCore.load raised
+
+
+class ProcessHost:
+    """The engine loop in a child process (engine.async_engine.LoopHost)."""
+
+    def __init__(self, config: EngineConfig,
+                 process_setup: Callable[[], None] | None = None) -> None:
+        """Spawn the child and wait for its model to load. process_setup: called first in the
+        child (picklable). Raises what EngineCore.load raised there, or RuntimeError when the
+        child died before it could say."""
+        context = multiprocessing.get_context("spawn")
+        commands_out, commands_in = context.Pipe(duplex=False)
+        events_out, events_in = context.Pipe(duplex=False)
+        self._process = context.Process(target=_child_main, name="xyserve-engine", daemon=True,
+                                        args=(config, process_setup, commands_out, events_in))
+        self._process.start()
+        commands_out.close()  # the child's ends: closed here, so either side sees the other go
+        events_in.close()
+        self._commands = commands_in
+        self._events = events_out
+        self._send_lock = threading.Lock()
+        self._receiver: threading.Thread | None = None
+        try:
+            first = self._events.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"the engine process exited while loading the model (exit code "
+                               f"{self._process.exitcode})") from None
+        if isinstance(first, _Failed):
+            self._process.join()
+            raise first.error
+        self.info: EngineInfo = first.info
+        self.config: EngineConfig = first.config
+        self.initial_stats: SchedulerStats = first.stats
+        self.pid: int | None = self._process.pid
+
+    def start(self, on_event: Callable[[Event], None]) -> None:
+        self._receiver = threading.Thread(target=self._receive, args=(on_event,),
+                                          name="xyserve-engine-events", daemon=True)
+        self._receiver.start()
+
+    def _receive(self, on_event: Callable[[Event], None]) -> None:
+        while True:
+            try:
+                event = self._events.recv()
+            except (EOFError, OSError):  # the child is gone without its last word
+                self._process.join(STOP_TIMEOUT_S)
+                on_event(Died(f"the engine process exited (exit code {self._process.exitcode})"))
+                return
+            on_event(event)
+            if isinstance(event, Died):
+                return
+
+    def send(self, command: Command) -> None:
+        with self._send_lock, contextlib.suppress(OSError):  # (gone: the receiver says so)
+            self._commands.send(command)
+
+    def join(self) -> None:
+        if self._receiver is not None:
+            self._receiver.join()
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            logger.warning("the engine process did not stop within %.0f s: killed",
+                           STOP_TIMEOUT_S)
+            self._process.kill()
+            self._process.join()
+        self._commands.close()
+        self._events.close()
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+
+def _child_main(config: EngineConfig, process_setup: Callable[[], None] | None,
+                commands: multiprocessing.connection.Connection,
+                events: multiprocessing.connection.Connection) -> None:
+    """The child: load the model, then run the engine loop until Stop or the parent goes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if process_setup is not None:
+        process_setup()
+    from engine.core import EngineCore
+    from engine.platform import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the loader's and OpenMP's threads take heaps of their own
+    try:
+        core = EngineCore.load(config)
+    except Exception as exc:  # every load failure goes to the parent, to be raised there
+        events.send(_Failed(exc))
+        return
+    events.send(_Ready(core.info, core.config, core.make_stats()))
+    lock = threading.Lock()  # grammar compiles emit from their own threads
+
+    def emit(event: Event) -> None:
+        with lock, contextlib.suppress(OSError):  # (the parent is gone: nobody to tell)
+            events.send(event)
+
+    def next_command(block: bool) -> Command | None:
+        try:
+            if block or commands.poll():
+                return commands.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return Stop()
+        return None
+
+    run_engine_loop(core, next_command, emit)
