@@ -132,8 +132,8 @@ def _child_main(config: EngineConfig, process_setup: Callable[[], None] | None,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if process_setup is not None:
         process_setup()
+    from engine.allocator import limit_malloc_arenas
     from engine.core import EngineCore
-    from engine.platform import limit_malloc_arenas
 
     limit_malloc_arenas()  # before the loader's and OpenMP's threads take heaps of their own
     try:

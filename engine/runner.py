@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from engine import platform
+from engine import allocator, platform
 from engine.config import EngineConfig
 from engine.lowering import LoweringPolicy, StepPlan, lower_step, step_launch_counts
 from engine.models.llama import LlamaModel, StepInputs
@@ -48,7 +48,7 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
     the engine serves with it. Raises ModelLoadError / ValueError for a model it cannot run."""
     torch.set_num_threads(config.threads or platform.usable_cores())  # before the probes
     loaded = loaded or load_model(config.model)
-    platform.keep_freed_tensor_memory()
+    allocator.keep_freed_tensor_memory()
     device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype,
                     stack=config.npu_stack, timeline=config.npu_trace_dir is not None)
     fast = platform.choose_fast_path(config, loaded.arch, _ships_blocks(loaded))
@@ -64,7 +64,7 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
                                             loaded.arch.vocab_size, config.seed))
     # What loading freed (unfused originals, plain copies the fast path never reads) goes back to
     # the OS; the checkpoint's mapped file goes with `loaded`, which the runner does not keep.
-    platform.release_freed_memory()
+    allocator.release_freed_memory()
     dtype_name = str(fast.dtype).removeprefix("torch.")
     logger.info("engine ready: %s, %s activations, %s weights (%s), %s KV cache, on CPU; "
                 "simulated %s (%s, %s weights, LM head %s, %s stack); KV cache %d blocks x %d "

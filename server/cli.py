@@ -218,9 +218,9 @@ def run_serve(args: argparse.Namespace) -> int:
     # Heavy imports (torch, transformers, uvicorn) only once the arguments are known good.
     import uvicorn
 
+    from engine.allocator import limit_malloc_arenas
     from engine.arch import ModelLoadError
     from engine.async_engine import AsyncEngine
-    from engine.platform import limit_malloc_arenas
     from server.app import build_app
     from server.auth import redact_in_logs
     from server.connections import ConnectionLimits, guarded_protocol

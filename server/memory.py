@@ -1,7 +1,7 @@
 """Resident memory stays bounded: what the process frees goes back to the OS when it piles up.
 
 glibc keeps freed memory for reuse: up to the trim threshold at the top of the heap (256 MiB:
-engine.platform.keep_freed_tensor_memory, so that a step's large temporaries do not page-fault
+engine.allocator.keep_freed_tensor_memory, so that a step's large temporaries do not page-fault
 every step) and, below the top, every free page between chunks still in use. Below the mmap
 threshold that function raises to 32 MiB, a request's short-lived buffers (a 4 MiB body, the list
 of its million token ids, the tokenizer's encodings of a long text) come from the heap, scattered
@@ -13,7 +13,7 @@ engine thread waits at most for one arena's walk, and its next step may page-fau
 in use is never touched: after a trim, what remains is the new low point, so growth that is real
 (KV pages touched for the first time, caches filling) costs one trim per TRIM_GROWTH_BYTES, not
 one per look. The resident set thus stays within TRIM_GROWTH_BYTES of what is in use, plus what
-a trim cannot reach: the top of the one arena besides the main one (platform.MALLOC_ARENAS).
+a trim cannot reach: the top of the one arena besides the main one (allocator.MALLOC_ARENAS).
 
 Measured on the default model (benchmarks/memory_soak.py; README, Reliability and limits): 1575
 MiB after load, 1651 after 10,000 mixed calls, 2046 right after 20 bodies of 4 MiB and 1687 once
@@ -28,7 +28,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from engine.platform import can_release_freed_memory, release_freed_memory
+from engine.allocator import can_release_freed_memory, release_freed_memory
 
 logger = logging.getLogger("xyserve")
 

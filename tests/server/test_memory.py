@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.platform import (
+from engine.allocator import (
     can_release_freed_memory,
     keep_freed_tensor_memory,
     limit_malloc_arenas,
