@@ -1,4 +1,5 @@
-"""Resident memory stays bounded: what the process frees goes back to the OS when it piles up.
+"""Resident memory stays bounded: what the process frees goes back to the OS when it piles up
+(the server's process: the HTTP front end, and the engine too where its loop runs on a thread).
 
 glibc keeps freed memory for reuse: up to the trim threshold at the top of the heap (256 MiB:
 engine.allocator.keep_freed_tensor_memory, so that a step's large temporaries do not page-fault
@@ -9,7 +10,8 @@ among long-lived objects, so after a burst of big requests their pages stay resi
 `watch_resident_memory` looks at the resident set every CHECK_INTERVAL_S and, once it has grown
 by more than TRIM_GROWTH_BYTES over its low point since the last trim (TrimTrigger), hands the
 heap's free pages back (malloc_trim, on a worker thread: glibc locks one arena at a time, so the
-engine thread waits at most for one arena's walk, and its next step may page-fault once). Memory
+process's other threads wait at most for one arena's walk; where the engine loop shares the
+process, its next step may page-fault once). Memory
 in use is never touched: after a trim, what remains is the new low point, so growth that is real
 (KV pages touched for the first time, caches filling) costs one trim per TRIM_GROWTH_BYTES, not
 one per look. The resident set thus stays within TRIM_GROWTH_BYTES of what is in use, plus what
