@@ -317,7 +317,10 @@ class AsyncEngine:
             # Stats first: a client holding its final output finds it counted in /metrics.
             if event.iteration_stats is not None:
                 for stat_logger in self.stat_loggers:
-                    stat_logger(event.stats, event.iteration_stats)
+                    try:
+                        stat_logger(event.stats, event.iteration_stats)
+                    except Exception:  # metrics must not stop the tokens
+                        logger.exception("stat logger %r failed", stat_logger)
             if event.outputs:  # one wake-up of the event loop per step, not one per request
                 self._call_on_loop(self._put_all, event.outputs)
         elif isinstance(event, Admitted):

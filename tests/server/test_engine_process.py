@@ -149,3 +149,27 @@ def test_metrics_export_the_engine_process(tiny_server: ServerProcess) -> None:
     assert engine_rss > 64 * 2**20  # torch and the model
     assert values["process_resident_memory_bytes"] > 0
     assert values["xyserve:engine_process_cpu_seconds_total"] > 0
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_a_failing_stat_logger_stops_no_tokens(tiny_llama_dir: pathlib.Path, where: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("metrics backend down")
+
+    async def run() -> list[list[int]]:
+        config = _config(tiny_llama_dir)
+        engine = (AsyncEngine(EngineCore.load(config)) if where == "thread"
+                  else AsyncEngine.in_subprocess(config))
+        engine.stat_loggers.append(broken)
+        engine.start()
+        try:
+            # (a bound: a dead event reader would leave the streams waiting forever)
+            return await asyncio.wait_for(
+                _tokens(engine, SamplingParams(temperature=0.0, max_tokens=4)), 60)
+        finally:
+            assert engine.is_alive
+            await engine.shutdown()
+
+    assert [len(t) for t in asyncio.run(run())] == [4, 4, 4]
+    assert "metrics backend down" in caplog.text
