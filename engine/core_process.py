@@ -101,7 +101,10 @@ class ProcessHost:
                 self._process.join(STOP_TIMEOUT_S)
                 on_event(Died(f"the engine process exited (exit code {self._process.exitcode})"))
                 return
-            on_event(event)
+            try:
+                on_event(event)
+            except Exception:  # one event's handling failed: the next ones still flow
+                logger.exception("handling the engine's %s event failed", type(event).__name__)
             if isinstance(event, Died):
                 return
 
