@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -44,10 +43,13 @@ from engine.engine_loop import (
     Deliver,
     Died,
     Event,
+    GrammarCommand,
+    Intake,
     Stepped,
     Stop,
     WarmUpGrammars,
     run_engine_loop,
+    run_grammar_command,
 )
 from engine.mailbox import Mailbox
 from engine.outputs import EngineInfo, RequestOutput
@@ -98,27 +100,28 @@ class ThreadHost:
     the event loop keeps answering meanwhile)."""
 
     def __init__(self, core: EngineCore) -> None:
-        self._core = core  # touched by the engine thread only, after start()
+        self._core = core  # stepped by the engine thread only, after start()
         self.info = core.info
         self.config = core.config
         self.initial_stats = core.make_stats()
         self.pid = None
-        self._intake: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._intake = Intake()
+        self._on_event: Callable[[Event], None] | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, on_event: Callable[[Event], None]) -> None:
+        self._on_event = on_event
         self._thread = threading.Thread(target=run_engine_loop, name="xyserve-engine",
-                                        args=(self._core, self._next, on_event), daemon=True)
+                                        args=(self._core, self._intake.next, on_event),
+                                        daemon=True)
         self._thread.start()
 
-    def _next(self, block: bool) -> Command | None:
-        try:
-            return self._intake.get() if block else self._intake.get_nowait()
-        except queue.Empty:
-            return None
-
     def send(self, command: Command) -> None:
-        self._intake.put(command)
+        if isinstance(command, GrammarCommand):
+            assert self._on_event is not None, "start() first"
+            run_grammar_command(self._core, command, self._on_event)
+        else:
+            self._intake.put(command)
 
     def join(self) -> None:
         if self._thread is not None:

@@ -11,10 +11,11 @@ which no longer imports torch, holds 125 MB instead of 314
 
 How: the child is spawned (a fresh interpreter: no inherited OpenMP teams or locks), loads the
 model on its main thread, and runs engine.engine_loop.run_engine_loop there; commands come down
-one pipe, events go up another (pickled frozen dataclasses), read in the parent by one thread
-that hands them to AsyncEngine. The child ignores SIGINT / SIGTERM (the parent drains and stops
-it: a Ctrl-C reaches the whole process group) and ends when its command pipe closes, so it never
-outlives the parent.
+one pipe (read by a thread of the child's, which runs grammar commands at once and queues the
+rest for the loop), events go up another (pickled frozen dataclasses), read in the parent by
+one thread that hands them to AsyncEngine. The child ignores SIGINT / SIGTERM (the parent
+drains and stops it: a Ctrl-C reaches the whole process group) and ends when its command pipe
+closes, so it never outlives the parent.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.engine_loop import Command, Died, Event, Stop, run_engine_loop
+from engine.engine_loop import (
+    Command,
+    Died,
+    Event,
+    GrammarCommand,
+    Intake,
+    Stop,
+    run_engine_loop,
+    run_grammar_command,
+)
 from engine.outputs import EngineInfo
 from engine.stats import SchedulerStats
 
@@ -152,12 +162,22 @@ def _child_main(config: EngineConfig, process_setup: Callable[[], None] | None,
         with lock, contextlib.suppress(OSError):  # (the parent is gone: nobody to tell)
             events.send(event)
 
-    def next_command(block: bool) -> Command | None:
-        try:
-            if block or commands.poll():
-                return commands.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return Stop()
-        return None
+    # Commands are read as they come, by a thread of their own: grammar commands run at once
+    # (not when the loop next drains, a whole step later), the rest wait for the loop.
+    intake = Intake()
 
-    run_engine_loop(core, next_command, emit)
+    def read() -> None:
+        while True:
+            try:
+                command = commands.recv()
+            except (EOFError, OSError):  # the parent is gone
+                command = Stop()
+            if isinstance(command, GrammarCommand):
+                run_grammar_command(core, command, emit)
+                continue
+            intake.put(command)
+            if isinstance(command, Stop):
+                return
+
+    threading.Thread(target=read, name="xyserve-commands", daemon=True).start()
+    run_engine_loop(core, intake.next, emit)

@@ -3,8 +3,9 @@
 AsyncEngine (the HTTP server's engine) runs this loop on a thread of its own process or in a
 process of its own (engine.core_process). Either way the loop talks to it through two ends:
 
-- commands in (`next_command`): add a request, abort one, abort all, compile a grammar, stop;
-  drained before every step, so requests enter the scheduler only between steps;
+- commands in (`next_command`): add a request, abort one, abort all, stop; drained before every
+  step, so requests enter the scheduler only between steps. Grammar commands (compile, warm up)
+  do not wait for the loop: the host runs them as they arrive (`run_grammar_command`);
 - events out (`emit`): a request admitted or rejected, a step's outputs and stats, a grammar
   compiled, the loop's death.
 
@@ -15,6 +16,7 @@ queue and a callback) and a process (two pipes) alike.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +67,9 @@ class Stop:
     """End the loop; open requests are failed by the front end."""
 
 
-Command = Add | Abort | AbortAll | Compile | WarmUpGrammars | Stop
+LoopCommand = Add | Abort | AbortAll | Stop  # drained by the loop between steps
+GrammarCommand = Compile | WarmUpGrammars  # run as they arrive (run_grammar_command)
+Command = LoopCommand | GrammarCommand
 
 
 # -------------------------------------------------------------------------------------- events
@@ -108,7 +112,24 @@ Event = Admitted | Deliver | Stepped | Compiled | Died
 
 # ---------------------------------------------------------------------------------------- loop
 
-def run_engine_loop(core: EngineCore, next_command: Callable[[bool], Command | None],
+class Intake:
+    """The loop's commands, queued by other threads (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[LoopCommand] = queue.SimpleQueue()
+
+    def put(self, command: LoopCommand) -> None:
+        self._queue.put(command)
+
+    def next(self, block: bool) -> LoopCommand | None:
+        """run_engine_loop's `next_command`."""
+        try:
+            return self._queue.get() if block else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+
+def run_engine_loop(core: EngineCore, next_command: Callable[[bool], LoopCommand | None],
                     emit: Callable[[Event], None]) -> None:
     """Step `core` until a Stop command; the last event is always Died (an exception in the
     loop is logged and emitted so; the function never raises).
@@ -140,7 +161,7 @@ def run_engine_loop(core: EngineCore, next_command: Callable[[bool], Command | N
         emit(Died(f"engine loop died: {exc!r}"))
 
 
-def _drain(core: EngineCore, next_command: Callable[[bool], Command | None],
+def _drain(core: EngineCore, next_command: Callable[[bool], LoopCommand | None],
            emit: Callable[[Event], None]) -> tuple[bool, bool] | None:
     """Run the queued commands; returns whether any ran and whether any was an abort, None on
     Stop."""
@@ -161,11 +182,6 @@ def _drain(core: EngineCore, next_command: Callable[[bool], Command | None],
         elif isinstance(command, AbortAll):
             _abort_all(core, emit)
             aborted = True
-        elif isinstance(command, Compile):
-            _compile(core, command, emit)
-        elif isinstance(command, WarmUpGrammars):
-            if core.info.tokenizer is not None:
-                core.grammar_compiler().warm_up()
         else:
             return None
         command = next_command(False)
@@ -184,9 +200,17 @@ def _abort_all(core: EngineCore, emit: Callable[[Event], None]) -> None:
         logger.warning("aborted %d unfinished requests", len(requests))
 
 
-def _compile(core: EngineCore, command: Compile, emit: Callable[[Event], None]) -> None:
-    """Compile on a worker thread (the compiler is thread-safe and caches), so the loop steps on
-    while it runs; the event follows from that thread."""
+def run_grammar_command(core: EngineCore, command: GrammarCommand,
+                        emit: Callable[[Event], None]) -> None:
+    """Run a grammar command now, from whichever thread received it, never on the loop: a
+    compile on a worker thread of its own (the compiler is thread-safe and caches), its Compiled
+    event emitted from there, so a request that brings the grammar, queued after, finds it
+    compiled; a warm-up in the compiler's background thread."""
+    if isinstance(command, WarmUpGrammars):
+        if core.info.tokenizer is not None:
+            core.grammar_compiler().warm_up()
+        return
+
     def work() -> None:
         try:
             core.grammar_compiler().compile(command.structured_outputs)
