@@ -137,8 +137,8 @@ class AsyncEngine:
 
     def __init__(self, core: EngineCore | LoopHost, max_waiting_requests: int | None = None,
                  stat_loggers: Sequence[StatLogger] = ()) -> None:
-        """core: an EngineCore (its loop runs on a thread of this process) or a started
-        LoopHost (engine.core_process.ProcessHost)."""
+        """core: an EngineCore (its loop runs on a thread of this process) or a LoopHost
+        (engine.core_process.ProcessHost: in_subprocess), which start() starts."""
         self._host: LoopHost = ThreadHost(core) if isinstance(core, EngineCore) else core
         self.max_waiting_requests = max_waiting_requests  # None = unbounded
         # Called after every step, on the thread that hears the loop; quick and thread-safe.
@@ -158,7 +158,8 @@ class AsyncEngine:
                       process_setup: Callable[[], None] | None = None) -> AsyncEngine:
         """An engine whose loop runs in a process of its own, its model loaded there (blocks
         until loaded). process_setup: called first in that process (picklable: logging).
-        Raises as EngineCore.load does (ModelLoadError, ValueError)."""
+        Raises as EngineCore.load does (ModelLoadError, ValueError), RuntimeError when that
+        process died before it could say."""
         from engine.core_process import ProcessHost
 
         return cls(ProcessHost(config, process_setup), max_waiting_requests)

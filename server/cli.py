@@ -215,7 +215,8 @@ def run_serve(args: argparse.Namespace) -> int:
     log_config = configure(server_config.log_level, server_config.log_format,
                            server_config.log_metrics_scrapes)
 
-    # Heavy imports (torch, transformers, uvicorn) only once the arguments are known good.
+    # Heavy imports (uvicorn, FastAPI, transformers) only once the arguments are known good;
+    # torch loads in the engine process alone.
     import uvicorn
 
     from engine.allocator import limit_malloc_arenas
