@@ -6,10 +6,12 @@ it, and the child's lifetime bound to the parent's commands (the CLI tests drive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import pickle
 import signal
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -30,6 +32,15 @@ def _config(model_dir: pathlib.Path) -> EngineConfig:
                                     max_model_len=256, pin_threads=False)
 
 
+@contextlib.asynccontextmanager
+async def _running(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+    engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()
+
+
 async def _tokens(engine: AsyncEngine, params: SamplingParams) -> list[list[int]]:
     async def one(i: int, prompt: list[int]) -> list[int]:
         tokens: list[int] = []
@@ -46,11 +57,8 @@ def test_the_process_engine_generates_the_thread_engines_tokens(
                             logit_bias={5: 3.0}, stop_token_ids=(9999,))
 
     async def run(engine: AsyncEngine) -> list[list[int]]:
-        engine.start()
-        try:
+        async with _running(engine):
             return await _tokens(engine, params)
-        finally:
-            await engine.shutdown()
 
     config = _config(tiny_llama_dir)
     in_thread = asyncio.run(run(AsyncEngine(EngineCore.load(config))))
@@ -67,9 +75,7 @@ def test_a_model_that_cannot_load_raises_in_the_parent(tmp_path: pathlib.Path) -
 def test_errors_cross_the_pipe_as_the_thread_engine_raises_them(
         tiny_llama_dir: pathlib.Path) -> None:
     async def run() -> None:
-        engine = AsyncEngine.in_subprocess(_config(tiny_llama_dir))
-        engine.start()
-        try:
+        async with _running(AsyncEngine.in_subprocess(_config(tiny_llama_dir))) as engine:
             too_long = list(range(1, 300))  # beyond max_model_len 256
             with pytest.raises(RequestRejected) as rejected:
                 async for _ in engine.generate("long", too_long, SamplingParams(max_tokens=4)):
@@ -87,28 +93,24 @@ def test_errors_cross_the_pipe_as_the_thread_engine_raises_them(
                 text += out.new_text
             assert len(text) == 4 and set(text) <= {"a", "b"}
             assert engine.is_alive  # none of it harmed the loop
-        finally:
-            await engine.shutdown()
 
     asyncio.run(run())
 
 
 def test_the_childs_death_fails_open_and_later_requests(tiny_llama_dir: pathlib.Path) -> None:
     async def run() -> None:
-        engine = AsyncEngine.in_subprocess(_config(tiny_llama_dir))
-        engine.start()
-        process = engine._host._process  # type: ignore[attr-defined]
-        stream = engine.add_request("long", [1, 2, 3],
-                                    SamplingParams(max_tokens=200, ignore_eos=True))
-        await stream.__anext__()  # generating
-        os.kill(process.pid, signal.SIGKILL)
-        with pytest.raises(EngineDeadError, match="exit code -9"):
-            async for _ in stream:
-                pass
-        assert not engine.is_alive
-        with pytest.raises(EngineDeadError):
-            engine.add_request("later", [1, 2], SamplingParams(max_tokens=2))
-        await engine.shutdown()
+        async with _running(AsyncEngine.in_subprocess(_config(tiny_llama_dir))) as engine:
+            stream = engine.add_request("long", [1, 2, 3],
+                                        SamplingParams(max_tokens=200, ignore_eos=True))
+            await stream.__anext__()  # generating
+            assert engine.engine_pid is not None
+            os.kill(engine.engine_pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match="exit code -9"):
+                async for _ in stream:
+                    pass
+            assert not engine.is_alive
+            with pytest.raises(EngineDeadError):
+                engine.add_request("later", [1, 2], SamplingParams(max_tokens=2))
 
     asyncio.run(run())
 
@@ -116,13 +118,12 @@ def test_the_childs_death_fails_open_and_later_requests(tiny_llama_dir: pathlib.
 def test_the_child_ignores_interrupts_and_stops_when_told(tiny_llama_dir: pathlib.Path) -> None:
     async def run() -> None:
         engine = AsyncEngine.in_subprocess(_config(tiny_llama_dir))
-        engine.start()
-        process = engine._host._process  # type: ignore[attr-defined]
-        os.kill(process.pid, signal.SIGINT)  # a Ctrl-C reaches the whole process group
-        os.kill(process.pid, signal.SIGTERM)
-        tokens = await _tokens(engine, SamplingParams(temperature=0.0, max_tokens=3))
-        assert [len(t) for t in tokens] == [3, 3, 3]
-        await engine.shutdown()
+        process = engine._host._process  # type: ignore[attr-defined]  # (its exit code)
+        async with _running(engine):
+            os.kill(process.pid, signal.SIGINT)  # a Ctrl-C reaches the whole process group
+            os.kill(process.pid, signal.SIGTERM)
+            tokens = await _tokens(engine, SamplingParams(temperature=0.0, max_tokens=3))
+            assert [len(t) for t in tokens] == [3, 3, 3]
         assert not process.is_alive() and process.exitcode == 0
 
     asyncio.run(run())
