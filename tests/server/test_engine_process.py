@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import pathlib
 import pickle
@@ -20,6 +21,7 @@ from engine.arch import ModelLoadError
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.core_process import load_engine
 from engine.request import RequestRejected, SamplingParams
 from engine.structured.params import StructuredOutputs
 from tests.server.harness import ServerProcess
@@ -174,3 +176,16 @@ def test_a_failing_stat_logger_stops_no_tokens(tiny_llama_dir: pathlib.Path, whe
 
     assert [len(t) for t in asyncio.run(run())] == [4, 4, 4]
     assert "metrics backend down" in caplog.text
+
+
+def test_the_engine_process_freezes_its_model_out_of_the_cyclic_gc(
+        tiny_llama_dir: pathlib.Path) -> None:
+    """What the child loads lives as long as it does; a full GC pass over it would stall every
+    stream (the server's front end freezes its own startup objects too: server.app)."""
+    frozen_before = gc.get_freeze_count()
+    try:
+        core = load_engine(_config(tiny_llama_dir))
+        assert gc.get_freeze_count() > frozen_before + 10_000
+        assert gc.is_tracked(core) and core.info.tokenizer is not None
+    finally:
+        gc.unfreeze()
