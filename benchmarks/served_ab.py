@@ -1,0 +1,71 @@
+"""Served throughput of two xyserve source trees, run by run: A/B for a change to the server.
+
+Starts `xyserve serve` twice, the A side from another checkout of the source (`--a-tree`, put
+first on PYTHONPATH; e.g. `git worktree add /tmp/base <commit>`) and the B side from this one, both
+with default options, and alternates compare_peers' decode-heavy workload between them (A B,
+then B A, ...): both servers stay up, the idle one idle, so a machine that speeds up or slows
+down weighs on both sides alike. Prints each round and the median of the per-round ratios B / A.
+
+    .venv/bin/python -m benchmarks.served_ab --a-tree /tmp/base --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pathlib
+import statistics
+import tempfile
+
+from benchmarks.compare_peers import WORKLOADS, build, run_workload
+from benchmarks.load.datasets import load_tokenizer
+from benchmarks.peers import xyserve_spec
+
+MODEL = "smollm2-135m-instruct"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a-tree", required=True, type=pathlib.Path,
+                        help="the A side's source tree (a checkout of another commit)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--workload", default="decode-heavy", choices=[w.name for w in WORKLOADS])
+    args = parser.parse_args()
+
+    workload = next(w for w in WORKLOADS if w.name == args.workload)
+    tokenizer = load_tokenizer(MODEL)
+    tok_s: dict[str, list[float]] = {"A": [], "B": []}
+    with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as stack:
+        before = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(args.a_tree.resolve())  # (read when A's process starts)
+        try:
+            a = stack.enter_context(xyserve_spec(MODEL, args.dtype, name="A").start(
+                pathlib.Path(logs)))
+        finally:
+            if before is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = before
+        b = stack.enter_context(xyserve_spec(MODEL, args.dtype, name="B").start(
+            pathlib.Path(logs)))
+        for round_no in range(args.rounds):
+            order = (("A", a), ("B", b)) if round_no % 2 == 0 else (("B", b), ("A", a))
+            for side, server in order:
+                seed = 1000 * round_no
+                out = run_workload(server, lambda attempt, s=seed: build(workload, tokenizer,
+                                                                        s + attempt),
+                                   workload.concurrency, 1.0, 0)
+                tok_s[side].append(float(out["output_throughput"]))
+            print(f"round {round_no}: A {tok_s['A'][-1]:7.1f} tok/s, B {tok_s['B'][-1]:7.1f} "
+                  f"tok/s", flush=True)
+    ratios = [b / a for a, b in zip(tok_s["A"], tok_s["B"], strict=True)]
+    for side, values in tok_s.items():
+        print(f"{side}: median {statistics.median(values):.1f} tok/s")
+    print(f"B / A, median of {args.rounds} rounds: {statistics.median(ratios):.3f} "
+          f"(B ahead in {sum(r > 1 for r in ratios)} of them)")
+
+
+if __name__ == "__main__":
+    main()
