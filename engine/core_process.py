@@ -4,7 +4,7 @@ Why: in one process the engine loop and the event loop share one GIL. A step's P
 scheduler, input preparation, sampling, outputs: ~1.3 ms of a 10 ms decode step of 16 streams)
 and the event loop's work for the previous step's tokens (SSE chunks, socket writes: ~0.7 ms)
 then take turns instead of running side by side, and each handoff of the GIL waits for a wake-up.
-Measured on a 2-core Xeon, decode-heavy (16 closed-loop streams): served throughput +7% (the
+Measured on a 2-core Xeon, decode-heavy (16 closed-loop streams): served throughput +6-7% (the
 median of 8 rounds alternated between two servers, every round ahead), and the HTTP front end,
 which no longer imports torch, holds 125 MB instead of 314
 (benchmarks/results/2026-12-05-engine-process.md).
