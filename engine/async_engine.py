@@ -157,7 +157,8 @@ class AsyncEngine:
     def in_subprocess(cls, config: EngineConfig, max_waiting_requests: int | None = None,
                       process_setup: Callable[[], None] | None = None) -> AsyncEngine:
         """An engine whose loop runs in a process of its own, its model loaded there (blocks
-        until loaded). process_setup: called first in that process (picklable: logging).
+        until loaded; spawned, so a script calling this needs Python's `if __name__ ==
+        "__main__":` guard). process_setup: called first in that process (picklable: logging).
         Raises as EngineCore.load does (ModelLoadError, ValueError), RuntimeError when that
         process died before it could say."""
         from engine.core_process import ProcessHost
