@@ -62,6 +62,7 @@ from benchmarks.peers import (
     xyserve_fast_path,
     xyserve_spec,
 )
+from engine.models.llama import LONE_STREAM_ROWS
 from npu_sim.kernels import native
 from npu_sim.kernels.gemm import BLOCKS_AS_BF16_ROWS
 
@@ -211,8 +212,8 @@ def bound(data: dict[str, Any], w: Workload, weight_format: str, flops: ModelFlo
     if weight_format == "gguf+bf16":
         # The bytes it streams: the blocks at one row, and where AMX reads them as the bf16
         # weights (the server runs on this machine) at a batch's too; bf16 panels beyond
-        reads_blocks = w.concurrency == 1 or (w.concurrency <= BLOCKS_AS_BF16_ROWS
-                                              and native.amx_granted())
+        reads_blocks = w.concurrency <= LONE_STREAM_ROWS or (
+            w.concurrency <= BLOCKS_AS_BF16_ROWS and native.amx_granted())
         weight_format = "gguf" if reads_blocks else "bf16"
     return flops.attainable_output_rate(w.num_prompts, num_input, w.output_len, w.concurrency,
                                         peak, data["memory_read_gbs"],

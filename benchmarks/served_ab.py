@@ -12,15 +12,15 @@ down weighs on both sides alike. Prints each round and the median of the per-rou
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import dataclasses
 import pathlib
 import statistics
 import tempfile
 
-from benchmarks.compare_peers import WORKLOADS, build, run_workload
+from benchmarks.compare_peers import WORKLOADS
 from benchmarks.load.datasets import load_tokenizer
 from benchmarks.peers import xyserve_spec
+from benchmarks.served_overhead import served_tok_s
 
 MODEL = "smollm2-135m-instruct"
 
@@ -36,31 +36,19 @@ def main() -> None:
 
     workload = next(w for w in WORKLOADS if w.name == args.workload)
     tokenizer = load_tokenizer(MODEL)
+    a_spec = dataclasses.replace(xyserve_spec(MODEL, args.dtype, name="A"),
+                                 env=(("PYTHONPATH", str(args.a_tree.resolve())),))
+    b_spec = xyserve_spec(MODEL, args.dtype, name="B")
     tok_s: dict[str, list[float]] = {"A": [], "B": []}
-    with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as stack:
-        before = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = str(args.a_tree.resolve())  # (read when A's process starts)
-        try:
-            a = stack.enter_context(xyserve_spec(MODEL, args.dtype, name="A").start(
-                pathlib.Path(logs)))
-        finally:
-            if before is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = before
-        b = stack.enter_context(xyserve_spec(MODEL, args.dtype, name="B").start(
-            pathlib.Path(logs)))
+    with tempfile.TemporaryDirectory() as logs, \
+            a_spec.start(pathlib.Path(logs)) as a, b_spec.start(pathlib.Path(logs)) as b:
         for round_no in range(args.rounds):
             order = (("A", a), ("B", b)) if round_no % 2 == 0 else (("B", b), ("A", a))
             for side, server in order:
-                seed = 1000 * round_no
-                out = run_workload(server, lambda attempt, s=seed: build(workload, tokenizer,
-                                                                        s + attempt),
-                                   workload.concurrency, 1.0, 0)
-                tok_s[side].append(float(out["output_throughput"]))
+                tok_s[side].append(served_tok_s(server, workload, tokenizer, 1000 * round_no))
             print(f"round {round_no}: A {tok_s['A'][-1]:7.1f} tok/s, B {tok_s['B'][-1]:7.1f} "
                   f"tok/s", flush=True)
-    ratios = [b / a for a, b in zip(tok_s["A"], tok_s["B"], strict=True)]
+    ratios = [b_tok_s / a_tok_s for a_tok_s, b_tok_s in zip(tok_s["A"], tok_s["B"], strict=True)]
     for side, values in tok_s.items():
         print(f"{side}: median {statistics.median(values):.1f} tok/s")
     print(f"B / A, median of {args.rounds} rounds: {statistics.median(ratios):.3f} "

@@ -27,6 +27,7 @@ from typing import Any
 from benchmarks.compare_peers import WORKLOADS, Workload, build, run_workload
 from benchmarks.load.datasets import load_tokenizer
 from benchmarks.peers import Server, xyserve_spec
+from engine.config import SchedulerConfig
 
 MODEL = "smollm2-135m-instruct"
 # what `xyserve serve` sets before torch loads (server/cli.py main)
@@ -39,7 +40,8 @@ def in_process_tok_s(dtype: str, num_prompts: int, input_len: int, output_len: i
     command = [sys.executable, "-m", "benchmarks.offline_throughput", "--model", MODEL,
                "--dtype", dtype, "--num-prompts", str(num_prompts), "--input-len",
                str(input_len), "--max-tokens", str(output_len), "--max-num-seqs",
-               str(concurrency), "--max-num-batched-tokens", str(_server_budget()),
+               str(concurrency), "--max-num-batched-tokens",
+               str(SchedulerConfig().max_num_batched_tokens),  # the server's default
                "--repeats", str(runs)]
     out = subprocess.run(command, capture_output=True, text=True, check=True,
                          env={**os.environ, **SERVER_OMP_ENV}).stdout
@@ -49,17 +51,11 @@ def in_process_tok_s(dtype: str, num_prompts: int, input_len: int, output_len: i
     return float(match.group(1))
 
 
-def _served_tok_s(server: Server, workload: Workload, tokenizer: Any, seed: int) -> float:
+def served_tok_s(server: Server, workload: Workload, tokenizer: Any, seed: int) -> float:
     """One run of the workload against the server (new prompts for each seed)."""
     out = run_workload(server, lambda attempt: build(workload, tokenizer, seed + attempt),
                        workload.concurrency, 1.0, 0)
     return float(out["output_throughput"])
-
-
-def _server_budget() -> int:
-    from engine.config import SchedulerConfig
-
-    return SchedulerConfig().max_num_batched_tokens  # the server's default
 
 
 def main() -> None:
@@ -75,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logs, \
             xyserve_spec(MODEL, args.dtype).start(pathlib.Path(logs)) as server:
         for round_no in range(args.rounds):
-            served = max(_served_tok_s(server, workload, tokenizer, 1000 * round_no + run)
+            served = max(served_tok_s(server, workload, tokenizer, 1000 * round_no + run)
                          for run in range(args.runs))
             offline = in_process_tok_s(args.dtype, workload.num_prompts, workload.input_len,
                                        workload.output_len, workload.concurrency, args.runs)

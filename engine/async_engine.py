@@ -32,6 +32,7 @@ from typing import Protocol
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.core_process import ProcessHost
 from engine.engine_loop import (
     Abort,
     AbortAll,
@@ -161,8 +162,6 @@ class AsyncEngine:
         "__main__":` guard). process_setup: called first in that process (picklable: logging).
         Raises as EngineCore.load does (ModelLoadError, ValueError), RuntimeError when that
         process died before it could say."""
-        from engine.core_process import ProcessHost
-
         return cls(ProcessHost(config, process_setup), max_waiting_requests)
 
     @property
