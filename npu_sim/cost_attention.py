@@ -232,11 +232,17 @@ class RowMemo:
     def decode_terms(self, cm: CostModel, tile_rows: float, at: np.ndarray) -> np.ndarray:
         """C-contiguous (NUM_TERMS, rows) terms of decode-like rows of `tile_rows` with these
         keys (int64, non-negative)."""
+        # (a take along axis 1 is C-contiguous, as sums want)
+        return self.decode_table(cm, tile_rows, at).take(at, axis=1)
+
+    def decode_table(self, cm: CostModel, tile_rows: float, at: np.ndarray) -> np.ndarray:
+        """The C-contiguous (NUM_TERMS, capacity) table of decode-like rows of `tile_rows`,
+        column k a row of k keys, priced for every key of `at` (int64, non-negative) and up."""
         table, priced = self._tables.get(tile_rows, (_NO_TABLE, 0))
         top = int(np.maximum.reduce(at))  # (not the array method's Python-level wrapper)
         if top >= priced:
             table = self._price_keys(cm, tile_rows, table, priced, top)
-        return table.take(at, axis=1)  # (a take along axis 1 is C-contiguous, as sums want)
+        return table
 
     def _price_keys(self, cm: CostModel, tile_rows: float, table: np.ndarray, priced: int,
                     top: int) -> np.ndarray:

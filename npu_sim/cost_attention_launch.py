@@ -12,7 +12,7 @@ behind them are in npu_sim.cost's docstring; masks beyond causality in npu_sim.c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -53,8 +53,8 @@ def attention_stages(cm: CostModel, k: AttentionKernel) -> int:
 
 def attention(cm: CostModel, k: AttentionKernel) -> tuple[TaskCosts, TaskCosts]:
     """(attention tasks on AIC + AIVs, combine tasks on AIVs)."""
-    if _prices_from_lengths(cm, k):
-        return _unsplit_attention(cm, k), _combine(cm, k)
+    if prices_from_lengths(cm, k):
+        return launch_costs(cm, unsplit_rows(cm, k)), _combine(cm, k)
     stages = attention_stages(cm, k)
     pipeline = f"attention-{stages}stage"
     if not k.num_tasks:
@@ -102,21 +102,36 @@ def attention(cm: CostModel, k: AttentionKernel) -> tuple[TaskCosts, TaskCosts]:
     return main, _combine(cm, k)
 
 
-def _prices_from_lengths(cm: CostModel, k: AttentionKernel) -> bool:
-    """Whether `attention(k)` prices k from its lengths (`_unsplit_attention`): a
-    meta-kernel launch that says them (AttentionKernel.unsplit), with the row memo on."""
+class LaunchRows(NamedTuple):
+    """The rows of a meta-attention launch none of whose tiles is split, priced from its
+    lengths (`unsplit_rows`, `decode_rows`): what `launch_costs` adds up, and
+    npu_sim.launch_sums in C."""
+
+    stages: int  # the launch's pipeline (attention_stages)
+    terms: np.ndarray  # C-contiguous (NUM_TERMS, columns): the rows' terms, or a memo table
+    columns: np.ndarray | None  # int64: each row's column of `terms` (None: row i is column i)
+    keys: np.ndarray  # int64: each row's keys
+    order: np.ndarray  # int64: the rows in dealt order, each dealt as `repeat` tasks in a row
+    repeat: int
+    weight: int  # tasks a row stands for (the KV heads)
+    head_dim: int
+
+
+def prices_from_lengths(cm: CostModel, k: AttentionKernel) -> bool:
+    """Whether `attention(k)` prices k from its lengths (`unsplit_rows`): a meta-kernel launch
+    that says them (AttentionKernel.unsplit), with the row memo on."""
     return (k.unsplit is not None and k.task_shape is not None and cm.memo_rows
             and k.task_heads is None and not k.tree_masks and len(k.task_shape) > 0)
 
 
-def _unsplit_attention(cm: CostModel, k: AttentionKernel) -> TaskCosts:
-    """`attention(k)[0]` of a launch none of whose tiles is split, priced from its lengths
-    (AttentionKernel.unsplit): each tile, a shape, is over all the keys its last row sees,
-    a final output; a decode's is one token over its context, all of its KV from HBM (the
-    HBM fraction `attention_hbm_fraction` gives a sequence of one tile: exactly 1.0), the
-    rows RowMemo keeps in its decode tables; a prefill chunk's tiles share its sequence's
-    fraction, and the memo keeps them by their numbers. Each row's terms are what
-    `attention` prices it at (elementwise), in the same (tile) order: the same sums."""
+def unsplit_rows(cm: CostModel, k: AttentionKernel) -> LaunchRows:
+    """The rows `attention(k)[0]` prices a launch none of whose tiles is split at, from its
+    lengths (AttentionKernel.unsplit; `prices_from_lengths`): each tile, a shape, is over all
+    the keys its last row sees, a final output; a decode's is one token over its context, all
+    of its KV from HBM (the HBM fraction `attention_hbm_fraction` gives a sequence of one tile:
+    exactly 1.0), the rows RowMemo keeps in its decode tables; a prefill chunk's tiles share
+    its sequence's fraction, and the memo keeps them by their numbers. Each row's terms are
+    what `attention` prices it at (elementwise), in the same (tile) order: the same sums."""
     u = k.unsplit
     assert u is not None and k.task_shape is not None
     g, d, weight = k.group_size, k.head_dim, k.num_kv_heads
@@ -124,8 +139,8 @@ def _unsplit_attention(cm: CostModel, k: AttentionKernel) -> TaskCosts:
     p = u.prefill
     if p is None:  # a tile per sequence, over its context
         # (its tiles' tasks dealt a tile's KV heads in a row: task_shape repeats the order)
-        return decode_attention(cm, DecodeBatch(u.context_lens, k.task_shape[::weight],
-                                                u.decode_tile_rows, g, d, weight), stages)
+        return decode_rows(cm, DecodeBatch(u.context_lens, k.task_shape[::weight],
+                                           u.decode_tile_rows, g, d, weight), stages)
     memo = cm.row_memo(stages, g, d)
     keys = u.context_lens.repeat(u.num_tiles)
     keys[list(p.position)] = p.keys
@@ -146,32 +161,39 @@ def _unsplit_attention(cm: CostModel, k: AttentionKernel) -> TaskCosts:
         (n, q, r, True, True, fraction[s])
         for n, q, r, s in zip(p.keys, p.q_rows, p.tile_rows, p.seq, strict=True)])
     terms[:, list(p.position)] = memo.terms_at(columns)
-    return _unsplit_costs(cm, stages, terms, keys, d, weight, terms[0].take(k.task_shape))
+    return LaunchRows(stages, terms, None, keys, k.task_shape, 1, weight, d)
+
+
+def decode_rows(cm: CostModel, batch: DecodeBatch, stages: int = DECODE_STAGES) -> LaunchRows:
+    """The rows of a meta-kernel launch of decodes only, none of whose tiles is split, said by
+    `batch` (its kernel's lengths and dealt order), as `unsplit_rows` prices such a kernel (it
+    calls this): each decode's row, a column of the RowMemo's decode table of its context
+    length. stages: the launch's pipeline (`attention_stages`: 2 for the meta-kernel's
+    decodes)."""
+    keys = batch.context_lens
+    table = cm.row_memo(stages, batch.group_size, batch.head_dim).decode_table(
+        cm, float(batch.tile_rows), keys)
+    # (a tile's tasks, one per KV head, dealt in a row: the order's rows repeated)
+    return LaunchRows(stages, table, keys, keys, batch.order, batch.num_kv_heads,
+                      batch.num_kv_heads, batch.head_dim)
 
 
 def decode_attention(cm: CostModel, batch: DecodeBatch, stages: int = DECODE_STAGES) -> TaskCosts:
-    """`attention(k)[0]` of a meta-kernel launch of decodes only, none of whose tiles is
-    split, said by `batch` (its kernel's lengths and dealt order), as `_unsplit_attention`
-    prices such a kernel (it calls this): each decode's row from the RowMemo's decode table
-    of its context length. stages: the launch's pipeline (`attention_stages`: 2 for the
-    meta-kernel's decodes)."""
-    keys = batch.context_lens
-    memo = cm.row_memo(stages, batch.group_size, batch.head_dim)
-    terms = memo.decode_terms(cm, float(batch.tile_rows), keys)
-    weight = batch.num_kv_heads
-    # (a tile's tasks, one per KV head, dealt in a row: the order's rows repeated)
-    cycles = terms[0].take(batch.order).repeat(weight)
-    return _unsplit_costs(cm, stages, terms, keys, batch.head_dim, weight, cycles)
+    """`attention(k)[0]` of a meta-kernel launch of decodes only that `batch` says
+    (`decode_rows`)."""
+    return launch_costs(cm, decode_rows(cm, batch, stages))
 
 
-def _unsplit_costs(cm: CostModel, stages: int, terms: np.ndarray, keys: np.ndarray, head_dim: int,
-                   weight: int, cycles: np.ndarray) -> TaskCosts:
-    """`_attention_costs` of an unsplit launch's tiles, priced `terms`, over `keys` (int64,
-    per tile), each tile a shape of `weight` tasks, whose cycles in dealt order are
-    `cycles`."""
+def launch_costs(cm: CostModel, rows: LaunchRows) -> TaskCosts:
+    """`_attention_costs` of an unsplit launch's rows: each a shape of `rows.weight` tasks."""
+    terms = rows.terms if rows.columns is None else rows.terms.take(rows.columns, axis=1)
+    cycles = terms[0].take(rows.order)  # every task's, in dealt order
+    if rows.repeat != 1:
+        cycles = cycles.repeat(rows.repeat)
     # the keys' sum, a whole number below 2^53: the float64 sum `attention` takes, exactly
-    total_kv = weight * (2 * float(np.add.reduce(keys)) * head_dim * cm.bytes)
-    return _attention_costs(cm, head_dim, cycles, stages, terms, weight, total_kv, None)
+    total_kv = rows.weight * (2 * float(np.add.reduce(rows.keys)) * rows.head_dim * cm.bytes)
+    return _attention_costs(cm, rows.head_dim, cycles, rows.stages, terms, rows.weight,
+                            total_kv, None)
 
 
 def _attention_costs(cm: CostModel, head_dim: int, cycles: np.ndarray, stages: int,

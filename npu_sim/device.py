@@ -33,9 +33,17 @@ import numpy as np
 
 from npu_sim.cost import CostModel, TaskCosts
 from npu_sim.cost_attention import DecodeBatch
+from npu_sim.cost_attention_launch import (
+    LaunchRows,
+    decode_rows,
+    launch_costs,
+    prices_from_lengths,
+    unsplit_rows,
+)
 from npu_sim.dealing import deal, dealt, kernel_timing, makespan
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
+from npu_sim.launch_sums import NativeLaunchSums
 from npu_sim.step_sums import (
     Launches,
     LaunchSums,
@@ -104,6 +112,7 @@ class Device:
                           VectorKernel: lambda *a, **k: kernels.run_vector(*a, **k),
                           CollectiveKernel: _run_collective}
         self.cost_model = CostModel(chip, dtype)  # dtype: the simulated operand dtype
+        self._native_sums = NativeLaunchSums(self.cost_model)  # (its attention launches' sums)
         self.num_launches: Counter[Primitive] = Counter()  # launches per primitive, ever
         self.num_tasks: Counter[Primitive] = Counter()  # tasks executed per primitive, ever
         self.total_sim_s = 0.0  # sum of the ended steps' sim_s
@@ -225,7 +234,7 @@ class Device:
         (CostModel.memo_rows), as pricing from lengths does."""
         template = self._step_template(shared)
         (num_launches,) = template.varying_counts
-        sums = self._mix_launch_sums(self.cost_model.decode_attention(decodes))
+        sums = self._rows_sums(decode_rows(self.cost_model, decodes))
         return self._counted_step(template, [(sums, num_launches)], num_requests)
 
     def _counted_step(self, template: StepTemplate,
@@ -285,8 +294,17 @@ class Device:
         without verify chunks priced straight from its lengths (AttentionKernel.unsplit)."""
         if (isinstance(kernel, AttentionKernel) and kernel.task_group is None
                 and not kernel.num_partial_slots):
+            if prices_from_lengths(self.cost_model, kernel):
+                return self._rows_sums(unsplit_rows(self.cost_model, kernel))
             return self._mix_launch_sums(self.cost_model.attention(kernel)[0])
         return self.time(kernel)
+
+    def _rows_sums(self, rows: LaunchRows) -> LaunchSums:
+        """`_mix_launch_sums` of the launch whose rows are `rows`: in C where the simulator's
+        library is built (npu_sim.launch_sums), else of their costs in numpy: the same bits."""
+        sums = self._native_sums(rows)
+        return sums if sums is not None else self._mix_launch_sums(
+            launch_costs(self.cost_model, rows))
 
     def _mix_launch_sums(self, main: TaskCosts) -> LaunchSums:
         """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch without combine

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from engine.lowering import lower_gemm
+from npu_sim import native_build
 from npu_sim.hardware import get_chip
 from npu_sim.kernels import PackedWeight, native, pack_quantized, pack_weight, quant, run_gemm
 from tests.npu_sim.test_native_kernels import _with_threads
@@ -312,12 +313,13 @@ def test_a_failed_native_build_falls_back_with_a_warning(
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh build, in its own cache
-    monkeypatch.setattr(native, "_ARCH_FLAGS", ((),))
-    with caplog.at_level("WARNING", logger=native.__name__):
-        assert native._load() is not None
+    monkeypatch.setattr(native_build, "_ARCH_FLAGS", ((),))
+    with caplog.at_level("WARNING", logger=native_build.__name__):
+        assert native_build.load(native._KERNELS) is not None
     assert not caplog.records, caplog.text
-    monkeypatch.setattr(native, "_ARCH_FLAGS", (("-mno-such-target-flag",), ()))
-    with caplog.at_level("WARNING", logger=native.__name__):
-        assert native._load() is not None  # the portable build, cached by the first load
+    monkeypatch.setattr(native_build, "_ARCH_FLAGS", (("-mno-such-target-flag",), ()))
+    with caplog.at_level("WARNING", logger=native_build.__name__):
+        # the portable build, cached by the first load
+        assert native_build.load(native._KERNELS) is not None
     assert any("built with no -march only" in r.getMessage() and "no-such-target-flag"
                in r.getMessage() for r in caplog.records), caplog.text

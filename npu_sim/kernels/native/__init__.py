@@ -15,13 +15,11 @@ throughout. decoder.c replays a whole step's decoder layers, those same calls in
 (npu_sim.kernels.replay). caps.py says which instruction-set paths the build has, for the engine's
 dtype and weight-format choices.
 
-The library is built with the system C compiler (`cc`, or $CC; -march=native unless
-XYSERVE_NATIVE_GENERIC=1) into the user's cache (`$XDG_CACHE_HOME/xyserve`, default
-`~/.cache/xyserve`), keyed by the source, the flags and the CPU, so a later process loads it at
-once. Without a compiler, or with XYSERVE_NATIVE_KERNELS=0, `lib()` is None and every wrapper
-returns None / False: the callers then take their ATen path. Each wrapper also declines
-(returns None / False) operands it does not handle (another dtype, a non-unit inner stride), so
-callers can always fall back.
+The library is built with the system C compiler on first use and cached per CPU
+(npu_sim.native_build). Without a compiler, or with XYSERVE_NATIVE_KERNELS=0, `lib()` is None
+and every wrapper returns None / False: the callers then take their ATen path. Each wrapper also
+declines (returns None / False) operands it does not handle (another dtype, a non-unit inner
+stride), so callers can always fall back.
 
 The parallel regions run on torch's OpenMP threads. Start the process with
 OMP_WAIT_POLICY=PASSIVE on a machine other work shares: libgomp's idle threads otherwise spin,
@@ -33,19 +31,12 @@ the back-to-back regions of a step. libgomp reads both once, when torch loads it
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import logging
-import os
 import pathlib
-import platform
-import subprocess
-import tempfile
-import threading
-from collections.abc import Iterator
 
 import torch
+
+from npu_sim import native_build
 
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
                  for f in ("cpu_kernels.c", "attention.c", "attention_chunk.c", "gemm.c",
@@ -61,9 +52,6 @@ _HEADERS = tuple(pathlib.Path(__file__).with_name(f)
 # loaded (see gemm.c).
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
           "-fno-trapping-math")
-_ARCH_FLAGS = (("-march=native",), ())  # the first that compiles
-# XYSERVE_NATIVE_GENERIC=1 builds without -march=native: the portable loops that stand in for
-# the AVX2 / F16C intrinsics (simd.h) run here too, so tests can check them on any machine.
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 ATTN_BF16_MATMUL = 1  # the attention kernels' flag: AMX tiles allowed (attention_amx.h)
@@ -94,103 +82,18 @@ _SIGNATURES = {
     "xy_decoder_layers": (ctypes.c_int, [_P, _P, _P]),
 }
 
-logger = logging.getLogger(__name__)
-_lock = threading.Lock()
-_state: dict[str, ctypes.CDLL | None] = {}
 
-
-def enabled() -> bool:
-    """Whether the environment allows the native kernels (XYSERVE_NATIVE_KERNELS != 0)."""
-    return os.environ.get("XYSERVE_NATIVE_KERNELS", "1") != "0"
+# The kernels' library (npu_sim.native_build builds, caches and loads it)
+_KERNELS = native_build.Library("cpu_kernels", _SOURCES, _HEADERS, _FLAGS, _SIGNATURES,
+                                "the CPU fast path's C kernels")
+enabled = native_build.enabled
+disabled = native_build.disabled
 
 
 def lib() -> ctypes.CDLL | None:
     """The loaded library (built first if needed), or None where it is disabled or cannot be
     built here."""
-    if "lib" in _state:
-        return _state["lib"]
-    with _lock:
-        if "lib" not in _state:
-            _state["lib"] = _load() if enabled() else None
-        return _state["lib"]
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Within the block every wrapper declines, as without a compiler (the ATen paths run);
-    for comparisons and tests. Not thread-safe: it switches the process-wide library."""
-    lib()
-    before = _state["lib"]
-    _state["lib"] = None
-    try:
-        yield
-    finally:
-        _state["lib"] = before
-
-
-def _cpu_id() -> str:
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(lines)))
-
-
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(root) / "xyserve"
-
-
-def _load() -> ctypes.CDLL | None:
-    source = b"".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
-    compiler = os.environ.get("CC", "cc")
-    failures: list[str] = []  # why each build tried before failed, in order
-    generic = os.environ.get("XYSERVE_NATIVE_GENERIC", "0") == "1"
-    for arch in _ARCH_FLAGS[1:] if generic else _ARCH_FLAGS:
-        flags = (*_FLAGS, *arch)
-        key = hashlib.sha256(b"\0".join([source, " ".join((compiler, *flags)).encode(),
-                                         platform.machine().encode(), _cpu_id().encode()]))
-        path = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-        if not path.exists():
-            why = _build(compiler, flags, path)
-            if why:
-                failures.append(why)
-                continue
-            logger.info("built the CPU fast path's C kernels: %s", path)
-        try:
-            library = ctypes.CDLL(str(path))
-        except OSError as exc:
-            failures.append(str(exc))
-            continue
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(library, name)
-            fn.restype, fn.argtypes = restype, argtypes
-        if failures:  # a faster build failed: say so, it costs speed
-            logger.warning("CPU fast path's C kernels built with %s only (portable loops, "
-                           "slower) after: %s", " ".join(arch) or "no -march", failures[-1])
-        return library
-    logger.warning("CPU fast path without its C kernels (ATen only, slower): %s",
-                   failures[-1] if failures else "no build tried")
-    return None
-
-
-def _build(compiler: str, flags: tuple[str, ...], path: pathlib.Path) -> str:
-    """Compile into `path`; returns "" on success, else why not."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: concurrent processes never load a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        done = subprocess.run([compiler, *flags, "-o", tmp, *map(str, _SOURCES), "-lm"],
-                              capture_output=True, text=True, timeout=120, check=False)
-        if done.returncode != 0:
-            os.unlink(tmp)
-            return f"{compiler} failed: {done.stderr.strip()[-500:]}"
-        os.replace(tmp, path)
-        return ""
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"cannot build with {compiler}: {exc}"
+    return native_build.loaded(_KERNELS)
 
 
 # ------------------------------------------------------------------------------------ wrappers

@@ -1,0 +1,93 @@
+"""A meta-attention launch's LaunchSums in C: the timing-only simulator's costliest sums.
+
+Every simulated step times one attention launch of its own (the other kernels' sums are kept
+per shape: npu_sim.step_sums). Priced from its lengths (cost_attention_launch.LaunchRows), that
+launch is numpy's `launch_costs` (a term's sum over the rows, the K/V bytes) then the device's
+`_mix_launch_sums` (its tasks dealt to the AICs, their busy cycles, the bandwidth bounds): some
+25 numpy calls on arrays of a few hundred elements, ~25 us a step, the largest share of a
+simulated decode step. `NativeLaunchSums` does it in one call of a C library
+(npu_sim/launch_sums.c, built and loaded by npu_sim.native_build), every float operation
+numpy's in numpy's order: the same bits (tests/npu_sim/test_launch_sums.py holds the two to
+equality). Where the library cannot be built (no C compiler, XYSERVE_NATIVE_KERNELS=0) it
+declines and the device sums in numpy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pathlib
+
+import numpy as np
+
+from npu_sim import native_build
+from npu_sim.cost import CostModel
+from npu_sim.cost_attention_launch import DECODE_STAGES, LaunchRows
+from npu_sim.step_sums import LaunchSums
+from npu_sim.tasks import Primitive
+from npu_sim.trace import NUM_STEP_SUMS_SCALARS
+
+_ATTENTION = Primitive.ATTENTION.value
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+# One small source of its own (well under a second to build), not part of the CPU kernels'
+# library: a machine that only simulates needs neither their build nor torch.
+_LIBRARY = native_build.Library(
+    "launch_sums", (pathlib.Path(__file__).with_name("launch_sums.c"),), (),
+    # (-ffp-contract=off: no fused multiply-add where numpy rounds a product, then a sum)
+    ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"),
+    {"xy_launch_sums": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _I, _I, _P, _I, _I, _P])},
+    "the simulator's C launch sums")
+
+
+class NativeLaunchSums:
+    """LaunchSums of an unsplit meta-attention launch's rows on one cost model's chip, in C.
+    Calling it returns None where the library is not loaded (the caller then takes numpy)."""
+
+    def __init__(self, cm: CostModel) -> None:
+        c = cm.chip
+        self._cm = cm
+        self._num_cube, self._num_vector = c.num_cube_cores, c.num_vector_cores
+        self._size = NUM_STEP_SUMS_SCALARS + c.num_cube_cores + c.num_vector_cores
+        # launch_sums.c's constants per (stages, weight, head_dim), in its C_* order, with
+        # their address (numpy's .ctypes.data costs ~1 us a read)
+        self._consts: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}
+        self._table: np.ndarray | None = None  # the latest rows' terms, and their address
+        self._table_at = 0
+
+    def __call__(self, rows: LaunchRows) -> LaunchSums | None:
+        library = native_build.loaded(_LIBRARY)
+        if library is None:
+            return None
+        consts = self._consts.get((rows.stages, rows.weight, rows.head_dim))
+        if consts is None:
+            consts = self._constants(rows)
+        # (operands as the C reads them: contiguous int64; a decode's order is a view of the
+        # kernel's task order every `weight` tasks)
+        order = np.ascontiguousarray(rows.order, dtype=np.int64)
+        terms, keys, columns = rows.terms, rows.keys, rows.columns
+        keys_at = keys.ctypes.data
+        # (a decode's rows are its keys' columns of the memo's table: one address for both)
+        columns_at = None if columns is None else keys_at if columns is keys else (
+            columns.ctypes.data)
+        if terms is not self._table:  # (a decode table serves step after step)
+            self._table, self._table_at = terms, terms.ctypes.data
+        row = np.empty(self._size)
+        if library.xy_launch_sums(self._table_at, terms.shape[1], columns_at, len(keys),
+                                  keys_at, order.ctypes.data, len(order), rows.repeat,
+                                  consts[1], self._num_cube, self._num_vector, row.ctypes.data):
+            raise MemoryError("xy_launch_sums: no memory for its scratch")
+        return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._cm.chip.clock_hz,
+                          len(order) * rows.repeat, row)
+
+    def _constants(self, rows: LaunchRows) -> tuple[np.ndarray, int]:
+        """launch_sums.c's constants for rows of this pipeline, weight and head_dim, kept."""
+        cm, c = self._cm, self._cm.chip
+        values = np.array([
+            c.gm_latency_cycles,  # (the attention tasks' core overhead: _attention_costs)
+            c.cube_launch_s * c.clock_hz,
+            c.hbm_bytes_per_s / c.clock_hz,  # (dealing.makespan's rates)
+            c.l2_bytes_per_s / c.clock_hz,
+            rows.weight, rows.head_dim, cm.bytes, cm.aivs,
+            1.0 if rows.stages == DECODE_STAGES else 2.0,  # _attention_costs' cube_mult
+        ], dtype=np.float64)
+        kept = self._consts[rows.stages, rows.weight, rows.head_dim] = values, values.ctypes.data
+        return kept

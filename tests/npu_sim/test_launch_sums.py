@@ -1,0 +1,131 @@
+"""The simulator's C launch sums (npu_sim.launch_sums, launch_sums.c) are numpy's bit for bit:
+an attention launch's LaunchSums from its rows, for batches of decodes around every branch of
+numpy's pairwise summation (7, 8, 9, 128, 129 rows ...), for launches with prefill chunks, on
+two chips, both operand widths, MHA, GQA and a tensor-parallel shard; a device without the
+library sums in numpy and times steps the same."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.arch_presets import resolve_arch
+from engine.lowering import ChunkShape, lower_attention
+from engine.lowering_tp import shard_arch
+from engine.lowering_unsplit import lower_decodes
+from npu_sim import launch_sums, native_build
+from npu_sim.cost_attention_launch import (
+    LaunchRows,
+    decode_rows,
+    launch_costs,
+    prices_from_lengths,
+    unsplit_rows,
+)
+from npu_sim.device import Device
+from npu_sim.hardware import get_chip
+from npu_sim.launch_sums import NativeLaunchSums
+from npu_sim.step_sums import LaunchSums
+
+BLOCK = 128
+# around numpy's pairwise summation's branches: under 8, one block of 8 lanes and its rest,
+# the 128-element leaf, a split in two, several levels
+SIZES = (1, 2, 7, 8, 9, 15, 16, 17, 127, 128, 129, 130, 255, 256, 257, 300, 1000)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library() -> None:
+    if native_build.loaded(launch_sums._LIBRARY) is None:
+        pytest.skip("the simulator's C library cannot be built here")
+
+
+def _numpy(device: Device, rows: LaunchRows) -> LaunchSums:
+    return device._mix_launch_sums(launch_costs(device.cost_model, rows))
+
+
+def _same(native: LaunchSums | None, numpy: LaunchSums) -> None:
+    assert native is not None
+    assert native.primitive is numpy.primitive and native.primitive_name == numpy.primitive_name
+    assert native.seconds == numpy.seconds and native.num_tasks == numpy.num_tasks
+    # bit for bit: the same float64 values, zeros' signs included
+    assert native.step_sums.tobytes() == numpy.step_sums.tobytes()
+
+
+def _decodes(rng: random.Random, n: int, longest: int) -> np.ndarray:
+    return np.array([rng.randrange(0, longest) for _ in range(n)], dtype=np.int64)
+
+
+@pytest.mark.parametrize("model,tp", [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)])
+@pytest.mark.parametrize("chip_name,dtype", [("910b2", "bf16"), ("910b3", "fp32")])
+def test_decode_launches_sum_as_numpy_does(model: str, tp: int, chip_name: str,
+                                           dtype: str) -> None:
+    arch, chip = shard_arch(resolve_arch(model), tp), get_chip(chip_name)
+    device = Device(chip, compute=False, dtype=dtype)
+    native = NativeLaunchSums(device.cost_model)
+    rng = random.Random(len(model) * tp)
+    checked = 0
+    for n in SIZES:
+        for longest in (300, 4000, 30000):
+            batch = lower_decodes(_decodes(rng, n, longest), arch, chip, BLOCK)
+            if batch is None:  # a tile to split: priced from its tables, not its lengths
+                continue
+            rows = decode_rows(device.cost_model, batch)
+            _same(native(rows), _numpy(device, rows))
+            checked += 1
+    assert checked >= 2 * len(SIZES)
+
+
+@pytest.mark.parametrize("chip_name,dtype", [("910b2", "bf16"), ("910b3", "fp32")])
+def test_launches_with_prefill_chunks_sum_as_numpy_does(chip_name: str, dtype: str) -> None:
+    """A mixed step's launch: decodes and prefill chunks, its rows' terms the launch's own
+    (no table), dealt in the kernel's task order."""
+    arch, chip = resolve_arch("llama-3-8b"), get_chip(chip_name)
+    device = Device(chip, compute=False, dtype=dtype)
+    cm, native = device.cost_model, NativeLaunchSums(device.cost_model)
+    rng = random.Random(5)
+    checked = 0
+    for n in (0, 1, 9, 60, 200):
+        for chunk in ((0, 2048), (3000, 512), (100, 37)):
+            decodes = [ChunkShape(int(s), 1, tuple(range(-(-(int(s) + 1) // BLOCK))))
+                       for s in _decodes(rng, n, 8000)]
+            start, num = chunk
+            prefill = ChunkShape(start, num, tuple(range(-(-(start + num) // BLOCK))))
+            kernel = lower_attention([*decodes, prefill], arch, chip, BLOCK)
+            if not prices_from_lengths(cm, kernel):
+                continue
+            rows = unsplit_rows(cm, kernel)
+            assert rows.columns is None and rows.repeat == 1
+            _same(native(rows), _numpy(device, rows))
+            checked += 1
+    assert checked >= 10
+
+
+def test_without_the_library_the_device_sums_in_numpy() -> None:
+    """Disabled (as without a compiler), NativeLaunchSums declines, and a device times a decode
+    step the same."""
+    arch, chip = resolve_arch("llama-2-7b"), get_chip("910b2")
+    batch = lower_decodes(_decodes(random.Random(1), 100, 3000), arch, chip, BLOCK)
+    assert batch is not None
+    device = Device(chip, compute=False)
+    rows = decode_rows(device.cost_model, batch)
+    with_library = device._rows_sums(rows)
+    with native_build.disabled():
+        assert NativeLaunchSums(device.cost_model)(rows) is None
+        without = device._rows_sums(rows)
+    _same(with_library, without)
+
+
+def test_the_timing_only_path_loads_no_torch() -> None:
+    """The simulator's library is built and loaded without the CPU kernels' package (which
+    imports torch): a simulation that computes nothing stays light."""
+    code = ("import sys\n"
+            "from engine.timing_runner import build_timing_engine\n"
+            "from npu_sim import launch_sums, native_build\n"
+            "assert native_build.loaded(launch_sums._LIBRARY) is not None\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
