@@ -115,4 +115,3 @@ class CostModel:
     keep_gemm = cost_gemm.keep_gemm
     vector = cost_vector.vector
     attention = cost_attention_launch.attention
-    decode_attention = cost_attention_launch.decode_attention

@@ -53,7 +53,7 @@ NUM_TERMS = len(AttentionRows._fields)
 
 class DecodeBatch(NamedTuple):
     """A meta-attention launch of decodes only (a token each, no drafts), none of whose tiles
-    is split, as the cost model prices it (CostModel.decode_attention): what its kernel's
+    is split, as the cost model prices it (cost_attention_launch.decode_rows): what its kernel's
     `unsplit` and `task_shape` say of it, and the model shape, without the kernel (the
     timing-only runner's decode steps: engine.lowering_unsplit.lower_decodes)."""
 

@@ -6,8 +6,10 @@ that joins split tiles' partial outputs.
 
 npu_sim.cost_attention prices rows (a task's terms, the memo that keeps them); this module adds
 them up into a launch's costs. Functions of the CostModel (its chip, operand bytes, L2 share,
-row memos); CostModel binds `attention` and `decode_attention` as its methods. The assumptions
-behind them are in npu_sim.cost's docstring; masks beyond causality in npu_sim.cost_mask.
+row memos); CostModel binds `attention` as its method. A launch priced from its lengths is
+stated as its rows (`LaunchRows`), which `launch_costs` adds up here and npu_sim.launch_sums in
+C. The assumptions behind them are in npu_sim.cost's docstring; masks beyond causality in
+npu_sim.cost_mask.
 """
 
 from __future__ import annotations
@@ -176,12 +178,6 @@ def decode_rows(cm: CostModel, batch: DecodeBatch, stages: int = DECODE_STAGES) 
     # (a tile's tasks, one per KV head, dealt in a row: the order's rows repeated)
     return LaunchRows(stages, table, keys, keys, batch.order, batch.num_kv_heads,
                       batch.num_kv_heads, batch.head_dim)
-
-
-def decode_attention(cm: CostModel, batch: DecodeBatch, stages: int = DECODE_STAGES) -> TaskCosts:
-    """`attention(k)[0]` of a meta-kernel launch of decodes only that `batch` says
-    (`decode_rows`)."""
-    return launch_costs(cm, decode_rows(cm, batch, stages))
 
 
 def launch_costs(cm: CostModel, rows: LaunchRows) -> TaskCosts:

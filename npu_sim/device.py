@@ -230,8 +230,9 @@ class Device:
         the meta-attention `kernel` of a batch of decodes, none split, that `decodes` says
         (engine.lowering_unsplit.lower_decodes: the kernel's lengths and dealt order), timed
         from them without the kernel: the same StepTrace, bit for bit (`_launch_sums` prices
-        such a kernel by `cost_model.decode_attention` too). Needs the cost model's row memo
-        (CostModel.memo_rows), as pricing from lengths does."""
+        such a kernel from the same rows: cost_attention_launch.unsplit_rows calls
+        decode_rows). Needs the cost model's row memo (CostModel.memo_rows), as pricing from
+        lengths does."""
         template = self._step_template(shared)
         (num_launches,) = template.varying_counts
         sums = self._rows_sums(decode_rows(self.cost_model, decodes))
