@@ -4,8 +4,8 @@ Every simulated step times one attention launch of its own (the other kernels' s
 per shape: npu_sim.step_sums). Priced from its lengths (cost_attention_launch.LaunchRows), that
 launch is numpy's `launch_costs` (a term's sum over the rows, the K/V bytes) then the device's
 `_mix_launch_sums` (its tasks dealt to the AICs, their busy cycles, the bandwidth bounds): some
-25 numpy calls on arrays of a few hundred elements, ~25 us a step, the largest share of a
-simulated decode step. `NativeLaunchSums` does it in one call of a C library
+25 numpy calls on arrays of a few hundred elements, ~15 us for 60 decodes, the largest single
+piece of a simulated decode step's timing. `NativeLaunchSums` does it in one call of a C library
 (npu_sim/launch_sums.c, built and loaded by npu_sim.native_build), every float operation
 numpy's in numpy's order: the same bits (tests/npu_sim/test_launch_sums.py holds the two to
 equality). Where the library cannot be built (no C compiler, XYSERVE_NATIVE_KERNELS=0) it
