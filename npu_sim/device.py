@@ -18,9 +18,10 @@ further: what the kernels it shares with other steps add up to is kept per set o
 (npu_sim.step_sums), built, where no timeline is kept, from their GEMM and vector kernels'
 LaunchSums without a KernelTiming (`Device._shared_sums`: a new token count's kernels are read
 for its template alone), and only its attention kernels are timed and summed, a meta-attention
-launch without combine tasks without a KernelTiming (`Device._mix_launch_sums`; one without
-verify chunks priced from its sequences' lengths, npu_sim.cost); a step whose one own kernel
-is a launch of decodes is timed from their lengths alone, without the kernel (`time_decodes`).
+launch without combine tasks without a KernelTiming (npu_sim.launch_sums; one without verify
+chunks priced from its sequences' lengths, npu_sim.cost, and summed in C where it can be); a
+step whose one own kernel is a launch of decodes is timed from their lengths alone, without the
+kernel (`time_decodes`).
 """
 
 from __future__ import annotations
@@ -31,19 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from npu_sim.cost import CostModel, TaskCosts
+from npu_sim.cost import CostModel
 from npu_sim.cost_attention import DecodeBatch
-from npu_sim.cost_attention_launch import (
-    LaunchRows,
-    decode_rows,
-    launch_costs,
-    prices_from_lengths,
-    unsplit_rows,
-)
-from npu_sim.dealing import deal, dealt, kernel_timing, makespan
+from npu_sim.cost_attention_launch import decode_rows, prices_from_lengths, unsplit_rows
+from npu_sim.dealing import dealt, kernel_timing
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
-from npu_sim.launch_sums import NativeLaunchSums
+from npu_sim.launch_sums import AttentionLaunchSums, mix_launch_sums
 from npu_sim.step_sums import (
     Launches,
     LaunchSums,
@@ -84,7 +79,6 @@ _STEP_CACHE_LIMIT = 4096  # launches outside begin/end_step: forget old kernels 
 # An engine step is a few hundred launches; a caller that never calls end_step would grow the
 # open step forever, so past this many launches it is restarted (its launches dropped).
 _MAX_OPEN_LAUNCHES = 1 << 16
-_ATTENTION = Primitive.ATTENTION.value  # (an enum's value is a Python-level property)
 
 
 class Device:
@@ -112,7 +106,8 @@ class Device:
                           VectorKernel: lambda *a, **k: kernels.run_vector(*a, **k),
                           CollectiveKernel: _run_collective}
         self.cost_model = CostModel(chip, dtype)  # dtype: the simulated operand dtype
-        self._native_sums = NativeLaunchSums(self.cost_model)  # (its attention launches' sums)
+        # a timing-only step's attention launch, summed from its rows (in C where it can be)
+        self._attention_sums = AttentionLaunchSums(self.cost_model)
         self.num_launches: Counter[Primitive] = Counter()  # launches per primitive, ever
         self.num_tasks: Counter[Primitive] = Counter()  # tasks executed per primitive, ever
         self.total_sim_s = 0.0  # sum of the ended steps' sim_s
@@ -235,7 +230,7 @@ class Device:
         lengths does."""
         template = self._step_template(shared)
         (num_launches,) = template.varying_counts
-        sums = self._rows_sums(decode_rows(self.cost_model, decodes))
+        sums = self._attention_sums(decode_rows(self.cost_model, decodes))
         return self._counted_step(template, [(sums, num_launches)], num_requests)
 
     def _counted_step(self, template: StepTemplate,
@@ -291,45 +286,15 @@ class Device:
     def _launch_sums(self, kernel: Kernel) -> KernelTiming | LaunchSums:
         """What a step's sums read of `kernel`'s timing: `time(kernel)`, or for a meta-attention
         launch without combine tasks (every launch of a simulation but those with split KV
-        spans), its LaunchSums without the rest of the KernelTiming (`_mix_launch_sums`): one
-        without verify chunks priced straight from its lengths (AttentionKernel.unsplit)."""
+        spans), its LaunchSums without the rest of the KernelTiming
+        (npu_sim.launch_sums.mix_launch_sums): one without verify chunks from its rows, priced
+        straight from its lengths (AttentionKernel.unsplit), in C where it can be."""
         if (isinstance(kernel, AttentionKernel) and kernel.task_group is None
                 and not kernel.num_partial_slots):
             if prices_from_lengths(self.cost_model, kernel):
-                return self._rows_sums(unsplit_rows(self.cost_model, kernel))
-            return self._mix_launch_sums(self.cost_model.attention(kernel)[0])
+                return self._attention_sums(unsplit_rows(self.cost_model, kernel))
+            return mix_launch_sums(self.cost_model, self.cost_model.attention(kernel)[0])
         return self.time(kernel)
-
-    def _rows_sums(self, rows: LaunchRows) -> LaunchSums:
-        """`_mix_launch_sums` of the launch whose rows are `rows`: in C where the simulator's
-        library is built (npu_sim.launch_sums), else of their costs in numpy: the same bits."""
-        sums = self._native_sums(rows)
-        return sums if sums is not None else self._mix_launch_sums(
-            launch_costs(self.cost_model, rows))
-
-    def _mix_launch_sums(self, main: TaskCosts) -> LaunchSums:
-        """`time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch without combine
-        tasks whose tasks cost `main` (`cost_model.attention(kernel)[0]`), without the rest of
-        the KernelTiming: its one phase of mix tasks dealt in the symmetric round robin, and
-        the sums time() takes, each the same IEEE operation on the same operands (time() also
-        adds the empty combine phase's zeros and starts its busy arrays from zeros, which
-        changes no bit of these non-negative sums)."""
-        c = self.chip
-        core, block = deal(len(main.cycles), c.num_cube_cores, symmetric=True)
-        busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
-        busy[:block] += main.core_overhead_cycles
-        hbm_bytes = main.hbm_read_bytes + main.hbm_write_bytes
-        span, _, stretch = makespan(float(np.maximum.reduce(busy)), hbm_bytes,
-                                    main.l2_bytes, c)
-        if stretch != 1.0:
-            busy = busy * stretch
-        cycles = c.cube_launch_s * c.clock_hz + span
-        # (an AIC's mix task keeps its AIVs busy as long)
-        row = step_sums_row([cycles, main.cube_active_cycles, main.vector_active_cycles,
-                             hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
-                            busy, busy.repeat(self.cost_model.aivs)[:c.num_vector_cores])
-        return LaunchSums(Primitive.ATTENTION, _ATTENTION, cycles / c.clock_hz,
-                          len(main.cycles), row)
 
     def _head_template(self, head: Launches) -> StepTemplate:
         """The template of the head of shared launches (npu_sim.step_sums), built on its first

@@ -1,7 +1,7 @@
 /* The timing-only simulator's costliest per-step sum, in C: a meta-attention launch without
  * combine tasks, from its rows' cost terms to the row it adds to its step's sums
- * (npu_sim.launch_sums: what cost_attention_launch._attention_costs and
- * npu_sim.device.Device._mix_launch_sums compute in numpy, bit for bit).
+ * (npu_sim.launch_sums: what cost_attention_launch.launch_costs and
+ * npu_sim.launch_sums.mix_launch_sums compute in numpy, bit for bit).
  *
  * A simulated step of decodes prices ~50-250 attention tiles; in numpy that is ~25 calls of
  * ~1 us on arrays that small, the largest share of a simulated decode step. Here it is one call.
@@ -92,7 +92,7 @@ int xy_launch_sums(const double *terms, int64_t stride, const int64_t *gather, i
     double cube_macs = w * s[T_ISSUED];
     double useful = ((w * consts[C_CUBE_MULT]) * s[T_USEFUL]) * d;
 
-    /* _mix_launch_sums: the tasks dealt in the symmetric round robin, each core's busy cycles
+    /* mix_launch_sums: the tasks dealt in the symmetric round robin, each core's busy cycles
      * its tasks' in task order (np.bincount), the block's cores paying their overhead */
     int64_t num_tasks = num_order * repeat;
     int64_t block = num_tasks < num_cube ? num_tasks : num_cube;

@@ -1,15 +1,19 @@
-"""A meta-attention launch's LaunchSums in C: the timing-only simulator's costliest sums.
+"""A timing-only step's own attention launch, summed: numpy, and the same bits in C.
 
-Every simulated step times one attention launch of its own (the other kernels' sums are kept
-per shape: npu_sim.step_sums). Priced from its lengths (cost_attention_launch.LaunchRows), that
-launch is numpy's `launch_costs` (a term's sum over the rows, the K/V bytes) then the device's
-`_mix_launch_sums` (its tasks dealt to the AICs, their busy cycles, the bandwidth bounds): some
-25 numpy calls on arrays of a few hundred elements, ~15 us for 60 decodes, the largest single
-piece of a simulated decode step's timing. `NativeLaunchSums` does it in one call of a C library
+A timing-only step keeps what the kernels it shares with other steps add to its sums
+(npu_sim.step_sums); its own attention launch is summed afresh, without a KernelTiming:
+`mix_launch_sums` of the launch's TaskCosts, the numbers `Device.time` would give (its tasks
+dealt to the AICs in the symmetric round robin, their busy cycles, the HBM and L2 bounds, the
+row the launch adds to the step).
+
+A launch priced from its lengths (cost_attention_launch.LaunchRows: every step of a simulation
+but those with split KV spans or drafts) is `mix_launch_sums(launch_costs(rows))`: ~25 numpy
+calls on arrays of a few hundred elements, ~15 us for 60 decodes, the largest single piece of
+a simulated decode step's timing. `AttentionLaunchSums` does it in one call of a C library
 (npu_sim/launch_sums.c, built and loaded by npu_sim.native_build), every float operation
 numpy's in numpy's order: the same bits (tests/npu_sim/test_launch_sums.py holds the two to
-equality). Where the library cannot be built (no C compiler, XYSERVE_NATIVE_KERNELS=0) it
-declines and the device sums in numpy.
+equality). Where the library cannot be built (no C compiler, XYSERVE_NATIVE_KERNELS=0) it takes
+numpy.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import pathlib
 import numpy as np
 
 from npu_sim import native_build
-from npu_sim.cost import CostModel
-from npu_sim.cost_attention_launch import DECODE_STAGES, LaunchRows
+from npu_sim.cost import CostModel, TaskCosts
+from npu_sim.cost_attention_launch import DECODE_STAGES, LaunchRows, launch_costs
+from npu_sim.dealing import deal, makespan
 from npu_sim.step_sums import LaunchSums
 from npu_sim.tasks import Primitive
-from npu_sim.trace import NUM_STEP_SUMS_SCALARS
+from npu_sim.trace import NUM_STEP_SUMS_SCALARS, step_sums_row
 
-_ATTENTION = Primitive.ATTENTION.value
+_ATTENTION = Primitive.ATTENTION.value  # (an enum's value is a Python-level property)
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 # One small source of its own (well under a second to build), not part of the CPU kernels'
 # library: a machine that only simulates needs neither their build nor torch.
@@ -38,9 +43,33 @@ _LIBRARY = native_build.Library(
     "the simulator's C launch sums")
 
 
-class NativeLaunchSums:
-    """LaunchSums of an unsplit meta-attention launch's rows on one cost model's chip, in C.
-    Calling it returns None where the library is not loaded (the caller then takes numpy)."""
+def mix_launch_sums(cm: CostModel, main: TaskCosts) -> LaunchSums:
+    """`Device.time(kernel)`'s LaunchSums, bit for bit, for a meta-attention launch without
+    combine tasks whose tasks cost `main` (`cm.attention(kernel)[0]`), without the rest of the
+    KernelTiming: its one phase of mix tasks dealt in the symmetric round robin, and the sums
+    time() takes, each the same IEEE operation on the same operands (time() also adds the
+    empty combine phase's zeros and starts its busy arrays from zeros, which changes no bit of
+    these non-negative sums)."""
+    c = cm.chip
+    core, block = deal(len(main.cycles), c.num_cube_cores, symmetric=True)
+    busy = np.bincount(core, weights=main.cycles, minlength=c.num_cube_cores)
+    busy[:block] += main.core_overhead_cycles
+    hbm_bytes = main.hbm_read_bytes + main.hbm_write_bytes
+    span, _, stretch = makespan(float(np.maximum.reduce(busy)), hbm_bytes, main.l2_bytes, c)
+    if stretch != 1.0:
+        busy = busy * stretch
+    cycles = c.cube_launch_s * c.clock_hz + span
+    # (an AIC's mix task keeps its AIVs busy as long)
+    row = step_sums_row([cycles, main.cube_active_cycles, main.vector_active_cycles,
+                         hbm_bytes, main.flops, main.cube_macs, main.useful_cube_macs],
+                        busy, busy.repeat(cm.aivs)[:c.num_vector_cores])
+    return LaunchSums(Primitive.ATTENTION, _ATTENTION, cycles / c.clock_hz, len(main.cycles),
+                      row)
+
+
+class AttentionLaunchSums:
+    """`mix_launch_sums(cm, launch_costs(cm, rows))` of an unsplit meta-attention launch's
+    rows, on one cost model: in C where the library loads (`native`), else in numpy."""
 
     def __init__(self, cm: CostModel) -> None:
         c = cm.chip
@@ -53,7 +82,13 @@ class NativeLaunchSums:
         self._table: np.ndarray | None = None  # the latest rows' terms, and their address
         self._table_at = 0
 
-    def __call__(self, rows: LaunchRows) -> LaunchSums | None:
+    def __call__(self, rows: LaunchRows) -> LaunchSums:
+        sums = self.native(rows)
+        return sums if sums is not None else mix_launch_sums(self._cm,
+                                                             launch_costs(self._cm, rows))
+
+    def native(self, rows: LaunchRows) -> LaunchSums | None:
+        """The LaunchSums in C; None where the library is not loaded."""
         library = native_build.loaded(_LIBRARY)
         if library is None:
             return None

@@ -129,7 +129,7 @@ def _launch_sums(timing) -> LaunchSums:
 def test_decode_steps_sum_what_their_kernel_timings_do(model: str, tp: int,
                                                        chip_name: str) -> None:
     """A timing-only step of a decode-only batch sums its attention launch from the context
-    lengths (Device._mix_launch_sums) without a KernelTiming: the same LaunchSums as the
+    lengths (npu_sim.launch_sums.mix_launch_sums) without a KernelTiming: the same LaunchSums as the
     launch's timing, and the same StepTrace, every field, as launching every kernel, with the
     row memo cold and warm, bound by the cores and by HBM."""
     arch, chip = resolve_arch(model), get_chip(chip_name)
@@ -189,7 +189,7 @@ def _mixed(rng: random.Random, decodes: int, prefills: int, longest: int) -> lis
 def test_mixed_launches_sum_what_their_kernel_timings_do(model: str, tp: int,
                                                          chip_name: str) -> None:
     """A meta-attention launch without combine tasks, of a batch mixing prefill, verify and
-    decode chunks, is summed without a KernelTiming (Device._mix_launch_sums): the same
+    decode chunks, is summed without a KernelTiming (npu_sim.launch_sums.mix_launch_sums): the same
     LaunchSums as its timing, with the row memo cold and warm, bound by the cores and by HBM;
     a launch with split KV spans takes its timing."""
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip(chip_name)

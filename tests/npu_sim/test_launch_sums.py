@@ -27,7 +27,7 @@ from npu_sim.cost_attention_launch import (
 )
 from npu_sim.device import Device
 from npu_sim.hardware import get_chip
-from npu_sim.launch_sums import NativeLaunchSums
+from npu_sim.launch_sums import AttentionLaunchSums, mix_launch_sums
 from npu_sim.step_sums import LaunchSums
 
 BLOCK = 128
@@ -43,7 +43,7 @@ def _library() -> None:
 
 
 def _numpy(device: Device, rows: LaunchRows) -> LaunchSums:
-    return device._mix_launch_sums(launch_costs(device.cost_model, rows))
+    return mix_launch_sums(device.cost_model, launch_costs(device.cost_model, rows))
 
 
 def _same(native: LaunchSums | None, numpy: LaunchSums) -> None:
@@ -64,7 +64,7 @@ def test_decode_launches_sum_as_numpy_does(model: str, tp: int, chip_name: str,
                                            dtype: str) -> None:
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip(chip_name)
     device = Device(chip, compute=False, dtype=dtype)
-    native = NativeLaunchSums(device.cost_model)
+    native = AttentionLaunchSums(device.cost_model).native
     rng = random.Random(len(model) * tp)
     checked = 0
     for n in SIZES:
@@ -84,7 +84,7 @@ def test_launches_with_prefill_chunks_sum_as_numpy_does(chip_name: str, dtype: s
     (no table), dealt in the kernel's task order."""
     arch, chip = resolve_arch("llama-3-8b"), get_chip(chip_name)
     device = Device(chip, compute=False, dtype=dtype)
-    cm, native = device.cost_model, NativeLaunchSums(device.cost_model)
+    cm, native = device.cost_model, AttentionLaunchSums(device.cost_model).native
     rng = random.Random(5)
     checked = 0
     for n in (0, 1, 9, 60, 200):
@@ -104,17 +104,18 @@ def test_launches_with_prefill_chunks_sum_as_numpy_does(chip_name: str, dtype: s
 
 
 def test_without_the_library_the_device_sums_in_numpy() -> None:
-    """Disabled (as without a compiler), NativeLaunchSums declines, and a device times a decode
-    step the same."""
+    """Disabled (as without a compiler), the C path declines, and a device sums a decode launch
+    the same."""
     arch, chip = resolve_arch("llama-2-7b"), get_chip("910b2")
     batch = lower_decodes(_decodes(random.Random(1), 100, 3000), arch, chip, BLOCK)
     assert batch is not None
     device = Device(chip, compute=False)
     rows = decode_rows(device.cost_model, batch)
-    with_library = device._rows_sums(rows)
+    sums = AttentionLaunchSums(device.cost_model)
+    with_library = sums(rows)
     with native_build.disabled():
-        assert NativeLaunchSums(device.cost_model)(rows) is None
-        without = device._rows_sums(rows)
+        assert sums.native(rows) is None
+        without = sums(rows)
     _same(with_library, without)
 
 

@@ -121,8 +121,8 @@ def _same(a, b) -> None:
 def test_unsplit_launches_time_and_sum_as_their_tables_do(model: str, tp: int,
                                                           chip_name: str) -> None:
     """The timing of a launch priced from its lengths is its tables' (every field), and so are
-    the step sums a timing-only step takes of it without a KernelTiming (Device.
-    _mix_launch_sums), with the row memo cold and warm, over 3- and 4-stage launches."""
+    the step sums a timing-only step takes of it without a KernelTiming
+    (npu_sim.launch_sums), with the row memo cold and warm, over 3- and 4-stage launches."""
     arch, chip = shard_arch(resolve_arch(model), tp), get_chip(chip_name)
     fast, general = Device(chip, compute=False), Device(chip, compute=False)
     summed, launched = Device(chip, compute=False), Device(chip, compute=False)
