@@ -4,7 +4,8 @@
  * npu_sim.launch_sums.mix_launch_sums compute in numpy, bit for bit).
  *
  * A simulated step of decodes prices ~50-250 attention tiles; in numpy that is ~25 calls of
- * ~1 us on arrays that small, the largest share of a simulated decode step. Here it is one call.
+ * ~1 us on arrays that small, the largest single piece of a decode step's timing. Here it is
+ * one call.
  * Every float operation is numpy's, in numpy's order, on the same operands:
  *   - a term's sum over the rows is numpy's float64 add.reduce of a contiguous row: pairwise
  *     summation (pairwise_sum below, numpy 2.x's loop, blocks of 8 lanes up to 128 elements);
@@ -122,7 +123,8 @@ int xy_launch_sums(const double *terms, int64_t stride, const int64_t *gather, i
     double scalars[7] = {consts[C_LAUNCH_CYCLES] + span, cube_active, vector_active, hbm_bytes,
                          flops, cube_macs, useful};
     for (int k = 0; k < 7; k++) row[k] = scalars[k];
-    for (int64_t c = 0; c < num_cube; c++) row[7 + c] = stretch != 1.0 ? busy[c] * stretch : busy[c];
+    for (int64_t c = 0; c < num_cube; c++)
+        row[7 + c] = stretch != 1.0 ? busy[c] * stretch : busy[c];
     int64_t aivs = (int64_t)consts[C_AIVS];
     for (int64_t v = 0; v < num_vector; v++) row[7 + num_cube + v] = row[7 + v / aivs];
     free(t);
