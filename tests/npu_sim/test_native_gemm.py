@@ -112,6 +112,21 @@ def test_thread_count_invariant_and_strided_rows(fmt: str, m: int) -> None:
     assert_fp32_product(one, _as_read(fmt, x), w, None)
 
 
+@pytest.mark.parametrize("m", [700, 710])
+def test_a_long_product_is_its_row_blocks_products(m: int) -> None:
+    """A prefill-sized bf16 product (rows in L2-sized chunks on AMX: several chunks at k = 1536,
+    with or without a last lone 16-row block) is, bit for bit, its rows multiplied 32 at a time
+    and on one thread or two: each output column's sums do not depend on the grouping."""
+    panels, w = _weight("bf16", 200, 1536, seed=m)
+    x = torch.randn(m, 1536, generator=torch.Generator().manual_seed(m))
+    whole = _with_threads(2, lambda: native.gemm(x, panels, None))
+    assert torch.equal(whole, _with_threads(1, lambda: native.gemm(x, panels, None)))
+    blocks = torch.cat([native.gemm(x[r:r + 32].contiguous(), panels, None)
+                        for r in range(0, m, 32)])
+    assert torch.equal(whole, blocks)
+    assert_fp32_product(whole, _as_read("bf16", x), w, None)
+
+
 def test_writes_into_out() -> None:
     panels, w = _weight("q4_1", 40, 64, seed=4)
     x, out = torch.randn(3, 64), torch.full((3, 48), 7.0)
