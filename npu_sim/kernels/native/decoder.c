@@ -140,29 +140,86 @@ static int attention(const xy_dims *m, const xy_layer *l, const xy_step *s) {
     return rc;
 }
 
-/* The layers as the launch-by-launch path runs them: each kernel with its own parallel region. */
-static int layers_by_kernel(const xy_dims *m, const xy_layer *layers, const xy_step *s) {
-    int64_t t = s->num_tokens, h = m->hidden, d = m->head_dim;
+/* This thread's share [*b, *e) of `total` items. */
+static void share(int64_t total, int tid, int nth, int64_t *b, int64_t *e) {
+    *b = total * tid / nth;
+    *e = total * (tid + 1) / nth;
+}
+
+/* Rows per thread from which a step's row-wise kernels (RoPE, KV write, add + RMSNorm,
+ * SiLU-mul) split their rows over the threads: one kernel of 16 rows takes ~10-100 us, a
+ * region's fork and join a few. */
+#define MIN_ROWS_PER_THREAD 8
+
+/* The threads a row-wise kernel of the step splits its rows over (1: the calling thread). */
+static int row_threads(const xy_step *s) {
+    int64_t nth = s->num_tokens / MIN_ROWS_PER_THREAD;
+    return nth < 2 ? 1 : nth < s->num_threads ? (int)nth : (int)s->num_threads;
+}
+
+/* One of a layer's row-wise launches between two GEMMs (`op`) on rows [b, e), each row
+ * computed as the kernel computes it: the same numbers however the rows are split. Returns the
+ * KV write's code (0 for the others). */
+enum { ROW_ROPE_KV, ROW_POST_ATTN_NORM, ROW_SILU, ROW_NEXT_NORM };
+
+static int row_kernels(int op, const xy_dims *m, const xy_layer *l, const xy_step *s,
+                       int64_t b, int64_t e) {
+    int64_t h = m->hidden, d = m->head_dim, n = e - b, qkv_n = l->qkv.n, inter = m->inter;
     int64_t q_cols = m->num_heads * d, kv_cols = m->num_kv_heads * d;
+    if (n <= 0) return 0;
+    switch (op) {
+    case ROW_ROPE_KV: {
+        float *qkv = s->qkv + b * qkv_n;
+        /* q's and k's heads are adjacent in each qkv row: one rotation over Hq + Hkv heads */
+        xy_rope(qkv, qkv_n, d, m->num_heads + m->num_kv_heads, s->cos + b * d, s->sin + b * d,
+                d, n, d);
+        return xy_kv_write(qkv + q_cols, qkv + q_cols + kv_cols, qkv_n, l->k_cache, l->v_cache,
+                           m->num_blocks * m->block_size, s->slots + b, n, kv_cols,
+                           (int)m->kv_dtype);
+    }
+    case ROW_POST_ATTN_NORM:
+        xy_add_rmsnorm(s->o + b * h, h, s->residual + b * h, h, l->post_attn_norm,
+                       s->x + b * h, h, n, h, m->eps);
+        return 0;
+    case ROW_SILU:
+        xy_silu_mul(s->gate_up + b * 2 * inter, 2 * inter, s->act + b * inter, inter, n, inter);
+        return 0;
+    default:
+        xy_add_rmsnorm(s->down + b * h, h, s->residual + b * h, h, l->next_norm, s->x + b * h,
+                       h, n, h, m->eps);
+        return 0;
+    }
+}
+
+/* row_kernels over every row of the step, split over row_threads(s) threads. */
+static int rows_split(int op, const xy_dims *m, const xy_layer *l, const xy_step *s) {
+    int nth = row_threads(s);
+    if (nth == 1) return row_kernels(op, m, l, s, 0, s->num_tokens);
+    int rc = 0;
+#pragma omp parallel num_threads(nth) reduction(min : rc)
+    {
+        int64_t b, e;
+        share(s->num_tokens, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+        rc = row_kernels(op, m, l, s, b, e);
+    }
+    return rc;
+}
+
+/* The layers as the launch-by-launch path runs them: each kernel with its own parallel region
+ * (the row-wise kernels too, where the step has rows enough: a prefill chunk's). */
+static int layers_by_kernel(const xy_dims *m, const xy_layer *layers, const xy_step *s) {
     int rc;
     for (int64_t i = 0; i < m->num_layers; i++) {
         const xy_layer *l = layers + i;
-        int64_t qkv_n = l->qkv.n;
         if ((rc = gemm(&l->qkv, s->x, s->qkv, s))) return rc - 100;
-        /* q's and k's heads are adjacent in each qkv row: one rotation over Hq + Hkv heads */
-        xy_rope(s->qkv, qkv_n, d, m->num_heads + m->num_kv_heads, s->cos, s->sin, d, t, d);
-        if ((rc = xy_kv_write(s->qkv + q_cols, s->qkv + q_cols + kv_cols, qkv_n, l->k_cache,
-                              l->v_cache, m->num_blocks * m->block_size, s->slots, t, kv_cols,
-                              (int)m->kv_dtype)))
-            return rc - 200;
+        if ((rc = rows_split(ROW_ROPE_KV, m, l, s))) return rc - 200;
         if ((rc = attention(m, l, s))) return rc - 300;
         if ((rc = gemm(&l->o, s->attn, s->o, s))) return rc - 400;
-        xy_add_rmsnorm(s->o, h, s->residual, h, l->post_attn_norm, s->x, h, t, h, m->eps);
+        rows_split(ROW_POST_ATTN_NORM, m, l, s);
         if ((rc = gemm(&l->gate_up, s->x, s->gate_up, s))) return rc - 500;
-        xy_silu_mul(s->gate_up, 2 * m->inter, s->act, m->inter, t, m->inter);
+        rows_split(ROW_SILU, m, l, s);
         if ((rc = gemm(&l->down, s->act, s->down, s))) return rc - 600;
-        if (l->next_norm)
-            xy_add_rmsnorm(s->down, h, s->residual, h, l->next_norm, s->x, h, t, h, m->eps);
+        if (l->next_norm) rows_split(ROW_NEXT_NORM, m, l, s);
     }
     return 0;
 }
@@ -212,12 +269,6 @@ typedef struct {
 static void fail(region *r, int rc) {
     int none = 0;
     atomic_compare_exchange_strong(&r->failed, &none, rc);
-}
-
-/* This thread's share [*b, *e) of `total` items. */
-static void share(int64_t total, int tid, int nth, int64_t *b, int64_t *e) {
-    *b = total * tid / nth;
-    *e = total * (tid + 1) / nth;
 }
 
 static void gemm_share(region *r, const xy_weight *w, const float *x, float *out, int tid,
