@@ -7,9 +7,11 @@
  * layer's ten launches (operand checks, output allocation, ctypes marshalling, the device's
  * bookkeeping) took as long again: a decode step of the default model paid ~8 ms of it. Here the
  * walk costs nothing. Each launch calls the C function the launch-by-launch path calls, with the
- * same operands and thread count; a step of decodes alone runs all of them in one parallel region
- * instead (below), each output element still computed by one thread as its kernel computes it.
- * Either way the numbers are bit-for-bit those of the launch-by-launch path.
+ * same operands and thread count, its row-wise launches split by rows over the threads where
+ * the step has rows enough (that path runs them on one thread); a step of decodes alone runs all
+ * of them in one parallel region instead (below), each output element still computed by one
+ * thread as its kernel computes it. Either way the numbers are bit-for-bit those of the
+ * launch-by-launch path.
  *
  * The caller (npu_sim/kernels/replay.py) checks that every operand is what these functions take
  * (fp32 rows, panel weights, a paged cache, attention as C decodes and C chunks only) before it
