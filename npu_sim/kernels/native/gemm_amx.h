@@ -254,8 +254,8 @@ static inline int64_t amx_padded_rows(const gemm_job *j) {
 }
 
 /* The job's product on AMX on num_threads threads, each a contiguous run of panels, after
- * each has rounded its share of x's rows into the calling thread's scratch (rounding them all
- * on one thread first left the others waiting: a third of a 576 x 576 product at 240 rows). */
+ * each has rounded its share of x's rows into the calling thread's scratch (rounded all on the
+ * calling thread before the region, they kept the other threads waiting). */
 static int gemm_amx(const gemm_job *j, int num_threads) {
     int64_t kp = (j->k + 1) / 2, num_panels = (j->n + NR - 1) / NR, m_pad = amx_padded_rows(j);
     uint32_t *xp = thread_scratch(sizeof(uint32_t) * (size_t)(m_pad * kp));
