@@ -44,13 +44,12 @@ from engine.engine_loop import (
     Deliver,
     Died,
     Event,
-    GrammarCommand,
     Intake,
     Stepped,
     Stop,
     WarmUpGrammars,
+    route,
     run_engine_loop,
-    run_grammar_command,
 )
 from engine.mailbox import Mailbox
 from engine.outputs import EngineInfo, RequestOutput
@@ -118,11 +117,11 @@ class ThreadHost:
         self._thread.start()
 
     def send(self, command: Command) -> None:
-        if isinstance(command, GrammarCommand):
-            assert self._on_event is not None, "start() first"
-            run_grammar_command(self._core, command, self._on_event)
-        else:
-            self._intake.put(command)
+        route(self._core, command, self._intake, self._emit)
+
+    def _emit(self, event: Event) -> None:  # (a grammar compile's, from its worker thread)
+        assert self._on_event is not None, "start() first"
+        self._on_event(event)
 
     def join(self) -> None:
         if self._thread is not None:

@@ -36,11 +36,10 @@ from engine.engine_loop import (
     Command,
     Died,
     Event,
-    GrammarCommand,
     Intake,
     Stop,
+    route,
     run_engine_loop,
-    run_grammar_command,
 )
 from engine.outputs import EngineInfo
 from engine.stats import SchedulerStats
@@ -188,10 +187,7 @@ def _child_main(config: EngineConfig, process_setup: Callable[[], None] | None,
                 command = commands.recv()
             except (EOFError, OSError):  # the parent is gone
                 command = Stop()
-            if isinstance(command, GrammarCommand):
-                run_grammar_command(core, command, emit)
-                continue
-            intake.put(command)
+            route(core, command, intake, emit)
             if isinstance(command, Stop):
                 return
 

@@ -200,6 +200,16 @@ def _abort_all(core: EngineCore, emit: Callable[[Event], None]) -> None:
         logger.warning("aborted %d unfinished requests", len(requests))
 
 
+def route(core: EngineCore, command: Command, intake: Intake,
+          emit: Callable[[Event], None]) -> None:
+    """A command as its host receives it: a grammar command run now (run_grammar_command), any
+    other queued for the loop."""
+    if isinstance(command, GrammarCommand):
+        run_grammar_command(core, command, emit)
+    else:
+        intake.put(command)
+
+
 def run_grammar_command(core: EngineCore, command: GrammarCommand,
                         emit: Callable[[Event], None]) -> None:
     """Run a grammar command now, from whichever thread received it, never on the loop: a

@@ -47,6 +47,7 @@ class Library:
 
 _lock = threading.Lock()
 _state: dict[Library, ctypes.CDLL | None] = {}
+_switched_off = False  # within disabled(): every library reads as None
 
 
 def enabled() -> bool:
@@ -57,6 +58,8 @@ def enabled() -> bool:
 def loaded(library: Library) -> ctypes.CDLL | None:
     """`library` loaded (built first if needed), or None where native code is disabled or it
     cannot be built here. Thread-safe; built once per process."""
+    if _switched_off:
+        return None
     found = _state.get(library, False)
     if found is not False:
         return found  # type: ignore[return-value]
@@ -68,15 +71,14 @@ def loaded(library: Library) -> ctypes.CDLL | None:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Within the block every library loaded so far reads as None, as without a compiler (the
-    Python paths run); for comparisons and tests. Not thread-safe: it switches process-wide
-    state."""
-    before = dict(_state)
-    _state.update(dict.fromkeys(before))
+    """Within the block every library reads as None, as without a compiler (the Python paths
+    run); for comparisons and tests. Not thread-safe: it switches process-wide state."""
+    global _switched_off
+    before, _switched_off = _switched_off, True
     try:
         yield
     finally:
-        _state.update(before)
+        _switched_off = before
 
 
 def load(library: Library) -> ctypes.CDLL | None:
