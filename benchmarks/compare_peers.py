@@ -35,7 +35,7 @@ import httpx
 
 from benchmarks import RESULTS_DIR
 from benchmarks.compare_report import report
-from benchmarks.load.client import ClientConfig, RequestResult, run_requests
+from benchmarks.load.client import ClientConfig, RequestResult, run, run_requests
 from benchmarks.load.datasets import (
     BenchRequest,
     load_tokenizer,
@@ -131,7 +131,7 @@ def run_workload(server: Server, make_requests: Callable[[int], list[BenchReques
     config = ClientConfig(base_url=server.url, model=server.model, temperature=0.0,
                           ignore_eos=server.ignore_eos, extra_body=server.extra_body)
     warm = [replace(r, output_len=min(r.output_len, 8)) for r in make_requests(1000)[:2]]
-    asyncio.run(run_requests(config, warm, math.inf, 1.0, concurrency, 0))
+    run(run_requests(config, warm, math.inf, 1.0, concurrency, 0))
     best: dict[str, Any] | None = None
     for attempt in range(retries + 1):
         requests = make_requests(attempt)
@@ -139,7 +139,7 @@ def run_workload(server: Server, make_requests: Callable[[int], list[BenchReques
         before = _metrics_text(server)
         load = CpuLoad([server.process.pid])
         load.start()
-        results, duration = asyncio.run(run_requests(config, requests, request_rate, 1.0,
+        results, duration = run(run_requests(config, requests, request_rate, 1.0,
                                                      concurrency, attempt))
         foreign = load.stop()
         after = _metrics_text(server)
@@ -169,7 +169,7 @@ def mixed_load(server: Server, tokenizer: Any, scale: float, run: int) -> dict[s
     longs = random_requests(tokenizer, max(2, int(8 * scale)), 1000, 8, seed=2 + 10 * run)
     config = ClientConfig(base_url=server.url, model=server.model, temperature=0.0,
                           ignore_eos=True, extra_body=server.extra_body)
-    asyncio.run(run_requests(config, decodes[:2], math.inf, 1.0, 2, 0))  # warm up
+    run(run_requests(config, decodes[:2], math.inf, 1.0, 2, 0))  # warm up
     wait_quiet([server.process.pid], 0.15)
     load = CpuLoad([server.process.pid])
     load.start()
@@ -183,7 +183,7 @@ def mixed_load(server: Server, tokenizer: Any, scale: float, run: int) -> dict[s
             run_requests(config, decodes, math.inf, 1.0, 16, 0), later())
         return dec, dur, lng
 
-    dec, duration, lng = asyncio.run(both())
+    dec, duration, lng = run(both())
     foreign = load.stop()
     m = client_metrics(dec, duration, (50, 90, 99, 100), {})
     long_m = client_metrics(lng, duration, (50, 90, 99), {})

@@ -23,7 +23,6 @@ the per-token figure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import math
@@ -36,7 +35,7 @@ from typing import Any
 
 from benchmarks import RESULTS_DIR
 from benchmarks.compare_peers import wait_quiet
-from benchmarks.load.client import ClientConfig, run_requests
+from benchmarks.load.client import ClientConfig, run, run_requests
 from benchmarks.load.datasets import BenchRequest, load_tokenizer
 from benchmarks.load.metrics import client_metrics
 from benchmarks.machine import CpuLoad, cpu_info, versions
@@ -147,14 +146,14 @@ def measure(url: str, model: str, pid: int, requests: list[BenchRequest], concur
     of the CPU; the least disturbed attempt is kept); client metrics + acceptance + texts."""
     config = ClientConfig(base_url=url, model=model, temperature=0.0)
     warm = [replace(requests[0], output_len=8)]
-    asyncio.run(run_requests(config, warm, math.inf, 1.0, 1, 0))
+    run(run_requests(config, warm, math.inf, 1.0, 1, 0))
     best: dict[str, Any] | None = None
     for _ in range(retries + 1):
         wait_quiet([pid], max_foreign_load)
         before = _metrics_text(url)
         load = CpuLoad([pid])
         load.start()
-        results, duration_s = asyncio.run(run_requests(config, requests, math.inf, 1.0,
+        results, duration_s = run(run_requests(config, requests, math.inf, 1.0,
                                                        concurrency, 0))
         foreign = load.stop()
         out = client_metrics(results, duration_s, (50, 99), {})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import sys
@@ -59,7 +58,7 @@ def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = No
     """Run the benchmark `args` describe; returns the result (what --result-file holds)."""
     from tqdm.auto import tqdm
 
-    from benchmarks.load.client import ClientConfig, run_requests
+    from benchmarks.load.client import ClientConfig, run, run_requests
 
     percentiles = [float(p) for p in args.metric_percentiles.split(",") if p.strip()]
     slo = parse_slo(args.slo)
@@ -75,14 +74,14 @@ def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = No
     if args.num_warmups:
         warm = [BenchRequest(r.prompt, r.prompt_len, min(r.output_len, 16), r.history)
                 for r in requests[:args.num_warmups]]
-        warm_results, _ = asyncio.run(run_requests(config, warm, math.inf, 1.0,
+        warm_results, _ = run(run_requests(config, warm, math.inf, 1.0,
                                                    args.max_concurrency, args.seed))
         failed = [r.error for r in warm_results if not r.success]
         if failed:
             raise RuntimeError(f"warm-up request failed: {failed[0]}")
     before = None if args.no_server_metrics else _get_metrics(base_url, args.api_key)
     with tqdm(total=len(requests), disable=args.disable_tqdm, desc="bench") as bar:
-        results, duration_s = asyncio.run(run_requests(
+        results, duration_s = run(run_requests(
             config, requests, args.request_rate, args.burstiness, args.max_concurrency,
             args.seed, on_done=lambda _: bar.update(1)))
     after = None if before is None else _get_metrics(base_url, args.api_key)

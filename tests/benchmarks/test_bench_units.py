@@ -4,6 +4,7 @@ deltas, the arrival process and the datasets."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 
@@ -112,6 +113,57 @@ def test_arrivals_follow_the_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     gaps.clear()
     asyncio.run(collect(math.inf, 1.0))
     assert gaps == []  # all at once
+
+
+class _Reads:
+    """An aiohttp response's body as the client reads it: `content.iter_any()` yields `reads`."""
+
+    def __init__(self, reads: list[bytes]) -> None:
+        self.content = self
+        self._reads = reads
+
+    async def iter_any(self):
+        for data in self._reads:
+            yield data
+
+
+def _read(reads: list[bytes], chat: bool = False) -> tuple[RequestResult, list[str]]:
+    result, pieces = RequestResult(prompt_len=3), []
+    client.run(client._read_events(_Reads(reads), chat, 0.0, result, pieces))  # type: ignore[arg-type]
+    return result, pieces
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def test_events_cut_anywhere_across_reads_are_read_whole() -> None:
+    """Whatever bytes each read brings (an event split mid-JSON, several in one read, a field
+    other than data), the chunks' texts, usage and [DONE] come out as sent."""
+    stream = b"".join([
+        b": a comment line\n\n",
+        _sse({"choices": [{"index": 0, "text": "Hello"}]}),
+        _sse({"choices": [{"index": 0, "text": ", w\u00f6rld\\n"}]}),
+        b"event: message\n" + _sse({"choices": [{"index": 0, "text": "!"}]}),
+        _sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}),
+        b"data: [DONE]\n\n",
+        _sse({"choices": [{"index": 0, "text": "after DONE: never read"}]}),
+    ])
+    for cuts in ([], [5, 40, 41, 90], list(range(1, len(stream)))):
+        bounds = [0, *cuts, len(stream)]
+        result, pieces = _read([stream[a:b] for a, b in itertools.pairwise(bounds)])
+        assert pieces == ["Hello", ", w\u00f6rld\\n", "!"]
+        assert (result.prompt_len, result.output_len, result.usage_reported) == (7, 3, True)
+        assert len(result.itls_s) == 2 and not result.error
+
+
+def test_an_error_event_ends_the_read_with_its_message() -> None:
+    result, pieces = _read([
+        _sse({"choices": [{"index": 0, "delta": {"content": "Hi"}}]}),
+        _sse({"error": {"message": "the engine died", "code": 500}})[:20],
+        _sse({"error": {"message": "the engine died", "code": 500}})[20:],
+    ], chat=True)
+    assert pieces == ["Hi"] and "the engine died" in result.error
 
 
 def test_datasets_lengths_and_shared_prefix(smollm2_tokenizer) -> None:
