@@ -43,11 +43,25 @@ _ROOT_HASH: BlockHash = b"xyserve-prefix-cache-v1"  # the parent of every sequen
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     """The chained content hash of one full block (parent None = the sequence's first block)."""
-    digest = hashlib.sha256(_ROOT_HASH if parent is None else parent)
-    # The ids as native int64s: the bytes `array("q", token_ids)` holds, packed at half its
-    # cost (an array converts a list item by item; every prompt block is hashed once)
-    digest.update(struct.pack(f"{len(token_ids)}q", *token_ids))
-    return digest.digest()
+    (block_hash,) = hash_blocks(parent, token_ids, len(token_ids))
+    return block_hash
+
+
+def hash_blocks(parent: BlockHash | None, token_ids: Sequence[int],
+                block_size: int) -> list[BlockHash]:
+    """hash_block of each whole block of `token_ids` in turn, each the next one's parent (the
+    first's: `parent`): sha256 of the parent and the block's ids as native int64s (the bytes
+    `array("q", ids)` holds). The ids are packed all at once and each block hashed in one call:
+    a third less than a pack and a digest object per block (prompts are hashed whole)."""
+    packed = struct.pack(f"{len(token_ids)}q", *token_ids)
+    block_bytes = 8 * block_size
+    sha256 = hashlib.sha256
+    hashes: list[BlockHash] = []
+    block_hash = _ROOT_HASH if parent is None else parent
+    for offset in range(0, len(packed) - block_bytes + 1, block_bytes):
+        block_hash = sha256(block_hash + packed[offset:offset + block_bytes]).digest()
+        hashes.append(block_hash)
+    return hashes
 
 
 class BlockPool:
@@ -247,10 +261,8 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
         if len(hashes) < num_blocks:
-            tokens = request.all_token_ids
-            for i in range(len(hashes), num_blocks):
-                hashes.append(hash_block(hashes[-1] if hashes else None,
-                                         tokens[i * bs:(i + 1) * bs]))
+            tokens = request.all_token_ids[len(hashes) * bs:num_blocks * bs]
+            hashes += hash_blocks(hashes[-1] if hashes else None, tokens, bs)
         return hashes[:num_blocks] if len(hashes) > num_blocks else hashes
 
     # ------------------------------------------------------------------ allocation

@@ -12,7 +12,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 
-from engine.kv_cache import BlockPool, KVCacheManager, hash_block
+from engine.kv_cache import BlockPool, KVCacheManager, hash_block, hash_blocks
 from engine.outputs import ModelOutput, SchedulerOutput
 from engine.request import FinishReason, Request
 from engine.scheduler import Scheduler
@@ -58,6 +58,20 @@ def test_hash_is_sha256_of_the_parent_and_int64_ids() -> None:
         assert hash_block(parent, ids) == expected.digest()
         assert hash_block(parent, tuple(ids)) == expected.digest()
         parent = expected.digest()
+
+
+def test_blocks_hashed_together_chain_as_one_by_one() -> None:
+    """hash_blocks: each whole block's hash_block, chained; a partial last block is left out."""
+    rng = random.Random(1)
+    ids = [rng.randrange(-2**63, 2**63) for _ in range(16 * 5 + 7)]
+    for parent in (None, hash_block(None, [9, 9])):
+        expected, chained = [], parent
+        for i in range(5):
+            chained = hash_block(chained, ids[16 * i:16 * (i + 1)])
+            expected.append(chained)
+        assert hash_blocks(parent, ids, 16) == expected
+        assert hash_blocks(parent, ids[:16 * 5], 16) == expected
+        assert hash_blocks(parent, ids[:15], 16) == []
 
 
 def test_freed_cached_block_stays_reusable_until_evicted() -> None:
