@@ -8,8 +8,8 @@ npu_sim.cost_attention prices rows (a task's terms, the memo that keeps them); t
 them up into a launch's costs. Functions of the CostModel (its chip, operand bytes, L2 share,
 row memos); CostModel binds `attention` as its method. A launch priced from its lengths is
 stated as its rows (`LaunchRows`), which `launch_costs` adds up here and npu_sim.launch_sums in
-C. The assumptions behind them are in npu_sim.cost's docstring; masks beyond causality in
-npu_sim.cost_mask.
+C (pricing a prefill chunk's tiles there too: `PrefillRows`). The assumptions behind them are
+in npu_sim.cost's docstring; masks beyond causality in npu_sim.cost_mask.
 """
 
 from __future__ import annotations
@@ -104,6 +104,18 @@ def attention(cm: CostModel, k: AttentionKernel) -> tuple[TaskCosts, TaskCosts]:
     return main, _combine(cm, k)
 
 
+class PrefillRows(NamedTuple):
+    """The rows of a launch's prefill tiles (`unsplit_rows`), left to be priced: each its own
+    row of attention_rows (a tile over all the keys its last row sees, a final output), where
+    the launch's other rows are decode rows read from a memo table."""
+
+    position: np.ndarray  # int64: each tile's row in the launch (its keys are the launch's)
+    q_rows: tuple[int, ...]  # its query tokens
+    tile_rows: tuple[int, ...]  # its stacked rows
+    hbm_fraction: tuple[float, ...]  # its sequence's HBM fraction (attention_hbm_fraction's)
+    group_size: int  # query heads per KV head (a task's heads)
+
+
 class LaunchRows(NamedTuple):
     """The rows of a meta-attention launch none of whose tiles is split, priced from its
     lengths (`unsplit_rows`, `decode_rows`): what `launch_costs` adds up, and
@@ -117,6 +129,7 @@ class LaunchRows(NamedTuple):
     repeat: int
     weight: int  # tasks a row stands for (the KV heads)
     head_dim: int
+    prefill: PrefillRows | None = None  # rows whose terms are not `terms`' but priced afresh
 
 
 def prices_from_lengths(cm: CostModel, k: AttentionKernel) -> bool:
@@ -132,8 +145,9 @@ def unsplit_rows(cm: CostModel, k: AttentionKernel) -> LaunchRows:
     the keys its last row sees, a final output; a decode's is one token over its context, all
     of its KV from HBM (the HBM fraction `attention_hbm_fraction` gives a sequence of one tile:
     exactly 1.0), the rows RowMemo keeps in its decode tables; a prefill chunk's tiles share
-    its sequence's fraction, and the memo keeps them by their numbers. Each row's terms are
-    what `attention` prices it at (elementwise), in the same (tile) order: the same sums."""
+    its sequence's fraction, and are left to be priced (`PrefillRows`: `launch_terms` prices
+    them through the memo, npu_sim.launch_sums in C). Each row's terms are what `attention`
+    prices it at (elementwise), in the same (tile) order: the same sums."""
     u = k.unsplit
     assert u is not None and k.task_shape is not None
     g, d, weight = k.group_size, k.head_dim, k.num_kv_heads
@@ -143,13 +157,12 @@ def unsplit_rows(cm: CostModel, k: AttentionKernel) -> LaunchRows:
         # (its tiles' tasks dealt a tile's KV heads in a row: task_shape repeats the order)
         return decode_rows(cm, DecodeBatch(u.context_lens, k.task_shape[::weight],
                                            u.decode_tile_rows, g, d, weight), stages)
-    memo = cm.row_memo(stages, g, d)
     keys = u.context_lens.repeat(u.num_tiles)
-    keys[list(p.position)] = p.keys
-    # the prefill tiles' columns are replaced below (a decode table of every key up to the
-    # longest costs fewer calls than leaving them out)
-    terms = memo.decode_terms(cm, float(u.decode_tile_rows), keys)
-    # a few tiles: Python numbers, keys `attention`'s equal
+    position = np.array(p.position, dtype=np.int64)
+    keys[position] = p.keys
+    # every row a column of the decode table of its keys, the prefill tiles' replaced (a table
+    # of every key up to the longest costs fewer calls than leaving them out)
+    table = cm.row_memo(stages, g, d).decode_table(cm, float(u.decode_tile_rows), keys)
     seq_keys: dict[int, list[int]] = {}  # each prefill sequence's tiles' keys
     for s, n in zip(p.seq, p.keys, strict=True):
         seq_keys.setdefault(s, []).append(n)
@@ -159,11 +172,8 @@ def unsplit_rows(cm: CostModel, k: AttentionKernel) -> LaunchRows:
         cm, float(2 * sum(n) * d * cm.bytes * weight),
         float(u.context_lens.item(s) * weight * d * cm.bytes * 2), min, max)
         for s, n in seq_keys.items()}
-    columns = memo.columns(cm, [
-        (n, q, r, True, True, fraction[s])
-        for n, q, r, s in zip(p.keys, p.q_rows, p.tile_rows, p.seq, strict=True)])
-    terms[:, list(p.position)] = memo.terms_at(columns)
-    return LaunchRows(stages, terms, None, keys, k.task_shape, 1, weight, d)
+    return LaunchRows(stages, table, keys, keys, k.task_shape, 1, weight, d, PrefillRows(
+        position, p.q_rows, p.tile_rows, tuple([fraction[s] for s in p.seq]), g))
 
 
 def decode_rows(cm: CostModel, batch: DecodeBatch, stages: int = DECODE_STAGES) -> LaunchRows:
@@ -180,9 +190,25 @@ def decode_rows(cm: CostModel, batch: DecodeBatch, stages: int = DECODE_STAGES) 
                       batch.num_kv_heads, batch.head_dim)
 
 
+def launch_terms(cm: CostModel, rows: LaunchRows) -> np.ndarray:
+    """The C-contiguous (NUM_TERMS, rows) terms of a launch's rows, its prefill rows priced
+    through the row memo (each new one once)."""
+    terms = rows.terms if rows.columns is None else rows.terms.take(rows.columns, axis=1)
+    p = rows.prefill
+    if p is not None:
+        assert rows.columns is not None, "prefill rows are written into a copy of the table's"
+        memo = cm.row_memo(rows.stages, p.group_size, rows.head_dim)
+        keys = rows.keys[p.position].tolist()
+        columns = memo.columns(cm, [
+            (n, q, r, True, True, f)
+            for n, q, r, f in zip(keys, p.q_rows, p.tile_rows, p.hbm_fraction, strict=True)])
+        terms[:, p.position] = memo.terms_at(columns)
+    return terms
+
+
 def launch_costs(cm: CostModel, rows: LaunchRows) -> TaskCosts:
     """`_attention_costs` of an unsplit launch's rows: each a shape of `rows.weight` tasks."""
-    terms = rows.terms if rows.columns is None else rows.terms.take(rows.columns, axis=1)
+    terms = launch_terms(cm, rows)
     cycles = terms[0].take(rows.order)  # every task's, in dealt order
     if rows.repeat != 1:
         cycles = cycles.repeat(rows.repeat)

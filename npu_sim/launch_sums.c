@@ -5,14 +5,18 @@
  *
  * A simulated step of decodes prices ~50-250 attention tiles; in numpy that is ~25 calls of
  * ~1 us on arrays that small, the largest single piece of a decode step's timing. Here it is
- * one call.
- * Every float operation is numpy's, in numpy's order, on the same operands:
+ * one call. A step with prefill chunks has a few tiles more, each a row of its own: priced
+ * here too (prefill_row: npu_sim.cost_attention.attention_rows of such a row), where Python
+ * priced each new one through the row memo (~4 us a row, ~30 us a step with all the lookups).
+ * Every float operation is numpy's (or Python's, on floats), in their order, on the same
+ * operands:
  *   - a term's sum over the rows is numpy's float64 add.reduce of a contiguous row: pairwise
  *     summation (pairwise_sum below, numpy 2.x's loop, blocks of 8 lanes up to 128 elements);
  *   - a core's busy cycles are np.bincount's: its tasks' cycles added in task order from 0;
  *   - the scalars are Python's expressions, evaluated left to right (-ffp-contract=off: no
  *     fused multiply-adds where numpy rounds twice).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -35,6 +39,95 @@ enum {
     C_CUBE_MULT,       /* 1 for the 2-stage pipeline (PV on the cube), else 2 (QK and PV) */
     NUM_CONSTS
 };
+
+/* The row constants of prefill_row (npu_sim.launch_sums packs them in this order). */
+enum {
+    R_STAGES,          /* the launch's pipeline: 3 or 4 (cost_attention_launch.attention_stages) */
+    R_GROUP,           /* query heads per KV head (a task's heads) */
+    R_HEAD_DIM,
+    R_PADDED_DIM,      /* head_dim rounded up to the cube's K: ceil(d / cube_k) * cube_k */
+    R_BYTES,           /* operand bytes */
+    R_KV_CHUNK,        /* keys per cube->vector handoff (tiling.attention_kv_chunk) */
+    R_CUBE_N,
+    R_MTE2_HBM,        /* chip.mte2_hbm_bytes_per_cycle */
+    R_MTE2_L2,         /* chip.mte2_l2_bytes_per_cycle */
+    R_MTE1_L0A,
+    R_MTE1_L0B,
+    R_MTE3,
+    R_FIXPIPE,
+    R_MACS,            /* the cost model's cube MACs per cycle */
+    R_LANES32,         /* fp32 vector lanes per cycle */
+    R_AIVS,            /* AIVs per AIC */
+    R_SYNC,            /* chip.cross_core_sync_cycles */
+    R_DISPATCH,        /* chip.task_dispatch_cycles */
+    R_ACCUM_BYTES,     /* npu_sim.tiling.ACCUM_BYTES */
+    R_SOFTMAX_OPS,     /* npu_sim.cost_attention's vector passes per score */
+    R_UPDATE_OPS,      /* and per output element of the online-softmax update */
+    NUM_ROW_CONSTS
+};
+
+/* Python's max(a, b) of two floats: a unless b is greater (ScalarOps.maximum). */
+static inline double py_max(double a, double b) { return b > a ? b : a; }
+
+/* attention_rows(cm, stages, keys, q_rows, g, tile_rows, final=True, horizon_reached=True,
+ * hbm_fraction, d) of one row of a 3- or 4-stage launch (a prefill tile over every key it
+ * sees: its sequence's final output), written to t[k * n + i] for each term k: the operations
+ * of attention_rows' Python, one by one, left to right. */
+static void prefill_row(const double *rc, double keys, double q_rows, double tile_rows,
+                        double hbm_fraction, double *t, int64_t n, int64_t i) {
+    const double d = rc[R_HEAD_DIM], dp = rc[R_PADDED_DIM], b = rc[R_BYTES];
+    const double l2r = rc[R_MTE2_L2], sync = rc[R_SYNC], aivs = rc[R_AIVS];
+    const double accum = rc[R_ACCUM_BYTES];
+    const int upd = rc[R_STAGES] == 4.0;
+    double r = q_rows * rc[R_GROUP], big_r = tile_rows;
+    double chunks = py_max(ceil(keys / rc[R_KV_CHUNK]), 1.0);
+    double kl = keys / chunks;
+    double kl_pad = ceil(kl / rc[R_CUBE_N]) * rc[R_CUBE_N];
+    double r_kl = r * kl;
+    double r_kl_b = r_kl * b;
+    double big_r_kl_pad = big_r * kl_pad;
+    double r_d = r * d;
+    double q_bytes = r_d * b;
+    double inv_kv = hbm_fraction / rc[R_MTE2_HBM] + (1.0 - hbm_fraction) / l2r;
+    double cube_in = 2.0 * kl * d * b * inv_kv + r_kl_b / l2r;
+    double mte1 = (big_r * dp + big_r_kl_pad) * b / rc[R_MTE1_L0A]
+                  + kl_pad * (2.0 * dp * b) / rc[R_MTE1_L0B];
+    double cube = big_r_kl_pad * (2.0 * dp) / rc[R_MACS];
+    double s_in = r_kl * accum, vec_ops = r_kl * rc[R_SOFTMAX_OPS], p_out = r_kl_b;
+    if (upd) {
+        double o_bytes = r * (dp * accum);
+        s_in = s_in + o_bytes;
+        vec_ops = vec_ops + r_d * rc[R_UPDATE_OPS];
+        p_out = p_out + o_bytes;
+    }
+    double fix = s_in / rc[R_FIXPIPE];
+    double vec_in = s_in / l2r / aivs;
+    double vec = vec_ops / rc[R_LANES32] / aivs;
+    double vec_out = p_out / rc[R_MTE3] / aivs;
+    double chain = cube_in + mte1 + cube + fix + 2.0 * sync + vec_in + vec + vec_out;
+    if (upd) chain = chain + sync;
+    double s_bytes = r_kl * (accum + b);
+    double steady = py_max(py_max(py_max(cube_in, mte1), py_max(cube, fix)),
+                           py_max(py_max(vec_in, vec), vec_out));
+    double q_load = q_bytes / rc[R_MTE2_HBM];
+    double body = chain + (chunks - 1.0) * steady;
+    double r_keys = r * keys;
+    double visible = r_keys - r * (q_rows - 1.0) / 2.0;
+    double row[NUM_TERMS] = {
+        [T_CYCLES] = rc[R_DISPATCH] + q_load + (keys > 0.0 ? body : 0.0) + q_bytes / rc[R_FIXPIPE],
+        [T_KV_HBM] = keys * (2.0 * d * b) * hbm_fraction,
+        [T_CUBE] = cube * chunks,
+        [T_VECTOR] = vec * chunks,
+        [T_S] = s_bytes * chunks,
+        [T_PARTIAL] = 0.0,
+        [T_OUT] = q_bytes,
+        [T_Q] = q_bytes,
+        [T_VISIBLE] = py_max(visible, 0.0),
+        [T_ISSUED] = big_r_kl_pad * (2.0 * dp) * chunks,
+        [T_USEFUL] = r_keys,
+    };
+    for (int k = 0; k < NUM_TERMS; k++) t[k * n + i] = row[k];
+}
 
 /* numpy's float64 add.reduce of a[0 .. n): pairwise, as numpy 2.x sums a contiguous run. */
 static double pairwise_sum(const double *a, int64_t n) {
@@ -60,12 +153,17 @@ static double pairwise_sum(const double *a, int64_t n) {
 
 /* row (7 scalars, num_cube AIC busy cycles, num_vector AIV busy cycles): the LaunchSums row of
  * a launch of num_rows attention rows whose terms are terms[t * stride + gather[i]] (gather
- * NULL: i), each standing for `weight` tasks; keys: each row's keys (int64, num_rows: the
- * launch's K/V bytes); its tasks in dealt order are order[j] repeated `repeat` times, for j in
- * [0, num_order). Returns 0, or -1 where the scratch could not be allocated. */
+ * NULL: i), but for the num_prefill rows prefill_at[p], priced by prefill_row from keys and
+ * prefill[3 p .. 3 p + 3) = (q_rows, tile_rows, hbm_fraction) and the row constants
+ * row_consts (NULL without prefill rows); each row stands for `weight` tasks; keys: each
+ * row's keys (int64, num_rows: the launch's K/V bytes); its tasks in dealt order are order[j]
+ * repeated `repeat` times, for j in [0, num_order). Returns 0, or -1 where the scratch could
+ * not be allocated. */
 int xy_launch_sums(const double *terms, int64_t stride, const int64_t *gather, int64_t num_rows,
-                   const int64_t *keys, const int64_t *order, int64_t num_order, int64_t repeat,
-                   const double *consts, int64_t num_cube, int64_t num_vector, double *row) {
+                   const int64_t *keys, const int64_t *prefill_at, const double *prefill,
+                   int64_t num_prefill, const double *row_consts, const int64_t *order,
+                   int64_t num_order, int64_t repeat, const double *consts, int64_t num_cube,
+                   int64_t num_vector, double *row) {
     double *t = malloc(sizeof(double) * (size_t)(NUM_TERMS * num_rows + num_cube));
     if (!t) return -1;
     double *busy = t + NUM_TERMS * num_rows;
@@ -73,6 +171,11 @@ int xy_launch_sums(const double *terms, int64_t stride, const int64_t *gather, i
         const double *src = terms + k * stride;
         double *dst = t + k * num_rows;
         for (int64_t i = 0; i < num_rows; i++) dst[i] = src[gather ? gather[i] : i];
+    }
+    for (int64_t p = 0; p < num_prefill; p++) {
+        int64_t i = prefill_at[p];
+        prefill_row(row_consts, (double)keys[i], prefill[3 * p], prefill[3 * p + 1],
+                    prefill[3 * p + 2], t, num_rows, i);
     }
     double s[NUM_TERMS];
     for (int k = 0; k < NUM_TERMS; k++) s[k] = pairwise_sum(t + k * num_rows, num_rows);

@@ -19,16 +19,19 @@ numpy.
 from __future__ import annotations
 
 import ctypes
+import math
 import pathlib
 
 import numpy as np
 
 from npu_sim import native_build
 from npu_sim.cost import CostModel, TaskCosts
+from npu_sim.cost_attention import SOFTMAX_OPS, UPDATE_OPS
 from npu_sim.cost_attention_launch import DECODE_STAGES, LaunchRows, launch_costs
 from npu_sim.dealing import deal, makespan
 from npu_sim.step_sums import LaunchSums
 from npu_sim.tasks import Primitive
+from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk
 from npu_sim.trace import NUM_STEP_SUMS_SCALARS, step_sums_row
 
 _ATTENTION = Primitive.ATTENTION.value  # (an enum's value is a Python-level property)
@@ -39,7 +42,8 @@ _LIBRARY = native_build.Library(
     "launch_sums", (pathlib.Path(__file__).with_name("launch_sums.c"),), (),
     # (-ffp-contract=off: no fused multiply-add where numpy rounds a product, then a sum)
     ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"),
-    {"xy_launch_sums": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _I, _I, _P, _I, _I, _P])},
+    {"xy_launch_sums": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I,
+                                       _I, _P])},
     "the simulator's C launch sums")
 
 
@@ -81,6 +85,8 @@ class AttentionLaunchSums:
         self._consts: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}
         self._table: np.ndarray | None = None  # the latest rows' terms, and their address
         self._table_at = 0
+        # launch_sums.c's row constants per (stages, group_size, head_dim), with their address
+        self._row_consts: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}
 
     def __call__(self, rows: LaunchRows) -> LaunchSums:
         sums = self.native(rows)
@@ -105,9 +111,20 @@ class AttentionLaunchSums:
             columns.ctypes.data)
         if terms is not self._table:  # (a decode table serves step after step)
             self._table, self._table_at = terms, terms.ctypes.data
+        p = rows.prefill
+        num_prefill = 0 if p is None else len(p.q_rows)
+        if num_prefill:
+            assert p is not None
+            prefill = np.array(list(zip(p.q_rows, p.tile_rows, p.hbm_fraction, strict=True)),
+                               dtype=np.float64)  # (tiles, 3), a tile's numbers side by side
+            prefill_at, prefill_rows_at = p.position.ctypes.data, prefill.ctypes.data
+            row_consts_at = self._row_constants(rows.stages, p.group_size, rows.head_dim)
+        else:
+            prefill_at = prefill_rows_at = row_consts_at = None
         row = np.empty(self._size)
         if library.xy_launch_sums(self._table_at, terms.shape[1], columns_at, len(keys),
-                                  keys_at, order.ctypes.data, len(order), rows.repeat,
+                                  keys_at, prefill_at, prefill_rows_at, num_prefill,
+                                  row_consts_at, order.ctypes.data, len(order), rows.repeat,
                                   consts[1], self._num_cube, self._num_vector, row.ctypes.data):
             raise MemoryError("xy_launch_sums: no memory for its scratch")
         return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._cm.chip.clock_hz,
@@ -126,3 +143,22 @@ class AttentionLaunchSums:
         ], dtype=np.float64)
         kept = self._consts[rows.stages, rows.weight, rows.head_dim] = values, values.ctypes.data
         return kept
+
+    def _row_constants(self, stages: int, group_size: int, head_dim: int) -> int:
+        """The address of launch_sums.c's row constants (its R_* order) for prefill rows of
+        this pipeline, group size and head_dim, kept: what attention_rows reads of the chip
+        and the cost model."""
+        key = (stages, group_size, head_dim)
+        kept = self._row_consts.get(key)
+        if kept is None:
+            cm, c = self._cm, self._cm.chip
+            values = np.array([
+                stages, group_size, head_dim, math.ceil(head_dim / c.cube_k) * c.cube_k,
+                cm.bytes, attention_kv_chunk(c), c.cube_n, c.mte2_hbm_bytes_per_cycle,
+                c.mte2_l2_bytes_per_cycle, c.mte1_l0a_bytes_per_cycle,
+                c.mte1_l0b_bytes_per_cycle, c.mte3_bytes_per_cycle, c.fixpipe_bytes_per_cycle,
+                cm.macs, cm.lanes32, cm.aivs, c.cross_core_sync_cycles, c.task_dispatch_cycles,
+                ACCUM_BYTES, SOFTMAX_OPS, UPDATE_OPS,
+            ], dtype=np.float64)
+            kept = self._row_consts[key] = values, values.ctypes.data
+        return kept[1]

@@ -78,29 +78,34 @@ def test_decode_launches_sum_as_numpy_does(model: str, tp: int, chip_name: str,
     assert checked >= 2 * len(SIZES)
 
 
+@pytest.mark.parametrize("model,tp", [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)])
 @pytest.mark.parametrize("chip_name,dtype", [("910b2", "bf16"), ("910b3", "fp32")])
-def test_launches_with_prefill_chunks_sum_as_numpy_does(chip_name: str, dtype: str) -> None:
-    """A mixed step's launch: decodes and prefill chunks, its rows' terms the launch's own
-    (no table), dealt in the kernel's task order."""
-    arch, chip = resolve_arch("llama-3-8b"), get_chip(chip_name)
+def test_launches_with_prefill_chunks_sum_as_numpy_does(model: str, tp: int, chip_name: str,
+                                                        dtype: str) -> None:
+    """A mixed step's launch: decodes and prefill chunks (one tile or several, so HBM
+    fractions of 1 and below), on both pipelines a prefill launch takes (3 and 4 stages). Its
+    prefill tiles' rows are priced in C, the rest read from the decode table, against numpy
+    pricing the former through the row memo: the same bits."""
+    arch, chip = shard_arch(resolve_arch(model), tp), get_chip(chip_name)
     device = Device(chip, compute=False, dtype=dtype)
     cm, native = device.cost_model, AttentionLaunchSums(device.cost_model).native
     rng = random.Random(5)
-    checked = 0
+    checked, stages = 0, set()
     for n in (0, 1, 9, 60, 200):
-        for chunk in ((0, 2048), (3000, 512), (100, 37)):
+        for chunks in (((0, 2048),), ((3000, 512),), ((100, 37),), ((40000, 512),),
+                       ((0, 700), (5000, 1), (64, 300)), ((0, 9000),)):
             decodes = [ChunkShape(int(s), 1, tuple(range(-(-(int(s) + 1) // BLOCK))))
                        for s in _decodes(rng, n, 8000)]
-            start, num = chunk
-            prefill = ChunkShape(start, num, tuple(range(-(-(start + num) // BLOCK))))
-            kernel = lower_attention([*decodes, prefill], arch, chip, BLOCK)
+            prefills = [ChunkShape(start, num, tuple(range(-(-(start + num) // BLOCK))))
+                        for start, num in chunks]
+            kernel = lower_attention([*prefills[:1], *decodes, *prefills[1:]], arch, chip, BLOCK)
             if not prices_from_lengths(cm, kernel):
                 continue
             rows = unsplit_rows(cm, kernel)
-            assert rows.columns is None and rows.repeat == 1
+            assert rows.prefill is not None and rows.columns is rows.keys
             _same(native(rows), _numpy(device, rows))
-            checked += 1
-    assert checked >= 10
+            checked, stages = checked + 1, stages | {rows.stages}
+    assert checked >= 15 and stages == {3, 4}
 
 
 def test_without_the_library_the_device_sums_in_numpy() -> None:
