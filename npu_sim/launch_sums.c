@@ -114,7 +114,8 @@ static void prefill_row(const double *rc, double keys, double q_rows, double til
     double r_keys = r * keys;
     double visible = r_keys - r * (q_rows - 1.0) / 2.0;
     double row[NUM_TERMS] = {
-        [T_CYCLES] = rc[R_DISPATCH] + q_load + (keys > 0.0 ? body : 0.0) + q_bytes / rc[R_FIXPIPE],
+        [T_CYCLES] = rc[R_DISPATCH] + q_load + (keys > 0.0 ? body : 0.0)
+                     + q_bytes / rc[R_FIXPIPE],
         [T_KV_HBM] = keys * (2.0 * d * b) * hbm_fraction,
         [T_CUBE] = cube * chunks,
         [T_VECTOR] = vec * chunks,

@@ -148,6 +148,9 @@ class AttentionLaunchSums:
         """The address of launch_sums.c's row constants (its R_* order) for prefill rows of
         this pipeline, group size and head_dim, kept: what attention_rows reads of the chip
         and the cost model."""
+        # (attention_stages: a launch with prefill tiles is on the 3- or 4-stage pipeline, the
+        # only ones prefill_row prices)
+        assert stages != DECODE_STAGES, "prefill rows in a decode launch"
         key = (stages, group_size, head_dim)
         kept = self._row_consts.get(key)
         if kept is None:
