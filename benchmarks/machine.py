@@ -150,6 +150,38 @@ class ModelFlops:
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "gguf": 20 / 32}
 
 
+def with_descendants(pids: list[int]) -> list[int]:
+    """pids and every process below them (vLLM's engine core, xyserve's engine process: child
+    processes of the server)."""
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def process_ticks(pid: int) -> int:
+    """The CPU clock ticks (utime + stime, every thread) process `pid` has used; 0 once it is
+    gone (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return int(parts[11]) + int(parts[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds the processes `pids` have used so far."""
+    return sum(map(process_ticks, pids)) / os.sysconf("SC_CLK_TCK")
+
+
 class CpuLoad:
     """Share of the machine's CPU used by processes other than `pids`, their descendants and this
     one between start() and stop(): other work on a shared machine skews a benchmark."""
@@ -163,31 +195,8 @@ class CpuLoad:
             fields = [int(x) for x in f.readline().split()[1:]]
         return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
-    @staticmethod
-    def _with_descendants(pids: list[int]) -> list[int]:
-        """pids and every process below them (vLLM's engine core runs in a child process)."""
-        out, todo = [], list(pids)
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            try:
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{task}/children") as f:
-                        todo.extend(int(child) for child in f.read().split())
-            except OSError:
-                pass
-        return out
-
     def _own_ticks(self) -> int:
-        total = 0
-        for pid in self._with_descendants([*self.pids, os.getpid()]):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    parts = f.read().rsplit(")", 1)[1].split()
-                total += int(parts[11]) + int(parts[12])  # utime + stime
-            except (OSError, IndexError, ValueError):
-                pass
-        return total
+        return sum(map(process_ticks, with_descendants([*self.pids, os.getpid()])))
 
     def start(self) -> None:
         self._t0 = time.monotonic()

@@ -7,7 +7,11 @@ same engine options (16 running at once, the rest joining as others finish, as t
 sends them) and the server's OpenMP settings, in a fresh process
 (benchmarks.offline_throughput). The two alternate, round after round, the server staying up and
 idle meanwhile, so a machine that speeds up or slows down weighs on both; each round keeps the
-best of --runs runs of each side. Prints each round, then the median ratio served / in process.
+best of --runs runs of each side. Prints each round, with the CPU each streamed token of the
+served runs cost the load client, the HTTP front end and the engine process (on a small machine
+the first two take cores the engine's kernels run on; counted over whole runs, so with each
+run's warm-up, /metrics scrapes and prompt building: an upper bound of the streaming's own), then
+the median ratio served / in process.
 
     .venv/bin/python -m benchmarks.served_overhead --rounds 4
 """
@@ -22,10 +26,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 from benchmarks.compare_peers import WORKLOADS, Workload, build, run_workload
 from benchmarks.load.datasets import load_tokenizer
+from benchmarks.machine import cpu_seconds, with_descendants
 from benchmarks.peers import Server, xyserve_spec
 from engine.config import SchedulerConfig
 
@@ -70,14 +76,24 @@ def main() -> None:
     ratios = []
     with tempfile.TemporaryDirectory() as logs, \
             xyserve_spec(MODEL, args.dtype).start(pathlib.Path(logs)) as server:
+        front_end = [server.process.pid]
+        engine = [pid for pid in with_descendants(front_end) if pid not in front_end]
         for round_no in range(args.rounds):
+            before = (time.process_time(), cpu_seconds(front_end), cpu_seconds(engine))
             served = max(served_tok_s(server, workload, tokenizer, 1000 * round_no + run)
                          for run in range(args.runs))
+            after = (time.process_time(), cpu_seconds(front_end), cpu_seconds(engine))
+            # (ignore_eos: every request streams its output_len tokens)
+            num_tokens = args.runs * workload.num_prompts * workload.output_len
+            client_us, front_end_us, engine_us = (1e6 * (b - a) / num_tokens
+                                                  for a, b in zip(before, after, strict=True))
             offline = in_process_tok_s(args.dtype, workload.num_prompts, workload.input_len,
                                        workload.output_len, workload.concurrency, args.runs)
             ratios.append(served / offline)
             print(f"round {round_no}: served {served:7.1f} tok/s, in process {offline:7.1f} "
-                  f"tok/s: {served / offline:.3f}", flush=True)
+                  f"tok/s: {served / offline:.3f}; CPU a streamed token: client "
+                  f"{client_us:.0f} us, front end {front_end_us:.0f} us, engine "
+                  f"{engine_us:.0f} us", flush=True)
     print(f"served / in process, median of {args.rounds} rounds: {statistics.median(ratios):.3f}")
 
 
