@@ -7,7 +7,11 @@ The tiles' KV blocks, the split test and the dealt order are computed from the c
 in a few numpy calls, the prefill chunks' tiles one by one in Python (a few a step): the values
 the general tiling (engine.lowering_tiles) gives, tested; the tables only when read.
 
-Pure functions of (chunks, model shape, chip, block size).
+Pure functions of (chunks, model shape, chip, block size). The timing-only runner's steps with
+prefill chunks take these rules in C instead, pricing and summing the launch in the same call
+(npu_sim/launch_sums.c: xy_unsplit_launch_sums, from the lengths alone): a change to the tiles,
+the split test or the dealt order here is to be made there too, and
+tests/npu_sim/test_launch_sums.py fails until it is.
 """
 
 from __future__ import annotations

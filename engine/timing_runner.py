@@ -38,10 +38,12 @@ from engine.lowering import (
     lower_step_counts,
     step_launches,
 )
+from engine.lowering_tiles import kv_span_blocks
 from engine.lowering_tp import kv_pool_blocks, shard_arch
 from engine.lowering_unsplit import lower_decodes, lower_unsplit
 from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
 from engine.spec.types import Draft
+from npu_sim.cost_attention import UnsplitShape
 from npu_sim.device import Device
 from npu_sim.hardware import load_chip
 from npu_sim.step_sums import Launches, SharedLaunches
@@ -137,6 +139,12 @@ class TimingRunner:
         # tokens and a tail kept by sampled rows (each a function of those alone:
         # engine.lowering.step_launch_counts), from earlier steps' general lowering.
         self._card = shard_arch(arch, tensor_parallel_size)
+        card = self._card
+        # what a step with prefill chunks is lowered and priced from its lengths with
+        # (Device.time_unsplit)
+        self._unsplit_shape = UnsplitShape(card.num_heads // card.num_kv_heads,
+                                           card.num_kv_heads, card.head_dim, block_size,
+                                           kv_span_blocks(block_size))
         self._shared_launches: dict[tuple[int, int], SharedLaunches] = {}
         self._heads: dict[int, Launches] = {}
         self._tails: dict[int, Launches] = {}
@@ -221,6 +229,10 @@ class TimingRunner:
             if decodes is None:
                 return None
             return self.device.time_decodes(shared, decodes, num_requests=len(chunks))
+        trace = self.device.time_unsplit(shared, start_pos, np.array(num_tokens, np.int64),
+                                         self._unsplit_shape, num_requests=len(chunks))
+        if trace is not None:  # (else no C library, or a tile to split: lowered in Python)
+            return trace
         kernel = lower_unsplit(chunks, start_pos, num_tokens, self._card, chip,
                                self.block_size)
         if kernel is None:

@@ -51,6 +51,19 @@ class AttentionRows(NamedTuple):
 NUM_TERMS = len(AttentionRows._fields)
 
 
+class UnsplitShape(NamedTuple):
+    """The model and lowering numbers a meta-attention launch is lowered and priced from its
+    sequences' lengths with (npu_sim.launch_sums.AttentionLaunchSums.unsplit: the timing-only
+    runner's steps with prefill chunks, engine.lowering_unsplit's tiles in C)."""
+
+    group_size: int  # query heads per KV head
+    num_kv_heads: int  # KV heads: tasks per tile
+    head_dim: int  # features per head
+    block_size: int  # tokens per KV block
+    span_blocks: int  # KV blocks of the shortest span a tile is split into
+    #   (engine.lowering_tiles.kv_span_blocks)
+
+
 class DecodeBatch(NamedTuple):
     """A meta-attention launch of decodes only (a token each, no drafts), none of whose tiles
     is split, as the cost model prices it (cost_attention_launch.decode_rows): what its kernel's

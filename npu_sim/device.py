@@ -21,7 +21,7 @@ for its template alone), and only its attention kernels are timed and summed, a 
 launch without combine tasks without a KernelTiming (npu_sim.launch_sums; one without verify
 chunks priced from its sequences' lengths, npu_sim.cost, and summed in C where it can be); a
 step whose one own kernel is a launch of decodes is timed from their lengths alone, without the
-kernel (`time_decodes`).
+kernel (`time_decodes`), and one with prefill chunks too, in C (`time_unsplit`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from npu_sim.cost import CostModel
-from npu_sim.cost_attention import DecodeBatch
+from npu_sim.cost_attention import DecodeBatch, UnsplitShape
 from npu_sim.cost_attention_launch import decode_rows, prices_from_lengths, unsplit_rows
 from npu_sim.dealing import dealt, kernel_timing
 from npu_sim.hardware import ChipSpec
@@ -231,6 +231,22 @@ class Device:
         template = self._step_template(shared)
         (num_launches,) = template.varying_counts
         sums = self._attention_sums(decode_rows(self.cost_model, decodes))
+        return self._counted_step(template, [(sums, num_launches)], num_requests)
+
+    def time_unsplit(self, shared: SharedLaunches, start_pos: np.ndarray,
+                     num_tokens: np.ndarray, shape: UnsplitShape,
+                     num_requests: int = 0) -> StepTrace | None:
+        """`time_launches(shared, (kernel,), num_requests)` of a step whose one own kernel is the
+        meta-attention `kernel` engine.lowering_unsplit.lower_unsplit makes of its sequences'
+        lengths (num_tokens query tokens from start_pos, int64; prefill chunks among them),
+        timed from the lengths alone in C (AttentionLaunchSums.unsplit): the same StepTrace,
+        bit for bit. None where that declines (no C library, a tile to split, a chunk of no
+        token): the caller lowers the kernel. Needs the row memo, as time_decodes does."""
+        sums = self._attention_sums.unsplit(start_pos, num_tokens, shape)
+        if sums is None:
+            return None
+        template = self._step_template(shared)
+        (num_launches,) = template.varying_counts
         return self._counted_step(template, [(sums, num_launches)], num_requests)
 
     def _counted_step(self, template: StepTemplate,

@@ -42,7 +42,7 @@ enum {
 
 /* The row constants of prefill_row (npu_sim.launch_sums packs them in this order). */
 enum {
-    R_STAGES,          /* the launch's pipeline: 3 or 4 (cost_attention_launch.attention_stages) */
+    R_STAGES,          /* the launch's pipeline: 3 or 4 (xy_unsplit_launch_sums: its own) */
     R_GROUP,           /* query heads per KV head (a task's heads) */
     R_HEAD_DIM,
     R_PADDED_DIM,      /* head_dim rounded up to the cube's K: ceil(d / cube_k) * cube_k */
@@ -73,12 +73,12 @@ static inline double py_max(double a, double b) { return b > a ? b : a; }
  * hbm_fraction, d) of one row of a 3- or 4-stage launch (a prefill tile over every key it
  * sees: its sequence's final output), written to t[k * n + i] for each term k: the operations
  * of attention_rows' Python, one by one, left to right. */
-static void prefill_row(const double *rc, double keys, double q_rows, double tile_rows,
-                        double hbm_fraction, double *t, int64_t n, int64_t i) {
+static void prefill_row(const double *rc, double stages, double keys, double q_rows,
+                        double tile_rows, double hbm_fraction, double *t, int64_t n, int64_t i) {
     const double d = rc[R_HEAD_DIM], dp = rc[R_PADDED_DIM], b = rc[R_BYTES];
     const double l2r = rc[R_MTE2_L2], sync = rc[R_SYNC], aivs = rc[R_AIVS];
     const double accum = rc[R_ACCUM_BYTES];
-    const int upd = rc[R_STAGES] == 4.0;
+    const int upd = stages == 4.0;
     double r = q_rows * rc[R_GROUP], big_r = tile_rows;
     double chunks = py_max(ceil(keys / rc[R_KV_CHUNK]), 1.0);
     double kl = keys / chunks;
@@ -153,31 +153,14 @@ static double pairwise_sum(const double *a, int64_t n) {
 }
 
 /* row (7 scalars, num_cube AIC busy cycles, num_vector AIV busy cycles): the LaunchSums row of
- * a launch of num_rows attention rows whose terms are terms[t * stride + gather[i]] (gather
- * NULL: i), but for the num_prefill rows prefill_at[p], priced by prefill_row from keys and
- * prefill[3 p .. 3 p + 3) = (q_rows, tile_rows, hbm_fraction) and the row constants
- * row_consts (NULL without prefill rows); each row stands for `weight` tasks; keys: each
- * row's keys (int64, num_rows: the launch's K/V bytes); its tasks in dealt order are order[j]
- * repeated `repeat` times, for j in [0, num_order). Returns 0, or -1 where the scratch could
- * not be allocated. */
-int xy_launch_sums(const double *terms, int64_t stride, const int64_t *gather, int64_t num_rows,
-                   const int64_t *keys, const int64_t *prefill_at, const double *prefill,
-                   int64_t num_prefill, const double *row_consts, const int64_t *order,
-                   int64_t num_order, int64_t repeat, const double *consts, int64_t num_cube,
-                   int64_t num_vector, double *row) {
-    double *t = malloc(sizeof(double) * (size_t)(NUM_TERMS * num_rows + num_cube));
-    if (!t) return -1;
-    double *busy = t + NUM_TERMS * num_rows;
-    for (int k = 0; k < NUM_TERMS; k++) {  /* each term's row contiguous, as numpy sums it */
-        const double *src = terms + k * stride;
-        double *dst = t + k * num_rows;
-        for (int64_t i = 0; i < num_rows; i++) dst[i] = src[gather ? gather[i] : i];
-    }
-    for (int64_t p = 0; p < num_prefill; p++) {
-        int64_t i = prefill_at[p];
-        prefill_row(row_consts, (double)keys[i], prefill[3 * p], prefill[3 * p + 1],
-                    prefill[3 * p + 2], t, num_rows, i);
-    }
+ * a launch of num_rows attention rows whose terms are t[k * num_rows + i] (term k of row i),
+ * each standing for `weight` tasks; keys: each row's keys (int64: the launch's K/V bytes); its
+ * tasks in dealt order are order[j] repeated `repeat` times, for j in [0, num_order); busy:
+ * scratch of num_cube doubles. */
+static void launch_row(const double *t, int64_t num_rows, const int64_t *keys,
+                       const int64_t *order, int64_t num_order, int64_t repeat,
+                       const double *consts, int64_t num_cube, int64_t num_vector, double *busy,
+                       double *row) {
     double s[NUM_TERMS];
     for (int k = 0; k < NUM_TERMS; k++) s[k] = pairwise_sum(t + k * num_rows, num_rows);
     int64_t key_sum = 0;  /* whole numbers: exact in any order */
@@ -231,6 +214,224 @@ int xy_launch_sums(const double *terms, int64_t stride, const int64_t *gather, i
         row[7 + c] = stretch != 1.0 ? busy[c] * stretch : busy[c];
     int64_t aivs = (int64_t)consts[C_AIVS];
     for (int64_t v = 0; v < num_vector; v++) row[7 + num_cube + v] = row[7 + v / aivs];
+}
+
+/* launch_row of a launch of num_rows attention rows whose terms are terms[k * stride +
+ * gather[i]] (gather NULL: i), but for the num_prefill rows prefill_at[p], priced by
+ * prefill_row from keys and prefill[3 p .. 3 p + 3) = (q_rows, tile_rows, hbm_fraction) and
+ * the row constants row_consts (NULL without prefill rows). Returns 0, or -1 where the scratch
+ * could not be allocated. */
+int xy_launch_sums(const double *terms, int64_t stride, const int64_t *gather, int64_t num_rows,
+                   const int64_t *keys, const int64_t *prefill_at, const double *prefill,
+                   int64_t num_prefill, const double *row_consts, const int64_t *order,
+                   int64_t num_order, int64_t repeat, const double *consts, int64_t num_cube,
+                   int64_t num_vector, double *row) {
+    double *t = malloc(sizeof(double) * (size_t)(NUM_TERMS * num_rows + num_cube));
+    if (!t) return -1;
+    for (int k = 0; k < NUM_TERMS; k++) {  /* each term's row contiguous, as numpy sums it */
+        const double *src = terms + k * stride;
+        double *dst = t + k * num_rows;
+        for (int64_t i = 0; i < num_rows; i++) dst[i] = src[gather ? gather[i] : i];
+    }
+    for (int64_t p = 0; p < num_prefill; p++) {
+        int64_t i = prefill_at[p];
+        prefill_row(row_consts, row_consts[R_STAGES], (double)keys[i], prefill[3 * p],
+                    prefill[3 * p + 1], prefill[3 * p + 2], t, num_rows, i);
+    }
+    launch_row(t, num_rows, keys, order, num_order, repeat, consts, num_cube, num_vector,
+               t + NUM_TERMS * num_rows, row);
+    free(t);
+    return 0;
+}
+
+/* ------------------------------------------------------------- a launch from its lengths
+ *
+ * xy_unsplit_launch_sums: what a timing-only step with prefill chunks asks of its attention
+ * launch, from the chunks' lengths alone: the meta-kernel's Q tiles and their KV blocks
+ * (engine.lowering_unsplit.lower_unsplit: its tiles, split test and dealt order), the launch's
+ * pipeline (cost_attention_launch.attention_stages), its rows (unsplit_rows: decode tiles from
+ * the memo's table, prefill tiles priced here with their sequence's HBM fraction) and its sums
+ * (launch_row). Integers where the Python has integers; its float operations in its order.
+ */
+
+/* The lowering's constants (npu_sim.launch_sums packs them in this order). */
+enum {
+    L_GROUP,           /* query heads per KV head */
+    L_KV_HEADS,
+    L_HEAD_DIM,
+    L_BLOCK_SIZE,      /* tokens per KV block */
+    L_SPAN_BLOCKS,     /* KV blocks of the shortest span a tile is split into */
+    L_NUM_CUBE,        /* the chip's AICs */
+    L_BYTES,           /* operand bytes */
+    L_MENU_LEN,        /* Q tile rows on the menu (npu_sim.tiling.ATTN_Q_TILE_ROWS), then them */
+    L_MENU
+};
+
+/* Python's min(a, b) of two floats: a unless b is smaller. */
+static inline double py_min(double a, double b) { return b < a ? b : a; }
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* attention_q_tile(q_len, g): the tile's stacked rows; *tokens its query tokens. */
+static int64_t q_tile(const int64_t *lc, int64_t q_len, int64_t *tokens) {
+    const int64_t g = lc[L_GROUP], n = lc[L_MENU_LEN];
+    for (int64_t i = 0; i < n; i++)
+        if (q_len * g <= lc[L_MENU + i]) {
+            *tokens = q_len;
+            return lc[L_MENU + i];
+        }
+    int64_t largest = lc[L_MENU + n - 1];
+    *tokens = largest / g > 1 ? largest / g : 1;
+    return largest;
+}
+
+/* order[0 .. n): 0 .. n - 1 sorted by work, heaviest first, ties in index order (numpy's stable
+ * argsort of -work); tmp: n scratch indices. A bottom-up merge sort: stable. */
+static void heaviest_first(const int64_t *work, int64_t n, int64_t *order, int64_t *tmp) {
+    for (int64_t i = 0; i < n; i++) order[i] = i;
+    for (int64_t width = 1; width < n; width *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * width) {
+            int64_t mid = lo + width < n ? lo + width : n;
+            int64_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int64_t a = lo, b = mid, k = lo;
+            while (a < mid && b < hi) tmp[k++] = work[order[b]] > work[order[a]] ? order[b++]
+                                                                                : order[a++];
+            while (a < mid) tmp[k++] = order[a++];
+            while (b < hi) tmp[k++] = order[b++];
+        }
+        for (int64_t i = 0; i < n; i++) order[i] = tmp[i];
+    }
+}
+
+/* launch_row of the meta-attention launch of num_seqs sequences of num_tokens[s] query tokens
+ * from start_pos[s] (decodes and prefill chunks; no verify), its rows' terms read from table3
+ * or table4 (the memo's decode tables of its pipeline, strides stride3 / stride4, each priced
+ * up to the longest context at least) but for its prefill tiles', priced by prefill_row (row
+ * constants rc, R_STAGES set here). lc: the lowering's constants; l2_bytes: the chip's L2;
+ * l2_cap: the cost model's L2 share (attention_hbm_fraction); alpha: ATTN_L2_ALPHA.
+ * *num_tasks: the launch's tasks. Returns 0; 1 where a tile is to be split into KV spans, 2
+ * where a chunk has no token (the general lowering takes both) or none has more than one (a
+ * launch of decodes: the 2-stage pipeline, not priced here); -1 without memory. */
+int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, int64_t num_seqs,
+                           const int64_t *lc, const double *table3, int64_t stride3,
+                           const double *table4, int64_t stride4, const double *rc,
+                           double l2_bytes, double l2_cap, double alpha, const double *consts,
+                           int64_t num_cube, int64_t num_vector, double *row,
+                           int64_t *num_tasks) {
+    const int64_t g = lc[L_GROUP], kv = lc[L_KV_HEADS], bs = lc[L_BLOCK_SIZE];
+    int64_t decode_rows, one;
+    decode_rows = q_tile(lc, 1, &one);
+    int64_t num_tiles = 0, num_prefills = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        if (num_tokens[s] <= 0) return 2;
+        int64_t tokens;
+        q_tile(lc, num_tokens[s], &tokens);
+        num_tiles += num_tokens[s] > 1 ? ceil_div(num_tokens[s], tokens) : 1;
+        num_prefills += num_tokens[s] > 1;
+    }
+    if (!num_prefills) return 2;  /* decodes only: another pipeline (time_decodes') */
+    /* per tile: keys, blocks, work (query tokens x blocks), rows, query tokens, its sequence;
+     * then the order and its scratch */
+    int64_t *ints = malloc(sizeof(int64_t) * (size_t)(8 * num_tiles));
+    double *t = malloc(sizeof(double) * (size_t)(NUM_TERMS * num_tiles + num_cube));
+    if (!ints || !t) {
+        free(ints);
+        free(t);
+        return -1;
+    }
+    int64_t *keys = ints, *blocks = keys + num_tiles, *work = blocks + num_tiles;
+    int64_t *rows = work + num_tiles, *q_rows = rows + num_tiles, *seq = q_rows + num_tiles;
+    int64_t *order = seq + num_tiles, *tmp = order + num_tiles;
+
+    /* _prefill_tiles and _unsplit_blocks: every sequence's decode-like blocks summed, a
+     * prefill chunk's tiles' work instead of its own */
+    int64_t i = 0, total_work = 0, heaviest = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        int64_t start = start_pos[s], n = num_tokens[s], context = start + n;
+        int64_t context_blocks = ceil_div(context, bs);
+        if (context_blocks > heaviest) heaviest = context_blocks;
+        if (n == 1) {
+            keys[i] = context, blocks[i] = context_blocks, rows[i] = decode_rows;
+            work[i] = context_blocks, q_rows[i] = 1, seq[i++] = s;
+            total_work += context_blocks;
+            continue;
+        }
+        int64_t tokens, tile_rows = q_tile(lc, n, &tokens), count = ceil_div(n, tokens);
+        for (int64_t c = 0; c < count; c++, i++) {
+            q_rows[i] = c + 1 < count ? tokens : n - (count - 1) * tokens;
+            keys[i] = c + 1 < count ? start + tokens * (c + 1) : context;
+            blocks[i] = ceil_div(keys[i], bs);
+            rows[i] = tile_rows;
+            work[i] = q_rows[i] * blocks[i];
+            seq[i] = s;
+            total_work += work[i];
+            if (work[i] > heaviest) heaviest = work[i];
+        }
+    }
+    /* the split test (_unsplit_blocks, _any_split): core_share's float, compared exactly */
+    const int64_t block_work = g * bs;
+    double share = (double)(total_work * block_work) * (double)kv / (double)lc[L_NUM_CUBE];
+    if (share != 0.0 && (double)(total_work * block_work) > share
+        && (double)(heaviest * block_work) > share) {
+        for (int64_t j = 0; j < num_tiles; j++) {
+            /* a decode's blocks and a prefill tile's work are its tile's test (work[j]) */
+            if ((double)(work[j] * block_work) > share && blocks[j] / lc[L_SPAN_BLOCKS] >= 2) {
+                free(ints);
+                free(t);
+                return 1;
+            }
+        }
+        /* a prefill sequence's own blocks are tested as a decode's too */
+        for (int64_t s = 0; s < num_seqs; s++) {
+            int64_t b = ceil_div(start_pos[s] + num_tokens[s], bs);
+            if (num_tokens[s] > 1 && (double)(b * block_work) > share
+                && b / lc[L_SPAN_BLOCKS] >= 2) {
+                free(ints);
+                free(t);
+                return 1;
+            }
+        }
+    }
+    /* tile_order: heaviest (tile rows x blocks) first; attention_stages: the first AICs'
+     * tasks' keys x rows in flight against L2 */
+    for (int64_t j = 0; j < num_tiles; j++) work[j] = rows[j] * blocks[j];
+    heaviest_first(work, num_tiles, order, tmp);
+    int64_t keys_x_rows = 0;
+    for (int64_t task = 0; task < num_cube && task < num_tiles * kv; task++)
+        keys_x_rows += work[order[task / kv]];
+    keys_x_rows *= bs;
+    const int stages = l2_bytes > (double)keys_x_rows * alpha ? 3 : 4;
+    const double *table = stages == 3 ? table3 : table4;
+    const int64_t stride = stages == 3 ? stride3 : stride4;
+
+    /* the rows: a decode table's column of each tile's keys, a prefill tile's priced here */
+    for (int k = 0; k < NUM_TERMS; k++)
+        for (int64_t j = 0; j < num_tiles; j++) t[k * num_tiles + j] = table[k * stride + keys[j]];
+    for (int64_t j = 0; j < num_tiles;) {
+        int64_t s = seq[j];
+        if (num_tokens[s] == 1) {
+            j++;
+            continue;
+        }
+        int64_t first = j, key_sum = 0;
+        for (; j < num_tiles && seq[j] == s; j++) key_sum += keys[j];
+        double fraction = 1.0;  /* attention_hbm_fraction's: exactly 1.0 for one tile */
+        if (j - first > 1) {
+            double total = (double)(2 * key_sum * lc[L_HEAD_DIM] * lc[L_BYTES] * kv);
+            double unique = (double)((start_pos[s] + num_tokens[s]) * kv * lc[L_HEAD_DIM]
+                                     * lc[L_BYTES] * 2);
+            unique = py_min(total, unique);
+            double hit = py_min(1.0, l2_cap / py_max(unique, 1.0));
+            fraction = (unique + (total - unique) * (1.0 - hit)) / py_max(total, 1.0);
+        }
+        for (int64_t p = first; p < j; p++)
+            prefill_row(rc, (double)stages, (double)keys[p], (double)q_rows[p], (double)rows[p],
+                        fraction, t, num_tiles, p);
+    }
+    launch_row(t, num_tiles, keys, order, num_tiles, kv, consts, num_cube, num_vector,
+               t + NUM_TERMS * num_tiles, row);
+    *num_tasks = num_tiles * kv;
+    free(ints);
     free(t);
     return 0;
 }

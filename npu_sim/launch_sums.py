@@ -26,12 +26,12 @@ import numpy as np
 
 from npu_sim import native_build
 from npu_sim.cost import CostModel, TaskCosts
-from npu_sim.cost_attention import SOFTMAX_OPS, UPDATE_OPS
+from npu_sim.cost_attention import ATTN_L2_ALPHA, SOFTMAX_OPS, UPDATE_OPS, UnsplitShape
 from npu_sim.cost_attention_launch import DECODE_STAGES, LaunchRows, launch_costs
 from npu_sim.dealing import deal, makespan
 from npu_sim.step_sums import LaunchSums
 from npu_sim.tasks import Primitive
-from npu_sim.tiling import ACCUM_BYTES, attention_kv_chunk
+from npu_sim.tiling import ACCUM_BYTES, ATTN_Q_TILE_ROWS, attention_kv_chunk, attention_q_tile
 from npu_sim.trace import NUM_STEP_SUMS_SCALARS, step_sums_row
 
 _ATTENTION = Primitive.ATTENTION.value  # (an enum's value is a Python-level property)
@@ -43,7 +43,10 @@ _LIBRARY = native_build.Library(
     # (-ffp-contract=off: no fused multiply-add where numpy rounds a product, then a sum)
     ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"),
     {"xy_launch_sums": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I,
-                                       _I, _P])},
+                                       _I, _P]),
+     "xy_unsplit_launch_sums": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _P, ctypes.c_double,
+                                               ctypes.c_double, ctypes.c_double, _P, _I, _I, _P,
+                                               _P])},
     "the simulator's C launch sums")
 
 
@@ -87,6 +90,9 @@ class AttentionLaunchSums:
         self._table_at = 0
         # launch_sums.c's row constants per (stages, group_size, head_dim), with their address
         self._row_consts: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}
+        # its lowering constants per UnsplitShape, with their address
+        self._lowering_consts: dict[UnsplitShape, tuple[np.ndarray, int]] = {}
+        self._num_tasks = np.zeros(1, dtype=np.int64)  # xy_unsplit_launch_sums' count out
 
     def __call__(self, rows: LaunchRows) -> LaunchSums:
         sums = self.native(rows)
@@ -98,9 +104,7 @@ class AttentionLaunchSums:
         library = native_build.loaded(_LIBRARY)
         if library is None:
             return None
-        consts = self._consts.get((rows.stages, rows.weight, rows.head_dim))
-        if consts is None:
-            consts = self._constants(rows)
+        consts = self._constants(rows.stages, rows.weight, rows.head_dim)
         # (operands as the C reads them: contiguous int64; a decode's order is a view of the
         # kernel's task order every `weight` tasks)
         order = np.ascontiguousarray(rows.order, dtype=np.int64)
@@ -125,24 +129,27 @@ class AttentionLaunchSums:
         if library.xy_launch_sums(self._table_at, terms.shape[1], columns_at, len(keys),
                                   keys_at, prefill_at, prefill_rows_at, num_prefill,
                                   row_consts_at, order.ctypes.data, len(order), rows.repeat,
-                                  consts[1], self._num_cube, self._num_vector, row.ctypes.data):
+                                  consts, self._num_cube, self._num_vector, row.ctypes.data):
             raise MemoryError("xy_launch_sums: no memory for its scratch")
         return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._cm.chip.clock_hz,
                           len(order) * rows.repeat, row)
 
-    def _constants(self, rows: LaunchRows) -> tuple[np.ndarray, int]:
-        """launch_sums.c's constants for rows of this pipeline, weight and head_dim, kept."""
-        cm, c = self._cm, self._cm.chip
-        values = np.array([
-            c.gm_latency_cycles,  # (the attention tasks' core overhead: _attention_costs)
-            c.cube_launch_s * c.clock_hz,
-            c.hbm_bytes_per_s / c.clock_hz,  # (dealing.makespan's rates)
-            c.l2_bytes_per_s / c.clock_hz,
-            rows.weight, rows.head_dim, cm.bytes, cm.aivs,
-            1.0 if rows.stages == DECODE_STAGES else 2.0,  # _attention_costs' cube_mult
-        ], dtype=np.float64)
-        kept = self._consts[rows.stages, rows.weight, rows.head_dim] = values, values.ctypes.data
-        return kept
+    def _constants(self, stages: int, weight: int, head_dim: int) -> int:
+        """The address of launch_sums.c's constants (its C_* order) for rows of this pipeline,
+        weight and head_dim, kept."""
+        kept = self._consts.get((stages, weight, head_dim))
+        if kept is None:
+            cm, c = self._cm, self._cm.chip
+            values = np.array([
+                c.gm_latency_cycles,  # (the attention tasks' core overhead: _attention_costs)
+                c.cube_launch_s * c.clock_hz,
+                c.hbm_bytes_per_s / c.clock_hz,  # (dealing.makespan's rates)
+                c.l2_bytes_per_s / c.clock_hz,
+                weight, head_dim, cm.bytes, cm.aivs,
+                1.0 if stages == DECODE_STAGES else 2.0,  # _attention_costs' cube_mult
+            ], dtype=np.float64)
+            kept = self._consts[stages, weight, head_dim] = values, values.ctypes.data
+        return kept[1]
 
     def _row_constants(self, stages: int, group_size: int, head_dim: int) -> int:
         """The address of launch_sums.c's row constants (its R_* order) for prefill rows of
@@ -165,3 +172,43 @@ class AttentionLaunchSums:
             ], dtype=np.float64)
             kept = self._row_consts[key] = values, values.ctypes.data
         return kept[1]
+
+    def unsplit(self, start_pos: np.ndarray, num_tokens: np.ndarray,
+                shape: UnsplitShape) -> LaunchSums | None:
+        """The LaunchSums of the meta-attention launch engine.lowering_unsplit.lower_unsplit
+        makes of sequences of num_tokens query tokens from start_pos (int64, one each; decodes
+        and prefill chunks, at least one of them longer than a token, no verify), priced from
+        its lengths (cost_attention_launch.unsplit_rows), without the kernel: in C, lowering
+        and all (launch_sums.c: xy_unsplit_launch_sums). None where the library is not loaded,
+        a tile is to be split into KV spans or a chunk has no token: the caller lowers the
+        launch (the same sums, tested)."""
+        library = native_build.loaded(_LIBRARY)
+        if library is None:
+            return None
+        cm = self._cm
+        g, d = shape.group_size, shape.head_dim
+        top = np.maximum.reduce(start_pos + num_tokens, keepdims=True)  # the longest context
+        tile_rows = float(attention_q_tile(1, g)[0])  # a decode's tile
+        # (both pipelines' decode tables, priced up to the longest context: the C picks one)
+        table3, table4 = (cm.row_memo(stages, g, d).decode_table(cm, tile_rows, top)
+                          for stages in (3, 4))
+        lowering = self._lowering_consts.get(shape)
+        if lowering is None:
+            values = np.array([g, shape.num_kv_heads, d, shape.block_size, shape.span_blocks,
+                               cm.chip.num_cube_cores, cm.bytes, len(ATTN_Q_TILE_ROWS),
+                               *ATTN_Q_TILE_ROWS], dtype=np.int64)
+            lowering = self._lowering_consts[shape] = values, values.ctypes.data
+        row = np.empty(self._size)
+        status = library.xy_unsplit_launch_sums(
+            start_pos.ctypes.data, num_tokens.ctypes.data, len(start_pos), lowering[1],
+            table3.ctypes.data, table3.shape[1], table4.ctypes.data, table4.shape[1],
+            self._row_constants(3, g, d), float(cm.chip.l2_bytes), float(cm.l2_cap),
+            float(ATTN_L2_ALPHA), self._constants(3, shape.num_kv_heads, d),  # (3, 4: the same)
+            self._num_cube, self._num_vector, row.ctypes.data,
+            self._num_tasks.ctypes.data)
+        if status < 0:
+            raise MemoryError("xy_unsplit_launch_sums: no memory for its scratch")
+        if status:
+            return None
+        return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / cm.chip.clock_hz,
+                          int(self._num_tasks[0]), row)

@@ -15,9 +15,11 @@ import pytest
 
 from engine.arch_presets import resolve_arch
 from engine.lowering import ChunkShape, lower_attention
+from engine.lowering_tiles import kv_span_blocks
 from engine.lowering_tp import shard_arch
-from engine.lowering_unsplit import lower_decodes
+from engine.lowering_unsplit import lower_decodes, lower_unsplit
 from npu_sim import launch_sums, native_build
+from npu_sim.cost_attention import UnsplitShape
 from npu_sim.cost_attention_launch import (
     LaunchRows,
     decode_rows,
@@ -135,3 +137,57 @@ def test_the_timing_only_path_loads_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model,tp", [("llama-2-7b", 1), ("llama-3-8b", 1), ("qwen2.5-72b", 4)])
+@pytest.mark.parametrize("chip_name,dtype", [("910b2", "bf16"), ("910b3", "fp32")])
+def test_a_launch_lowered_from_its_lengths_in_c_sums_as_the_kernel_does(
+        model: str, tp: int, chip_name: str, dtype: str) -> None:
+    """AttentionLaunchSums.unsplit (the lowering, the pipeline, the rows and the sums in C,
+    from the sequences' lengths) against lower_unsplit's kernel priced and summed: the same
+    bits, and declined exactly where the lowering declines (a tile to split, a chunk of no
+    token) or where every sequence is a decode (another pipeline)."""
+    arch, chip = shard_arch(resolve_arch(model), tp), get_chip(chip_name)
+    device = Device(chip, compute=False, dtype=dtype)
+    cm, sums = device.cost_model, AttentionLaunchSums(device.cost_model)
+    shape = UnsplitShape(arch.num_heads // arch.num_kv_heads, arch.num_kv_heads, arch.head_dim,
+                         BLOCK, kv_span_blocks(BLOCK))
+    rng = random.Random(len(model) + tp)
+    seen: dict[str, int] = {"priced": 0, "split": 0, "declined": 0}
+    stages = set()
+    for trial in range(120):
+        lengths = [(rng.randrange(0, rng.choice((300, 8000, 30000))), 1)
+                   for _ in range(rng.choice((0, 1, 9, 60, 200)))]
+        lengths += [(rng.choice((0, rng.randrange(0, 40000))), rng.randrange(2, 4097))
+                    for _ in range(rng.choice((1, 1, 2, 3)))]
+        if trial % 20 == 0:
+            lengths = [(s, 1) for s, _ in lengths] or [(5, 1)]  # decodes only
+        if trial % 20 == 1:
+            lengths.append((100, 0))  # a chunk of no token
+        if trial % 20 == 2:  # one long context beside a short prompt: over a core's share
+            lengths = [(20000, 1), (0, 16)]
+        if trial % 20 == 3:  # over the share with just two spans' blocks (9 blocks of 128)
+            lengths = [(1100, 1), (0, 2)]
+        rng.shuffle(lengths)
+        start_pos = np.array([s for s, _ in lengths], dtype=np.int64)
+        num_tokens = np.array([n for _, n in lengths], dtype=np.int64)
+        chunks = tuple(ChunkShape(s, n, tuple(range(-(-(s + max(n, 1)) // BLOCK))))
+                       for s, n in lengths)
+        got = sums.unsplit(start_pos, num_tokens, shape)
+        if num_tokens.max() <= 1 or 0 in num_tokens:
+            assert got is None
+            seen["declined"] += 1
+            continue
+        kernel = lower_unsplit(chunks, start_pos, num_tokens.tolist(), arch, chip, BLOCK)
+        if kernel is None:
+            assert got is None
+            seen["split"] += 1
+            continue
+        rows = unsplit_rows(cm, kernel)
+        _same(got, _numpy(device, rows))
+        seen["priced"] += 1
+        stages.add(rows.stages)
+    # (with as many KV heads as cores, no tile's work is ever over a core's share)
+    splits = arch.num_kv_heads < chip.num_cube_cores
+    assert seen["priced"] >= 60 and bool(seen["split"]) == splits and seen["declined"] >= 12
+    assert stages == {3, 4}
