@@ -225,6 +225,10 @@ class TimingRunner:
         start_pos = np.array([c.start_pos for c in chunks], np.int64)
         chip = self.device.chip
         if num_tokens is None or num_tokens.count(1) == len(chunks):  # a token each: decodes
+            trace = self.device.time_unsplit(shared, start_pos, None, self._unsplit_shape,
+                                             num_requests=len(chunks))
+            if trace is not None:  # (else no C library, or a tile to split)
+                return trace
             decodes = lower_decodes(start_pos, self._card, chip, self.block_size)
             if decodes is None:
                 return None

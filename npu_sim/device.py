@@ -234,14 +234,15 @@ class Device:
         return self._counted_step(template, [(sums, num_launches)], num_requests)
 
     def time_unsplit(self, shared: SharedLaunches, start_pos: np.ndarray,
-                     num_tokens: np.ndarray, shape: UnsplitShape,
+                     num_tokens: np.ndarray | None, shape: UnsplitShape,
                      num_requests: int = 0) -> StepTrace | None:
         """`time_launches(shared, (kernel,), num_requests)` of a step whose one own kernel is the
         meta-attention `kernel` engine.lowering_unsplit.lower_unsplit makes of its sequences'
-        lengths (num_tokens query tokens from start_pos, int64; prefill chunks among them),
-        timed from the lengths alone in C (AttentionLaunchSums.unsplit): the same StepTrace,
-        bit for bit. None where that declines (no C library, a tile to split, a chunk of no
-        token): the caller lowers the kernel. Needs the row memo, as time_decodes does."""
+        lengths (num_tokens query tokens from start_pos, int64; num_tokens None: a token each,
+        decodes, as `time_decodes` times them), timed from the lengths alone in C
+        (AttentionLaunchSums.unsplit): the same StepTrace, bit for bit. None where that
+        declines (no C library, a tile to split, a chunk of no token): the caller lowers the
+        kernel. Needs the row memo, as time_decodes does."""
         sums = self._attention_sums.unsplit(start_pos, num_tokens, shape)
         if sums is None:
             return None

@@ -303,33 +303,39 @@ static void heaviest_first(const int64_t *work, int64_t n, int64_t *order, int64
     }
 }
 
+/* Whether any of the sequences has more than one query token. */
+static int has_prefill(const int64_t *num_tokens, int64_t num_seqs) {
+    for (int64_t s = 0; num_tokens && s < num_seqs; s++)
+        if (num_tokens[s] > 1) return 1;
+    return 0;
+}
+
 /* launch_row of the meta-attention launch of num_seqs sequences of num_tokens[s] query tokens
- * from start_pos[s] (decodes and prefill chunks; no verify), its rows' terms read from table3
- * or table4 (the memo's decode tables of its pipeline, strides stride3 / stride4, each priced
- * up to the longest context at least) but for its prefill tiles', priced by prefill_row (row
- * constants rc, R_STAGES set here). lc: the lowering's constants; l2_bytes: the chip's L2;
- * l2_cap: the cost model's L2 share (attention_hbm_fraction); alpha: ATTN_L2_ALPHA.
+ * from start_pos[s] (num_tokens NULL: a token each; no verify), its rows' terms read from the
+ * memo's decode table of its pipeline (table2 for decodes only, else table3 or table4 by the
+ * L2 test; strides stride2 ..., each priced up to the longest context at least; NULL where
+ * the launch cannot be on that pipeline) but for its prefill tiles', priced by prefill_row
+ * (row constants rc, R_STAGES set here). lc: the lowering's constants; l2_bytes: the chip's L2;
+ * l2_cap: the cost model's L2 share (attention_hbm_fraction); alpha: ATTN_L2_ALPHA; consts:
+ * launch_row's, for the launch's pipeline (the 2-stage one's for decodes only).
  * *num_tasks: the launch's tasks. Returns 0; 1 where a tile is to be split into KV spans, 2
- * where a chunk has no token (the general lowering takes both) or none has more than one (a
- * launch of decodes: the 2-stage pipeline, not priced here); -1 without memory. */
+ * where a chunk has no token (the general lowering takes both); -1 without memory. */
 int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, int64_t num_seqs,
-                           const int64_t *lc, const double *table3, int64_t stride3,
-                           const double *table4, int64_t stride4, const double *rc,
-                           double l2_bytes, double l2_cap, double alpha, const double *consts,
-                           int64_t num_cube, int64_t num_vector, double *row,
-                           int64_t *num_tasks) {
+                           const int64_t *lc, const double *table2, int64_t stride2,
+                           const double *table3, int64_t stride3, const double *table4,
+                           int64_t stride4, const double *rc, double l2_bytes, double l2_cap,
+                           double alpha, const double *consts, int64_t num_cube,
+                           int64_t num_vector, double *row, int64_t *num_tasks) {
     const int64_t g = lc[L_GROUP], kv = lc[L_KV_HEADS], bs = lc[L_BLOCK_SIZE];
     int64_t decode_rows, one;
     decode_rows = q_tile(lc, 1, &one);
-    int64_t num_tiles = 0, num_prefills = 0;
+    int64_t num_tiles = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
-        if (num_tokens[s] <= 0) return 2;
-        int64_t tokens;
-        q_tile(lc, num_tokens[s], &tokens);
-        num_tiles += num_tokens[s] > 1 ? ceil_div(num_tokens[s], tokens) : 1;
-        num_prefills += num_tokens[s] > 1;
+        int64_t n = num_tokens ? num_tokens[s] : 1, tokens;
+        if (n <= 0) return 2;
+        q_tile(lc, n, &tokens);
+        num_tiles += n > 1 ? ceil_div(n, tokens) : 1;
     }
-    if (!num_prefills) return 2;  /* decodes only: another pipeline (time_decodes') */
     /* per tile: keys, blocks, work (query tokens x blocks), rows, query tokens, its sequence;
      * then the order and its scratch */
     int64_t *ints = malloc(sizeof(int64_t) * (size_t)(8 * num_tiles));
@@ -347,7 +353,7 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
      * prefill chunk's tiles' work instead of its own */
     int64_t i = 0, total_work = 0, heaviest = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
-        int64_t start = start_pos[s], n = num_tokens[s], context = start + n;
+        int64_t start = start_pos[s], n = num_tokens ? num_tokens[s] : 1, context = start + n;
         int64_t context_blocks = ceil_div(context, bs);
         if (context_blocks > heaviest) heaviest = context_blocks;
         if (n == 1) {
@@ -382,7 +388,7 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
             }
         }
         /* a prefill sequence's own blocks are tested as a decode's too */
-        for (int64_t s = 0; s < num_seqs; s++) {
+        for (int64_t s = 0; num_tokens && s < num_seqs; s++) {
             int64_t b = ceil_div(start_pos[s] + num_tokens[s], bs);
             if (num_tokens[s] > 1 && (double)(b * block_work) > share
                 && b / lc[L_SPAN_BLOCKS] >= 2) {
@@ -400,16 +406,23 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
     for (int64_t task = 0; task < num_cube && task < num_tiles * kv; task++)
         keys_x_rows += work[order[task / kv]];
     keys_x_rows *= bs;
-    const int stages = l2_bytes > (double)keys_x_rows * alpha ? 3 : 4;
-    const double *table = stages == 3 ? table3 : table4;
-    const int64_t stride = stages == 3 ? stride3 : stride4;
+    /* (decodes only: the 2-stage pipeline, QK on the vector cores) */
+    const int stages = !has_prefill(num_tokens, num_seqs) ? 2
+                       : l2_bytes > (double)keys_x_rows * alpha ? 3 : 4;
+    const double *table = stages == 2 ? table2 : stages == 3 ? table3 : table4;
+    const int64_t stride = stages == 2 ? stride2 : stages == 3 ? stride3 : stride4;
+    if (!table) {  /* (the caller said the launch cannot be on this pipeline) */
+        free(ints);
+        free(t);
+        return 2;
+    }
 
     /* the rows: a decode table's column of each tile's keys, a prefill tile's priced here */
     for (int k = 0; k < NUM_TERMS; k++)
         for (int64_t j = 0; j < num_tiles; j++) t[k * num_tiles + j] = table[k * stride + keys[j]];
     for (int64_t j = 0; j < num_tiles;) {
         int64_t s = seq[j];
-        if (num_tokens[s] == 1) {
+        if (!num_tokens || num_tokens[s] == 1) {
             j++;
             continue;
         }

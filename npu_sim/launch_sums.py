@@ -44,9 +44,9 @@ _LIBRARY = native_build.Library(
     ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"),
     {"xy_launch_sums": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I,
                                        _I, _P]),
-     "xy_unsplit_launch_sums": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _P, ctypes.c_double,
-                                               ctypes.c_double, ctypes.c_double, _P, _I, _I, _P,
-                                               _P])},
+     "xy_unsplit_launch_sums": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P,
+                                               ctypes.c_double, ctypes.c_double, ctypes.c_double,
+                                               _P, _I, _I, _P, _P])},
     "the simulator's C launch sums")
 
 
@@ -173,25 +173,29 @@ class AttentionLaunchSums:
             kept = self._row_consts[key] = values, values.ctypes.data
         return kept[1]
 
-    def unsplit(self, start_pos: np.ndarray, num_tokens: np.ndarray,
+    def unsplit(self, start_pos: np.ndarray, num_tokens: np.ndarray | None,
                 shape: UnsplitShape) -> LaunchSums | None:
         """The LaunchSums of the meta-attention launch engine.lowering_unsplit.lower_unsplit
-        makes of sequences of num_tokens query tokens from start_pos (int64, one each; decodes
-        and prefill chunks, at least one of them longer than a token, no verify), priced from
-        its lengths (cost_attention_launch.unsplit_rows), without the kernel: in C, lowering
-        and all (launch_sums.c: xy_unsplit_launch_sums). None where the library is not loaded,
-        a tile is to be split into KV spans or a chunk has no token: the caller lowers the
-        launch (the same sums, tested)."""
+        makes of sequences of num_tokens query tokens from start_pos (int64, one each; None: a
+        token each, decodes; no verify), priced from its lengths
+        (cost_attention_launch.unsplit_rows, or decode_rows for decodes), without the kernel:
+        in C, lowering and all (launch_sums.c: xy_unsplit_launch_sums). None where the library
+        is not loaded, a tile is to be split into KV spans or a chunk has no token: the caller
+        lowers the launch (the same sums, tested)."""
         library = native_build.loaded(_LIBRARY)
         if library is None:
             return None
         cm = self._cm
         g, d = shape.group_size, shape.head_dim
-        top = np.maximum.reduce(start_pos + num_tokens, keepdims=True)  # the longest context
+        context = start_pos if num_tokens is None else start_pos + num_tokens
+        top = np.maximum.reduce(context, keepdims=True)  # (+ 1 for decodes: the longest)
+        if num_tokens is None:
+            top += 1
         tile_rows = float(attention_q_tile(1, g)[0])  # a decode's tile
-        # (both pipelines' decode tables, priced up to the longest context: the C picks one)
-        table3, table4 = (cm.row_memo(stages, g, d).decode_table(cm, tile_rows, top)
-                          for stages in (3, 4))
+        # the decode tables of the pipelines the launch can be on, priced up to the longest
+        # context (decodes: the 2-stage one; with prefill chunks the C picks 3 or 4 stages)
+        tables = [cm.row_memo(stages, g, d).decode_table(cm, tile_rows, top) if (
+            (stages == DECODE_STAGES) == (num_tokens is None)) else None for stages in (2, 3, 4)]
         lowering = self._lowering_consts.get(shape)
         if lowering is None:
             values = np.array([g, shape.num_kv_heads, d, shape.block_size, shape.span_blocks,
@@ -200,12 +204,15 @@ class AttentionLaunchSums:
             lowering = self._lowering_consts[shape] = values, values.ctypes.data
         row = np.empty(self._size)
         status = library.xy_unsplit_launch_sums(
-            start_pos.ctypes.data, num_tokens.ctypes.data, len(start_pos), lowering[1],
-            table3.ctypes.data, table3.shape[1], table4.ctypes.data, table4.shape[1],
+            start_pos.ctypes.data, None if num_tokens is None else num_tokens.ctypes.data,
+            len(start_pos), lowering[1],
+            *[x for table in tables for x in ((None, 0) if table is None else (
+                table.ctypes.data, table.shape[1]))],
             self._row_constants(3, g, d), float(cm.chip.l2_bytes), float(cm.l2_cap),
-            float(ATTN_L2_ALPHA), self._constants(3, shape.num_kv_heads, d),  # (3, 4: the same)
-            self._num_cube, self._num_vector, row.ctypes.data,
-            self._num_tasks.ctypes.data)
+            float(ATTN_L2_ALPHA),
+            # (launch_row's constants: the 2-stage pipeline's for decodes, else 3 and 4 alike)
+            self._constants(DECODE_STAGES if num_tokens is None else 3, shape.num_kv_heads, d),
+            self._num_cube, self._num_vector, row.ctypes.data, self._num_tasks.ctypes.data)
         if status < 0:
             raise MemoryError("xy_unsplit_launch_sums: no memory for its scratch")
         if status:

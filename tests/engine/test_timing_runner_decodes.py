@@ -98,8 +98,8 @@ def _assert_runner_as_general(model: str, tp: int, chip_name: str,
                               monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Each batch (start positions, token counts) stepped by a runner and timed the general
     way: the same traces and device counters. Returns the steps the runner lowered from their
-    lengths (decode steps timed without a kernel, other steps lowered by lower_unsplit or in C
-    by Device.time_unsplit), those
+    lengths (decode steps timed without a kernel, other steps lowered by lower_unsplit; either
+    in C by Device.time_unsplit), those
     it lowered the general way (lower_step_counts), and its (tokens, sampled rows) kept."""
     arch, chip = resolve_arch(model), get_chip(chip_name)
     runner = TimingRunner(arch, Device(chip, compute=False, timeline=False), BLOCK,
@@ -116,9 +116,16 @@ def _assert_runner_as_general(model: str, tp: int, chip_name: str,
 
     monkeypatch.setattr(timing_runner, "lower_decodes", counted("decodes", lower_decodes))
     monkeypatch.setattr(timing_runner, "lower_unsplit", counted("unsplit", lower_unsplit))
-    # (steps with prefill chunks lowered and priced from their lengths in C: unsplit too)
-    monkeypatch.setattr(runner.device, "time_unsplit",
-                        counted("unsplit", runner.device.time_unsplit))
+    # (steps lowered and priced from their lengths in C: decodes, or unsplit with prefills)
+    time_unsplit = runner.device.time_unsplit
+
+    def timed_in_c(shared: Any, start_pos: Any, num_tokens: Any, *args: Any,
+                   **kwargs: Any) -> Any:
+        out = time_unsplit(shared, start_pos, num_tokens, *args, **kwargs)
+        taken["decodes" if num_tokens is None else "unsplit"] += out is not None
+        return out
+
+    monkeypatch.setattr(runner.device, "time_unsplit", timed_in_c)
     monkeypatch.setattr(timing_runner, "lower_step_counts",
                         counted("general", timing_runner.lower_step_counts))
     for i, (starts, counts) in enumerate(batches):
@@ -161,13 +168,15 @@ def test_mixed_steps_time_as_the_general_path_does(model: str, tp: int, chip_nam
     assert taken["kept"] > taken["general"], taken
 
 
-def test_mixed_steps_without_the_c_library_time_the_same(
+def test_steps_without_the_c_library_time_the_same(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the simulator's C library (no compiler) a step with prefill chunks is lowered
-    in Python (lower_unsplit) and summed in numpy: the general path's traces still."""
+    """Without the simulator's C library (no compiler) steps are lowered in Python
+    (lower_decodes, lower_unsplit) and summed in numpy: the general path's traces still."""
+    decodes = [(starts, [1] * len(starts)) for starts in _batches(7)]
     with native_build.disabled():
-        taken = _assert_runner_as_general("llama-3-8b", 1, "910b2", _mixed(7), monkeypatch)
-    assert taken["unsplit"] >= 12
+        taken = _assert_runner_as_general("llama-3-8b", 1, "910b2", decodes + _mixed(7),
+                                          monkeypatch)
+    assert taken["decodes"] >= 20 and taken["unsplit"] >= 12
 
 
 def test_other_steps_take_the_general_path() -> None:
