@@ -251,11 +251,19 @@ class RowMemo:
     def decode_table(self, cm: CostModel, tile_rows: float, at: np.ndarray) -> np.ndarray:
         """The C-contiguous (NUM_TERMS, capacity) table of decode-like rows of `tile_rows`,
         column k a row of k keys, priced for every key of `at` (int64, non-negative) and up."""
+        # (np.maximum.reduce: not the array method's Python-level wrapper)
+        return self.decode_table_to(cm, tile_rows, int(np.maximum.reduce(at)))[0]
+
+    def decode_table_to(self, cm: CostModel, tile_rows: float,
+                        top: int) -> tuple[np.ndarray, int]:
+        """(`decode_table`'s table priced for every key up to `top` at least, the keys below
+        which it is priced): a caller keeping the table needs no call until its keys reach
+        the second."""
         table, priced = self._tables.get(tile_rows, (_NO_TABLE, 0))
-        top = int(np.maximum.reduce(at))  # (not the array method's Python-level wrapper)
         if top >= priced:
             table = self._price_keys(cm, tile_rows, table, priced, top)
-        return table
+            priced = self._tables[tile_rows][1]
+        return table, priced
 
     def _price_keys(self, cm: CostModel, tile_rows: float, table: np.ndarray, priced: int,
                     top: int) -> np.ndarray:

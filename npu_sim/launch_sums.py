@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import math
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -90,9 +91,13 @@ class AttentionLaunchSums:
         self._table_at = 0
         # launch_sums.c's row constants per (stages, group_size, head_dim), with their address
         self._row_consts: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}
-        # its lowering constants per UnsplitShape, with their address
-        self._lowering_consts: dict[UnsplitShape, tuple[np.ndarray, int]] = {}
+        # xy_unsplit_launch_sums' arguments per (UnsplitShape, decodes only), with the
+        # contexts its tables are priced below (_prepare_unsplit)
+        self._unsplit_calls: dict[tuple[UnsplitShape, bool],
+                                  tuple[int, tuple[Any, ...], list[np.ndarray]]] = {}
         self._num_tasks = np.zeros(1, dtype=np.int64)  # xy_unsplit_launch_sums' count out
+        self._num_tasks_at = self._num_tasks.ctypes.data
+        self._clock_hz = cm.chip.clock_hz
 
     def __call__(self, rows: LaunchRows) -> LaunchSums:
         sums = self.native(rows)
@@ -185,37 +190,62 @@ class AttentionLaunchSums:
         library = native_build.loaded(_LIBRARY)
         if library is None:
             return None
-        cm = self._cm
-        g, d = shape.group_size, shape.head_dim
-        context = start_pos if num_tokens is None else start_pos + num_tokens
-        top = np.maximum.reduce(context, keepdims=True)  # (+ 1 for decodes: the longest)
-        if num_tokens is None:
-            top += 1
-        tile_rows = float(attention_q_tile(1, g)[0])  # a decode's tile
-        # the decode tables of the pipelines the launch can be on, priced up to the longest
-        # context (decodes: the 2-stage one; with prefill chunks the C picks 3 or 4 stages)
-        tables = [cm.row_memo(stages, g, d).decode_table(cm, tile_rows, top) if (
-            (stages == DECODE_STAGES) == (num_tokens is None)) else None for stages in (2, 3, 4)]
-        lowering = self._lowering_consts.get(shape)
-        if lowering is None:
-            values = np.array([g, shape.num_kv_heads, d, shape.block_size, shape.span_blocks,
-                               cm.chip.num_cube_cores, cm.bytes, len(ATTN_Q_TILE_ROWS),
-                               *ATTN_Q_TILE_ROWS], dtype=np.int64)
-            lowering = self._lowering_consts[shape] = values, values.ctypes.data
+        decodes = num_tokens is None
+        # the longest context (a decode's: its start_pos + 1)
+        top = int(np.maximum.reduce(start_pos if decodes else start_pos + num_tokens)) + decodes
+        prepared = self._unsplit_calls.get((shape, decodes))
+        if prepared is None or top >= prepared[0]:
+            prepared = self._prepare_unsplit(shape, decodes, top)
         row = np.empty(self._size)
         status = library.xy_unsplit_launch_sums(
-            start_pos.ctypes.data, None if num_tokens is None else num_tokens.ctypes.data,
-            len(start_pos), lowering[1],
-            *[x for table in tables for x in ((None, 0) if table is None else (
-                table.ctypes.data, table.shape[1]))],
-            self._row_constants(3, g, d), float(cm.chip.l2_bytes), float(cm.l2_cap),
-            float(ATTN_L2_ALPHA),
-            # (launch_row's constants: the 2-stage pipeline's for decodes, else 3 and 4 alike)
-            self._constants(DECODE_STAGES if num_tokens is None else 3, shape.num_kv_heads, d),
-            self._num_cube, self._num_vector, row.ctypes.data, self._num_tasks.ctypes.data)
+            _address(start_pos), None if decodes else _address(num_tokens), len(start_pos),
+            *prepared[1], _address(row), self._num_tasks_at)
         if status < 0:
             raise MemoryError("xy_unsplit_launch_sums: no memory for its scratch")
         if status:
             return None
-        return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / cm.chip.clock_hz,
+        return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._clock_hz,
                           int(self._num_tasks[0]), row)
+
+    def _prepare_unsplit(self, shape: UnsplitShape, decodes: bool,
+                         top: int) -> tuple[int, tuple[Any, ...], list[np.ndarray]]:
+        """xy_unsplit_launch_sums' arguments but the batch's and the outputs, for launches of
+        `shape` (of decodes only, or not) whose contexts are below the first item (the memo's
+        decode tables they read priced up to `top` at least), kept with the arrays they hold
+        addresses of: the decode tables of the pipelines such a launch can be on (decodes: the
+        2-stage one; with prefill chunks the C picks 3 or 4 stages), the constants."""
+        cm = self._cm
+        g, d = shape.group_size, shape.head_dim
+        tile_rows = float(attention_q_tile(1, g)[0])  # a decode's tile
+        tables: list[Any] = []
+        arrays: list[np.ndarray] = []  # what the arguments hold addresses of, kept with them
+        priced = top + 1
+        for stages in (2, 3, 4):
+            if (stages == DECODE_STAGES) != decodes:
+                tables += [None, 0]
+                continue
+            table, below = cm.row_memo(stages, g, d).decode_table_to(cm, tile_rows, top)
+            arrays.append(table)  # (the memo may outgrow it: its columns below `below` stay)
+            tables += [table.ctypes.data, table.shape[1]]
+            priced = min(priced, below)
+        lowering = np.array([g, shape.num_kv_heads, d, shape.block_size, shape.span_blocks,
+                             cm.chip.num_cube_cores, cm.bytes, len(ATTN_Q_TILE_ROWS),
+                             *ATTN_Q_TILE_ROWS], dtype=np.int64)
+        arrays.append(lowering)
+        args = (lowering.ctypes.data, *tables, self._row_constants(3, g, d),
+                float(cm.chip.l2_bytes), float(cm.l2_cap), float(ATTN_L2_ALPHA),
+                # launch_row's constants: the 2-stage pipeline's for decodes, else 3 and 4's
+                # (the same)
+                self._constants(DECODE_STAGES if decodes else 3, shape.num_kv_heads, d),
+                self._num_cube, self._num_vector)
+        prepared = self._unsplit_calls[shape, decodes] = priced, args, arrays
+        return prepared
+
+
+def _address(array: np.ndarray) -> int:
+    """The address of a C-contiguous array's data: through ctypes' buffer view where the array
+    is writable (a third of what `.ctypes.data` costs), else `.ctypes.data`."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(array))
+    except (TypeError, ValueError, BufferError):  # read-only, empty or strided
+        return int(array.ctypes.data)

@@ -200,3 +200,11 @@ def test_a_launch_lowered_from_its_lengths_in_c_sums_as_the_kernel_does(
     assert seen["priced"] >= 60 and bool(seen["split"]) == splits
     assert seen["declined"] >= 6 and seen["decodes"] >= 6
     assert stages == {3, 4}
+
+
+def test_array_addresses_read_only_or_not_are_their_data() -> None:
+    writable = np.arange(5, dtype=np.int64)
+    read_only = np.arange(5, dtype=np.int64)
+    read_only.flags.writeable = False
+    for a in (writable, read_only, np.empty(0, dtype=np.int64)):
+        assert launch_sums._address(a) == a.ctypes.data
