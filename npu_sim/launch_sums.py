@@ -14,6 +14,13 @@ a simulated decode step's timing. `AttentionLaunchSums` does it in one call of a
 numpy's in numpy's order: the same bits (tests/npu_sim/test_launch_sums.py holds the two to
 equality). Where the library cannot be built (no C compiler, XYSERVE_NATIVE_KERNELS=0) it takes
 numpy.
+
+The timing-only runner goes further (`AttentionLaunchSums.unsplit`): from its sequences'
+lengths alone, the one C call also lowers the launch (engine.lowering_unsplit's tiles, split
+test and dealt order), picks its pipeline, prices its prefill tiles' rows and reads its decode
+rows from the row memo's tables: no AttentionKernel, no numpy call but the longest context.
+Where that declines (a tile to split, a chunk of no token, no library) the kernel is lowered
+and priced as above.
 """
 
 from __future__ import annotations
