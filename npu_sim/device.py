@@ -46,6 +46,7 @@ from npu_sim.step_sums import (
     StepTemplate,
     build_template,
     extend_template,
+    primitive_seconds,
     step_sums,
 )
 from npu_sim.tasks import (
@@ -243,24 +244,36 @@ class Device:
         (AttentionLaunchSums.unsplit): the same StepTrace, bit for bit. None where that
         declines (no C library, a tile to split, a chunk of no token): the caller lowers the
         kernel. Needs the row memo, as time_decodes does."""
-        sums = self._attention_sums.unsplit(start_pos, num_tokens, shape)
-        if sums is None:
-            return None
         template = self._step_template(shared)
         (num_launches,) = template.varying_counts
-        return self._counted_step(template, [(sums, num_launches)], num_requests)
+        # (the step's sums in the same call: npu_sim.step_sums.step_sums' in C)
+        timed = self._attention_sums.unsplit(start_pos, num_tokens, shape, (template,
+                                                                            num_launches))
+        if timed is None:
+            return None
+        sums, step = timed
+        pairs = [(sums, num_launches)]
+        self._count_step(template, pairs)
+        assert step is not None
+        return self._traced_step(template, step, primitive_seconds(template, pairs),
+                                 num_requests)
 
     def _counted_step(self, template: StepTemplate,
                       pairs: list[tuple[KernelTiming | LaunchSums, int]],
                       num_requests: int) -> StepTrace:
         """`_summed_step`, the step's launches and tasks counted first."""
+        self._count_step(template, pairs)
+        return self._summed_step(template, pairs, num_requests)
+
+    def _count_step(self, template: StepTemplate,
+                    pairs: list[tuple[KernelTiming | LaunchSums, int]]) -> None:
+        """Count a step's launches and tasks: its template's shared ones, then its own."""
         for primitive, num_launches, num_tasks in template.shared_counts:
             self.num_launches[primitive] += num_launches
             self.num_tasks[primitive] += num_tasks
         for timing, n in pairs:
             self.num_launches[timing.primitive] += n
             self.num_tasks[timing.primitive] += n * timing.num_tasks
-        return self._summed_step(template, pairs, num_requests)
 
     def end_planned_step(self, shared: SharedLaunches, varying: Sequence[Kernel],
                          num_requests: int = 0) -> StepTrace:
@@ -292,9 +305,15 @@ class Device:
                      pairs: list[tuple[KernelTiming | LaunchSums, int]],
                      num_requests: int) -> StepTrace:
         """The step's StepTrace from its template and its own kernels' sums; ends the step."""
+        sums, seconds = step_sums(template, pairs, self._step_sums_size)
+        return self._traced_step(template, sums, seconds, num_requests)
+
+    def _traced_step(self, template: StepTemplate, sums: np.ndarray,
+                     seconds: dict[str, float], num_requests: int) -> StepTrace:
+        """The StepTrace of a step of `template` from its sums and seconds per primitive
+        (npu_sim.step_sums.step_sums'); ends the step."""
         self.begin_step()
         c = self.chip
-        sums, seconds = step_sums(template, pairs, self._step_sums_size)
         trace = summed_step_trace(c.name, c.clock_hz, self.host, num_requests, c.num_cube_cores,
                                   self._peak_flops, sums, template.num_launches, seconds)
         self.total_sim_s += trace.sim_s

@@ -303,6 +303,23 @@ static void heaviest_first(const int64_t *work, int64_t n, int64_t *order, int64
     }
 }
 
+/* npu_sim.step_sums.step_sums' sums of a step whose template's rows from its own kernel on are
+ * rest (rest_rows x size), that own kernel's row own_row, there `launches` launches whose row
+ * is `row`, and whose rows before it add up to prefix (NULL: none): the rows in order, the own
+ * one multiplied by its count, the prefix added to the first, then added up row after row (as
+ * np.add.accumulate adds them), into out. */
+static void step_row(const double *rest, int64_t rest_rows, int64_t own_row, const double *row,
+                     int64_t launches, const double *prefix, int64_t size, double *out) {
+    const double n = (double)launches;
+    for (int64_t c = 0; c < size; c++) {
+        double sum = own_row == 0 ? row[c] * n : rest[c];
+        if (prefix) sum = sum + prefix[c];
+        for (int64_t r = 1; r < rest_rows; r++)
+            sum = sum + (r == own_row ? row[c] * n : rest[r * size + c]);
+        out[c] = sum;
+    }
+}
+
 /* Whether any of the sequences has more than one query token. */
 static int has_prefill(const int64_t *num_tokens, int64_t num_seqs) {
     for (int64_t s = 0; num_tokens && s < num_seqs; s++)
@@ -318,14 +335,18 @@ static int has_prefill(const int64_t *num_tokens, int64_t num_seqs) {
  * (row constants rc, R_STAGES set here). lc: the lowering's constants; l2_bytes: the chip's L2;
  * l2_cap: the cost model's L2 share (attention_hbm_fraction); alpha: ATTN_L2_ALPHA; consts:
  * launch_row's, for the launch's pipeline (the 2-stage one's for decodes only).
- * *num_tasks: the launch's tasks. Returns 0; 1 where a tile is to be split into KV spans, 2
- * where a chunk has no token (the general lowering takes both); -1 without memory. */
+ * *num_tasks: the launch's tasks. step (NULL: not wanted): step_row's sums of the step the
+ * launch is the one own kernel of, its template's rest, rest_rows, own_row, prefix (NULL: none)
+ * and the launch's count in it, `launches`. Returns 0; 1 where a tile is to be split into KV
+ * spans, 2 where a chunk has no token (the general lowering takes both); -1 without memory. */
 int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, int64_t num_seqs,
                            const int64_t *lc, const double *table2, int64_t stride2,
                            const double *table3, int64_t stride3, const double *table4,
                            int64_t stride4, const double *rc, double l2_bytes, double l2_cap,
                            double alpha, const double *consts, int64_t num_cube,
-                           int64_t num_vector, double *row, int64_t *num_tasks) {
+                           int64_t num_vector, double *row, int64_t *num_tasks,
+                           const double *rest, int64_t rest_rows, int64_t own_row,
+                           int64_t launches, const double *prefix, double *step) {
     const int64_t g = lc[L_GROUP], kv = lc[L_KV_HEADS], bs = lc[L_BLOCK_SIZE];
     int64_t decode_rows, one;
     decode_rows = q_tile(lc, 1, &one);
@@ -444,6 +465,8 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
     launch_row(t, num_tiles, keys, order, num_tiles, kv, consts, num_cube, num_vector,
                t + NUM_TERMS * num_tiles, row);
     *num_tasks = num_tiles * kv;
+    if (step) step_row(rest, rest_rows, own_row, row, launches, prefix,
+                       7 + num_cube + num_vector, step);
     free(ints);
     free(t);
     return 0;

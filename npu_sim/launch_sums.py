@@ -37,7 +37,7 @@ from npu_sim.cost import CostModel, TaskCosts
 from npu_sim.cost_attention import ATTN_L2_ALPHA, SOFTMAX_OPS, UPDATE_OPS, UnsplitShape
 from npu_sim.cost_attention_launch import DECODE_STAGES, LaunchRows, launch_costs
 from npu_sim.dealing import deal, makespan
-from npu_sim.step_sums import LaunchSums
+from npu_sim.step_sums import LaunchSums, StepTemplate
 from npu_sim.tasks import Primitive
 from npu_sim.tiling import ACCUM_BYTES, ATTN_Q_TILE_ROWS, attention_kv_chunk, attention_q_tile
 from npu_sim.trace import NUM_STEP_SUMS_SCALARS, step_sums_row
@@ -54,7 +54,7 @@ _LIBRARY = native_build.Library(
                                        _I, _P]),
      "xy_unsplit_launch_sums": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P,
                                                ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                                               _P, _I, _I, _P, _P])},
+                                               _P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P])},
     "the simulator's C launch sums")
 
 
@@ -186,14 +186,17 @@ class AttentionLaunchSums:
         return kept[1]
 
     def unsplit(self, start_pos: np.ndarray, num_tokens: np.ndarray | None,
-                shape: UnsplitShape) -> LaunchSums | None:
+                shape: UnsplitShape, step: tuple[StepTemplate, int] | None = None,
+                ) -> tuple[LaunchSums, np.ndarray | None] | None:
         """The LaunchSums of the meta-attention launch engine.lowering_unsplit.lower_unsplit
         makes of sequences of num_tokens query tokens from start_pos (int64, one each; None: a
         token each, decodes; no verify), priced from its lengths
         (cost_attention_launch.unsplit_rows, or decode_rows for decodes), without the kernel:
-        in C, lowering and all (launch_sums.c: xy_unsplit_launch_sums). None where the library
-        is not loaded, a tile is to be split into KV spans or a chunk has no token: the caller
-        lowers the launch (the same sums, tested)."""
+        in C, lowering and all (launch_sums.c: xy_unsplit_launch_sums); with `step` (the
+        template of the step the launch is the one own kernel of, and its launches there) the
+        step's sums too (npu_sim.step_sums.step_sums', bit for bit), else None. None where the
+        library is not loaded, a tile is to be split into KV spans or a chunk has no token: the
+        caller lowers the launch (the same sums, tested)."""
         library = native_build.loaded(_LIBRARY)
         if library is None:
             return None
@@ -204,15 +207,25 @@ class AttentionLaunchSums:
         if prepared is None or top >= prepared[0]:
             prepared = self._prepare_unsplit(shape, decodes, top)
         row = np.empty(self._size)
+        if step is None:
+            step_args: tuple[Any, ...] = (None, 0, 0, 0, None, None)
+            sums = None
+        else:
+            template, launches = step
+            (own_row,) = template.varying_rows
+            sums = np.empty(self._size)
+            step_args = (_address(template.rest), len(template.rest), own_row, launches,
+                         None if template.prefix is None else _address(template.prefix),
+                         _address(sums))
         status = library.xy_unsplit_launch_sums(
             _address(start_pos), None if decodes else _address(num_tokens), len(start_pos),
-            *prepared[1], _address(row), self._num_tasks_at)
+            *prepared[1], _address(row), self._num_tasks_at, *step_args)
         if status < 0:
             raise MemoryError("xy_unsplit_launch_sums: no memory for its scratch")
         if status:
             return None
         return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._clock_hz,
-                          int(self._num_tasks[0]), row)
+                          int(self._num_tasks[0]), row), sums
 
     def _prepare_unsplit(self, shape: UnsplitShape, decodes: bool,
                          top: int) -> tuple[int, tuple[Any, ...], list[np.ndarray]]:

@@ -153,6 +153,14 @@ def step_sums(template: StepTemplate,
         if template.prefix is not None:
             rows[0] += template.prefix
         sums = np.add.accumulate(rows, axis=0)[-1]
+    return sums, primitive_seconds(template, varying)
+
+
+def primitive_seconds(template: StepTemplate,
+                      varying: Sequence[tuple[KernelTiming | LaunchSums, int]],
+                      ) -> dict[str, float]:
+    """`step_sums`' seconds per primitive name (the step's sums computed elsewhere: in C,
+    npu_sim.launch_sums)."""
     shared = template.shared_seconds
     seconds: dict[str, float] = {}
     for t, n in varying:
@@ -166,4 +174,4 @@ def step_sums(template: StepTemplate,
             by_primitive.update(seconds)  # first launches of own primitives: dict order kept
         else:
             by_primitive[name] = shared[name]
-    return sums, by_primitive
+    return by_primitive
