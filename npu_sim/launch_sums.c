@@ -320,6 +320,22 @@ static void step_row(const double *rest, int64_t rest_rows, int64_t own_row, con
     }
 }
 
+/* What xy_unsplit_launch_sums reads besides the batch, the same for every launch of a model
+ * shape (npu_sim.launch_sums packs it once). */
+typedef struct {
+    const int64_t *lc;        /* the lowering's constants (L_*) */
+    const double *table[3];   /* the memo's decode tables of the 2-, 3- and 4-stage pipelines
+                               * (NULL where the launch cannot be on it) */
+    int64_t stride[3];        /* their columns */
+    int64_t priced;           /* contexts below this the tables are priced for */
+    const double *rc;         /* prefill_row's constants (R_*; R_STAGES set per launch) */
+    double l2_bytes;          /* the chip's L2 (attention_stages) */
+    double l2_cap;            /* the cost model's L2 share (attention_hbm_fraction) */
+    double alpha;             /* ATTN_L2_ALPHA */
+    const double *consts;     /* launch_row's (C_*), for the launch's pipeline */
+    int64_t num_cube, num_vector;
+} unsplit_args;
+
 /* Whether any of the sequences has more than one query token. */
 static int has_prefill(const int64_t *num_tokens, int64_t num_seqs) {
     for (int64_t s = 0; num_tokens && s < num_seqs; s++)
@@ -329,24 +345,20 @@ static int has_prefill(const int64_t *num_tokens, int64_t num_seqs) {
 
 /* launch_row of the meta-attention launch of num_seqs sequences of num_tokens[s] query tokens
  * from start_pos[s] (num_tokens NULL: a token each; no verify), its rows' terms read from the
- * memo's decode table of its pipeline (table2 for decodes only, else table3 or table4 by the
- * L2 test; strides stride2 ..., each priced up to the longest context at least; NULL where
- * the launch cannot be on that pipeline) but for its prefill tiles', priced by prefill_row
- * (row constants rc, R_STAGES set here). lc: the lowering's constants; l2_bytes: the chip's L2;
- * l2_cap: the cost model's L2 share (attention_hbm_fraction); alpha: ATTN_L2_ALPHA; consts:
- * launch_row's, for the launch's pipeline (the 2-stage one's for decodes only).
- * *num_tasks: the launch's tasks. step (NULL: not wanted): step_row's sums of the step the
- * launch is the one own kernel of, its template's rest, rest_rows, own_row, prefix (NULL: none)
- * and the launch's count in it, `launches`. Returns 0; 1 where a tile is to be split into KV
- * spans, 2 where a chunk has no token (the general lowering takes both); -1 without memory. */
+ * memo's decode table of its pipeline (a->table: 2 stages for decodes only, else 3 or 4 by the
+ * L2 test) but for its prefill tiles', priced by prefill_row. *num_tasks: the launch's tasks.
+ * step (NULL: not wanted): step_row's sums of the step the launch is the one own kernel of, its
+ * template's rest, rest_rows, own_row, prefix (NULL: none) and the launch's count in it,
+ * `launches`. Returns 0; 1 where a tile is to be split into KV spans, 2 where a chunk has no
+ * token (the general lowering takes both); 3 where a context is not below a->priced (the
+ * caller prices the tables further and calls again); -1 without memory. */
 int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, int64_t num_seqs,
-                           const int64_t *lc, const double *table2, int64_t stride2,
-                           const double *table3, int64_t stride3, const double *table4,
-                           int64_t stride4, const double *rc, double l2_bytes, double l2_cap,
-                           double alpha, const double *consts, int64_t num_cube,
-                           int64_t num_vector, double *row, int64_t *num_tasks,
+                           const unsplit_args *a, double *row, int64_t *num_tasks,
                            const double *rest, int64_t rest_rows, int64_t own_row,
                            int64_t launches, const double *prefix, double *step) {
+    const int64_t *lc = a->lc;
+    const double *rc = a->rc, *consts = a->consts;
+    const int64_t num_cube = a->num_cube, num_vector = a->num_vector;
     const int64_t g = lc[L_GROUP], kv = lc[L_KV_HEADS], bs = lc[L_BLOCK_SIZE];
     int64_t decode_rows, one;
     decode_rows = q_tile(lc, 1, &one);
@@ -354,6 +366,7 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t n = num_tokens ? num_tokens[s] : 1, tokens;
         if (n <= 0) return 2;
+        if (start_pos[s] + n >= a->priced) return 3;  /* a context the tables do not reach */
         q_tile(lc, n, &tokens);
         num_tiles += n > 1 ? ceil_div(n, tokens) : 1;
     }
@@ -429,9 +442,9 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
     keys_x_rows *= bs;
     /* (decodes only: the 2-stage pipeline, QK on the vector cores) */
     const int stages = !has_prefill(num_tokens, num_seqs) ? 2
-                       : l2_bytes > (double)keys_x_rows * alpha ? 3 : 4;
-    const double *table = stages == 2 ? table2 : stages == 3 ? table3 : table4;
-    const int64_t stride = stages == 2 ? stride2 : stages == 3 ? stride3 : stride4;
+                       : a->l2_bytes > (double)keys_x_rows * a->alpha ? 3 : 4;
+    const double *table = a->table[stages - 2];
+    const int64_t stride = a->stride[stages - 2];
     if (!table) {  /* (the caller said the launch cannot be on this pipeline) */
         free(ints);
         free(t);
@@ -455,7 +468,7 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
             double unique = (double)((start_pos[s] + num_tokens[s]) * kv * lc[L_HEAD_DIM]
                                      * lc[L_BYTES] * 2);
             unique = py_min(total, unique);
-            double hit = py_min(1.0, l2_cap / py_max(unique, 1.0));
+            double hit = py_min(1.0, a->l2_cap / py_max(unique, 1.0));
             fraction = (unique + (total - unique) * (1.0 - hit)) / py_max(total, 1.0);
         }
         for (int64_t p = first; p < j; p++)

@@ -52,10 +52,22 @@ _LIBRARY = native_build.Library(
     ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"),
     {"xy_launch_sums": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I,
                                        _I, _P]),
-     "xy_unsplit_launch_sums": (ctypes.c_int, [_P, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P,
-                                               ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                                               _P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P])},
+     "xy_unsplit_launch_sums": (ctypes.c_int, [_P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _P,
+                                               _P])},
     "the simulator's C launch sums")
+
+
+class _UnsplitArgs(ctypes.Structure):
+    """launch_sums.c's unsplit_args: what xy_unsplit_launch_sums reads besides the batch."""
+
+    _fields_ = [("lc", _P), ("table", _P * 3), ("stride", _I * 3), ("priced", _I), ("rc", _P),
+                ("l2_bytes", ctypes.c_double), ("l2_cap", ctypes.c_double),
+                ("alpha", ctypes.c_double), ("consts", _P), ("num_cube", _I),
+                ("num_vector", _I)]
+
+
+_TOO_SHORT = 3  # xy_unsplit_launch_sums: a context the decode tables are not priced for
+_TEMPLATES_KEPT = 1 << 14  # step templates whose arguments are kept (then emptied)
 
 
 def mix_launch_sums(cm: CostModel, main: TaskCosts) -> LaunchSums:
@@ -98,10 +110,12 @@ class AttentionLaunchSums:
         self._table_at = 0
         # launch_sums.c's row constants per (stages, group_size, head_dim), with their address
         self._row_consts: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}
-        # xy_unsplit_launch_sums' arguments per (UnsplitShape, decodes only), with the
-        # contexts its tables are priced below (_prepare_unsplit)
+        # xy_unsplit_launch_sums' unsplit_args per (UnsplitShape, decodes only): its address,
+        # it, the arrays it points into (_prepare_unsplit)
         self._unsplit_calls: dict[tuple[UnsplitShape, bool],
-                                  tuple[int, tuple[Any, ...], list[np.ndarray]]] = {}
+                                  tuple[int, _UnsplitArgs, list[np.ndarray]]] = {}
+        # xy_unsplit_launch_sums' step arguments per step template (by id, the template held)
+        self._templates: dict[int, tuple[StepTemplate, tuple[Any, ...]]] = {}
         self._num_tasks = np.zeros(1, dtype=np.int64)  # xy_unsplit_launch_sums' count out
         self._num_tasks_at = self._num_tasks.ctypes.data
         self._clock_hz = cm.chip.clock_hz
@@ -201,25 +215,21 @@ class AttentionLaunchSums:
         if library is None:
             return None
         decodes = num_tokens is None
-        # the longest context (a decode's: its start_pos + 1)
-        top = int(np.maximum.reduce(start_pos if decodes else start_pos + num_tokens)) + decodes
-        prepared = self._unsplit_calls.get((shape, decodes))
-        if prepared is None or top >= prepared[0]:
-            prepared = self._prepare_unsplit(shape, decodes, top)
         row = np.empty(self._size)
-        if step is None:
-            step_args: tuple[Any, ...] = (None, 0, 0, 0, None, None)
-            sums = None
-        else:
-            template, launches = step
-            (own_row,) = template.varying_rows
-            sums = np.empty(self._size)
-            step_args = (_address(template.rest), len(template.rest), own_row, launches,
-                         None if template.prefix is None else _address(template.prefix),
-                         _address(sums))
-        status = library.xy_unsplit_launch_sums(
-            _address(start_pos), None if decodes else _address(num_tokens), len(start_pos),
-            *prepared[1], _address(row), self._num_tasks_at, *step_args)
+        sums = None if step is None else np.empty(self._size)
+        step_args = (None, 0, 0, 0, None, None) if step is None else (
+            *self._step_args(*step), _address(sums))
+        batch = (_address(start_pos), None if decodes else _address(num_tokens), len(start_pos))
+        prepared = self._unsplit_calls.get((shape, decodes))
+        if prepared is None:
+            prepared = self._prepare_unsplit(shape, decodes, 0)
+        status = library.xy_unsplit_launch_sums(*batch, prepared[0], _address(row),
+                                                self._num_tasks_at, *step_args)
+        if status == _TOO_SHORT:  # (a longer context than so far: the tables priced further)
+            top = np.maximum.reduce(start_pos if decodes else start_pos + num_tokens)
+            prepared = self._prepare_unsplit(shape, decodes, int(top) + decodes)
+            status = library.xy_unsplit_launch_sums(*batch, prepared[0], _address(row),
+                                                    self._num_tasks_at, *step_args)
         if status < 0:
             raise MemoryError("xy_unsplit_launch_sums: no memory for its scratch")
         if status:
@@ -227,38 +237,50 @@ class AttentionLaunchSums:
         return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._clock_hz,
                           int(self._num_tasks[0]), row), sums
 
+    def _step_args(self, template: StepTemplate, launches: int) -> tuple[Any, ...]:
+        """xy_unsplit_launch_sums' arguments of a step of `template` (rest, rest_rows, own_row,
+        launches, prefix), its arrays' addresses kept per template."""
+        kept = self._templates.get(id(template))
+        if kept is None or kept[0] is not template:
+            if len(self._templates) >= _TEMPLATES_KEPT:
+                self._templates.clear()
+            (own_row,) = template.varying_rows
+            prefix = None if template.prefix is None else _address(template.prefix)
+            kept = self._templates[id(template)] = template, (
+                _address(template.rest), len(template.rest), own_row, prefix)
+        rest, rest_rows, own_row, prefix = kept[1]
+        return rest, rest_rows, own_row, launches, prefix
+
     def _prepare_unsplit(self, shape: UnsplitShape, decodes: bool,
-                         top: int) -> tuple[int, tuple[Any, ...], list[np.ndarray]]:
-        """xy_unsplit_launch_sums' arguments but the batch's and the outputs, for launches of
-        `shape` (of decodes only, or not) whose contexts are below the first item (the memo's
-        decode tables they read priced up to `top` at least), kept with the arrays they hold
-        addresses of: the decode tables of the pipelines such a launch can be on (decodes: the
-        2-stage one; with prefill chunks the C picks 3 or 4 stages), the constants."""
+                         top: int) -> tuple[int, _UnsplitArgs, list[np.ndarray]]:
+        """xy_unsplit_launch_sums' unsplit_args for launches of `shape` (of decodes only, or
+        not) whose contexts are below its `priced` (the memo's decode tables they read priced
+        up to `top` at least), kept, with its address and the arrays it holds addresses of:
+        the decode tables of the pipelines such a launch can be on (decodes: the 2-stage one;
+        with prefill chunks the C picks 3 or 4 stages), the constants."""
         cm = self._cm
         g, d = shape.group_size, shape.head_dim
         tile_rows = float(attention_q_tile(1, g)[0])  # a decode's tile
-        tables: list[Any] = []
-        arrays: list[np.ndarray] = []  # what the arguments hold addresses of, kept with them
-        priced = top + 1
-        for stages in (2, 3, 4):
-            if (stages == DECODE_STAGES) != decodes:
-                tables += [None, 0]
-                continue
-            table, below = cm.row_memo(stages, g, d).decode_table_to(cm, tile_rows, top)
-            arrays.append(table)  # (the memo may outgrow it: its columns below `below` stay)
-            tables += [table.ctypes.data, table.shape[1]]
-            priced = min(priced, below)
+        args = _UnsplitArgs()
+        arrays: list[np.ndarray] = []  # what `args` holds addresses of, kept with it
+        priced = -1  # (the keys below which every table read is priced)
+        for i, stages in enumerate((2, 3, 4)):
+            if (stages == DECODE_STAGES) == decodes:
+                table, below = cm.row_memo(stages, g, d).decode_table_to(cm, tile_rows, top)
+                arrays.append(table)  # (the memo may outgrow it: its columns below `below` stay)
+                args.table[i], args.stride[i] = table.ctypes.data, table.shape[1]
+                priced = below if priced < 0 else min(priced, below)
         lowering = np.array([g, shape.num_kv_heads, d, shape.block_size, shape.span_blocks,
                              cm.chip.num_cube_cores, cm.bytes, len(ATTN_Q_TILE_ROWS),
                              *ATTN_Q_TILE_ROWS], dtype=np.int64)
         arrays.append(lowering)
-        args = (lowering.ctypes.data, *tables, self._row_constants(3, g, d),
-                float(cm.chip.l2_bytes), float(cm.l2_cap), float(ATTN_L2_ALPHA),
-                # launch_row's constants: the 2-stage pipeline's for decodes, else 3 and 4's
-                # (the same)
-                self._constants(DECODE_STAGES if decodes else 3, shape.num_kv_heads, d),
-                self._num_cube, self._num_vector)
-        prepared = self._unsplit_calls[shape, decodes] = priced, args, arrays
+        args.lc, args.priced, args.rc = lowering.ctypes.data, priced, self._row_constants(3, g, d)
+        args.l2_bytes, args.l2_cap = float(cm.chip.l2_bytes), float(cm.l2_cap)
+        args.alpha = float(ATTN_L2_ALPHA)
+        # launch_row's constants: the 2-stage pipeline's for decodes, else 3 and 4's (the same)
+        args.consts = self._constants(DECODE_STAGES if decodes else 3, shape.num_kv_heads, d)
+        args.num_cube, args.num_vector = self._num_cube, self._num_vector
+        prepared = self._unsplit_calls[shape, decodes] = ctypes.addressof(args), args, arrays
         return prepared
 
 
