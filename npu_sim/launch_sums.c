@@ -350,8 +350,8 @@ static int has_prefill(const int64_t *num_tokens, int64_t num_seqs) {
  * step (NULL: not wanted): step_row's sums of the step the launch is the one own kernel of, its
  * template's rest, rest_rows, own_row, prefix (NULL: none) and the launch's count in it,
  * `launches`. Returns 0; 1 where a tile is to be split into KV spans, 2 where a chunk has no
- * token (the general lowering takes both); 3 where a context is not below a->priced (the
- * caller prices the tables further and calls again); -1 without memory. */
+ * token or there is no sequence (the general lowering takes both); 3 where a context is not
+ * below a->priced (the caller prices the tables further and calls again); -1 without memory. */
 int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, int64_t num_seqs,
                            const unsplit_args *a, double *row, int64_t *num_tasks,
                            const double *rest, int64_t rest_rows, int64_t own_row,
@@ -363,6 +363,7 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
     int64_t decode_rows, one;
     decode_rows = q_tile(lc, 1, &one);
     int64_t num_tiles = 0;
+    if (num_seqs <= 0) return 2;  /* (no launch to time: the general path's) */
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t n = num_tokens ? num_tokens[s] : 1, tokens;
         if (n <= 0) return 2;

@@ -210,3 +210,13 @@ def test_array_addresses_read_only_or_not_are_their_data() -> None:
     read_only.flags.writeable = False
     for a in (writable, read_only, np.empty(0, dtype=np.int64)):
         assert launch_sums._address(a) == a.ctypes.data
+
+
+def test_a_batch_of_no_sequence_is_declined() -> None:
+    chip = get_chip("910b2")
+    sums = AttentionLaunchSums(Device(chip, compute=False).cost_model)
+    shape = UnsplitShape(1, 32, 128, BLOCK, kv_span_blocks(BLOCK))
+    none = np.zeros(0, dtype=np.int64)
+    assert sums.unsplit(none, None, shape) is None
+    assert sums.unsplit(none, none, shape) is None
+
