@@ -67,7 +67,8 @@ class _UnsplitArgs(ctypes.Structure):
 
 
 _TOO_SHORT = 3  # xy_unsplit_launch_sums: a context the decode tables are not priced for
-_TEMPLATES_KEPT = 1 << 14  # step templates whose arguments are kept (then emptied)
+_TEMPLATES_KEPT = 1 << 12  # step templates whose arguments are kept (then emptied): each holds
+#   its template alive, the device's own cache may have let go of it
 
 
 def mix_launch_sums(cm: CostModel, main: TaskCosts) -> LaunchSums:
