@@ -140,8 +140,7 @@ class TimingRunner:
         # engine.lowering.step_launch_counts), from earlier steps' general lowering.
         self._card = shard_arch(arch, tensor_parallel_size)
         card = self._card
-        # what a step with prefill chunks is lowered and priced from its lengths with
-        # (Device.time_unsplit)
+        # what a step is lowered and priced from its lengths with (Device.time_unsplit)
         self._unsplit_shape = UnsplitShape(card.num_heads // card.num_kv_heads,
                                            card.num_kv_heads, card.head_dim, block_size,
                                            kv_span_blocks(block_size))
@@ -196,10 +195,12 @@ class TimingRunner:
         """The trace of a step without drafts, the general path's (`lower_step_counts`,
         `Device.time_launches`) bit for bit, or None where that path is to time it: split KV,
         a chunk of no token, a lowering or cost model that prices no launch from its lengths.
-        Its chunks' start positions and token counts are read once, its attention kernel
-        lowered from them (engine.lowering_unsplit.lower_unsplit), a step of decodes only
-        (most steps of a simulation) timed from its context lengths without one
-        (lower_decodes, Device.time_decodes); the launches it shares with other steps, which
+        Its chunks' start positions and token counts are read once, and the step lowered,
+        priced and summed from them in C (Device.time_unsplit), without an attention kernel;
+        where that declines (no C library, a tile to split), its kernel is lowered from them in
+        Python (engine.lowering_unsplit.lower_unsplit), a step of decodes only (most steps of a
+        simulation) timed from its context lengths without one (lower_decodes,
+        Device.time_decodes). The launches it shares with other steps, which
         depend only on its tokens and sampled rows, kept from the first such step: timed the
         general way, or, where earlier steps had its tokens and its sampled rows, made of the
         head of the former's and the tail of the latter's. decodes_only: the scheduler said
@@ -223,20 +224,19 @@ class TimingRunner:
             shared = SharedLaunches(head, tail)
             _keep(self._shared_launches, key, shared)
         start_pos = np.array([c.start_pos for c in chunks], np.int64)
-        chip = self.device.chip
-        if num_tokens is None or num_tokens.count(1) == len(chunks):  # a token each: decodes
-            trace = self.device.time_unsplit(shared, start_pos, None, self._unsplit_shape,
-                                             num_requests=len(chunks))
-            if trace is not None:  # (else no C library, or a tile to split)
-                return trace
-            decodes = lower_decodes(start_pos, self._card, chip, self.block_size)
-            if decodes is None:
-                return None
-            return self.device.time_decodes(shared, decodes, num_requests=len(chunks))
-        trace = self.device.time_unsplit(shared, start_pos, np.array(num_tokens, np.int64),
-                                         self._unsplit_shape, num_requests=len(chunks))
+        decodes = num_tokens is None or num_tokens.count(1) == len(chunks)  # a token each
+        trace = self.device.time_unsplit(
+            shared, start_pos, None if decodes else np.array(num_tokens, np.int64),
+            self._unsplit_shape, num_requests=len(chunks))
         if trace is not None:  # (else no C library, or a tile to split: lowered in Python)
             return trace
+        chip = self.device.chip
+        if decodes:
+            batch = lower_decodes(start_pos, self._card, chip, self.block_size)
+            if batch is None:
+                return None
+            return self.device.time_decodes(shared, batch, num_requests=len(chunks))
+        assert num_tokens is not None
         kernel = lower_unsplit(chunks, start_pos, num_tokens, self._card, chip,
                                self.block_size)
         if kernel is None:

@@ -54,7 +54,7 @@ NUM_TERMS = len(AttentionRows._fields)
 class UnsplitShape(NamedTuple):
     """The model and lowering numbers a meta-attention launch is lowered and priced from its
     sequences' lengths with (npu_sim.launch_sums.AttentionLaunchSums.unsplit: the timing-only
-    runner's steps with prefill chunks, engine.lowering_unsplit's tiles in C)."""
+    runner's steps, engine.lowering_unsplit's tiles in C)."""
 
     group_size: int  # query heads per KV head
     num_kv_heads: int  # KV heads: tasks per tile

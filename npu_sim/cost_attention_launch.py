@@ -122,14 +122,14 @@ class LaunchRows(NamedTuple):
     npu_sim.launch_sums in C."""
 
     stages: int  # the launch's pipeline (attention_stages)
-    terms: np.ndarray  # C-contiguous (NUM_TERMS, columns): the rows' terms, or a memo table
-    columns: np.ndarray | None  # int64: each row's column of `terms` (None: row i is column i)
-    keys: np.ndarray  # int64: each row's keys
+    table: np.ndarray  # C-contiguous (NUM_TERMS, columns): the row memo's decode table, column
+    #   k a decode-like row of k keys, priced for every row's keys
+    keys: np.ndarray  # int64: each row's keys (its column of `table`)
     order: np.ndarray  # int64: the rows in dealt order, each dealt as `repeat` tasks in a row
     repeat: int
     weight: int  # tasks a row stands for (the KV heads)
     head_dim: int
-    prefill: PrefillRows | None = None  # rows whose terms are not `terms`' but priced afresh
+    prefill: PrefillRows | None = None  # rows whose terms are not `table`'s but priced afresh
 
 
 def prices_from_lengths(cm: CostModel, k: AttentionKernel) -> bool:
@@ -172,7 +172,7 @@ def unsplit_rows(cm: CostModel, k: AttentionKernel) -> LaunchRows:
         cm, float(2 * sum(n) * d * cm.bytes * weight),
         float(u.context_lens.item(s) * weight * d * cm.bytes * 2), min, max)
         for s, n in seq_keys.items()}
-    return LaunchRows(stages, table, keys, keys, k.task_shape, 1, weight, d, PrefillRows(
+    return LaunchRows(stages, table, keys, k.task_shape, 1, weight, d, PrefillRows(
         position, p.q_rows, p.tile_rows, tuple([fraction[s] for s in p.seq]), g))
 
 
@@ -186,17 +186,16 @@ def decode_rows(cm: CostModel, batch: DecodeBatch, stages: int = DECODE_STAGES) 
     table = cm.row_memo(stages, batch.group_size, batch.head_dim).decode_table(
         cm, float(batch.tile_rows), keys)
     # (a tile's tasks, one per KV head, dealt in a row: the order's rows repeated)
-    return LaunchRows(stages, table, keys, keys, batch.order, batch.num_kv_heads,
-                      batch.num_kv_heads, batch.head_dim)
+    return LaunchRows(stages, table, keys, batch.order, batch.num_kv_heads, batch.num_kv_heads,
+                      batch.head_dim)
 
 
 def launch_terms(cm: CostModel, rows: LaunchRows) -> np.ndarray:
     """The C-contiguous (NUM_TERMS, rows) terms of a launch's rows, its prefill rows priced
     through the row memo (each new one once)."""
-    terms = rows.terms if rows.columns is None else rows.terms.take(rows.columns, axis=1)
+    terms = rows.table.take(rows.keys, axis=1)  # (a copy: prefill rows are written into it)
     p = rows.prefill
     if p is not None:
-        assert rows.columns is not None, "prefill rows are written into a copy of the table's"
         memo = cm.row_memo(rows.stages, p.group_size, rows.head_dim)
         keys = rows.keys[p.position].tolist()
         columns = memo.columns(cm, [

@@ -216,23 +216,27 @@ static void launch_row(const double *t, int64_t num_rows, const int64_t *keys,
     for (int64_t v = 0; v < num_vector; v++) row[7 + num_cube + v] = row[7 + v / aivs];
 }
 
-/* launch_row of a launch of num_rows attention rows whose terms are terms[k * stride +
- * gather[i]] (gather NULL: i), but for the num_prefill rows prefill_at[p], priced by
- * prefill_row from keys and prefill[3 p .. 3 p + 3) = (q_rows, tile_rows, hbm_fraction) and
- * the row constants row_consts (NULL without prefill rows). Returns 0, or -1 where the scratch
- * could not be allocated. */
-int xy_launch_sums(const double *terms, int64_t stride, const int64_t *gather, int64_t num_rows,
-                   const int64_t *keys, const int64_t *prefill_at, const double *prefill,
-                   int64_t num_prefill, const double *row_consts, const int64_t *order,
-                   int64_t num_order, int64_t repeat, const double *consts, int64_t num_cube,
-                   int64_t num_vector, double *row) {
+/* t[k * n + i] = term k of a decode-like row of keys[i] keys: column keys[i] of the memo's
+ * table (NUM_TERMS rows of `stride` columns), each term's row contiguous, as numpy sums it. */
+static void table_rows(const double *table, int64_t stride, const int64_t *keys, int64_t n,
+                       double *t) {
+    for (int k = 0; k < NUM_TERMS; k++)
+        for (int64_t i = 0; i < n; i++) t[k * n + i] = table[k * stride + keys[i]];
+}
+
+/* launch_row of a launch of num_rows attention rows of keys[i] keys, each's terms the memo
+ * table's column (table_rows) but for the num_prefill rows prefill_at[p], priced by
+ * prefill_row from their keys and prefill[3 p .. 3 p + 3) = (q_rows, tile_rows, hbm_fraction)
+ * and the row constants row_consts (NULL without prefill rows). Returns 0, or -1 where the
+ * scratch could not be allocated. */
+int xy_launch_sums(const double *table, int64_t stride, int64_t num_rows, const int64_t *keys,
+                   const int64_t *prefill_at, const double *prefill, int64_t num_prefill,
+                   const double *row_consts, const int64_t *order, int64_t num_order,
+                   int64_t repeat, const double *consts, int64_t num_cube, int64_t num_vector,
+                   double *row) {
     double *t = malloc(sizeof(double) * (size_t)(NUM_TERMS * num_rows + num_cube));
     if (!t) return -1;
-    for (int k = 0; k < NUM_TERMS; k++) {  /* each term's row contiguous, as numpy sums it */
-        const double *src = terms + k * stride;
-        double *dst = t + k * num_rows;
-        for (int64_t i = 0; i < num_rows; i++) dst[i] = src[gather ? gather[i] : i];
-    }
+    table_rows(table, stride, keys, num_rows, t);
     for (int64_t p = 0; p < num_prefill; p++) {
         int64_t i = prefill_at[p];
         prefill_row(row_consts, row_consts[R_STAGES], (double)keys[i], prefill[3 * p],
@@ -336,13 +340,6 @@ typedef struct {
     int64_t num_cube, num_vector;
 } unsplit_args;
 
-/* Whether any of the sequences has more than one query token. */
-static int has_prefill(const int64_t *num_tokens, int64_t num_seqs) {
-    for (int64_t s = 0; num_tokens && s < num_seqs; s++)
-        if (num_tokens[s] > 1) return 1;
-    return 0;
-}
-
 /* launch_row of the meta-attention launch of num_seqs sequences of num_tokens[s] query tokens
  * from start_pos[s] (num_tokens NULL: a token each; no verify), its rows' terms read from the
  * memo's decode table of its pipeline (a->table: 2 stages for decodes only, else 3 or 4 by the
@@ -360,9 +357,9 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
     const double *rc = a->rc, *consts = a->consts;
     const int64_t num_cube = a->num_cube, num_vector = a->num_vector;
     const int64_t g = lc[L_GROUP], kv = lc[L_KV_HEADS], bs = lc[L_BLOCK_SIZE];
-    int64_t decode_rows, one;
-    decode_rows = q_tile(lc, 1, &one);
+    int64_t one, decode_rows = q_tile(lc, 1, &one);
     int64_t num_tiles = 0;
+    int prefill = 0;  /* some sequence has more than one query token */
     if (num_seqs <= 0) return 2;  /* (no launch to time: the general path's) */
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t n = num_tokens ? num_tokens[s] : 1, tokens;
@@ -370,15 +367,16 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
         if (start_pos[s] + n >= a->priced) return 3;  /* a context the tables do not reach */
         q_tile(lc, n, &tokens);
         num_tiles += n > 1 ? ceil_div(n, tokens) : 1;
+        prefill |= n > 1;
     }
     /* per tile: keys, blocks, work (query tokens x blocks), rows, query tokens, its sequence;
      * then the order and its scratch */
     int64_t *ints = malloc(sizeof(int64_t) * (size_t)(8 * num_tiles));
     double *t = malloc(sizeof(double) * (size_t)(NUM_TERMS * num_tiles + num_cube));
+    int rc_out = 0;
     if (!ints || !t) {
-        free(ints);
-        free(t);
-        return -1;
+        rc_out = -1;
+        goto done;
     }
     int64_t *keys = ints, *blocks = keys + num_tiles, *work = blocks + num_tiles;
     int64_t *rows = work + num_tiles, *q_rows = rows + num_tiles, *seq = q_rows + num_tiles;
@@ -409,29 +407,19 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
             if (work[i] > heaviest) heaviest = work[i];
         }
     }
-    /* the split test (_unsplit_blocks, _any_split): core_share's float, compared exactly */
+    /* the split test (_unsplit_blocks, _any_split): core_share's float, compared exactly. A
+     * decode's blocks and a prefill tile's work are its tile's test (work[j]); a prefill
+     * sequence's own blocks, which _any_split tests as a decode's, are its last tile's blocks,
+     * whose work is as large or larger: that tile's test already says so. */
     const int64_t block_work = g * bs;
     double share = (double)(total_work * block_work) * (double)kv / (double)lc[L_NUM_CUBE];
     if (share != 0.0 && (double)(total_work * block_work) > share
         && (double)(heaviest * block_work) > share) {
-        for (int64_t j = 0; j < num_tiles; j++) {
-            /* a decode's blocks and a prefill tile's work are its tile's test (work[j]) */
+        for (int64_t j = 0; j < num_tiles; j++)
             if ((double)(work[j] * block_work) > share && blocks[j] / lc[L_SPAN_BLOCKS] >= 2) {
-                free(ints);
-                free(t);
-                return 1;
+                rc_out = 1;
+                goto done;
             }
-        }
-        /* a prefill sequence's own blocks are tested as a decode's too */
-        for (int64_t s = 0; num_tokens && s < num_seqs; s++) {
-            int64_t b = ceil_div(start_pos[s] + num_tokens[s], bs);
-            if (num_tokens[s] > 1 && (double)(b * block_work) > share
-                && b / lc[L_SPAN_BLOCKS] >= 2) {
-                free(ints);
-                free(t);
-                return 1;
-            }
-        }
     }
     /* tile_order: heaviest (tile rows x blocks) first; attention_stages: the first AICs'
      * tasks' keys x rows in flight against L2 */
@@ -442,19 +430,14 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
         keys_x_rows += work[order[task / kv]];
     keys_x_rows *= bs;
     /* (decodes only: the 2-stage pipeline, QK on the vector cores) */
-    const int stages = !has_prefill(num_tokens, num_seqs) ? 2
-                       : a->l2_bytes > (double)keys_x_rows * a->alpha ? 3 : 4;
-    const double *table = a->table[stages - 2];
-    const int64_t stride = a->stride[stages - 2];
-    if (!table) {  /* (the caller said the launch cannot be on this pipeline) */
-        free(ints);
-        free(t);
-        return 2;
+    const int stages = !prefill ? 2 : a->l2_bytes > (double)keys_x_rows * a->alpha ? 3 : 4;
+    if (!a->table[stages - 2]) {  /* (the caller said the launch cannot be on this pipeline) */
+        rc_out = 2;
+        goto done;
     }
 
     /* the rows: a decode table's column of each tile's keys, a prefill tile's priced here */
-    for (int k = 0; k < NUM_TERMS; k++)
-        for (int64_t j = 0; j < num_tiles; j++) t[k * num_tiles + j] = table[k * stride + keys[j]];
+    table_rows(a->table[stages - 2], a->stride[stages - 2], keys, num_tiles, t);
     for (int64_t j = 0; j < num_tiles;) {
         int64_t s = seq[j];
         if (!num_tokens || num_tokens[s] == 1) {
@@ -481,7 +464,8 @@ int xy_unsplit_launch_sums(const int64_t *start_pos, const int64_t *num_tokens, 
     *num_tasks = num_tiles * kv;
     if (step) step_row(rest, rest_rows, own_row, row, launches, prefix,
                        7 + num_cube + num_vector, step);
+done:
     free(ints);
     free(t);
-    return 0;
+    return rc_out;
 }

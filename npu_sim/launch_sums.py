@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import math
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,8 +51,8 @@ _LIBRARY = native_build.Library(
     "launch_sums", (pathlib.Path(__file__).with_name("launch_sums.c"),), (),
     # (-ffp-contract=off: no fused multiply-add where numpy rounds a product, then a sum)
     ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"),
-    {"xy_launch_sums": (ctypes.c_int, [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I,
-                                       _I, _P]),
+    {"xy_launch_sums": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I, _I,
+                                       _P]),
      "xy_unsplit_launch_sums": (ctypes.c_int, [_P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _P,
                                                _P])},
     "the simulator's C launch sums")
@@ -105,10 +106,8 @@ class AttentionLaunchSums:
         self._num_cube, self._num_vector = c.num_cube_cores, c.num_vector_cores
         self._size = NUM_STEP_SUMS_SCALARS + c.num_cube_cores + c.num_vector_cores
         # launch_sums.c's constants per (stages, weight, head_dim), in its C_* order, with
-        # their address (numpy's .ctypes.data costs ~1 us a read)
+        # their address (_kept_address)
         self._consts: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}
-        self._table: np.ndarray | None = None  # the latest rows' terms, and their address
-        self._table_at = 0
         # launch_sums.c's row constants per (stages, group_size, head_dim), with their address
         self._row_consts: dict[tuple[int, int, int], tuple[np.ndarray, int]] = {}
         # xy_unsplit_launch_sums' unsplit_args per (UnsplitShape, decodes only): its address,
@@ -131,52 +130,45 @@ class AttentionLaunchSums:
         library = native_build.loaded(_LIBRARY)
         if library is None:
             return None
-        consts = self._constants(rows.stages, rows.weight, rows.head_dim)
         # (operands as the C reads them: contiguous int64; a decode's order is a view of the
         # kernel's task order every `weight` tasks)
         order = np.ascontiguousarray(rows.order, dtype=np.int64)
-        terms, keys, columns = rows.terms, rows.keys, rows.columns
-        keys_at = keys.ctypes.data
-        # (a decode's rows are its keys' columns of the memo's table: one address for both)
-        columns_at = None if columns is None else keys_at if columns is keys else (
-            columns.ctypes.data)
-        if terms is not self._table:  # (a decode table serves step after step)
-            self._table, self._table_at = terms, terms.ctypes.data
         p = rows.prefill
         num_prefill = 0 if p is None else len(p.q_rows)
         if num_prefill:
             assert p is not None
             prefill = np.array(list(zip(p.q_rows, p.tile_rows, p.hbm_fraction, strict=True)),
                                dtype=np.float64)  # (tiles, 3), a tile's numbers side by side
-            prefill_at, prefill_rows_at = p.position.ctypes.data, prefill.ctypes.data
+            prefill_at, prefill_rows_at = _address(p.position), _address(prefill)
             row_consts_at = self._row_constants(rows.stages, p.group_size, rows.head_dim)
         else:
             prefill_at = prefill_rows_at = row_consts_at = None
         row = np.empty(self._size)
-        if library.xy_launch_sums(self._table_at, terms.shape[1], columns_at, len(keys),
-                                  keys_at, prefill_at, prefill_rows_at, num_prefill,
-                                  row_consts_at, order.ctypes.data, len(order), rows.repeat,
-                                  consts, self._num_cube, self._num_vector, row.ctypes.data):
+        if library.xy_launch_sums(_address(rows.table), rows.table.shape[1], len(rows.keys),
+                                  _address(rows.keys), prefill_at, prefill_rows_at, num_prefill,
+                                  row_consts_at, _address(order), len(order), rows.repeat,
+                                  self._constants(rows.stages, rows.weight, rows.head_dim),
+                                  self._num_cube, self._num_vector, _address(row)):
             raise MemoryError("xy_launch_sums: no memory for its scratch")
-        return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._cm.chip.clock_hz,
-                          len(order) * rows.repeat, row)
+        return self._launch_sums(row, len(order) * rows.repeat)
+
+    def _launch_sums(self, row: np.ndarray, num_tasks: int) -> LaunchSums:
+        """The LaunchSums of a launch of num_tasks tasks whose step_sums row is `row`."""
+        return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._clock_hz,
+                          num_tasks, row)
 
     def _constants(self, stages: int, weight: int, head_dim: int) -> int:
         """The address of launch_sums.c's constants (its C_* order) for rows of this pipeline,
         weight and head_dim, kept."""
-        kept = self._consts.get((stages, weight, head_dim))
-        if kept is None:
-            cm, c = self._cm, self._cm.chip
-            values = np.array([
-                c.gm_latency_cycles,  # (the attention tasks' core overhead: _attention_costs)
-                c.cube_launch_s * c.clock_hz,
-                c.hbm_bytes_per_s / c.clock_hz,  # (dealing.makespan's rates)
-                c.l2_bytes_per_s / c.clock_hz,
-                weight, head_dim, cm.bytes, cm.aivs,
-                1.0 if stages == DECODE_STAGES else 2.0,  # _attention_costs' cube_mult
-            ], dtype=np.float64)
-            kept = self._consts[stages, weight, head_dim] = values, values.ctypes.data
-        return kept[1]
+        cm, c = self._cm, self._cm.chip
+        return _kept_address(self._consts, (stages, weight, head_dim), lambda: [
+            c.gm_latency_cycles,  # (the attention tasks' core overhead: _attention_costs)
+            c.cube_launch_s * c.clock_hz,
+            c.hbm_bytes_per_s / c.clock_hz,  # (dealing.makespan's rates)
+            c.l2_bytes_per_s / c.clock_hz,
+            weight, head_dim, cm.bytes, cm.aivs,
+            1.0 if stages == DECODE_STAGES else 2.0,  # _attention_costs' cube_mult
+        ])
 
     def _row_constants(self, stages: int, group_size: int, head_dim: int) -> int:
         """The address of launch_sums.c's row constants (its R_* order) for prefill rows of
@@ -185,20 +177,15 @@ class AttentionLaunchSums:
         # (attention_stages: a launch with prefill tiles is on the 3- or 4-stage pipeline, the
         # only ones prefill_row prices)
         assert stages != DECODE_STAGES, "prefill rows in a decode launch"
-        key = (stages, group_size, head_dim)
-        kept = self._row_consts.get(key)
-        if kept is None:
-            cm, c = self._cm, self._cm.chip
-            values = np.array([
-                stages, group_size, head_dim, math.ceil(head_dim / c.cube_k) * c.cube_k,
-                cm.bytes, attention_kv_chunk(c), c.cube_n, c.mte2_hbm_bytes_per_cycle,
-                c.mte2_l2_bytes_per_cycle, c.mte1_l0a_bytes_per_cycle,
-                c.mte1_l0b_bytes_per_cycle, c.mte3_bytes_per_cycle, c.fixpipe_bytes_per_cycle,
-                cm.macs, cm.lanes32, cm.aivs, c.cross_core_sync_cycles, c.task_dispatch_cycles,
-                ACCUM_BYTES, SOFTMAX_OPS, UPDATE_OPS,
-            ], dtype=np.float64)
-            kept = self._row_consts[key] = values, values.ctypes.data
-        return kept[1]
+        cm, c = self._cm, self._cm.chip
+        return _kept_address(self._row_consts, (stages, group_size, head_dim), lambda: [
+            stages, group_size, head_dim, math.ceil(head_dim / c.cube_k) * c.cube_k,
+            cm.bytes, attention_kv_chunk(c), c.cube_n, c.mte2_hbm_bytes_per_cycle,
+            c.mte2_l2_bytes_per_cycle, c.mte1_l0a_bytes_per_cycle,
+            c.mte1_l0b_bytes_per_cycle, c.mte3_bytes_per_cycle, c.fixpipe_bytes_per_cycle,
+            cm.macs, cm.lanes32, cm.aivs, c.cross_core_sync_cycles, c.task_dispatch_cycles,
+            ACCUM_BYTES, SOFTMAX_OPS, UPDATE_OPS,
+        ])
 
     def unsplit(self, start_pos: np.ndarray, num_tokens: np.ndarray | None,
                 shape: UnsplitShape, step: tuple[StepTemplate, int] | None = None,
@@ -222,21 +209,21 @@ class AttentionLaunchSums:
             *self._step_args(*step), _address(sums))
         batch = (_address(start_pos), None if decodes else _address(num_tokens), len(start_pos))
         prepared = self._unsplit_calls.get((shape, decodes))
-        if prepared is None:
-            prepared = self._prepare_unsplit(shape, decodes, 0)
-        status = library.xy_unsplit_launch_sums(*batch, prepared[0], _address(row),
-                                                self._num_tasks_at, *step_args)
-        if status == _TOO_SHORT:  # (a longer context than so far: the tables priced further)
-            top = np.maximum.reduce(start_pos if decodes else start_pos + num_tokens)
-            prepared = self._prepare_unsplit(shape, decodes, int(top) + decodes)
+        top = 0  # (the longest context the prepared tables reach at least)
+        for _ in range(2):  # (a second call where a context is longer than so far)
+            if prepared is None:
+                prepared = self._prepare_unsplit(shape, decodes, top)
             status = library.xy_unsplit_launch_sums(*batch, prepared[0], _address(row),
                                                     self._num_tasks_at, *step_args)
+            if status != _TOO_SHORT:
+                break
+            top = int(np.maximum.reduce(start_pos if decodes else start_pos + num_tokens))
+            top, prepared = top + decodes, None  # (a decode's context: its start_pos + 1)
         if status < 0:
             raise MemoryError("xy_unsplit_launch_sums: no memory for its scratch")
         if status:
             return None
-        return LaunchSums(Primitive.ATTENTION, _ATTENTION, row.item(0) / self._clock_hz,
-                          int(self._num_tasks[0]), row), sums
+        return self._launch_sums(row, int(self._num_tasks[0])), sums
 
     def _step_args(self, template: StepTemplate, launches: int) -> tuple[Any, ...]:
         """xy_unsplit_launch_sums' arguments of a step of `template` (rest, rest_rows, own_row,
@@ -292,3 +279,15 @@ def _address(array: np.ndarray) -> int:
         return ctypes.addressof(ctypes.c_char.from_buffer(array))
     except (TypeError, ValueError, BufferError):  # read-only, empty or strided
         return int(array.ctypes.data)
+
+
+def _kept_address(cache: dict[Any, tuple[np.ndarray, int]], key: Any,
+                  values: Callable[[], list[float]]) -> int:
+    """The address of the float64 array of `values()` kept in `cache` under `key` (built on its
+    first call; the cache holds the array, so the address stays good)."""
+    kept = cache.get(key)
+    if kept is None:
+        array = np.array(values(), dtype=np.float64)
+        kept = cache[key] = array, _address(array)
+    return kept[1]
+
