@@ -137,30 +137,28 @@ async def _read_events(response: aiohttp.ClientResponse, chat: bool, start: floa
         events = (pending + data).split(b"\n\n") if pending else data.split(b"\n\n")
         pending = events.pop()  # after the last separator: b"", or an event cut short
         now = time.perf_counter()  # (every event of the read arrived now)
-        for event in events:
-            for line in event.split(b"\n"):  # (an event may carry other fields: skipped)
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    return
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])[:500]
-                    return
-                text = "".join([_chunk_text(c, chat) for c in chunk.get("choices") or ()])
-                if text:
-                    if not pieces:
-                        result.ttft_s = now - start
-                    else:
-                        result.itls_s.append(now - last)
-                    last = now
-                    pieces.append(text)
-                usage = chunk.get("usage")
-                if usage:
-                    result.usage_reported = True
-                    result.prompt_len = int(usage.get("prompt_tokens", result.prompt_len))
-                    result.output_len = int(usage.get("completion_tokens", 0))
+        # (an event may carry fields other than data: skipped)
+        for payload in [line[5:].strip() for event in events for line in event.split(b"\n")
+                        if line.startswith(b"data:")]:
+            if payload == b"[DONE]":
+                return
+            chunk = json.loads(payload)
+            if "error" in chunk:
+                result.error = str(chunk["error"])[:500]
+                return
+            text = "".join([_chunk_text(c, chat) for c in chunk.get("choices") or ()])
+            if text:
+                if not pieces:
+                    result.ttft_s = now - start
+                else:
+                    result.itls_s.append(now - last)
+                last = now
+                pieces.append(text)
+            usage = chunk.get("usage")
+            if usage:
+                result.usage_reported = True
+                result.prompt_len = int(usage.get("prompt_tokens", result.prompt_len))
+                result.output_len = int(usage.get("completion_tokens", 0))
 
 
 def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
