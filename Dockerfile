@@ -55,6 +55,7 @@ COPY pyproject.toml README.md /opt/xyserve/src/
 COPY server /opt/xyserve/src/server
 COPY engine /opt/xyserve/src/engine
 COPY npu_sim /opt/xyserve/src/npu_sim
+COPY native_build /opt/xyserve/src/native_build
 COPY cluster /opt/xyserve/src/cluster
 COPY benchmarks /opt/xyserve/src/benchmarks
 RUN pip install --no-deps /opt/xyserve/src && rm -rf /opt/xyserve/src

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from engine.kv_cache import BlockHash, hash_block
+from engine.kv_cache import BlockHash, hash_blocks
 
 RouterPolicy = Literal["round-robin", "least-loaded", "prefix-aware"]
 ROUTER_POLICIES: tuple[RouterPolicy, ...] = ("round-robin", "least-loaded", "prefix-aware")
@@ -51,11 +51,8 @@ class PromptKey:
 
     @staticmethod
     def of(token_ids: Sequence[int], block_size: int) -> PromptKey:
-        hashes: list[BlockHash] = []
-        for start in range(0, len(token_ids) - block_size + 1, block_size):
-            hashes.append(hash_block(hashes[-1] if hashes else None,
-                                     token_ids[start:start + block_size]))
-        return PromptKey(len(token_ids), block_size, tuple(hashes))
+        return PromptKey(len(token_ids), block_size,
+                         tuple(hash_blocks(None, token_ids, block_size)))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from engine.request import FinishReason, Request, RequestRejected, SamplingParam
 from engine.scheduler import Scheduler
 from engine.stats import IterationStats, SchedulerStats
 from engine.structured.compiler import GrammarCompiler  # pure; llguidance loads on first use
+from engine.token_ids import first_outside
 
 logger = logging.getLogger("xyserve")
 
@@ -252,11 +253,7 @@ class EngineCore:
 def _check_token_ids(vocab_size: int, **fields: Iterable[int]) -> None:
     """Raise RequestRejected naming the first field with a token id outside the vocabulary."""
     for name, ids in fields.items():
-        ids = ids if isinstance(ids, list | tuple) else list(ids)
-        # min / max first: two C passes, short GIL holds even for a million ids
-        if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
-            continue
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        bad = first_outside(ids if isinstance(ids, list | tuple) else list(ids), vocab_size)
         if bad is not None:
             raise RequestRejected(f"{name}: token id {bad} is outside the vocabulary "
                                   f"[0, {vocab_size})", param=name)

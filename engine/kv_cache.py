@@ -29,12 +29,11 @@ least recently used cached block. Shared blocks are only ever read: a request wr
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from engine.request import Request
+from engine.token_ids import chain_hashes, pack
 
 BlockHash = bytes  # sha256 digest of (parent hash, the block's token ids)
 
@@ -51,17 +50,10 @@ def hash_blocks(parent: BlockHash | None, token_ids: Sequence[int],
                 block_size: int) -> list[BlockHash]:
     """hash_block of each whole block of `token_ids` in turn, each the next one's parent (the
     first's: `parent`): sha256 of the parent and the block's ids as native int64s (the bytes
-    `array("q", ids)` holds). The ids are packed all at once and each block hashed in one call:
-    a third less than a pack and a digest object per block (prompts are hashed whole)."""
-    packed = struct.pack(f"{len(token_ids)}q", *token_ids)
-    block_bytes = 8 * block_size
-    sha256 = hashlib.sha256
-    hashes: list[BlockHash] = []
-    block_hash = _ROOT_HASH if parent is None else parent
-    for offset in range(0, len(packed) - block_bytes + 1, block_bytes):
-        block_hash = sha256(block_hash + packed[offset:offset + block_bytes]).digest()
-        hashes.append(block_hash)
-    return hashes
+    `array("q", ids)` holds). The ids are packed all at once and the blocks hashed in one C
+    call (engine.token_ids): prompts are hashed whole."""
+    return chain_hashes(_ROOT_HASH if parent is None else parent, pack(token_ids),
+                        8 * block_size)
 
 
 class BlockPool:
@@ -261,7 +253,7 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
         if len(hashes) < num_blocks:
-            tokens = request.all_token_ids[len(hashes) * bs:num_blocks * bs]
+            tokens = _token_ids_between(request, len(hashes) * bs, num_blocks * bs)
             hashes += hash_blocks(hashes[-1] if hashes else None, tokens, bs)
         return hashes[:num_blocks] if len(hashes) > num_blocks else hashes
 
@@ -324,3 +316,15 @@ class KVCacheManager:
         request.block_ids = ()
         self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
+
+
+def _token_ids_between(request: Request, start: int, end: int) -> list[int]:
+    """`request.all_token_ids[start:end]` without concatenating the whole sequence first (a
+    decode that fills a block hashes 16 ids of a sequence of thousands)."""
+    prompt, num_prompt = request.prompt_token_ids, len(request.prompt_token_ids)
+    if end <= num_prompt:
+        return prompt[start:end]
+    output = request.output_token_ids
+    if start >= num_prompt:
+        return output[start - num_prompt:end - num_prompt]
+    return prompt[start:] + output[:end - num_prompt]

@@ -10,7 +10,7 @@ A launch priced from its lengths (cost_attention_launch.LaunchRows: every step o
 but those with split KV spans or drafts) is `mix_launch_sums(launch_costs(rows))`: ~25 numpy
 calls on arrays of a few hundred elements, ~15 us for 60 decodes, the largest single piece of
 a simulated decode step's timing. `AttentionLaunchSums` does it in one call of a C library
-(npu_sim/launch_sums.c, built and loaded by npu_sim.native_build), every float operation
+(npu_sim/launch_sums.c, built and loaded by native_build), every float operation
 numpy's in numpy's order: the same bits (tests/npu_sim/test_launch_sums.py holds the two to
 equality). Where the library cannot be built (no C compiler, XYSERVE_NATIVE_KERNELS=0) it takes
 numpy.
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from npu_sim import native_build
+import native_build
 from npu_sim.cost import CostModel, TaskCosts
 from npu_sim.cost_attention import ATTN_L2_ALPHA, SOFTMAX_OPS, UPDATE_OPS, UnsplitShape
 from npu_sim.cost_attention_launch import DECODE_STAGES, LaunchRows, launch_costs

@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PRODUCT = ("server", "engine", "npu_sim", "cluster")
+PRODUCT = ("server", "engine", "npu_sim", "native_build", "cluster")
 OWN = {*PRODUCT, "benchmarks", "tests"}
 
 

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+import native_build
 from engine import timing_runner
 from engine.arch_presets import resolve_arch
 from engine.lowering import BASELINE_POLICY, lower_step_counts
 from engine.lowering_unsplit import lower_decodes, lower_unsplit
 from engine.outputs import ScheduledChunk, SchedulerOutput
 from engine.timing_runner import TimingRunner
-from npu_sim import native_build
 from npu_sim.device import Device
 from npu_sim.hardware import get_chip
 from npu_sim.trace import StepTrace

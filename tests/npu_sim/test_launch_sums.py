@@ -13,12 +13,13 @@ import sys
 import numpy as np
 import pytest
 
+import native_build
 from engine.arch_presets import resolve_arch
 from engine.lowering import ChunkShape, lower_attention
 from engine.lowering_tiles import kv_span_blocks
 from engine.lowering_tp import shard_arch
 from engine.lowering_unsplit import lower_decodes, lower_unsplit
-from npu_sim import launch_sums, native_build
+from npu_sim import launch_sums
 from npu_sim.cost_attention import UnsplitShape
 from npu_sim.cost_attention_launch import (
     LaunchRows,
@@ -132,7 +133,8 @@ def test_the_timing_only_path_loads_no_torch() -> None:
     imports torch): a simulation that computes nothing stays light."""
     code = ("import sys\n"
             "from engine.timing_runner import build_timing_engine\n"
-            "from npu_sim import launch_sums, native_build\n"
+            "import native_build\n"
+            "from npu_sim import launch_sums\n"
             "assert native_build.loaded(launch_sums._LIBRARY) is not None\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

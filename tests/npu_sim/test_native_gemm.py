@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+import native_build
 from engine.lowering import lower_gemm
-from npu_sim import native_build
 from npu_sim.hardware import get_chip
 from npu_sim.kernels import PackedWeight, native, pack_quantized, pack_weight, quant, run_gemm
 from tests.npu_sim.test_native_kernels import _with_threads

@@ -16,7 +16,7 @@ throughout. decoder.c replays a whole step's decoder layers, those same calls in
 dtype and weight-format choices.
 
 The library is built with the system C compiler on first use and cached per CPU
-(npu_sim.native_build). Without a compiler, or with XYSERVE_NATIVE_KERNELS=0, `lib()` is None
+(native_build). Without a compiler, or with XYSERVE_NATIVE_KERNELS=0, `lib()` is None
 and every wrapper returns None / False: the callers then take their ATen path. Each wrapper also
 declines (returns None / False) operands it does not handle (another dtype, a non-unit inner
 stride), so callers can always fall back.
@@ -36,7 +36,7 @@ import pathlib
 
 import torch
 
-from npu_sim import native_build
+import native_build
 
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
                  for f in ("cpu_kernels.c", "attention.c", "attention_chunk.c", "gemm.c",
@@ -83,7 +83,7 @@ _SIGNATURES = {
 }
 
 
-# The kernels' library (npu_sim.native_build builds, caches and loads it)
+# The kernels' library (native_build builds, caches and loads it)
 _KERNELS = native_build.Library("cpu_kernels", _SOURCES, _HEADERS, _FLAGS, _SIGNATURES,
                                 "the CPU fast path's C kernels")
 enabled = native_build.enabled

@@ -1,8 +1,10 @@
-"""Building, caching and loading the C libraries npu_sim calls through ctypes.
+"""Building, caching and loading the C libraries xyserve calls through ctypes.
 
-Two libraries: the CPU fast path's kernels (npu_sim.kernels.native, which needs torch) and the
-timing-only simulator's launch sums (npu_sim.launch_sums). This module imports no torch, so a
-simulation that computes nothing never loads it.
+Three libraries: the CPU fast path's kernels (npu_sim.kernels.native, which needs torch), the
+timing-only simulator's launch sums (npu_sim.launch_sums) and the engine's token-id loops
+(engine.token_ids: prompt checks and prefix-cache hashes). A package of its own below both
+`engine` and `npu_sim`, importing neither, no torch and no numpy: the KV-cache manager stays
+free of the simulator, and a simulation that computes nothing never loads torch.
 
 A library is built with the system C compiler (`cc`, or $CC; -march=native unless
 XYSERVE_NATIVE_GENERIC=1, then without it where that fails) into the user's cache
