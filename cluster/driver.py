@@ -43,7 +43,7 @@ def drive(core: EngineCore, workload: Workload, recorder: Recorder,
     rejected: list[RejectedRequest] = []
     i, n = 0, len(requests)
     start_wall_s = time.perf_counter()
-    with _fewer_collections():
+    with fewer_collections():
         while i < n or core.has_unfinished_requests():
             if not core.has_unfinished_requests():  # idle: the next arrival comes at its time
                 i = _add(core, requests, i, recorder, rejected)
@@ -69,7 +69,7 @@ _SIMULATION_GC_THRESHOLD = (50_000, 20, 20)
 
 
 @contextlib.contextmanager
-def _fewer_collections() -> Iterator[None]:
+def fewer_collections() -> Iterator[None]:
     """The garbage collector's thresholds raised to _SIMULATION_GC_THRESHOLD, then restored."""
     before = gc.get_threshold()
     gc.set_threshold(*_SIMULATION_GC_THRESHOLD)
