@@ -46,7 +46,7 @@ from npu_sim.step_sums import (
     StepTemplate,
     build_template,
     extend_template,
-    primitive_seconds,
+    merge_seconds,
     step_sums,
 )
 from npu_sim.tasks import (
@@ -80,6 +80,9 @@ _STEP_CACHE_LIMIT = 4096  # launches outside begin/end_step: forget old kernels 
 # An engine step is a few hundred launches; a caller that never calls end_step would grow the
 # open step forever, so past this many launches it is restarted (its launches dropped).
 _MAX_OPEN_LAUNCHES = 1 << 16
+
+
+_ATTENTION, _ATTENTION_NAME = Primitive.ATTENTION, Primitive.ATTENTION.value  # (read per step)
 
 
 class Device:
@@ -244,36 +247,35 @@ class Device:
         (AttentionLaunchSums.unsplit): the same StepTrace, bit for bit. None where that
         declines (no C library, a tile to split, a chunk of no token): the caller lowers the
         kernel. Needs the row memo, as time_decodes does."""
-        template = self._step_template(shared)
+        template = self._step_templates.get(id(shared))  # (_step_template, inline: per step)
+        if template is None or template.launches is not shared:
+            template = self._step_template(shared)
         (num_launches,) = template.varying_counts
         # (the step's sums in the same call: npu_sim.step_sums.step_sums' in C)
-        timed = self._attention_sums.unsplit(start_pos, num_tokens, shape, (template,
-                                                                            num_launches))
+        timed = self._attention_sums.unsplit_step(start_pos, num_tokens, shape, template,
+                                                  num_launches)
         if timed is None:
             return None
-        sums, step = timed
-        pairs = [(sums, num_launches)]
-        self._count_step(template, pairs)
-        assert step is not None
-        return self._traced_step(template, step, primitive_seconds(template, pairs),
-                                 num_requests)
+        seconds, num_tasks, sums = timed
+        self._count_step(template, ((_ATTENTION, num_launches, num_launches * num_tasks),))
+        return self._traced_step(template, sums, merge_seconds(
+            template, {_ATTENTION_NAME: num_launches * seconds}), num_requests)
 
     def _counted_step(self, template: StepTemplate,
                       pairs: list[tuple[KernelTiming | LaunchSums, int]],
                       num_requests: int) -> StepTrace:
         """`_summed_step`, the step's launches and tasks counted first."""
-        self._count_step(template, pairs)
+        self._count_step(template, [(t.primitive, n, n * t.num_tasks) for t, n in pairs])
         return self._summed_step(template, pairs, num_requests)
 
     def _count_step(self, template: StepTemplate,
-                    pairs: list[tuple[KernelTiming | LaunchSums, int]]) -> None:
-        """Count a step's launches and tasks: its template's shared ones, then its own."""
-        for primitive, num_launches, num_tasks in template.shared_counts:
-            self.num_launches[primitive] += num_launches
-            self.num_tasks[primitive] += num_tasks
-        for timing, n in pairs:
-            self.num_launches[timing.primitive] += n
-            self.num_tasks[timing.primitive] += n * timing.num_tasks
+                    own: Sequence[tuple[Primitive, int, int]]) -> None:
+        """Count a step's launches and tasks: its template's shared ones, then its own kernels'
+        (primitive, launches, tasks)."""
+        for counts in (template.shared_counts, own):
+            for primitive, num_launches, num_tasks in counts:
+                self.num_launches[primitive] += num_launches
+                self.num_tasks[primitive] += num_tasks
 
     def end_planned_step(self, shared: SharedLaunches, varying: Sequence[Kernel],
                          num_requests: int = 0) -> StepTrace:

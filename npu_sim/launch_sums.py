@@ -118,6 +118,9 @@ class AttentionLaunchSums:
         self._templates: dict[int, tuple[StepTemplate, tuple[Any, ...]]] = {}
         self._num_tasks = np.zeros(1, dtype=np.int64)  # xy_unsplit_launch_sums' count out
         self._num_tasks_at = self._num_tasks.ctypes.data
+        # unsplit_step's launch row, then its step sums (one array, one address)
+        self._scratch = np.empty(2 * self._size)
+        self._scratch_at = _address(self._scratch)
         self._clock_hz = cm.chip.clock_hz
 
     def __call__(self, rows: LaunchRows) -> LaunchSums:
@@ -199,21 +202,43 @@ class AttentionLaunchSums:
         step's sums too (npu_sim.step_sums.step_sums', bit for bit), else None. None where the
         library is not loaded, a tile is to be split into KV spans or a chunk has no token: the
         caller lowers the launch (the same sums, tested)."""
-        library = native_build.loaded(_LIBRARY)
-        if library is None:
-            return None
-        decodes = num_tokens is None
         row = np.empty(self._size)
         sums = None if step is None else np.empty(self._size)
         step_args = (None, 0, 0, 0, None, None) if step is None else (
             *self._step_args(*step), _address(sums))
+        if not self._run_unsplit(start_pos, num_tokens, shape, _address(row), step_args):
+            return None
+        return self._launch_sums(row, self._num_tasks.item(0)), sums
+
+    def unsplit_step(self, start_pos: np.ndarray, num_tokens: np.ndarray | None,
+                     shape: UnsplitShape, template: StepTemplate, launches: int,
+                     ) -> tuple[float, int, np.ndarray] | None:
+        """`unsplit(start_pos, num_tokens, shape, (template, launches))` as a timing-only
+        step reads it (Device.time_unsplit), once per simulated step: the launch's seconds
+        and tasks, and the step's sums, in an array this object reuses (valid until its next
+        call), without a LaunchSums or new arrays. None where `unsplit` is."""
+        if not self._run_unsplit(start_pos, num_tokens, shape, self._scratch_at,
+                                 (*self._step_args(template, launches),
+                                  self._scratch_at + 8 * self._size)):
+            return None
+        return (self._scratch.item(0) / self._clock_hz, self._num_tasks.item(0),
+                self._scratch[self._size:])
+
+    def _run_unsplit(self, start_pos: np.ndarray, num_tokens: np.ndarray | None,
+                     shape: UnsplitShape, row_at: int, step_args: tuple[Any, ...]) -> bool:
+        """xy_unsplit_launch_sums on the batch, the launch's row to `row_at` and the step's
+        sums as step_args say; False where the library is not loaded or the call declines."""
+        library = native_build.loaded(_LIBRARY)
+        if library is None:
+            return False
+        decodes = num_tokens is None
         batch = (_address(start_pos), None if decodes else _address(num_tokens), len(start_pos))
         prepared = self._unsplit_calls.get((shape, decodes))
         top = 0  # (the longest context the prepared tables reach at least)
         for _ in range(2):  # (a second call where a context is longer than so far)
             if prepared is None:
                 prepared = self._prepare_unsplit(shape, decodes, top)
-            status = library.xy_unsplit_launch_sums(*batch, prepared[0], _address(row),
+            status = library.xy_unsplit_launch_sums(*batch, prepared[0], row_at,
                                                     self._num_tasks_at, *step_args)
             if status != _TOO_SHORT:
                 break
@@ -221,9 +246,7 @@ class AttentionLaunchSums:
             top, prepared = top + decodes, None  # (a decode's context: its start_pos + 1)
         if status < 0:
             raise MemoryError("xy_unsplit_launch_sums: no memory for its scratch")
-        if status:
-            return None
-        return self._launch_sums(row, int(self._num_tasks[0])), sums
+        return not status
 
     def _step_args(self, template: StepTemplate, launches: int) -> tuple[Any, ...]:
         """xy_unsplit_launch_sums' arguments of a step of `template` (rest, rest_rows, own_row,

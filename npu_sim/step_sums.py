@@ -161,17 +161,25 @@ def primitive_seconds(template: StepTemplate,
                       ) -> dict[str, float]:
     """`step_sums`' seconds per primitive name (the step's sums computed elsewhere: in C,
     npu_sim.launch_sums)."""
-    shared = template.shared_seconds
     seconds: dict[str, float] = {}
     for t, n in varying:
         name = t.primitive_name
+        seconds[name] = seconds.get(name, 0.0) + n * t.seconds
+    return merge_seconds(template, seconds)
+
+
+def merge_seconds(template: StepTemplate, own_seconds: dict[str, float]) -> dict[str, float]:
+    """A step's seconds per primitive name: its template's shared ones, and `own_seconds`
+    (its own kernels', summed per name in launch order) where they first come. ValueError
+    where a primitive is both (the seconds per primitive would mix)."""
+    shared = template.shared_seconds
+    for name in own_seconds:
         if name in shared:
             raise ValueError(f"{name}: kernels both shared and a step's own")
-        seconds[name] = seconds.get(name, 0.0) + n * t.seconds
     by_primitive: dict[str, float] = {}
     for name in template.primitive_names:
         if name is None:
-            by_primitive.update(seconds)  # first launches of own primitives: dict order kept
+            by_primitive.update(own_seconds)  # first launches of own primitives: dict order kept
         else:
             by_primitive[name] = shared[name]
     return by_primitive

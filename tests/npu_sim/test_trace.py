@@ -70,3 +70,26 @@ def test_baseline_trace_names_both_attention_kernels(tmp_path: Path) -> None:
     doc = _load(write_perfetto(step, tmp_path / "base.json"))
     kernels = {e["args"]["kernel"] for e in doc["traceEvents"] if e["ph"] == "X"}
     assert {"prefill_attention", "decode_attention", "qkv_proj_pad"} <= kernels
+
+
+def test_summed_step_traces_are_what_the_constructor_builds() -> None:
+    """summed_step_trace builds StepTraces field by field without the frozen __init__: every
+    field set, the same values, and frozen all the same."""
+    import pytest
+
+    from npu_sim.host import DEFAULT_STACK, get_stack
+    from npu_sim.trace import StepTrace, summed_step_trace
+
+    chip = get_chip("910b2")
+    sums = np.arange(7 + chip.num_cube_cores + chip.num_vector_cores, dtype=np.float64) + 1.0
+    trace = summed_step_trace(chip.name, chip.clock_hz, get_stack(DEFAULT_STACK), 3,
+                              chip.num_cube_cores, 3e14, sums, 10, {"gemm": 1e-3})
+    fields = {f.name: getattr(trace, f.name) for f in dataclasses.fields(StepTrace)}
+    assert set(vars(trace)) == set(fields)
+    rebuilt = StepTrace(**fields)
+    for name, value in fields.items():
+        expected = getattr(rebuilt, name)
+        assert (np.array_equal(value, expected) if isinstance(value, np.ndarray)
+                else value == expected), name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trace.sim_s = 0.0  # type: ignore[misc]
