@@ -178,6 +178,34 @@ def lower_step_counts(chunks: Sequence[ChunkLike], num_sampled: int, arch: Model
     return shared, attention
 
 
+def shared_launch_counts(num_tokens: int, num_sampled: int, arch: ModelArch, chip: ChipSpec,
+                         block_size: int, num_layers: int,
+                         policy: LoweringPolicy = DEFAULT_POLICY, tp: int = 1) -> SharedLaunches:
+    """`lower_step_counts(chunks, num_sampled, ...)[0]` for any chunks of `num_tokens` tokens
+    in all, under meta attention (one attention kernel a layer), without lowering theirs: what
+    a step shares with others depends on its token and sampled-row counts alone (its attention
+    kernel's place is None there, whichever kernel it is)."""
+    if policy.attention is not AttentionPolicy.META:
+        raise ValueError("shared_launch_counts: meta attention only (the split baseline's "
+                         "kernels depend on the chunks)")
+    card = shard_arch(arch, tp)
+    embed = _token_kernels(num_tokens, card, chip, policy, tp)[1]["embed"]
+    final_norm = _sampled_kernels(num_sampled, card, chip, policy, tp)["final_norm"]
+    shared = _known_shared_launches(embed, final_norm, num_layers, 1)
+    if shared is None:
+        stand_in = (_one_decode_attention(card, chip, block_size),)  # (marks the place only)
+        plan = _step_plan(stand_in, num_tokens, num_sampled, card, chip, policy, tp)
+        shared = step_launch_counts(plan, num_layers)[0]
+    return shared
+
+
+@functools.lru_cache(maxsize=64)
+def _one_decode_attention(card: ModelArch, chip: ChipSpec, block_size: int) -> AttentionKernel:
+    """The attention kernel of one decode at position 0 (shared_launch_counts' stand-in)."""
+    return lower_attention([ChunkShape(start_pos=0, num_tokens=1, block_ids=(0,))], card, chip,
+                           block_size)
+
+
 def _lower_attention(chunks: Sequence[ChunkLike], card: ModelArch, chip: ChipSpec,
                      block_size: int, policy: LoweringPolicy,
                      ) -> tuple[tuple[AttentionKernel, ...], int]:
@@ -434,5 +462,6 @@ __all__ = [
     "BASELINE_POLICY", "DEFAULT_POLICY", "GRAPH_BUCKETS", "MIN_KV_SPAN_TOKENS", "AttentionPolicy",
     "ChunkLike", "ChunkShape", "GemmPolicy", "LayerPlan", "LoweringPolicy", "StepPlan",
     "bucket_rows", "layer_launches", "lower_attention", "lower_attention_split", "lower_gemm",
-    "lower_step", "lower_step_counts", "step_launch_counts", "step_launches", "tree_mask",
+    "lower_step", "lower_step_counts", "shared_launch_counts", "step_launch_counts",
+    "step_launches", "tree_mask",
 ]

@@ -36,6 +36,7 @@ from engine.lowering import (
     LoweringPolicy,
     lower_step,
     lower_step_counts,
+    shared_launch_counts,
     step_launches,
 )
 from engine.lowering_tiles import kv_span_blocks
@@ -201,9 +202,10 @@ class TimingRunner:
         Python (engine.lowering_unsplit.lower_unsplit), a step of decodes only (most steps of a
         simulation) timed from its context lengths without one (lower_decodes,
         Device.time_decodes). The launches it shares with other steps, which
-        depend only on its tokens and sampled rows, kept from the first such step: timed the
-        general way, or, where earlier steps had its tokens and its sampled rows, made of the
-        head of the former's and the tail of the latter's. decodes_only: the scheduler said
+        depend only on its tokens and sampled rows, kept from the first such step: lowered
+        from those counts (engine.lowering.shared_launch_counts), or, where earlier steps had
+        its tokens and its sampled rows, made of the head of the former's and the tail of the
+        latter's. decodes_only: the scheduler said
         every chunk is a decode (SchedulerOutput.num_decodes), so none is read for its length."""
         if (self.policy.attention is not AttentionPolicy.META
                 or not self.device.cost_model.memo_rows):
@@ -215,13 +217,14 @@ class TimingRunner:
         shared = self._shared_launches.get(key)
         if shared is None:
             head, tail = self._heads.get(num_tokens_all), self._tails.get(num_sampled)
-            if head is None or tail is None:
-                shared, attention = self._lower_general(chunks, num_sampled)
-                _keep(self._shared_launches, key, shared)
+            if head is None or tail is None:  # a new token count or sampled-row count
+                shared = shared_launch_counts(num_tokens_all, num_sampled, self.arch,
+                                              self.device.chip, self.block_size,
+                                              self.arch.num_layers, self.policy, tp=self.tp)
                 _keep(self._heads, num_tokens_all, shared.head)
                 _keep(self._tails, num_sampled, shared.tail)
-                return self.device.time_launches(shared, attention, num_requests=len(chunks))
-            shared = SharedLaunches(head, tail)
+            else:
+                shared = SharedLaunches(head, tail)
             _keep(self._shared_launches, key, shared)
         start_pos = np.array([c.start_pos for c in chunks], np.int64)
         decodes = num_tokens is None or num_tokens.count(1) == len(chunks)  # a token each

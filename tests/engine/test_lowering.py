@@ -240,3 +240,34 @@ def test_decode_tiles_match_the_general_tiling() -> None:
                              start_pos + q_len, g, num_kv_heads, chip, 16)
             for a, b in zip(fast, general, strict=True):
                 assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_shared_launches_from_the_counts_are_the_steps_own(tp: int) -> None:
+    """shared_launch_counts(tokens, sampled rows) is what lower_step_counts shares for any
+    chunks with those counts: the same object (cached by its kernels), whichever runs first,
+    whatever the chunks' attention."""
+    from engine.arch_presets import resolve_arch
+    from engine.lowering import lower_step_counts, shared_launch_counts
+
+    arch, chip, block = resolve_arch("llama-3-8b"), get_chip("910b2"), 128
+
+    def chunks(*lengths: tuple[int, int]) -> list[ChunkShape]:
+        return [ChunkShape(start, n, tuple(range(-(-(start + n) // block))))
+                for start, n in lengths]
+
+    for first_from_counts, batch in ((True, chunks((0, 77), (500, 1), (900, 1))),
+                                     (False, chunks((3000, 79), (10, 1)))):
+        num_tokens, num_sampled = sum(c.num_tokens for c in batch), len(batch) - 1
+        from_counts = shared_launch_counts(num_tokens, num_sampled, arch, chip, block,
+                                           arch.num_layers, tp=tp) if first_from_counts else None
+        lowered = lower_step_counts(batch, num_sampled, arch, chip, block, arch.num_layers,
+                                    tp=tp)[0]
+        if from_counts is None:
+            from_counts = shared_launch_counts(num_tokens, num_sampled, arch, chip, block,
+                                               arch.num_layers, tp=tp)
+        first, second = from_counts, lowered
+        assert first is second
+        assert sum(kernel is None for kernel, _ in first) == 1  # the attention's place
+    with pytest.raises(ValueError, match="meta attention only"):
+        shared_launch_counts(8, 1, arch, chip, block, arch.num_layers, BASELINE_POLICY)

@@ -182,14 +182,14 @@ def test_steps_without_the_c_library_time_the_same(
 def test_other_steps_take_the_general_path() -> None:
     """Split KV tiles, chunks of no token, the split baseline's lowering and a cost model
     without its row memo are not steps the runner times from their lengths; a step's first
-    of its (tokens, sampled rows) is timed the general way (its shared launches kept)."""
+    of its (tokens, sampled rows) lowers its shared launches from those counts alone."""
     arch, chip = resolve_arch("llama-3-8b"), get_chip("910b2")  # GQA: a long row splits
     runner = TimingRunner(arch, Device(chip, compute=False, timeline=False), BLOCK)
     mixed = _chunks([100, 200, 300], [1, 1, 5])
     split = (_chunks([30000]), _chunks([30000, 0], [1, 5]))  # a long row: a split tile
-    for chunks in (mixed, _chunks([100, 200]), *split):
-        assert runner._time_unsplit(chunks, 3) is not None  # first: the general path's
-    for chunks in split:
+    for chunks in (mixed, _chunks([100, 200])):
+        assert runner._time_unsplit(chunks, 3) is not None  # first of its counts too
+    for chunks in (*split, *split):
         assert runner._time_unsplit(chunks, 3) is None
     assert runner._time_unsplit(_chunks([100, 200, 300], [0, 1, 6]), 3) is None  # a chunk of 0
     assert runner._time_unsplit(mixed, 3) is not None
