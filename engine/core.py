@@ -35,7 +35,7 @@ from engine.request import FinishReason, Request, RequestRejected, SamplingParam
 from engine.scheduler import Scheduler
 from engine.stats import IterationStats, SchedulerStats
 from engine.structured.compiler import GrammarCompiler  # pure; llguidance loads on first use
-from engine.token_ids import first_outside
+from engine.token_ids import first_outside, pack
 
 logger = logging.getLogger("xyserve")
 
@@ -117,8 +117,14 @@ class EngineCore:
             raise ValueError(f"num_external_tokens must be in [0, {len(prompt_token_ids)}), got "
                              f"{num_external_tokens}")
         arch = self.info.arch
-        _check_token_ids(arch.vocab_size, prompt=prompt_token_ids,
-                         logit_bias=params.logit_bias, stop_token_ids=params.stop_token_ids)
+        # packed once: the vocabulary check and the prefix cache's hashes read it
+        packed_prompt = pack(prompt_token_ids)
+        bad = first_outside(prompt_token_ids, arch.vocab_size, packed_prompt)
+        if bad is not None:
+            raise RequestRejected(f"prompt: token id {bad} is outside the vocabulary "
+                                  f"[0, {arch.vocab_size})", param="prompt")
+        _check_token_ids(arch.vocab_size, logit_bias=params.logit_bias,
+                         stop_token_ids=params.stop_token_ids)
         if params.stop and self.info.tokenizer is None:
             raise RequestRejected("stop strings need a tokenizer; this engine has none",
                                   param="stop")
@@ -136,7 +142,7 @@ class EngineCore:
                           eos_token_id=eos[0] if eos else None, grammar=grammar,
                           num_external_tokens=num_external_tokens)
         idle = not self.scheduler.has_unfinished_requests()
-        self.scheduler.add_request(request)
+        self.scheduler.add_request(request, packed_prompt)
         if arrival_sim_s is None:  # served: it arrives on the simulated clock as it is now
             if idle:  # nothing ran meanwhile: the simulated clock jumps to this arrival
                 self.sim_now_s = max(self.sim_now_s, arrival_s - self._wall_origin_s)

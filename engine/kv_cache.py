@@ -52,8 +52,10 @@ def hash_blocks(parent: BlockHash | None, token_ids: Sequence[int],
     first's: `parent`): sha256 of the parent and the block's ids as native int64s (the bytes
     `array("q", ids)` holds). The ids are packed all at once and the blocks hashed in one C
     call (engine.token_ids): prompts are hashed whole."""
-    return chain_hashes(_ROOT_HASH if parent is None else parent, pack(token_ids),
-                        8 * block_size)
+    packed = pack(token_ids)
+    if packed is None:
+        raise ValueError("token ids to hash must be integers that fit in 64 bits")
+    return chain_hashes(_ROOT_HASH if parent is None else parent, packed, 8 * block_size)
 
 
 class BlockPool:
@@ -215,6 +217,20 @@ class KVCacheManager:
                 break
             hit.append(block_id)
         return hit
+
+    def hash_prompt(self, request: Request, packed_prompt: bytes | None = None) -> None:
+        """Hash the whole blocks of a request's prompt as it arrives (vLLM does the same): its
+        admission's lookup finds them ready. packed_prompt: `engine.token_ids.pack` of the
+        prompt, where the caller has it (the vocabulary check's). A no-op without caching."""
+        if not self.enable_caching:
+            return
+        hashes = self._hashes.setdefault(request.request_id, [])
+        if hashes:  # (hashed already)
+            return
+        if packed_prompt is None:
+            hashes += hash_blocks(None, request.prompt_token_ids, self.block_size)
+        else:
+            hashes += chain_hashes(_ROOT_HASH, packed_prompt, 8 * self.block_size)
 
     def num_cached_blocks(self, block_hashes: Sequence[BlockHash]) -> int:
         """How many of `block_hashes` (a prompt's chained block hashes, first block first) the

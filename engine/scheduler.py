@@ -83,8 +83,10 @@ class Scheduler:
 
     # ---------------------------------------------------------------- intake
 
-    def add_request(self, request: Request) -> None:
-        """Queue `request` (FCFS) for admission.
+    def add_request(self, request: Request, packed_prompt: bytes | None = None) -> None:
+        """Queue `request` (FCFS) for admission; with prefix caching its prompt's blocks are
+        hashed now (packed_prompt: engine.token_ids.pack of its prompt, where the caller has
+        it).
 
         Raises ValueError, changing nothing, when the id is already in use, and RequestRejected
         (a ValueError) when it can never run (`check_fits`).
@@ -93,6 +95,7 @@ class Scheduler:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_fits(request, self.max_model_len, self.kv_cache)
+        self.kv_cache.hash_prompt(request, packed_prompt)
         request.first_stop_output_len = first_stop_output_len(request, self.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request_id] = request

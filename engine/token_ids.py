@@ -43,22 +43,25 @@ class _Sha256Fns(ctypes.Structure):
     _fields_ = [("init", _P), ("update", _P), ("final", _P)]
 
 
-def pack(token_ids: Sequence[int]) -> bytes:
-    """The ids as native int64s (what the hashes cover). struct.error for an id that is not an
-    integer or does not fit in 64 bits."""
-    return struct.pack(f"{len(token_ids)}q", *token_ids)
+def pack(token_ids: Sequence[int]) -> bytes | None:
+    """The ids as native int64s (what the hashes cover); None where one is not an integer or
+    does not fit in 64 bits."""
+    try:
+        return struct.pack(f"{len(token_ids)}q", *token_ids)
+    except struct.error:
+        return None
 
 
-def first_outside(token_ids: Sequence[int], vocab_size: int) -> int | None:
-    """The first id of `token_ids` outside [0, vocab_size), or None when there is none."""
+def first_outside(token_ids: Sequence[int], vocab_size: int,
+                  packed: bytes | None = None) -> int | None:
+    """The first id of `token_ids` outside [0, vocab_size), or None when there is none.
+    packed: `pack(token_ids)` where the caller has it (a long input is packed here else)."""
     if len(token_ids) >= _NATIVE_MIN_IDS:
         library = native_build.loaded(_LIBRARY)
         if library is not None:
-            try:
+            if packed is None:
                 packed = pack(token_ids)
-            except struct.error:
-                pass  # (an id beyond int64 or not an int: the walk below finds it)
-            else:
+            if packed is not None:  # (else an id beyond int64 or not an int: the walk below)
                 index = library.xy_first_outside(packed, len(token_ids), vocab_size)
                 return None if index < 0 else token_ids[index]
     # min / max first: two C passes, then a Python walk only where one is out

@@ -16,6 +16,7 @@ from engine.kv_cache import BlockPool, KVCacheManager, hash_block, hash_blocks
 from engine.outputs import ModelOutput, SchedulerOutput
 from engine.request import FinishReason, Request
 from engine.scheduler import Scheduler
+from engine.token_ids import pack
 
 MakeRequest = Callable[..., Request]
 MakeScheduler = Callable[..., Scheduler]
@@ -123,6 +124,25 @@ def test_manager_frees_tail_blocks_first(make_request: MakeRequest) -> None:
     kv.free(request)
     # the end of a sequence is the least likely to be shared: evicted first
     assert kv.pool.free_block_ids()[-3:] == table[::-1]
+
+
+def test_prompts_hashed_on_arrival_are_the_hashes_found_later(make_request: MakeRequest) -> None:
+    """hash_prompt (at arrival, from the check's packed ids or not) gives the very hashes a
+    lookup computes itself, and the lookup finds the blocks another request cached."""
+    tokens = list(range(100, 100 + 5 * BS + 3))
+    expected = hash_blocks(None, tokens, BS)
+    for packed in (None, pack(tokens)):
+        kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True)
+        first = _request(make_request, "a", tokens)
+        assert kv.allocate_slots(first, len(tokens))
+        first.num_computed_tokens = len(tokens)
+        kv.cache_full_blocks(first)
+        second = _request(make_request, "b", tokens)
+        kv.hash_prompt(second, packed)
+        assert kv._hashes["b"] == expected
+        assert kv.find_cached_prefix(second) == list(first.block_ids[:5])
+        kv.free(second)  # (it held nothing: its hashes go all the same)
+        assert "b" not in kv._hashes
 
 
 # ---------------------------------------------------------------- the scheduler with caching
