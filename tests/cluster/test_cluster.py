@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from cluster.cluster_sim import ClusterConfig, ClusterSimulation
+from cluster.results import summarize
 from cluster.simulation import Simulation
 from cluster.workload import RequestSpec, Workload, synthetic
 
@@ -33,6 +34,13 @@ def test_one_replica_is_simulate_exactly() -> None:
     assert per_request(cluster) == per_request(single)
     assert cluster.summary.ttft_s == single.summary.ttft_s
     assert (cluster.summary.num_replicas, cluster.summary.num_npus) == (1, 1)
+    # its engine's own summary: what summarize makes of its recorder (taken from the cluster's)
+    (own,) = cluster.replica_summaries
+    s = cluster.summary
+    assert own == summarize(cluster.replicas[0].recorder, chip=own.chip, num_rejected=0,
+                            model=s.model, workload=s.workload, stack=s.stack,
+                            lowering=s.lowering, scheduling=s.scheduling)
+    assert own.chip.startswith(cluster.replicas[0].name)
 
 
 def test_n_replicas_round_robin_at_n_times_the_rate_give_one_replicas_latencies() -> None:
