@@ -12,23 +12,12 @@ def make_chunk(request: Request, num_new_tokens: int, draft: Draft | None = None
     """The next num_new_tokens of `request` from its computed ones (then `draft`'s nodes)."""
     start_pos = request.num_computed_tokens
     end_pos = start_pos + num_new_tokens
-    token_ids = _token_slice(request, start_pos, end_pos)
+    token_ids = request.token_ids_between(start_pos, end_pos)
     if draft is None:
         return ScheduledChunk(request.request_id, start_pos, token_ids, request.block_ids,
                               end_pos == request.num_tokens)
     return ScheduledChunk(request.request_id, start_pos, token_ids + draft.token_ids,
                           request.block_ids, end_pos == request.num_tokens, draft.parents)
-
-
-def _token_slice(request: Request, start_pos: int, end_pos: int) -> tuple[int, ...]:
-    """`all_token_ids[start_pos:end_pos]` without concatenating the whole sequence per decode."""
-    prompt_ids, num_prompt_tokens = request.prompt_token_ids, request.num_prompt_tokens
-    if end_pos <= num_prompt_tokens:
-        return tuple(prompt_ids[start_pos:end_pos])
-    output_ids = request.output_token_ids
-    if start_pos >= num_prompt_tokens:
-        return tuple(output_ids[start_pos - num_prompt_tokens : end_pos - num_prompt_tokens])
-    return (*prompt_ids[start_pos:], *output_ids[: end_pos - num_prompt_tokens])
 
 
 def append_sampled(request: Request, sampled: tuple[int, ...], max_model_len: int,

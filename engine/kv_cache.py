@@ -269,7 +269,7 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
         if len(hashes) < num_blocks:
-            tokens = _token_ids_between(request, len(hashes) * bs, num_blocks * bs)
+            tokens = request.token_ids_between(len(hashes) * bs, num_blocks * bs)
             hashes += hash_blocks(hashes[-1] if hashes else None, tokens, bs)
         return hashes[:num_blocks] if len(hashes) > num_blocks else hashes
 
@@ -333,14 +333,3 @@ class KVCacheManager:
         self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
 
-
-def _token_ids_between(request: Request, start: int, end: int) -> list[int]:
-    """`request.all_token_ids[start:end]` without concatenating the whole sequence first (a
-    decode that fills a block hashes 16 ids of a sequence of thousands)."""
-    prompt, num_prompt = request.prompt_token_ids, len(request.prompt_token_ids)
-    if end <= num_prompt:
-        return prompt[start:end]
-    output = request.output_token_ids
-    if start >= num_prompt:
-        return output[start - num_prompt:end - num_prompt]
-    return prompt[start:] + output[:end - num_prompt]

@@ -247,6 +247,17 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_between(self, start_pos: int, end_pos: int) -> tuple[int, ...]:
+        """`all_token_ids[start_pos:end_pos]` without concatenating the whole sequence first
+        (a chunk or a block of a sequence of thousands)."""
+        prompt_ids, num_prompt_tokens = self.prompt_token_ids, len(self.prompt_token_ids)
+        if end_pos <= num_prompt_tokens:
+            return tuple(prompt_ids[start_pos:end_pos])
+        output_ids = self.output_token_ids
+        if start_pos >= num_prompt_tokens:
+            return tuple(output_ids[start_pos - num_prompt_tokens : end_pos - num_prompt_tokens])
+        return (*prompt_ids[start_pos:], *output_ids[: end_pos - num_prompt_tokens])
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
