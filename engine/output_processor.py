@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.frozen import build_frozen
 from engine.outputs import (
     ModelOutput,
     RequestOutput,
@@ -335,11 +336,11 @@ class _StepStats:
         (self.ttfts_sim_s if first else self.itls_sim_s).append(latency_sim_s)
 
     def build(self, step_s: float, step_sim_s: float, trace: Any) -> IterationStats:
-        return IterationStats(
-            num_prompt_tokens=self.num_prompt_tokens,
+        return build_frozen(  # (once per step: see engine.frozen)
+            IterationStats, num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
             num_preempted_reqs=self.num_preempted, step_s=step_s, step_sim_s=step_sim_s,
             ttfts_s=tuple(self.ttfts_s), ttfts_sim_s=tuple(self.ttfts_sim_s),
             inter_token_latencies_s=tuple(self.itls_s),
             inter_token_latencies_sim_s=tuple(self.itls_sim_s),
-            finished=tuple(self.finished), trace=trace, spec=self.spec)
+            finished=tuple(self.finished), trace=trace, spec=self.spec, grammar=None)

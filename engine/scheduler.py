@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from engine.admission import check_fits
 from engine.chunks import append_sampled, check_stop, first_stop_output_len, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
+from engine.frozen import build_frozen
 from engine.kv_cache import KVCacheManager
 from engine.outputs import (
     ModelOutput,
@@ -139,8 +140,8 @@ class Scheduler:
             if not preempted_ids:
                 self._admit_waiting(chunks, new_requests, token_budget, whole=False)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
-        return SchedulerOutput(
-            chunks=tuple(chunks),
+        return build_frozen(  # (once per step: see engine.frozen)
+            SchedulerOutput, chunks=tuple(chunks),
             preempted_ids=tuple(preempted_ids),
             finished_ids=finished_ids,
             new_requests=tuple(new_requests),
