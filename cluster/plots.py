@@ -11,6 +11,17 @@ from cluster.recorder import STEP_COLUMNS, Recorder
 
 # Steps are many (tens of thousands); time series are averaged into this many bins.
 NUM_TIME_BINS = 400
+MAX_CDF_POINTS = 2000  # points of a latency CDF drawn (cdf_points)
+
+
+def cdf_points(num_values: int) -> np.ndarray:
+    """Where an empirical CDF of num_values sorted values is drawn: every value up to
+    MAX_CDF_POINTS, else that many evenly spaced ranks, the first and last included (a long
+    trace has millions of inter-token latencies: drawing each took ~2 s of `simulate --out`,
+    for a curve no screen tells apart)."""
+    if num_values <= MAX_CDF_POINTS:
+        return np.arange(num_values)
+    return np.unique(np.linspace(0, num_values - 1, MAX_CDF_POINTS).round().astype(np.int64))
 
 
 def write_plots(recorder: Recorder, out_dir: Path, title: str) -> list[Path]:
@@ -31,7 +42,8 @@ def write_plots(recorder: Recorder, out_dir: Path, title: str) -> list[Path]:
         v = np.sort(np.asarray(values, dtype=np.float64))
         v = v[np.isfinite(v)]
         if len(v):
-            ax.plot(v, np.arange(1, len(v) + 1) / len(v), color="tab:blue")
+            at = cdf_points(len(v))
+            ax.plot(v[at], (at + 1) / len(v), color="tab:blue")
             ax.set_xscale("log")
         ax.set(title=f"{name} CDF", xlabel="simulated seconds", ylabel="fraction", ylim=(0, 1))
         ax.grid(True, alpha=0.3)

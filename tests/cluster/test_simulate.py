@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
 from cluster import driver
@@ -210,3 +211,14 @@ def test_simulate_needs_a_workload(capsys: pytest.CaptureFixture[str]) -> None:
         parser.parse_args(["simulate"])
     assert exc.value.code == 2
     assert "--trace" in capsys.readouterr().err
+
+
+def test_long_latency_cdfs_are_drawn_at_evenly_spaced_ranks() -> None:
+    from cluster.plots import MAX_CDF_POINTS, cdf_points
+
+    assert cdf_points(0).tolist() == [] and cdf_points(5).tolist() == [0, 1, 2, 3, 4]
+    assert len(cdf_points(MAX_CDF_POINTS)) == MAX_CDF_POINTS
+    at = cdf_points(4_000_001)
+    assert at[0] == 0 and at[-1] == 4_000_000 and len(at) == MAX_CDF_POINTS
+    gaps = np.diff(at)
+    assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1  # evenly spaced, strictly rising
