@@ -12,13 +12,12 @@ a C compiler or OpenSSL, and XYSERVE_NATIVE_KERNELS=0 take the Python loops.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import hashlib
 import os
 import pathlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import native_build
 
@@ -110,20 +109,20 @@ def _openssl_sha256(library: ctypes.CDLL) -> _Sha256Fns | None:
     return None
 
 
-def _libcrypto_paths() -> list[str]:
-    """Where libcrypto may be: the one mapped into this process (hashlib's), then the
-    system's by name."""
-    paths: list[str] = []
+def _libcrypto_paths() -> Iterator[str]:
+    """Where libcrypto may be: the one mapped into this process (hashlib's), then, only if
+    that one fails, the system's by name (ctypes.util.find_library runs ldconfig)."""
     try:
         maps = pathlib.Path("/proc/self/maps").read_text()
     except OSError:
         maps = ""
-    for line in maps.splitlines():
-        path = line.split(maxsplit=5)[-1]
-        if os.path.basename(path).startswith("libcrypto.") and path not in paths:
-            paths.append(path)
+    mapped = {line.split(maxsplit=5)[-1] for line in maps.splitlines()}
+    yield from sorted(p for p in mapped if os.path.basename(p).startswith("libcrypto."))
+    import ctypes.util  # (here: it imports subprocess and shutil)
+
     found = ctypes.util.find_library("crypto")
-    return paths + ([found] if found else [])
+    if found:
+        yield found
 
 
 def _agrees(library: ctypes.CDLL, fns: _Sha256Fns) -> bool:
