@@ -259,6 +259,8 @@ class EngineCore:
 def _check_token_ids(vocab_size: int, **fields: Iterable[int]) -> None:
     """Raise RequestRejected naming the first field with a token id outside the vocabulary."""
     for name, ids in fields.items():
+        if not ids:  # (most requests: no logit bias, no stop ids)
+            continue
         bad = first_outside(ids if isinstance(ids, list | tuple) else list(ids), vocab_size)
         if bad is not None:
             raise RequestRejected(f"{name}: token id {bad} is outside the vocabulary "
