@@ -24,6 +24,7 @@ from engine.outputs import (
     SchedulerOutput,
     TokenLogprob,
     TokenUpdateRow,
+    decode_rows,
 )
 from engine.request import FinishReason, SamplingParams
 from engine.request_state import RequestState
@@ -135,12 +136,12 @@ class OutputProcessor:
         started: list[str] = []  # requests that got tokens in the general walk (runs)
         num_decodes = scheduler_output.num_decodes if runs is not None else 0
         if num_decodes:
-            request_ids = [c.request_id for c in chunks[:num_decodes]]
+            request_ids, after_decodes = decode_rows(chunks, num_decodes)
             if runs.ids.issuperset(request_ids):
                 continued, row = self._steady_decodes(request_ids, row, rows, now_s, now_sim_s,
                                                       stats, outputs, stopped_ids)
                 num_quiet_tokens = len(continued)
-                chunks = chunks[num_decodes:]
+                chunks = after_decodes
         # One walk over the chunks, taking each one's update on the way (this runs once per
         # row per step).
         for chunk in chunks:

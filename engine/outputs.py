@@ -16,7 +16,7 @@ none holds torch tensors, so the scheduler side stays pure Python.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -35,11 +35,11 @@ class ScheduledChunk:
     request's draft tokens (engine.spec: a token tree whose nodes take the slots after the last
     token, and the real positions last + depth). Which one it is is derived, not stored.
 
-    Read-only once built, but not frozen: one is built per running request per step, and a
-    frozen dataclass's __init__ (object.__setattr__ per field) costs four times a slotted one's.
-    (The scheduler builds its decodes field by field, without the __init__ call: keep
-    Scheduler._schedule_decodes in step with the fields.) `block_ids` is the request's own
-    block-table tuple (engine.kv_cache replaces it, never mutates it), shared by its chunks.
+    Read-only once built, but not frozen: a frozen dataclass's __init__ (object.__setattr__
+    per field) costs four times a slotted one's. (A step's decode rows, one per running
+    request, are columns of ScheduledChunks until read as chunks: keep ScheduledChunks.chunks
+    in step with the fields.) `block_ids` is the request's own block-table tuple
+    (engine.kv_cache replaces it, never mutates it), shared by its chunks.
     """
 
     request_id: str  # whose tokens
@@ -69,6 +69,95 @@ class ScheduledChunk:
         return self.start_pos + len(self.token_ids)
 
 
+class ScheduledChunks(Sequence[ScheduledChunk]):
+    """A step's chunks in batch order, read as a tuple of ScheduledChunks reads: first its
+    decode rows (each one known token, the last of its sequence, sampled, no drafts), held
+    column by column, then its other chunks.
+
+    The scheduler makes a decode row per running request per step: its columns cost a third of
+    a ScheduledChunk object, and the engine's own walks (the timing-only runner, the
+    scheduler's update, the output processor) read them as columns. Reading the sequence as
+    chunks (iterating, indexing: a runner that computes) makes the decode rows' ScheduledChunks
+    once. Immutable: its columns are the scheduler's, handed over.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_decode_block_ids",
+        "_decode_token_ids",
+        "decode_request_ids",
+        "decode_start_pos",
+        "others",
+    )
+
+    def __init__(self, decode_request_ids: Sequence[str], decode_start_pos: Sequence[int],
+                 decode_token_ids: Sequence[int], decode_block_ids: Sequence[tuple[int, ...]],
+                 others: tuple[ScheduledChunk, ...] = ()) -> None:
+        self.decode_request_ids = decode_request_ids  # each decode row's request, in order
+        self.decode_start_pos = decode_start_pos  # each decode row's position (its token's)
+        self._decode_token_ids = decode_token_ids  # each decode row's one token
+        self._decode_block_ids = decode_block_ids  # each decode row's block table
+        self.others = others  # the chunks after the decode rows (prefills, recomputes)
+        self._chunks: tuple[ScheduledChunk, ...] | None = None  # all, made when first read
+
+    @property
+    def num_decodes(self) -> int:
+        return len(self.decode_request_ids)
+
+    def chunks(self) -> tuple[ScheduledChunk, ...]:
+        """Every chunk as a ScheduledChunk, decode rows first (made on the first call)."""
+        if self._chunks is None:
+            self._chunks = tuple(
+                ScheduledChunk(request_id, start_pos, (token_id,), block_ids, True)
+                for request_id, start_pos, token_id, block_ids in zip(
+                    self.decode_request_ids, self.decode_start_pos, self._decode_token_ids,
+                    self._decode_block_ids, strict=True)) + self.others
+        return self._chunks
+
+    def __len__(self) -> int:
+        return len(self.decode_request_ids) + len(self.others)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.chunks()[index]
+
+    def __iter__(self) -> Iterator[ScheduledChunk]:
+        return iter(self.chunks())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return self.chunks() == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]  # (as a tuple of unhashable chunks)
+
+    def __repr__(self) -> str:
+        return f"ScheduledChunks{self.chunks()!r}"
+
+
+def decode_rows(chunks: Sequence[ScheduledChunk], num_decodes: int,
+                ) -> tuple[Sequence[str], Sequence[ScheduledChunk]]:
+    """(the request ids of the first `num_decodes` of `chunks`, the chunks after them)
+    (SchedulerOutput.num_decodes): a ScheduledChunks' columns, else read chunk by chunk."""
+    if isinstance(chunks, ScheduledChunks) and chunks.num_decodes == num_decodes:
+        return chunks.decode_request_ids, chunks.others
+    return [c.request_id for c in chunks[:num_decodes]], chunks[num_decodes:]
+
+
+def start_positions(chunks: Sequence[ScheduledChunk]) -> list[int]:
+    """Every chunk's start position, in order (a ScheduledChunks' decode rows from their
+    column)."""
+    if isinstance(chunks, ScheduledChunks):
+        return [*chunks.decode_start_pos, *[c.start_pos for c in chunks.others]]
+    return [c.start_pos for c in chunks]
+
+
+def token_counts(chunks: Sequence[ScheduledChunk]) -> list[int]:
+    """Every chunk's token count, in order (a ScheduledChunks' decode rows: one each)."""
+    if isinstance(chunks, ScheduledChunks):
+        return [1] * chunks.num_decodes + [len(c.token_ids) for c in chunks.others]
+    return [len(c.token_ids) for c in chunks]
+
+
 @dataclass(frozen=True)
 class NewRequestData:
     """A request the runner has not seen yet: sent once, with the step that first schedules it.
@@ -84,7 +173,8 @@ class NewRequestData:
 class SchedulerOutput:
     """What one engine step computes: chunks in batch order, within the token budget."""
 
-    chunks: tuple[ScheduledChunk, ...]  # running requests first, then newly admitted ones
+    chunks: Sequence[ScheduledChunk]  # running requests first, then newly admitted ones (a
+    #   tuple, or the scheduler's ScheduledChunks: its decode rows as columns)
     preempted_ids: tuple[str, ...] = ()  # requests whose KV was dropped this step (recompute)
     finished_ids: tuple[str, ...] = ()  # requests finished since the last step (free their state)
     new_requests: tuple[NewRequestData, ...] = ()  # requests scheduled for the first time

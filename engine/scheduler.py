@@ -22,7 +22,7 @@ blocks can be allocated, the request waits in `receiving` while the caller moves
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from engine.admission import check_fits
 from engine.chunks import append_sampled, check_stop, first_stop_output_len, make_chunk
@@ -33,9 +33,11 @@ from engine.outputs import (
     ModelOutput,
     NewRequestData,
     ScheduledChunk,
+    ScheduledChunks,
     SchedulerOutput,
     TokenUpdate,
     TokenUpdateRow,
+    decode_rows,
 )
 from engine.request import FinishReason, Request, RequestStatus
 from engine.spec.adaptive import drafts_to_verify, drafts_worth, record_verify
@@ -79,7 +81,7 @@ class Scheduler:
         # Finished since the last schedule(): reported once, so the runner drops their state.
         self._finished_ids: list[str] = []
         self._kv_transfer_ids: list[str] = []  # admitted into `receiving` by this schedule()
-        self._num_decodes = 0  # this schedule()'s SchedulerOutput.num_decodes
+        self._decodes = _DecodeRows()  # this schedule()'s decode rows (without drafts)
         self._num_preemptions = 0  # cumulative
 
     # ---------------------------------------------------------------- intake
@@ -127,7 +129,7 @@ class Scheduler:
         preempted_ids: list[str] = []
         new_requests: list[NewRequestData] = []
         self._kv_transfer_ids = []
-        self._num_decodes = 0
+        decodes = self._decodes = _DecodeRows()
         if self.config.policy == "prefill_first":
             self._admit_waiting(chunks, new_requests, self.config.max_num_batched_tokens,
                                 whole=True)
@@ -141,13 +143,15 @@ class Scheduler:
                 self._admit_waiting(chunks, new_requests, token_budget, whole=False)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         return build_frozen(  # (once per step: see engine.frozen)
-            SchedulerOutput, chunks=tuple(chunks),
+            SchedulerOutput, chunks=ScheduledChunks(decodes.request_ids, decodes.start_pos,
+                                                    decodes.token_ids, decodes.block_ids,
+                                                    tuple(chunks)),
             preempted_ids=tuple(preempted_ids),
             finished_ids=finished_ids,
             new_requests=tuple(new_requests),
             num_drafts_to_propose=self._drafts_to_propose(chunks),
             kv_transfer_ids=tuple(self._kv_transfer_ids),
-            num_decodes=self._num_decodes,
+            num_decodes=len(decodes.request_ids),
         )
 
     def _drafts_to_propose(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
@@ -177,12 +181,11 @@ class Scheduler:
         token_budget = self.config.max_num_batched_tokens
         if self.speculative is None:
             token_budget, others = self._schedule_decodes(chunks, preempted_ids, token_budget)
-            self._num_decodes = len(chunks)  # (a preemption below may take some out again)
         else:
             token_budget, others = self._schedule_verifies(chunks, preempted_ids, token_budget)
         # What is left goes to prefills (here and to admitted requests), capped while
         # requests decode in this step: the step they all wait on stays short.
-        if chunks:  # (only this pass's decode rows are in chunks yet)
+        if chunks or self._decodes.request_ids:  # (only this pass's rows are there yet)
             token_budget = min(token_budget, self.config.mixed_prefill_cap)
         running = RequestStatus.RUNNING
         for request, num_behind in others:
@@ -206,7 +209,9 @@ class Scheduler:
         """
         others: list[tuple[Request, int]] = []
         block_size = self.kv_cache.block_size
-        new_chunk = object.__new__
+        decodes = self._decodes  # (its columns' appends bound once: per row per step)
+        add_id, add_pos = decodes.request_ids.append, decodes.start_pos.append
+        add_token, add_blocks = decodes.token_ids.append, decodes.block_ids.append
         for request in self.running:  # (the walk ends early when a preemption shortens it)
             if token_budget <= 0:
                 break
@@ -221,20 +226,16 @@ class Scheduler:
             block_ids = request.block_ids
             if num_computed_tokens < len(block_ids) * block_size:
                 # Most rows of most steps: one token whose slot its block table already holds
-                # (allocate_slots would take nothing), so nobody is preempted. Its chunk is
-                # `make_chunk(request, 1)`, built inline: the last token, without slicing, and
-                # field by field (no __init__ frame: a third of the cost; tested equal).
-                chunk = new_chunk(ScheduledChunk)
-                chunk.request_id = request.request_id
-                chunk.start_pos = num_computed_tokens
-                chunk.token_ids = (output_ids[-1] if output_ids else prompt_ids[-1],)
-                chunk.block_ids = block_ids
-                chunk.sample = True
-                chunk.draft_parents = ()
-                chunks.append(chunk)
+                # (allocate_slots would take nothing), so nobody is preempted: the row of
+                # `make_chunk(request, 1)`, inline (its last token, without slicing).
+                add_id(request.request_id)
+                add_pos(num_computed_tokens)
+                add_token(output_ids[-1] if output_ids else prompt_ids[-1])
+                add_blocks(block_ids)
                 token_budget -= 1
             else:
-                token_budget -= self._add_chunk(request, 1, None, chunks, preempted_ids)
+                token_budget -= self._add_chunk(request, 1, None, chunks, preempted_ids,
+                                                decode=True)
         return token_budget, others
 
     def _schedule_verifies(self, chunks: list[ScheduledChunk], preempted_ids: list[str],
@@ -267,13 +268,15 @@ class Scheduler:
         return token_budget, others
 
     def _add_chunk(self, request: Request, num_new_tokens: int, draft: Draft | None,
-                   chunks: list[ScheduledChunk], preempted_ids: list[str]) -> int:
-        """Append `request`'s next `num_new_tokens` (+ `draft`) to `chunks`, allocating their
-        blocks and preempting the latest admitted request while they are short; drafts are
-        dropped before anyone is preempted, and nothing is appended if `request` itself is.
+                   chunks: list[ScheduledChunk], preempted_ids: list[str],
+                   decode: bool = False) -> int:
+        """Append `request`'s next `num_new_tokens` (+ `draft`) to `chunks` (decode: its one
+        token as a decode row, to the step's decode rows), allocating their blocks and
+        preempting the latest admitted request while they are short; drafts are dropped
+        before anyone is preempted, and nothing is appended if `request` itself is.
 
         Returns the token budget this took: the chunk's tokens, less those of the victims
-        scheduled earlier this step, which leave `chunks` (negative when only they changed).
+        scheduled earlier this step, which leave the step (negative when only they changed).
         """
         num_drafts = 0 if draft is None else draft.num_tokens
         if num_drafts and not self.kv_cache.allocate_slots(request, num_new_tokens + num_drafts):
@@ -283,15 +286,19 @@ class Scheduler:
             victim = self.running.pop()
             self._preempt(victim)
             preempted_ids.append(victim.request_id)
-            # a linear search, but preemptions are rare: no per-row index to keep
-            victim_index = next((i for i, c in enumerate(chunks)
-                                 if c.request_id == victim.request_id), None)
-            if victim_index is not None:
-                num_tokens_taken -= chunks.pop(victim_index).num_tokens
-                if victim_index < self._num_decodes:
-                    self._num_decodes -= 1
+            # linear searches, but preemptions are rare: no per-row index to keep
+            if self._decodes.remove(victim.request_id):
+                num_tokens_taken -= 1
+            else:
+                victim_index = next((i for i, c in enumerate(chunks)
+                                     if c.request_id == victim.request_id), None)
+                if victim_index is not None:
+                    num_tokens_taken -= chunks.pop(victim_index).num_tokens
             if victim is request:
                 return num_tokens_taken
+        if decode:
+            self._decodes.append(request)
+            return num_tokens_taken + 1
         chunk = make_chunk(request, num_new_tokens, draft)
         chunks.append(chunk)
         return num_tokens_taken + chunk.num_tokens
@@ -386,9 +393,9 @@ class Scheduler:
         token_updates: list[TokenUpdateRow] = []
         chunks, num_decodes = scheduler_output.chunks, scheduler_output.num_decodes
         if num_decodes and self.speculative is None and not model_output.logprobs:
-            self._update_decodes(chunks[:num_decodes], model_output.sampled_token_ids,
-                                 finished_only, token_updates)
-            chunks = chunks[num_decodes:]
+            decode_ids, chunks = decode_rows(chunks, num_decodes)
+            self._update_decodes(decode_ids, model_output.sampled_token_ids, finished_only,
+                                 token_updates)
         requests, running, max_model_len = self.requests, RequestStatus.RUNNING, self.max_model_len
         kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
         caching = kv_cache.enable_caching  # else registering full blocks is a no-op: skip the call
@@ -445,19 +452,18 @@ class Scheduler:
                 token_updates.append((request_id, tuple(new_token_ids), logprobs, None))
         return token_updates
 
-    def _update_decodes(self, decodes: tuple[ScheduledChunk, ...],
+    def _update_decodes(self, request_ids: Sequence[str],
                         all_sampled: dict[str, tuple[int, ...]], finished_only: bool,
                         token_updates: list[TokenUpdateRow]) -> None:
-        """`update_rows_from_output`'s walk over a step's decode rows (SchedulerOutput.
-        num_decodes: one known token each, sampled, no drafts) without speculative decoding or
-        logprobs, appending their rows to `token_updates`. What the general walk does, less its
-        tests that such a row cannot pass (tested equal): this runs per running request per
-        step."""
+        """`update_rows_from_output`'s walk over a step's decode rows, by request id
+        (SchedulerOutput.num_decodes: one known token each, sampled, no drafts) without
+        speculative decoding or logprobs, appending their rows to `token_updates`. What the
+        general walk does, less its tests that such a row cannot pass (tested equal): this
+        runs per running request per step."""
         requests, running, max_model_len = self.requests, RequestStatus.RUNNING, self.max_model_len
         kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
         caching = kv_cache.enable_caching
-        for chunk in decodes:
-            request_id = chunk.request_id
+        for request_id in request_ids:
             request = requests.get(request_id)
             if request is None or request.status is not running:
                 continue  # finished (or replaced by a new request with that id) meanwhile
@@ -563,3 +569,34 @@ class Scheduler:
         request.status = status
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)
+
+
+class _DecodeRows:
+    """The decode rows of the step being scheduled, column by column (ScheduledChunks'): each
+    a running request's last token, sampled, without drafts."""
+
+    __slots__ = ("block_ids", "request_ids", "start_pos", "token_ids")
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+        self.start_pos: list[int] = []  # its num_computed_tokens
+        self.token_ids: list[int] = []  # its last token
+        self.block_ids: list[tuple[int, ...]] = []  # its block table
+
+    def append(self, request: Request) -> None:
+        """`request`'s row: `make_chunk(request, 1)` as columns."""
+        self.request_ids.append(request.request_id)
+        self.start_pos.append(request.num_computed_tokens)
+        output_ids = request.output_token_ids
+        self.token_ids.append(output_ids[-1] if output_ids else request.prompt_token_ids[-1])
+        self.block_ids.append(request.block_ids)
+
+    def remove(self, request_id: str) -> bool:
+        """Take `request_id`'s row out (a preempted request's); False where it has none."""
+        try:
+            index = self.request_ids.index(request_id)
+        except ValueError:
+            return False
+        for column in (self.request_ids, self.start_pos, self.token_ids, self.block_ids):
+            del column[index]
+        return True

@@ -42,7 +42,15 @@ from engine.lowering import (
 from engine.lowering_tiles import kv_span_blocks
 from engine.lowering_tp import kv_pool_blocks, shard_arch
 from engine.lowering_unsplit import lower_decodes, lower_unsplit
-from engine.outputs import EngineInfo, ModelOutput, ScheduledChunk, SchedulerOutput
+from engine.outputs import (
+    EngineInfo,
+    ModelOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+    decode_rows,
+    start_positions,
+    token_counts,
+)
 from engine.spec.types import Draft
 from npu_sim.cost_attention import UnsplitShape
 from npu_sim.device import Device
@@ -161,14 +169,17 @@ class TimingRunner:
         # nothing from the generator: its one token, directly; a verify then draws its accepted
         # drafts, in chunk order (its key keeps its place).
         token = (SYNTHETIC_TOKEN_ID,)
-        decodes_only = scheduler_output.num_decodes == len(chunks)  # a token each, sampled
+        num_decodes = scheduler_output.num_decodes
+        decodes_only = num_decodes == len(chunks)  # a token each, sampled
+        # (the decode rows' ids: the scheduler's column; decode rows carry no drafts)
+        decode_ids, others = decode_rows(chunks, num_decodes)
+        sampled = dict.fromkeys(decode_ids, token)
         if decodes_only:  # (most steps: no chunk has drafts, each samples)
-            sampled = dict.fromkeys([c.request_id for c in chunks], token)
             drafts, verifying = False, []
         else:
-            sampled = {c.request_id: token for c in chunks if c.sample}  # (a chunk a request)
-            drafts = any([c.draft_parents for c in chunks])
-            verifying = [c for c in chunks if c.draft_parents and c.sample] if drafts else []
+            sampled.update({c.request_id: token for c in others if c.sample})  # (one a request)
+            drafts = any([c.draft_parents for c in others])
+            verifying = [c for c in others if c.draft_parents and c.sample] if drafts else []
         num_sampled = len(sampled) + sum([c.num_draft_tokens for c in verifying])
         if self.num_timelines:  # launch by launch: the trace keeps the timeline (--npu-trace)
             self.num_timelines -= 1
@@ -211,7 +222,7 @@ class TimingRunner:
                 or not self.device.cost_model.memo_rows):
             return None
         # comprehensions: see execute (ScheduledChunk.num_tokens is a property: len(token_ids))
-        num_tokens = None if decodes_only else [len(c.token_ids) for c in chunks]
+        num_tokens = None if decodes_only else token_counts(chunks)
         num_tokens_all = len(chunks) if num_tokens is None else sum(num_tokens)
         key = (num_tokens_all, num_sampled)
         shared = self._shared_launches.get(key)
@@ -226,7 +237,7 @@ class TimingRunner:
             else:
                 shared = SharedLaunches(head, tail)
             _keep(self._shared_launches, key, shared)
-        start_pos = np.array([c.start_pos for c in chunks], np.int64)
+        start_pos = np.array(start_positions(chunks), np.int64)
         decodes = num_tokens is None or num_tokens.count(1) == len(chunks)  # a token each
         trace = self.device.time_unsplit(
             shared, start_pos, None if decodes else np.array(num_tokens, np.int64),
