@@ -473,9 +473,15 @@ class Scheduler:
             if len(sampled) == 1:
                 output_ids = request.output_token_ids
                 output_ids.append(sampled[0])
-                finish_reason = None
-                if len(output_ids) >= request.first_stop_output_len:  # (check_stop's own test)
-                    finish_reason = check_stop(request, max_model_len)
+                if len(output_ids) < request.first_stop_output_len:  # (check_stop's own test)
+                    # Most rows: no stop rule can end it yet, so it goes on (the tail below,
+                    # without its finish tests).
+                    if caching and not num_computed_tokens % block_size:  # a block filled
+                        kv_cache.cache_full_blocks(request)
+                    if not finished_only:
+                        token_updates.append((request_id, tuple(sampled), None, None))
+                    continue
+                finish_reason = check_stop(request, max_model_len)
             else:
                 sampled, finish_reason = append_sampled(request, sampled, max_model_len)
             if caching and not num_computed_tokens % block_size:  # its token filled a block
@@ -483,7 +489,7 @@ class Scheduler:
             if finish_reason is not None:
                 self._finish(request, RequestStatus.for_reason(finish_reason))
                 token_updates.append((request_id, tuple(sampled), None, finish_reason))
-            elif sampled and not finished_only:
+            elif not finished_only and sampled:
                 token_updates.append((request_id, tuple(sampled), None, None))
 
     # ---------------------------------------------------------------- finishing from outside
