@@ -332,4 +332,3 @@ class KVCacheManager:
         request.block_ids = ()
         self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
-

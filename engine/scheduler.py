@@ -199,8 +199,9 @@ class Scheduler:
     def _schedule_decodes(self, chunks: list[ScheduledChunk], preempted_ids: list[str],
                           token_budget: int) -> tuple[int, list[tuple[Request, int]]]:
         """The first pass without speculative decoding: each running request one token behind
-        gets its decode chunk, in admission order, within `token_budget`. Returns the budget
-        left and the requests further behind, with how far (the second pass's, in order).
+        gets its decode row (the step's decode columns, `_decodes`), in admission order, within
+        `token_budget`. Returns the budget left and the requests further behind, with how far
+        (the second pass's, in order).
 
         One walk over `running`, sorting and scheduling at once (what `_schedule_verifies` does
         in two walks, with no drafts; tested equal): a preemption only pops the tail, which the
