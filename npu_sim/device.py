@@ -256,7 +256,8 @@ class Device:
                                                   num_launches)
         if timed is None:
             return None
-        seconds, num_tasks, sums = timed
+        seconds, num_tasks, sums = timed  # (sums: a reused scratch array; the trace below
+        #   copies what it keeps of it)
         self._count_step(template, ((_ATTENTION, num_launches, num_launches * num_tasks),))
         return self._traced_step(template, sums, merge_seconds(
             template, {_ATTENTION_NAME: num_launches * seconds}), num_requests)

@@ -188,7 +188,8 @@ def summed_step_trace(chip_name: str, clock_hz: float, host: HostProfile, num_re
                       num_launches: int, by_primitive: dict[str, float],
                       launches: Sequence[KernelTiming] = ()) -> StepTrace:
     """A step's trace from its launches' sums (KernelTiming.step_sums times their counts, added
-    in launch order), launch count and seconds per primitive name (count_step_trace)."""
+    in launch order), launch count and seconds per primitive name (count_step_trace). Keeps
+    no view of `sums` (Device.time_unsplit passes a scratch array it reuses)."""
     num_vector_cores = len(sums) - len(_SCALARS) - num_cube_cores
     cycles, cube_active, vector_active, hbm, flops, macs, useful = sums[:len(_SCALARS)].tolist()
     busy_s = sums[len(_SCALARS):] / clock_hz  # every AIC's, then every AIV's (one division)
