@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,12 +119,8 @@ class EngineCore:
         arch = self.info.arch
         # packed once: the vocabulary check and the prefix cache's hashes read it
         packed_prompt = pack(prompt_token_ids)
-        bad = first_outside(prompt_token_ids, arch.vocab_size, packed_prompt)
-        if bad is not None:
-            raise RequestRejected(f"prompt: token id {bad} is outside the vocabulary "
-                                  f"[0, {arch.vocab_size})", param="prompt")
-        _check_token_ids(arch.vocab_size, logit_bias=params.logit_bias,
-                         stop_token_ids=params.stop_token_ids)
+        _check_token_ids(arch.vocab_size, {"prompt": packed_prompt}, prompt=prompt_token_ids,
+                         logit_bias=params.logit_bias, stop_token_ids=params.stop_token_ids)
         if params.stop and self.info.tokenizer is None:
             raise RequestRejected("stop strings need a tokenizer; this engine has none",
                                   param="stop")
@@ -256,12 +252,15 @@ class EngineCore:
         logger.debug("NPU timeline of step %d written to %s", self.num_steps, path)
 
 
-def _check_token_ids(vocab_size: int, **fields: Iterable[int]) -> None:
-    """Raise RequestRejected naming the first field with a token id outside the vocabulary."""
+def _check_token_ids(vocab_size: int, packed: Mapping[str, bytes | None],
+                     **fields: Iterable[int]) -> None:
+    """Raise RequestRejected naming the first field with a token id outside the vocabulary.
+    packed: `engine.token_ids.pack` of fields, by name, where the caller has it."""
     for name, ids in fields.items():
         if not ids:  # (most requests: no logit bias, no stop ids)
             continue
-        bad = first_outside(ids if isinstance(ids, list | tuple) else list(ids), vocab_size)
+        bad = first_outside(ids if isinstance(ids, list | tuple) else list(ids), vocab_size,
+                            packed.get(name))
         if bad is not None:
             raise RequestRejected(f"{name}: token id {bad} is outside the vocabulary "
                                   f"[0, {vocab_size})", param=name)

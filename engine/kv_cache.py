@@ -46,13 +46,15 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
     return block_hash
 
 
-def hash_blocks(parent: BlockHash | None, token_ids: Sequence[int],
-                block_size: int) -> list[BlockHash]:
+def hash_blocks(parent: BlockHash | None, token_ids: Sequence[int], block_size: int,
+                packed: bytes | None = None) -> list[BlockHash]:
     """hash_block of each whole block of `token_ids` in turn, each the next one's parent (the
     first's: `parent`): sha256 of the parent and the block's ids as native int64s (the bytes
-    `array("q", ids)` holds). The ids are packed all at once and the blocks hashed in one C
-    call (engine.token_ids): prompts are hashed whole."""
-    packed = pack(token_ids)
+    `array("q", ids)` holds). The ids are packed all at once (packed: `engine.token_ids.pack`
+    of them, where the caller has it) and the blocks hashed in one C call (engine.token_ids):
+    prompts are hashed whole."""
+    if packed is None:
+        packed = pack(token_ids)
     if packed is None:
         raise ValueError("token ids to hash must be integers that fit in 64 bits")
     return chain_hashes(_ROOT_HASH if parent is None else parent, packed, 8 * block_size)
@@ -227,10 +229,7 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request.request_id, [])
         if hashes:  # (hashed already)
             return
-        if packed_prompt is None:
-            hashes += hash_blocks(None, request.prompt_token_ids, self.block_size)
-        else:
-            hashes += chain_hashes(_ROOT_HASH, packed_prompt, 8 * self.block_size)
+        hashes += hash_blocks(None, request.prompt_token_ids, self.block_size, packed_prompt)
 
     def num_cached_blocks(self, block_hashes: Sequence[BlockHash]) -> int:
         """How many of `block_hashes` (a prompt's chained block hashes, first block first) the

@@ -169,13 +169,8 @@ def lower_step_counts(chunks: Sequence[ChunkLike], num_sampled: int, arch: Model
     step's plan where the launches it shares with other steps are known already."""
     card = shard_arch(arch, tp)
     attention, t = _lower_attention(chunks, card, chip, block_size, policy)
-    embed = _token_kernels(t, card, chip, policy, tp)[1]["embed"]
-    final_norm = _sampled_kernels(num_sampled, card, chip, policy, tp)["final_norm"]
-    shared = _known_shared_launches(embed, final_norm, num_layers, len(attention))
-    if shared is None:
-        plan = _step_plan(attention, t, num_sampled, card, chip, policy, tp)
-        return step_launch_counts(plan, num_layers)
-    return shared, attention
+    return _shared_launches(attention, t, num_sampled, card, chip, num_layers, policy,
+                            tp), attention
 
 
 def shared_launch_counts(num_tokens: int, num_sampled: int, arch: ModelArch, chip: ChipSpec,
@@ -189,14 +184,9 @@ def shared_launch_counts(num_tokens: int, num_sampled: int, arch: ModelArch, chi
         raise ValueError("shared_launch_counts: meta attention only (the split baseline's "
                          "kernels depend on the chunks)")
     card = shard_arch(arch, tp)
-    embed = _token_kernels(num_tokens, card, chip, policy, tp)[1]["embed"]
-    final_norm = _sampled_kernels(num_sampled, card, chip, policy, tp)["final_norm"]
-    shared = _known_shared_launches(embed, final_norm, num_layers, 1)
-    if shared is None:
-        stand_in = (_one_decode_attention(card, chip, block_size),)  # (marks the place only)
-        plan = _step_plan(stand_in, num_tokens, num_sampled, card, chip, policy, tp)
-        shared = step_launch_counts(plan, num_layers)[0]
-    return shared
+    stand_in = (_one_decode_attention(card, chip, block_size),)  # (marks the place only)
+    return _shared_launches(stand_in, num_tokens, num_sampled, card, chip, num_layers, policy,
+                            tp)
 
 
 @functools.lru_cache(maxsize=64)
@@ -204,6 +194,21 @@ def _one_decode_attention(card: ModelArch, chip: ChipSpec, block_size: int) -> A
     """The attention kernel of one decode at position 0 (shared_launch_counts' stand-in)."""
     return lower_attention([ChunkShape(start_pos=0, num_tokens=1, block_ids=(0,))], card, chip,
                            block_size)
+
+
+def _shared_launches(attention: tuple[AttentionKernel, ...], t: int, num_sampled: int,
+                     card: ModelArch, chip: ChipSpec, num_layers: int, policy: LoweringPolicy,
+                     tp: int) -> SharedLaunches:
+    """The launches a step of t tokens, num_sampled sampled, with these attention kernels
+    (their number: their places) shares with others (step_launch_counts'), kept per kernel
+    set: its plan built only the first time."""
+    embed = _token_kernels(t, card, chip, policy, tp)[1]["embed"]
+    final_norm = _sampled_kernels(num_sampled, card, chip, policy, tp)["final_norm"]
+    shared = _known_shared_launches(embed, final_norm, num_layers, len(attention))
+    if shared is None:
+        plan = _step_plan(attention, t, num_sampled, card, chip, policy, tp)
+        shared = step_launch_counts(plan, num_layers)[0]
+    return shared
 
 
 def _lower_attention(chunks: Sequence[ChunkLike], card: ModelArch, chip: ChipSpec,

@@ -143,9 +143,7 @@ class Scheduler:
                 self._admit_waiting(chunks, new_requests, token_budget, whole=False)
         finished_ids, self._finished_ids = tuple(self._finished_ids), []
         return build_frozen(  # (once per step: see engine.frozen)
-            SchedulerOutput, chunks=ScheduledChunks(decodes.request_ids, decodes.start_pos,
-                                                    decodes.token_ids, decodes.block_ids,
-                                                    tuple(chunks)),
+            SchedulerOutput, chunks=decodes.scheduled(tuple(chunks)),
             preempted_ids=tuple(preempted_ids),
             finished_ids=finished_ids,
             new_requests=tuple(new_requests),
@@ -474,15 +472,9 @@ class Scheduler:
             if len(sampled) == 1:
                 output_ids = request.output_token_ids
                 output_ids.append(sampled[0])
-                if len(output_ids) < request.first_stop_output_len:  # (check_stop's own test)
-                    # Most rows: no stop rule can end it yet, so it goes on (the tail below,
-                    # without its finish tests).
-                    if caching and not num_computed_tokens % block_size:  # a block filled
-                        kv_cache.cache_full_blocks(request)
-                    if not finished_only:
-                        token_updates.append((request_id, tuple(sampled), None, None))
-                    continue
-                finish_reason = check_stop(request, max_model_len)
+                finish_reason = None
+                if len(output_ids) >= request.first_stop_output_len:  # (check_stop's own test)
+                    finish_reason = check_stop(request, max_model_len)
             else:
                 sampled, finish_reason = append_sampled(request, sampled, max_model_len)
             if caching and not num_computed_tokens % block_size:  # its token filled a block
@@ -597,6 +589,11 @@ class _DecodeRows:
         output_ids = request.output_token_ids
         self.token_ids.append(output_ids[-1] if output_ids else request.prompt_token_ids[-1])
         self.block_ids.append(request.block_ids)
+
+    def scheduled(self, others: tuple[ScheduledChunk, ...]) -> ScheduledChunks:
+        """The step's chunks: these rows (their columns handed over), then `others`."""
+        return ScheduledChunks(self.request_ids, self.start_pos, self.token_ids, self.block_ids,
+                               others)
 
     def remove(self, request_id: str) -> bool:
         """Take `request_id`'s row out (a preempted request's); False where it has none."""

@@ -146,7 +146,7 @@ class TimingRunner:
         # Steps without drafts are lowered from their lengths (`_time_unsplit`); the launches
         # they share with other steps kept by (tokens, sampled rows), made of a head kept by
         # tokens and a tail kept by sampled rows (each a function of those alone:
-        # engine.lowering.step_launch_counts), from earlier steps' general lowering.
+        # engine.lowering.shared_launch_counts).
         self._card = shard_arch(arch, tensor_parallel_size)
         card = self._card
         # what a step is lowered and priced from its lengths with (Device.time_unsplit)
@@ -212,16 +212,15 @@ class TimingRunner:
         where that declines (no C library, a tile to split), its kernel is lowered from them in
         Python (engine.lowering_unsplit.lower_unsplit), a step of decodes only (most steps of a
         simulation) timed from its context lengths without one (lower_decodes,
-        Device.time_decodes). The launches it shares with other steps, which
-        depend only on its tokens and sampled rows, kept from the first such step: lowered
-        from those counts (engine.lowering.shared_launch_counts), or, where earlier steps had
-        its tokens and its sampled rows, made of the head of the former's and the tail of the
-        latter's. decodes_only: the scheduler said
-        every chunk is a decode (SchedulerOutput.num_decodes), so none is read for its length."""
+        Device.time_decodes). The launches it shares with other steps, which depend only on
+        its tokens and sampled rows, kept from the first such step: lowered from those counts
+        (engine.lowering.shared_launch_counts), or, where earlier steps had its tokens and its
+        sampled rows, made of the head of the former's and the tail of the latter's.
+        decodes_only: the scheduler said every chunk is a decode (SchedulerOutput.num_decodes),
+        so none is read for its length."""
         if (self.policy.attention is not AttentionPolicy.META
                 or not self.device.cost_model.memo_rows):
             return None
-        # comprehensions: see execute (ScheduledChunk.num_tokens is a property: len(token_ids))
         num_tokens = None if decodes_only else token_counts(chunks)
         num_tokens_all = len(chunks) if num_tokens is None else sum(num_tokens)
         key = (num_tokens_all, num_sampled)
