@@ -140,7 +140,7 @@ def run_workload(server: Server, make_requests: Callable[[int], list[BenchReques
         load = CpuLoad([server.process.pid])
         load.start()
         results, duration = run(run_requests(config, requests, request_rate, 1.0,
-                                                     concurrency, attempt))
+                                             concurrency, attempt))
         foreign = load.stop()
         after = _metrics_text(server)
         out = client_metrics(results, duration, (50, 90, 99), {})
@@ -162,11 +162,11 @@ def run_workload(server: Server, make_requests: Callable[[int], list[BenchReques
     return best
 
 
-def mixed_load(server: Server, tokenizer: Any, scale: float, run: int) -> dict[str, Any]:
+def mixed_load(server: Server, tokenizer: Any, scale: float, run_no: int) -> dict[str, Any]:
     """Decodes streaming while long prompts keep arriving: ITL of the decode stream. Each run
     draws new prompts (a repeated long prompt would be served from the prefix cache)."""
-    decodes = random_requests(tokenizer, 16, 16, int(160 * scale) or 16, seed=1 + 10 * run)
-    longs = random_requests(tokenizer, max(2, int(8 * scale)), 1000, 8, seed=2 + 10 * run)
+    decodes = random_requests(tokenizer, 16, 16, int(160 * scale) or 16, seed=1 + 10 * run_no)
+    longs = random_requests(tokenizer, max(2, int(8 * scale)), 1000, 8, seed=2 + 10 * run_no)
     config = ClientConfig(base_url=server.url, model=server.model, temperature=0.0,
                           ignore_eos=True, extra_body=server.extra_body)
     run(run_requests(config, decodes[:2], math.inf, 1.0, 2, 0))  # warm up
@@ -337,10 +337,10 @@ def main() -> int:
                 label += f", {cap} beside decodes"
             spec = xyserve_spec(args.model, variant, *flags, name=f"mixed-{policy}")
             with spec.start(log_dir) as server:
-                for run in range(1, args.mixed_runs + 1):
-                    print(f"mixed load: {policy}, budget {label}, run {run} ...", flush=True)
-                    data["mixed"][f"{policy}@{label}@{run}"] = mixed_load(
-                        server, tokenizer, scale, run)
+                for run_no in range(1, args.mixed_runs + 1):
+                    print(f"mixed load: {policy}, budget {label}, run {run_no} ...", flush=True)
+                    data["mixed"][f"{policy}@{label}@{run_no}"] = mixed_load(
+                        server, tokenizer, scale, run_no)
 
     if not args.skip_apc:
         shared = next(w for w in sized if w.dataset == "shared-prefix")

@@ -154,7 +154,7 @@ def measure(url: str, model: str, pid: int, requests: list[BenchRequest], concur
         load = CpuLoad([pid])
         load.start()
         results, duration_s = run(run_requests(config, requests, math.inf, 1.0,
-                                                       concurrency, 0))
+                                               concurrency, 0))
         foreign = load.stop()
         out = client_metrics(results, duration_s, (50, 99), {})
         decode_tokens = out["total_output_tokens"] - out["completed"]

@@ -75,7 +75,7 @@ def benchmark(args: argparse.Namespace, requests: list[BenchRequest] | None = No
         warm = [BenchRequest(r.prompt, r.prompt_len, min(r.output_len, 16), r.history)
                 for r in requests[:args.num_warmups]]
         warm_results, _ = run(run_requests(config, warm, math.inf, 1.0,
-                                                   args.max_concurrency, args.seed))
+                                           args.max_concurrency, args.seed))
         failed = [r.error for r in warm_results if not r.success]
         if failed:
             raise RuntimeError(f"warm-up request failed: {failed[0]}")

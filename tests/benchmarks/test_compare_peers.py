@@ -135,3 +135,42 @@ def test_the_bound_counts_the_bytes_gguf_bf16_streams(monkeypatch: pytest.Monkey
         blocks = w.concurrency == 1 or amx
         assert cp.bound(data, w, "gguf+bf16", flops) == cp.bound(
             data, w, "gguf" if blocks else "bf16", flops), w.name
+
+
+def test_a_mixed_load_run_drives_the_client_and_reads_its_streams(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """mixed_load end to end with the HTTP client and the CPU probes faked: the run number
+    seeds the prompts and nothing it is called with shadows the client's `run` (a run number
+    named `run` once made every mixed-load run a TypeError)."""
+    from types import SimpleNamespace
+
+    from benchmarks import compare_peers
+    from benchmarks.load.client import RequestResult
+
+    seeds: list[int] = []
+
+    def requests(tokenizer: object, n: int, prompt_len: int, output_len: int,
+                 seed: int) -> list[SimpleNamespace]:
+        seeds.append(seed)
+        return [SimpleNamespace(prompt_len=prompt_len, output_len=output_len)] * n
+
+    async def send_all(config: object, reqs: list[SimpleNamespace], *args: object,
+                       **kwargs: object) -> tuple[list[RequestResult], float]:
+        return [RequestResult(r.prompt_len, r.output_len, success=True, ttft_s=0.05,
+                              e2e_s=0.05 + 0.01 * (r.output_len - 1),
+                              itls_s=[0.01] * (r.output_len - 1)) for r in reqs], 1.0
+
+    class Load:
+        def __init__(self, pids: list[int]) -> None: ...
+        def start(self) -> None: ...
+        def stop(self) -> float: return 0.0
+
+    monkeypatch.setattr(compare_peers, "random_requests", requests)
+    monkeypatch.setattr(compare_peers, "run_requests", send_all)
+    monkeypatch.setattr(compare_peers, "wait_quiet", lambda pids, load: None)
+    monkeypatch.setattr(compare_peers, "CpuLoad", Load)
+    server = SimpleNamespace(url="http://x", model="m", extra_body={},
+                             process=SimpleNamespace(pid=1))
+    out = compare_peers.mixed_load(server, None, 0.1, 3)  # type: ignore[arg-type]
+    assert seeds == [31, 32]
+    assert out["itl_p50_ms"] == pytest.approx(10.0) and out["num_long_prompts"] == 2
