@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from engine.admission import check_fits
 from engine.chunks import append_sampled, check_stop, first_stop_output_len, make_chunk
 from engine.config import SchedulerConfig, SpeculativeConfig
+from engine.decode_walks import walks
 from engine.frozen import build_frozen
 from engine.kv_cache import KVCacheManager
 from engine.outputs import (
@@ -208,7 +209,16 @@ class Scheduler:
         """
         others: list[tuple[Request, int]] = []
         block_size = self.kv_cache.block_size
-        decodes = self._decodes  # (its columns' appends bound once: per row per step)
+        decodes = self._decodes
+        allocate_slots = self.kv_cache.allocate_slots
+        library = walks()
+        if library is not None:  # (the walk below, in C)
+            token_budget = library.xy_schedule_decodes(
+                self.running, token_budget, block_size, decodes.columns(), others,
+                allocate_slots, lambda request: self._add_chunk(request, 1, None, chunks,
+                                                                preempted_ids, decode=True))
+            return token_budget, others
+        # (its columns' appends bound once: per row per step)
         add_id, add_pos = decodes.request_ids.append, decodes.start_pos.append
         add_token, add_blocks = decodes.token_ids.append, decodes.block_ids.append
         for request in self.running:  # (the walk ends early when a preemption shortens it)
@@ -223,18 +233,21 @@ class Scheduler:
                     others.append((request, num_behind))
                 continue
             block_ids = request.block_ids
-            if num_computed_tokens < len(block_ids) * block_size:
-                # Most rows of most steps: one token whose slot its block table already holds
-                # (allocate_slots would take nothing), so nobody is preempted: the row of
-                # `make_chunk(request, 1)`, inline (its last token, without slicing).
-                add_id(request.request_id)
-                add_pos(num_computed_tokens)
-                add_token(output_ids[-1] if output_ids else prompt_ids[-1])
-                add_blocks(block_ids)
-                token_budget -= 1
-            else:
-                token_budget -= self._add_chunk(request, 1, None, chunks, preempted_ids,
-                                                decode=True)
+            if num_computed_tokens >= len(block_ids) * block_size:  # its slot needs a block
+                if not allocate_slots(request, 1):  # short: preempting (allocate_slots
+                    #   changed nothing, so _add_chunk's own first try is the same)
+                    token_budget -= self._add_chunk(request, 1, None, chunks, preempted_ids,
+                                                    decode=True)
+                    continue
+                block_ids = request.block_ids
+            # Every row of most steps: one token whose slot its block table holds, nobody
+            # preempted: the row of `make_chunk(request, 1)`, inline (its last token, without
+            # slicing).
+            add_id(request.request_id)
+            add_pos(num_computed_tokens)
+            add_token(output_ids[-1] if output_ids else prompt_ids[-1])
+            add_blocks(block_ids)
+            token_budget -= 1
         return token_budget, others
 
     def _schedule_verifies(self, chunks: list[ScheduledChunk], preempted_ids: list[str],
@@ -459,31 +472,44 @@ class Scheduler:
         speculative decoding or logprobs, appending their rows to `token_updates`. What the
         general walk does, less its tests that such a row cannot pass (tested equal): this
         runs per running request per step."""
-        requests, running, max_model_len = self.requests, RequestStatus.RUNNING, self.max_model_len
-        kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
-        caching = kv_cache.enable_caching
+        library = walks()
+        if library is not None:  # (the common rows in C, the others by `_update_decode`)
+            kv_cache = self.kv_cache
+            library.xy_update_decodes(
+                request_ids, self.requests, RequestStatus.RUNNING, all_sampled,
+                kv_cache.block_size if kv_cache.enable_caching else 0,
+                kv_cache.cache_full_blocks, finished_only, token_updates,
+                lambda request_id: self._update_decode(request_id, all_sampled, finished_only,
+                                                       token_updates))
+            return
         for request_id in request_ids:
-            request = requests.get(request_id)
-            if request is None or request.status is not running:
-                continue  # finished (or replaced by a new request with that id) meanwhile
-            num_computed_tokens = request.num_computed_tokens + 1
-            request.num_computed_tokens = num_computed_tokens
-            sampled = all_sampled[request_id]
-            if len(sampled) == 1:
-                output_ids = request.output_token_ids
-                output_ids.append(sampled[0])
-                finish_reason = None
-                if len(output_ids) >= request.first_stop_output_len:  # (check_stop's own test)
-                    finish_reason = check_stop(request, max_model_len)
-            else:
-                sampled, finish_reason = append_sampled(request, sampled, max_model_len)
-            if caching and not num_computed_tokens % block_size:  # its token filled a block
-                kv_cache.cache_full_blocks(request)
-            if finish_reason is not None:
-                self._finish(request, RequestStatus.for_reason(finish_reason))
-                token_updates.append((request_id, tuple(sampled), None, finish_reason))
-            elif not finished_only and sampled:
-                token_updates.append((request_id, tuple(sampled), None, None))
+            self._update_decode(request_id, all_sampled, finished_only, token_updates)
+
+    def _update_decode(self, request_id: str, all_sampled: dict[str, tuple[int, ...]],
+                       finished_only: bool, token_updates: list[TokenUpdateRow]) -> None:
+        """`_update_decodes`' row of `request_id`."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            return  # finished (or replaced by a new request with that id) meanwhile
+        num_computed_tokens = request.num_computed_tokens + 1
+        request.num_computed_tokens = num_computed_tokens
+        sampled = all_sampled[request_id]
+        if len(sampled) == 1:
+            output_ids = request.output_token_ids
+            output_ids.append(sampled[0])
+            finish_reason = None
+            if len(output_ids) >= request.first_stop_output_len:  # (check_stop's own test)
+                finish_reason = check_stop(request, self.max_model_len)
+        else:
+            sampled, finish_reason = append_sampled(request, sampled, self.max_model_len)
+        kv_cache = self.kv_cache
+        if kv_cache.enable_caching and not num_computed_tokens % kv_cache.block_size:
+            kv_cache.cache_full_blocks(request)  # its token filled a block
+        if finish_reason is not None:
+            self._finish(request, RequestStatus.for_reason(finish_reason))
+            token_updates.append((request_id, tuple(sampled), None, finish_reason))
+        elif not finished_only and sampled:
+            token_updates.append((request_id, tuple(sampled), None, None))
 
     # ---------------------------------------------------------------- finishing from outside
 
@@ -589,6 +615,10 @@ class _DecodeRows:
         output_ids = request.output_token_ids
         self.token_ids.append(output_ids[-1] if output_ids else request.prompt_token_ids[-1])
         self.block_ids.append(request.block_ids)
+
+    def columns(self) -> tuple[list[str], list[int], list[int], list[tuple[int, ...]]]:
+        """(request ids, positions, tokens, block tables): the columns, appended to in place."""
+        return self.request_ids, self.start_pos, self.token_ids, self.block_ids
 
     def scheduled(self, others: tuple[ScheduledChunk, ...]) -> ScheduledChunks:
         """The step's chunks: these rows (their columns handed over), then `others`."""

@@ -1,8 +1,9 @@
 """Building, caching and loading the C libraries xyserve calls through ctypes.
 
-Three libraries: the CPU fast path's kernels (npu_sim.kernels.native, which needs torch), the
-timing-only simulator's launch sums (npu_sim.launch_sums) and the engine's token-id loops
-(engine.token_ids: prompt checks and prefix-cache hashes). A package of its own below both
+Four libraries: the CPU fast path's kernels (npu_sim.kernels.native, which needs torch), the
+timing-only simulator's launch sums (npu_sim.launch_sums), the engine's token-id loops
+(engine.token_ids: prompt checks and prefix-cache hashes) and the scheduler's decode walks
+(engine.decode_walks, on the Python C API). A package of its own below both
 `engine` and `npu_sim`, importing neither, no torch and no numpy: the KV-cache manager stays
 free of the simulator, and a simulation that computes nothing never loads torch.
 
@@ -23,6 +24,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import sysconfig
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -45,6 +47,9 @@ class Library:
     flags: tuple[str, ...]  # the compiler's, before the -march ones
     signatures: dict[str, tuple[object, list[object]]]  # function -> (restype, argtypes)
     what: str  # what it is, for the log
+    # Its functions use the Python C API: built against this interpreter's headers and loaded
+    # as a ctypes.PyDLL (called with the GIL held; an exception they set is raised).
+    python_api: bool = False
 
 
 _lock = threading.Lock()
@@ -90,8 +95,10 @@ def load(library: Library) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     failures: list[str] = []  # why each build tried before failed, in order
     generic = os.environ.get("XYSERVE_NATIVE_GENERIC", "0") == "1"
+    # (the headers' directory names the interpreter: part of the key, as the flags are)
+    python = (f"-I{sysconfig.get_paths()['include']}",) if library.python_api else ()
     for arch in _ARCH_FLAGS[1:] if generic else _ARCH_FLAGS:
-        flags = (*library.flags, *arch)
+        flags = (*library.flags, *python, *arch)
         key = hashlib.sha256(b"\0".join([source, " ".join((compiler, *flags)).encode(),
                                          platform.machine().encode(), _cpu_id().encode()]))
         path = _cache_dir() / f"{library.stem}-{key.hexdigest()[:16]}.so"
@@ -102,7 +109,7 @@ def load(library: Library) -> ctypes.CDLL | None:
                 continue
             logger.info("built %s: %s", library.what, path)
         try:
-            handle = ctypes.CDLL(str(path))
+            handle = (ctypes.PyDLL if library.python_api else ctypes.CDLL)(str(path))
         except OSError as exc:
             failures.append(str(exc))
             continue

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
 
+import native_build
 from engine.config import SchedulerConfig, SpeculativeConfig
+from engine.decode_walks import walks
 from engine.outputs import ModelOutput, SchedulerOutput, TokenLogprob, TokenUpdate
 from engine.request import FinishReason, Request, RequestStatus
 from engine.scheduler import Scheduler
@@ -31,6 +33,20 @@ def _shape(scheduler_output: SchedulerOutput) -> list[tuple[str, int, int]]:
 
 def _prompt(num_tokens: int, base: int = 1000) -> tuple[int, ...]:
     return tuple(range(base, base + num_tokens))
+
+
+@pytest.fixture(params=["C", "Python"])
+def decode_walks(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The scheduler's decode-row walks in C (engine.decode_walks), or in Python (native code
+    off) for the test's whole run."""
+    if request.param == "Python":
+        with native_build.disabled():
+            assert walks() is None
+            yield request.param
+        return
+    if walks() is None:
+        pytest.skip("no C compiler here: the decode walks run in Python")
+    yield request.param
 
 
 # ---------------------------------------------------------------- add_request validation
@@ -552,6 +568,7 @@ def _check_state(scheduler: Scheduler) -> None:
 
 
 @pytest.mark.parametrize("seed", range(100))
+@pytest.mark.usefixtures("decode_walks")
 def test_random_workload_keeps_invariants_and_finishes(
     seed: int, make_scheduler: MakeScheduler, make_request: MakeRequest
 ) -> None:
@@ -640,6 +657,7 @@ def test_random_workload_keeps_invariants_and_finishes(
 
 
 @pytest.mark.parametrize("seed", range(40))
+@pytest.mark.usefixtures("decode_walks")
 def test_one_walk_decode_pass_equals_the_two_walk_pass(
     seed: int, make_request: MakeRequest
 ) -> None:
@@ -680,6 +698,7 @@ def _request_state(scheduler: Scheduler) -> list[tuple[object, ...]]:
 
 
 @pytest.mark.parametrize("seed", range(100))  # (77 and 81 preempt a decode in the 2nd pass)
+@pytest.mark.usefixtures("decode_walks")
 def test_decode_rows_update_as_the_general_walk(seed: int, make_request: MakeRequest) -> None:
     """SchedulerOutput.num_decodes: its leading chunks are decodes (one known token, the last,
     sampled, no drafts), and update_rows_from_output's walk over them (Scheduler.
@@ -687,7 +706,7 @@ def test_decode_rows_update_as_the_general_walk(seed: int, make_request: MakeReq
     same output with num_decodes=0 (tight pools: preemptions; prefix caching: blocks fill;
     aborts between schedule and update; KV from elsewhere; EOS, stop tokens, two tokens now
     and then)."""
-    rng = random.Random(seed)
+    rng, stop_rng = random.Random(seed), random.Random(-1 - seed)
     block_size = rng.choice([1, 2, 4])
     max_model_len = rng.randint(8, 64)
     config = SchedulerConfig(max_num_batched_tokens=rng.randint(1, 24),
@@ -702,13 +721,17 @@ def test_decode_rows_update_as_the_general_walk(seed: int, make_request: MakeReq
         max_tokens = rng.randint(2, max_model_len - num_prompt_tokens)
         prompt = [1000 + rng.randint(0, 3) for _ in range(num_prompt_tokens)]  # shared blocks
         ignore_eos = rng.random() < 0.5
+        # without EOS and stop tokens a request runs to its length: no stop rule to check
+        # before it (Request.first_stop_output_len), the C walk's own rows (drawn apart: the
+        # seeds' other draws as they were)
+        stop_token_ids = () if ignore_eos and stop_rng.random() < 0.5 else (42,)
         # some prompts' KV from another engine: they join `running` late, perhaps still
         # prefilling ahead of decodes (whose chunks a preemption then takes out again)
         num_external_tokens = rng.choice([0, rng.randint(0, num_prompt_tokens - 1)])
         for scheduler in (fast, general):
             request = make_request(str(i), num_prompt_tokens, max_tokens,
-                                   prompt_token_ids=list(prompt), stop_token_ids=(42,),
-                                   ignore_eos=ignore_eos)
+                                   prompt_token_ids=list(prompt),
+                                   stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
             request.num_external_tokens = num_external_tokens
             scheduler.add_request(request)
     num_decode_rows = 0
@@ -740,3 +763,18 @@ def test_decode_rows_update_as_the_general_walk(seed: int, make_request: MakeReq
             for scheduler in (fast, general):
                 scheduler.finish_kv_transfer(request_id)
     assert not general.has_unfinished_requests() and num_decode_rows
+
+
+@pytest.mark.usefixtures("decode_walks")
+def test_decode_row_without_its_sampled_token_raises(make_scheduler: MakeScheduler,
+                                                     make_request: MakeRequest) -> None:
+    """A decode row whose token the model output lacks is a runner bug: the walk raises
+    KeyError (from C as from Python) instead of skipping the row."""
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("a", 4, 8, ignore_eos=True))
+    out = scheduler.schedule()  # the prompt
+    scheduler.update_from_output(out, ModelOutput(sampled_token_ids={"a": (SAMPLED,)}))
+    out = scheduler.schedule()
+    assert out.num_decodes == 1
+    with pytest.raises(KeyError, match="'a'"):
+        scheduler.update_from_output(out, ModelOutput(sampled_token_ids={}))
