@@ -342,12 +342,15 @@ class KVCacheManager:
             self.pool.free(reversed(request.block_ids[keep:]))
             request.block_ids = request.block_ids[:keep]
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, preempted: bool = False) -> None:
         """Release every block of `request` and clear its block table (cached blocks stay
-        cached until evicted)."""
+        cached until evicted). preempted: it will be admitted again with the same tokens, so
+        its block hashes are kept (as vLLM keeps them on the request): its readmission looks
+        its prefix up without hashing the sequence again."""
         # Tail first: the blocks least likely to be shared (the end of the sequence) are the
         # first to be evicted.
         self.pool.free(reversed(request.block_ids))
         request.block_ids = ()
-        self._hashes.pop(request.request_id, None)
+        if not preempted:
+            self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)

@@ -573,7 +573,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         """Drop `request`'s KV to recompute later (outputs kept); it is already off `running`."""
-        self.kv_cache.free(request)
+        self.kv_cache.free(request, preempted=True)
         request.num_computed_tokens = 0
         request.num_external_tokens = 0  # that KV is gone too: recomputed here
         request.draft = None

@@ -12,6 +12,9 @@ from array import array
 from collections import Counter
 from collections.abc import Callable
 
+import pytest
+
+from engine import kv_cache
 from engine.kv_cache import BlockPool, KVCacheManager, hash_block, hash_blocks
 from engine.outputs import ModelOutput, SchedulerOutput
 from engine.request import FinishReason, Request
@@ -143,6 +146,32 @@ def test_prompts_hashed_on_arrival_are_the_hashes_found_later(make_request: Make
         assert kv.find_cached_prefix(second) == list(first.block_ids[:5])
         kv.free(second)  # (it held nothing: its hashes go all the same)
         assert "b" not in kv._hashes
+
+
+def test_preempted_request_keeps_its_hashes(make_request: MakeRequest,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preempted request's tokens are the same when it comes back: its block hashes are kept
+    (a finished one's go), so its readmission finds its cached blocks without hashing its
+    sequence again."""
+    tokens = list(range(100, 100 + 3 * BS + 1))
+    kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True)
+    request = _request(make_request, "a", tokens)
+    kv.hash_prompt(request)
+    assert kv.allocate_slots(request, len(tokens))
+    request.num_computed_tokens = len(tokens)
+    kv.cache_full_blocks(request)
+    blocks = request.block_ids
+    kv.free(request, preempted=True)
+    request.num_computed_tokens = 0
+
+    def no_hashing(*args: object) -> None:
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(kv_cache, "hash_blocks", no_hashing)
+    monkeypatch.setattr(kv_cache, "hash_block", no_hashing)
+    assert kv.find_cached_prefix(request) == list(blocks[:3])
+    kv.free(request)
+    assert "a" not in kv._hashes
 
 
 # ---------------------------------------------------------------- the scheduler with caching
