@@ -185,12 +185,20 @@ static void launch_row(const double *t, int64_t num_rows, const int64_t *keys,
     int64_t num_tasks = num_order * repeat;
     int64_t block = num_tasks < num_cube ? num_tasks : num_cube;
     for (int64_t c = 0; c < num_cube; c++) busy[c] = 0.0;
-    int64_t p = 0;  /* task i's place in the round robin's period: i % (2 block) */
+    /* Each row's tasks are a run of places in the round robin's period (cores 0..block-1,
+     * then block-1..0): walked as ascending and descending stretches of cores, no test per
+     * task (a launch of decodes: rows x KV heads, thousands of tasks); the same cores in the
+     * same order, hence the same sums. */
+    const int64_t period = 2 * block;
+    int64_t p = 0;  /* task i's place in the period: i % (2 block) */
     for (int64_t j = 0; j < num_order; j++) {
         double cycles = t[order[j]];
-        for (int64_t r = 0; r < repeat; r++) {
-            busy[p < block ? p : 2 * block - 1 - p] += cycles;
-            if (++p == 2 * block) p = 0;
+        for (int64_t r = repeat; r > 0;) {
+            int64_t end = p + r < period ? p + r : period;  /* this stretch's places */
+            for (int64_t q = p; q < end && q < block; q++) busy[q] += cycles;
+            for (int64_t q = p > block ? p : block; q < end; q++) busy[period - 1 - q] += cycles;
+            r -= end - p;
+            p = end == period ? 0 : end;
         }
     }
     double top = 0.0;
