@@ -4,8 +4,9 @@
  * (Scheduler._schedule_decodes) and once to apply the token it sampled
  * (Scheduler._update_decodes). A simulation of a production trace makes millions of such
  * rows; in Python each costs ~0.7 us, here a fraction of that. Only the common rows are
- * handled here, the way the Python walks handle them, attribute by attribute; every other
- * row (a block to allocate, a stop rule to check, several tokens) is handed back to Python
+ * handled here, the way the Python walks handle them, attribute by attribute (a row whose
+ * slot needs a block calls the KV-cache manager for it); every other row (blocks short, so
+ * someone is preempted; a stop rule to check; several tokens) is handed back to Python
  * through a callback, in its place in the walk, so the order of every side effect is the
  * Python walks'. Built and loaded through ctypes.PyDLL (the GIL held, exceptions raised).
  */

@@ -4,9 +4,9 @@ A running request one token behind makes a decode row every step: the scheduler 
 (`Scheduler._schedule_decodes`) and applies its sampled token (`Scheduler._update_decodes`).
 A simulated production trace has millions of them (4M rows in 78k steps of the Azure
 conversation trace), ~0.7 us each in Python: a third of the simulation. The C walks do the
-common rows (a slot in the block table already; one token, no stop rule due) through the
-Python C API, the same reads and writes in the same order, and hand every other row back to
-the Python callbacks they are given, in its place: the same state and rows, bit for bit
+common rows (a slot in the block table, or a block the pool has; one token, no stop rule due)
+through the Python C API, the same reads and writes in the same order, and hand every other
+row back to the Python callbacks they are given, in its place: the same state and rows
 (tests/engine/test_scheduler.py runs the scheduler's equality tests with and without them).
 Where no C compiler is found, or XYSERVE_NATIVE_KERNELS=0, `walks()` is None and the
 scheduler walks in Python.
