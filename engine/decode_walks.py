@@ -29,7 +29,7 @@ _LIBRARY = native_build.Library(
     "the scheduler's C decode walks", python_api=True)
 
 
-def walks() -> ctypes.PyDLL | None:
-    """The library (xy_schedule_decodes, xy_update_decodes: see decode_walks.c), or None where
-    it cannot be built or native code is off."""
-    return native_build.loaded(_LIBRARY)  # type: ignore[return-value]
+def walks() -> ctypes.CDLL | None:
+    """The library (a ctypes.PyDLL: xy_schedule_decodes, xy_update_decodes, see
+    decode_walks.c), or None where it cannot be built or native code is off."""
+    return native_build.loaded(_LIBRARY)

@@ -29,9 +29,6 @@ least recently used cached block. Shared blocks are only ever read: a request wr
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -44,20 +41,9 @@ _ROOT_HASH: BlockHash = b"xyserve-prefix-cache-v1"  # the parent of every sequen
 
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
-    """The chained content hash of one full block (parent None = the sequence's first block):
-    `hash_blocks(parent, token_ids, len(token_ids))[0]` in one pack and one hashlib call (a
-    decode fills one block at a time: ~250k of them in a simulated production trace)."""
-    try:
-        packed = _int64s(len(token_ids)).pack(*token_ids)
-    except struct.error:
-        raise ValueError("token ids to hash must be integers that fit in 64 bits") from None
-    return hashlib.sha256((_ROOT_HASH if parent is None else parent) + packed).digest()
-
-
-@functools.lru_cache(maxsize=16)
-def _int64s(num_ids: int) -> struct.Struct:
-    """The packer of `num_ids` native int64s (engine.token_ids.pack's bytes)."""
-    return struct.Struct(f"{num_ids}q")
+    """The chained content hash of one full block (parent None = the sequence's first block)."""
+    (block_hash,) = hash_blocks(parent, token_ids, len(token_ids))
+    return block_hash
 
 
 def hash_blocks(parent: BlockHash | None, token_ids: Sequence[int], block_size: int,
@@ -283,11 +269,7 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
         num_hashed = len(hashes)
-        if num_hashed == num_blocks - 1:  # (a decode's block: one at a time)
-            start = num_hashed * bs
-            hashes.append(hash_block(hashes[-1] if hashes else None,
-                                     request.token_ids_between(start, start + bs)))
-        elif num_hashed < num_blocks:
+        if num_hashed < num_blocks:
             tokens = request.token_ids_between(num_hashed * bs, num_blocks * bs)
             hashes += hash_blocks(hashes[-1] if hashes else None, tokens, bs)
         return hashes if num_hashed <= num_blocks else hashes[:num_blocks]

@@ -218,35 +218,26 @@ class Scheduler:
                 allocate_slots, lambda request: self._add_chunk(request, 1, None, chunks,
                                                                 preempted_ids, decode=True))
             return token_budget, others
-        # (its columns' appends bound once: per row per step)
-        add_id, add_pos = decodes.request_ids.append, decodes.start_pos.append
-        add_token, add_blocks = decodes.token_ids.append, decodes.block_ids.append
         for request in self.running:  # (the walk ends early when a preemption shortens it)
             if token_budget <= 0:
                 break
-            # (request.num_tokens, inline: once per row per step; each attribute read once)
-            prompt_ids, output_ids = request.prompt_token_ids, request.output_token_ids
+            # (request.num_tokens, inline: once per row per step)
             num_computed_tokens = request.num_computed_tokens
-            num_behind = len(prompt_ids) + len(output_ids) - num_computed_tokens
+            num_behind = (len(request.prompt_token_ids) + len(request.output_token_ids)
+                          - num_computed_tokens)
             if num_behind != 1:
                 if num_behind > 1:
                     others.append((request, num_behind))
                 continue
-            block_ids = request.block_ids
-            if num_computed_tokens >= len(block_ids) * block_size:  # its slot needs a block
-                if not allocate_slots(request, 1):  # short: preempting (allocate_slots
-                    #   changed nothing, so _add_chunk's own first try is the same)
-                    token_budget -= self._add_chunk(request, 1, None, chunks, preempted_ids,
-                                                    decode=True)
-                    continue
-                block_ids = request.block_ids
+            if (num_computed_tokens >= len(request.block_ids) * block_size  # needs a block
+                    and not allocate_slots(request, 1)):  # short: preempting (allocate_slots
+                #   changed nothing, so _add_chunk's own first try is the same)
+                token_budget -= self._add_chunk(request, 1, None, chunks, preempted_ids,
+                                                decode=True)
+                continue
             # Every row of most steps: one token whose slot its block table holds, nobody
-            # preempted: the row of `make_chunk(request, 1)`, inline (its last token, without
-            # slicing).
-            add_id(request.request_id)
-            add_pos(num_computed_tokens)
-            add_token(output_ids[-1] if output_ids else prompt_ids[-1])
-            add_blocks(block_ids)
+            # preempted.
+            decodes.append(request)
             token_budget -= 1
         return token_budget, others
 
