@@ -24,10 +24,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from cluster.disagg import KvTransferModel, TransferRecord
-from cluster.driver import RejectedRequest, drive, fewer_collections, request_params
+from cluster.driver import (
+    RejectedRequest,
+    drive,
+    fewer_collections,
+    request_params,
+    request_prompt,
+)
 from cluster.replica import Replica
 from cluster.routing import PromptKey, Router, least_loaded
-from cluster.workload import RequestSpec, Workload, synthetic_prompt
+from cluster.workload import RequestSpec, Workload
 from engine.request import RequestRejected
 from engine.timing_runner import SYNTHETIC_TOKEN_ID
 
@@ -113,8 +119,7 @@ class ClusterDriver:
 
     def _arrive(self, i: int, spec: RequestSpec, block_size: int, prefix_aware: bool,
                 prompts: dict[int, list[int]], run: ClusterRun) -> None:
-        prompt = (list(spec.prompt_token_ids) if spec.prompt_token_ids is not None
-                  else synthetic_prompt(i, spec.prompt_len))
+        prompt, packed = request_prompt(i, spec)
         key = PromptKey.of(prompt, block_size) if prefix_aware else None
         replica = self.front[self.router.choose(self.front, key)]
         prefill_only = replica.role == "prefill"
@@ -122,7 +127,7 @@ class ClusterDriver:
         output_len = 1 if prefill_only else spec.output_len
         try:
             replica.core.add_request(str(i), prompt, request_params(output_len),
-                                     arrival_sim_s=spec.arrival_s)
+                                     arrival_sim_s=spec.arrival_s, packed_prompt=packed)
         except RequestRejected as exc:
             run.rejected.append(RejectedRequest(i, str(exc)))
             return

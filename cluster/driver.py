@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from cluster.recorder import Recorder
-from cluster.workload import RequestSpec, Workload, synthetic_prompt
+from cluster.workload import RequestSpec, Workload, synthetic_prompt, synthetic_prompt_packed
 from engine.core import EngineCore
 from engine.request import RequestRejected, SamplingParams
 
@@ -83,16 +83,23 @@ def _add(core: EngineCore, requests: tuple[RequestSpec, ...], i: int, recorder: 
          rejected: list[RejectedRequest]) -> int:
     """Add request i (at its arrival on the simulated clock); returns i + 1."""
     spec = requests[i]
-    prompt = (list(spec.prompt_token_ids) if spec.prompt_token_ids is not None
-              else synthetic_prompt(i, spec.prompt_len))
+    prompt, packed = request_prompt(i, spec)
     try:
         core.add_request(str(i), prompt, request_params(spec.output_len),
-                         arrival_sim_s=spec.arrival_s)
+                         arrival_sim_s=spec.arrival_s, packed_prompt=packed)
     except RequestRejected as exc:
         rejected.append(RejectedRequest(i, str(exc)))
     else:
         recorder.record_arrival(i, spec)
     return i + 1
+
+
+def request_prompt(i: int, spec: RequestSpec) -> tuple[list[int], bytes | None]:
+    """Request i's prompt: the workload's, or a synthetic one (with its packing, which
+    EngineCore.add_request would otherwise make: engine.token_ids.pack)."""
+    if spec.prompt_token_ids is not None:
+        return list(spec.prompt_token_ids), None
+    return synthetic_prompt(i, spec.prompt_len), synthetic_prompt_packed(i, spec.prompt_len)
 
 
 @functools.cache  # validating SamplingParams costs tens of us; they are immutable, so shared

@@ -98,7 +98,8 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float | None = None,
-                    arrival_sim_s: float | None = None, num_external_tokens: int = 0) -> None:
+                    arrival_sim_s: float | None = None, num_external_tokens: int = 0,
+                    packed_prompt: bytes | None = None) -> None:
         """Queue a request. Raises RequestRejected (a ValueError; nothing queued) if it can never
         be served: token ids outside the vocabulary, lengths beyond max_model_len or the KV pool
         (engine.admission.check_fits); ValueError for an id already in use.
@@ -110,6 +111,8 @@ class EngineCore:
         num_external_tokens: leading tokens whose KV another engine computed (P/D
             disaggregation); the request waits for them to land (finish_kv_transfer) once
             admitted. Must leave at least one token to compute here.
+        packed_prompt: `engine.token_ids.pack(prompt_token_ids)`, where the caller has it (a
+            simulation packs its synthetic prompts from a shared filler); packed here else.
         """
         # (0 = nothing external, always valid: an empty prompt is the admission check's to
         # refuse, naming the prompt)
@@ -118,7 +121,8 @@ class EngineCore:
                              f"{num_external_tokens}")
         arch = self.info.arch
         # packed once: the vocabulary check and the prefix cache's hashes read it
-        packed_prompt = pack(prompt_token_ids)
+        if packed_prompt is None:
+            packed_prompt = pack(prompt_token_ids)
         _check_token_ids(arch.vocab_size, {"prompt": packed_prompt}, prompt=prompt_token_ids,
                          logit_bias=params.logit_bias, stop_token_ids=params.stop_token_ids)
         if params.stop and self.info.tokenizer is None:

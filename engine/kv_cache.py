@@ -151,19 +151,18 @@ class BlockPool:
             if self._ref_counts[block_id] == 0:
                 self._free_block_ids[block_id] = None
 
-    def cache(self, block_id: int, block_hash: BlockHash) -> bool:
-        """Register the full, computed block `block_id` (in use) as holding `block_hash`.
-
-        Returns False, changing nothing, when another block already caches that content (two
-        requests computed the same block side by side; the first one stays the cached copy).
-        """
-        assert self._ref_counts[block_id] > 0, f"caching free block {block_id}"
-        if block_hash in self._cached:
-            return False
-        assert self._block_hashes[block_id] is None, f"block {block_id} is already cached"
-        self._cached[block_hash] = block_id
-        self._block_hashes[block_id] = block_hash
-        return True
+    def cache_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> None:
+        """Register each full, computed block of `block_ids` (in use) as holding its hash of
+        `block_hashes`, in turn; one whose content another block caches already (two requests
+        computed the same block side by side) is left uncached, the first one staying the
+        cached copy."""
+        ref_counts, cached, hashes = self._ref_counts, self._cached, self._block_hashes
+        for block_id, block_hash in zip(block_ids, block_hashes, strict=True):
+            assert ref_counts[block_id] > 0, f"caching free block {block_id}"
+            if block_hash not in cached:
+                assert hashes[block_id] is None, f"block {block_id} is already cached"
+                cached[block_hash] = block_id
+                hashes[block_id] = block_hash
 
 
 class KVCacheManager:
@@ -253,9 +252,7 @@ class KVCacheManager:
         if num_full <= start:
             return
         hashes = self._block_hashes(request, num_full)
-        cache, block_ids = self.pool.cache, request.block_ids
-        for i in range(start, num_full):
-            cache(block_ids[i], hashes[i])
+        self.pool.cache_blocks(request.block_ids[start:num_full], hashes[start:num_full])
         self._num_registered[request_id] = num_full
 
     def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:

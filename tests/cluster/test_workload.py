@@ -9,6 +9,7 @@ import math
 import pathlib
 import random
 import statistics
+import struct
 
 import pytest
 
@@ -22,6 +23,7 @@ from cluster.workload import (
     shape,
     synthetic,
     synthetic_prompt,
+    synthetic_prompt_packed,
 )
 
 DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -114,12 +116,15 @@ def test_shaping() -> None:
 def test_synthetic_prompt_is_its_index_then_the_filler() -> None:
     """synthetic_prompt equals its definition: the index in four base-256 digits, each + 2,
     then the seeded filler's bytes + 2, whatever length was asked for before (the filler grows
-    to 2^16 here and must keep its start)."""
+    to 2^16 here and must keep its start); synthetic_prompt_packed is its packing."""
     filler = [b + 2 for b in random.Random("xyserve-filler").randbytes(1 << 16)]
     for index, prompt_len in ((0, 1), (7, 300), (2**24 + 5, 3), (123, 4096), (9, 40_000),
                               (8, 5)):
         digits = [2 + (index >> shift & 255) for shift in (24, 16, 8, 0)]
         expected = (digits + filler)[:prompt_len]
+        # its packing, the bytes EngineCore.add_request hashes, first: it grows the filler too
+        assert synthetic_prompt_packed(index, prompt_len) == struct.pack(
+            f"{prompt_len}q", *expected)
         prompt = synthetic_prompt(index, prompt_len)
         assert prompt == expected and all(type(t) is int for t in prompt)
 

@@ -82,7 +82,7 @@ def test_freed_cached_block_stays_reusable_until_evicted() -> None:
     pool = BlockPool(3)
     [b] = pool.allocate(1) or []
     h = hash_block(None, [1, 2, 3, 4])
-    assert pool.cache(b, h)
+    pool.cache_blocks([b], [h])
     pool.free([b])
     assert pool.num_free_blocks == 3 and pool.lookup(h) == b  # free, yet still cached
     pool.incref([b])  # a hit revives it
@@ -96,8 +96,7 @@ def test_duplicate_content_keeps_the_first_cached_copy() -> None:
     pool = BlockPool(2)
     b0, b1 = pool.allocate(2) or []
     h = hash_block(None, [9, 9, 9, 9])
-    assert pool.cache(b0, h)
-    assert not pool.cache(b1, h)
+    pool.cache_blocks([b0, b1], [h, h])
     assert pool.lookup(h) == b0 and pool.block_hash(b1) is None
 
 
@@ -105,8 +104,7 @@ def test_eviction_is_least_recently_used() -> None:
     pool = BlockPool(4)
     blocks = pool.allocate(4) or []
     hashes = [hash_block(None, [i] * BS) for i in range(4)]
-    for b, h in zip(blocks, hashes, strict=True):
-        pool.cache(b, h)
+    pool.cache_blocks(blocks, hashes)
     for b in (blocks[2], blocks[0], blocks[3], blocks[1]):  # freed in this order
         pool.free([b])
     pool.incref([blocks[2]])  # used again: now the most recent once freed
