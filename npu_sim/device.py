@@ -112,8 +112,13 @@ class Device:
         self.cost_model = CostModel(chip, dtype)  # dtype: the simulated operand dtype
         # a timing-only step's attention launch, summed from its rows (in C where it can be)
         self._attention_sums = AttentionLaunchSums(self.cost_model)
-        self.num_launches: Counter[Primitive] = Counter()  # launches per primitive, ever
-        self.num_tasks: Counter[Primitive] = Counter()  # tasks executed per primitive, ever
+        # launches and tasks per primitive, ever (`num_launches`, `num_tasks`): as they come,
+        # but for the shared launches of timing-only steps, counted as steps per template and
+        # folded in when read (or when they are many): a step's template holds a handful of
+        # primitives, and a simulation times tens of thousands of steps
+        self._num_launches: Counter[Primitive] = Counter()
+        self._num_tasks: Counter[Primitive] = Counter()
+        self._template_steps: dict[StepTemplate, int] = {}  # steps not yet folded in
         self.total_sim_s = 0.0  # sum of the ended steps' sim_s
         self._launches: list[Kernel] = []  # this step's launches, in order
         # id(kernel) -> (kernel, timing): kernels without a shape key (attention), this step's
@@ -202,8 +207,28 @@ class Device:
 
     def _count(self, kernel: Kernel, times: int) -> None:
         """Count `times` launches of `kernel` (and its tasks)."""
-        self.num_launches[kernel.primitive] += times
-        self.num_tasks[kernel.primitive] += times * _TASK_COUNTS[type(kernel)](kernel)
+        self._num_launches[kernel.primitive] += times
+        self._num_tasks[kernel.primitive] += times * _TASK_COUNTS[type(kernel)](kernel)
+
+    @property
+    def num_launches(self) -> Counter[Primitive]:
+        """Launches per primitive, ever."""
+        self._fold_template_steps()
+        return self._num_launches
+
+    @property
+    def num_tasks(self) -> Counter[Primitive]:
+        """Tasks executed per primitive, ever."""
+        self._fold_template_steps()
+        return self._num_tasks
+
+    def _fold_template_steps(self) -> None:
+        """Count the shared launches of the timing-only steps counted by template so far."""
+        for template, num_steps in self._template_steps.items():
+            for primitive, num_launches, num_tasks in template.shared_counts:
+                self._num_launches[primitive] += num_steps * num_launches
+                self._num_tasks[primitive] += num_steps * num_tasks
+        self._template_steps.clear()
 
     @property
     def last_timing(self) -> KernelTiming | None:
@@ -258,7 +283,9 @@ class Device:
             return None
         seconds, num_tasks, sums = timed  # (sums: a reused scratch array; the trace below
         #   copies what it keeps of it)
-        self._count_step(template, ((_ATTENTION, num_launches, num_launches * num_tasks),))
+        self._count_step(template)
+        self._num_launches[_ATTENTION] += num_launches
+        self._num_tasks[_ATTENTION] += num_launches * num_tasks
         return self._traced_step(template, sums, merge_seconds(
             template, {_ATTENTION_NAME: num_launches * seconds}), num_requests)
 
@@ -266,17 +293,18 @@ class Device:
                       pairs: list[tuple[KernelTiming | LaunchSums, int]],
                       num_requests: int) -> StepTrace:
         """`_summed_step`, the step's launches and tasks counted first."""
-        self._count_step(template, [(t.primitive, n, n * t.num_tasks) for t, n in pairs])
+        self._count_step(template)
+        for t, n in pairs:
+            self._num_launches[t.primitive] += n
+            self._num_tasks[t.primitive] += n * t.num_tasks
         return self._summed_step(template, pairs, num_requests)
 
-    def _count_step(self, template: StepTemplate,
-                    own: Sequence[tuple[Primitive, int, int]]) -> None:
-        """Count a step's launches and tasks: its template's shared ones, then its own kernels'
-        (primitive, launches, tasks)."""
-        for counts in (template.shared_counts, own):
-            for primitive, num_launches, num_tasks in counts:
-                self.num_launches[primitive] += num_launches
-                self.num_tasks[primitive] += num_tasks
+    def _count_step(self, template: StepTemplate) -> None:
+        """Count a timing-only step's shared launches and tasks (its template's), lazily."""
+        steps = self._template_steps
+        steps[template] = steps.get(template, 0) + 1
+        if len(steps) > _SHAPE_CACHE_SIZE:  # (the entries hold their templates)
+            self._fold_template_steps()
 
     def end_planned_step(self, shared: SharedLaunches, varying: Sequence[Kernel],
                          num_requests: int = 0) -> StepTrace:
