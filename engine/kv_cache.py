@@ -29,6 +29,7 @@ least recently used cached block. Shared blocks are only ever read: a request wr
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -116,18 +117,19 @@ class BlockPool:
         """
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be non-negative, got {num_blocks}")
-        if num_blocks > len(self._free_block_ids):
+        free_block_ids = self._free_block_ids
+        if num_blocks > len(free_block_ids):
             return None
-        block_ids = []
-        for _ in range(num_blocks):
-            block_id, _ = self._free_block_ids.popitem(last=False)
-            block_hash = self._block_hashes[block_id]
-            if block_hash is not None:
-                del self._cached[block_hash]
-                self._block_hashes[block_id] = None
+        # the head of the queue (a prompt takes dozens of blocks at once: one loop, locals)
+        block_ids = list(itertools.islice(free_block_ids, num_blocks))
+        ref_counts, block_hashes = self._ref_counts, self._block_hashes
+        for block_id in block_ids:
+            del free_block_ids[block_id]
+            ref_counts[block_id] = 1
+            if block_hashes[block_id] is not None:  # cached: evicted
+                del self._cached[block_hashes[block_id]]
+                block_hashes[block_id] = None
                 self.num_evictions += 1
-            self._ref_counts[block_id] = 1
-            block_ids.append(block_id)
         return block_ids
 
     def incref(self, block_ids: Iterable[int]) -> None:
@@ -145,11 +147,13 @@ class BlockPool:
 
         Freeing a block that is already free is a bookkeeping bug (AssertionError).
         """
+        ref_counts, free_block_ids = self._ref_counts, self._free_block_ids
         for block_id in block_ids:
-            assert self._ref_counts[block_id] > 0, f"double free of block {block_id}"
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
-                self._free_block_ids[block_id] = None
+            ref_count = ref_counts[block_id]
+            assert ref_count > 0, f"double free of block {block_id}"
+            ref_counts[block_id] = ref_count - 1
+            if ref_count == 1:
+                free_block_ids[block_id] = None
 
     def cache_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> None:
         """Register each full, computed block of `block_ids` (in use) as holding its hash of
