@@ -1,7 +1,8 @@
 """Building, caching and loading the C libraries xyserve calls through ctypes.
 
-Four libraries: the CPU fast path's kernels (npu_sim.kernels.native, which needs torch), the
-timing-only simulator's launch sums (npu_sim.launch_sums), the engine's token-id loops
+Five libraries: the CPU fast path's kernels (npu_sim.kernels.native, which needs torch), the
+timing-only simulator's launch sums (npu_sim.launch_sums) and tiling candidates' pricing
+(npu_sim.gemm_cycles), the engine's token-id loops
 (engine.token_ids: prompt checks and prefix-cache hashes) and the scheduler's decode walks
 (engine.decode_walks, on the Python C API). A package of its own below both
 `engine` and `npu_sim`, importing neither, no torch and no numpy: the KV-cache manager stays

@@ -60,7 +60,7 @@ _KEPT_GEMMS_LIMIT = 1 << 14
 
 
 @functools.lru_cache(maxsize=1 << 12)
-def _l2_blocks(rows_fit: float, n: int, tn: int, smallest_tm: int) -> tuple[tuple[int, int], ...]:
+def l2_blocks(rows_fit: float, n: int, tn: int, smallest_tm: int) -> tuple[tuple[int, int], ...]:
     """(Mb, reads of A) of the L2 blocks of Mb = smallest_tm x a power of two rows of A that
     leave room for at least one N tile (`gemm_hbm_traffic`: Nb, the widest multiple of tn
     fitting rows_fit rows next to Mb, shrinks as Mb grows), Mb ascending: what an (m, n, k)
@@ -244,7 +244,7 @@ def gemm_hbm_traffic(cm: CostModel, m: int, n: int, k: int, menu: tuple[TileShap
         return float(a_bytes + b_bytes)
     rows_fit = cm.l2_cap // panel  # rows of A plus rows of B an L2 block holds
     best = math.inf  # (whole numbers: the same least whichever order they are tried in)
-    for mb, a_reads in _l2_blocks(rows_fit, n, tn, menu[-1].tm):
+    for mb, a_reads in l2_blocks(rows_fit, n, tn, menu[-1].tm):
         if mb >= m:
             break
         best = min(best, a_bytes * a_reads + b_bytes * math.ceil(m / mb))

@@ -23,19 +23,40 @@ What the candidates' tilings fix whatever their covers' valid rows (the distinct
 those, how the tasks map onto them and the cores) is their layout (npu_sim.gemm_layout): the
 search keeps it for the next token count of covers of the same tiles and patterns
 (`CostedCandidates.of_layout`).
+Those numpy calls (~40 on arrays of ~120 rows and ~7,500 tasks: ~190 us a search, most of it
+the calls' own cost, once per new token count of a simulation) are one call of a C library
+(npu_sim/gemm_candidates.c, built by native_build) where it can be built: every float
+operation numpy's, in its order, and gemm_hbm_traffic's own arithmetic (tests/npu_sim/
+test_gemm_cycles.py holds the two to equality). Without it, numpy.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import pathlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+import native_build
 from npu_sim.cost import CostModel, TaskCosts, Unit
-from npu_sim.cost_gemm import gemm_hbm_traffic, gemm_terms, reduce_terms
+from npu_sim.cost_gemm import gemm_hbm_traffic, gemm_terms, l2_blocks, reduce_terms
 from npu_sim.dealing import deal
 from npu_sim.gemm_layout import CandidateLayout, Tiling, candidate_layout, cover_layout
-from npu_sim.tiling import gemm_reduce_tasks
+from npu_sim.tiling import ACCUM_BYTES, gemm_reduce_tasks
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+# One small source of its own: `CostedCandidates._price` in one call (see the C file).
+_LIBRARY = native_build.Library(
+    "gemm_candidates", (pathlib.Path(__file__).with_name("gemm_candidates.c"),), (),
+    # (-ffp-contract=off: no fused multiply-add where numpy rounds a product, then a sum)
+    ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"),
+    {"xy_price_candidates": (None, [_I, _P, _P, _P, _P, _P, _I, _P, _I, _P, _P, _I, _P, _I, _P,
+                                    _P, _P, _P, _P, _P])},
+    "the tiling search's C candidate pricing")
 
 
 def gemm_launch_cycles(cm: CostModel, m: int, n: int, k: int,
@@ -82,6 +103,27 @@ class CostedCandidates:
 
     def _price(self, cm: CostModel, m: int, layout: CandidateLayout,
                entry_rows: Sequence[int]) -> None:
+        c = cm.chip
+        phase = None  # (makespan, HBM bytes written, L2 bytes read) of each reduce phase
+        if layout.reduce:
+            reduce = {n: _reduce_phases(cm, m, n, ss) for n, ss in layout.reduce.items()}
+            phase = np.array([reduce[n][s] if s > 1 else (0.0, 0.0, 0.0)
+                              for n, s in zip(layout.columns, layout.split, strict=True)])
+        library = native_build.loaded(_LIBRARY)
+        if library is not None:
+            self._price_c(library, cm, m, layout, entry_rows, phase)
+        else:
+            self._price_numpy(cm, m, layout, entry_rows, phase)
+        # what cube_costs reads
+        self._gm_latency_cycles = c.gm_latency_cycles
+        self._task_row = layout.task_row
+        self._first_task, self._num_tasks = layout.first_task, layout.num_tasks
+        self._rows = [*layout.first_rows, len(layout.row_entry)]  # candidate i's rows
+        self._split = [s > 1 for s in layout.split]
+
+    def _price_numpy(self, cm: CostModel, m: int, layout: CandidateLayout,
+                     entry_rows: Sequence[int], phase: np.ndarray | None) -> None:
+        """`_price` in numpy (see the module docstring)."""
         c, b = cm.chip, cm.bytes
         cores = c.num_cube_cores
         # the distinct rows, GemmTerms inputs (whole numbers, float64 exactly)
@@ -111,10 +153,7 @@ class CostedCandidates:
         # no sum)
         hbm_write = np.where(is_split, 0.0, written)
         l2_bytes = total - hbm_read + np.where(is_split, written, 0.0)
-        if layout.reduce:
-            reduce = {n: _reduce_phases(cm, m, n, ss) for n, ss in layout.reduce.items()}
-            phase = np.array([reduce[n][s] if s > 1 else (0.0, 0.0, 0.0)
-                              for n, s in zip(layout.columns, layout.split, strict=True)])
+        if phase is not None:
             offset = offset + phase[:, 0]
             hbm_write = hbm_write + phase[:, 1]
             l2_bytes = l2_bytes + phase[:, 2]
@@ -123,16 +162,30 @@ class CostedCandidates:
         launch_cycles = c.cube_launch_s * c.clock_hz
         self.cycles: list[float] = (
             launch_cycles + np.maximum(np.maximum(offset, hbm_bound), l2_bound)).tolist()
-        # what cube_costs reads
-        self._gm_latency_cycles = c.gm_latency_cycles
-        self._cycles, self._task_row, self._overhead = terms.cycles, layout.task_row, overhead
-        self._first_task, self._num_tasks = layout.first_task, layout.num_tasks
-        self._rows = [*layout.first_rows, len(m_rows)]  # candidate i's rows: [i] .. [i + 1]
+        self._cycles, self._overhead = terms.cycles, overhead
         self._total, self._hbm_read, self._written = total, hbm_read, written
-        self._split = [s > 1 for s in layout.split]
         self._active = terms.cube * terms.chunks  # per task of the row: cube active cycles
         self._macs = tm * tn * terms.kc * terms.chunks  # and MACs issued
         self._useful = m_rows * n_cols * k_len * counts  # useful MACs of the row's tasks
+
+    def _price_c(self, library: ctypes.CDLL, cm: CostModel, m: int, layout: CandidateLayout,
+                 entry_rows: Sequence[int], phase: np.ndarray | None) -> None:
+        """`_price_numpy` in one call of gemm_candidates.c: the same arrays, bit for bit."""
+        args = _c_args(cm, layout)
+        r = args.num_rows
+        # per row m_rows, cycles, active, macs, useful; per candidate total, hbm_read, written,
+        # overhead, launch
+        out = np.empty(5 * (r + args.num))
+        entries = np.array(entry_rows, dtype=np.float64)
+        phase = None if phase is None else np.ascontiguousarray(phase, dtype=np.float64)
+        library.xy_price_candidates(
+            m, *args.layout, entries.ctypes.data, *args.tasks, args.traffic,
+            None if phase is None else phase.ctypes.data, args.consts, out.ctypes.data,
+            *args.scratch)
+        _, self._cycles, self._active, self._macs, self._useful = out[:5 * r].reshape(5, r)
+        self._total, self._hbm_read, self._written, self._overhead, launch = out[
+            5 * r:].reshape(5, args.num)
+        self.cycles = launch.tolist()
 
     def cube_costs(self, i: int) -> TaskCosts:
         """CostModel.gemm of candidate i's kernel, bf16 weights (see the module docstring):
@@ -178,3 +231,66 @@ def _reduce_phases(cm: CostModel, m: int, n: int, splits: Sequence[int],
     hbm_write = float(r.out_bytes.sum())
     l2_bytes = r.in_bytes.sum(axis=1).tolist()
     return {s: (makespans[i], hbm_write, l2_bytes[i]) for i, s in enumerate(splits)}
+
+
+class _TrafficArgs(ctypes.Structure):
+    """gemm_candidates.c's traffic_args: the distinct (n, k, N tile) of a layout's candidates
+    and their L2 blocks (npu_sim.cost_gemm.gemm_hbm_traffic's)."""
+
+    _fields_ = [("num", _I), ("shape", _P), ("rows_fit", _P), ("blocks", _P),
+                ("num_blocks", _I), ("of", _P), ("bytes", _I), ("l2_cap", ctypes.c_double)]
+
+
+@dataclass(frozen=True, eq=False)
+class _CArgs:
+    """What xy_price_candidates reads of a layout and its cost model, whatever the token count
+    (addresses): built once per layout (the search keeps one for every token count of its
+    covers' tiles and patterns)."""
+
+    num_rows: int
+    num: int  # candidates
+    layout: tuple[int, ...]  # the arguments static_ .. row_entry
+    tasks: tuple[int, ...]  # the arguments candidate .. cores
+    traffic: int  # tr: a _TrafficArgs
+    consts: int  # k: float64 (NUM_K,), gemm_candidates.c's constants in its order
+    scratch: tuple[int, int]  # traffic (float64 per distinct shape), busy (candidates x cores)
+    held: tuple[Any, ...]  # what the addresses point into
+
+
+@functools.lru_cache(maxsize=1 << 9)  # (the search keeps as many plans, one layout each)
+def _c_args(cm: CostModel, layout: CandidateLayout) -> _CArgs:
+    """The arguments of xy_price_candidates that depend on the layout and `cm` only."""
+    c = cm.chip
+    f, i, b = np.float64, np.int64, np.bool_
+    for a, dtype in ((layout.static, f), (layout.partial, b), (layout.row_entry, i),
+                     (layout.candidate, i), (layout.first_row, i), (layout.task_row, i),
+                     (layout.task_bin, i), (layout.dealt, b), (layout.traffic_of, i)):
+        assert a.flags.c_contiguous and a.dtype == dtype, (a.dtype, a.flags.c_contiguous)
+    shapes, rows_fit, blocks = [], [], []
+    for n, k, menu in layout.traffic:  # as gemm_hbm_traffic takes them
+        rows_fit.append(cm.l2_cap // (k * cm.bytes))
+        shapes.append((n, k, menu[0].tn, len(blocks) // 2))
+        blocks += [x for pair in l2_blocks(rows_fit[-1], n, menu[0].tn, menu[-1].tm)
+                   for x in pair]
+    arrays = (np.array(shapes, dtype=np.int64), np.array(rows_fit, dtype=np.float64),
+              np.array(blocks or [0], dtype=np.int64))
+    traffic = _TrafficArgs(len(shapes), *(a.ctypes.data for a in arrays), len(blocks) // 2,
+                           layout.traffic_of.ctypes.data, cm.bytes, cm.l2_cap)
+    consts = np.array([cm.bytes, c.cube_k, c.mte1_l0a_bytes_per_cycle,
+                       c.mte1_l0b_bytes_per_cycle, cm.macs, c.fixpipe_bytes_per_cycle,
+                       c.l0c_bytes, ACCUM_BYTES, c.task_dispatch_cycles, c.gm_latency_cycles,
+                       c.mte2_hbm_bytes_per_cycle, c.mte2_l2_bytes_per_cycle,
+                       c.hbm_bytes_per_s / c.clock_hz, c.l2_bytes_per_s / c.clock_hz,
+                       c.cube_launch_s * c.clock_hz], dtype=np.float64)
+    num_rows, num = len(layout.row_entry), len(layout.is_split)
+    scratch = (np.empty(max(len(shapes), 1)), np.empty(num * c.num_cube_cores))
+    return _CArgs(
+        num_rows=num_rows, num=num,
+        layout=(layout.static.ctypes.data, layout.partial.ctypes.data,
+                layout.row_entry.ctypes.data),
+        tasks=(layout.candidate.ctypes.data, num_rows, layout.first_row.ctypes.data, num,
+               layout.task_row.ctypes.data, layout.task_bin.ctypes.data, len(layout.task_row),
+               layout.dealt.ctypes.data, c.num_cube_cores),
+        traffic=ctypes.addressof(traffic), consts=consts.ctypes.data,
+        scratch=(scratch[0].ctypes.data, scratch[1].ctypes.data),
+        held=(layout, arrays, traffic, consts, scratch))

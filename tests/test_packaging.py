@@ -1,8 +1,10 @@
-"""pyproject.toml declares every package the product imports (not only through other packages)."""
+"""pyproject.toml declares every package the product imports (not only through other packages)
+and ships every C source the product compiles."""
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import importlib.metadata
 import pathlib
 import sys
@@ -49,3 +51,18 @@ def test_every_imported_package_is_declared() -> None:
     assert not undeclared, f"imported but not in pyproject.toml: {undeclared}"
     runtime = {Requirement(r).name.lower() for r in project["dependencies"]}
     assert {"jinja2", "pyyaml", "llguidance", "matplotlib"} <= runtime
+
+
+def test_every_c_source_ships_in_the_package_data() -> None:
+    """native_build compiles the C sources on first use, from the installed package: each one
+    (and each header) must be package data, or an installed xyserve runs its slower paths."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]
+    missing = []
+    for package in PRODUCT:
+        for path in [*(REPO / package).rglob("*.c"), *(REPO / package).rglob("*.h")]:
+            owner = ".".join(path.parent.relative_to(REPO).parts)
+            if not any(fnmatch.fnmatch(path.name, pattern) for pattern in data.get(owner, [])):
+                missing.append(str(path.relative_to(REPO)))
+    assert not missing, f"C sources not in [tool.setuptools.package-data]: {missing}"

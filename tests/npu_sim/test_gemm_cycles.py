@@ -1,16 +1,19 @@
 """The tiling search's launch cycles (npu_sim.gemm_cycles) are the device's, bit for bit, for
 every candidate of decode, prefill and split-K shapes on several chips, costed alone or with
-other shapes' candidates; so are the cube phases it keeps for the device (CostModel.gemm)."""
+other shapes' candidates, in C and in numpy; so are the cube phases it keeps for the device
+(CostModel.gemm)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from npu_sim import cost_gemm, gemm_layout, gemm_tiling
+import native_build
+from npu_sim import cost_gemm, gemm_cycles, gemm_layout, gemm_tiling
 from npu_sim.cost import CostModel
 from npu_sim.cost_gemm import gemm_hbm_traffic
 from npu_sim.device import Device
@@ -24,8 +27,20 @@ SHAPES = [(m, n, k) for m in (1, 7, 16, 33, 100, 255, 512, 777, 2048, 4100)
                        (152064, 3584), (1000, 300), (48, 30000))]
 
 
+@pytest.fixture(params=["c", "numpy"])
+def pricing(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Candidates priced by gemm_candidates.c, then by numpy (native code off)."""
+    if request.param == "numpy":
+        with native_build.disabled():
+            yield "numpy"
+        return
+    if native_build.loaded(gemm_cycles._LIBRARY) is None:
+        pytest.skip("no C compiler: the numpy pricing only")
+    yield "c"
+
+
 @pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
-def test_launch_cycles_equal_the_devices(chip_name: str) -> None:
+def test_launch_cycles_equal_the_devices(chip_name: str, pricing: str) -> None:
     chip = get_chip(chip_name)
     device, cm = Device(chip, compute=False, timeline=False), CostModel(chip)
     num_split = 0
@@ -39,7 +54,7 @@ def test_launch_cycles_equal_the_devices(chip_name: str) -> None:
 
 
 @pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
-def test_shapes_costed_together_as_alone(chip_name: str) -> None:
+def test_shapes_costed_together_as_alone(chip_name: str, pricing: str) -> None:
     """Several shapes' candidates in one batch: each candidate's cycles as costed alone, and
     the batched search picks what searching each shape alone picks."""
     chip = get_chip(chip_name)
@@ -71,7 +86,7 @@ def test_a_full_search_cache_starts_over_without_losing_a_batch(
 
 
 @pytest.mark.parametrize("chip_name", ["910b2", "910b3"])
-def test_cube_costs_equal_the_cost_models(chip_name: str) -> None:
+def test_cube_costs_equal_the_cost_models(chip_name: str, pricing: str) -> None:
     """Every candidate's cube phase, costed with other shapes' candidates, is CostModel.gemm of
     its kernel priced alone, field by field, bit for bit."""
     chip = get_chip(chip_name)
@@ -192,3 +207,26 @@ def test_searches_on_plans_kept_from_other_token_counts_pick_as_afresh() -> None
             for field in dataclasses.fields(a):
                 x, y = getattr(a, field.name), getattr(b, field.name)
                 assert np.array_equal(x, y) if field.name == "cycles" else x == y, (m, n)
+
+
+def test_c_pricing_equals_numpys_for_every_token_count() -> None:
+    """gemm_candidates.c and numpy price every candidate the same, every array bit for bit,
+    over token counts up to past the budget, shapes whose L2 blocking varies (an LM head, a
+    K so deep that no block fits) and split-K ones."""
+    chip = get_chip("910b2")
+    if native_build.loaded(gemm_cycles._LIBRARY) is None:
+        pytest.skip("no C compiler: the numpy pricing only")
+    cm = CostModel(chip)
+    shapes = ((12288, 4096), (4096, 11008), (152064, 3584), (48, 300000), (1000, 300))
+    assert math.isinf(gemm_hbm_traffic(cm, 1000, 48, 300000, gemm_menu(chip, 256)))  # (met)
+    fields = ("_cycles", "_active", "_macs", "_useful", "_total", "_hbm_read", "_written",
+              "_overhead")
+    for m in (*range(1, 300, 7), *range(300, 4200, 97), 8192):
+        batch = [(n, k, (t.menu, t.cover, t.split_k))
+                 for n, k in shapes for t in candidates(m, n, k, chip)]
+        in_c = CostedCandidates(cm, m, batch)
+        with native_build.disabled():
+            in_numpy = CostedCandidates(cm, m, batch)
+        assert in_c.cycles == in_numpy.cycles, m
+        for name in fields:
+            assert np.array_equal(getattr(in_c, name), getattr(in_numpy, name)), (m, name)
