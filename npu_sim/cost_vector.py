@@ -39,13 +39,11 @@ def vector(cm: CostModel, k: VectorKernel) -> TaskCosts:
     n = len(t)
     if not n:
         return empty_costs(Unit.AIV, "vector")
-    if k.valid_rows is None and t is vector_tasks(k.num_rows, k.row_len, c):
-        # the lowering's table: every task but the last of its first task's rows, so two
-        # tasks' terms, Python floats, repeated (the same values as the general path's, hence
-        # the same arrays and the same sums; the rows' sums as each row summed alone)
-        rows = t["num_rows"]
-        first = _vector_terms(cm, k, float(rows[0]), float(rows[0]), max)
-        last = _vector_terms(cm, k, float(rows[-1]), float(rows[-1]), max)
+    uniform = uniform_terms(cm, k)
+    if uniform is not None:
+        # two tasks' terms repeated (the same values as the general path's, hence the same
+        # arrays and the same sums; the rows' sums as each row summed alone)
+        first, last = uniform
         terms = np.repeat(np.array([first[:5], last[:5]]).T, (n - 1, 1), axis=1)
         cycles = terms[0]
         comp_sum, in_sum, out_sum, ops_sum = np.add.reduce(terms[1:], axis=1).tolist()
@@ -67,6 +65,20 @@ def vector(cm: CostModel, k: VectorKernel) -> TaskCosts:
         vector_active_cycles=comp_sum, hbm_read_bytes=in_sum, hbm_write_bytes=out_sum,
         l2_bytes=0.0, flops=ops_sum, cube_macs=0.0, useful_cube_macs=0.0,
         pipeline="vector")
+
+
+def uniform_terms(cm: CostModel, k: VectorKernel,
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(its first task's, its last task's) `_vector_terms`, Python floats, where k's table is
+    the lowering's (npu_sim.tiling.vector_tasks: every task but the last of its first task's
+    rows, so every task but the last has the first's terms); None for any other table."""
+    t = k.tasks
+    if not len(t) or k.valid_rows is not None or t is not vector_tasks(k.num_rows, k.row_len,
+                                                                       cm.chip):
+        return None
+    rows = t["num_rows"]
+    return (_vector_terms(cm, k, float(rows[0]), float(rows[0]), max),
+            _vector_terms(cm, k, float(rows[-1]), float(rows[-1]), max))
 
 
 def _vector_terms(cm: CostModel, k: VectorKernel, rows_in: Any, rows: Any,

@@ -38,7 +38,7 @@ from npu_sim.cost_attention_launch import decode_rows, prices_from_lengths, unsp
 from npu_sim.dealing import dealt, kernel_timing
 from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
-from npu_sim.launch_sums import AttentionLaunchSums, mix_launch_sums
+from npu_sim.launch_sums import AttentionLaunchSums, mix_launch_sums, vector_launch_sums
 from npu_sim.step_sums import (
     Launches,
     LaunchSums,
@@ -429,19 +429,28 @@ class Device:
     def _shared_sums(self, kernel: Kernel) -> KernelTiming | LaunchSums:
         """What a template reads of a shared kernel's timing (npu_sim.step_sums): `_timing`'s,
         or on a device without timelines, for a GEMM or vector kernel, the LaunchSums of
-        `time(kernel)` bit for bit (the same `dealt`, the same row), without a KernelTiming:
-        a new token count's kernels are timed once, for its template, and never read again.
-        Kept by kernel (the entry holds it, so its id is not reused while kept)."""
+        `time(kernel)` bit for bit (the same `dealt`, the same row; a vector kernel of the
+        lowering's table in C: npu_sim.launch_sums.vector_launch_sums), without a
+        KernelTiming: a new token count's kernels are timed once, for its template, and never
+        read again. Kept by kernel (the entry holds it, so its id is not reused while kept)."""
         entry = self._kernel_cache.get(id(kernel)) or self._kernel_sums.get(id(kernel))
         if entry is not None and entry[0] is kernel:
             return entry[1]
         if self.timeline or not isinstance(kernel, (GemmKernel, VectorKernel)):
             return self._timing(kernel)
+        sums = (vector_launch_sums(self.cost_model, kernel)
+                if isinstance(kernel, VectorKernel) else None)  # (in C where it can be)
+        if sums is not None:
+            return self._keep_sums(kernel, sums)
         s = dealt(kernel, self.chip, self.cost_model, False)
         row = step_sums_row([s.cycles, s.cube_active, s.vector_active, s.hbm_read + s.hbm_write,
                              s.flops, s.cube_macs, s.useful_cube_macs], s.cube_busy, s.vector_busy)
-        sums = LaunchSums(kernel.primitive, kernel.primitive.value, s.cycles / self.chip.clock_hz,
-                          s.num_tasks, row)
+        return self._keep_sums(kernel, LaunchSums(
+            kernel.primitive, kernel.primitive.value, s.cycles / self.chip.clock_hz, s.num_tasks,
+            row))
+
+    def _keep_sums(self, kernel: Kernel, sums: LaunchSums) -> LaunchSums:
+        """`sums`, kept as `_shared_sums(kernel)`'s."""
         if len(self._kernel_sums) >= _SHAPE_CACHE_SIZE:
             self._kernel_sums.clear()
         self._kernel_sums[id(kernel)] = (kernel, sums)

@@ -477,3 +477,75 @@ done:
     free(t);
     return rc_out;
 }
+
+/* ------------------------------------------------------------- a vector launch
+ *
+ * xy_vector_launch_sums: the LaunchSums row of a vector launch whose tasks are the lowering's
+ * table (npu_sim.tiling.vector_tasks: every task of its first task's rows but the last), what
+ * npu_sim.dealing.dealt and Device._shared_sums make of cost_vector.vector's TaskCosts: a new
+ * token count's norms, RoPE, SiLU and KV writes, the first time each is timed.
+ */
+
+/* The terms of a vector task (cost_vector._vector_terms), in its order. */
+enum { V_CYCLES, V_COMP, V_IN, V_OUT, V_OPS, V_FILL, NUM_V };
+
+/* The vector launch's constants (npu_sim.launch_sums packs them in this order). */
+enum {
+    VC_CORE_OVERHEAD,  /* chip.gm_latency_cycles + the first task's fill and drain */
+    VC_LAUNCH_CYCLES,  /* chip.vector_launch_s * chip.clock_hz */
+    VC_HBM_PER_CYCLE,  /* chip.hbm_bytes_per_s / chip.clock_hz */
+    VC_L2_PER_CYCLE,   /* chip.l2_bytes_per_s / chip.clock_hz */
+    NUM_VC
+};
+
+/* row (7 scalars, num_cube AIC busy cycles, num_vector AIV busy cycles) of a launch of n >= 1
+ * vector tasks, the first n - 1 of terms `first`, the last of terms `last` (args: first, last,
+ * NUM_V each, then the NUM_VC constants), its tasks dealt round robin over min(n, num_vector)
+ * AIVs. Returns 0, or -1 where the scratch could not be allocated. */
+int xy_vector_launch_sums(const double *args, int64_t n, int64_t num_cube, int64_t num_vector,
+                          double *row) {
+    const double *first = args, *last = args + NUM_V, *k = args + 2 * NUM_V;
+    double *terms = malloc(sizeof(double) * (size_t)n);
+    if (!terms) return -1;
+    double sums[NUM_V];  /* vector(): each term's add.reduce over the tasks (pairwise) */
+    for (int v = V_COMP; v <= V_OPS; v++) {
+        for (int64_t i = 0; i + 1 < n; i++) terms[i] = first[v];
+        terms[n - 1] = last[v];
+        sums[v] = pairwise_sum(terms, n);
+    }
+    free(terms);
+    /* dealt(): the tasks' cycles onto their cores in task order from 0, the block's overhead,
+     * the busiest core */
+    const int64_t block = n < num_vector ? n : num_vector;
+    double *cube_busy = row + 7, *vector_busy = row + 7 + num_cube;
+    for (int64_t j = 0; j < num_cube; j++) cube_busy[j] = 0.0;
+    for (int64_t j = 0; j < num_vector; j++) vector_busy[j] = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        vector_busy[i % block] += i + 1 < n ? first[V_CYCLES] : last[V_CYCLES];
+    double busiest = 0.0;
+    for (int64_t j = 0; j < num_vector; j++) {
+        if (j < block) vector_busy[j] += k[VC_CORE_OVERHEAD];
+        if (j == 0 || vector_busy[j] > busiest) busiest = vector_busy[j];
+    }
+    const double offset = 0.0 + busiest;
+    const double hbm_read = 0.0 + sums[V_IN], hbm_write = 0.0 + sums[V_OUT];
+    /* makespan(): the first of equals among the cores, HBM and L2 (no L2 bytes) */
+    const double hbm_bound = (hbm_read + hbm_write) / k[VC_HBM_PER_CYCLE];
+    const double l2_bound = (0.0 + 0.0) / k[VC_L2_PER_CYCLE];
+    double span = offset;
+    if (hbm_bound > span) span = hbm_bound;
+    if (l2_bound > span) span = l2_bound;
+    const double stretch = offset ? span / offset : 1.0;
+    if (stretch != 1.0) {
+        for (int64_t j = 0; j < num_cube; j++) cube_busy[j] *= stretch;
+        for (int64_t j = 0; j < num_vector; j++) vector_busy[j] *= stretch;
+    }
+    row[0] = k[VC_LAUNCH_CYCLES] + span;
+    row[1] = 0.0 + 0.0;               /* cube active */
+    row[2] = 0.0 + sums[V_COMP];      /* vector active */
+    row[3] = hbm_read + hbm_write;
+    row[4] = 0.0 + sums[V_OPS];       /* flops */
+    row[5] = 0.0 + 0.0;               /* cube MACs */
+    row[6] = 0.0 + 0.0;               /* useful cube MACs */
+    return 0;
+}

@@ -37,9 +37,10 @@ import native_build
 from npu_sim.cost import CostModel, TaskCosts
 from npu_sim.cost_attention import ATTN_L2_ALPHA, SOFTMAX_OPS, UPDATE_OPS, UnsplitShape
 from npu_sim.cost_attention_launch import DECODE_STAGES, LaunchRows, launch_costs
+from npu_sim.cost_vector import uniform_terms
 from npu_sim.dealing import deal, makespan
 from npu_sim.step_sums import LaunchSums, StepTemplate
-from npu_sim.tasks import Primitive
+from npu_sim.tasks import Primitive, VectorKernel
 from npu_sim.tiling import ACCUM_BYTES, ATTN_Q_TILE_ROWS, attention_kv_chunk, attention_q_tile
 from npu_sim.trace import NUM_STEP_SUMS_SCALARS, step_sums_row
 
@@ -54,7 +55,8 @@ _LIBRARY = native_build.Library(
     {"xy_launch_sums": (ctypes.c_int, [_P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I, _I,
                                        _P]),
      "xy_unsplit_launch_sums": (ctypes.c_int, [_P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _P,
-                                               _P])},
+                                               _P]),
+     "xy_vector_launch_sums": (ctypes.c_int, [_P, _I, _I, _I, _P])},
     "the simulator's C launch sums")
 
 
@@ -94,6 +96,32 @@ def mix_launch_sums(cm: CostModel, main: TaskCosts) -> LaunchSums:
                         busy, busy.repeat(cm.aivs)[:c.num_vector_cores])
     return LaunchSums(Primitive.ATTENTION, _ATTENTION, cycles / c.clock_hz, len(main.cycles),
                       row)
+
+
+def vector_launch_sums(cm: CostModel, kernel: VectorKernel) -> LaunchSums | None:
+    """The LaunchSums of `Device.time(kernel)` (Device._shared_sums'), bit for bit, for a vector
+    launch of the lowering's table (cost_vector.uniform_terms: every task but the last alike),
+    in one call of the C library: a new token count's norms, RoPE, SiLU and KV writes are each
+    timed once, for its template (~20 us apiece in numpy, mostly the calls' own cost). None
+    for any other table, or where the library is not loaded."""
+    library = native_build.loaded(_LIBRARY)
+    if library is None:
+        return None
+    terms = uniform_terms(cm, kernel)
+    if terms is None:
+        return None
+    first, last = terms
+    c = cm.chip
+    # launch_sums.c's V_* terms of the first and last task, then its VC_* constants
+    args = np.array([*first, *last, c.gm_latency_cycles + first[5],
+                     c.vector_launch_s * c.clock_hz, c.hbm_bytes_per_s / c.clock_hz,
+                     c.l2_bytes_per_s / c.clock_hz])
+    row = np.empty(NUM_STEP_SUMS_SCALARS + c.num_cube_cores + c.num_vector_cores)
+    if library.xy_vector_launch_sums(_address(args), len(kernel.tasks), c.num_cube_cores,
+                                     c.num_vector_cores, _address(row)):
+        raise MemoryError("xy_vector_launch_sums: no scratch")
+    return LaunchSums(kernel.primitive, kernel.primitive.value, float(row[0]) / c.clock_hz,
+                      len(kernel.tasks), row)
 
 
 class AttentionLaunchSums:

@@ -1,8 +1,9 @@
 """The simulator's C launch sums (npu_sim.launch_sums, launch_sums.c) are numpy's bit for bit:
 an attention launch's LaunchSums from its rows, for batches of decodes around every branch of
 numpy's pairwise summation (7, 8, 9, 128, 129 rows ...), for launches with prefill chunks, on
-two chips, both operand widths, MHA, GQA and a tensor-parallel shard; a device without the
-library sums in numpy and times steps the same."""
+two chips, both operand widths, MHA, GQA and a tensor-parallel shard; a vector launch's
+LaunchSums, for task counts around the same branches; a device without the library sums in
+numpy and times steps the same."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ from npu_sim.cost_attention_launch import (
 )
 from npu_sim.device import Device
 from npu_sim.hardware import get_chip
-from npu_sim.launch_sums import AttentionLaunchSums, mix_launch_sums
+from npu_sim.launch_sums import AttentionLaunchSums, mix_launch_sums, vector_launch_sums
 from npu_sim.step_sums import LaunchSums
+from npu_sim.tasks import CopyOp, VectorKernel, VectorOp
+from npu_sim.tiling import vector_tasks
 
 BLOCK = 128
 # around numpy's pairwise summation's branches: under 8, one block of 8 lanes and its rest,
@@ -223,3 +226,33 @@ def test_a_batch_of_no_sequence_is_declined() -> None:
     assert sums.unsplit(none, None, shape) is None
     assert sums.unsplit(none, none, shape) is None
 
+
+
+@pytest.mark.parametrize("chip_name,dtype", [("910b2", "bf16"), ("910b3", "fp32")])
+def test_vector_launches_sum_as_their_timings(chip_name: str, dtype: str) -> None:
+    """A vector launch of the lowering's table is summed in C (vector_launch_sums) as
+    Device.time times it: every LaunchSums field, bit for bit, for every op, rows whose
+    tasks number around numpy's pairwise branches (one task per row where a row fills UB), and
+    launches bound by the AIVs and by HBM; any other table is declined."""
+    chip = get_chip(chip_name)
+    device = Device(chip, compute=False, dtype=dtype)
+    cm = device.cost_model
+    seen = set()
+    for op in (*VectorOp, CopyOp.PAD_COPY):
+        for row_len in (64, 4096, 22016, 152064):
+            for num_rows in (*SIZES, 2048, 4100):
+                kernel = VectorKernel(name="v", op=op, num_rows=num_rows, row_len=row_len,
+                                      tasks=vector_tasks(num_rows, row_len, chip))
+                got, timing = vector_launch_sums(cm, kernel), device.time(kernel)
+                assert got is not None
+                seen.add((len(kernel.tasks) > 128, timing.bound))
+                want = LaunchSums(timing.primitive, timing.primitive_name, timing.seconds,
+                                  timing.num_tasks, timing.step_sums)
+                for name, x, y in zip(LaunchSums._fields, got, want, strict=True):
+                    assert np.array_equal(x, y) if name == "step_sums" else x == y, (
+                        op, row_len, num_rows, name)
+    assert {bound for _, bound in seen} == {"cores", "hbm"}
+    assert {many for many, _ in seen} == {True, False}  # (over 128 tasks: several levels)
+    padded = VectorKernel(name="pad", op=CopyOp.PAD_COPY, num_rows=64, row_len=4096,
+                          tasks=vector_tasks(64, 4096, chip), valid_rows=50)
+    assert vector_launch_sums(cm, padded) is None
