@@ -278,8 +278,7 @@ def synthetic_prompt(request_index: int, prompt_len: int) -> list[int]:
     head = _head(request_index)
     if prompt_len <= _INDEX_DIGITS:
         return head[:prompt_len]
-    _grow_filler(prompt_len - _INDEX_DIGITS)
-    return head + _FILLER[:prompt_len - _INDEX_DIGITS]
+    return head + _FILLER.grown(prompt_len - _INDEX_DIGITS).ids[:prompt_len - _INDEX_DIGITS]
 
 
 def synthetic_prompt_packed(request_index: int, prompt_len: int) -> bytes:
@@ -287,14 +286,12 @@ def synthetic_prompt_packed(request_index: int, prompt_len: int) -> bytes:
     packed once: what EngineCore.add_request would pack (~7 us for a 1,000-token prompt)."""
     if prompt_len <= _INDEX_DIGITS:
         return pack(_head(request_index)[:prompt_len])
-    _grow_filler(prompt_len - _INDEX_DIGITS)
-    return pack(_head(request_index)) + _FILLER_PACKED[:8 * (prompt_len - _INDEX_DIGITS)]
+    filler = _FILLER.grown(prompt_len - _INDEX_DIGITS)
+    return pack(_head(request_index)) + filler.packed[:8 * (prompt_len - _INDEX_DIGITS)]
 
 
 _INDEX_DIGITS = 4  # base-256 digits of a request's index at a synthetic prompt's head: 2^32
 _INDEX_SHIFTS = tuple(range(8 * (_INDEX_DIGITS - 1), -1, -8))  # most significant first
-_FILLER: list[int] = []  # synthetic prompts' shared tail, grown on demand
-_FILLER_PACKED = b""  # the same, packed (engine.token_ids.pack)
 
 
 def _head(request_index: int) -> list[int]:
@@ -302,15 +299,25 @@ def _head(request_index: int) -> list[int]:
     return [2 + (request_index >> shift & 255) for shift in _INDEX_SHIFTS]
 
 
-def _grow_filler(num_tokens: int) -> None:
-    """Make the filler (and its packing) at least num_tokens ids long."""
-    global _FILLER_PACKED
-    if len(_FILLER) < num_tokens:
-        # drawn whole again when it grows, a power of two of bytes: randbytes of whole 32-bit
-        # words, so each size's stream starts with the smaller ones' (runs repeat)
-        size = max(1 << 14, 1 << (num_tokens - 1).bit_length())
-        stream = np.frombuffer(random.Random("xyserve-filler").randbytes(size), np.uint8)
-        _FILLER[:] = (stream.astype(np.int64) + 2).tolist()
-        packed = pack(_FILLER)
-        assert packed is not None  # (small ints)
-        _FILLER_PACKED = packed
+class _Filler:
+    """The synthetic prompts' shared tail, and its packing, grown on demand."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.packed = b""  # engine.token_ids.pack(ids)
+
+    def grown(self, num_tokens: int) -> _Filler:
+        """Itself, at least num_tokens ids long."""
+        if len(self.ids) < num_tokens:
+            # drawn whole again when it grows, a power of two of bytes: randbytes of whole
+            # 32-bit words, so each size's stream starts with the smaller ones' (runs repeat)
+            size = max(1 << 14, 1 << (num_tokens - 1).bit_length())
+            stream = np.frombuffer(random.Random("xyserve-filler").randbytes(size), np.uint8)
+            self.ids = (stream.astype(np.int64) + 2).tolist()
+            packed = pack(self.ids)
+            assert packed is not None  # (small ints)
+            self.packed = packed
+        return self
+
+
+_FILLER = _Filler()
