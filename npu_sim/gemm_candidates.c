@@ -8,7 +8,9 @@
  *   - elementwise terms are npu_sim.cost_gemm.gemm_terms' expressions, evaluated left to right
  *     (-ffp-contract=off: no fused multiply-adds where numpy rounds twice);
  *   - a sum over rows or tasks is np.bincount's: the weights added in index order from 0;
- *   - a maximum (np.maximum, reduceat, max) is exact whatever its order.
+ *   - a maximum (np.maximum, reduceat, max) is exact whatever its order;
+ *   - the L2 blocking (cost_gemm.gemm_hbm_traffic) is whole numbers, with Python's float floor
+ *     division where it has one.
  */
 #include <math.h>
 #include <stdint.h>
@@ -53,7 +55,7 @@ static double py_floordiv(double x, double y)
 
 /* npu_sim.cost_gemm.gemm_hbm_traffic of an (m, n, k) GEMM of N tile tn, `bytes`-byte operands,
  * an L2 share of l2_cap bytes (rows_fit = l2_cap // (k bytes)): its L2 blocks (cost_gemm's
- * _l2_blocks: num_blocks pairs of Mb and reads of A, Mb ascending) given. Whole numbers in
+ * l2_blocks: num_blocks pairs of Mb and reads of A, Mb ascending) given. Whole numbers in
  * int64 (below 2^53: exact as doubles too), Python's float expressions where it has them. */
 static double hbm_traffic(int64_t m, int64_t n, int64_t k, int64_t tn, int64_t bytes,
                           double l2_cap, double rows_fit, const int64_t *blocks,
