@@ -178,10 +178,14 @@ class CostedCandidates:
         out = np.empty(5 * (r + args.num))
         entries = np.array(entry_rows, dtype=np.float64)
         phase = None if phase is None else np.ascontiguousarray(phase, dtype=np.float64)
+        # the C's scratch, this call's own (ctypes lets go of the GIL: another thread may be
+        # pricing the same layout): each distinct shape's traffic, then the cores' busy cycles
+        scratch = np.empty(args.scratch_size)
+        at = scratch.ctypes.data
         library.xy_price_candidates(
             m, *args.layout, entries.ctypes.data, *args.tasks, args.traffic,
-            None if phase is None else phase.ctypes.data, args.consts, out.ctypes.data,
-            *args.scratch)
+            None if phase is None else phase.ctypes.data, args.consts, out.ctypes.data, at,
+            at + 8 * args.num_traffic)
         _, self._cycles, self._active, self._macs, self._useful = out[:5 * r].reshape(5, r)
         self._total, self._hbm_read, self._written, self._overhead, launch = out[
             5 * r:].reshape(5, args.num)
@@ -253,7 +257,8 @@ class _CArgs:
     tasks: tuple[int, ...]  # the arguments candidate .. cores
     traffic: int  # tr: a _TrafficArgs
     consts: int  # k: float64 (NUM_K,), gemm_candidates.c's constants in its order
-    scratch: tuple[int, int]  # traffic (float64 per distinct shape), busy (candidates x cores)
+    num_traffic: int  # distinct (n, k, N tile): the C's traffic scratch
+    scratch_size: int  # float64s of scratch a call needs: traffic, then busy (candidates x cores)
     held: tuple[Any, ...]  # what the addresses point into
 
 
@@ -283,7 +288,6 @@ def _c_args(cm: CostModel, layout: CandidateLayout) -> _CArgs:
                        c.hbm_bytes_per_s / c.clock_hz, c.l2_bytes_per_s / c.clock_hz,
                        c.cube_launch_s * c.clock_hz], dtype=np.float64)
     num_rows, num = len(layout.row_entry), len(layout.is_split)
-    scratch = (np.empty(max(len(shapes), 1)), np.empty(num * c.num_cube_cores))
     return _CArgs(
         num_rows=num_rows, num=num,
         layout=(layout.static.ctypes.data, layout.partial.ctypes.data,
@@ -292,5 +296,5 @@ def _c_args(cm: CostModel, layout: CandidateLayout) -> _CArgs:
                layout.task_row.ctypes.data, layout.task_bin.ctypes.data, len(layout.task_row),
                layout.dealt.ctypes.data, c.num_cube_cores),
         traffic=ctypes.addressof(traffic), consts=consts.ctypes.data,
-        scratch=(scratch[0].ctypes.data, scratch[1].ctypes.data),
-        held=(layout, arrays, traffic, consts, scratch))
+        num_traffic=len(shapes), scratch_size=len(shapes) + num * c.num_cube_cores,
+        held=(layout, arrays, traffic, consts))
