@@ -27,7 +27,7 @@ kernel (`time_decodes`), and one with prefill chunks too, in C (`time_unsplit`).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -225,10 +225,14 @@ class Device:
     def _fold_template_steps(self) -> None:
         """Count the shared launches of the timing-only steps counted by template so far."""
         for template, num_steps in self._template_steps.items():
-            for primitive, num_launches, num_tasks in template.shared_counts:
-                self._num_launches[primitive] += num_steps * num_launches
-                self._num_tasks[primitive] += num_steps * num_tasks
+            self._add_counts(template.shared_counts, num_steps)
         self._template_steps.clear()
+
+    def _add_counts(self, counts: Iterable[tuple[Primitive, int, int]], times: int = 1) -> None:
+        """Count `times` each of (primitive, launches, tasks)."""
+        for primitive, num_launches, num_tasks in counts:
+            self._num_launches[primitive] += times * num_launches
+            self._num_tasks[primitive] += times * num_tasks
 
     @property
     def last_timing(self) -> KernelTiming | None:
@@ -283,9 +287,7 @@ class Device:
             return None
         seconds, num_tasks, sums = timed  # (sums: a reused scratch array; the trace below
         #   copies what it keeps of it)
-        self._count_step(template)
-        self._num_launches[_ATTENTION] += num_launches
-        self._num_tasks[_ATTENTION] += num_launches * num_tasks
+        self._count_step(template, ((_ATTENTION, num_launches, num_launches * num_tasks),))
         return self._traced_step(template, sums, merge_seconds(
             template, {_ATTENTION_NAME: num_launches * seconds}), num_requests)
 
@@ -293,18 +295,19 @@ class Device:
                       pairs: list[tuple[KernelTiming | LaunchSums, int]],
                       num_requests: int) -> StepTrace:
         """`_summed_step`, the step's launches and tasks counted first."""
-        self._count_step(template)
-        for t, n in pairs:
-            self._num_launches[t.primitive] += n
-            self._num_tasks[t.primitive] += n * t.num_tasks
+        self._count_step(template, [(t.primitive, n, n * t.num_tasks) for t, n in pairs])
         return self._summed_step(template, pairs, num_requests)
 
-    def _count_step(self, template: StepTemplate) -> None:
-        """Count a timing-only step's shared launches and tasks (its template's), lazily."""
+    def _count_step(self, template: StepTemplate,
+                    own: Iterable[tuple[Primitive, int, int]]) -> None:
+        """Count a timing-only step's launches and tasks: its template's shared ones, as a
+        step of the template (folded in when read), then its own kernels' (primitive,
+        launches, tasks)."""
         steps = self._template_steps
         steps[template] = steps.get(template, 0) + 1
         if len(steps) > _SHAPE_CACHE_SIZE:  # (the entries hold their templates)
             self._fold_template_steps()
+        self._add_counts(own)
 
     def end_planned_step(self, shared: SharedLaunches, varying: Sequence[Kernel],
                          num_requests: int = 0) -> StepTrace:

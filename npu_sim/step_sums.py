@@ -153,19 +153,11 @@ def step_sums(template: StepTemplate,
         if template.prefix is not None:
             rows[0] += template.prefix
         sums = np.add.accumulate(rows, axis=0)[-1]
-    return sums, primitive_seconds(template, varying)
-
-
-def primitive_seconds(template: StepTemplate,
-                      varying: Sequence[tuple[KernelTiming | LaunchSums, int]],
-                      ) -> dict[str, float]:
-    """`step_sums`' seconds per primitive name (the step's sums computed elsewhere: in C,
-    npu_sim.launch_sums)."""
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {}  # the own kernels', per primitive name in launch order
     for t, n in varying:
         name = t.primitive_name
         seconds[name] = seconds.get(name, 0.0) + n * t.seconds
-    return merge_seconds(template, seconds)
+    return sums, merge_seconds(template, seconds)
 
 
 def merge_seconds(template: StepTemplate, own_seconds: dict[str, float]) -> dict[str, float]:
