@@ -17,7 +17,7 @@ import hashlib
 import os
 import pathlib
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import native_build
 
@@ -30,6 +30,10 @@ _LIBRARY = native_build.Library(
     {"xy_first_outside": (_I, [ctypes.c_char_p, _I, _I]),
      "xy_hash_blocks": (ctypes.c_int, [_P, ctypes.c_char_p, _I, ctypes.c_char_p, _I, _I, _P])},
     "the engine's C token-id loops")
+
+# `pack`'s packers by number of ids: a block's, and prompts' (bounded: lengths are many)
+_PACKERS: dict[int, Callable[..., bytes]] = {}
+_MAX_PACKERS = 1024
 
 # Below these sizes a ctypes call (~1.5 us) costs more than Python's own loop saves.
 _NATIVE_MIN_IDS = 64
@@ -45,8 +49,13 @@ class _Sha256Fns(ctypes.Structure):
 def pack(token_ids: Sequence[int]) -> bytes | None:
     """The ids as native int64s (what the hashes cover); None where one is not an integer or
     does not fit in 64 bits."""
+    packer = _PACKERS.get(len(token_ids))
+    if packer is None:  # (a format parsed once per length: struct.pack parses it every call)
+        if len(_PACKERS) >= _MAX_PACKERS:
+            _PACKERS.clear()
+        packer = _PACKERS[len(token_ids)] = struct.Struct(f"{len(token_ids)}q").pack
     try:
-        return struct.pack(f"{len(token_ids)}q", *token_ids)
+        return packer(*token_ids)
     except struct.error:
         return None
 

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from server.cli import main
+from server.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

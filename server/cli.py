@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import logging
 import os
 import sys
@@ -292,6 +293,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def console_main() -> int:
+    """The `xyserve` command: `main()`, after which the process exits. What the command built
+    and module caches still hold (a full-trace simulation's kernels, plans and templates:
+    hundreds of thousands of objects) is moved out of the cyclic collector's reach first, so
+    the interpreter's last collection does not walk it on the way out (~0.1 s of a ~9 s
+    `xyserve simulate`). Not for callers that go on running: nothing frozen is collected."""
+    status = main()
+    gc.freeze()
+    return status
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> Any:
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
@@ -312,4 +324,4 @@ def _usable_cores() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

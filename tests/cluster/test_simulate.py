@@ -7,9 +7,12 @@ import gc
 import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import tomllib
 
 from cluster import driver
 from cluster.cli import add_simulate_parser
@@ -222,3 +225,24 @@ def test_long_latency_cdfs_are_drawn_at_evenly_spaced_ranks() -> None:
     assert at[0] == 0 and at[-1] == 4_000_000 and len(at) == MAX_CDF_POINTS
     gaps = np.diff(at)
     assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1  # evenly spaced, strictly rising
+
+
+def test_the_console_script_runs_main_and_leaves_nothing_to_collect() -> None:
+    # `xyserve` is console_main (pyproject.toml): main's status, the run's leftovers frozen out
+    # of the collector's reach before the interpreter's last collection
+    project = tomllib.loads((pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["xyserve"] == "server.cli:console_main"
+    code = ("import gc, sys; from server import cli; status = cli.console_main(); "
+            "print('tracked', len(gc.get_objects()), 'frozen', gc.get_freeze_count()); "
+            "sys.exit(status)")
+    args = ["simulate", "--model", MODEL, "--synthetic", "--num-requests", "20",
+            "--request-rate", "inf", "--input-len", "100", "--output-len", "8"]
+    ok = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "simulator speed" in ok.stdout
+    tracked, frozen = (int(w) for w in ok.stdout.split()[-3::2])
+    assert frozen > 10_000 and tracked < frozen  # (the modules' and caches' objects, frozen)
+    bad = subprocess.run([sys.executable, "-c", code, "simulate", "--model", "no-such-model",
+                          "--synthetic"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no-such-model" in bad.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -95,3 +96,16 @@ def _python_only(python_only: bool) -> Iterator[None]:
     """native_build.disabled() where `python_only`, else nothing."""
     with native_build.disabled() if python_only else contextlib.nullcontext():
         yield
+
+
+def test_pack_is_structs_for_every_length_also_once_its_packers_are_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(token_ids, "_MAX_PACKERS", 3)
+    monkeypatch.setattr(token_ids, "_PACKERS", {})
+    rng = random.Random(2)
+    for num_ids in (0, 1, 128, 5, 128, 1155, 7, 1, 128):
+        ids = [rng.randrange(-2**63, 2**63) for _ in range(num_ids)]
+        assert token_ids.pack(ids) == struct.pack(f"{num_ids}q", *ids)
+        assert len(token_ids._PACKERS) <= 3
+    assert token_ids.pack([1, 2**63]) is None  # (beyond int64)
+    assert token_ids.pack([1, "2"]) is None  # type: ignore[list-item]
