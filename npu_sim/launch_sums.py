@@ -219,32 +219,29 @@ class AttentionLaunchSums:
         ])
 
     def unsplit(self, start_pos: np.ndarray, num_tokens: np.ndarray | None,
-                shape: UnsplitShape, step: tuple[StepTemplate, int] | None = None,
-                ) -> tuple[LaunchSums, np.ndarray | None] | None:
+                shape: UnsplitShape) -> LaunchSums | None:
         """The LaunchSums of the meta-attention launch engine.lowering_unsplit.lower_unsplit
         makes of sequences of num_tokens query tokens from start_pos (int64, one each; None: a
         token each, decodes; no verify), priced from its lengths
         (cost_attention_launch.unsplit_rows, or decode_rows for decodes), without the kernel:
-        in C, lowering and all (launch_sums.c: xy_unsplit_launch_sums); with `step` (the
-        template of the step the launch is the one own kernel of, and its launches there) the
-        step's sums too (npu_sim.step_sums.step_sums', bit for bit), else None. None where the
-        library is not loaded, a tile is to be split into KV spans or a chunk has no token: the
-        caller lowers the launch (the same sums, tested)."""
+        in C, lowering and all (launch_sums.c: xy_unsplit_launch_sums). None where the library
+        is not loaded, a tile is to be split into KV spans or a chunk has no token: the caller
+        lowers the launch (the same sums, tested). A step reads it with its sums
+        (`unsplit_step`)."""
         row = np.empty(self._size)
-        sums = None if step is None else np.empty(self._size)
-        step_args = (None, 0, 0, 0, None, None) if step is None else (
-            *self._step_args(*step), _address(sums))
-        if not self._run_unsplit(start_pos, num_tokens, shape, _address(row), step_args):
+        if not self._run_unsplit(start_pos, num_tokens, shape, _address(row),
+                                 (None, 0, 0, 0, None, None)):
             return None
-        return self._launch_sums(row, self._num_tasks.item(0)), sums
+        return self._launch_sums(row, self._num_tasks.item(0))
 
     def unsplit_step(self, start_pos: np.ndarray, num_tokens: np.ndarray | None,
                      shape: UnsplitShape, template: StepTemplate, launches: int,
                      ) -> tuple[float, int, np.ndarray] | None:
-        """`unsplit(start_pos, num_tokens, shape, (template, launches))` as a timing-only
-        step reads it (Device.time_unsplit), once per simulated step: the launch's seconds
-        and tasks, and the step's sums, in an array this object reuses (valid until its next
-        call), without a LaunchSums or new arrays. None where `unsplit` is."""
+        """`unsplit(start_pos, num_tokens, shape)` as a timing-only step reads it
+        (Device.time_unsplit), once per simulated step: the launch's seconds and tasks, and
+        the sums of a step of `template` whose one own kernel it is, launched `launches` times
+        (npu_sim.step_sums.step_sums', bit for bit), in an array this object reuses (valid
+        until its next call), without a LaunchSums or new arrays. None where `unsplit` is."""
         if not self._run_unsplit(start_pos, num_tokens, shape, self._scratch_at,
                                  (*self._step_args(template, launches),
                                   self._scratch_at + 8 * self._size)):
