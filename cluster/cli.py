@@ -18,6 +18,8 @@ import argparse
 import logging
 import math
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from cluster.routing import ROUTER_POLICIES
@@ -165,7 +167,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (ModelLoadError, WorkloadError, ValueError) as exc:
         print(f"xyserve simulate: error: {exc}", file=sys.stderr)
         return 2
-    result = sim.run(workload, slo, _progress(args, workload))
+    progress = _progress(args, workload)
+    try:
+        result = sim.run(workload, slo, None if progress is None else progress.advance)
+    finally:
+        if progress is not None:
+            progress.close()
     from cluster.results import format_replicas, format_table
 
     print(format_table(result.summary))
@@ -215,17 +222,46 @@ def _workload(args: argparse.Namespace, max_model_len: int) -> Any:
                     max_model_len=max_model_len, long_policy=args.long_requests)
 
 
-def _progress(args: argparse.Namespace, workload: Any) -> Any:
+def _progress(args: argparse.Namespace, workload: Any) -> SimProgress | None:
+    """The run's progress bar (--progress; default: when stderr is a terminal), or None."""
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    if not show:
-        return None
-    from tqdm.auto import tqdm
+    return SimProgress(workload.duration_s) if show else None
 
-    bar = tqdm(total=round(workload.duration_s, 1) or None, unit="sim s", mininterval=0.5,
-               desc="simulate")
 
-    def advance(now_sim_s: float) -> None:
-        bar.n = round(now_sim_s, 1)
-        bar.update(0)  # redraws at most every mininterval
+class SimProgress:
+    """A progress bar in simulated time: `advance` is the driver's on_step (called after every
+    step), `close` ends the bar at the last simulated time it was given.
 
-    return advance
+    The bar is redrawn at most every REDRAW_S of wall time, and a call between redraws only
+    reads the clock: a full-trace run makes ~78,000 steps, and tqdm's own update on each of them
+    cost ~4 us a step (~0.3 s, 3-4% of the run)."""
+
+    REDRAW_S = 0.25
+
+    def __init__(self, duration_sim_s: float, clock: Callable[[], float] = time.monotonic,
+                 file: Any = None) -> None:
+        """duration_sim_s: the bar's total, the workload's arrivals' span (a run goes on past
+        it until its last request ends). clock: wall seconds. file: where the bar is drawn
+        (None: stderr)."""
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=round(duration_sim_s, 1) or None, unit="sim s", desc="simulate",
+                         mininterval=0.0, file=file)
+        self._clock = clock
+        self._next_redraw_s = -math.inf  # (the first step draws)
+        self._now_sim_s = 0.0  # the latest step's end on the simulated clock
+
+    def advance(self, now_sim_s: float) -> None:
+        self._now_sim_s = now_sim_s
+        now_s = self._clock()
+        if now_s >= self._next_redraw_s:
+            self._next_redraw_s = now_s + self.REDRAW_S
+            self._draw()
+
+    def close(self) -> None:
+        self._bar.n = round(self._now_sim_s, 1)
+        self._bar.close()  # (drawn once more, as it ends)
+
+    def _draw(self) -> None:
+        self._bar.n = round(self._now_sim_s, 1)
+        self._bar.refresh()

@@ -4,6 +4,7 @@ and the CLI's error paths. Timing only: no weights, no torch."""
 from __future__ import annotations
 
 import gc
+import io
 import json
 import math
 import pathlib
@@ -15,7 +16,7 @@ import pytest
 import tomllib
 
 from cluster import driver
-from cluster.cli import add_simulate_parser
+from cluster.cli import SimProgress, add_simulate_parser
 from cluster.results import Slo
 from cluster.simulation import Simulation
 from cluster.workload import RequestSpec, Workload, synthetic
@@ -146,6 +147,32 @@ def test_cli_prints_the_summary_and_writes_out(tmp_path: pathlib.Path,
     out = capsys.readouterr().out
     assert "TTFT (ms)" in out and "goodput" in out and "20 finished" in out
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "timeline.png").exists()
+
+
+def test_the_progress_bar_redraws_on_the_wall_clock_and_ends_at_the_last_step() -> None:
+    now_s = [0.0]
+    out = io.StringIO()
+    bar = SimProgress(10.0, clock=lambda: now_s[0], file=out)
+    drawn = out.getvalue().count("\r")
+    for i in range(1000):  # many steps within one redraw interval: drawn once, at the first
+        bar.advance(0.001 * i)
+    assert out.getvalue().count("\r") == drawn + 1 and "0.0/10" in out.getvalue()
+    now_s[0] += SimProgress.REDRAW_S
+    bar.advance(4.04)
+    assert out.getvalue().count("\r") == drawn + 2 and "4.0/10" in out.getvalue()
+    bar.advance(12.26)  # past the arrivals' span, within the interval: not drawn yet
+    assert "12.3" not in out.getvalue()
+    bar.close()
+    assert "12.3" in out.getvalue().rsplit("\r", 1)[-1]
+
+
+@pytest.mark.parametrize("flag", ["--progress", "--no-progress"])
+def test_cli_shows_a_progress_bar_when_asked(flag: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--synthetic", "--num-requests", "20", "--request-rate", "8",
+                 "--input-len", "100", "--output-len", "8", "--no-plots", flag]) == 0
+    err = capsys.readouterr().err
+    assert ("simulate:" in err and "sim s" in err) == (flag == "--progress")
 
 
 def test_cli_runs_replicas_and_pd(tmp_path: pathlib.Path,
