@@ -37,7 +37,10 @@ def write_plots(recorder: Recorder, out_dir: Path, title: str) -> list[Path]:
         "ITL": np.frombuffer(recorder.itls_s, dtype=np.float64),
         "E2E": [r.e2e_s for r in done],
     }
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), constrained_layout=True)
+    # (margins set, not a layout engine's: constrained layout drew each figure over again to
+    # measure its text, ~0.2 s a figure)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig.subplots_adjust(left=0.045, right=0.99, bottom=0.15, top=0.82, wspace=0.28)
     for ax, (name, values) in zip(axes, series.items(), strict=True):
         v = np.sort(np.asarray(values, dtype=np.float64))
         v = v[np.isfinite(v)]
@@ -62,7 +65,8 @@ def write_plots(recorder: Recorder, out_dir: Path, title: str) -> list[Path]:
                              ("generated", steps[:, col["num_generation_tokens"]])]),
         ("KV cache usage", [("used", steps[:, col["kv_cache_usage"]])]),
     ]
-    fig, axes = plt.subplots(4, 1, figsize=(11, 10), sharex=True, constrained_layout=True)
+    fig, axes = plt.subplots(4, 1, figsize=(11, 10), sharex=True)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.06, top=0.94, hspace=0.12)
     edges = np.linspace(end.min(), end.max(), NUM_TIME_BINS + 1) if len(end) else np.zeros(2)
     which = np.clip(np.digitize(end, edges) - 1, 0, NUM_TIME_BINS - 1)
     centers = (edges[:-1] + edges[1:]) / 2
