@@ -6,7 +6,9 @@ Llama-2-7B on one 910B2, 2048-token budget, 256 sequences, max_model_len 16384).
     .venv/bin/python -m benchmarks.simulate_speed --num-requests 2000  # a shorter one
 
 The first run of a process pays the GEMM tiling searches (once per token count and GEMM shape);
-`--repeats 2` runs again in the same process with those cached, the steady-state speed. Writes
+`--repeats 2` runs again in the same process with those cached, the steady-state speed. As in
+`xyserve simulate`, a forked worker builds the steps' head templates on a second core where one
+is free (engine.head_prefetch; `--no-prefetch`: none). Writes
 benchmarks/results/<date>-simulate-speed.md (+ .json) unless --no-save.
 """
 
@@ -23,8 +25,9 @@ import time
 from typing import Any
 
 from benchmarks import RESULTS_DIR
-from cluster.simulation import Simulation
+from cluster.cluster_sim import ClusterSimulation
 from cluster.workload import read_azure_csv, shape
+from engine.head_prefetch import second_core_free
 
 DEFAULT_TRACE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / \
     "AzureLLMInferenceTrace_conv.csv"
@@ -34,8 +37,10 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     workload = shape(read_azure_csv(args.trace), num_requests=args.num_requests,
                      max_model_len=args.max_model_len)
     start = time.perf_counter()
-    sim = Simulation(args.model, npu=args.npu, max_num_batched_tokens=args.max_num_batched_tokens,
-                     max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    sim = ClusterSimulation(args.model, npu=args.npu,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                            prefetch_heads=not args.no_prefetch and second_core_free())
     result = sim.run(workload)
     total_s = time.perf_counter() - start
     s = result.summary
@@ -58,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs in this process; the first pays the tiling searches")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="no head-template worker on a second core (xyserve simulate has "
+                             "one where a second core is free)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 

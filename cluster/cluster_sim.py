@@ -40,8 +40,13 @@ from cluster.workload import Workload
 from engine.arch_presets import resolve_arch
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.core import EngineCore
+from engine.head_prefetch import head_counts
 from engine.lowering import DEFAULT_POLICY, LoweringPolicy
-from engine.timing_runner import DEFAULT_KV_RESERVE_FRACTION, build_timing_engine
+from engine.timing_runner import (
+    DEFAULT_KV_RESERVE_FRACTION,
+    TimingRunner,
+    build_timing_engine,
+)
 from npu_sim.hardware import load_chip
 
 
@@ -140,10 +145,13 @@ class ClusterSimulation:
                  config: EngineConfig | None = None, acceptance_rate: float = 0.7,
                  kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
                  tensor_parallel_size: int = 1, lowering: LoweringPolicy = DEFAULT_POLICY,
-                 **engine_options: Any) -> None:
-        """As cluster.simulation.Simulation, plus the cluster's shape. Raises ValueError (or
+                 prefetch_heads: bool = False, **engine_options: Any) -> None:
+        """As cluster.simulation.Simulation, plus the cluster's shape. prefetch_heads: a
+        cluster of one engine has a forked worker build its steps' head templates on another
+        core (engine.head_prefetch; Linux; the same results). Raises ValueError (or
         ModelLoadError) for anything it cannot simulate, before running."""
         self.model = model
+        self.prefetch_heads = prefetch_heads
         self.cluster = cluster or ClusterConfig()
         self.arch = resolve_arch(model)
         self.config = (replace(config, model=model) if config is not None
@@ -181,7 +189,15 @@ class ClusterSimulation:
                 engine = self._build(role)
             replicas.append(Replica(index, role, engine, self.tp))
         driver = ClusterDriver(replicas, Router(self.cluster.router), self.kv_transfer)
-        run = driver.run(workload, on_step)
+        # (one engine only: a worker per engine would want a core each)
+        runner = replicas[0].core.runner if self.prefetch_heads and len(replicas) == 1 else None
+        if isinstance(runner, TimingRunner):
+            runner.prefetch_heads(head_counts(self.config.scheduler))
+        try:
+            run = driver.run(workload, on_step)
+        finally:
+            if isinstance(runner, TimingRunner):
+                runner.stop_prefetch()
         recorder = merge(replicas, run)
         chip = chip_label(replicas[0].core.info.chip, self.tp)
         common = dict(model=self.model, workload=workload.source, slo=slo,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 from engine.arch import ModelArch
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.head_prefetch import HeadPrefetcher
 from engine.lowering import (
     DEFAULT_POLICY,
     AttentionPolicy,
@@ -55,7 +57,7 @@ from engine.spec.types import Draft
 from npu_sim.cost_attention import UnsplitShape
 from npu_sim.device import Device
 from npu_sim.hardware import load_chip
-from npu_sim.step_sums import Launches, SharedLaunches
+from npu_sim.step_sums import Launches, SharedLaunches, StepTemplate
 from npu_sim.tasks import AttentionKernel
 from npu_sim.trace import StepTrace
 
@@ -156,6 +158,32 @@ class TimingRunner:
         self._shared_launches: dict[tuple[int, int], SharedLaunches] = {}
         self._heads: dict[int, Launches] = {}
         self._tails: dict[int, Launches] = {}
+        self._prefetch: HeadPrefetcher | None = None  # heads built ahead (prefetch_heads)
+        self.num_adopted_heads = 0  # token counts whose head template the worker built
+
+    def prefetch_heads(self, counts: Sequence[int]) -> None:
+        """Have a forked worker build the head templates of these token counts, in this order,
+        while steps run (engine.head_prefetch): a step of a count not met before adopts its
+        head's template where it has arrived, instead of lowering and summing that head itself.
+        Linux only (fork); until `stop_prefetch`. A no-op where steps are not timed from
+        their lengths (the split-attention baseline's heads depend on the chunks)."""
+        self.stop_prefetch()
+        if self.policy.attention is AttentionPolicy.META and self.device.cost_model.memo_rows:
+            self._prefetch = HeadPrefetcher(self._head_template, counts)
+
+    def stop_prefetch(self) -> None:
+        """Stop the worker prefetch_heads started, if any (steps build their heads again)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def _head_template(self, num_tokens: int) -> StepTemplate:
+        """The head template of a step of `num_tokens` tokens, without its kernels (what the
+        prefetch worker sends: `_time_unsplit` adopts it)."""
+        shared = shared_launch_counts(num_tokens, 1, self.arch, self.device.chip,
+                                      self.block_size, self.arch.num_layers, self.policy,
+                                      tp=self.tp)
+        return replace(self.device.head_template(shared.head), launches=())
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Time the step's chunks; one synthetic token per sampled chunk, plus the accepted
@@ -227,6 +255,12 @@ class TimingRunner:
         shared = self._shared_launches.get(key)
         if shared is None:
             head, tail = self._heads.get(num_tokens_all), self._tails.get(num_sampled)
+            if head is None and tail is not None and self._prefetch is not None:
+                template = self._prefetch.take(num_tokens_all)  # (built ahead, if it arrived)
+                if template is not None:
+                    head = self.device.adopt_head_template(template)
+                    _keep(self._heads, num_tokens_all, head)
+                    self.num_adopted_heads += 1
             if head is None or tail is None:  # a new token count or sampled-row count
                 shared = shared_launch_counts(num_tokens_all, num_sampled, self.arch,
                                               self.device.chip, self.block_size,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from npu_sim.hardware import ChipSpec
 from npu_sim.host import DEFAULT_STACK, HostProfile, get_stack
 from npu_sim.launch_sums import AttentionLaunchSums, mix_launch_sums, vector_launch_sums
 from npu_sim.step_sums import (
+    AdoptedHead,
     Launches,
     LaunchSums,
     SharedLaunches,
@@ -134,6 +136,9 @@ class Device:
         # timing-only steps: what their shared launches add up to (npu_sim.step_sums)
         self._step_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches
         self._head_templates: dict[int, StepTemplate] = {}  # by id of their SharedLaunches.head
+        # ... and those built elsewhere (adopt_head_template), by id of the head standing for
+        # each: never dropped (a head without kernels cannot be summed again)
+        self._adopted_heads: dict[int, StepTemplate] = {}
         self._step_sums_size = NUM_STEP_SUMS_SCALARS + chip.num_cube_cores + chip.num_vector_cores
         self._peak_flops = chip.peak_flops(dtype)  # (read every step: its f-string lookup once)
 
@@ -325,7 +330,7 @@ class Device:
     def _step_template(self, shared: SharedLaunches) -> StepTemplate:
         """What `shared`'s launches add up to, built on its first step (npu_sim.step_sums)."""
         return _kept(self._step_templates, shared, lambda: extend_template(
-            self._head_template(shared.head), shared,
+            self.head_template(shared.head), shared,
             [(self._shared_sums(k), n) for k, n in shared.tail], self._step_sums_size))
 
     def _varying_sums(self, template: StepTemplate, varying: Sequence[Kernel],
@@ -366,12 +371,24 @@ class Device:
             return mix_launch_sums(self.cost_model, self.cost_model.attention(kernel)[0])
         return self.time(kernel)
 
-    def _head_template(self, head: Launches) -> StepTemplate:
+    def head_template(self, head: Launches) -> StepTemplate:
         """The template of the head of shared launches (npu_sim.step_sums), built on its first
         step: every step of the head's token count extends it by its own tail."""
+        adopted = self._adopted_heads.get(id(head))
+        if adopted is not None and adopted.launches is head:
+            return adopted
         return _kept(self._head_templates, head, lambda: build_template(
             head, [(None if k is None else self._shared_sums(k), n) for k, n in head],
             self._step_sums_size))
+
+    def adopt_head_template(self, template: StepTemplate) -> Launches:
+        """A head of shared launches standing for `template`: what `head_template` returned
+        for a head on a device of the same chip, dtype and stack elsewhere (another process:
+        engine.head_prefetch). Steps whose SharedLaunches have it as their head are timed as
+        with that head, bit for bit; it holds no kernels (an empty AdoptedHead)."""
+        head = AdoptedHead()
+        self._adopted_heads[id(head)] = replace(template, launches=head)
+        return head
 
     def begin_step(self) -> None:
         """Start a step: forget launches not yet reported (and the per-step timing cache)."""

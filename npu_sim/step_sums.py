@@ -46,6 +46,13 @@ class SharedLaunches:
         return itertools.chain(self.head, self.tail)
 
 
+class AdoptedHead(tuple):  # type: ignore[type-arg]
+    """The head of shared launches whose template was built elsewhere
+    (Device.adopt_head_template): empty, an identity the device keeps that template by."""
+
+    __slots__ = ()
+
+
 class LaunchSums(NamedTuple):
     """What step_sums reads of one launch's KernelTiming, for a launch timed without one
     (Device.time_launches: a meta-attention launch without combine tasks): the same values."""
