@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from engine.config import SchedulerConfig
 from npu_sim.step_sums import StepTemplate
@@ -30,9 +31,31 @@ _BATCH = 16  # templates a message carries (~8 KB each: a message per count woul
 
 
 def second_core_free() -> bool:
-    """Whether a worker may be forked onto a core of its own: Linux, and at least two cores this
-    process may run on."""
-    return sys.platform == "linux" and len(os.sched_getaffinity(0)) >= 2
+    """Whether a worker may be forked onto a core of its own: Linux, at least two cores this
+    process may run on, and a cgroup CPU quota (a container's --cpus) of two or more, if any."""
+    if sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2:
+        return False
+    quota = cgroup_cpu_quota()
+    return quota is None or quota >= 2.0
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs this process's cgroup may use (cgroup v2's cpu.max, else v1's CFS quota), or
+    None where there is no quota (or no cgroup file to read)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def head_counts(config: SchedulerConfig) -> list[int]:

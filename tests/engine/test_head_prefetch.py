@@ -4,6 +4,7 @@ every head itself; a worker that sends nothing (stopped, or not yet there) chang
 
 from __future__ import annotations
 
+import pathlib
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ from cluster.cluster_sim import ClusterSimulation
 from cluster.recorder import Recorder
 from cluster.workload import synthetic
 from engine.config import SchedulerConfig
-from engine.head_prefetch import head_counts
+from engine.head_prefetch import cgroup_cpu_quota, head_counts
 from engine.timing_runner import TimingRunner
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the worker is forked")
@@ -75,3 +76,18 @@ def test_the_simulation_stops_its_worker_and_runs_without_one_for_several_engine
     assert result.summary.num_requests == 20
     runner = result.replicas[0].core.runner
     assert isinstance(runner, TimingRunner) and runner._prefetch is None  # stopped at the end
+
+
+def test_a_cgroup_quota_under_two_cpus_leaves_no_core_free(tmp_path: pathlib.Path) -> None:
+    assert cgroup_cpu_quota(tmp_path) is None  # (no file: no quota known)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # docker --cpus 1.5
+    assert cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # cgroup v1, no quota
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    assert cgroup_cpu_quota(tmp_path) == 4.0
