@@ -132,6 +132,10 @@ def add_simulate_parser(subparsers: Any) -> None:
     o.add_argument("--no-plots", action="store_true", help="with --out: skip the plots")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar in simulated time (default: when stderr is a terminal)")
+    o.add_argument("--prefetch-heads", action=argparse.BooleanOptionalAction, default=None,
+                   help="a worker process builds each token count's shared launches ahead, on "
+                        "another core (the same results; default: one engine, Linux, a second "
+                        "core free)")
     p.set_defaults(func=run_simulate)
 
 
@@ -158,7 +162,8 @@ def run_simulate(args: argparse.Namespace) -> int:
                                 num_decode_replicas=args.decode_replicas,
                                 router=RouterConfig(args.router), kv_link=args.kv_link)
         sim = ClusterSimulation(args.model, cluster, config=engine_config(args),
-                                prefetch_heads=second_core_free(),
+                                prefetch_heads=(second_core_free() if args.prefetch_heads is None
+                                                else args.prefetch_heads),
                                 acceptance_rate=args.acceptance_rate,
                                 kv_reserve_fraction=args.kv_reserve_fraction,
                                 tensor_parallel_size=args.tensor_parallel_size,

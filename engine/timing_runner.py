@@ -21,6 +21,7 @@ one card's share of a tensor-parallel group once the lowering shards it.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
 from collections.abc import Sequence
 from dataclasses import replace
@@ -165,10 +166,11 @@ class TimingRunner:
         """Have a forked worker build the head templates of these token counts, in this order,
         while steps run (engine.head_prefetch): a step of a count not met before adopts its
         head's template where it has arrived, instead of lowering and summing that head itself.
-        Linux only (fork); until `stop_prefetch`. A no-op where steps are not timed from
-        their lengths (the split-attention baseline's heads depend on the chunks)."""
+        Until `stop_prefetch`. A no-op without fork (Windows), and where steps are not timed
+        from their lengths (the split-attention baseline's heads depend on the chunks)."""
         self.stop_prefetch()
-        if self.policy.attention is AttentionPolicy.META and self.device.cost_model.memo_rows:
+        if (self.policy.attention is AttentionPolicy.META and self.device.cost_model.memo_rows
+                and "fork" in multiprocessing.get_all_start_methods()):
             self._prefetch = HeadPrefetcher(self._head_template, counts)
 
     def stop_prefetch(self) -> None:

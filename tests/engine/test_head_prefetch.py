@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from typing import Any
 
 import pytest
 
 from cluster.cluster_sim import ClusterSimulation
 from cluster.recorder import Recorder
 from cluster.workload import synthetic
+from engine import timing_runner
 from engine.config import SchedulerConfig
 from engine.head_prefetch import cgroup_cpu_quota, head_counts
 from engine.timing_runner import TimingRunner
+from server.cli import main
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the worker is forked")
 
@@ -91,3 +94,19 @@ def test_a_cgroup_quota_under_two_cpus_leaves_no_core_free(tmp_path: pathlib.Pat
     assert cgroup_cpu_quota(tmp_path) is None
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
     assert cgroup_cpu_quota(tmp_path) == 4.0
+
+
+@pytest.mark.parametrize("flag,workers", [("--prefetch-heads", 1), ("--no-prefetch-heads", 0)])
+def test_the_cli_forks_a_worker_unless_told_not_to(flag: str, workers: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    started = []
+
+    class Counted(timing_runner.HeadPrefetcher):
+        def __init__(self, *args: Any) -> None:
+            started.append(self)
+            super().__init__(*args)
+
+    monkeypatch.setattr(timing_runner, "HeadPrefetcher", Counted)
+    assert main(["simulate", "--synthetic", "--num-requests", "10", "--input-len", "100",
+                 "--output-len", "4", "--no-progress", flag]) == 0
+    assert len(started) == workers
