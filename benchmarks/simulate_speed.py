@@ -27,7 +27,6 @@ from typing import Any
 from benchmarks import RESULTS_DIR
 from cluster.cluster_sim import ClusterSimulation
 from cluster.workload import read_azure_csv, shape
-from engine.head_prefetch import second_core_free
 
 DEFAULT_TRACE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / \
     "AzureLLMInferenceTrace_conv.csv"
@@ -40,7 +39,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     sim = ClusterSimulation(args.model, npu=args.npu,
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                            prefetch_heads=not args.no_prefetch and second_core_free())
+                            prefetch_heads=False if args.no_prefetch else None)
     result = sim.run(workload)
     total_s = time.perf_counter() - start
     s = result.summary

@@ -147,7 +147,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     from cluster.routing import RouterConfig
     from cluster.workload import WorkloadError
     from engine.arch import ModelLoadError
-    from engine.head_prefetch import second_core_free
 
     try:
         slo = Slo.parse(args.slo) if args.slo else None
@@ -162,8 +161,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                                 num_decode_replicas=args.decode_replicas,
                                 router=RouterConfig(args.router), kv_link=args.kv_link)
         sim = ClusterSimulation(args.model, cluster, config=engine_config(args),
-                                prefetch_heads=(second_core_free() if args.prefetch_heads is None
-                                                else args.prefetch_heads),
+                                prefetch_heads=args.prefetch_heads,
                                 acceptance_rate=args.acceptance_rate,
                                 kv_reserve_fraction=args.kv_reserve_fraction,
                                 tensor_parallel_size=args.tensor_parallel_size,

@@ -40,7 +40,7 @@ from cluster.workload import Workload
 from engine.arch_presets import resolve_arch
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.core import EngineCore
-from engine.head_prefetch import head_counts
+from engine.head_prefetch import head_counts, second_core_free
 from engine.lowering import DEFAULT_POLICY, LoweringPolicy
 from engine.timing_runner import (
     DEFAULT_KV_RESERVE_FRACTION,
@@ -145,13 +145,14 @@ class ClusterSimulation:
                  config: EngineConfig | None = None, acceptance_rate: float = 0.7,
                  kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
                  tensor_parallel_size: int = 1, lowering: LoweringPolicy = DEFAULT_POLICY,
-                 prefetch_heads: bool = False, **engine_options: Any) -> None:
+                 prefetch_heads: bool | None = False, **engine_options: Any) -> None:
         """As cluster.simulation.Simulation, plus the cluster's shape. prefetch_heads: a
         cluster of one engine has a forked worker build its steps' head templates on another
-        core (engine.head_prefetch; Linux; the same results). Raises ValueError (or
-        ModelLoadError) for anything it cannot simulate, before running."""
+        core (engine.head_prefetch; the same results); None: where a second core is free
+        (engine.head_prefetch.second_core_free, what `xyserve simulate` does). Raises
+        ValueError (or ModelLoadError) for anything it cannot simulate, before running."""
         self.model = model
-        self.prefetch_heads = prefetch_heads
+        self.prefetch_heads = second_core_free() if prefetch_heads is None else prefetch_heads
         self.cluster = cluster or ClusterConfig()
         self.arch = resolve_arch(model)
         self.config = (replace(config, model=model) if config is not None

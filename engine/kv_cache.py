@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from hashlib import sha256
 
 from engine.request import Request
 from engine.token_ids import chain_hashes, pack
@@ -59,11 +58,7 @@ def hash_blocks(parent: BlockHash | None, token_ids: Sequence[int], block_size: 
         packed = pack(token_ids)
     if packed is None:
         raise ValueError("token ids to hash must be integers that fit in 64 bits")
-    if parent is None:
-        parent = _ROOT_HASH
-    if len(packed) == 8 * block_size:  # one block (a decode's token filled it): no loop
-        return [sha256(parent + packed).digest()]
-    return chain_hashes(parent, packed, 8 * block_size)
+    return chain_hashes(_ROOT_HASH if parent is None else parent, packed, 8 * block_size)
 
 
 class BlockPool:
