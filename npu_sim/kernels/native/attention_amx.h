@@ -340,6 +340,24 @@ static void chunk_item_amx(const float *q, int64_t q_stride, const uint16_t *k_c
 }
 #undef AMX_ACCUMULATE
 
+/* Key tiles a decode fetches ahead of the one it multiplies (decode_item_amx) */
+#define AHEAD_TILES 2
+
+/* Elements [col0, col0 + ncols) of the slots of keys [k0, k0 + AK) (those before end) fetched
+ * into L2. A decode reads one KV head's rows (128 of a slot's 384 bytes for the default model)
+ * out of scattered blocks, which the hardware prefetchers do not follow, and a tile load that
+ * misses stalls the tile unit: 16 decodes of 1,000 keys took 26.1 ms a step (30 layers, 2
+ * threads) without, 22.5 with (2-core AMX Xeon; 1 and 4 tiles ahead: 22.7-22.8 ms). */
+static inline AI void head_rows_ahead(const uint16_t *cache, const int64_t *table, int64_t k0,
+                                      int64_t end, int64_t col0, int64_t ncols, int64_t token_len,
+                                      int64_t block_shift) {
+    int64_t last = k0 + AK < end ? k0 + AK : end;
+    for (int64_t k = k0; k < last; k++) {
+        const char *row = (const char *)(cache + slot(table, k, block_shift, token_len) + col0);
+        for (int64_t i = 0; i < ncols * 2; i += 64) __builtin_prefetch(row + i, 0, 2);
+    }
+}
+
 /* Per-thread scratch of decode_item_amx for contexts of up to max_ctx keys, in 32-bit
  * elements. */
 static inline size_t amx_decode_scratch(int64_t max_ctx, int64_t d) {
@@ -376,6 +394,8 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
         _mm512_set1_epi32(16));
     for (int64_t k0 = 0; k0 < ctx; k0 += AK) {
+        head_rows_ahead(k_cache, table, k0 + AK * AHEAD_TILES, ctx, j * d, d, token_len,
+                        block_shift);
         const uint16_t *kh0 = k_cache + slot(table, k0, block_shift, token_len) + j * d;
         const uint16_t *kh1 = k0 + 16 < ctx ? k_cache + slot(table, k0 + 16, block_shift,
                                                                 token_len) + j * d : NULL;
@@ -420,6 +440,8 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
         int64_t ne = (d - e0) / 16 < 4 ? (d - e0) / 16 : 4;
         amx_zero_c();
         for (int64_t k0 = 0; k0 < ctx; k0 += AK) {
+            head_rows_ahead(v_cache, table, k0 + AK * AHEAD_TILES, ctx, j * d + e0, 16 * ne,
+                            token_len, block_shift);
             value_pairs(v_cache, table, k0, ctx, j * d + e0, 16 * ne, token_len, block_shift, w,
                         64);
             _tile_loadd(4, pb + k0, ctx_pad * 2);
