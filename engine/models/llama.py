@@ -82,6 +82,8 @@ class LlamaModel:
         self.weight_formats = pack.used  # the formats the GEMM weights ended up in
         inv_freq, self.rope_scaling = _rope_inv_freq(loaded)
         self.inv_freq = inv_freq.float()  # (D / 2,)
+        # cos, sin (P, D) of positions [0, P), grown as positions come (rope_tables)
+        self._rope_cos = self._rope_sin = torch.empty(0, 2 * len(inv_freq), dtype=dtype)
         # the layers prepared for one-call replay on the caches they were prepared with
         self._stack: LayerStack | None = None
         self._stack_caches: object = None
@@ -105,11 +107,22 @@ class LlamaModel:
         )
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, D) for int64 positions (T,), computed in fp32 as transformers does."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, D / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
-        return cos.to(self.dtype), sin.to(self.dtype)
+        """cos, sin (T, D) for int64 positions (T,) (each >= 0), computed in fp32 as
+        transformers does.
+
+        Rows of tables kept for every position so far, grown to the next power of two past the
+        largest asked for: torch's cos and sin of a decode step's few rows wake its second
+        OpenMP thread (75 us each on a 2-core Xeon, a row's worth of work taking ~1 us), where
+        a lookup takes 2 us; an element is computed by the same kernel either way, the same
+        float bit for bit."""
+        top = int(positions.max()) + 1 if len(positions) else 0
+        if top > len(self._rope_cos):
+            size = max(1024, 1 << (top - 1).bit_length())
+            freqs = torch.arange(size).float()[:, None] * self.inv_freq[None, :]  # (P, D / 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cos = (emb.cos() * self.rope_scaling).to(self.dtype)
+            self._rope_sin = (emb.sin() * self.rope_scaling).to(self.dtype)
+        return self._rope_cos.index_select(0, positions), self._rope_sin.index_select(0, positions)
 
     def forward(self, device: Device, plan: StepPlan, inputs: StepInputs,
                 k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
