@@ -23,6 +23,7 @@ RUN = replay.LayerStack.run
 
 
 def _generate(model: pathlib.Path, monkeypatch: pytest.MonkeyPatch, replayed: bool,
+              prompts: list[list[int]] = PROMPTS, num_kv_blocks: int = 32,
               **options: Any) -> tuple[list[Any], dict[str, Any], int]:
     """(per prompt (token ids, logprobs), the device's counters, number of replayed steps)"""
     num_replays = [0]
@@ -33,9 +34,9 @@ def _generate(model: pathlib.Path, monkeypatch: pytest.MonkeyPatch, replayed: bo
         return out
 
     monkeypatch.setattr(replay.LayerStack, "run", counted)
-    llm = LLM(model=str(model), num_kv_blocks=32, block_size=16, **options)
+    llm = LLM(model=str(model), num_kv_blocks=num_kv_blocks, block_size=16, **options)
     params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2, ignore_eos=True)
-    outs = llm.generate(PROMPTS, params)
+    outs = llm.generate(prompts, params)
     device = llm.engine.runner.device
     counters = {"sim_s": device.total_sim_s, "launches": dict(device.num_launches),
                 "tasks": dict(device.num_tasks), "steps": llm.engine.num_steps}
@@ -71,6 +72,22 @@ def test_replay_matches_launching_layer_by_layer(fixture: str, options: dict[str
     assert none == 0 and num_replays == replay_counters["steps"] - (fp32_panels and too_many_rows)
     assert replayed == by_launch
     assert replay_counters == launch_counters
+
+
+@pytest.mark.parametrize("options", [{"dtype": "float32"},
+                                     {"dtype": "float32", "kv_cache_dtype": "bfloat16"}])
+def test_a_long_context_attended_in_parts_is_the_same_however_run(
+        tiny_llama_dir: pathlib.Path, options: dict[str, Any], request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone stream's decodes past 256 keys (attention.c's PART_KEYS) are attended in parts,
+    spread over the threads and merged: the one parallel region (2 threads) and the kernels
+    one by one (on 2 threads and on 1) give the same tokens and log-probabilities to the bit."""
+    request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
+    long = dict(prompts=[[(7 * i) % 1000 + 1 for i in range(400)]])
+    runs = [_generate(tiny_llama_dir, monkeypatch, replayed, **long, **options, threads=threads)
+            for replayed, threads in ((True, 2), (False, 2), (False, 1))]
+    assert runs[0][2] == 9  # its 9 decode steps (ATen multiplies the prompt's 400 rows)
+    assert runs[0][0] == runs[1][0] == runs[2][0]
 
 
 def test_no_replay_without_the_c_kernels_or_on_the_reference_path(

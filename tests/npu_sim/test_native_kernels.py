@@ -125,6 +125,27 @@ def test_decode_attention_is_thread_count_invariant() -> None:
     assert torch.equal(_with_threads(1, run), _with_threads(2, run))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_long_decodes_are_attended_in_parts_on_every_thread(cache_dtype: torch.dtype) -> None:
+    """Contexts past 256 keys are attended in parts whose partial sums are merged (fp32
+    arithmetic): the dense reference's numbers, whatever the thread count."""
+    op = _paged(num_seqs=3, hq=9, hkv=3, d=64, block_size=16, max_ctx=1600, seed=5)
+    op["context_lens"] = torch.tensor([1537, 257, 200])  # 7 parts, 2, and one piece
+    op["k_cache"], op["v_cache"] = op["k_cache"].to(cache_dtype), op["v_cache"].to(cache_dtype)
+
+    def run() -> torch.Tensor:
+        out = torch.empty_like(op["q"])
+        native.decode_attention(op["q"], op["k_cache"], op["v_cache"], op["block_tables"],
+                                op["context_lens"], op["q_rows"], out, 0.125,
+                                bf16_matmul=False)
+        return out[op["q_rows"]]
+
+    one = _with_threads(1, run)
+    assert torch.equal(one, _with_threads(2, run))
+    dense = {**op, "k_cache": op["k_cache"].float(), "v_cache": op["v_cache"].float()}
+    torch.testing.assert_close(one, _dense(dense).float(), atol=1e-5, rtol=1e-5)
+
+
 def test_decode_attention_supported_operands() -> None:
     op = _paged(num_seqs=2, hq=4, hkv=2, d=16, block_size=16, max_ctx=20, seed=2)
     q, kc, vc = op["q"], op["k_cache"], op["v_cache"]

@@ -23,48 +23,57 @@
 #include "exp_approx.h"
 #include "paged.h"
 
-/* Sequence s's attention for one query row: qv (num_heads, d) against keys [0, ctx) through its
- * block table; scores (num_heads, ctx) and acc (num_heads, d) are scratch. */
+/* Keys [p0, p1) of sequence s's attention for one query row: qv (num_heads, d) against them
+ * through its block table; scores (num_heads, p1 - p0) and acc (num_heads, d) are scratch.
+ * part NULL (the keys are the whole context): the attention into os. Else the keys' partial
+ * sums into part (part_floats): acc (num_heads, d) = sum of exp(score - m) v, then m
+ * (num_heads) the largest score and l (num_heads) the sum of exp(score - m), each head's. */
 static inline __attribute__((always_inline)) void attend(
-    const vf *qv, const void *k_cache, const void *v_cache, const int64_t *table, int64_t ctx,
-    float *os, float *scores, vf *acc, const int16_t *head_kv, int64_t num_heads, int64_t d,
-    int64_t token_len, int64_t block_shift, float scale, int dt) {
-    int64_t nv = d / VF_LANES;
-    for (int64_t p = 0; p < ctx; p++) {  /* scores: keys slot by slot */
+    const vf *qv, const void *k_cache, const void *v_cache, const int64_t *table, int64_t p0,
+    int64_t p1, float *os, float *part, float *scores, vf *acc, const int16_t *head_kv,
+    int64_t num_heads, int64_t d, int64_t token_len, int64_t block_shift, float scale, int dt) {
+    int64_t nv = d / VF_LANES, len = p1 - p0;
+    for (int64_t p = p0; p < p1; p++) {  /* scores: keys slot by slot */
         int64_t key = slot(table, p, block_shift, token_len);
-        prefetch_block_ahead(k_cache, table, p, ctx, block_shift, token_len, dt);
+        prefetch_block_ahead(k_cache, table, p, p1, block_shift, token_len, dt);
         for (int64_t h = 0; h < num_heads; h++) {
             int64_t kh = key + head_kv[h] * d;
             const vf *qh = qv + h * nv;
             vf dot = qh[0] * kv_load8(k_cache, kh, dt);
             for (int64_t c = 1; c < nv; c++) dot += qh[c] * kv_load8(k_cache, kh + c * VF_LANES, dt);
-            scores[h * ctx + p] = hsum(dot) * scale;
+            scores[h * len + p - p0] = hsum(dot) * scale;
         }
     }
     for (int64_t h = 0; h < num_heads; h++) {
-        float *sh = scores + h * ctx, m = sh[0], l = 0.0f;
-        for (int64_t p = 1; p < ctx; p++) m = sh[p] > m ? sh[p] : m;
+        float *sh = scores + h * len, m = sh[0], l = 0.0f;
+        for (int64_t p = 1; p < len; p++) m = sh[p] > m ? sh[p] : m;
 #pragma omp simd reduction(+ : l)
-        for (int64_t p = 0; p < ctx; p++) {
+        for (int64_t p = 0; p < len; p++) {
             sh[p] = exp_approx(sh[p] - m);
             l += sh[p];
         }
+        if (part) {  /* the weights stay as they are: merge_parts scales every part's */
+            part[num_heads * d + h] = m;
+            part[num_heads * (d + 1) + h] = l;
+            continue;
+        }
         float inv = 1.0f / l;
 #pragma omp simd
-        for (int64_t p = 0; p < ctx; p++) sh[p] *= inv;
+        for (int64_t p = 0; p < len; p++) sh[p] *= inv;
     }
     memset(acc, 0, sizeof(vf) * (size_t)(num_heads * nv));
-    for (int64_t p = 0; p < ctx; p++) {  /* output: values slot by slot, in their own pass */
+    for (int64_t p = p0; p < p1; p++) {  /* output: values slot by slot, in their own pass */
         int64_t val = slot(table, p, block_shift, token_len);
-        prefetch_block_ahead(v_cache, table, p, ctx, block_shift, token_len, dt);
+        prefetch_block_ahead(v_cache, table, p, p1, block_shift, token_len, dt);
         for (int64_t h = 0; h < num_heads; h++) {
             int64_t vh = val + head_kv[h] * d;
-            vf w = bcast8(scores[h * ctx + p]);
+            vf w = bcast8(scores[h * len + p - p0]);
             vf *a = acc + h * nv;
             for (int64_t c = 0; c < nv; c++) a[c] += w * kv_load8(v_cache, vh + c * VF_LANES, dt);
         }
     }
-    for (int64_t i = 0; i < num_heads * nv; i++) *(vf_u *)(os + i * VF_LANES) = acc[i];
+    float *dst = part ? part : os;
+    for (int64_t i = 0; i < num_heads * nv; i++) *(vf_u *)(dst + i * VF_LANES) = acc[i];
 }
 
 /* attend with the element type a constant, and a copy for the common head size, its per-head
@@ -79,6 +88,124 @@ static inline __attribute__((always_inline)) void attend(
     default: attend(__VA_ARGS__, 64, token_len, block_shift, scale, KV_F16); break;           \
     }
 
+/* Keys a part of a long decode covers on the fp32 path: a context of more keys is attended in
+ * parts of PART_KEYS (the last one shorter), each a work item of its own, and their partial
+ * sums merged in part order (merge_parts). A lone stream's long context then runs on every
+ * thread, where one thread attended to it all (the default model on a 2-core Xeon, a lone
+ * stream's token at 1,000 keys: 10.2-10.4 -> 8.8 ms; at 4,000: 20.7-21.7 -> 14.8-15.1 ms).
+ * The parts depend on the context alone, so the numbers do not depend on the thread count; a
+ * context of up to PART_KEYS keys is attended whole, as before. */
+#define PART_KEYS 256
+
+static inline int64_t parts_of(int64_t ctx) {
+    return ctx <= PART_KEYS ? 1 : (ctx + PART_KEYS - 1) / PART_KEYS;
+}
+
+/* Floats of one part's partial sums (attend's `part`) */
+static inline int64_t part_floats(int64_t num_heads, int64_t d) { return num_heads * (d + 2); }
+
+/* Floats of a thread's scratch for decode_part: scores of up to PART_KEYS keys, acc, q. */
+static inline size_t part_scratch(int64_t num_heads, int64_t d) {
+    return (size_t)(((num_heads * PART_KEYS + 15) & ~(int64_t)15) + 2 * num_heads * d);
+}
+
+/* Part c of one query row's decode over ctx keys (fp32 arithmetic): the attention into orow
+ * when the context is one part, else the part's partial sums into partial. */
+__attribute__((optimize("fp-contract=fast")))
+static void decode_part(const float *qrow, const void *k_cache, const void *v_cache,
+                        const int64_t *table, int64_t ctx, int64_t c, float *orow, float *partial,
+                        const int16_t *head_kv, int64_t num_heads, int64_t d, int64_t token_len,
+                        int64_t block_shift, float scale, int kv_dtype, float *scratch) {
+    int64_t scores_len = (num_heads * PART_KEYS + 15) & ~(int64_t)15;
+    vf *acc = (vf *)(scratch + scores_len), *qv = acc + num_heads * (d / VF_LANES);
+    for (int64_t i = 0; i < num_heads * d / VF_LANES; i++)
+        qv[i] = *(const vf_u *)(qrow + i * VF_LANES);
+    int whole = parts_of(ctx) == 1;
+    int64_t p0 = whole ? 0 : c * PART_KEYS;
+    int64_t p1 = whole || ctx - p0 < PART_KEYS ? ctx : p0 + PART_KEYS;
+    ATTEND_COPIES(qv, k_cache, v_cache, table, p0, p1, orow, whole ? NULL : partial, scratch, acc,
+                  head_kv, num_heads)
+}
+
+/* A row's attention from its parts' partial sums (num_parts of part_floats, in part order):
+ * per head, with m the largest of the parts' maxima, the sum of their acc times exp(m_c - m)
+ * over the sum of their l times the same. */
+static void merge_parts(const float *parts, int64_t num_parts, int64_t num_heads, int64_t d,
+                        float *orow) {
+    int64_t len = part_floats(num_heads, d);
+    for (int64_t h = 0; h < num_heads; h++) {
+        const float *first = parts + num_heads * d + h;  /* part 0's m; its l num_heads on */
+        float m = first[0], l = 0.0f, *o = orow + h * d;
+        for (int64_t c = 1; c < num_parts; c++) m = first[c * len] > m ? first[c * len] : m;
+        for (int64_t x = 0; x < d; x++) o[x] = 0.0f;
+        for (int64_t c = 0; c < num_parts; c++) {
+            float w = exp_approx(first[c * len] - m);
+            const float *a = parts + c * len + h * d;
+            l += first[c * len + num_heads] * w;
+#pragma omp simd
+            for (int64_t x = 0; x < d; x++) o[x] += a[x] * w;
+        }
+        float inv = 1.0f / l;
+#pragma omp simd
+        for (int64_t x = 0; x < d; x++) o[x] *= inv;
+    }
+}
+
+/* The KV head of each query head into head_kv (num_heads of them, at most 1024). */
+static void heads_kv(int64_t num_heads, int64_t num_kv_heads, int16_t *head_kv) {
+    for (int64_t h = 0; h < num_heads; h++) head_kv[h] = (int16_t)(h / (num_heads / num_kv_heads));
+}
+
+/* Whether xy_decode_attention's decodes with these operands take AMX tiles (in one piece
+ * each) rather than fp32 arithmetic (in parts). */
+static int decodes_on_amx(int flags, int kv_dtype, int64_t d, int64_t block_shift,
+                          int64_t num_heads, int64_t num_kv_heads) {
+#if XY_HAVE_AMX
+    return num_heads / num_kv_heads <= 16
+           && amx_attention_takes(flags, kv_dtype, d, block_shift);
+#else
+    (void)flags, (void)kv_dtype, (void)d, (void)block_shift, (void)num_heads, (void)num_kv_heads;
+    return 0;
+#endif
+}
+
+/* For a caller that runs its own parallel region (decoder.c), xy_decode_attention's decode
+ * of one row in its pieces: xy_decode_parts, the parts a decode of ctx keys takes with these
+ * operands (1: it is attended in one piece, by xy_decode_attention); xy_decode_part, part c of
+ * one decode of more (a row of q and its block table of bt_len entries) into `partial`
+ * (part_floats(num_heads, d) floats) on the calling thread: 0, -1 when out of memory, -2 / -3
+ * as xy_decode_attention; xy_decode_merge, the row's attention from its parts, in order. */
+int64_t xy_decode_parts(int64_t ctx, int flags, int kv_dtype, int64_t d, int64_t block_size,
+                        int64_t num_heads, int64_t num_kv_heads) {
+    int64_t block_shift = block_shift_of(block_size);
+    return decodes_on_amx(flags, kv_dtype, d, block_shift, num_heads, num_kv_heads)
+           ? 1 : parts_of(ctx);
+}
+
+int xy_decode_part(const float *qrow, const void *k_cache, const void *v_cache,
+                   const int64_t *table, int64_t bt_len, int64_t ctx, int64_t c, float *partial,
+                   int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t num_blocks,
+                   int64_t block_size, float scale, int kv_dtype) {
+    int64_t block_shift = block_shift_of(block_size);
+    if (d % VF_LANES || block_shift < 0 || num_heads > 1024 || kv_dtype < KV_F32
+        || kv_dtype > KV_F16 || parts_of(ctx) < 2 || c < 0 || c >= parts_of(ctx))
+        return -2;
+    int64_t used = (ctx + block_size - 1) >> block_shift;
+    if (used > bt_len || !blocks_in_range(table, used, num_blocks)) return -3;
+    int16_t head_kv[1024];
+    heads_kv(num_heads, num_kv_heads, head_kv);
+    float *scratch = thread_scratch(sizeof(float) * part_scratch(num_heads, d));
+    if (!scratch) return -1;
+    decode_part(qrow, k_cache, v_cache, table, ctx, c, NULL, partial, head_kv, num_heads, d,
+                num_kv_heads * d, block_shift, scale, kv_dtype, scratch);
+    return 0;
+}
+
+void xy_decode_merge(const float *partials, int64_t num_parts, int64_t num_heads, int64_t d,
+                     float *orow) {
+    merge_parts(partials, num_parts, num_heads, d, orow);
+}
+
 /* One query token per sequence against its whole context, read from the paged cache.
  *
  * q: rows of num_heads * d (query heads j * G .. j * G + G - 1 share KV head j); sequence s
@@ -87,9 +214,10 @@ static inline __attribute__((always_inline)) void attend(
  * p / block_size], offset p % block_size, and it sees positions [0, context_lens[s]).
  * Keys and values are read slot by slot, each slot (all KV heads) once and in order, the
  * cache's elements of type kv_dtype (KV_F32, KV_BF16, KV_F16). Softmax in fp32 with the row
- * max subtracted. Sequences are shared among up to num_threads OpenMP threads
- * (torch's, see gemm.c). d must be a multiple of 8 and block_size a power of two; at most 1024
- * query heads; every context is >= 1 token and every block it reaches in [0, num_blocks).
+ * max subtracted. Sequences, and the parts of long ones on fp32 arithmetic (PART_KEYS), are
+ * shared among up to num_threads OpenMP threads (torch's, see gemm.c). d must be a multiple
+ * of 8 and block_size a power of two; at most 1024 query heads; every context is >= 1 token
+ * and every block it reaches in [0, num_blocks).
  * flags: XY_ATTN_BF16_MATMUL lets a bf16 cache take AMX tiles where the CPU grants them, d is a
  * multiple of 32, blocks hold at least 16 slots and at most 16 query heads share a KV head
  * (attention_amx.h's decode_item_amx: Q and P split in two bf16 parts); else fp32 arithmetic.
@@ -109,7 +237,7 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
         || kv_dtype > KV_F16)
         return -2;
     int16_t head_kv[1024];  /* the KV head of each query head */
-    for (int64_t h = 0; h < num_heads; h++) head_kv[h] = (int16_t)(h / (num_heads / num_kv_heads));
+    heads_kv(num_heads, num_kv_heads, head_kv);
     int64_t max_ctx = 0, token_len = num_kv_heads * d;  /* one cache slot */
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t ctx = context_lens[s], used = (ctx + block_size - 1) >> block_shift;
@@ -118,12 +246,13 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
             return -3;
         if (ctx > max_ctx) max_ctx = ctx;
     }
+    int num_threads_asked = num_threads < 1 ? 1 : num_threads;
     if (num_threads > num_seqs) num_threads = (int)num_seqs;
     if (num_threads < 1) num_threads = 1;
     int failed = 0;
 #if XY_HAVE_AMX
     int64_t group = num_heads / num_kv_heads;
-    if (group <= 16 && amx_attention_takes(flags, kv_dtype, d, block_shift)) {
+    if (decodes_on_amx(flags, kv_dtype, d, block_shift, num_heads, num_kv_heads)) {
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
         {
             uint32_t *scratch = thread_scratch(sizeof(uint32_t) * amx_decode_scratch(max_ctx, d));
@@ -142,26 +271,60 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
         }
         return failed ? -1 : 0;
     }
-#else
-    (void)flags;
 #endif
-#pragma omp parallel num_threads(num_threads) reduction(| : failed)
-    {
-        /* per thread: scores (num_heads, max_ctx), then acc and the query (num_heads, d) */
-        int64_t scores_len = (num_heads * max_ctx + 15) & ~(int64_t)15;
-        float *scores = thread_scratch(sizeof(float) * (size_t)(scores_len + 2 * num_heads * d));
-        failed = scores == NULL;
-        vf *acc = (vf *)(scores + scores_len), *qv = acc + num_heads * (d / VF_LANES);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < num_seqs; s++) {
-            if (!scores) continue;
-            for (int64_t i = 0; i < num_heads * d / VF_LANES; i++)
-                qv[i] = *(const vf_u *)(q + q_rows[s] * q_stride + i * VF_LANES);
-            const int64_t *table = block_tables + s * bt_stride;
-            float *os = out + q_rows[s] * o_stride;
-            ATTEND_COPIES(qv, k_cache, v_cache, table, context_lens[s], os, scores, acc, head_kv,
-                          num_heads)
+    /* fp32 arithmetic: a work item per part of a sequence (one for a short context) */
+    int64_t num_items = 0, num_partials = 0, pf = part_floats(num_heads, d);
+    for (int64_t s = 0; s < num_seqs; s++) {
+        int64_t n = parts_of(context_lens[s]);
+        num_items += n;
+        num_partials += n > 1 ? n : 0;
+    }
+    /* Where some are split, item i is part i - first_item[s] of sequence s = item_seq[i], its
+     * partial sums from partials + first_partial[s] * pf; else item i is sequence i, whole. */
+    int64_t *index = NULL, *item_seq = NULL, *first_item = NULL, *first_partial = NULL;
+    float *partials = NULL;
+    if (num_partials) {
+        index = malloc(sizeof(int64_t) * (size_t)(num_items + 2 * num_seqs));
+        partials = malloc(sizeof(float) * (size_t)(num_partials * pf));
+        if (!index || !partials) {
+            free(index);
+            free(partials);
+            return -1;
+        }
+        item_seq = index;
+        first_item = item_seq + num_items;
+        first_partial = first_item + num_seqs;
+        for (int64_t s = 0, i = 0, next = 0; s < num_seqs; s++) {
+            int64_t n = parts_of(context_lens[s]);
+            first_item[s] = i;
+            first_partial[s] = next;
+            for (int64_t c = 0; c < n; c++) item_seq[i++] = s;
+            next += n > 1 ? n : 0;
         }
     }
+    num_threads = num_threads_asked < num_items ? num_threads_asked : (int)num_items;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float *scratch = thread_scratch(sizeof(float) * part_scratch(num_heads, d));
+        failed = scratch == NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < num_items; i++) {
+            if (!scratch) continue;
+            int64_t s = item_seq ? item_seq[i] : i, c = item_seq ? i - first_item[s] : 0;
+            decode_part(q + q_rows[s] * q_stride, k_cache, v_cache, block_tables + s * bt_stride,
+                        context_lens[s], c, out + q_rows[s] * o_stride,
+                        partials ? partials + (first_partial[s] + c) * pf : NULL, head_kv,
+                        num_heads, d, token_len, block_shift, scale, kv_dtype, scratch);
+        }
+        if (partials) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t s = 0; s < num_seqs; s++)
+                if (parts_of(context_lens[s]) > 1)
+                    merge_parts(partials + first_partial[s] * pf, parts_of(context_lens[s]),
+                                num_heads, d, out + q_rows[s] * o_stride);
+        }
+    }
+    free(index);
+    free(partials);
     return failed ? -1 : 0;
 }

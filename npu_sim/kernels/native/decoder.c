@@ -21,6 +21,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* the kernels this sequence calls (cpu_kernels.c, attention.c, attention_chunk.c, gemm.c) */
 void xy_add_rmsnorm(const float *x, int64_t x_stride, float *residual, int64_t r_stride,
@@ -39,6 +40,14 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
                         int64_t o_stride, int64_t num_seqs, int64_t num_heads,
                         int64_t num_kv_heads, int64_t d, int64_t num_blocks, int64_t block_size,
                         float scale, int num_threads, int kv_dtype, int flags);
+int64_t xy_decode_parts(int64_t ctx, int flags, int kv_dtype, int64_t d, int64_t block_size,
+                        int64_t num_heads, int64_t num_kv_heads);
+int xy_decode_part(const float *qrow, const void *k_cache, const void *v_cache,
+                   const int64_t *table, int64_t bt_len, int64_t ctx, int64_t c, float *partial,
+                   int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t num_blocks,
+                   int64_t block_size, float scale, int kv_dtype);
+void xy_decode_merge(const float *partials, int64_t num_parts, int64_t num_heads, int64_t d,
+                     float *orow);
 int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
                        const void *v_cache, const int64_t *table, int64_t bt_len,
                        int64_t start_pos, int64_t q_len, float *out, int64_t o_stride,
@@ -260,11 +269,24 @@ static void barrier_wait(spin_barrier *b) {
         }
 }
 
+/* The decodes attended in parts (attention.c's xy_decode_parts: long contexts on fp32
+ * arithmetic), so that a lone stream's long context runs on every thread: decode q takes
+ * parts[q] parts (1: in one piece, claimed with its sequence), its partial sums from
+ * partials + first[q] * part_len; part i of all of them is decode item_decode[i]'s part
+ * i - item_first[i]. */
+typedef struct {
+    int64_t num_items, part_len;
+    int64_t *parts, *first, *item_decode, *item_first;
+    float *partials;
+} split_plan;
+
 typedef struct {
     const xy_dims *m;
     const xy_step *s;
+    const split_plan *split;  /* NULL: every decode in one piece */
     spin_barrier barrier;
     atomic_long next_seq;  /* the attention's next unclaimed sequence */
+    atomic_long next_part;  /* ... and part of a split one */
     atomic_int failed;     /* the first failure's return code, 0 while none */
 } region;
 
@@ -296,10 +318,12 @@ static void norm_rows(region *r, const float *x, const float *weight, int64_t b,
     barrier_wait(&r->barrier);
 }
 
-/* Sequences claimed one at a time: rotate the row, write its K/V, attend. */
-static void decode_share(region *r, const xy_layer *l) {
+/* Sequences claimed one at a time: rotate the row, write its K/V, attend (a split decode: its
+ * parts claimed once every row is in the cache, then merged). */
+static void decode_share(region *r, const xy_layer *l, int tid, int nth) {
     const xy_dims *m = r->m;
     const xy_step *s = r->s;
+    const split_plan *split = r->split;
     int64_t d = m->head_dim, q_cols = m->num_heads * d, kv_cols = m->num_kv_heads * d;
     int64_t qkv_n = l->qkv.n;
     for (int64_t q = atomic_fetch_add(&r->next_seq, 1); q < s->num_decodes;
@@ -316,6 +340,7 @@ static void decode_share(region *r, const xy_layer *l) {
             fail(r, rc - 200);
             continue;
         }
+        if (split && split->parts[q] > 1) continue;
         rc = xy_decode_attention(s->qkv, qkv_n, l->k_cache, l->v_cache,
                                  s->decode_tables + q * s->decode_table_stride,
                                  s->decode_table_stride, s->decode_context_lens + q,
@@ -324,6 +349,27 @@ static void decode_share(region *r, const xy_layer *l) {
                                  (int)m->kv_dtype, (int)s->attention_flags);
         if (rc) fail(r, rc - 300);
     }
+    if (!split) return;
+    barrier_wait(&r->barrier);  /* every split decode's row is in the cache */
+    for (int64_t i = atomic_fetch_add(&r->next_part, 1); i < split->num_items;
+         i = atomic_fetch_add(&r->next_part, 1)) {
+        if (atomic_load(&r->failed)) continue;
+        int64_t q = split->item_decode[i], c = i - split->item_first[i];
+        int rc = xy_decode_part(s->qkv + s->decode_rows[q] * qkv_n, l->k_cache, l->v_cache,
+                                s->decode_tables + q * s->decode_table_stride,
+                                s->decode_table_stride, s->decode_context_lens[q], c,
+                                split->partials + (split->first[q] + c) * split->part_len,
+                                m->num_heads, m->num_kv_heads, d, m->num_blocks, m->block_size,
+                                m->scale, (int)m->kv_dtype);
+        if (rc) fail(r, rc - 300);
+    }
+    barrier_wait(&r->barrier);  /* every part summed */
+    int64_t b, e;
+    share(s->num_decodes, tid, nth, &b, &e);
+    for (int64_t q = b; q < e && !atomic_load(&r->failed); q++)
+        if (split->parts[q] > 1)
+            xy_decode_merge(split->partials + split->first[q] * split->part_len, split->parts[q],
+                            m->num_heads, d, s->attn + s->decode_rows[q] * q_cols);
 }
 
 static void layers_in_region(region *r, const xy_layer *layers, int tid, int nth) {
@@ -334,9 +380,12 @@ static void layers_in_region(region *r, const xy_layer *layers, int tid, int nth
     for (int64_t i = 0; i < m->num_layers; i++) {
         const xy_layer *l = layers + i;
         gemm_share(r, &l->qkv, s->x, s->qkv, tid, nth, 1);
-        decode_share(r, l);
+        decode_share(r, l, tid, nth);
         barrier_wait(&r->barrier);
-        if (tid == 0) atomic_store(&r->next_seq, 0);  /* next claimed a layer and barriers on */
+        if (tid == 0) {  /* next claimed a layer and barriers on */
+            atomic_store(&r->next_seq, 0);
+            atomic_store(&r->next_part, 0);
+        }
         gemm_share(r, &l->o, s->attn, s->o, tid, nth, 4);
         norm_rows(r, s->o, l->post_attn_norm, b, e);
         gemm_share(r, &l->gate_up, s->x, s->gate_up, tid, nth, 5);
@@ -355,13 +404,51 @@ static int one_region_takes(const xy_step *s) {
     return !s->num_chunks && s->num_decodes == s->num_tokens && s->num_threads >= 2;
 }
 
+/* The step's split decodes into plan: 1, or 0 when none is split (nothing allocated); -1 when
+ * out of memory. */
+static int plan_split(const xy_dims *m, const xy_step *s, split_plan *plan) {
+    int64_t n = s->num_decodes, num_items = 0;
+    plan->parts = malloc(sizeof(int64_t) * (size_t)(2 * n));
+    if (!plan->parts) return -1;
+    plan->first = plan->parts + n;
+    for (int64_t q = 0; q < n; q++) {
+        plan->parts[q] = xy_decode_parts(s->decode_context_lens[q], (int)s->attention_flags,
+                                         (int)m->kv_dtype, m->head_dim, m->block_size,
+                                         m->num_heads, m->num_kv_heads);
+        plan->first[q] = num_items;
+        num_items += plan->parts[q] > 1 ? plan->parts[q] : 0;
+    }
+    plan->num_items = num_items;
+    plan->part_len = m->num_heads * (m->head_dim + 2);  /* attention.c's part_floats */
+    plan->item_decode = num_items ? malloc(sizeof(int64_t) * (size_t)(2 * num_items)) : NULL;
+    plan->partials = num_items ? malloc(sizeof(float) * (size_t)(num_items * plan->part_len))
+                               : NULL;
+    if (!num_items || !plan->item_decode || !plan->partials) {
+        free(plan->parts);
+        free(plan->item_decode);
+        free(plan->partials);
+        return num_items ? -1 : 0;
+    }
+    plan->item_first = plan->item_decode + num_items;
+    for (int64_t q = 0; q < n; q++)
+        for (int64_t c = 0; plan->parts[q] > 1 && c < plan->parts[q]; c++) {
+            plan->item_decode[plan->first[q] + c] = q;
+            plan->item_first[plan->first[q] + c] = plan->first[q];
+        }
+    return 1;
+}
+
 /* Returns 0, or the first failing kernel's code plus 100 * its launch (in layer order: 1 QKV,
  * 2 KV write, 3 attention, 4 O, 5 gate/up, 6 down). The last layer's down projection is left
  * in s->down, the residual stream in s->residual. */
 int xy_decoder_layers(const xy_dims *m, const xy_layer *layers, const xy_step *s) {
     if (!one_region_takes(s)) return layers_by_kernel(m, layers, s);
-    region r = {.m = m, .s = s};
+    split_plan plan;
+    int split = plan_split(m, s, &plan);
+    if (split < 0) return -300 - 1;
+    region r = {.m = m, .s = s, .split = split ? &plan : NULL};
     atomic_init(&r.next_seq, 0);
+    atomic_init(&r.next_part, 0);
     atomic_init(&r.failed, 0);
     atomic_init(&r.barrier.arrived, 0);
     atomic_init(&r.barrier.phase, 0);
@@ -371,6 +458,11 @@ int xy_decoder_layers(const xy_dims *m, const xy_layer *layers, const xy_step *s
         r.barrier.num_threads = omp_get_num_threads();  /* the team may be smaller than asked */
         /* (single's implied barrier: every thread sees the count before the first wait) */
         layers_in_region(&r, layers, omp_get_thread_num(), r.barrier.num_threads);
+    }
+    if (split) {
+        free(plan.parts);
+        free(plan.item_decode);
+        free(plan.partials);
     }
     return atomic_load(&r.failed);
 }
