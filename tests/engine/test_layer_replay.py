@@ -74,19 +74,23 @@ def test_replay_matches_launching_layer_by_layer(fixture: str, options: dict[str
     assert replay_counters == launch_counters
 
 
+@pytest.mark.parametrize("num_streams", [1, 2])
 @pytest.mark.parametrize("options", [{"dtype": "float32"},
                                      {"dtype": "float32", "kv_cache_dtype": "bfloat16"}])
-def test_a_long_context_attended_in_parts_is_the_same_however_run(
-        tiny_llama_dir: pathlib.Path, options: dict[str, Any], request: pytest.FixtureRequest,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lone stream's decodes past 256 keys (attention.c's PART_KEYS) are attended in parts,
-    spread over the threads and merged: the one parallel region (2 threads) and the kernels
-    one by one (on 2 threads and on 1) give the same tokens and log-probabilities to the bit."""
+def test_long_contexts_attended_in_parts_are_the_same_however_run(
+        tiny_llama_dir: pathlib.Path, options: dict[str, Any], num_streams: int,
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes past 256 keys (attention.c's PART_KEYS) are attended in parts on fp32
+    arithmetic, spread over the threads and merged (two streams on a bf16 cache take AMX tiles
+    where the CPU has them, in one piece at these lengths): the one parallel region (2 threads)
+    and the kernels one by one (on 2 threads and on 1) give the same tokens and
+    log-probabilities to the bit."""
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
-    long = dict(prompts=[[(7 * i) % 1000 + 1 for i in range(400)]])
-    runs = [_generate(tiny_llama_dir, monkeypatch, replayed, **long, **options, threads=threads)
+    prompts = [[(7 * i + s) % 1000 + 1 for i in range(400)] for s in range(num_streams)]
+    runs = [_generate(tiny_llama_dir, monkeypatch, replayed, prompts=prompts, num_kv_blocks=64,
+                      **options, threads=threads)
             for replayed, threads in ((True, 2), (False, 2), (False, 1))]
-    assert runs[0][2] == 9  # its 9 decode steps (ATen multiplies the prompt's 400 rows)
+    assert runs[0][2] >= 9  # its 9 decode steps at least (ATen multiplies 400-row chunks)
     assert runs[0][0] == runs[1][0] == runs[2][0]
 
 

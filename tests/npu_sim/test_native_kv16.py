@@ -198,6 +198,7 @@ def test_chunk_attention_bf16_matmul_needs_a_bf16_cache_and_tiles_that_fit() -> 
 
 @pytest.mark.parametrize(("hq", "hkv", "d", "block_size", "max_ctx"), [
     (9, 3, 64, 16, 300),  # the default model's heads
+    (9, 3, 64, 16, 2500),  # contexts past 1,024 keys, attended in parts (attention.c)
     (4, 4, 32, 16, 40),  # one tile of d, one query head per KV head
     (8, 1, 128, 32, 70),  # two column passes of P V; 32-slot blocks
     (6, 2, 96, 64, 33),  # a pass of 4 columns and one of 2

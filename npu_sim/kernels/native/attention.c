@@ -88,43 +88,74 @@ static inline __attribute__((always_inline)) void attend(
     default: attend(__VA_ARGS__, 64, token_len, block_shift, scale, KV_F16); break;           \
     }
 
-/* Keys a part of a long decode covers on the fp32 path: a context of more keys is attended in
- * parts of PART_KEYS (the last one shorter), each a work item of its own, and their partial
- * sums merged in part order (merge_parts). A lone stream's long context then runs on every
- * thread, where one thread attended to it all (the default model on a 2-core Xeon, a lone
- * stream's token at 1,000 keys: 10.2-10.4 -> 8.8 ms; at 4,000: 20.7-21.7 -> 14.8-15.1 ms).
- * The parts depend on the context alone, so the numbers do not depend on the thread count; a
- * context of up to PART_KEYS keys is attended whole, as before. */
+/* Keys a part of a long decode covers: a context of more keys is attended in parts of that
+ * many (the last one shorter), each a work item of its own, and their partial sums merged in
+ * part order (merge_parts). A lone stream's long context then runs on every thread, where one
+ * thread attended to it all (the default model on a 2-core Xeon, fp32 arithmetic: a lone
+ * stream's token at 1,000 keys 10.2-10.4 -> 8.8 ms, at 4,000 20.7-21.7 -> 14.8-15.1 ms), and a
+ * few long streams share the threads evenly (AMX: 3 streams of 4,000 keys 26.4 -> 18.7 ms a
+ * step's attention). The parts depend on the context alone, so the numbers do not depend on
+ * the thread count; a context of up to a part's keys is attended whole, as before. The AMX
+ * kernel's parts are longer: each pays its query tiles again and starts without the keys
+ * fetched ahead (256-key parts cost 16 streams of 1,000 keys 10%). Multiples of its 32-key
+ * tiles. */
 #define PART_KEYS 256
+#define AMX_PART_KEYS 1024
 
-static inline int64_t parts_of(int64_t ctx) {
-    return ctx <= PART_KEYS ? 1 : (ctx + PART_KEYS - 1) / PART_KEYS;
+static inline int64_t part_keys(int amx) { return amx ? AMX_PART_KEYS : PART_KEYS; }
+
+static inline int64_t parts_of(int64_t ctx, int amx) {
+    int64_t keys = part_keys(amx);
+    return ctx <= keys ? 1 : (ctx + keys - 1) / keys;
 }
 
 /* Floats of one part's partial sums (attend's `part`) */
 static inline int64_t part_floats(int64_t num_heads, int64_t d) { return num_heads * (d + 2); }
 
-/* Floats of a thread's scratch for decode_part: scores of up to PART_KEYS keys, acc, q. */
-static inline size_t part_scratch(int64_t num_heads, int64_t d) {
-    return (size_t)(((num_heads * PART_KEYS + 15) & ~(int64_t)15) + 2 * num_heads * d);
+/* Bytes of a thread's scratch for decode_part over contexts of up to max_ctx keys: AMX's
+ * (amx_decode_scratch), or scores of up to PART_KEYS keys, acc and q. */
+static inline size_t part_scratch(int amx, int64_t max_ctx, int64_t num_heads, int64_t d) {
+#if XY_HAVE_AMX
+    if (amx) return sizeof(uint32_t) * amx_decode_scratch(max_ctx < AMX_PART_KEYS
+                                                          ? max_ctx : AMX_PART_KEYS, d);
+#else
+    (void)amx, (void)max_ctx;
+#endif
+    return sizeof(float) * (size_t)(((num_heads * PART_KEYS + 15) & ~(int64_t)15)
+                                    + 2 * num_heads * d);
 }
 
-/* Part c of one query row's decode over ctx keys (fp32 arithmetic): the attention into orow
- * when the context is one part, else the part's partial sums into partial. */
+/* Part c of one query row's decode over ctx keys: the attention into orow when the context is
+ * one part, else the part's partial sums into partial; on AMX tiles (amx: a bf16 cache, the
+ * calling thread's tile configuration loaded) or in fp32 arithmetic. */
 __attribute__((optimize("fp-contract=fast")))
-static void decode_part(const float *qrow, const void *k_cache, const void *v_cache,
+static void decode_part(int amx, const float *qrow, const void *k_cache, const void *v_cache,
                         const int64_t *table, int64_t ctx, int64_t c, float *orow, float *partial,
-                        const int16_t *head_kv, int64_t num_heads, int64_t d, int64_t token_len,
-                        int64_t block_shift, float scale, int kv_dtype, float *scratch) {
-    int64_t scores_len = (num_heads * PART_KEYS + 15) & ~(int64_t)15;
-    vf *acc = (vf *)(scratch + scores_len), *qv = acc + num_heads * (d / VF_LANES);
+                        const int16_t *head_kv, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t d, int64_t block_shift, float scale, int kv_dtype,
+                        void *scratch) {
+    int64_t keys = part_keys(amx), token_len = num_kv_heads * d;
+    int whole = parts_of(ctx, amx) == 1;
+    int64_t p0 = whole ? 0 : c * keys;
+    int64_t p1 = whole || ctx - p0 < keys ? ctx : p0 + keys;
+    float *part = whole ? NULL : partial;
+#if XY_HAVE_AMX
+    if (amx) {
+        for (int64_t j = 0; j < num_kv_heads; j++)
+            decode_item_amx(qrow, k_cache, v_cache, table, p0, p1, j, num_heads / num_kv_heads,
+                            num_heads, d, token_len, block_shift, scale, orow, part, scratch);
+        return;
+    }
+#else
+    (void)amx;
+#endif
+    float *scores = scratch;
+    vf *acc = (vf *)(scores + ((num_heads * PART_KEYS + 15) & ~(int64_t)15));
+    vf *qv = acc + num_heads * (d / VF_LANES);
     for (int64_t i = 0; i < num_heads * d / VF_LANES; i++)
         qv[i] = *(const vf_u *)(qrow + i * VF_LANES);
-    int whole = parts_of(ctx) == 1;
-    int64_t p0 = whole ? 0 : c * PART_KEYS;
-    int64_t p1 = whole || ctx - p0 < PART_KEYS ? ctx : p0 + PART_KEYS;
-    ATTEND_COPIES(qv, k_cache, v_cache, table, p0, p1, orow, whole ? NULL : partial, scratch, acc,
-                  head_kv, num_heads)
+    ATTEND_COPIES(qv, k_cache, v_cache, table, p0, p1, orow, part, scores, acc, head_kv,
+                  num_heads)
 }
 
 /* A row's attention from its parts' partial sums (num_parts of part_floats, in part order):
@@ -156,8 +187,7 @@ static void heads_kv(int64_t num_heads, int64_t num_kv_heads, int16_t *head_kv) 
     for (int64_t h = 0; h < num_heads; h++) head_kv[h] = (int16_t)(h / (num_heads / num_kv_heads));
 }
 
-/* Whether xy_decode_attention's decodes with these operands take AMX tiles (in one piece
- * each) rather than fp32 arithmetic (in parts). */
+/* Whether decodes with these operands take AMX tiles rather than fp32 arithmetic. */
 static int decodes_on_amx(int flags, int kv_dtype, int64_t d, int64_t block_shift,
                           int64_t num_heads, int64_t num_kv_heads) {
 #if XY_HAVE_AMX
@@ -172,32 +202,40 @@ static int decodes_on_amx(int flags, int kv_dtype, int64_t d, int64_t block_shif
 /* For a caller that runs its own parallel region (decoder.c), xy_decode_attention's decode
  * of one row in its pieces: xy_decode_parts, the parts a decode of ctx keys takes with these
  * operands (1: it is attended in one piece, by xy_decode_attention); xy_decode_part, part c of
- * one decode of more (a row of q and its block table of bt_len entries) into `partial`
- * (part_floats(num_heads, d) floats) on the calling thread: 0, -1 when out of memory, -2 / -3
- * as xy_decode_attention; xy_decode_merge, the row's attention from its parts, in order. */
+ * one decode of more (a row of q and its block table of bt_len entries; xy_decode_attention's
+ * other operands) into `partial` (part_floats(num_heads, d) floats) on the calling thread: 0,
+ * -1 when out of memory, -2 / -3 as xy_decode_attention; xy_decode_merge, the row's attention
+ * from its parts. */
 int64_t xy_decode_parts(int64_t ctx, int flags, int kv_dtype, int64_t d, int64_t block_size,
                         int64_t num_heads, int64_t num_kv_heads) {
-    int64_t block_shift = block_shift_of(block_size);
-    return decodes_on_amx(flags, kv_dtype, d, block_shift, num_heads, num_kv_heads)
-           ? 1 : parts_of(ctx);
+    return parts_of(ctx, decodes_on_amx(flags, kv_dtype, d, block_shift_of(block_size),
+                                        num_heads, num_kv_heads));
 }
 
 int xy_decode_part(const float *qrow, const void *k_cache, const void *v_cache,
                    const int64_t *table, int64_t bt_len, int64_t ctx, int64_t c, float *partial,
                    int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t num_blocks,
-                   int64_t block_size, float scale, int kv_dtype) {
+                   int64_t block_size, float scale, int kv_dtype, int flags) {
     int64_t block_shift = block_shift_of(block_size);
     if (d % VF_LANES || block_shift < 0 || num_heads > 1024 || kv_dtype < KV_F32
-        || kv_dtype > KV_F16 || parts_of(ctx) < 2 || c < 0 || c >= parts_of(ctx))
+        || kv_dtype > KV_F16)
         return -2;
+    int amx = decodes_on_amx(flags, kv_dtype, d, block_shift, num_heads, num_kv_heads);
+    if (parts_of(ctx, amx) < 2 || c < 0 || c >= parts_of(ctx, amx)) return -2;
     int64_t used = (ctx + block_size - 1) >> block_shift;
     if (used > bt_len || !blocks_in_range(table, used, num_blocks)) return -3;
     int16_t head_kv[1024];
     heads_kv(num_heads, num_kv_heads, head_kv);
-    float *scratch = thread_scratch(sizeof(float) * part_scratch(num_heads, d));
+    void *scratch = thread_scratch(part_scratch(amx, ctx, num_heads, d));
     if (!scratch) return -1;
-    decode_part(qrow, k_cache, v_cache, table, ctx, c, NULL, partial, head_kv, num_heads, d,
-                num_kv_heads * d, block_shift, scale, kv_dtype, scratch);
+#if XY_HAVE_AMX
+    if (amx) _tile_loadconfig(&AMX_CONFIG);
+#endif
+    decode_part(amx, qrow, k_cache, v_cache, table, ctx, c, NULL, partial, head_kv, num_heads,
+                num_kv_heads, d, block_shift, scale, kv_dtype, scratch);
+#if XY_HAVE_AMX
+    if (amx) _tile_release();
+#endif
     return 0;
 }
 
@@ -214,8 +252,8 @@ void xy_decode_merge(const float *partials, int64_t num_parts, int64_t num_heads
  * p / block_size], offset p % block_size, and it sees positions [0, context_lens[s]).
  * Keys and values are read slot by slot, each slot (all KV heads) once and in order, the
  * cache's elements of type kv_dtype (KV_F32, KV_BF16, KV_F16). Softmax in fp32 with the row
- * max subtracted. Sequences, and the parts of long ones on fp32 arithmetic (PART_KEYS), are
- * shared among up to num_threads OpenMP threads (torch's, see gemm.c). d must be a multiple
+ * max subtracted. Sequences, and the parts of long ones (PART_KEYS), are shared among up to
+ * num_threads OpenMP threads (torch's, see gemm.c). d must be a multiple
  * of 8 and block_size a power of two; at most 1024 query heads; every context is >= 1 token
  * and every block it reaches in [0, num_blocks).
  * flags: XY_ATTN_BF16_MATMUL lets a bf16 cache take AMX tiles where the CPU grants them, d is a
@@ -238,7 +276,7 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
         return -2;
     int16_t head_kv[1024];  /* the KV head of each query head */
     heads_kv(num_heads, num_kv_heads, head_kv);
-    int64_t max_ctx = 0, token_len = num_kv_heads * d;  /* one cache slot */
+    int64_t max_ctx = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t ctx = context_lens[s], used = (ctx + block_size - 1) >> block_shift;
         if (ctx < 1 || used > bt_stride
@@ -246,36 +284,11 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
             return -3;
         if (ctx > max_ctx) max_ctx = ctx;
     }
-    int num_threads_asked = num_threads < 1 ? 1 : num_threads;
-    if (num_threads > num_seqs) num_threads = (int)num_seqs;
-    if (num_threads < 1) num_threads = 1;
-    int failed = 0;
-#if XY_HAVE_AMX
-    int64_t group = num_heads / num_kv_heads;
-    if (decodes_on_amx(flags, kv_dtype, d, block_shift, num_heads, num_kv_heads)) {
-#pragma omp parallel num_threads(num_threads) reduction(| : failed)
-        {
-            uint32_t *scratch = thread_scratch(sizeof(uint32_t) * amx_decode_scratch(max_ctx, d));
-            failed = scratch == NULL;
-            _tile_loadconfig(&AMX_CONFIG);
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t s = 0; s < num_seqs; s++) {
-                if (!scratch) continue;
-                for (int64_t j = 0; j < num_kv_heads; j++)
-                    decode_item_amx(q + q_rows[s] * q_stride, k_cache, v_cache,
-                                    block_tables + s * bt_stride, context_lens[s], j, group, d,
-                                    token_len, block_shift, scale, out + q_rows[s] * o_stride,
-                                    scratch);
-            }
-            _tile_release();
-        }
-        return failed ? -1 : 0;
-    }
-#endif
-    /* fp32 arithmetic: a work item per part of a sequence (one for a short context) */
+    /* a work item per part of a sequence (one for a context of up to a part's keys) */
+    int amx = decodes_on_amx(flags, kv_dtype, d, block_shift, num_heads, num_kv_heads);
     int64_t num_items = 0, num_partials = 0, pf = part_floats(num_heads, d);
     for (int64_t s = 0; s < num_seqs; s++) {
-        int64_t n = parts_of(context_lens[s]);
+        int64_t n = parts_of(context_lens[s], amx);
         num_items += n;
         num_partials += n > 1 ? n : 0;
     }
@@ -295,32 +308,41 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
         first_item = item_seq + num_items;
         first_partial = first_item + num_seqs;
         for (int64_t s = 0, i = 0, next = 0; s < num_seqs; s++) {
-            int64_t n = parts_of(context_lens[s]);
+            int64_t n = parts_of(context_lens[s], amx);
             first_item[s] = i;
             first_partial[s] = next;
             for (int64_t c = 0; c < n; c++) item_seq[i++] = s;
             next += n > 1 ? n : 0;
         }
     }
-    num_threads = num_threads_asked < num_items ? num_threads_asked : (int)num_items;
+    if (num_threads > num_items) num_threads = (int)num_items;
+    if (num_threads < 1) num_threads = 1;
+    int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        float *scratch = thread_scratch(sizeof(float) * part_scratch(num_heads, d));
+        void *scratch = thread_scratch(part_scratch(amx, max_ctx, num_heads, d));
         failed = scratch == NULL;
+#if XY_HAVE_AMX
+        if (amx) _tile_loadconfig(&AMX_CONFIG);
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < num_items; i++) {
             if (!scratch) continue;
             int64_t s = item_seq ? item_seq[i] : i, c = item_seq ? i - first_item[s] : 0;
-            decode_part(q + q_rows[s] * q_stride, k_cache, v_cache, block_tables + s * bt_stride,
-                        context_lens[s], c, out + q_rows[s] * o_stride,
+            decode_part(amx, q + q_rows[s] * q_stride, k_cache, v_cache,
+                        block_tables + s * bt_stride, context_lens[s], c,
+                        out + q_rows[s] * o_stride,
                         partials ? partials + (first_partial[s] + c) * pf : NULL, head_kv,
-                        num_heads, d, token_len, block_shift, scale, kv_dtype, scratch);
+                        num_heads, num_kv_heads, d, block_shift, scale, kv_dtype, scratch);
         }
+#if XY_HAVE_AMX
+        if (amx) _tile_release();
+#endif
         if (partials) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t s = 0; s < num_seqs; s++)
-                if (parts_of(context_lens[s]) > 1)
-                    merge_parts(partials + first_partial[s] * pf, parts_of(context_lens[s]),
+                if (parts_of(context_lens[s], amx) > 1)
+                    merge_parts(partials + first_partial[s] * pf, parts_of(context_lens[s], amx),
                                 num_heads, d, out + q_rows[s] * o_stride);
         }
     }

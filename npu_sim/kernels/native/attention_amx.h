@@ -366,17 +366,20 @@ static inline size_t amx_decode_scratch(int64_t max_ctx, int64_t d) {
 }
 
 /* One decode's attention for KV head j on AMX tiles: the query row's `group` heads (qrow: the
- * row of q, heads of d) against keys [0, ctx), into the same heads of orow. Two passes, as
- * attention.c's decode: every score first (S^T = K . Q^T, 32 keys a step, the group's queries
- * the tile's first columns), an exact softmax per head down its keys, then O = P . V with the
- * four C tiles of 64 columns of d accumulating over every key (no rescaling). Q and P split in
- * two bf16 parts as in chunk_item_amx; group <= 16; the calling thread has the tile configuration
- * loaded, and `scratch` holds amx_decode_scratch(ctx, d) elements. */
+ * row of q, heads of d) against keys [p0, p1) (p0 a multiple of 32), into the same heads of
+ * orow (part NULL: the keys are the whole context), else their partial sums into part as
+ * attention.c's attend writes them (num_heads heads). Two passes, as attention.c's decode:
+ * every score first (S^T = K . Q^T, 32 keys a step, the group's queries the tile's first
+ * columns), an exact softmax per head down its keys, then O = P . V with the four C tiles of
+ * 64 columns of d accumulating over every key (no rescaling). Q and P split in two bf16 parts
+ * as in chunk_item_amx; group <= 16; the calling thread has the tile configuration loaded, and
+ * `scratch` holds amx_decode_scratch(p1 - p0, d) elements. */
 static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const uint16_t *v_cache,
-                            const int64_t *table, int64_t ctx, int64_t j, int64_t group,
-                            int64_t d, int64_t token_len, int64_t block_shift, float scale,
-                            float *orow, uint32_t *scratch) {
-    int64_t ns = d / 32, ctx_pad = (ctx + AK - 1) / AK * AK;
+                            const int64_t *table, int64_t p0, int64_t p1, int64_t j,
+                            int64_t group, int64_t num_heads, int64_t d, int64_t token_len,
+                            int64_t block_shift, float scale, float *orow, float *part,
+                            uint32_t *scratch) {
+    int64_t ns = d / 32, len = p1 - p0, ctx_pad = (len + AK - 1) / AK * AK;
     uint32_t *qt = scratch;              /* (hi / lo, ns) B tiles of Q^T */
     float *st = (float *)(qt + 2 * ns * 256);  /* (32, 16): S^T of a key tile */
     float *c = st + 512;                 /* (4, 16, 16): the C tiles stored */
@@ -384,7 +387,7 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
     uint16_t *pb = (uint16_t *)(sc + 16 * ctx_pad);  /* (hi / lo, 16, ctx_pad) bf16: P's A tiles */
     uint32_t *w = (uint32_t *)(pb + 32 * ctx_pad);   /* (16, 64): V's key pairs */
     const int64_t kv_stride = token_len * 2;
-    float inv_l[16];
+    float max_score[16], sum_weights[16];
 
     const float *vec[16];
     for (int64_t g = 0; g < 16; g++) vec[g] = g < group ? qrow + (j * group + g) * d : NULL;
@@ -393,37 +396,39 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
     const __m512i column = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
         _mm512_set1_epi32(16));
-    for (int64_t k0 = 0; k0 < ctx; k0 += AK) {
-        head_rows_ahead(k_cache, table, k0 + AK * AHEAD_TILES, ctx, j * d, d, token_len,
+    for (int64_t k0 = p0; k0 < p1; k0 += AK) {
+        head_rows_ahead(k_cache, table, k0 + AK * AHEAD_TILES, p1, j * d, d, token_len,
                         block_shift);
         const uint16_t *kh0 = k_cache + slot(table, k0, block_shift, token_len) + j * d;
-        const uint16_t *kh1 = k0 + 16 < ctx ? k_cache + slot(table, k0 + 16, block_shift,
-                                                                token_len) + j * d : NULL;
+        const uint16_t *kh1 = k0 + 16 < p1 ? k_cache + slot(table, k0 + 16, block_shift,
+                                                               token_len) + j * d : NULL;
         scores_amx(kh0, kh1, kv_stride, qt, qt + ns * 256, ns, st);
+        float *at = sc + k0 - p0;
         for (int64_t g = 0; g < group; g++) {
             __m512 lo = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32((int)g)),
                                             st, 4);
-            _mm512_store_ps(sc + g * ctx_pad + k0, _mm512_mul_ps(lo, _mm512_set1_ps(scale)));
+            _mm512_store_ps(at + g * ctx_pad, _mm512_mul_ps(lo, _mm512_set1_ps(scale)));
             __m512 hi = kh1 ? _mm512_i32gather_ps(
                 _mm512_add_epi32(column, _mm512_set1_epi32((int)(256 + g))), st, 4)
                             : _mm512_setzero_ps();
-            _mm512_store_ps(sc + g * ctx_pad + k0 + 16, _mm512_mul_ps(hi, _mm512_set1_ps(scale)));
+            _mm512_store_ps(at + g * ctx_pad + 16, _mm512_mul_ps(hi, _mm512_set1_ps(scale)));
         }
     }
-    /* softmax per head, its weights into P's rows as two bf16 parts (keys past ctx: 0) */
+    /* softmax per head, its weights into P's rows as two bf16 parts (keys past p1: 0) */
     for (int64_t g = 0; g < group; g++) {
         float *row = sc + g * ctx_pad;
         __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         for (int64_t k = 0; k < ctx_pad; k += 16) {
-            int64_t left = ctx - k;
+            int64_t left = len - k;
             __mmask16 in = (__mmask16)(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
             mx = _mm512_mask_max_ps(mx, in, mx, _mm512_load_ps(row + k));
         }
-        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        max_score[g] = _mm512_reduce_max_ps(mx);
+        __m512 m = _mm512_set1_ps(max_score[g]);
         for (int64_t k = 0; k < ctx_pad; k += 32) {
             __m512 p[2];
             for (int h = 0; h < 2; h++) {
-                int64_t left = ctx - k - 16 * h;
+                int64_t left = len - k - 16 * h;
                 __mmask16 in = (__mmask16)(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0);
                 p[h] = _mm512_maskz_mov_ps(in, exp16(_mm512_sub_ps(_mm512_load_ps(row + k + 16 * h),
                                                                  m)));
@@ -433,19 +438,20 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
             _mm512_store_si512(pb + (16 + g) * ctx_pad + k, (__m512i)_mm512_cvtne2ps_pbh(
                 _mm512_sub_ps(p[1], bf16_round(p[1])), _mm512_sub_ps(p[0], bf16_round(p[0]))));
         }
-        inv_l[g] = 1.0f / _mm512_reduce_add_ps(sum);
+        sum_weights[g] = _mm512_reduce_add_ps(sum);
     }
     /* O = P V, 64 columns of d at a time over every key */
+    float *dst = part ? part : orow;
     for (int64_t e0 = 0; e0 < d; e0 += 64) {
         int64_t ne = (d - e0) / 16 < 4 ? (d - e0) / 16 : 4;
         amx_zero_c();
-        for (int64_t k0 = 0; k0 < ctx; k0 += AK) {
-            head_rows_ahead(v_cache, table, k0 + AK * AHEAD_TILES, ctx, j * d + e0, 16 * ne,
+        for (int64_t k0 = p0; k0 < p1; k0 += AK) {
+            head_rows_ahead(v_cache, table, k0 + AK * AHEAD_TILES, p1, j * d + e0, 16 * ne,
                             token_len, block_shift);
-            value_pairs(v_cache, table, k0, ctx, j * d + e0, 16 * ne, token_len, block_shift, w,
+            value_pairs(v_cache, table, k0, p1, j * d + e0, 16 * ne, token_len, block_shift, w,
                         64);
-            _tile_loadd(4, pb + k0, ctx_pad * 2);
-            _tile_loadd(5, pb + 16 * ctx_pad + k0, ctx_pad * 2);
+            _tile_loadd(4, pb + k0 - p0, ctx_pad * 2);
+            _tile_loadd(5, pb + 16 * ctx_pad + k0 - p0, ctx_pad * 2);
             values_amx(w, 256, ne);
         }
         _tile_stored(0, c, 64);
@@ -456,11 +462,16 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
         }
         for (int64_t g = 0; g < group; g++)  /* (the tiles' columns in value_pairs' order) */
             for (int64_t x = 0; x < ne / 2; x++)
-                store_in_order(orow + (j * group + g) * d + e0 + 32 * x,
+                store_in_order(dst + (j * group + g) * d + e0 + 32 * x,
                                _mm512_load_ps(c + 512 * x + g * 16),
                                _mm512_load_ps(c + 512 * x + 256 + g * 16),
-                               _mm512_set1_ps(inv_l[g]));
+                               _mm512_set1_ps(part ? 1.0f : 1.0f / sum_weights[g]));
     }
+    if (part)
+        for (int64_t g = 0; g < group; g++) {
+            part[num_heads * d + j * group + g] = max_score[g];
+            part[num_heads * (d + 1) + j * group + g] = sum_weights[g];
+        }
 }
 #endif
 

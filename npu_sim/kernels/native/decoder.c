@@ -45,7 +45,7 @@ int64_t xy_decode_parts(int64_t ctx, int flags, int kv_dtype, int64_t d, int64_t
 int xy_decode_part(const float *qrow, const void *k_cache, const void *v_cache,
                    const int64_t *table, int64_t bt_len, int64_t ctx, int64_t c, float *partial,
                    int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t num_blocks,
-                   int64_t block_size, float scale, int kv_dtype);
+                   int64_t block_size, float scale, int kv_dtype, int flags);
 void xy_decode_merge(const float *partials, int64_t num_parts, int64_t num_heads, int64_t d,
                      float *orow);
 int xy_chunk_attention(const float *q, int64_t q_stride, const void *k_cache,
@@ -269,8 +269,8 @@ static void barrier_wait(spin_barrier *b) {
         }
 }
 
-/* The decodes attended in parts (attention.c's xy_decode_parts: long contexts on fp32
- * arithmetic), so that a lone stream's long context runs on every thread: decode q takes
+/* The decodes attended in parts (attention.c's xy_decode_parts: long contexts), so that a lone
+ * stream's long context runs on every thread: decode q takes
  * parts[q] parts (1: in one piece, claimed with its sequence), its partial sums from
  * partials + first[q] * part_len; part i of all of them is decode item_decode[i]'s part
  * i - item_first[i]. */
@@ -360,7 +360,7 @@ static void decode_share(region *r, const xy_layer *l, int tid, int nth) {
                                 s->decode_table_stride, s->decode_context_lens[q], c,
                                 split->partials + (split->first[q] + c) * split->part_len,
                                 m->num_heads, m->num_kv_heads, d, m->num_blocks, m->block_size,
-                                m->scale, (int)m->kv_dtype);
+                                m->scale, (int)m->kv_dtype, (int)s->attention_flags);
         if (rc) fail(r, rc - 300);
     }
     barrier_wait(&r->barrier);  /* every part summed */
