@@ -182,6 +182,13 @@ static void merge_parts(const float *parts, int64_t num_parts, int64_t num_heads
     }
 }
 
+/* Whether the decode kernels take operands of this shape: d a multiple of 8, a power-of-two
+ * block, at most 1024 query heads, a cache element type of simd.h's. */
+static int decode_shape_ok(int64_t d, int64_t block_shift, int64_t num_heads, int kv_dtype) {
+    return d % VF_LANES == 0 && block_shift >= 0 && num_heads <= 1024 && kv_dtype >= KV_F32
+           && kv_dtype <= KV_F16;
+}
+
 /* The KV head of each query head into head_kv (num_heads of them, at most 1024). */
 static void heads_kv(int64_t num_heads, int64_t num_kv_heads, int16_t *head_kv) {
     for (int64_t h = 0; h < num_heads; h++) head_kv[h] = (int16_t)(h / (num_heads / num_kv_heads));
@@ -217,9 +224,7 @@ int xy_decode_part(const float *qrow, const void *k_cache, const void *v_cache,
                    int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t num_blocks,
                    int64_t block_size, float scale, int kv_dtype, int flags) {
     int64_t block_shift = block_shift_of(block_size);
-    if (d % VF_LANES || block_shift < 0 || num_heads > 1024 || kv_dtype < KV_F32
-        || kv_dtype > KV_F16)
-        return -2;
+    if (!decode_shape_ok(d, block_shift, num_heads, kv_dtype)) return -2;
     int amx = decodes_on_amx(flags, kv_dtype, d, block_shift, num_heads, num_kv_heads);
     if (parts_of(ctx, amx) < 2 || c < 0 || c >= parts_of(ctx, amx)) return -2;
     int64_t used = (ctx + block_size - 1) >> block_shift;
@@ -261,8 +266,9 @@ void xy_decode_merge(const float *partials, int64_t num_parts, int64_t num_heads
  * (attention_amx.h's decode_item_amx: Q and P split in two bf16 parts); else fp32 arithmetic.
  * Returns 0, -1 when out of memory, -2 for an unsupported shape, -3 (nothing written) for a
  * context past its table or a block out of range. */
-/* (fp-contract on this function, not on `attend`: an inlined callee's optimize attribute gives
- * way to its caller's, and the OpenMP body outlined from here inherits this one) */
+/* (fp-contract on this function and on decode_part, not on `attend`: an inlined callee's
+ * optimize attribute gives way to its caller's, and the OpenMP body outlined from here inherits
+ * this one) */
 __attribute__((optimize("fp-contract=fast")))
 int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
                         const void *v_cache, const int64_t *block_tables, int64_t bt_stride,
@@ -271,9 +277,7 @@ int xy_decode_attention(const float *q, int64_t q_stride, const void *k_cache,
                         int64_t num_kv_heads, int64_t d, int64_t num_blocks, int64_t block_size,
                         float scale, int num_threads, int kv_dtype, int flags) {
     int64_t block_shift = block_shift_of(block_size);
-    if (d % VF_LANES || block_shift < 0 || num_heads > 1024 || kv_dtype < KV_F32
-        || kv_dtype > KV_F16)
-        return -2;
+    if (!decode_shape_ok(d, block_shift, num_heads, kv_dtype)) return -2;
     int16_t head_kv[1024];  /* the KV head of each query head */
     heads_kv(num_heads, num_kv_heads, head_kv);
     int64_t max_ctx = 0;

@@ -270,10 +270,9 @@ static void barrier_wait(spin_barrier *b) {
 }
 
 /* The decodes attended in parts (attention.c's xy_decode_parts: long contexts), so that a lone
- * stream's long context runs on every thread: decode q takes
- * parts[q] parts (1: in one piece, claimed with its sequence), its partial sums from
- * partials + first[q] * part_len; part i of all of them is decode item_decode[i]'s part
- * i - item_first[i]. */
+ * stream's long context runs on every thread. Decode q takes parts[q] parts (1: in one piece,
+ * claimed with its sequence), their partial sums from partials + first[q] * part_len; item i
+ * of the num_items parts is part i - item_first[i] of decode item_decode[i]. */
 typedef struct {
     int64_t num_items, part_len;
     int64_t *parts, *first, *item_decode, *item_first;
