@@ -112,9 +112,9 @@ class LlamaModel:
 
         Rows of tables kept for every position so far, grown to the next power of two past the
         largest asked for: torch's cos and sin of a decode step's few rows wake its second
-        OpenMP thread (75 us each on a 2-core Xeon, a row's worth of work taking ~1 us), where
-        a lookup takes 2 us; an element is computed by the same kernel either way, the same
-        float bit for bit."""
+        OpenMP thread (75 us each on a 2-core Xeon, for ~1 us of arithmetic), where a lookup
+        takes 2 us; an element is computed by the same kernel either way, the same float bit for
+        bit."""
         top = int(positions.max()) + 1 if len(positions) else 0
         if top > len(self._rope_cos):
             size = max(1024, 1 << (top - 1).bit_length())
