@@ -389,6 +389,9 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
     const int64_t kv_stride = token_len * 2;
     float max_score[16], sum_weights[16];
 
+    /* the values' first tiles, read once the scores are done (pass 3 fetches ahead of itself) */
+    for (int64_t t = 0; t < AHEAD_TILES; t++)
+        head_rows_ahead(v_cache, table, p0 + AK * t, p1, j * d, d, token_len, block_shift);
     const float *vec[16];
     for (int64_t g = 0; g < 16; g++) vec[g] = g < group ? qrow + (j * group + g) * d : NULL;
     query_tiles(vec, ns, qt, qt + ns * 256);
@@ -440,6 +443,11 @@ static void decode_item_amx(const float *qrow, const uint16_t *k_cache, const ui
         }
         sum_weights[g] = _mm512_reduce_add_ps(sum);
     }
+    /* the next KV head's first key tiles, for the item after this one */
+    if ((j + 1) * group < num_heads)
+        for (int64_t t = 0; t < AHEAD_TILES; t++)
+            head_rows_ahead(k_cache, table, p0 + AK * t, p1, (j + 1) * d, d, token_len,
+                            block_shift);
     /* O = P V, 64 columns of d at a time over every key */
     float *dst = part ? part : orow;
     for (int64_t e0 = 0; e0 < d; e0 += 64) {
