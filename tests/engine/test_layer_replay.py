@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 import npu_sim.kernels.replay as replay
 from engine import LLM, SamplingParams
 from npu_sim.kernels import native
+from tests.conftest import _save_tiny, _tiny_config
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason="the replay needs the C kernels")
 
@@ -74,23 +76,40 @@ def test_replay_matches_launching_layer_by_layer(fixture: str, options: dict[str
     assert replay_counters == launch_counters
 
 
-@pytest.mark.parametrize("num_streams", [1, 2])
-@pytest.mark.parametrize("options", [{"dtype": "float32"},
-                                     {"dtype": "float32", "kv_cache_dtype": "bfloat16"}])
+@pytest.fixture(scope="module")
+def long_d64_dir(tmp_path_factory: pytest.TempPathFactory,
+                 smollm2_tokenizer: transformers.PreTrainedTokenizerFast) -> pathlib.Path:
+    """`tiny_llama_d64_dir` (heads of 64: the AMX decode takes a bf16 cache) with positions up
+    to 1,536, so that decodes go past 1,024 keys."""
+    config = _tiny_config(transformers.LlamaConfig, "LlamaForCausalLM", smollm2_tokenizer,
+                          tie_word_embeddings=True, hidden_size=256, intermediate_size=512,
+                          max_position_embeddings=1536)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-d64-long"), config, smollm2_tokenizer)
+
+
+@pytest.mark.parametrize("fixture, prompt_len, num_streams, options", [
+    # heads of 16: fp32 arithmetic, in parts past 256 keys, also on a bf16 cache
+    ("tiny_llama_dir", 400, 1, {"dtype": "float32"}),
+    ("tiny_llama_dir", 400, 2, {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
+    # heads of 64 on a bf16 cache: a lone stream on fp32 arithmetic, two on AMX tiles where the
+    # CPU has them, in parts past 1,024 keys
+    ("long_d64_dir", 1100, 1, {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
+    ("long_d64_dir", 1100, 2, {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
+])
 def test_long_contexts_attended_in_parts_are_the_same_however_run(
-        tiny_llama_dir: pathlib.Path, options: dict[str, Any], num_streams: int,
+        fixture: str, prompt_len: int, num_streams: int, options: dict[str, Any],
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decodes past 256 keys (attention.c's PART_KEYS) are attended in parts on fp32
-    arithmetic, spread over the threads and merged (two streams on a bf16 cache take AMX tiles
-    where the CPU has them, in one piece at these lengths): the one parallel region (2 threads)
-    and the kernels one by one (on 2 threads and on 1) give the same tokens and
-    log-probabilities to the bit."""
+    """Decodes of long contexts are attended in parts (attention.c's PART_KEYS, AMX_PART_KEYS),
+    spread over the threads and merged: the one parallel region (2 threads) and the kernels one
+    by one (on 2 threads and on 1) give the same tokens and log-probabilities to the bit."""
+    model = request.getfixturevalue(fixture)
     request.addfinalizer(functools.partial(torch.set_num_threads, torch.get_num_threads()))
-    prompts = [[(7 * i + s) % 1000 + 1 for i in range(400)] for s in range(num_streams)]
-    runs = [_generate(tiny_llama_dir, monkeypatch, replayed, prompts=prompts, num_kv_blocks=64,
+    prompts = [[(7 * i + s) % 1000 + 1 for i in range(prompt_len)] for s in range(num_streams)]
+    num_kv_blocks = num_streams * (prompt_len // 16 + 2)
+    runs = [_generate(model, monkeypatch, replayed, prompts=prompts, num_kv_blocks=num_kv_blocks,
                       **options, threads=threads)
             for replayed, threads in ((True, 2), (False, 2), (False, 1))]
-    assert runs[0][2] >= 9  # its 9 decode steps at least (ATen multiplies 400-row chunks)
+    assert runs[0][2] >= 9  # its 9 decode steps at least (ATen multiplies the long chunks)
     assert runs[0][0] == runs[1][0] == runs[2][0]
 
 
