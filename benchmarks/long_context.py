@@ -18,9 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what `xyserve serve` runs
 
 import argparse
 import itertools
-import random
 import time
 
+from benchmarks.offline_throughput import make_prompts
 from engine import LLM, SamplingParams
 
 
@@ -40,17 +40,15 @@ def main() -> None:
               num_kv_blocks=max(args.streams) * (-(-longest // 16) + 1), block_size=16)
     core = llm.engine
     vocab = core.info.arch.vocab_size
-    rng = random.Random(0)
-    ids = itertools.count()
+    ids = itertools.count()  # request ids, and each call's prompts' seed
 
     def step_seconds(streams: int, prompt_len: int, steps: int) -> float:
         """One decode step of `streams` fresh streams, averaged over `steps` steps."""
         params = SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=0.0)
         waiting = set()
-        for _ in range(streams):
+        for prompt in make_prompts(streams, prompt_len, vocab, seed=next(ids)):
             request_id = str(next(ids))
-            core.add_request(request_id, [rng.randrange(100, vocab) for _ in range(prompt_len)],
-                             params)
+            core.add_request(request_id, prompt, params)
             waiting.add(request_id)
         while waiting:  # prefills (and a first decode or so for the early ones)
             waiting -= {out.request_id for out in core.step() if out.new_token_ids}

@@ -40,7 +40,8 @@ from cluster.workload import Workload
 from engine.arch_presets import resolve_arch
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.core import EngineCore
-from engine.head_prefetch import head_counts, second_core_free
+from engine.cpus import second_core_free
+from engine.head_prefetch import head_counts
 from engine.lowering import DEFAULT_POLICY, LoweringPolicy
 from engine.timing_runner import (
     DEFAULT_KV_RESERVE_FRACTION,
@@ -149,7 +150,7 @@ class ClusterSimulation:
         """As cluster.simulation.Simulation, plus the cluster's shape. prefetch_heads: a
         cluster of one engine has a forked worker build its steps' head templates on another
         core (engine.head_prefetch; the same results); None: where a second core is free
-        (engine.head_prefetch.second_core_free, what `xyserve simulate` does). Raises
+        (engine.cpus.second_core_free, what `xyserve simulate` does). Raises
         ValueError (or ModelLoadError) for anything it cannot simulate, before running."""
         self.model = model
         self.prefetch_heads = second_core_free() if prefetch_heads is None else prefetch_heads

@@ -11,51 +11,20 @@ worker runs the same code on the same inputs (forked: the same objects, caches a
 so a template is the same whichever process built it, bit for bit.
 
 Forking needs Linux; `xyserve simulate` asks for a worker only where a second core is free
-(`second_core_free`; cluster.cluster_sim.ClusterSimulation's `prefetch_heads`).
+(engine.cpus.second_core_free; cluster.cluster_sim.ClusterSimulation's `prefetch_heads`).
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import os
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from engine.config import SchedulerConfig
 from npu_sim.step_sums import StepTemplate
 
 _BATCH = 16  # templates a message carries (~8 KB each: a message per count would cost more)
-
-
-def second_core_free() -> bool:
-    """Whether a worker may be forked onto a core of its own: Linux, at least two cores this
-    process may run on, and a cgroup CPU quota (a container's --cpus) of two or more, if any."""
-    if sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2:
-        return False
-    quota = cgroup_cpu_quota()
-    return quota is None or quota >= 2.0
-
-
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPUs this process's cgroup may use (cgroup v2's cpu.max, else v1's CFS quota), or
-    None where there is no quota (or no cgroup file to read)."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()
-    except (OSError, ValueError):
-        try:
-            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    if quota in ("max", "-1"):
-        return None
-    try:
-        return int(quota) / int(period)
-    except (ValueError, ZeroDivisionError):
-        return None
 
 
 def head_counts(config: SchedulerConfig) -> list[int]:

@@ -31,13 +31,6 @@ PROBE_ROWS = (1, 16)  # GEMM rows the probe times: a lone stream's decode and a 
 _PROBE_VERSION = 2  # what the probe times (cached verdicts of another version are not read)
 
 
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask; containers and taskset narrow it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def pin_kernel_threads() -> bool:
     """Pin the calling thread's kernel threads (its OpenMP team of torch.get_num_threads()) one
     per CPU, where that is one thread per CPU the thread may use (npu_sim.kernels.native.

@@ -18,6 +18,7 @@ import torch
 
 from engine import allocator, platform
 from engine.config import EngineConfig
+from engine.cpus import usable_cores
 from engine.lowering import LoweringPolicy, StepPlan, lower_step, step_launch_counts
 from engine.models.llama import LlamaModel, StepInputs
 from engine.models.loader import LoadedModel, load_model
@@ -46,7 +47,7 @@ def build_model_runner(config: EngineConfig, loaded: LoadedModel | None = None,
                        ) -> tuple[ModelRunner, EngineInfo]:
     """The compute runner of `config` (loading `config.model` unless `loaded` is given) and what
     the engine serves with it. Raises ModelLoadError / ValueError for a model it cannot run."""
-    torch.set_num_threads(config.threads or platform.usable_cores())  # before the probes
+    torch.set_num_threads(config.threads or usable_cores())  # before the probes
     loaded = loaded or load_model(config.model)
     allocator.keep_freed_tensor_memory()
     device = Device(load_chip(config.npu), strict=config.strict_kernels, dtype=config.npu_dtype,

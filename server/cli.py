@@ -27,6 +27,7 @@ from engine.cli_args import (
 )
 from engine.cli_args import config_default as _default
 from engine.config import KV_CACHE_DTYPES, WEIGHT_FORMATS, Dtype, EngineConfig
+from engine.cpus import usable_cores
 from server import __version__
 from server.cli_config import ConfigFileError, expand_config
 from server.config import LOG_FORMATS, LOG_LEVELS, ServerConfig
@@ -96,7 +97,7 @@ def add_serve_parser(subparsers: Any) -> None:
     e.add_argument("--threads", "-t", type=int, default=_default(EngineConfig, "threads"),
                    metavar="N",
                    help="CPU threads the engine's kernels use (llama.cpp's -t) (default: the "
-                        f"{_usable_cores()} cores this process may use)")
+                        f"{usable_cores()} cores this process may use)")
     e.add_argument("--pin-threads", action=argparse.BooleanOptionalAction,
                    default=_default(EngineConfig, "pin_threads"),
                    help="pin the kernels' threads one per CPU, where there is a thread per CPU "
@@ -315,12 +316,6 @@ def _threads_option(argv: list[str]) -> str | None:
         if arg.startswith("--threads="):
             return arg.split("=", 1)[1]
     return None
-
-
-def _usable_cores() -> int:
-    # engine.platform.usable_cores, without loading torch for --help
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
 
 
 if __name__ == "__main__":

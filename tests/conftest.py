@@ -99,6 +99,18 @@ def tiny_llama_d64_dir(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_d64_long_dir(tmp_path_factory: pytest.TempPathFactory,
+                            smollm2_tokenizer: transformers.PreTrainedTokenizerFast
+                            ) -> pathlib.Path:
+    """`tiny_llama_d64_dir` with positions up to 1,536: decodes past 1,024 keys, where the AMX
+    decode attends in parts (attention.c)."""
+    config = _tiny_config(transformers.LlamaConfig, "LlamaForCausalLM", smollm2_tokenizer,
+                          tie_word_embeddings=True, hidden_size=256, intermediate_size=512,
+                          max_position_embeddings=1536)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-d64-long"), config, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory,
                    smollm2_tokenizer: transformers.PreTrainedTokenizerFast) -> pathlib.Path:
     """Tiny Qwen2ForCausalLM: q/k/v biases, untied lm_head, rope_theta 1e6, and (as real Qwen2

@@ -15,7 +15,8 @@ from cluster.recorder import Recorder
 from cluster.workload import synthetic
 from engine import timing_runner
 from engine.config import SchedulerConfig
-from engine.head_prefetch import cgroup_cpu_quota, head_counts
+from engine.cpus import cgroup_cpu_quota
+from engine.head_prefetch import head_counts
 from engine.timing_runner import TimingRunner
 from server.cli import main
 

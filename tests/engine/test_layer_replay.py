@@ -10,12 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 
 import npu_sim.kernels.replay as replay
 from engine import LLM, SamplingParams
 from npu_sim.kernels import native
-from tests.conftest import _save_tiny, _tiny_config
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason="the replay needs the C kernels")
 
@@ -76,25 +74,14 @@ def test_replay_matches_launching_layer_by_layer(fixture: str, options: dict[str
     assert replay_counters == launch_counters
 
 
-@pytest.fixture(scope="module")
-def long_d64_dir(tmp_path_factory: pytest.TempPathFactory,
-                 smollm2_tokenizer: transformers.PreTrainedTokenizerFast) -> pathlib.Path:
-    """`tiny_llama_d64_dir` (heads of 64: the AMX decode takes a bf16 cache) with positions up
-    to 1,536, so that decodes go past 1,024 keys."""
-    config = _tiny_config(transformers.LlamaConfig, "LlamaForCausalLM", smollm2_tokenizer,
-                          tie_word_embeddings=True, hidden_size=256, intermediate_size=512,
-                          max_position_embeddings=1536)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-d64-long"), config, smollm2_tokenizer)
-
-
 @pytest.mark.parametrize("fixture, prompt_len, num_streams, options", [
     # heads of 16: fp32 arithmetic, in parts past 256 keys, also on a bf16 cache
     ("tiny_llama_dir", 400, 1, {"dtype": "float32"}),
     ("tiny_llama_dir", 400, 2, {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
     # heads of 64 on a bf16 cache: a lone stream on fp32 arithmetic, two on AMX tiles where the
     # CPU has them, in parts past 1,024 keys
-    ("long_d64_dir", 1100, 1, {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
-    ("long_d64_dir", 1100, 2, {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
+    ("tiny_llama_d64_long_dir", 1100, 1, {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
+    ("tiny_llama_d64_long_dir", 1100, 2, {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
 ])
 def test_long_contexts_attended_in_parts_are_the_same_however_run(
         fixture: str, prompt_len: int, num_streams: int, options: dict[str, Any],

@@ -109,6 +109,13 @@ static inline int64_t parts_of(int64_t ctx, int amx) {
     return ctx <= keys ? 1 : (ctx + keys - 1) / keys;
 }
 
+/* The keys [*p0, *p1) of part c of a decode over ctx keys. */
+static inline void part_range(int64_t ctx, int64_t c, int amx, int64_t *p0, int64_t *p1) {
+    int64_t keys = part_keys(amx);
+    *p0 = c * keys;
+    *p1 = ctx - *p0 < keys ? ctx : *p0 + keys;
+}
+
 /* Floats of one part's partial sums (attend's `part`) */
 static inline int64_t part_floats(int64_t num_heads, int64_t d) { return num_heads * (d + 2); }
 
@@ -134,11 +141,9 @@ static void decode_part(int amx, const float *qrow, const void *k_cache, const v
                         const int16_t *head_kv, int64_t num_heads, int64_t num_kv_heads,
                         int64_t d, int64_t block_shift, float scale, int kv_dtype,
                         void *scratch) {
-    int64_t keys = part_keys(amx), token_len = num_kv_heads * d;
-    int whole = parts_of(ctx, amx) == 1;
-    int64_t p0 = whole ? 0 : c * keys;
-    int64_t p1 = whole || ctx - p0 < keys ? ctx : p0 + keys;
-    float *part = whole ? NULL : partial;
+    int64_t p0, p1, token_len = num_kv_heads * d;
+    part_range(ctx, c, amx, &p0, &p1);  /* (one part: [0, ctx)) */
+    float *part = parts_of(ctx, amx) == 1 ? NULL : partial;
 #if XY_HAVE_AMX
     if (amx) {
         for (int64_t j = 0; j < num_kv_heads; j++)
@@ -227,8 +232,11 @@ int xy_decode_part(const float *qrow, const void *k_cache, const void *v_cache,
     if (!decode_shape_ok(d, block_shift, num_heads, kv_dtype)) return -2;
     int amx = decodes_on_amx(flags, kv_dtype, d, block_shift, num_heads, num_kv_heads);
     if (parts_of(ctx, amx) < 2 || c < 0 || c >= parts_of(ctx, amx)) return -2;
-    int64_t used = (ctx + block_size - 1) >> block_shift;
-    if (used > bt_len || !blocks_in_range(table, used, num_blocks)) return -3;
+    /* the part's own blocks: a decode's parts check each of its blocks once between them */
+    int64_t p0, p1;
+    part_range(ctx, c, amx, &p0, &p1);
+    int64_t b0 = p0 >> block_shift, b1 = (p1 + block_size - 1) >> block_shift;
+    if (b1 > bt_len || !blocks_in_range(table + b0, b1 - b0, num_blocks)) return -3;
     int16_t head_kv[1024];
     heads_kv(num_heads, num_kv_heads, head_kv);
     void *scratch = thread_scratch(part_scratch(amx, ctx, num_heads, d));

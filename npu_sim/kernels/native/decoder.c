@@ -403,37 +403,41 @@ static int one_region_takes(const xy_step *s) {
     return !s->num_chunks && s->num_decodes == s->num_tokens && s->num_threads >= 2;
 }
 
-/* The step's split decodes into plan: 1, or 0 when none is split (nothing allocated); -1 when
- * out of memory. */
+/* The parts the step's decode q is attended in (attention.c's xy_decode_parts). */
+static int64_t decode_parts(const xy_dims *m, const xy_step *s, int64_t q) {
+    return xy_decode_parts(s->decode_context_lens[q], (int)s->attention_flags, (int)m->kv_dtype,
+                           m->head_dim, m->block_size, m->num_heads, m->num_kv_heads);
+}
+
+/* The step's split decodes into plan: 1, or 0 when none is split (nothing allocated: the
+ * common step, whose decodes are short); -1 when out of memory. */
 static int plan_split(const xy_dims *m, const xy_step *s, split_plan *plan) {
     int64_t n = s->num_decodes, num_items = 0;
-    plan->parts = malloc(sizeof(int64_t) * (size_t)(2 * n));
-    if (!plan->parts) return -1;
-    plan->first = plan->parts + n;
     for (int64_t q = 0; q < n; q++) {
-        plan->parts[q] = xy_decode_parts(s->decode_context_lens[q], (int)s->attention_flags,
-                                         (int)m->kv_dtype, m->head_dim, m->block_size,
-                                         m->num_heads, m->num_kv_heads);
-        plan->first[q] = num_items;
-        num_items += plan->parts[q] > 1 ? plan->parts[q] : 0;
+        int64_t parts = decode_parts(m, s, q);
+        num_items += parts > 1 ? parts : 0;
     }
+    if (!num_items) return 0;
     plan->num_items = num_items;
     plan->part_len = m->num_heads * (m->head_dim + 2);  /* attention.c's part_floats */
-    plan->item_decode = num_items ? malloc(sizeof(int64_t) * (size_t)(2 * num_items)) : NULL;
-    plan->partials = num_items ? malloc(sizeof(float) * (size_t)(num_items * plan->part_len))
-                               : NULL;
-    if (!num_items || !plan->item_decode || !plan->partials) {
+    plan->parts = malloc(sizeof(int64_t) * (size_t)(2 * n + 2 * num_items));
+    plan->partials = malloc(sizeof(float) * (size_t)(num_items * plan->part_len));
+    if (!plan->parts || !plan->partials) {
         free(plan->parts);
-        free(plan->item_decode);
         free(plan->partials);
-        return num_items ? -1 : 0;
+        return -1;
     }
+    plan->first = plan->parts + n;
+    plan->item_decode = plan->first + n;
     plan->item_first = plan->item_decode + num_items;
-    for (int64_t q = 0; q < n; q++)
-        for (int64_t c = 0; plan->parts[q] > 1 && c < plan->parts[q]; c++) {
-            plan->item_decode[plan->first[q] + c] = q;
-            plan->item_first[plan->first[q] + c] = plan->first[q];
+    for (int64_t q = 0, i = 0; q < n; q++) {
+        plan->parts[q] = decode_parts(m, s, q);
+        plan->first[q] = i;
+        for (int64_t c = 0; plan->parts[q] > 1 && c < plan->parts[q]; c++, i++) {
+            plan->item_decode[i] = q;
+            plan->item_first[i] = plan->first[q];
         }
+    }
     return 1;
 }
 
@@ -460,7 +464,6 @@ int xy_decoder_layers(const xy_dims *m, const xy_layer *layers, const xy_step *s
     }
     if (split) {
         free(plan.parts);
-        free(plan.item_decode);
         free(plan.partials);
     }
     return atomic_load(&r.failed);
