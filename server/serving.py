@@ -40,6 +40,7 @@ from server.prompts import PromptInput
 from server.protocol import GenerationRequest
 from server.protocol_responses import UsageInfo
 from server.state import ModelInfo
+from server.stream_json import ChunkObject, TextChunks
 from server.structured import request_constraint
 
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class ResponseContext:
     created: int  # unix seconds
     model: str  # the served name
     request: Any  # the validated request (the subclass's request type)
+    text_chunks: TextChunks  # the JSON of its text-only stream chunks
     state: dict[Any, Any] = field(default_factory=dict)  # the endpoint's own, per call (chat:
     #   each choice's tool-call parser)
 
@@ -61,6 +63,7 @@ class OpenAIServing:
     """Serves one generation endpoint; subclasses fill in the endpoint-specific parts."""
 
     id_prefix = "cmpl"
+    chunk_object: ChunkObject = "text_completion"  # a stream chunk's "object"
 
     def __init__(self, engine: AsyncEngine, model: ModelInfo, tokenizer: Any,
                  config: ServerConfig) -> None:
@@ -104,8 +107,9 @@ class OpenAIServing:
         return ()
 
     def stream_chunk(self, ctx: ResponseContext, choice: Choice,
-                     delta: RequestOutput) -> BaseModel | None:
-        """The chunk for one delta of one choice (already added to `choice`); None = skip it."""
+                     delta: RequestOutput) -> BaseModel | str | None:
+        """The chunk for one delta of one choice (already added to `choice`): a model, or the
+        JSON text of one (`ctx.text_chunks`); None = skip it."""
         raise NotImplementedError
 
     def usage_chunk(self, ctx: ResponseContext, usage: UsageInfo) -> BaseModel:
@@ -132,7 +136,9 @@ class OpenAIServing:
         await self._compile(sampling_params)
         params = [sampling_params] * len(prompts)
         request_id = response_id(self.id_prefix)  # built on X-Request-Id, as vLLM's
-        ctx = ResponseContext(request_id, int(time.time()), self.model.name, request)
+        created = int(time.time())
+        ctx = ResponseContext(request_id, created, self.model.name, request,
+                              TextChunks(request_id, created, self.model.name, self.chunk_object))
         # Engine ids stay unique when a client repeats an X-Request-Id.
         group = GenerationGroup(self.engine, f"{request_id}-{uuid.uuid4().hex[:8]}", prompts,
                                 params)
@@ -185,7 +191,7 @@ class OpenAIServing:
             raise BadRequestError(str(exc), param=exc.param, code=exc.code) from exc
 
     async def _chunks(self, ctx: ResponseContext,
-                      group: GenerationGroup) -> AsyncIterator[BaseModel]:
+                      group: GenerationGroup) -> AsyncIterator[BaseModel | str]:
         try:
             for chunk in self.stream_prologue(ctx, group):
                 yield chunk

@@ -42,6 +42,7 @@ class ChatServing(OpenAIServing):
     """
 
     id_prefix = "chatcmpl"
+    chunk_object = "chat.completion.chunk"
 
     def num_prompts(self, request: ChatCompletionRequest) -> int:
         return 1
@@ -94,7 +95,7 @@ class ChatServing(OpenAIServing):
                 index=choice.index, delta=DeltaMessage(role="assistant", content="")))
 
     def stream_chunk(self, ctx: ResponseContext, choice: Choice,
-                     delta: RequestOutput) -> ChatCompletionChunk | None:
+                     delta: RequestOutput) -> ChatCompletionChunk | str | None:
         content, calls, finish_reason = delta.new_text, [], choice.finish_reason
         if tool_mode(ctx.request) is not None:
             parser = ctx.state.setdefault(choice.index, ToolCallParser())
@@ -103,6 +104,8 @@ class ChatServing(OpenAIServing):
                 finish_reason = _finish_reason(finish_reason, bool(parser.calls))
         if not (content or calls or delta.finished or delta.new_logprobs):
             return None  # e.g. half of a multi-byte character, or a tag not yet complete
+        if not calls and ctx.request.num_logprobs is None:  # the plain chunk, written directly
+            return ctx.text_chunks.json(choice.index, content, finish_reason)
         return self._chunk(ctx, ChatStreamChoice(
             index=choice.index,
             delta=DeltaMessage(content=content or None,

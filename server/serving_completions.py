@@ -67,18 +67,18 @@ class CompletionServing(OpenAIServing):
                                   choices=choices, usage=usage(group))
 
     def stream_chunk(self, ctx: ResponseContext, choice: Choice,
-                     delta: RequestOutput) -> CompletionResponse | None:
+                     delta: RequestOutput) -> CompletionResponse | str | None:
         request: CompletionRequest = ctx.request
         is_first = choice.num_output_tokens == len(delta.new_token_ids)
         echo = choice.prompt if request.echo and is_first else None
         if not (delta.new_text or delta.finished or echo or delta.new_logprobs):
             return None  # e.g. half of a multi-byte character: nothing to show yet
-        prefix_len = len(choice.prompt.text or "") if request.echo else 0
-        # Where this delta starts in the choice's full text (choice.text already includes it).
-        offset = prefix_len + len(choice.text) - len(delta.new_text)
-        if echo:
-            offset = 0
         text = ((echo.text or "") if echo else "") + delta.new_text
+        if request.logprobs is None:  # the plain chunk, its JSON written directly
+            return ctx.text_chunks.json(choice.index, text, choice.finish_reason)
+        # Where this delta starts in the choice's full text (choice.text already includes it).
+        prefix_len = len(choice.prompt.text or "") if request.echo else 0
+        offset = 0 if echo else prefix_len + len(choice.text) - len(delta.new_text)
         logprobs = self._logprobs(request, delta.new_logprobs or (), echo, offset)
         return CompletionResponse(
             id=ctx.id, created=ctx.created, model=ctx.model,

@@ -22,11 +22,12 @@ MEDIA_TYPE = "text/event-stream"
 DONE = "data: [DONE]\n\n"
 
 
-def event(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json()}\n\n"
+def event(chunk: BaseModel | str) -> str:
+    """The event of a chunk: a model, or its JSON text already written (server.stream_json)."""
+    return f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
 
 
-async def sse_stream(chunks: AsyncIterator[BaseModel],
+async def sse_stream(chunks: AsyncIterator[BaseModel | str],
                      retry_after_s: int = 1) -> AsyncIterator[str]:
     """Frame `chunks` as SSE events; an exception becomes an error event; always ends in DONE
     (unless cancelled, when the client is gone anyway)."""
