@@ -1,10 +1,12 @@
 """The HTTP connections themselves: where the server listens, how long a request may take to
-arrive, how many connections may be open.
+arrive, how large its head may be, how many connections may be open.
 
 Uvicorn closes idle keep-alive connections and nothing else: a client that sends its headers a
 byte every few seconds, a chunked body without its last chunk, or fewer bytes than its
-Content-Length holds a socket (and a file descriptor) for as long as it likes. GuardedH11Protocol
-is uvicorn's h11 protocol with:
+Content-Length holds a socket (and a file descriptor) for as long as it likes; and its httptools
+protocol takes headers of any size. GuardedHttpToolsProtocol is uvicorn's httptools protocol
+(llhttp, a C parser: its h11 protocol, pure Python, took ~10 us more of the event loop's CPU a
+streamed token, ~15%) with:
 
     header deadline  from a connection's opening, or from the first byte of the next request on
                      a kept-alive one, to the end of the request's headers (`header_timeout_s`)
@@ -12,11 +14,15 @@ is uvicorn's h11 protocol with:
     on expiry        a 408 in OpenAI's error shape where a response is still possible (bytes of
                      the request arrived, no response started), then the connection is closed;
                      an app still reading the body sees http.disconnect
+    head size        a request line and headers of more than MAX_HEAD_BYTES are answered 431 and
+                     the connection closed, before the app sees the request (what uvicorn's h11
+                     protocol refused with a 400)
     max_connections  one connection more is answered 503 (Retry-After) and closed at once,
                      before it can hold anything
 
-The deadlines follow h11's view of the peer (`their_state`): IDLE = headers pending, SEND_BODY
-= body pending, anything else = the request has arrived (no deadline while the app works).
+The deadlines follow the parser's callbacks: a message's first byte (on_message_begin) starts the
+header clock of a kept-alive connection's next request, the end of its headers starts the body
+clock, the end of the message stops it.
 """
 
 from __future__ import annotations
@@ -27,23 +33,30 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.errors import APIError, RequestTimeoutError, ServiceUnavailableError
 
 logger = logging.getLogger("xyserve")
 
-LINGER_S = 1.0  # a connection answered 408 / 503 is closed this long after the answer, what the
-#   client still sends being dropped meanwhile: closing at once, with its bytes unread, would
-#   reset the connection, and the client could lose the answer
+LINGER_S = 1.0  # a connection answered 408 / 431 / 503 is closed this long after the answer,
+#   what the client still sends being dropped meanwhile: closing at once, with its bytes unread,
+#   would reset the connection, and the client could lose the answer
+MAX_HEAD_BYTES = 16 * 1024  # request target + header names and values, at most (h11's limit,
+#   which uvicorn's h11 protocol applied)
 
 Phase = Literal["headers", "body"]
 
 
+class HeadersTooLargeError(APIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """What GuardedH11Protocol enforces (ServerConfig's fields of the same names)."""
+    """What GuardedHttpToolsProtocol enforces (ServerConfig's fields of the same names)."""
 
     header_timeout_s: float  # end of headers at most this long after the request's first byte
     body_timeout_s: float  # end of body at most this long after the end of the headers
@@ -66,13 +79,14 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
+def guarded_protocol(limits: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
     """The protocol class to give uvicorn (`Config(http=...)`), enforcing `limits`."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with request deadlines and a connection limit (module docstring)."""
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with request deadlines, a head size limit and a connection
+    limit (module docstring)."""
 
     limits: ConnectionLimits  # set on the subclass guarded_protocol() makes
 
@@ -80,7 +94,9 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._phase: Phase | None = None  # what the armed deadline waits for
         self._deadline: asyncio.TimerHandle | None = None
-        self._lingering = False  # answered (408 / 503) and closing: input is dropped
+        self._lingering = False  # answered (408 / 431 / 503) and closing: input is dropped
+        self._begun = False  # the parser has seen the first byte of the current request
+        self._head_bytes = 0  # its target and headers so far
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -97,43 +113,60 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # answered: nothing the client says matters any more
-        if self._phase is None and self.conn.their_state is h11.IDLE:
-            self._arm("headers")  # the first byte of the next request on a kept-alive connection
         super().data_received(data)
-        self._follow()
+        if self._refused() and not self._lingering:
+            logger.info("closing the connection of %s: a request head of more than %d bytes",
+                        _peer(self.client), MAX_HEAD_BYTES)
+            self._answer_and_close(HeadersTooLargeError(
+                f"the request's target and headers exceed {MAX_HEAD_BYTES} bytes"))
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
         if self._lingering:
             self.transport.close()
-        return super().eof_received()  # type: ignore[func-returns-value]
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._follow()
+        super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    # ---------------------------------------------------------------------------- deadlines
+    # ------------------------------------------------------------------------ parser callbacks
 
-    def _follow(self) -> None:
-        """Move the deadline along with the request: headers -> body -> none."""
-        if self._lingering or self.transport.is_closing():
-            return
-        state = self.conn.their_state
-        if state is h11.SEND_BODY:
-            if self._phase != "body":
-                self._arm("body")
-        elif state is h11.IDLE:
-            # Between requests: the next one's clock starts with its first byte (pipelined bytes
-            # may already be here); until then uvicorn's keep-alive timeout applies.
-            if self._phase != "headers" and self.conn.trailing_data[0]:
-                self._arm("headers")
-            elif self._phase == "body":
-                self._disarm()
-        else:  # DONE, MUST_CLOSE, CLOSED, ERROR: the request has arrived, or the end has come
-            self._disarm()
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._begun, self._head_bytes = True, 0
+        if self._phase is None:  # the next request on a kept-alive connection: its clock starts
+            self._arm("headers")  # (the first request's started with the connection)
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused():
+            return  # answered once the parser returns (data_received): the app never sees it
+        super().on_headers_complete()
+        self._arm("body")  # a request without a body completes at once (on_message_complete)
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused():
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._begun = False
+        if not self._refused():
+            super().on_message_complete()
+
+    def _refused(self) -> bool:
+        """The current request's head is over the limit (it gets a 431, its cycle never
+        starts)."""
+        return self._head_bytes > MAX_HEAD_BYTES
+
+    # ---------------------------------------------------------------------------- deadlines
 
     def _arm(self, phase: Phase) -> None:
         self._disarm()
@@ -153,7 +186,7 @@ class GuardedH11Protocol(H11Protocol):
         if self._lingering or self.transport.is_closing():
             return
         if phase == "headers":
-            can_respond = bool(self.conn.trailing_data[0])  # a silent connection gets no 408
+            can_respond = self._begun  # a silent connection gets no 408
             timeout_s, option = self.limits.header_timeout_s, "header_timeout_s"
         else:
             can_respond = self.cycle is not None and not self.cycle.response_started
@@ -170,6 +203,7 @@ class GuardedH11Protocol(H11Protocol):
     def _answer_and_close(self, error: APIError) -> None:
         """Send `error` as the whole response, then close (after LINGER_S at the latest)."""
         self._lingering = True
+        self._disarm()
         self.transport.write(_raw_response(error))
         if self.transport.can_write_eof():
             self.transport.write_eof()  # the client reads the answer, then sees the end
@@ -178,9 +212,10 @@ class GuardedH11Protocol(H11Protocol):
 
 def _raw_response(error: APIError) -> bytes:
     """`error` as a complete HTTP/1.1 response that closes the connection (written to the
-    transport directly: h11 cannot answer a request it has not fully seen)."""
+    transport directly: it answers a request the app has not seen, or not fully)."""
     body = error.response().body
-    reason = {408: "Request Timeout", 503: "Service Unavailable"}.get(error.status_code, "Error")
+    reason = {408: "Request Timeout", 431: "Request Header Fields Too Large",
+              503: "Service Unavailable"}.get(error.status_code, "Error")
     headers = {"content-type": "application/json", "content-length": str(len(body)),
                "connection": "close", **error.headers}
     head = f"HTTP/1.1 {error.status_code} {reason}\r\n" + "".join(

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from server.connections import MAX_HEAD_BYTES
 from tests.server.harness import (
     TINY_ENGINE_ARGS,
     TINY_NAME,
@@ -180,6 +181,42 @@ def test_slow_but_timely_clients_and_kept_alive_connections_are_served(
         time.sleep(HEADER_TIMEOUT_S + 0.5)
         assert http.get("/v1/models").status_code == 200
         assert http.get("/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("where", ["target", "headers", "kept-alive"])
+def test_a_head_over_the_limit_gets_431_and_the_app_never_sees_it(server: ServerProcess,
+                                                                    where: str) -> None:
+    """A request line and headers past MAX_HEAD_BYTES: 431 and the connection closed, the
+    request not served (the head is sent in one write, so the whole of it arrives at once)."""
+    body = b'{"prompt": "Hello", "max_tokens": 2}'
+    big = b"a" * (MAX_HEAD_BYTES + 1)
+    target = b"/v1/completions?pad=" + big if where == "target" else b"/v1/completions"
+    extra = b"X-Big: " + big + b"\r\n" if where != "target" else b""
+    request = (b"POST %s HTTP/1.1\r\nHost: x\r\n%sContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (target, extra, len(body), body))
+    sock = connect(server)
+    if where == "kept-alive":  # a first request is served; the second, too large, is refused
+        small = request.replace(extra, b"")
+        sock.sendall(small)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    try:
+        sock.sendall(request)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused while we were still writing
+    response = read_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 431 "), response[:200]
+    assert b'"code": "request_header_fields_too_large"' in response
+    assert b'"choices"' not in response  # the completion never ran
+    sock.close()
+    assert_serves(server)
+
+
+def test_a_head_at_the_limit_is_served(server: ServerProcess) -> None:
+    pad = "a" * (MAX_HEAD_BYTES - 4096)  # the rest of the head well within the remaining 4 KiB
+    response = httpx.post(f"{server.url}/v1/completions", headers={"X-Pad": pad}, timeout=30,
+                          json={"model": TINY_NAME, "prompt": "Hello", "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"]
 
 
 def test_a_second_server_on_a_taken_port_fails_before_loading_the_model(
