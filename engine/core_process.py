@@ -12,10 +12,10 @@ which no longer imports torch, holds 125 MB instead of 314
 How: the child is spawned (a fresh interpreter: no inherited OpenMP teams or locks), loads the
 model on its main thread, and runs engine.engine_loop.run_engine_loop there; commands come down
 one pipe (read by a thread of the child's, which runs grammar commands at once and queues the
-rest for the loop), events go up another (pickled frozen dataclasses), read in the parent by
-one thread that hands them to AsyncEngine. The child ignores SIGINT / SIGTERM (the parent
-drains and stops it: a Ctrl-C reaches the whole process group) and ends when its command pipe
-closes, so it never outlives the parent.
+rest for the loop), events go up another (frozen dataclasses, a step's as MessagePack, the rest
+pickled: engine.event_wire), read in the parent by one thread that hands them to AsyncEngine.
+The child ignores SIGINT / SIGTERM (the parent drains and stops it: a Ctrl-C reaches the whole
+process group) and ends when its command pipe closes, so it never outlives the parent.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from engine.engine_loop import (
     route,
     run_engine_loop,
 )
+from engine.event_wire import EventWire
 from engine.outputs import EngineInfo
 from engine.stats import SchedulerStats
 
@@ -108,9 +109,10 @@ class ProcessHost:
         self._receiver.start()
 
     def _receive(self, on_event: Callable[[Event], None]) -> None:
+        wire = EventWire()
         while True:
             try:
-                event = self._events.recv()
+                event = wire.decode(self._events.recv_bytes())
             except (EOFError, OSError):  # the child is gone without its last word
                 self._process.join(STOP_TIMEOUT_S)
                 on_event(Died(f"the engine process exited (exit code {self._process.exitcode})"))
@@ -172,10 +174,11 @@ def _child_main(config: EngineConfig, process_setup: Callable[[], None] | None,
         return
     events.send(_Ready(core.info, core.config, core.make_stats()))
     lock = threading.Lock()  # grammar compiles emit from their own threads
+    wire = EventWire()
 
     def emit(event: Event) -> None:
         with lock, contextlib.suppress(OSError):  # (the parent is gone: nobody to tell)
-            events.send(event)
+            events.send_bytes(wire.encode(event))
 
     # Commands are read as they come, by a thread of their own: grammar commands run at once
     # (not when the loop next drains, a whole step later), the rest wait for the loop.
