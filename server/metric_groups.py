@@ -10,13 +10,15 @@ from typing import TYPE_CHECKING
 from engine.stats import FinishedRequestStats, SpecDecodingStats
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter
+
+    from server.histograms import StepHistogram
 
 
 class RequestHistograms:
     """vLLM's per-request histograms, one observation per finished request."""
 
-    def __init__(self, histogram: Callable[[str, str, tuple[float, ...]], Histogram],
+    def __init__(self, histogram: Callable[[str, str, tuple[float, ...]], StepHistogram],
                  token_buckets: tuple[float, ...], n_buckets: tuple[float, ...],
                  latency_buckets_s: tuple[float, ...]) -> None:
         """histogram(name, doc, buckets): the server's factory of model_name-labelled

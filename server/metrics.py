@@ -1,5 +1,6 @@
-"""Prometheus metrics: the only module that imports prometheus_client (server.metric_groups
-builds groups of series from the factories it passes in).
+"""Prometheus metrics: with server.histograms (its histograms), the only module that imports
+prometheus_client (server.metric_groups builds groups of series from the factories it passes
+in).
 
 One registry per server; every name has the `xyserve:` prefix and every series the `model_name`
 label. Names follow vLLM's (DESIGN section 7), then the simulated NPU's own on its clock:
@@ -77,6 +78,7 @@ from prometheus_client.exposition import generate_latest
 from engine.config import SpeculativeConfig
 from engine.request import FinishReason
 from engine.stats import NPU_PRIMITIVES, IterationStats, SchedulerStats
+from server.histograms import StepHistogram
 from server.metric_groups import Children, RequestHistograms, SpecDecodingCounters
 
 PREFIX = "xyserve:"
@@ -149,8 +151,8 @@ class ServerMetrics:
         def counter(name: str, doc: str) -> Counter:
             return Counter(PREFIX + name, doc, labels, registry=r).labels(*m)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, registry=r, buckets=buckets).labels(*m)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> StepHistogram:
+            return StepHistogram(PREFIX + name, doc, labels, m, buckets, registry=r)
 
         # Children are looked up once: the engine thread records a step with no dict lookups.
         self._running = gauge("num_requests_running",
@@ -262,14 +264,10 @@ class ServerMetrics:
         self._preemptions.inc(stats.num_preempted_reqs)
         if stats.num_scheduled_tokens:
             self._iteration_tokens.observe(stats.num_scheduled_tokens)
-        for latency_s in stats.ttfts_s:
-            self._ttft.observe(latency_s)
-        for latency_s in stats.ttfts_sim_s:
-            self._npu_ttft.observe(latency_s)
-        for latency_s in stats.inter_token_latencies_s:
-            self._itl.observe(latency_s)
-        for latency_s in stats.inter_token_latencies_sim_s:
-            self._npu_itl.observe(latency_s)
+        self._ttft.observe_many(stats.ttfts_s)
+        self._npu_ttft.observe_many(stats.ttfts_sim_s)
+        self._itl.observe_many(stats.inter_token_latencies_s)
+        self._npu_itl.observe_many(stats.inter_token_latencies_sim_s)
         for finished in stats.finished:
             self._success.get(finished.finish_reason).inc()
             self._e2e.observe(finished.metrics.e2e_s)
@@ -279,8 +277,7 @@ class ServerMetrics:
         if stats.grammar is not None:
             self._grammar_queries.inc(stats.grammar.num_queries)
             self._grammar_hits.inc(stats.grammar.num_cache_hits)
-            for seconds in stats.grammar.compile_s:
-                self._grammar_compile.observe(seconds)
+            self._grammar_compile.observe_many(stats.grammar.compile_s)
         trace = stats.trace
         if trace is not None:  # the step ran on the simulated NPU
             self._npu_step.observe(trace.sim_s)
