@@ -44,7 +44,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("xyserve", "torch", "transformers", "numpy", "fastapi", "uvicorn", "aiohttp"):
+    for name in ("xyserve", "torch", "transformers", "numpy", "fastapi", "uvicorn", "httptools"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

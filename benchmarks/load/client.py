@@ -1,5 +1,5 @@
-"""The load generator: streaming /v1/completions or /v1/chat/completions requests over aiohttp,
-on a schedule.
+"""The load generator: streaming /v1/completions or /v1/chat/completions requests, on a
+schedule.
 
 Arrivals: at `request_rate` requests per second with gamma-distributed gaps (shape =
 `burstiness`; 1 is a Poisson process, lower is burstier, higher more regular), or all at once
@@ -8,10 +8,11 @@ Each request streams with `stream_options.include_usage`, so token counts come f
 server's own usage; times are taken when each chunk arrives.
 
 The client shares the machine with the server it measures, so it should take as little CPU as
-it can: aiohttp (its C HTTP parser; vLLM's serving benchmark uses it too) on uvloop (`run`),
-reading each event whole (`_read_events`): ~36 us of CPU a streamed token, where aiohttp on
-asyncio's own loop reading line by line took ~47 and httpx ~170 (decode-heavy, 16 streams, on
-the 2-core dev machine), CPU the server's kernels otherwise lose.
+it can: a connection per request parsed by httptools in the event loop's data callback
+(benchmarks.load.stream), each SSE event handled there (EventReader), on uvloop (`run`): ~20 us
+of CPU a streamed token, where aiohttp (vLLM's serving benchmark's client) reading each event
+whole took ~30-37, on asyncio's own loop reading line by line ~47, and httpx ~170 (decode-heavy,
+16 streams, on the 2-core dev machine), CPU the server's kernels otherwise lose.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
-
 from benchmarks.load.datasets import BenchRequest
+from benchmarks.load.stream import post_stream
 
 T = TypeVar("T")
 
@@ -85,8 +85,7 @@ async def arrivals(num: int, request_rate: float, burstiness: float,
             await asyncio.sleep(rng.gammavariate(burstiness, 1.0 / (request_rate * burstiness)))
 
 
-async def send(session: aiohttp.ClientSession, config: ClientConfig, request: BenchRequest,
-               t0: float) -> RequestResult:
+async def send(config: ClientConfig, request: BenchRequest, t0: float) -> RequestResult:
     """Send one streaming completion; never raises (errors land in the result)."""
     chat = config.endpoint == "/v1/chat/completions"
     body: dict[str, Any] = {"model": config.model, "max_tokens": request.output_len,
@@ -99,66 +98,79 @@ async def send(session: aiohttp.ClientSession, config: ClientConfig, request: Be
     if config.ignore_eos:
         body["ignore_eos"] = True
     body.update(config.extra_body)
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     result = RequestResult(prompt_len=request.prompt_len)
     start = time.perf_counter()
     result.start_s = start - t0
-    pieces: list[str] = []  # the texts of the chunks that had some
+    reader = EventReader(chat, start, result)
     try:
-        async with session.post(config.base_url + config.endpoint, json=body) as response:
-            if response.status != 200:
-                text = await response.text(errors="replace")
-                result.error = f"HTTP {response.status}: {text[:500]}"
-                return result
-            await _read_events(response, chat, start, result, pieces)
-            if result.error:
-                return result
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"[:500]  # (json's errors are ValueErrors)
+        end = await post_stream(config.base_url + config.endpoint, json.dumps(body).encode(),
+                                headers, reader.feed, config.timeout_s)
+    except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"[:500]
+        return result
+    if end.status and end.status != 200:
+        result.error = f"HTTP {end.status}: {end.error_body[:500]}"
+    elif end.error and not result.error:
+        result.error = end.error[:500]
+    if result.error:
         return result
     result.e2e_s = time.perf_counter() - start
-    result.text = "".join(pieces)
+    result.text = "".join(reader.pieces)
     if not result.usage_reported:
-        result.output_len = len(pieces)
+        result.output_len = len(reader.pieces)
     result.success = result.output_len > 0
     if not result.success:
         result.error = "no tokens generated"
     return result
 
 
-async def _read_events(response: aiohttp.ClientResponse, chat: bool, start: float,
-                       result: RequestResult, pieces: list[str]) -> None:
-    """A 200 response's SSE events into `result` (the chunks' times, the usage, an error event's
-    message) and `pieces` (the chunks' texts), up to [DONE]. Reads whatever bytes have arrived
-    and splits the events itself: one await per read (a streamed token is one read, its event
-    whole), where iterating lines took two, a third of the client's CPU."""
-    last = start
-    pending = b""  # an event's beginning, its end not yet arrived
-    async for data in response.content.iter_any():
-        events = (pending + data).split(b"\n\n") if pending else data.split(b"\n\n")
-        pending = events.pop()  # after the last separator: b"", or an event cut short
-        now = time.perf_counter()  # (every event of the read arrived now)
+class EventReader:
+    """A 200 response's SSE events, fed as its body arrives, into `result` (the chunks' times,
+    the usage, an error event's message) and `pieces` (the chunks' texts), up to [DONE]. Each
+    feed splits the events itself, keeping an event cut short for the next."""
+
+    def __init__(self, chat: bool, start: float, result: RequestResult) -> None:
+        self.pieces: list[str] = []  # the texts of the chunks that had some
+        self._chat = chat
+        self._result = result
+        self._start = self._last = start
+        self._pending = b""  # an event's beginning, its end not yet arrived
+
+    def feed(self, data: bytes) -> bool:
+        """Read the events `data` completes; True once the stream is over ([DONE], an error
+        event, or a chunk that is not JSON)."""
+        events = (self._pending + data).split(b"\n\n") if self._pending else data.split(b"\n\n")
+        self._pending = events.pop()  # after the last separator: b"", or an event cut short
+        now = time.perf_counter()  # (every event of the piece arrived now)
+        result = self._result
         # (an event may carry fields other than data: skipped)
         for payload in [line[5:].strip() for event in events for line in event.split(b"\n")
                         if line.startswith(b"data:")]:
             if payload == b"[DONE]":
-                return
-            chunk = json.loads(payload)
+                return True
+            try:
+                chunk = json.loads(payload)
+            except ValueError as exc:
+                result.error = f"a chunk that is not JSON: {exc}"[:500]
+                return True
             if "error" in chunk:
                 result.error = str(chunk["error"])[:500]
-                return
-            text = "".join([_chunk_text(c, chat) for c in chunk.get("choices") or ()])
+                return True
+            text = "".join([_chunk_text(c, self._chat) for c in chunk.get("choices") or ()])
             if text:
-                if not pieces:
-                    result.ttft_s = now - start
+                if not self.pieces:
+                    result.ttft_s = now - self._start
                 else:
-                    result.itls_s.append(now - last)
-                last = now
-                pieces.append(text)
+                    result.itls_s.append(now - self._last)
+                self._last = now
+                self.pieces.append(text)
             usage = chunk.get("usage")
             if usage:
                 result.usage_reported = True
                 result.prompt_len = int(usage.get("prompt_tokens", result.prompt_len))
                 result.output_len = int(usage.get("completion_tokens", 0))
+        return False
 
 
 def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
@@ -173,33 +185,22 @@ async def run_requests(config: ClientConfig, requests: list[BenchRequest], reque
                        ) -> tuple[list[RequestResult], float]:
     """Run `requests` on the schedule; returns the results (in request order) and the run's
     duration (first send to last completion)."""
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    num_connections = max_concurrency or len(requests) or 1
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     results: list[RequestResult | None] = [None] * len(requests)
-    async with aiohttp.ClientSession(
-            # A connection per request (force_close): llama.cpp's server closes a kept-alive
-            # connection after a few requests, and a request that found it closed failed
-            # ("Can not write request body", 1-15 of its requests a run)
-            headers=headers, connector=aiohttp.TCPConnector(limit=num_connections,
-                                                            force_close=True),
-            # (per connect and per read, as a stalled server is told apart from a long stream)
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeout_s,
-                                          sock_read=config.timeout_s)) as client:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
 
-        async def one(i: int) -> None:
-            if semaphore is None:
-                results[i] = await send(client, config, requests[i], t0)
-            else:
-                async with semaphore:
-                    results[i] = await send(client, config, requests[i], t0)
-            if on_done is not None:
-                on_done(results[i])  # type: ignore[arg-type]
+    async def one(i: int) -> None:
+        if semaphore is None:
+            results[i] = await send(config, requests[i], t0)
+        else:
+            async with semaphore:
+                results[i] = await send(config, requests[i], t0)
+        if on_done is not None:
+            on_done(results[i])  # type: ignore[arg-type]
 
-        tasks = []
-        async for i in arrivals(len(requests), request_rate, burstiness, seed):
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        duration = time.perf_counter() - t0
+    tasks = []
+    async for i in arrivals(len(requests), request_rate, burstiness, seed):
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    duration = time.perf_counter() - t0
     return [r for r in results if r is not None], duration

@@ -154,11 +154,6 @@ def print_report(result: dict[str, Any], out: Any = None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        print("xyserve bench: error: needs aiohttp: pip install 'xyserve[bench]'", file=sys.stderr)
-        return 2
-    try:
         result = benchmark(args)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"xyserve bench: error: {exc}", file=sys.stderr)

@@ -115,22 +115,14 @@ def test_arrivals_follow_the_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gaps == []  # all at once
 
 
-class _Reads:
-    """An aiohttp response's body as the client reads it: `content.iter_any()` yields `reads`."""
-
-    def __init__(self, reads: list[bytes]) -> None:
-        self.content = self
-        self._reads = reads
-
-    async def iter_any(self):
-        for data in self._reads:
-            yield data
-
-
 def _read(reads: list[bytes], chat: bool = False) -> tuple[RequestResult, list[str]]:
-    result, pieces = RequestResult(prompt_len=3), []
-    client.run(client._read_events(_Reads(reads), chat, 0.0, result, pieces))  # type: ignore[arg-type]
-    return result, pieces
+    """The events of a response body arriving as `reads`, fed as the transport feeds them."""
+    result = RequestResult(prompt_len=3)
+    reader = client.EventReader(chat, 0.0, result)
+    for data in reads:
+        if reader.feed(data):
+            break
+    return result, reader.pieces
 
 
 def _sse(payload: dict) -> bytes:

@@ -1,0 +1,149 @@
+"""benchmarks.load.stream: the load client's transport against small servers that answer as
+real ones do, and as broken ones do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from benchmarks.load.stream import StreamEnd, post_stream
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return head, await reader.readexactly(length)
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def exchange(handler: Handler, on_body: Callable[[bytes], bool] | None = None,
+             timeout_s: float = 5.0, headers: dict[str, str] | None = None,
+             ) -> tuple[StreamEnd, list[bytes]]:
+    pieces: list[bytes] = []
+
+    def keep(piece: bytes) -> bool:
+        pieces.append(piece)
+        return on_body(piece) if on_body else False
+
+    async def main() -> StreamEnd:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await post_stream(f"http://127.0.0.1:{port}/v1/completions",
+                                     b'{"prompt": "x"}', headers or {}, keep, timeout_s)
+        finally:
+            server.close()
+
+    return asyncio.run(main()), pieces
+
+
+def test_a_chunked_stream_arrives_whole_and_the_request_is_as_sent() -> None:
+    seen: list[tuple[bytes, bytes]] = []
+    events = [b"data: " + json.dumps({"i": i}).encode() + b"\n\n" for i in range(5)]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        body = chunked(*events)
+        for i in range(0, len(body), 7):  # cut anywhere, chunk framing included
+            writer.write(body[i:i + 7])
+            await writer.drain()
+            await asyncio.sleep(0)
+        writer.close()
+
+    end, pieces = exchange(handler, headers={"Authorization": "Bearer k"})
+    assert end == StreamEnd(200, "", "")
+    assert b"".join(pieces) == b"".join(events)
+    head, body = seen[0]
+    assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n") and body == b'{"prompt": "x"}'
+    assert b"Authorization: Bearer k\r\n" in head and b"Connection: close\r\n" in head
+
+
+def test_an_error_status_brings_its_body() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        body = b'{"error": {"message": "model not found"}}'
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.close()
+
+    end, pieces = exchange(handler)
+    assert (end.status, end.error) == (404, "") and "model not found" in end.error_body
+    assert pieces == []
+
+
+def test_a_stream_cut_short_is_an_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + chunked(b"data: {}\n\n")[:-5])  # the last chunk never comes
+        await writer.drain()
+        writer.close()
+
+    end, pieces = exchange(handler)
+    assert end.status == 200 and "closed the connection before the response ended" in end.error
+    assert pieces == [b"data: {}\n\n"]
+
+
+def test_a_body_that_ends_with_the_connection_is_whole() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndata: [DONE]\n\n")
+        await writer.drain()
+        writer.close()
+
+    end, pieces = exchange(handler)
+    assert end == StreamEnd(200, "", "") and b"".join(pieces) == b"data: [DONE]\n\n"
+
+
+def test_a_server_gone_quiet_times_out() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(3)
+        writer.close()
+
+    end, _ = exchange(handler, timeout_s=0.5)
+    assert end.error.startswith("TimeoutError")
+
+
+def test_the_reader_may_stop_early() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"%x\r\ndata: a\n\n\r\n" % len(b"data: a\n\n"))
+        await asyncio.sleep(3)  # the rest never comes: the reader has what it wants
+        writer.close()
+
+    end, pieces = exchange(handler, on_body=lambda piece: True, timeout_s=10)
+    assert end == StreamEnd(200, "", "") and pieces == [b"data: a\n\n"]
+
+
+def test_not_http_at_all_is_an_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        writer.close()
+
+    end, _ = exchange(handler)
+    assert end.error
+
+
+def test_no_server_and_no_url_raise() -> None:
+    async def main(url: str) -> StreamEnd:
+        return await post_stream(url, b"{}", {}, lambda piece: False, 5.0)
+
+    with pytest.raises(OSError):
+        asyncio.run(main("http://127.0.0.1:9/v1/completions"))  # discard: nothing listens
+    with pytest.raises(ValueError, match="not an http"):
+        asyncio.run(main("ftp://example/v1"))
