@@ -97,6 +97,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._lingering = False  # answered (408 / 431 / 503) and closing: input is dropped
         self._begun = False  # the parser has seen the first byte of the current request
         self._head_bytes = 0  # its target and headers so far
+        self._awaiting_head = True  # no request's head is complete since the last request ended
+        self._bytes_awaiting_head = 0  # bytes received meanwhile (llhttp holds a header it has
+        #   not seen the end of: this bounds what a never-ending one can take)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -113,6 +116,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # answered: nothing the client says matters any more
+        if self._awaiting_head:
+            self._bytes_awaiting_head += len(data)
         super().data_received(data)
         if self._refused() and not self._lingering:
             logger.info("closing the connection of %s: a request head of more than %d bytes",
@@ -148,6 +153,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self._refused():
             return  # answered once the parser returns (data_received): the app never sees it
+        self._awaiting_head, self._bytes_awaiting_head = False, 0
         super().on_headers_complete()
         self._arm("body")  # a request without a body completes at once (on_message_complete)
 
@@ -157,14 +163,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
-        self._begun = False
+        self._begun, self._awaiting_head = False, True
         if not self._refused():
             super().on_message_complete()
 
     def _refused(self) -> bool:
-        """The current request's head is over the limit (it gets a 431, its cycle never
-        starts)."""
-        return self._head_bytes > MAX_HEAD_BYTES
+        """The current request's head is over the limit, whole or still arriving (it gets a
+        431, its cycle never starts)."""
+        return self._head_bytes > MAX_HEAD_BYTES or (
+            self._awaiting_head and self._bytes_awaiting_head > MAX_HEAD_BYTES)
 
     # ---------------------------------------------------------------------------- deadlines
 

@@ -7,6 +7,7 @@ misbehave, httpx where they behave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import socket
 import subprocess
@@ -199,14 +200,32 @@ def test_a_head_over_the_limit_gets_431_and_the_app_never_sees_it(server: Server
         small = request.replace(extra, b"")
         sock.sendall(small)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(request)  # (refused while we were still writing)
+    response = read_until_closed(sock)
+    if where == "kept-alive":  # (what is left of the first response may come first)
+        response = response[response.find(b"HTTP/1.1 431 "):]
+    assert response.startswith(b"HTTP/1.1 431 "), response[:200]
+    assert b'"code": "request_header_fields_too_large"' in response
+    assert b'"choices"' not in response  # the completion never ran
+    sock.close()
+    assert_serves(server)
+
+
+def test_a_header_that_never_ends_is_refused_once_over_the_limit(server: ServerProcess) -> None:
+    """The parser holds a header until its end: one sent fast and never ended is refused as
+    soon as the bytes awaiting a head pass the limit, long before the header deadline."""
+    sock = connect(server)
+    start = time.monotonic()
     try:
-        sock.sendall(request)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        for _ in range(2 * MAX_HEAD_BYTES // 1024):
+            sock.sendall(b"a" * 1024)
     except (BrokenPipeError, ConnectionResetError):
         pass  # refused while we were still writing
     response = read_until_closed(sock)
     assert response.startswith(b"HTTP/1.1 431 "), response[:200]
-    assert b'"code": "request_header_fields_too_large"' in response
-    assert b'"choices"' not in response  # the completion never ran
+    assert time.monotonic() - start < HEADER_TIMEOUT_S
     sock.close()
     assert_serves(server)
 
