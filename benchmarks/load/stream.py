@@ -18,6 +18,7 @@ connection after a few requests, and a request that found it closed failed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,8 +60,13 @@ async def post_stream(url: str, body: bytes, headers: Mapping[str, str],
     exchange = _Exchange(loop, request, on_body, timeout_s)
     await asyncio.wait_for(loop.create_connection(
         lambda: exchange, parts.hostname, port,
-        ssl=ssl.create_default_context() if tls else None), timeout_s)
+        ssl=_tls_context() if tls else None), timeout_s)
     return await exchange.done
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # (loads the CA certificates: once, not per request)
 
 
 class _Exchange(asyncio.Protocol):

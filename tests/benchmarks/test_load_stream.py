@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
+import shutil
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 
 import pytest
 
+from benchmarks.load import stream
 from benchmarks.load.stream import StreamEnd, post_stream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -147,3 +152,36 @@ def test_no_server_and_no_url_raise() -> None:
         asyncio.run(main("http://127.0.0.1:9/v1/completions"))  # discard: nothing listens
     with pytest.raises(ValueError, match="not an http"):
         asyncio.run(main("ftp://example/v1"))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https URL goes over TLS (here a self-signed certificate the test trusts)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    monkeypatch.setattr(stream, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + chunked(b"data: [DONE]\n\n"))
+        await writer.drain()
+        writer.close()
+
+    async def main() -> tuple[StreamEnd, list[bytes]]:
+        pieces: list[bytes] = []
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            end = await post_stream(f"https://127.0.0.1:{port}/v1/completions", b"{}", {},
+                                    lambda piece: pieces.append(piece) is not None, 5.0)
+        finally:
+            server.close()
+        return end, pieces
+
+    end, pieces = asyncio.run(main())
+    assert end == StreamEnd(200, "", "") and pieces == [b"data: [DONE]\n\n"]
