@@ -38,7 +38,8 @@ RUN pip install -c /opt/xyserve/constraints.txt \
     "uvloop>=0.19" \
     "pydantic>=2.6" \
     "pydantic-core>=2.14" \
-    "h11>=0.14" \
+    "httptools>=0.6" \
+    "msgspec>=0.18" \
     "prometheus-client>=0.20" \
     "tqdm>=4.66" \
     "jinja2>=3.1" \

@@ -119,7 +119,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._awaiting_head:
             self._bytes_awaiting_head += len(data)
         super().data_received(data)
-        if self._refused() and not self._lingering:
+        over = self._refused() or (self._awaiting_head
+                                   and self._bytes_awaiting_head > MAX_HEAD_BYTES)
+        if over and not self._lingering:
             logger.info("closing the connection of %s: a request head of more than %d bytes",
                         _peer(self.client), MAX_HEAD_BYTES)
             self._answer_and_close(HeadersTooLargeError(
@@ -168,10 +170,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def _refused(self) -> bool:
-        """The current request's head is over the limit, whole or still arriving (it gets a
-        431, its cycle never starts)."""
-        return self._head_bytes > MAX_HEAD_BYTES or (
-            self._awaiting_head and self._bytes_awaiting_head > MAX_HEAD_BYTES)
+        """The current request's target and headers are over the limit (it gets a 431 once
+        the parser returns, its cycle never starts)."""
+        return self._head_bytes > MAX_HEAD_BYTES
 
     # ---------------------------------------------------------------------------- deadlines
 

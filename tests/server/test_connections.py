@@ -230,6 +230,17 @@ def test_a_header_that_never_ends_is_refused_once_over_the_limit(server: ServerP
     assert_serves(server)
 
 
+def test_a_small_head_with_a_large_body_in_one_write_is_served(server: ServerProcess) -> None:
+    """The bytes awaiting a head count only while it is incomplete: a body that comes in the
+    same write as its head is not taken for one."""
+    body = b'{"prompt": "Hello", "max_tokens": 2}' + b" " * (2 * MAX_HEAD_BYTES)
+    sock = connect(server)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    sock.close()
+
+
 def test_a_head_at_the_limit_is_served(server: ServerProcess) -> None:
     pad = "a" * (MAX_HEAD_BYTES - 4096)  # the rest of the head well within the remaining 4 KiB
     response = httpx.post(f"{server.url}/v1/completions", headers={"X-Pad": pad}, timeout=30,
