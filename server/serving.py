@@ -16,6 +16,7 @@ the ASGI receive channel cancels the wait; a stream is cancelled by Starlette it
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable
@@ -54,9 +55,14 @@ class ResponseContext:
     created: int  # unix seconds
     model: str  # the served name
     request: Any  # the validated request (the subclass's request type)
-    text_chunks: TextChunks  # the JSON of its text-only stream chunks
+    chunk_object: ChunkObject  # its stream chunks' "object"
     state: dict[Any, Any] = field(default_factory=dict)  # the endpoint's own, per call (chat:
     #   each choice's tool-call parser)
+
+    @functools.cached_property
+    def text_chunks(self) -> TextChunks:
+        """The JSON of its text-only stream chunks (built by a stream's first one)."""
+        return TextChunks(self.id, self.created, self.model, self.chunk_object)
 
 
 class OpenAIServing:
@@ -136,9 +142,8 @@ class OpenAIServing:
         await self._compile(sampling_params)
         params = [sampling_params] * len(prompts)
         request_id = response_id(self.id_prefix)  # built on X-Request-Id, as vLLM's
-        created = int(time.time())
-        ctx = ResponseContext(request_id, created, self.model.name, request,
-                              TextChunks(request_id, created, self.model.name, self.chunk_object))
+        ctx = ResponseContext(request_id, int(time.time()), self.model.name, request,
+                              self.chunk_object)
         # Engine ids stay unique when a client repeats an X-Request-Id.
         group = GenerationGroup(self.engine, f"{request_id}-{uuid.uuid4().hex[:8]}", prompts,
                                 params)

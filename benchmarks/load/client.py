@@ -185,16 +185,13 @@ async def run_requests(config: ClientConfig, requests: list[BenchRequest], reque
                        ) -> tuple[list[RequestResult], float]:
     """Run `requests` on the schedule; returns the results (in request order) and the run's
     duration (first send to last completion)."""
-    semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    semaphore = asyncio.Semaphore(max_concurrency or len(requests) or 1)  # (None: all at once)
     results: list[RequestResult | None] = [None] * len(requests)
     t0 = time.perf_counter()
 
     async def one(i: int) -> None:
-        if semaphore is None:
+        async with semaphore:
             results[i] = await send(config, requests[i], t0)
-        else:
-            async with semaphore:
-                results[i] = await send(config, requests[i], t0)
         if on_done is not None:
             on_done(results[i])  # type: ignore[arg-type]
 

@@ -30,9 +30,23 @@ def chunked(*pieces: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
 
 
+def answering(response: bytes, then_wait_s: float = 0.0) -> Handler:
+    """A server that reads the request, writes `response`, waits `then_wait_s`, and closes."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(response)
+        await writer.drain()
+        await asyncio.sleep(then_wait_s)
+        writer.close()
+
+    return handler
+
+
 def exchange(handler: Handler, on_body: Callable[[bytes], bool] | None = None,
              timeout_s: float = 5.0, headers: dict[str, str] | None = None,
-             ) -> tuple[StreamEnd, list[bytes]]:
+             tls: ssl.SSLContext | None = None) -> tuple[StreamEnd, list[bytes]]:
+    """post_stream to a server running `handler` (over TLS with `tls`, the server's context);
+    returns how it ended and the body's pieces."""
     pieces: list[bytes] = []
 
     def keep(piece: bytes) -> bool:
@@ -40,10 +54,11 @@ def exchange(handler: Handler, on_body: Callable[[bytes], bool] | None = None,
         return on_body(piece) if on_body else False
 
     async def main() -> StreamEnd:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=tls)
         port = server.sockets[0].getsockname()[1]
         try:
-            return await post_stream(f"http://127.0.0.1:{port}/v1/completions",
+            return await post_stream(f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+                                     "/v1/completions",
                                      b'{"prompt": "x"}', headers or {}, keep, timeout_s)
         finally:
             server.close()
@@ -75,72 +90,43 @@ def test_a_chunked_stream_arrives_whole_and_the_request_is_as_sent() -> None:
 
 
 def test_an_error_status_brings_its_body() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        body = b'{"error": {"message": "model not found"}}'
-        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        writer.close()
-
-    end, pieces = exchange(handler)
+    body = b'{"error": {"message": "model not found"}}'
+    end, pieces = exchange(answering(
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)))
     assert (end.status, end.error) == (404, "") and "model not found" in end.error_body
     assert pieces == []
 
 
 def test_a_stream_cut_short_is_an_error() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + chunked(b"data: {}\n\n")[:-5])  # the last chunk never comes
-        await writer.drain()
-        writer.close()
-
-    end, pieces = exchange(handler)
+    end, pieces = exchange(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     + chunked(b"data: {}\n\n")[:-5]))  # no last chunk
     assert end.status == 200 and "closed the connection before the response ended" in end.error
     assert pieces == [b"data: {}\n\n"]
 
 
 def test_a_body_that_ends_with_the_connection_is_whole() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndata: [DONE]\n\n")
-        await writer.drain()
-        writer.close()
-
-    end, pieces = exchange(handler)
+    end, pieces = exchange(answering(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndata: [DONE]\n\n"))
     assert end == StreamEnd(200, "", "") and b"".join(pieces) == b"data: [DONE]\n\n"
 
 
 def test_a_server_gone_quiet_times_out() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        await asyncio.sleep(3)
-        writer.close()
-
-    end, _ = exchange(handler, timeout_s=0.5)
+    end, _ = exchange(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                then_wait_s=3), timeout_s=0.5)
     assert end.error.startswith("TimeoutError")
 
 
 def test_the_reader_may_stop_early() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + b"%x\r\ndata: a\n\n\r\n" % len(b"data: a\n\n"))
-        await asyncio.sleep(3)  # the rest never comes: the reader has what it wants
-        writer.close()
-
-    end, pieces = exchange(handler, on_body=lambda piece: True, timeout_s=10)
+    # the rest never comes: the reader has what it wants
+    end, pieces = exchange(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     + b"%x\r\ndata: a\n\n\r\n" % len(b"data: a\n\n"),
+                                     then_wait_s=3),
+                           on_body=lambda piece: True, timeout_s=10)
     assert end == StreamEnd(200, "", "") and pieces == [b"data: a\n\n"]
 
 
 def test_not_http_at_all_is_an_error() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
-        await writer.drain()
-        writer.close()
-
-    end, _ = exchange(handler)
+    end, _ = exchange(answering(b"SSH-2.0-OpenSSH_9.6\r\n"))
     assert end.error
 
 
@@ -165,23 +151,6 @@ def test_https(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     server_tls.load_cert_chain(cert, key)
     monkeypatch.setattr(stream, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + chunked(b"data: [DONE]\n\n"))
-        await writer.drain()
-        writer.close()
-
-    async def main() -> tuple[StreamEnd, list[bytes]]:
-        pieces: list[bytes] = []
-        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_tls)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            end = await post_stream(f"https://127.0.0.1:{port}/v1/completions", b"{}", {},
-                                    lambda piece: pieces.append(piece) is not None, 5.0)
-        finally:
-            server.close()
-        return end, pieces
-
-    end, pieces = asyncio.run(main())
+    end, pieces = exchange(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     + chunked(b"data: [DONE]\n\n")), tls=server_tls)
     assert end == StreamEnd(200, "", "") and pieces == [b"data: [DONE]\n\n"]
